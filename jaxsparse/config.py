@@ -1,0 +1,326 @@
+"""Frozen dataclass configs, command-line overrides, validation and JSON round-trips.
+
+A run is described by one :class:`Config` made of six sections (model, data, optimizer,
+mesh, train, eval). Named configs live in ``experiments/configs/<name>.py`` and expose
+``get_config()``; :mod:`jaxsparse.configs` finds them. Every error raised here is a
+:class:`ConfigError` that names the offending key and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination that cannot be used."""
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. ``name`` selects a builder in :mod:`jaxsparse.models`."""
+
+    name: str = "transformer"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 384  # SwiGLU hidden width
+    max_seq_len: int = 1024  # longest sequence a decode cache is built for
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+    param_dtype: str = "float32"
+    attention_impl: str | None = None  # passed to ops.attention.dot_product_attention
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+TASKS = ("text", "mqar", "selective_copying", "induction_heads")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from. ``task="text"`` reads bytes; the others are synthetic."""
+
+    task: str = "text"
+    path: str | None = None  # glob of text files; None: the Python standard library's source
+    seq_len: int = 128
+    batch_size: int = 32  # global batch, split over the data-parallel mesh axes
+    seed: int = 0
+    valid_every: int = 20  # every n-th file (by a stable hash of its path) is validation
+    cache_dir: str | None = None  # None: ~/.cache/jaxsparse
+    # synthetic tasks
+    num_kv_pairs: int = 8  # MQAR key/value pairs per example
+    num_tokens_to_copy: int = 16  # selective copying
+    induction_prefix: int = 16  # induction heads: length of the repeated random prefix
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up, cosine decay to ``min_lr_ratio * lr`` and global-norm clipping."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; exactly one axis may be -1 ("all remaining devices")."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    log_every: int = 25
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    seed: int = 0  # parameter initialisation
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    progress: bool = True  # tqdm bar
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batches: int = 8
+    sample_prompt: str = "def "
+    sample_tokens: int = 160
+    temperature: float = 0.8
+    top_k: int = 0  # 0: sample from the full distribution
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = ("model", "data", "optimizer", "mesh", "train", "eval")
+
+
+# --- overrides ------------------------------------------------------------------------------
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cfg: Config) -> list[str]:
+    """All dotted keys that ``--set`` accepts."""
+    keys = ["name"]
+    for section in SECTIONS:
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(getattr(cfg, section))]
+    return keys
+
+
+def _unknown(key: str, options: list[str], what: str) -> ConfigError:
+    close = difflib.get_close_matches(key, options, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown {what} {key!r}.{hint} Valid: {', '.join(options)}")
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    """Parse ``text`` as ``annotation`` (int, float, bool, str, or ``X | None``)."""
+    args = typing.get_args(annotation)
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if is_union:
+        inner = [a for a in args if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        annotation = inner[0]
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected a bool (true/false)")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected an int") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected a float") from None
+    if annotation is str:
+        return text
+    raise ConfigError(f"{key}: cannot parse values of type {annotation}")  # pragma: no cover
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings; raises ConfigError naming any bad key or value."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key == "name":
+            cfg = dataclasses.replace(cfg, name=text)
+            continue
+        if "." not in key:
+            raise _unknown(key, valid_keys(cfg), "config key")
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS), "config section")
+        sub = getattr(cfg, section)
+        types_ = _field_types(type(sub))
+        if name not in types_:
+            raise _unknown(key, [f"{section}.{n}" for n in types_], "config key")
+        value = _parse_value(key, text, types_[name])
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
+    return cfg
+
+
+# --- validation -----------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """isinstance for the simple annotations used here (bool is not an int; an int is a float)."""
+    options = [a for a in typing.get_args(annotation)] or [annotation]
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option is str and isinstance(value, str):
+            return True
+    return False
+
+
+def validate(cfg: Config) -> Config:
+    """Check types and impossible values; returns ``cfg`` unchanged so calls can chain."""
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        for name, annotation in _field_types(type(sub)).items():
+            value = getattr(sub, name)
+            _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
+
+    m, d, o, mesh, t, e = cfg.model, cfg.data, cfg.optimizer, cfg.mesh, cfg.train, cfg.eval
+    for key, value in [
+        ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.n_kv_heads), ("model.d_ff", m.d_ff),
+        ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
+        ("data.batch_size", d.batch_size), ("data.valid_every", d.valid_every),
+        ("train.steps", t.steps), ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints), ("eval.batches", e.batches),
+    ]:
+        _check(value >= 1, f"{key}={value}: must be >= 1")
+    _check(m.n_heads % m.n_kv_heads == 0,
+           f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
+           f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+           "set model.head_dim explicitly")
+    _check(m.resolved_head_dim % 2 == 0,
+           f"model.head_dim={m.resolved_head_dim}: rotary embeddings need an even head dim")
+    _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: allowed {DTYPES}")
+    _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: allowed {DTYPES}")
+    _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
+    _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
+    _check(d.path is None or d.task == "text",
+           f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
+    if d.task == "text":
+        _check(m.vocab_size >= 256,
+               f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")
+    _check(d.seq_len <= m.max_seq_len,
+           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")
+    _check(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+    _check(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2=({o.b1}, {o.b2}): must be in [0, 1)")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
+    _check(o.grad_clip > 0, f"optimizer.grad_clip={o.grad_clip}: must be > 0")
+    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
+    for key, size in sizes.items():
+        _check(size >= 1 or size == -1, f"{key}={size}: must be >= 1, or -1 for 'the rest'")
+    _check(list(sizes.values()).count(-1) <= 1,
+           f"mesh: at most one axis may be -1, got {sizes}")
+    _check(e.temperature >= 0, f"eval.temperature={e.temperature}: must be >= 0")
+    _check(e.top_k >= 0, f"eval.top_k={e.top_k}: must be >= 0")
+    return cfg
+
+
+# --- JSON -----------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Inverse of :func:`to_dict`; unknown keys (e.g. from a newer version) are an error."""
+    sections = {}
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        values = dict(raw.get(section, {}))
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(values) - names)
+        if extra:
+            raise ConfigError(f"{section}: unknown keys {extra}; valid: {sorted(names)}")
+        sections[section] = cls(**values)
+    return Config(name=raw.get("name", "custom"), **sections)
+
+
+def from_json(text: str) -> Config:
+    return from_dict(json.loads(text))
+
+
+def diff(a: Config, b: Config, sections: tuple[str, ...] = SECTIONS) -> list[str]:
+    """Human-readable ``key: a -> b`` lines for every differing key in ``sections``."""
+    lines = []
+    for section in sections:
+        da, db = dataclasses.asdict(getattr(a, section)), dataclasses.asdict(getattr(b, section))
+        for key in da:
+            if da[key] != db[key]:
+                lines.append(f"{section}.{key}: {da[key]!r} -> {db[key]!r}")
+    return lines

@@ -1,0 +1,64 @@
+"""Text corpora: the running interpreter's standard library (default) or a user's glob.
+
+Files are listed in sorted order and split into train/validation *by file* with a stable
+hash of the path relative to the corpus root, so the split does not move when files are
+added elsewhere.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+
+from jaxsparse.config import ConfigError
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def stdlib_files() -> list[Path]:
+    """Every ``.py`` file of the standard library, third-party packages excluded."""
+    root = stdlib_root()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        found += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return sorted(found)
+
+
+def glob_files(pattern: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if Path(p).is_file())
+    if not files:
+        raise ConfigError(f"data.path={pattern!r} matched no files")
+    return files
+
+
+def corpus_files(path: str | None) -> tuple[Path, list[Path]]:
+    """``(root, files)``: root is what split hashes are taken relative to."""
+    if path is None:
+        return stdlib_root(), stdlib_files()
+    files = glob_files(path)
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    return root, files
+
+
+def split_files(root: Path, files: list[Path], valid_every: int) -> dict[str, list[Path]]:
+    """Every file whose path hash is 0 mod ``valid_every`` is validation; the rest train.
+
+    A corpus of a single file cannot be split by file: it then serves both splits (the
+    caller is warned by the absence of held-out data in :func:`describe`).
+    """
+    train, valid = [], []
+    for f in files:
+        rel = os.path.relpath(f.resolve(), root)
+        (valid if zlib.crc32(rel.encode()) % valid_every == 0 else train).append(f)
+    if not train or not valid:
+        return {"train": files, "valid": files}
+    return {"train": train, "valid": valid}

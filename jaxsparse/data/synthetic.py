@@ -1,0 +1,91 @@
+"""Synthetic sequence tasks for model studies; each example comes with a loss mask.
+
+All generators are deterministic functions of a numpy ``Generator`` and return int32
+``inputs``/``targets`` ``[batch, seq_len]`` (targets are inputs shifted by one) and a float32
+``mask`` that is 1 exactly on the answer tokens, so accuracy counts answers only.
+Token 0 is a blank/pad token in every task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _shift(seq: np.ndarray, answer: np.ndarray) -> dict[str, np.ndarray]:
+    """seq ``[B, L+1]``, answer bool ``[B, L+1]`` (position is an answer token)."""
+    return {
+        "inputs": seq[:, :-1].astype(np.int32),
+        "targets": seq[:, 1:].astype(np.int32),
+        "mask": answer[:, 1:].astype(np.float32),
+    }
+
+
+def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
+         num_kv_pairs: int) -> dict[str, np.ndarray]:
+    """Multi-query associative recall (Arora et al. 2023, "Zoology").
+
+    The sequence opens with ``num_kv_pairs`` key-value pairs (keys from the lower half of the
+    vocabulary, values from the upper half, keys distinct within an example); afterwards every
+    key is queried once at a random position and the model must produce its value next.
+    """
+    n = num_kv_pairs
+    if vocab_size < 2 * n + 2:
+        raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n}")
+    if seq_len + 1 < 4 * n:
+        raise ValueError(f"mqar: seq_len={seq_len} too short for num_kv_pairs={n} (need >= {4 * n - 1})")
+    half = vocab_size // 2
+    keys = np.stack([rng.choice(np.arange(1, half), n, replace=False) for _ in range(batch)])
+    values = rng.integers(half, vocab_size, size=(batch, n))
+    seq = np.zeros((batch, seq_len + 1), np.int64)
+    answer = np.zeros_like(seq, dtype=bool)
+    seq[:, 0:2 * n:2], seq[:, 1:2 * n:2] = keys, values
+    # Query slots: pairs of positions (p, p+1) after the context, chosen without overlap.
+    slots = (seq_len + 1 - 2 * n) // 2
+    for b in range(batch):
+        chosen = 2 * n + 2 * np.sort(rng.choice(slots, n, replace=False))
+        order = rng.permutation(n)
+        seq[b, chosen], seq[b, chosen + 1] = keys[b, order], values[b, order]
+        answer[b, chosen + 1] = True
+    return _shift(seq, answer)
+
+
+def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
+                      num_tokens_to_copy: int) -> dict[str, np.ndarray]:
+    """Selective copying (Gu & Dao 2023, Mamba, section 4.1.1).
+
+    ``num_tokens_to_copy`` data tokens sit at random positions among blanks (0); after a
+    separator (1) the model must emit the data tokens in order.
+    """
+    n = num_tokens_to_copy
+    region = seq_len - n
+    if region < n:
+        raise ValueError(
+            f"selective_copying: seq_len={seq_len} too short for num_tokens_to_copy={n} "
+            f"(need >= {2 * n})")
+    if vocab_size < 3:
+        raise ValueError(f"selective_copying: vocab_size={vocab_size} must be >= 3")
+    data = rng.integers(2, vocab_size, size=(batch, n))
+    seq = np.zeros((batch, seq_len + 1), np.int64)
+    for b in range(batch):
+        seq[b, np.sort(rng.choice(region, n, replace=False))] = data[b]
+    seq[:, region] = 1
+    seq[:, region + 1:] = data
+    answer = np.zeros_like(seq, dtype=bool)
+    answer[:, region + 1:] = True
+    return _shift(seq, answer)
+
+
+def induction_heads(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
+                    prefix_len: int) -> dict[str, np.ndarray]:
+    """Repeated random prefix (Olsson et al. 2022): tokens after the first repetition are
+    predictable only by finding the previous occurrence and copying its successor."""
+    if seq_len + 1 < 2 * prefix_len:
+        raise ValueError(f"induction_heads: seq_len={seq_len} must be >= {2 * prefix_len - 1}")
+    if vocab_size < 2:
+        raise ValueError(f"induction_heads: vocab_size={vocab_size} must be >= 2")
+    prefix = rng.integers(1, vocab_size, size=(batch, prefix_len))
+    reps = -(-(seq_len + 1) // prefix_len)
+    seq = np.tile(prefix, (1, reps))[:, :seq_len + 1]
+    answer = np.zeros_like(seq, dtype=bool)
+    answer[:, prefix_len:] = True
+    return _shift(seq, answer)

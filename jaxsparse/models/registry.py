@@ -1,0 +1,37 @@
+"""Model registry: ``ModelConfig.name`` -> builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from jaxsparse.config import ConfigError, ModelConfig
+
+_BUILDERS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {}
+
+
+def register(name: str):
+    def decorator(builder):
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build(model_cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """Build the NNX model that ``model_cfg.name`` names."""
+    if model_cfg.name not in _BUILDERS:
+        raise ConfigError(f"model.name={model_cfg.name!r} is not registered; known: {names()}")
+    return _BUILDERS[model_cfg.name](model_cfg, rngs)
+
+
+@register("transformer")
+def _transformer(cfg, rngs):
+    from jaxsparse.models.transformer import Transformer
+
+    return Transformer(cfg, rngs=rngs)

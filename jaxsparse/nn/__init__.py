@@ -1,0 +1,9 @@
+"""Flax NNX modules: parameters plus a call into :mod:`jaxsparse.ops`."""
+
+from jaxsparse.nn.attention import Attention
+from jaxsparse.nn.embedding import Embed
+from jaxsparse.nn.linear import Linear
+from jaxsparse.nn.mlp import SwiGLU
+from jaxsparse.nn.norm import RMSNorm
+
+__all__ = ["Attention", "Embed", "Linear", "RMSNorm", "SwiGLU"]

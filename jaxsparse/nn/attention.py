@@ -1,0 +1,64 @@
+"""Grouped-query self-attention with rotary positions and a key/value decode cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.attention import dot_product_attention
+from jaxsparse.ops.masks import CausalMask
+from jaxsparse.ops.rotary import apply_rotary
+from jaxsparse.parallel import constrain
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention; ``n_heads % n_kv_heads == 0`` gives MHA, GQA or MQA.
+
+    Decode-cache protocol (shared by every sequence mixer, attention or recurrent):
+    ``init_cache(batch, max_len, dtype)`` returns a pytree, and calling the layer with
+    ``cache=`` and ``cache_index=`` (number of positions already in the cache) returns the
+    output and the updated cache.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+                 rngs: nnx.Rngs, rope_theta: float = 10_000.0, out_init_scale: float = 1.0,
+                 implementation: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
+        self.k_proj = Linear(d_model, (n_kv_heads, head_dim),
+                             logical_axes=("embed", "kv_heads", "kv"), **kw)
+        self.v_proj = Linear(d_model, (n_kv_heads, head_dim),
+                             logical_axes=("embed", "kv_heads", "kv"), **kw)
+        self.o_proj = Linear((n_heads, head_dim), d_model, logical_axes=("heads", "kv", "embed"),
+                             init_scale=out_init_scale, **kw)
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.implementation = implementation
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
+        q = apply_rotary(self.q_proj(x_BLD), positions_BL, self.rope_theta)
+        k = apply_rotary(self.k_proj(x_BLD), positions_BL, self.rope_theta)
+        v = self.v_proj(x_BLD)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segment_ids,
+                                        implementation=self.implementation)
+            new_cache = None
+        else:
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            # Key j is visible to the query at absolute position p iff j <= p; slots past the
+            # written prefix are never visible because p < cache_index + length.
+            kv_pos = jnp.arange(k_all.shape[1])
+            allowed = kv_pos[None, None, :] <= positions_BL[:, :, None]  # [B, L, T]
+            out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                        mask=allowed, implementation=self.implementation)
+            new_cache = {"k": k_all, "v": v_all}
+        return self.o_proj(out), new_cache

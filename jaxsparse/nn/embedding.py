@@ -1,0 +1,25 @@
+"""Token embedding, optionally reused (tied) as the output projection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        table = jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
+        self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
+        self.dtype = dtype
+        self.vocab_size = vocab_size
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.value, tokens_BL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        """Logits against the embedding table (weight tying, Press & Wolf 2017)."""
+        table = self.embedding.value.astype(self.dtype)
+        scale = x_BLD.shape[-1] ** -0.5  # keeps initial logits O(1) with unit-variance rows
+        return jnp.einsum("bld,vd->blv", x_BLD * scale, table)

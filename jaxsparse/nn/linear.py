@@ -1,0 +1,47 @@
+"""A projection whose kernel carries logical axis names for sharding."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    """``y[..., out...] = sum_in x[..., in...] * W[in..., out...]`` (no bias).
+
+    ``in_shape``/``out_shape`` may have several dims (e.g. ``out_shape=(heads, head_dim)``),
+    which keeps head structure visible to the sharding rules. Initialisation: truncated normal
+    with variance ``scale / fan_in`` (LeCun), so activations keep unit scale.
+    """
+
+    def __init__(
+        self,
+        in_shape: int | Sequence[int],
+        out_shape: int | Sequence[int],
+        *,
+        logical_axes: Sequence[str | None],
+        rngs: nnx.Rngs,
+        init_scale: float = 1.0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+        self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        shape = self.in_shape + self.out_shape
+        if len(logical_axes) != len(shape):
+            raise ValueError(f"logical_axes {logical_axes} must name each of the dims {shape}")
+        fan_in = math.prod(self.in_shape)
+        std = math.sqrt(init_scale / fan_in) / 0.87962566103423978  # truncation correction
+        w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype) * std
+        self.kernel = nnx.Param(w, logical_axes=tuple(logical_axes))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        kernel = self.kernel.value.astype(self.dtype)
+        return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))

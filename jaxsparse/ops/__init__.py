@@ -1,0 +1,1 @@
+"""Pure functions on arrays; each has an XLA reference and an ``implementation=`` switch."""

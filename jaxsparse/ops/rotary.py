@@ -1,0 +1,24 @@
+"""Rotary position embeddings (Su et al. 2021, "RoFormer"), half-split (GPT-NeoX) layout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def apply_rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10_000.0) -> jax.Array:
+    """Rotate each pair (x[i], x[i + D/2]) by angle ``position / theta ** (2i / D)``.
+
+    Computed in float32 and cast back, so that long positions keep their precision in bf16.
+    """
+    head_dim = x_BLHD.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
+    half = head_dim // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, L, D/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x = x_BLHD.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BLHD.dtype)

@@ -1,0 +1,229 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxsparse.config import Config, ConfigError, diff, from_json, to_json, validate
+from jaxsparse.data import Shard, make_stream
+from jaxsparse.parallel import make_mesh, mesh_shape
+from jaxsparse.parallel import distributed
+from jaxsparse.train.checkpoint import STRUCTURAL, CheckpointMismatch, Checkpointer
+from jaxsparse.train.metrics import MetricWriter
+from jaxsparse.train.state import TrainSetup, count_params
+from jaxsparse.train.step import make_eval_step, make_train_step
+
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # steps completed
+    losses: dict[int, float]  # train loss of every step run by this call, by step index
+    eval_metrics: dict[str, float]
+    stopped_early: bool  # stopped by SIGTERM or should_stop
+    sample: str | None = None
+
+
+def check_workdir(cfg: Config, workdir: Path) -> None:
+    """Refuse a workdir whose saved config describes a different model (before writing)."""
+    saved = workdir / "config.json"
+    if saved.exists():
+        previous = from_json(saved.read_text())
+        mismatch = diff(previous, cfg, STRUCTURAL)
+        if mismatch and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+            raise CheckpointMismatch(
+                f"workdir {workdir} holds checkpoints of a different model; refusing to resume "
+                "or overwrite them. Differences (saved -> requested):\n  " + "\n  ".join(mismatch))
+
+
+def _check_batch(cfg: Config, mesh) -> None:
+    sizes = dict(mesh.shape)
+    dp = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if cfg.data.batch_size % dp:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
+            f"{dp} (mesh data={sizes.get('data')} x fsdp={sizes.get('fsdp')}); use a multiple of {dp}")
+    if cfg.data.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+                          f"{jax.process_count()} processes")
+
+
+def evaluate(setup: TrainSetup, eval_step, state, stream, cfg: Config) -> dict[str, float]:
+    totals = np.zeros(3)
+    for i in range(cfg.eval.batches):
+        batch = setup.global_batch(stream.eval_batch(i, cfg.eval.batches))
+        totals += np.array([float(x) for x in eval_step(state["params"], state["rest"], batch)])
+    ce, correct, count = totals
+    loss = ce / max(count, 1.0)
+    metrics = {"loss": loss, "accuracy": correct / max(count, 1.0)}
+    if cfg.data.task == "text":
+        metrics["bits_per_byte"] = loss / LN2  # one token is one byte
+    return metrics
+
+
+def sample_text(setup: TrainSetup, state, cfg: Config, prompt: str | None = None,
+                max_new_tokens: int | None = None, seed: int = 0) -> str:
+    from jaxsparse.models.generate import generate
+
+    prompt = cfg.eval.sample_prompt if prompt is None else prompt
+    max_new = cfg.eval.sample_tokens if max_new_tokens is None else max_new_tokens
+    max_new = min(max_new, cfg.model.max_seq_len - len(prompt.encode()))
+    model = setup.model(state["params"], state["rest"])
+    tokens = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
+    out = generate(model, tokens, max_new, rng=jax.random.key(seed),
+                   temperature=cfg.eval.temperature, top_k=cfg.eval.top_k)
+    return prompt + bytes(np.asarray(out[0]).astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT (main thread only) so the loop can save and exit between steps."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM,):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool] | None = None,
+          sample: bool = True, quiet: bool = False) -> TrainResult:
+    """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+    ``should_stop(step)`` (after each completed step) lets a caller interrupt the run the same
+    way SIGTERM does: a checkpoint is written at the current step and the call returns.
+    """
+    validate(cfg)
+    if cfg.train.distributed:
+        distributed.initialize()
+    workdir = Path(workdir).resolve()
+    primary = jax.process_index() == 0
+    log = (lambda *a: None) if quiet or not primary else (lambda *a: print(*a, flush=True))
+
+    mesh_shape(cfg.mesh, jax.device_count())  # raises a ConfigError naming the mesh
+    mesh = make_mesh(cfg.mesh)
+    _check_batch(cfg, mesh)
+    check_workdir(cfg, workdir)
+    stream = make_stream(cfg, Shard(jax.process_index(), jax.process_count()))
+    setup = TrainSetup(cfg, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpointing)
+    ckpt.check_compatible(cfg)
+
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(setup.abstract_state, start)
+        log(f"resumed from {workdir}/checkpoints step {start}")
+    else:
+        state = setup.init()
+        start = 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(to_json(cfg))
+    log(f"config {cfg.name}: {count_params(state['params']):,} parameters, mesh "
+        f"{dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
+
+    train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
+    losses: dict[int, float] = {}
+    pending: list[tuple[int, dict]] = []
+    eval_metrics: dict[str, float] = {}
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    stopped = False
+    step = start
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
+               disable=not (primary and cfg.train.progress and not quiet), dynamic_ncols=True,
+               file=sys.stdout)
+    last_time, last_step = time.perf_counter(), start
+
+    def flush_logs():
+        nonlocal last_time, last_step
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        now = time.perf_counter()
+        rate = (pending[-1][0] + 1 - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+        last_time, last_step = now, pending[-1][0] + 1
+        for (s, _), m in zip(pending, fetched):
+            losses[s] = float(m["loss"])
+        s, m = pending[-1][0], fetched[-1]
+        values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate}
+        writer.write(s + 1, "train", values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
+        pending.clear()
+
+    with _StopFlag() as flag:
+        while step < cfg.train.steps:
+            batch = setup.global_batch(stream.batch(step))
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            step += 1
+            bar.update(1)
+            last = step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or last:
+                flush_logs()
+            if step % cfg.train.eval_every == 0 or last:
+                eval_metrics = evaluate(setup, eval_step, state, stream, cfg)
+                writer.write(step, "eval", eval_metrics)
+                bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
+            interrupted = flag.signal is not None or (should_stop is not None and should_stop(step))
+            if step % cfg.train.checkpoint_every == 0 or last or interrupted:
+                ckpt.save(step, state, cfg, force=True)
+            if interrupted and not last:
+                stopped = True
+                flush_logs()
+                why = "SIGTERM" if flag.signal is not None else "a stop request"
+                bar.write(f"stopping at step {step} after {why}; checkpoint saved")
+                break
+    flush_logs()
+    bar.close()
+    ckpt.close()
+    writer.close()
+    text = None
+    if sample and not stopped and cfg.data.task == "text":
+        text = sample_text(setup, state, cfg)
+    if primary and not stopped:
+        (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
+    return TrainResult(step=step, losses=losses, eval_metrics=eval_metrics, stopped_early=stopped,
+                       sample=text)
+
+
+def load(workdir: str | Path, step: int | None = None):
+    """``(cfg, setup, state)`` of the latest (or given) checkpoint in ``workdir``, one device."""
+    workdir = Path(workdir).resolve()
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{workdir} has no config.json; is it a jaxsparse workdir?")
+    cfg = from_json(config_path.read_text())
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
+    latest = ckpt.latest_step() if step is None else step
+    if latest is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = ckpt.restore(setup.abstract_state, latest)
+    ckpt.close()
+    return cfg, setup, state

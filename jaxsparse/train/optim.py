@@ -1,0 +1,30 @@
+"""Optimiser: AdamW, linear warm-up then cosine decay, global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jaxsparse.config import OptimizerConfig
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def _decay_mask(params):
+    # Decay matrices only: norm scales and (future) per-channel vectors such as SSM A_log,
+    # D and dt biases are excluded, as the Mamba and GPT recipes prescribe.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=_decay_mask),
+    )

@@ -1,0 +1,122 @@
+"""Train state as a plain pytree, built abstractly and initialised straight into its shards.
+
+``state = {"step", "params", "opt_state", "rest"}`` where ``params``/``rest`` are pure dicts
+of the model's ``nnx.Param`` and other variables (the functional NNX split). Checkpoints are
+therefore readable without jaxsparse, and the step is a pure function ``jax.jit`` can shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxsparse.config import Config
+from jaxsparse.models import build
+from jaxsparse.parallel import param_shardings
+from jaxsparse.train.optim import make_optimizer
+
+
+def _key_str(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path(path) -> tuple[str, ...]:
+    return tuple(_key_str(k) for k in path)
+
+
+def _opt_state_shardings(abstract_opt_state, params_shardings, abstract_params, mesh):
+    """Optimiser moments mirror the params: give each leaf the sharding of the param whose
+    path is a suffix of its own path (and whose shape matches); counters are replicated."""
+    by_path = {}
+    flat_sh = jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+    flat_abs = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    for (path, sharding), (_, leaf) in zip(flat_sh, flat_abs):
+        by_path[_path(path)] = (sharding, leaf.shape)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = _path(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything derived from a config and a mesh: structure, shardings, optimiser."""
+
+    cfg: Config
+    mesh: Mesh
+
+    def __post_init__(self):
+        cfg = self.cfg
+        abstract_model = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(cfg.train.seed)))
+        self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+        self.params_template, self.rest_template = abs_params, abs_rest
+        self.tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+        params_sh = param_shardings(abs_params, self.mesh)
+        rest_sh = param_shardings(abs_rest, self.mesh)
+        abstract = jax.eval_shape(self._init)
+        self.state_shardings = {
+            "step": NamedSharding(self.mesh, PartitionSpec()),
+            "params": params_sh,
+            "opt_state": _opt_state_shardings(abstract["opt_state"], params_sh,
+                                              abstract["params"], self.mesh),
+            "rest": rest_sh,
+        }
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, self.state_shardings)
+
+    def _init(self):
+        model = build(self.cfg.model, nnx.Rngs(self.cfg.train.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = params.to_pure_dict()
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": self.tx.init(params), "rest": rest.to_pure_dict()}
+
+    def init(self):
+        """Initialise directly into the shards (no host ever holds the full model)."""
+        return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def model(self, params, rest=None):
+        """An NNX model holding ``params`` (pure dict); usable inside or outside jit."""
+        p = jax.tree.map(lambda x: x, self.params_template)
+        nnx.replace_by_pure_dict(p, params)
+        r = jax.tree.map(lambda x: x, self.rest_template)
+        if rest:
+            nnx.replace_by_pure_dict(r, rest)
+        return nnx.merge(self.graphdef, p, r)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        from jaxsparse.parallel import logical_to_spec
+
+        spec = logical_to_spec(("batch", "length"), (self.cfg.data.batch_size, self.cfg.data.seq_len),
+                               self.mesh)
+        return NamedSharding(self.mesh, spec)
+
+    def global_batch(self, local: dict) -> dict:
+        """Assemble process-local rows into global arrays sharded over the batch axes."""
+        sharding = self.batch_sharding
+        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        return {k: jax.make_array_from_process_local_data(sharding, v, shape)
+                for k, v in local.items()}
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+__all__ = ["TrainSetup", "count_params"]
