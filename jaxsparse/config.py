@@ -38,7 +38,7 @@ class ModelConfig:
     d_ff: int = 384  # SwiGLU hidden width
     max_seq_len: int = 1024  # longest sequence a decode cache is built for
     rope_theta: float = 10_000.0
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"

@@ -54,8 +54,9 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         if not cfg.tie_embeddings:
+            # Small initial logits: the first prediction is near uniform (loss ~ ln vocab).
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"),
-                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                  rngs=rngs, init_scale=0.1, dtype=dtype, param_dtype=param_dtype)
 
     def _logits(self, x_BLD):
         x_BLD = self.final_norm(x_BLD)

@@ -16,10 +16,10 @@ class Embed(nnx.Module):
         self.vocab_size = vocab_size
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.value, tokens_BL, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Logits against the embedding table (weight tying, Press & Wolf 2017)."""
-        table = self.embedding.value.astype(self.dtype)
+        table = self.embedding[...].astype(self.dtype)
         scale = x_BLD.shape[-1] ** -0.5  # keeps initial logits O(1) with unit-variance rows
         return jnp.einsum("bld,vd->blv", x_BLD * scale, table)

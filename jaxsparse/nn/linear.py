@@ -43,5 +43,5 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in, n_out = len(self.in_shape), len(self.out_shape)
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        kernel = self.kernel.value.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
         return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))

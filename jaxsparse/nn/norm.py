@@ -14,4 +14,4 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return rms_norm(x, self.scale.value, self.eps)
+        return rms_norm(x, self.scale[...], self.eps)

@@ -55,10 +55,10 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     """A pure dict of NamedShardings mirroring ``abstract_state.to_pure_dict()``."""
 
     def one(variable):
-        names = variable.get_metadata().get("logical_axes") or (None,) * variable.value.ndim
-        if len(names) != variable.value.ndim:
-            raise ValueError(f"logical_axes {names} do not match shape {variable.value.shape}")
-        return NamedSharding(mesh, logical_to_spec(names, variable.value.shape, mesh, rules))
+        names = variable.get_metadata().get("logical_axes") or (None,) * variable.get_value().ndim
+        if len(names) != variable.get_value().ndim:
+            raise ValueError(f"logical_axes {names} do not match shape {variable.get_value().shape}")
+        return NamedSharding(mesh, logical_to_spec(names, variable.get_value().shape, mesh, rules))
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings

@@ -1,0 +1,162 @@
+"""The ``jaxsparse`` command: train, eval, generate, plot, configs, bench.
+
+Kept thin on purpose: every command is a call into the importable API, so whatever the CLI
+does can be done from a notebook too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+from jaxsparse.config import ConfigError
+
+
+def _cmd_train(args) -> int:
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides, validate
+    from jaxsparse.parallel import distributed
+    from jaxsparse.train import train
+
+    cfg = configs.get(args.config)
+    cfg = validate(apply_overrides(cfg, args.set or []))
+    if args.coordinator or args.num_processes:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    workdir = Path(args.workdir or Path("runs") / cfg.name)
+    result = train(cfg, workdir)
+    if result.stopped_early:
+        print(f"stopped at step {result.step}; run the same command again to resume")
+        return 0
+    print("\nfinal eval: " + json.dumps({k: round(float(v), 4) for k, v in result.eval_metrics.items()}))
+    if result.sample is not None:
+        print(f"\nsample ({cfg.eval.sample_tokens} bytes, temperature {cfg.eval.temperature}):\n"
+              + "-" * 60 + f"\n{result.sample}\n" + "-" * 60)
+    print(f"workdir: {workdir} (metrics.jsonl, tensorboard/, checkpoints/; `jaxsparse plot {workdir}`)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from jaxsparse.data import make_stream
+    from jaxsparse.train import evaluate, load
+    from jaxsparse.train.step import make_eval_step
+
+    cfg, setup, state = load(args.workdir, args.step)
+    metrics = evaluate(setup, make_eval_step(setup), state, make_stream(cfg), cfg)
+    print(json.dumps({"step": int(state["step"]), **{k: float(v) for k, v in metrics.items()}},
+                     indent=2))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from jaxsparse.train import load, sample_text
+
+    cfg, setup, state = load(args.workdir)
+    if cfg.data.task != "text":
+        raise ConfigError(f"generate works on byte-level text models; this run has data.task={cfg.data.task!r}")
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, temperature=args.temperature, top_k=args.top_k))
+    limit = cfg.model.max_seq_len - len(args.prompt.encode())
+    if args.max_new_tokens < 1 or args.max_new_tokens > limit:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be in [1, {limit}] "
+                          f"(model.max_seq_len={cfg.model.max_seq_len} minus the prompt)")
+    print(sample_text(setup, state, cfg, args.prompt, args.max_new_tokens, args.seed))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from jaxsparse.train.plots import plot_run
+
+    print(plot_run(args.workdir, args.out))
+    return 0
+
+
+def _cmd_configs(args) -> int:
+    from jaxsparse import configs
+    from jaxsparse.models import count_params
+
+    names = configs.names()
+    width = max((len(n) for n in names), default=4)
+    print(f"{'name':<{width}}  {'params':>12}  model")
+    for name in names:
+        cfg = configs.get(name)
+        marker = " (default)" if name == configs.DEFAULT else ""
+        m = cfg.model
+        print(f"{name:<{width}}  {count_params(m):>12,}  {m.name} d={m.d_model} L={m.n_layers} "
+              f"heads={m.n_heads}/{m.n_kv_heads} data={cfg.data.task}{marker}")
+    return 0
+
+
+def bench_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "experiments" / "bench"
+
+
+def _cmd_bench(args) -> int:
+    available = sorted(p.stem for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
+    if args.name not in available:
+        raise ConfigError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")
+    sys.argv = [f"{args.name}.py", *args.args]
+    runpy.run_path(str(bench_dir() / f"{args.name}.py"), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxsparse import configs
+
+    parser = argparse.ArgumentParser(prog="jaxsparse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a named config (default: %s)" % configs.DEFAULT)
+    p.add_argument("--config", default=configs.DEFAULT, help="named config or path to a .py file")
+    p.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable")
+    p.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-host)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a trained workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("plot", help="write PNG metric curves of a workdir")
+    p.add_argument("workdir")
+    p.add_argument("--out")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("configs", help="list named configs with parameter counts")
+    p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("bench", help="run experiments/bench/NAME.py")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

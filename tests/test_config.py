@@ -1,0 +1,99 @@
+import dataclasses
+
+import pytest
+
+from jaxsparse import configs
+from jaxsparse.cli import main
+from jaxsparse.config import (Config, ConfigError, apply_overrides, from_json, to_json,
+                              valid_keys, validate)
+
+
+def test_every_named_config_is_valid_and_round_trips_through_json():
+    assert "transformer_tiny" in configs.names()
+    for name in configs.names():
+        cfg = configs.get(name)
+        assert cfg.name == name
+        assert from_json(to_json(cfg)) == cfg
+
+
+def test_override_parses_by_field_type():
+    cfg = apply_overrides(Config(), ["model.d_model=256", "optimizer.lr=1e-4",
+                                     "model.tie_embeddings=false", "model.head_dim=none",
+                                     "data.path=/x/*.txt", "data.task=text"])
+    assert cfg.model.d_model == 256 and cfg.optimizer.lr == 1e-4
+    assert cfg.model.tie_embeddings is False and cfg.model.head_dim is None
+    assert cfg.data.path == "/x/*.txt"
+
+
+def test_unknown_key_is_named_with_suggestion_and_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), ["model.d_modle=3"])
+    message = str(err.value)
+    assert "model.d_modle" in message and "Did you mean model.d_model" in message
+    assert "model.n_layers" in message  # lists what is valid
+
+
+def test_unknown_section_lists_sections():
+    with pytest.raises(ConfigError, match="unknown config section 'modle'.*model, data"):
+        apply_overrides(Config(), ["modle.d_model=3"])
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("model.d_model=abc", "model.d_model='abc': expected an int"),
+    ("optimizer.lr=fast", "optimizer.lr='fast': expected a float"),
+    ("model.tie_embeddings=maybe", "expected a bool"),
+    ("model.d_model", "expected the form section.key=value"),
+])
+def test_wrong_types_name_the_key(item, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(Config(), [item])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_heads=4 must be a multiple of model.n_kv_heads=3"),
+    (["model.d_model=0"], "model.d_model=0: must be >= 1"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis may be -1"),
+    (["data.task=images"], "data.task='images': allowed"),
+    (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len"),
+    (["model.dtype=float8"], "model.dtype='float8'"),
+    (["model.d_model=30", "model.n_heads=4"], "set model.head_dim explicitly"),
+    (["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio=2.0"),
+])
+def test_impossible_values_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        validate(apply_overrides(Config(), overrides))
+
+
+def test_validate_catches_wrong_types_set_in_python():
+    cfg = dataclasses.replace(Config(), train=dataclasses.replace(Config().train, steps="10"))
+    with pytest.raises(ConfigError, match="train.steps='10': expected"):
+        validate(cfg)
+
+
+def test_unknown_config_name_lists_names():
+    with pytest.raises(ConfigError, match="unknown config 'nope'.*transformer_tiny"):
+        configs.get("nope")
+
+
+def test_valid_keys_cover_every_section():
+    keys = valid_keys(Config())
+    for section in ("model", "data", "optimizer", "mesh", "train", "eval"):
+        assert any(k.startswith(section + ".") for k in keys)
+
+
+def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
+    assert main(["train", "--config", "nope", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config 'nope'" in err and "transformer_tiny" in err and "Traceback" not in err
+    assert main(["train", "--set", "model.wat=1", "--workdir", str(tmp_path)]) == 2
+    assert "model.wat" in capsys.readouterr().err
+    assert main(["train", "--set", "data.path=/definitely/missing/*.txt",
+                 "--workdir", str(tmp_path)]) == 2
+    assert "matched no files" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a failed start must not write into the workdir"
+
+
+def test_cli_configs_lists_parameter_counts(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_tiny" in out and "820,352" in out and "(default)" in out

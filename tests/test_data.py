@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+
+from jaxsparse.config import ConfigError
+from jaxsparse.data import Shard, make_stream
+from jaxsparse.data import corpus, store, synthetic
+
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def text_stream():
+    return make_stream(tiny_config())
+
+
+def test_text_batches_are_a_pure_function_of_seed_and_step(text_stream):
+    again = make_stream(tiny_config())
+    for step in (0, 1, 57):
+        a, b = text_stream.batch(step), again.batch(step)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(text_stream.batch(0)["inputs"], text_stream.batch(1)["inputs"])
+    other_seed = make_stream(tiny_config("data.seed=1"))
+    assert not np.array_equal(text_stream.batch(0)["inputs"], other_seed.batch(0)["inputs"])
+
+
+def test_targets_are_inputs_shifted_by_one(text_stream):
+    b = text_stream.batch(3)
+    np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+    assert b["inputs"].shape == (8, 32) and b["inputs"].dtype == np.int32
+    assert b["inputs"].max() < 256 and b["mask"].min() == 1.0
+
+
+def test_process_shards_partition_the_global_batch():
+    cfg = tiny_config()
+    full = make_stream(cfg).batch(5)
+    parts = [make_stream(cfg, Shard(i, 4)).batch(5) for i in range(4)]
+    np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), full["inputs"])
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        make_stream(cfg, Shard(0, 3)).batch(0)
+
+
+def test_default_corpus_is_split_by_file():
+    root, files = corpus.corpus_files(None)
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert files == sorted(files)
+    splits = corpus.split_files(root, files, 20)
+    assert set(splits["train"]).isdisjoint(splits["valid"])
+    assert len(splits["train"]) + len(splits["valid"]) == len(files)
+    assert 0.01 < len(splits["valid"]) / len(files) < 0.15
+
+
+def test_user_glob_and_token_cache(tmp_path):
+    for i in range(30):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}\n" * 20)
+    cfg = tiny_config(f"data.path={tmp_path}/*.txt", f"data.cache_dir={tmp_path}/cache")
+    s = make_stream(cfg)
+    assert s.num_files["train"] + s.num_files["valid"] == 30
+    text = bytes(s.batch(0)["inputs"][0].astype(np.uint8))
+    assert b"document" in text or b"number" in text
+    cached = list((tmp_path / "cache").glob("bytes-*.zarr"))
+    assert len(cached) == 2
+    stamp = [p.stat().st_mtime_ns for p in cached]
+    make_stream(cfg)  # re-open: reuses the cache
+    assert [p.stat().st_mtime_ns for p in cached] == stamp
+    # the cache holds exactly the files' bytes, NUL-separated
+    files = sorted(tmp_path.glob("*.txt"))
+    tokens = store.tokenize_files(files[:2])
+    assert bytes(tokens) == files[0].read_bytes() + b"\0" + files[1].read_bytes() + b"\0"
+
+
+def test_glob_matching_nothing_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="matched no files"):
+        make_stream(tiny_config(f"data.path={tmp_path}/*.none"))
+
+
+def test_mqar_answers_are_the_values_of_queried_keys():
+    rng = np.random.default_rng(0)
+    b = synthetic.mqar(rng, 16, 64, 512, 8)
+    assert b["inputs"].shape == (16, 64)
+    for row in range(16):
+        inputs, targets, mask = b["inputs"][row], b["targets"][row], b["mask"][row]
+        table = dict(zip(inputs[0:16:2], inputs[1:16:2]))
+        answers = np.nonzero(mask)[0]
+        assert len(answers) == 8
+        for pos in answers:
+            assert targets[pos] == table[inputs[pos]]
+    again = synthetic.mqar(np.random.default_rng(0), 16, 64, 512, 8)
+    np.testing.assert_array_equal(b["inputs"], again["inputs"])
+
+
+def test_selective_copying_asks_for_the_data_tokens_in_order():
+    b = synthetic.selective_copying(np.random.default_rng(1), 4, 40, 10, 8)
+    for row in range(4):
+        inputs, targets, mask = b["inputs"][row], b["targets"][row], b["mask"][row]
+        region = 40 - 8
+        data = inputs[:region][inputs[:region] > 1]
+        np.testing.assert_array_equal(targets[mask == 1], data)
+        assert inputs[region] == 1  # separator
+    with pytest.raises(ValueError, match="too short"):
+        synthetic.selective_copying(np.random.default_rng(0), 1, 10, 10, 8)
+
+
+def test_induction_heads_repeat_the_prefix():
+    b = synthetic.induction_heads(np.random.default_rng(2), 3, 40, 50, 10)
+    seq = np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
+    np.testing.assert_array_equal(seq[:, 10:20], seq[:, :10])
+    assert b["mask"][:, :9].sum() == 0 and b["mask"][:, 9:].min() == 1
+
+
+def test_synthetic_stream_is_deterministic_and_eval_differs():
+    cfg = tiny_config("data.task=mqar", "model.vocab_size=128", "data.num_kv_pairs=4")
+    s1, s2 = make_stream(cfg), make_stream(cfg)
+    np.testing.assert_array_equal(s1.batch(9)["inputs"], s2.batch(9)["inputs"])
+    assert not np.array_equal(s1.batch(0)["inputs"], s1.eval_batch(0, 1)["inputs"])

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxsparse import models
+from jaxsparse.models.generate import generate
+
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.build(tiny_config().model, nnx.Rngs(0))
+
+
+def tokens(seed, batch=2, length=24, vocab=256):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
+
+
+def test_logits_shape_and_dtype(model):
+    logits = model(tokens(0))
+    assert logits.shape == (2, 24, 256) and logits.dtype == jnp.float32
+    # at initialisation the prediction is close to uniform: loss ~ ln(256)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens(1)).mean()
+    assert abs(float(loss) - np.log(256)) < 0.5
+
+
+@pytest.mark.parametrize("t", [0, 7, 22])
+def test_causality_future_tokens_do_not_change_past_logits(model, t):
+    a = tokens(2)
+    b = a.at[:, t + 1:].set((a[:, t + 1:] + 17) % 256)
+    la, lb = model(a), model(b)
+    np.testing.assert_allclose(la[:, :t + 1], lb[:, :t + 1], atol=1e-5)
+    assert not np.allclose(la[:, t + 1:], lb[:, t + 1:], atol=1e-3)
+
+
+def test_decode_with_cache_matches_full_forward(model):
+    x = tokens(3, length=20)
+    full = model(x)
+    cache = model.init_cache(2, 32)
+    parts = []
+    for start, stop in [(0, 9), (9, 10), (10, 20)]:
+        logits, cache = model.decode(x[:, start:stop], cache)
+        parts.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, atol=1e-4, rtol=1e-4)
+    assert int(cache["index"]) == 20
+
+
+def test_generate_greedy_equals_argmax_rollout(model):
+    prompt = tokens(4, batch=1, length=5)
+    out = generate(model, prompt, 6, temperature=0.0)
+    seq = prompt
+    for _ in range(6):
+        nxt = jnp.argmax(model(seq)[:, -1], axis=-1).astype(jnp.int32)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq[:, 5:])
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=64"):
+        generate(model, prompt, 100)
+
+
+def test_every_parameter_carries_logical_axes(model):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("logical_axes")
+        assert names is not None and len(names) == var[...].ndim, path
+
+
+def test_untied_head_and_bf16_compute():
+    cfg = tiny_config("model.dtype=bfloat16").model
+    m = models.build(cfg, nnx.Rngs(1))
+    assert hasattr(m, "lm_head")
+    out = m(tokens(5))
+    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+    assert m.lm_head.kernel[...].dtype == jnp.float32  # parameters stay float32
+
+
+def test_tied_embeddings_have_no_separate_head():
+    m = models.build(tiny_config("model.tie_embeddings=true").model, nnx.Rngs(2))
+    assert not hasattr(m, "lm_head")
+    assert m(tokens(6)).shape == (2, 24, 256)
+
+
+def test_bad_tokens_are_refused(model):
+    with pytest.raises(ValueError, match="integer"):
+        model(jnp.zeros((2, 3), jnp.float32))
+
+
+def test_count_params_without_allocation():
+    cfg = tiny_config().model
+    built = models.build(cfg, nnx.Rngs(0))
+    expected = sum(x.size for x in jax.tree.leaves(nnx.state(built, nnx.Param)))
+    assert models.count_params(cfg) == expected
