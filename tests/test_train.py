@@ -1,0 +1,154 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsparse.cli import main
+from jaxsparse.config import ConfigError
+from jaxsparse.train import load, train
+from jaxsparse.train.checkpoint import CheckpointMismatch
+
+from helpers import ROOT, tiny_config
+
+
+def _snapshot(directory):
+    return sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in directory.rglob("*") if p.is_file())
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
+    cfg = tiny_config("train.steps=8", "train.checkpoint_every=100")
+    straight = train(cfg, tmp_path / "straight", sample=False, quiet=True)
+    first = train(cfg, tmp_path / "resumed", should_stop=lambda step: step == 3, sample=False,
+                  quiet=True)
+    assert first.stopped_early and first.step == 3
+    second = train(cfg, tmp_path / "resumed", sample=False, quiet=True)
+    assert second.step == 8 and sorted(second.losses) == list(range(3, 8))
+    resumed = first.losses | second.losses
+    assert resumed == straight.losses  # bit-identical: same batches, same state
+    assert straight.eval_metrics == second.eval_metrics
+
+
+def test_checkpoint_round_trips_bit_exactly(tmp_path):
+    cfg = tiny_config("train.steps=2")
+    train(cfg, tmp_path, sample=False, quiet=True)
+    _, setup, restored = load(tmp_path)
+    again = load(tmp_path)[2]
+    assert int(restored["step"]) == 2
+    flat_a = jax.tree_util.tree_flatten_with_path(restored)[0]
+    flat_b = jax.tree_util.tree_flatten_with_path(again)[0]
+    assert len(flat_a) == len(flat_b) > 10
+    for (path, a), (_, b) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    # and the restored params are those the run ended with: evaluating them reproduces the
+    # final metrics the run wrote
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    from jaxsparse.data import make_stream
+    from jaxsparse.train import evaluate
+    from jaxsparse.train.step import make_eval_step
+
+    metrics = evaluate(setup, make_eval_step(setup), restored, make_stream(cfg), cfg)
+    assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-6)
+
+
+def test_incompatible_workdir_is_refused_and_left_intact(tmp_path):
+    train(tiny_config("train.steps=2"), tmp_path, sample=False, quiet=True)
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointMismatch) as err:
+        train(tiny_config("train.steps=4", "model.d_model=48", "model.n_heads=4"), tmp_path,
+              sample=False, quiet=True)
+    assert "model.d_model: 32 -> 48" in str(err.value)
+    assert _snapshot(tmp_path) == before
+
+
+def test_compatible_change_resumes(tmp_path):
+    train(tiny_config("train.steps=2"), tmp_path, sample=False, quiet=True)
+    result = train(tiny_config("train.steps=3", "eval.batches=2"), tmp_path, sample=False,
+                   quiet=True)
+    assert result.step == 3 and list(result.losses) == [2]
+
+
+def test_tiny_batch_is_overfitted(tmp_path):
+    cfg = tiny_config("train.steps=60", "data.batch_size=2", "optimizer.lr=1e-2",
+                      "optimizer.warmup_steps=5", "optimizer.weight_decay=0.0", "data.seq_len=16")
+    from jaxsparse.data import stream as stream_module
+
+    # the same batch at every step
+    original = stream_module.TextStream.batch
+    stream_module.TextStream.batch = lambda self, step: original(self, 0)
+    try:
+        result = train(cfg, tmp_path, sample=False, quiet=True)
+    finally:
+        stream_module.TextStream.batch = original
+    assert result.losses[0] > 4.0
+    assert result.losses[59] < 0.1, result.losses[59]
+
+
+def test_cli_train_eval_generate_plot(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = ["train", "--workdir", str(workdir)]
+    from helpers import TINY
+
+    for item in TINY + ["train.steps=3", "train.eval_every=3"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "final eval" in out and "bits_per_byte" in out and "sample" in out
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["train"]["steps"] == 3
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "eval"}
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["step"] == 3 and evaluated["bits_per_byte"] > 0
+    assert main(["generate", "--workdir", str(workdir), "--prompt", "import ",
+                 "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    assert main(["generate", "--workdir", str(workdir), "--max-new-tokens", "1000"]) == 2
+    assert "--max-new-tokens=1000" in capsys.readouterr().err
+    assert main(["plot", str(workdir)]) == 0
+    png = workdir / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
+
+
+def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
+    from helpers import TINY
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxsparse.cli", "train", "--workdir", str(workdir)]
+    for item in TINY + ["train.steps=100000"]:
+        cmd += ["--set", item]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=ROOT)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "after SIGTERM; checkpoint saved" in out
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 3
+    # the next start resumes from exactly that step
+    from dataclasses import replace
+
+    cfg = load(workdir)[0]
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps[-1] + 1))
+    result = train(cfg, workdir, sample=False, quiet=True)
+    assert list(result.losses) == [steps[-1]]
+
+
+def test_mesh_that_does_not_fit_the_devices_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs 4 devices but 1 are available"):
+        train(tiny_config("mesh.data=2", "mesh.fsdp=2"), tmp_path, quiet=True)
+    assert not any(tmp_path.iterdir())
