@@ -13,5 +13,5 @@ def get_config() -> Config:
         model=ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
         data=DataConfig(seq_len=128, batch_size=32),
         optimizer=OptimizerConfig(lr=3e-3, warmup_steps=50),
-        train=TrainConfig(steps=600, eval_every=200, checkpoint_every=200),
+        train=TrainConfig(steps=500, eval_every=125, checkpoint_every=250),
     )

@@ -167,6 +167,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         now = time.perf_counter()
         rate = (pending[-1][0] + 1 - last_step) * tokens_per_step / max(now - last_time, 1e-9)
         last_time, last_step = now, pending[-1][0] + 1
+        bar.update(pending[-1][0] + 1 - bar.n)
         for (s, _), m in zip(pending, fetched):
             losses[s] = float(m["loss"])
         s, m = pending[-1][0], fetched[-1]
@@ -175,20 +176,29 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
         pending.clear()
 
+    def run_eval():
+        metrics = evaluate(setup, eval_step, state, stream, cfg)
+        writer.write(step, "eval", metrics)
+        bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    if start == 0:
+        eval_metrics = run_eval()  # the starting point of the curves
     with _StopFlag() as flag:
         while step < cfg.train.steps:
             batch = setup.global_batch(stream.batch(step))
             state, metrics = train_step(state, batch)
+            if pending:
+                # Keep one step in flight: the bar then counts finished steps, not dispatches.
+                jax.block_until_ready(pending[-1][1])
+                bar.update(1)
             pending.append((step, metrics))
             step += 1
-            bar.update(1)
             last = step == cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
                 flush_logs()
             if step % cfg.train.eval_every == 0 or last:
-                eval_metrics = evaluate(setup, eval_step, state, stream, cfg)
-                writer.write(step, "eval", eval_metrics)
-                bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_metrics.items()))
+                eval_metrics = run_eval()
             interrupted = flag.signal is not None or (should_stop is not None and should_stop(step))
             if step % cfg.train.checkpoint_every == 0 or last or interrupted:
                 ckpt.save(step, state, cfg, force=True)

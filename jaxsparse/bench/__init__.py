@@ -1,0 +1,6 @@
+"""Benchmark helpers shared by ``experiments/bench/*`` (DESIGN.md section 6)."""
+
+from jaxsparse.bench.timing import (Timing, markdown_table, matmul_peak_flops, time_fn,
+                                    write_results)
+
+__all__ = ["Timing", "markdown_table", "matmul_peak_flops", "time_fn", "write_results"]

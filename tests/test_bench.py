@@ -1,0 +1,44 @@
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from jaxsparse.bench import markdown_table, matmul_peak_flops, time_fn, write_results
+from jaxsparse.cli import main
+
+
+def test_time_fn_waits_for_results_and_reports_median():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    timing = time_fn(fn, jnp.ones(4), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(timing.times_s) == 3
+    assert timing.min_s <= timing.median_s
+    with pytest.raises(ValueError, match="repeats=0"):
+        time_fn(fn, jnp.ones(1), repeats=0)
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert matmul_peak_flops(128, repeats=2) > 1e6
+
+
+def test_write_results_json_and_markdown(tmp_path):
+    rows = [{"name": "a", "x": 1.5}, {"name": "b", "x": 123456.0}]
+    json_path, md_path = write_results("demo", rows, ["name", "x"], tmp_path, notes="n")
+    assert json.loads(json_path.read_text())["rows"] == rows
+    md = md_path.read_text()
+    assert "| name | x |" in md and "| b | 123,456 |" in md
+    assert markdown_table(rows, ["x"]).count("\n") == 3
+
+
+def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):
+    assert main(["bench", "train_step", "--configs", "transformer_tiny", "--repeats", "1",
+                 "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "data.seq_len=16",
+                 "--set", "data.batch_size=4", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["ratio_to_matmul_peak"]
+    assert "ratio_to_matmul_peak" in capsys.readouterr().out
+    assert main(["bench", "nope"]) == 2
