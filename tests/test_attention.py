@@ -110,3 +110,19 @@ def test_masks_render_and_combine():
     np.testing.assert_array_equal((CausalMask() & CausalMask(offset=-1)).to_dense(3, 3),
                                   np.tril(np.ones((3, 3), bool), -1))
     assert hash(CausalMask(2)) == hash(CausalMask(2))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(S=st.integers(1, 20), T=st.integers(1, 20), kv_heads=st.sampled_from([1, 2]),
+       groups=st.sampled_from([1, 3]), D=st.sampled_from([4, 6, 16]), seed=st.integers(0, 99))
+def test_random_shapes_match_numpy(S, T, kv_heads, groups, D, seed):
+    Hq = kv_heads * groups
+    q, k, v = rand(seed, 1, S, Hq, D), rand(seed + 1, 1, T, kv_heads, D), rand(seed + 2, 1, T, kv_heads, D)
+    mask = CausalMask(offset=T - S)
+    out = dot_product_attention(q, k, v, mask=mask)
+    allowed = np.broadcast_to(mask.to_dense(S, T), (1, Hq, S, T))
+    ref = numpy_attention(np.asarray(q), np.asarray(k), np.asarray(v), allowed, D**-0.5)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

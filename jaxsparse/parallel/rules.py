@@ -52,7 +52,7 @@ def logical_to_spec(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionS
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-    """A pure dict of NamedShardings mirroring ``abstract_state.to_pure_dict()``."""
+    """A pure dict of NamedShardings mirroring ``nnx.to_pure_dict(abstract_state)``."""
 
     def one(variable):
         names = variable.get_metadata().get("logical_axes") or (None,) * variable.get_value().ndim
@@ -61,7 +61,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
         return NamedSharding(mesh, logical_to_spec(names, variable.get_value().shape, mesh, rules))
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+    return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
 
 
 # The mesh and rules that activation constraints refer to while a step is being traced.

@@ -35,6 +35,7 @@ class TrainResult:
     eval_metrics: dict[str, float]
     stopped_early: bool  # stopped by SIGTERM or should_stop
     sample: str | None = None
+    state: dict | None = None  # the final train state (sharded as trained)
 
 
 def check_workdir(cfg: Config, workdir: Path) -> None:
@@ -218,7 +219,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if primary and not stopped:
         (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
     return TrainResult(step=step, losses=losses, eval_metrics=eval_metrics, stopped_early=stopped,
-                       sample=text)
+                       sample=text, state=state)
 
 
 def load(workdir: str | Path, step: int | None = None):

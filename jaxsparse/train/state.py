@@ -82,9 +82,9 @@ class TrainSetup:
     def _init(self):
         model = build(self.cfg.model, nnx.Rngs(self.cfg.train.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": self.tx.init(params), "rest": rest.to_pure_dict()}
+                "opt_state": self.tx.init(params), "rest": nnx.to_pure_dict(rest)}
 
     def init(self):
         """Initialise directly into the shards (no host ever holds the full model)."""

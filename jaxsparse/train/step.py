@@ -16,7 +16,7 @@ def _aux_losses(model) -> jax.Array:
     """Sum of every ``aux_loss`` a module sowed (``self.sow(nnx.Intermediate, "aux_loss", x)``)."""
     sown = nnx.pop(model, nnx.Intermediate)
     total = jnp.zeros((), jnp.float32)
-    for path, value in jax.tree_util.tree_flatten_with_path(sown.to_pure_dict())[0]:
+    for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(sown))[0]:
         if any(getattr(k, "key", None) == "aux_loss" for k in path):
             total = total + jnp.sum(value)
     return total
@@ -39,7 +39,7 @@ def make_train_step(setup: TrainSetup):
         aux = _aux_losses(model)
         ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
         loss = ce_sum / jnp.maximum(count, 1.0)
-        new_rest = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss + aux, {"loss": loss, "aux_loss": aux, "accuracy": correct / jnp.maximum(count, 1.0),
                             "rest": new_rest}
 
@@ -49,7 +49,7 @@ def make_train_step(setup: TrainSetup):
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             "loss": out["loss"], "aux_loss": out["aux_loss"], "accuracy": out["accuracy"],
-            "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
         }
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                      "rest": out["rest"] if out["rest"] else state["rest"]}
