@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     attention_impl: str | None = None  # passed to ops.attention.dot_product_attention
+    attention_mask: str = "causal"  # a spec of jaxsparse.ops.mask_specs, e.g. "local:256"
 
     @property
     def resolved_head_dim(self) -> int:

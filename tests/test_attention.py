@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxsparse.ops.attention import dot_product_attention
-from jaxsparse.ops.masks import CausalMask, FullMask
+from jaxsparse.ops.attention import decode_attention, dot_product_attention
+from jaxsparse.ops.masks import (BigBirdMask, CausalMask, ChunkedCausalMask, FullMask,
+                                 GlobalTokensMask, LocalMask, MultiHeadMask, StridedMask)
 
 
 def numpy_attention(q, k, v, allowed, scale, cap=None):
@@ -86,6 +87,10 @@ def test_bf16_inputs_are_close_to_the_float32_reference():
 
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(implementation="pallas"), "implementation='pallas' is not available"),
+    (dict(implementation="xla_blocksparse", mask=jnp.ones((4, 4), bool)), "needs a lazy Mask"),
+    (dict(mask=MultiHeadMask((CausalMask(),) * 3)), "MultiHeadMask of 3 heads; q has 2"),
+    (dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids must have shape \(1, 4\)"),
+    (dict(segment_ids=jnp.zeros((1, 4), jnp.float32)), "must be integers"),
     (dict(logits_soft_cap=-1.0), "logits_soft_cap=-1.0"),
     (dict(mask=jnp.ones((3, 3), jnp.int32)), "boolean array"),
     (dict(mask=jnp.ones((5, 5), bool)), "does not broadcast"),
@@ -99,6 +104,8 @@ def test_bad_arguments_are_named(kwargs, fragment):
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         dot_product_attention(rand(0, 1, 4, 3, 8), rand(1, 1, 4, 2, 8), rand(2, 1, 4, 2, 8))
+    with pytest.raises(ValueError, match="head dims differ: q has 8, k and v have 4"):
+        dot_product_attention(rand(0, 1, 4, 2, 8), rand(1, 1, 4, 2, 4), rand(2, 1, 4, 2, 4))
     with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
         dot_product_attention(rand(0, 4, 3, 8), rand(1, 4, 2, 8), rand(2, 4, 2, 8))
 
@@ -126,3 +133,89 @@ def test_random_shapes_match_numpy(S, T, kv_heads, groups, D, seed):
     allowed = np.broadcast_to(mask.to_dense(S, T), (1, Hq, S, T))
     ref = numpy_attention(np.asarray(q), np.asarray(k), np.asarray(v), allowed, D**-0.5)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+
+# --- block-sparse against the dense reference -----------------------------------------------
+
+BLOCKSPARSE_CASES = [
+    # mask, S, T, Hq, Hkv, D, segments
+    (CausalMask(), 1, 1, 8, 8, 32, False),
+    (CausalMask(), 129, 129, 8, 2, 64, True),
+    (LocalMask(40, 0) & CausalMask(), 1000, 1000, 4, 1, 32, False),
+    (CausalMask(offset=122), 7, 129, 8, 2, 96, False),
+    (BigBirdMask(16, 3, 1, 2, seed=1), 129, 129, 4, 1, 128, True),
+    (GlobalTokensMask(3) | (LocalMask(8, 8)), 200, 200, 4, 4, 192, False),
+    (ChunkedCausalMask(50), 129, 129, 4, 2, 32, False),
+    (CausalMask() & StridedMask(7), 129, 129, 8, 8, 64, False),
+    (MultiHeadMask((CausalMask(), LocalMask(4, 0), LocalMask(16, 0), CausalMask(offset=-200))),
+     129, 129, 4, 2, 32, False),  # the last head has every row empty
+]
+
+
+@pytest.mark.parametrize("mask, S, T, Hq, Hkv, D, segments", BLOCKSPARSE_CASES,
+                         ids=lambda x: type(x).__name__ if not isinstance(x, (int, bool)) else str(x))
+def test_blocksparse_matches_reference_forward_and_gradients(mask, S, T, Hq, Hkv, D, segments):
+    q, k, v = rand(20, 2, S, Hq, D), rand(21, 2, T, Hkv, D), rand(22, 2, T, Hkv, D)
+    seg = None
+    if segments:
+        seg = jnp.concatenate([jnp.zeros((2, S // 3), jnp.int32), jnp.ones((2, S - S // 3), jnp.int32)], 1)
+    cotangent = rand(23, 2, S, Hq, D)
+
+    def run(impl):
+        f = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, segment_ids=seg,  # noqa: E731
+                                                  logits_soft_cap=20.0, implementation=impl)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(cotangent)
+
+    ref, ref_grads = run("xla")
+    out, grads = run("xla_blocksparse")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_blocksparse_bf16_error_is_within_the_bf16_reference_error():
+    mask = LocalMask(64, 0) & CausalMask()
+    q, k, v = rand(30, 1, 300, 4, 64), rand(31, 1, 300, 2, 64), rand(32, 1, 300, 2, 64)
+    exact = dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    ref_err = jnp.abs(dot_product_attention(*low, mask=mask, implementation="xla").astype(jnp.float32) - exact).max()
+    out = dot_product_attention(*low, mask=mask, implementation="xla_blocksparse")
+    assert out.dtype == jnp.bfloat16
+    err = jnp.abs(out.astype(jnp.float32) - exact).max()
+    assert err <= 2 * ref_err + 1e-3, (float(err), float(ref_err))
+
+
+def test_default_implementation_picks_blocksparse_for_long_sparse_masks():
+    from jaxsparse.ops.attention.api import _choose
+
+    assert _choose(CausalMask(), 128, 128) == "xla"
+    assert _choose(LocalMask(255, 0) & CausalMask(), 8192, 8192) == "xla_blocksparse"
+    assert _choose(FullMask(), 8192, 8192) == "xla"
+    assert _choose(jnp.ones((4, 4), bool), 8192, 8192) == "xla"
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def test_decode_attention_equals_the_last_rows_of_full_attention():
+    B, T, Hq, Hkv, D = 2, 23, 4, 2, 16
+    q, k, v = rand(40, B, T, Hq, D), rand(41, B, T, Hkv, D), rand(42, B, T, Hkv, D)
+    full = dot_product_attention(q, k, v, mask=CausalMask())
+    cache_k = jnp.zeros((B, 32, Hkv, D)).at[:, :T].set(k)
+    cache_v = jnp.zeros((B, 32, Hkv, D)).at[:, :T].set(v)
+    out = decode_attention(q[:, -3:], cache_k, cache_v, jnp.array([T, T]))
+    np.testing.assert_allclose(out, full[:, -3:], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_with_a_sliding_window_ring_buffer():
+    B, T, H, D, W = 1, 30, 2, 8, 8
+    q, k, v = rand(50, B, T, H, D), rand(51, B, T, H, D), rand(52, B, T, H, D)
+    full = dot_product_attention(q, k, v, mask=LocalMask(W - 1, 0) & CausalMask())
+    slots = np.arange(T - W, T) % W  # the ring holds the last W positions
+    ring_k = jnp.zeros((B, W, H, D)).at[:, slots].set(k[:, T - W:])
+    ring_v = jnp.zeros((B, W, H, D)).at[:, slots].set(v[:, T - W:])
+    out = decode_attention(q[:, -1:], ring_k, ring_v, jnp.array([T]), window=W)
+    np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)

@@ -92,3 +92,46 @@ def test_count_params_without_allocation():
     built = models.build(cfg, nnx.Rngs(0))
     expected = sum(x.size for x in jax.tree.leaves(nnx.state(built, nnx.Param)))
     assert models.count_params(cfg) == expected
+
+
+SPARSE_SPECS = ["heads:local:4;local:8;causal;longformer:3,2", "bigbird:4,3,1,1,7", "strided:5",
+                "chunked:6", "fixed:8,2"]
+
+
+@pytest.mark.parametrize("spec", SPARSE_SPECS)
+def test_sparse_masks_stay_causal_and_decode_matches_forward(spec):
+    cfg = tiny_config(f"model.attention_mask={spec}").model
+    m = models.build(cfg, nnx.Rngs(3))
+    a = tokens(7, length=24)
+    b = a.at[:, 13:].set((a[:, 13:] + 5) % 256)
+    np.testing.assert_allclose(m(a)[:, :13], m(b)[:, :13], atol=1e-5)
+    full = m(a)
+    cache = m.init_cache(2, 40)  # a longer cache than the sequence: patterns must not shift
+    first, cache = m.decode(a[:, :11], cache)
+    rest = []
+    for t in range(11, 24):
+        logits, cache = m.decode(a[:, t:t + 1], cache)
+        rest.append(logits)
+    np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_mask_changes_the_model():
+    dense = models.build(tiny_config().model, nnx.Rngs(3))
+    sparse = models.build(tiny_config("model.attention_mask=local:2").model, nnx.Rngs(3))
+    x = tokens(8, length=24)
+    np.testing.assert_allclose(dense(x)[:, :2], sparse(x)[:, :2], atol=1e-5)  # window covers all
+    assert not np.allclose(dense(x)[:, 5:], sparse(x)[:, 5:], atol=1e-3)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("nope", "unknown mask spec 'nope'"),
+    ("heads:causal*3", "gives 3 heads; the model has 4"),
+    ("local:0", "the window must be >= 1"),
+])
+def test_bad_mask_specs_name_the_config_key(spec, fragment):
+    from jaxsparse.config import ConfigError
+
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(f"model.attention_mask={spec!r}") + ".*" + re.escape(fragment)):
+        models.build(tiny_config(f"model.attention_mask={spec}").model, nnx.Rngs(0))

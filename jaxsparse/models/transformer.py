@@ -8,9 +8,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import ConfigError, ModelConfig
 from jaxsparse.nn import Attention, Embed, Linear, RMSNorm, SwiGLU
+from jaxsparse.ops.attention import IMPLEMENTATIONS
+from jaxsparse.ops.mask_specs import parse_mask_spec
 from jaxsparse.parallel import constrain
+
+
+def attention_mask(cfg: ModelConfig):
+    """The layer mask from ``cfg.attention_mask``; config errors name the key."""
+    if cfg.attention_impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention_impl={cfg.attention_impl!r}: allowed {IMPLEMENTATIONS}")
+    try:
+        return parse_mask_spec(cfg.attention_mask, cfg.n_heads)
+    except ValueError as err:
+        raise ConfigError(f"model.attention_mask={cfg.attention_mask!r}: {err}") from None
 
 
 class Block(nnx.Module):
@@ -22,7 +34,7 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
                               rngs=rngs, rope_theta=cfg.rope_theta, out_init_scale=out_scale,
-                              implementation=cfg.attention_impl, dtype=dtype,
+                              mask=attention_mask(cfg), implementation=cfg.attention_impl, dtype=dtype,
                               param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, out_init_scale=out_scale,

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import dot_product_attention
-from jaxsparse.ops.masks import CausalMask
+from jaxsparse.ops.masks import CausalMask, Mask, MultiHeadMask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.parallel import constrain
 
@@ -24,7 +24,8 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  rngs: nnx.Rngs, rope_theta: float = 10_000.0, out_init_scale: float = 1.0,
-                 implementation: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
+                 mask: Mask = CausalMask(), implementation: str | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
         self.k_proj = Linear(d_model, (n_kv_heads, head_dim),
@@ -36,6 +37,7 @@ class Attention(nnx.Module):
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.rope_theta = rope_theta
         self.implementation = implementation
+        self.mask = mask  # lazy and hashable: a static part of the module
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
@@ -47,18 +49,29 @@ class Attention(nnx.Module):
         v = self.v_proj(x_BLD)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         if cache is None:
-            out = dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segment_ids,
+            out = dot_product_attention(q, k, v, mask=self.mask, segment_ids=segment_ids,
                                         implementation=self.implementation)
             new_cache = None
         else:
             start = (0, cache_index, 0, 0)
             k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            # Key j is visible to the query at absolute position p iff j <= p; slots past the
-            # written prefix are never visible because p < cache_index + length.
-            kv_pos = jnp.arange(k_all.shape[1])
-            allowed = kv_pos[None, None, :] <= positions_BL[:, :, None]  # [B, L, T]
+            allowed = self._decode_allowed(positions_BL, k_all.shape[1])
             out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                        mask=allowed, implementation=self.implementation)
+                                        mask=allowed, implementation="xla")
             new_cache = {"k": k_all, "v": v_all}
         return self.o_proj(out), new_cache
+
+    def _decode_allowed(self, positions_BL, cache_len):
+        """Mask of new queries (absolute positions) against every cache slot.
+
+        Key j is visible to the query at position p iff j <= p and the layer's mask allows it;
+        slots past the written prefix are never visible because p < cache_index + length.
+        """
+        q_pos = positions_BL[:, :, None]
+        kv_pos = jnp.arange(cache_len)[None, None, :]
+        causal = kv_pos <= q_pos  # [B, L, T]
+        if isinstance(self.mask, MultiHeadMask):
+            per_head = [m.allowed_fn(cache_len, cache_len)(q_pos, kv_pos) for m in self.mask.masks]
+            return causal[:, None] & jnp.stack([jnp.broadcast_to(a, causal.shape) for a in per_head], 1)
+        return causal & self.mask.allowed_fn(cache_len, cache_len)(q_pos, kv_pos)

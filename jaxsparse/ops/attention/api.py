@@ -1,0 +1,157 @@
+"""``dot_product_attention``: one entry point, argument checks, and the choice of implementation.
+
+Layout follows ``jax.nn.dot_product_attention``: ``q [B, S, Hq, D]``, ``k, v [B, T, Hkv, D]``
+with ``Hq % Hkv == 0`` (multi-head, grouped-query and multi-query attention).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse.ops.attention.blocksparse import blocksparse_attention, pick_block
+from jaxsparse.ops.attention.reference import xla_attention
+from jaxsparse.ops.masks import Mask, MultiHeadMask, cached_block_table
+
+IMPLEMENTATIONS = (None, "xla", "xla_blocksparse")
+
+# Below this many (query, key) pairs the dense reference is as fast as anything else.
+_BLOCKSPARSE_MIN_PAIRS = 1 << 20
+_BLOCKSPARSE_MAX_DENSITY = 0.5
+
+
+def _check_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim]; got q{q.shape}, k{k.shape}, v{v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k{k.shape}, v{v.shape}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q{q.shape} and k{k.shape} must have the same batch size (dim 0)")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head dims differ: q has {q.shape[3]}, k and v have {k.shape[3]}; "
+                         "they must be equal")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"sequence lengths must be >= 1; got S={q.shape[1]}, T={k.shape[1]}")
+
+
+def _segments(segment_ids, batch, q_len, kv_len):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, tuple | list):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be one [B, S] array or a (q, kv) pair of arrays")
+        q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
+    else:
+        if q_len != kv_len:
+            raise ValueError(f"a single segment_ids array needs S == T (got S={q_len}, T={kv_len}); "
+                             "pass a (q_segment_ids, kv_segment_ids) pair")
+        q_seg = kv_seg = jnp.asarray(segment_ids)
+    for name, seg, length in (("q", q_seg, q_len), ("kv", kv_seg, kv_len)):
+        if seg.shape != (batch, length):
+            raise ValueError(f"{name} segment_ids must have shape {(batch, length)}, got {seg.shape}")
+        if not jnp.issubdtype(seg.dtype, jnp.integer):
+            raise ValueError(f"{name} segment_ids must be integers, got dtype {seg.dtype}")
+    return q_seg, kv_seg
+
+
+def _dense_allowed(mask, q_seg, kv_seg, batch, heads, q_len, kv_len):
+    """``mask`` and segments as one boolean array broadcastable to [B, H, S, T] (or None)."""
+    allowed = None
+    if isinstance(mask, MultiHeadMask):
+        allowed = jnp.asarray(mask.to_dense(q_len, kv_len))[None]
+    elif isinstance(mask, Mask):
+        allowed = jnp.asarray(mask.to_dense(q_len, kv_len))[None, None]
+    elif mask is not None:
+        allowed = mask
+    if q_seg is not None:
+        same = q_seg[:, None, :, None] == kv_seg[:, None, None, :]
+        allowed = same if allowed is None else allowed & same
+    return allowed
+
+
+def _array_mask(mask, batch, heads, q_len, kv_len):
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be a Mask object or a boolean array, got dtype {mask.dtype}")
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    try:
+        np.broadcast_shapes(mask.shape, (batch, heads, q_len, kv_len))
+    except ValueError:
+        raise ValueError(f"mask of shape {mask.shape} does not broadcast to [B, H, S, T]="
+                         f"{(batch, heads, q_len, kv_len)}") from None
+    return mask
+
+
+def _choose(mask, q_len, kv_len) -> str:
+    """Best available on this backend; only speed depends on the choice, never results."""
+    if not isinstance(mask, Mask) or q_len * kv_len < _BLOCKSPARSE_MIN_PAIRS:
+        return "xla"
+    table = cached_block_table(mask, q_len, kv_len, pick_block(q_len, 128), pick_block(kv_len, 128))
+    return "xla_blocksparse" if table.density <= _BLOCKSPARSE_MAX_DENSITY else "xla"
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: Mask | jax.Array | None = None,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """softmax(q k^T * scale [soft-capped] [masked]) v, per head, with GQA.
+
+    Args:
+      q: ``[B, S, Hq, D]`` queries. k, v: ``[B, T, Hkv, D]``; ``Hq`` a multiple of ``Hkv``.
+        Any ``S, T >= 1`` and any head dim; implementations pad internally.
+      mask: a lazy :class:`~jaxsparse.ops.masks.Mask` (a ``MultiHeadMask`` needs ``Hq``
+        heads), or a boolean array broadcastable to ``[B, Hq, S, T]`` (``[S, T]`` and
+        ``[B, S, T]`` are accepted), True = may attend.
+      segment_ids: integer ``[B, S]`` (needs ``S == T``) or a pair ``([B, S], [B, T])``; tokens
+        attend only within their segment (packed documents). ANDed with ``mask``.
+      scale: multiplies the logits; default ``D ** -0.5``.
+      logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (Gemma-2 style).
+      implementation: ``None`` (best available), ``"xla"`` (dense reference) or
+        ``"xla_blocksparse"`` (visits only non-empty tiles of a lazy mask).
+
+    Returns:
+      ``[B, S, Hq, D]`` in ``q.dtype``. Rows with nothing to attend to are zero, and so are
+      their gradients.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not available; allowed: {IMPLEMENTATIONS}")
+    _check_shapes(q, k, v)
+    if logits_soft_cap is not None and logits_soft_cap <= 0:
+        raise ValueError(f"logits_soft_cap={logits_soft_cap}: must be > 0")
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    if isinstance(mask, Mask):
+        mask.check_size(q_len, kv_len)
+        if mask.num_heads is not None and mask.num_heads != q_heads:
+            raise ValueError(f"mask is a MultiHeadMask of {mask.num_heads} heads; q has {q_heads}")
+    elif mask is not None:
+        mask = _array_mask(mask, batch, q_heads, q_len, kv_len)
+    q_seg, kv_seg = _segments(segment_ids, batch, q_len, kv_len)
+
+    if implementation is None:
+        implementation = _choose(mask, q_len, kv_len)
+    if implementation == "xla_blocksparse":
+        if not isinstance(mask, Mask):
+            raise ValueError("implementation='xla_blocksparse' needs a lazy Mask object as mask "
+                             f"(got {type(mask).__name__}); use 'xla' for array masks")
+        return blocksparse_attention(q, k, v, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                     scale=scale, logits_soft_cap=logits_soft_cap)
+    allowed = _dense_allowed(mask, q_seg, kv_seg, batch, q_heads, q_len, kv_len)
+    return xla_attention(q, k, v, allowed, scale, logits_soft_cap)

@@ -1,0 +1,45 @@
+"""Attention of a few new query tokens against a key/value cache."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxsparse.ops.attention.reference import xla_attention
+from jaxsparse.ops.masks import Mask
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
+                     scale: float | None = None, logits_soft_cap: float | None = None,
+                     window: int | None = None):
+    """Queries ``q [B, L, Hq, D]`` at positions ``lengths - L ... lengths - 1`` attend to
+    cache slots ``[B, C, Hkv, D]`` holding positions ``0 .. lengths - 1``.
+
+    With ``window`` set, the cache is a ring buffer of ``C`` slots (slot = position mod C)
+    holding the last ``C`` positions; keys further than ``window - 1`` behind a query are
+    masked. ``mask`` (a lazy mask over absolute positions) is applied on top of causality.
+    """
+    batch, new, q_heads, head_dim = q.shape
+    slots = k_cache.shape[1]
+    lengths = jnp.asarray(lengths, jnp.int32).reshape(batch)
+    if window is not None and window > slots:
+        raise ValueError(f"window={window} exceeds the {slots} cache slots")
+    q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
+    slot = jnp.arange(slots)[None, :]
+    if window is None:
+        kv_pos = jnp.broadcast_to(slot, (batch, slots))
+    else:
+        # the newest position written to each slot, given `lengths` positions so far
+        last = lengths[:, None] - 1
+        kv_pos = last - ((last - slot) % slots)
+    kq, kk = q_pos[:, :, None], kv_pos[:, None, :]
+    allowed = (kk <= kq) & (kk >= 0)
+    if window is not None:
+        allowed = allowed & (kk > kq - window)
+    if mask is not None:
+        allowed = allowed & mask.allowed(kq, kk)
+    scale = head_dim**-0.5 if scale is None else scale
+    return xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed[:, None],
+                         scale, logits_soft_cap)
+
+
+__all__ = ["decode_attention"]
