@@ -42,3 +42,13 @@ def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["ratio_to_matmul_peak"]
     assert "ratio_to_matmul_peak" in capsys.readouterr().out
     assert main(["bench", "nope"]) == 2
+
+
+def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
+    assert main(["bench", "attention", "--lengths", "256", "--patterns", "window 256",
+                 "--heads", "1", "--head-dim", "8", "--repeats", "1", "--table-lengths", "4096",
+                 "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "attention.json").read_text())["rows"][0]
+    assert row["speedup"] > 0 and row["max_abs_err"] < 1e-5 and 0 < row["density"] <= 1
+    tables = json.loads((tmp_path / "attention_block_tables.json").read_text())["rows"]
+    assert {r["mask"] for r in tables} == {"causal", "window 512", "bigbird 128"}

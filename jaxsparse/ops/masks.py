@@ -78,43 +78,70 @@ class BlockTable:
         return float(np.mean(self.kind != EMPTY))
 
 
-def _compact(nonempty: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index lists of the True entries of ``[H, R, C]`` booleans along ``axis`` (2: per row,
-    the columns; 1: per column, the rows), as ``[H, lists, width]`` padded with each list's
-    last valid index (so padded slots point at an already-fetched block), and the counts."""
-    counts = nonempty.sum(axis=axis, dtype=np.int32)
+def _runs_to_lists(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Lists that are contiguous runs: ``first + slot``, clipped at each run's last element."""
     width = max(int(counts.max(initial=0)), 1)
-    slots = np.arange(width, dtype=np.int32)
-    head = nonempty[:, :1, :] if axis == 1 else nonempty[:, :, :1]
-    rest = nonempty[:, 1:, :] if axis == 1 else nonempty[:, :, 1:]
-    prev = nonempty[:, :-1, :] if axis == 1 else nonempty[:, :, :-1]
-    runs = np.count_nonzero(rest & ~prev, axis=axis) + head.sum(axis=axis)
-    if np.all(runs <= 1):
-        # Fast path (causal, windows, chunks): every list is one contiguous run, so it is
-        # first + slot, clipped at its last element. No transpose, one output allocation.
-        if axis == 2:
-            first = np.argmax(nonempty, axis=2).astype(np.int32)
-        else:
-            # argmax over a non-minor axis transposes internally; counting the entries before
-            # each column's first True (an OR-scan down the rows) stays row-contiguous.
-            seen = np.logical_or.accumulate(nonempty, axis=1)
-            first = (nonempty.shape[1] - seen.sum(axis=1, dtype=np.int32)).astype(np.int32)
-        last = first + np.maximum(counts - 1, 0)
-        out = np.empty(counts.shape + (width,), np.int32)
-        np.add(first[..., None], slots, out=out)
-        np.minimum(out, last[..., None], out=out)
-        return out, counts
-    # General case, O(number of True entries): np.nonzero yields them in list-major order,
-    # so each entry's slot is its rank within its list.
-    lists = np.ascontiguousarray(np.swapaxes(nonempty, 1, 2)) if axis == 1 else nonempty
-    n_lists = lists.shape[1]
-    h, r, c = np.nonzero(lists)
+    out = np.empty(counts.shape + (width,), np.int32)
+    np.add(first[..., None], np.arange(width, dtype=np.int32), out=out)
+    np.minimum(out, (first + np.maximum(counts - 1, 0))[..., None], out=out)
+    return out
+
+
+def _general_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row of ``[H, R, C]`` booleans, the True columns, O(number of True entries):
+    np.nonzero yields them row-major, so each entry's slot is its rank within its row."""
+    heads, rows, _ = nonempty.shape
+    width = max(int(counts.max(initial=0)), 1)
+    h, r, c = np.nonzero(nonempty)
     starts = np.concatenate([[0], np.cumsum(counts.ravel(), dtype=np.int64)[:-1]])
-    slot = np.arange(h.size, dtype=np.int64) - starts[h * n_lists + r]
-    out = np.zeros(counts.shape + (width,), np.int32)
+    slot = np.arange(h.size, dtype=np.int64) - starts[h * rows + r]
+    out = np.zeros((heads, rows, width), np.int32)
     out[h, r, slot] = c
     last = np.take_along_axis(out, np.maximum(counts - 1, 0)[..., None], axis=-1)
-    return np.where(slots >= counts[..., None], last, out).astype(np.int32), counts
+    return np.where(np.arange(width)[None, None, :] >= counts[..., None], last, out).astype(np.int32)
+
+
+def _monotone_column_runs(first, counts, num_cols):
+    """When every row's run [first, last] moves monotonically down the rows (causal, windows,
+    chunks), each column's rows are also one run, found by binary search: no transpose."""
+    filled = counts > 0
+    last = first + counts - 1
+    col_first = np.empty((first.shape[0], num_cols), np.int32)
+    col_counts = np.empty_like(col_first)
+    cols = np.arange(num_cols)
+    for h in range(first.shape[0]):
+        nz = np.flatnonzero(filled[h])
+        if nz.size and (nz[-1] - nz[0] + 1 != nz.size):
+            return None  # an empty row between non-empty ones
+        lo_empty = np.arange(first.shape[1]) < (nz[0] if nz.size else first.shape[1])
+        # empty rows before the first run sort first (-1), those after it sort last
+        f = np.where(filled[h], first[h], np.where(lo_empty, -1, num_cols))
+        l_ = np.where(filled[h], last[h], np.where(lo_empty, -1, num_cols))
+        if np.any(np.diff(f) < 0) or np.any(np.diff(l_) < 0):
+            return None
+        a = np.searchsorted(l_, cols, side="left")  # first row whose run ends at or after j
+        b = np.searchsorted(f, cols, side="right") - 1  # last row whose run starts at or before j
+        col_counts[h] = np.maximum(b - a + 1, 0)
+        col_first[h] = np.where(col_counts[h] > 0, a, 0)
+    return col_first, col_counts
+
+
+def _index_lists(nonempty: np.ndarray):
+    """``(kv_indices, kv_counts, q_indices, q_counts)`` of a ``[H, nq, nk]`` tile map."""
+    kv_counts = nonempty.sum(axis=2, dtype=np.int32)
+    runs = (np.count_nonzero(nonempty[:, :, 1:] & ~nonempty[:, :, :-1], axis=2)
+            + nonempty[:, :, 0])
+    if np.all(runs <= 1):
+        first = np.argmax(nonempty, axis=2).astype(np.int32)
+        kv_indices = _runs_to_lists(first, kv_counts)
+        columns = _monotone_column_runs(first, kv_counts, nonempty.shape[2])
+        if columns is not None:
+            return kv_indices, kv_counts, _runs_to_lists(*columns), columns[1]
+    else:
+        kv_indices = _general_lists(nonempty, kv_counts)
+    transposed = np.ascontiguousarray(np.swapaxes(nonempty, 1, 2))
+    q_counts = transposed.sum(axis=2, dtype=np.int32)
+    return kv_indices, kv_counts, _general_lists(transposed, q_counts), q_counts
 
 
 def _tile_bounds(length: int, block: int):
@@ -218,8 +245,7 @@ def _evaluate_tiles(allowed, rows, cols, q_len, kv_len, block_q, block_kv) -> np
 
 def _table_from_kinds(kind, q_len, kv_len, block_q, block_kv) -> BlockTable:
     nonempty = kind != EMPTY
-    kv_indices, kv_counts = _compact(nonempty, axis=2)
-    q_indices, q_counts = _compact(nonempty, axis=1)
+    kv_indices, kv_counts, q_indices, q_counts = _index_lists(nonempty)
     return BlockTable(q_len, kv_len, block_q, block_kv, kind, kv_indices, kv_counts,
                       q_indices, q_counts)
 
