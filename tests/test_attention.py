@@ -86,7 +86,7 @@ def test_bf16_inputs_are_close_to_the_float32_reference():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(implementation="pallas"), "implementation='pallas' is not available"),
+    (dict(implementation="cudnn"), "implementation='cudnn' is not available"),
     (dict(implementation="xla_blocksparse", mask=jnp.ones((4, 4), bool)), "needs a lazy Mask"),
     (dict(mask=MultiHeadMask((CausalMask(),) * 3)), "MultiHeadMask of 3 heads; q has 2"),
     (dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids must have shape \(1, 4\)"),

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.attention import dot_product_attention
-from jaxsparse.ops.masks import CausalMask, Mask, MultiHeadMask
+from jaxsparse.ops.attention import decode_attention, dot_product_attention
+from jaxsparse.ops.masks import CausalMask, Mask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.parallel import constrain
 
@@ -56,22 +56,7 @@ class Attention(nnx.Module):
             start = (0, cache_index, 0, 0)
             k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            allowed = self._decode_allowed(positions_BL, k_all.shape[1])
-            out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                        mask=allowed, implementation="xla")
+            lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
+            out = decode_attention(q, k_all, v_all, lengths, mask=self.mask)
             new_cache = {"k": k_all, "v": v_all}
         return self.o_proj(out), new_cache
-
-    def _decode_allowed(self, positions_BL, cache_len):
-        """Mask of new queries (absolute positions) against every cache slot.
-
-        Key j is visible to the query at position p iff j <= p and the layer's mask allows it;
-        slots past the written prefix are never visible because p < cache_index + length.
-        """
-        q_pos = positions_BL[:, :, None]
-        kv_pos = jnp.arange(cache_len)[None, None, :]
-        causal = kv_pos <= q_pos  # [B, L, T]
-        if isinstance(self.mask, MultiHeadMask):
-            per_head = [m.allowed_fn(cache_len, cache_len)(q_pos, kv_pos) for m in self.mask.masks]
-            return causal[:, None] & jnp.stack([jnp.broadcast_to(a, causal.shape) for a in per_head], 1)
-        return causal & self.mask.allowed_fn(cache_len, cache_len)(q_pos, kv_pos)

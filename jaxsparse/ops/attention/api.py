@@ -14,7 +14,7 @@ from jaxsparse.ops.attention.blocksparse import blocksparse_attention, pick_bloc
 from jaxsparse.ops.attention.reference import xla_attention
 from jaxsparse.ops.masks import Mask, MultiHeadMask, cached_block_table
 
-IMPLEMENTATIONS = (None, "xla", "xla_blocksparse")
+IMPLEMENTATIONS = (None, "xla", "xla_blocksparse", "pallas", "pallas_interpret")
 
 # Below this many (query, key) pairs the dense reference is as fast as anything else.
 _BLOCKSPARSE_MIN_PAIRS = 1 << 20
@@ -121,8 +121,10 @@ def dot_product_attention(
         attend only within their segment (packed documents). ANDed with ``mask``.
       scale: multiplies the logits; default ``D ** -0.5``.
       logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (Gemma-2 style).
-      implementation: ``None`` (best available), ``"xla"`` (dense reference) or
-        ``"xla_blocksparse"`` (visits only non-empty tiles of a lazy mask).
+      implementation: ``None`` (best available), ``"xla"`` (dense reference),
+        ``"xla_blocksparse"`` (visits only non-empty tiles of a lazy mask), ``"pallas"`` (the
+        block-sparse flash kernel on CUDA) or ``"pallas_interpret"`` (the same kernel in
+        interpret mode, for CPU tests).
 
     Returns:
       ``[B, S, Hq, D]`` in ``q.dtype``. Rows with nothing to attend to are zero, and so are
@@ -153,5 +155,11 @@ def dot_product_attention(
                              f"(got {type(mask).__name__}); use 'xla' for array masks")
         return blocksparse_attention(q, k, v, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                      scale=scale, logits_soft_cap=logits_soft_cap)
+    if implementation in ("pallas", "pallas_interpret"):
+        from jaxsparse.ops.attention.pallas import pallas_attention
+
+        return pallas_attention(q, k, v, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                scale=scale, logits_soft_cap=logits_soft_cap,
+                                interpret=implementation == "pallas_interpret")
     allowed = _dense_allowed(mask, q_seg, kv_seg, batch, q_heads, q_len, kv_len)
     return xla_attention(q, k, v, allowed, scale, logits_soft_cap)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxsparse.ops.attention.reference import xla_attention
-from jaxsparse.ops.masks import Mask
+from jaxsparse.ops.masks import Mask, MultiHeadMask
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
@@ -16,7 +16,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
 
     With ``window`` set, the cache is a ring buffer of ``C`` slots (slot = position mod C)
     holding the last ``C`` positions; keys further than ``window - 1`` behind a query are
-    masked. ``mask`` (a lazy mask over absolute positions) is applied on top of causality.
+    masked. ``mask`` (a lazy mask over absolute positions, per head for a ``MultiHeadMask``)
+    is applied on top of causality; masks whose pattern depends on the sequence length
+    (BigBird) are evaluated for a sequence of ``C`` positions.
     """
     batch, new, q_heads, head_dim = q.shape
     slots = k_cache.shape[1]
@@ -35,10 +37,17 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
     allowed = (kk <= kq) & (kk >= 0)
     if window is not None:
         allowed = allowed & (kk > kq - window)
-    if mask is not None:
-        allowed = allowed & mask.allowed(kq, kk)
+    allowed = allowed[:, None]  # [B, 1, L, C]
+    if isinstance(mask, MultiHeadMask):
+        if mask.num_heads != q_heads:
+            raise ValueError(f"mask has {mask.num_heads} heads; q has {q_heads}")
+        per_head = [jnp.broadcast_to(m.allowed_fn(slots, slots)(kq, kk), (batch, new, slots))
+                    for m in mask.masks]
+        allowed = allowed & jnp.stack(per_head, axis=1)
+    elif mask is not None:
+        allowed = allowed & mask.allowed_fn(slots, slots)(kq, kk)[:, None]
     scale = head_dim**-0.5 if scale is None else scale
-    return xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed[:, None],
+    return xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed,
                          scale, logits_soft_cap)
 
 
