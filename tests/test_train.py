@@ -182,3 +182,15 @@ def test_sown_aux_losses_are_added_to_the_training_loss(tmp_path):
     assert plain[0]["aux_loss"] == 0.0
     # the auxiliary gradient reached the embeddings and dominates their update
     assert end < 0.95 * start and end < 0.95 * end_plain
+
+
+def test_sparse_attention_config_trains_end_to_end(tmp_path):
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+    from helpers import TINY
+
+    cfg = apply_overrides(configs.get("transformer_sparse_tiny"), TINY + ["train.steps=6"])
+    assert cfg.model.attention_mask.startswith("heads:")
+    result = train(cfg, tmp_path, quiet=True)
+    assert result.losses[5] < result.losses[0]
+    assert result.sample is not None and len(result.sample) > len(cfg.eval.sample_prompt)

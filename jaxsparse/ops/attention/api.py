@@ -92,6 +92,11 @@ def _array_mask(mask, batch, heads, q_len, kv_len):
 
 def _choose(mask, q_len, kv_len) -> str:
     """Best available on this backend; only speed depends on the choice, never results."""
+    if jax.default_backend() in ("gpu", "tpu") and (mask is None or isinstance(mask, Mask)):
+        from jaxsparse.ops.attention.pallas import kernel_can_serve
+
+        if mask is None or kernel_can_serve(mask):
+            return "pallas"
     if not isinstance(mask, Mask) or q_len * kv_len < _BLOCKSPARSE_MIN_PAIRS:
         return "xla"
     table = cached_block_table(mask, q_len, kv_len, pick_block(q_len, 128), pick_block(kv_len, 128))
