@@ -26,8 +26,11 @@ from jax.experimental.pallas import triton as plgpu
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp() and its gradient stay NaN-free
 
 
-def _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg):
+def _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg, pidx_ref, blocks_ref, r, w):
     allowed = kv_pos[None, :] < kv_len
+    if blocks_ref is not None:  # a precomputed partial tile (layout masks); -1: full tile
+        which = pidx_ref[r, w]
+        allowed = allowed & ((which < 0) | (blocks_ref[jnp.maximum(which, 0)] != 0))
     if mask_fn is not None:
         allowed = allowed & mask_fn(q_pos[:, None], kv_pos[None, :])
     if q_seg is not None:
@@ -43,8 +46,9 @@ def _logits(q, k, scale, soft_cap):
     return s
 
 
-def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, *rest, scale, soft_cap, mask_fn,
-                block_q, block_kv, kv_len, has_segments):
+def _fwd_kernel(kv_idx_ref, kv_cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, *rest, scale,
+                soft_cap, mask_fn, block_q, block_kv, kv_len, has_segments, has_blocks):
+    blocks_ref = blocks_ref if has_blocks else None
     if has_segments:
         q_seg_ref, kv_seg_ref, o_ref, lse_ref = rest
     else:
@@ -63,7 +67,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, *rest, scale, soft_
         v = v_ref[kv_slice, :]
         kv_pos = j * block_kv + jnp.arange(block_kv)
         kv_seg = kv_seg_ref[kv_slice] if has_segments else None
-        allowed = _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg)
+        allowed = _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg, pidx_ref, blocks_ref, i, w)
         s = jnp.where(allowed, _logits(q, k, scale, soft_cap), _NEG)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp(m_prev - m_new)
@@ -81,8 +85,10 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, *rest, scale, soft_
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-               scale, soft_cap, mask_fn, block_q, block_kv, kv_len, has_segments):
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, *rest, scale, soft_cap, mask_fn, block_q, block_kv, kv_len,
+               has_segments, has_blocks):
+    blocks_ref = blocks_ref if has_blocks else None
     if has_segments:
         q_seg_ref, kv_seg_ref, dq_ref = rest
     else:
@@ -99,7 +105,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         k, v = k_ref[kv_slice, :], v_ref[kv_slice, :]
         kv_pos = j * block_kv + jnp.arange(block_kv)
         kv_seg = kv_seg_ref[kv_slice] if has_segments else None
-        allowed = _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg)
+        allowed = _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg, pidx_ref, blocks_ref, i, w)
         ds = _score_grad(q, k, v, do, lse, delta, allowed, scale, soft_cap)
         return dq + jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                         preferred_element_type=jnp.float32)
@@ -108,8 +114,10 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                scale, soft_cap, mask_fn, block_q, block_kv, kv_len, has_segments):
+def _dkv_kernel(q_idx_ref, q_cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, *rest, scale, soft_cap, mask_fn, block_q, block_kv, kv_len,
+                has_segments, has_blocks):
+    blocks_ref = blocks_ref if has_blocks else None
     if has_segments:
         q_seg_ref, kv_seg_ref, dk_ref, dv_ref = rest
     else:
@@ -127,7 +135,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         lse, delta = lse_ref[q_slice], delta_ref[q_slice]
         q_pos = i * block_q + jnp.arange(block_q)
         q_seg = q_seg_ref[q_slice] if has_segments else None
-        allowed = _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg)
+        allowed = _tile_mask(mask_fn, q_pos, kv_pos, kv_len, q_seg, kv_seg, pidx_ref, blocks_ref, j, w)
         p = jnp.where(allowed, jnp.exp(_logits(q, k, scale, soft_cap) - lse[:, None]), 0.0)
         dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
@@ -177,9 +185,12 @@ def _specs(block_q, block_kv, q_len, kv_len, head_dim, groups, has_segments, by_
     return q_spec, kv_spec, row_spec, seg_specs
 
 
-def _table_specs(table):
-    return [pl.BlockSpec(table[0].shape, lambda n, b, h: (0, 0)),
-            pl.BlockSpec(table[1].shape, lambda n, b, h: (0,))]
+def _table_specs(side, blocks):
+    """Whole-array specs for one side's (indices, counts, partial ids) and the partial blocks."""
+    return [pl.BlockSpec(side[0].shape, lambda n, b, h: (0, 0)),
+            pl.BlockSpec(side[1].shape, lambda n, b, h: (0,)),
+            pl.BlockSpec(side[2].shape, lambda n, b, h: (0, 0)),
+            pl.BlockSpec(blocks.shape, lambda n, b, h: (0, 0, 0))]
 
 
 def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
@@ -194,13 +205,13 @@ def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
     segs = (q_seg, kv_seg) if has_segments else ()
     return pl.pallas_call(
         kernel, grid=grid,
-        in_specs=_table_specs(tables[:2]) + [q_spec, kv_spec, kv_spec] + seg_specs,
+        in_specs=_table_specs(tables[:3], tables[6]) + [q_spec, kv_spec, kv_spec] + seg_specs,
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
         compiler_params=_compiler_params(cfg, head_dim),
         interpret=cfg["interpret"], name="block_sparse_attention_fwd",
-    )(*tables[:2], q, k, v, *segs)
+    )(*tables[:3], tables[6], q, k, v, *segs)
 
 
 def _compiler_params(cfg, head_dim):
@@ -209,7 +220,8 @@ def _compiler_params(cfg, head_dim):
 
 
 def _kernel_args(cfg):
-    return {k: cfg[k] for k in ("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len")}
+    names = ("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_blocks")
+    return {k: cfg[k] for k in names}
 
 
 def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
@@ -226,12 +238,12 @@ def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, has_segments=has_segments, **args),
         grid=(q_len // cfg["block_q"], batch, heads),
-        in_specs=_table_specs(tables[:2]) + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+        in_specs=_table_specs(tables[:3], tables[6]) + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
         + seg_specs,
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg, head_dim),
         interpret=cfg["interpret"], name="block_sparse_attention_dq",
-    )(*tables[:2], q, k, v, do, lse, delta, *segs)
+    )(*tables[:3], tables[6], q, k, v, do, lse, delta, *segs)
 
     q_spec, kv_spec, row_spec, seg_specs = _specs(cfg["block_q"], cfg["block_kv"], q_len,
                                                   kv_len_padded, head_dim, groups, has_segments, True)
@@ -241,12 +253,12 @@ def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, has_segments=has_segments, **args),
         grid=(kv_len_padded // cfg["block_kv"], batch, heads),
-        in_specs=_table_specs(tables[2:]) + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+        in_specs=_table_specs(tables[3:6], tables[6]) + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
         + seg_specs,
         out_specs=[dkv_spec, dkv_spec], out_shape=[per_head, per_head],
         compiler_params=_compiler_params(cfg, head_dim),
         interpret=cfg["interpret"], name="block_sparse_attention_dkv",
-    )(*tables[2:], q, k, v, do, lse, delta, *segs)
+    )(*tables[3:6], tables[6], q, k, v, do, lse, delta, *segs)
     fold = lambda g: g.reshape(batch, kv_heads, groups, kv_len_padded, head_dim).sum(2)  # noqa: E731
     return dq, fold(dk).astype(k.dtype), fold(dv).astype(v.dtype)
 
@@ -280,9 +292,9 @@ class _Config(dict):
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, *, kv_len: int,
                            block_q: int, block_kv: int, scale: float,
-                           soft_cap: float | None = None,
-                           mask_fn: Callable | None = None, q_segment_ids=None,
-                           kv_segment_ids=None, interpret: bool = False):
+                           soft_cap: float | None = None, mask_fn: Callable | None = None,
+                           partial_blocks=None, kv_partial=None, q_partial=None,
+                           q_segment_ids=None, kv_segment_ids=None, interpret: bool = False):
     """Attention over the tiles a block table lists; differentiable in q, k, v.
 
     Args:
@@ -291,10 +303,18 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, 
       q_indices, q_counts: the transposed lists, ``[T/block_kv, W']`` and ``[T/block_kv]``.
       kv_len: true key length (positions beyond it are masked).
       mask_fn: elementwise ``(q_pos, kv_pos) -> bool`` on int32 position grids, or None.
+      partial_blocks: optional int32 ``[U, block_q, block_kv]`` distinct masks of partial
+        tiles, for masks without a closed form; ``kv_partial [S/block_q, W]`` and
+        ``q_partial [T/block_kv, W']`` give each listed tile's block (-1: a full tile).
       q_segment_ids, kv_segment_ids: optional int32 ``[B, S]``, ``[B, T]``.
     """
+    has_blocks = partial_blocks is not None
+    if not has_blocks:  # placeholders keep one kernel signature; never read
+        partial_blocks = jnp.zeros((1, 1, 1), jnp.int32)
+        kv_partial, q_partial = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
     cfg = _Config(scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
                   mask_fn=mask_fn, block_q=int(block_q), block_kv=int(block_kv),
-                  kv_len=int(kv_len), interpret=bool(interpret))
-    tables = tuple(jnp.asarray(t, jnp.int32) for t in (kv_indices, kv_counts, q_indices, q_counts))
+                  kv_len=int(kv_len), interpret=bool(interpret), has_blocks=has_blocks)
+    tables = tuple(jnp.asarray(t, jnp.int32) for t in (
+        kv_indices, kv_counts, kv_partial, q_indices, q_counts, q_partial, partial_blocks))
     return _attention(q, k, v, q_segment_ids, kv_segment_ids, tables, cfg)

@@ -29,7 +29,8 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-def _allowed(mask_fn, q_start, kv_start, shape, kv_len, q_seg_ref, kv_seg_ref):
+def _allowed(mask_fn, q_start, kv_start, shape, kv_len, q_seg_ref, kv_seg_ref, which=None,
+             block_ref=None):
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     allowed = kv_pos < kv_len
@@ -37,6 +38,8 @@ def _allowed(mask_fn, q_start, kv_start, shape, kv_len, q_seg_ref, kv_seg_ref):
         allowed = allowed & mask_fn(q_pos, kv_pos)
     if q_seg_ref is not None:
         allowed = allowed & (q_seg_ref[:, :1] == kv_seg_ref[:1, :])
+    if block_ref is not None:  # a precomputed partial tile (layout masks); -1: a full tile
+        allowed = allowed & ((block_ref[...] != 0) | (which < 0))
     return allowed
 
 
@@ -44,8 +47,8 @@ def _capped(s, soft_cap):
     return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap, mask_fn,
-                block_q, block_kv, kv_len, width, has_segments):
+def _fwd_kernel(idx_ref, cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, scale,
+                soft_cap, mask_fn, block_q, block_kv, kv_len, width, has_segments, has_blocks):
     if has_segments:
         q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
     else:
@@ -64,7 +67,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap, m
         s = _capped(jax.lax.dot_general(q_ref[...], k_ref[...], _NT,
                                         preferred_element_type=jnp.float32) * scale, soft_cap)
         allowed = _allowed(mask_fn, i * block_q, j * block_kv, s.shape, kv_len, q_seg_ref,
-                           kv_seg_ref)
+                           kv_seg_ref, pidx_ref[i, w], blocks_ref if has_blocks else None)
         s = jnp.where(allowed, s, _NEG)
         m_prev, l_prev = m_ref[...], l_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, LANES]
@@ -99,8 +102,9 @@ def _tile_grads(q, k, v, do, lse, delta, allowed, scale, soft_cap):
     return p, ds
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale,
-               soft_cap, mask_fn, block_q, block_kv, kv_len, width, has_segments):
+def _dq_kernel(idx_ref, cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, *refs, scale, soft_cap, mask_fn, block_q, block_kv, kv_len, width,
+               has_segments, has_blocks):
     if has_segments:
         q_seg_ref, kv_seg_ref, dq_ref, acc_ref = refs
     else:
@@ -115,7 +119,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     def _step():
         j = idx_ref[i, w]
         allowed = _allowed(mask_fn, i * block_q, j * block_kv, (block_q, block_kv), kv_len,
-                           q_seg_ref, kv_seg_ref)
+                           q_seg_ref, kv_seg_ref, pidx_ref[i, w], blocks_ref if has_blocks else None)
         k = k_ref[...]
         _, ds = _tile_grads(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
                             delta_ref[...], allowed, scale, soft_cap)
@@ -127,8 +131,9 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale,
-                soft_cap, mask_fn, block_q, block_kv, kv_len, width, has_segments):
+def _dkv_kernel(idx_ref, cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, *refs, scale, soft_cap, mask_fn, block_q, block_kv, kv_len, width,
+                has_segments, has_blocks):
     if has_segments:
         q_seg_ref, kv_seg_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
     else:
@@ -144,7 +149,7 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     def _step():
         i = idx_ref[j, w]
         allowed = _allowed(mask_fn, i * block_q, j * block_kv, (block_q, block_kv), kv_len,
-                           q_seg_ref, kv_seg_ref)
+                           q_seg_ref, kv_seg_ref, pidx_ref[j, w], blocks_ref if has_blocks else None)
         q, do = q_ref[...], do_ref[...]
         p, ds = _tile_grads(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...],
                             allowed, scale, soft_cap)
@@ -159,11 +164,11 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _call(kernel, cfg, grid, tables, in_specs, out_specs, out_shape, scratch, name):
+def _call(kernel, cfg, grid, indices, in_specs, out_specs, out_shape, scratch, name):
     return pl.pallas_call(
-        functools.partial(kernel, **cfg.kernel_args(tables[0].shape[1])),
+        functools.partial(kernel, **cfg.kernel_args(indices.shape[1])),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=out_specs,
             scratch_shapes=scratch),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
@@ -179,20 +184,29 @@ def _segment_inputs(q_seg, kv_seg):
             jnp.broadcast_to(kv_seg[:, None, :], (kv_seg.shape[0], 8, kv_seg.shape[1])))
 
 
+def _block_spec(cfg, blocks):
+    """The partial-tile mask block of the current step (a fixed dummy when none exist)."""
+    if not cfg.has_blocks:
+        return pl.BlockSpec((None,) + blocks.shape[1:], lambda b, h, n, w, idx, cnt, pidx: (0, 0, 0))
+    return pl.BlockSpec((None, cfg.block_q, cfg.block_kv),
+                        lambda b, h, n, w, idx, cnt, pidx: (jnp.maximum(pidx[n, w], 0), 0, 0))
+
+
 def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
     batch, heads, q_len, head_dim = q.shape
     groups = heads // k.shape[1]
     bq, bk = cfg.block_q, cfg.block_kv
-    idx, cnt = tables[0], tables[1]
-    q_map = lambda b, h, i, w, idx, cnt: (b, h, i, 0)  # noqa: E731
-    kv_map = lambda b, h, i, w, idx, cnt: (b, h // groups, idx[i, w], 0)  # noqa: E731
-    in_specs = [pl.BlockSpec((None, None, bq, head_dim), q_map),
+    idx, cnt, pidx, blocks = tables[0], tables[1], tables[2], tables[6]
+    q_map = lambda b, h, i, w, idx, cnt, pidx: (b, h, i, 0)  # noqa: E731
+    kv_map = lambda b, h, i, w, idx, cnt, pidx: (b, h // groups, idx[i, w], 0)  # noqa: E731
+    in_specs = [_block_spec(cfg, blocks),
+                pl.BlockSpec((None, None, bq, head_dim), q_map),
                 pl.BlockSpec((None, None, bk, head_dim), kv_map),
                 pl.BlockSpec((None, None, bk, head_dim), kv_map)]
     segs = _segment_inputs(q_seg, kv_seg)
     if segs:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, w, idx, cnt: (b, i, 0)),
-                     pl.BlockSpec((None, 8, bk), lambda b, h, i, w, idx, cnt: (b, 0, idx[i, w]))]
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, w, idx, cnt, pidx: (b, i, 0)),
+                     pl.BlockSpec((None, 8, bk), lambda b, h, i, w, idx, cnt, pidx: (b, 0, idx[i, w]))]
     out_specs = [pl.BlockSpec((None, None, bq, head_dim), q_map),
                  pl.BlockSpec((None, None, bq, LANES), q_map)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -200,8 +214,8 @@ def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
     scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                pltpu.VMEM((bq, head_dim), jnp.float32)]
     grid = (batch, heads, q_len // bq, idx.shape[1])
-    return _call(_fwd_kernel, cfg, grid, (idx, cnt), in_specs, out_specs, out_shape, scratch,
-                 "block_sparse_attention_fwd_tpu")(idx, cnt, q, k, v, *segs)
+    return _call(_fwd_kernel, cfg, grid, idx, in_specs, out_specs, out_shape, scratch,
+                 "block_sparse_attention_fwd_tpu")(idx, cnt, pidx, blocks, q, k, v, *segs)
 
 
 def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
@@ -214,40 +228,42 @@ def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
     segs = _segment_inputs(q_seg, kv_seg)
 
     # dQ: walk each q-block's kv list
-    idx, cnt = tables[0], tables[1]
-    q_map = lambda b, h, i, w, idx, cnt: (b, h, i, 0)  # noqa: E731
-    kv_map = lambda b, h, i, w, idx, cnt: (b, h // groups, idx[i, w], 0)  # noqa: E731
+    idx, cnt, pidx, blocks = tables[0], tables[1], tables[2], tables[6]
+    q_map = lambda b, h, i, w, idx, cnt, pidx: (b, h, i, 0)  # noqa: E731
+    kv_map = lambda b, h, i, w, idx, cnt, pidx: (b, h // groups, idx[i, w], 0)  # noqa: E731
     q_block, kv_block = (None, None, bq, head_dim), (None, None, bk, head_dim)
     row_block = (None, None, bq, LANES)
-    in_specs = [pl.BlockSpec(q_block, q_map), pl.BlockSpec(kv_block, kv_map),
+    in_specs = [_block_spec(cfg, blocks),
+                pl.BlockSpec(q_block, q_map), pl.BlockSpec(kv_block, kv_map),
                 pl.BlockSpec(kv_block, kv_map), pl.BlockSpec(q_block, q_map),
                 pl.BlockSpec(row_block, q_map), pl.BlockSpec(row_block, q_map)]
     if segs:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, w, idx, cnt: (b, i, 0)),
-                     pl.BlockSpec((None, 8, bk), lambda b, h, i, w, idx, cnt: (b, 0, idx[i, w]))]
-    dq = _call(_dq_kernel, cfg, (batch, heads, q_len // bq, idx.shape[1]), (idx, cnt), in_specs,
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, w, idx, cnt, pidx: (b, i, 0)),
+                     pl.BlockSpec((None, 8, bk), lambda b, h, i, w, idx, cnt, pidx: (b, 0, idx[i, w]))]
+    dq = _call(_dq_kernel, cfg, (batch, heads, q_len // bq, idx.shape[1]), idx, in_specs,
                pl.BlockSpec(q_block, q_map), jax.ShapeDtypeStruct(q.shape, q.dtype),
                [pltpu.VMEM((bq, head_dim), jnp.float32)], "block_sparse_attention_dq_tpu",
-               )(idx, cnt, q, k, v, do, lse, delta, *segs)
+               )(idx, cnt, pidx, blocks, q, k, v, do, lse, delta, *segs)
 
     # dK/dV: walk each kv-block's q list; one output block per (query head, kv block)
-    idx, cnt = tables[2], tables[3]
-    own_kv = lambda b, h, j, w, idx, cnt: (b, h // groups, j, 0)  # noqa: E731
-    walk_q = lambda b, h, j, w, idx, cnt: (b, h, idx[j, w], 0)  # noqa: E731
-    in_specs = [pl.BlockSpec(q_block, walk_q), pl.BlockSpec(kv_block, own_kv),
+    idx, cnt, pidx = tables[3], tables[4], tables[5]
+    own_kv = lambda b, h, j, w, idx, cnt, pidx: (b, h // groups, j, 0)  # noqa: E731
+    walk_q = lambda b, h, j, w, idx, cnt, pidx: (b, h, idx[j, w], 0)  # noqa: E731
+    in_specs = [_block_spec(cfg, blocks),
+                pl.BlockSpec(q_block, walk_q), pl.BlockSpec(kv_block, own_kv),
                 pl.BlockSpec(kv_block, own_kv), pl.BlockSpec(q_block, walk_q),
                 pl.BlockSpec(row_block, walk_q), pl.BlockSpec(row_block, walk_q)]
     if segs:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, j, w, idx, cnt: (b, idx[j, w], 0)),
-                     pl.BlockSpec((None, 8, bk), lambda b, h, j, w, idx, cnt: (b, 0, j))]
-    out_map = lambda b, h, j, w, idx, cnt: (b, h, j, 0)  # noqa: E731
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, j, w, idx, cnt, pidx: (b, idx[j, w], 0)),
+                     pl.BlockSpec((None, 8, bk), lambda b, h, j, w, idx, cnt, pidx: (b, 0, j))]
+    out_map = lambda b, h, j, w, idx, cnt, pidx: (b, h, j, 0)  # noqa: E731
     per_head = jax.ShapeDtypeStruct((batch, heads, kv_len_padded, head_dim), jnp.float32)
     dk, dv = _call(_dkv_kernel, cfg, (batch, heads, kv_len_padded // bk, idx.shape[1]),
-                   (idx, cnt), in_specs,
+                   idx, in_specs,
                    [pl.BlockSpec(kv_block, out_map), pl.BlockSpec(kv_block, out_map)],
                    [per_head, per_head],
                    [pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
-                   "block_sparse_attention_dkv_tpu")(idx, cnt, q, k, v, do, lse, delta, *segs)
+                   "block_sparse_attention_dkv_tpu")(idx, cnt, pidx, blocks, q, k, v, do, lse, delta, *segs)
     fold = lambda g: g.reshape(batch, kv_heads, groups, kv_len_padded, head_dim).sum(2)  # noqa: E731
     return dq, fold(dk).astype(k.dtype), fold(dv).astype(v.dtype)
 
@@ -266,7 +282,8 @@ class _Config:
         return isinstance(other, _Config) and self._key == other._key
 
     def kernel_args(self, width):
-        names = ("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_segments")
+        names = ("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_segments",
+                 "has_blocks")
         return {n: getattr(self, n) for n in names} | {"width": width}
 
 
@@ -292,15 +309,22 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def block_sparse_attention_tpu(q, k, v, kv_indices, kv_counts, q_indices, q_counts, *,
                                kv_len: int, block_q: int, block_kv: int, scale: float,
                                soft_cap: float | None = None, mask_fn: Callable | None = None,
+                               partial_blocks=None, kv_partial=None, q_partial=None,
                                q_segment_ids=None, kv_segment_ids=None, interpret: bool = False):
     """Same arguments and result as the GPU kernel's ``block_sparse_attention``."""
     if block_q % 8 or block_kv % LANES or q.shape[-1] % LANES:
         raise ValueError(f"TPU tiles need block_q % 8 == 0 and block_kv, head_dim multiples of "
                          f"{LANES}; got block_q={block_q}, block_kv={block_kv}, "
                          f"head_dim={q.shape[-1]}")
+    has_blocks = partial_blocks is not None
+    if not has_blocks:  # placeholders keep one kernel signature; never read
+        partial_blocks = jnp.zeros((1, 8, LANES), jnp.int32)
+        kv_partial = jnp.zeros_like(jnp.asarray(kv_indices))
+        q_partial = jnp.zeros_like(jnp.asarray(q_indices))
     cfg = _Config(scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
                   mask_fn=mask_fn, block_q=int(block_q), block_kv=int(block_kv),
                   kv_len=int(kv_len), interpret=bool(interpret),
-                  has_segments=q_segment_ids is not None)
-    tables = tuple(jnp.asarray(t, jnp.int32) for t in (kv_indices, kv_counts, q_indices, q_counts))
+                  has_segments=q_segment_ids is not None, has_blocks=has_blocks)
+    tables = tuple(jnp.asarray(t, jnp.int32) for t in (
+        kv_indices, kv_counts, kv_partial, q_indices, q_counts, q_partial, partial_blocks))
     return _attention(q, k, v, q_segment_ids, kv_segment_ids, tables, cfg)

@@ -72,8 +72,9 @@ def _triton_calls(fn, *args):
 
 
 @pytest.mark.parametrize("mask", [CausalMask(), LocalMask(127, 0) & CausalMask(),
-                                  MultiHeadMask((CausalMask(), LocalMask(31, 0)) * 2)],
-                         ids=["causal", "window", "per-head"])
+                                  MultiHeadMask((CausalMask(), LocalMask(31, 0)) * 2),
+                                  BigBirdMask(64, 3, 1, 2)],
+                         ids=["causal", "window", "per-head", "bigbird"])
 def test_kernels_lower_for_cuda_from_a_cpu_host(mask):
     q = jnp.zeros((2, 300, 4, 80), jnp.bfloat16)
     k = v = jnp.zeros((2, 300, 2, 80), jnp.bfloat16)
@@ -125,7 +126,8 @@ def tpu_lowering_target(monkeypatch):
 
 
 @pytest.mark.parametrize("mask", [CausalMask(), LocalMask(127, 0) & CausalMask(),
-                                  CausalMask() & StridedMask(3)], ids=["causal", "window", "strided"])
+                                  CausalMask() & StridedMask(3), BigBirdMask(64, 3, 1, 2)],
+                         ids=["causal", "window", "strided", "bigbird"])
 def test_kernels_lower_for_tpu_from_a_cpu_host(mask, tpu_lowering_target):
     q = jnp.zeros((2, 300, 4, 80), jnp.bfloat16)
     k = v = jnp.zeros((2, 300, 2, 80), jnp.bfloat16)
@@ -142,12 +144,44 @@ def test_kernels_lower_for_tpu_from_a_cpu_host(mask, tpu_lowering_target):
     assert mosaic_calls(jax.grad(loss, argnums=(0, 1, 2))) == 3  # forward + dQ + dK/dV
 
 
-def test_kernel_refuses_masks_it_cannot_evaluate():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("mask", [BigBirdMask(16, 3, 1, 2, seed=1),
+                                  CausalMask() & BigBirdMask(24, 3, 1, 1, seed=2, causal=True),
+                                  GlobalTokensMask((1, 40)) | LocalMask(5, 5)],
+                         ids=["bigbird", "causal-bigbird", "global-indices"])
+def test_layout_masks_ship_their_partial_tiles(mask, backend):
+    """Masks without a closed form reach the kernels as deduplicated partial-tile blocks."""
+    from jaxsparse.ops.attention.pallas import _kernel_attention, closed_form, partial_tiles
+
+    assert not closed_form(mask)
+    S, D = 150, 16
+    q, k, v = rand(1, 1, S, 2, D), rand(2, 1, S, 1, D), rand(3, 1, S, 1, D)
+    ref = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="xla")  # noqa: E731
+    kernel = lambda q, k, v: _kernel_attention(q, k, v, mask, None, None, D**-0.5, None,  # noqa: E731
+                                               True, 64, 64, backend)
+    cotangent = rand(4, 1, S, 2, D)
+    (out, vjp), (ref_out, ref_vjp) = jax.vjp(kernel, q, k, v), jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+    for g, g_ref in zip(vjp(cotangent), ref_vjp(cotangent)):
+        np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4)
+    blocks, kv_partial, _ = partial_tiles(mask, S, S, 64, 64)
+    assert blocks.shape[1:] == (64, 64) and kv_partial.min() >= -1
+
+
+def test_partial_tiles_are_deduplicated():
+    from jaxsparse.ops.attention.pallas import partial_tiles
+
+    mask = CausalMask() & BigBirdMask(128, 3, 1, 1, seed=0, causal=True)
+    blocks, kv_partial, q_partial = partial_tiles(mask, 4096, 4096, 128, 128)
+    assert blocks.shape[0] == 1  # every diagonal tile is the same lower triangle
+    assert (blocks[0] == np.tril(np.ones((128, 128), np.int32))).all()
+    table = mask.block_table(4096, 4096, 128, 128)
+    listed = np.arange(kv_partial.shape[1])[None, :] < table.kv_counts[0][:, None]
+    assert ((kv_partial == 0) & listed).sum() == 4096 // 128  # the 32 diagonal tiles
+
+
+def test_kernel_refuses_array_masks():
     q = k = v = rand(0, 1, 64, 2, 16)
-    with pytest.raises(ValueError, match="cannot evaluate BigBirdMask inside tiles"):
-        dot_product_attention(q, k, v, mask=BigBirdMask(16, 3, 1, 1), implementation="pallas_interpret")
-    with pytest.raises(ValueError, match="cannot evaluate"):
-        dot_product_attention(q, k, v, mask=GlobalTokensMask((1, 5)), implementation="pallas")
     with pytest.raises(ValueError, match="needs a lazy Mask"):
         dot_product_attention(q, k, v, mask=jnp.ones((64, 64), bool), implementation="pallas")
 

@@ -1,23 +1,25 @@
 """``implementation="pallas"`` / ``"pallas_interpret"``: the block-sparse flash kernel of
 :mod:`pallas_kernels.block_sparse_attention`, fed with our masks' block tables.
 
-The kernel evaluates the mask inside partial tiles from closed-form integer arithmetic, so it
-serves masks built from Full, Causal, Local, ChunkedCausal, Strided, Fixed and
-GlobalTokens(n) with ``&``/``|`` (per head too); layout masks (BigBird, BlockMask, explicit
-global indices) are refused with a ValueError — ``implementation=None`` then uses the XLA
-block-sparse path. ``"pallas"`` picks the kernel by the platform being lowered for: the
+Inside partial tiles the kernels evaluate closed-form masks (Full, Causal, Local,
+ChunkedCausal, Strided, Fixed, GlobalTokens(n) and their ``&``/``|``) from integer
+arithmetic; any other mask (BigBird, BlockMask, explicit global indices) ships the dense masks
+of its partial tiles, deduplicated, as splash attention does. ``"pallas"`` picks the kernel by the platform being lowered for: the
 Triton kernel on CUDA, the Mosaic kernel on TPU (both lower from a CPU host), and the XLA
 block-sparse path elsewhere. ``"pallas_interpret"`` runs the GPU kernel in interpret mode.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.attention.blocksparse import blocksparse_attention
-from jaxsparse.ops.masks import (AndMask, CausalMask, ChunkedCausalMask, FixedMask, FullMask,
-                                 GlobalTokensMask, LocalMask, Mask, MultiHeadMask, OrMask,
+from jaxsparse.ops.masks import (PARTIAL, AndMask, CausalMask, ChunkedCausalMask, FixedMask,
+                                 FullMask, GlobalTokensMask, LocalMask, Mask, MultiHeadMask, OrMask,
                                  StridedMask, cached_block_table)
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_tpu import LANES, block_sparse_attention_tpu
@@ -25,15 +27,45 @@ from pallas_kernels.block_sparse_attention_tpu import LANES, block_sparse_attent
 _ELEMENTWISE = (FullMask, CausalMask, LocalMask, ChunkedCausalMask, StridedMask, FixedMask)
 
 
-def kernel_can_serve(mask: Mask) -> bool:
-    """True if the kernel can evaluate ``mask`` inside tiles."""
-    if isinstance(mask, MultiHeadMask):
-        return all(kernel_can_serve(m) for m in mask.masks)
+def closed_form(mask: Mask) -> bool:
+    """True if the kernels can evaluate ``mask`` inside tiles from integer arithmetic;
+    other masks (BigBird, BlockMask, explicit global indices) ship their partial tiles."""
     if isinstance(mask, AndMask | OrMask):
-        return kernel_can_serve(mask.left) and kernel_can_serve(mask.right)
+        return closed_form(mask.left) and closed_form(mask.right)
     if isinstance(mask, GlobalTokensMask):
         return isinstance(mask.num_or_indices, int)
     return isinstance(mask, _ELEMENTWISE)
+
+
+def kernel_can_serve(mask: Mask | None) -> bool:
+    """Every lazy mask can be served: closed-form ones in-kernel, others by partial tiles."""
+    return mask is None or isinstance(mask, Mask)
+
+
+@functools.lru_cache(maxsize=32)
+def partial_tiles(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int):
+    """Distinct dense masks of the partial tiles, and for each listed tile (per q-block and,
+    transposed, per kv-block) the index of its mask block, -1 for full tiles.
+
+    Like splash attention's ``partial_mask_blocks``: identical tiles are stored once, so a
+    causal-style diagonal costs one block however long the sequence."""
+    table = cached_block_table(mask, q_len, kv_len, block_q, block_kv)
+    kind = table.kind[0]
+    rows, cols = np.nonzero(kind == PARTIAL)
+    allowed = mask.allowed_fn(q_len, kv_len)
+    q_pos = rows[:, None, None] * block_q + np.arange(block_q)[None, :, None]
+    kv_pos = cols[:, None, None] * block_kv + np.arange(block_kv)[None, None, :]
+    dense = np.broadcast_to(allowed(q_pos, kv_pos), (rows.size, block_q, block_kv))
+    dense = dense & (q_pos < q_len) & (kv_pos < kv_len)
+    ids = np.full(kind.shape, -1, np.int32)
+    if rows.size:
+        unique, which = np.unique(dense.reshape(rows.size, -1), axis=0, return_inverse=True)
+        ids[rows, cols] = which.reshape(-1)
+    else:  # block-aligned layouts: every visited tile is full
+        unique = np.zeros((1, block_q * block_kv), bool)
+    kv_partial = np.take_along_axis(ids, table.kv_indices[0], axis=1)
+    q_partial = np.take_along_axis(ids.T, table.q_indices[0], axis=1)
+    return unique.reshape(-1, block_q, block_kv).astype(np.int32), kv_partial, q_partial
 
 
 def _block(length: int, preferred: int) -> int:
@@ -70,11 +102,16 @@ def _kernel_attention(q, k, v, mask, q_seg, kv_seg, scale, soft_cap, interpret, 
 
     def run(head_mask, q_part, k_part, v_part):
         table = cached_block_table(head_mask, q_len, kv_len, bq, bk)
+        if closed_form(head_mask):
+            mask_args = dict(mask_fn=head_mask.allowed)
+        else:
+            blocks, kv_partial, q_partial = partial_tiles(head_mask, q_len, kv_len, bq, bk)
+            mask_args = dict(partial_blocks=blocks, kv_partial=kv_partial, q_partial=q_partial)
         return kernel(
             q_part, k_part, v_part, table.kv_indices[0], table.kv_counts[0], table.q_indices[0],
             table.q_counts[0], kv_len=kv_len, block_q=bq, block_kv=bk, scale=scale,
-            soft_cap=soft_cap, mask_fn=head_mask.allowed, q_segment_ids=q_seg,
-            kv_segment_ids=kv_seg, interpret=interpret)
+            soft_cap=soft_cap, q_segment_ids=q_seg, kv_segment_ids=kv_seg, interpret=interpret,
+            **mask_args)
 
     if isinstance(mask, MultiHeadMask):
         parts = [run(m, qt[:, h:h + 1], kt[:, h // groups:h // groups + 1],
@@ -91,10 +128,6 @@ def pallas_attention(q, k, v, *, mask, q_segment_ids, kv_segment_ids, scale, log
     if not isinstance(mask, Mask):
         raise ValueError("implementation='pallas' needs a lazy Mask object (or None), not an "
                          "array; use 'xla' for array masks")
-    if not kernel_can_serve(mask):
-        raise ValueError(f"implementation='pallas' cannot evaluate {type(mask).__name__} inside "
-                         "tiles (layout masks: BigBird, BlockMask, explicit global indices); use "
-                         "'xla_blocksparse' or implementation=None")
     kernel = lambda interp, backend="gpu": _kernel_attention(  # noqa: E731
         q, k, v, mask, q_segment_ids, kv_segment_ids, scale, logits_soft_cap, interp, block_q,
         block_kv, backend)
