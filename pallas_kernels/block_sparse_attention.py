@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._flash_vjp import KernelConfig, flash_vjp
+
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp() and its gradient stay NaN-free
 
 
@@ -198,10 +200,10 @@ def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
     kv_len_padded = k.shape[2]
     groups = heads // k.shape[1]
     has_segments = q_seg is not None
-    q_spec, kv_spec, row_spec, seg_specs = _specs(cfg["block_q"], cfg["block_kv"], q_len,
+    q_spec, kv_spec, row_spec, seg_specs = _specs(cfg.block_q, cfg.block_kv, q_len,
                                                   kv_len_padded, head_dim, groups, has_segments, False)
     kernel = functools.partial(_fwd_kernel, has_segments=has_segments, **_kernel_args(cfg))
-    grid = (q_len // cfg["block_q"], batch, heads)
+    grid = (q_len // cfg.block_q, batch, heads)
     segs = (q_seg, kv_seg) if has_segments else ()
     return pl.pallas_call(
         kernel, grid=grid,
@@ -210,7 +212,7 @@ def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
         compiler_params=_compiler_params(cfg, head_dim),
-        interpret=cfg["interpret"], name="block_sparse_attention_fwd",
+        interpret=cfg.interpret, name="block_sparse_attention_fwd",
     )(*tables[:3], tables[6], q, k, v, *segs)
 
 
@@ -220,8 +222,7 @@ def _compiler_params(cfg, head_dim):
 
 
 def _kernel_args(cfg):
-    names = ("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_blocks")
-    return {k: cfg[k] for k in names}
+    return cfg.pick("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_blocks")
 
 
 def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
@@ -233,61 +234,37 @@ def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     args = _kernel_args(cfg)
 
-    q_spec, kv_spec, row_spec, seg_specs = _specs(cfg["block_q"], cfg["block_kv"], q_len,
+    q_spec, kv_spec, row_spec, seg_specs = _specs(cfg.block_q, cfg.block_kv, q_len,
                                                   kv_len_padded, head_dim, groups, has_segments, False)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, has_segments=has_segments, **args),
-        grid=(q_len // cfg["block_q"], batch, heads),
+        grid=(q_len // cfg.block_q, batch, heads),
         in_specs=_table_specs(tables[:3], tables[6]) + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
         + seg_specs,
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg, head_dim),
-        interpret=cfg["interpret"], name="block_sparse_attention_dq",
+        interpret=cfg.interpret, name="block_sparse_attention_dq",
     )(*tables[:3], tables[6], q, k, v, do, lse, delta, *segs)
 
-    q_spec, kv_spec, row_spec, seg_specs = _specs(cfg["block_q"], cfg["block_kv"], q_len,
+    q_spec, kv_spec, row_spec, seg_specs = _specs(cfg.block_q, cfg.block_kv, q_len,
                                                   kv_len_padded, head_dim, groups, has_segments, True)
     # dK/dV per query head ([B, Hq, T, D]); grouped heads are summed afterwards (GQA).
-    dkv_spec = pl.BlockSpec((None, None, cfg["block_kv"], head_dim), lambda n, b, h: (b, h, n, 0))
+    dkv_spec = pl.BlockSpec((None, None, cfg.block_kv, head_dim), lambda n, b, h: (b, h, n, 0))
     per_head = jax.ShapeDtypeStruct((batch, heads, kv_len_padded, head_dim), jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, has_segments=has_segments, **args),
-        grid=(kv_len_padded // cfg["block_kv"], batch, heads),
+        grid=(kv_len_padded // cfg.block_kv, batch, heads),
         in_specs=_table_specs(tables[3:6], tables[6]) + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
         + seg_specs,
         out_specs=[dkv_spec, dkv_spec], out_shape=[per_head, per_head],
         compiler_params=_compiler_params(cfg, head_dim),
-        interpret=cfg["interpret"], name="block_sparse_attention_dkv",
+        interpret=cfg.interpret, name="block_sparse_attention_dkv",
     )(*tables[3:6], tables[6], q, k, v, do, lse, delta, *segs)
     fold = lambda g: g.reshape(batch, kv_heads, groups, kv_len_padded, head_dim).sum(2)  # noqa: E731
     return dq, fold(dk).astype(k.dtype), fold(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_seg, kv_seg, tables, cfg):
-    return _forward(q, k, v, q_seg, kv_seg, tables, cfg)[0]
-
-
-def _attention_fwd(q, k, v, q_seg, kv_seg, tables, cfg):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, tables, cfg)
-    return out, (q, k, v, q_seg, kv_seg, tables, out, lse)
-
-
-def _attention_bwd(cfg, residuals, do):
-    q, k, v, q_seg, kv_seg, tables, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg)
-    no_grad = jax.tree.map(lambda x: None, (q_seg, kv_seg, tables))
-    return (dq, dk, dv, *no_grad)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-class _Config(dict):
-    """Static kernel parameters; hashable so custom_vjp can treat them as non-differentiable."""
-
-    def __hash__(self):
-        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+_attention = flash_vjp(_forward, _backward)
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, *, kv_len: int,
@@ -312,7 +289,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, 
     if not has_blocks:  # placeholders keep one kernel signature; never read
         partial_blocks = jnp.zeros((1, 1, 1), jnp.int32)
         kv_partial, q_partial = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
-    cfg = _Config(scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
+    cfg = KernelConfig(scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
                   mask_fn=mask_fn, block_q=int(block_q), block_kv=int(block_kv),
                   kv_len=int(kv_len), interpret=bool(interpret), has_blocks=has_blocks)
     tables = tuple(jnp.asarray(t, jnp.int32) for t in (

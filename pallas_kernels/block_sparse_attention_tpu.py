@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._flash_vjp import KernelConfig, flash_vjp
+
 LANES = 128
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -166,7 +168,7 @@ def _dkv_kernel(idx_ref, cnt_ref, pidx_ref, blocks_ref, q_ref, k_ref, v_ref, do_
 
 def _call(kernel, cfg, grid, indices, in_specs, out_specs, out_shape, scratch, name):
     return pl.pallas_call(
-        functools.partial(kernel, **cfg.kernel_args(indices.shape[1])),
+        functools.partial(kernel, **_kernel_args(cfg, indices.shape[1])),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=out_specs,
             scratch_shapes=scratch),
@@ -268,42 +270,12 @@ def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
     return dq, fold(dk).astype(k.dtype), fold(dv).astype(v.dtype)
 
 
-class _Config:
-    """Static kernel parameters (hashable: custom_vjp treats them as non-differentiable)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-        self._key = tuple(sorted(kw.items(), key=lambda kv: kv[0]))
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, _Config) and self._key == other._key
-
-    def kernel_args(self, width):
-        names = ("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_segments",
-                 "has_blocks")
-        return {n: getattr(self, n) for n in names} | {"width": width}
+def _kernel_args(cfg, width):
+    return cfg.pick("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len",
+                    "has_segments", "has_blocks") | {"width": width}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_seg, kv_seg, tables, cfg):
-    return _forward(q, k, v, q_seg, kv_seg, tables, cfg)[0]
-
-
-def _attention_fwd(q, k, v, q_seg, kv_seg, tables, cfg):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, tables, cfg)
-    return out, (q, k, v, q_seg, kv_seg, tables, out, lse)
-
-
-def _attention_bwd(cfg, residuals, do):
-    q, k, v, q_seg, kv_seg, tables, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg)
-    return (dq, dk, dv, *jax.tree.map(lambda x: None, (q_seg, kv_seg, tables)))
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = flash_vjp(_forward, _backward)
 
 
 def block_sparse_attention_tpu(q, k, v, kv_indices, kv_counts, q_indices, q_counts, *,
@@ -321,7 +293,7 @@ def block_sparse_attention_tpu(q, k, v, kv_indices, kv_counts, q_indices, q_coun
         partial_blocks = jnp.zeros((1, 8, LANES), jnp.int32)
         kv_partial = jnp.zeros_like(jnp.asarray(kv_indices))
         q_partial = jnp.zeros_like(jnp.asarray(q_indices))
-    cfg = _Config(scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
+    cfg = KernelConfig(scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
                   mask_fn=mask_fn, block_q=int(block_q), block_kv=int(block_kv),
                   kv_len=int(kv_len), interpret=bool(interpret),
                   has_segments=q_segment_ids is not None, has_blocks=has_blocks)
