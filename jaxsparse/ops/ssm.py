@@ -1,0 +1,326 @@
+"""Selective state-space scans: Mamba-1 (``selective_scan``), Mamba-2 SSD (``ssd``) and the
+one-token decoding step (``selective_state_update``).
+
+Mamba-1 (Gu & Dao 2023, Algorithm 2), per channel c and state index n:
+    h_t = exp(dt_t A_cn) h_{t-1} + dt_t B_tn x_tc,     y_tc = sum_n C_tn h_t + D_c x_tc,
+optionally gated ``y *= silu(z)``. Mamba-2 (Dao & Gu 2024) restricts A to a scalar per head
+and computes the same recurrence blockwise as matrix products (state space duality).
+State is accumulated in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked")
+
+
+# --- argument checks ------------------------------------------------------------------------
+
+
+def _concrete(x):
+    """``x`` as numpy if it holds concrete values, else None (inside jit)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_negative(name, A):
+    values = _concrete(A)
+    if values is not None and not np.all(values < 0):
+        raise ValueError(f"{name} must be strictly negative (A = -exp(A_log)); got max "
+                         f"{float(values.max()):.3g}")
+
+
+def _check_chunk(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size={chunk_size!r}: must be a positive int")
+
+
+def _check_scan_shapes(x, dt, A, B, C, D, z):
+    if x.ndim != 3:
+        raise ValueError(f"x must be [batch, length, d_inner], got shape {x.shape}")
+    batch, length, d_inner = x.shape
+    if dt.shape != x.shape:
+        raise ValueError(f"dt must have x's shape {x.shape}, got {dt.shape}")
+    if A.ndim != 2 or A.shape[0] != d_inner:
+        raise ValueError(f"A must be [d_inner={d_inner}, d_state], got {A.shape}")
+    d_state = A.shape[1]
+    for name, arr in (("B", B), ("C", C)):
+        if arr.ndim != 4 or arr.shape[:2] != (batch, length) or arr.shape[3] != d_state:
+            raise ValueError(f"{name} must be [batch={batch}, length={length}, groups, "
+                             f"d_state={d_state}], got {arr.shape}")
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {B.shape} and {C.shape}")
+    if d_inner % B.shape[2]:
+        raise ValueError(f"d_inner={d_inner} must be a multiple of the groups={B.shape[2]}")
+    if D is not None and D.shape != (d_inner,):
+        raise ValueError(f"D must be [d_inner={d_inner}], got {D.shape}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must have x's shape {x.shape}, got {z.shape}")
+    _check_negative("A", A)
+
+
+# --- Mamba-1 --------------------------------------------------------------------------------
+
+
+def _discretise(x, dt, A, B, dt_bias, dt_softplus):
+    """float32 (decay [b,l,d,n], input [b,l,d,n]) of the recurrence h = decay*h + input."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)[None, None, :]
+    if dt_softplus:
+        dt = jax.nn.softplus(dt)
+    groups = B.shape[2]
+    per_group = x.shape[2] // groups
+    B_full = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # [b, l, d, n]
+    decay = jnp.exp(dt[..., None] * A.astype(jnp.float32)[None, None])
+    inputs = (dt * x.astype(jnp.float32))[..., None] * B_full
+    return decay, inputs
+
+
+def _readout(h_BLDN, C, x, D, z, out_dtype):
+    per_group = x.shape[2] // C.shape[2]
+    C_full = jnp.repeat(C.astype(jnp.float32), per_group, axis=2)
+    y = jnp.einsum("bldn,bldn->bld", h_BLDN, C_full)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :] * x.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(out_dtype)
+
+
+def _scan_sequential(decay, inputs, h0):
+    def step(h, xs):
+        a, b = xs
+        h = a * h + b
+        return h, h
+
+    final, hs = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(inputs, 1, 0)))
+    return jnp.moveaxis(hs, 0, 1), final
+
+
+def _combine(left, right):
+    """(a_l, b_l) then (a_r, b_r): h -> a_r (a_l h + b_l) + b_r."""
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_r * a_l, a_r * b_l + b_r
+
+
+def _scan_associative(decay, inputs, h0):
+    inputs = inputs.at[:, 0].add(decay[:, 0] * h0)  # fold the initial state into step 0
+    _, hs = jax.lax.associative_scan(_combine, (decay, inputs), axis=1)
+    return hs, hs[:, -1]
+
+
+def _scan_chunked(decay, inputs, h0, chunk):
+    """Associative scan inside chunks, a sequential scan carrying the state across chunks:
+    memory is O(chunk) rather than O(length)."""
+    batch, length = decay.shape[:2]
+    padded = -(-length // chunk) * chunk
+    pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
+    # padding steps have decay 1 and input 0: they leave the state unchanged
+    decay = jnp.pad(decay, pad, constant_values=1.0)
+    inputs = jnp.pad(inputs, pad)
+    shape = (batch, padded // chunk, chunk) + decay.shape[2:]
+    decay, inputs = decay.reshape(shape), inputs.reshape(shape)
+
+    def step(h, xs):
+        a, b = xs  # [b, chunk, d, n]
+        hs, last = _scan_associative(a, b, h)
+        return last, hs
+
+    final, hs = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(inputs, 1, 0)))
+    hs = jnp.moveaxis(hs, 0, 1).reshape((batch, padded) + decay.shape[3:])
+    return hs[:, :length], final
+
+
+def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
+                   initial_state=None, return_final_state=False, chunk_size=None,
+                   implementation=None):
+    """Mamba-1 selective scan.
+
+    Args:
+      x, dt: ``[batch, length, d_inner]``. A: ``[d_inner, d_state]``, negative.
+      B, C: ``[batch, length, groups, d_state]``; channel c uses group ``c // (d_inner/groups)``.
+      D: ``[d_inner]`` skip; z: ``[batch, length, d_inner]`` gate (``y *= silu(z)``).
+      dt_bias: ``[d_inner]`` added to dt before the softplus (when ``dt_softplus``).
+      initial_state: ``[batch, d_inner, d_state]``.
+      chunk_size: chunk of the ``"chunked"`` implementation (default 64).
+      implementation: ``None`` (chosen per backend), ``"sequential"`` (``lax.scan``, the
+        reference), ``"associative"`` (``lax.associative_scan``; memory O(L·d·N)) or
+        ``"chunked"`` (associative inside chunks, a scan across them).
+
+    Returns:
+      y ``[batch, length, d_inner]`` in x's dtype, and the final state if requested.
+    """
+    if implementation not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: allowed {SCAN_IMPLEMENTATIONS}")
+    _check_chunk(chunk_size)
+    _check_scan_shapes(x, dt, A, B, C, D, z)
+    batch, _, d_inner = x.shape
+    d_state = A.shape[1]
+    if initial_state is None:
+        h0 = jnp.zeros((batch, d_inner, d_state), jnp.float32)
+    else:
+        if initial_state.shape != (batch, d_inner, d_state):
+            raise ValueError(f"initial_state must be {(batch, d_inner, d_state)}, got "
+                             f"{initial_state.shape}")
+        h0 = initial_state.astype(jnp.float32)
+    decay, inputs = _discretise(x, dt, A, B, dt_bias, dt_softplus)
+    # On CPU the plain recurrence is memory-bound and the fastest form (see the benchmark).
+    implementation = implementation or "sequential"
+    if implementation == "sequential":
+        hs, final = _scan_sequential(decay, inputs, h0)
+    elif implementation == "associative":
+        hs, final = _scan_associative(decay, inputs, h0)
+    else:
+        hs, final = _scan_chunked(decay, inputs, h0, chunk_size or 64)
+    y = _readout(hs, C, x, D, z, x.dtype)
+    return (y, final) if return_final_state else y
+
+
+def selective_state_update(state, x_t, dt_t, A, B_t, C_t, *, D=None, z_t=None, dt_bias=None,
+                           dt_softplus=True):
+    """One decoding step of :func:`selective_scan`.
+
+    ``state [batch, d_inner, d_state]``, ``x_t, dt_t [batch, d_inner]``, ``B_t, C_t
+    [batch, groups, d_state]``. Returns ``(y_t [batch, d_inner], new_state)``.
+    """
+    if state.ndim != 3 or x_t.shape != state.shape[:2] or dt_t.shape != x_t.shape:
+        raise ValueError(f"state must be [batch, d_inner, d_state] and x_t, dt_t [batch, d_inner];"
+                         f" got {state.shape}, {x_t.shape}, {dt_t.shape}")
+    y, new_state = selective_scan(
+        x_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D=D,
+        z=None if z_t is None else z_t[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
+        initial_state=state, return_final_state=True, implementation="sequential")
+    return y[:, 0], new_state
+
+
+# --- Mamba-2 (SSD) --------------------------------------------------------------------------
+
+
+def segsum(x):
+    """``out[..., i, j] = x[..., j+1] + ... + x[..., i]`` for ``i >= j``, ``-inf`` above the
+    diagonal. A masked cumulative sum, not a difference of cumsums, so long segments of
+    large negative values lose no precision (the Mamba-2 paper's stable segsum)."""
+    T = x.shape[-1]
+    rows = jnp.broadcast_to(x[..., :, None], x.shape + (T,))  # [..., k, j] = x[k]
+    below = np.tril(np.ones((T, T), bool), -1)  # [k, j]: k > j
+    summed = jnp.cumsum(jnp.where(below, rows, 0.0), axis=-2)  # [..., i, j] = sum_{j<k<=i} x[k]
+    return jnp.where(np.tril(np.ones((T, T), bool)), summed, -jnp.inf)
+
+
+def _check_ssd_shapes(x, dt, A, B, C, D):
+    if x.ndim != 4:
+        raise ValueError(f"x must be [batch, length, heads, head_dim], got {x.shape}")
+    batch, length, heads, _ = x.shape
+    if dt.shape != (batch, length, heads):
+        raise ValueError(f"dt must be [batch, length, heads]={(batch, length, heads)}, got {dt.shape}")
+    if A.shape != (heads,):
+        raise ValueError(f"A must be [heads={heads}] (a scalar per head), got {A.shape}")
+    for name, arr in (("B", B), ("C", C)):
+        if arr.ndim != 4 or arr.shape[:2] != (batch, length):
+            raise ValueError(f"{name} must be [batch={batch}, length={length}, groups, d_state], "
+                             f"got {arr.shape}")
+    if B.shape != C.shape or heads % B.shape[2]:
+        raise ValueError(f"B, C must agree and their groups divide heads={heads}; got "
+                         f"{B.shape}, {C.shape}")
+    if D is not None and D.shape != (heads,):
+        raise ValueError(f"D must be [heads={heads}], got {D.shape}")
+    _check_negative("A", A)
+
+
+def _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus):
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)[None, None, :]
+    if dt_softplus:
+        dt = jax.nn.softplus(dt)
+    per_group = x.shape[2] // B.shape[2]
+    B = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # [b, l, h, n]
+    C = jnp.repeat(C.astype(jnp.float32), per_group, axis=2)
+    return dt, dt * A.astype(jnp.float32)[None, None, :], B, C
+
+
+def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=False,
+        initial_state=None, return_final_state=False):
+    """Mamba-2 state space duality, chunked (Dao & Gu 2024, section 6).
+
+    Args:
+      x: ``[batch, length, heads, head_dim]``; dt: ``[batch, length, heads]``; A: ``[heads]``
+        negative; B, C: ``[batch, length, groups, d_state]`` (groups divide heads);
+        D: ``[heads]``; initial_state: ``[batch, heads, head_dim, d_state]``.
+      chunk_size: block length; any length works (padding steps have dt = 0).
+
+    Returns:
+      y ``[batch, length, heads, head_dim]`` (and the final state if requested).
+    """
+    _check_chunk(chunk_size)
+    if chunk_size is None:
+        raise ValueError("chunk_size is required for ssd")
+    _check_ssd_shapes(x, dt, A, B, C, D)
+    batch, length, heads, head_dim = x.shape
+    d_state = B.shape[3]
+    dt, a, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
+    X = x.astype(jnp.float32) * dt[..., None]
+    padded = -(-length // chunk_size) * chunk_size
+    pad = lambda t: jnp.pad(t, [(0, 0), (0, padded - length)] + [(0, 0)] * (t.ndim - 2))  # noqa: E731
+    chunks = padded // chunk_size
+    split = lambda t: pad(t).reshape((batch, chunks, chunk_size) + t.shape[2:])  # noqa: E731
+    X, B, C = split(X), split(B), split(C)  # [b, c, L, h, *]
+    a = jnp.moveaxis(split(a), -1, 1)  # [b, h, c, L]
+    a_cum = jnp.cumsum(a, axis=-1)
+
+    # 1. outputs from inputs of the same chunk (the quadratic, attention-like form)
+    decay_within = jnp.exp(segsum(a))  # [b, h, c, L, L]
+    y_diag = jnp.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay_within, X)
+    # 2. each chunk's final state, from its own inputs
+    decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # [b, h, c, L]
+    states = jnp.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
+    # 3. states entering each chunk: a recurrence over chunks, done as a (small) segsum
+    if initial_state is None:
+        h0 = jnp.zeros((batch, heads, head_dim, d_state), jnp.float32)
+    else:
+        if initial_state.shape != (batch, heads, head_dim, d_state):
+            raise ValueError(f"initial_state must be {(batch, heads, head_dim, d_state)}, got "
+                             f"{initial_state.shape}")
+        h0 = initial_state.astype(jnp.float32)
+    states = jnp.concatenate([h0[:, None], states], axis=1)  # [b, c+1, h, p, n]
+    chunk_decay = jnp.exp(segsum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))
+    states = jnp.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    entering, final = states[:, :-1], states[:, -1]
+    # 4. outputs from the states entering each chunk
+    y_off = jnp.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, jnp.exp(a_cum))
+    y = (y_diag + y_off).reshape(batch, padded, heads, head_dim)[:, :length]
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    y = y.astype(x.dtype)
+    return (y, final) if return_final_state else y
+
+
+def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
+                  initial_state=None, return_final_state=False):
+    """The Mamba-2 recurrence one step at a time (``lax.scan``): the reference for :func:`ssd`."""
+    _check_ssd_shapes(x, dt, A, B, C, D)
+    batch, length, heads, head_dim = x.shape
+    d_state = B.shape[3]
+    dt, a, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
+    X = x.astype(jnp.float32) * dt[..., None]
+    h0 = (jnp.zeros((batch, heads, head_dim, d_state), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+
+    def step(h, xs):
+        a_t, x_t, b_t, c_t = xs  # [b,h], [b,h,p], [b,h,n], [b,h,n]
+        h = jnp.exp(a_t)[..., None, None] * h + x_t[..., None] * b_t[:, :, None, :]
+        return h, jnp.einsum("bhpn,bhn->bhp", h, c_t)
+
+    final, ys = jax.lax.scan(step, h0, tuple(jnp.moveaxis(t, 1, 0) for t in (a, X, B, C)))
+    y = jnp.moveaxis(ys, 0, 1)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    y = y.astype(x.dtype)
+    return (y, final) if return_final_state else y

@@ -1,0 +1,143 @@
+"""Selective scans: every implementation against the lax.scan recurrence (values, final
+state, gradients of every input), SSD against its naive recurrence, decoding steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsparse.ops.ssm import segsum, selective_scan, selective_state_update, ssd, ssd_reference
+
+
+def mamba1_inputs(seed, batch, length, d_inner, d_state, groups, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 8)
+    n = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32)  # noqa: E731
+    return dict(
+        x=n(0, (batch, length, d_inner)).astype(dtype), dt=n(1, (batch, length, d_inner)).astype(dtype),
+        A=-jnp.exp(n(2, (d_inner, d_state))), B=n(3, (batch, length, groups, d_state)).astype(dtype),
+        C=n(4, (batch, length, groups, d_state)).astype(dtype), D=n(5, (d_inner,)),
+        z=n(6, (batch, length, d_inner)).astype(dtype), dt_bias=0.1 * n(7, (d_inner,)),
+        initial_state=n(7, (batch, d_inner, d_state)))
+
+
+DIFFERENTIABLE = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 4), (7, 3), (129, 16), (1000, 96)])
+@pytest.mark.parametrize("implementation", ["associative", "chunked"])
+def test_scan_implementations_agree_with_the_recurrence(length, chunk, implementation):
+    args = mamba1_inputs(length, 2, length, 8, 4, 2)
+
+    def run(impl, **values):
+        y, final = selective_scan(**values, return_final_state=True, chunk_size=chunk,
+                                  implementation=impl)
+        return y, final
+
+    ref_y, ref_final = run("sequential", **args)
+    y, final = run(implementation, **args)
+    np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
+
+    def loss(impl, diff):
+        y, final = run(impl, **(args | diff))
+        return jnp.sum(y * jnp.cos(y)) + jnp.sum(final)
+
+    diff = {name: args[name] for name in DIFFERENTIABLE}
+    ref_grads = jax.grad(lambda d: loss("sequential", d))(diff)
+    grads = jax.grad(lambda d: loss(implementation, d))(diff)
+    for name in DIFFERENTIABLE:
+        scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
+        np.testing.assert_allclose(grads[name], ref_grads[name], atol=1e-4 * scale, rtol=1e-4,
+                                   err_msg=f"d{name}")
+
+
+def test_decoding_step_by_step_equals_the_full_scan():
+    args = mamba1_inputs(3, 2, 17, 6, 4, 3)
+    full, final = selective_scan(**args, return_final_state=True)
+    state, ys = args["initial_state"], []
+    for t in range(17):
+        y, state = selective_state_update(
+            state, args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t],
+            D=args["D"], z_t=args["z"][:, t], dt_bias=args["dt_bias"])
+        ys.append(y)
+    np.testing.assert_allclose(jnp.stack(ys, 1), full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(state, final, atol=1e-5, rtol=1e-5)
+
+
+def test_segsum_is_the_sum_over_the_segment():
+    x = jax.random.normal(jax.random.key(0), (3, 9))
+    out = np.asarray(segsum(x))
+    xs = np.asarray(x)
+    for i in range(9):
+        for j in range(9):
+            expected = xs[:, j + 1:i + 1].sum(-1) if i >= j else -np.inf
+            np.testing.assert_allclose(out[:, i, j], expected, atol=1e-5)
+
+
+def mamba2_inputs(seed, batch, length, heads, head_dim, d_state, groups, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 7)
+    n = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32)  # noqa: E731
+    return dict(
+        x=n(0, (batch, length, heads, head_dim)).astype(dtype), dt=n(1, (batch, length, heads)).astype(dtype),
+        A=-jnp.exp(n(2, (heads,))), B=n(3, (batch, length, groups, d_state)).astype(dtype),
+        C=n(4, (batch, length, groups, d_state)).astype(dtype), D=n(5, (heads,)),
+        initial_state=n(6, (batch, heads, head_dim, d_state)))
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 8), (7, 4), (129, 32), (1000, 96)])
+def test_ssd_equals_its_recurrence_with_gradients(length, chunk):
+    args = mamba2_inputs(length, 2, length, 4, 8, 6, 2)
+    kw = dict(dt_softplus=True, return_final_state=True)
+    ref_y, ref_final = ssd_reference(**args, **kw)
+    y, final = ssd(**args, chunk_size=chunk, **kw)
+    np.testing.assert_allclose(y, ref_y, atol=5e-5, rtol=5e-5)
+    np.testing.assert_allclose(final, ref_final, atol=5e-5, rtol=5e-5)
+    names = ("x", "dt", "A", "B", "C", "D", "initial_state")
+
+    def loss(fn, diff, **extra):
+        y, final = fn(**(args | diff), **kw, **extra)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(final)
+
+    diff = {n: args[n] for n in names}
+    ref_grads = jax.grad(lambda d: loss(ssd_reference, d))(diff)
+    grads = jax.grad(lambda d: loss(ssd, d, chunk_size=chunk))(diff)
+    for name in names:
+        assert np.isfinite(np.asarray(grads[name])).all(), name
+        scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
+        np.testing.assert_allclose(grads[name], ref_grads[name], atol=2e-4 * scale, rtol=2e-4,
+                                   err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dt_value", [1e-4, 10.0])
+def test_no_nan_or_inf_at_64k_with_extreme_dt(dtype, dt_value):
+    length = 1 << 16
+    args = mamba1_inputs(0, 1, length, 4, 4, 1, dtype)
+    args["dt"] = jnp.full_like(args["dt"], dt_value)  # the step itself (no bias, no softplus)
+    args["dt_bias"] = None
+    for impl in ("sequential", "chunked"):
+        y = selective_scan(**args, dt_softplus=False, implementation=impl, chunk_size=256)
+        assert np.isfinite(np.asarray(y.astype(jnp.float32))).all(), impl
+    args2 = mamba2_inputs(0, 1, length, 2, 4, 4, 1, dtype)
+    args2["dt"] = jnp.full_like(args2["dt"], dt_value)
+    y2 = ssd(**args2, chunk_size=256)
+    assert np.isfinite(np.asarray(y2.astype(jnp.float32))).all()
+
+
+def test_bad_inputs_name_the_argument():
+    args = mamba1_inputs(0, 1, 5, 4, 2, 1)
+    with pytest.raises(ValueError, match="A must be strictly negative"):
+        selective_scan(**(args | {"A": jnp.abs(args["A"])}))
+    with pytest.raises(ValueError, match="dt must have x's shape"):
+        selective_scan(**(args | {"dt": args["dt"][:, :3]}))
+    with pytest.raises(ValueError, match=r"B must be \[batch=1, length=5, groups, d_state=2\]"):
+        selective_scan(**(args | {"B": args["B"][..., :1]}))
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        selective_scan(**args, chunk_size=0, implementation="chunked")
+    with pytest.raises(ValueError, match="implementation='pallas'"):
+        selective_scan(**args, implementation="pallas")
+    args2 = mamba2_inputs(0, 1, 5, 2, 3, 4, 1)
+    with pytest.raises(ValueError, match=r"A must be \[heads=2\]"):
+        ssd(**(args2 | {"A": jnp.full((2, 2), -1.0)}), chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size=-3"):
+        ssd(**args2, chunk_size=-3)
