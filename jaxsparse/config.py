@@ -44,6 +44,15 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None  # passed to ops.attention.dot_product_attention
     attention_mask: str = "causal"  # a spec of jaxsparse.ops.mask_specs, e.g. "local:256"
+    # selective SSMs (model.name "mamba" / "mamba2")
+    d_state: int = 16
+    expand: int = 2  # d_inner = expand * d_model
+    d_conv: int = 4
+    dt_rank: int | None = None  # Mamba-1; None: ceil(d_model / 16)
+    ssm_head_dim: int = 64  # Mamba-2
+    ssm_groups: int = 1  # Mamba-2 groups of B and C
+    ssm_chunk: int = 64
+    ssm_impl: str | None = None  # Mamba-1 scan implementation (ops.ssm.selective_scan)
 
     @property
     def resolved_head_dim(self) -> int:

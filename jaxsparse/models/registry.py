@@ -35,3 +35,17 @@ def _transformer(cfg, rngs):
     from jaxsparse.models.transformer import Transformer
 
     return Transformer(cfg, rngs=rngs)
+
+
+@register("mamba")
+def _mamba(cfg, rngs):
+    from jaxsparse.models.mamba import MambaLM
+
+    return MambaLM(cfg, rngs=rngs)
+
+
+@register("mamba2")
+def _mamba2(cfg, rngs):
+    from jaxsparse.models.mamba import Mamba2LM
+
+    return Mamba2LM(cfg, rngs=rngs)

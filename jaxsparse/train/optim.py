@@ -16,15 +16,16 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def _decay_mask(params):
-    # Decay matrices only: norm scales and (future) per-channel vectors such as SSM A_log,
-    # D and dt biases are excluded, as the Mamba and GPT recipes prescribe.
+def default_decay_mask(params):
+    """Decay matrices only (norm scales and biases are not decayed)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   decay_mask=default_decay_mask) -> optax.GradientTransformation:
+    """``decay_mask``: a pytree of bools like the params, or a function of the params."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=_decay_mask),
+                    weight_decay=cfg.weight_decay, mask=decay_mask),
     )

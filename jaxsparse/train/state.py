@@ -52,6 +52,18 @@ def _opt_state_shardings(abstract_opt_state, params_shardings, abstract_params, 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+def decay_mask(abstract_params: nnx.State):
+    """Which parameters get weight decay: a parameter's ``weight_decay`` metadata if it has
+    one (Mamba's A_log, D and dt bias say False), else matrices yes, vectors no."""
+
+    def one(variable):
+        explicit = variable.get_metadata().get("weight_decay")
+        return bool(explicit) if explicit is not None else variable.get_value().ndim >= 2
+
+    return nnx.to_pure_dict(jax.tree.map(one, abstract_params,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """Everything derived from a config and a mesh: structure, shardings, optimiser."""
@@ -64,7 +76,7 @@ class TrainSetup:
         abstract_model = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(cfg.train.seed)))
         self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
         self.params_template, self.rest_template = abs_params, abs_rest
-        self.tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+        self.tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abs_params))
         params_sh = param_shardings(abs_params, self.mesh)
         rest_sh = param_shardings(abs_rest, self.mesh)
         abstract = jax.eval_shape(self._init)

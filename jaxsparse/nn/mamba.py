@@ -1,0 +1,149 @@
+"""Mamba-1 and Mamba-2 mixer blocks (Gu & Dao 2023; Dao & Gu 2024).
+
+Parameterisation and initialisation follow the papers and state-spaces/mamba: A = -exp(A_log)
+with S4D-real ``A_log = log(1..N)`` (Mamba-1) or ``-A ~ U(1, 16)`` per head (Mamba-2); D = 1;
+dt initialised log-uniform in [1e-3, 0.1] (floored at 1e-4) through an inverse-softplus
+bias; A_log, D and the dt bias carry ``weight_decay=False``. Both blocks follow the decode
+cache protocol of :class:`jaxsparse.nn.Attention` (``init_cache``; ``cache=``/``cache_index=``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.conv import causal_depthwise_conv1d
+from jaxsparse.ops.normalization import rms_norm
+from jaxsparse.ops.ssm import selective_scan, ssd, ssd_reference
+
+
+def _dt_bias(rng, size, dt_min=1e-3, dt_max=0.1, floor=1e-4):
+    """Bias whose softplus is log-uniform in [dt_min, dt_max]: dt + log(-expm1(-dt))."""
+    u = jax.random.uniform(rng, (size,))
+    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def _conv_params(rngs, width, channels):
+    bound = 1.0 / math.sqrt(width)  # PyTorch Conv1d default: fan_in = width for depthwise
+    w = jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound)
+    b = jax.random.uniform(rngs.params(), (channels,), minval=-bound, maxval=bound)
+    return (nnx.Param(w, logical_axes=("conv", "mlp")),
+            nnx.Param(b, logical_axes=("mlp",), weight_decay=False))
+
+
+class Mamba(nnx.Module):
+    """Mamba-1 block: in-projection to (x, z), causal conv + SiLU on x, selective scan with
+    input-dependent dt, B, C, gate by SiLU(z), out-projection."""
+
+    def __init__(self, d_model: int, *, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank: int | None = None, rngs: nnx.Rngs, out_init_scale: float = 1.0,
+                 implementation: str | None = None, chunk_size: int = 64):
+        d_inner = expand * d_model
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = Linear(d_model, 2 * d_inner, logical_axes=("embed", "mlp"), rngs=rngs)
+        self.conv_w, self.conv_b = _conv_params(rngs, d_conv, d_inner)
+        self.x_proj = Linear(d_inner, self.dt_rank + 2 * d_state, logical_axes=("mlp", None),
+                             rngs=rngs)
+        bound = self.dt_rank ** -0.5
+        self.dt_proj = nnx.Param(jax.random.uniform(rngs.params(), (self.dt_rank, d_inner),
+                                                    minval=-bound, maxval=bound),
+                                 logical_axes=(None, "mlp"))
+        self.dt_bias = nnx.Param(_dt_bias(rngs.params(), d_inner), logical_axes=("mlp",),
+                                 weight_decay=False)
+        a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32),
+                                         (d_inner, d_state)))
+        self.A_log = nnx.Param(a_log, logical_axes=("mlp", None), weight_decay=False)
+        self.D = nnx.Param(jnp.ones((d_inner,)), logical_axes=("mlp",), weight_decay=False)
+        self.out_proj = Linear(d_inner, d_model, logical_axes=("mlp", "embed"), rngs=rngs,
+                               init_scale=out_init_scale)
+        self.implementation, self.chunk_size = implementation, chunk_size
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        del max_len  # a recurrent state does not grow with the sequence
+        return {"conv": jnp.zeros((batch, self.d_conv - 1, self.d_inner), dtype),
+                "ssm": jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32)}
+
+    def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
+        del positions_BL, cache_index  # order is carried by the recurrence
+        if segment_ids is not None:
+            raise ValueError("Mamba does not support segment_ids (packed documents) yet")
+        xz = self.in_proj(x_BLD)
+        x, z = jnp.split(xz, 2, axis=-1)
+        x, conv_state = causal_depthwise_conv1d(x, self.conv_w[...], self.conv_b[...],
+                                                None if cache is None else cache["conv"])
+        x = jax.nn.silu(x)
+        dt_raw, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], -1)
+        dt = dt_raw @ self.dt_proj[...].astype(dt_raw.dtype)
+        y, ssm_state = selective_scan(
+            x, dt, -jnp.exp(self.A_log[...]), B[:, :, None, :], C[:, :, None, :], D=self.D[...],
+            z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
+            initial_state=None if cache is None else cache["ssm"], return_final_state=True,
+            implementation=self.implementation, chunk_size=self.chunk_size)
+        new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}
+        return self.out_proj(y), new_cache
+
+
+class Mamba2(nnx.Module):
+    """Mamba-2 block: one in-projection to (z, x, B, C, dt), causal conv + SiLU over (x, B, C),
+    SSD with a scalar A per head, gated RMSNorm ``norm(y * silu(z))``, out-projection."""
+
+    def __init__(self, d_model: int, *, d_state: int = 64, expand: int = 2, d_conv: int = 4,
+                 head_dim: int = 64, groups: int = 1, chunk_size: int = 64, rngs: nnx.Rngs,
+                 out_init_scale: float = 1.0):
+        d_inner = expand * d_model
+        if d_inner % head_dim:
+            raise ValueError(f"expand * d_model = {d_inner} must be a multiple of ssm_head_dim={head_dim}")
+        self.heads = d_inner // head_dim
+        if self.heads % groups:
+            raise ValueError(f"ssm heads ({self.heads}) must be a multiple of ssm_groups={groups}")
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.head_dim, self.groups, self.chunk_size = head_dim, groups, chunk_size
+        self.conv_dim = d_inner + 2 * groups * d_state
+        self.in_proj = Linear(d_model, d_inner + self.conv_dim + self.heads,
+                              logical_axes=("embed", "mlp"), rngs=rngs)
+        self.conv_w, self.conv_b = _conv_params(rngs, d_conv, self.conv_dim)
+        self.dt_bias = nnx.Param(_dt_bias(rngs.params(), self.heads), logical_axes=(None,),
+                                 weight_decay=False)
+        a = jax.random.uniform(rngs.params(), (self.heads,), minval=1.0, maxval=16.0)
+        self.A_log = nnx.Param(jnp.log(a), logical_axes=(None,), weight_decay=False)
+        self.D = nnx.Param(jnp.ones((self.heads,)), logical_axes=(None,), weight_decay=False)
+        self.norm_scale = nnx.Param(jnp.ones((d_inner,)), logical_axes=("mlp",))
+        self.out_proj = Linear(d_inner, d_model, logical_axes=("mlp", "embed"), rngs=rngs,
+                               init_scale=out_init_scale)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        del max_len
+        return {"conv": jnp.zeros((batch, self.d_conv - 1, self.conv_dim), dtype),
+                "ssm": jnp.zeros((batch, self.heads, self.head_dim, self.d_state), jnp.float32)}
+
+    def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
+        del positions_BL, cache_index
+        if segment_ids is not None:
+            raise ValueError("Mamba2 does not support segment_ids (packed documents) yet")
+        batch, length, _ = x_BLD.shape
+        z, xbc, dt = jnp.split(self.in_proj(x_BLD), [self.d_inner, self.d_inner + self.conv_dim], -1)
+        xbc, conv_state = causal_depthwise_conv1d(xbc, self.conv_w[...], self.conv_b[...],
+                                                  None if cache is None else cache["conv"])
+        xbc = jax.nn.silu(xbc)
+        x, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + self.groups * self.d_state], -1)
+        x = x.reshape(batch, length, self.heads, self.head_dim)
+        B = B.reshape(batch, length, self.groups, self.d_state)
+        C = C.reshape(batch, length, self.groups, self.d_state)
+        kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
+                      initial_state=None if cache is None else cache["ssm"],
+                      return_final_state=True)
+        A = -jnp.exp(self.A_log[...])
+        if cache is not None and length <= 4:  # decoding steps: the recurrence is cheapest
+            y, ssm_state = ssd_reference(x, dt, A, B, C, **kwargs)
+        else:
+            y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, **kwargs)
+        y = y.reshape(batch, length, self.d_inner)
+        y = rms_norm(y * jax.nn.silu(z), self.norm_scale[...])
+        new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}
+        return self.out_proj(y), new_cache
