@@ -116,26 +116,36 @@ def _scan_associative(decay, inputs, h0):
     return hs, hs[:, -1]
 
 
-def _scan_chunked(decay, inputs, h0, chunk):
-    """Associative scan inside chunks, a sequential scan carrying the state across chunks:
-    memory is O(chunk) rather than O(length)."""
-    batch, length = decay.shape[:2]
+def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk):
+    """Discretise, scan and read out one chunk at a time: an associative scan inside the
+    chunk, a sequential scan carrying the state across chunks. Nothing of size
+    length x d_inner x d_state is ever materialised, and the step is rematerialised in the
+    backward pass, so memory is O(chunk) rather than O(length)."""
+    batch, length, d_inner = x.shape
     padded = -(-length // chunk) * chunk
-    pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
-    # padding steps have decay 1 and input 0: they leave the state unchanged
-    decay = jnp.pad(decay, pad, constant_values=1.0)
-    inputs = jnp.pad(inputs, pad)
-    shape = (batch, padded // chunk, chunk) + decay.shape[2:]
-    decay, inputs = decay.reshape(shape), inputs.reshape(shape)
 
-    def step(h, xs):
-        a, b = xs  # [b, chunk, d, n]
-        hs, last = _scan_associative(a, b, h)
-        return last, hs
+    def split(t):
+        if t is None:
+            return None
+        t = jnp.pad(t, [(0, 0), (0, padded - length)] + [(0, 0)] * (t.ndim - 2))
+        return jnp.moveaxis(t.reshape((batch, padded // chunk, chunk) + t.shape[2:]), 1, 0)
 
-    final, hs = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(inputs, 1, 0)))
-    hs = jnp.moveaxis(hs, 0, 1).reshape((batch, padded) + decay.shape[3:])
-    return hs[:, :length], final
+    # padding steps get dt = 0 (after any bias and softplus): decay 1, input 0
+    valid = split(jnp.ones((batch, length, 1), jnp.float32))
+    xs = (split(x), split(dt), split(B), split(C), split(z), valid)
+
+    @jax.checkpoint
+    def step(h, chunk_xs):
+        x_c, dt_c, B_c, C_c, z_c, valid_c = chunk_xs
+        decay, inputs = _discretise(x_c, dt_c, A, B_c, dt_bias, dt_softplus)
+        keep = valid_c[..., None] > 0
+        decay, inputs = jnp.where(keep, decay, 1.0), jnp.where(keep, inputs, 0.0)
+        hs, last = _scan_associative(decay, inputs, h)
+        return last, _readout(hs, C_c, x_c, D, z_c, jnp.float32)
+
+    final, ys = jax.lax.scan(step, h0, xs)
+    y = jnp.moveaxis(ys, 0, 1).reshape(batch, padded, d_inner)[:, :length]
+    return y.astype(x.dtype), final
 
 
 def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
@@ -170,15 +180,14 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
             raise ValueError(f"initial_state must be {(batch, d_inner, d_state)}, got "
                              f"{initial_state.shape}")
         h0 = initial_state.astype(jnp.float32)
-    decay, inputs = _discretise(x, dt, A, B, dt_bias, dt_softplus)
     # On CPU the plain recurrence is memory-bound and the fastest form (see the benchmark).
     implementation = implementation or "sequential"
-    if implementation == "sequential":
-        hs, final = _scan_sequential(decay, inputs, h0)
-    elif implementation == "associative":
-        hs, final = _scan_associative(decay, inputs, h0)
-    else:
-        hs, final = _scan_chunked(decay, inputs, h0, chunk_size or 64)
+    if implementation == "chunked":
+        y, final = _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64)
+        return (y, final) if return_final_state else y
+    decay, inputs = _discretise(x, dt, A, B, dt_bias, dt_softplus)
+    scan = _scan_sequential if implementation == "sequential" else _scan_associative
+    hs, final = scan(decay, inputs, h0)
     y = _readout(hs, C, x, D, z, x.dtype)
     return (y, final) if return_final_state else y
 
