@@ -139,7 +139,10 @@ class Mamba2(nnx.Module):
                       initial_state=None if cache is None else cache["ssm"],
                       return_final_state=True)
         A = -jnp.exp(self.A_log[...])
-        if cache is not None and length <= 4:  # decoding steps: the recurrence is cheapest
+        # The chunked SSD is a matmul algorithm; on CPU (XLA batched matmuls at ~80 GFLOP/s)
+        # the recurrence is 2-4x faster (experiments/results/ssm.md), and for decoding steps
+        # it is the cheapest everywhere.
+        if (cache is not None and length <= 4) or jax.default_backend() == "cpu":
             y, ssm_state = ssd_reference(x, dt, A, B, C, **kwargs)
         else:
             y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, **kwargs)
