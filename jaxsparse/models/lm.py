@@ -30,7 +30,10 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype,
+        # Tied tables start small (GPT-2's 0.02): a unit-variance table reused as the output
+        # projection would give each token a large logit for itself at initialisation.
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                           init_std=0.02 if cfg.tie_embeddings else 1.0, dtype=dtype,
                            param_dtype=param_dtype)
         self.blocks = nnx.List([self.block_class(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)

@@ -8,9 +8,9 @@ from flax import nnx
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, init_std: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
-        table = jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
+        table = init_std * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
         self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
         self.dtype = dtype
         self.vocab_size = vocab_size
