@@ -4,8 +4,10 @@ Mamba-1 ``selective_scan`` (sequential = lax.scan, associative, chunked) and Mam
 (chunked SSD vs its lax.scan recurrence), at several lengths, in one run. Reports tokens/s,
 the ratio to the recurrence, peak memory (XLA's compiled memory analysis) and achieved bytes/s
 next to this machine's measured copy bandwidth. Bytes counted: for Mamba-1 the float32
-[batch, length, d_inner, d_state] tensors the recurrence materialises (decay, input, states:
-written and read once each); for Mamba-2 the inputs and outputs only.
+[batch, length, d_inner, d_state] tensors the plain recurrence materialises (decay, input,
+states: written and read once each) — the fused chunked scan never materialises them, so its
+figure is an effective rate and may exceed the copy bandwidth; for Mamba-2 the inputs and
+outputs only.
 
     jaxsparse bench ssm [--lengths 1024 8192 65536]
 """
