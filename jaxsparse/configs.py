@@ -1,7 +1,8 @@
 """Named configs: Python files ``experiments/configs/<name>.py`` exposing ``get_config()``.
 
-The directory is found next to the source tree (editable installs, notebooks in the repo) or
-through the ``JAXSPARSE_CONFIG_DIR`` environment variable. ``get`` also accepts a path to a
+The directory is ``JAXSPARSE_CONFIG_DIR`` if set, else the one next to the source tree
+(editable installs, notebooks in the repo), else the copy a regular install puts under
+``<prefix>/share/jaxsparse/configs``. ``get`` also accepts a path to a
 ``.py`` file of the same shape, so users can keep their own configs outside the repository.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sysconfig
 from pathlib import Path
 
 from jaxsparse.config import Config, ConfigError, validate
@@ -20,7 +22,9 @@ def config_dir() -> Path:
     env = os.environ.get("JAXSPARSE_CONFIG_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    source_tree = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    installed = Path(sysconfig.get_paths()["data"]) / "share" / "jaxsparse" / "configs"
+    return source_tree if source_tree.is_dir() or not installed.is_dir() else installed
 
 
 def names() -> list[str]:

@@ -18,8 +18,9 @@
 # source for a few steps, sample from it and plot the curves — all through the public API,
 # on whatever JAX backend this kernel has (CPU is fine: about a minute).
 #
-# On Colab, install first (one line): `!pip install -q "jaxsparse[test] @ git+<repository URL>"`.
-# Inside a checkout, `pip install -e .` is enough.
+# On Colab, install first with one cell, pointing pip at this repository's git URL:
+# `!pip install -q "jaxsparse @ git+<repository URL>"` (the named configs ship with the
+# package). Inside a checkout, `pip install -e .` is enough.
 
 # %%
 import importlib.util
