@@ -9,3 +9,17 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tpu_lowering_target(monkeypatch):
+    """Mosaic asks the local device for TPU facts (lanes, VMEM); answer as a v5p would, so the
+    TPU lowering can run on this CPU host. Only the lowering runs, nothing executes (Mosaic's
+    layout passes run at TPU compile time, so they are not exercised here)."""
+    from jax._src.pallas.mosaic import tpu_info
+
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
+                        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1))

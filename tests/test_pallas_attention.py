@@ -103,16 +103,6 @@ def test_tpu_kernel_in_interpret_mode_matches_reference(mask, S, T, Hq, Hkv, D, 
         np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
 
 
-@pytest.fixture
-def tpu_lowering_target(monkeypatch):
-    """Mosaic asks the local device for TPU facts (lanes, VMEM); answer as a v5p would, so the
-    TPU lowering can run on this CPU host. Only the lowering runs, nothing executes."""
-    from jax._src.pallas.mosaic import tpu_info
-
-    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
-                        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1))
-
-
 @pytest.mark.parametrize("mask", [CausalMask(), LocalMask(127, 0) & CausalMask(),
                                   CausalMask() & StridedMask(3), BigBirdMask(64, 3, 1, 2)],
                          ids=["causal", "window", "strided", "bigbird"])

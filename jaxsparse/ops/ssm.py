@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked")
+SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "pallas", "pallas_interpret")
 
 
 # --- argument checks ------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _scan_associative(decay, inputs, h0):
     return hs, hs[:, -1]
 
 
-def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk):
+def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dtype=None):
     """Discretise, scan and read out one time step at a time inside each chunk, carrying the
     state across chunks. Nothing of size length x d_inner x d_state is ever materialised,
     and each chunk is rematerialised in the backward pass, so memory is O(chunk) rather
@@ -166,7 +166,32 @@ def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk):
 
     final, ys = jax.lax.scan(step, h0, xs)
     y = jnp.moveaxis(ys, 0, 1).reshape(batch, padded, d_inner)[:, :length]
-    return y.astype(x.dtype), final
+    return y.astype(out_dtype or x.dtype), final
+
+
+def _final_dt(dt, dt_bias, dt_softplus):
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)[None, None, :]
+    return jax.nn.softplus(dt) if dt_softplus else dt
+
+
+def _skip_and_gate(y, x, D, z):
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :] * x.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y
+
+
+def _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, *, interpret):
+    """The recurrence through the Pallas kernels; float32 y without the skip and the gate."""
+    from jaxsparse.ops.ssm_pallas import pallas_selective_scan
+
+    dt = _final_dt(dt, dt_bias, dt_softplus)
+    fallback = lambda: _chunked_scan(x, dt, A, B, C, None, None, None, False, h0,  # noqa: E731
+                                     chunk_size or 64, out_dtype=jnp.float32)
+    return pallas_selective_scan(x, dt, A, B, C, h0, interpret=interpret, fallback=fallback)
 
 
 def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
@@ -183,7 +208,10 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
       chunk_size: chunk of the ``"chunked"`` implementation (default 64).
       implementation: ``None`` (the chunked form), ``"sequential"`` (``lax.scan``, the
         reference), ``"associative"`` (``lax.associative_scan``; memory O(L·d·N)) or
-        ``"chunked"`` (associative inside chunks, a scan across them; memory O(chunk)).
+        ``"chunked"`` (a fused scan inside rematerialised chunks, a scan across them;
+        memory O(chunk)), ``"pallas"`` (the TPU or GPU kernel, chosen by the platform being
+        lowered for; the chunked form elsewhere) or ``"pallas_interpret"`` (the GPU kernel
+        in interpret mode, for tests).
 
     Returns:
       y ``[batch, length, d_inner]`` in x's dtype, and the final state if requested.
@@ -206,6 +234,11 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     implementation = implementation or "chunked"
     if implementation == "chunked":
         y, final = _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64)
+        return (y, final) if return_final_state else y
+    if implementation.startswith("pallas"):
+        y, final = _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size,
+                                interpret=implementation == "pallas_interpret")
+        y = _skip_and_gate(y, x, D, z).astype(x.dtype)
         return (y, final) if return_final_state else y
     decay, inputs = _discretise(x, dt, A, B, dt_bias, dt_softplus)
     scan = _scan_sequential if implementation == "sequential" else _scan_associative

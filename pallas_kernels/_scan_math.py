@@ -1,0 +1,37 @@
+"""One time step of the Mamba-1 selective scan and of its backward pass, as the GPU and TPU
+kernels both run them.
+
+Layout inside a kernel: the state ``h`` is ``[N, BD]`` (state index on sublanes, channels on
+lanes, so a step is elementwise over full vector registers); per-step rows ``x_t, dt_t,
+dy_t`` are ``[1, BD]`` and per-step columns ``B_t, C_t`` are ``[N, 1]``. All float32.
+
+Recurrence (Gu & Dao 2023, Algorithm 2), with ``dt`` already biased and softplus-ed:
+    a_t = exp(dt_t A),   h_t = a_t h_{t-1} + B_t (dt_t x_t),   y_t = sum_n C_t h_t.
+Backward, with G_t = dL/dh_t (everything flowing into h_t from y_t and from h_{t+1}):
+    G_t = C_t dy_t + a_{t+1} G_{t+1}
+    dx_t = dt_t sum_n G_t B_t            dB_t = sum_c G_t dt_t x_t      dC_t = sum_c h_t dy_t
+    d(dt_t A) = G_t h_{t-1} a_t  ->  ddt_t = sum_n d(dt_t A) A + x_t sum_n G_t B_t,
+                                     dA += d(dt_t A) dt_t
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def forward_step(h, x_t, dt_t, At, B_t, C_t):
+    """``(h_t, a_t, y_t)`` from ``h_{t-1}``."""
+    a = jnp.exp(dt_t * At)
+    h = a * h + B_t * (dt_t * x_t)
+    return h, a, jnp.sum(h * C_t, axis=0, keepdims=True)
+
+
+def backward_step(g, h_prev, h, a, dy_t, x_t, dt_t, At, B_t, C_t):
+    """From ``g = a_{t+1} G_{t+1}``: ``(a_t G_t, dx_t, ddt_t, dA_t, dB_t, dC_t)``."""
+    G = g + C_t * dy_t
+    g_B = jnp.sum(G * B_t, axis=0, keepdims=True)  # [1, BD]
+    d_dtA = G * h_prev * a  # [N, BD]
+    ddt = jnp.sum(d_dtA * At, axis=0, keepdims=True) + g_B * x_t
+    dB = jnp.sum(G * (dt_t * x_t), axis=1, keepdims=True)  # [N, 1], this channel block's part
+    dC = jnp.sum(h * dy_t, axis=1, keepdims=True)
+    return G * a, dt_t * g_B, ddt, d_dtA * dt_t, dB, dC

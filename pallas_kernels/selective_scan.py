@@ -1,0 +1,197 @@
+"""Mamba-1 selective scan as Pallas kernels (GPU via Triton here, TPU via Mosaic in
+:mod:`pallas_kernels.selective_scan_tpu`), forward and backward, behind one ``custom_vjp``.
+
+Each program owns one batch row and one block of ``BD`` channels and walks time in blocks of
+``T`` steps, keeping the ``[N, BD]`` state on chip; nothing of size length x d_inner x N is
+written. The forward pass saves the state at the start of every time block (1/T of the full
+state history); the backward pass walks the blocks in reverse, recomputes the T states of a
+block from its saved start, and runs the reverse recurrence of :mod:`pallas_kernels._scan_math`
+(the scheme of the reference CUDA kernel, which also recomputes per chunk).
+
+Kernel-side layout (the wrapper in ``jaxsparse.ops.ssm_pallas`` converts):
+  x ``[b, L, d]`` (any float dtype), dt ``[b, L, d]`` float32 (biased, softplus-ed),
+  At ``[N, d]`` float32 (A transposed), Bt/Ct ``[b, groups, N, L]`` (time last, so one step is
+  a ``[N, 1]`` column), h0 ``[b, N, d]`` float32.
+  ``L`` is a multiple of ``T`` (padding steps carry dt = 0: decay 1, input 0) and ``d`` a
+  multiple of ``BD``; a channel block never straddles two groups.
+Outputs: y ``[b, L, d]`` float32 (without the D skip or the gate) and the final state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._flash_vjp import KernelConfig
+from pallas_kernels._scan_math import backward_step, forward_step
+
+f32 = jnp.float32
+
+
+def _group_of(cfg):
+    """Index map helper: the B/C group of channel block ``di``."""
+    if cfg.groups == 1:
+        return lambda di: 0
+    return lambda di: jnp.minimum(di * cfg.block_d // cfg.per_group, cfg.groups - 1)
+
+
+# --- GPU (Triton): one program per (batch, channel block), a loop over time blocks ---------
+
+
+def _gpu_fwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, h0_ref, y_ref, hl_ref, st_ref, *,
+                    block_t, num_blocks):
+    At = At_ref[...]
+
+    def block(k, h):
+        st_ref[pl.ds(k, 1), :, :] = h[None]
+        for i in range(block_t):  # unrolled: the scan is latency-bound
+            row = pl.ds(k * block_t + i, 1)
+            h, _, y = forward_step(h, x_ref[row, :].astype(f32), dt_ref[row, :], At,
+                                   Bt_ref[:, row].astype(f32), Ct_ref[:, row].astype(f32))
+            y_ref[row, :] = y
+        return h
+
+    hl_ref[...] = jax.lax.fori_loop(0, num_blocks, block, h0_ref[...])
+
+
+def _gpu_bwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, st_ref, dy_ref, dhl_ref,
+                    dx_ref, ddt_ref, dAt_ref, dBt_ref, dCt_ref, dh0_ref, *, block_t, num_blocks):
+    At = At_ref[...]
+
+    def block(kk, carry):
+        g, dA = carry
+        k = num_blocks - 1 - kk
+        rows = [pl.ds(k * block_t + i, 1) for i in range(block_t)]
+        x = [x_ref[r, :].astype(f32) for r in rows]
+        dt = [dt_ref[r, :] for r in rows]
+        B = [Bt_ref[:, r].astype(f32) for r in rows]
+        C = [Ct_ref[:, r].astype(f32) for r in rows]
+        hs, decays = [st_ref[pl.ds(k, 1), :, :][0]], []
+        for i in range(block_t):  # recompute this block's states from its saved start
+            h, a, _ = forward_step(hs[-1], x[i], dt[i], At, B[i], C[i])
+            hs.append(h)
+            decays.append(a)
+        for i in reversed(range(block_t)):
+            g, dx, ddt, dA_t, dB, dC = backward_step(
+                g, hs[i], hs[i + 1], decays[i], dy_ref[rows[i], :], x[i], dt[i], At, B[i], C[i])
+            dA = dA + dA_t
+            dx_ref[rows[i], :] = dx
+            ddt_ref[rows[i], :] = ddt
+            dBt_ref[:, rows[i]] = dB
+            dCt_ref[:, rows[i]] = dC
+        return g, dA
+
+    g, dA = jax.lax.fori_loop(0, num_blocks, block, (dhl_ref[...], jnp.zeros_like(At)))
+    dh0_ref[...] = g
+    dAt_ref[...] = dA
+
+
+def _gpu_specs(cfg, batch, length, d, n):
+    group = _group_of(cfg)
+    bd = cfg.block_d
+    seq = pl.BlockSpec((None, length, bd), lambda b, c: (b, 0, c))
+    col = pl.BlockSpec((None, None, n, length), lambda b, c: (b, group(c), 0, 0))
+    state = pl.BlockSpec((None, n, bd), lambda b, c: (b, 0, c))
+    return dict(seq=seq, col=col, state=state, At=pl.BlockSpec((n, bd), lambda b, c: (0, c)),
+                starts=pl.BlockSpec((None, length // cfg.block_t, n, bd), lambda b, c: (b, 0, 0, c)),
+                own_col=pl.BlockSpec((None, None, n, length), lambda b, c: (b, c, 0, 0)),
+                grid=(batch, d // bd))
+
+
+def _gpu_params(cfg):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def _gpu_forward(x, dt, At, Bt, Ct, h0, cfg):
+    batch, length, d = x.shape
+    n = At.shape[0]
+    s = _gpu_specs(cfg, batch, length, d, n)
+    num_blocks = length // cfg.block_t
+    return pl.pallas_call(
+        functools.partial(_gpu_fwd_kernel, block_t=cfg.block_t, num_blocks=num_blocks),
+        grid=s["grid"],
+        in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["state"]],
+        out_specs=[s["seq"], s["state"], s["starts"]],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, n, d), f32),
+                   jax.ShapeDtypeStruct((batch, num_blocks, n, d), f32)],
+        compiler_params=_gpu_params(cfg), interpret=cfg.interpret, name="selective_scan_fwd",
+    )(x, dt, At, Bt, Ct, h0)
+
+
+def _gpu_backward(x, dt, At, Bt, Ct, starts, dy, dhl, cfg):
+    batch, length, d = x.shape
+    n = At.shape[0]
+    s = _gpu_specs(cfg, batch, length, d, n)
+    blocks_d = d // cfg.block_d
+    return pl.pallas_call(
+        functools.partial(_gpu_bwd_kernel, block_t=cfg.block_t, num_blocks=length // cfg.block_t),
+        grid=s["grid"],
+        in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["starts"], s["seq"],
+                  s["state"]],
+        out_specs=[s["seq"], s["seq"], s["state"], s["own_col"], s["own_col"], s["state"]],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, n, d), f32),
+                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
+                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
+                   jax.ShapeDtypeStruct((batch, n, d), f32)],
+        compiler_params=_gpu_params(cfg), interpret=cfg.interpret, name="selective_scan_bwd",
+    )(x, dt, At, Bt, Ct, starts, dy, dhl)
+
+
+# --- the custom VJP, shared by both backends ------------------------------------------------
+
+
+def _kernels(cfg):
+    if cfg.backend == "tpu":
+        from pallas_kernels import selective_scan_tpu
+
+        return selective_scan_tpu.forward, selective_scan_tpu.backward
+    return _gpu_forward, _gpu_backward
+
+
+def _sum_channel_blocks(dBt, cfg):
+    """``[b, channel blocks, N, L]`` partial sums -> ``[b, groups, N, L]``."""
+    batch, blocks, n, length = dBt.shape
+    if cfg.groups == 1:
+        return dBt.sum(axis=1, keepdims=True)
+    per_group_blocks = cfg.per_group // cfg.block_d
+    real = cfg.groups * per_group_blocks  # blocks past the real channels are padding
+    return dBt[:, :real].reshape(batch, cfg.groups, per_group_blocks, n, length).sum(axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def scan_core(x, dt, At, Bt, Ct, h0, cfg: KernelConfig):
+    """``(y [b, L, d] float32, final state [b, N, d])``; see the module docstring."""
+    y, h_last, _ = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, cfg)
+    return y, h_last
+
+
+def _scan_core_fwd(x, dt, At, Bt, Ct, h0, cfg):
+    y, h_last, starts = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, cfg)
+    return (y, h_last), (x, dt, At, Bt, Ct, starts)
+
+
+def _scan_core_bwd(cfg, residuals, cotangents):
+    x, dt, At, Bt, Ct, starts = residuals
+    dy, dh_last = cotangents
+    dx, ddt, dAt, dBt, dCt, dh0 = _kernels(cfg)[1](x, dt, At, Bt, Ct, starts,
+                                                   dy.astype(f32), dh_last.astype(f32), cfg)
+    return (dx.astype(x.dtype), ddt, dAt.sum(axis=0),
+            _sum_channel_blocks(dBt, cfg).astype(Bt.dtype),
+            _sum_channel_blocks(dCt, cfg).astype(Ct.dtype), dh0)
+
+
+scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
+
+
+def scan_config(*, backend: str, interpret: bool, groups: int, per_group: int, block_t: int,
+                block_d: int, num_warps: int = 1) -> KernelConfig:
+    return KernelConfig(backend=backend, interpret=bool(interpret), groups=int(groups),
+                        per_group=int(per_group), block_t=int(block_t), block_d=int(block_d),
+                        num_warps=int(num_warps))

@@ -1,0 +1,164 @@
+"""Mamba-1 selective scan for TPUs (Pallas, Mosaic), forward and backward.
+
+Same contract and layout as the GPU kernels in :mod:`pallas_kernels.selective_scan`. The grid
+is (batch, channel block, time block) with time innermost and sequential ("arbitrary"): each
+step's BlockSpecs bring one ``[T, BD]`` tile of x/dt and one ``[N, T]`` tile of B/C into VMEM,
+and the ``[N, BD]`` state is carried between steps in VMEM scratch. The backward grid walks
+time blocks in reverse through its index maps, recomputes the block's states from the saved
+start into a ``[T + 1, N, BD]`` scratch, and carries dL/dh in scratch. Time steps inside a
+block are unrolled, so every index is static: rows of x/dt/dy are sublane loads from float32
+refs, and the per-step B/C column is picked from its ``[N, T]`` tile by a masked lane
+reduction (gradient columns are merged into whole tiles by a masked select), so Mosaic never
+sees a lane-unaligned slice. Needs ``T`` a multiple of 128 (the lane dimension of the B/C
+tiles), ``BD`` a multiple of 128, and x in float32 (the wrapper casts).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels._scan_math import backward_step, forward_step
+
+f32 = jnp.float32
+
+
+def _column(tile, lane, i):
+    """Column ``i`` of an ``[N, T]`` tile as ``[N, 1]``."""
+    return jnp.sum(jnp.where(lane == i, tile, 0.0), axis=1, keepdims=True)
+
+
+def _fwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, h0_ref, y_ref, hl_ref, st_ref, h_scr, *,
+                block_t, num_blocks):
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _():
+        h_scr[...] = h0_ref[...]
+
+    h = h_scr[...]
+    st_ref[...] = h
+    At = At_ref[...]
+    Bt, Ct = Bt_ref[...].astype(f32), Ct_ref[...].astype(f32)
+    lane = jax.lax.broadcasted_iota(jnp.int32, Bt.shape, 1)
+    for i in range(block_t):
+        row = pl.ds(i, 1)
+        h, _, y = forward_step(h, x_ref[row, :], dt_ref[row, :], At, _column(Bt, lane, i),
+                               _column(Ct, lane, i))
+        y_ref[row, :] = y
+    h_scr[...] = h
+
+    @pl.when(k == num_blocks - 1)
+    def _():
+        hl_ref[...] = h
+
+
+def _bwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, st_ref, dy_ref, dhl_ref,
+                dx_ref, ddt_ref, dAt_ref, dBt_ref, dCt_ref, dh0_ref, g_scr, hs_scr, *,
+                block_t, num_blocks):
+    kk = pl.program_id(2)  # time blocks in reverse: block num_blocks - 1 - kk
+
+    @pl.when(kk == 0)
+    def _():
+        g_scr[...] = dhl_ref[...]
+        dAt_ref[...] = jnp.zeros_like(dAt_ref)
+
+    At = At_ref[...]
+    Bt, Ct = Bt_ref[...].astype(f32), Ct_ref[...].astype(f32)
+    lane = jax.lax.broadcasted_iota(jnp.int32, Bt.shape, 1)
+    h = st_ref[...]
+    hs_scr[0] = h
+    for i in range(block_t):  # recompute the block's states from its saved start
+        row = pl.ds(i, 1)
+        h, _, _ = forward_step(h, x_ref[row, :], dt_ref[row, :], At, _column(Bt, lane, i),
+                               _column(Ct, lane, i))
+        hs_scr[i + 1] = h
+
+    g, dA = g_scr[...], jnp.zeros_like(At)
+    dB_tile, dC_tile = jnp.zeros_like(Bt), jnp.zeros_like(Ct)
+    for i in reversed(range(block_t)):
+        row = pl.ds(i, 1)
+        x_t, dt_t = x_ref[row, :], dt_ref[row, :]
+        g, dx, ddt, dA_t, dB, dC = backward_step(
+            g, hs_scr[i], hs_scr[i + 1], jnp.exp(dt_t * At), dy_ref[row, :], x_t, dt_t, At,
+            _column(Bt, lane, i), _column(Ct, lane, i))
+        dA = dA + dA_t
+        dx_ref[row, :] = dx
+        ddt_ref[row, :] = ddt
+        # columns land in whole [N, T] tiles (one full store per block, no lane-offset stores)
+        dB_tile = jnp.where(lane == i, dB, dB_tile)
+        dC_tile = jnp.where(lane == i, dC, dC_tile)
+    dBt_ref[...] = dB_tile
+    dCt_ref[...] = dC_tile
+    g_scr[...] = g
+    dAt_ref[...] += dA
+
+    @pl.when(kk == num_blocks - 1)
+    def _():
+        dh0_ref[...] = g
+
+
+def _specs(cfg, n, num_blocks, reverse):
+    bd, bt = cfg.block_d, cfg.block_t
+    t = (lambda k: num_blocks - 1 - k) if reverse else (lambda k: k)
+    if cfg.groups == 1:
+        group = lambda c: 0  # noqa: E731
+    else:
+        group = lambda c: c * bd // cfg.per_group  # noqa: E731
+    return dict(
+        tile=pl.BlockSpec((None, bt, bd), lambda b, c, k: (b, t(k), c)),
+        col=pl.BlockSpec((None, None, n, bt), lambda b, c, k: (b, group(c), 0, t(k))),
+        own_col=pl.BlockSpec((None, None, n, bt), lambda b, c, k: (b, c, 0, t(k))),
+        At=pl.BlockSpec((n, bd), lambda b, c, k: (0, c)),
+        state=pl.BlockSpec((None, n, bd), lambda b, c, k: (b, 0, c)),
+        start=pl.BlockSpec((None, None, n, bd), lambda b, c, k: (b, t(k), 0, c)))
+
+
+def _params():
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def forward(x, dt, At, Bt, Ct, h0, cfg):
+    batch, length, d = x.shape
+    n = At.shape[0]
+    num_blocks = length // cfg.block_t
+    s = _specs(cfg, n, num_blocks, reverse=False)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, block_t=cfg.block_t, num_blocks=num_blocks),
+        grid=(batch, d // cfg.block_d, num_blocks),
+        in_specs=[s["tile"], s["tile"], s["At"], s["col"], s["col"], s["state"]],
+        out_specs=[s["tile"], s["state"], s["start"]],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, n, d), f32),
+                   jax.ShapeDtypeStruct((batch, num_blocks, n, d), f32)],
+        scratch_shapes=[pltpu.VMEM((n, cfg.block_d), f32)],
+        compiler_params=_params(), interpret=cfg.interpret, name="selective_scan_fwd_tpu",
+    )(x, dt, At, Bt, Ct, h0)
+
+
+def backward(x, dt, At, Bt, Ct, starts, dy, dhl, cfg):
+    batch, length, d = x.shape
+    n = At.shape[0]
+    num_blocks = length // cfg.block_t
+    blocks_d = d // cfg.block_d
+    s = _specs(cfg, n, num_blocks, reverse=True)
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, block_t=cfg.block_t, num_blocks=num_blocks),
+        grid=(batch, blocks_d, num_blocks),
+        in_specs=[s["tile"], s["tile"], s["At"], s["col"], s["col"], s["start"], s["tile"],
+                  s["state"]],
+        out_specs=[s["tile"], s["tile"], s["state"], s["own_col"], s["own_col"], s["state"]],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, n, d), f32),
+                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
+                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
+                   jax.ShapeDtypeStruct((batch, n, d), f32)],
+        scratch_shapes=[pltpu.VMEM((n, cfg.block_d), f32),
+                        pltpu.VMEM((cfg.block_t + 1, n, cfg.block_d), f32)],
+        compiler_params=_params(), interpret=cfg.interpret, name="selective_scan_bwd_tpu",
+    )(x, dt, At, Bt, Ct, starts, dy, dhl)

@@ -1,0 +1,125 @@
+"""The selective-scan kernels (GPU/Triton and TPU/Mosaic): interpret mode against the lax.scan
+recurrence (outputs, final state and the gradient of every input), and lowering of the
+forward and backward kernels for CUDA and for TPU from this CPU host."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsparse.ops.ssm import _final_dt, selective_scan
+from jaxsparse.ops.ssm_pallas import kernel_scan
+from test_ssm import DIFFERENTIABLE, mamba1_inputs
+
+
+def _loss(implementation, args):
+    def loss(diff):
+        y, final = selective_scan(**(args | diff), return_final_state=True,
+                                  implementation=implementation)
+        return jnp.sum(y.astype(jnp.float32) * jnp.cos(y.astype(jnp.float32))) + jnp.sum(final)
+    return loss
+
+
+# length, d_inner, d_state, groups: odd lengths and widths (padded inside), several groups
+CASES = [(1, 8, 4, 1), (7, 40, 5, 2), (129, 64, 16, 2), (1000, 24, 3, 3)]
+
+
+@pytest.mark.parametrize("length, d_inner, d_state, groups", CASES,
+                         ids=[f"L{c[0]}" for c in CASES])
+def test_gpu_kernel_in_interpret_mode_matches_the_recurrence(length, d_inner, d_state, groups):
+    args = mamba1_inputs(length, 2, length, d_inner, d_state, groups)
+    y, final = selective_scan(**args, return_final_state=True, implementation="pallas_interpret")
+    ref_y, ref_final = selective_scan(**args, return_final_state=True, implementation="sequential")
+    np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
+    diff = {name: args[name] for name in DIFFERENTIABLE}
+    grads = jax.grad(_loss("pallas_interpret", args))(diff)
+    ref_grads = jax.grad(_loss("sequential", args))(diff)
+    for name in DIFFERENTIABLE:
+        scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
+        np.testing.assert_allclose(grads[name], ref_grads[name], atol=1e-4 * scale, rtol=1e-4,
+                                   err_msg=f"d{name}")
+
+
+def test_gpu_kernel_bf16_inputs_accumulate_in_float32():
+    args = mamba1_inputs(5, 2, 300, 32, 16, 1, dtype=jnp.bfloat16)
+    y = selective_scan(**args, implementation="pallas_interpret")
+    # the reference sees the same bf16-rounded inputs, in float32 all the way
+    as_f32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    ref = selective_scan(**as_f32, implementation="sequential")
+    assert y.dtype == jnp.bfloat16
+    scale = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, atol=2 * 2**-8 * scale, rtol=2**-7)
+
+
+@pytest.mark.parametrize("length, d_inner, d_state, groups", [(21, 130, 5, 1), (19, 256, 16, 2)])
+def test_tpu_kernel_in_interpret_mode_matches_the_recurrence(length, d_inner, d_state, groups):
+    """The TPU kernel's logic in interpret mode. On hardware its time block is 128 (a lane
+    width); interpret mode does not check tiling, so a block of 8 keeps the unrolled trace
+    small here while running the same code (block boundaries included)."""
+    a = mamba1_inputs(length, 2, length, d_inner, d_state, groups)
+    dt = _final_dt(a["dt"], a["dt_bias"], True)
+    primals = (a["x"], dt, a["A"], a["B"], a["C"], a["initial_state"])
+
+    def tpu(*p):
+        return kernel_scan(*p, backend="tpu", interpret=True, block_t=8)
+
+    def ref(x, dt, A, B, C, h0):
+        return selective_scan(x, dt, A, B, C, initial_state=h0, dt_softplus=False,
+                              return_final_state=True, implementation="sequential")
+
+    (y, final), vjp = jax.vjp(tpu, *primals)
+    (ref_y, ref_final), ref_vjp = jax.vjp(ref, *primals)
+    np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
+    cotangents = (jnp.cos(ref_y), jnp.sin(ref_final))
+    for name, g, g_ref in zip(("x", "dt", "A", "B", "C", "h0"), vjp(cotangents),
+                              ref_vjp(cotangents)):
+        scale = float(jnp.abs(g_ref).max()) + 1e-6
+        np.testing.assert_allclose(g, g_ref, atol=1e-4 * scale, rtol=1e-4, err_msg=f"d{name}")
+
+
+def _scan_fn(args):
+    def f(x, dt, B, C):
+        return selective_scan(x, dt, args["A"], B, C, D=args["D"], z=args["z"],
+                              dt_bias=args["dt_bias"], implementation="pallas")
+    return f, (args["x"], args["dt"], args["B"], args["C"])
+
+
+def _count(fn, primals, platform, pattern):
+    text = jax.jit(fn).trace(*primals).lower(lowering_platforms=(platform,)).as_text()
+    return len(re.findall(pattern, text))
+
+
+def _grad(f):
+    return jax.grad(lambda *p: f(*p).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+
+
+def test_kernels_lower_for_cuda_from_a_cpu_host():
+    f, primals = _scan_fn(mamba1_inputs(0, 2, 300, 96, 16, 2, dtype=jnp.bfloat16))
+    triton = r"custom_call @__gpu\$xla\.gpu\.triton"
+    assert _count(f, primals, "cuda", triton) == 1  # forward
+    assert _count(_grad(f), primals, "cuda", triton) == 2  # forward (saving states) + backward
+
+
+def test_kernels_lower_for_tpu_from_a_cpu_host(tpu_lowering_target):
+    f, primals = _scan_fn(mamba1_inputs(0, 2, 300, 256, 16, 2, dtype=jnp.bfloat16))
+    mosaic = r"custom_call @tpu_custom_call"
+    assert _count(f, primals, "tpu", mosaic) == 1
+    assert _count(_grad(f), primals, "tpu", mosaic) == 2
+
+
+def test_pallas_on_cpu_runs_the_chunked_scan():
+    args = mamba1_inputs(1, 2, 50, 8, 4, 1)
+    y = selective_scan(**args, implementation="pallas")
+    np.testing.assert_allclose(y, selective_scan(**args, implementation="sequential"),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_tpu_kernel_refuses_groups_that_split_a_lane_block():
+    a = mamba1_inputs(0, 1, 8, 96, 4, 2)
+    with pytest.raises(ValueError, match=r"d_inner/groups \(=48\)"):
+        kernel_scan(a["x"], a["dt"], a["A"], a["B"], a["C"], a["initial_state"], backend="tpu",
+                    interpret=True)
