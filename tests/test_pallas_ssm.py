@@ -123,3 +123,21 @@ def test_tpu_kernel_refuses_groups_that_split_a_lane_block():
     with pytest.raises(ValueError, match=r"d_inner/groups \(=48\)"):
         kernel_scan(a["x"], a["dt"], a["A"], a["B"], a["C"], a["initial_state"], backend="tpu",
                     interpret=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (run experiments/gpu_check.sh on one)")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernel_on_gpu_matches_the_recurrence(dtype):
+    args = mamba1_inputs(9, 2, 1000, 256, 16, 1, dtype=dtype)
+    y = selective_scan(**args, implementation="pallas")
+    ref = selective_scan(**args, implementation="sequential")
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-4
+    np.testing.assert_allclose(y.astype(jnp.float32), ref.astype(jnp.float32), atol=tol, rtol=tol)
+    diff = {name: args[name] for name in DIFFERENTIABLE}
+    grads = jax.grad(_loss("pallas", args))(diff)
+    ref_grads = jax.grad(_loss("sequential", args))(diff)
+    for name in DIFFERENTIABLE:
+        scale = float(jnp.abs(ref_grads[name].astype(jnp.float32)).max()) + 1e-6
+        np.testing.assert_allclose(grads[name].astype(jnp.float32),
+                                   ref_grads[name].astype(jnp.float32), atol=4 * tol * scale,
+                                   rtol=4 * tol, err_msg=f"d{name}")

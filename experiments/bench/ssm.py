@@ -9,7 +9,9 @@ states: written and read once each) — the fused chunked scan never materialise
 figure is an effective rate and may exceed the copy bandwidth; for Mamba-2 the inputs and
 outputs only.
 
-    jaxsparse bench ssm [--lengths 1024 8192 65536]
+    jaxsparse bench ssm [--lengths 1024 8192 65536] [--batch 8 --d-inner 1536 --backward]
+
+On GPU/TPU the Mamba-1 rows include ``"pallas"`` (the kernel).
 """
 
 from __future__ import annotations
@@ -40,23 +42,34 @@ def peak_mb(fn, *args) -> float:
         return float("nan")
 
 
-def mamba1_rows(length, d_inner, d_state, repeats, chunk):
+def mamba1_implementations():
+    impls = ["sequential", "associative", "chunked"]
+    # on CPU "pallas" is the chunked scan again; on GPU/TPU it is the kernel
+    return impls + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else [])
+
+
+def mamba1_rows(length, batch, d_inner, d_state, repeats, chunk, backward):
     k = jax.random.split(jax.random.key(0), 5)
-    x = jax.random.normal(k[0], (1, length, d_inner))
-    dt = jax.random.normal(k[1], (1, length, d_inner))
+    x = jax.random.normal(k[0], (batch, length, d_inner))
+    dt = jax.random.normal(k[1], (batch, length, d_inner))
     A = -jnp.exp(jax.random.normal(k[2], (d_inner, d_state)))
-    B = jax.random.normal(k[3], (1, length, 1, d_state))
-    C = jax.random.normal(k[4], (1, length, 1, d_state))
-    moved = 6 * 4 * length * d_inner * d_state
+    B = jax.random.normal(k[3], (batch, length, 1, d_state))
+    C = jax.random.normal(k[4], (batch, length, 1, d_state))
+    moved = 6 * 4 * batch * length * d_inner * d_state * (3 if backward else 1)
     rows, base = [], None
-    for impl in ("sequential", "associative", "chunked"):
-        fn = jax.jit(lambda x, dt, A, B, C, impl=impl: selective_scan(
-            x, dt, A, B, C, implementation=impl, chunk_size=chunk))
+    for impl in mamba1_implementations():
+        def scan(x, dt, A, B, C, impl=impl):
+            return selective_scan(x, dt, A, B, C, implementation=impl, chunk_size=chunk)
+        if backward:  # forward + the gradient of every input
+            fn = jax.jit(jax.grad(lambda *a, f=scan: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4)))
+        else:
+            fn = jax.jit(scan)
         t = time_fn(fn, x, dt, A, B, C, warmup=1, repeats=repeats).median_s
         base = t if impl == "sequential" else base
-        rows.append({"op": "selective_scan", "impl": impl, "L": length, "ms": t * 1e3,
-                     "tokens_per_s": length / t, "speedup_vs_lax_scan": base / t,
-                     "peak_mb": peak_mb(fn, x, dt, A, B, C), "gb_per_s": moved / t / 1e9})
+        rows.append({"op": "selective_scan" + (" fwd+bwd" if backward else ""), "impl": impl,
+                     "L": length, "ms": t * 1e3, "tokens_per_s": batch * length / t,
+                     "speedup_vs_lax_scan": base / t, "peak_mb": peak_mb(fn, x, dt, A, B, C),
+                     "gb_per_s": moved / t / 1e9})
     return rows
 
 
@@ -84,6 +97,7 @@ def mamba2_rows(length, heads, head_dim, d_state, repeats, chunk):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
+    parser.add_argument("--batch", type=int, default=1, help="Mamba-1 batch")
     parser.add_argument("--d-inner", type=int, default=256)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--heads", type=int, default=8)
@@ -91,22 +105,33 @@ def main(argv=None) -> None:
     parser.add_argument("--ssd-state", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backward", action="store_true",
+                        help="also time Mamba-1 forward + backward")
+    parser.add_argument("--skip-ssd", action="store_true", help="Mamba-1 rows only")
+    parser.add_argument("--name", default="ssm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
     rows = []
     for length in args.lengths:
-        rows += mamba1_rows(length, args.d_inner, args.d_state, args.repeats, args.chunk)
-        rows += mamba2_rows(length, args.heads, args.head_dim, args.ssd_state, args.repeats, args.chunk)
+        rows += mamba1_rows(length, args.batch, args.d_inner, args.d_state, args.repeats,
+                            args.chunk, backward=False)
+        if args.backward:
+            rows += mamba1_rows(length, args.batch, args.d_inner, args.d_state, args.repeats,
+                                args.chunk, backward=True)
+        if not args.skip_ssd:
+            rows += mamba2_rows(length, args.heads, args.head_dim, args.ssd_state, args.repeats,
+                                args.chunk)
     for row in rows:
         row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bandwidth
     columns = ["op", "impl", "L", "ms", "tokens_per_s", "speedup_vs_lax_scan", "peak_mb",
                "gb_per_s", "fraction_of_copy_bw"]
-    notes = (f"Batch 1; Mamba-1 d_inner {args.d_inner}, N {args.d_state}; Mamba-2 {args.heads} "
-             f"heads x {args.head_dim}, N {args.ssd_state}; float32, forward only, "
+    notes = (f"Mamba-1 batch {args.batch}, d_inner {args.d_inner}, N {args.d_state}; Mamba-2 "
+             f"batch 1, {args.heads} heads x {args.head_dim}, N {args.ssd_state}; float32, "
+             f"{'forward and forward+backward' if args.backward else 'forward only'}, "
              f"{jax.default_backend()}. Peer: the lax.scan recurrence in the same run; copy "
              f"bandwidth {bandwidth / 1e9:.1f} GB/s (x + 1 over 256 MiB).")
-    write_results("ssm", rows, columns, args.out, notes)
+    write_results(args.name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
 
 
