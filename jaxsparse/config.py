@@ -53,6 +53,22 @@ class ModelConfig:
     ssm_groups: int = 1  # Mamba-2 groups of B and C
     ssm_chunk: int = 64
     ssm_impl: str | None = None  # Mamba-1 scan implementation (ops.ssm.selective_scan)
+    # mixture of experts (jaxsparse.nn.MoE) in the Transformer's feed-forward layers
+    moe_experts: int = 0  # 0: dense feed-forward everywhere
+    moe_k: int = 2  # experts per token (the starting k of the random router's schedule)
+    moe_every: int = 2  # MoE in every n-th layer (layers n-1, 2n-1, ...)
+    moe_d_ff: int | None = None  # expert hidden width; None: d_ff
+    moe_shared_experts: int = 0  # always-on experts of the same width, beside the routed ones
+    moe_router: str = "top_k"  # top_k | random (SMoE-Dropout); expert_choice is non-causal
+    moe_capacity_factor: float | None = None  # None: dropless
+    moe_renormalize: bool = True  # top-k weights rescaled to sum to 1
+    moe_jitter: float = 0.0  # multiplicative router-input noise in training (Switch: 0.01)
+    moe_chunk: int = 0  # > 0: route chunks of this many tokens as one (causal pooling)
+    moe_aux_weight: float = 0.01  # load-balancing loss weight
+    moe_z_weight: float = 1e-3  # router z-loss weight
+    moe_k_end: int | None = None  # random router: k grows linearly from moe_k to this
+    moe_k_schedule_steps: int = 1000  # ... over this many steps
+    moe_grouped_impl: str | None = None  # ops.moe.grouped_matmul implementation
 
     @property
     def resolved_head_dim(self) -> int:
@@ -242,6 +258,26 @@ def _matches(value: Any, annotation: Any) -> bool:
     return False
 
 
+def _validate_moe(m: ModelConfig) -> None:
+    if m.moe_experts == 0:
+        return
+    _check(m.moe_experts >= 1, f"model.moe_experts={m.moe_experts}: must be >= 0")
+    _check(1 <= m.moe_k <= m.moe_experts,
+           f"model.moe_k={m.moe_k}: must be in [1, model.moe_experts={m.moe_experts}]")
+    _check(m.moe_every >= 1, f"model.moe_every={m.moe_every}: must be >= 1")
+    _check(m.moe_capacity_factor is None or m.moe_capacity_factor > 0,
+           f"model.moe_capacity_factor={m.moe_capacity_factor}: must be > 0, or None (dropless)")
+    _check(m.moe_router != "expert_choice",
+           "model.moe_router='expert_choice': each expert would pick among all tokens, later "
+           "ones included, which leaks the future in a causal decoder; use 'top_k' or 'random'")
+    _check(m.moe_router in ("top_k", "random"),
+           f"model.moe_router={m.moe_router!r}: allowed ('top_k', 'random')")
+    _check(m.moe_k_end is None or m.moe_k <= m.moe_k_end <= m.moe_experts,
+           f"model.moe_k_end={m.moe_k_end}: must be in [model.moe_k={m.moe_k}, "
+           f"model.moe_experts={m.moe_experts}]")
+    _check(m.moe_chunk >= 0, f"model.moe_chunk={m.moe_chunk}: must be >= 0")
+
+
 def validate(cfg: Config) -> Config:
     """Check types and impossible values; returns ``cfg`` unchanged so calls can chain."""
     for section in SECTIONS:
@@ -272,6 +308,7 @@ def validate(cfg: Config) -> Config:
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: allowed {DTYPES}")
     _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: allowed {DTYPES}")
     _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
+    _validate_moe(m)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.path is None or d.task == "text",
            f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")

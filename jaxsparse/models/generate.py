@@ -23,6 +23,7 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k"))
 def _generate(graphdef, state, prompt_BP, rng, *, max_new_tokens, temperature, top_k):
     model = nnx.merge(graphdef, state)
+    model.eval()  # inference behaviour (e.g. MoE layers sow nothing inside the scan below)
     batch, prompt_len = prompt_BP.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     logits, cache = model.decode(prompt_BP, cache)

@@ -1,7 +1,7 @@
 """The language-model shell shared by every architecture: embedding, a stack of residual
 blocks, final norm, output head, and cached decoding.
 
-A subclass names its ``block_class``: a module built as ``block_class(cfg, rngs=rngs)`` and
+A subclass names its ``block_class``: a module built as ``block_class(cfg, rngs=rngs, layer=i)`` and
 called as ``block(x, positions, segment_ids=..., cache=..., cache_index=...) -> (x, cache)``,
 with ``init_cache(batch, max_len, dtype)``; attention blocks cache keys and values,
 recurrent blocks their state, and generation works the same for both.
@@ -35,7 +35,7 @@ class LanguageModel(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
                            init_std=0.02 if cfg.tie_embeddings else 1.0, dtype=dtype,
                            param_dtype=param_dtype)
-        self.blocks = nnx.List([self.block_class(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([self.block_class(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         if not cfg.tie_embeddings:
             # Small initial logits: the first prediction is near uniform (loss ~ ln vocab).

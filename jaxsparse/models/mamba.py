@@ -35,7 +35,7 @@ def _out_scale(cfg):
 
 
 class Mamba1Block(_MixerBlock):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         if cfg.ssm_impl not in SCAN_IMPLEMENTATIONS:
             raise ConfigError(f"model.ssm_impl={cfg.ssm_impl!r}: allowed {SCAN_IMPLEMENTATIONS}")
         super().__init__(cfg, Mamba(cfg.d_model, d_state=cfg.d_state, expand=cfg.expand,
@@ -45,7 +45,7 @@ class Mamba1Block(_MixerBlock):
 
 
 class Mamba2Block(_MixerBlock):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         try:
             mixer = Mamba2(cfg.d_model, d_state=cfg.d_state, expand=cfg.expand, d_conv=cfg.d_conv,
                            head_dim=cfg.ssm_head_dim, groups=cfg.ssm_groups,

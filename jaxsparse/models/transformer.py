@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxsparse.config import ConfigError, ModelConfig
 from jaxsparse.models.lm import LanguageModel
-from jaxsparse.nn import Attention, RMSNorm, SwiGLU
+from jaxsparse.nn import Attention, MoE, RMSNorm, SwiGLU
 from jaxsparse.ops.attention import IMPLEMENTATIONS
 from jaxsparse.ops.mask_specs import parse_mask_spec
 from jaxsparse.parallel import constrain
@@ -26,8 +26,32 @@ def attention_mask(cfg: ModelConfig):
         raise ConfigError(f"model.attention_mask={cfg.attention_mask!r}: {err}") from None
 
 
+def uses_moe(cfg: ModelConfig, layer: int) -> bool:
+    """MoE feed-forward in every ``moe_every``-th layer, counting from the second (layers
+    1, 3, ... for 2), as Switch/GShard alternate dense and sparse layers."""
+    return cfg.moe_experts > 0 and layer % cfg.moe_every == cfg.moe_every - 1
+
+
+def feed_forward(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: float):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if not uses_moe(cfg, layer):
+        return SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, out_init_scale=out_scale, dtype=dtype,
+                      param_dtype=param_dtype)
+    try:
+        return MoE(cfg.d_model, cfg.moe_d_ff or cfg.d_ff, cfg.moe_experts, cfg.moe_k, rngs=rngs,
+                   router=cfg.moe_router, capacity_factor=cfg.moe_capacity_factor,
+                   renormalize=cfg.moe_renormalize, jitter=cfg.moe_jitter, chunk=cfg.moe_chunk,
+                   causal=True, shared_experts=cfg.moe_shared_experts,
+                   aux_weight=cfg.moe_aux_weight, z_weight=cfg.moe_z_weight,
+                   k_end=cfg.moe_k_end, k_schedule_steps=cfg.moe_k_schedule_steps,
+                   grouped_impl=cfg.moe_grouped_impl, out_init_scale=out_scale, dtype=dtype,
+                   param_dtype=param_dtype)
+    except ValueError as err:
+        raise ConfigError(f"model.moe_*: {err}") from None
+
+
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2 style: scale residual-branch outputs by 1/(2 n_layers) in variance so that the
         # residual stream does not grow with depth.
@@ -38,8 +62,7 @@ class Block(nnx.Module):
                               mask=attention_mask(cfg), implementation=cfg.attention_impl, dtype=dtype,
                               param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, out_init_scale=out_scale,
-                          dtype=dtype, param_dtype=param_dtype)
+        self.mlp = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
 
     def init_cache(self, batch, max_len, dtype):
         return self.attn.init_cache(batch, max_len, dtype)

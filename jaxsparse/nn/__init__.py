@@ -5,6 +5,7 @@ from jaxsparse.nn.embedding import Embed
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mamba import Mamba, Mamba2
 from jaxsparse.nn.mlp import SwiGLU
+from jaxsparse.nn.moe import MoE
 from jaxsparse.nn.norm import RMSNorm
 
-__all__ = ["Attention", "Embed", "Linear", "Mamba", "Mamba2", "RMSNorm", "SwiGLU"]
+__all__ = ["Attention", "Embed", "Linear", "Mamba", "Mamba2", "MoE", "RMSNorm", "SwiGLU"]

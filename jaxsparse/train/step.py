@@ -12,14 +12,28 @@ from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup
 
 
-def _aux_losses(model) -> jax.Array:
-    """Sum of every ``aux_loss`` a module sowed (``self.sow(nnx.Intermediate, "aux_loss", x)``)."""
+def _sown(model) -> dict[str, list[jax.Array]]:
+    """Everything modules sowed (``self.sow(nnx.Intermediate, name, x)``), by name."""
     sown = nnx.pop(model, nnx.Intermediate)
-    total = jnp.zeros((), jnp.float32)
+    by_name: dict[str, list[jax.Array]] = {}
     for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(sown))[0]:
-        if any(getattr(k, "key", None) == "aux_loss" for k in path):
-            total = total + jnp.sum(value)
-    return total
+        names = [getattr(k, "key", None) for k in path]
+        name = next((n for n in reversed(names) if isinstance(n, str)), None)
+        by_name.setdefault(name, []).append(value)
+    return by_name
+
+
+def _aux_losses(model) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sum of every sown ``aux_loss`` (added to the training loss), and MoE statistics
+    averaged over layers: ``moe_max_load`` (the busiest expert's share times the number of
+    experts: 1.0 is perfect balance) and ``moe_dropped`` (fraction of assignments dropped)."""
+    sown = _sown(model)
+    total = sum((jnp.sum(v) for v in sown.get("aux_loss", [])), jnp.zeros((), jnp.float32))
+    stats = {}
+    if "moe_load" in sown:
+        stats["moe_max_load"] = jnp.mean(jnp.stack([jnp.max(v) * v.shape[-1] for v in sown["moe_load"]]))
+        stats["moe_dropped"] = jnp.mean(jnp.stack(sown["moe_dropped"]))
+    return total, stats
 
 
 def masked_token_stats(logits, targets, mask):
@@ -36,12 +50,12 @@ def make_train_step(setup: TrainSetup):
     def loss_fn(params, rest, batch):
         model = setup.model(params, rest)
         logits = model(batch["inputs"])
-        aux = _aux_losses(model)
+        aux, moe_stats = _aux_losses(model)
         ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
         loss = ce_sum / jnp.maximum(count, 1.0)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss + aux, {"loss": loss, "aux_loss": aux, "accuracy": correct / jnp.maximum(count, 1.0),
-                            "rest": new_rest}
+                            "rest": new_rest, "moe": moe_stats}
 
     def step(state, batch):
         grads, out = jax.grad(loss_fn, has_aux=True)(state["params"], state["rest"], batch)
@@ -49,7 +63,7 @@ def make_train_step(setup: TrainSetup):
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             "loss": out["loss"], "aux_loss": out["aux_loss"], "accuracy": out["accuracy"],
-            "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]), **out["moe"],
         }
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                      "rest": out["rest"] if out["rest"] else state["rest"]}
@@ -66,7 +80,9 @@ def make_train_step(setup: TrainSetup):
 def make_eval_step(setup: TrainSetup):
     def step(params, rest, batch):
         with activation_sharding(setup.mesh):
-            logits = setup.model(params, rest)(batch["inputs"])
+            model = setup.model(params, rest)
+            model.eval()  # e.g. no router jitter
+            logits = model(batch["inputs"])
         return masked_token_stats(logits, batch["targets"], batch["mask"])
 
     return jax.jit(step, in_shardings=(setup.state_shardings["params"],

@@ -1,0 +1,76 @@
+"""Shared runner for the SSM studies: train a list of named configurations (each its own
+workdir, resumable), then write a results table (json + md) and an accuracy-vs-step plot.
+
+Accuracy is the evaluation accuracy on answer tokens only (the tasks' loss masks), on
+``eval.batches`` held-out batches drawn from a separate stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from jaxsparse import configs
+from jaxsparse.bench import write_results
+from jaxsparse.config import apply_overrides
+from jaxsparse.models import count_params
+from jaxsparse.train.loop import train
+from jaxsparse.train.metrics import read_metrics
+
+COMMON = ["train.tensorboard=false", "eval.sample_tokens=0", "model.tie_embeddings=false"]
+BASES = {"transformer": "transformer_tiny", "mamba": "mamba_tiny", "mamba2": "mamba2_tiny"}
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    model: str  # registry name: transformer, mamba, mamba2
+    overrides: tuple[str, ...]
+
+
+def eval_curve(workdir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["accuracy"]) for r in read_metrics(workdir) if r["split"] == "eval"]
+
+
+def run_study(name: str, runs: Sequence[Run], shared: Sequence[str], out_dir: str | Path,
+              notes: str) -> list[dict]:
+    out_dir = Path(out_dir)
+    rows, curves = [], {}
+    for run in runs:
+        cfg = apply_overrides(configs.get(BASES[run.model]),
+                              COMMON + [f"model.name={run.model}"] + list(shared) + list(run.overrides))
+        workdir = out_dir / "runs" / run.label
+        print(f"== {run.label}: {count_params(cfg.model):,} parameters", flush=True)
+        start = time.perf_counter()
+        result = train(cfg, workdir, sample=False)
+        curve = eval_curve(workdir)
+        curves[run.label] = curve
+        rows.append({"model": run.label, "params": count_params(cfg.model),
+                     "steps": result.step, "eval_accuracy": result.eval_metrics["accuracy"],
+                     "best_eval_accuracy": max(a for _, a in curve),
+                     "eval_loss": result.eval_metrics["loss"],
+                     "minutes": (time.perf_counter() - start) / 60})
+    columns = ["model", "params", "steps", "eval_accuracy", "best_eval_accuracy", "eval_loss",
+               "minutes"]
+    write_results(name, rows, columns, out_dir, notes)
+    plot_curves(curves, out_dir / f"{name}.png", title=name)
+    return rows
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        ax.plot([s for s, _ in curve], [a for _, a in curve], marker="o", label=label)
+    ax.set(xlabel="step", ylabel="eval accuracy (answer tokens)", title=title, ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

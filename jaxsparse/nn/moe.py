@@ -1,0 +1,169 @@
+"""Mixture-of-experts SwiGLU feed-forward layer.
+
+Routers: ``"top_k"`` token choice, ``"expert_choice"`` (non-causal only), ``"random"`` (a
+fixed, untrained router whose k grows during training: SMoE-Dropout, Chen et al. 2023).
+``capacity_factor=None`` is dropless (sorted rows, grouped matmuls); a number gives fixed
+per-expert buffers with priority dropping. ``chunk > 0`` routes chunks of that many
+consecutive tokens as one (from pooled representations; causally, from the previous chunk).
+Auxiliary losses are sown as ``aux_loss`` (the training step adds them to the loss); the
+per-expert load and the dropped fraction are sown as ``moe_load`` / ``moe_dropped`` for the
+training metrics. In eval mode (``Module.eval()``, used by evaluation and generation) nothing
+is sown or counted and the router gets no jitter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.nn.linear import Linear
+from jaxsparse.nn.mlp import SwiGLU
+from jaxsparse.ops.moe import (TokenChoice, capacity_dispatch, chunk_pool, dropless_dispatch,
+                               expert_capacity, expert_choice_capacity, expert_choice_dispatch,
+                               expert_choice_routing, expert_fractions, grouped_matmul,
+                               linear_k_schedule, load_balancing_loss, router_z_loss,
+                               top_k_routing, unchunk)
+
+ROUTERS = ("top_k", "expert_choice", "random")
+
+
+class RouterStep(nnx.Variable):
+    """Training steps seen by a layer (drives the SMoE-Dropout k schedule and the jitter
+    noise); not a parameter, carried in the train state."""
+
+
+def _expert_weights(rngs, shape, fan_in, logical_axes, scale, param_dtype):
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype) * std
+    return nnx.Param(w, logical_axes=logical_axes)
+
+
+class MoE(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int, *, rngs: nnx.Rngs,
+                 router: str = "top_k", capacity_factor: float | None = None,
+                 renormalize: bool = True, jitter: float = 0.0, chunk: int = 0,
+                 causal: bool = True, shared_experts: int = 0, aux_weight: float = 0.01,
+                 z_weight: float = 1e-3, k_end: int | None = None, k_schedule_steps: int = 1,
+                 grouped_impl: str | None = None, out_init_scale: float = 1.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r}: allowed {ROUTERS}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k={k}: must be in [1, num_experts={num_experts}]")
+        if k_end is not None and not k <= k_end <= num_experts:
+            raise ValueError(f"k_end={k_end}: must be in [k={k}, num_experts={num_experts}]")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0, or None (dropless)")
+        if router == "expert_choice" and causal:
+            raise ValueError("router='expert_choice' lets each expert pick among all tokens of "
+                             "the batch, later ones included, so it leaks the future; it cannot "
+                             "serve a causal decoder (use 'top_k')")
+        if router == "expert_choice" and chunk:
+            raise ValueError("router='expert_choice' does not support chunk-level routing")
+        self.num_experts, self.k, self.router_kind = num_experts, k, router
+        self.k_end = k_end if k_end is not None else k
+        self.k_schedule_steps = k_schedule_steps
+        self.capacity_factor, self.renormalize, self.jitter = capacity_factor, renormalize, jitter
+        self.chunk, self.causal = chunk, causal
+        self.aux_weight, self.z_weight = aux_weight, z_weight
+        self.grouped_impl, self.dtype = grouped_impl, dtype
+        self.eval_k: int | None = None  # inference-time k (SMoE-Dropout's "self-slimmable" use)
+        self.deterministic = False  # set by Module.eval(): no jitter
+        self.router = Linear(d_model, num_experts, logical_axes=("embed", None), rngs=rngs,
+                             dtype=jnp.float32, param_dtype=param_dtype)
+        if router == "random":  # a fixed random router: its kernel is not trained
+            self.router.kernel = nnx.Variable(self.router.kernel.get_value())
+        e, d, h = num_experts, d_model, d_ff
+        self.w_gate = _expert_weights(rngs, (e, d, h), d, ("expert", "embed", "mlp"), 1.0, param_dtype)
+        self.w_up = _expert_weights(rngs, (e, d, h), d, ("expert", "embed", "mlp"), 1.0, param_dtype)
+        self.w_down = _expert_weights(rngs, (e, h, d), h, ("expert", "mlp", "embed"),
+                                      out_init_scale, param_dtype)
+        self.shared = (SwiGLU(d_model, d_ff * shared_experts, rngs=rngs, out_init_scale=out_init_scale,
+                              dtype=dtype, param_dtype=param_dtype) if shared_experts else None)
+        self.step = RouterStep(jnp.zeros((), jnp.int32))
+        self.noise_key = RouterStep(jax.random.key_data(rngs.params()))
+
+    # --- experts -------------------------------------------------------------------------
+
+    def _weights(self):
+        return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
+    def _buffered_experts(self, x_ECD):
+        gate, up, down = self._weights()
+        hidden = (jax.nn.silu(jnp.einsum("ecd,edh->ech", x_ECD, gate))
+                  * jnp.einsum("ecd,edh->ech", x_ECD, up))
+        return jnp.einsum("ech,ehd->ecd", hidden, down)
+
+    def _grouped_experts(self, rows, group_sizes):
+        gate, up, down = self._weights()
+        gmm = lambda x, w: grouped_matmul(x, w, group_sizes, implementation=self.grouped_impl)  # noqa: E731
+        return gmm(jax.nn.silu(gmm(rows, gate)) * gmm(rows, up), down)
+
+    # --- routing -------------------------------------------------------------------------
+
+    def _active_k(self):
+        if self.eval_k is not None:
+            return self.eval_k
+        if self.k_end == self.k:
+            return None
+        return linear_k_schedule(self.step[...], k_start=self.k, k_end=self.k_end,
+                                 steps=self.k_schedule_steps)
+
+    def _router_input(self, x_BLD):
+        x = x_BLD.astype(jnp.float32)
+        if self.jitter and not self.deterministic:  # Switch: multiplicative U[1-eps, 1+eps]
+            key = jax.random.fold_in(jax.random.wrap_key_data(self.noise_key[...]), self.step[...])
+            x = x * jax.random.uniform(key, x.shape, jnp.float32, 1 - self.jitter, 1 + self.jitter)
+        return x
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        batch, length, d = x_BLD.shape
+        tokens = batch * length
+        x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
+        router_x = self._router_input(x_BLD)
+        if self.chunk:
+            router_x = chunk_pool(router_x, self.chunk, causal=self.causal)
+        logits = self.router(router_x)  # [B, L or L/chunk, E], float32
+        k_max = max(self.k_end, self.eval_k or 0)
+
+        if self.router_kind == "expert_choice":
+            capacity = expert_choice_capacity(tokens, self.num_experts, self.capacity_factor or self.k)
+            choice = expert_choice_routing(logits.reshape(tokens, -1), capacity)
+            y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
+            load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
+            dropped, aux = jnp.zeros(()), self.z_weight * router_z_loss(choice.logits)
+        else:
+            routed = top_k_routing(logits.reshape(-1, self.num_experts), k_max,
+                                   renormalize=self.renormalize, active_k=self._active_k())
+            if self.chunk:  # one decision per chunk, repeated for its tokens
+                expand = lambda t: unchunk(t.reshape(batch, length // self.chunk, *t.shape[1:]),  # noqa: E731
+                                           self.chunk).reshape(tokens, *t.shape[1:])
+                choice = TokenChoice(expand(routed.expert_index), expand(routed.weights),
+                                     routed.probs, routed.logits)
+            else:
+                choice = routed
+            if self.capacity_factor is None:
+                y_TD = dropless_dispatch(x_TD, choice, self._grouped_experts)
+                dropped = jnp.zeros(())
+            else:
+                capacity = expert_capacity(tokens, self.num_experts, k_max, self.capacity_factor)
+                y_TD, dropped = capacity_dispatch(x_TD, choice, self._buffered_experts, capacity)
+            load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)
+            aux = jnp.zeros(())
+            if self.router_kind == "top_k":  # a fixed random router has nothing to balance
+                aux = (self.aux_weight * load_balancing_loss(routed.probs, routed.expert_index,
+                                                            routed.weights)
+                       + self.z_weight * router_z_loss(routed.logits))
+
+        if not self.deterministic:  # training: losses, statistics, the step counter
+            self.sow(nnx.Intermediate, "aux_loss", aux)
+            self.sow(nnx.Intermediate, "moe_load", load)
+            self.sow(nnx.Intermediate, "moe_dropped", dropped)
+            self.step[...] = self.step[...] + 1
+        y = y_TD.reshape(batch, length, d)
+        if self.shared is not None:
+            y = y + self.shared(x_BLD)
+        return y.astype(x_BLD.dtype)

@@ -1,0 +1,89 @@
+"""Moving tokens to experts and back: capacity buffers with priority dropping, dropless
+sorting into groups, and expert-choice gathering.
+
+``experts(x_ECD) -> y_ECD`` maps per-expert token buffers; ``grouped(rows, group_sizes) ->
+rows`` maps rows sorted by expert. Outputs are combined with the router weights; a dropped
+token gets zeros (the residual connection carries it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxsparse.ops.moe.routing import ExpertChoice, TokenChoice
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float,
+                    minimum: int = 4) -> int:
+    """Slots per expert: ``round(capacity_factor * tokens * k / E)``, at least ``minimum``
+    (capped at the token count). With factor 1 the slots equal the assignments."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0 (or None: dropless)")
+    slots = max(int(round(capacity_factor * num_tokens * k / num_experts)), minimum)
+    return min(slots, num_tokens * k)
+
+
+def slot_positions(choice: TokenChoice, num_experts: int) -> jax.Array:
+    """``[T, k]`` position of each assignment in its expert's buffer, in priority order: every
+    token's first choice before any token's second choice (then by token order), as in
+    Switch/ST-MoE. Zero-weight choices take no slot (position -1)."""
+    active = choice.weights > 0
+    one_hot = jax.nn.one_hot(choice.expert_index.T, num_experts, dtype=jnp.int32)  # [k, T, E]
+    one_hot = one_hot * active.T[..., None]
+    k, tokens, _ = one_hot.shape
+    flat = one_hot.reshape(k * tokens, num_experts)
+    position = jnp.sum((jnp.cumsum(flat, axis=0) - 1) * flat, axis=-1)  # [k*T]
+    position = jnp.where(flat.sum(-1) > 0, position, -1)
+    return position.reshape(k, tokens).T
+
+
+def capacity_dispatch(x_TD, choice: TokenChoice, experts, capacity: int):
+    """Token-choice MoE with fixed per-expert buffers. Returns ``(y [T, D], dropped_fraction)``."""
+    tokens, d = x_TD.shape
+    num_experts = choice.probs.shape[-1]
+    position = slot_positions(choice, num_experts)
+    kept = (position >= 0) & (position < capacity)
+    slot = jnp.where(kept, position, capacity)  # out of range: dropped by the scatter
+    buffers = jnp.zeros((num_experts, capacity, d), x_TD.dtype)
+    token_of = jnp.broadcast_to(jnp.arange(tokens)[:, None], slot.shape)
+    buffers = buffers.at[choice.expert_index, slot].set(x_TD[token_of], mode="drop")
+    out = experts(buffers)  # [E, C, D]
+    gathered = out.at[choice.expert_index, slot].get(mode="fill", fill_value=0)  # [T, k, D]
+    weights = jnp.where(kept, choice.weights, 0.0).astype(out.dtype)
+    y = jnp.einsum("tk,tkd->td", weights, gathered)
+    active = jnp.sum(choice.weights > 0)
+    dropped = 1.0 - jnp.sum(kept) / jnp.maximum(active, 1)
+    return y, dropped
+
+
+def dropless_dispatch(x_TD, choice: TokenChoice, grouped):
+    """Token-choice MoE without dropping: sort the ``T * k`` assignments by expert, run the
+    experts as grouped matmuls over the sorted rows, un-sort and combine."""
+    tokens, d = x_TD.shape
+    num_experts = choice.probs.shape[-1]
+    k = choice.expert_index.shape[1]
+    flat_expert = choice.expert_index.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    rows = x_TD[order // k]
+    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    out_rows = grouped(rows, group_sizes)
+    unsorted = jnp.zeros_like(out_rows).at[order].set(out_rows).reshape(tokens, k, -1)
+    return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
+
+
+def expert_choice_dispatch(x_TD, choice: ExpertChoice, experts):
+    """Expert-choice MoE: gather each expert's tokens, run, scatter-add back weighted."""
+    out = experts(x_TD[choice.token_index])  # [E, C, D]
+    weighted = out * choice.weights[..., None].astype(out.dtype)
+    return jnp.zeros_like(x_TD, dtype=out.dtype).at[choice.token_index].add(weighted)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens per expert for expert choice: ``capacity_factor * T / E`` (factor 2: each token
+    is processed twice on average, like top-2)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0")
+    return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts)))

@@ -1,0 +1,32 @@
+"""Auxiliary router losses and routing statistics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def expert_fractions(expert_index: jax.Array, num_experts: int, weights=None) -> jax.Array:
+    """f_i: the fraction of routing assignments that go to expert i, counting each token once
+    per chosen expert and dividing by k, so the fractions sum to 1. Choices with zero weight
+    (switched off by a dynamic k) are not counted."""
+    one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)  # [T, k, E]
+    if weights is not None:
+        one_hot = one_hot * (weights > 0)[..., None]
+    counts = one_hot.sum(axis=(0, 1))
+    return counts / jnp.maximum(counts.sum(), 1.0)
+
+
+def load_balancing_loss(probs: jax.Array, expert_index: jax.Array, weights=None) -> jax.Array:
+    """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021,
+    eq. 4), with P_i the mean router probability of expert i. Exactly 1.0 when routing is
+    perfectly balanced, larger otherwise; the gradient flows through P."""
+    num_experts = probs.shape[-1]
+    f = jax.lax.stop_gradient(expert_fractions(expert_index, num_experts, weights))
+    return num_experts * jnp.sum(f * probs.astype(jnp.float32).mean(axis=0))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss ``mean(logsumexp(logits)^2)`` (Zoph et al. 2022): keeps router
+    logits small so the float32 softmax stays well conditioned."""
+    return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)

@@ -1,0 +1,103 @@
+"""Routers for mixture-of-experts layers: top-k token choice, expert choice, a fixed random
+router with a growing k (SMoE-Dropout) and chunk-level routing.
+
+Router logits are float32 whatever the activation dtype (Switch Transformer, Fedus et al.
+2021): a bf16 softmax over experts loses the small differences routing depends on.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class TokenChoice(NamedTuple):
+    """Each token's ``k`` experts: ``expert_index [T, k]`` (int32, best first), ``weights
+    [T, k]`` (float32; zero for a choice switched off by a dynamic ``k``), ``probs [T, E]``
+    and ``logits [T, E]`` for the auxiliary losses."""
+
+    expert_index: jax.Array
+    weights: jax.Array
+    probs: jax.Array
+    logits: jax.Array
+
+
+class ExpertChoice(NamedTuple):
+    """Each expert's ``C`` tokens: ``token_index [E, C]`` and ``weights [E, C]``."""
+
+    token_index: jax.Array
+    weights: jax.Array
+    probs: jax.Array
+    logits: jax.Array
+
+
+def _check_k(k: int, num_experts: int, name: str = "k") -> None:
+    if not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"{name}={k!r}: must be an int in [1, num_experts={num_experts}]")
+
+
+def top_k_routing(logits: jax.Array, k: int, *, renormalize: bool = True,
+                  active_k: jax.Array | int | None = None) -> TokenChoice:
+    """Softmax over experts, then each token's ``k`` most probable experts.
+
+    ``renormalize`` rescales the k weights to sum to 1 (Mixtral, most top-2 models); without
+    it they are the raw probabilities (Switch). ``active_k`` (a traced int <= k) keeps only
+    the first ``active_k`` choices, zeroing the others' weights, so k can change during
+    training without recompiling (SMoE-Dropout's schedule).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [tokens, experts], got shape {logits.shape}")
+    _check_k(k, logits.shape[1])
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, index = jax.lax.top_k(probs, k)
+    if active_k is not None:
+        weights = jnp.where(jnp.arange(k)[None, :] < active_k, weights, 0.0)
+    if renormalize:
+        weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-9)
+    return TokenChoice(index.astype(jnp.int32), weights, probs, logits)
+
+
+def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoice:
+    """Expert choice (Zhou et al. 2022): each expert takes the ``capacity`` tokens with the
+    highest probability for it. Balanced by construction, but a token's experts depend on
+    the other tokens of the group, later ones included: not for causal decoders."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [tokens, experts], got shape {logits.shape}")
+    tokens = logits.shape[0]
+    if not isinstance(capacity, int) or not 1 <= capacity <= tokens:
+        raise ValueError(f"capacity={capacity!r}: must be an int in [1, tokens={tokens}]")
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, index = jax.lax.top_k(probs.T, capacity)  # [E, C]
+    return ExpertChoice(index.astype(jnp.int32), weights, probs, logits)
+
+
+def linear_k_schedule(step, *, k_start: int, k_end: int, steps: int):
+    """SMoE-Dropout (Chen et al. 2023): k grows linearly from ``k_start`` to ``k_end`` over
+    ``steps`` training steps (an int32 scalar; traced inside a jitted step)."""
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+    return jnp.round(k_start + frac * (k_end - k_start)).astype(jnp.int32)
+
+
+def chunk_pool(x_BLD: jax.Array, chunk: int, *, causal: bool) -> jax.Array:
+    """``[B, L/chunk, D]`` representations for chunk-level routing (one routing decision per
+    ``chunk`` consecutive tokens; ``L`` must be a multiple of ``chunk``).
+
+    Non-causal: the chunk's mean. Causal: the mean of the *previous* chunk (zeros for the
+    first), so no token's experts depend on tokens after it.
+    """
+    batch, length, d = x_BLD.shape
+    if chunk < 1 or length % chunk:
+        raise ValueError(f"chunk={chunk}: must be >= 1 and divide the sequence length {length}")
+    means = x_BLD.reshape(batch, length // chunk, chunk, d).mean(axis=2)
+    if causal:
+        means = jnp.pad(means[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    return means
+
+
+def unchunk(values: jax.Array, chunk: int) -> jax.Array:
+    """Repeat per-chunk routing values ``[B, L/chunk, ...]`` for every token: ``[B, L, ...]``."""
+    return jnp.repeat(values, chunk, axis=1)

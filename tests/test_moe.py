@@ -1,0 +1,179 @@
+"""Mixture of experts: router losses, priority dropping against a brute-force count, the
+dropless and capacity paths against a dense all-experts computation (values and gradients),
+expert choice, chunk-level routing causality, grouped matmuls, config errors, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import tiny_config
+from jaxsparse.config import ConfigError, apply_overrides, validate
+from jaxsparse.nn import MoE
+from jaxsparse.ops.moe import (expert_capacity, expert_choice_routing, grouped_matmul,
+                               linear_k_schedule, load_balancing_loss, router_z_loss,
+                               slot_positions, top_k_routing)
+
+
+def test_load_balancing_loss_is_one_at_perfect_balance_and_larger_otherwise():
+    E, T, k = 4, 16, 2
+    probs = jnp.full((T, E), 1.0 / E)
+    balanced = jnp.stack([jnp.arange(T) % E, (jnp.arange(T) + 1) % E], axis=1)
+    np.testing.assert_allclose(load_balancing_loss(probs, balanced), 1.0, rtol=1e-6)
+    skewed_probs = jnp.tile(jnp.array([[0.7, 0.1, 0.1, 0.1]]), (T, 1))
+    skewed = jnp.stack([jnp.zeros(T, jnp.int32), jnp.ones(T, jnp.int32)], axis=1)
+    assert float(load_balancing_loss(skewed_probs, skewed)) > 1.5
+    logits = jnp.array([[0.0, 0.0], [3.0, -3.0]])
+    np.testing.assert_allclose(router_z_loss(logits), np.mean(np.log([2.0, np.exp(3) + np.exp(-3)]) ** 2),
+                               rtol=1e-6)
+
+
+def test_priority_dropping_matches_a_brute_force_count():
+    rng = np.random.default_rng(0)
+    T, E, k, capacity = 40, 4, 2, 9
+    logits = jnp.asarray(rng.normal(size=(T, E)) + np.array([2.0, 0, 0, -1]))  # expert 0 popular
+    choice = top_k_routing(logits, k)
+    position = np.asarray(slot_positions(choice, E))
+    index = np.asarray(choice.expert_index)
+    fill, expected = np.zeros(E, int), np.zeros((T, k), int)
+    for j in range(k):  # all first choices, then all second choices, each in token order
+        for t in range(T):
+            expected[t, j] = fill[index[t, j]]
+            fill[index[t, j]] += 1
+    np.testing.assert_array_equal(position, expected)
+    dropped_brute = int((expected >= capacity).sum())
+    assert dropped_brute > 0  # the test exercises dropping
+    moe = MoE(8, 16, E, k, rngs=nnx.Rngs(0), capacity_factor=capacity * E / (T * k))
+    assert expert_capacity(T, E, k, moe.capacity_factor) == capacity
+    moe.router.kernel[...] = jnp.zeros_like(moe.router.kernel[...])
+    # route with the fixed logits above through the layer's capacity path
+    from jaxsparse.ops.moe import capacity_dispatch
+    _, dropped = capacity_dispatch(jnp.ones((T, 8)), choice, moe._buffered_experts, capacity)
+    np.testing.assert_allclose(float(dropped), dropped_brute / (T * k), rtol=1e-6)
+
+
+def _dense_all_experts(moe, x_BLD):
+    """Every expert on every token, combined with the routing weights (zero where unrouted)."""
+    x = x_BLD.reshape(-1, x_BLD.shape[-1])
+    choice = top_k_routing(moe.router(x.astype(jnp.float32)), moe.k)
+    gate, up, down = moe._weights()
+    hidden = jax.nn.silu(jnp.einsum("td,edh->teh", x, gate)) * jnp.einsum("td,edh->teh", x, up)
+    every = jnp.einsum("teh,ehd->ted", hidden, down)  # [T, E, D]
+    combine = jnp.zeros(every.shape[:2]).at[jnp.arange(x.shape[0])[:, None], choice.expert_index].add(
+        choice.weights)
+    return jnp.einsum("te,ted->td", combine, every).reshape(x_BLD.shape)
+
+
+@pytest.mark.parametrize("path", [dict(capacity_factor=None, grouped_impl="tiles"),
+                                  dict(capacity_factor=None, grouped_impl="ragged_dot"),
+                                  dict(capacity_factor=100.0)],
+                         ids=["dropless-tiles", "dropless-ragged", "capacity-no-drops"])
+def test_expert_paths_equal_the_dense_all_experts_computation(path):
+    moe = MoE(16, 24, 6, 2, rngs=nnx.Rngs(1), **path)
+    x = jax.random.normal(jax.random.key(2), (3, 11, 16))
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+
+    def run(params, x, fn):
+        m = nnx.merge(graphdef, params, rest)
+        m.eval()
+        return jnp.sum(jnp.sin(fn(m, x)))
+
+    out = moe.__class__.__call__
+    value, grads = jax.value_and_grad(run, argnums=(0, 1))(params, x, lambda m, x: out(m, x))
+    ref, ref_grads = jax.value_and_grad(run, argnums=(0, 1))(params, x, _dense_all_experts)
+    np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_choice_gives_each_expert_exactly_c_distinct_tokens():
+    logits = jax.random.normal(jax.random.key(0), (50, 5))
+    choice = expert_choice_routing(logits, 7)
+    assert choice.token_index.shape == (5, 7)
+    for row in np.asarray(choice.token_index):
+        assert len(set(row.tolist())) == 7
+    moe = MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), router="expert_choice", causal=False)
+    assert moe(jnp.ones((2, 6, 8))).shape == (2, 6, 8)
+
+
+def test_chunk_routing_is_causal():
+    moe = MoE(8, 16, 4, 1, rngs=nnx.Rngs(3), chunk=4, capacity_factor=None)
+    moe.eval()
+    x = jax.random.normal(jax.random.key(4), (1, 16, 8))
+    base = moe(x)
+    changed = moe(x.at[:, 9:].add(5.0))  # perturb tokens 9.. : outputs 0..8 must not move
+    np.testing.assert_allclose(changed[:, :9], base[:, :9], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(changed[:, 12:], base[:, 12:])
+
+
+def test_random_router_is_fixed_and_its_k_grows():
+    moe = MoE(8, 16, 8, 2, rngs=nnx.Rngs(0), router="random", k_end=8, k_schedule_steps=10)
+    assert not isinstance(moe.router.kernel, nnx.Param)  # not trained
+    assert [int(linear_k_schedule(s, k_start=2, k_end=8, steps=10)) for s in (0, 5, 10, 50)] == [2, 5, 8, 8]
+    x = jnp.ones((1, 4, 8))
+    for _ in range(3):
+        moe(x)
+    assert int(moe.step[...]) == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_grouped_matmul_implementations_agree(dtype):
+    rng = np.random.default_rng(0)
+    m, k, n = 203, 24, 40
+    sizes = jnp.array([0, 61, 3, 0, 100, 29], jnp.int32)  # empty groups, odd sizes, 10 rows left
+    lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    rhs = jnp.asarray(rng.normal(size=(6, k, n)), dtype)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+
+    def loss(lhs, rhs, impl):
+        out = grouped_matmul(lhs, rhs, sizes, implementation=impl, tile=16 if impl == "tiles" else None)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+
+    (_, ref), ref_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs, "dense")
+    assert float(jnp.abs(ref[193:].astype(jnp.float32)).max()) == 0.0  # rows past the groups
+    for impl in ("ragged_dot", "tiles"):
+        (_, out), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs, impl)
+        scale = float(jnp.abs(ref.astype(jnp.float32)).max())
+        np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32),
+                                   atol=tol * scale, rtol=tol)
+        for a, b in zip(g, ref_g):
+            s = float(jnp.abs(b.astype(jnp.float32)).max())
+            np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32),
+                                       atol=2 * tol * s, rtol=2 * tol)
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match=r"k=5: must be an int in \[1, num_experts=4\]"):
+        top_k_routing(jnp.zeros((3, 4)), 5)
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+        expert_capacity(10, 4, 2, 0)
+    with pytest.raises(ValueError, match="leaks the future"):
+        MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), router="expert_choice")
+    with pytest.raises(ValueError, match="sum to at most the 5 rows"):
+        grouped_matmul(jnp.ones((5, 2)), jnp.ones((2, 2, 3)), jnp.array([4, 3]))
+    with pytest.raises(ConfigError, match="model.moe_router='expert_choice'"):
+        validate(tiny_config("model.moe_experts=4", "model.moe_router=expert_choice"))
+    with pytest.raises(ConfigError, match="model.moe_k=5"):
+        validate(tiny_config("model.moe_experts=4", "model.moe_k=5"))
+    with pytest.raises(ConfigError, match="model.moe_capacity_factor=-1.0"):
+        validate(tiny_config("model.moe_experts=4", "model.moe_capacity_factor=-1.0"))
+
+
+@pytest.mark.parametrize("extra", [[], ["model.moe_capacity_factor=1.0", "model.moe_jitter=0.01"],
+                                   ["model.moe_router=random", "model.moe_k=1", "model.moe_k_end=4"]],
+                         ids=["dropless", "capacity", "smoe-dropout"])
+def test_moe_transformer_trains_and_logs_expert_statistics(tmp_path, extra):
+    from jaxsparse.train.loop import train
+    from jaxsparse.train.metrics import read_metrics
+
+    cfg = tiny_config("model.moe_experts=4", "model.moe_k=2", "model.moe_d_ff=32",
+                      "train.steps=25", "optimizer.lr=1e-2", *extra)
+    result = train(cfg, tmp_path, sample=True, quiet=True)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    train_rows = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert {"moe_max_load", "moe_dropped", "aux_loss"} <= set(train_rows[-1])
+    assert train_rows[-1]["moe_max_load"] >= 1.0
+    if "model.moe_router=random" not in extra:
+        assert train_rows[-1]["aux_loss"] > 0
