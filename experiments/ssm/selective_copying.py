@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--models", nargs="+", default=["mamba", "transformer"])
     parser.add_argument("--out", default=str(RESULTS / "selective_copying"))
     args = parser.parse_args(argv)
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
         f"data.num_tokens_to_copy={args.tokens}", f"data.batch_size={args.batch}",
         "model.vocab_size=16", "model.d_model=64", "model.n_layers=2",
         f"model.max_seq_len={args.seq_len}",
-        "optimizer.lr=2e-3", "optimizer.warmup_steps=100", "optimizer.weight_decay=0.0",
+        f"optimizer.lr={args.lr}", "optimizer.warmup_steps=100", "optimizer.weight_decay=0.0",
         f"train.steps={args.steps}", f"train.eval_every={max(args.steps // 10, 1)}",
         f"train.checkpoint_every={args.steps}", "train.log_every=50", "eval.batches=8",
     ]
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     }
     notes = (f"Selective copying: length {args.seq_len}, {args.tokens} tokens to copy, "
              f"vocabulary 16 (2 reserved), batch {args.batch}, {args.steps} steps of AdamW "
-             f"(lr 2e-3, cosine), accuracy on the copied tokens over 8 held-out batches. "
+             f"(lr {args.lr:g}, cosine), accuracy on the copied tokens over 8 held-out batches. "
              f"Mamba paper (length 4096): S6 99.8%.")
     run_study("selective_copying", [models[m] for m in args.models], shared, args.out, notes)
 
