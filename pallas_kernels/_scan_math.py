@@ -16,7 +16,23 @@ Backward, with G_t = dL/dh_t (everything flowing into h_t from y_t and from h_{t
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def forward_out_shapes(batch, length, d, n, num_blocks):
+    """y, final state, state at the start of every time block."""
+    return [jax.ShapeDtypeStruct((batch, length, d), f32), jax.ShapeDtypeStruct((batch, n, d), f32),
+            jax.ShapeDtypeStruct((batch, num_blocks, n, d), f32)]
+
+
+def backward_out_shapes(batch, length, d, n, blocks_d):
+    """dx, ddt, dA^T (per batch row), dB^T and dC^T (per channel block), dh0."""
+    seq, state = (batch, length, d), (batch, n, d)
+    cols = (batch, blocks_d, n, length)
+    return [jax.ShapeDtypeStruct(s, f32) for s in (seq, seq, state, cols, cols, state)]
 
 
 def forward_step(h, x_t, dt_t, At, B_t, C_t):

@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._flash_vjp import KernelConfig
-from pallas_kernels._scan_math import backward_step, forward_step
+from pallas_kernels._scan_math import (backward_out_shapes, backward_step, forward_out_shapes,
+                                       forward_step)
 
 f32 = jnp.float32
 
@@ -116,9 +117,7 @@ def _gpu_forward(x, dt, At, Bt, Ct, h0, cfg):
         grid=s["grid"],
         in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["state"]],
         out_specs=[s["seq"], s["state"], s["starts"]],
-        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
-                   jax.ShapeDtypeStruct((batch, n, d), f32),
-                   jax.ShapeDtypeStruct((batch, num_blocks, n, d), f32)],
+        out_shape=forward_out_shapes(batch, length, d, n, num_blocks),
         compiler_params=_gpu_params(cfg), interpret=cfg.interpret, name="selective_scan_fwd",
     )(x, dt, At, Bt, Ct, h0)
 
@@ -134,12 +133,7 @@ def _gpu_backward(x, dt, At, Bt, Ct, starts, dy, dhl, cfg):
         in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["starts"], s["seq"],
                   s["state"]],
         out_specs=[s["seq"], s["seq"], s["state"], s["own_col"], s["own_col"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
-                   jax.ShapeDtypeStruct((batch, length, d), f32),
-                   jax.ShapeDtypeStruct((batch, n, d), f32),
-                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
-                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
-                   jax.ShapeDtypeStruct((batch, n, d), f32)],
+        out_shape=backward_out_shapes(batch, length, d, n, blocks_d),
         compiler_params=_gpu_params(cfg), interpret=cfg.interpret, name="selective_scan_bwd",
     )(x, dt, At, Bt, Ct, starts, dy, dhl)
 

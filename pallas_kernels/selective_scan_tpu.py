@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._scan_math import backward_step, forward_step
+from pallas_kernels._scan_math import (backward_out_shapes, backward_step, forward_out_shapes,
+                                       forward_step)
 
 f32 = jnp.float32
 
@@ -132,9 +133,7 @@ def forward(x, dt, At, Bt, Ct, h0, cfg):
         grid=(batch, d // cfg.block_d, num_blocks),
         in_specs=[s["tile"], s["tile"], s["At"], s["col"], s["col"], s["state"]],
         out_specs=[s["tile"], s["state"], s["start"]],
-        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
-                   jax.ShapeDtypeStruct((batch, n, d), f32),
-                   jax.ShapeDtypeStruct((batch, num_blocks, n, d), f32)],
+        out_shape=forward_out_shapes(batch, length, d, n, num_blocks),
         scratch_shapes=[pltpu.VMEM((n, cfg.block_d), f32)],
         compiler_params=_params(), interpret=cfg.interpret, name="selective_scan_fwd_tpu",
     )(x, dt, At, Bt, Ct, h0)
@@ -152,12 +151,7 @@ def backward(x, dt, At, Bt, Ct, starts, dy, dhl, cfg):
         in_specs=[s["tile"], s["tile"], s["At"], s["col"], s["col"], s["start"], s["tile"],
                   s["state"]],
         out_specs=[s["tile"], s["tile"], s["state"], s["own_col"], s["own_col"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
-                   jax.ShapeDtypeStruct((batch, length, d), f32),
-                   jax.ShapeDtypeStruct((batch, n, d), f32),
-                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
-                   jax.ShapeDtypeStruct((batch, blocks_d, n, length), f32),
-                   jax.ShapeDtypeStruct((batch, n, d), f32)],
+        out_shape=backward_out_shapes(batch, length, d, n, blocks_d),
         scratch_shapes=[pltpu.VMEM((n, cfg.block_d), f32),
                         pltpu.VMEM((cfg.block_t + 1, n, cfg.block_d), f32)],
         compiler_params=_params(), interpret=cfg.interpret, name="selective_scan_bwd_tpu",
