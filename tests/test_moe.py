@@ -2,6 +2,8 @@
 dropless and capacity paths against a dense all-experts computation (values and gradients),
 expert choice, chunk-level routing causality, grouped matmuls, config errors, training."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import nnx
 from helpers import tiny_config
 from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.nn import MoE
+from jaxsparse.ops.moe.grouped import kernel_grouped_matmul
 from jaxsparse.ops.moe import (expert_capacity, expert_choice_routing, grouped_matmul,
                                linear_k_schedule, load_balancing_loss, router_z_loss,
                                slot_positions, top_k_routing)
@@ -127,12 +130,16 @@ def test_grouped_matmul_implementations_agree(dtype):
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
 
     def loss(lhs, rhs, impl):
-        out = grouped_matmul(lhs, rhs, sizes, implementation=impl, tile=16 if impl == "tiles" else None)
+        if impl == "tpu_interpret":  # the TPU kernel's logic, in interpret mode
+            out = kernel_grouped_matmul(lhs, rhs, sizes, backend="tpu", interpret=True)
+        else:
+            out = grouped_matmul(lhs, rhs, sizes, implementation=impl,
+                                 tile=16 if impl == "tiles" else None)
         return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
 
     (_, ref), ref_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs, "dense")
     assert float(jnp.abs(ref[193:].astype(jnp.float32)).max()) == 0.0  # rows past the groups
-    for impl in ("ragged_dot", "tiles"):
+    for impl in ("ragged_dot", "tiles", "pallas_interpret", "tpu_interpret"):
         (_, out), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs, impl)
         scale = float(jnp.abs(ref.astype(jnp.float32)).max())
         np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32),
@@ -141,6 +148,26 @@ def test_grouped_matmul_implementations_agree(dtype):
             s = float(jnp.abs(b.astype(jnp.float32)).max())
             np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32),
                                        atol=2 * tol * s, rtol=2 * tol)
+
+
+def _custom_calls(fn, args, platform):
+    pattern = r"__gpu\$xla\.gpu\.triton" if platform == "cuda" else r"tpu_custom_call"
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return len(re.findall(pattern, text))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_grouped_matmul_kernels_lower_for_cuda_and_tpu(platform, tpu_lowering_target):
+    lhs = jnp.zeros((300, 200), jnp.bfloat16)
+    rhs = jnp.zeros((8, 200, 150), jnp.bfloat16)
+    sizes = jnp.array([40, 0, 100, 60, 0, 50, 30, 20], jnp.int32)
+
+    def f(lhs, rhs):
+        return grouped_matmul(lhs, rhs, sizes, implementation="pallas").astype(jnp.float32).sum()
+
+    assert _custom_calls(f, (lhs, rhs), platform) == 1
+    # forward, d_lhs (a grouped matmul with rhs transposed), d_rhs (the transposed kernel)
+    assert _custom_calls(jax.value_and_grad(f, argnums=(0, 1)), (lhs, rhs), platform) == 3
 
 
 def test_bad_inputs_name_the_argument():

@@ -13,6 +13,11 @@ Implementations:
                    (every group padded to whole tiles, as MegaBlocks does) and a scan over the
                    tiles multiplies each by its group's matrix: O(m k n) plus the padding (at
                    most E tiles). The default on CPU.
+  ``"pallas"``     the kernels of :mod:`pallas_kernels.grouped_matmul` (Triton on CUDA, Mosaic
+                   on TPU; a row tile straddling groups is visited once per group, masked),
+                   with a custom VJP (a grouped matmul for d_lhs, a transposed one for d_rhs);
+                   chosen by the lowering platform, ``"tiles"`` elsewhere.
+  ``"pallas_interpret"`` the GPU kernel in interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GMM_IMPLEMENTATIONS = (None, "dense", "ragged_dot", "tiles")
+GMM_IMPLEMENTATIONS = (None, "dense", "ragged_dot", "tiles", "pallas", "pallas_interpret")
+# Tiles (rows, contraction, output columns): Triton wants powers of two; Mosaic wants the
+# lane dimension in multiples of 128 and takes the whole contraction dimension in one block.
+GPU_TILES = (64, 32, 64)
+TPU_TILES = (128, 128, 128)
 
 
 def _check(lhs, rhs, group_sizes):
@@ -94,6 +103,23 @@ def _tiles(lhs, rhs, group_sizes, tile):
     return out.astype(lhs.dtype)
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def kernel_grouped_matmul(lhs, rhs, group_sizes, *, backend: str, interpret: bool):
+    from pallas_kernels.grouped_matmul import gmm, gmm_config
+
+    m, k = lhs.shape
+    n = rhs.shape[2]
+    tm, tk, tn = GPU_TILES if backend == "gpu" else TPU_TILES
+    m_pad, k_pad, n_pad = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    lhs_p = jnp.pad(lhs, ((0, m_pad - m), (0, k_pad - k)))  # padded rows lie past every group
+    rhs_p = jnp.pad(rhs, ((0, 0), (0, k_pad - k), (0, n_pad - n)))
+    cfg = gmm_config(backend=backend, interpret=interpret, tm=tm, tk=tk, tn=tn)
+    return gmm(lhs_p, rhs_p, group_sizes.astype(jnp.int32), cfg)[:m, :n]
+
+
 def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
                    tile: int | None = None):
     """``[m, n]``: each group's rows of ``lhs`` times that group's ``rhs``; see the module doc.
@@ -109,4 +135,11 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
         return _dense(lhs, rhs, group_sizes)
     if implementation == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    if implementation == "pallas_interpret":
+        return kernel_grouped_matmul(lhs, rhs, group_sizes, backend="gpu", interpret=True)
+    if implementation == "pallas":
+        return jax.lax.platform_dependent(
+            cuda=lambda: kernel_grouped_matmul(lhs, rhs, group_sizes, backend="gpu", interpret=False),
+            tpu=lambda: kernel_grouped_matmul(lhs, rhs, group_sizes, backend="tpu", interpret=False),
+            default=lambda: _tiles(lhs, rhs, group_sizes, tile))
     return _tiles(lhs, rhs, group_sizes, tile)
