@@ -115,6 +115,7 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    expert: int = 1  # experts of MoE layers split over this axis (tokens are too)
     tensor: int = 1
 
 
@@ -278,6 +279,14 @@ def _validate_moe(m: ModelConfig) -> None:
     _check(m.moe_chunk >= 0, f"model.moe_chunk={m.moe_chunk}: must be >= 0")
 
 
+def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
+    if mesh.expert in (1, -1):
+        return
+    _check(m.moe_experts > 0, f"mesh.expert={mesh.expert} needs MoE layers (model.moe_experts > 0)")
+    _check(m.moe_experts % mesh.expert == 0,
+           f"mesh.expert={mesh.expert} must divide model.moe_experts={m.moe_experts}")
+
+
 def validate(cfg: Config) -> Config:
     """Check types and impossible values; returns ``cfg`` unchanged so calls can chain."""
     for section in SECTIONS:
@@ -309,6 +318,7 @@ def validate(cfg: Config) -> Config:
     _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: allowed {DTYPES}")
     _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
     _validate_moe(m)
+    _validate_expert_axis(m, mesh)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.path is None or d.task == "text",
            f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
@@ -323,7 +333,8 @@ def validate(cfg: Config) -> Config:
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2=({o.b1}, {o.b2}): must be in [0, 1)")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     _check(o.grad_clip > 0, f"optimizer.grad_clip={o.grad_clip}: must be > 0")
-    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
+    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.expert": mesh.expert,
+             "mesh.tensor": mesh.tensor}
     for key, size in sizes.items():
         _check(size >= 1 or size == -1, f"{key}={size}: must be >= 1, or -1 for 'the rest'")
     _check(list(sizes.values()).count(-1) <= 1,

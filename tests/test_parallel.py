@@ -124,3 +124,49 @@ def test_two_processes_with_gloo_agree_with_one_process(tmp_path):
                                [single["losses"][str(i)] for i in range(4)], rtol=1e-5)
     steps = sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir())
     assert "4" in steps and "2" in steps
+
+
+EXPERT_PARALLEL = r"""
+import json, jax, numpy as np
+from helpers import tiny_config
+from jaxsparse.parallel import make_mesh
+from jaxsparse.train.state import TrainSetup
+from jaxsparse.train.step import make_train_step
+from jaxsparse.data import make_stream
+
+def run(devices, *mesh):
+    cfg = tiny_config("model.moe_experts=4", "model.moe_k=2", "model.moe_d_ff=32", *mesh)
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
+    state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
+    metrics = []
+    for i in range(3):
+        state, m = step(state, setup.global_batch(stream.batch(i)))
+        metrics.append({k: float(m[k]) for k in ("loss", "aux_loss", "moe_max_load")})
+    return state, metrics
+
+single, single_metrics = run(jax.devices()[:1])
+out = {"single": single_metrics}
+for name, mesh in {"data x expert": ("mesh.data=2", "mesh.expert=4"),
+                   "fsdp x expert": ("mesh.data=1", "mesh.fsdp=2", "mesh.expert=4")}.items():
+    state, metrics = run(jax.devices(), *mesh)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         single["params"], state["params"])
+    gate = state["params"]["blocks"][1]["mlp"]["w_gate"]
+    out[name] = {"metrics": metrics, "max_param_diff": max(jax.tree.leaves(diffs)),
+                 "spec": [s if s is None or isinstance(s, str) else list(s) for s in gate.sharding.spec],
+                 "shard_shape": list(gate.addressable_shards[0].data.shape)}
+print(json.dumps(out))
+"""
+
+
+def test_expert_parallel_training_matches_one_device():
+    """Experts split 4 ways (with data or FSDP parallelism beside them): the same losses, router
+    losses and parameters as one device (dropless, so nothing depends on the split)."""
+    out = run_python(EXPERT_PARALLEL, devices=8)
+    for name in ("data x expert", "fsdp x expert"):
+        for key in ("loss", "aux_loss", "moe_max_load"):
+            np.testing.assert_allclose([m[key] for m in out[name]["metrics"]],
+                                       [m[key] for m in out["single"]], rtol=2e-5, err_msg=key)
+        assert out[name]["max_param_diff"] < 1e-5, name
+        assert out[name]["spec"][0] == "expert"  # experts really are split
+        assert out[name]["shard_shape"][0] == 1  # 4 experts over 4 devices

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.nn.expert_parallel import expert_parallel_moe
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
-from jaxsparse.ops.moe import (TokenChoice, capacity_dispatch, chunk_pool, dropless_dispatch,
+from jaxsparse.parallel import current_mesh
+from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, capacity_dispatch, chunk_pool, dropless_dispatch,
                                expert_capacity, expert_choice_capacity, expert_choice_dispatch,
                                expert_choice_routing, expert_fractions, grouped_matmul,
-                               linear_k_schedule, load_balancing_loss, router_z_loss,
+                               linear_k_schedule, router_z_loss,
                                top_k_routing, unchunk)
 
 ROUTERS = ("top_k", "expert_choice", "random")
@@ -120,50 +122,72 @@ class MoE(nnx.Module):
         return x
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        mesh = current_mesh()
+        if (mesh is not None and mesh.shape.get("expert", 1) > 1
+                and self.router_kind != "expert_choice"):
+            y, aux, load, dropped = expert_parallel_moe(self, x_BLD, mesh)
+            return self._finish(x_BLD, y, aux, load, dropped)
         batch, length, d = x_BLD.shape
         tokens = batch * length
         x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
-        router_x = self._router_input(x_BLD)
-        if self.chunk:
-            router_x = chunk_pool(router_x, self.chunk, causal=self.causal)
-        logits = self.router(router_x)  # [B, L or L/chunk, E], float32
-        k_max = max(self.k_end, self.eval_k or 0)
-
         if self.router_kind == "expert_choice":
+            logits = self.router(self._router_input(x_BLD)).reshape(tokens, -1)
             capacity = expert_choice_capacity(tokens, self.num_experts, self.capacity_factor or self.k)
-            choice = expert_choice_routing(logits.reshape(tokens, -1), capacity)
+            choice = expert_choice_routing(logits, capacity)
             y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
             load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
             dropped, aux = jnp.zeros(()), self.z_weight * router_z_loss(choice.logits)
         else:
-            routed = top_k_routing(logits.reshape(-1, self.num_experts), k_max,
-                                   renormalize=self.renormalize, active_k=self._active_k())
-            if self.chunk:  # one decision per chunk, repeated for its tokens
-                expand = lambda t: unchunk(t.reshape(batch, length // self.chunk, *t.shape[1:]),  # noqa: E731
-                                           self.chunk).reshape(tokens, *t.shape[1:])
-                choice = TokenChoice(expand(routed.expert_index), expand(routed.weights),
-                                     routed.probs, routed.logits)
-            else:
-                choice = routed
+            choice, routed = self.route(x_BLD)
             if self.capacity_factor is None:
                 y_TD = dropless_dispatch(x_TD, choice, self._grouped_experts)
                 dropped = jnp.zeros(())
             else:
-                capacity = expert_capacity(tokens, self.num_experts, k_max, self.capacity_factor)
+                capacity = expert_capacity(tokens, self.num_experts, self.k_max, self.capacity_factor)
                 y_TD, dropped = capacity_dispatch(x_TD, choice, self._buffered_experts, capacity)
             load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)
-            aux = jnp.zeros(())
-            if self.router_kind == "top_k":  # a fixed random router has nothing to balance
-                aux = (self.aux_weight * load_balancing_loss(routed.probs, routed.expert_index,
-                                                            routed.weights)
-                       + self.z_weight * router_z_loss(routed.logits))
+            aux = self.router_losses(routed)
 
+        return self._finish(x_BLD, y_TD.reshape(batch, length, d), aux, load, dropped)
+
+    def route(self, x_BLD, router_kernel=None):
+        """Token choice for ``x [B, L, D]`` (chunk-level if configured): ``(choice, routed)``,
+        ``choice`` per token and ``routed`` per routing decision (for the losses).
+        ``router_kernel`` overrides the layer's own (expert parallelism passes it in)."""
+        batch, length, _ = x_BLD.shape
+        router_x = self._router_input(x_BLD)
+        if self.chunk:
+            router_x = chunk_pool(router_x, self.chunk, causal=self.causal)
+        kernel = self.router.kernel[...] if router_kernel is None else router_kernel
+        logits = jnp.einsum("bld,de->ble", router_x, kernel.astype(jnp.float32))
+        routed = top_k_routing(logits.reshape(-1, self.num_experts), self.k_max,
+                               renormalize=self.renormalize, active_k=self._active_k())
+        if not self.chunk:
+            return routed, routed
+        tokens = batch * length
+        expand = lambda t: unchunk(t.reshape(batch, length // self.chunk, *t.shape[1:]),  # noqa: E731
+                                   self.chunk).reshape(tokens, *t.shape[1:])
+        return TokenChoice(expand(routed.expert_index), expand(routed.weights), routed.probs,
+                           routed.logits), routed
+
+    @property
+    def k_max(self) -> int:
+        return max(self.k_end, self.eval_k or 0)
+
+    def router_losses(self, routed, mean=lambda v: v):
+        """Weighted load-balancing + z losses; ``mean`` averages statistics across devices."""
+        if self.router_kind != "top_k":  # a fixed random router has nothing to balance
+            return jnp.zeros(())
+        f = mean(expert_fractions(routed.expert_index, self.num_experts, routed.weights))
+        balance = balance_from_statistics(f, mean(routed.probs.mean(axis=0)))
+        return self.aux_weight * balance + self.z_weight * mean(router_z_loss(routed.logits))
+
+    def _finish(self, x_BLD, y, aux, load, dropped):
         if not self.deterministic:  # training: losses, statistics, the step counter
             self.sow(nnx.Intermediate, "aux_loss", aux)
             self.sow(nnx.Intermediate, "moe_load", load)
             self.sow(nnx.Intermediate, "moe_dropped", dropped)
             self.step[...] = self.step[...] + 1
-        y = y_TD.reshape(batch, length, d)
         if self.shared is not None:
             y = y + self.shared(x_BLD)
         return y.astype(x_BLD.dtype)

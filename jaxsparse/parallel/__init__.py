@@ -5,11 +5,12 @@ from jaxsparse.parallel.rules import (
     DEFAULT_RULES,
     activation_sharding,
     constrain,
+    current_mesh,
     logical_to_spec,
     param_shardings,
 )
 
 __all__ = [
-    "DEFAULT_RULES", "activation_sharding", "constrain", "logical_to_spec", "make_mesh",
+    "DEFAULT_RULES", "activation_sharding", "constrain", "current_mesh", "logical_to_spec", "make_mesh",
     "mesh_shape", "param_shardings",
 ]

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 from jaxsparse.config import ConfigError, MeshConfig
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # logical name -> mesh axis or tuple of mesh axes (None: replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # expert parallelism also splits the tokens
+    ("expert", "expert"),
     ("length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -76,6 +77,12 @@ def activation_sharding(mesh: Mesh | None, rules=DEFAULT_RULES):
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing :func:`activation_sharding`, if any."""
+    context = _CONTEXT.get()
+    return None if context is None else context[0]
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:

@@ -52,11 +52,12 @@ def check_workdir(cfg: Config, workdir: Path) -> None:
 
 def _check_batch(cfg: Config, mesh) -> None:
     sizes = dict(mesh.shape)
-    dp = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    dp = sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
     if cfg.data.batch_size % dp:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
-            f"{dp} (mesh data={sizes.get('data')} x fsdp={sizes.get('fsdp')}); use a multiple of {dp}")
+            f"{dp} (mesh data={sizes.get('data')} x fsdp={sizes.get('fsdp')} x expert="
+            f"{sizes.get('expert')}); use a multiple of {dp}")
     if cfg.data.batch_size % jax.process_count():
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
                           f"{jax.process_count()} processes")
@@ -233,7 +234,7 @@ def load(workdir: str | Path, step: int | None = None):
     latest = ckpt.latest_step() if step is None else step
     if latest is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, expert=1, tensor=1))
     setup = TrainSetup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     state = ckpt.restore(setup.abstract_state, latest)
     ckpt.close()

@@ -21,9 +21,14 @@ def load_balancing_loss(probs: jax.Array, expert_index: jax.Array, weights=None)
     """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021,
     eq. 4), with P_i the mean router probability of expert i. Exactly 1.0 when routing is
     perfectly balanced, larger otherwise; the gradient flows through P."""
-    num_experts = probs.shape[-1]
-    f = jax.lax.stop_gradient(expert_fractions(expert_index, num_experts, weights))
-    return num_experts * jnp.sum(f * probs.astype(jnp.float32).mean(axis=0))
+    f = expert_fractions(expert_index, probs.shape[-1], weights)
+    return balance_from_statistics(f, probs.astype(jnp.float32).mean(axis=0))
+
+
+def balance_from_statistics(f: jax.Array, P: jax.Array) -> jax.Array:
+    """``E * sum_i f_i P_i`` from the routed fractions and mean probabilities (which expert
+    parallelism averages across devices first)."""
+    return f.shape[-1] * jnp.sum(jax.lax.stop_gradient(f) * P)
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:

@@ -1,0 +1,91 @@
+"""Expert parallelism for :class:`jaxsparse.nn.MoE`: experts split over the mesh axis
+``expert``, tokens exchanged with two all-to-alls inside ``jax.shard_map`` (GShard, Lepikhin
+et al. 2020).
+
+Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``); each device routes
+its own tokens, packs them into per-expert buffers ``[E, C, D]``, and an all-to-all over
+``expert`` sends every expert's slice to the device that holds that expert. Each device runs
+its ``E / n`` experts on the ``n * C`` rows it received; a second all-to-all returns the
+results, which are combined locally. Parameters sharded over other axes (FSDP) are gathered
+by ``shard_map`` on entry. With ``capacity_factor=None`` the buffers hold every token a
+device could send an expert (its local token count), so the layer stays exactly dropless.
+Router statistics are averaged over devices, so the auxiliary losses are the global ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxsparse.ops.moe import expert_capacity, expert_fractions, slot_positions
+from jaxsparse.parallel import logical_to_spec
+
+AXIS = "expert"
+
+
+def _token_axes(mesh, x_BLD) -> tuple[str, ...]:
+    spec = logical_to_spec(("batch",), x_BLD.shape[:1], mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    if AXIS not in axes:
+        raise ValueError(f"expert parallelism splits the batch over mesh axis '{AXIS}' "
+                         f"(size {mesh.shape[AXIS]}); batch {x_BLD.shape[0]} does not divide "
+                         f"over the batch axes {dict(mesh.shape)}")
+    return axes
+
+
+def expert_parallel_moe(moe, x_BLD, mesh):
+    """``(y [B, L, D], aux_loss, load [E], dropped)`` with the experts split over ``expert``."""
+    n = mesh.shape[AXIS]
+    num_experts = moe.num_experts
+    if num_experts % n:
+        raise ValueError(f"num_experts={num_experts} must be divisible by mesh axis "
+                         f"'{AXIS}' of size {n}")
+    token_axes = _token_axes(mesh, x_BLD)
+    gate, up, down = moe._weights()
+    router_kernel = moe.router.kernel[...]
+
+    def mean(v):
+        return jax.lax.pmean(v, token_axes)
+
+    def local(x_BLD, router_kernel, gate, up, down):
+        batch, length, d = x_BLD.shape
+        tokens = batch * length
+        choice, routed = moe.route(x_BLD, router_kernel)
+        if moe.capacity_factor is None:
+            capacity = tokens  # an expert can receive at most every local token once
+        else:
+            capacity = expert_capacity(tokens, num_experts, moe.k_max, moe.capacity_factor)
+        position = slot_positions(choice, num_experts)
+        kept = (position >= 0) & (position < capacity)
+        slot = jnp.where(kept, position, capacity)
+        x_TD = x_BLD.reshape(tokens, d).astype(moe.dtype)
+        token_of = jnp.broadcast_to(jnp.arange(tokens)[:, None], slot.shape)
+        buffers = jnp.zeros((num_experts, capacity, d), x_TD.dtype).at[
+            choice.expert_index, slot].set(x_TD[token_of], mode="drop")
+        # [n destinations, E/n, C, D] -> [n sources, E/n local experts, C, D]
+        received = jax.lax.all_to_all(buffers.reshape(n, num_experts // n, capacity, d), AXIS,
+                                      split_axis=0, concat_axis=0)
+        rows = jnp.swapaxes(received, 0, 1).reshape(num_experts // n, n * capacity, d)
+        hidden = (jax.nn.silu(jnp.einsum("ecd,edh->ech", rows, gate))
+                  * jnp.einsum("ecd,edh->ech", rows, up))
+        out = jnp.einsum("ech,ehd->ecd", hidden, down)
+        out = jnp.swapaxes(out.reshape(num_experts // n, n, capacity, d), 0, 1)
+        returned = jax.lax.all_to_all(out, AXIS, split_axis=0, concat_axis=0)
+        returned = returned.reshape(num_experts, capacity, d)
+        gathered = returned.at[choice.expert_index, slot].get(mode="fill", fill_value=0)
+        weights = jnp.where(kept, choice.weights, 0.0).astype(gathered.dtype)
+        y = jnp.einsum("tk,tkd->td", weights, gathered).reshape(batch, length, d)
+        aux = moe.router_losses(routed, mean)
+        load = mean(expert_fractions(choice.expert_index, num_experts, choice.weights))
+        active = jnp.maximum(jnp.sum(choice.weights > 0), 1)
+        dropped = mean(1.0 - jnp.sum(kept) / active)
+        return y, aux, load, dropped
+
+    x_spec = P(token_axes, None, None)
+    expert_spec = P(AXIS, None, None)
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(x_spec, P(), expert_spec, expert_spec, expert_spec),
+        out_specs=(x_spec, P(), P(), P()),
+    )(x_BLD, router_kernel, gate, up, down)
