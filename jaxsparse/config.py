@@ -68,6 +68,7 @@ class ModelConfig:
     moe_z_weight: float = 1e-3  # router z-loss weight
     moe_k_end: int | None = None  # random router: k grows linearly from moe_k to this
     moe_k_schedule_steps: int = 1000  # ... over this many steps
+    moe_eval_k: int | None = None  # k at evaluation/generation (SMoE-Dropout: more experts)
     moe_grouped_impl: str | None = None  # ops.moe.grouped_matmul implementation
 
     @property
@@ -277,6 +278,8 @@ def _validate_moe(m: ModelConfig) -> None:
            f"model.moe_k_end={m.moe_k_end}: must be in [model.moe_k={m.moe_k}, "
            f"model.moe_experts={m.moe_experts}]")
     _check(m.moe_chunk >= 0, f"model.moe_chunk={m.moe_chunk}: must be >= 0")
+    _check(m.moe_eval_k is None or 1 <= m.moe_eval_k <= m.moe_experts,
+           f"model.moe_eval_k={m.moe_eval_k}: must be in [1, model.moe_experts={m.moe_experts}]")
 
 
 def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:

@@ -44,6 +44,7 @@ def feed_forward(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: flo
                    causal=True, shared_experts=cfg.moe_shared_experts,
                    aux_weight=cfg.moe_aux_weight, z_weight=cfg.moe_z_weight,
                    k_end=cfg.moe_k_end, k_schedule_steps=cfg.moe_k_schedule_steps,
+                   eval_k=cfg.moe_eval_k,
                    grouped_impl=cfg.moe_grouped_impl, out_init_scale=out_scale, dtype=dtype,
                    param_dtype=param_dtype)
     except ValueError as err:

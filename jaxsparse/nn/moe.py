@@ -49,6 +49,7 @@ class MoE(nnx.Module):
                  renormalize: bool = True, jitter: float = 0.0, chunk: int = 0,
                  causal: bool = True, shared_experts: int = 0, aux_weight: float = 0.01,
                  z_weight: float = 1e-3, k_end: int | None = None, k_schedule_steps: int = 1,
+                 eval_k: int | None = None,
                  grouped_impl: str | None = None, out_init_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if router not in ROUTERS:
@@ -57,6 +58,8 @@ class MoE(nnx.Module):
             raise ValueError(f"k={k}: must be in [1, num_experts={num_experts}]")
         if k_end is not None and not k <= k_end <= num_experts:
             raise ValueError(f"k_end={k_end}: must be in [k={k}, num_experts={num_experts}]")
+        if eval_k is not None and not 1 <= eval_k <= num_experts:
+            raise ValueError(f"eval_k={eval_k}: must be in [1, num_experts={num_experts}]")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0, or None (dropless)")
         if router == "expert_choice" and causal:
@@ -72,7 +75,7 @@ class MoE(nnx.Module):
         self.chunk, self.causal = chunk, causal
         self.aux_weight, self.z_weight = aux_weight, z_weight
         self.grouped_impl, self.dtype = grouped_impl, dtype
-        self.eval_k: int | None = None  # inference-time k (SMoE-Dropout's "self-slimmable" use)
+        self.eval_k = eval_k  # k in eval mode (SMoE-Dropout's "self-slimmable" use)
         self.deterministic = False  # set by Module.eval(): no jitter
         self.router = Linear(d_model, num_experts, logical_axes=("embed", None), rngs=rngs,
                              dtype=jnp.float32, param_dtype=param_dtype)
@@ -107,7 +110,7 @@ class MoE(nnx.Module):
     # --- routing -------------------------------------------------------------------------
 
     def _active_k(self):
-        if self.eval_k is not None:
+        if self.eval_k is not None and self.deterministic:
             return self.eval_k
         if self.k_end == self.k:
             return None

@@ -1,0 +1,140 @@
+"""Mixture-of-experts study on the default corpus (CPU-sized).
+
+1. ``moe_tiny`` against its dense baseline ``transformer_tiny`` at equal active parameters
+   (8 half-width experts, top-2, in every other layer): validation bits per byte, training
+   throughput, and the per-expert load of every MoE layer at the end (bar plot).
+2. SMoE-Dropout (Chen et al. 2023): the same MoE with a fixed random router whose k grows
+   from 2 to 8 during training, then evaluated with k = 1 .. 8 experts ("self-slimmable":
+   loss should fall as k grows).
+
+    python experiments/moe/study.py [--steps 500] [--out experiments/moe/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxsparse import configs
+from jaxsparse.bench import write_results
+from jaxsparse.config import apply_overrides
+from jaxsparse.data import make_stream
+from jaxsparse.models import count_params
+from jaxsparse.train import evaluate, load
+from jaxsparse.train.loop import train
+from jaxsparse.train.metrics import read_metrics
+from jaxsparse.train.state import TrainSetup
+from jaxsparse.train.step import make_eval_step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
+
+
+def active_params(cfg) -> int:
+    """Parameters a token uses: all, minus the experts it is not routed to."""
+    m = cfg.model
+    total = count_params(m)
+    if not m.moe_experts:
+        return total
+    moe_layers = sum(1 for i in range(m.n_layers) if i % m.moe_every == m.moe_every - 1)
+    per_expert = 3 * m.d_model * (m.moe_d_ff or m.d_ff)
+    return total - moe_layers * (m.moe_experts - m.moe_k) * per_expert
+
+
+def expert_loads(workdir: Path) -> np.ndarray:
+    """``[MoE layers, E]``: the share of routing assignments each expert gets on a validation
+    batch, from the sown statistics of a training-mode forward pass."""
+    cfg, setup, state = load(workdir)
+    model = setup.model(state["params"], state["rest"])
+    stream = make_stream(cfg)
+    model(stream.eval_batch(0, 1)["inputs"])
+    sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+    loads = []
+    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        if any(getattr(k, "key", None) == "moe_load" for k in path):
+            loads.append(np.asarray(value))
+    return np.stack(loads)
+
+
+def eval_with_k(workdir: Path, ks) -> list[float]:
+    """Validation loss of a trained MoE evaluated with ``k`` experts per token."""
+    cfg, setup, state = load(workdir)
+    losses = []
+    for k in ks:
+        cfg_k = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_eval_k=k))
+        setup_k = TrainSetup(cfg_k, setup.mesh)
+        metrics = evaluate(setup_k, make_eval_step(setup_k), state, make_stream(cfg_k), cfg_k)
+        losses.append(metrics["bits_per_byte"])
+    return losses
+
+
+def run(name, overrides, out: Path, steps: int):
+    cfg = apply_overrides(configs.get(name), QUIET + [f"train.steps={steps}"] + overrides)
+    workdir = out / "runs" / (name + ("_" + "_".join(o.split("=")[1] for o in overrides) if overrides else ""))
+    start = time.perf_counter()
+    result = train(cfg, workdir, sample=False)
+    train_rows = [r for r in read_metrics(workdir) if r["split"] == "train"]
+    return cfg, workdir, {
+        "model": cfg.name + (" " + " ".join(overrides) if overrides else ""),
+        "params": count_params(cfg.model), "active_params": active_params(cfg),
+        "steps": result.step, "valid_bpb": result.eval_metrics["bits_per_byte"],
+        "tokens_per_s": float(np.median([r["tokens_per_sec"] for r in train_rows[1:]])),
+        "minutes": (time.perf_counter() - start) / 60}
+
+
+def plot(loads, ks, slim, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(loads)
+    for i, layer in enumerate(loads):
+        axes[0].bar(np.arange(layer.size) + i * width, layer, width, label=f"MoE layer {i}")
+    axes[0].axhline(1 / loads.shape[1], color="k", lw=0.8, ls="--", label="balanced")
+    axes[0].set(xlabel="expert", ylabel="share of assignments", title="moe_tiny expert load")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(ks, slim, marker="o")
+    axes[1].set(xlabel="experts per token at evaluation (k)", ylabel="validation bits/byte",
+                title="SMoE-Dropout: evaluating with more experts")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rows = []
+    for name, overrides in (("transformer_tiny", []), ("moe_tiny", [])):
+        rows.append(run(name, overrides, out, args.steps)[2])
+    loads = expert_loads(out / "runs" / "moe_tiny")
+    smoe = ["model.moe_router=random", "model.moe_k_end=8",
+            f"model.moe_k_schedule_steps={args.steps}"]
+    _, smoe_dir, smoe_row = run("moe_tiny", smoe, out, args.steps)
+    rows.append(smoe_row)
+    ks = list(range(1, 9))
+    slim = eval_with_k(smoe_dir, ks)
+    notes = (f"{args.steps} steps each on the default corpus (byte-level stdlib source); "
+             f"validation bits per byte over the eval batches; tokens/s is the median training "
+             f"throughput on this CPU. SMoE-Dropout evaluated with k = 1..8: "
+             + ", ".join(f"k={k}: {b:.3f}" for k, b in zip(ks, slim)) + " bits/byte.")
+    write_results("moe_study", rows, ["model", "params", "active_params", "steps", "valid_bpb",
+                                      "tokens_per_s", "minutes"], out, notes)
+    plot(loads, ks, slim, out / "moe_study.png")
+    print(notes)
+
+
+if __name__ == "__main__":
+    main()
