@@ -124,7 +124,7 @@ def test_random_router_is_fixed_and_its_k_grows():
 def test_grouped_matmul_implementations_agree(dtype):
     rng = np.random.default_rng(0)
     m, k, n = 203, 24, 40
-    sizes = jnp.array([0, 61, 3, 0, 100, 29], jnp.int32)  # empty groups, odd sizes, 10 rows left
+    sizes = jnp.array([0, 61, 3, 0, 100, 39], jnp.int32)  # empty groups, sizes not in tiles
     lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
     rhs = jnp.asarray(rng.normal(size=(6, k, n)), dtype)
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
@@ -138,7 +138,6 @@ def test_grouped_matmul_implementations_agree(dtype):
         return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
 
     (_, ref), ref_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs, "dense")
-    assert float(jnp.abs(ref[193:].astype(jnp.float32)).max()) == 0.0  # rows past the groups
     for impl in ("ragged_dot", "tiles", "pallas_interpret", "tpu_interpret"):
         (_, out), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs, impl)
         scale = float(jnp.abs(ref.astype(jnp.float32)).max())
@@ -177,7 +176,7 @@ def test_bad_inputs_name_the_argument():
         expert_capacity(10, 4, 2, 0)
     with pytest.raises(ValueError, match="leaks the future"):
         MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), router="expert_choice")
-    with pytest.raises(ValueError, match="sum to at most the 5 rows"):
+    with pytest.raises(ValueError, match="sum to the 5 rows of lhs; got sum 7"):
         grouped_matmul(jnp.ones((5, 2)), jnp.ones((2, 2, 3)), jnp.array([4, 3]))
     with pytest.raises(ConfigError, match="model.moe_router='expert_choice'"):
         validate(tiny_config("model.moe_experts=4", "model.moe_router=expert_choice"))
@@ -209,7 +208,7 @@ def test_moe_transformer_trains_and_logs_expert_statistics(tmp_path, extra):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (run experiments/gpu_check.sh on one)")
 def test_grouped_matmul_kernel_on_gpu_matches_the_reference():
     rng = np.random.default_rng(1)
-    sizes = jnp.array([0, 700, 33, 0, 1200, 115], jnp.int32)
+    sizes = jnp.array([0, 700, 33, 0, 1200, 167], jnp.int32)
     lhs = jnp.asarray(rng.normal(size=(2100, 256)), jnp.bfloat16)
     rhs = jnp.asarray(rng.normal(size=(6, 256, 384)), jnp.bfloat16)
     loss = lambda impl: lambda a, b: jnp.sum(jnp.sin(  # noqa: E731
