@@ -46,10 +46,14 @@ def _boundaries(key_ref, v, num_visits):
     return (v == 0) | (prev != key_ref[v]), (v == num_visits - 1) | (nxt != key_ref[v])
 
 
-def _gmm_kernel(tile_ref, group_ref, count_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref,
-                acc_ref, *, tm, num_visits):
-    v = pl.program_id(1)
-    first, last = _boundaries(tile_ref, v, num_visits)
+def _accumulating_kernel(tile_ref, group_ref, count_ref, starts_ref, ends_ref, lhs_ref, other_ref,
+                         out_ref, acc_ref, *, tm, num_visits, run_key, dims):
+    """One visit: ``acc += dot(masked lhs tile, other)``; the accumulator is zeroed at the
+    first visit of a run of equal ``run_key`` entries (a row tile for gmm, a group for tgmm)
+    and written out at the last."""
+    v = pl.program_id(2 if run_key == "group" else 1)  # the visit axis is innermost
+    key_ref = group_ref if run_key == "group" else tile_ref
+    first, last = _boundaries(key_ref, v, num_visits)
 
     @pl.when(first)
     def _():
@@ -61,29 +65,7 @@ def _gmm_kernel(tile_ref, group_ref, count_ref, starts_ref, ends_ref, lhs_ref, r
         rows = tile_ref[v] * tm + jax.lax.broadcasted_iota(jnp.int32, lhs_ref.shape, 0)
         in_group = (rows >= starts_ref[g]) & (rows < ends_ref[g])
         a = jnp.where(in_group, lhs_ref[...], 0)
-        acc_ref[...] += jax.lax.dot_general(a, rhs_ref[...], _NN, preferred_element_type=f32)
-
-    @pl.when(last)
-    def _():
-        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
-
-
-def _tgmm_kernel(tile_ref, group_ref, count_ref, starts_ref, ends_ref, lhs_ref, dout_ref, out_ref,
-                 acc_ref, *, tm, num_visits):
-    v = pl.program_id(2)
-    first, last = _boundaries(group_ref, v, num_visits)
-
-    @pl.when(first)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(v < count_ref[0])
-    def _():
-        g = group_ref[v]
-        rows = tile_ref[v] * tm + jax.lax.broadcasted_iota(jnp.int32, lhs_ref.shape, 0)
-        in_group = (rows >= starts_ref[g]) & (rows < ends_ref[g])
-        a = jnp.where(in_group, lhs_ref[...], 0)
-        acc_ref[...] += jax.lax.dot_general(a, dout_ref[...], _TN, preferred_element_type=f32)
+        acc_ref[...] += jax.lax.dot_general(a, other_ref[...], dims, preferred_element_type=f32)
 
     @pl.when(last)
     def _():
@@ -102,7 +84,8 @@ def gmm(lhs, rhs, group_sizes, cfg):
         out_specs=pl.BlockSpec((cfg.tm, cfg.tn), lambda j, v, t, g, *_: (t[v], j)),
         scratch_shapes=[pltpu.VMEM((cfg.tm, cfg.tn), f32)])
     return pl.pallas_call(
-        functools.partial(_gmm_kernel, tm=cfg.tm, num_visits=num_visits), grid_spec=grid_spec,
+        functools.partial(_accumulating_kernel, tm=cfg.tm, num_visits=num_visits,
+                          run_key="tile", dims=_NN), grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=cfg.interpret, name="grouped_matmul_tpu",
@@ -122,7 +105,8 @@ def tgmm(lhs, dout, group_sizes, cfg):
         out_specs=pl.BlockSpec((None, cfg.tk, cfg.tn), lambda a, b, v, t, g, *_: (g[v], a, b)),
         scratch_shapes=[pltpu.VMEM((cfg.tk, cfg.tn), f32)])
     return pl.pallas_call(
-        functools.partial(_tgmm_kernel, tm=cfg.tm, num_visits=num_visits), grid_spec=grid_spec,
+        functools.partial(_accumulating_kernel, tm=cfg.tm, num_visits=num_visits,
+                          run_key="group", dims=_TN), grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), f32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
