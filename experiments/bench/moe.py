@@ -24,15 +24,10 @@ import jax.numpy as jnp
 
 from jaxsparse.bench import markdown_table, time_fn, write_results
 from jaxsparse.ops.moe import (capacity_dispatch, dropless_dispatch, expert_capacity,
-                               grouped_matmul, slot_positions, top_k_routing)
+                               grouped_matmul, slot_positions, swiglu_experts, top_k_routing)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 CAPACITY_FACTOR = 1.25
-
-
-def swiglu_buffers(x_ECD, gate, up, down):
-    hidden = jax.nn.silu(jnp.einsum("ecd,edh->ech", x_ECD, gate)) * jnp.einsum("ecd,edh->ech", x_ECD, up)
-    return jnp.einsum("ech,ehd->ecd", hidden, down)
 
 
 def paths(E, k, tokens, gate, up, down):
@@ -54,7 +49,7 @@ def paths(E, k, tokens, gate, up, down):
         dispatch = jnp.einsum("tke,tkc->tec", expert, slot)
         combine = jnp.einsum("tke,tkc,tk->tec", expert, slot, choice.weights)
         buffers = jnp.einsum("tec,td->ecd", dispatch, x)
-        return jnp.einsum("tec,ecd->td", combine, swiglu_buffers(buffers, gate, up, down))
+        return jnp.einsum("tec,ecd->td", combine, swiglu_experts(buffers, gate, up, down))
 
     def dropless(impl):
         def run(x, logits):
@@ -68,7 +63,7 @@ def paths(E, k, tokens, gate, up, down):
 
     def ours_capacity(x, logits):
         choice = top_k_routing(logits, k)
-        return capacity_dispatch(x, choice, lambda b: swiglu_buffers(b, gate, up, down), capacity)[0]
+        return capacity_dispatch(x, choice, lambda b: swiglu_experts(b, gate, up, down), capacity)[0]
 
     return {"dense all-experts": dense, "one-hot einsums": one_hot_einsums,
             "ragged_dot": dropless("ragged_dot"), "ours: capacity": ours_capacity,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxsparse.ops.moe import expert_capacity, expert_fractions, slot_positions
+from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
 from jaxsparse.parallel import logical_to_spec
 
 AXIS = "expert"
@@ -56,31 +56,19 @@ def expert_parallel_moe(moe, x_BLD, mesh):
             capacity = tokens  # an expert can receive at most every local token once
         else:
             capacity = expert_capacity(tokens, num_experts, moe.k_max, moe.capacity_factor)
-        position = slot_positions(choice, num_experts)
-        kept = (position >= 0) & (position < capacity)
-        slot = jnp.where(kept, position, capacity)
-        x_TD = x_BLD.reshape(tokens, d).astype(moe.dtype)
-        token_of = jnp.broadcast_to(jnp.arange(tokens)[:, None], slot.shape)
-        buffers = jnp.zeros((num_experts, capacity, d), x_TD.dtype).at[
-            choice.expert_index, slot].set(x_TD[token_of], mode="drop")
+        buffers, slot, kept = pack(x_BLD.reshape(tokens, d).astype(moe.dtype), choice, capacity)
         # [n destinations, E/n, C, D] -> [n sources, E/n local experts, C, D]
         received = jax.lax.all_to_all(buffers.reshape(n, num_experts // n, capacity, d), AXIS,
                                       split_axis=0, concat_axis=0)
         rows = jnp.swapaxes(received, 0, 1).reshape(num_experts // n, n * capacity, d)
-        hidden = (jax.nn.silu(jnp.einsum("ecd,edh->ech", rows, gate))
-                  * jnp.einsum("ecd,edh->ech", rows, up))
-        out = jnp.einsum("ech,ehd->ecd", hidden, down)
+        out = swiglu_experts(rows, gate, up, down)  # this device's experts
         out = jnp.swapaxes(out.reshape(num_experts // n, n, capacity, d), 0, 1)
         returned = jax.lax.all_to_all(out, AXIS, split_axis=0, concat_axis=0)
         returned = returned.reshape(num_experts, capacity, d)
-        gathered = returned.at[choice.expert_index, slot].get(mode="fill", fill_value=0)
-        weights = jnp.where(kept, choice.weights, 0.0).astype(gathered.dtype)
-        y = jnp.einsum("tk,tkd->td", weights, gathered).reshape(batch, length, d)
+        y, dropped = unpack(returned, choice, slot, kept)
         aux = moe.router_losses(routed, mean)
         load = mean(expert_fractions(choice.expert_index, num_experts, choice.weights))
-        active = jnp.maximum(jnp.sum(choice.weights > 0), 1)
-        dropped = mean(1.0 - jnp.sum(kept) / active)
-        return y, aux, load, dropped
+        return y.reshape(batch, length, d), aux, load, mean(dropped)
 
     x_spec = P(token_axes, None, None)
     expert_spec = P(AXIS, None, None)

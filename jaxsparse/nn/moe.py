@@ -23,7 +23,7 @@ from jaxsparse.nn.expert_parallel import expert_parallel_moe
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh
-from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, capacity_dispatch, chunk_pool, dropless_dispatch,
+from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, swiglu_experts, capacity_dispatch, chunk_pool, dropless_dispatch,
                                expert_capacity, expert_choice_capacity, expert_choice_dispatch,
                                expert_choice_routing, expert_fractions, grouped_matmul,
                                linear_k_schedule, router_z_loss,
@@ -97,10 +97,7 @@ class MoE(nnx.Module):
         return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
     def _buffered_experts(self, x_ECD):
-        gate, up, down = self._weights()
-        hidden = (jax.nn.silu(jnp.einsum("ecd,edh->ech", x_ECD, gate))
-                  * jnp.einsum("ecd,edh->ech", x_ECD, up))
-        return jnp.einsum("ech,ehd->ecd", hidden, down)
+        return swiglu_experts(x_ECD, *self._weights())
 
     def _grouped_experts(self, rows, group_sizes):
         gate, up, down = self._weights()

@@ -2,7 +2,8 @@
 
 from jaxsparse.ops.moe.dispatch import (capacity_dispatch, dropless_dispatch,
                                         expert_capacity, expert_choice_capacity,
-                                        expert_choice_dispatch, slot_positions)
+                                        expert_choice_dispatch, pack, slot_positions,
+                                        swiglu_experts, unpack)
 from jaxsparse.ops.moe.grouped import GMM_IMPLEMENTATIONS, grouped_matmul
 from jaxsparse.ops.moe.losses import (balance_from_statistics, expert_fractions,
                                       load_balancing_loss, router_z_loss)
@@ -15,5 +16,6 @@ __all__ = [
     "capacity_dispatch", "chunk_pool",
     "dropless_dispatch", "expert_capacity", "expert_choice_capacity", "expert_choice_dispatch",
     "expert_choice_routing", "expert_fractions", "grouped_matmul", "linear_k_schedule",
-    "load_balancing_loss", "router_z_loss", "slot_positions", "top_k_routing", "unchunk",
+    "load_balancing_loss", "pack", "router_z_loss", "slot_positions", "swiglu_experts",
+    "top_k_routing", "unchunk", "unpack",
 ]

@@ -40,23 +40,40 @@ def slot_positions(choice: TokenChoice, num_experts: int) -> jax.Array:
     return position.reshape(k, tokens).T
 
 
-def capacity_dispatch(x_TD, choice: TokenChoice, experts, capacity: int):
-    """Token-choice MoE with fixed per-expert buffers. Returns ``(y [T, D], dropped_fraction)``."""
+def swiglu_experts(x_ECD, gate, up, down):
+    """Every expert's SwiGLU on its buffer: ``[E, C, D]`` with weights ``[E, D, H]``,
+    ``[E, D, H]``, ``[E, H, D]``."""
+    hidden = jax.nn.silu(jnp.einsum("ecd,edh->ech", x_ECD, gate)) * jnp.einsum("ecd,edh->ech", x_ECD, up)
+    return jnp.einsum("ech,ehd->ecd", hidden, down)
+
+
+def pack(x_TD, choice: TokenChoice, capacity: int):
+    """Per-expert buffers ``[E, C, D]`` filled by priority slot; ``(buffers, slot, kept)``
+    where dropped assignments have ``slot == C`` (out of range)."""
     tokens, d = x_TD.shape
     num_experts = choice.probs.shape[-1]
     position = slot_positions(choice, num_experts)
     kept = (position >= 0) & (position < capacity)
     slot = jnp.where(kept, position, capacity)  # out of range: dropped by the scatter
-    buffers = jnp.zeros((num_experts, capacity, d), x_TD.dtype)
     token_of = jnp.broadcast_to(jnp.arange(tokens)[:, None], slot.shape)
-    buffers = buffers.at[choice.expert_index, slot].set(x_TD[token_of], mode="drop")
-    out = experts(buffers)  # [E, C, D]
-    gathered = out.at[choice.expert_index, slot].get(mode="fill", fill_value=0)  # [T, k, D]
-    weights = jnp.where(kept, choice.weights, 0.0).astype(out.dtype)
+    buffers = jnp.zeros((num_experts, capacity, d), x_TD.dtype).at[
+        choice.expert_index, slot].set(x_TD[token_of], mode="drop")
+    return buffers, slot, kept
+
+
+def unpack(out_ECD, choice: TokenChoice, slot, kept):
+    """Combine expert outputs back per token: ``(y [T, D], dropped_fraction)``."""
+    gathered = out_ECD.at[choice.expert_index, slot].get(mode="fill", fill_value=0)  # [T, k, D]
+    weights = jnp.where(kept, choice.weights, 0.0).astype(out_ECD.dtype)
     y = jnp.einsum("tk,tkd->td", weights, gathered)
     active = jnp.sum(choice.weights > 0)
-    dropped = 1.0 - jnp.sum(kept) / jnp.maximum(active, 1)
-    return y, dropped
+    return y, 1.0 - jnp.sum(kept) / jnp.maximum(active, 1)
+
+
+def capacity_dispatch(x_TD, choice: TokenChoice, experts, capacity: int):
+    """Token-choice MoE with fixed per-expert buffers. Returns ``(y [T, D], dropped_fraction)``."""
+    buffers, slot, kept = pack(x_TD, choice, capacity)
+    return unpack(experts(buffers), choice, slot, kept)
 
 
 def dropless_dispatch(x_TD, choice: TokenChoice, grouped):
