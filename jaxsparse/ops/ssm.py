@@ -69,11 +69,7 @@ def _check_scan_shapes(x, dt, A, B, C, D, z):
 
 def _discretise(x, dt, A, B, dt_bias, dt_softplus):
     """float32 (decay [b,l,d,n], input [b,l,d,n]) of the recurrence h = decay*h + input."""
-    dt = dt.astype(jnp.float32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(jnp.float32)[None, None, :]
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
+    dt = _final_dt(dt, dt_bias, dt_softplus)
     groups = B.shape[2]
     per_group = x.shape[2] // groups
     B_full = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # [b, l, d, n]
@@ -86,11 +82,7 @@ def _readout(h_BLDN, C, x, D, z, out_dtype):
     per_group = x.shape[2] // C.shape[2]
     C_full = jnp.repeat(C.astype(jnp.float32), per_group, axis=2)
     y = jnp.einsum("bldn,bldn->bld", h_BLDN, C_full)
-    if D is not None:
-        y = y + D.astype(jnp.float32)[None, None, :] * x.astype(jnp.float32)
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
-    return y.astype(out_dtype)
+    return _skip_and_gate(y, x, D, z).astype(out_dtype)
 
 
 def _scan_sequential(decay, inputs, h0):
@@ -139,12 +131,7 @@ def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dty
     @jax.checkpoint
     def step(h, chunk_xs):
         x_c, dt_c, B_c, C_c, z_c, valid_c = chunk_xs
-        dt_c = dt_c.astype(jnp.float32)
-        if dt_bias is not None:
-            dt_c = dt_c + dt_bias.astype(jnp.float32)[None, None, :]
-        if dt_softplus:
-            dt_c = jax.nn.softplus(dt_c)
-        dt_c = dt_c * valid_c  # padding steps: dt = 0, so decay 1 and input 0
+        dt_c = _final_dt(dt_c, dt_bias, dt_softplus) * valid_c  # padding steps: dt = 0, so decay 1 and input 0
 
         def tick(h, xs):
             # one time step, fused: nothing of size chunk x d_inner x d_state is kept
@@ -157,12 +144,7 @@ def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dty
 
         ticks = tuple(jnp.moveaxis(t, 1, 0) for t in (x_c, dt_c, B_c, C_c))
         last, y = jax.lax.scan(tick, h, ticks)
-        y = jnp.moveaxis(y, 0, 1)
-        if D is not None:
-            y = y + D.astype(jnp.float32)[None, None, :] * x_c.astype(jnp.float32)
-        if z_c is not None:
-            y = y * jax.nn.silu(z_c.astype(jnp.float32))
-        return last, y
+        return last, _skip_and_gate(jnp.moveaxis(y, 0, 1), x_c, D, z_c)
 
     final, ys = jax.lax.scan(step, h0, xs)
     y = jnp.moveaxis(ys, 0, 1).reshape(batch, padded, d_inner)[:, :length]
