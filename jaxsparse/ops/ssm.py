@@ -131,7 +131,7 @@ def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dty
     @jax.checkpoint
     def step(h, chunk_xs):
         x_c, dt_c, B_c, C_c, z_c, valid_c = chunk_xs
-        dt_c = _final_dt(dt_c, dt_bias, dt_softplus) * valid_c  # padding steps: dt = 0, so decay 1 and input 0
+        dt_c = _final_dt(dt_c, dt_bias, dt_softplus) * valid_c  # padding: dt 0, decay 1
 
         def tick(h, xs):
             # one time step, fused: nothing of size chunk x d_inner x d_state is kept
