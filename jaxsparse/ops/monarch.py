@@ -1,0 +1,284 @@
+"""Monarch matrices (Dao et al., ICML 2022): ``M = P L Pᵀ R`` with block-diagonal ``L``, ``R``.
+
+Layout (the convention of the paper's reference code, HazyResearch/fly, fixed here and tested
+against :func:`monarch_to_dense`). With ``b`` blocks in both factors:
+
+  ``w1 [b, q, p]``   the right factor ``R``: block ``k`` maps input features ``k·p .. k·p+p-1``
+                     to ``q`` intermediate features (``n = b·p`` inputs);
+  ``w2 [b, s, q]``   the left factor ``L``: block ``l`` maps ``q`` permuted intermediate features
+                     to ``s`` outputs (``m = b·s`` outputs);
+
+and between them the permutation ``Pᵀ`` that reads the ``b·q`` intermediate features, laid out
+``(k, j)``, as ``(r, l)``: intermediate ``i = k·q + j = r·b + l`` feeds block ``l`` at position
+``r``. The outputs ``(l, s)`` are written in ``(s, l)`` order (the left ``P``). ``q`` is a
+multiple of ``b``: ``ρ = q / b`` is the rank of each of the ``b × b`` blocks of ``M`` (of size
+``s × p``) — 1 in the paper's square case ``b = √n``, where ``q = p = s = b``. Written out,
+
+  ``M[s'·b + l, k·p + p'] = Σ_{ρ'<ρ} w2[l, s', k·ρ + ρ'] · w1[k, ρ'·b + l, p']``.
+
+So ``M`` restricted to the block (row set ``l``, column set ``k``) is a sum of ``ρ`` outer
+products, the blocks are independent, and the Frobenius-optimal projection of a dense matrix is
+a truncated SVD of rank ``ρ`` per block (Eckart–Young; the paper's Theorem 1 for ``ρ = 1``).
+
+Matrices act on column vectors here (``M [m, n]``, the paper's and PyTorch's convention):
+``monarch_matmul(x, w1, w2) == x @ monarch_to_dense(w1, w2).T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MONARCH_IMPLEMENTATIONS = (None, "xla", "xla_tiled", "pallas", "pallas_interpret")
+
+
+# --- shapes ---------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def valid_nblocks(n_in: int, n_out: int) -> list[int]:
+    """Block counts ``b`` that split ``n_in`` and ``n_out`` into ``b`` blocks each, with an
+    intermediate width ``q = min(n_in, n_out) / b`` that is a multiple of ``b``."""
+    return [b for b in _divisors(math.gcd(n_in, n_out)) if (min(n_in, n_out) // b) % b == 0]
+
+
+def default_nblocks(n_in: int, n_out: int) -> int:
+    """The paper's choice, ``b = √n`` (rank-1 blocks), or the valid count nearest below it."""
+    return max(valid_nblocks(n_in, n_out))
+
+
+def monarch_shapes(n_in: int, n_out: int, nblocks: int | None = None):
+    """``(w1_shape, w2_shape)`` for a Monarch map from ``n_in`` to ``n_out`` features.
+
+    The intermediate width is ``min(n_in, n_out)``, so the smaller side's blocks are square (as
+    in the reference MonarchLinear). Raises ``ValueError`` listing the block counts that work.
+    """
+    for name, value in (("n_in", n_in), ("n_out", n_out)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive int")
+    b = default_nblocks(n_in, n_out) if nblocks is None else nblocks
+    allowed = valid_nblocks(n_in, n_out)
+    if b not in allowed:
+        raise ValueError(
+            f"nblocks={b} cannot split n_in={n_in} -> n_out={n_out}: b must divide both sizes "
+            f"and min(n_in, n_out)/b must be a multiple of b; valid nblocks: {allowed}")
+    q = min(n_in, n_out) // b
+    return (b, q, n_in // b), (b, n_out // b, q)
+
+
+def check_factors(w1, w2) -> tuple[int, int, int, int]:
+    """Validate ``w1 [b, q, p]``, ``w2 [b, s, q]``; returns ``(b, p, q, s)``."""
+    if w1.ndim != 3 or w2.ndim != 3:
+        raise ValueError(f"w1 must be [b, q, p] and w2 [b, s, q]; got w1 {w1.shape}, w2 {w2.shape}")
+    b, q, p = w1.shape
+    b2, s, q2 = w2.shape
+    if b2 != b or q2 != q:
+        raise ValueError(f"w1 {w1.shape} = [b, q, p] and w2 {w2.shape} = [b, s, q] disagree: "
+                         f"w2 must be [{b}, s, {q}]")
+    if q % b:
+        raise ValueError(f"w1 {w1.shape}: the intermediate block width q={q} must be a multiple "
+                         f"of the block count b={b} (q = ρ·b, ρ the rank of each block of M)")
+    return b, p, q, s
+
+
+def monarch_params(n_in: int, n_out: int, nblocks: int | None = None) -> int:
+    """Parameters of the two factors: ``b·q·(p + s)``; ``2 n^1.5`` when square with ``b = √n``."""
+    s1, s2 = monarch_shapes(n_in, n_out, nblocks)
+    return math.prod(s1) + math.prod(s2)
+
+
+def monarch_flops(tokens: int, n_in: int, n_out: int, nblocks: int | None = None) -> int:
+    """Multiply-add FLOPs (2 per MAC) of ``monarch_matmul`` on ``tokens`` rows."""
+    return 2 * tokens * monarch_params(n_in, n_out, nblocks)
+
+
+def dense_flops(tokens: int, n_in: int, n_out: int) -> int:
+    return 2 * tokens * n_in * n_out
+
+
+def monarch_bytes(tokens: int, n_in: int, n_out: int, nblocks: int | None = None,
+                  itemsize: int = 4, fused: bool = True) -> int:
+    """HBM/DRAM bytes a Monarch product must move: read x, write y, read the weights; unfused
+    paths also write and re-read the intermediate (and a copy per layout change)."""
+    s1, _ = monarch_shapes(n_in, n_out, nblocks)
+    mid = s1[0] * s1[1]
+    moved = tokens * (n_in + n_out) + monarch_params(n_in, n_out, nblocks)
+    if not fused:
+        moved += 2 * tokens * mid
+    return moved * itemsize
+
+
+# --- dense view and projection ---------------------------------------------------------------
+
+
+def monarch_to_dense(w1, w2) -> jax.Array:
+    """The dense ``[m, n]`` matrix of the factors (the formula in the module docstring)."""
+    b, p, q, s = check_factors(w1, w2)
+    rho = q // b
+    w1_KRLP = w1.reshape(b, rho, b, p)  # row j = ρ'·b + l of block k
+    w2_LSKR = w2.reshape(b, s, b, rho)  # column r = k·ρ + ρ' of block l
+    blocks_SLKP = jnp.einsum("lskr,krlp->slkp", w2_LSKR, w1_KRLP,
+                             precision=jax.lax.Precision.HIGHEST)
+    return blocks_SLKP.reshape(b * s, b * p)
+
+
+def project_to_monarch(matrix, nblocks: int | None = None):
+    """Closed-form Frobenius-optimal Monarch approximation of ``matrix [m, n]``.
+
+    Each of the ``b × b`` blocks (rows ``{s'·b + l}``, columns ``k·p ..``) is replaced by its
+    best rank-``ρ`` approximation (truncated SVD); the singular values are split evenly between
+    the factors. Real or complex input. Returns ``(w1 [b, q, p], w2 [b, s, q])``.
+    """
+    matrix = jnp.asarray(matrix)
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix must be 2-D [m, n], got shape {matrix.shape}")
+    m, n = matrix.shape
+    (b, q, p), (_, s, _) = monarch_shapes(n, m, nblocks)
+    rho = q // b
+    blocks_LKSP = matrix.reshape(s, b, b, p).transpose(1, 2, 0, 3)
+    u, sv, vh = jnp.linalg.svd(blocks_LKSP, full_matrices=False)  # [l, k, s, r], [l, k, r], ...
+    root = jnp.sqrt(sv[..., :rho]).astype(matrix.dtype)
+    left_LKSR = u[..., :rho] * root[..., None, :]
+    right_LKRP = vh[..., :rho, :] * root[..., :, None]
+    w2 = left_LKSR.transpose(0, 2, 1, 3).reshape(b, s, q)  # column k·ρ + ρ'
+    w1 = right_LKRP.transpose(1, 2, 0, 3).reshape(b, q, p)  # row ρ'·b + l
+    return w1, w2
+
+
+# --- the product ------------------------------------------------------------------------------
+
+
+def _check_input(x, w1, w2):
+    b, p, q, s = check_factors(w1, w2)
+    if x.ndim < 1 or x.shape[-1] != b * p:
+        raise ValueError(f"x {x.shape}: last dim must be n = b·p = {b}·{p} = {b * p} "
+                         f"(the inputs of w1 {w1.shape})")
+    return b, p, q, s
+
+
+def _precision(x):
+    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def monarch_reference(x, w1, w2):
+    """The XLA reference, written step by step: ``y = x @ Mᵀ`` for ``x [..., n]``."""
+    b, p, q, s = _check_input(x, w1, w2)
+    lead = x.shape[:-1]
+    dtype = jnp.result_type(x.dtype, w1.dtype)
+    x_KP = x.astype(dtype).reshape(*lead, b, p)
+    hidden_KQ = jnp.einsum("...kp,kqp->...kq", x_KP, w1.astype(dtype), precision=_precision(x))
+    hidden_RL = hidden_KQ.reshape(*lead, q, b)  # i = k·q + j read as (r, l): i = r·b + l
+    out_LS = jnp.einsum("...rl,lsr->...ls", hidden_RL, w2.astype(dtype), precision=_precision(x))
+    return jnp.swapaxes(out_LS, -1, -2).reshape(*lead, b * s)  # outputs in (s, l) order
+
+
+def _tiled(x, w1, w2, block_tokens: int):
+    """The same product token tile by token tile (a ``lax.map``), so that each tile's layout
+    changes happen in cache instead of as full-size copies of the activations in memory."""
+    b, p, q, s = _check_input(x, w1, w2)
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, n)
+    tokens = rows.shape[0]
+    bt = min(block_tokens, tokens)
+    padded = -(-tokens // bt) * bt
+    rows = jnp.pad(rows, ((0, padded - tokens), (0, 0)))
+    dtype = jnp.result_type(x.dtype, w1.dtype)
+    w1, w2 = w1.astype(dtype), w2.astype(dtype)
+
+    def tile(x_TN):
+        return monarch_reference(x_TN, w1, w2)
+
+    out = jax.lax.map(tile, rows.astype(dtype).reshape(padded // bt, bt, n))
+    return out.reshape(padded, b * s)[:tokens].reshape(*lead, b * s)
+
+
+def kernel_constraints(backend: str, w1, w2) -> str | None:
+    """Why the ``backend`` kernel cannot take these factors, or None if it can."""
+    b, p, q, s = check_factors(w1, w2)
+    if backend == "gpu":
+        # Triton blocks are powers of two, and tl.dot needs every dim >= 16.
+        bad = {k: v for k, v in dict(p=p, q=q, s=s).items() if v < 16 or v & (v - 1)}
+        if bad:
+            return f"the GPU kernel needs p, q, s powers of two >= 16, got {bad}"
+    else:
+        bad = {k: v for k, v in dict(p=p, q=q, s=s).items() if v % 8}
+        if bad:
+            return f"the TPU kernel needs p, q, s multiples of 8, got {bad}"
+        if (b * p) % 128 or (b * s) % 128:
+            return f"the TPU kernel needs n={b * p} and m={b * s} multiples of 128"
+    return None
+
+
+def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: int | None = None):
+    """The Pallas kernel on ``x [..., n]``: tokens padded to whole tiles, weights in the compute
+    dtype (``x``'s)."""
+    from pallas_kernels.monarch import monarch, monarch_config
+
+    b, p, q, s = _check_input(x, w1, w2)
+    why = kernel_constraints(backend, w1, w2)
+    if why:
+        raise ValueError(f"monarch_matmul(implementation='pallas'): {why} (w1 {w1.shape}, "
+                         f"w2 {w2.shape}); use implementation='xla'")
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, n)
+    tokens = rows.shape[0]
+    bt = block_tokens or (128 if backend == "tpu" else 32)
+    padded = max(bt, -(-tokens // bt) * bt)
+    rows = jnp.pad(rows, ((0, padded - tokens), (0, 0)))
+    cfg = monarch_config(backend=backend, interpret=interpret, nblocks=b, block_tokens=bt)
+    out = monarch(rows, w1.astype(x.dtype), w2.astype(x.dtype), cfg)
+    return out[:tokens].reshape(*lead, b * s)
+
+
+def _fast_xla(x, w1, w2):
+    return _tiled(x, w1, w2, block_tokens=256)
+
+
+def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
+    """``y [..., m] = x [..., n] @ Mᵀ`` for the Monarch matrix of ``w1 [b, q, p]``,
+    ``w2 [b, s, q]`` (layout in the module docstring).
+
+    Implementations: ``"xla"`` (the two einsums with the permutation between them, written as
+    in the paper), ``"xla_tiled"`` (the same over tiles of 256 tokens so the layout changes
+    stay in cache; the default off accelerators), ``"pallas"`` (the fused kernel of
+    :mod:`pallas_kernels.monarch`, Triton or Mosaic by the lowering platform, the tiled XLA
+    path elsewhere or when the block sizes do not suit the kernel), ``"pallas_interpret"``
+    (the GPU kernel in interpret mode, for tests). Differentiable in every implementation.
+    """
+    if implementation not in MONARCH_IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: allowed {MONARCH_IMPLEMENTATIONS}")
+    _check_input(x, w1, w2)
+    if implementation == "xla":
+        return monarch_reference(x, w1, w2)
+    if implementation == "xla_tiled":
+        return _fast_xla(x, w1, w2)
+    if implementation == "pallas_interpret":
+        return kernel_monarch(x, w1, w2, backend="gpu", interpret=True)
+    suits = {be: kernel_constraints(be, w1, w2) is None for be in ("gpu", "tpu")}
+    if implementation == "pallas":
+        if not any(suits.values()):
+            raise ValueError(f"monarch_matmul(implementation='pallas'): "
+                             f"{kernel_constraints('gpu', w1, w2)}; "
+                             f"{kernel_constraints('tpu', w1, w2)} (w1 {w1.shape}, "
+                             f"w2 {w2.shape}); use implementation='xla'")
+        return _platform_kernel(x, w1, w2, suits)
+    # None: XLA. The kernels have not yet been timed on hardware (no device was lent), so they
+    # are opt-in until a benchmark shows them ahead; the tiled path wins on CPU.
+    return _fast_xla(x, w1, w2) if jax.default_backend() == "cpu" else monarch_reference(x, w1, w2)
+
+
+def _platform_kernel(x, w1, w2, suits):
+    """The lowering platform's kernel, or the XLA path where that kernel cannot take the sizes."""
+    fallback = lambda: _fast_xla(x, w1, w2)  # noqa: E731
+    return jax.lax.platform_dependent(
+        cuda=(lambda: kernel_monarch(x, w1, w2, backend="gpu", interpret=False))
+        if suits["gpu"] else fallback,
+        tpu=(lambda: kernel_monarch(x, w1, w2, backend="tpu", interpret=False))
+        if suits["tpu"] else fallback,
+        default=fallback)
