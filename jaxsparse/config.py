@@ -70,6 +70,10 @@ class ModelConfig:
     moe_k_schedule_steps: int = 1000  # ... over this many steps
     moe_eval_k: int | None = None  # k at evaluation/generation (SMoE-Dropout: more experts)
     moe_grouped_impl: str | None = None  # ops.moe.grouped_matmul implementation
+    # Monarch matrices (jaxsparse.nn.MonarchLinear) in place of dense projections
+    monarch: str = ""  # which: "" (none), "mlp", "attention" or "mlp,attention"
+    monarch_blocks: int | None = None  # blocks per factor; None: ~sqrt of the smaller width
+    monarch_impl: str | None = None  # ops.monarch.monarch_matmul implementation
 
     @property
     def resolved_head_dim(self) -> int:
@@ -131,6 +135,9 @@ class TrainConfig:
     seed: int = 0  # parameter initialisation
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     progress: bool = True  # tqdm bar
+    # Start from the latest weights of another run's workdir (fresh optimiser state); dense
+    # and Monarch projections are converted where model.monarch differs (jaxsparse.sparsify).
+    init_from: str | None = None
     tensorboard: bool = True
 
 
@@ -282,6 +289,36 @@ def _validate_moe(m: ModelConfig) -> None:
            f"model.moe_eval_k={m.moe_eval_k}: must be in [1, model.moe_experts={m.moe_experts}]")
 
 
+MONARCH_TARGETS = ("mlp", "attention")
+
+
+def monarch_targets(m: ModelConfig) -> set[str]:
+    """The layer kinds ``model.monarch`` names (``"mlp,attention"`` -> both)."""
+    return {part.strip() for part in m.monarch.split(",") if part.strip()}
+
+
+def _validate_monarch(m: ModelConfig) -> None:
+    from jaxsparse.ops.monarch import MONARCH_IMPLEMENTATIONS, valid_nblocks
+
+    targets = monarch_targets(m)
+    _check(targets <= set(MONARCH_TARGETS),
+           f"model.monarch={m.monarch!r}: a comma-separated subset of {MONARCH_TARGETS}, or ''")
+    _check(m.monarch_impl in MONARCH_IMPLEMENTATIONS,
+           f"model.monarch_impl={m.monarch_impl!r}: allowed {MONARCH_IMPLEMENTATIONS}")
+    if not targets or m.monarch_blocks is None:
+        return
+    shapes = []
+    if "mlp" in targets:
+        shapes.append((m.d_model, m.d_ff))
+    if "attention" in targets:
+        shapes += [(m.d_model, m.n_heads * m.resolved_head_dim),
+                   (m.d_model, m.n_kv_heads * m.resolved_head_dim)]
+    allowed = sorted(set.intersection(*(set(valid_nblocks(a, b)) for a, b in shapes)))
+    _check(m.monarch_blocks in allowed,
+           f"model.monarch_blocks={m.monarch_blocks} cannot split the {sorted(targets)} "
+           f"projections of widths {shapes}; valid: {allowed} (or None)")
+
+
 def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
     if mesh.expert in (1, -1):
         return
@@ -321,6 +358,7 @@ def validate(cfg: Config) -> Config:
     _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: allowed {DTYPES}")
     _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
     _validate_moe(m)
+    _validate_monarch(m)
     _validate_expert_axis(m, mesh)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.path is None or d.task == "text",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.config import ConfigError, ModelConfig
+from jaxsparse.config import ConfigError, ModelConfig, monarch_targets
 from jaxsparse.models.lm import LanguageModel
-from jaxsparse.nn import Attention, MoE, RMSNorm, SwiGLU
+from jaxsparse.nn import Attention, Linear, MoE, MonarchLinear, RMSNorm, SwiGLU
 from jaxsparse.ops.attention import IMPLEMENTATIONS
 from jaxsparse.ops.mask_specs import parse_mask_spec
 from jaxsparse.parallel import constrain
@@ -32,11 +33,20 @@ def uses_moe(cfg: ModelConfig, layer: int) -> bool:
     return cfg.moe_experts > 0 and layer % cfg.moe_every == cfg.moe_every - 1
 
 
+def projection(cfg: ModelConfig, kind: str):
+    """The linear-layer class for ``kind`` ("mlp" or "attention"): Monarch where
+    ``model.monarch`` names it, dense otherwise."""
+    if kind not in monarch_targets(cfg):
+        return Linear
+    return functools.partial(MonarchLinear, nblocks=cfg.monarch_blocks,
+                             implementation=cfg.monarch_impl)
+
+
 def feed_forward(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: float):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    if not uses_moe(cfg, layer):
+    if not uses_moe(cfg, layer):  # MoE experts stay dense: they are already sparse
         return SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, out_init_scale=out_scale, dtype=dtype,
-                      param_dtype=param_dtype)
+                      param_dtype=param_dtype, linear=projection(cfg, "mlp"))
     try:
         return MoE(cfg.d_model, cfg.moe_d_ff or cfg.d_ff, cfg.moe_experts, cfg.moe_k, rngs=rngs,
                    router=cfg.moe_router, capacity_factor=cfg.moe_capacity_factor,
@@ -61,7 +71,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
                               rngs=rngs, rope_theta=cfg.rope_theta, out_init_scale=out_scale,
                               mask=attention_mask(cfg), implementation=cfg.attention_impl, dtype=dtype,
-                              param_dtype=param_dtype)
+                              param_dtype=param_dtype, linear=projection(cfg, "attention"))
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
 

@@ -6,6 +6,7 @@ from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mamba import Mamba, Mamba2
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.nn.moe import MoE
+from jaxsparse.nn.monarch import MonarchLinear, MonarchSwiGLU
 from jaxsparse.nn.norm import RMSNorm
 
-__all__ = ["Attention", "Embed", "Linear", "Mamba", "Mamba2", "MoE", "RMSNorm", "SwiGLU"]
+__all__ = ["Attention", "Embed", "Linear", "Mamba", "Mamba2", "MoE", "MonarchLinear", "MonarchSwiGLU", "RMSNorm", "SwiGLU"]

@@ -25,14 +25,15 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  rngs: nnx.Rngs, rope_theta: float = 10_000.0, out_init_scale: float = 1.0,
                  mask: Mask = CausalMask(), implementation: str | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32, linear=Linear):
+        # ``linear``: the projections' class (``Linear``'s constructor), e.g. MonarchLinear.
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
-        self.k_proj = Linear(d_model, (n_kv_heads, head_dim),
+        self.q_proj = linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
+        self.k_proj = linear(d_model, (n_kv_heads, head_dim),
                              logical_axes=("embed", "kv_heads", "kv"), **kw)
-        self.v_proj = Linear(d_model, (n_kv_heads, head_dim),
+        self.v_proj = linear(d_model, (n_kv_heads, head_dim),
                              logical_axes=("embed", "kv_heads", "kv"), **kw)
-        self.o_proj = Linear((n_heads, head_dim), d_model, logical_axes=("heads", "kv", "embed"),
+        self.o_proj = linear((n_heads, head_dim), d_model, logical_axes=("heads", "kv", "embed"),
                              init_scale=out_init_scale, **kw)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.rope_theta = rope_theta

@@ -11,14 +11,15 @@ from jaxsparse.parallel import constrain
 
 
 class SwiGLU(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))``. ``linear`` builds the three projections (any class
+    with ``Linear``'s constructor, e.g. a configured ``MonarchLinear``)."""
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, out_init_scale: float = 1.0,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32, linear=Linear):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate = Linear(d_model, d_ff, logical_axes=("embed", "mlp"), **kw)
-        self.up = Linear(d_model, d_ff, logical_axes=("embed", "mlp"), **kw)
-        self.down = Linear(d_ff, d_model, logical_axes=("mlp", "embed"),
+        self.gate = linear(d_model, d_ff, logical_axes=("embed", "mlp"), **kw)
+        self.up = linear(d_model, d_ff, logical_axes=("embed", "mlp"), **kw)
+        self.down = linear(d_ff, d_model, logical_axes=("mlp", "embed"),
                            init_scale=out_init_scale, **kw)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("layers", None),
+    ("monarch_blocks", "fsdp"),  # the block dimension of Monarch factors
 )
 
 

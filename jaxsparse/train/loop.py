@@ -139,6 +139,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if start is not None:
         state = ckpt.restore(setup.abstract_state, start)
         log(f"resumed from {workdir}/checkpoints step {start}")
+    elif cfg.train.init_from:
+        state = _init_from(setup, cfg, cfg.train.init_from)
+        start = 0
+        log(f"initialised from {cfg.train.init_from}")
     else:
         state = setup.init()
         start = 0
@@ -221,6 +225,25 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
     return TrainResult(step=step, losses=losses, eval_metrics=eval_metrics, stopped_early=stopped,
                        sample=text, state=state)
+
+
+def _init_from(setup: TrainSetup, cfg: Config, source: str):
+    """The state of ``setup`` holding the latest weights of the run in ``source``."""
+    from flax import nnx
+
+    from jaxsparse.sparsify import convert_params
+
+    try:
+        source_cfg, source_setup, source_state = load(source)
+    except FileNotFoundError as err:
+        raise ConfigError(f"train.init_from={source!r}: {err}") from None
+    model = source_setup.model(source_state["params"], source_state["rest"])
+    model = convert_params(model, source_cfg.model, cfg.model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    try:
+        return setup.init_with_params(params)
+    except ValueError as err:
+        raise ConfigError(f"train.init_from={source!r}: {err}") from None
 
 
 def load(workdir: str | Path, step: int | None = None):

@@ -102,6 +102,21 @@ class TrainSetup:
         """Initialise directly into the shards (no host ever holds the full model)."""
         return jax.jit(self._init, out_shardings=self.state_shardings)()
 
+    def init_with_params(self, params):
+        """A fresh state (step 0, new optimiser state) around given parameters, which must
+        have this config's structure and shapes."""
+        expected = jax.tree.map(lambda a: (a.shape, a.dtype), self.abstract_state["params"])
+        got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+        if expected != got:
+            raise ValueError(f"parameters do not match the model of config {self.cfg.name!r}: "
+                             f"expected {expected}, got {got}")
+
+        def init(params):
+            state = self._init()
+            return state | {"params": params, "opt_state": self.tx.init(params)}
+
+        return jax.jit(init, out_shardings=self.state_shardings)(params)
+
     def model(self, params, rest=None):
         """An NNX model holding ``params`` (pure dict); usable inside or outside jit."""
         p = jax.tree.map(lambda x: x, self.params_template)

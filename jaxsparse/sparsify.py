@@ -1,0 +1,128 @@
+"""Dense <-> Monarch conversion of whole models (Dao et al. 2022, §3.4 and §5).
+
+``to_monarch`` replaces a trained model's dense projections by their Frobenius-optimal Monarch
+projections (:func:`jaxsparse.ops.monarch.project_to_monarch`), for dense-to-sparse
+fine-tuning; ``to_dense`` goes back exactly (``monarch_to_dense``), the paper's "reverse
+sparsification", which starts dense training from a Monarch model. Both return a new model
+and leave the argument untouched. ``convert_params`` does either, as needed, to give a trained
+model the structure another config describes (``train.init_from``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.config import ConfigError, ModelConfig, monarch_targets
+from jaxsparse.nn import Attention, Linear, MonarchLinear, SwiGLU
+from jaxsparse.ops.monarch import monarch_to_dense, project_to_monarch
+
+KINDS = ("mlp", "attention")
+Which = str | Callable[[tuple, nnx.Module], bool]
+
+
+def _kind(parent) -> str | None:
+    """"mlp" for a dense feed-forward's projections, "attention" for q/k/v/o; routers, expert
+    weights, embeddings and the output head have no kind and are never converted."""
+    if isinstance(parent, SwiGLU):
+        return "mlp"
+    if isinstance(parent, Attention):
+        return "attention"
+    return None
+
+
+def _selector(which: Which) -> Callable[[tuple, nnx.Module, str | None], bool]:
+    if callable(which):
+        return lambda path, module, kind: bool(which(path, module))
+    kinds = set(KINDS) if which == "all" else {w.strip() for w in which.split(",")}
+    if not kinds <= set(KINDS):
+        raise ValueError(f"which={which!r}: 'all', a comma-separated subset of {KINDS}, or a "
+                         "callable (path, module) -> bool")
+    return lambda path, module, kind: kind in kinds
+
+
+def _walk(model, path):
+    node = model
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+def _replace(model, cls, which: Which, convert) -> nnx.Module:
+    model = nnx.clone(model)
+    select = _selector(which)
+    targets = [(path, module) for path, module in nnx.iter_modules(model)
+               if isinstance(module, cls) and path
+               and select(path, module, _kind(_walk(model, path[:-1])))]
+    for path, module in targets:
+        setattr(_walk(model, path[:-1]), path[-1], convert(module))
+    return model
+
+
+def _flat_dense(linear: Linear):
+    n_in = math.prod(linear.in_shape)
+    return linear.kernel[...].reshape(n_in, -1).T  # [out, in]: the matrix acting on columns
+
+
+def linear_to_monarch(linear: Linear, nblocks: int | None = None,
+                      implementation: str | None = None) -> MonarchLinear:
+    """A MonarchLinear holding the optimal projection of ``linear``'s kernel."""
+    dtype = linear.kernel[...].dtype
+    monarch = MonarchLinear(linear.in_shape, linear.out_shape, rngs=nnx.Rngs(0), nblocks=nblocks,
+                            logical_axes=linear.kernel.get_metadata().get("logical_axes"),
+                            implementation=implementation, dtype=linear.dtype, param_dtype=dtype)
+    w1, w2 = project_to_monarch(_flat_dense(linear).astype(jnp.float32), monarch.nblocks)
+    monarch.w1[...] = w1.astype(dtype)
+    monarch.w2[...] = w2.astype(dtype)
+    return monarch
+
+
+def monarch_to_linear(monarch: MonarchLinear) -> Linear:
+    """The dense Linear equal to ``monarch`` (exact up to rounding)."""
+    if monarch.bias is not None:
+        raise ValueError("monarch_to_linear: this MonarchLinear has a bias and Linear has none")
+    dtype = monarch.w1[...].dtype
+    axes = monarch.logical_axes or (None,) * (len(monarch.in_shape) + len(monarch.out_shape))
+    linear = Linear(monarch.in_shape, monarch.out_shape, logical_axes=axes, rngs=nnx.Rngs(0),
+                    dtype=monarch.dtype, param_dtype=dtype)
+    dense = monarch_to_dense(monarch.w1[...].astype(jnp.float32), monarch.w2[...].astype(jnp.float32))
+    linear.kernel[...] = dense.T.reshape(linear.kernel.shape).astype(dtype)
+    return linear
+
+
+def to_monarch(model: nnx.Module, which: Which = "all", *, nblocks: int | None = None,
+               implementation: str | None = None) -> nnx.Module:
+    """A copy of ``model`` whose selected dense projections are Monarch projections.
+
+    ``which``: ``"all"``, ``"mlp"``, ``"attention"``, ``"mlp,attention"``, or a predicate on
+    ``(path, module)``.
+    """
+    return _replace(model, Linear, which,
+                    lambda lin: linear_to_monarch(lin, nblocks, implementation))
+
+
+def to_dense(model: nnx.Module, which: Which = "all") -> nnx.Module:
+    """A copy of ``model`` whose selected MonarchLinear layers are dense Linear layers."""
+    return _replace(model, MonarchLinear, which, monarch_to_linear)
+
+
+def convert_params(model: nnx.Module, source: ModelConfig, target: ModelConfig) -> nnx.Module:
+    """``model`` (built from ``source``) converted to the projections ``target`` asks for:
+    dense layers that ``target.monarch`` names become Monarch, Monarch layers it does not name
+    become dense. Every other setting must agree."""
+    ignore = {"monarch", "monarch_blocks", "monarch_impl"}
+    for field in ModelConfig.__dataclass_fields__:
+        if field not in ignore and getattr(source, field) != getattr(target, field):
+            raise ConfigError(
+                f"train.init_from: model.{field} differs ({getattr(source, field)!r} in the "
+                f"source run, {getattr(target, field)!r} here); only model.monarch* may change")
+    have, want = monarch_targets(source), monarch_targets(target)
+    if want - have:
+        model = to_monarch(model, ",".join(sorted(want - have)), nblocks=target.monarch_blocks,
+                           implementation=target.monarch_impl)
+    if have - want:
+        model = to_dense(model, ",".join(sorted(have - want)))
+    return model
