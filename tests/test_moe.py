@@ -186,9 +186,12 @@ def test_bad_inputs_name_the_argument():
         validate(tiny_config("model.moe_experts=4", "model.moe_capacity_factor=-1.0"))
 
 
-@pytest.mark.parametrize("extra", [[], ["model.moe_capacity_factor=1.0", "model.moe_jitter=0.01"],
-                                   ["model.moe_router=random", "model.moe_k=1", "model.moe_k_end=4"]],
-                         ids=["dropless", "capacity", "smoe-dropout"])
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="dropless"),
+    pytest.param(["model.moe_capacity_factor=1.0", "model.moe_jitter=0.01"], id="capacity",
+                 marks=pytest.mark.slow),
+    pytest.param(["model.moe_router=random", "model.moe_k=1", "model.moe_k_end=4"],
+                 id="smoe-dropout", marks=pytest.mark.slow)])
 def test_moe_transformer_trains_and_logs_expert_statistics(tmp_path, extra):
     from jaxsparse.train.loop import train
     from jaxsparse.train.metrics import read_metrics

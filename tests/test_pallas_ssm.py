@@ -22,12 +22,16 @@ def _loss(implementation, args):
     return loss
 
 
-# length, d_inner, d_state, groups: odd lengths and widths (padded inside), several groups
-CASES = [(1, 8, 4, 1), (7, 40, 5, 2), (129, 64, 16, 2), (1000, 24, 3, 3)]
+# length, d_inner, d_state, groups: odd lengths and widths (padded inside), several groups.
+# Interpret mode is slow on 2 cores: the default run keeps L7 and L129 (several time blocks,
+# groups, padding); L1 and L1000 run with -m slow.
+_slow = pytest.mark.slow
+CASES = [pytest.param(1, 8, 4, 1, id="L1", marks=_slow), pytest.param(7, 40, 5, 2, id="L7"),
+         pytest.param(129, 64, 16, 2, id="L129"),
+         pytest.param(1000, 24, 3, 3, id="L1000", marks=_slow)]
 
 
-@pytest.mark.parametrize("length, d_inner, d_state, groups", CASES,
-                         ids=[f"L{c[0]}" for c in CASES])
+@pytest.mark.parametrize("length, d_inner, d_state, groups", CASES)
 def test_gpu_kernel_in_interpret_mode_matches_the_recurrence(length, d_inner, d_state, groups):
     args = mamba1_inputs(length, 2, length, d_inner, d_state, groups)
     y, final = selective_scan(**args, return_final_state=True, implementation="pallas_interpret")
@@ -54,7 +58,8 @@ def test_gpu_kernel_bf16_inputs_accumulate_in_float32():
     np.testing.assert_allclose(y.astype(jnp.float32), ref, atol=2 * 2**-8 * scale, rtol=2**-7)
 
 
-@pytest.mark.parametrize("length, d_inner, d_state, groups", [(21, 130, 5, 1), (19, 256, 16, 2)])
+@pytest.mark.parametrize("length, d_inner, d_state, groups",
+                         [(21, 130, 5, 1), pytest.param(19, 256, 16, 2, marks=pytest.mark.slow)])
 def test_tpu_kernel_in_interpret_mode_matches_the_recurrence(length, d_inner, d_state, groups):
     """The TPU kernel's logic in interpret mode. On hardware its time block is 128 (a lane
     width); interpret mode does not check tiling, so a block of 8 keeps the unrolled trace

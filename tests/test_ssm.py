@@ -84,7 +84,9 @@ def mamba2_inputs(seed, batch, length, heads, head_dim, d_state, groups, dtype=j
         initial_state=n(6, (batch, heads, head_dim, d_state)))
 
 
-@pytest.mark.parametrize("length, chunk", [(1, 8), (7, 4), (129, 32), (1000, 96)])
+@pytest.mark.parametrize("length, chunk", [pytest.param(1, 8, marks=pytest.mark.slow), (7, 4),
+                                           pytest.param(129, 32, marks=pytest.mark.slow),
+                                           (1000, 96)])
 def test_ssd_equals_its_recurrence_with_gradients(length, chunk):
     args = mamba2_inputs(length, 2, length, 4, 8, 6, 2)
     kw = dict(dt_softplus=True, return_final_state=True)

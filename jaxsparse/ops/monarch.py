@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MONARCH_IMPLEMENTATIONS = (None, "xla", "xla_tiled", "pallas", "pallas_interpret")
+MONARCH_IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
 
 
 # --- shapes ---------------------------------------------------------------------------------
@@ -178,26 +178,6 @@ def monarch_reference(x, w1, w2):
     return jnp.swapaxes(out_LS, -1, -2).reshape(*lead, b * s)  # outputs in (s, l) order
 
 
-def _tiled(x, w1, w2, block_tokens: int):
-    """The same product token tile by token tile (a ``lax.map``), so that each tile's layout
-    changes happen in cache instead of as full-size copies of the activations in memory."""
-    b, p, q, s = _check_input(x, w1, w2)
-    lead, n = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, n)
-    tokens = rows.shape[0]
-    bt = min(block_tokens, tokens)
-    padded = -(-tokens // bt) * bt
-    rows = jnp.pad(rows, ((0, padded - tokens), (0, 0)))
-    dtype = jnp.result_type(x.dtype, w1.dtype)
-    w1, w2 = w1.astype(dtype), w2.astype(dtype)
-
-    def tile(x_TN):
-        return monarch_reference(x_TN, w1, w2)
-
-    out = jax.lax.map(tile, rows.astype(dtype).reshape(padded // bt, bt, n))
-    return out.reshape(padded, b * s)[:tokens].reshape(*lead, b * s)
-
-
 def kernel_constraints(backend: str, w1, w2) -> str | None:
     """Why the ``backend`` kernel cannot take these factors, or None if it can."""
     b, p, q, s = check_factors(w1, w2)
@@ -236,30 +216,27 @@ def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: in
     return out[:tokens].reshape(*lead, b * s)
 
 
-def _fast_xla(x, w1, w2):
-    return _tiled(x, w1, w2, block_tokens=256)
-
-
 def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
     """``y [..., m] = x [..., n] @ Mᵀ`` for the Monarch matrix of ``w1 [b, q, p]``,
     ``w2 [b, s, q]`` (layout in the module docstring).
 
-    Implementations: ``"xla"`` (the two einsums with the permutation between them, written as
-    in the paper), ``"xla_tiled"`` (the same over tiles of 256 tokens so the layout changes
-    stay in cache; the default off accelerators), ``"pallas"`` (the fused kernel of
-    :mod:`pallas_kernels.monarch`, Triton or Mosaic by the lowering platform, the tiled XLA
-    path elsewhere or when the block sizes do not suit the kernel), ``"pallas_interpret"``
-    (the GPU kernel in interpret mode, for tests). Differentiable in every implementation.
+    Implementations: ``"xla"`` (the two einsums with the permutation between them, as in the
+    paper; the default), ``"pallas"`` (the fused kernel of :mod:`pallas_kernels.monarch`,
+    Triton or Mosaic by the lowering platform; XLA elsewhere, or on a platform whose kernel
+    cannot take the block sizes), ``"pallas_interpret"`` (the GPU kernel in interpret mode,
+    for tests). Differentiable in every implementation.
+
+    On CPU the einsums are as fast as the reformulations tried (batch-first, tokens-last,
+    grouped convolutions, token tiles; see ``jaxsparse bench monarch``): each factor is a
+    batch of GEMMs with a contraction of only ``p`` (or ``q``) terms, which XLA runs at about
+    a third of its dense-GEMM rate, so the speed-up over dense stays well below the FLOP ratio.
     """
     if implementation not in MONARCH_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {MONARCH_IMPLEMENTATIONS}")
     _check_input(x, w1, w2)
-    if implementation == "xla":
+    if implementation in (None, "xla"):
+        # None: XLA until the kernels are timed on hardware (no device has been lent yet).
         return monarch_reference(x, w1, w2)
-    if implementation == "xla_tiled":
-        return _fast_xla(x, w1, w2)
-    if implementation == "pallas_interpret":
-        return kernel_monarch(x, w1, w2, backend="gpu", interpret=True)
     suits = {be: kernel_constraints(be, w1, w2) is None for be in ("gpu", "tpu")}
     if implementation == "pallas":
         if not any(suits.values()):
@@ -268,14 +245,12 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
                              f"{kernel_constraints('tpu', w1, w2)} (w1 {w1.shape}, "
                              f"w2 {w2.shape}); use implementation='xla'")
         return _platform_kernel(x, w1, w2, suits)
-    # None: XLA. The kernels have not yet been timed on hardware (no device was lent), so they
-    # are opt-in until a benchmark shows them ahead; the tiled path wins on CPU.
-    return _fast_xla(x, w1, w2) if jax.default_backend() == "cpu" else monarch_reference(x, w1, w2)
+    return kernel_monarch(x, w1, w2, backend="gpu", interpret=True)  # "pallas_interpret"
 
 
 def _platform_kernel(x, w1, w2, suits):
     """The lowering platform's kernel, or the XLA path where that kernel cannot take the sizes."""
-    fallback = lambda: _fast_xla(x, w1, w2)  # noqa: E731
+    fallback = lambda: monarch_reference(x, w1, w2)  # noqa: E731
     return jax.lax.platform_dependent(
         cuda=(lambda: kernel_monarch(x, w1, w2, backend="gpu", interpret=False))
         if suits["gpu"] else fallback,

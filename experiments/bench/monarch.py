@@ -1,0 +1,91 @@
+"""Monarch projection against a dense linear layer of the same shape, in one run.
+
+For width d (square, the paper's b = √d blocks) and T tokens, times ``x @ W`` (the peer, a
+dense ``jnp.dot``) and ``monarch_matmul`` in each implementation this backend has, and prints
+the speed-up over dense beside two ideals: the FLOP ratio (``d / (2√d)``) and the roofline
+bound ``max(FLOPs / peak, bytes / bandwidth)`` of each, with the machine's matmul peak and copy
+bandwidth measured in the same run. Forward pass, float32 on CPU (bfloat16 on accelerators).
+
+    jaxsparse bench monarch [--d 1024 4096 8192] [--tokens 4096] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxsparse.bench import markdown_table, matmul_peak_flops, time_fn, write_results
+from jaxsparse.ops.monarch import (dense_flops, monarch_bytes, monarch_flops, monarch_matmul,
+                                   monarch_shapes)
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def copy_bandwidth(dtype, n: int = 1 << 26) -> float:
+    """Bytes/s of reading and writing a large array (``x + 1``): the memory roof."""
+    x = jnp.zeros((n,), dtype)
+    t = time_fn(jax.jit(lambda a: a + 1), x, repeats=5).median_s
+    return 2 * n * jnp.dtype(dtype).itemsize / t
+
+
+def implementations() -> list[str]:
+    return ["xla"] if jax.default_backend() == "cpu" else ["xla", "pallas"]
+
+
+def run(widths, tokens: int, repeats: int) -> list[dict]:
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    size = jnp.dtype(dtype).itemsize
+    peak, bandwidth = matmul_peak_flops(2048, dtype), copy_bandwidth(dtype)
+    print(f"{jax.default_backend()}: matmul peak {peak / 1e9:.0f} GFLOP/s, copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for d in widths:
+        keys = jax.random.split(jax.random.key(d), 4)
+        x = jax.random.normal(keys[0], (tokens, d), dtype)
+        w = (jax.random.normal(keys[1], (d, d)) / d**0.5).astype(dtype)
+        s1, s2 = monarch_shapes(d, d)
+        w1 = jax.random.normal(keys[2], s1, dtype)
+        w2 = jax.random.normal(keys[3], s2, dtype)
+        dense_t = time_fn(jax.jit(jnp.dot), x, w, repeats=repeats).median_s
+        d_flops, m_flops = dense_flops(tokens, d, d), monarch_flops(tokens, d, d)
+        d_bound = max(d_flops / peak, (2 * tokens * d + d * d) * size / bandwidth)
+        m_bound = max(m_flops / peak, monarch_bytes(tokens, d, d, itemsize=size) / bandwidth)
+        for impl in implementations():
+            fn = jax.jit(lambda x, w1, w2, impl=impl: monarch_matmul(x, w1, w2,
+                                                                   implementation=impl))
+            t = time_fn(fn, x, w1, w2, repeats=repeats).median_s
+            row = {"d": d, "blocks": s1[0], "tokens": tokens, "implementation": impl,
+                   "dense_ms": dense_t * 1e3, "monarch_ms": t * 1e3, "speedup": dense_t / t,
+                   "flop_ratio": d_flops / m_flops, "roofline_ratio": d_bound / m_bound,
+                   "monarch_gflops": m_flops / t / 1e9,
+                   "monarch_gbps": monarch_bytes(tokens, d, d, itemsize=size) / t / 1e9}
+            rows.append(row)
+            print(f"d={d:5d} {impl:10s} dense {dense_t * 1e3:8.1f} ms  monarch {t * 1e3:7.1f} ms"
+                  f"  {row['speedup']:5.1f}x  (FLOP ratio {row['flop_ratio']:.0f}x, roofline "
+                  f"{row['roofline_ratio']:.1f}x)", flush=True)
+    return rows, {"matmul_peak_gflops": peak / 1e9, "copy_gbps": bandwidth / 1e9}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default="monarch", help="results file stem")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    args = parser.parse_args(argv)
+    rows, machine = run(args.d, args.tokens, args.repeats)
+    columns = ["d", "blocks", "tokens", "implementation", "dense_ms", "monarch_ms", "speedup",
+               "flop_ratio", "roofline_ratio", "monarch_gflops", "monarch_gbps"]
+    print(markdown_table(rows, columns))
+    notes = (f"Forward pass. Machine: matmul peak {machine['matmul_peak_gflops']:.0f} GFLOP/s, "
+             f"copy bandwidth {machine['copy_gbps']:.1f} GB/s (measured in the same run). "
+             "speedup = dense_ms / monarch_ms; flop_ratio and roofline_ratio are the ideals.")
+    write_results(args.name, rows, columns, args.out, notes)
+
+
+if __name__ == "__main__":
+    main()
