@@ -74,6 +74,15 @@ class ModelConfig:
     monarch: str = ""  # which: "" (none), "mlp", "attention" or "mlp,attention"
     monarch_blocks: int | None = None  # blocks per factor; None: ~sqrt of the smaller width
     monarch_impl: str | None = None  # ops.monarch.monarch_matmul implementation
+    # routing transformer (model.name "routing_transformer"; jaxsparse.nn.RoutingAttention)
+    routing_heads: int = 2  # routing heads per routing layer; the other heads are local
+    routing_clusters: int = 8  # k-means centroids per routing head (~sqrt(seq_len))
+    routing_window: int = 16  # keys a routing query reads (~seq_len / clusters)
+    routing_local_window: int = 32  # keys a local head reads (causal sliding window)
+    routing_skip_first: int = 2  # the first layers are local-only (the paper's skip_first)
+    routing_shared_qk: bool = False  # keys are the normalised queries (no key projection)
+    routing_decay: float = 0.999  # centroid EMA decay
+    routing_commitment: float = 1e-4  # commitment loss weight
 
     @property
     def resolved_head_dim(self) -> int:
@@ -319,6 +328,24 @@ def _validate_monarch(m: ModelConfig) -> None:
            f"projections of widths {shapes}; valid: {allowed} (or None)")
 
 
+def _validate_routing(m: ModelConfig) -> None:
+    if m.name != "routing_transformer":
+        return
+    _check(1 <= m.routing_heads <= m.n_heads,
+           f"model.routing_heads={m.routing_heads}: must be in [1, model.n_heads={m.n_heads}]")
+    _check(m.n_kv_heads == m.n_heads,
+           f"model.n_kv_heads={m.n_kv_heads}: the routing transformer uses multi-head attention "
+           f"(set it to model.n_heads={m.n_heads})")
+    for key in ("routing_clusters", "routing_window", "routing_local_window"):
+        _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)}: must be >= 1")
+    _check(0 <= m.routing_skip_first < m.n_layers,
+           f"model.routing_skip_first={m.routing_skip_first}: must be in [0, model.n_layers="
+           f"{m.n_layers}) so that some layer routes")
+    _check(0 < m.routing_decay < 1, f"model.routing_decay={m.routing_decay}: must be in (0, 1)")
+    _check(m.routing_commitment >= 0,
+           f"model.routing_commitment={m.routing_commitment}: must be >= 0")
+
+
 def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
     if mesh.expert in (1, -1):
         return
@@ -359,6 +386,7 @@ def validate(cfg: Config) -> Config:
     _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
     _validate_moe(m)
     _validate_monarch(m)
+    _validate_routing(m)
     _validate_expert_axis(m, mesh)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.path is None or d.task == "text",
@@ -366,6 +394,10 @@ def validate(cfg: Config) -> Config:
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")
+    if m.name == "routing_transformer":
+        _check(m.routing_clusters <= d.seq_len,
+               f"model.routing_clusters={m.routing_clusters} exceeds data.seq_len={d.seq_len}: "
+               "more clusters than tokens")
     _check(d.seq_len <= m.max_seq_len,
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")

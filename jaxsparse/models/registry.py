@@ -37,6 +37,13 @@ def _transformer(cfg, rngs):
     return Transformer(cfg, rngs=rngs)
 
 
+@register("routing_transformer")
+def _routing_transformer(cfg, rngs):
+    from jaxsparse.models.transformer import RoutingTransformer
+
+    return RoutingTransformer(cfg, rngs=rngs)
+
+
 @register("mamba")
 def _mamba(cfg, rngs):
     from jaxsparse.models.mamba import MambaLM

@@ -11,9 +11,11 @@ from flax import nnx
 
 from jaxsparse.config import ConfigError, ModelConfig, monarch_targets
 from jaxsparse.models.lm import LanguageModel
-from jaxsparse.nn import Attention, Linear, MoE, MonarchLinear, RMSNorm, SwiGLU
+from jaxsparse.nn import (Attention, Linear, MoE, MonarchLinear, RMSNorm, RoutingAttention,
+                          SwiGLU)
 from jaxsparse.ops.attention import IMPLEMENTATIONS
 from jaxsparse.ops.mask_specs import parse_mask_spec
+from jaxsparse.ops.masks import LocalMask
 from jaxsparse.parallel import constrain
 
 
@@ -61,6 +63,28 @@ def feed_forward(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: flo
         raise ConfigError(f"model.moe_*: {err}") from None
 
 
+def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: float):
+    """The sequence mixer of ``layer``: GQA attention with the configured mask, or in a routing
+    transformer mixed local/routing heads above ``routing_skip_first`` and a causal local
+    window below it (Roy et al. 2021)."""
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    kw = dict(rngs=rngs, rope_theta=cfg.rope_theta, out_init_scale=out_scale, dtype=dtype,
+              param_dtype=param_dtype)
+    if cfg.name != "routing_transformer":
+        return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+                         mask=attention_mask(cfg), implementation=cfg.attention_impl,
+                         linear=projection(cfg, "attention"), **kw)
+    if layer < cfg.routing_skip_first:
+        return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+                         mask=LocalMask(cfg.routing_local_window - 1, 0),
+                         implementation=cfg.attention_impl, **kw)
+    return RoutingAttention(cfg.d_model, cfg.n_heads, cfg.resolved_head_dim,
+                            routing_heads=cfg.routing_heads, num_clusters=cfg.routing_clusters,
+                            window=cfg.routing_window, local_window=cfg.routing_local_window,
+                            shared_qk=cfg.routing_shared_qk, decay=cfg.routing_decay,
+                            commitment=cfg.routing_commitment, **kw)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -68,10 +92,7 @@ class Block(nnx.Module):
         # residual stream does not grow with depth.
         out_scale = 1.0 / (2 * cfg.n_layers)
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
-                              rngs=rngs, rope_theta=cfg.rope_theta, out_init_scale=out_scale,
-                              mask=attention_mask(cfg), implementation=cfg.attention_impl, dtype=dtype,
-                              param_dtype=param_dtype, linear=projection(cfg, "attention"))
+        self.attn = attention_layer(cfg, layer, rngs=rngs, out_scale=out_scale)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
 
@@ -90,6 +111,10 @@ class Transformer(LanguageModel):
     """Decoder-only Transformer: ``logits = model(tokens)``, int ``[B, L]`` -> ``[B, L, vocab]``."""
 
     block_class = Block
+
+
+class RoutingTransformer(Transformer):
+    """The Transformer with routing attention in its upper layers (``model.routing_*``)."""
 
 
 def count_params(cfg: ModelConfig) -> int:

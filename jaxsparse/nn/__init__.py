@@ -8,5 +8,6 @@ from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.nn.moe import MoE
 from jaxsparse.nn.monarch import MonarchLinear, MonarchSwiGLU
 from jaxsparse.nn.norm import RMSNorm
+from jaxsparse.nn.routing import RoutingAttention
 
-__all__ = ["Attention", "Embed", "Linear", "Mamba", "Mamba2", "MoE", "MonarchLinear", "MonarchSwiGLU", "RMSNorm", "SwiGLU"]
+__all__ = ["Attention", "Embed", "Linear", "Mamba", "Mamba2", "MoE", "MonarchLinear", "MonarchSwiGLU", "RMSNorm", "RoutingAttention", "SwiGLU"]

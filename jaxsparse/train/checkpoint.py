@@ -67,10 +67,41 @@ class Checkpointer:
             out = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except (ValueError, KeyError, TypeError) as err:
+            self._name_differences(abstract_state, step)
             raise CheckpointMismatch(
                 f"checkpoint {self.directory}/{step} does not match the train state of the "
                 f"current code/config: {err}") from err
         return out["state"]
+
+    def _name_differences(self, abstract_state, step: int) -> None:
+        """After a failed restore: name the arrays the current model needs that the checkpoint
+        lacks (and the reverse), e.g. routing centroids, instead of orbax's tree dump."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 — metadata is best-effort; restore reports the rest
+            return
+
+        def paths(tree):
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            def name(k):  # DictKey .key, GetAttrKey .name (optax namedtuples), SequenceKey .idx
+                for attr in ("key", "name", "idx"):
+                    if hasattr(k, attr):
+                        return str(getattr(k, attr))
+                return str(k)
+
+            return {"/".join(name(k) for k in path) for path, _ in leaves}
+
+        want, have = paths(abstract_state), paths(saved)
+        missing, extra = sorted(want - have), sorted(have - want)
+        if missing or extra:
+            def show(names):
+                return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} does not hold the state this model needs: "
+                + (f"missing {show(missing)}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected {show(extra)}" if extra else "")
+                + ". Was it written by another model or version? Use another --workdir.")
 
     def wait(self):
         self.manager.wait_until_finished()

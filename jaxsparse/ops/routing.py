@@ -1,0 +1,257 @@
+"""Routing attention (Roy, Saffar, Vaswani & Grangier, TACL 2021): content-based sparse
+attention through online k-means.
+
+Every head has ``C`` unit-norm centroids. Queries and keys are L2-normalised and assigned to
+their most similar centroid; a query attends only to keys of its own cluster, so with
+``C ≈ √L`` clusters of ``w = L / C`` members the cost is ``O(L^1.5 d)`` instead of
+``O(L² d)``.
+
+Two ways to form clusters:
+
+``balanced_routing_attention`` (the paper's code, for encoders): every centroid takes the
+    ``w`` queries and the ``w`` keys most similar to it (top-w), so every cluster holds
+    exactly ``w`` members; a token may be in several clusters (its outputs are averaged) or in
+    none (its output is zero). In a decoder this **leaks the future**: whether a past token is
+    among a centroid's top ``w`` depends on how similar the *later* tokens are to it, so
+    masking by position inside a cluster is not enough (``causal=True`` is offered only to show
+    this; a test demonstrates the leak).
+``causal_routing_attention`` (decoders, leakage-free): query ``t`` attends to the ``w`` most
+    recent keys ``j ≤ t`` of its own cluster. Keys are sorted by (cluster, position), so that
+    set is the run of ``w`` sorted keys ending at the last key of the query's cluster at or
+    before ``t``; the set depends only on positions ``≤ t``, the balance comes from the fixed
+    window (every query reads at most ``w`` keys), and decoding one token at a time gives the
+    same result from a cache.
+
+With a shared query/key projection (``shared_qk``, as the paper's language models use) keys
+are the normalised queries and a token does not attend to itself unless it has nothing else.
+The centroids are learnt outside the gradient by an exponential moving average of the vectors
+assigned to them (:func:`ema_centroids`), and the projections are pulled towards their
+centroids by the commitment loss (:func:`commitment_loss`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def normalize(x, eps: float = 1e-6):
+    """``x / ‖x‖`` over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def init_centroids(key, num_heads: int, num_clusters: int, head_dim: int):
+    """``[H, C, D]`` random unit vectors: usable before any update (evaluation, generation)."""
+    return normalize(jax.random.normal(key, (num_heads, num_clusters, head_dim)))
+
+
+def assign(x_BLHD, centroids_HCD):
+    """Cluster of every (already normalised) vector: ``[B, L, H]`` int32."""
+    scores = jnp.einsum("blhd,hcd->blhc", x_BLHD, centroids_HCD)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def _check(q, k, v, centroids, window):
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    _, length, heads, dim = q.shape
+    if centroids.ndim != 3 or centroids.shape[0] != heads or centroids.shape[2] != dim:
+        raise ValueError(f"centroids must be [H={heads}, C, D={dim}], got {centroids.shape}")
+    if not 1 <= window:
+        raise ValueError(f"window={window}: must be >= 1")
+    return length, centroids.shape[1]
+
+
+def _scale(scale, dim):
+    return dim ** -0.5 if scale is None else scale
+
+
+def _keys(q, k, shared_qk):
+    """Keys used for attention and their normalised routing vectors."""
+    qn = normalize(q)
+    if shared_qk:
+        return qn.astype(q.dtype), qn, qn
+    return k, qn, normalize(k)
+
+
+# --- causal: the w most recent keys of the query's cluster ------------------------------------
+
+
+def cluster_windows(q_clusters_BLH, k_clusters_BLH, window: int):
+    """Key positions ``[B, L, H, w]`` each query attends to and their validity ``[B, L, H, w]``:
+    the ``w`` most recent keys ``j ≤ t`` whose cluster equals query ``t``'s (oldest first)."""
+    length = q_clusters_BLH.shape[1]
+    pos = jnp.arange(length, dtype=jnp.int32)
+    code = k_clusters_BLH * length + pos[None, :, None]           # unique per key
+    order = jnp.argsort(code, axis=1)                              # keys by (cluster, position)
+    sorted_code = jnp.take_along_axis(code, order, axis=1)
+    query_code = q_clusters_BLH * length + pos[None, :, None]
+    # Index of the last sorted key with code <= the query's: same cluster and position <= t.
+    last = jax.vmap(jax.vmap(lambda s, c: jnp.searchsorted(s, c, side="right"),
+                             in_axes=(1, 1), out_axes=1))(sorted_code, query_code) - 1
+    idx = last[..., None] - (window - 1) + jnp.arange(window, dtype=jnp.int32)[None, None, None]
+    safe = jnp.clip(idx, 0, length - 1)
+    gather = jax.vmap(lambda arr, i: arr[i], in_axes=(1, 1), out_axes=1)  # over heads
+    key_pos = jax.vmap(gather)(order, safe)                        # [B, L, H, w]
+    key_cluster = _gather_keys(k_clusters_BLH[..., None], key_pos)[..., 0]
+    valid = (idx >= 0) & (key_cluster == q_clusters_BLH[..., None])
+    return key_pos, valid
+
+
+def _gather_keys(x_BLHD, pos_BLHW):
+    """``x[b, pos[b, t, h, i], h]`` as ``[B, L, H, w, D]``."""
+    return jax.vmap(jax.vmap(lambda x, p: x[p], in_axes=(1, 1), out_axes=1))(x_BLHD, pos_BLHW)
+
+
+def _attend(q, keys, values, valid, scale):
+    logits = jnp.einsum("blhd,blhwd->blhw", q.astype(jnp.float32), keys.astype(jnp.float32))
+    logits = jnp.where(valid, logits * scale, NEG_INF)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * valid
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    return jnp.einsum("blhw,blhwd->blhd", weights, values.astype(jnp.float32))
+
+
+def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool = False,
+                             scale: float | None = None):
+    """Leakage-free causal routing attention; ``q, k, v [B, L, H, D]``, ``centroids [H, C, D]``.
+
+    Returns ``(out [B, L, H, D], routing)`` where ``routing`` holds the normalised vectors and
+    their clusters (``q_unit``, ``k_unit``, ``q_clusters``, ``k_clusters``) for the centroid
+    update and the commitment loss. A query with no key of its cluster at or before it gets
+    zeros.
+    """
+    _check(q, k, v, centroids, window)
+    keys, qn, kn = _keys(q, k, shared_qk)
+    cq, ck = assign(qn, centroids), assign(kn, centroids)
+    key_pos, valid = cluster_windows(cq, ck, window)
+    if shared_qk:
+        valid = _drop_self_unless_alone(key_pos, valid)
+    out = _attend(q, _gather_keys(keys, key_pos), _gather_keys(v, key_pos), valid,
+                  _scale(scale, q.shape[-1]))
+    routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck}
+    return out.astype(q.dtype), routing
+
+
+def _drop_self_unless_alone(key_pos, valid):
+    """Shared-QK attention: a token's own key is the most similar one, so it is masked unless
+    it is the only key the query has (Kitaev et al.'s Reformer rule)."""
+    t = jnp.arange(key_pos.shape[1], dtype=jnp.int32)[None, :, None, None]
+    is_self = key_pos == t
+    others = jnp.any(valid & ~is_self, axis=-1, keepdims=True)
+    return valid & ~(is_self & others)
+
+
+# --- balanced top-w clusters (the paper's code) ------------------------------------------------
+
+
+def balanced_clusters(unit_BLHD, centroids_HCD, window: int):
+    """Positions ``[B, H, C, w]`` of the ``w`` vectors most similar to each centroid."""
+    scores = jnp.einsum("blhd,hcd->bhcl", unit_BLHD, centroids_HCD)
+    return jax.lax.top_k(scores, window)[1].astype(jnp.int32)
+
+
+def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool = False,
+                               shared_qk: bool = False, scale: float | None = None):
+    """The paper's top-w routing: cluster ``c`` holds the ``w`` queries and the ``w`` keys most
+    similar to centroid ``c``, attention runs inside each cluster, and each token's outputs are
+    averaged over the clusters that picked it (zeros if none did). ``causal=True`` only masks
+    by position inside clusters, which **still leaks** (module docstring)."""
+    length, num_clusters = _check(q, k, v, centroids, window)
+    if window > length:
+        raise ValueError(f"window={window} exceeds the length {length}: a cluster cannot hold "
+                         f"more members than there are tokens")
+    keys, qn, kn = _keys(q, k, shared_qk)
+    q_members = balanced_clusters(qn, centroids, window)           # [B, H, C, w]
+    k_members = q_members if shared_qk else balanced_clusters(kn, centroids, window)
+
+    def pick(x_BLHD, members):
+        return jax.vmap(jax.vmap(lambda x, m: x[m], in_axes=(1, 0)))(x_BLHD, members)
+
+    qc, kc, vc = pick(q, q_members), pick(keys, k_members), pick(v, k_members)  # [B, H, C, w, D]
+    logits = jnp.einsum("bhcid,bhcjd->bhcij", qc.astype(jnp.float32), kc.astype(jnp.float32))
+    allowed = jnp.ones(logits.shape, bool)
+    if causal:
+        allowed &= k_members[..., None, :] <= q_members[..., :, None]
+    if shared_qk:
+        self_key = k_members[..., None, :] == q_members[..., :, None]
+        allowed &= ~self_key | ~jnp.any(allowed & ~self_key, axis=-1, keepdims=True)
+    logits = jnp.where(allowed, logits * _scale(scale, q.shape[-1]), NEG_INF)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * allowed
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    out_c = jnp.einsum("bhcij,bhcjd->bhcid", weights, vc.astype(jnp.float32))
+    b, _, h, d = q.shape
+    flat = q_members.reshape(b, h, -1)
+    total = jax.vmap(jax.vmap(lambda o, m: jnp.zeros((length, d)).at[m].add(o)))(
+        out_c.reshape(b, h, -1, d), flat)                          # [B, H, L, D]
+    count = jax.vmap(jax.vmap(lambda m: jnp.zeros((length,)).at[m].add(1.0)))(flat)
+    out = (total / jnp.maximum(count, 1.0)[..., None]).transpose(0, 2, 1, 3)
+    routing = {"q_unit": qn, "k_unit": kn, "q_clusters": assign(qn, centroids),
+               "k_clusters": assign(kn, centroids), "q_members": q_members}
+    return out.astype(q.dtype), routing
+
+
+# --- learning the centroids ---------------------------------------------------------------
+
+
+def ema_centroids(centroids_HCD, units, clusters, decay: float = 0.999, mask=None):
+    """One k-means step as an exponential moving average: each centroid moves towards the mean
+    of the unit vectors assigned to it (``units``: list of ``[B, L, H, D]``, ``clusters``: list
+    of ``[B, L, H]``; ``mask [B, L]`` leaves out padding) and is renormalised; centroids with no
+    member stay put. No gradient flows through it."""
+    h, c, d = centroids_HCD.shape
+    sums = jnp.zeros((h, c, d), jnp.float32)
+    counts = jnp.zeros((h, c), jnp.float32)
+    for unit, cluster in zip(units, clusters):
+        onehot = jax.nn.one_hot(cluster, c, dtype=jnp.float32)      # [B, L, H, C]
+        if mask is not None:
+            onehot = onehot * mask[:, :, None, None]
+        sums = sums + jnp.einsum("blhc,blhd->hcd", onehot, unit.astype(jnp.float32))
+        counts = counts + jnp.sum(onehot, axis=(0, 1))
+    means = sums / jnp.maximum(counts, 1.0)[..., None]
+    moved = normalize(decay * centroids_HCD + (1 - decay) * means)
+    return jax.lax.stop_gradient(jnp.where((counts > 0)[..., None], moved, centroids_HCD))
+
+
+def commitment_loss(centroids_HCD, units, clusters):
+    """Mean ``‖x̂ − μ_c(x)‖²`` over the routed vectors, the centroids held fixed: gradients
+    reach the projections only."""
+    fixed = jax.lax.stop_gradient(centroids_HCD)
+    total, count = 0.0, 0
+    for unit, cluster in zip(units, clusters):
+        chosen = jax.vmap(lambda cl: fixed[jnp.arange(fixed.shape[0]), cl])(
+            cluster.reshape(-1, cluster.shape[-1]))                # [B*L, H, D]
+        diff = unit.reshape(chosen.shape) - chosen
+        total = total + jnp.sum(diff * diff)
+        count += diff.shape[0] * diff.shape[1]
+    return total / count
+
+
+def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centroids, *,
+                          window: int, shared_qk: bool = False, scale: float | None = None):
+    """Queries ``q [B, n, H, D]`` at positions ``lengths - n .. lengths - 1`` against a cache of
+    keys/values ``[B, S, H, D]`` and their clusters ``[B, S, H]`` holding positions
+    ``0 .. lengths - 1``: the same key sets as :func:`causal_routing_attention` (the ``w`` most
+    recent keys of the query's cluster), found by counting instead of sorting."""
+    batch, new, heads, dim = q.shape
+    slots = k_cache.shape[1]
+    cq = assign(normalize(q), centroids)                            # [B, n, H]
+    q_pos = jnp.asarray(lengths, jnp.int32).reshape(batch, 1) - new + jnp.arange(new)[None, :]
+    kv_pos = jnp.arange(slots)[None, None, :]
+    same = (k_clusters_cache[:, None, :, :] == cq[:, :, None, :]) \
+        & (kv_pos <= q_pos[:, :, None])[..., None]                  # [B, n, S, H]
+    newer = jnp.cumsum(same[:, :, ::-1], axis=2)[:, :, ::-1] - same  # same-cluster keys after j
+    valid = same & (newer < window)
+    if shared_qk:
+        is_self = (kv_pos == q_pos[:, :, None])[..., None]
+        others = jnp.any(valid & ~is_self, axis=2, keepdims=True)
+        valid = valid & ~(is_self & others)
+    logits = jnp.einsum("bnhd,bshd->bnsh", q.astype(jnp.float32), k_cache.astype(jnp.float32))
+    logits = jnp.where(valid, logits * _scale(scale, dim), NEG_INF)
+    weights = jnp.exp(logits - jnp.max(logits, axis=2, keepdims=True)) * valid
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=2, keepdims=True), 1e-30)
+    out = jnp.einsum("bnsh,bshd->bnhd", weights, v_cache.astype(jnp.float32))
+    return out.astype(q.dtype)

@@ -1,0 +1,209 @@
+"""Routing attention: exact cluster windows against a brute-force loop, causality (future
+perturbation, the paper's top-w leak shown), balanced clusters, centroid learning, the
+RoutingTransformer (decoding, training through the CLI) and bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import ROOT, tiny_config
+
+from jaxsparse import configs
+from jaxsparse.config import ConfigError, apply_overrides, validate
+from jaxsparse.models.registry import build
+from jaxsparse.nn import RoutingAttention
+from jaxsparse.nn.routing import Centroids
+from jaxsparse.ops.routing import (assign, balanced_clusters, balanced_routing_attention,
+                                   causal_routing_attention, commitment_loss, ema_centroids,
+                                   init_centroids, normalize)
+from jaxsparse.train.loop import train
+
+ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routing_heads=2",
+           "model.routing_clusters=4", "model.routing_window=8", "model.routing_local_window=8",
+           "model.routing_skip_first=1"]
+
+
+def qkv(key, b=2, length=64, heads=2, dim=16):
+    ks = jax.random.split(key, 3)
+    return [jax.random.normal(k, (b, length, heads, dim)) for k in ks]
+
+
+def brute_force(q, k, v, centroids, window, shared_qk=False):
+    """Query t attends to the last `window` keys j <= t of its cluster (a token's own key only
+    if it is alone, with shared QK), by explicit loops."""
+    if shared_qk:
+        k = normalize(q)
+    cq, ck = np.asarray(assign(normalize(q), centroids)), np.asarray(assign(normalize(k), centroids))
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, length, heads, dim = q.shape
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for h in range(heads):
+            for t in range(length):
+                keys = [j for j in range(t + 1) if ck[bi, j, h] == cq[bi, t, h]][-window:]
+                if shared_qk and len(keys) > 1:
+                    keys = [j for j in keys if j != t]
+                if not keys:
+                    continue
+                logits = np.array([q[bi, t, h] @ k[bi, j, h] for j in keys]) / np.sqrt(dim)
+                p = np.exp(logits - logits.max())
+                out[bi, t, h] = (p / p.sum()) @ v[bi, keys, h]
+    return out
+
+
+@pytest.mark.parametrize("length,clusters,window,shared_qk", [
+    (64, 8, 8, False), (37, 3, 5, False), (1, 2, 4, False), (50, 4, 16, True)])
+def test_causal_routing_equals_the_brute_force_definition(length, clusters, window, shared_qk):
+    q, k, v = qkv(jax.random.key(length), length=length)
+    centroids = init_centroids(jax.random.key(1), 2, clusters, 16)
+    out, routing = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk)
+    np.testing.assert_allclose(out, brute_force(q, k, v, centroids, window, shared_qk), atol=2e-5)
+    assert routing["q_clusters"].shape == (2, length, 2)
+
+
+def _perturb_after(t, arrays, key):
+    return [a.at[:, t + 1:].set(jax.random.normal(k, a[:, t + 1:].shape))
+            for a, k in zip(arrays, jax.random.split(key, len(arrays)))]
+
+
+def test_causal_routing_never_sees_the_future_but_top_w_balancing_does():
+    q, k, v = qkv(jax.random.key(3), length=96)
+    centroids = init_centroids(jax.random.key(4), 2, 8, 16)
+    for t in (0, 17, 50, 94):
+        q2, k2, v2 = _perturb_after(t, [q, k, v], jax.random.key(t))
+        ours = causal_routing_attention(q, k, v, centroids, window=12)[0]
+        ours2 = causal_routing_attention(q2, k2, v2, centroids, window=12)[0]
+        np.testing.assert_array_equal(ours[:, :t + 1], ours2[:, :t + 1])
+    # The paper's top-w clusters, masked by position inside each cluster, still leak: which
+    # past tokens a centroid keeps depends on how similar the later tokens are to it.
+    q2, k2, v2 = _perturb_after(40, [q, k, v], jax.random.key(99))
+    top_w = balanced_routing_attention(q, k, v, centroids, window=12, causal=True)[0]
+    top_w2 = balanced_routing_attention(q2, k2, v2, centroids, window=12, causal=True)[0]
+    assert float(jnp.abs(top_w[:, :41] - top_w2[:, :41]).max()) > 1e-3
+
+
+def test_balanced_clusters_hold_exactly_w_distinct_members():
+    q, _, _ = qkv(jax.random.key(5), length=64)
+    centroids = init_centroids(jax.random.key(6), 2, 8, 16)
+    members = np.asarray(balanced_clusters(normalize(q), centroids, 8))
+    assert members.shape == (2, 2, 8, 8)
+    for row in members.reshape(-1, 8):
+        assert len(set(row.tolist())) == 8
+    q, k, v = qkv(jax.random.key(7), length=64)
+    out, routing = balanced_routing_attention(q, k, v, centroids, window=8)
+    assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
+
+
+def test_ema_reaches_the_fixed_point_on_static_data():
+    """Repeated EMA steps on fixed data converge to k-means' fixed point: each centroid is the
+    normalised mean of the vectors assigned to it."""
+    x = normalize(jax.random.normal(jax.random.key(8), (4, 128, 2, 8)))
+    centroids = init_centroids(jax.random.key(9), 2, 4, 8)
+    step = jax.jit(lambda c: ema_centroids(c, [x], [assign(x, c)], decay=0.5))
+    for _ in range(300):
+        centroids = step(centroids)
+    cl = assign(x, centroids)
+    for h in range(2):
+        for c in range(4):
+            chosen = np.asarray(x[:, :, h][np.asarray(cl[:, :, h]) == c])
+            if len(chosen):
+                mean = chosen.mean(0)
+                np.testing.assert_allclose(centroids[h, c], mean / np.linalg.norm(mean), atol=1e-4)
+    np.testing.assert_allclose(step(centroids), centroids, atol=1e-5)
+
+
+def test_gradients_reach_the_projections_and_not_the_centroids():
+    layer = RoutingAttention(32, 4, 8, rngs=nnx.Rngs(0), routing_heads=2, num_clusters=4,
+                             window=4, local_window=4)
+    x = jax.random.normal(jax.random.key(1), (2, 24, 32))
+    pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    before = rest["centroids"].get_value()
+
+    def loss(params, rest):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        out, _ = model(x, pos)
+        aux = sum(jnp.sum(v) for v in jax.tree.leaves(nnx.pop(model, nnx.Intermediate)))
+        return jnp.sum(out ** 2) + aux, nnx.state(model, Centroids)
+
+    grads, new_rest = jax.grad(loss, has_aux=True)(params, rest)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert float(jnp.abs(grads[name]["kernel"].get_value()).max()) > 0, name
+    assert "centroids" not in grads  # not a parameter: no gradient, no optimiser update
+    moved = new_rest["centroids"].get_value()
+    assert float(jnp.abs(moved - before).max()) > 0  # the EMA step happened in training
+    np.testing.assert_allclose(jnp.linalg.norm(moved, axis=-1), 1.0, atol=1e-5)
+    # The commitment loss differentiates into the routed vectors, never the centroids.
+    xn = normalize(jax.random.normal(jax.random.key(2), (1, 8, 2, 8)))
+    g = jax.grad(lambda c: commitment_loss(c, [xn], [assign(xn, c)]))(before)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_routing_transformer_is_causal_and_decodes_like_its_forward_pass():
+    cfg = tiny_config(*ROUTING).model
+    model = build(cfg, nnx.Rngs(0))
+    model.eval()
+    tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 256)
+    full = model(tokens)
+    for t in (5, 23):
+        changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % 256)
+        np.testing.assert_array_equal(model(changed)[:, :t + 1], full[:, :t + 1])
+    cache = model.init_cache(2, 48)
+    pieces = []
+    for start, size in ((0, 7), (7, 1), (8, 20), (28, 12)):
+        logits, cache = model.decode(tokens[:, start:start + size], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_routing_tiny_trains_end_to_end_with_the_cli(tmp_path):
+    from jaxsparse.cli import main
+
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "routing_tiny", "--workdir", str(workdir)]
+    for item in ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=64",
+                 "model.routing_clusters=4", "model.routing_window=8",
+                 "model.routing_local_window=8", "model.max_seq_len=64", "data.seq_len=32",
+                 "data.batch_size=8", "train.steps=6", "train.eval_every=6",
+                 "train.tensorboard=false", "train.progress=false", "eval.batches=1",
+                 "eval.sample_tokens=8"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in records if r["split"] == "train"]
+    assert train_rows and all(np.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in train_rows)
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_bad_routing_configs_and_inputs_are_refused():
+    with pytest.raises(ConfigError, match=r"model.routing_clusters=64 exceeds data.seq_len=32"):
+        validate(tiny_config(*ROUTING, "model.routing_clusters=64"))
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=2"):
+        validate(tiny_config(*[o for o in ROUTING if "kv_heads" not in o]))
+    with pytest.raises(ConfigError, match=r"model.routing_heads=5"):
+        validate(tiny_config(*ROUTING, "model.routing_heads=5"))
+    q, k, v = qkv(jax.random.key(0), length=16)
+    with pytest.raises(ValueError, match=r"window=32 exceeds the length 16"):
+        balanced_routing_attention(q, k, v, init_centroids(jax.random.key(1), 2, 4, 16), window=32)
+    with pytest.raises(ValueError, match=r"centroids must be \[H=2, C, D=16\]"):
+        causal_routing_attention(q, k, v, jnp.ones((3, 4, 16)), window=4)
+
+
+def test_restoring_a_checkpoint_without_centroids_names_them(tmp_path):
+    from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
+    from jaxsparse.train.state import TrainSetup
+    from jaxsparse.parallel import make_mesh
+
+    cfg = apply_overrides(tiny_config(*ROUTING), ["train.steps=1"])
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh))
+    state = setup.init()
+    broken = dict(state, rest={})  # a checkpoint written without the non-parameter state
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=1, async_save=False)
+    ckpt.save(1, broken, cfg, force=True)
+    with pytest.raises(CheckpointMismatch, match=r"rest/blocks/1/attn/centroids"):
+        ckpt.restore(setup.abstract_state, 1)
+    ckpt.close()
