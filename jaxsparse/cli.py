@@ -78,15 +78,18 @@ def _cmd_plot(args) -> int:
 def _cmd_configs(args) -> int:
     from jaxsparse import configs
     from jaxsparse.models import count_params
+    from jaxsparse.models.transformer import projection_flops_per_token
 
     names = configs.names()
     width = max((len(n) for n in names), default=4)
-    print(f"{'name':<{width}}  {'params':>12}  model")
+    print(f"{'name':<{width}}  {'params':>12}  {'proj MFLOP/tok':>14}  model")
     for name in names:
         cfg = configs.get(name)
         marker = " (default)" if name == configs.DEFAULT else ""
         m = cfg.model
-        print(f"{name:<{width}}  {count_params(m):>12,}  {m.name} d={m.d_model} L={m.n_layers} "
+        transformer = m.name in ("transformer", "routing_transformer")
+        flops = f"{projection_flops_per_token(m) / 1e6:14.2f}" if transformer else f"{'-':>14}"
+        print(f"{name:<{width}}  {count_params(m):>12,}  {flops}  {m.name} d={m.d_model} L={m.n_layers} "
               f"heads={m.n_heads}/{m.n_kv_heads} data={cfg.data.task}{marker}")
     return 0
 

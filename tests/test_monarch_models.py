@@ -113,3 +113,23 @@ def test_dense_to_monarch_fine_tuning_via_init_from(tmp_path):
     mismatch = apply_overrides(sparse_cfg, ["model.d_ff=96"])
     with pytest.raises(ConfigError, match=r"model.d_ff differs \(64 in the source run, 96 here\)"):
         train(mismatch, tmp_path / "bad", sample=False, quiet=True)
+
+
+@pytest.mark.parametrize("name", ["transformer_tiny", "monarch_tiny", "moe_tiny"])
+def test_projection_flops_count_two_per_weight_a_token_uses(name):
+    from jaxsparse.models.transformer import projection_flops_per_token
+
+    cfg = configs.get(name).model
+    model = build(cfg, nnx.Rngs(0))
+    used = 0
+    for path, module in nnx.iter_modules(model):
+        if path[:1] != ("blocks",):
+            continue
+        if isinstance(module, Linear) and "router" not in path:
+            used += module.kernel.size
+        elif isinstance(module, MonarchLinear):
+            used += module.w1.size + module.w2.size
+    if cfg.moe_experts:  # expert weights live in the MoE layer: count the k a token uses
+        per_expert = 3 * cfg.d_model * (cfg.moe_d_ff or cfg.d_ff)
+        used += (cfg.n_layers // cfg.moe_every) * cfg.moe_k * per_expert
+    assert projection_flops_per_token(cfg) == 2 * used

@@ -207,3 +207,17 @@ def test_restoring_a_checkpoint_without_centroids_names_them(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"rest/blocks/1/attn/centroids"):
         ckpt.restore(setup.abstract_state, 1)
     ckpt.close()
+
+
+def test_query_chunks_change_nothing_forward_or_backward():
+    q, k, v = qkv(jax.random.key(11), length=300)
+    centroids = init_centroids(jax.random.key(12), 2, 6, 16)
+
+    def loss(q, k, v, chunk):
+        out = causal_routing_attention(q, k, v, centroids, window=20, query_chunk=chunk)[0]
+        return jnp.sum(out * jnp.cos(out))
+
+    whole = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 512)
+    chunked = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 64)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)

@@ -65,6 +65,14 @@ def test_compatible_change_resumes(tmp_path):
     assert result.step == 3 and list(result.losses) == [2]
 
 
+def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):
+    cfg = tiny_config("train.steps=2")
+    first = train(cfg, tmp_path, sample=False, quiet=True)
+    again = train(cfg, tmp_path, sample=False, quiet=True)  # nothing left to train
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert again.step == 2 and final["loss"] == pytest.approx(first.eval_metrics["loss"])
+
+
 def test_tiny_batch_is_overfitted(tmp_path):
     cfg = tiny_config("train.steps=60", "data.batch_size=2", "optimizer.lr=1e-2",
                       "optimizer.warmup_steps=5", "optimizer.weight_decay=0.0", "data.seq_len=16")

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +29,29 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
 def eval_curve(workdir: Path) -> tuple[list[float], list[float]]:
-    """(seconds since the first evaluation, validation bits/byte) of every evaluation."""
-    rows = [r for r in read_metrics(workdir) if r["split"] == "eval"]
+    """(seconds since the first evaluation, validation bits/byte) of every evaluation, each
+    step's first record (re-running a finished run appends a later copy of the last one)."""
+    first: dict[int, dict] = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "eval":
+            first.setdefault(record["step"], record)
+    rows = [first[s] for s in sorted(first)]
     start = rows[0]["time"]
     return [r["time"] - start for r in rows], [r["bits_per_byte"] for r in rows]
 
 
 def run(cfg, workdir: Path) -> dict:
-    start = time.perf_counter()
+    """Train (or resume; a finished run is not repeated) and summarise one run."""
     result = train(cfg, workdir, sample=False)
-    train_rows = [r for r in read_metrics(workdir) if r["split"] == "train"]
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    records = read_metrics(workdir)
+    train_rows = [r for r in records if r["split"] == "train"]
+    start = min(r["time"] for r in records)
     return {"run": workdir.name, "params": count_params(cfg.model), "steps": result.step,
-            "valid_bpb": result.eval_metrics["bits_per_byte"],
+            "valid_bpb": final["bits_per_byte"],
             "tokens_per_s": float(np.median([r["tokens_per_sec"] for r in train_rows[1:]])),
-            "minutes": (time.perf_counter() - start) / 60}
+            "minutes": (train_rows[-1]["time"] - start) / 60}  # from the logs: resume-proof
 
 
 def plot(curves: dict, path: Path) -> None:

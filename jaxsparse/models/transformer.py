@@ -117,6 +117,32 @@ class RoutingTransformer(Transformer):
     """The Transformer with routing attention in its upper layers (``model.routing_*``)."""
 
 
+def projection_flops_per_token(cfg: ModelConfig) -> int:
+    """FLOPs per token of the blocks' projections (attention q/k/v/o and feed-forward; for MoE
+    layers the ``k`` routed experts plus shared ones), Monarch where ``model.monarch`` says so.
+    Attention scores and the output head are left out: they do not change with Monarch."""
+    from jaxsparse.ops.monarch import dense_flops, monarch_flops
+
+    targets = monarch_targets(cfg)
+
+    def proj(kind, n_in, n_out):
+        if kind in targets:
+            return monarch_flops(1, n_in, n_out, cfg.monarch_blocks)
+        return dense_flops(1, n_in, n_out)
+
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    attn = (2 * proj("attention", d, cfg.n_heads * hd) + 2 * proj("attention", d, cfg.n_kv_heads * hd))
+    total = 0
+    for layer in range(cfg.n_layers):
+        total += attn
+        if uses_moe(cfg, layer):
+            experts = cfg.moe_k + cfg.moe_shared_experts
+            total += experts * 3 * dense_flops(1, d, cfg.moe_d_ff or cfg.d_ff)
+        else:
+            total += 2 * proj("mlp", d, cfg.d_ff) + proj("mlp", cfg.d_ff, d)
+    return total
+
+
 def count_params(cfg: ModelConfig) -> int:
     """Parameter count without allocating (``jax.eval_shape``)."""
     from jaxsparse.models.registry import build

@@ -115,14 +115,34 @@ def _attend(q, keys, values, valid, scale):
     return jnp.einsum("blhw,blhwd->blhd", weights, values.astype(jnp.float32))
 
 
+def _attend_in_chunks(q, keys, values, key_pos, valid, scale, chunk):
+    length = q.shape[1]
+    if length <= chunk:
+        return _attend(q, _gather_keys(keys, key_pos), _gather_keys(values, key_pos), valid, scale)
+    padded = -(-length // chunk) * chunk
+
+    def split(x):  # [B, L, ...] -> [L/chunk, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        q_c, pos_c, valid_c = args
+        return _attend(q_c, _gather_keys(keys, pos_c), _gather_keys(values, pos_c), valid_c, scale)
+
+    out = jax.lax.map(one, (split(q), split(key_pos), split(valid)))
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], padded, *q.shape[2:])[:, :length]
+
+
 def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool = False,
-                             scale: float | None = None):
+                             scale: float | None = None, query_chunk: int = 512):
     """Leakage-free causal routing attention; ``q, k, v [B, L, H, D]``, ``centroids [H, C, D]``.
 
     Returns ``(out [B, L, H, D], routing)`` where ``routing`` holds the normalised vectors and
     their clusters (``q_unit``, ``k_unit``, ``q_clusters``, ``k_clusters``) for the centroid
     update and the commitment loss. A query with no key of its cluster at or before it gets
-    zeros.
+    zeros. Queries are processed ``query_chunk`` at a time (rematerialised in the backward
+    pass), so the gathered keys take ``O(query_chunk · w · D)`` memory, not ``O(L · w · D)``.
     """
     _check(q, k, v, centroids, window)
     keys, qn, kn = _keys(q, k, shared_qk)
@@ -130,8 +150,7 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     key_pos, valid = cluster_windows(cq, ck, window)
     if shared_qk:
         valid = _drop_self_unless_alone(key_pos, valid)
-    out = _attend(q, _gather_keys(keys, key_pos), _gather_keys(v, key_pos), valid,
-                  _scale(scale, q.shape[-1]))
+    out = _attend_in_chunks(q, keys, v, key_pos, valid, _scale(scale, q.shape[-1]), query_chunk)
     routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck}
     return out.astype(q.dtype), routing
 

@@ -215,6 +215,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 bar.write(f"stopping at step {step} after {why}; checkpoint saved")
                 break
     flush_logs()
+    if not eval_metrics and not stopped:
+        eval_metrics = run_eval()  # resumed a finished run: its final numbers, not an empty dict
     bar.close()
     ckpt.close()
     writer.close()

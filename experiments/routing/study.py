@@ -1,0 +1,111 @@
+"""Routing Transformer study (CPU-sized): routing vs local-only vs full attention at equal
+parameters (all multi-head, the same widths; only the attention pattern differs).
+
+``--task text``  validation bits per byte on the default corpus at length 128 (routing_tiny's
+                 layout: two local layers, then two layers of 2 local + 2 routing heads).
+``--task mqar``  multi-query associative recall (Zoology) at ``--seq-len`` (default 1024): the
+                 answer is a key's value that appeared anywhere earlier, so a local window
+                 cannot reach it and content-based routing can. Accuracy on answers only.
+
+    python experiments/routing/study.py --task text [--steps 500]
+    python experiments/routing/study.py --task mqar [--steps 2000] [--seq-len 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxsparse import configs
+from jaxsparse.bench import write_results
+from jaxsparse.config import apply_overrides
+from jaxsparse.models import count_params
+from jaxsparse.train.loop import train
+from jaxsparse.train.metrics import read_metrics
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
+
+
+def variants(seq_len: int, local: int) -> dict[str, list[str]]:
+    clusters = max(2, int(round(math.sqrt(seq_len))))
+    routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
+               f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}"]
+    return {"full attention": ["model.attention_mask=causal"],
+            f"local only ({local})": [f"model.attention_mask=local:{local}"],
+            "routing": routing}
+
+
+def task_overrides(task: str, seq_len: int, steps: int) -> list[str]:
+    every = [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
+             f"train.checkpoint_every={steps}"]
+    if task == "text":
+        return every + [f"data.seq_len={seq_len}"]
+    return every + ["data.task=mqar", "model.vocab_size=256", f"data.seq_len={seq_len}",
+                    f"model.max_seq_len={seq_len}", "data.num_kv_pairs=8", "data.batch_size=16",
+                    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
+                    "model.routing_skip_first=1", "model.routing_heads=2",
+                    "optimizer.weight_decay=0.0", "optimizer.warmup_steps=100"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("text", "mqar"), default="text")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--local", type=int, default=32, help="local window (keys)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    seq_len = args.seq_len or (128 if args.task == "text" else 1024)
+    out = Path(args.out) / args.task
+    metric = "bits_per_byte" if args.task == "text" else "accuracy"
+    shared = QUIET + ["model.n_kv_heads=4"] + task_overrides(args.task, seq_len, args.steps)
+    rows, curves = [], {}
+    for label, extra in variants(seq_len, args.local).items():
+        cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
+        workdir = out / "runs" / label.split()[0]
+        print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)
+        start = time.perf_counter()
+        result = train(cfg, workdir, sample=False)
+        records = read_metrics(workdir)
+        curves[label] = [(r["step"], r[metric]) for r in records if r["split"] == "eval"]
+        step_times = [r for r in records if r["split"] == "train"]
+        tokens_per_s = float(np.median([r["tokens_per_sec"] for r in step_times[1:]]))
+        rows.append({"model": label, "params": count_params(cfg.model), "steps": result.step,
+                     metric: result.eval_metrics[metric],
+                     "ms_per_step": 1e3 * cfg.data.batch_size * seq_len / tokens_per_s,
+                     "minutes": (time.perf_counter() - start) / 60})
+    notes = (f"{args.task}, length {seq_len}, {args.steps} steps; eval {metric}; ms_per_step is "
+             "the median training step time on this CPU.")
+    name = f"routing_{args.task}"
+    write_results(name, rows, ["model", "params", "steps", metric, "ms_per_step", "minutes"],
+                  out, notes)
+    plot(curves, metric, out / f"{name}.png", f"{args.task}, length {seq_len}")
+    print(notes)
+
+
+def plot(curves, metric, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", ms=3, label=label)
+    ax.set(xlabel="step", ylabel=f"eval {metric}", title=title)
+    if metric == "bits_per_byte":
+        ax.set_ylim(None, 5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
