@@ -121,6 +121,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    memory_values_lr: float = 1e-3  # product-key memory values: own Adam, constant lr
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2=({o.b1}, {o.b2}): must be in [0, 1)")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     _check(o.grad_clip > 0, f"optimizer.grad_clip={o.grad_clip}: must be > 0")
+    _check(o.memory_values_lr > 0, f"optimizer.memory_values_lr={o.memory_values_lr}: must be > 0")
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.expert": mesh.expert,
              "mesh.tensor": mesh.tensor}
     for key, size in sizes.items():

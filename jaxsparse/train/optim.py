@@ -21,11 +21,24 @@ def default_decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int,
-                   decay_mask=default_decay_mask) -> optax.GradientTransformation:
-    """``decay_mask``: a pytree of bools like the params, or a function of the params."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, decay_mask=default_decay_mask,
+                   groups=None) -> optax.GradientTransformation:
+    """``decay_mask``: a pytree of bools like the params, or a function of the params.
+
+    ``groups``: a pytree of labels like the params. Parameters labelled ``"memory_values"``
+    (product-key memory values) get plain Adam at the constant ``cfg.memory_values_lr``, as
+    Lample et al. train them; everything else gets AdamW on the schedule. Clipping sees the
+    global norm of all gradients.
+    """
+    main = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, mask=decay_mask)
+    labels = set(jax.tree.leaves(groups)) if groups is not None else {"default"}
+    if labels == {"default"}:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), main)
+    unknown = labels - {"default", "memory_values"}
+    if unknown:
+        raise ValueError(f"unknown optimizer groups {sorted(unknown)}; known: default, "
+                         "memory_values")
+    values = optax.adam(cfg.memory_values_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.multi_transform({"default": main, "memory_values": values}, groups))

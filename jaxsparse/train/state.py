@@ -64,6 +64,17 @@ def decay_mask(abstract_params: nnx.State):
                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def optimizer_groups(abstract_params: nnx.State):
+    """Each parameter's ``optimizer_group`` metadata ("default" when it has none), e.g.
+    product-key memory values, which train with their own learning rate."""
+
+    def one(variable):
+        return variable.get_metadata().get("optimizer_group") or "default"
+
+    return nnx.to_pure_dict(jax.tree.map(one, abstract_params,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """Everything derived from a config and a mesh: structure, shardings, optimiser."""
@@ -76,7 +87,8 @@ class TrainSetup:
         abstract_model = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(cfg.train.seed)))
         self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
         self.params_template, self.rest_template = abs_params, abs_rest
-        self.tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abs_params))
+        self.tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abs_params),
+                                 groups=optimizer_groups(abs_params))
         params_sh = param_shardings(abs_params, self.mesh)
         rest_sh = param_shardings(abs_rest, self.mesh)
         abstract = jax.eval_shape(self._init)

@@ -1,0 +1,57 @@
+"""Product-key memory layer (Lample et al. 2019): a very large key-value memory read sparsely."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.memory import memory_read, product_key_topk
+
+# Parameters tagged with this optimiser group are trained by their own optimiser (the paper
+# trains the values with a separate, larger learning rate; see jaxsparse.train.optim).
+MEMORY_VALUES = "memory_values"
+
+
+class ProductKeyMemory(nnx.Module):
+    """``y = Σ_heads Σ_top-k softmax(score) · values[slot]`` over ``n_keys²`` slots.
+
+    Defaults follow the paper's layer (k_dim 256, 4 heads, knn 32, 512² = 262,144 slots, values
+    of the model width). The query network is a linear map to ``heads × k_dim``; each head has
+    two sub-key tables of ``n_keys × k_dim/2``; values are shared by the heads and tagged
+    ``optimizer_group="memory_values"`` (own learning rate, no weight decay).
+    """
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, n_keys: int = 512, heads: int = 4,
+                 k_dim: int = 256, knn: int = 32, dtype=jnp.float32, param_dtype=jnp.float32):
+        if k_dim % 2:
+            raise ValueError(f"k_dim={k_dim}: must be even (two halves of the product key)")
+        if not 1 <= knn <= n_keys:
+            raise ValueError(f"knn={knn}: must be in [1, n_keys={n_keys}]")
+        self.query = Linear(d_model, (heads, k_dim), logical_axes=("embed", None, None),
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        bound = 1 / math.sqrt(k_dim // 2)  # the reference init: uniform in ±1/√(half dim)
+        shape = (heads, n_keys, k_dim // 2)
+        self.subkeys1 = nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype,
+                                                     -bound, bound))
+        self.subkeys2 = nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype,
+                                                     -bound, bound))
+        values = jax.random.normal(rngs.params(), (n_keys * n_keys, d_model), param_dtype)
+        self.values = nnx.Param(values * d_model ** -0.5, logical_axes=(None, "embed"),
+                                optimizer_group=MEMORY_VALUES, weight_decay=False)
+        self.knn, self.dtype = knn, dtype
+
+    @property
+    def slots(self) -> int:
+        return self.values.shape[0]
+
+    def lookup(self, x):
+        """``(scores, slots)`` of the top-k slots per head for ``x [..., d]``."""
+        return product_key_topk(self.query(x), self.subkeys1[...], self.subkeys2[...], self.knn)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scores, slots = self.lookup(x)
+        return memory_read(scores, slots, self.values[...].astype(self.dtype))

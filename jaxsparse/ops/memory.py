@@ -1,0 +1,56 @@
+"""Product-key memory lookup (Lample et al., NeurIPS 2019, "Large Memory Layers with Product
+Keys").
+
+A memory of ``N = n²`` slots is addressed by the Cartesian product of two sub-key tables of
+``n`` keys each: slot ``i·n + j`` has the key ``[K1[i], K2[j]]``, so a query ``[q1, q2]``
+scores it ``q1·K1[i] + q2·K2[j]``. The exact top-k over all ``N`` slots is found from the
+top-k of each half alone — any slot in the global top-k has both halves in their halves'
+top-k — by re-scoring the ``k²`` candidate pairs: ``O(n + k²)`` per query instead of
+``O(N)``. The output is the softmax-weighted sum of the chosen slots' values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int):
+    """Top ``knn`` slots of every head for queries ``[..., H, K]`` (``K`` = 2 × sub-key dim).
+
+    Returns ``(scores [..., H, knn], slots [..., H, knn])`` in descending score order; slot
+    ``i·n + j`` pairs sub-key ``i`` of the first table with ``j`` of the second.
+    """
+    heads, n, half = subkeys1_HND.shape
+    if query_HK.shape[-2:] != (heads, 2 * half):
+        raise ValueError(f"query {query_HK.shape}: last dims must be (heads={heads}, "
+                         f"2·sub-key dim={2 * half})")
+    if not 1 <= knn <= n:
+        raise ValueError(f"knn={knn}: must be in [1, n_keys={n}] (top-k is taken per half)")
+    q1, q2 = query_HK[..., :half].astype(jnp.float32), query_HK[..., half:].astype(jnp.float32)
+    s1 = jnp.einsum("...hd,hnd->...hn", q1, subkeys1_HND.astype(jnp.float32))
+    s2 = jnp.einsum("...hd,hnd->...hn", q2, subkeys2_HND.astype(jnp.float32))
+    v1, i1 = jax.lax.top_k(s1, knn)                                  # [..., H, k]
+    v2, i2 = jax.lax.top_k(s2, knn)
+    pair_scores = (v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], knn * knn)
+    pair_slots = (i1[..., :, None] * n + i2[..., None, :]).reshape(pair_scores.shape)
+    scores, best = jax.lax.top_k(pair_scores, knn)
+    return scores, jnp.take_along_axis(pair_slots, best, axis=-1)
+
+
+def memory_read(scores_HK, slots_HK, values_NV):
+    """``Σ_heads Σ_top-k softmax(scores) · values[slot]``: ``[..., V]``. Gradients reach the
+    scores and only the ``knn · heads`` value rows read (a sparse update, as the paper's)."""
+    weights = jax.nn.softmax(scores_HK, axis=-1)
+    rows = jnp.take(values_NV, slots_HK, axis=0)                     # [..., H, k, V]
+    return jnp.einsum("...hk,...hkv->...v", weights.astype(rows.dtype), rows)
+
+
+def exhaustive_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int):
+    """The reference: score all ``n²`` slots, then top-k (tests; O(N) per query)."""
+    _, n, half = subkeys1_HND.shape
+    q1, q2 = query_HK[..., :half].astype(jnp.float32), query_HK[..., half:].astype(jnp.float32)
+    s1 = jnp.einsum("...hd,hnd->...hn", q1, subkeys1_HND.astype(jnp.float32))
+    s2 = jnp.einsum("...hd,hnd->...hn", q2, subkeys2_HND.astype(jnp.float32))
+    every = (s1[..., :, None] + s2[..., None, :]).reshape(*s1.shape[:-1], n * n)
+    return jax.lax.top_k(every, knn)

@@ -1,0 +1,106 @@
+"""Product-key memory: the product top-k equals exhaustive scoring over all slots, the layer's
+read equals a dense softmax read, gradients are sparse in the values, large tables never get
+scored in full, and the values train with their own optimiser."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxsparse.config import OptimizerConfig
+from jaxsparse.nn import ProductKeyMemory
+from jaxsparse.ops.memory import exhaustive_topk, memory_read, product_key_topk
+from jaxsparse.train.optim import make_optimizer
+from jaxsparse.train.state import optimizer_groups
+
+
+@pytest.mark.parametrize("n_keys,knn,heads", [(16, 4, 1), (32, 8, 2), (7, 7, 3), (64, 1, 2)])
+def test_product_top_k_equals_exhaustive_scoring(n_keys, knn, heads):
+    k1, k2, k3 = jax.random.split(jax.random.key(n_keys + knn), 3)
+    sub1 = jax.random.normal(k1, (heads, n_keys, 8))
+    sub2 = jax.random.normal(k2, (heads, n_keys, 8))
+    query = jax.random.normal(k3, (5, 3, heads, 16))
+    scores, slots = product_key_topk(query, sub1, sub2, knn)
+    want_scores, want_slots = exhaustive_topk(query, sub1, sub2, knn)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(slots, want_slots)  # continuous random scores: no ties
+
+
+def test_layer_read_equals_a_dense_read_over_the_chosen_slots():
+    layer = ProductKeyMemory(24, rngs=nnx.Rngs(0), n_keys=16, heads=2, k_dim=8, knn=4)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    y = layer(x)
+    q = layer.query(x)
+    half = 4
+    s1 = jnp.einsum("blhd,hnd->blhn", q[..., :half], layer.subkeys1[...])
+    s2 = jnp.einsum("blhd,hnd->blhn", q[..., half:], layer.subkeys2[...])
+    every = (s1[..., :, None] + s2[..., None, :]).reshape(2, 5, 2, 256)
+    top = jax.lax.top_k(every, 4)[1]
+    keep = jnp.sum(jax.nn.one_hot(top, 256), axis=-2) > 0                # [B, L, H, N]
+    weights = jax.nn.softmax(jnp.where(keep, every, -jnp.inf), axis=-1)
+    want = jnp.einsum("blhn,nv->blv", weights, layer.values[...])
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_value_gradients_touch_only_the_slots_read():
+    layer = ProductKeyMemory(16, rngs=nnx.Rngs(2), n_keys=32, heads=2, k_dim=8, knn=4)
+    x = jax.random.normal(jax.random.key(3), (3, 16))
+    _, slots = layer.lookup(x)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    touched = np.flatnonzero(np.abs(np.asarray(grads["values"][...])).sum(-1))
+    assert set(touched) <= set(np.asarray(slots).ravel().tolist())
+    assert len(touched) > 0 and len(touched) <= 3 * 2 * 4
+    for name in ("query", "subkeys1", "subkeys2"):
+        leaves = jax.tree.leaves(grads[name])
+        assert any(float(jnp.abs(g).max()) > 0 for g in leaves), name
+
+
+def test_a_quarter_million_slots_are_never_scored_in_full():
+    """The paper's size (512² slots, knn 32, 4 heads): the product lookup never materialises a
+    score per slot — its scratch memory is a small fraction of exhaustive scoring's — and it
+    does about half the arithmetic (the sub-key scores, without the n² sums)."""
+    heads, n, half, knn = 4, 512, 128, 32
+    sub = jax.ShapeDtypeStruct((heads, n, half), jnp.float32)
+    query = jax.ShapeDtypeStruct((64, heads, 2 * half), jnp.float32)
+
+    def compiled(fn):
+        return jax.jit(lambda q, a, b: fn(q, a, b, knn)).lower(query, sub, sub).compile()
+
+    product, exhaustive = compiled(product_key_topk), compiled(exhaustive_topk)
+    every_score = 64 * heads * n * n * 4  # bytes of one float32 score per slot
+    assert product.memory_analysis().temp_size_in_bytes < every_score / 50
+    assert exhaustive.memory_analysis().temp_size_in_bytes >= every_score
+
+    def flops(c):
+        cost = c.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops(product) < 0.6 * flops(exhaustive)
+
+
+def test_memory_values_train_with_their_own_learning_rate():
+    layer = ProductKeyMemory(16, rngs=nnx.Rngs(4), n_keys=8, heads=1, k_dim=8, knn=2)
+    params = nnx.state(layer, nnx.Param)
+    groups = optimizer_groups(params)
+    assert groups["values"] == "memory_values" and groups["subkeys1"] == "default"
+    cfg = OptimizerConfig(lr=1e-5, warmup_steps=0, memory_values_lr=1e-2, weight_decay=0.0)
+    tx = make_optimizer(cfg, 10, groups=groups)
+    pure = nnx.to_pure_dict(params)
+    grads = jax.tree.map(jnp.ones_like, pure)
+    updates, _ = tx.update(grads, tx.init(pure), pure)
+    # Adam's first step moves every coordinate by about its learning rate.
+    assert float(jnp.abs(updates["values"]).max()) == pytest.approx(1e-2, rel=1e-3)
+    assert float(jnp.abs(updates["subkeys1"]).max()) < 1e-4
+
+
+def test_bad_memory_settings_are_refused():
+    with pytest.raises(ValueError, match="k_dim=7"):
+        ProductKeyMemory(16, rngs=nnx.Rngs(0), n_keys=8, k_dim=7)
+    with pytest.raises(ValueError, match=r"knn=9: must be in \[1, n_keys=8\]"):
+        ProductKeyMemory(16, rngs=nnx.Rngs(0), n_keys=8, knn=9)
+    with pytest.raises(ValueError, match=r"query \(2, 3, 8\): last dims must be"):
+        product_key_topk(jnp.ones((2, 3, 8)), jnp.ones((2, 4, 2)), jnp.ones((2, 4, 2)), 2)
+    np.testing.assert_allclose(memory_read(jnp.zeros((1, 2)), jnp.array([[0, 1]]),
+                                           jnp.eye(2)), [0.5, 0.5])
