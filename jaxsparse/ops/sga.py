@@ -1,0 +1,109 @@
+"""Sparse global attention (SGA), Hydra's long-range path (Chaudhary & Browning 2025): each
+query reads a causal local window plus a small set of *global* tokens picked by a lightweight
+controller.
+
+Causal safety. Picking "the top-G tokens of the sequence" would leak the future (whether a
+past token is picked would depend on later tokens' scores). Here a token is a global
+candidate when its own controller score is positive — a function of that token alone — and
+query ``t`` reads the ``G`` most recent candidates older than its local window
+(``j ≤ t - window``), found by ranks (a running count of candidates), so everything query
+``t`` reads depends only on positions ``≤ t``. The controller learns through the attention
+logits: each global key's logit gets ``log σ(score)``, so a token that is useful as a global
+key is pushed to score higher. Cost ``O(L · (window + G) · d)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def recent_candidates(selected_BL, upto_BL, count: int):
+    """Positions ``[B, L, count]`` (oldest first) of the last ``count`` selected positions
+    ``≤ upto[b, t]``, and their validity."""
+    b, length = selected_BL.shape
+    rank = jnp.cumsum(selected_BL.astype(jnp.int32), axis=1)        # candidates in [0, j]
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    # position of the r-th candidate (1-based), via a scatter: rank r at selected positions
+    table = jnp.zeros((b, length + 1), jnp.int32).at[
+        jnp.arange(b)[:, None], jnp.where(selected_BL, rank, 0)].set(pos)
+    have = jnp.where(upto_BL >= 0, jnp.take_along_axis(rank, jnp.maximum(upto_BL, 0), axis=1), 0)
+    wanted = have[..., None] - count + 1 + jnp.arange(count, dtype=jnp.int32)[None, None]
+    valid = wanted >= 1
+    positions = jnp.take_along_axis(table, jnp.maximum(wanted, 0).reshape(b, -1), axis=1)
+    return positions.reshape(b, length, count), valid
+
+
+def _gather(x_BLHD, pos_BLK):
+    """``x[b, pos[b, t, i]]`` for every head: ``[B, L, H, K, D]``."""
+    return jax.vmap(lambda x, p: x[p], in_axes=(0, 0))(x_BLHD, pos_BLK).transpose(0, 1, 3, 2, 4)
+
+
+def key_sets(scores_BL, length: int, window: int, max_global: int):
+    """The local and global key positions of every query, with validity and logit biases."""
+    b = scores_BL.shape[0]
+    t = jnp.arange(length, dtype=jnp.int32)
+    local = t[:, None] - window + 1 + jnp.arange(window, dtype=jnp.int32)[None, :]
+    local_valid = jnp.broadcast_to(local >= 0, (b, length, window))
+    local = jnp.broadcast_to(jnp.maximum(local, 0), (b, length, window))
+    upto = jnp.broadcast_to(t - window, (b, length))
+    glob, glob_valid = recent_candidates(scores_BL > 0, upto, max_global)
+    bias = jax.nn.log_sigmoid(jnp.take_along_axis(scores_BL.astype(jnp.float32),
+                                                  glob.reshape(b, -1), axis=1)).reshape(glob.shape)
+    positions = jnp.concatenate([local, glob], axis=-1)
+    valid = jnp.concatenate([local_valid, glob_valid], axis=-1)
+    biases = jnp.concatenate([jnp.zeros(local.shape, jnp.float32), bias], axis=-1)
+    return positions, valid, biases
+
+
+def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
+                            scale: float | None = None):
+    """``q, k, v [B, L, H, D]``, controller ``scores [B, L]`` (a token is a global candidate
+    when its score is > 0) -> ``[B, L, H, D]``: one softmax over the ``window`` most recent
+    keys and the ``max_global`` most recent candidates before that window."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if scores.shape != q.shape[:2]:
+        raise ValueError(f"scores {scores.shape}: must be [B, L] = {q.shape[:2]}")
+    if window < 1 or max_global < 0:
+        raise ValueError(f"window={window} must be >= 1 and max_global={max_global} >= 0")
+    positions, valid, biases = key_sets(scores, q.shape[1], window, max_global)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys, values = _gather(k, positions), _gather(v, positions)      # [B, L, H, K, D]
+    logits = jnp.einsum("blhd,blhkd->blhk", q.astype(jnp.float32), keys.astype(jnp.float32))
+    logits = logits * scale + biases[:, :, None, :]
+    mask = valid[:, :, None, :]
+    logits = jnp.where(mask, logits, NEG_INF)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * mask
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    out = jnp.einsum("blhk,blhkd->blhd", weights, values.astype(jnp.float32))
+    return out.astype(q.dtype)
+
+
+def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_global: int,
+               scale: float | None = None):
+    """Queries ``q [B, n, H, D]`` at positions ``lengths - n .. lengths - 1`` against caches
+    ``[B, S, H, D]`` and controller scores ``[B, S]`` holding positions ``0 .. lengths - 1``:
+    the same key sets as :func:`sparse_global_attention`, as masks over the cache."""
+    batch, new, _, dim = q.shape
+    slots = k_cache.shape[1]
+    q_pos = jnp.asarray(lengths, jnp.int32).reshape(batch, 1) - new + jnp.arange(new)[None, :]
+    j = jnp.arange(slots)[None, None, :]
+    t = q_pos[:, :, None]
+    local = (j <= t) & (j > t - window)                               # [B, n, S]
+    candidate = (scores_cache > 0)[:, None, :] & (j <= t - window)
+    newer = jnp.cumsum(candidate[..., ::-1], axis=-1)[..., ::-1] - candidate
+    glob = candidate & (newer < max_global)
+    bias = jnp.where(glob, jax.nn.log_sigmoid(scores_cache.astype(jnp.float32))[:, None, :], 0.0)
+    scale = dim ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bnhd,bshd->bnhs", q.astype(jnp.float32), k_cache.astype(jnp.float32))
+    logits = logits * scale + bias[:, :, None, :]
+    mask = (local | glob)[:, :, None, :]
+    logits = jnp.where(mask, logits, NEG_INF)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * mask
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bnhs,bshd->bnhd", weights, v_cache.astype(jnp.float32))
+    return out.astype(q.dtype)
