@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -40,7 +42,7 @@ from jaxsparse.train.metrics import read_metrics
 
 # %%
 k = jax.random.split(jax.random.key(0), 5)
-L, d, N = 2048, 64, 16
+L, d, N = 1024, 64, 16
 x, dt = jax.random.normal(k[0], (1, L, d)), jax.random.normal(k[1], (1, L, d))
 A = -jnp.exp(jax.random.normal(k[2], (d, N)))
 B, C = jax.random.normal(k[3], (1, L, 1, N)), jax.random.normal(k[4], (1, L, 1, N))

@@ -64,6 +64,8 @@ def test_causal_and_cached_decoding_equals_the_forward_pass(kind):
         logits, cache = model.decode(a[:, t:t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate([first] + steps, 1), full, atol=1e-4, rtol=1e-4)
+    if kind != "mamba":
+        return  # generation over a recurrent cache is the same code for both; check it once
     greedy = generate(model, a[:, :4], 6, temperature=0.0)
     seq = a[:, :4]
     for _ in range(6):

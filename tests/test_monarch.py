@@ -32,9 +32,10 @@ def rel_err(a, b):
 
 # --- dense view and projection ---------------------------------------------------------------
 
+_slow = pytest.mark.slow  # the largest SVD batches; 1024² and rectangular cases stay by default
 SIZES = [(4, 4, None), (16, 16, None), (64, 64, 8), (64, 64, 2), (12, 12, None), (16, 64, 4),
-         (64, 16, 4), (128, 384, 8), (384, 128, None), (1024, 1024, None), (4096, 4096, None),
-         (1024, 4096, 32)]
+         (64, 16, 4), (128, 384, 8), (384, 128, None), (1024, 1024, None),
+         pytest.param(4096, 4096, None, marks=_slow), pytest.param(1024, 4096, 32, marks=_slow)]
 
 
 @pytest.mark.parametrize("n_in,n_out,nblocks", SIZES)

@@ -34,7 +34,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from jaxsparse.ops.softmax import masked_softmax
+
 
 
 def normalize(x, eps: float = 1e-6):
@@ -109,9 +110,7 @@ def _gather_keys(x_BLHD, pos_BLHW):
 
 def _attend(q, keys, values, valid, scale):
     logits = jnp.einsum("blhd,blhwd->blhw", q.astype(jnp.float32), keys.astype(jnp.float32))
-    logits = jnp.where(valid, logits * scale, NEG_INF)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * valid
-    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    weights = masked_softmax(logits * scale, valid, axis=-1)
     return jnp.einsum("blhw,blhwd->blhd", weights, values.astype(jnp.float32))
 
 
@@ -198,9 +197,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool 
     if shared_qk:
         self_key = k_members[..., None, :] == q_members[..., :, None]
         allowed &= ~self_key | ~jnp.any(allowed & ~self_key, axis=-1, keepdims=True)
-    logits = jnp.where(allowed, logits * _scale(scale, q.shape[-1]), NEG_INF)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * allowed
-    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    weights = masked_softmax(logits * _scale(scale, q.shape[-1]), allowed, axis=-1)
     out_c = jnp.einsum("bhcij,bhcjd->bhcid", weights, vc.astype(jnp.float32))
     b, _, h, d = q.shape
     flat = q_members.reshape(b, h, -1)
@@ -269,8 +266,6 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
         others = jnp.any(valid & ~is_self, axis=2, keepdims=True)
         valid = valid & ~(is_self & others)
     logits = jnp.einsum("bnhd,bshd->bnsh", q.astype(jnp.float32), k_cache.astype(jnp.float32))
-    logits = jnp.where(valid, logits * _scale(scale, dim), NEG_INF)
-    weights = jnp.exp(logits - jnp.max(logits, axis=2, keepdims=True)) * valid
-    weights = weights / jnp.maximum(jnp.sum(weights, axis=2, keepdims=True), 1e-30)
+    weights = masked_softmax(logits * _scale(scale, dim), valid, axis=2)
     out = jnp.einsum("bnsh,bshd->bnhd", weights, v_cache.astype(jnp.float32))
     return out.astype(q.dtype)

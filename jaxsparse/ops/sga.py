@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from jaxsparse.ops.softmax import masked_softmax
+
 
 
 def recent_candidates(selected_BL, upto_BL, count: int):
@@ -76,9 +77,7 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     logits = jnp.einsum("blhd,blhkd->blhk", q.astype(jnp.float32), keys.astype(jnp.float32))
     logits = logits * scale + biases[:, :, None, :]
     mask = valid[:, :, None, :]
-    logits = jnp.where(mask, logits, NEG_INF)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * mask
-    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    weights = masked_softmax(logits, mask, axis=-1)
     out = jnp.einsum("blhk,blhkd->blhd", weights, values.astype(jnp.float32))
     return out.astype(q.dtype)
 
@@ -102,8 +101,6 @@ def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_g
     logits = jnp.einsum("bnhd,bshd->bnhs", q.astype(jnp.float32), k_cache.astype(jnp.float32))
     logits = logits * scale + bias[:, :, None, :]
     mask = (local | glob)[:, :, None, :]
-    logits = jnp.where(mask, logits, NEG_INF)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * mask
-    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    weights = masked_softmax(logits, mask, axis=-1)
     out = jnp.einsum("bnhs,bshd->bnhd", weights, v_cache.astype(jnp.float32))
     return out.astype(q.dtype)

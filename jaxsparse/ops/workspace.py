@@ -1,0 +1,69 @@
+"""Workspace memory, Hydra's "reasoning workspace" (Chaudhary & Browning 2025): ``M`` latent
+slots that tokens read by attention and that are rewritten chunk by chunk with a gate.
+
+The sequence is cut into chunks of ``K`` tokens. Tokens of chunk ``c`` read the state
+``S_c``, which summarises chunks ``0 .. c-1`` only, so a token's read never depends on its own
+chunk's later tokens nor on any later chunk (causal). After the chunk, each slot attends over
+the chunk's tokens and a per-slot, per-feature gate mixes the result into the state:
+
+    u   = softmax(S_c Wq · (X_c Wk)ᵀ / √D) · X_c Wv        (slots read the chunk)
+    g   = σ([S_c, u] Wg + bg)
+    S_{c+1} = g ⊙ S_c + (1 − g) ⊙ u
+
+The paper describes the workspace without equations; this gated slot update (in the spirit of
+Set-Transformer/Perceiver latents with a GRU-like gate) is our choice, documented here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _read(queries_BKD, state_BMD):
+    scale = queries_BKD.shape[-1] ** -0.5
+    logits = jnp.einsum("bkd,bmd->bkm", queries_BKD, state_BMD) * scale
+    return jnp.einsum("bkm,bmd->bkd", jax.nn.softmax(logits, axis=-1), state_BMD)
+
+
+def workspace_update(state_BMD, chunk_BKD, weights, valid_BK=None):
+    """One chunk's gated rewrite of the slots; ``valid_BK`` leaves padding tokens out (a chunk
+    with no valid token leaves the state unchanged)."""
+    q = jnp.einsum("bmd,de->bme", state_BMD, weights["wq"])
+    k = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wk"])
+    v = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wv"])
+    logits = jnp.einsum("bme,bke->bmk", q, k) * q.shape[-1] ** -0.5
+    if valid_BK is not None:
+        logits = jnp.where(valid_BK[:, None, :], logits, -1e30)
+    u = jnp.einsum("bmk,bke->bme", jax.nn.softmax(logits, axis=-1), v)
+    g = jax.nn.sigmoid(jnp.einsum("bmf,fd->bmd", jnp.concatenate([state_BMD, u], axis=-1),
+                                  weights["wg"]) + weights["bg"][None, None, :])
+    new = g * state_BMD + (1 - g) * u
+    if valid_BK is None:
+        return new
+    return jnp.where(jnp.any(valid_BK, axis=1)[:, None, None], new, state_BMD)
+
+
+def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
+    """Reads ``[B, L, D]``: token ``t`` of chunk ``c`` reads ``S_c`` with its query, and the
+    final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: must be >= 1")
+    b, length, d = x_BLD.shape
+    if queries_BLD.shape != x_BLD.shape or init_MD.shape[-1] != d:
+        raise ValueError(f"x {x_BLD.shape}, queries {queries_BLD.shape} and slots "
+                         f"{init_MD.shape} must agree on the width")
+    padded = -(-length // chunk) * chunk
+    pad = [(0, 0), (0, padded - length), (0, 0)]
+    xs = jnp.pad(x_BLD, pad).reshape(b, -1, chunk, d).swapaxes(0, 1)
+    qs = jnp.pad(queries_BLD, pad).reshape(b, -1, chunk, d).swapaxes(0, 1)
+    valid = (jnp.arange(padded) < length).reshape(-1, chunk)
+
+    def step(state, inputs):
+        x_c, q_c, valid_c = inputs
+        read = _read(q_c, state)
+        return workspace_update(state, x_c, weights, jnp.broadcast_to(valid_c, (b, chunk))), read
+
+    state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)
+    final, reads = jax.lax.scan(step, state0, (xs, qs, valid))
+    return reads.swapaxes(0, 1).reshape(b, padded, d)[:, :length], final

@@ -1,0 +1,87 @@
+"""Workspace memory (Hydra): chunk-causal reads, the gated slot update written out by hand,
+prefixes that give the same reads as the whole sequence, gradients and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsparse.ops.workspace import workspace_memory, workspace_update
+
+
+def setup(key, b=2, length=23, d=8, slots=4):
+    ks = jax.random.split(key, 8)
+    x = jax.random.normal(ks[0], (b, length, d))
+    queries = jax.random.normal(ks[1], (b, length, d))
+    init = jax.random.normal(ks[2], (slots, d))
+    weights = {"wq": jax.random.normal(ks[3], (d, d)) / d**0.5,
+               "wk": jax.random.normal(ks[4], (d, d)) / d**0.5,
+               "wv": jax.random.normal(ks[5], (d, d)) / d**0.5,
+               "wg": jax.random.normal(ks[6], (2 * d, d)) / (2 * d)**0.5,
+               "bg": jax.random.normal(ks[7], (d,))}
+    return x, queries, init, weights
+
+
+def softmax(z):
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def test_reads_and_updates_follow_the_written_out_equations():
+    x, queries, init, w = setup(jax.random.key(0), b=1, length=7)
+    reads, final = workspace_memory(x, queries, init, w, chunk=3)
+    x, queries, init = np.asarray(x[0], np.float64), np.asarray(queries[0], np.float64), np.asarray(init, np.float64)
+    w = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    state, expected = init, []
+    for start in range(0, 7, 3):
+        chunk, q = x[start:start + 3], queries[start:start + 3]
+        expected.append(softmax(q @ state.T / np.sqrt(8)) @ state)
+        u = softmax((state @ w["wq"]) @ (chunk @ w["wk"]).T / np.sqrt(8)) @ (chunk @ w["wv"])
+        g = 1 / (1 + np.exp(-(np.concatenate([state, u], -1) @ w["wg"] + w["bg"])))
+        state = g * state + (1 - g) * u
+    np.testing.assert_allclose(reads[0], np.concatenate(expected), atol=1e-5)
+    np.testing.assert_allclose(final[0], state, atol=1e-5)
+
+
+def test_every_prefix_reads_what_the_whole_sequence_reads():
+    """Chunk causality: a token's read depends only on earlier chunks, so running any prefix
+    (a decoder that has seen t tokens) gives the same reads; changing later tokens, even in
+    the same chunk, changes nothing before them."""
+    x, queries, init, w = setup(jax.random.key(1))
+    full, _ = workspace_memory(x, queries, init, w, chunk=5)
+    for t in (0, 4, 5, 13, 22):
+        prefix, _ = workspace_memory(x[:, :t + 1], queries[:, :t + 1], init, w, chunk=5)
+        np.testing.assert_allclose(prefix, full[:, :t + 1], atol=1e-6)
+        changed = x.at[:, t + 1:].add(3.0)
+        again, _ = workspace_memory(changed, queries, init, w, chunk=5)
+        np.testing.assert_array_equal(again[:, :t + 1], full[:, :t + 1])
+
+
+def test_first_chunk_reads_the_initial_slots_and_gradients_reach_everything():
+    x, queries, init, w = setup(jax.random.key(2), length=12)
+    reads, _ = workspace_memory(x, queries, init, w, chunk=4)
+    first = jax.nn.softmax(jnp.einsum("bkd,md->bkm", queries[:, :4], init) / jnp.sqrt(8.0)) @ init
+    np.testing.assert_allclose(reads[:, :4], first, atol=1e-5)
+
+    def loss(init, w, x):
+        return jnp.sum(workspace_memory(x, queries, init, w, chunk=4)[0] ** 2)
+
+    g_init, g_w, g_x = jax.grad(loss, argnums=(0, 1, 2))(init, w, x)
+    assert float(jnp.abs(g_init).max()) > 0 and float(jnp.abs(g_x[:, :8]).max()) > 0
+    assert float(jnp.abs(g_x[:, 8:]).max()) == 0.0  # the last chunk updates nothing anyone reads
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_w))
+
+
+def test_padding_tokens_leave_the_state_alone():
+    x, queries, init, w = setup(jax.random.key(3), b=1, length=4)
+    state = jnp.broadcast_to(init, (1, 4, 8))
+    unchanged = workspace_update(state, x, w, jnp.zeros((1, 4), bool))
+    np.testing.assert_array_equal(unchanged, state)
+
+
+def test_bad_workspace_input_is_refused():
+    x, queries, init, w = setup(jax.random.key(4))
+    with pytest.raises(ValueError, match="chunk=0"):
+        workspace_memory(x, queries, init, w, chunk=0)
+    with pytest.raises(ValueError, match="must agree on the width"):
+        workspace_memory(x, queries[..., :4], init, w, chunk=4)
