@@ -1,4 +1,4 @@
-"""The ``jaxsparse`` command: train, eval, generate, plot, configs, bench.
+"""The ``jaxsparse`` command: train, eval, generate, plot, configs, dryrun, bench.
 
 Kept thin on purpose: every command is a call into the importable API, so whatever the CLI
 does can be done from a notebook too.
@@ -91,6 +91,31 @@ def _cmd_configs(args) -> int:
         flops = f"{projection_flops_per_token(m) / 1e6:14.2f}" if transformer else f"{'-':>14}"
         print(f"{name:<{width}}  {count_params(m):>12,}  {flops}  {m.name} d={m.d_model} L={m.n_layers} "
               f"heads={m.n_heads}/{m.n_kv_heads} data={cfg.data.task}{marker}")
+    hydra = [name for name in names if configs.get(name).model.name == "hydra"]
+    if hydra:
+        from jaxsparse.models.hydra import parameter_accounting
+
+        print("\nHydra parameter accounting (from abstract shapes):")
+        for name in hydra:
+            parts = parameter_accounting(configs.get(name).model)
+            print(f"  {name:<{width}}  " + "  ".join(f"{k}={v / 1e6:.2f}M" for k, v in parts.items()))
+    return 0
+
+
+def _cmd_dryrun(args) -> int:
+    from jaxsparse.dryrun import run_emulated
+
+    report = run_emulated(args.config, args.devices, args.set or [], not args.no_compile)
+    gib = 2 ** 30
+    print(f"{report['config']}: {report['params']:,} parameters on {report['devices']} emulated "
+          f"devices, mesh {report['mesh']}")
+    print(f"  per device: parameters {report['param_bytes_per_device'] / gib:.3f} GiB, "
+          f"optimizer state {report['optimizer_bytes_per_device'] / gib:.3f} GiB")
+    if "compile_seconds" in report:
+        print(f"  compiled in {report['compile_seconds']} s (lowered in {report['lower_seconds']} s); "
+              f"XLA per device: arguments "
+              f"{report.get('compiled_argument_bytes_per_device', 0) / gib:.3f} GiB, temporaries "
+              f"{report.get('compiled_temp_bytes_per_device', 0) / gib:.3f} GiB")
     return 0
 
 
@@ -144,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("configs", help="list named configs with parameter counts")
     p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("dryrun", help="compile one training step on an emulated device mesh "
+                                      "and report per-device memory, allocating nothing")
+    p.add_argument("--config", default=configs.DEFAULT)
+    p.add_argument("--devices", type=int, default=64)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.add_argument("--no-compile", action="store_true", help="lower only")
+    p.set_defaults(func=_cmd_dryrun)
 
     p = sub.add_parser("bench", help="run experiments/bench/NAME.py")
     p.add_argument("name")

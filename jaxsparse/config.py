@@ -83,6 +83,22 @@ class ModelConfig:
     routing_shared_qk: bool = False  # keys are the normalised queries (no key projection)
     routing_decay: float = 0.999  # centroid EMA decay
     routing_commitment: float = 1e-4  # commitment loss weight
+    # Hydra (model.name "hydra"; jaxsparse.models.hydra): SSM + SGA + MoE/FFN per block
+    hydra_sga_every: int = 3  # sparse global attention in every n-th block (layers n-1, 2n-1..)
+    hydra_window: int = 256  # SGA causal local window
+    hydra_max_global: int = 512  # SGA global tokens a query reads (the paper's budget)
+    hydra_ssm_width: int | None = None  # channels of the diagonal SSM; None: expand * d_model
+    hydra_gate_init: float = 0.1  # LayerScale-style branch gates start here
+    hydra_curriculum: str = ""  # "component:start_step,..." (jaxsparse.models.curriculum)
+    # product-key memory (jaxsparse.nn.ProductKeyMemory), Hydra layers listed in pkm_layers
+    pkm_layers: str = ""  # comma-separated layer indices, e.g. "1" or "3,7"
+    pkm_slots: int = 65_536  # memory slots: a perfect square (two sub-key tables of sqrt each)
+    pkm_heads: int = 4
+    pkm_k_dim: int = 128  # query/key width (two halves)
+    pkm_knn: int = 32  # slots read per head
+    # workspace memory (jaxsparse.nn.WorkspaceMemory), shared by all Hydra blocks
+    workspace_slots: int = 0  # 0: no workspace
+    workspace_chunk: int = 64  # tokens per slot rewrite
 
     @property
     def resolved_head_dim(self) -> int:
@@ -347,6 +363,50 @@ def _validate_routing(m: ModelConfig) -> None:
            f"model.routing_commitment={m.routing_commitment}: must be >= 0")
 
 
+def pkm_layer_indices(m: ModelConfig) -> set[int]:
+    """The layers ``model.pkm_layers`` names ("1,3" -> {1, 3})."""
+    try:
+        return {int(part) for part in m.pkm_layers.split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(f"model.pkm_layers={m.pkm_layers!r}: comma-separated layer indices, "
+                          "e.g. '1' or '3,7'") from None
+
+
+def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
+    if m.name != "hydra":
+        return
+    from jaxsparse.models.curriculum import parse_curriculum
+
+    _check(m.hydra_sga_every >= 1,
+           f"model.hydra_sga_every={m.hydra_sga_every}: must be >= 1 (SGA in every n-th block)")
+    _check(m.hydra_window >= 1, f"model.hydra_window={m.hydra_window}: must be >= 1")
+    _check(0 <= m.hydra_max_global <= d.seq_len,
+           f"model.hydra_max_global={m.hydra_max_global}: the global-token budget must be in "
+           f"[0, data.seq_len={d.seq_len}]")
+    _check(m.hydra_ssm_width is None or m.hydra_ssm_width >= 1,
+           f"model.hydra_ssm_width={m.hydra_ssm_width}: must be >= 1, or None")
+    _check(m.hydra_gate_init > 0, f"model.hydra_gate_init={m.hydra_gate_init}: must be > 0")
+    try:
+        parse_curriculum(m.hydra_curriculum)
+    except ValueError as err:
+        raise ConfigError(f"model.hydra_curriculum={m.hydra_curriculum!r}: {err}") from None
+    layers = pkm_layer_indices(m)
+    _check(all(0 <= i < m.n_layers for i in layers),
+           f"model.pkm_layers={m.pkm_layers!r}: indices must be in [0, model.n_layers={m.n_layers})")
+    if layers:
+        n_keys = int(round(m.pkm_slots ** 0.5))
+        _check(m.pkm_slots >= 1 and n_keys * n_keys == m.pkm_slots,
+               f"model.pkm_slots={m.pkm_slots}: must be a perfect square (n_keys² slots; "
+               f"e.g. {max(n_keys, 1) ** 2} or {(n_keys + 1) ** 2})")
+        _check(1 <= m.pkm_knn <= n_keys,
+               f"model.pkm_knn={m.pkm_knn}: must be in [1, sqrt(model.pkm_slots)={n_keys}]")
+        _check(m.pkm_k_dim >= 2 and m.pkm_k_dim % 2 == 0,
+               f"model.pkm_k_dim={m.pkm_k_dim}: must be even (two halves of the product key)")
+        _check(m.pkm_heads >= 1, f"model.pkm_heads={m.pkm_heads}: must be >= 1")
+    _check(m.workspace_slots >= 0, f"model.workspace_slots={m.workspace_slots}: must be >= 0")
+    _check(m.workspace_chunk >= 1, f"model.workspace_chunk={m.workspace_chunk}: must be >= 1")
+
+
 def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
     if mesh.expert in (1, -1):
         return
@@ -388,6 +448,7 @@ def validate(cfg: Config) -> Config:
     _validate_moe(m)
     _validate_monarch(m)
     _validate_routing(m)
+    _validate_hydra(m, d)
     _validate_expert_axis(m, mesh)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.path is None or d.task == "text",

@@ -33,21 +33,28 @@ def brute_force(q, k, v, scores, window, max_global):
     return out
 
 
+IMPLEMENTATIONS = ["gather", "dense"]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("length,window,max_global", [(50, 6, 4), (1, 3, 2), (33, 1, 8), (40, 8, 0)])
-def test_sga_equals_the_brute_force_definition(length, window, max_global):
+def test_sga_equals_the_brute_force_definition(length, window, max_global, impl):
     q, k, v, scores = inputs(jax.random.key(length), length=length)
-    got = sparse_global_attention(q, k, v, scores, window=window, max_global=max_global)
+    got = sparse_global_attention(q, k, v, scores, window=window, max_global=max_global,
+                                  implementation=impl)
     np.testing.assert_allclose(got, brute_force(q, k, v, scores, window, max_global), atol=2e-5)
 
 
-def test_global_selection_is_causal_safe():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_global_selection_is_causal_safe(impl):
     q, k, v, scores = inputs(jax.random.key(1), length=80)
-    base = sparse_global_attention(q, k, v, scores, window=8, max_global=6)
+    base = sparse_global_attention(q, k, v, scores, window=8, max_global=6, implementation=impl)
     for t in (0, 9, 40, 78):
         later = jnp.arange(80)[None, :, None, None] > t
         changed = sparse_global_attention(
             jnp.where(later, q + 1, q), jnp.where(later, k - 2, k), jnp.where(later, v * 3, v),
-            jnp.where(later[:, :, 0, 0], 10.0, scores), window=8, max_global=6)
+            jnp.where(later[:, :, 0, 0], 10.0, scores), window=8, max_global=6,
+            implementation=impl)
         np.testing.assert_array_equal(changed[:, :t + 1], base[:, :t + 1])
 
 
@@ -68,10 +75,11 @@ def test_cached_decoding_equals_the_full_pass():
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
 
 
-def test_controller_scores_get_a_gradient_through_the_global_logits():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_controller_scores_get_a_gradient_through_the_global_logits(impl):
     q, k, v, scores = inputs(jax.random.key(3), length=40)
-    grad = jax.grad(lambda s: jnp.sum(sparse_global_attention(q, k, v, s, window=4,
-                                                              max_global=4) ** 2))(scores)
+    grad = jax.grad(lambda s: jnp.sum(sparse_global_attention(
+        q, k, v, s, window=4, max_global=4, implementation=impl) ** 2))(scores)
     selected_old = (scores > 0) & (jnp.arange(40)[None] < 36)
     assert float(jnp.abs(jnp.where(selected_old, grad, 0.0)).max()) > 0
     assert float(jnp.abs(jnp.where(scores > 0, 0.0, grad)).max()) == 0.0  # non-candidates: none
@@ -83,3 +91,5 @@ def test_bad_sga_input_is_refused():
         sparse_global_attention(q, k, v, scores[:, :9], window=2, max_global=2)
     with pytest.raises(ValueError, match="window=0"):
         sparse_global_attention(q, k, v, scores, window=0, max_global=2)
+    with pytest.raises(ValueError, match="implementation='flash'"):
+        sparse_global_attention(q, k, v, scores, window=2, max_global=2, implementation="flash")

@@ -52,9 +52,15 @@ class LanguageModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x = constrain(self.embed(tokens_BL), ("batch", "length", "embed"))
+        context = self._block_context(training_call=True)
         for block in self.blocks:
-            x, _ = block(x, positions, segment_ids=segment_ids)
+            x, _ = block(x, positions, segment_ids=segment_ids, **context)
         return self._logits(x)
+
+    def _block_context(self, training_call: bool) -> dict:
+        """Extra keyword arguments every block call gets (e.g. Hydra's shared workspace and
+        curriculum switches); ``training_call`` is True for the full forward pass."""
+        return {}
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
         max_len = self.cfg.max_seq_len if max_len is None else max_len
@@ -70,9 +76,10 @@ class LanguageModel(nnx.Module):
         index = cache["index"]
         positions = index + jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x = self.embed(tokens_BL)
+        context = self._block_context(training_call=False)
         new_layers = []
         for block, layer_cache in zip(self.blocks, cache["layers"]):
-            x, layer_cache = block(x, positions, cache=layer_cache, cache_index=index)
+            x, layer_cache = block(x, positions, cache=layer_cache, cache_index=index, **context)
             new_layers.append(layer_cache)
         return self._logits(x), {"index": index + tokens_BL.shape[1], "layers": new_layers}
 
@@ -83,9 +90,3 @@ def _check_tokens(tokens):
                          f"{list(tokens.shape)}")
 
 
-
-
-def _check_tokens(tokens):
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be an integer [batch, length] array, got {tokens.dtype}"
-                         f"{list(tokens.shape)}")

@@ -56,3 +56,10 @@ def _mamba2(cfg, rngs):
     from jaxsparse.models.mamba import Mamba2LM
 
     return Mamba2LM(cfg, rngs=rngs)
+
+
+@register("hydra")
+def _hydra(cfg, rngs):
+    from jaxsparse.models.hydra import HydraLM
+
+    return HydraLM(cfg, rngs=rngs)

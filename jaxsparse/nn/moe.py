@@ -121,7 +121,11 @@ class MoE(nnx.Module):
             x = x * jax.random.uniform(key, x.shape, jnp.float32, 1 - self.jitter, 1 + self.jitter)
         return x
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, *, router_inputs=None) -> jax.Array:
+        """``router_inputs [B, L, D]`` (optional): per-token inputs of the router, which then
+        routes every token on its own (the decode path passes chunk-pooled ones)."""
+        if self.chunk and router_inputs is None and x_BLD.shape[1] % self.chunk:
+            router_inputs = self.chunk_router_inputs(x_BLD)  # pad: lengths need not divide
         mesh = current_mesh()
         if (mesh is not None and mesh.shape.get("expert", 1) > 1
                 and self.router_kind != "expert_choice"):
@@ -138,7 +142,7 @@ class MoE(nnx.Module):
             load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
             dropped, aux = jnp.zeros(()), self.z_weight * router_z_loss(choice.logits)
         else:
-            choice, routed = self.route(x_BLD)
+            choice, routed = self.route(x_BLD, router_inputs=router_inputs)
             if self.capacity_factor is None:
                 y_TD = dropless_dispatch(x_TD, choice, self._grouped_experts)
                 dropped = jnp.zeros(())
@@ -150,19 +154,63 @@ class MoE(nnx.Module):
 
         return self._finish(x_BLD, y_TD.reshape(batch, length, d), aux, load, dropped)
 
-    def route(self, x_BLD, router_kernel=None):
+    def chunk_router_inputs(self, x_BLD):
+        """Per-token router inputs of chunk-level routing for any length: each token gets its
+        chunk's pooled representation (padding the last chunk, which causal pooling never
+        reads; non-causal pooling averages its real tokens only)."""
+        batch, length, d = x_BLD.shape
+        padded = -(-length // self.chunk) * self.chunk
+        x = jnp.pad(self._router_input(x_BLD), ((0, 0), (0, padded - length), (0, 0)))
+        pooled = chunk_pool(x, self.chunk, causal=self.causal)
+        if not self.causal and padded != length:
+            real = jnp.minimum(length - jnp.arange(pooled.shape[1]) * self.chunk, self.chunk)
+            pooled = pooled * (self.chunk / real)[None, :, None]
+        return unchunk(pooled, self.chunk)[:, :length]
+
+    def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
+        """Decode state of chunk-level routing: the running sum of the current chunk's router
+        inputs and the mean of the last complete chunk; empty for token-level routing."""
+        if not self.chunk:
+            return {}
+        d = self.router.kernel.shape[0]
+        return {"sum": jnp.zeros((batch, d), jnp.float32), "prev": jnp.zeros((batch, d), jnp.float32)}
+
+    def decode(self, x_BLD, cache, cache_index):
+        """Tokens at positions ``cache_index ..`` with the routing the full pass gives them."""
+        if not self.chunk:
+            return self(x_BLD), cache
+        if not self.causal:
+            raise ValueError("non-causal chunk routing cannot decode token by token")
+
+        def step(carry, inputs):
+            total, prev = carry
+            x_t, pos = inputs
+            total = total + x_t
+            done = pos % self.chunk == self.chunk - 1
+            return (jnp.where(done, 0.0, total), jnp.where(done, total / self.chunk, prev)), prev
+
+        positions = cache_index + jnp.arange(x_BLD.shape[1])
+        router_x = self._router_input(x_BLD).swapaxes(0, 1)
+        (total, prev), inputs = jax.lax.scan(step, (cache["sum"], cache["prev"]),
+                                             (router_x, positions))
+        y = self(x_BLD, router_inputs=inputs.swapaxes(0, 1))
+        return y, {"sum": total, "prev": prev}
+
+    def route(self, x_BLD, router_kernel=None, router_inputs=None):
         """Token choice for ``x [B, L, D]`` (chunk-level if configured): ``(choice, routed)``,
         ``choice`` per token and ``routed`` per routing decision (for the losses).
-        ``router_kernel`` overrides the layer's own (expert parallelism passes it in)."""
+        ``router_kernel`` overrides the layer's own (expert parallelism passes it in);
+        ``router_inputs`` are given per-token router inputs (routed token by token)."""
         batch, length, _ = x_BLD.shape
-        router_x = self._router_input(x_BLD)
-        if self.chunk:
+        chunked = self.chunk and router_inputs is None
+        router_x = self._router_input(x_BLD) if router_inputs is None else router_inputs
+        if chunked:
             router_x = chunk_pool(router_x, self.chunk, causal=self.causal)
         kernel = self.router.kernel[...] if router_kernel is None else router_kernel
         logits = jnp.einsum("bld,de->ble", router_x, kernel.astype(jnp.float32))
         routed = top_k_routing(logits.reshape(-1, self.num_experts), self.k_max,
                                renormalize=self.renormalize, active_k=self._active_k())
-        if not self.chunk:
+        if not chunked:
             return routed, routed
         tokens = batch * length
         expand = lambda t: unchunk(t.reshape(batch, length // self.chunk, *t.shape[1:]),  # noqa: E731

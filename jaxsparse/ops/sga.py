@@ -59,11 +59,21 @@ def key_sets(scores_BL, length: int, window: int, max_global: int):
     return positions, valid, biases
 
 
+SGA_IMPLEMENTATIONS = (None, "gather", "dense")
+
+
 def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
-                            scale: float | None = None):
+                            scale: float | None = None, implementation: str | None = None):
     """``q, k, v [B, L, H, D]``, controller ``scores [B, L]`` (a token is a global candidate
     when its score is > 0) -> ``[B, L, H, D]``: one softmax over the ``window`` most recent
-    keys and the ``max_global`` most recent candidates before that window."""
+    keys and the ``max_global`` most recent candidates before that window.
+
+    ``"gather"`` gathers each query's ``window + max_global`` keys (``O(L·(w+G))``);
+    ``"dense"`` masks the full ``L × L`` logits (``O(L²)``, but plain matmuls: on CPU ~10×
+    faster than the gathers and their scatter-add gradients at ``L = 128``). ``None`` picks
+    dense while ``L ≤ 2·(w+G)``, where it costs at most twice the gathered logits."""
+    if implementation not in SGA_IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, "
                          f"{k.shape}, {v.shape}")
@@ -71,7 +81,14 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
         raise ValueError(f"scores {scores.shape}: must be [B, L] = {q.shape[:2]}")
     if window < 1 or max_global < 0:
         raise ValueError(f"window={window} must be >= 1 and max_global={max_global} >= 0")
-    positions, valid, biases = key_sets(scores, q.shape[1], window, max_global)
+    length = q.shape[1]
+    if implementation is None:
+        implementation = "dense" if length <= 2 * (window + max_global) else "gather"
+    if implementation == "dense":
+        lengths = jnp.full((q.shape[0],), length, jnp.int32)
+        return sga_decode(q, k, v, scores, lengths, window=window, max_global=max_global,
+                          scale=scale)
+    positions, valid, biases = key_sets(scores, length, window, max_global)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys, values = _gather(k, positions), _gather(v, positions)      # [B, L, H, K, D]
     logits = jnp.einsum("blhd,blhkd->blhk", q.astype(jnp.float32), keys.astype(jnp.float32))

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _read(queries_BKD, state_BMD):
+def read_slots(queries_BKD, state_BMD):
+    """Each query attends over the slots: ``[B, K, D]``."""
     scale = queries_BKD.shape[-1] ** -0.5
     logits = jnp.einsum("bkd,bmd->bkm", queries_BKD, state_BMD) * scale
     return jnp.einsum("bkm,bmd->bkd", jax.nn.softmax(logits, axis=-1), state_BMD)
@@ -61,7 +62,7 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
 
     def step(state, inputs):
         x_c, q_c, valid_c = inputs
-        read = _read(q_c, state)
+        read = read_slots(q_c, state)
         return workspace_update(state, x_c, weights, jnp.broadcast_to(valid_c, (b, chunk))), read
 
     state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)

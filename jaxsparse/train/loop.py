@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxsparse.config import Config, ConfigError, diff, from_json, to_json, validate
 from jaxsparse.data import Shard, make_stream
+from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import STRUCTURAL, CheckpointMismatch, Checkpointer
@@ -188,6 +189,18 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    curriculum = cfg.model.hydra_curriculum if cfg.model.name == "hydra" else ""
+    stage_list = stages(curriculum)
+
+    def log_stage(at_step):
+        index = stage_at(curriculum, at_step)
+        first, components = stage_list[index]
+        writer.write(at_step, "curriculum", {"stage": index, "first_step": first})
+        bar.write(f"step {at_step}: curriculum stage {index} of {len(stage_list) - 1}: "
+                  f"{', '.join(components)}")
+
+    if len(stage_list) > 1:
+        log_stage(start)  # also after a resume: the stage the run continues in
     if start == 0:
         eval_metrics = run_eval()  # the starting point of the curves
     with _StopFlag() as flag:
@@ -200,6 +213,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 bar.update(1)
             pending.append((step, metrics))
             step += 1
+            if len(stage_list) > 1 and step < cfg.train.steps and \
+                    stage_at(curriculum, step) != stage_at(curriculum, step - 1):
+                flush_logs()
+                log_stage(step)
             last = step == cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
                 flush_logs()

@@ -1,0 +1,23 @@
+"""Hydra at CPU scale, the default of `jaxsparse train`: 4 blocks of diagonal SSM + a
+chunk-level MoE feed-forward (4 experts, top-1, routed per 16 tokens), sparse global attention
+in the third block (local window 32 + up to 32 controller-picked global tokens), a 4,096-slot
+product-key memory in block 1 and an 8-slot workspace shared by all blocks; the curriculum
+switches SGA on at step 100 and the memories at step 200."""
+
+from jaxsparse.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        name="hydra_tiny",
+        model=ModelConfig(
+            name="hydra", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
+            expand=1, hydra_sga_every=3, hydra_window=32, hydra_max_global=32,
+            hydra_curriculum="sga:100,memory:200",
+            moe_experts=4, moe_k=1, moe_every=1, moe_chunk=16, moe_d_ff=256,
+            pkm_layers="1", pkm_slots=4096, pkm_heads=2, pkm_k_dim=64, pkm_knn=16,
+            workspace_slots=8, workspace_chunk=16),
+        data=DataConfig(seq_len=128, batch_size=32),
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=500, eval_every=125, checkpoint_every=250),
+    )

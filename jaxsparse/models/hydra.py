@@ -1,0 +1,169 @@
+"""Hydra (Chaudhary & Browning 2025, arXiv 2508.15099): a state-space backbone with sparse
+global attention, a (chunk-level) mixture-of-experts feed-forward and two memories.
+
+Every block is one pre-norm residual update with LayerScale-style gated branches,
+
+    y = x + g_ssm·SSM(n) + g_sga·SGA(n) + g_ffn·FFN(n) + g_pkm·PKM(n) + g_ws·WS(n),  n = RMSNorm(x)
+
+where SGA is present in every ``hydra_sga_every``-th block, FFN is the MoE layer when
+``moe_experts > 0`` (chunk-level routing with ``moe_chunk``), PKM in the ``pkm_layers`` and
+the workspace read WS in every block, all blocks sharing one workspace (slots and update
+weights). Gates are per-channel vectors starting at ``hydra_gate_init``. The curriculum
+(:mod:`jaxsparse.models.curriculum`) multiplies each branch by 0 until its start step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.config import ModelConfig, pkm_layer_indices
+from jaxsparse.models.curriculum import COMPONENTS, active_components
+from jaxsparse.models.lm import LanguageModel
+from jaxsparse.models.transformer import feed_forward
+from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
+from jaxsparse.nn.diagonal_ssm import DiagonalSSM
+from jaxsparse.nn.sga import SparseGlobalAttention
+from jaxsparse.nn.workspace import WorkspaceMemory
+from jaxsparse.parallel import constrain
+
+
+class CurriculumStep(nnx.Variable):
+    """Training steps the model has taken (drives the curriculum); part of the train state."""
+
+
+def uses_sga(cfg: ModelConfig, layer: int) -> bool:
+    return layer % cfg.hydra_sga_every == cfg.hydra_sga_every - 1
+
+
+def ssm_width(cfg: ModelConfig) -> int:
+    return cfg.hydra_ssm_width or cfg.expand * cfg.d_model
+
+
+def _gate(cfg: ModelConfig):
+    return nnx.Param(jnp.full((cfg.d_model,), cfg.hydra_gate_init, jnp.dtype(cfg.param_dtype)),
+                     logical_axes=("embed",))
+
+
+class HydraBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        out_scale = 1.0 / (2 * cfg.n_layers)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+        self.ssm = DiagonalSSM(cfg.d_model, ssm_width(cfg), out_init_scale=out_scale,
+                               max_half_life=float(cfg.max_seq_len) / 2, **kw)
+        self.sga = (SparseGlobalAttention(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+            window=cfg.hydra_window, max_global=cfg.hydra_max_global, rope_theta=cfg.rope_theta,
+            out_init_scale=out_scale, **kw) if uses_sga(cfg, layer) else None)
+        self.ffn = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
+        self.pkm = (ProductKeyMemory(cfg.d_model, n_keys=math.isqrt(cfg.pkm_slots),
+                                     heads=cfg.pkm_heads, k_dim=cfg.pkm_k_dim, knn=cfg.pkm_knn, **kw)
+                    if layer in pkm_layer_indices(cfg) else None)
+        self.use_workspace = cfg.workspace_slots > 0
+        self.gate_ssm, self.gate_ffn = _gate(cfg), _gate(cfg)
+        self.gate_sga = _gate(cfg) if self.sga is not None else None
+        self.gate_pkm = _gate(cfg) if self.pkm is not None else None
+        self.gate_workspace = _gate(cfg) if self.use_workspace else None
+
+    def init_cache(self, batch, max_len, dtype, workspace=None):
+        cache = {"ssm": self.ssm.init_cache(batch, max_len, dtype)}
+        if self.sga is not None:
+            cache["sga"] = self.sga.init_cache(batch, max_len, dtype)
+        if isinstance(self.ffn, MoE):
+            cache["ffn"] = self.ffn.init_cache(batch)
+        if self.use_workspace:
+            cache["workspace"] = workspace.init_cache(batch)
+        return cache
+
+    def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None,
+                 active=None, workspace=None):
+        if segment_ids is not None:
+            raise ValueError("segment_ids: Hydra blocks do not support packed documents (the SSM "
+                             "state, SGA candidates and workspace slots would cross documents)")
+        h = self.norm(x_BLD)
+        new_cache = {} if cache is not None else None
+        branches = []
+        y, c = self.ssm(h, cache=None if cache is None else cache["ssm"])
+        branches.append(("ssm", self.gate_ssm, y))
+        if cache is not None:
+            new_cache["ssm"] = c
+        if self.sga is not None:
+            y, c = self.sga(h, positions_BL, cache=None if cache is None else cache["sga"],
+                            cache_index=cache_index)
+            branches.append(("sga", self.gate_sga, y))
+            if cache is not None:
+                new_cache["sga"] = c
+        if cache is not None and isinstance(self.ffn, MoE):
+            y, new_cache["ffn"] = self.ffn.decode(h, cache["ffn"], cache_index)
+        else:
+            y = self.ffn(h)
+        branches.append(("ffn", self.gate_ffn, y))
+        if self.pkm is not None:
+            branches.append(("pkm", self.gate_pkm, self.pkm(h)))
+        if self.use_workspace:
+            if cache is None:
+                y = workspace(h)
+            else:
+                y, new_cache["workspace"] = workspace.decode(h, cache["workspace"], cache_index)
+            branches.append(("workspace", self.gate_workspace, y))
+        out = x_BLD.astype(jnp.float32)
+        for name, gate, y in branches:
+            scale = gate[...].astype(jnp.float32) * active[name]
+            out = out + scale[None, None, :] * y.astype(jnp.float32)
+        return constrain(out.astype(x_BLD.dtype), ("batch", "length", "embed")), new_cache
+
+
+class HydraLM(LanguageModel):
+    """``logits = model(tokens)``; see the module docstring for the block."""
+
+    block_class = HydraBlock
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.workspace = (WorkspaceMemory(cfg.d_model, cfg.workspace_slots, cfg.workspace_chunk,
+                                          rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
+                          if cfg.workspace_slots else None)
+        self.curriculum_step = CurriculumStep(jnp.zeros((), jnp.int32))
+        self.deterministic = False  # Module.eval() sets it: no curriculum step counting
+
+    def active(self):
+        """``{component: 1.0 / 0.0}`` for the current curriculum step."""
+        return active_components(self.cfg.hydra_curriculum, self.curriculum_step[...])
+
+    def _block_context(self, training_call: bool):
+        context = {"active": self.active(), "workspace": self.workspace}
+        if training_call and not self.deterministic:
+            self.curriculum_step[...] = self.curriculum_step[...] + 1
+        return context
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        dtype = jnp.dtype(self.cfg.dtype) if dtype is None else dtype
+        return {"index": jnp.zeros((), jnp.int32),
+                "layers": [b.init_cache(batch, max_len, dtype, self.workspace) for b in self.blocks]}
+
+
+def parameter_accounting(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per component from abstract shapes (nothing is allocated): ``embedding``,
+    ``ssm``, ``sga``, ``ffn`` (dense or MoE experts + routers), ``pkm``, ``workspace`` and
+    ``norms_and_gates``, plus ``total``."""
+    from jaxsparse.models.registry import build
+
+    abstract = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
+    counts = {name: 0 for name in ("embedding", "ssm", "sga", "ffn", "pkm", "workspace",
+                                   "norms_and_gates")}
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        keys = [str(k) for k in path]
+        component = next((k for k in keys if k in COMPONENTS), None)
+        if keys[0] in ("embed", "lm_head"):
+            component = "embedding"
+        elif component is None or keys[-1].startswith("gate_"):
+            component = "norms_and_gates"
+        counts[component] += math.prod(leaf.shape)
+    counts["total"] = sum(counts.values())
+    return counts

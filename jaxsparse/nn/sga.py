@@ -1,0 +1,63 @@
+"""Sparse global attention layer (:mod:`jaxsparse.ops.sga`) with rotary positions, a linear
+controller scoring each token as a global candidate, and a key/value/score decode cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.rotary import apply_rotary
+from jaxsparse.ops.sga import sga_decode, sparse_global_attention
+
+
+class SparseGlobalAttention(nnx.Module):
+    """Each query reads its ``window`` most recent tokens and the ``max_global`` most recent
+    controller-picked tokens before them; ``n_heads % n_kv_heads == 0`` (GQA)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+                 window: int, max_global: int, rngs: nnx.Rngs, rope_theta: float = 10_000.0,
+                 out_init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
+        self.k_proj = Linear(d_model, (n_kv_heads, head_dim),
+                             logical_axes=("embed", "kv_heads", "kv"), **kw)
+        self.v_proj = Linear(d_model, (n_kv_heads, head_dim),
+                             logical_axes=("embed", "kv_heads", "kv"), **kw)
+        self.o_proj = Linear((n_heads, head_dim), d_model, logical_axes=("heads", "kv", "embed"),
+                             init_scale=out_init_scale, **kw)
+        # the controller: one score per token, a candidate when > 0 (about half at init)
+        self.controller = Linear(d_model, 1, logical_axes=("embed", None), rngs=rngs,
+                                 dtype=jnp.float32, param_dtype=param_dtype)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window, self.max_global, self.rope_theta = window, max_global, rope_theta
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "score": jnp.zeros((batch, max_len), jnp.float32)}
+
+    def scores(self, x_BLD):
+        return self.controller(x_BLD)[..., 0]
+
+    def _heads(self, t):  # GQA: each key/value head serves n_heads / n_kv_heads query heads
+        return jnp.repeat(t, self.n_heads // self.n_kv_heads, axis=2)
+
+    def __call__(self, x_BLD, positions_BL, *, cache=None, cache_index=None):
+        q = apply_rotary(self.q_proj(x_BLD), positions_BL, self.rope_theta)
+        k = apply_rotary(self.k_proj(x_BLD), positions_BL, self.rope_theta)
+        v = self.v_proj(x_BLD)
+        score = self.scores(x_BLD)
+        if cache is None:
+            out = sparse_global_attention(q, self._heads(k), self._heads(v), score,
+                                          window=self.window, max_global=self.max_global)
+            return self.o_proj(out), None
+        start = (0, cache_index, 0, 0)
+        new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
+               "score": jax.lax.dynamic_update_slice(cache["score"], score, (0, cache_index))}
+        lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
+        out = sga_decode(q, self._heads(new["k"]), self._heads(new["v"]), new["score"], lengths,
+                         window=self.window, max_global=self.max_global)
+        return self.o_proj(out), new

@@ -1,0 +1,72 @@
+"""Workspace memory module (:mod:`jaxsparse.ops.workspace`): learnable initial slots and the
+gated chunk-update weights; a decode path that buffers the current chunk."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
+
+
+class WorkspaceMemory(nnx.Module):
+    """``reads = ws(x)``: token ``t`` of chunk ``c`` reads the slots written by chunks ``< c``.
+
+    In Hydra one instance is shared by every block (the same slots and update weights); each
+    block runs it on its own input, so each depth keeps its own slot trajectory.
+    """
+
+    def __init__(self, d_model: int, slots: int, chunk: int, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32):
+        if slots < 1 or chunk < 1:
+            raise ValueError(f"slots={slots} and chunk={chunk} must be >= 1")
+        d = d_model
+
+        def matrix(shape, fan_in):
+            return nnx.Param(jax.random.normal(rngs.params(), shape, param_dtype)
+                             / math.sqrt(fan_in), logical_axes=(None, "embed"))
+
+        self.init_slots = matrix((slots, d), d)
+        self.wq, self.wk, self.wv = matrix((d, d), d), matrix((d, d), d), matrix((d, d), d)
+        self.wg = matrix((2 * d, d), 2 * d)
+        # gate bias +1: a fresh workspace mostly keeps its slots (σ(1) ≈ 0.73)
+        self.bg = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=("embed",))
+        self.slots, self.chunk, self.d_model = slots, chunk, d
+
+    def weights(self):
+        return {name: getattr(self, name)[...].astype(jnp.float32)
+                for name in ("wq", "wk", "wv", "wg", "bg")}
+
+    def __call__(self, x_BLD):
+        x = x_BLD.astype(jnp.float32)
+        reads, _ = workspace_memory(x, x, self.init_slots[...].astype(jnp.float32),
+                                    self.weights(), chunk=self.chunk)
+        return reads.astype(x_BLD.dtype)
+
+    def init_cache(self, batch: int):
+        state = jnp.broadcast_to(self.init_slots[...].astype(jnp.float32)[None],
+                                 (batch, self.slots, self.d_model))
+        return {"state": state, "buffer": jnp.zeros((batch, self.chunk, self.d_model), jnp.float32)}
+
+    def decode(self, x_BLD, cache, cache_index):
+        """Tokens at positions ``cache_index ..``, one at a time: read, buffer, and rewrite the
+        slots whenever a chunk completes."""
+        weights = self.weights()
+
+        def step(carry, inputs):
+            state, buffer = carry
+            x_B1D, pos = inputs
+            read = read_slots(x_B1D, state)
+            buffer = jax.lax.dynamic_update_slice(buffer, x_B1D, (0, pos % self.chunk, 0))
+            done = pos % self.chunk == self.chunk - 1
+            state = jnp.where(done, workspace_update(state, buffer, weights), state)
+            return (state, buffer), read[:, 0]
+
+        positions = cache_index + jnp.arange(x_BLD.shape[1])
+        xs = x_BLD.astype(jnp.float32).swapaxes(0, 1)[:, :, None, :]
+        (state, buffer), reads = jax.lax.scan(step, (cache["state"], cache["buffer"]),
+                                              (xs, positions))
+        return reads.swapaxes(0, 1).astype(x_BLD.dtype), {"state": state, "buffer": buffer}

@@ -1,0 +1,83 @@
+"""Hydra's SSM path: a diagonal, content-gated linear recurrence (Chaudhary & Browning 2025).
+
+Per channel ``i`` (no state expansion: the state has the width of the input),
+
+    α_t = exp(−softplus(Δ_t) ⊙ λ)          λ > 0 learned per channel
+    s_t = α_t ⊙ s_{t−1} + B_t ⊙ U_t
+    y_t = C_t ⊙ s_t + D ⊙ U_t
+
+with ``Δ, B, C, U`` all functions of token ``t`` (one projection). The paper writes
+``s_{t+1} = α_t s_t + B_t U_t, y_t = C_t s_t``; we use the inclusive form (token ``t``'s input
+is in the state it reads, as in Mamba) and keep the ``D`` skip. The recurrence is the
+first-order linear scan ``h_t = a_t h_{t−1} + b_t`` over ``[B, L, D]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DIAGONAL_SCAN_IMPLEMENTATIONS = (None, "associative", "sequential")
+
+
+def _combine(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_r * a_l, a_r * b_l + b_r
+
+
+def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
+    """``h_t = decay_t ⊙ h_{t−1} + inputs_t`` over axis 1; returns ``(h [B, L, D], h_L [B, D])``.
+
+    ``"associative"`` is ``lax.associative_scan`` (log-depth, parallel: the default on
+    accelerators); ``"sequential"`` is ``lax.scan`` (the default on CPU, where it is ~5× faster
+    with gradients: 6 ms vs 33 ms for [32, 128, 256] on two cores)."""
+    if implementation not in DIAGONAL_SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: allowed "
+                         f"{DIAGONAL_SCAN_IMPLEMENTATIONS}")
+    if decay_BLD.shape != inputs_BLD.shape or decay_BLD.ndim != 3:
+        raise ValueError(f"decay {decay_BLD.shape} and inputs {inputs_BLD.shape} must share one "
+                         "shape [batch, length, width]")
+    if implementation is None:
+        implementation = "sequential" if jax.default_backend() == "cpu" else "associative"
+    if initial_BD is None:
+        initial_BD = jnp.zeros((inputs_BLD.shape[0], inputs_BLD.shape[2]), inputs_BLD.dtype)
+    if implementation == "sequential":
+        def step(h, ab):
+            h = ab[0] * h + ab[1]
+            return h, h
+
+        final, hs = jax.lax.scan(step, initial_BD, (decay_BLD.swapaxes(0, 1),
+                                                    inputs_BLD.swapaxes(0, 1)))
+        return hs.swapaxes(0, 1), final
+    inputs_BLD = inputs_BLD.at[:, 0].add(decay_BLD[:, 0] * initial_BD)  # fold h_0 into step 0
+    _, hs = jax.lax.associative_scan(_combine, (decay_BLD, inputs_BLD), axis=1)
+    return hs, hs[:, -1]
+
+
+def decay_from(delta, log_lambda):
+    """``α = exp(−softplus(Δ) ⊙ λ)`` with ``λ = exp(log_lambda)`` (so λ stays positive)."""
+    return jnp.exp(-jax.nn.softplus(delta) * jnp.exp(log_lambda))
+
+
+def diagonal_ssm(delta, B, C, U, log_lambda, D, *, initial_state=None, implementation=None):
+    """The recurrence above for ``Δ, B, C, U [batch, length, width]`` and per-channel
+    ``log_lambda, D [width]``, in float32: ``(y [B, L, W], final state [B, W])``."""
+    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+    decay = decay_from(f32(delta), f32(log_lambda)[None, None, :])
+    states, final = linear_scan(decay, f32(B) * f32(U), initial_state,
+                                implementation=implementation)
+    y = f32(C) * states + f32(D)[None, None, :] * f32(U)
+    return y, final
+
+
+def diagonal_ssm_reference(delta, B, C, U, log_lambda, D):
+    """One token at a time in plain Python over time (tests only)."""
+    s = jnp.zeros((U.shape[0], U.shape[2]), jnp.float32)
+    out = []
+    lam = jnp.exp(log_lambda.astype(jnp.float32))
+    for t in range(U.shape[1]):
+        alpha = jnp.exp(-jax.nn.softplus(delta[:, t].astype(jnp.float32)) * lam[None])
+        s = alpha * s + B[:, t] * U[:, t]
+        out.append(C[:, t] * s + D[None] * U[:, t])
+    return jnp.stack(out, axis=1)

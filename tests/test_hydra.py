@@ -1,0 +1,226 @@
+"""Hydra: the diagonal SSM against its recurrence, the whole model's causality and cached
+decoding, parameter accounting against a formula, the curriculum (stages, switching, resume
+through the training loop) and config errors raised before anything compiles."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsparse import configs, models
+from jaxsparse.config import ConfigError, apply_overrides, validate
+from jaxsparse.models.curriculum import active_components, parse_curriculum, stage_at, stages
+from jaxsparse.models.hydra import parameter_accounting
+from jaxsparse.ops.diagonal_ssm import diagonal_ssm, diagonal_ssm_reference, linear_scan
+
+from helpers import TINY
+
+SMALL = TINY + [
+    "model.name=hydra", "model.n_layers=3", "model.expand=1", "model.hydra_window=4",
+    "model.hydra_max_global=3", "model.moe_experts=4", "model.moe_k=2", "model.moe_every=1",
+    "model.moe_chunk=4", "model.moe_d_ff=32", "model.pkm_layers=1", "model.pkm_slots=64",
+    "model.pkm_heads=2", "model.pkm_k_dim=8", "model.pkm_knn=4", "model.workspace_slots=3",
+    "model.workspace_chunk=5",
+]
+
+
+def small_config(*extra):
+    return apply_overrides(configs.get("transformer_tiny"), SMALL + list(extra))
+
+
+def tokens(seed, length=23, batch=2):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256, jnp.int32)
+
+
+@pytest.mark.parametrize("impl", ["sequential", "associative"])
+def test_diagonal_ssm_equals_its_recurrence_with_gradients(impl):
+    ks = jax.random.split(jax.random.key(0), 6)
+    delta, B, C, U = (jax.random.normal(k, (2, 37, 6)) for k in ks[:4])
+    log_lambda, D = jax.random.normal(ks[4], (6,)), jax.random.normal(ks[5], (6,))
+    args = (delta, B, C, U, log_lambda, D)
+    got = diagonal_ssm(*args, implementation=impl)[0]
+    np.testing.assert_allclose(got, diagonal_ssm_reference(*args), atol=1e-5, rtol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    g = jax.grad(loss(lambda *a: diagonal_ssm(*a, implementation=impl)[0]), argnums=range(6))(*args)
+    g_ref = jax.grad(loss(diagonal_ssm_reference), argnums=range(6))(*args)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_scan_carries_an_initial_state_and_refuses_bad_input():
+    a = jax.random.uniform(jax.random.key(1), (1, 9, 3))
+    b = jax.random.normal(jax.random.key(2), (1, 9, 3))
+    h0 = jnp.ones((1, 3))
+    whole, _ = linear_scan(a, b, h0)
+    first, mid = linear_scan(a[:, :4], b[:, :4], h0, implementation="associative")
+    second, _ = linear_scan(a[:, 4:], b[:, 4:], mid)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="implementation='pallas'"):
+        linear_scan(a, b, implementation="pallas")
+    with pytest.raises(ValueError, match="must share one shape"):
+        linear_scan(a, b[:, :3])
+
+
+@pytest.fixture(scope="module")
+def hydra():
+    model = models.build(small_config().model, nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+def test_future_tokens_do_not_change_past_logits(hydra):
+    forward = nnx.jit(lambda m, x: m(x))
+    a = tokens(1)
+    base = forward(hydra, a)
+    for t in (0, 6, 12, 21):
+        b = a.at[:, t + 1:].set((a[:, t + 1:] + 7) % 256)
+        changed = forward(hydra, b)
+        np.testing.assert_allclose(changed[:, :t + 1], base[:, :t + 1], atol=1e-5)
+        assert not np.allclose(changed[:, t + 1:], base[:, t + 1:], atol=1e-4)
+
+
+def test_cached_decoding_equals_the_forward_pass(hydra):
+    """Prefill and single tokens across chunk boundaries of the MoE router (4), the workspace
+    (5) and the SGA window (4): SSM states, SGA key/value/score caches, the workspace's slots
+    and chunk buffer and the router's pooled chunk all carry over."""
+    x = tokens(2)
+    full = nnx.jit(lambda m, x: m(x))(hydra, x)
+    cache = hydra.init_cache(2, 32)
+    decode = nnx.jit(lambda m, x, cache: m.decode(x, cache))
+    pieces = []
+    for start, stop in [(0, 9), (9, 10), (10, 11), (11, 17), (17, 23)]:
+        logits, cache = decode(hydra, x[:, start:stop], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def _formula(m) -> dict[str, int]:
+    """Parameter counts written out from the architecture (independent of the modules)."""
+    d, layers, width = m.d_model, m.n_layers, m.hydra_ssm_width or m.expand * m.d_model
+    hd = m.resolved_head_dim
+    sga_layers = sum(1 for i in range(layers) if i % m.hydra_sga_every == m.hydra_sga_every - 1)
+    pkm_layers = len([p for p in m.pkm_layers.split(",") if p.strip()])
+    moe = m.moe_experts * 3 * d * (m.moe_d_ff or m.d_ff) + d * m.moe_experts
+    ffn = moe if m.moe_experts else 3 * d * m.d_ff
+    counts = {
+        "embedding": m.vocab_size * d * (1 if m.tie_embeddings else 2),
+        "ssm": layers * (d * 4 * width + width * d + 2 * width),
+        "sga": sga_layers * (2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + d),
+        "ffn": layers * ffn,
+        "pkm": pkm_layers * (d * m.pkm_heads * m.pkm_k_dim + m.pkm_heads * math.isqrt(m.pkm_slots)
+                             * m.pkm_k_dim + m.pkm_slots * d),
+        "workspace": (m.workspace_slots * d + 5 * d * d + d) if m.workspace_slots else 0,
+        "norms_and_gates": d * (layers + 1) + d * (2 * layers + sga_layers + pkm_layers
+                                                   + (layers if m.workspace_slots else 0)),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+@pytest.mark.parametrize("name", ["hydra_tiny", "hydra_29m", "hydra_1p6b"])
+def test_parameter_accounting_equals_the_formula_and_the_model(name):
+    m = configs.get(name).model
+    accounting = parameter_accounting(m)
+    assert accounting == _formula(m)
+    assert accounting["total"] == models.count_params(m)
+
+
+def test_named_configs_are_at_their_advertised_scales():
+    assert 25e6 < models.count_params(configs.get("hydra_29m").model) < 31e6
+    assert 1.5e9 < models.count_params(configs.get("hydra_1p6b").model) < 1.7e9
+
+
+def test_curriculum_spec_stages_and_switches():
+    spec = "sga:10,moe:20,memory:30"
+    assert parse_curriculum(spec) == {"ssm": 0, "sga": 10, "ffn": 20, "pkm": 30, "workspace": 30}
+    assert stages(spec) == [(0, ("ssm",)), (10, ("ssm", "sga")), (20, ("ssm", "sga", "ffn")),
+                            (30, ("ssm", "sga", "ffn", "pkm", "workspace"))]
+    assert [stage_at(spec, s) for s in (0, 9, 10, 29, 30, 999)] == [0, 0, 1, 2, 3, 3]
+    assert stages("") == [(0, ("ssm", "sga", "ffn", "pkm", "workspace"))]
+    on = active_components(spec, jnp.asarray(15))
+    assert {k: float(v) for k, v in on.items()} == {"ssm": 1, "sga": 1, "ffn": 0, "pkm": 0,
+                                                    "workspace": 0}
+    for bad, message in [("attention:3", "unknown component 'attention'"),
+                         ("sga", "expected component:start_step"), ("sga:-1", ">= 0"),
+                         ("sga:x", "must be an int")]:
+        with pytest.raises(ValueError, match=message):
+            parse_curriculum(bad)
+
+
+def test_a_switched_off_branch_neither_contributes_nor_learns():
+    cfg = small_config("model.hydra_curriculum=sga:5,memory:5").model
+    model = models.build(cfg, nnx.Rngs(0))
+    x = tokens(3)
+
+    @nnx.jit
+    def gradients(model):
+        return nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+
+    grads = gradients(model)  # step 0: SGA, PKM and workspace off
+    sga = grads["blocks"][2]["sga"]
+    assert all(float(jnp.abs(g[...]).max()) == 0 for g in jax.tree.leaves(sga, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    assert float(jnp.abs(grads["workspace"]["wq"][...]).max()) == 0
+    assert float(jnp.abs(grads["blocks"][0]["ssm"]["in_proj"]["kernel"][...]).max()) > 0
+    assert int(model.curriculum_step[...]) == 1  # the training call counted a step
+    model.curriculum_step[...] = jnp.asarray(5)
+    grads = gradients(model)
+    assert float(jnp.abs(grads["workspace"]["wq"][...]).max()) > 0
+    model.eval()
+    before = int(model.curriculum_step[...])
+    nnx.jit(lambda m: m(x))(model)
+    assert int(model.curriculum_step[...]) == before  # evaluation does not count
+
+
+def test_curriculum_survives_an_interrupted_run(tmp_path):
+    from jaxsparse.train import train
+    from jaxsparse.train.metrics import read_metrics
+
+    cfg = validate(small_config("model.hydra_curriculum=sga:2,memory:4", "train.steps=5",
+                                "data.batch_size=4", "data.seq_len=16"))
+    first = train(cfg, tmp_path, should_stop=lambda step: step == 3, quiet=True, sample=False)
+    assert first.stopped_early and first.step == 3
+    second = train(cfg, tmp_path, quiet=True, sample=False)
+    assert second.step == 5
+    assert int(second.state["rest"]["curriculum_step"]) == 5
+    records = [r for r in read_metrics(tmp_path) if r["split"] == "curriculum"]
+    # logged at the start, at each switch, and again where the resumed run picked up
+    assert [(r["step"], r["stage"]) for r in records] == [(0, 0), (2, 1), (3, 1), (4, 2)]
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert np.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.hydra_sga_every=0", r"model.hydra_sga_every=0: must be >= 1"),
+    ("model.hydra_max_global=33", r"model.hydra_max_global=33: the global-token budget must be "
+                                  r"in \[0, data.seq_len=32\]"),
+    ("model.pkm_slots=60", r"model.pkm_slots=60: must be a perfect square"),
+    ("model.pkm_knn=9", r"model.pkm_knn=9: must be in \[1, sqrt\(model.pkm_slots\)=8\]"),
+    ("model.pkm_layers=3", r"model.pkm_layers='3': indices must be in \[0, model.n_layers=3\)"),
+    ("model.pkm_layers=a", r"model.pkm_layers='a': comma-separated layer indices"),
+    ("model.hydra_curriculum=moe:x", r"model.hydra_curriculum='moe:x'.*must be an int"),
+    ("model.workspace_chunk=0", r"model.workspace_chunk=0: must be >= 1"),
+])
+def test_impossible_hydra_configs_are_refused_before_compiling(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(small_config(override))
+
+
+def test_packed_documents_are_refused_with_a_clear_error(hydra):
+    x = tokens(4)
+    with pytest.raises(ValueError, match="segment_ids: Hydra blocks do not support packed"):
+        hydra(x, segment_ids=jnp.zeros_like(x))
+
+
+def test_jaxsparse_configs_prints_the_hydra_accounting(capsys):
+    from jaxsparse.cli import main
+
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("hydra_1p6b ") and "ssm=" in ln)
+    total = parameter_accounting(configs.get("hydra_1p6b").model)["total"]
+    assert f"total={total / 1e6:.2f}M" in line and "pkm=" in line and "workspace=" in line
+    json.dumps(total)  # plain ints
