@@ -105,7 +105,7 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
 
-TASKS = ("text", "mqar", "selective_copying", "induction_heads")
+TASKS = ("text", "mqar", "selective_copying", "induction_heads", "multi_hop")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ class DataConfig:
     num_kv_pairs: int = 8  # MQAR key/value pairs per example
     num_tokens_to_copy: int = 16  # selective copying
     induction_prefix: int = 16  # induction heads: length of the repeated random prefix
+    hops: int = 3  # multi-hop: assignments in each variable chain (1 = plain recall)
+    chains: int = 4  # multi-hop: independent chains per example (one query each)
 
 
 @dataclass(frozen=True)

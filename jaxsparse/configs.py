@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jaxsparse.config import Config, ConfigError, validate
 
-DEFAULT = "transformer_tiny"  # what `jaxsparse train` runs with no arguments
+DEFAULT = "hydra_tiny"  # what `jaxsparse train` runs with no arguments
 
 
 def config_dir() -> Path:

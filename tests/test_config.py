@@ -100,5 +100,7 @@ def test_cli_configs_lists_parameter_counts(capsys):
     out = capsys.readouterr().out
     expected = count_params(configs.get("transformer_tiny").model)
     line = next(l for l in out.splitlines() if l.startswith("transformer_tiny"))
-    assert f"{expected:,}" in line and "(default)" in line
+    assert f"{expected:,}" in line
+    default = next(l for l in out.splitlines() if l.startswith(configs.DEFAULT + " "))
+    assert "(default)" in default
     assert expected > 500_000  # the real model, not an empty shell

@@ -108,6 +108,28 @@ def test_induction_heads_repeat_the_prefix():
     assert b["mask"][:, :9].sum() == 0 and b["mask"][:, 9:].min() == 1
 
 
+@pytest.mark.parametrize("hops", [1, 3])
+def test_multi_hop_answers_follow_every_chain_to_its_value(hops):
+    batch = synthetic.multi_hop(np.random.default_rng(hops), 4, 60, 64, hops, 3)
+    seq = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    for b in range(4):
+        statements = seq[b, :2 * hops * 3].reshape(-1, 2)
+        binding = dict(statements)  # variable -> what it is assigned
+        assert len(binding) == hops * 3  # distinct variables
+        answers = np.flatnonzero(batch["mask"][b]) + 1  # answer positions in seq
+        assert len(answers) == 3
+        for pos in answers:
+            assert seq[b, pos - 2] == synthetic.QUERY
+            name, depth = seq[b, pos - 1], 0
+            while name in binding:  # resolve the chain
+                name, depth = binding[name], depth + 1
+            assert depth == hops and name == seq[b, pos] and name >= 32
+    with pytest.raises(ValueError, match="seq_len=10 too short for hops=3, chains=3"):
+        synthetic.multi_hop(np.random.default_rng(0), 1, 10, 64, 3, 3)
+    with pytest.raises(ValueError, match="vocab_size=16 too small"):
+        synthetic.multi_hop(np.random.default_rng(0), 1, 60, 16, 3, 3)
+
+
 def test_synthetic_stream_is_deterministic_and_eval_differs():
     cfg = tiny_config("data.task=mqar", "model.vocab_size=128", "data.num_kv_pairs=4")
     s1, s2 = make_stream(cfg), make_stream(cfg)

@@ -224,3 +224,47 @@ def test_jaxsparse_configs_prints_the_hydra_accounting(capsys):
     total = parameter_accounting(configs.get("hydra_1p6b").model)["total"]
     assert f"total={total / 1e6:.2f}M" in line and "pkm=" in line and "workspace=" in line
     json.dumps(total)  # plain ints
+
+
+HYDRA_PARALLEL = r"""
+import json, jax, numpy as np
+from jaxsparse import configs
+from jaxsparse.config import apply_overrides
+from jaxsparse.parallel import make_mesh
+from jaxsparse.train.state import TrainSetup
+from jaxsparse.train.step import make_train_step
+from jaxsparse.data import make_stream
+from test_hydra import SMALL
+
+def run(devices, *mesh):
+    cfg = apply_overrides(configs.get("transformer_tiny"), SMALL + ["model.hydra_curriculum=sga:1"] + list(mesh))
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
+    state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
+    metrics = []
+    for i in range(2):
+        state, m = step(state, setup.global_batch(stream.batch(i)))
+        metrics.append({k: float(m[k]) for k in ("loss", "aux_loss")})
+    return state, metrics
+
+single, single_metrics = run(jax.devices()[:1])
+state, metrics = run(jax.devices(), "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")
+diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                     single["params"], state["params"])
+gate = state["params"]["blocks"][0]["ffn"]["w_gate"]
+print(json.dumps({"single": single_metrics, "sharded": metrics,
+                  "max_param_diff": max(jax.tree.leaves(diffs)),
+                  "expert_spec": str(gate.sharding.spec),
+                  "curriculum_step": int(state["rest"]["curriculum_step"])}))
+"""
+
+
+def test_hydra_trains_on_8_devices_with_data_fsdp_and_expert_sharding_like_on_one():
+    from helpers import run_python
+
+    out = run_python(HYDRA_PARALLEL, devices=8)
+    for key in ("loss", "aux_loss"):
+        np.testing.assert_allclose([m[key] for m in out["sharded"]],
+                                   [m[key] for m in out["single"]], rtol=2e-5, err_msg=key)
+    assert out["max_param_diff"] < 1e-5
+    assert "expert" in out["expert_spec"]  # experts really are split
+    assert out["curriculum_step"] == 2  # the stage switch at step 1 happened on the mesh too

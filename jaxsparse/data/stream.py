@@ -81,6 +81,8 @@ class SyntheticStream:
             return synthetic.selective_copying(rng, batch, d.seq_len, vocab, d.num_tokens_to_copy)
         if d.task == "induction_heads":
             return synthetic.induction_heads(rng, batch, d.seq_len, vocab, d.induction_prefix)
+        if d.task == "multi_hop":
+            return synthetic.multi_hop(rng, batch, d.seq_len, vocab, d.hops, d.chains)
         raise ConfigError(f"data.task={d.task!r} is not a synthetic task")
 
     def _local(self, seed_parts):

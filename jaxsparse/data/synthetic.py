@@ -89,3 +89,45 @@ def induction_heads(rng: np.random.Generator, batch: int, seq_len: int, vocab_si
     answer = np.zeros_like(seq, dtype=bool)
     answer[:, prefix_len:] = True
     return _shift(seq, answer)
+
+
+QUERY = 1  # multi-hop: the token that opens a query
+
+
+def multi_hop(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
+              hops: int, chains: int) -> dict[str, np.ndarray]:
+    """Multi-step composition: chains of variable assignments, shuffled, then queries.
+
+    Each of ``chains`` chains binds a value to a first variable and each next variable to the
+    previous one — ``(n1, v), (n2, n1), ..., (n_hops, n_{hops-1})``, a pair ``(a, b)`` reading
+    "a := b" — and the ``hops · chains`` pairs appear in random order. Then, after the
+    statements, every chain's last variable is queried as ``QUERY n_hops`` at a random
+    position, and the answer is ``v``: resolving it takes ``hops`` look-ups, each depending on
+    the one before (``hops = 1`` is plain associative recall). Variables are drawn from
+    ``[2, vocab/2)`` (distinct within an example), values from ``[vocab/2, vocab)``.
+    """
+    n_names = hops * chains
+    half = vocab_size // 2
+    if hops < 1 or chains < 1:
+        raise ValueError(f"multi_hop: hops={hops} and chains={chains} must be >= 1")
+    if half - 2 < n_names:
+        raise ValueError(f"multi_hop: vocab_size={vocab_size} too small for hops·chains="
+                         f"{n_names} distinct variables (need >= {2 * (n_names + 2)})")
+    statements = 2 * n_names
+    if seq_len + 1 < statements + 3 * chains:
+        raise ValueError(f"multi_hop: seq_len={seq_len} too short for hops={hops}, chains="
+                         f"{chains} (need >= {statements + 3 * chains - 1})")
+    seq = np.zeros((batch, seq_len + 1), np.int64)
+    answer = np.zeros_like(seq, dtype=bool)
+    slots = (seq_len + 1 - statements) // 3
+    for b in range(batch):
+        names = rng.choice(np.arange(2, half), n_names, replace=False).reshape(chains, hops)
+        values = rng.integers(half, vocab_size, size=chains)
+        sources = np.concatenate([values[:, None], names[:, :-1]], axis=1)  # n_i := source_i
+        pairs = np.stack([names.ravel(), sources.ravel()], axis=1)[rng.permutation(n_names)]
+        seq[b, :statements] = pairs.ravel()
+        starts = statements + 3 * np.sort(rng.choice(slots, chains, replace=False))
+        order = rng.permutation(chains)
+        seq[b, starts], seq[b, starts + 1], seq[b, starts + 2] = QUERY, names[order, -1], values[order]
+        answer[b, starts + 2] = True
+    return _shift(seq, answer)

@@ -22,8 +22,8 @@ from jaxsparse.ops.softmax import masked_softmax
 
 
 def recent_candidates(selected_BL, upto_BL, count: int):
-    """Positions ``[B, L, count]`` (oldest first) of the last ``count`` selected positions
-    ``≤ upto[b, t]``, and their validity."""
+    """Positions ``[B, T, count]`` (oldest first) of the last ``count`` selected positions
+    ``≤ upto[b, t]`` for ``upto [B, T]``, and their validity."""
     b, length = selected_BL.shape
     rank = jnp.cumsum(selected_BL.astype(jnp.int32), axis=1)        # candidates in [0, j]
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
@@ -34,7 +34,7 @@ def recent_candidates(selected_BL, upto_BL, count: int):
     wanted = have[..., None] - count + 1 + jnp.arange(count, dtype=jnp.int32)[None, None]
     valid = wanted >= 1
     positions = jnp.take_along_axis(table, jnp.maximum(wanted, 0).reshape(b, -1), axis=1)
-    return positions.reshape(b, length, count), valid
+    return positions.reshape(*upto_BL.shape, count), valid
 
 
 def _gather(x_BLHD, pos_BLK):
@@ -59,19 +59,80 @@ def key_sets(scores_BL, length: int, window: int, max_global: int):
     return positions, valid, biases
 
 
-SGA_IMPLEMENTATIONS = (None, "gather", "dense")
+SGA_IMPLEMENTATIONS = (None, "gather", "dense", "blocked")
+
+
+def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block: int):
+    """Query blocks of ``block`` tokens share their keys: the contiguous span of the block's
+    local windows (``window + block - 1`` keys, a slice) and the ``max_global + block``
+    most recent candidates before the last query's window, which contain every query's own
+    ``max_global``; per-query masks pick each query's exact set. Memory per block is
+    ``O(block · (window + max_global + 2·block))``, each block is rematerialised in the
+    backward pass, and the work is dense matmuls."""
+    b, length, heads, dim = q.shape
+    nblocks = -(-length // block)
+    padded = nblocks * block
+    pad_end = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    q, scores = pad_end(q), pad_end(scores)
+    front = [(0, 0), (window - 1, padded - length)] + [(0, 0)] * 2
+    k_local, v_local = jnp.pad(k, front), jnp.pad(v, front)         # position p at p + w - 1
+    selected = scores > 0
+    rank = jnp.cumsum(selected.astype(jnp.int32), axis=1)           # candidates in [0, j]
+    t = jnp.arange(padded, dtype=jnp.int32)
+    have = jnp.where(t >= window, rank[:, jnp.maximum(t - window, 0)], 0)  # [B, padded]
+    starts = jnp.arange(nblocks, dtype=jnp.int32) * block
+    g_count = max_global + block if max_global else 0
+    if g_count:
+        upto = jnp.broadcast_to(starts + block - 1 - window, (b, nblocks))
+        g_pos, g_valid = recent_candidates(selected, upto, g_count)  # [B, nblocks, G + bq]
+    log_sig = jax.nn.log_sigmoid(scores.astype(jnp.float32))
+    span = window + block - 1
+
+    @jax.checkpoint
+    def one_block(i):
+        t0 = starts[i]
+        tq = t0 + jnp.arange(block, dtype=jnp.int32)                 # query positions
+        q_blk = jax.lax.dynamic_slice_in_dim(q, t0, block, axis=1).astype(jnp.float32)
+        k_loc = jax.lax.dynamic_slice_in_dim(k_local, t0, span, axis=1).astype(jnp.float32)
+        v_loc = jax.lax.dynamic_slice_in_dim(v_local, t0, span, axis=1).astype(jnp.float32)
+        j = t0 - window + 1 + jnp.arange(span, dtype=jnp.int32)      # local key positions
+        local_ok = (j[None, :] >= 0) & (j[None, :] <= tq[:, None]) & (j[None, :] > tq[:, None] - window)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_loc) * scale
+        masks, values = [jnp.broadcast_to(local_ok[None, None], logits.shape)], [v_loc]
+        parts = [logits]
+        if g_count:
+            pos, ok = g_pos[:, i], g_valid[:, i]                     # [B, G + bq]
+            rows = lambda x: jax.vmap(lambda xb, pb: xb[pb])(x, pos).astype(jnp.float32)  # noqa: E731
+            k_g, v_g = rows(k), rows(v)                              # [B, G + bq, H, D]
+            have_q = jax.lax.dynamic_slice_in_dim(have, t0, block, axis=1)  # [B, bq]
+            r = jnp.take_along_axis(rank, pos, axis=1)               # rank of each candidate
+            glob_ok = (ok[:, None, :] & (pos[:, None, :] <= tq[None, :, None] - window)
+                       & (r[:, None, :] > have_q[:, :, None] - max_global))  # [B, bq, G + bq]
+            bias = jnp.take_along_axis(log_sig, pos, axis=1)[:, None, None, :]
+            parts.append(jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_g) * scale + bias)
+            masks.append(jnp.broadcast_to(glob_ok[:, None], parts[-1].shape))
+            values.append(v_g)
+        weights = masked_softmax(jnp.concatenate(parts, -1), jnp.concatenate(masks, -1))
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.concatenate(values, axis=1))
+
+    out = jax.lax.map(one_block, jnp.arange(nblocks))                # [nblocks, B, bq, H, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, heads, dim)[:, :length]
+    return out.astype(q.dtype)
 
 
 def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
-                            scale: float | None = None, implementation: str | None = None):
+                            scale: float | None = None, implementation: str | None = None,
+                            block: int = 128):
     """``q, k, v [B, L, H, D]``, controller ``scores [B, L]`` (a token is a global candidate
     when its score is > 0) -> ``[B, L, H, D]``: one softmax over the ``window`` most recent
     keys and the ``max_global`` most recent candidates before that window.
 
-    ``"gather"`` gathers each query's ``window + max_global`` keys (``O(L·(w+G))``);
-    ``"dense"`` masks the full ``L × L`` logits (``O(L²)``, but plain matmuls: on CPU ~10×
-    faster than the gathers and their scatter-add gradients at ``L = 128``). ``None`` picks
-    dense while ``L ≤ 2·(w+G)``, where it costs at most twice the gathered logits."""
+    ``"gather"`` gathers each query's ``window + max_global`` keys (``O(L·(w+G))``, but a
+    ``[B, L, H, w+G, D]`` intermediate); ``"dense"`` masks the full ``L × L`` logits
+    (``O(L²)``, plain matmuls: on CPU ~10× faster than the gathers and their scatter-add
+    gradients at ``L = 128``); ``"blocked"`` runs query blocks of ``block`` tokens against
+    shared key spans (``O(L·(w+G+2·block))`` matmuls, memory bounded per block). ``None``
+    picks dense while ``L ≤ 2·(w+G)`` (at most twice the sparse work) and blocked beyond."""
     if implementation not in SGA_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -83,7 +144,10 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
         raise ValueError(f"window={window} must be >= 1 and max_global={max_global} >= 0")
     length = q.shape[1]
     if implementation is None:
-        implementation = "dense" if length <= 2 * (window + max_global) else "gather"
+        implementation = "dense" if length <= 2 * (window + max_global) else "blocked"
+    if implementation == "blocked":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return _blocked(q, k, v, scores, window, max_global, scale, min(block, length))
     if implementation == "dense":
         lengths = jnp.full((q.shape[0],), length, jnp.int32)
         return sga_decode(q, k, v, scores, lengths, window=window, max_global=max_global,
