@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short run on a lent GPU machine (jax with CUDA preinstalled): the kernel tests on the
-# device, then the GPU attention, selective-scan, MoE and Monarch benchmarks; prints the result tables last.
+# device, then the GPU attention, selective-scan, MoE and Monarch benchmarks and Hydra's
+# long-context throughput; prints the result tables last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -15,7 +16,10 @@ python -m jaxsparse.cli bench ssm --lengths 1024 8192 --batch 8 --d-inner 1536 -
 python -m jaxsparse.cli bench moe --experts 8 64 --repeats 5 --out "$OUT_DIR" > /tmp/moe_gpu.txt 2>&1
 python -m jaxsparse.cli bench monarch --d 1024 4096 8192 --repeats 5 --name monarch_gpu \
   --out "$OUT_DIR" > /tmp/monarch_gpu.txt 2>&1
+python experiments/hydra/study.py throughput --lengths 1024,2048,4096,8192 --repeats 5 \
+  --out "$OUT_DIR/hydra_gpu" > /tmp/hydra_gpu.txt 2>&1
 tail -30 /tmp/attention_gpu.txt
+tail -8 /tmp/hydra_gpu.txt
 tail -12 /tmp/monarch_gpu.txt
 tail -20 /tmp/moe_gpu.txt
 tail -30 /tmp/ssm_gpu.txt

@@ -105,31 +105,16 @@ from flax import nnx
 
 from jaxsparse.data import Shard, make_stream
 
-
-@nnx.jit
-def expert_and_slot_choices(model, tokens):
-    """Per block: the expert of every token and the memory slots it reads (PKM blocks)."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = model.embed(tokens)
-    context = {"active": model.active(), "workspace": model.workspace}
-    experts, slots = [], []
-    for block in model.blocks:
-        h = block.norm(x)
-        experts.append(block.ffn.route(h)[0].expert_index[:, 0])
-        slots.append(block.pkm.lookup(h)[1] if block.pkm is not None else None)
-        x, _ = block(x, positions, **context)
-    return experts, slots
-
-
 batch = make_stream(cfg, Shard(0, 1)).eval_batch(0, 1)
 tokens = jnp.asarray(batch["inputs"])
-experts, slots = expert_and_slot_choices(model, tokens)
+trace = nnx.jit(lambda m, t: m.routing_trace(t))(model, tokens)
 fig, axes = plt.subplots(1, len(model.blocks), figsize=(10, 3))
 for i, block in enumerate(model.blocks):
-    axes[i].hist(np.asarray(experts[i]), bins=np.arange(cfg.model.moe_experts + 1) - 0.5, rwidth=0.8)
+    experts = np.asarray(trace["experts"][i])
+    axes[i].hist(experts, bins=np.arange(cfg.model.moe_experts + 1) - 0.5, rwidth=0.8)
     axes[i].set(title=f"block {i}: tokens per expert", xlabel="expert")
-    if slots[i] is not None:
-        print(f"block {i}: PKM read {len(np.unique(np.asarray(slots[i])))} distinct slots of "
-              f"{block.pkm.slots} for {tokens.size} tokens")
+    if trace["pkm_slots"][i] is not None:
+        print(f"block {i}: PKM read {len(np.unique(np.asarray(trace['pkm_slots'][i])))} distinct "
+              f"slots of {block.pkm.slots} for {tokens.size} tokens")
 plt.tight_layout()
 plt.show()

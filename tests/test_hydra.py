@@ -98,6 +98,21 @@ def test_cached_decoding_equals_the_forward_pass(hydra):
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_routing_trace_reports_each_blocks_experts_and_memory_slots(hydra):
+    x = tokens(5, length=16)
+    trace = nnx.jit(lambda m, t: m.routing_trace(t))(hydra, x)
+    assert len(trace["experts"]) == 3 and len(trace["pkm_slots"]) == 3
+    for experts, probs in zip(trace["experts"], trace["router_probs"]):
+        assert experts.shape == (32,) and 0 <= int(experts.min()) and int(experts.max()) < 4
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    assert trace["pkm_slots"][0] is None and trace["pkm_slots"][1].shape == (2, 16, 2, 4)
+    # the slots are the block's own product-key lookup of its normalised input
+    h = hydra.blocks[0](hydra.embed(x), jnp.broadcast_to(jnp.arange(16), x.shape),
+                        active=hydra.active(), workspace=hydra.workspace)[0]
+    _, slots = hydra.blocks[1].pkm.lookup(hydra.blocks[1].norm(h))
+    np.testing.assert_array_equal(trace["pkm_slots"][1], slots)
+
+
 def _formula(m) -> dict[str, int]:
     """Parameter counts written out from the architecture (independent of the modules)."""
     d, layers, width = m.d_model, m.n_layers, m.hydra_ssm_width or m.expand * m.d_model

@@ -106,6 +106,9 @@ class HydraBlock(nnx.Module):
         if self.pkm is not None:
             branches.append(("pkm", self.gate_pkm, self.pkm(h)))
         if self.use_workspace:
+            if workspace is None:
+                raise ValueError("workspace: this block reads the model's shared workspace; call "
+                                 "it through HydraLM (or pass workspace=model.workspace)")
             if cache is None:
                 y = workspace(h)
             else:
@@ -113,7 +116,7 @@ class HydraBlock(nnx.Module):
             branches.append(("workspace", self.gate_workspace, y))
         out = x_BLD.astype(jnp.float32)
         for name, gate, y in branches:
-            scale = gate[...].astype(jnp.float32) * active[name]
+            scale = gate[...].astype(jnp.float32) * (1.0 if active is None else active[name])
             out = out + scale[None, None, :] * y.astype(jnp.float32)
         return constrain(out.astype(x_BLD.dtype), ("batch", "length", "embed")), new_cache
 
@@ -140,6 +143,25 @@ class HydraLM(LanguageModel):
         if training_call and not self.deterministic:
             self.curriculum_step[...] = self.curriculum_step[...] + 1
         return context
+
+    def routing_trace(self, tokens_BL):
+        """What the sparse parts choose for ``tokens``, per block: ``experts`` (the first
+        expert of every token, ``[B·L]``), ``router_probs`` (per routing decision) and
+        ``pkm_slots`` (``[B, L, heads, knn]``, None without a memory). For inspection and
+        the studies; jit it (``nnx.jit``) for speed."""
+        positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        x = self.embed(tokens_BL)
+        context = self._block_context(training_call=False)
+        trace = {"experts": [], "router_probs": [], "pkm_slots": []}
+        for block in self.blocks:
+            h = block.norm(x)
+            if isinstance(block.ffn, MoE):
+                choice, routed = block.ffn.route(h)
+                trace["experts"].append(choice.expert_index[:, 0])
+                trace["router_probs"].append(routed.probs)
+            trace["pkm_slots"].append(block.pkm.lookup(h)[1] if block.pkm is not None else None)
+            x, _ = block(x, positions, **context)
+        return trace
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
         max_len = self.cfg.max_seq_len if max_len is None else max_len
