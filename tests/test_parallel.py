@@ -159,6 +159,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # the default run keeps Hydra's 8-device test (data x FSDP x expert, chunk MoE)
 def test_expert_parallel_training_matches_one_device():
     """Experts split 4 ways (with data or FSDP parallelism beside them): the same losses, router
     losses and parameters as one device (dropless, so nothing depends on the split)."""
