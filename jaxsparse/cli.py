@@ -77,6 +77,15 @@ def _cmd_plot(args) -> int:
 
 def _cmd_configs(args) -> int:
     from jaxsparse import configs
+
+    if args.sharding:
+        from jaxsparse.parallel.rules import PRESETS, describe
+
+        if args.sharding not in PRESETS:
+            raise ConfigError(f"--sharding {args.sharding!r} is not a sharding preset; "
+                              f"allowed: {', '.join(PRESETS)}")
+        print(describe(args.sharding))
+        return 0
     from jaxsparse.models import count_params
     from jaxsparse.models.transformer import projection_flops_per_token
 
@@ -167,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("configs", help="list named configs with parameter counts")
+    p = sub.add_parser("configs", help="list named configs with parameter counts, or print "
+                                       "a sharding preset's rules")
+    p.add_argument("--sharding", metavar="NAME", help="print the logical-axis rules of a "
+                   "sharding preset (data, fsdp, fsdp_tp, fsdp_tp_ep, fsdp_tp_sp, full)")
     p.set_defaults(func=_cmd_configs)
 
     p = sub.add_parser("dryrun", help="compile one training step on an emulated device mesh "

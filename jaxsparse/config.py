@@ -144,12 +144,16 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; exactly one axis may be -1 ("all remaining devices")."""
+    """Device mesh sizes; exactly one axis may be -1 ("all remaining devices"), and the
+    sharding preset that decides what is split over which axis (``jaxsparse configs
+    --sharding NAME`` prints one; ``jaxsparse.parallel.rules.PRESETS`` holds them)."""
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1  # experts of MoE layers split over this axis (tokens are too)
+    sequence: int = 1  # activations split along the sequence (context parallelism)
     tensor: int = 1
+    preset: str = "full"  # data | fsdp | fsdp_tp | fsdp_tp_ep | fsdp_tp_sp | full
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,43 @@ def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
            f"mesh.expert={mesh.expert} must divide model.moe_experts={m.moe_experts}")
 
 
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+ATTENTION_MODELS = ("transformer", "routing_transformer", "hydra")
+
+
+def _validate_mesh(m: ModelConfig, d: DataConfig, mesh: MeshConfig) -> None:
+    from jaxsparse.parallel.rules import PRESETS
+
+    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        _check(size >= 1 or size == -1, f"mesh.{axis}={size}: must be >= 1, or -1 for 'the rest'")
+    _check(list(sizes.values()).count(-1) <= 1,
+           f"mesh: at most one axis may be -1, got {sizes}")
+    _check(mesh.preset in PRESETS,
+           f"mesh.preset={mesh.preset!r}: allowed {', '.join(PRESETS)}")
+    preset = PRESETS[mesh.preset]
+    for axis, size in sizes.items():
+        _check(size == 1 or axis in preset.axes,
+               f"mesh.{axis}={size}: sharding preset {mesh.preset!r} does not use the {axis} "
+               f"axis (it uses {', '.join(preset.axes)}); set mesh.{axis}=1 or pick a preset "
+               "that uses it (`jaxsparse configs --sharding NAME` shows one)")
+    if "expert" in preset.axes and mesh.preset != "full":
+        _check(m.moe_experts > 0,
+               f"mesh.preset={mesh.preset!r} splits MoE experts over the expert axis, but this "
+               f"{m.name} model has no MoE layers (model.moe_experts=0); use a preset without "
+               "expert parallelism")
+    _validate_expert_axis(m, mesh)
+    if mesh.tensor not in (1, -1) and m.name in ATTENTION_MODELS:
+        for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
+            _check(heads % mesh.tensor == 0,
+                   f"mesh.tensor={mesh.tensor} must divide {key}={heads}: tensor parallelism "
+                   "splits attention heads")
+    if mesh.sequence not in (1, -1):
+        _check(d.seq_len % mesh.sequence == 0,
+               f"mesh.sequence={mesh.sequence} must divide data.seq_len={d.seq_len}: sequence "
+               "parallelism gives every shard the same number of positions")
+
+
 def validate(cfg: Config) -> Config:
     """Check types and impossible values; returns ``cfg`` unchanged so calls can chain."""
     for section in SECTIONS:
@@ -451,7 +492,6 @@ def validate(cfg: Config) -> Config:
     _validate_monarch(m)
     _validate_routing(m)
     _validate_hydra(m, d)
-    _validate_expert_axis(m, mesh)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.path is None or d.task == "text",
            f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
@@ -471,12 +511,7 @@ def validate(cfg: Config) -> Config:
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     _check(o.grad_clip > 0, f"optimizer.grad_clip={o.grad_clip}: must be > 0")
     _check(o.memory_values_lr > 0, f"optimizer.memory_values_lr={o.memory_values_lr}: must be > 0")
-    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.expert": mesh.expert,
-             "mesh.tensor": mesh.tensor}
-    for key, size in sizes.items():
-        _check(size >= 1 or size == -1, f"{key}={size}: must be >= 1, or -1 for 'the rest'")
-    _check(list(sizes.values()).count(-1) <= 1,
-           f"mesh: at most one axis may be -1, got {sizes}")
+    _validate_mesh(m, d, mesh)
     _check(e.temperature >= 0, f"eval.temperature={e.temperature}: must be >= 0")
     _check(e.top_k >= 0, f"eval.top_k={e.top_k}: must be >= 0")
     return cfg

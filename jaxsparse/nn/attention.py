@@ -10,7 +10,8 @@ from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
 from jaxsparse.ops.masks import CausalMask, Mask
 from jaxsparse.ops.rotary import apply_rotary
-from jaxsparse.parallel import constrain
+from jaxsparse.ops.attention.ring import ring_attention
+from jaxsparse.parallel import constrain, current_mesh, sequence_axis_size
 
 
 class Attention(nnx.Module):
@@ -49,7 +50,14 @@ class Attention(nnx.Module):
         k = apply_rotary(self.k_proj(x_BLD), positions_BL, self.rope_theta)
         v = self.v_proj(x_BLD)
         q = constrain(q, ("batch", "length", "heads", "kv"))
-        if cache is None:
+        shards = sequence_axis_size()
+        if cache is None and shards > 1 and x_BLD.shape[1] % shards == 0:
+            # context parallelism: the length is split over the mesh's sequence axis, so K/V
+            # blocks travel around the ring instead of being gathered on every device
+            out = ring_attention(q, k, v, mesh=current_mesh(), mask=self.mask,
+                                 segment_ids=segment_ids)
+            new_cache = None
+        elif cache is None:
             out = dot_product_attention(q, k, v, mask=self.mask, segment_ids=segment_ids,
                                         implementation=self.implementation)
             new_cache = None

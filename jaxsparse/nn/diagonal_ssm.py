@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.diagonal_ssm import decay_from, diagonal_ssm
+from jaxsparse.ops.diagonal_ssm import decay_from, diagonal_ssm, diagonal_ssm_sequence_parallel
+from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 
 class DiagonalSSM(nnx.Module):
@@ -41,8 +42,15 @@ class DiagonalSSM(nnx.Module):
     def __call__(self, x_BLD, *, cache=None):
         delta, B, C, U = jnp.moveaxis(self.in_proj(x_BLD), -2, 0)
         initial = None if cache is None else cache["state"]
-        y, final = diagonal_ssm(delta, B, C, U, self.log_lambda[...], self.D[...],
-                                initial_state=initial, implementation=self.implementation)
+        shards = sequence_axis_size()
+        if cache is None and shards > 1 and x_BLD.shape[1] % shards == 0:
+            # context parallelism: each shard scans its chunk; chunk states cross shards
+            y, final = diagonal_ssm_sequence_parallel(
+                delta, B, C, U, self.log_lambda[...], self.D[...], mesh=current_mesh(),
+                implementation=self.implementation)
+        else:
+            y, final = diagonal_ssm(delta, B, C, U, self.log_lambda[...], self.D[...],
+                                    initial_state=initial, implementation=self.implementation)
         out = self.out_proj(y.astype(x_BLD.dtype))
         return out, (None if cache is None else {"state": final})
 

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
-from jaxsparse.parallel import logical_to_spec
+from jaxsparse.parallel import current_rules, logical_to_spec
 
 AXIS = "expert"
 
 
 def _token_axes(mesh, x_BLD) -> tuple[str, ...]:
-    spec = logical_to_spec(("batch",), x_BLD.shape[:1], mesh)[0]
+    spec = logical_to_spec(("batch",), x_BLD.shape[:1], mesh, current_rules())[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     if AXIS not in axes:
         raise ValueError(f"expert parallelism splits the batch over mesh axis '{AXIS}' "

@@ -18,7 +18,9 @@ from flax import nnx
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.normalization import rms_norm
-from jaxsparse.ops.ssm import selective_scan, ssd, ssd_reference
+from jaxsparse.ops.ssm import (selective_scan, selective_scan_sequence_parallel, ssd,
+                               ssd_reference, ssd_sequence_parallel)
+from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 
 def _dt_bias(rng, size, dt_min=1e-3, dt_max=0.1, floor=1e-4):
@@ -80,13 +82,23 @@ class Mamba(nnx.Module):
         x = jax.nn.silu(x)
         dt_raw, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], -1)
         dt = dt_raw @ self.dt_proj[...].astype(dt_raw.dtype)
-        y, ssm_state = selective_scan(
-            x, dt, -jnp.exp(self.A_log[...]), B[:, :, None, :], C[:, :, None, :], D=self.D[...],
-            z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
-            initial_state=None if cache is None else cache["ssm"], return_final_state=True,
-            implementation=self.implementation, chunk_size=self.chunk_size)
+        args = (x, dt, -jnp.exp(self.A_log[...]), B[:, :, None, :], C[:, :, None, :])
+        kwargs = dict(D=self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
+                      implementation=self.implementation, chunk_size=self.chunk_size)
+        if _sequence_parallel(x_BLD, cache):
+            y, ssm_state = selective_scan_sequence_parallel(*args, mesh=current_mesh(), **kwargs)
+        else:
+            y, ssm_state = selective_scan(
+                *args, initial_state=None if cache is None else cache["ssm"],
+                return_final_state=True, **kwargs)
         new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}
         return self.out_proj(y), new_cache
+
+
+def _sequence_parallel(x_BLD, cache) -> bool:
+    """Is the length of this (non-decoding) call split over the mesh's sequence axis?"""
+    shards = sequence_axis_size()
+    return cache is None and shards > 1 and x_BLD.shape[1] % shards == 0
 
 
 class Mamba2(nnx.Module):
@@ -142,7 +154,13 @@ class Mamba2(nnx.Module):
         # The chunked SSD is a matmul algorithm; on CPU (XLA batched matmuls at ~80 GFLOP/s)
         # the recurrence is 2-4x faster (experiments/results/ssm.md), and for decoding steps
         # it is the cheapest everywhere.
-        if (cache is not None and length <= 4) or jax.default_backend() == "cpu":
+        on_cpu = jax.default_backend() == "cpu"
+        if _sequence_parallel(x_BLD, cache):
+            del kwargs["initial_state"], kwargs["return_final_state"]
+            y, ssm_state = ssd_sequence_parallel(
+                x, dt, A, B, C, mesh=current_mesh(), chunk_size=None if on_cpu else self.chunk_size,
+                **kwargs)
+        elif (cache is not None and length <= 4) or on_cpu:
             y, ssm_state = ssd_reference(x, dt, A, B, C, **kwargs)
         else:
             y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, **kwargs)

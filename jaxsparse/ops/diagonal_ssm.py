@@ -81,3 +81,24 @@ def diagonal_ssm_reference(delta, B, C, U, log_lambda, D):
         s = alpha * s + B[:, t] * U[:, t]
         out.append(C[:, t] * s + D[None] * U[:, t])
     return jnp.stack(out, axis=1)
+
+
+def diagonal_ssm_sequence_parallel(delta, B, C, U, log_lambda, D, *, mesh, axis="sequence",
+                                   initial_state=None, implementation=None):
+    """:func:`diagonal_ssm` with ``length`` split over mesh axis ``axis``: every shard scans
+    its chunk, and chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`)."""
+    from jaxsparse.ops.sequence_scan import scan_across_shards
+
+    def run(seq, shared, initial):
+        return diagonal_ssm(seq["delta"], seq["B"], seq["C"], seq["U"], shared["log_lambda"],
+                            shared["D"], initial_state=initial, implementation=implementation)
+
+    def total_decay(seq, shared):
+        # ∏_t exp(−softplus(Δ_t) λ) = exp(−λ Σ_t softplus(Δ_t)), per batch row and channel
+        lam = jnp.exp(shared["log_lambda"].astype(jnp.float32))
+        steps = jnp.sum(jax.nn.softplus(seq["delta"].astype(jnp.float32)), axis=1)
+        return jnp.exp(-steps * lam[None, :])
+
+    return scan_across_shards(run, total_decay, {"delta": delta, "B": B, "C": C, "U": U},
+                              {"log_lambda": log_lambda, "D": D}, initial_state, mesh=mesh,
+                              axis=axis)

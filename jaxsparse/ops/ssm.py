@@ -229,6 +229,30 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     return (y, final) if return_final_state else y
 
 
+def selective_scan_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", D=None, z=None,
+                                     dt_bias=None, dt_softplus=True, initial_state=None,
+                                     chunk_size=None, implementation=None):
+    """:func:`selective_scan` (returning ``(y, final_state)``) with ``length`` split over mesh
+    axis ``axis``; chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`)."""
+    from jaxsparse.ops.sequence_scan import scan_across_shards
+
+    seq = {"x": x, "dt": dt, "B": B, "C": C} | ({} if z is None else {"z": z})
+    shared = {"A": A} | ({} if D is None else {"D": D}) | ({} if dt_bias is None else {"dt_bias": dt_bias})
+
+    def run(seq, shared, initial):
+        return selective_scan(seq["x"], seq["dt"], shared["A"], seq["B"], seq["C"],
+                              D=shared.get("D"), z=seq.get("z"), dt_bias=shared.get("dt_bias"),
+                              dt_softplus=dt_softplus, initial_state=initial,
+                              return_final_state=True, chunk_size=chunk_size,
+                              implementation=implementation)
+
+    def total_decay(seq, shared):
+        steps = jnp.sum(_final_dt(seq["dt"], shared.get("dt_bias"), dt_softplus), axis=1)  # [b, d]
+        return jnp.exp(steps[..., None] * shared["A"].astype(jnp.float32)[None])  # ∏_t exp(dt_t A)
+
+    return scan_across_shards(run, total_decay, seq, shared, initial_state, mesh=mesh, axis=axis)
+
+
 def selective_state_update(state, x_t, dt_t, A, B_t, C_t, *, D=None, z_t=None, dt_bias=None,
                            dt_softplus=True):
     """One decoding step of :func:`selective_scan`.
@@ -346,6 +370,32 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
         y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
     y = y.astype(x.dtype)
     return (y, final) if return_final_state else y
+
+
+def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=None, D=None,
+                          dt_bias=None, dt_softplus=False, initial_state=None):
+    """Mamba-2's scan (``(y, final_state)``) with ``length`` split over mesh axis ``axis``:
+    :func:`ssd` with ``chunk_size`` inside each shard (the recurrence when it is None), chunk
+    states passed between shards (:mod:`jaxsparse.ops.sequence_scan`)."""
+    from jaxsparse.ops.sequence_scan import scan_across_shards
+
+    shared = {"A": A} | ({} if D is None else {"D": D}) | ({} if dt_bias is None else {"dt_bias": dt_bias})
+
+    def run(seq, shared, initial):
+        kwargs = dict(D=shared.get("D"), dt_bias=shared.get("dt_bias"), dt_softplus=dt_softplus,
+                      initial_state=initial, return_final_state=True)
+        args = (seq["x"], seq["dt"], shared["A"], seq["B"], seq["C"])
+        if chunk_size is None:
+            return ssd_reference(*args, **kwargs)
+        return ssd(*args, chunk_size=chunk_size, **kwargs)
+
+    def total_decay(seq, shared):
+        steps = _final_dt(seq["dt"], shared.get("dt_bias"), dt_softplus)  # [b, l, h]
+        decay = jnp.exp(jnp.sum(steps, axis=1) * shared["A"].astype(jnp.float32)[None])
+        return decay[..., None, None]  # [b, h] -> broadcast over the [b, h, p, n] state
+
+    return scan_across_shards(run, total_decay, {"x": x, "dt": dt, "B": B, "C": C}, shared,
+                              initial_state, mesh=mesh, axis=axis)
 
 
 def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,

@@ -1,16 +1,22 @@
-"""Meshes, logical-axis sharding rules and multi-host helpers."""
+"""Meshes, logical-axis sharding rules and presets, and multi-host helpers."""
 
 from jaxsparse.parallel.mesh import make_mesh, mesh_shape
 from jaxsparse.parallel.rules import (
     DEFAULT_RULES,
+    PRESETS,
+    ShardingPreset,
     activation_sharding,
     constrain,
     current_mesh,
+    current_rules,
+    get_preset,
     logical_to_spec,
     param_shardings,
+    sequence_axis_size,
 )
 
 __all__ = [
-    "DEFAULT_RULES", "activation_sharding", "constrain", "current_mesh", "logical_to_spec", "make_mesh",
-    "mesh_shape", "param_shardings",
+    "DEFAULT_RULES", "PRESETS", "ShardingPreset", "activation_sharding", "constrain",
+    "current_mesh", "current_rules", "get_preset", "logical_to_spec", "make_mesh", "mesh_shape",
+    "param_shardings", "sequence_axis_size",
 ]

@@ -8,7 +8,9 @@ from jax.sharding import Mesh
 
 from jaxsparse.config import ConfigError, MeshConfig
 
-AXES = ("data", "fsdp", "expert", "tensor")
+# Outermost to innermost: neighbouring devices (the fastest links) share the tensor axis, then
+# the sequence axis (its ring exchange talks only to neighbours).
+AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:

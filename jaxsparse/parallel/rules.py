@@ -10,25 +10,83 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# logical name -> mesh axis or tuple of mesh axes (None: replicated)
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp", "expert")),  # expert parallelism also splits the tokens
-    ("expert", "expert"),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("layers", None),
-    ("monarch_blocks", "fsdp"),  # the block dimension of Monarch factors
-)
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPreset:
+    """A named strategy: which mesh axes it uses and the logical-name rules that use them."""
+
+    name: str
+    description: str
+    axes: tuple[str, ...]  # mesh axes this preset may split over (others must have size 1)
+    rules: Rules  # logical name -> mesh axis or tuple of mesh axes (None: replicated)
+
+
+def _rules(*, fsdp=False, tensor=False, expert=False, sequence=False) -> Rules:
+    batch = ("data",) + (("fsdp",) if fsdp else ()) + (("expert",) if expert else ())
+    tp = "tensor" if tensor else None
+    return (
+        ("batch", batch),  # expert parallelism also splits the tokens
+        ("expert", "expert" if expert else None),
+        ("length", "sequence" if sequence else None),
+        ("embed", "fsdp" if fsdp else None),
+        ("vocab", tp),
+        ("mlp", tp),
+        ("heads", tp),
+        ("kv_heads", tp),
+        ("kv", None),
+        ("layers", None),
+        ("monarch_blocks", "fsdp" if fsdp else None),  # the block dimension of Monarch factors
+    )
+
+
+PRESETS: dict[str, ShardingPreset] = {p.name: p for p in (
+    ShardingPreset("data", "pure data parallel: parameters replicated, batch split over data",
+                   ("data",), _rules()),
+    ShardingPreset("fsdp", "ZeRO-3 style: parameters and optimiser state split over fsdp "
+                   "(gathered per layer), batch over data x fsdp", ("data", "fsdp"),
+                   _rules(fsdp=True)),
+    ShardingPreset("fsdp_tp", "FSDP + tensor parallel: heads, MLP hidden and vocab split over "
+                   "tensor (Megatron-style)", ("data", "fsdp", "tensor"),
+                   _rules(fsdp=True, tensor=True)),
+    ShardingPreset("fsdp_tp_ep", "FSDP + tensor + expert parallel: MoE experts split over "
+                   "expert, tokens exchanged by all-to-all", ("data", "fsdp", "expert", "tensor"),
+                   _rules(fsdp=True, tensor=True, expert=True)),
+    ShardingPreset("fsdp_tp_sp", "FSDP + tensor + sequence/context parallel: activations split "
+                   "along length; attention by a ring exchange of K/V blocks, SSM scans pass "
+                   "their chunk states across shards", ("data", "fsdp", "sequence", "tensor"),
+                   _rules(fsdp=True, tensor=True, sequence=True)),
+    ShardingPreset("full", "every axis: data x fsdp x expert x sequence x tensor (the default; "
+                   "axes of size 1 drop out)", ("data", "fsdp", "expert", "sequence", "tensor"),
+                   _rules(fsdp=True, tensor=True, expert=True, sequence=True)),
+)}
+DEFAULT_PRESET = "full"
+DEFAULT_RULES: Rules = PRESETS[DEFAULT_PRESET].rules
+
+
+def get_preset(name: str) -> ShardingPreset:
+    if name not in PRESETS:
+        raise ValueError(f"mesh.preset={name!r} is not a sharding preset; allowed: "
+                         f"{', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def describe(name: str) -> str:
+    """The preset as a readable table (``jaxsparse configs --sharding NAME``)."""
+    preset = get_preset(name)
+    lines = [f"{preset.name}: {preset.description}", f"mesh axes: {', '.join(preset.axes)}",
+             f"{'logical name':<16} mesh axes"]
+    for logical, axes in preset.rules:
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        lines.append(f"{logical:<16} {' x '.join(axes) if axes else '(replicated)'}")
+    return "\n".join(lines)
 
 
 def logical_to_spec(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
@@ -84,6 +142,26 @@ def current_mesh() -> Mesh | None:
     """The mesh of the enclosing :func:`activation_sharding`, if any."""
     context = _CONTEXT.get()
     return None if context is None else context[0]
+
+
+def current_rules() -> Rules:
+    """The rules of the enclosing :func:`activation_sharding` (the default table outside)."""
+    context = _CONTEXT.get()
+    return DEFAULT_RULES if context is None else context[1]
+
+
+def sequence_axis_size() -> int:
+    """How many shards the ``length`` of activations is split into (1: not split)."""
+    context = _CONTEXT.get()
+    if context is None:
+        return 1
+    mesh, rules = context
+    axes = dict(rules).get("length")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for axis in axes:
+        size *= mesh.shape.get(axis, 1)
+    return size
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:

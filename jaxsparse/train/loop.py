@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from jaxsparse.config import Config, ConfigError, diff, from_json, to_json, validate
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.models.curriculum import stage_at, stages
-from jaxsparse.parallel import make_mesh, mesh_shape
+from jaxsparse.parallel import get_preset, make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import STRUCTURAL, CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
@@ -53,12 +53,13 @@ def check_workdir(cfg: Config, workdir: Path) -> None:
 
 def _check_batch(cfg: Config, mesh) -> None:
     sizes = dict(mesh.shape)
-    dp = sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
+    batch_axes = dict(get_preset(cfg.mesh.preset).rules)["batch"]
+    dp = int(np.prod([sizes.get(axis, 1) for axis in batch_axes]))
     if cfg.data.batch_size % dp:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
-            f"{dp} (mesh data={sizes.get('data')} x fsdp={sizes.get('fsdp')} x expert="
-            f"{sizes.get('expert')}); use a multiple of {dp}")
+            f"{dp} (mesh " + " x ".join(f"{a}={sizes.get(a)}" for a in batch_axes)
+            + f", preset {cfg.mesh.preset!r}); use a multiple of {dp}")
     if cfg.data.batch_size % jax.process_count():
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
                           f"{jax.process_count()} processes")

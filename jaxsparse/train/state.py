@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxsparse.config import Config
 from jaxsparse.models import build
 from jaxsparse.parallel import param_shardings
+from jaxsparse.parallel.rules import get_preset
 from jaxsparse.train.optim import make_optimizer
 
 
@@ -84,13 +85,14 @@ class TrainSetup:
 
     def __post_init__(self):
         cfg = self.cfg
+        self.rules = get_preset(cfg.mesh.preset).rules  # logical name -> mesh axes
         abstract_model = nnx.eval_shape(lambda: build(cfg.model, nnx.Rngs(cfg.train.seed)))
         self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
         self.params_template, self.rest_template = abs_params, abs_rest
         self.tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abs_params),
                                  groups=optimizer_groups(abs_params))
-        params_sh = param_shardings(abs_params, self.mesh)
-        rest_sh = param_shardings(abs_rest, self.mesh)
+        params_sh = param_shardings(abs_params, self.mesh, self.rules)
+        rest_sh = param_shardings(abs_rest, self.mesh, self.rules)
         abstract = jax.eval_shape(self._init)
         self.state_shardings = {
             "step": NamedSharding(self.mesh, PartitionSpec()),
@@ -143,7 +145,7 @@ class TrainSetup:
         from jaxsparse.parallel import logical_to_spec
 
         spec = logical_to_spec(("batch", "length"), (self.cfg.data.batch_size, self.cfg.data.seq_len),
-                               self.mesh)
+                               self.mesh, self.rules)
         return NamedSharding(self.mesh, spec)
 
     def global_batch(self, local: dict) -> dict:

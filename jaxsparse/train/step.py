@@ -70,7 +70,7 @@ def make_train_step(setup: TrainSetup):
         return new_state, metrics
 
     def traced(state, batch):
-        with activation_sharding(setup.mesh):
+        with activation_sharding(setup.mesh, setup.rules):
             return step(state, batch)
 
     return jax.jit(traced, in_shardings=(setup.state_shardings, setup.batch_sharding),
@@ -79,7 +79,7 @@ def make_train_step(setup: TrainSetup):
 
 def make_eval_step(setup: TrainSetup):
     def step(params, rest, batch):
-        with activation_sharding(setup.mesh):
+        with activation_sharding(setup.mesh, setup.rules):
             model = setup.model(params, rest)
             model.eval()  # e.g. no router jitter
             logits = model(batch["inputs"])
