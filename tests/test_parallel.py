@@ -171,3 +171,76 @@ def test_expert_parallel_training_matches_one_device():
         assert out[name]["max_param_diff"] < 1e-5, name
         assert out[name]["spec"][0] == "expert"  # experts really are split
         assert out[name]["shard_shape"][0] == 1  # 4 experts over 4 devices
+
+
+SAVE_ON_8 = r"""
+import json, os, jax, numpy as np
+from helpers import tiny_config
+from jaxsparse.config import MeshConfig
+from jaxsparse.train import load, train
+workdir = os.environ["WORKDIR"]
+if os.environ["PHASE"] == "save":
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=2", "mesh.data=1", "mesh.fsdp=8",
+                      "mesh.preset=fsdp")
+    result = train(cfg, workdir, sample=False, quiet=True)
+    step = 2
+else:
+    step = 4
+_, setup, state = load(workdir, mesh=MeshConfig(data=1, fsdp=8, preset="fsdp"))
+gate = state["params"]["blocks"][0]["mlp"]["gate"]["kernel"]
+np.savez(os.environ["DUMP"], *[np.asarray(x) for x in jax.tree.leaves(state["params"])])
+print(json.dumps({"step": int(state["step"]), "spec": [str(a) for a in gate.sharding.spec],
+                  "shard": list(gate.addressable_shards[0].data.shape)}))
+"""
+
+RESTORE_ON_4 = r"""
+import json, os, dataclasses, jax, numpy as np
+from helpers import tiny_config
+from jaxsparse.config import ConfigError, MeshConfig
+from jaxsparse.train import load, train
+workdir = os.environ["WORKDIR"]
+_, setup, state = load(workdir, mesh=MeshConfig(data=2, tensor=2, preset="fsdp_tp"))
+saved = np.load(os.environ["DUMP"])
+leaves = jax.tree.leaves(state["params"])
+diff = max(float(np.max(np.abs(np.asarray(a) - saved[f"arr_{i}"]))) for i, a in enumerate(leaves))
+gate = state["params"]["blocks"][0]["mlp"]["gate"]["kernel"]
+errors = []
+for mesh in (MeshConfig(data=1, tensor=3, preset="fsdp_tp"), MeshConfig(data=2, expert=2, preset="full"),
+             MeshConfig(data=3, tensor=2)):
+    try:
+        load(workdir, mesh=mesh)
+        errors.append(None)
+    except ConfigError as err:
+        errors.append(str(err))
+# continue training on the new mesh from the restored step
+cfg = tiny_config("train.steps=4", "train.checkpoint_every=2", "mesh.data=2", "mesh.tensor=2",
+                  "mesh.preset=fsdp_tp")
+result = train(cfg, workdir, sample=False, quiet=True)
+np.savez(os.environ["DUMP"], *[np.asarray(x) for x in jax.tree.leaves(result.state["params"])])
+print(json.dumps({"step": int(state["step"]), "max_diff": diff, "errors": errors,
+                  "spec": [str(a) for a in gate.sharding.spec],
+                  "shard": list(gate.addressable_shards[0].data.shape),
+                  "resumed_steps": sorted(int(k) for k in result.losses)}))
+"""
+
+
+def test_checkpoint_written_on_8_devices_restores_onto_4_devices_and_back(tmp_path):
+    """Resharding restore: saved with fsdp=8 on 8 devices, restored as data=2 x tensor=2 on 4
+    (every array equal, now split over tensor), trained on there, and restored back onto the
+    8-device FSDP mesh; meshes the model cannot use are refused by name."""
+    env = {"WORKDIR": str(tmp_path / "run"), "DUMP": str(tmp_path / "params.npz")}
+    saved = run_python(SAVE_ON_8, devices=8, env=env | {"PHASE": "save"})
+    assert saved["step"] == 2 and saved["spec"] == ["fsdp", "None"] and saved["shard"] == [4, 64]
+    moved = run_python(RESTORE_ON_4, devices=4, env=env)
+    assert moved["step"] == 2 and moved["max_diff"] == 0.0
+    assert moved["spec"] == ["None", "tensor"] and moved["shard"] == [32, 32]
+    assert moved["resumed_steps"] == [2, 3]  # steps 3 and 4 (0-based), after the restored 2
+    assert "mesh.tensor=3 must divide model.n_heads=4" in moved["errors"][0]
+    assert "mesh.expert=2 needs MoE layers" in moved["errors"][1]
+    assert "needs 6 devices but 4 are available" in moved["errors"][2]
+    back = run_python(SAVE_ON_8, devices=8, env=env | {"PHASE": "restore", "DUMP": str(tmp_path / "back.npz")})
+    assert back["step"] == 4 and back["spec"] == ["fsdp", "None"]
+    ours, theirs = np.load(tmp_path / "params.npz"), np.load(tmp_path / "back.npz")
+    assert len(ours.files) == len(theirs.files) > 10
+    for name in ours.files:
+        np.testing.assert_array_equal(ours[name], theirs[name])

@@ -70,9 +70,10 @@ def scan_across_shards(run: Callable, total_decay: Callable, sequence_args: dict
     # every shard while their carries differ per shard, which the manual-axis type check would
     # reject for every scan implementation; the final state is the same on all shards by
     # construction (computed from all-gathered values), so out_specs P() holds.
-    return jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P()), out_specs=(seq, P()),
-                         axis_names={axis}, check_vma=False)(sequence_args, shared_args,
-                                                             initial_state)
+    with jax.named_scope("scan_across_shards"):  # findable in profiles and HLO metadata
+        return jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P()), out_specs=(seq, P()),
+                             axis_names={axis}, check_vma=False)(sequence_args, shared_args,
+                                                                 initial_state)
 
 
 __all__ = ["scan_across_shards"]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxsparse.config import Config, ConfigError, diff, from_json, to_json, validate
+from jaxsparse.config import Config, ConfigError, MeshConfig, diff, from_json, to_json, validate
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import get_preset, make_mesh, mesh_shape
@@ -266,8 +266,17 @@ def _init_from(setup: TrainSetup, cfg: Config, source: str):
         raise ConfigError(f"train.init_from={source!r}: {err}") from None
 
 
-def load(workdir: str | Path, step: int | None = None):
-    """``(cfg, setup, state)`` of the latest (or given) checkpoint in ``workdir``, one device."""
+def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | None = None,
+         devices=None):
+    """``(cfg, setup, state)`` of the latest (or given) checkpoint in ``workdir``.
+
+    By default the state comes back on one device. ``mesh`` (with ``devices``, default all)
+    restores it onto another mesh and sharding preset than the one it was written from — e.g.
+    saved with ``fsdp=8`` on 8 devices, restored as ``data=2 x tensor=2`` on 4: orbax reads
+    every array straight into the new shards (the abstract target carries the shardings).
+    A mesh this model cannot use (axis sizes that do not fit the devices, a tensor axis that
+    does not divide the heads, an expert axis without experts) is refused with a ConfigError
+    before anything is read."""
     workdir = Path(workdir).resolve()
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -277,8 +286,12 @@ def load(workdir: str | Path, step: int | None = None):
     latest = ckpt.latest_step() if step is None else step
     if latest is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, expert=1, tensor=1))
-    setup = TrainSetup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    if mesh is None:
+        mesh, devices = MeshConfig(), jax.devices()[:1]
+    devices = jax.devices() if devices is None else devices
+    cfg = validate(dataclasses.replace(cfg, mesh=mesh))
+    mesh_shape(cfg.mesh, len(devices))  # raises a ConfigError naming the mesh
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
     state = ckpt.restore(setup.abstract_state, latest)
     ckpt.close()
     return cfg, setup, state
