@@ -23,7 +23,7 @@ def _cmd_train(args) -> int:
 
     cfg = configs.get(args.config)
     cfg = validate(apply_overrides(cfg, args.set or []))
-    if args.coordinator or args.num_processes:
+    if args.coordinator or args.num_processes or distributed.requested_by_environment():
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     workdir = Path(args.workdir or Path("runs") / cfg.name)
     result = train(cfg, workdir)

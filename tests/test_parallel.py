@@ -80,18 +80,32 @@ def test_logical_rules_drop_axes_that_do_not_fit():
     assert logical_to_spec(("vocab", "embed"), (255, 8), fake) == P(None, "fsdp")
 
 
+MULTI_HOST = ["train.steps=10", "train.checkpoint_every=3", "mesh.data=2", "mesh.fsdp=2",
+              "mesh.preset=fsdp"]
+
 WORKER = r"""
-import json, os, jax
+import json, os, signal, jax
 from jaxsparse.parallel import distributed
-distributed.initialize()
-from helpers import tiny_config
+if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    distributed.initialize()
+from helpers import tiny_config, TINY
+from jaxsparse.data import make_stream
+from jaxsparse.data.stream import Shard
 from jaxsparse.train import train
-cfg = tiny_config("train.steps=4", "train.checkpoint_every=2", "mesh.data=-1", "mesh.fsdp=2")
-result = train(cfg, os.environ["WORKDIR"], sample=False, quiet=True)
+cfg = tiny_config(*OVERRIDES)
+kill_at = int(os.environ.get("KILL_AT", "0"))
+
+def kill_after(step):  # a preemption: SIGKILL, so nothing gets a chance to save
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return False
+
+rows = make_stream(cfg, Shard(jax.process_index(), jax.process_count())).batch(0)["inputs"].shape[0]
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                  "devices": jax.device_count(), "losses": result.losses,
-                  "eval": result.eval_metrics}))
-"""
+                  "devices": jax.device_count(), "local_rows": rows}), flush=True)
+result = train(cfg, os.environ["WORKDIR"], sample=False, quiet=True, should_stop=kill_after)
+print(json.dumps({"losses": result.losses}))
+""".replace("OVERRIDES", repr(MULTI_HOST))
 
 
 def _free_port():
@@ -100,30 +114,61 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_with_gloo_agree_with_one_process(tmp_path):
-    port = _free_port()
+def _launch(command: list[str], processes: int, env: dict) -> list[subprocess.Popen]:
+    """``processes`` local processes of one jax.distributed job (one CPU device each, gloo)."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               WORKDIR=str(tmp_path / "multi"))
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
-    outs = []
-    for p in procs:
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+               JAX_NUM_PROCESSES=str(processes), **env)
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)))
+            for i in range(processes)]
+
+
+def _train_losses(workdir) -> dict[int, list[float]]:
+    """Every training loss process 0 logged, by step (a step logged twice appears twice)."""
+    by_step: dict[int, list[float]] = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "train":
+            by_step.setdefault(record["step"], []).append(record["loss"])
+    return by_step
+
+
+def test_four_processes_train_are_killed_and_resume_with_the_same_losses(tmp_path):
+    """A 4-process job (gloo, FSDP across processes) trains and checkpoints, every process is
+    SIGKILLed after step 7, and `jaxsparse train` — started by the environment variables a
+    cluster launcher sets — resumes from the last checkpoint to step 10. The losses of every
+    step equal one process with 4 devices; each process read a quarter of every batch; only
+    process 0 wrote metrics."""
+    workdir = tmp_path / "multi"
+    procs = _launch([sys.executable, "-c", WORKER], 4, {"WORKDIR": str(workdir), "KILL_AT": "7"})
+    for i, p in enumerate(procs):
         stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == -9, stderr[-3000:]  # killed, as planned
+        started = json.loads(stdout.splitlines()[0])
+        assert started == {"process": i, "processes": 4, "devices": 4, "local_rows": 2}
+    first = _train_losses(workdir)
+    assert sorted(first) == list(range(1, 8)) and all(len(v) == 1 for v in first.values())
+    saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and max(saved) in (3, 6)  # step 6's asynchronous save may not have finished
+
+    from helpers import TINY
+    sets = [arg for item in TINY + MULTI_HOST for arg in ("--set", item)]
+    procs = _launch([sys.executable, "-m", "jaxsparse.cli", "train", "--config", "transformer_tiny",
+                     "--workdir", str(workdir), *sets], 4, {})
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    assert [o["process"] for o in outs] == [0, 1]
-    assert all(o["processes"] == 2 and o["devices"] == 4 for o in outs)
-    assert outs[0]["losses"] == outs[1]["losses"] and len(outs[0]["losses"]) == 4
-    # the same global batches on one process with 4 devices give the same losses
-    single = run_python(WORKER.replace("distributed.initialize()", ""), devices=4,
-                        env={"WORKDIR": str(tmp_path / "single")})
-    np.testing.assert_allclose([outs[0]["losses"][str(i)] for i in range(4)],
-                               [single["losses"][str(i)] for i in range(4)], rtol=1e-5)
-    steps = sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir())
-    assert "4" in steps and "2" in steps
+    assert f"resumed from {workdir}/checkpoints step {max(saved)}" in outputs[0][0]
+    assert "resumed" not in outputs[1][0]  # only process 0 talks
+    both = _train_losses(workdir)
+    assert sorted(both) == list(range(1, 11))
+
+    single = run_python(WORKER, devices=4, env={"WORKDIR": str(tmp_path / "single")})
+    for step, logged in both.items():
+        np.testing.assert_allclose(logged, [single["losses"][str(step - 1)]] * len(logged),
+                                   rtol=1e-5, err_msg=f"step {step}")
 
 
 EXPERT_PARALLEL = r"""

@@ -12,6 +12,12 @@ import os
 import jax
 
 _initialized = False
+ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def requested_by_environment() -> bool:
+    """Does the environment ask for a multi-process run (any of :data:`ENVIRONMENT` set)?"""
+    return any(os.environ.get(name) for name in ENVIRONMENT)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
