@@ -112,19 +112,19 @@ def _cmd_configs(args) -> int:
 
 
 def _cmd_dryrun(args) -> int:
-    from jaxsparse.dryrun import run_emulated
+    from jaxsparse.dryrun import format_report, mesh_overrides, run_emulated
 
-    report = run_emulated(args.config, args.devices, args.set or [], not args.no_compile)
-    gib = 2 ** 30
-    print(f"{report['config']}: {report['params']:,} parameters on {report['devices']} emulated "
-          f"devices, mesh {report['mesh']}")
-    print(f"  per device: parameters {report['param_bytes_per_device'] / gib:.3f} GiB, "
-          f"optimizer state {report['optimizer_bytes_per_device'] / gib:.3f} GiB")
-    if "compile_seconds" in report:
-        print(f"  compiled in {report['compile_seconds']} s (lowered in {report['lower_seconds']} s); "
-              f"XLA per device: arguments "
-              f"{report.get('compiled_argument_bytes_per_device', 0) / gib:.3f} GiB, temporaries "
-              f"{report.get('compiled_temp_bytes_per_device', 0) / gib:.3f} GiB")
+    overrides, devices = list(args.set or []), args.devices
+    if args.mesh:
+        mesh, devices = mesh_overrides(args.mesh)
+        if args.devices is not None and args.devices != devices:
+            raise ConfigError(f"--devices {args.devices} disagrees with --mesh {args.mesh!r}, "
+                              f"which needs {devices}")
+        overrides = mesh + overrides
+    if args.preset:
+        overrides.append(f"mesh.preset={args.preset}")
+    report = run_emulated(args.config, devices or 64, overrides, not args.no_compile)
+    print(format_report(report))
     return 0
 
 
@@ -185,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dryrun", help="compile one training step on an emulated device mesh "
                                       "and report per-device memory, allocating nothing")
     p.add_argument("--config", default=configs.DEFAULT)
-    p.add_argument("--devices", type=int, default=64)
+    p.add_argument("--mesh", help="mesh axis sizes, e.g. data=16,fsdp=16 (others 1); the "
+                   "device count is their product")
+    p.add_argument("--preset", help="sharding preset (jaxsparse configs --sharding NAME)")
+    p.add_argument("--devices", type=int, help="emulated devices when --mesh is not given "
+                   "(default 64, with the config's own mesh)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-compile", action="store_true", help="lower only")
     p.set_defaults(func=_cmd_dryrun)

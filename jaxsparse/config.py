@@ -39,6 +39,10 @@ class ModelConfig:
     max_seq_len: int = 1024  # longest sequence a decode cache is built for
     rope_theta: float = 10_000.0
     tie_embeddings: bool = False
+    # Rematerialise each block in the backward pass (activation checkpointing): only the
+    # residual stream between blocks is kept, the rest is recomputed — what lets long
+    # sequences and large models fit (see `jaxsparse dryrun`).
+    remat: bool = False
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"

@@ -1,11 +1,18 @@
 """Compile-only dry run: a config's training step on an emulated device mesh, without
 allocating its parameters. Reports per-device parameter and optimiser-state memory (from the
-shardings of the abstract train state) and, when compiled, XLA's memory analysis."""
+shardings of the abstract train state) and, when compiled, XLA's memory analysis, the step's
+FLOPs per device (XLA's cost analysis) and the collectives in the compiled HLO.
+
+The numbers come from the CPU compiler: layouts, fusion and scheduling differ on TPU and GPU,
+so temporaries are an estimate of the same program, not the accelerator's exact footprint;
+and XLA's cost analysis counts the body of a loop (``lax.scan``) once, so FLOPs inside scans
+(SSM recurrences, the ring attention loop) are under-counted by their trip count."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +32,44 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_LINE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY_TYPE = re.compile(r"\b(pred|[sfu]\d+|bf16)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2}
+
+
+def _type_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAY_TYPE.findall(text):
+        size = _BYTES.get(dtype) or int(dtype[1:]) // 8
+        total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Count and result bytes per device of every collective op in compiled HLO text."""
+    summary = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+    for result_type, name in _COLLECTIVE_LINE.findall(hlo_text):
+        summary[name]["count"] += 1
+        summary[name]["bytes"] += _type_bytes(result_type)
+    return {name: v for name, v in summary.items() if v["count"]}
+
+
+def mesh_overrides(spec: str) -> tuple[list[str], int]:
+    """``"data=16,fsdp=16"`` -> (config overrides setting every mesh axis, device count);
+    axes not named are 1."""
+    from jaxsparse.config import ConfigError, MESH_AXES
+
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        axis, _, value = item.partition("=")
+        if axis not in sizes or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"--mesh {spec!r}: {item!r} must be AXIS=SIZE with AXIS one of "
+                              f"{', '.join(MESH_AXES)} and SIZE >= 1")
+        sizes[axis] = int(value)
+    return [f"mesh.{axis}={size}" for axis, size in sizes.items()], math.prod(sizes.values())
+
+
 def dry_run(cfg: Config, *, compile: bool = True) -> dict:
     """Build the abstract train state of ``cfg`` on the current devices' mesh and lower (and
     optionally compile) one training step. Nothing of the model's size is allocated."""
@@ -38,6 +83,8 @@ def dry_run(cfg: Config, *, compile: bool = True) -> dict:
     state = setup.abstract_state
     report = {
         "config": cfg.name, "devices": jax.device_count(), "mesh": dict(mesh.shape),
+        "preset": cfg.mesh.preset, "batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+        "remat": cfg.model.remat,
         "params": count_params(cfg.model),
         "param_bytes_per_device": _per_device_bytes(state["params"]),
         "optimizer_bytes_per_device": _per_device_bytes(state["opt_state"]),
@@ -56,6 +103,11 @@ def dry_run(cfg: Config, *, compile: bool = True) -> dict:
         if analysis is not None:
             report["compiled_argument_bytes_per_device"] = int(analysis.argument_size_in_bytes)
             report["compiled_temp_bytes_per_device"] = int(analysis.temp_size_in_bytes)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        if cost and "flops" in cost:
+            report["flops_per_device"] = float(cost["flops"])
+        report["collectives"] = collective_summary(compiled.as_text())
     return report
 
 
@@ -64,6 +116,12 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
     count is fixed when JAX starts, so it cannot be changed in this process)."""
     import json
 
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides, validate
+    from jaxsparse.parallel import mesh_shape
+
+    # bad input fails here, with the config's own message, not in the child's traceback
+    mesh_shape(validate(apply_overrides(configs.get(config), overrides)).mesh, devices)
     code = (
         "import json, sys; from jaxsparse import configs; from jaxsparse.config import "
         "apply_overrides, validate; from jaxsparse.dryrun import dry_run; "
@@ -75,3 +133,26 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
     if proc.returncode != 0:
         raise RuntimeError(f"dry run failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_report(report: dict) -> str:
+    gib = 2 ** 30
+    lines = [f"{report['config']}: {report['params']:,} parameters on {report['devices']} emulated "
+             f"devices, mesh {report['mesh']}, preset {report['preset']}, batch {report['batch']} x "
+             f"{report['seq_len']} tokens, remat {report['remat']}",
+             f"  per device: parameters {report['param_bytes_per_device'] / gib:.3f} GiB, "
+             f"optimizer state {report['optimizer_bytes_per_device'] / gib:.3f} GiB"]
+    if "compile_seconds" in report:
+        lines.append(
+            f"  compiled in {report['compile_seconds']} s (lowered in {report['lower_seconds']} s);"
+            f" XLA per device: arguments {report.get('compiled_argument_bytes_per_device', 0) / gib:.3f}"
+            f" GiB, temporaries {report.get('compiled_temp_bytes_per_device', 0) / gib:.3f} GiB")
+        if "flops_per_device" in report:
+            lines.append(f"  step FLOPs: {report['flops_per_device']:.4g} per device, "
+                         f"{report['flops_per_device'] * report['devices']:.4g} in all "
+                         "(loop bodies counted once)")
+        collectives = report.get("collectives") or {}
+        lines.append("  collectives: " + (", ".join(
+            f"{name} x{v['count']} ({v['bytes'] / gib:.3f} GiB)" for name, v in collectives.items())
+            or "none"))
+    return "\n".join(lines)

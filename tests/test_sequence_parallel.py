@@ -139,16 +139,15 @@ from jaxsparse.train.state import TrainSetup
 from jaxsparse.train.step import make_train_step
 from jaxsparse.data import make_stream
 
+MOE = ("model.moe_experts=4", "model.moe_k=2", "model.moe_d_ff=32")
 MODELS = {"dense": (), "sparse": ("model.attention_mask=heads:local:8;local:16;causal;longformer:8,2",),
-          "mamba": ("model.name=mamba",), "hydra": HYDRA}
+          "mamba": ("model.name=mamba",), "hydra": HYDRA, "moe": MOE}
 MESHES = {"data": ("mesh.data=8",),
           "fsdp": ("mesh.data=2", "mesh.fsdp=4"),
           "fsdp_tp": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
           "fsdp_tp_ep": ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
           "fsdp_tp_sp": ("mesh.data=2", "mesh.sequence=2", "mesh.tensor=2"),
           "full": ("mesh.data=1", "mesh.fsdp=2", "mesh.sequence=2", "mesh.tensor=2")}
-MOE = ("model.moe_experts=4", "model.moe_k=2", "model.moe_d_ff=32")
-
 def losses(devices, *overrides, steps=2):
     cfg = tiny_config(*overrides)
     setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
@@ -180,7 +179,7 @@ HYDRA = ("model.name=hydra", "model.n_layers=2", "model.hydra_window=8", "model.
 
 
 def _presets_run(cases: dict) -> dict:
-    code = PRESETS_VS_SINGLE.replace("HYDRA}", f"{HYDRA!r}}}").replace(
+    code = PRESETS_VS_SINGLE.replace('"hydra": HYDRA', f'"hydra": {HYDRA!r}').replace(
         "for model, cases in CASES.items()", f"for model, cases in {cases!r}.items()")
     return run_python(code, devices=8)
 
@@ -200,8 +199,9 @@ def test_every_preset_on_8_devices_matches_one_device():
 
 def test_sequence_parallel_recurrent_models_match_one_device():
     """Mamba (Mamba-1 scan) and Hydra (diagonal SSM, sparse global attention, chunk-routed MoE,
-    workspace) with the length split 2 ways under fsdp_tp_sp: the losses of one device."""
-    out = _presets_run({"mamba": ["fsdp_tp_sp"], "hydra": ["fsdp_tp_sp"]})
+    workspace) with the length split 2 ways under fsdp_tp_sp, and a MoE Transformer under FSDP
+    (each device dispatching its own tokens): the losses of one device."""
+    out = _presets_run({"mamba": ["fsdp_tp_sp"], "hydra": ["fsdp_tp_sp"], "moe": ["fsdp"]})
     for name, run in out.items():
         np.testing.assert_allclose(run["sharded"], run["single"], rtol=2e-5, err_msg=name)
     assert out["mamba fsdp_tp_sp"]["scan_across_shards"]  # chunk states cross shards

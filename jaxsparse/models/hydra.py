@@ -24,6 +24,7 @@ from jaxsparse.config import ModelConfig, pkm_layer_indices
 from jaxsparse.models.curriculum import COMPONENTS, active_components
 from jaxsparse.models.lm import LanguageModel
 from jaxsparse.models.transformer import feed_forward
+from jaxsparse.nn.expert_parallel import batch_local
 from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
 from jaxsparse.nn.sga import SparseGlobalAttention
@@ -104,7 +105,7 @@ class HydraBlock(nnx.Module):
             y = self.ffn(h)
         branches.append(("ffn", self.gate_ffn, y))
         if self.pkm is not None:
-            branches.append(("pkm", self.gate_pkm, self.pkm(h)))
+            branches.append(("pkm", self.gate_pkm, batch_local(self.pkm, h)))
         if self.use_workspace:
             if workspace is None:
                 raise ValueError("workspace: this block reads the model's shared workspace; call "

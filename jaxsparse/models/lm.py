@@ -54,7 +54,10 @@ class LanguageModel(nnx.Module):
         x = constrain(self.embed(tokens_BL), ("batch", "length", "embed"))
         context = self._block_context(training_call=True)
         for block in self.blocks:
-            x, _ = block(x, positions, segment_ids=segment_ids, **context)
+            if self.cfg.remat:
+                x = _remat_block(block, x, positions, segment_ids, context)
+            else:
+                x, _ = block(x, positions, segment_ids=segment_ids, **context)
         return self._logits(x)
 
     def _block_context(self, training_call: bool) -> dict:
@@ -90,3 +93,15 @@ def _check_tokens(tokens):
                          f"{list(tokens.shape)}")
 
 
+
+
+def _remat_block(block, x_BLD, positions, segment_ids, context):
+    """``block(x)`` whose inner activations are recomputed in the backward pass instead of
+    stored (``nnx.remat``: module state such as sown losses still flows out)."""
+    modules = {k: v for k, v in context.items() if isinstance(v, nnx.Module)}
+    static = {k: v for k, v in context.items() if k not in modules}
+
+    def run(block, modules, x_BLD, positions, segment_ids):
+        return block(x_BLD, positions, segment_ids=segment_ids, **modules, **static)[0]
+
+    return nnx.remat(run)(block, modules, x_BLD, positions, segment_ids)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.parallel import constrain
+
 
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, init_std: float = 1.0,
@@ -16,7 +18,11 @@ class Embed(nnx.Module):
         self.vocab_size = vocab_size
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
+        # Gather from a table whose model dim is whole (FSDP gathers it, as for any layer):
+        # with the table split over fsdp and the tokens too, the compiler would otherwise
+        # build the global [batch·length, d_model] lookup and all-reduce it.
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Logits against the embedding table (weight tying, Press & Wolf 2017)."""

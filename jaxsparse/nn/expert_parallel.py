@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
-from jaxsparse.parallel import current_rules, logical_to_spec
+from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec
 
 AXIS = "expert"
 
@@ -77,3 +78,57 @@ def expert_parallel_moe(moe, x_BLD, mesh):
         in_specs=(x_spec, P(), expert_spec, expert_spec, expert_spec),
         out_specs=(x_spec, P(), P(), P()),
     )(x_BLD, router_kernel, gate, up, down)
+
+
+def token_shard_axes(mesh, batch: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch of a ``[batch, ...]`` activation."""
+    spec = logical_to_spec(("batch",), (batch,), mesh, current_rules())[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+
+
+def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
+    """``(y [B, L, D], aux_loss, load [E], dropped)`` with every device routing and running all
+    experts on its own rows of the batch (data and FSDP parallelism without an expert axis).
+
+    The layer's own dispatch runs inside ``jax.shard_map`` over the batch axes only, so sorting
+    tokens by expert and gathering their rows stay local instead of being replicated over the
+    global batch. Router statistics are averaged over those axes, so the losses are the global
+    ones; the dropless dispatch gives exactly the single-device result (a capacity limit applies
+    per device, as under expert parallelism)."""
+    axes = token_shard_axes(mesh, x_BLD.shape[0])
+    rows = P(axes)
+
+    def mean(v):
+        return jax.lax.pmean(v, axes)
+
+    def local(x_BLD, router_inputs, router_kernel, weights):
+        y_TD, aux, load, dropped = moe._token_choice(x_BLD, router_inputs, mean, weights,
+                                                     router_kernel)
+        return y_TD.reshape(x_BLD.shape[:2] + y_TD.shape[-1:]), aux, load, dropped
+
+    # parameters enter whole over the batch axes (FSDP gathers them, as for any layer)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P(), P()),
+                         out_specs=(rows, P(), P(), P()), check_vma=False)(
+        x_BLD, router_inputs, moe.router.kernel[...], moe._weights())
+
+
+def batch_local(module, x_BLD, method: str = "__call__"):
+    """``module.method(x)`` with each device computing its own rows of the batch.
+
+    For per-token layers whose internals (top-k over product keys, gathers from a table) the
+    compiler would otherwise partition by gathering the global batch onto every device. The
+    module's state enters ``shard_map`` whole (FSDP-split parameters are gathered, as for any
+    layer); gradients flow back through it. Outside a mesh with a split batch: a plain call.
+    Modules that write state during the call (sown values, counters) are not supported."""
+    mesh = current_mesh()
+    axes = () if mesh is None else token_shard_axes(mesh, x_BLD.shape[0])
+    if not axes:
+        return getattr(module, method)(x_BLD)
+    graphdef, state = nnx.split(module)
+
+    def local(state, x_BLD):
+        return getattr(nnx.merge(graphdef, state), method)(x_BLD)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P(axes),
+                         check_vma=False)(state, x_BLD)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
+from jaxsparse.parallel import constrain
 from jaxsparse.ops.memory import memory_read, product_key_topk
 
 # Parameters tagged with this optimiser group are trained by their own optimiser (the paper
@@ -54,4 +55,8 @@ class ProductKeyMemory(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scores, slots = self.lookup(x)
-        return memory_read(scores, slots, self.values[...].astype(self.dtype))
+        # Read from a table whose value dim is whole (FSDP gathers it, as for any layer): with
+        # the table split over fsdp and the tokens too, the compiler would build the global
+        # [batch·length, d_model] rows and all-reduce them.
+        values = constrain(self.values[...], (None, None)).astype(self.dtype)
+        return memory_read(scores, slots, values)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.nn.expert_parallel import expert_parallel_moe
+from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe, token_shard_axes
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh
@@ -96,11 +96,11 @@ class MoE(nnx.Module):
     def _weights(self):
         return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
-    def _buffered_experts(self, x_ECD):
-        return swiglu_experts(x_ECD, *self._weights())
+    def _buffered_experts(self, x_ECD, weights=None):
+        return swiglu_experts(x_ECD, *(weights or self._weights()))
 
-    def _grouped_experts(self, rows, group_sizes):
-        gate, up, down = self._weights()
+    def _grouped_experts(self, rows, group_sizes, weights=None):
+        gate, up, down = weights or self._weights()
         gmm = lambda x, w: grouped_matmul(x, w, group_sizes, implementation=self.grouped_impl)  # noqa: E731
         return gmm(jax.nn.silu(gmm(rows, gate)) * gmm(rows, up), down)
 
@@ -141,18 +141,36 @@ class MoE(nnx.Module):
             y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
             load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
             dropped, aux = jnp.zeros(()), self.z_weight * router_z_loss(choice.logits)
+        elif mesh is not None and token_shard_axes(mesh, batch):
+            # data/FSDP parallel: each device dispatches its own tokens (a global sort and
+            # gather of every token would be replicated on every device)
+            y, aux, load, dropped = token_parallel_moe(self, x_BLD, router_inputs, mesh)
+            return self._finish(x_BLD, y, aux, load, dropped)
         else:
-            choice, routed = self.route(x_BLD, router_inputs=router_inputs)
-            if self.capacity_factor is None:
-                y_TD = dropless_dispatch(x_TD, choice, self._grouped_experts)
-                dropped = jnp.zeros(())
-            else:
-                capacity = expert_capacity(tokens, self.num_experts, self.k_max, self.capacity_factor)
-                y_TD, dropped = capacity_dispatch(x_TD, choice, self._buffered_experts, capacity)
-            load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)
-            aux = self.router_losses(routed)
+            y_TD, aux, load, dropped = self._token_choice(x_BLD, router_inputs)
 
         return self._finish(x_BLD, y_TD.reshape(batch, length, d), aux, load, dropped)
+
+    def _token_choice(self, x_BLD, router_inputs=None, mean=lambda v: v, weights=None,
+                      router_kernel=None):
+        """Route and dispatch ``x [B, L, D]`` by token choice: ``(y [B·L, D], aux, load,
+        dropped)``; ``mean`` averages the statistics across devices, ``weights`` (gate, up,
+        down) and ``router_kernel`` override the layer's own (see
+        :func:`~jaxsparse.nn.expert_parallel.token_parallel_moe`)."""
+        batch, length, d = x_BLD.shape
+        tokens = batch * length
+        x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
+        choice, routed = self.route(x_BLD, router_kernel, router_inputs=router_inputs)
+        if self.capacity_factor is None:
+            y_TD = dropless_dispatch(x_TD, choice,
+                                     lambda rows, sizes: self._grouped_experts(rows, sizes, weights))
+            dropped = jnp.zeros(())
+        else:
+            capacity = expert_capacity(tokens, self.num_experts, self.k_max, self.capacity_factor)
+            y_TD, dropped = capacity_dispatch(x_TD, choice,
+                                              lambda x: self._buffered_experts(x, weights), capacity)
+        load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)
+        return y_TD, self.router_losses(routed, mean), mean(load), mean(dropped)
 
     def chunk_router_inputs(self, x_BLD):
         """Per-token router inputs of chunk-level routing for any length: each token gets its

@@ -170,7 +170,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if context is None:
         return x
     mesh, rules = context
-    if mesh.size == 1:
-        return x
+    if mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+        return x  # inside shard_map the layout is spelled out by its specs
     spec = logical_to_spec(names, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,145 @@
+"""Scaling table from dry runs: per-device memory, step FLOPs and collectives of `hydra_1p6b`
+and the dense baseline `transformer_1p3b` on emulated meshes of 8 to 256 devices, under each
+sharding preset, and which preset fits a 16 GB and a 95 GB device.
+
+Nothing is allocated: every number comes from abstract shapes and the CPU compiler.
+
+* Parameters and optimiser state per device are exact, from the shardings of the full model.
+* Compiling all 24 blocks on 256 emulated devices takes 7 minutes on this 2-core machine, so
+  each configuration is compiled at two reduced depths (one period of Hydra's block pattern
+  and two; the same PKM layer in both) and the compiler's temporaries, FLOPs and collective
+  bytes are extrapolated linearly in depth to the full model. With rematerialisation the
+  temporaries are the residual stream saved per block (linear in depth) plus one block's
+  recomputation and the logits (constant), which is what the linear fit assumes.
+* The compiler is XLA:CPU: its fusion and scheduling differ from TPU and GPU, so temporaries
+  are estimates of the same program; XLA's cost analysis counts a loop body once, so FLOPs of
+  scans are under-counted (see jaxsparse/dryrun.py).
+
+Usage: python experiments/scale/scaling_table.py [--sizes 8,64,256] [--models ...] [--quick]
+Writes experiments/results/scaling.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from jaxsparse import configs
+from jaxsparse.dryrun import run_emulated
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+GB = 1e9
+DEVICE_MEMORY = {"16 GB": 16 * GB, "95 GB": 95 * GB}
+
+
+def meshes(preset: str, devices: int, model: str) -> dict[str, int] | None:
+    """The mesh a preset uses on ``devices`` devices (None where it does not apply)."""
+    tensor = min(4, devices)
+    if preset == "data":
+        return {"data": devices}
+    if preset == "fsdp":
+        return {"fsdp": devices}
+    if preset == "fsdp_tp":
+        return {"fsdp": devices // tensor, "tensor": tensor}
+    if preset == "fsdp_tp_ep":
+        if not model.startswith("hydra"):
+            return None  # the dense baseline has no experts
+        expert = min(8, devices)
+        rest = devices // expert
+        tensor = min(4, rest) if rest > 8 else 1
+        return {"fsdp": rest // tensor, "expert": expert, "tensor": tensor}
+    if preset == "fsdp_tp_sp":
+        sequence = tensor = 4 if devices >= 64 else 2
+        return {"fsdp": devices // (sequence * tensor), "sequence": sequence, "tensor": tensor}
+    raise ValueError(preset)
+
+
+def depth_overrides(model: str, depth: int) -> list[str]:
+    overrides = [f"model.n_layers={depth}"]
+    if model.startswith("hydra"):
+        overrides.append("model.pkm_layers=1")  # one memory layer at both depths
+    return overrides
+
+
+def one(model: str, devices: int, preset: str, mesh: dict[str, int], depths) -> dict:
+    sizes = {axis: mesh.get(axis, 1) for axis in ("data", "fsdp", "expert", "sequence", "tensor")}
+    base = [f"mesh.{a}={s}" for a, s in sizes.items()] + [f"mesh.preset={preset}", "model.remat=true"]
+    full = run_emulated(model, devices, base, compile=False)  # exact parameter/optimiser bytes
+    points = [run_emulated(model, devices, base + depth_overrides(model, d), compile=True)
+              for d in depths]
+    n_layers = configs.get(model).model.n_layers
+
+    def extrapolate(values):
+        (d0, v0), (d1, v1) = zip(depths, values)
+        slope = (v1 - v0) / (d1 - d0)
+        return v0 + slope * (n_layers - d0)
+
+    temps = extrapolate([p["compiled_temp_bytes_per_device"] for p in points])
+    flops = extrapolate([p.get("flops_per_device", 0.0) for p in points])
+    kinds = sorted(set().union(*(p["collectives"] for p in points)))
+    collectives = {k: extrapolate([p["collectives"].get(k, {"bytes": 0})["bytes"] for p in points])
+                   for k in kinds}
+    state = full["param_bytes_per_device"] + full["optimizer_bytes_per_device"]
+    total = state + temps
+    return {"model": model, "devices": devices, "preset": preset, "mesh": mesh,
+            "params": full["params"], "state_bytes": state, "temp_bytes": temps,
+            "total_bytes": total, "flops_per_device": flops, "collective_bytes": collectives,
+            "compile_seconds": [p["compile_seconds"] for p in points], "depths": list(depths),
+            "fits": {name: total <= limit for name, limit in DEVICE_MEMORY.items()}}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | devices | preset | mesh | state GiB/dev | temps GiB/dev | total GiB/dev | "
+             "TFLOP/dev/step | collectives GiB/dev | fits 16 GB | fits 95 GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    gib = 2**30
+    for r in rows:
+        mesh = "×".join(f"{a}{s}" for a, s in r["mesh"].items())
+        coll = sum(r["collective_bytes"].values()) / gib
+        lines.append(f"| {r['model']} | {r['devices']} | {r['preset']} | {mesh} | "
+                     f"{r['state_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.1f} | "
+                     f"{r['total_bytes'] / gib:.1f} | {r['flops_per_device'] / 1e12:.1f} | "
+                     f"{coll:.1f} | {'yes' if r['fits']['16 GB'] else 'no'} | "
+                     f"{'yes' if r['fits']['95 GB'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="hydra_1p6b,transformer_1p3b")
+    parser.add_argument("--sizes", default="8,64,256")
+    parser.add_argument("--presets", default="data,fsdp,fsdp_tp,fsdp_tp_ep,fsdp_tp_sp")
+    parser.add_argument("--out", default=str(RESULTS / "scaling"))
+    args = parser.parse_args()
+    jobs = []
+    for model in args.models.split(","):
+        depths = (3, 6) if model.startswith("hydra") else (2, 4)
+        for devices in map(int, args.sizes.split(",")):
+            for preset in args.presets.split(","):
+                mesh = meshes(preset, devices, model)
+                if mesh is not None and math.prod(mesh.values()) == devices:
+                    jobs.append((model, devices, preset, mesh, depths))
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model, devices, preset, mesh, depths in tqdm(jobs, desc="dry runs", unit="config"):
+        try:
+            rows.append(one(model, devices, preset, mesh, depths))
+        except Exception as err:  # noqa: BLE001 — record the failure, keep the table going
+            rows.append({"model": model, "devices": devices, "preset": preset, "mesh": mesh,
+                         "error": str(err)[-500:]})
+        done = [r for r in rows if "error" not in r]
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        out.with_suffix(".md").write_text(markdown(done) + "\n")
+    print(markdown([r for r in rows if "error" not in r]))
+    for r in rows:
+        if "error" in r:
+            print(f"FAILED {r['model']} {r['devices']} {r['preset']}: {r['error']}")
+
+
+if __name__ == "__main__":
+    main()
