@@ -8,12 +8,18 @@ Nothing is allocated: every number comes from abstract shapes and the CPU compil
 * Compiling all 24 blocks on 256 emulated devices takes 7 minutes on this 2-core machine, so
   each configuration is compiled at two reduced depths (one period of Hydra's block pattern
   and two; the same PKM layer in both) and the compiler's temporaries, FLOPs and collective
-  bytes are extrapolated linearly in depth to the full model. With rematerialisation the
-  temporaries are the residual stream saved per block (linear in depth) plus one block's
-  recomputation and the logits (constant), which is what the linear fit assumes.
-* The compiler is XLA:CPU: its fusion and scheduling differ from TPU and GPU, so temporaries
-  are estimates of the same program; XLA's cost analysis counts a loop body once, so FLOPs of
-  scans are under-counted (see jaxsparse/dryrun.py).
+  bytes are extrapolated linearly in depth to the full model ("no remat" columns).
+* XLA:CPU drops rematerialisation (its CSE merges the recomputation back into the forward
+  pass: the temporaries of a 24-layer MLP stack are 588 MiB with and without
+  ``jax.checkpoint``), so the CPU compiler cannot measure what ``model.remat`` saves on an
+  accelerator. The "remat" column is therefore an estimate: the compiled temporaries of the
+  shallow model (its blocks' activations included: an upper bound of the constant part) plus,
+  per further block, the residual stream that per-block remat keeps
+  (``batch/batch-shards × length/sequence-shards × d_model`` in the compute dtype).
+* Fusion and scheduling differ on TPU and GPU, so all temporaries are estimates of the same
+  program; XLA's cost analysis counts a loop body once, so FLOPs of scans are under-counted
+  (see jaxsparse/dryrun.py), and remat's recomputation (about one more forward pass) is not in
+  the FLOPs.
 
 Usage: python experiments/scale/scaling_table.py [--sizes 8,64,256] [--models ...] [--quick]
 Writes experiments/results/scaling.{json,md}.
@@ -26,6 +32,8 @@ import json
 import math
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from jaxsparse import configs
@@ -67,11 +75,12 @@ def depth_overrides(model: str, depth: int) -> list[str]:
 
 def one(model: str, devices: int, preset: str, mesh: dict[str, int], depths) -> dict:
     sizes = {axis: mesh.get(axis, 1) for axis in ("data", "fsdp", "expert", "sequence", "tensor")}
-    base = [f"mesh.{a}={s}" for a, s in sizes.items()] + [f"mesh.preset={preset}", "model.remat=true"]
+    base = [f"mesh.{a}={s}" for a, s in sizes.items()] + [f"mesh.preset={preset}"]
     full = run_emulated(model, devices, base, compile=False)  # exact parameter/optimiser bytes
     points = [run_emulated(model, devices, base + depth_overrides(model, d), compile=True)
               for d in depths]
-    n_layers = configs.get(model).model.n_layers
+    cfg = configs.get(model)
+    n_layers = cfg.model.n_layers
 
     def extrapolate(values):
         (d0, v0), (d1, v1) = zip(depths, values)
@@ -83,28 +92,37 @@ def one(model: str, devices: int, preset: str, mesh: dict[str, int], depths) -> 
     kinds = sorted(set().union(*(p["collectives"] for p in points)))
     collectives = {k: extrapolate([p["collectives"].get(k, {"bytes": 0})["bytes"] for p in points])
                    for k in kinds}
+    batch_shards = sizes["data"] * sizes["fsdp"] * (sizes["expert"] if preset in ("fsdp_tp_ep", "full") else 1)
+    residual = (cfg.data.batch_size / batch_shards) * (cfg.data.seq_len / sizes["sequence"]) \
+        * cfg.model.d_model * np.dtype(jnp.dtype(cfg.model.dtype)).itemsize
+    temps_remat = points[0]["compiled_temp_bytes_per_device"] + (n_layers - depths[0]) * residual
     state = full["param_bytes_per_device"] + full["optimizer_bytes_per_device"]
-    total = state + temps
+    total, total_remat = state + temps, state + temps_remat
     return {"model": model, "devices": devices, "preset": preset, "mesh": mesh,
             "params": full["params"], "state_bytes": state, "temp_bytes": temps,
-            "total_bytes": total, "flops_per_device": flops, "collective_bytes": collectives,
+            "temp_bytes_remat": temps_remat, "total_bytes": total, "total_bytes_remat": total_remat,
+            "flops_per_device": flops, "collective_bytes": collectives,
             "compile_seconds": [p["compile_seconds"] for p in points], "depths": list(depths),
-            "fits": {name: total <= limit for name, limit in DEVICE_MEMORY.items()}}
+            "fits": {name: total <= limit for name, limit in DEVICE_MEMORY.items()},
+            "fits_remat": {name: total_remat <= limit for name, limit in DEVICE_MEMORY.items()}}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | devices | preset | mesh | state GiB/dev | temps GiB/dev | total GiB/dev | "
-             "TFLOP/dev/step | collectives GiB/dev | fits 16 GB | fits 95 GB |",
+    lines = ["| model | devices | preset | mesh | params+opt GiB/dev | total GiB/dev, no remat | "
+             "total GiB/dev, remat (est.) | TFLOP/dev/step | collectives GiB/dev | "
+             "fits 16 GB: no remat (remat) | fits 95 GB: no remat (remat) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     gib = 2**30
+    yes = lambda r, size: ("yes" if r["fits"][size] else "no") + (  # noqa: E731
+        "" if r["fits"][size] == r["fits_remat"][size] else
+        f" ({'yes' if r['fits_remat'][size] else 'no'})")
     for r in rows:
         mesh = "×".join(f"{a}{s}" for a, s in r["mesh"].items())
         coll = sum(r["collective_bytes"].values()) / gib
         lines.append(f"| {r['model']} | {r['devices']} | {r['preset']} | {mesh} | "
-                     f"{r['state_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.1f} | "
-                     f"{r['total_bytes'] / gib:.1f} | {r['flops_per_device'] / 1e12:.1f} | "
-                     f"{coll:.1f} | {'yes' if r['fits']['16 GB'] else 'no'} | "
-                     f"{'yes' if r['fits']['95 GB'] else 'no'} |")
+                     f"{r['state_bytes'] / gib:.2f} | {r['total_bytes'] / gib:.1f} | "
+                     f"{r['total_bytes_remat'] / gib:.1f} | {r['flops_per_device'] / 1e12:.1f} | "
+                     f"{coll:.1f} | {yes(r, '16 GB')} | {yes(r, '95 GB')} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,118 @@
+"""Sharding presets as data, mesh validation, dry runs (memory, FLOPs, collectives) and
+per-block rematerialisation."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsparse.cli import main
+from jaxsparse.config import ConfigError, validate
+from jaxsparse.dryrun import collective_summary, mesh_overrides, run_emulated
+from jaxsparse.parallel import PRESETS, get_preset
+
+from helpers import tiny_config
+
+
+def test_presets_are_tables_of_logical_names_and_print(capsys):
+    assert list(PRESETS) == ["data", "fsdp", "fsdp_tp", "fsdp_tp_ep", "fsdp_tp_sp", "full"]
+    rules = {name: dict(p.rules) for name, p in PRESETS.items()}
+    assert rules["data"]["embed"] is None and rules["data"]["batch"] == ("data",)
+    assert rules["fsdp"]["embed"] == "fsdp" and rules["fsdp"]["mlp"] is None
+    assert rules["fsdp_tp"]["heads"] == "tensor" and rules["fsdp_tp"]["length"] is None
+    assert rules["fsdp_tp_ep"]["expert"] == "expert" and "expert" in rules["fsdp_tp_ep"]["batch"]
+    assert rules["fsdp_tp_sp"]["length"] == "sequence"
+    assert main(["configs", "--sharding", "fsdp_tp_sp"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh axes: data, fsdp, sequence, tensor" in out
+    assert "length           sequence" in out and "heads            tensor" in out
+    assert main(["configs", "--sharding", "zero3"]) == 2
+    assert "'zero3' is not a sharding preset; allowed: data, fsdp" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mesh.preset='zero3'"):
+        get_preset("zero3")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("mesh.preset=fsdp", "mesh.tensor=2"),
+     "mesh.tensor=2: sharding preset 'fsdp' does not use the tensor axis (it uses data, fsdp)"),
+    (("mesh.preset=data", "mesh.data=1", "mesh.fsdp=-1"), "mesh.fsdp=-1: sharding preset 'data'"),
+    (("mesh.preset=fsdp_tp_ep",),
+     "mesh.preset='fsdp_tp_ep' splits MoE experts over the expert axis, but this transformer "
+     "model has no MoE layers"),
+    (("mesh.tensor=3",), "mesh.tensor=3 must divide model.n_heads=4"),
+    (("mesh.tensor=4", "model.n_kv_heads=2"), "mesh.tensor=4 must divide model.n_kv_heads=2"),
+    (("mesh.sequence=3",), "mesh.sequence=3 must divide data.seq_len=32"),
+    (("mesh.sequence=0",), "mesh.sequence=0: must be >= 1, or -1"),
+    (("mesh.preset=ring",), "mesh.preset='ring': allowed data, fsdp, fsdp_tp"),
+    (("mesh.data=-1", "mesh.fsdp=-1"), "at most one axis may be -1"),
+])
+def test_meshes_a_model_or_preset_cannot_use_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(tiny_config(*overrides))
+    assert message in str(err.value)
+
+
+def test_mesh_flags_and_collective_parsing():
+    overrides, devices = mesh_overrides("data=16, fsdp=4,tensor=2")
+    assert devices == 128
+    assert overrides == ["mesh.data=16", "mesh.fsdp=4", "mesh.expert=1", "mesh.sequence=1",
+                         "mesh.tensor=2"]
+    for bad in ("daat=2", "fsdp=0", "fsdp=two"):
+        with pytest.raises(ConfigError, match="must be AXIS=SIZE"):
+            mesh_overrides(bad)
+    hlo = """
+  %all-gather.1 = f32[32,16]{0,1} all-gather(%copy), channel_id=1, dimensions={1}
+  %ar = (bf16[8]{0}, f32[2,3]{1,0}) all-reduce(%a, %b), to_apply=%sum
+  %cp = s32[4]{0} collective-permute-start(%x), source_target_pairs={{0,1}}
+  %add = f32[4]{0} add(%p, %q)
+"""
+    assert collective_summary(hlo) == {"all-reduce": {"count": 1, "bytes": 16 + 24},
+                                       "all-gather": {"count": 1, "bytes": 2048},
+                                       "collective-permute": {"count": 1, "bytes": 16}}
+
+
+def test_dryrun_reports_memory_flops_and_the_collectives_of_each_preset():
+    """Compile-only: FSDP halves the per-device parameter bytes of data parallelism on 2
+    devices and brings all-gathers; the sequence preset exchanges K/V blocks around a ring
+    (collective-permutes); FLOPs per device halve with the batch."""
+    base = ["data.batch_size=4", "data.seq_len=64"]
+    data = run_emulated("transformer_tiny", 2, base + ["mesh.preset=data", "mesh.data=2"], True)
+    fsdp = run_emulated("transformer_tiny", 2, base + ["mesh.preset=fsdp", "mesh.data=1",
+                                                       "mesh.fsdp=2"], True)
+    ring = run_emulated("transformer_tiny", 2, base + ["mesh.preset=fsdp_tp_sp", "mesh.data=1",
+                                                       "mesh.sequence=2"], True)
+    single = run_emulated("transformer_tiny", 1, base + ["mesh.preset=data"], True)
+    assert data["mesh"]["data"] == 2 and fsdp["mesh"]["fsdp"] == 2
+    assert fsdp["param_bytes_per_device"] < 0.6 * data["param_bytes_per_device"]
+    assert data["param_bytes_per_device"] == single["param_bytes_per_device"]
+    assert "all-gather" in fsdp["collectives"] and "all-gather" not in data["collectives"]
+    assert "all-reduce" in data["collectives"] and single["collectives"] == {}
+    assert "collective-permute" in ring["collectives"]
+    np.testing.assert_allclose(data["flops_per_device"], single["flops_per_device"] / 2, rtol=0.05)
+    assert data["compiled_temp_bytes_per_device"] > 0
+
+
+def test_remat_recomputes_blocks_without_changing_the_step():
+    """model.remat=true: every block is rematerialised (one remat region per block in the
+    traced step) and the step is unchanged — losses, gradient norms, and for Hydra its sown MoE
+    losses and shared workspace. (XLA:CPU merges the recomputation back into the forward pass,
+    so what remat saves shows only on accelerators.)"""
+    from jaxsparse.parallel import make_mesh
+    from jaxsparse.train.state import TrainSetup
+    from jaxsparse.train.step import make_train_step
+    from jaxsparse.data import make_stream
+
+    hydra = ("model.name=hydra", "model.hydra_window=8", "model.hydra_max_global=4",
+             "model.hydra_ssm_width=16", "model.moe_experts=4", "model.moe_k=2",
+             "model.moe_d_ff=32", "model.workspace_slots=4", "model.workspace_chunk=8")
+    for extra in ((), hydra):
+        out, regions = [], []
+        for remat in ("false", "true"):
+            cfg = tiny_config(f"model.remat={remat}", *extra)
+            setup = TrainSetup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+            state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
+            batch = setup.global_batch(stream.batch(0))
+            regions.append(str(step.trace(state, batch).jaxpr).count("remat"))
+            state, metrics = step(state, batch)
+            out.append([float(metrics[k]) for k in ("loss", "aux_loss", "grad_norm")])
+        np.testing.assert_allclose(out[1], out[0], rtol=1e-6)
+        assert regions == [0, cfg.model.n_layers]
