@@ -24,7 +24,7 @@ from jaxsparse.config import ModelConfig, pkm_layer_indices
 from jaxsparse.models.curriculum import COMPONENTS, active_components
 from jaxsparse.models.lm import LanguageModel
 from jaxsparse.models.transformer import feed_forward
-from jaxsparse.nn.expert_parallel import batch_local
+from jaxsparse.nn.batch_local import batch_local
 from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
 from jaxsparse.nn.sga import SparseGlobalAttention

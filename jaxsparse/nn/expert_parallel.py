@@ -10,17 +10,20 @@ results, which are combined locally. Parameters sharded over other axes (FSDP) a
 by ``shard_map`` on entry. With ``capacity_factor=None`` the buffers hold every token a
 device could send an expert (its local token count), so the layer stays exactly dropless.
 Router statistics are averaged over devices, so the auxiliary losses are the global ones.
+
+Without an expert axis, :func:`token_parallel_moe` does the same minus the exchange: every
+device routes and runs all experts on its own rows of the batch.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
-from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec
+from jaxsparse.nn.batch_local import token_shard_axes
+from jaxsparse.parallel import current_rules, logical_to_spec
 
 AXIS = "expert"
 
@@ -80,20 +83,15 @@ def expert_parallel_moe(moe, x_BLD, mesh):
     )(x_BLD, router_kernel, gate, up, down)
 
 
-def token_shard_axes(mesh, batch: int) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that split the batch of a ``[batch, ...]`` activation."""
-    spec = logical_to_spec(("batch",), (batch,), mesh, current_rules())[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
-
-
 def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
     """``(y [B, L, D], aux_loss, load [E], dropped)`` with every device routing and running all
     experts on its own rows of the batch (data and FSDP parallelism without an expert axis).
 
-    The layer's own dispatch runs inside ``jax.shard_map`` over the batch axes only, so sorting
-    tokens by expert and gathering their rows stay local instead of being replicated over the
-    global batch. Router statistics are averaged over those axes, so the losses are the global
+    The layer's own dispatch runs inside ``jax.shard_map`` with the batch split over its mesh
+    axes and everything else whole, so sorting tokens by expert and gathering their rows stay
+    local instead of being replicated over the global batch. (Manual over every axis: leaving
+    the tensor axis to the compiler crashed XLA:CPU on bfloat16 dispatch, "Invalid binary
+    instruction opcode copy".) Router statistics are averaged over those axes, so the losses are the global
     ones; the dropless dispatch gives exactly the single-device result (a capacity limit applies
     per device, as under expert parallelism)."""
     axes = token_shard_axes(mesh, x_BLD.shape[0])
@@ -111,24 +109,3 @@ def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P(), P()),
                          out_specs=(rows, P(), P(), P()), check_vma=False)(
         x_BLD, router_inputs, moe.router.kernel[...], moe._weights())
-
-
-def batch_local(module, x_BLD, method: str = "__call__"):
-    """``module.method(x)`` with each device computing its own rows of the batch.
-
-    For per-token layers whose internals (top-k over product keys, gathers from a table) the
-    compiler would otherwise partition by gathering the global batch onto every device. The
-    module's state enters ``shard_map`` whole (FSDP-split parameters are gathered, as for any
-    layer); gradients flow back through it. Outside a mesh with a split batch: a plain call.
-    Modules that write state during the call (sown values, counters) are not supported."""
-    mesh = current_mesh()
-    axes = () if mesh is None else token_shard_axes(mesh, x_BLD.shape[0])
-    if not axes:
-        return getattr(module, method)(x_BLD)
-    graphdef, state = nnx.split(module)
-
-    def local(state, x_BLD):
-        return getattr(nnx.merge(graphdef, state), method)(x_BLD)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P(axes),
-                         check_vma=False)(state, x_BLD)

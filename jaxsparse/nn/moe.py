@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe, token_shard_axes
+from jaxsparse.nn.batch_local import token_shard_axes
+from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh

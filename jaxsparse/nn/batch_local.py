@@ -1,0 +1,43 @@
+"""Per-device computation on the rows of the batch each device holds.
+
+Under data or FSDP parallelism the compiler partitions most layers by the batch on its own.
+Layers built on sorts, top-k and gathers over all tokens (MoE dispatch, product-key memory
+reads) are the exception: it tends to gather the global batch onto every device first. Running
+them inside ``jax.shard_map`` over the batch axes keeps them local.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec
+
+
+def token_shard_axes(mesh, batch: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch of a ``[batch, ...]`` activation."""
+    spec = logical_to_spec(("batch",), (batch,), mesh, current_rules())[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+
+
+def batch_local(module, x_BLD, method: str = "__call__"):
+    """``module.method(x)`` with each device computing its own rows of the batch.
+
+    For per-token layers whose internals (top-k over product keys, gathers from a table) the
+    compiler would otherwise partition by gathering the global batch onto every device. The
+    module's state enters ``shard_map`` whole (FSDP-split parameters are gathered, as for any
+    layer); gradients flow back through it. Outside a mesh with a split batch: a plain call.
+    Modules that write state during the call (sown values, counters) are not supported."""
+    mesh = current_mesh()
+    axes = () if mesh is None else token_shard_axes(mesh, x_BLD.shape[0])
+    if not axes:
+        return getattr(module, method)(x_BLD)
+    graphdef, state = nnx.split(module)
+
+    def local(state, x_BLD):
+        return getattr(nnx.merge(graphdef, state), method)(x_BLD)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P(axes),
+                         check_vma=False)(state, x_BLD)
