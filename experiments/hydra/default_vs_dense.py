@@ -24,6 +24,8 @@ from jaxsparse.train.loop import train
 from jaxsparse.train.state import TrainSetup
 from jaxsparse.train.step import make_train_step
 
+from study import step_timing  # noqa: E402  (this folder's study script)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -32,15 +34,12 @@ def seconds_per_step(cfg, probe: int = 8) -> tuple[float, float]:
     setup = TrainSetup(cfg, make_mesh(cfg.mesh))
     state, step = setup.init(), make_train_step(setup)
     stream = make_stream(cfg, Shard(0, 1))
+    batch = setup.global_batch(stream.batch(0))
     start = time.perf_counter()
-    state, metrics = step(state, setup.global_batch(stream.batch(0)))
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(probe):
-        state, metrics = step(state, setup.global_batch(stream.batch(i + 1)))
-    jax.block_until_ready(metrics)
-    return compile_s, (time.perf_counter() - start) / probe
+    return compile_s, step_timing(step, state, batch, probe)
 
 
 def main(argv=None) -> None:

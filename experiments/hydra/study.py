@@ -119,15 +119,21 @@ def step_seconds(cfg, repeats: int) -> float:
              "targets": rng.integers(0, 256, shape, dtype=np.int32),
              "mask": np.ones(shape, np.float32)}
     batch = setup.global_batch(batch)
-    state, metrics = step(state, batch)  # compile
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return step_timing(step, state, batch, repeats)
+
+
+def step_timing(step, state, batch, repeats: int) -> float:
+    """Median seconds of one training step (``time_fn``: warm-up, then ``repeats`` timed
+    calls, each waited for). The step donates its state, so each call takes the last one's."""
+    from jaxsparse.bench.timing import time_fn
+
+    holder = [state]
+
+    def one_step(batch):
+        holder[0], metrics = step(holder[0], batch)
+        return metrics
+
+    return time_fn(one_step, batch, warmup=1, repeats=repeats).median_s
 
 
 def study_throughput(args, out: Path) -> None:

@@ -13,6 +13,8 @@ variable that is part of the train state, so a resumed run continues in the righ
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 COMPONENTS = ("ssm", "sga", "ffn", "pkm", "workspace")
@@ -21,6 +23,11 @@ ALIASES = {"moe": ("ffn",), "memory": ("pkm", "workspace"), "memories": ("pkm", 
 
 def parse_curriculum(spec: str) -> dict[str, int]:
     """Start step of every component (0 for those the spec does not name)."""
+    return dict(_parse(spec))
+
+
+@functools.lru_cache(maxsize=64)  # the training loop asks at every step
+def _parse(spec: str) -> tuple[tuple[str, int], ...]:
     starts = {name: 0 for name in COMPONENTS}
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -41,7 +48,7 @@ def parse_curriculum(spec: str) -> dict[str, int]:
             raise ValueError(f"{part!r}: the start step must be >= 0")
         for target in targets:
             starts[target] = start
-    return starts
+    return tuple(starts.items())
 
 
 def stages(spec: str) -> list[tuple[int, tuple[str, ...]]]:

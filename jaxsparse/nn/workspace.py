@@ -62,7 +62,9 @@ class WorkspaceMemory(nnx.Module):
             read = read_slots(x_B1D, state)
             buffer = jax.lax.dynamic_update_slice(buffer, x_B1D, (0, pos % self.chunk, 0))
             done = pos % self.chunk == self.chunk - 1
-            state = jnp.where(done, workspace_update(state, buffer, weights), state)
+            # rewrite only when a chunk completes (one token in `chunk`), not on every token
+            state = jax.lax.cond(done, lambda s: workspace_update(s, buffer, weights),
+                                 lambda s: s, state)
             return (state, buffer), read[:, 0]
 
         positions = cache_index + jnp.arange(x_BLD.shape[1])
