@@ -175,6 +175,10 @@ class TrainConfig:
     # and Monarch projections are converted where model.monarch differs (jaxsparse.sparsify).
     init_from: str | None = None
     tensorboard: bool = True
+    # Positions per chunk of the output head + loss in the training step (0: all at once).
+    # Each chunk's [batch, chunk, vocab] logits are recomputed in the backward pass instead of
+    # keeping [batch, length, vocab] alive: the largest activation of a large-vocabulary model.
+    loss_chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -508,6 +512,7 @@ def validate(cfg: Config) -> Config:
                "more clusters than tokens")
     _check(d.seq_len <= m.max_seq_len,
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(t.loss_chunk >= 0, f"train.loss_chunk={t.loss_chunk}: must be >= 0 (0: no chunks)")
     _check(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")

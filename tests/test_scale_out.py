@@ -116,3 +116,25 @@ def test_remat_recomputes_blocks_without_changing_the_step():
             out.append([float(metrics[k]) for k in ("loss", "aux_loss", "grad_norm")])
         np.testing.assert_allclose(out[1], out[0], rtol=1e-6)
         assert regions == [0, cfg.model.n_layers]
+
+
+@pytest.mark.parametrize("extra", [(), ("model.tie_embeddings=true",)])
+def test_chunked_loss_equals_the_whole_sequence_loss(extra):
+    """train.loss_chunk: the head and loss run 7 positions at a time (32 is not a multiple:
+    the last chunk is padded and masked) — the same loss, accuracy and gradients."""
+    from jaxsparse.parallel import make_mesh
+    from jaxsparse.train.state import TrainSetup
+    from jaxsparse.train.step import make_train_step
+    from jaxsparse.data import make_stream
+
+    out = []
+    for chunk in (0, 7):
+        cfg = tiny_config(f"train.loss_chunk={chunk}", *extra)
+        setup = TrainSetup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+        state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
+        for i in range(2):
+            state, metrics = step(state, setup.global_batch(stream.batch(i)))
+        out.append([float(metrics[k]) for k in ("loss", "accuracy", "grad_norm")])
+    np.testing.assert_allclose(out[1], out[0], rtol=2e-6)
+    with pytest.raises(ConfigError, match="train.loss_chunk=-1: must be >= 0"):
+        validate(tiny_config("train.loss_chunk=-1"))

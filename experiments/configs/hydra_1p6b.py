@@ -16,7 +16,8 @@ def get_config() -> Config:
         model=ModelConfig(
             name="hydra", vocab_size=32_000, d_model=2048, n_layers=24, n_heads=16,
             n_kv_heads=16, d_ff=5504, max_seq_len=8192, expand=1, tie_embeddings=True,
-            dtype="bfloat16", hydra_sga_every=3, hydra_window=256, hydra_max_global=512,
+            dtype="bfloat16", remat=True, hydra_sga_every=3, hydra_window=256,
+            hydra_max_global=512,
             hydra_curriculum="sga:2000,moe:4000,memory:6000",
             moe_experts=8, moe_k=2, moe_every=1, moe_chunk=64, moe_d_ff=512,
             pkm_layers="8,16", pkm_slots=65_536, pkm_heads=4, pkm_k_dim=256, pkm_knn=32,
@@ -24,5 +25,6 @@ def get_config() -> Config:
         data=DataConfig(seq_len=4096, batch_size=256),
         mesh=MeshConfig(data=8, fsdp=8, expert=1),
         optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2000),
-        train=TrainConfig(steps=100_000, eval_every=2000, checkpoint_every=1000),
+        train=TrainConfig(steps=100_000, eval_every=2000, checkpoint_every=1000,
+                          loss_chunk=512),
     )

@@ -42,12 +42,21 @@ class LanguageModel(nnx.Module):
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"),
                                   rngs=rngs, init_scale=0.1, dtype=dtype, param_dtype=param_dtype)
 
+    def logits(self, x_BLD):
+        """Final norm and output head: ``[B, L, D]`` features -> float32 ``[B, L, vocab]``."""
+        return self._logits(x_BLD)
+
     def _logits(self, x_BLD):
         x_BLD = self.final_norm(x_BLD)
         logits = self.embed.attend(x_BLD) if self.cfg.tie_embeddings else self.lm_head(x_BLD)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, tokens_BL: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
+        return self._logits(self.features(tokens_BL, segment_ids=segment_ids, positions=positions))
+
+    def features(self, tokens_BL: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
+        """The residual stream after the last block, ``[B, L, d_model]``; ``logits`` of it is
+        the forward pass (the training step splits that into chunks, ``train.loss_chunk``)."""
         _check_tokens(tokens_BL)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
@@ -58,7 +67,7 @@ class LanguageModel(nnx.Module):
                 x = _remat_block(block, x, positions, segment_ids, context)
             else:
                 x, _ = block(x, positions, segment_ids=segment_ids, **context)
-        return self._logits(x)
+        return x
 
     def _block_context(self, training_call: bool) -> dict:
         """Extra keyword arguments every block call gets (e.g. Hydra's shared workspace and

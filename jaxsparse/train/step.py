@@ -43,15 +43,47 @@ def masked_token_stats(logits, targets, mask):
     return jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)
 
 
+def chunked_token_stats(model, x_BLD, targets, mask, chunk: int):
+    """:func:`masked_token_stats` of ``model.logits(x)``, ``chunk`` positions at a time: each
+    chunk's logits are rematerialised in the backward pass, so ``[B, L, vocab]`` never exists
+    (the length is padded to a multiple of ``chunk`` with masked positions)."""
+    batch, length, _ = x_BLD.shape
+    pad = -length % chunk
+    if pad:
+        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = (jnp.pad(t, ((0, 0), (0, pad))) for t in (targets, mask))
+    n = (length + pad) // chunk
+
+    def split(t):  # [B, n·c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(t.reshape(batch, n, chunk, *t.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(x_c, t_c, m_c):
+        return jnp.stack(masked_token_stats(model.logits(x_c), t_c, m_c))
+
+    def add(total, chunk_inputs):
+        return total + one(*chunk_inputs), None
+
+    total, _ = jax.lax.scan(add, jnp.zeros(3, jnp.float32), (split(x_BLD), split(targets), split(mask)))
+    return total[0], total[1], total[2]
+
+
 def make_train_step(setup: TrainSetup):
     tx = setup.tx
     schedule = lr_schedule(setup.cfg.optimizer, setup.cfg.train.steps)
+    chunk = setup.cfg.train.loss_chunk
 
     def loss_fn(params, rest, batch):
         model = setup.model(params, rest)
-        logits = model(batch["inputs"])
-        aux, moe_stats = _aux_losses(model)
-        ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
+        if chunk and chunk < batch["inputs"].shape[1]:
+            x = model.features(batch["inputs"])
+            aux, moe_stats = _aux_losses(model)
+            ce_sum, correct, count = chunked_token_stats(model, x, batch["targets"],
+                                                         batch["mask"], chunk)
+        else:
+            logits = model(batch["inputs"])
+            aux, moe_stats = _aux_losses(model)
+            ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
         loss = ce_sum / jnp.maximum(count, 1.0)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss + aux, {"loss": loss, "aux_loss": aux, "accuracy": correct / jnp.maximum(count, 1.0),
