@@ -23,14 +23,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
 from jaxsparse.nn.batch_local import token_shard_axes
-from jaxsparse.parallel import current_rules, logical_to_spec
 
 AXIS = "expert"
 
 
 def _token_axes(mesh, x_BLD) -> tuple[str, ...]:
-    spec = logical_to_spec(("batch",), x_BLD.shape[:1], mesh, current_rules())[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    axes = token_shard_axes(mesh, x_BLD.shape[0])
     if AXIS not in axes:
         raise ValueError(f"expert parallelism splits the batch over mesh axis '{AXIS}' "
                          f"(size {mesh.shape[AXIS]}); batch {x_BLD.shape[0]} does not divide "
