@@ -191,13 +191,25 @@ def test_bf16_error_is_within_the_bf16_reference_error(implementation):
     assert err <= 2 * ref_err + 1e-3, (float(err), float(ref_err))
 
 
-def test_default_implementation_picks_blocksparse_for_long_sparse_masks():
+def test_default_implementation_picks_blocksparse_from_a_million_logits():
     from jaxsparse.ops.attention.api import _choose
 
-    assert _choose(CausalMask(), 128, 128) == "xla"
-    assert _choose(LocalMask(255, 0) & CausalMask(), 8192, 8192) == "xla_blocksparse"
-    assert _choose(FullMask(), 8192, 8192) == "xla"
-    assert _choose(jnp.ones((4, 4), bool), 8192, 8192) == "xla"
+    assert _choose(CausalMask(), 1, 4, 128, 128) == ("xla", CausalMask())
+    assert _choose(CausalMask(), 64, 4, 64, 64) == ("xla_blocksparse", CausalMask())
+    window = LocalMask(255, 0) & CausalMask()
+    assert _choose(window, 1, 1, 8192, 8192) == ("xla_blocksparse", window)
+    assert _choose(FullMask(), 1, 4, 1024, 1024) == ("xla_blocksparse", FullMask())
+    assert _choose(None, 1, 4, 1024, 1024) == ("xla_blocksparse", FullMask())
+    assert _choose(None, 1, 4, 128, 128) == ("xla", None)
+    dense = jnp.ones((4, 4), bool)
+    assert _choose(dense, 1, 1, 8192, 8192) == ("xla", dense)
+
+
+def test_default_path_on_a_long_unmasked_batch_equals_the_reference():
+    q, k, v = rand(6, 2, 520, 4, 16), rand(7, 2, 520, 2, 16), rand(8, 2, 520, 2, 16)
+    out = dot_product_attention(q, k, v)  # 2*4*520*520 > 2**20 logits: the block-sparse path
+    ref = dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 # --- decoding -------------------------------------------------------------------------------

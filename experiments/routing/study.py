@@ -40,13 +40,14 @@ def variants(seq_len: int, local: int) -> dict[str, list[str]]:
             "routing": routing}
 
 
-def task_overrides(task: str, seq_len: int, steps: int) -> list[str]:
+def task_overrides(task: str, seq_len: int, steps: int, batch: int) -> list[str]:
     every = [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
              f"train.checkpoint_every={steps}"]
     if task == "text":
         return every + [f"data.seq_len={seq_len}"]
     return every + ["data.task=mqar", "model.vocab_size=256", f"data.seq_len={seq_len}",
-                    f"model.max_seq_len={seq_len}", "data.num_kv_pairs=8", "data.batch_size=16",
+                    f"model.max_seq_len={seq_len}", "data.num_kv_pairs=8",
+                    f"data.batch_size={batch}", "eval.batches=4",
                     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
                     "model.routing_skip_first=1", "model.routing_heads=2",
                     "optimizer.weight_decay=0.0", "optimizer.warmup_steps=100"]
@@ -57,13 +58,15 @@ def main(argv=None) -> None:
     parser.add_argument("--task", choices=("text", "mqar"), default="text")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (mqar)")
     parser.add_argument("--local", type=int, default=32, help="local window (keys)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     seq_len = args.seq_len or (128 if args.task == "text" else 1024)
     out = Path(args.out) / args.task
     metric = "bits_per_byte" if args.task == "text" else "accuracy"
-    shared = QUIET + ["model.n_kv_heads=4"] + task_overrides(args.task, seq_len, args.steps)
+    shared = (QUIET + ["model.n_kv_heads=4"]
+              + task_overrides(args.task, seq_len, args.steps, args.batch))
     rows, curves = [], {}
     for label, extra in variants(seq_len, args.local).items():
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
@@ -74,12 +77,14 @@ def main(argv=None) -> None:
         records = read_metrics(workdir)
         curves[label] = [(r["step"], r[metric]) for r in records if r["split"] == "eval"]
         step_times = [r for r in records if r["split"] == "train"]
-        tokens_per_s = float(np.median([r["tokens_per_sec"] for r in step_times[1:]]))
+        # The first logged window includes compilation; drop it when there is another.
+        tokens_per_s = float(np.median([r["tokens_per_sec"] for r in step_times[1:] or step_times]))
         rows.append({"model": label, "params": count_params(cfg.model), "steps": result.step,
                      metric: result.eval_metrics[metric],
                      "ms_per_step": 1e3 * cfg.data.batch_size * seq_len / tokens_per_s,
                      "minutes": (time.perf_counter() - start) / 60})
-    notes = (f"{args.task}, length {seq_len}, {args.steps} steps; eval {metric}; ms_per_step is "
+    notes = (f"{args.task}, length {seq_len}, {args.steps} steps of {cfg.data.batch_size} sequences; "
+             f"eval {metric}; ms_per_step is "
              "the median training step time on this CPU.")
     name = f"routing_{args.task}"
     write_results(name, rows, ["model", "params", "steps", metric, "ms_per_step", "minutes"],

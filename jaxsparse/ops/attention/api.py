@@ -10,15 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.ops.attention.blocksparse import blocksparse_attention, pick_block
+from jaxsparse.ops.attention.blocksparse import blocksparse_attention
 from jaxsparse.ops.attention.reference import xla_attention
-from jaxsparse.ops.masks import Mask, MultiHeadMask, cached_block_table
+from jaxsparse.ops.masks import FullMask, Mask, MultiHeadMask
 
 IMPLEMENTATIONS = (None, "xla", "xla_blocksparse", "pallas", "pallas_interpret")
 
-# Below this many (query, key) pairs the dense reference is as fast as anything else.
-_BLOCKSPARSE_MIN_PAIRS = 1 << 20
-_BLOCKSPARSE_MAX_DENSITY = 0.5
+# From this many logits (batch x heads x queries x keys) on, the block-skipping path beats the
+# dense reference on CPU whatever the mask's density: the dense path writes every [B, H, S, T]
+# intermediate to memory, the tiled one keeps a tile in cache. Measured on 2 cores, forward +
+# backward: causal B1 H4 D64 at 512 tokens (1M logits) 16 vs 20 ms, B8 H4 D16 at 1024 tokens
+# 330 vs 1590 ms (a full mask too: 327 vs 1518 ms); below ~1M logits they are even.
+_BLOCKSPARSE_MIN_LOGITS = 1 << 20
 
 
 def _check_shapes(q, k, v):
@@ -90,17 +93,19 @@ def _array_mask(mask, batch, heads, q_len, kv_len):
     return mask
 
 
-def _choose(mask, q_len, kv_len) -> str:
-    """Best available on this backend; only speed depends on the choice, never results."""
+def _choose(mask, batch: int, heads: int, q_len: int, kv_len: int):
+    """Best available on this backend, as ``(implementation, mask)``; only speed depends on the
+    choice, never results (``mask=None`` becomes ``FullMask()`` for the block-sparse path)."""
     if jax.default_backend() in ("gpu", "tpu") and (mask is None or isinstance(mask, Mask)):
         from jaxsparse.ops.attention.pallas import kernel_can_serve
 
         if mask is None or kernel_can_serve(mask):
-            return "pallas"
-    if not isinstance(mask, Mask) or q_len * kv_len < _BLOCKSPARSE_MIN_PAIRS:
-        return "xla"
-    table = cached_block_table(mask, q_len, kv_len, pick_block(q_len, 128), pick_block(kv_len, 128))
-    return "xla_blocksparse" if table.density <= _BLOCKSPARSE_MAX_DENSITY else "xla"
+            return "pallas", mask
+    if mask is not None and not isinstance(mask, Mask):
+        return "xla", mask  # an explicit boolean array: only the dense path takes it
+    if batch * heads * q_len * kv_len < _BLOCKSPARSE_MIN_LOGITS:
+        return "xla", mask
+    return "xla_blocksparse", FullMask() if mask is None else mask
 
 
 def dot_product_attention(
@@ -153,7 +158,7 @@ def dot_product_attention(
     q_seg, kv_seg = _segments(segment_ids, batch, q_len, kv_len)
 
     if implementation is None:
-        implementation = _choose(mask, q_len, kv_len)
+        implementation, mask = _choose(mask, batch, q_heads, q_len, kv_len)
     if implementation == "xla_blocksparse":
         if not isinstance(mask, Mask):
             raise ValueError("implementation='xla_blocksparse' needs a lazy Mask object as mask "
