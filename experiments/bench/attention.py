@@ -23,7 +23,8 @@ from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.mask_specs import parse_mask_spec
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-PATTERNS = {"window 256": "local:256", "window 512": "local:512", "bigbird 64": "bigbird:64,3,2,3"}
+PATTERNS = {"window 256": "local:256", "window 512": "local:512", "bigbird 64": "bigbird:64,3,2,3",
+            "causal": "causal"}
 
 
 def peak_bytes(jitted, *args) -> float:
