@@ -59,6 +59,12 @@ def test_causal_tables_fold_into_even_lanes():
     assert sched.valid.all()  # no padding step at all: block i shares a lane with nq-1-i
 
 
+def test_blocks_per_lane_must_be_positive():
+    table = cached_block_table(CausalMask(), 256, 256, 32, 32)
+    with pytest.raises(ValueError, match="blocks_per_lane=0"):
+        lane_schedule(table.kv_indices, table.kv_counts, 0)
+
+
 def test_uniform_tables_keep_one_block_per_lane():
     table = cached_block_table(LocalMask(255, 0) & CausalMask(), 4096, 4096, 128, 128)
     assert lane_schedule(table.kv_indices, table.kv_counts).blocks_per_lane == 1

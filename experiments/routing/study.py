@@ -31,10 +31,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
-def variants(seq_len: int, local: int) -> dict[str, list[str]]:
+def variants(seq_len: int, local: int, decay: float = 0.999) -> dict[str, list[str]]:
     clusters = max(2, int(round(math.sqrt(seq_len))))
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
-               f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}"]
+               f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}",
+               f"model.routing_decay={decay}"]
     return {"full attention": ["model.attention_mask=causal"],
             f"local only ({local})": [f"model.attention_mask=local:{local}"],
             "routing": routing}
@@ -59,6 +60,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step (mqar)")
+    parser.add_argument("--decay", type=float, default=0.999,
+                        help="centroid EMA decay (the paper's 0.999 moves centroids over ~1000 "
+                             "steps; a short run may want 0.99)")
     parser.add_argument("--local", type=int, default=32, help="local window (keys)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -68,7 +72,7 @@ def main(argv=None) -> None:
     shared = (QUIET + ["model.n_kv_heads=4"]
               + task_overrides(args.task, seq_len, args.steps, args.batch))
     rows, curves = [], {}
-    for label, extra in variants(seq_len, args.local).items():
+    for label, extra in variants(seq_len, args.local, args.decay).items():
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
         workdir = out / "runs" / label.split()[0]
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)

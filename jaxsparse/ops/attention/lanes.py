@@ -109,6 +109,8 @@ def lane_schedule(kv_indices: np.ndarray, kv_counts: np.ndarray,
     """The schedule for a block table's ``kv_indices [H, nq, W]`` and ``kv_counts [H, nq]``."""
     counts = kv_counts.astype(np.int64)
     heads, nq = counts.shape
+    if blocks_per_lane is not None and blocks_per_lane < 1:
+        raise ValueError(f"blocks_per_lane={blocks_per_lane}: must be >= 1 (or None to choose)")
     g = choose_blocks_per_lane(counts) if blocks_per_lane is None else blocks_per_lane
     lanes = -(-nq // g)
     if g == 1:
