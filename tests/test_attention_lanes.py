@@ -19,7 +19,8 @@ TABLE_CASES = [
     (GlobalTokensMask(5) | LocalMask(40, 0), 999, 999),
     (LocalMask(64, 0) & CausalMask(), 1000, 1000),
     (FullMask(), 300, 500),
-    (MultiHeadMask((CausalMask(), LocalMask(8, 0), FullMask(), CausalMask(offset=-2000))), 600, 600),
+    (MultiHeadMask((CausalMask(), LocalMask(8, 0), FullMask(), CausalMask(offset=-2000))),
+     600, 600),
 ]
 
 
@@ -80,9 +81,12 @@ ATTENTION_CASES = [
 ]
 
 
+def case_id(x):
+    return type(x).__name__ if not isinstance(x, (int, bool)) else str(x)
+
+
 @pytest.mark.parametrize("blocks_per_lane", [None, 3])
-@pytest.mark.parametrize("mask, S, T, Hq, Hkv, segments", ATTENTION_CASES,
-                         ids=lambda x: type(x).__name__ if not isinstance(x, (int, bool)) else str(x))
+@pytest.mark.parametrize("mask, S, T, Hq, Hkv, segments", ATTENTION_CASES, ids=case_id)
 def test_packed_lanes_equal_the_reference_forward_and_gradients(mask, S, T, Hq, Hkv, segments,
                                                                 blocks_per_lane):
     """16-token blocks: 10-13 q-blocks, so the packing has several lanes of several blocks."""

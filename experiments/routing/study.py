@@ -87,8 +87,8 @@ def main(argv=None) -> None:
                      metric: result.eval_metrics[metric],
                      "ms_per_step": 1e3 * cfg.data.batch_size * seq_len / tokens_per_s,
                      "minutes": (time.perf_counter() - start) / 60})
-    notes = (f"{args.task}, length {seq_len}, {args.steps} steps of {cfg.data.batch_size} sequences; "
-             f"eval {metric}; ms_per_step is "
+    notes = (f"{args.task}, length {seq_len}, {args.steps} steps of {cfg.data.batch_size} "
+             f"sequences; eval {metric}; ms_per_step is "
              "the median training step time on this CPU.")
     name = f"routing_{args.task}"
     write_results(name, rows, ["model", "params", "steps", metric, "ms_per_step", "minutes"],

@@ -1,9 +1,10 @@
 """Block-sparse attention in plain XLA: visit only the non-empty kv-blocks of each q-block.
 
-The q-blocks are packed into lanes (:mod:`~jaxsparse.ops.attention.lanes`: long kv-lists beside
-short ones, so causal and BigBird tables do not pay for their widest row everywhere) and all
-lanes advance together, one tile each per step of a ``lax.scan``, carrying an online softmax
-(Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022). Work and memory grow with the number of non-empty tiles, not with S*T.
+The q-blocks are packed into lanes (:mod:`~jaxsparse.ops.attention.lanes`: long kv-lists
+beside short ones, so causal and BigBird tables do not pay for their widest row everywhere)
+and all lanes advance together, one tile each per step of a ``lax.scan``, carrying an online
+softmax (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022). Work grows with the
+number of non-empty tiles, not with S*T.
 Inside a visited tile the lazy mask is evaluated on the tile's absolute positions, so
 partial tiles are exact; padded slots and padded positions are masked out.
 """
@@ -14,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
 from jaxsparse.ops.attention.lanes import cached_lane_schedule
+from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
 from jaxsparse.ops.masks import Mask, MultiHeadMask, cached_block_table
 
 
@@ -68,7 +69,8 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
                 else [mask.allowed_fn(q_len, kv_len)])
 
     def select(state, slot):
-        """Each lane's state for the q-block it works on now: [B, Hq, P, G, ...] -> [B, Hq, P, ...]."""
+        """Each lane's state for the q-block it works on now: [B, Hq, P, G, ...] -> [B, Hq, P,
+        ...]."""
         if g == 1:
             return state[:, :, :, 0]
         index = slot.reshape((1,) + slot.shape + (1,) * (state.ndim - 3))
