@@ -87,6 +87,7 @@ class ModelConfig:
     routing_shared_qk: bool = False  # keys are the normalised queries (no key projection)
     routing_decay: float = 0.999  # centroid EMA decay
     routing_commitment: float = 1e-4  # commitment loss weight
+    routing_dense_steps: int = 0  # warm-up: routing heads attend densely for these steps
     # Hydra (model.name "hydra"; jaxsparse.models.hydra): SSM + SGA + MoE/FFN per block
     hydra_sga_every: int = 3  # sparse global attention in every n-th block (layers n-1, 2n-1..)
     hydra_window: int = 256  # SGA causal local window
@@ -373,6 +374,8 @@ def _validate_routing(m: ModelConfig) -> None:
            f"model.routing_skip_first={m.routing_skip_first}: must be in [0, model.n_layers="
            f"{m.n_layers}) so that some layer routes")
     _check(0 < m.routing_decay < 1, f"model.routing_decay={m.routing_decay}: must be in (0, 1)")
+    _check(m.routing_dense_steps >= 0,
+           f"model.routing_dense_steps={m.routing_dense_steps}: must be >= 0")
     _check(m.routing_commitment >= 0,
            f"model.routing_commitment={m.routing_commitment}: must be >= 0")
 

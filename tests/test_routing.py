@@ -15,7 +15,7 @@ from jaxsparse import configs
 from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.models.registry import build
 from jaxsparse.nn import RoutingAttention
-from jaxsparse.nn.routing import Centroids
+from jaxsparse.nn.routing import Centroids, routing_statistics
 from jaxsparse.ops.routing import (assign, balanced_clusters, balanced_routing_attention,
                                    causal_routing_attention, commitment_loss, ema_centroids,
                                    init_centroids, normalize)
@@ -176,6 +176,9 @@ def test_routing_tiny_trains_end_to_end_with_the_cli(tmp_path):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in records if r["split"] == "train"]
     assert train_rows and all(np.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in train_rows)
+    for r in train_rows:  # the clustering health statistics reach the metrics
+        assert 0 <= r["routing_empty"] <= 1 and 0 < r["routing_fill"] <= 1
+        assert 1 <= r["routing_max_cluster"] <= 4
     evals = [r for r in records if r["split"] == "eval"]
     assert evals[-1]["loss"] < evals[0]["loss"]
 
@@ -222,3 +225,64 @@ def test_query_chunks_change_nothing_forward_or_backward():
     chunked = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 64)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
+    """``dense_steps=2``: the first two training calls use dense causal attention in the
+    routing heads (centroids still move), the third routes; evaluation always routes."""
+    layer = RoutingAttention(32, 2, 8, rngs=nnx.Rngs(3), routing_heads=2, num_clusters=4,
+                             window=3, local_window=4, shared_qk=shared_qk, dense_steps=2)
+    x = jax.random.normal(jax.random.key(4), (2, 21, 32))
+    pos = jnp.broadcast_to(jnp.arange(21), (2, 21))
+    q, k, v = layer._project(x)
+    keys = normalize(q) if shared_qk else k
+    logits = jnp.einsum("bthd,bshd->bhts", q, keys) / jnp.sqrt(8.0)
+    visible = jnp.tril(jnp.ones((21, 21), bool), -1 if shared_qk else 0)
+    visible = visible.at[0, 0].set(not shared_qk)
+    weights = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), -1), 0.0)
+    dense = layer.o_proj(jnp.nan_to_num(jnp.einsum("bhts,bshd->bthd", weights, v)))
+
+    def routed():
+        out, _ = causal_routing_attention(q, k, v, layer.centroids[...], window=3,
+                                          shared_qk=shared_qk)
+        return layer.o_proj(out)
+
+    expected = [dense, dense, None]
+    for call, want in enumerate(expected):
+        before = layer.centroids[...]
+        want = routed() if want is None else want
+        out, _ = layer(x, pos)
+        np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5, err_msg=f"call {call}")
+        assert float(jnp.abs(layer.centroids[...] - before).max()) > 0  # EMA kept learning
+        assert int(layer.step[...]) == call + 1
+    assert float(jnp.abs(dense - routed()).max()) > 1e-3  # the two paths really differ
+    fresh = RoutingAttention(32, 2, 8, rngs=nnx.Rngs(3), routing_heads=2, num_clusters=4,
+                             window=3, local_window=4, shared_qk=shared_qk, dense_steps=2)
+    fresh.eval()
+    out, _ = fresh(x, pos)
+    want, _ = causal_routing_attention(q, k, v, fresh.centroids[...], window=3,
+                                       shared_qk=shared_qk)
+    np.testing.assert_allclose(out, fresh.o_proj(want), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"dense_steps=-1: must be >= 0"):
+        RoutingAttention(32, 2, 8, rngs=nnx.Rngs(3), routing_heads=2, num_clusters=4, window=3,
+                         local_window=4, dense_steps=-1)
+    with pytest.raises(ConfigError, match=r"model.routing_dense_steps=-5: must be >= 0"):
+        validate(tiny_config(*ROUTING, "model.routing_dense_steps=-5"))
+
+
+def test_routing_statistics_count_empty_windows_fill_and_the_largest_cluster():
+    read = jnp.array([[[0], [3], [4], [1]]])                   # [B=1, L=4, H=1]
+    clusters = jnp.array([[[2], [2], [2], [0]]])               # 3 of 4 keys in cluster 2
+    stats = routing_statistics({"keys_read": read, "k_clusters": clusters}, 4, window=4)
+    np.testing.assert_allclose(stats["routing_empty"], 0.25)
+    np.testing.assert_allclose(stats["routing_fill"], (0 + 3 + 4 + 1) / 4 / 4)
+    np.testing.assert_allclose(stats["routing_max_cluster"], 0.75 * 4)
+    q, k, v = qkv(jax.random.key(5), length=40)
+    _, routing = causal_routing_attention(q, k, v, init_centroids(jax.random.key(6), 2, 5, 16),
+                                          window=6)
+    brute = np.zeros(routing["keys_read"].shape, int)
+    cq, ck = np.asarray(routing["q_clusters"]), np.asarray(routing["k_clusters"])
+    for b, t, h in np.ndindex(*brute.shape):
+        brute[b, t, h] = min(6, int(np.sum(ck[b, :t + 1, h] == cq[b, t, h])))
+    np.testing.assert_array_equal(routing["keys_read"], brute)

@@ -31,23 +31,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
-def variants(seq_len: int, local: int, decay: float = 0.999) -> dict[str, list[str]]:
+def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
+             dense_steps: int = 0) -> dict[str, list[str]]:
     clusters = max(2, int(round(math.sqrt(seq_len))))
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
                f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}",
-               f"model.routing_decay={decay}"]
+               f"model.routing_decay={decay}", f"model.routing_shared_qk={str(shared_qk).lower()}",
+               f"model.routing_dense_steps={dense_steps}"]
     return {"full attention": ["model.attention_mask=causal"],
             f"local only ({local})": [f"model.attention_mask=local:{local}"],
             "routing": routing}
 
 
-def task_overrides(task: str, seq_len: int, steps: int, batch: int) -> list[str]:
+def task_overrides(task: str, seq_len: int, steps: int, batch: int, pairs: int,
+                   vocab: int) -> list[str]:
     every = [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
              f"train.checkpoint_every={steps}"]
     if task == "text":
         return every + [f"data.seq_len={seq_len}"]
-    return every + ["data.task=mqar", "model.vocab_size=256", f"data.seq_len={seq_len}",
-                    f"model.max_seq_len={seq_len}", "data.num_kv_pairs=8",
+    return every + ["data.task=mqar", f"model.vocab_size={vocab}", f"data.seq_len={seq_len}",
+                    f"model.max_seq_len={seq_len}", f"data.num_kv_pairs={pairs}",
                     f"data.batch_size={batch}", "eval.batches=4",
                     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
                     "model.routing_skip_first=1", "model.routing_heads=2",
@@ -64,15 +67,33 @@ def main(argv=None) -> None:
                         help="centroid EMA decay (the paper's 0.999 moves centroids over ~1000 "
                              "steps; a short run may want 0.99)")
     parser.add_argument("--local", type=int, default=32, help="local window (keys)")
+    parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence (mqar)")
+    parser.add_argument("--vocab", type=int, default=256,
+                        help="vocabulary (mqar): keys from its lower half, values from the upper")
+    parser.add_argument("--separate-qk", action="store_true",
+                        help="routing heads with their own key projection (default: shared "
+                             "query/key space, as the paper's language models)")
+    parser.add_argument("--dense-steps", type=int, default=0,
+                        help="routing heads attend densely for this many warm-up steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every variant (repeatable)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated subset of variants to run: full, local, routing")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     seq_len = args.seq_len or (128 if args.task == "text" else 1024)
     out = Path(args.out) / args.task
     metric = "bits_per_byte" if args.task == "text" else "accuracy"
     shared = (QUIET + ["model.n_kv_heads=4"]
-              + task_overrides(args.task, seq_len, args.steps, args.batch))
+              + task_overrides(args.task, seq_len, args.steps, args.batch, args.pairs,
+                                args.vocab))
+    shared += args.set
+    chosen = set(filter(None, args.only.split(",")))
     rows, curves = [], {}
-    for label, extra in variants(seq_len, args.local, args.decay).items():
+    for label, extra in variants(seq_len, args.local, args.decay, not args.separate_qk,
+                                   args.dense_steps).items():
+        if chosen and label.split()[0] not in chosen:
+            continue
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
         workdir = out / "runs" / label.split()[0]
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)

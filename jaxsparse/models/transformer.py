@@ -82,6 +82,7 @@ def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: 
                             routing_heads=cfg.routing_heads, num_clusters=cfg.routing_clusters,
                             window=cfg.routing_window, local_window=cfg.routing_local_window,
                             shared_qk=cfg.routing_shared_qk, decay=cfg.routing_decay,
+                            dense_steps=cfg.routing_dense_steps,
                             commitment=cfg.routing_commitment, **kw)
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
-from jaxsparse.ops.masks import LocalMask
+from jaxsparse.ops.masks import CausalMask, LocalMask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,
                                    commitment_loss, ema_centroids, init_centroids, normalize)
@@ -18,6 +18,28 @@ from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_rout
 class Centroids(nnx.Variable):
     """k-means centroids ``[routing heads, C, D]``: moved by an exponential moving average in
     training steps, never by the optimiser (they are not ``nnx.Param``)."""
+
+
+def routing_statistics(routing, num_clusters: int, window: int) -> dict[str, jax.Array]:
+    """Health of the clustering, logged by the training loop:
+
+    ``routing_empty``  share of queries whose cluster holds no key at or before them (their
+                       routing output is zero: nothing can be learnt through them);
+    ``routing_fill``   mean share of the ``window`` slots a query reads;
+    ``routing_max_cluster``  the largest cluster's share of the keys times the number of
+                       clusters (1 = balanced, C = every key in one cluster), mean over heads.
+    """
+    read = routing["keys_read"]
+    onehot = jax.nn.one_hot(routing["k_clusters"], num_clusters, dtype=jnp.float32)
+    shares = jnp.mean(onehot, axis=(0, 1))                              # [H, C]
+    return {"routing_empty": jnp.mean((read == 0).astype(jnp.float32)),
+            "routing_fill": jnp.mean(read.astype(jnp.float32)) / window,
+            "routing_max_cluster": jnp.mean(jnp.max(shares, axis=-1)) * num_clusters}
+
+
+class RoutingStep(nnx.Variable):
+    """Training calls a routing layer has seen (drives the dense warm-up); part of the train
+    state, so a resumed run continues the schedule where it stopped."""
 
 
 class RoutingAttention(nnx.Module):
@@ -29,12 +51,21 @@ class RoutingAttention(nnx.Module):
     In training (``deterministic`` False) each call moves the centroids one EMA step towards
     the batch's routed vectors and sows the commitment loss (weight ``commitment``) as
     ``aux_loss``; ``Module.eval()`` freezes them.
+
+    ``dense_steps`` > 0: for the first ``dense_steps`` training calls the routing heads attend
+    to *every* earlier key (same projections, content only) while the centroids keep learning.
+    Why: a query reaches a key only once both fall in one cluster, and only then does the loss
+    teach their dot product, so from random projections a pairing the task needs may never be
+    found (on MQAR the query windows stayed empty or missed the key). With a shared query/key
+    space a large dot product means a small angle, so the pairs learnt densely land in one
+    cluster when routing takes over. Evaluation and decoding always route.
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                  routing_heads: int, num_clusters: int, window: int, local_window: int,
                  shared_qk: bool = False, decay: float = 0.999, commitment: float = 1e-4,
-                 rope_theta: float = 10_000.0, out_init_scale: float = 1.0,
+                 dense_steps: int = 0, rope_theta: float = 10_000.0,
+                 out_init_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if not 1 <= routing_heads <= n_heads:
             raise ValueError(f"routing_heads={routing_heads}: must be in [1, n_heads={n_heads}]")
@@ -42,6 +73,8 @@ class RoutingAttention(nnx.Module):
                             ("local_window", local_window)):
             if value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
+        if dense_steps < 0:
+            raise ValueError(f"dense_steps={dense_steps}: must be >= 0")
         if not 0 < decay < 1:
             raise ValueError(f"decay={decay}: must be in (0, 1)")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -57,7 +90,8 @@ class RoutingAttention(nnx.Module):
         self.n_local, self.head_dim = n_heads - routing_heads, head_dim
         self.window, self.local_window = window, local_window
         self.shared_qk, self.decay, self.commitment = shared_qk, decay, commitment
-        self.rope_theta = rope_theta
+        self.rope_theta, self.dense_steps = rope_theta, dense_steps
+        self.step = RoutingStep(jnp.zeros((), jnp.int32))
         self.deterministic = False
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
@@ -89,6 +123,11 @@ class RoutingAttention(nnx.Module):
                                                        window=self.window,
                                                        shared_qk=self.shared_qk)
             if not self.deterministic:
+                if self.dense_steps:
+                    routed = jax.lax.cond(self.step[...] < self.dense_steps,
+                                          lambda: self._dense(q_rt, k_rt, v_rt).astype(routed.dtype),
+                                          lambda: routed)
+                    self.step[...] = self.step[...] + 1
                 self._learn(centroids, routing)
             new_cache = None
         else:
@@ -97,12 +136,22 @@ class RoutingAttention(nnx.Module):
         out = jnp.concatenate([local.astype(routed.dtype), routed], axis=2) if nl else routed
         return self.o_proj(out), new_cache
 
+    def _dense(self, q, k, v):
+        """Warm-up attention of the routing heads: every earlier key, with the routing heads'
+        keys (the normalised queries when shared, and then not the token itself)."""
+        if self.shared_qk:
+            return dot_product_attention(q, normalize(q).astype(q.dtype), v,
+                                         mask=CausalMask(offset=-1))
+        return dot_product_attention(q, k, v, mask=CausalMask())
+
     def _learn(self, centroids, routing):
         units = [routing["q_unit"]] if self.shared_qk else [routing["q_unit"], routing["k_unit"]]
         clusters = [routing["q_clusters"]] if self.shared_qk else [routing["q_clusters"],
                                                                    routing["k_clusters"]]
         self.sow(nnx.Intermediate, "aux_loss",
                  self.commitment * commitment_loss(centroids, units, clusters))
+        for name, value in routing_statistics(routing, centroids.shape[1], self.window).items():
+            self.sow(nnx.Intermediate, name, value)
         self.centroids[...] = ema_centroids(centroids, units, clusters, self.decay)
 
     def _decode(self, q_loc, k_loc, q_rt, k_rt, v, centroids, cache, cache_index):

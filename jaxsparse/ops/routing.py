@@ -139,7 +139,8 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
 
     Returns ``(out [B, L, H, D], routing)`` where ``routing`` holds the normalised vectors and
     their clusters (``q_unit``, ``k_unit``, ``q_clusters``, ``k_clusters``) for the centroid
-    update and the commitment loss. A query with no key of its cluster at or before it gets
+    update and the commitment loss, and ``keys_read [B, L, H]`` (how many keys each query
+    attended to) for diagnostics. A query with no key of its cluster at or before it gets
     zeros. Queries are processed ``query_chunk`` at a time (rematerialised in the backward
     pass), so the gathered keys take ``O(query_chunk · w · D)`` memory, not ``O(L · w · D)``.
     """
@@ -150,7 +151,8 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     if shared_qk:
         valid = _drop_self_unless_alone(key_pos, valid)
     out = _attend_in_chunks(q, keys, v, key_pos, valid, _scale(scale, q.shape[-1]), query_chunk)
-    routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck}
+    routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck,
+               "keys_read": jnp.sum(valid, axis=-1, dtype=jnp.int32)}
     return out.astype(q.dtype), routing
 
 

@@ -26,13 +26,17 @@ def _sown(model) -> dict[str, list[jax.Array]]:
 def _aux_losses(model) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sum of every sown ``aux_loss`` (added to the training loss), and MoE statistics
     averaged over layers: ``moe_max_load`` (the busiest expert's share times the number of
-    experts: 1.0 is perfect balance) and ``moe_dropped`` (fraction of assignments dropped)."""
+    experts: 1.0 is perfect balance) and ``moe_dropped`` (fraction of assignments dropped);
+    routing-attention statistics likewise (:func:`jaxsparse.nn.routing.routing_statistics`)."""
     sown = _sown(model)
     total = sum((jnp.sum(v) for v in sown.get("aux_loss", [])), jnp.zeros((), jnp.float32))
     stats = {}
     if "moe_load" in sown:
         stats["moe_max_load"] = jnp.mean(jnp.stack([jnp.max(v) * v.shape[-1] for v in sown["moe_load"]]))
         stats["moe_dropped"] = jnp.mean(jnp.stack(sown["moe_dropped"]))
+    for name in ("routing_empty", "routing_fill", "routing_max_cluster"):
+        if name in sown:
+            stats[name] = jnp.mean(jnp.stack(sown[name]))
     return total, stats
 
 
@@ -77,17 +81,17 @@ def make_train_step(setup: TrainSetup):
         model = setup.model(params, rest)
         if chunk and chunk < batch["inputs"].shape[1]:
             x = model.features(batch["inputs"])
-            aux, moe_stats = _aux_losses(model)
+            aux, layer_stats = _aux_losses(model)
             ce_sum, correct, count = chunked_token_stats(model, x, batch["targets"],
                                                          batch["mask"], chunk)
         else:
             logits = model(batch["inputs"])
-            aux, moe_stats = _aux_losses(model)
+            aux, layer_stats = _aux_losses(model)
             ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
         loss = ce_sum / jnp.maximum(count, 1.0)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss + aux, {"loss": loss, "aux_loss": aux, "accuracy": correct / jnp.maximum(count, 1.0),
-                            "rest": new_rest, "moe": moe_stats}
+                            "rest": new_rest, "layer_stats": layer_stats}
 
     def step(state, batch):
         grads, out = jax.grad(loss_fn, has_aux=True)(state["params"], state["rest"], batch)
@@ -95,7 +99,7 @@ def make_train_step(setup: TrainSetup):
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             "loss": out["loss"], "aux_loss": out["aux_loss"], "accuracy": out["accuracy"],
-            "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]), **out["moe"],
+            "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]), **out["layer_stats"],
         }
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                      "rest": out["rest"] if out["rest"] else state["rest"]}
