@@ -14,8 +14,8 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +32,21 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
 def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
-             dense_steps: int = 0) -> dict[str, list[str]]:
+             dense_steps: int = 0) -> dict[str, tuple[str, list[str]]]:
+    """``label -> (run directory, overrides)``; routing runs with other options get their own
+    label and directory, so they sit beside earlier ones in the table."""
     clusters = max(2, int(round(math.sqrt(seq_len))))
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
                f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}",
                f"model.routing_decay={decay}", f"model.routing_shared_qk={str(shared_qk).lower()}",
                f"model.routing_dense_steps={dense_steps}"]
-    return {"full attention": ["model.attention_mask=causal"],
-            f"local only ({local})": [f"model.attention_mask=local:{local}"],
-            "routing": routing}
+    options = ["shared QK" if shared_qk else "separate QK"] + (
+        [f"dense warm-up {dense_steps}"] if dense_steps else [])
+    run = "routing" + ("" if shared_qk else "_separate_qk") + (
+        f"_dense{dense_steps}" if dense_steps else "")
+    return {"full attention": ("full", ["model.attention_mask=causal"]),
+            f"local only ({local})": ("local", [f"model.attention_mask=local:{local}"]),
+            f"routing ({', '.join(options)})": (run, routing)}
 
 
 def task_overrides(task: str, seq_len: int, steps: int, batch: int, pairs: int,
@@ -89,33 +95,42 @@ def main(argv=None) -> None:
                                 args.vocab))
     shared += args.set
     chosen = set(filter(None, args.only.split(",")))
-    rows, curves = [], {}
-    for label, extra in variants(seq_len, args.local, args.decay, not args.separate_qk,
-                                   args.dense_steps).items():
+    name = f"routing_{args.task}"
+    rows = previous_rows(out / f"{name}.json")
+    for label, (run, extra) in variants(seq_len, args.local, args.decay, not args.separate_qk,
+                                        args.dense_steps).items():
         if chosen and label.split()[0] not in chosen:
             continue
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
-        workdir = out / "runs" / label.split()[0]
+        workdir = out / "runs" / run
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)
-        start = time.perf_counter()
         result = train(cfg, workdir, sample=False)
-        records = read_metrics(workdir)
-        curves[label] = [(r["step"], r[metric]) for r in records if r["split"] == "eval"]
-        step_times = [r for r in records if r["split"] == "train"]
+        step_times = [r for r in read_metrics(workdir) if r["split"] == "train"]
         # The first logged window includes compilation; drop it when there is another.
         tokens_per_s = float(np.median([r["tokens_per_sec"] for r in step_times[1:] or step_times]))
-        rows.append({"model": label, "params": count_params(cfg.model), "steps": result.step,
-                     metric: result.eval_metrics[metric],
-                     "ms_per_step": 1e3 * cfg.data.batch_size * seq_len / tokens_per_s,
-                     "minutes": (time.perf_counter() - start) / 60})
-    notes = (f"{args.task}, length {seq_len}, {args.steps} steps of {cfg.data.batch_size} "
-             f"sequences; eval {metric}; ms_per_step is "
-             "the median training step time on this CPU.")
-    name = f"routing_{args.task}"
-    write_results(name, rows, ["model", "params", "steps", metric, "ms_per_step", "minutes"],
+        ms_per_step = 1e3 * cfg.data.batch_size * seq_len / tokens_per_s
+        rows = [r for r in rows if r["model"] != label] + [{
+            "model": label, "run": run, "params": count_params(cfg.model), "steps": result.step,
+            metric: result.eval_metrics[metric], "ms_per_step": ms_per_step,
+            "train_minutes": result.step * ms_per_step / 6e4}]
+    curves = {r["model"]: [(m["step"], m[metric]) for m in read_metrics(out / "runs" / r["run"])
+                           if m["split"] == "eval"] for r in rows}
+    batch = args.batch if args.task == "mqar" else "the default batch of"
+    notes = (f"{args.task}, length {seq_len}, {args.steps} steps of {batch} sequences; eval "
+             f"{metric}; ms_per_step is the median training step time on this "
+             "CPU (train_minutes = steps x ms_per_step, evaluation excluded). Rows of earlier "
+             "runs in the same directory are kept (a variant run again replaces its row).")
+    write_results(name, rows, ["model", "params", "steps", metric, "ms_per_step", "train_minutes"],
                   out, notes)
     plot(curves, metric, out / f"{name}.png", f"{args.task}, length {seq_len}")
     print(notes)
+
+
+def previous_rows(path: Path) -> list[dict]:
+    """Rows of an earlier run of this study (same output directory) that name their run."""
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["rows"] if "run" in r]
 
 
 def plot(curves, metric, path: Path, title: str) -> None:
