@@ -111,6 +111,7 @@ class ModelConfig:
 
 
 TASKS = ("text", "mqar", "selective_copying", "induction_heads", "multi_hop")
+MQAR_FILLERS = ("zero", "random")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class DataConfig:
     cache_dir: str | None = None  # None: ~/.cache/jaxsparse
     # synthetic tasks
     num_kv_pairs: int = 8  # MQAR key/value pairs per example
+    mqar_filler: str = "zero"  # MQAR positions between queries: "zero" or "random" (Zoology)
     num_tokens_to_copy: int = 16  # selective copying
     induction_prefix: int = 16  # induction heads: length of the repeated random prefix
     hops: int = 3  # multi-hop: assignments in each variable chain (1 = plain recall)
@@ -504,6 +506,8 @@ def validate(cfg: Config) -> Config:
     _validate_routing(m)
     _validate_hydra(m, d)
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
+    _check(d.mqar_filler in MQAR_FILLERS,
+           f"data.mqar_filler={d.mqar_filler!r}: allowed {MQAR_FILLERS}")
     _check(d.path is None or d.task == "text",
            f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
     if d.task == "text":

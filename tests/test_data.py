@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from jaxsparse.config import ConfigError
+from jaxsparse import configs
+from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.data import corpus, store, synthetic
 
@@ -135,3 +136,19 @@ def test_synthetic_stream_is_deterministic_and_eval_differs():
     s1, s2 = make_stream(cfg), make_stream(cfg)
     np.testing.assert_array_equal(s1.batch(9)["inputs"], s2.batch(9)["inputs"])
     assert not np.array_equal(s1.batch(0)["inputs"], s1.eval_batch(0, 1)["inputs"])
+
+
+def test_mqar_random_filler_keeps_the_pairs_and_queries_and_fills_the_rest():
+    zero = synthetic.mqar(np.random.default_rng(1), 8, 128, 256, 8)
+    rand = synthetic.mqar(np.random.default_rng(1), 8, 128, 256, 8, filler="random")
+    np.testing.assert_array_equal(zero["mask"], rand["mask"])
+    kept = zero["inputs"] != 0                     # pairs and queries: identical in both
+    np.testing.assert_array_equal(rand["inputs"][kept], zero["inputs"][kept])
+    answers = rand["mask"] > 0
+    np.testing.assert_array_equal(rand["targets"][answers], zero["targets"][answers])
+    filled = rand["inputs"][~kept]
+    assert filled.size > 500 and len(np.unique(filled)) > 100  # spread over the vocabulary
+    with pytest.raises(ValueError, match=r"filler='noise': allowed 'zero' or 'random'"):
+        synthetic.mqar(np.random.default_rng(1), 2, 64, 256, 4, filler="noise")
+    with pytest.raises(ConfigError, match=r"data.mqar_filler='noise'"):
+        validate(apply_overrides(configs.get("mqar_tiny"), ["data.mqar_filler=noise"]))

@@ -76,7 +76,8 @@ class SyntheticStream:
     def _make(self, rng, batch):
         d, vocab = self.cfg.data, self.cfg.model.vocab_size
         if d.task == "mqar":
-            return synthetic.mqar(rng, batch, d.seq_len, vocab, d.num_kv_pairs)
+            return synthetic.mqar(rng, batch, d.seq_len, vocab, d.num_kv_pairs,
+                                  filler=d.mqar_filler)
         if d.task == "selective_copying":
             return synthetic.selective_copying(rng, batch, d.seq_len, vocab, d.num_tokens_to_copy)
         if d.task == "induction_heads":

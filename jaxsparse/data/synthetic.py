@@ -21,13 +21,18 @@ def _shift(seq: np.ndarray, answer: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
-         num_kv_pairs: int) -> dict[str, np.ndarray]:
+         num_kv_pairs: int, *, filler: str = "zero") -> dict[str, np.ndarray]:
     """Multi-query associative recall (Arora et al. 2023, "Zoology").
 
     The sequence opens with ``num_kv_pairs`` key-value pairs (keys from the lower half of the
     vocabulary, values from the upper half, keys distinct within an example); afterwards every
     key is queried once at a random position and the model must produce its value next.
+    ``filler`` fills the other positions: ``"zero"`` (token 0) or ``"random"`` (uniform over
+    the vocabulary, as Zoology does: no single filler token that, e.g., every routing cluster
+    or state update must learn to ignore).
     """
+    if filler not in ("zero", "random"):
+        raise ValueError(f"mqar: filler={filler!r}: allowed 'zero' or 'random'")
     n = num_kv_pairs
     if vocab_size < 2 * n + 2:
         raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n}")
@@ -46,6 +51,12 @@ def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
         order = rng.permutation(n)
         seq[b, chosen], seq[b, chosen + 1] = keys[b, order], values[b, order]
         answer[b, chosen + 1] = True
+    if filler == "random":
+        free = np.ones_like(answer)
+        free[:, :2 * n] = False
+        free[answer] = False
+        free[np.roll(answer, -1, axis=1)] = False  # the query keys
+        seq[free] = rng.integers(0, vocab_size, size=int(free.sum()))
     return _shift(seq, answer)
 
 
