@@ -298,7 +298,8 @@ def study_composition(args, out: Path) -> None:
     rows, curves = run_variants("composition", variants, "accuracy", out)
     notes = (f"Multi-hop variable chains (4 chains, shuffled assignments, one query per chain) "
              f"at length {seq_len}, {args.steps} steps; answer accuracy "
-             f"(chance ~1/{args.vocab // 2}). Hydra vs a Transformer of about the same parameter count.")
+             f"(chance ~1/{args.vocab // 2}). Hydra vs a Transformer of about the same "
+             "parameter count.")
     write_results("composition", rows, ["variant", "params", "steps", "accuracy", "minutes"],
                   out, notes)
     plot_curves(curves, "accuracy", out / "composition.png", "multi-step composition")
