@@ -116,7 +116,10 @@ def main(argv=None) -> None:
     curves = {r["model"]: [(m["step"], m[metric]) for m in read_metrics(out / "runs" / r["run"])
                            if m["split"] == "eval"] for r in rows}
     batch = args.batch if args.task == "mqar" else "the default batch of"
-    notes = (f"{args.task}, length {seq_len}, {args.steps} steps of {batch} sequences; eval "
+    task = (f"{args.task} ({args.pairs} pairs, vocabulary {args.vocab})" if args.task == "mqar"
+            else args.task)
+    extra = f", overrides {' '.join(args.set)}" if args.set else ""
+    notes = (f"{task}, length {seq_len}, {args.steps} steps of {batch} sequences{extra}; eval "
              f"{metric}; ms_per_step is the median training step time on this "
              "CPU (train_minutes = steps x ms_per_step, evaluation excluded). Rows of earlier "
              "runs in the same directory are kept (a variant run again replaces its row).")
