@@ -18,7 +18,8 @@ from jaxsparse.nn import RoutingAttention
 from jaxsparse.nn.routing import Centroids, routing_statistics
 from jaxsparse.ops.routing import (assign, balanced_clusters, balanced_routing_attention,
                                    causal_routing_attention, commitment_loss, ema_centroids,
-                                   init_centroids, normalize)
+                                   ema_mean, init_centroids, normalize, routing_windows,
+                                   shared_keys)
 from jaxsparse.train.loop import train
 
 ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routing_heads=2",
@@ -31,12 +32,17 @@ def qkv(key, b=2, length=64, heads=2, dim=16):
     return [jax.random.normal(k, (b, length, heads, dim)) for k in ks]
 
 
-def brute_force(q, k, v, centroids, window, shared_qk=False):
+def brute_force(q, k, v, centroids, window, shared_qk=False, q_center=None, k_center=None):
     """Query t attends to the last `window` keys j <= t of its cluster (a token's own key only
-    if it is alone, with shared QK), by explicit loops."""
+    if it is alone, with shared QK), by explicit loops; clusters of the centred directions
+    (x - center) when centres are given."""
     if shared_qk:
-        k = normalize(q)
-    cq, ck = np.asarray(assign(normalize(q), centroids)), np.asarray(assign(normalize(k), centroids))
+        k, k_center = shared_keys(q), q_center
+    q_route = q if q_center is None else q - q_center[None, None]
+    k_route = (normalize(q) if shared_qk else k) if k_center is None else \
+        (q if shared_qk else k) - k_center[None, None]
+    cq = np.asarray(assign(normalize(q_route), centroids))
+    ck = np.asarray(assign(normalize(k_route), centroids))
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, length, heads, dim = q.shape
     out = np.zeros_like(q)
@@ -54,14 +60,29 @@ def brute_force(q, k, v, centroids, window, shared_qk=False):
     return out
 
 
-@pytest.mark.parametrize("length,clusters,window,shared_qk", [
-    (64, 8, 8, False), (37, 3, 5, False), (1, 2, 4, False), (50, 4, 16, True)])
-def test_causal_routing_equals_the_brute_force_definition(length, clusters, window, shared_qk):
+@pytest.mark.parametrize("length,clusters,window,shared_qk,centred", [
+    (64, 8, 8, False, False), (37, 3, 5, False, False), (1, 2, 4, False, False),
+    (50, 4, 16, True, False), (45, 5, 6, False, True), (33, 4, 8, True, True)])
+def test_causal_routing_equals_the_brute_force_definition(length, clusters, window, shared_qk,
+                                                          centred):
     q, k, v = qkv(jax.random.key(length), length=length)
     centroids = init_centroids(jax.random.key(1), 2, clusters, 16)
-    out, routing = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk)
-    np.testing.assert_allclose(out, brute_force(q, k, v, centroids, window, shared_qk), atol=2e-5)
+    centers = {}
+    if centred:  # centres large enough to change most assignments
+        cq, ck = jax.random.normal(jax.random.key(2), (2, 2, 16))
+        centers = {"q_center": cq, "k_center": ck}
+    out, routing = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk,
+                                            **centers)
+    np.testing.assert_allclose(out, brute_force(q, k, v, centroids, window, shared_qk, **centers),
+                               atol=2e-5)
     assert routing["q_clusters"].shape == (2, length, 2)
+    key_pos, valid = routing_windows(q, k, centroids, window=window, shared_qk=shared_qk,
+                                     **centers)
+    assert key_pos.shape == valid.shape == (2, length, 2, window)
+    np.testing.assert_array_equal(jnp.sum(valid, axis=-1), routing["keys_read"])
+    if centred:
+        plain = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk)[1]
+        assert float(jnp.mean(plain["q_clusters"] != routing["q_clusters"])) > 0.3
 
 
 def _perturb_after(t, arrays, key):
@@ -236,7 +257,7 @@ def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
     x = jax.random.normal(jax.random.key(4), (2, 21, 32))
     pos = jnp.broadcast_to(jnp.arange(21), (2, 21))
     q, k, v = layer._project(x)
-    keys = normalize(q) if shared_qk else k
+    keys = shared_keys(q) if shared_qk else k
     logits = jnp.einsum("bthd,bshd->bhts", q, keys) / jnp.sqrt(8.0)
     visible = jnp.tril(jnp.ones((21, 21), bool), -1 if shared_qk else 0)
     visible = visible.at[0, 0].set(not shared_qk)
@@ -286,3 +307,122 @@ def test_routing_statistics_count_empty_windows_fill_and_the_largest_cluster():
     for b, t, h in np.ndindex(*brute.shape):
         brute[b, t, h] = min(6, int(np.sum(ck[b, :t + 1, h] == cq[b, t, h])))
     np.testing.assert_array_equal(routing["keys_read"], brute)
+
+
+def test_running_mean_is_the_batch_mean_at_first_and_a_decayed_average_later():
+    batches = [jax.random.normal(jax.random.key(i), (3, 10, 2, 4)) + i for i in range(4)]
+    mean, count = jnp.zeros((2, 4)), jnp.zeros((), jnp.int32)
+    means = []
+    for x in batches:
+        mean, count = ema_mean(mean, count, x, decay=0.9)
+        means.append(mean)
+    np.testing.assert_allclose(means[0], batches[0].mean(axis=(0, 1)), atol=1e-6)
+    weights = 0.9 ** np.arange(3, -1, -1)  # oldest batch weighs least
+    expected = sum(w * x.mean(axis=(0, 1)) for w, x in zip(weights, batches)) / weights.sum()
+    np.testing.assert_allclose(means[-1], expected, atol=1e-5)
+    assert int(count) == 4
+    # Padding (mask 0) does not count.
+    x = batches[0].at[:, 5:].set(100.0)
+    mask = jnp.ones((3, 10)).at[:, 5:].set(0.0)
+    np.testing.assert_allclose(ema_mean(jnp.zeros((2, 4)), jnp.zeros((), jnp.int32), x, 0.9,
+                                        mask)[0], batches[0][:, :5].mean(axis=(0, 1)), atol=1e-6)
+
+
+def _cone(key, steps, b=4, length=64, d=32):
+    """Layer inputs whose routed vectors share a large common component (a narrow cone)."""
+    common = 6.0 * jax.random.normal(jax.random.key(100), (1, 1, d))
+    return [common + jax.random.normal(k, (b, length, d)) for k in jax.random.split(key, steps)]
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_centring_keeps_k_means_from_collapsing_onto_a_common_direction(center):
+    """Uncentred spherical k-means on a narrow cone puts (almost) every token in one cluster;
+    routing by x - running mean spreads them over the clusters. Both arms run, so the test
+    fails if either the collapse or its cure is not real."""
+    layer = RoutingAttention(32, 2, 16, rngs=nnx.Rngs(0), routing_heads=2, num_clusters=8,
+                             window=8, local_window=4, shared_qk=True, decay=0.9,
+                             center=center)
+    pos = jnp.broadcast_to(jnp.arange(64), (4, 64))
+    step = nnx.jit(lambda m, x: m(x, pos))
+    for x in _cone(jax.random.key(0), 30):
+        step(layer, x)
+        sown = nnx.pop(layer, nnx.Intermediate)
+    largest = float(sown["routing_max_cluster"][0])  # 1 = balanced, 8 = one cluster
+    if center:
+        assert largest < 2.5, largest
+        assert int(layer.route_mean_count[...]) == 30
+    else:
+        assert largest > 4.0, largest
+
+
+def test_centred_routing_transformer_is_causal_and_decodes_like_its_forward_pass(tmp_path):
+    cfg = apply_overrides(tiny_config(*ROUTING, "model.routing_center=true"),
+                          ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3",
+                           "eval.batches=1", "eval.sample_tokens=0", "train.tensorboard=false"])
+    result = train(cfg, tmp_path / "run", sample=False)
+    from jaxsparse.train.state import TrainSetup
+    from jaxsparse.parallel import make_mesh
+    model = TrainSetup(cfg, make_mesh(cfg.mesh)).model(result.state["params"],
+                                                       result.state["rest"])
+    attn = model.blocks[1].attn
+    assert attn.center and int(attn.route_mean_count[...]) == 3
+    assert float(jnp.abs(attn.route_mean[...]).max()) > 0  # trained centres are in use
+    model.eval()
+    tokens = jax.random.randint(jax.random.key(0), (2, 28), 0, 256)
+    forward = jax.jit(model.__call__)
+    full = forward(tokens)
+    changed = tokens.at[:, 12:].set((tokens[:, 12:] + 1) % 256)
+    np.testing.assert_array_equal(forward(changed)[:, :12], full[:, :12])
+    cache = model.init_cache(2, 32)
+    pieces = []
+    for start, size in ((0, 9), (9, 1), (10, 18)):
+        logits, cache = model.decode(tokens[:, start:start + size], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"q_center must be \[H=2, D=16\]"):
+        q, k, v = qkv(jax.random.key(0), length=8)
+        causal_routing_attention(q, k, v, init_centroids(jax.random.key(1), 2, 4, 16), window=4,
+                                 q_center=jnp.zeros((3, 16)))
+
+
+@pytest.mark.parametrize("key_centroids", [False, True])
+def test_key_centroids_give_every_query_a_cluster_that_holds_keys(key_centroids):
+    """Queries around one direction, keys spread over the opposite hemisphere (separate
+    projections that disagree, as early in training): k-means on queries and keys gives the
+    queries a centroid of their own that no key is near, so every query window is empty;
+    centroids that follow the keys only (``key_centroids``), with each query sent to the one it
+    scores highest, leave a window empty only until the first key of its cluster has arrived
+    (about one cluster's spacing, 64 / 8 positions, of 64). Both arms run, so each claim can
+    fail."""
+    a = jnp.zeros((1, 1, 1, 16)).at[..., 0].set(1.0)
+    q = 3.0 * a + 0.3 * jax.random.normal(jax.random.key(0), (4, 64, 2, 16))
+    k = jax.random.normal(jax.random.key(1), (4, 64, 2, 16))
+    k = k.at[..., 0].set(-jnp.abs(k[..., 0]) - 0.5)                 # the other hemisphere
+    v = jax.random.normal(jax.random.key(2), (4, 64, 2, 16))
+    centroids = init_centroids(jax.random.key(3), 2, 8, 16)
+    for _ in range(20):
+        routing = causal_routing_attention(q, k, v, centroids, window=8)[1]
+        units = [routing["k_unit"]] if key_centroids else [routing["q_unit"], routing["k_unit"]]
+        clusters = ([routing["k_clusters"]] if key_centroids
+                    else [routing["q_clusters"], routing["k_clusters"]])
+        centroids = ema_centroids(centroids, units, clusters, decay=0.5)
+    empty = float(jnp.mean(routing["keys_read"] == 0))
+    if key_centroids:
+        assert empty < 0.25, empty
+    else:
+        assert empty > 0.9, empty
+
+
+def test_key_centroids_move_with_the_keys_only():
+    layer = RoutingAttention(32, 2, 16, rngs=nnx.Rngs(1), routing_heads=2, num_clusters=4,
+                             window=4, local_window=4, center=True, key_centroids=True)
+    x = jax.random.normal(jax.random.key(5), (2, 24, 32))
+    pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    before = layer.centroids[...]
+    k = layer.k_proj(x)                                              # both heads route
+    layer(x, pos)
+    nnx.pop(layer, nnx.Intermediate)
+    units = normalize(k)              # the first call centres by the initial (zero) mean
+    expected = ema_centroids(before, [units], [assign(units, before)], decay=0.999)
+    np.testing.assert_allclose(layer.centroids[...], expected, atol=1e-5)
+    np.testing.assert_allclose(layer.route_mean[...], k.mean(axis=(0, 1)), atol=1e-5)

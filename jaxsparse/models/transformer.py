@@ -83,6 +83,8 @@ def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: 
                             window=cfg.routing_window, local_window=cfg.routing_local_window,
                             shared_qk=cfg.routing_shared_qk, decay=cfg.routing_decay,
                             dense_steps=cfg.routing_dense_steps,
+                            center=cfg.routing_center,
+                            key_centroids=cfg.routing_key_centroids,
                             commitment=cfg.routing_commitment, **kw)
 
 

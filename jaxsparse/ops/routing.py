@@ -23,10 +23,19 @@ Two ways to form clusters:
     same result from a cache.
 
 With a shared query/key projection (``shared_qk``, as the paper's language models use) keys
-are the normalised queries and a token does not attend to itself unless it has nothing else.
+are the normalised queries (times ``√D``, :func:`shared_keys`) and a token does not attend to itself unless it has nothing else.
 The centroids are learnt outside the gradient by an exponential moving average of the vectors
 assigned to them (:func:`ema_centroids`), and the projections are pulled towards their
 centroids by the commitment loss (:func:`commitment_loss`).
+
+**Centring** (our addition, optional ``q_center`` / ``k_center``): vectors are routed by the
+direction of ``x - μ`` where ``μ`` is a running mean of the routed vectors
+(:func:`ema_mean`), not by the direction of ``x``. Why: hidden states share a large common
+component that grows in training; spherical k-means on uncentred vectors then sees one narrow
+cone, a single centroid becomes the nearest for (almost) every token and the "clusters"
+degenerate into one sliding window (measured on MQAR at 1024 tokens: the largest cluster held
+all tokens from step 400 on). ``μ`` is a statistic of past training batches, never of the
+current sequence, so routing stays causal. Attention logits always use the raw vectors.
 """
 
 from __future__ import annotations
@@ -44,9 +53,28 @@ def normalize(x, eps: float = 1e-6):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def shared_keys(q):
+    """Attention keys of a shared query/key space: the unit query directions times ``√D``.
+
+    Why ``√D``: the usual ``1/√D`` logit scale assumes keys of norm ``≈ √D``; with unit keys
+    the initial logits would be ``√D`` times too flat, and the projections would have to grow
+    by that factor before any attention sharpens (measured on MQAR at 1024 tokens: dense
+    shared-QK heads learnt nothing in 400 steps where separate ones had started to bind keys).
+    """
+    return (normalize(q) * jnp.sqrt(jnp.float32(q.shape[-1]))).astype(q.dtype)
+
+
 def init_centroids(key, num_heads: int, num_clusters: int, head_dim: int):
     """``[H, C, D]`` random unit vectors: usable before any update (evaluation, generation)."""
     return normalize(jax.random.normal(key, (num_heads, num_clusters, head_dim)))
+
+
+def routing_units(x_BLHD, center_HD=None):
+    """The unit vectors that are clustered: ``normalize(x - center)`` (``center`` ``[H, D]``,
+    a running mean of ``x``; ``None``: no centring)."""
+    if center_HD is None:
+        return normalize(x_BLHD)
+    return normalize(x_BLHD.astype(jnp.float32) - jax.lax.stop_gradient(center_HD)[None, None])
 
 
 def assign(x_BLHD, centroids_HCD):
@@ -67,16 +95,24 @@ def _check(q, k, v, centroids, window):
     return length, centroids.shape[1]
 
 
+def _check_center(center, shape_BLHD, name):
+    if center is not None and center.shape != tuple(shape_BLHD[2:]):
+        raise ValueError(f"{name} must be [H={shape_BLHD[2]}, D={shape_BLHD[3]}] (the routed "
+                         f"vectors' heads and width), got {center.shape}")
+
+
 def _scale(scale, dim):
     return dim ** -0.5 if scale is None else scale
 
 
-def _keys(q, k, shared_qk):
-    """Keys used for attention and their normalised routing vectors."""
-    qn = normalize(q)
+def _keys(q, k, shared_qk, q_center=None, k_center=None):
+    """Keys used for attention and the unit vectors that are routed (queries, keys)."""
+    _check_center(q_center, q.shape, "q_center")
+    _check_center(k_center, q.shape, "k_center")
+    qn = routing_units(q, q_center)
     if shared_qk:
-        return qn.astype(q.dtype), qn, qn
-    return k, qn, normalize(k)
+        return shared_keys(q), qn, qn
+    return k, qn, routing_units(k, k_center)
 
 
 # --- causal: the w most recent keys of the query's cluster ------------------------------------
@@ -134,7 +170,8 @@ def _attend_in_chunks(q, keys, values, key_pos, valid, scale, chunk):
 
 
 def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool = False,
-                             scale: float | None = None, query_chunk: int = 512):
+                             scale: float | None = None, query_chunk: int = 512,
+                             q_center=None, k_center=None):
     """Leakage-free causal routing attention; ``q, k, v [B, L, H, D]``, ``centroids [H, C, D]``.
 
     Returns ``(out [B, L, H, D], routing)`` where ``routing`` holds the normalised vectors and
@@ -143,17 +180,34 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     attended to) for diagnostics. A query with no key of its cluster at or before it gets
     zeros. Queries are processed ``query_chunk`` at a time (rematerialised in the backward
     pass), so the gathered keys take ``O(query_chunk · w · D)`` memory, not ``O(L · w · D)``.
+    ``q_center``, ``k_center`` ``[H, D]``: route by ``x - center`` (module docstring; with
+    ``shared_qk`` only ``q_center`` is used).
     """
     _check(q, k, v, centroids, window)
-    keys, qn, kn = _keys(q, k, shared_qk)
-    cq, ck = assign(qn, centroids), assign(kn, centroids)
-    key_pos, valid = cluster_windows(cq, ck, window)
-    if shared_qk:
-        valid = _drop_self_unless_alone(key_pos, valid)
+    keys, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
+    cq, ck, key_pos, valid = _route(qn, kn, centroids, window, shared_qk)
     out = _attend_in_chunks(q, keys, v, key_pos, valid, _scale(scale, q.shape[-1]), query_chunk)
     routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck,
                "keys_read": jnp.sum(valid, axis=-1, dtype=jnp.int32)}
     return out.astype(q.dtype), routing
+
+
+def _route(qn, kn, centroids, window, shared_qk):
+    cq, ck = assign(qn, centroids), assign(kn, centroids)
+    key_pos, valid = cluster_windows(cq, ck, window)
+    if shared_qk:
+        valid = _drop_self_unless_alone(key_pos, valid)
+    return cq, ck, key_pos, valid
+
+
+def routing_windows(q, k, centroids, *, window: int, shared_qk: bool = False, q_center=None,
+                    k_center=None):
+    """The keys :func:`causal_routing_attention` lets each query read, for diagnostics and
+    plots: ``(key_pos [B, L, H, w], valid [B, L, H, w])`` (arguments as there; ``k`` is
+    ignored with ``shared_qk``)."""
+    _check(q, k if not shared_qk else q, q, centroids, window)
+    _, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
+    return _route(qn, kn, centroids, window, shared_qk)[2:]
 
 
 def _drop_self_unless_alone(key_pos, valid):
@@ -234,6 +288,27 @@ def ema_centroids(centroids_HCD, units, clusters, decay: float = 0.999, mask=Non
     return jax.lax.stop_gradient(jnp.where((counts > 0)[..., None], moved, centroids_HCD))
 
 
+def ema_mean(mean_HD, count, x_BLHD, decay: float, mask=None):
+    """One step of the running mean used for centring: returns ``(mean, count + 1)``.
+
+    The mean is bias-corrected (as Adam's moments) so that it is the plain batch mean after the
+    first step and a ``decay``-weighted mean of all batches seen later, instead of being pulled
+    towards its zero initialisation for the first ``1 / (1 - decay)`` steps. ``mask [B, L]``
+    leaves out padding. No gradient flows through it."""
+    x = x_BLHD.astype(jnp.float32)
+    if mask is None:
+        batch_mean = jnp.mean(x, axis=(0, 1))
+    else:
+        w = mask.astype(jnp.float32)[:, :, None, None]
+        batch_mean = jnp.sum(x * w, axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)
+    # Raw EMA m_t = d·m_{t-1} + (1-d)·x_t from m_0 = 0; the stored mean is m_t / (1 - d^t).
+    count = count + 1
+    seen = (count - 1).astype(jnp.float32)
+    raw_before = mean_HD * (1.0 - decay ** seen)
+    new = (decay * raw_before + (1.0 - decay) * batch_mean) / (1.0 - decay ** (seen + 1.0))
+    return jax.lax.stop_gradient(new), count
+
+
 def commitment_loss(centroids_HCD, units, clusters):
     """Mean ``‖x̂ − μ_c(x)‖²`` over the routed vectors, the centroids held fixed: gradients
     reach the projections only."""
@@ -249,14 +324,17 @@ def commitment_loss(centroids_HCD, units, clusters):
 
 
 def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centroids, *,
-                          window: int, shared_qk: bool = False, scale: float | None = None):
+                          window: int, shared_qk: bool = False, scale: float | None = None,
+                          q_center=None):
     """Queries ``q [B, n, H, D]`` at positions ``lengths - n .. lengths - 1`` against a cache of
     keys/values ``[B, S, H, D]`` and their clusters ``[B, S, H]`` holding positions
     ``0 .. lengths - 1``: the same key sets as :func:`causal_routing_attention` (the ``w`` most
-    recent keys of the query's cluster), found by counting instead of sorting."""
+    recent keys of the query's cluster), found by counting instead of sorting. ``q_center``:
+    as in :func:`causal_routing_attention` (the cached key clusters were assigned with it)."""
     batch, new, heads, dim = q.shape
     slots = k_cache.shape[1]
-    cq = assign(normalize(q), centroids)                            # [B, n, H]
+    _check_center(q_center, q.shape, "q_center")
+    cq = assign(routing_units(q, q_center), centroids)              # [B, n, H]
     q_pos = jnp.asarray(lengths, jnp.int32).reshape(batch, 1) - new + jnp.arange(new)[None, :]
     kv_pos = jnp.arange(slots)[None, None, :]
     same = (k_clusters_cache[:, None, :, :] == cq[:, :, None, :]) \
