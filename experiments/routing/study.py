@@ -9,6 +9,10 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
 
     python experiments/routing/study.py --task text [--steps 500]
     python experiments/routing/study.py --task mqar [--steps 2000] [--seq-len 1024]
+
+The MQAR routing row that learns (``results/mqar_vocab32/``): ``--task mqar --steps 1000
+--batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3 --separate-qk --center --key-centroids
+--dense-steps 500`` (add ``--only routing`` to keep the full/local rows already there).
 """
 
 from __future__ import annotations
@@ -32,18 +36,23 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
 def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
-             dense_steps: int = 0) -> dict[str, tuple[str, list[str]]]:
+             dense_steps: int = 0, center: bool = False,
+             key_centroids: bool = False) -> dict[str, tuple[str, list[str]]]:
     """``label -> (run directory, overrides)``; routing runs with other options get their own
     label and directory, so they sit beside earlier ones in the table."""
     clusters = max(2, int(round(math.sqrt(seq_len))))
+    flag = lambda b: str(b).lower()  # noqa: E731
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
                f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}",
-               f"model.routing_decay={decay}", f"model.routing_shared_qk={str(shared_qk).lower()}",
-               f"model.routing_dense_steps={dense_steps}"]
-    options = ["shared QK" if shared_qk else "separate QK"] + (
-        [f"dense warm-up {dense_steps}"] if dense_steps else [])
-    run = "routing" + ("" if shared_qk else "_separate_qk") + (
-        f"_dense{dense_steps}" if dense_steps else "")
+               f"model.routing_decay={decay}", f"model.routing_shared_qk={flag(shared_qk)}",
+               f"model.routing_dense_steps={dense_steps}", f"model.routing_center={flag(center)}",
+               f"model.routing_key_centroids={flag(key_centroids)}"]
+    options = (["shared QK" if shared_qk else "separate QK"]
+               + (["centred keys"] if center else []) + (["key centroids"] if key_centroids else [])
+               + ([f"dense warm-up {dense_steps}"] if dense_steps else []))
+    run = ("routing" + ("" if shared_qk else "_separate_qk") + ("_centred" if center else "")
+           + ("_key_centroids" if key_centroids else "")
+           + (f"_dense{dense_steps}" if dense_steps else ""))
     return {"full attention": ("full", ["model.attention_mask=causal"]),
             f"local only ({local})": ("local", [f"model.attention_mask=local:{local}"]),
             f"routing ({', '.join(options)})": (run, routing)}
@@ -81,6 +90,10 @@ def main(argv=None) -> None:
                              "query/key space, as the paper's language models)")
     parser.add_argument("--dense-steps", type=int, default=0,
                         help="routing heads attend densely for this many warm-up steps")
+    parser.add_argument("--center", action="store_true",
+                        help="route keys by k - running mean (model.routing_center)")
+    parser.add_argument("--key-centroids", action="store_true",
+                        help="centroids follow the keys only (model.routing_key_centroids)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every variant (repeatable)")
     parser.add_argument("--only", default="",
@@ -98,7 +111,8 @@ def main(argv=None) -> None:
     name = f"routing_{args.task}"
     rows = previous_rows(out / f"{name}.json")
     for label, (run, extra) in variants(seq_len, args.local, args.decay, not args.separate_qk,
-                                        args.dense_steps).items():
+                                        args.dense_steps, args.center,
+                                        args.key_centroids).items():
         if chosen and label.split()[0] not in chosen:
             continue
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
