@@ -163,9 +163,9 @@ def plot(curves, metric, path: Path, title: str) -> None:
     if metric == "bits_per_byte":
         ax.set_ylim(None, 5)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Below the axes: long variant labels would hide the curves.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
