@@ -83,7 +83,8 @@ def probe(workdir: str, batches: int = 4) -> list[dict]:
             table.append({"layer": layer, "head": h, "reach": float(hit[:, h].mean()),
                           "chance": float(np.concatenate(s["chance"]).mean()),
                           "fill": float(np.concatenate(s["fill"])[:, h].mean())})
-        table.append({"layer": layer, "head": "any", "reach": float(np.concatenate(s["any"]).mean()),
+        table.append({"layer": layer, "head": "any",
+                      "reach": float(np.concatenate(s["any"]).mean()),
                       "chance": float("nan"), "fill": float("nan")})
     return table
 

@@ -39,8 +39,8 @@ def routing_statistics(routing, num_clusters: int, window: int) -> dict[str, jax
 
 
 class RoutingMean(nnx.Variable):
-    """Running mean of the routed query and key vectors (``[2, routing heads, D]``) and the
-    number of batches it has seen: the centre that routing subtracts before normalising
+    """Running mean of the routing heads' keys (``[routing heads, D]``) and the number of
+    batches it has seen: the centre that routing subtracts before normalising
     (:func:`jaxsparse.ops.routing.ema_mean`). Moved in training steps only, like the centroids."""
 
 
@@ -63,9 +63,10 @@ class RoutingAttention(nnx.Module):
     to *every* earlier key (same projections, content only) while the centroids keep learning.
     Why: a query reaches a key only once both fall in one cluster, and only then does the loss
     teach their dot product, so from random projections a pairing the task needs may never be
-    found (on MQAR the query windows stayed empty or missed the key). With a shared query/key
-    space a large dot product means a small angle, so the pairs learnt densely land in one
-    cluster when routing takes over. Evaluation and decoding always route.
+    found (on MQAR the query windows stayed empty or missed the key). Keys a query learnt to
+    score highly then tend to share its cluster when routing takes over — with separate
+    projections only if the centroids follow the keys (``key_centroids``). Evaluation and
+    decoding always route.
 
     ``center``: route keys by the direction of ``k - μ``, with ``μ`` a running mean of the
     keys over training batches (decay ``center_decay``), instead of the direction of ``k`` —

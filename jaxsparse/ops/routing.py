@@ -23,18 +23,20 @@ Two ways to form clusters:
     same result from a cache.
 
 With a shared query/key projection (``shared_qk``, as the paper's language models use) keys
-are the normalised queries (times ``√D``, :func:`shared_keys`) and a token does not attend to itself unless it has nothing else.
+are the normalised queries (times ``√D``, :func:`shared_keys`) and a token does not attend to
+itself unless it has nothing else.
 The centroids are learnt outside the gradient by an exponential moving average of the vectors
 assigned to them (:func:`ema_centroids`), and the projections are pulled towards their
 centroids by the commitment loss (:func:`commitment_loss`).
 
-**Centring** (our addition, optional ``q_center`` / ``k_center``): vectors are routed by the
+**Centring** (our addition, optional ``k_center`` / ``q_center``): vectors are routed by the
 direction of ``x - μ`` where ``μ`` is a running mean of the routed vectors
 (:func:`ema_mean`), not by the direction of ``x``. Why: hidden states share a large common
 component that grows in training; spherical k-means on uncentred vectors then sees one narrow
 cone, a single centroid becomes the nearest for (almost) every token and the "clusters"
 degenerate into one sliding window (measured on MQAR at 1024 tokens: the largest cluster held
-all tokens from step 400 on). ``μ`` is a statistic of past training batches, never of the
+all tokens from step 400 on). For keys this is free: subtracting one vector from every key
+changes no query's softmax. ``μ`` is a statistic of past training batches, never of the
 current sequence, so routing stays causal. Attention logits always use the raw vectors.
 """
 
