@@ -88,8 +88,8 @@ class ModelConfig:
     routing_decay: float = 0.999  # centroid EMA decay
     routing_commitment: float = 1e-4  # commitment loss weight
     routing_dense_steps: int = 0  # warm-up: routing heads attend densely for these steps
-    routing_center: bool = False  # route keys by k - running mean (stops k-means collapsing)
-    routing_key_centroids: bool = False  # centroids follow keys only (separate QK: no empty windows)
+    routing_center: bool = True  # route keys by k - running mean (stops k-means collapsing)
+    routing_key_centroids: bool = True  # centroids follow keys only (separate QK: no empty windows)
     # Hydra (model.name "hydra"; jaxsparse.models.hydra): SSM + SGA + MoE/FFN per block
     hydra_sga_every: int = 3  # sparse global attention in every n-th block (layers n-1, 2n-1..)
     hydra_window: int = 256  # SGA causal local window

@@ -32,7 +32,7 @@ import numpy as np
 from jaxsparse import configs
 from jaxsparse.config import apply_overrides
 from jaxsparse.ops.routing import (assign, causal_routing_attention, cluster_windows,
-                                   ema_centroids, init_centroids, normalize)
+                                   ema_centroids, init_centroids, normalize, routing_units)
 from jaxsparse.train import train
 
 # %% [markdown]
@@ -94,6 +94,26 @@ plt.show()
 print("no query reads a future key:", not np.triu(pattern, 1).any())
 out, routing = causal_routing_attention(q, k, q, cents, window=window)
 print("cluster sizes among keys:", np.bincount(np.asarray(routing["k_clusters"]).ravel(), minlength=4))
+
+# %% [markdown]
+# ## Why the keys are centred
+# Trained keys share a large common component. Spherical k-means on such a narrow cone sends
+# almost every key to one centroid, and the "clusters" become one sliding window. Routing by
+# the direction of `k - mean` (a running mean over training batches, `model.routing_center`,
+# on by default) spreads them again — and costs attention nothing, since subtracting one vector
+# from every key changes no softmax.
+
+# %%
+common = 6.0 * jax.random.normal(jax.random.key(20), (1, 1, 1, dim))
+cone = common + jax.random.normal(jax.random.key(21), (2, 256, 1, dim))
+cone_centroids = normalize(jax.random.normal(jax.random.key(22), (1, 8, dim)))
+for label, units in [("raw directions", routing_units(cone)),
+                     ("centred directions", routing_units(cone, cone.mean(axis=(0, 1))))]:
+    centroids_c = cone_centroids
+    for _ in range(20):  # a few k-means steps on this batch
+        centroids_c = ema_centroids(centroids_c, [units], [assign(units, centroids_c)], decay=0.5)
+    sizes = np.bincount(np.asarray(assign(units, centroids_c)).ravel(), minlength=8)
+    print(f"{label:>18}: cluster sizes {sizes.tolist()}")
 
 # %% [markdown]
 # ## A small routing Transformer

@@ -426,3 +426,22 @@ def test_key_centroids_move_with_the_keys_only():
     expected = ema_centroids(before, [units], [assign(units, before)], decay=0.999)
     np.testing.assert_allclose(layer.centroids[...], expected, atol=1e-5)
     np.testing.assert_allclose(layer.route_mean[...], k.mean(axis=(0, 1)), atol=1e-5)
+
+
+def test_reach_probe_finds_the_value_each_mqar_answer_needs():
+    """experiments/routing/probe.py locates, for every answer, the opening value it must copy:
+    the token there is the answer's target (and nothing is located where no answer is due)."""
+    import importlib.util
+
+    from jaxsparse.data.synthetic import mqar
+
+    spec = importlib.util.spec_from_file_location("probe", ROOT / "experiments/routing/probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    batch = mqar(np.random.default_rng(0), 6, 200, 32, 5, filler="random")
+    need = probe.value_positions(batch["inputs"], batch["mask"], 5)
+    rows = batch["mask"] > 0
+    assert rows.sum() == 6 * 5 and (need[~rows] == -1).all()
+    b, t = np.nonzero(rows)
+    np.testing.assert_array_equal(batch["inputs"][b, need[b, t]], batch["targets"][b, t])
+    assert (need[rows] % 2 == 1).all() and (need[rows] < 10).all()

@@ -11,8 +11,9 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
     python experiments/routing/study.py --task mqar [--steps 2000] [--seq-len 1024]
 
 The MQAR routing row that learns (``results/mqar_vocab32/``): ``--task mqar --steps 1000
---batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3 --separate-qk --center --key-centroids
---dense-steps 500`` (add ``--only routing`` to keep the full/local rows already there).
+--batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3 --separate-qk --dense-steps 500`` (add
+``--only routing`` to keep the full/local rows already there; ``--no-center`` and
+``--no-key-centroids`` give the plain k-means of the paper).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ def main(argv=None) -> None:
                              "query/key space, as the paper's language models)")
     parser.add_argument("--dense-steps", type=int, default=0,
                         help="routing heads attend densely for this many warm-up steps")
-    parser.add_argument("--center", action="store_true",
+    parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                         help="route keys by k - running mean (model.routing_center)")
-    parser.add_argument("--key-centroids", action="store_true",
+    parser.add_argument("--key-centroids", action=argparse.BooleanOptionalAction, default=True,
                         help="centroids follow the keys only (model.routing_key_centroids)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every variant (repeatable)")
