@@ -199,7 +199,7 @@ def test_routing_tiny_trains_end_to_end_with_the_cli(tmp_path):
     assert train_rows and all(np.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in train_rows)
     for r in train_rows:  # the clustering health statistics reach the metrics
         assert 0 <= r["routing_empty"] <= 1 and 0 < r["routing_fill"] <= 1
-        assert 1 <= r["routing_max_cluster"] <= 4
+        assert r["routing_max_cluster"] >= 1 and r["routing_max_cluster"] <= 4
     evals = [r for r in records if r["split"] == "eval"]
     assert evals[-1]["loss"] < evals[0]["loss"]
 
