@@ -6,7 +6,9 @@ if that position is among the keys its cluster window lets the query read. This 
 trained routing model on validation batches and reports, for every routing layer and head,
 the share of answer positions whose window holds the value position (``reach``), beside the
 share expected if the window were ``w`` keys drawn at random from the query's past
-(``chance``), the share of windows that are full, and the largest cluster's share.
+(``chance``), and the share of the ``w`` window slots in use at answer positions (``fill``).
+The layer inputs come from running the blocks in order (Transformer-style models, as the
+routing transformer is; the model has no hook for them).
 
     python experiments/routing/probe.py WORKDIR [--batches 4]
 """
