@@ -90,6 +90,7 @@ class ModelConfig:
     routing_dense_steps: int = 0  # warm-up: routing heads attend densely for these steps
     routing_center: bool = True  # route keys by k - running mean (stops k-means collapsing)
     routing_key_centroids: bool = True  # centroids follow keys only (separate QK: no empty windows)
+    routing_probes: int = 1  # clusters a routing query reads (1: the paper; >1: multi-probe)
     # Hydra (model.name "hydra"; jaxsparse.models.hydra): SSM + SGA + MoE/FFN per block
     hydra_sga_every: int = 3  # sparse global attention in every n-th block (layers n-1, 2n-1..)
     hydra_window: int = 256  # SGA causal local window
@@ -378,6 +379,9 @@ def _validate_routing(m: ModelConfig) -> None:
            f"model.routing_skip_first={m.routing_skip_first}: must be in [0, model.n_layers="
            f"{m.n_layers}) so that some layer routes")
     _check(0 < m.routing_decay < 1, f"model.routing_decay={m.routing_decay}: must be in (0, 1)")
+    _check(1 <= m.routing_probes <= m.routing_clusters,
+           f"model.routing_probes={m.routing_probes}: must be in [1, model.routing_clusters="
+           f"{m.routing_clusters}] (a query reads the windows of its best clusters)")
     _check(m.routing_dense_steps >= 0,
            f"model.routing_dense_steps={m.routing_dense_steps}: must be >= 0")
     _check(m.routing_commitment >= 0,

@@ -32,16 +32,18 @@ def qkv(key, b=2, length=64, heads=2, dim=16):
     return [jax.random.normal(k, (b, length, heads, dim)) for k in ks]
 
 
-def brute_force(q, k, v, centroids, window, shared_qk=False, q_center=None, k_center=None):
-    """Query t attends to the last `window` keys j <= t of its cluster (a token's own key only
-    if it is alone, with shared QK), by explicit loops; clusters of the centred directions
-    (x - center) when centres are given."""
+def brute_force(q, k, v, centroids, window, shared_qk=False, q_center=None, k_center=None,
+                probes=1):
+    """Query t attends to the last `window` keys j <= t of each of its `probes` most similar
+    clusters (a token's own key only if it is alone, with shared QK), by explicit loops;
+    clusters of the centred directions (x - center) when centres are given."""
     if shared_qk:
         k, k_center = shared_keys(q), q_center
     q_route = q if q_center is None else q - q_center[None, None]
     k_route = (normalize(q) if shared_qk else k) if k_center is None else \
         (q if shared_qk else k) - k_center[None, None]
-    cq = np.asarray(assign(normalize(q_route), centroids))
+    scores = np.einsum("blhd,hcd->blhc", np.asarray(normalize(q_route)), np.asarray(centroids))
+    cq = np.argsort(-scores, axis=-1, kind="stable")[..., :probes]  # best clusters first
     ck = np.asarray(assign(normalize(k_route), centroids))
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, length, heads, dim = q.shape
@@ -49,7 +51,8 @@ def brute_force(q, k, v, centroids, window, shared_qk=False, q_center=None, k_ce
     for bi in range(b):
         for h in range(heads):
             for t in range(length):
-                keys = [j for j in range(t + 1) if ck[bi, j, h] == cq[bi, t, h]][-window:]
+                keys = sorted(sum(([j for j in range(t + 1) if ck[bi, j, h] == c][-window:]
+                                   for c in cq[bi, t, h]), []))
                 if shared_qk and len(keys) > 1:
                     keys = [j for j in keys if j != t]
                 if not keys:
@@ -60,11 +63,13 @@ def brute_force(q, k, v, centroids, window, shared_qk=False, q_center=None, k_ce
     return out
 
 
-@pytest.mark.parametrize("length,clusters,window,shared_qk,centred", [
-    (64, 8, 8, False, False), (37, 3, 5, False, False), (1, 2, 4, False, False),
-    (50, 4, 16, True, False), (45, 5, 6, False, True), (33, 4, 8, True, True)])
+@pytest.mark.parametrize("length,clusters,window,shared_qk,centred,probes", [
+    (64, 8, 8, False, False, 1), (37, 3, 5, False, False, 1), (1, 2, 4, False, False, 1),
+    (50, 4, 16, True, False, 1), (45, 5, 6, False, True, 1), (33, 4, 8, True, True, 1),
+    (64, 8, 5, False, False, 2), (41, 5, 3, True, True, 3), (29, 3, 4, False, True, 3),
+    (1, 2, 4, False, False, 2)])
 def test_causal_routing_equals_the_brute_force_definition(length, clusters, window, shared_qk,
-                                                          centred):
+                                                          centred, probes):
     q, k, v = qkv(jax.random.key(length), length=length)
     centroids = init_centroids(jax.random.key(1), 2, clusters, 16)
     centers = {}
@@ -72,13 +77,13 @@ def test_causal_routing_equals_the_brute_force_definition(length, clusters, wind
         cq, ck = jax.random.normal(jax.random.key(2), (2, 2, 16))
         centers = {"q_center": cq, "k_center": ck}
     out, routing = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk,
-                                            **centers)
-    np.testing.assert_allclose(out, brute_force(q, k, v, centroids, window, shared_qk, **centers),
-                               atol=2e-5)
+                                            probes=probes, **centers)
+    np.testing.assert_allclose(out, brute_force(q, k, v, centroids, window, shared_qk,
+                                                probes=probes, **centers), atol=2e-5)
     assert routing["q_clusters"].shape == (2, length, 2)
     key_pos, valid = routing_windows(q, k, centroids, window=window, shared_qk=shared_qk,
-                                     **centers)
-    assert key_pos.shape == valid.shape == (2, length, 2, window)
+                                     probes=probes, **centers)
+    assert key_pos.shape == valid.shape == (2, length, 2, probes * window)
     np.testing.assert_array_equal(jnp.sum(valid, axis=-1), routing["keys_read"])
     if centred:
         plain = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk)[1]
@@ -95,9 +100,10 @@ def test_causal_routing_never_sees_the_future_but_top_w_balancing_does():
     centroids = init_centroids(jax.random.key(4), 2, 8, 16)
     for t in (0, 17, 50, 94):
         q2, k2, v2 = _perturb_after(t, [q, k, v], jax.random.key(t))
-        ours = causal_routing_attention(q, k, v, centroids, window=12)[0]
-        ours2 = causal_routing_attention(q2, k2, v2, centroids, window=12)[0]
-        np.testing.assert_array_equal(ours[:, :t + 1], ours2[:, :t + 1])
+        for probes in (1, 3):
+            ours = causal_routing_attention(q, k, v, centroids, window=12, probes=probes)[0]
+            ours2 = causal_routing_attention(q2, k2, v2, centroids, window=12, probes=probes)[0]
+            np.testing.assert_array_equal(ours[:, :t + 1], ours2[:, :t + 1])
     # The paper's top-w clusters, masked by position inside each cluster, still leak: which
     # past tokens a centroid keeps depends on how similar the later tokens are to it.
     q2, k2, v2 = _perturb_after(40, [q, k, v], jax.random.key(99))
@@ -445,3 +451,61 @@ def test_reach_probe_finds_the_value_each_mqar_answer_needs():
     b, t = np.nonzero(rows)
     np.testing.assert_array_equal(batch["inputs"][b, need[b, t]], batch["targets"][b, t])
     assert (need[rows] % 2 == 1).all() and (need[rows] < 10).all()
+
+
+def test_a_second_probe_frees_a_query_stuck_among_identical_keys():
+    """A query whose best cluster holds only copies of one key (a filler token's) reads a flat
+    softmax over equal keys: its gradient is exactly zero, so training cannot move it out. With
+    two probes it also reads its second cluster, where the key it needs sits, and gets a
+    gradient towards that key. Both arms run, so each claim can fail."""
+    dim, length = 8, 40
+    filler, needed = jnp.eye(dim)[0], jnp.eye(dim)[1]
+    centroids = jnp.stack([filler, needed, jnp.eye(dim)[2]])[None]           # [1, 3, D]
+    k = jnp.broadcast_to(filler, (1, length, 1, dim)).at[0, 3, 0].set(needed)
+    v = jax.random.normal(jax.random.key(0), (1, length, 1, dim))
+    q = jnp.zeros((1, length, 1, dim)).at[0, -1, 0].set(0.9 * filler + 0.3 * needed)
+
+    def copied(q, probes):  # how much of the needed value the last query returns
+        out = causal_routing_attention(q, k, v, centroids, window=8, probes=probes)[0]
+        return out[0, -1, 0] @ v[0, 3, 0]
+
+    stuck = jax.grad(copied)(q, 1)
+    freed = jax.grad(copied)(q, 2)
+    assert float(jnp.abs(stuck).max()) < 1e-6                        # zero up to rounding
+    assert float(freed[0, -1, 0] @ needed) > 0.05                   # towards the needed key
+
+
+def test_multi_probe_routing_transformer_is_causal_and_decodes_like_its_forward_pass():
+    cfg = tiny_config(*ROUTING, "model.routing_probes=3").model
+    model = build(cfg, nnx.Rngs(2))
+    assert model.blocks[1].attn.probes == 3
+    model.eval()
+    tokens = jax.random.randint(jax.random.key(1), (2, 30), 0, 256)
+    forward = jax.jit(model.__call__)
+    full = forward(tokens)
+    changed = tokens.at[:, 14:].set((tokens[:, 14:] + 1) % 256)
+    np.testing.assert_array_equal(forward(changed)[:, :14], full[:, :14])
+    one_probe = build(tiny_config(*ROUTING).model, nnx.Rngs(2))
+    one_probe.eval()
+    assert float(jnp.abs(one_probe(tokens) - full).max()) > 1e-3    # the probes are read
+    cache = model.init_cache(2, 32)
+    pieces = []
+    for start, size in ((0, 9), (9, 1), (10, 1), (11, 19)):
+        logits, cache = model.decode(tokens[:, start:start + size], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_probe_counts_are_refused():
+    with pytest.raises(ConfigError, match=r"model.routing_probes=5: must be in \[1, "
+                                          r"model.routing_clusters=4\]"):
+        validate(tiny_config(*ROUTING, "model.routing_probes=5"))
+    with pytest.raises(ConfigError, match=r"model.routing_probes=0"):
+        validate(tiny_config(*ROUTING, "model.routing_probes=0"))
+    q, k, v = qkv(jax.random.key(0), length=16)
+    with pytest.raises(ValueError, match=r"probes=5: must be in \[1, num_clusters=4\]"):
+        causal_routing_attention(q, k, v, init_centroids(jax.random.key(1), 2, 4, 16), window=4,
+                                 probes=5)
+    with pytest.raises(ValueError, match=r"probes=0"):
+        RoutingAttention(32, 2, 16, rngs=nnx.Rngs(0), routing_heads=2, num_clusters=4, window=4,
+                         local_window=4, probes=0)

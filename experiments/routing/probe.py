@@ -5,8 +5,9 @@ occurrence (position ``2i + 1`` of the opening key-value pairs). A routing head 
 if that position is among the keys its cluster window lets the query read. This probe runs a
 trained routing model on validation batches and reports, for every routing layer and head,
 the share of answer positions whose window holds the value position (``reach``), beside the
-share expected if the window were ``w`` keys drawn at random from the query's past
-(``chance``), and the share of the ``w`` window slots in use at answer positions (``fill``).
+share expected if the window were ``probes · w`` keys drawn at random from the query's past
+(``chance``), and the share of the ``probes · w`` window slots in use at answer positions
+(``fill``).
 The layer inputs come from running the blocks in order (Transformer-style models, as the
 routing transformer is; the model has no hook for them).
 
@@ -76,7 +77,8 @@ def probe(workdir: str, batches: int = 4) -> list[dict]:
             s = stats.setdefault(layer, {"hit": [], "any": [], "chance": [], "fill": []})
             s["hit"].append(hit[rows])                                         # [n, H]
             s["any"].append(np.any(hit, axis=-1)[rows])
-            s["chance"].append(np.minimum(block.attn.window / (t[rows] + 1.0), 1.0))
+            read = block.attn.window * block.attn.probes
+            s["chance"].append(np.minimum(read / (t[rows] + 1.0), 1.0))
             s["fill"].append(valid[rows].mean(axis=-1))
     table = []
     for layer, s in stats.items():

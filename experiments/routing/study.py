@@ -38,7 +38,7 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
              dense_steps: int = 0, center: bool = False,
-             key_centroids: bool = False) -> dict[str, tuple[str, list[str]]]:
+             key_centroids: bool = False, probes: int = 1) -> dict[str, tuple[str, list[str]]]:
     """``label -> (run directory, overrides)``; routing runs with other options get their own
     label and directory, so they sit beside earlier ones in the table."""
     clusters = max(2, int(round(math.sqrt(seq_len))))
@@ -47,12 +47,15 @@ def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = T
                f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}",
                f"model.routing_decay={decay}", f"model.routing_shared_qk={flag(shared_qk)}",
                f"model.routing_dense_steps={dense_steps}", f"model.routing_center={flag(center)}",
-               f"model.routing_key_centroids={flag(key_centroids)}"]
+               f"model.routing_key_centroids={flag(key_centroids)}",
+               f"model.routing_probes={probes}"]
     options = (["shared QK" if shared_qk else "separate QK"]
                + (["centred keys"] if center else []) + (["key centroids"] if key_centroids else [])
+               + ([f"{probes} probes"] if probes > 1 else [])
                + ([f"dense warm-up {dense_steps}"] if dense_steps else []))
     run = ("routing" + ("" if shared_qk else "_separate_qk") + ("_centred" if center else "")
            + ("_key_centroids" if key_centroids else "")
+           + (f"_probes{probes}" if probes > 1 else "")
            + (f"_dense{dense_steps}" if dense_steps else ""))
     return {"full attention": ("full", ["model.attention_mask=causal"]),
             f"local only ({local})": ("local", [f"model.attention_mask=local:{local}"]),
@@ -95,6 +98,8 @@ def main(argv=None) -> None:
                         help="route keys by k - running mean (model.routing_center)")
     parser.add_argument("--key-centroids", action=argparse.BooleanOptionalAction, default=True,
                         help="centroids follow the keys only (model.routing_key_centroids)")
+    parser.add_argument("--probes", type=int, default=1,
+                        help="clusters each routing query reads (model.routing_probes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every variant (repeatable)")
     parser.add_argument("--only", default="",
@@ -113,7 +118,7 @@ def main(argv=None) -> None:
     rows = previous_rows(out / f"{name}.json")
     for label, (run, extra) in variants(seq_len, args.local, args.decay, not args.separate_qk,
                                         args.dense_steps, args.center,
-                                        args.key_centroids).items():
+                                        args.key_centroids, args.probes).items():
         if chosen and label.split()[0] not in chosen:
             continue
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)

@@ -85,6 +85,7 @@ def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: 
                             dense_steps=cfg.routing_dense_steps,
                             center=cfg.routing_center,
                             key_centroids=cfg.routing_key_centroids,
+                            probes=cfg.routing_probes,
                             commitment=cfg.routing_commitment, **kw)
 
 

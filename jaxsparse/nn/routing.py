@@ -21,12 +21,13 @@ class Centroids(nnx.Variable):
     training steps, never by the optimiser (they are not ``nnx.Param``)."""
 
 
-def routing_statistics(routing, num_clusters: int, window: int) -> dict[str, jax.Array]:
+def routing_statistics(routing, num_clusters: int, window: int,
+                       probes: int = 1) -> dict[str, jax.Array]:
     """Health of the clustering, logged by the training loop:
 
     ``routing_empty``  share of queries whose cluster holds no key at or before them (their
                        routing output is zero: nothing can be learnt through them);
-    ``routing_fill``   mean share of the ``window`` slots a query reads;
+    ``routing_fill``   mean share of the ``probes · window`` slots a query reads;
     ``routing_max_cluster``  the largest cluster's share of the keys times the number of
                        clusters (1 = balanced, C = every key in one cluster), mean over heads.
     """
@@ -34,7 +35,7 @@ def routing_statistics(routing, num_clusters: int, window: int) -> dict[str, jax
     onehot = jax.nn.one_hot(routing["k_clusters"], num_clusters, dtype=jnp.float32)
     shares = jnp.mean(onehot, axis=(0, 1))                              # [H, C]
     return {"routing_empty": jnp.mean((read == 0).astype(jnp.float32)),
-            "routing_fill": jnp.mean(read.astype(jnp.float32)) / window,
+            "routing_fill": jnp.mean(read.astype(jnp.float32)) / (probes * window),
             "routing_max_cluster": jnp.mean(jnp.max(shares, axis=-1)) * num_clusters}
 
 
@@ -82,13 +83,18 @@ class RoutingAttention(nnx.Module):
     key-only clusters when the two distributions differ, and a query whose cluster has no key
     reads nothing and learns nothing (MQAR at 1024 tokens after a dense warm-up: 97% of the
     windows empty within 100 routed steps).
+
+    ``probes`` > 1: a routing query reads the windows of its ``probes`` most similar clusters
+    (``probes · window`` keys), in training, evaluation and decoding alike — a query whose best
+    cluster is useless (e.g. all filler) still reads, and learns from, the next ones (see
+    :mod:`jaxsparse.ops.routing`).
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                  routing_heads: int, num_clusters: int, window: int, local_window: int,
                  shared_qk: bool = False, decay: float = 0.999, commitment: float = 1e-4,
                  dense_steps: int = 0, center: bool = False, center_decay: float = 0.99,
-                 key_centroids: bool = False, rope_theta: float = 10_000.0,
+                 key_centroids: bool = False, probes: int = 1, rope_theta: float = 10_000.0,
                  out_init_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if not 1 <= routing_heads <= n_heads:
@@ -97,6 +103,8 @@ class RoutingAttention(nnx.Module):
                             ("local_window", local_window)):
             if value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
+        if not 1 <= probes <= num_clusters:
+            raise ValueError(f"probes={probes}: must be in [1, num_clusters={num_clusters}]")
         if dense_steps < 0:
             raise ValueError(f"dense_steps={dense_steps}: must be >= 0")
         if not 0 < decay < 1:
@@ -120,6 +128,7 @@ class RoutingAttention(nnx.Module):
         # ~100 batches): a lagging centre would leave the common component in.
         self.center, self.center_decay = center, center_decay
         self.key_centroids = key_centroids
+        self.probes = probes
         if center:
             self.route_mean = RoutingMean(jnp.zeros((routing_heads, head_dim), jnp.float32))
             self.route_mean_count = RoutingMean(jnp.zeros((), jnp.int32))
@@ -154,7 +163,8 @@ class RoutingAttention(nnx.Module):
             routed, routing = causal_routing_attention(q_rt, k_rt, v_rt, centroids,
                                                        window=self.window,
                                                        shared_qk=self.shared_qk,
-                                                       q_center=q_center, k_center=k_center)
+                                                       q_center=q_center, k_center=k_center,
+                                                       probes=self.probes)
             if not self.deterministic:
                 if self.dense_steps:
                     routed = jax.lax.cond(self.step[...] < self.dense_steps,
@@ -171,14 +181,14 @@ class RoutingAttention(nnx.Module):
 
     def windows(self, x_BLD):
         """Which keys each routing query reads for the (normed) layer input ``x_BLD``:
-        ``(key_pos, valid)``, each ``[B, L, routing heads, window]`` — to check, e.g., that a
-        query's cluster holds the key a task needs."""
+        ``(key_pos, valid)``, each ``[B, L, routing heads, probes · window]`` — to check,
+        e.g., that a query's clusters hold the key a task needs."""
         q, k, _ = self._project(x_BLD)
         nl = self.n_local
         q_center, k_center = self._centers()
         return routing_windows(q[:, :, nl:], k[:, :, nl:], self.centroids[...],
                                window=self.window, shared_qk=self.shared_qk,
-                               q_center=q_center, k_center=k_center)
+                               q_center=q_center, k_center=k_center, probes=self.probes)
 
     def _centers(self):
         """``(q_center, k_center)`` for routing (``None`` without centring): the keys' running
@@ -202,7 +212,8 @@ class RoutingAttention(nnx.Module):
                                                                    routing["k_clusters"]]
         self.sow(nnx.Intermediate, "aux_loss",
                  self.commitment * commitment_loss(centroids, units, clusters))
-        for name, value in routing_statistics(routing, centroids.shape[1], self.window).items():
+        for name, value in routing_statistics(routing, centroids.shape[1], self.window,
+                                                 self.probes).items():
             self.sow(nnx.Intermediate, name, value)
         if self.key_centroids and not self.shared_qk:
             units, clusters = units[1:], clusters[1:]
@@ -226,5 +237,5 @@ class RoutingAttention(nnx.Module):
                                  mask=LocalMask(self.local_window - 1, 0)) if nl else None
         routed = causal_routing_decode(q_rt, k_all[:, :, nl:], v_all[:, :, nl:], c_all, lengths,
                                        centroids, window=self.window, shared_qk=self.shared_qk,
-                                       q_center=q_center)
+                                       q_center=q_center, probes=self.probes)
         return local, routed, {"k": k_all, "v": v_all, "k_clusters": c_all}
