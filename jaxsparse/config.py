@@ -91,6 +91,7 @@ class ModelConfig:
     routing_center: bool = True  # route keys by k - running mean (stops k-means collapsing)
     routing_key_centroids: bool = True  # centroids follow keys only (separate QK: no empty windows)
     routing_probes: int = 1  # clusters a routing query reads (1: the paper; >1: multi-probe)
+    routing_reseed: bool = True  # dead centroids (no key in a batch) jump to ill-fitting keys
     # Hydra (model.name "hydra"; jaxsparse.models.hydra): SSM + SGA + MoE/FFN per block
     hydra_sga_every: int = 3  # sparse global attention in every n-th block (layers n-1, 2n-1..)
     hydra_window: int = 256  # SGA causal local window

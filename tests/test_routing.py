@@ -509,3 +509,32 @@ def test_bad_probe_counts_are_refused():
     with pytest.raises(ValueError, match=r"probes=0"):
         RoutingAttention(32, 2, 16, rngs=nnx.Rngs(0), routing_heads=2, num_clusters=4, window=4,
                          local_window=4, probes=0)
+
+
+@pytest.mark.parametrize("reseed", [False, True])
+def test_dead_centroids_are_reseeded_onto_the_worst_served_vectors(reseed):
+    """Three separated groups of vectors, one centroid near the first group and three facing
+    away from all of them: without re-seeding the three never win a vector and never move;
+    with it, after a few steps every group has a centroid of its own (the worst-served vectors
+    are those of the groups nobody serves). Both arms run, so each claim can fail."""
+    eye = jnp.eye(8)
+    groups = jnp.stack([eye[0], eye[1], eye[2]])                     # [3, D]
+    noise = 0.05 * jax.random.normal(jax.random.key(0), (2, 30, 1, 8))
+    x = normalize(jnp.repeat(groups, 10, axis=0)[None, :, None, :] + noise)   # [2, 30, 1, D]
+    which = jnp.repeat(jnp.arange(3), 10)
+    # The first centroid is the nearest for every vector (positive on all three groups).
+    centroids = normalize(jnp.stack([eye[0] + 0.3 * eye[1] + 0.3 * eye[2],
+                                     -eye[0] - eye[1] - eye[2], -eye[1] - eye[4],
+                                     -eye[2] - eye[5]]))[None]              # [1, 4, D]
+    for _ in range(4):
+        centroids = ema_centroids(centroids, [x], [assign(x, centroids)], decay=0.9,
+                                  reseed=reseed)
+    clusters = np.asarray(assign(x, centroids))[..., 0]              # [2, 30]
+    served = {g: set(clusters[:, np.asarray(which) == g].ravel().tolist()) for g in range(3)}
+    distinct = len(set().union(*served.values()))
+    if reseed:
+        assert distinct >= 3 and not (served[0] & served[1] or served[1] & served[2]
+                                      or served[0] & served[2]), served
+    else:
+        assert distinct == 1, served                                 # everything in one cluster
+    np.testing.assert_allclose(jnp.linalg.norm(centroids, axis=-1), 1.0, atol=1e-5)

@@ -197,6 +197,7 @@ def test_every_preset_on_8_devices_matches_one_device():
         assert run["ring_attention"] == name.endswith(("_sp", "full")), name
 
 
+@pytest.mark.slow  # ~100 s on 2 cores; the op-level scans across shards are in the default run
 def test_sequence_parallel_recurrent_models_match_one_device():
     """Mamba (Mamba-1 scan) and Hydra (diagonal SSM, sparse global attention, chunk-routed MoE,
     workspace) with the length split 2 ways under fsdp_tp_sp, and a MoE Transformer under FSDP

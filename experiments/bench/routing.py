@@ -3,11 +3,11 @@
 For L in 1k..16k, one attention layer's worth of heads (batch 1, 4 heads, head dim 64) in the
 same run: dense causal attention (our block-skipping flash-style XLA path, which already skips
 the upper triangle, and ``jax.nn.dot_product_attention`` where its L² logits fit) against
-causal routing attention with the paper's ``C = √L`` clusters and ``w = L / C`` keys per query.
-Forward + backward (the training cost). The log-log plot shows the slopes: 2 for dense, 1.5 for
-routing.
+causal routing attention with the paper's ``C = √L`` clusters and ``w = L / C`` keys per query,
+and with multi-probe queries (``P`` clusters, ``P · w`` keys per query). Forward + backward
+(the training cost). The log-log plot shows the slopes: 2 for dense, 1.5 for routing.
 
-    jaxsparse bench routing [--lengths 1024 2048 4096 8192 16384] [--repeats 3]
+    jaxsparse bench routing [--lengths 1024 2048 4096 8192 16384] [--probes 1 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ def _loss(attend):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def run(lengths, repeats):
+def _routing(centroids, window, probes):
+    return lambda q, k, v: causal_routing_attention(q, k, v, centroids, window=window,
+                                                    probes=probes)[0]
+
+
+def run(lengths, repeats, probes=(1,)):
     rows = []
     for length in lengths:
         clusters = int(round(math.sqrt(length)))
@@ -47,9 +52,9 @@ def run(lengths, repeats):
         paths = {
             "dense (ours, block-skipping)": lambda q, k, v: dot_product_attention(
                 q, k, v, mask=CausalMask(), implementation="xla_blocksparse"),
-            "routing": lambda q, k, v: causal_routing_attention(q, k, v, centroids,
-                                                                window=window)[0],
         }
+        for p in probes:
+            paths["routing" + (f" ({p} probes)" if p > 1 else "")] = _routing(centroids, window, p)
         if length <= JAX_NN_MAX:
             paths["jax.nn.dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True)
@@ -87,15 +92,17 @@ def plot(rows, path: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--probes", type=int, nargs="+", default=[1, 2],
+                        help="clusters each routing query reads (one row per value)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="routing")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    rows = run(args.lengths, args.repeats)
+    rows = run(args.lengths, args.repeats, args.probes)
     columns = ["length", "clusters", "window", "path", "fwd_bwd_ms", "speedup_vs_dense"]
     print(markdown_table(rows, columns))
     notes = (f"Batch 1, {HEADS} heads of dim {DIM}, float32, forward + backward; routing uses "
-             "C = round(sqrt(L)) clusters and w = L // C keys per query.")
+             "C = round(sqrt(L)) clusters and w = L // C keys per query (P · w with P probes).")
     write_results(args.name, rows, columns, args.out, notes)
     plot(rows, Path(args.out) / f"{args.name}.png")
 

@@ -10,10 +10,11 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
     python experiments/routing/study.py --task text [--steps 500]
     python experiments/routing/study.py --task mqar [--steps 2000] [--seq-len 1024]
 
-The MQAR routing row that learns (``results/mqar_vocab32/``): ``--task mqar --steps 1000
---batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3 --separate-qk --dense-steps 500`` (add
-``--only routing`` to keep the full/local rows already there; ``--no-center`` and
-``--no-key-centroids`` give the plain k-means of the paper).
+The MQAR routing rows that learn (``results/mqar_vocab32/``): ``--task mqar --steps 1000
+--batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3 --separate-qk --probes 2`` (from
+scratch) or ``... --probes 4 --dense-steps 500 --set model.routing_heads=4`` (the closest to
+full attention); add ``--only routing`` to keep the full/local rows already there.
+``--no-center``, ``--no-key-centroids`` and ``--no-reseed`` give the plain k-means of the paper.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
              dense_steps: int = 0, center: bool = False,
-             key_centroids: bool = False, probes: int = 1) -> dict[str, tuple[str, list[str]]]:
+             key_centroids: bool = False, probes: int = 1, reseed: bool = False,
+             routing_heads: int = 2) -> dict[str, tuple[str, list[str]]]:
     """``label -> (run directory, overrides)``; routing runs with other options get their own
     label and directory, so they sit beside earlier ones in the table."""
     clusters = max(2, int(round(math.sqrt(seq_len))))
@@ -48,13 +50,18 @@ def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = T
                f"model.routing_decay={decay}", f"model.routing_shared_qk={flag(shared_qk)}",
                f"model.routing_dense_steps={dense_steps}", f"model.routing_center={flag(center)}",
                f"model.routing_key_centroids={flag(key_centroids)}",
-               f"model.routing_probes={probes}"]
-    options = (["shared QK" if shared_qk else "separate QK"]
+               f"model.routing_probes={probes}", f"model.routing_reseed={flag(reseed)}",
+               f"model.routing_heads={routing_heads}"]
+    options = (([f"{routing_heads} routing heads"] if routing_heads != 2 else [])
+               + ["shared QK" if shared_qk else "separate QK"]
                + (["centred keys"] if center else []) + (["key centroids"] if key_centroids else [])
+               + (["reseeded centroids"] if reseed else [])
                + ([f"{probes} probes"] if probes > 1 else [])
                + ([f"dense warm-up {dense_steps}"] if dense_steps else []))
     run = ("routing" + ("" if shared_qk else "_separate_qk") + ("_centred" if center else "")
            + ("_key_centroids" if key_centroids else "")
+           + ("_reseed" if reseed else "")
+           + (f"_heads{routing_heads}" if routing_heads != 2 else "")
            + (f"_probes{probes}" if probes > 1 else "")
            + (f"_dense{dense_steps}" if dense_steps else ""))
     return {"full attention": ("full", ["model.attention_mask=causal"]),
@@ -72,7 +79,7 @@ def task_overrides(task: str, seq_len: int, steps: int, batch: int, pairs: int,
                     f"model.max_seq_len={seq_len}", f"data.num_kv_pairs={pairs}",
                     f"data.batch_size={batch}", "eval.batches=4",
                     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
-                    "model.routing_skip_first=1", "model.routing_heads=2",
+                    "model.routing_skip_first=1",
                     "optimizer.weight_decay=0.0", "optimizer.warmup_steps=100"]
 
 
@@ -100,6 +107,10 @@ def main(argv=None) -> None:
                         help="centroids follow the keys only (model.routing_key_centroids)")
     parser.add_argument("--probes", type=int, default=1,
                         help="clusters each routing query reads (model.routing_probes)")
+    parser.add_argument("--reseed", action=argparse.BooleanOptionalAction, default=True,
+                        help="re-seed dead centroids (model.routing_reseed)")
+    parser.add_argument("--routing-heads", type=int, default=2,
+                        help="routing heads of the routing layer (of 4; the rest stay local)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every variant (repeatable)")
     parser.add_argument("--only", default="",
@@ -118,7 +129,8 @@ def main(argv=None) -> None:
     rows = previous_rows(out / f"{name}.json")
     for label, (run, extra) in variants(seq_len, args.local, args.decay, not args.separate_qk,
                                         args.dense_steps, args.center,
-                                        args.key_centroids, args.probes).items():
+                                        args.key_centroids, args.probes, args.reseed,
+                                        args.routing_heads).items():
         if chosen and label.split()[0] not in chosen:
             continue
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)

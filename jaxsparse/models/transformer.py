@@ -86,6 +86,7 @@ def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: 
                             center=cfg.routing_center,
                             key_centroids=cfg.routing_key_centroids,
                             probes=cfg.routing_probes,
+                            reseed=cfg.routing_reseed,
                             commitment=cfg.routing_commitment, **kw)
 
 

@@ -88,13 +88,19 @@ class RoutingAttention(nnx.Module):
     (``probes · window`` keys), in training, evaluation and decoding alike — a query whose best
     cluster is useless (e.g. all filler) still reads, and learns from, the next ones (see
     :mod:`jaxsparse.ops.routing`).
+
+    ``reseed``: a centroid that no key of a training batch chose jumps onto one of the keys the
+    live centroids serve worst (:func:`jaxsparse.ops.routing.reseed_dead`) instead of waiting
+    where it is — with key centroids, queries are still sent to a dead centroid and read an
+    empty window there.
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                  routing_heads: int, num_clusters: int, window: int, local_window: int,
                  shared_qk: bool = False, decay: float = 0.999, commitment: float = 1e-4,
                  dense_steps: int = 0, center: bool = False, center_decay: float = 0.99,
-                 key_centroids: bool = False, probes: int = 1, rope_theta: float = 10_000.0,
+                 key_centroids: bool = False, probes: int = 1, reseed: bool = False,
+                 rope_theta: float = 10_000.0,
                  out_init_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if not 1 <= routing_heads <= n_heads:
@@ -128,7 +134,7 @@ class RoutingAttention(nnx.Module):
         # ~100 batches): a lagging centre would leave the common component in.
         self.center, self.center_decay = center, center_decay
         self.key_centroids = key_centroids
-        self.probes = probes
+        self.probes, self.reseed = probes, reseed
         if center:
             self.route_mean = RoutingMean(jnp.zeros((routing_heads, head_dim), jnp.float32))
             self.route_mean_count = RoutingMean(jnp.zeros((), jnp.int32))
@@ -217,7 +223,8 @@ class RoutingAttention(nnx.Module):
             self.sow(nnx.Intermediate, name, value)
         if self.key_centroids and not self.shared_qk:
             units, clusters = units[1:], clusters[1:]
-        self.centroids[...] = ema_centroids(centroids, units, clusters, self.decay)
+        self.centroids[...] = ema_centroids(centroids, units, clusters, self.decay,
+                                            reseed=self.reseed)
         if self.center:
             self.route_mean[...], self.route_mean_count[...] = ema_mean(
                 self.route_mean[...], self.route_mean_count[...], k_rt, self.center_decay)
