@@ -90,6 +90,28 @@ def test_causal_routing_equals_the_brute_force_definition(length, clusters, wind
         assert float(jnp.mean(plain["q_clusters"] != routing["q_clusters"])) > 0.3
 
 
+def assert_decodes_like_forward(model, tokens, full, pieces):
+    """Decoding ``tokens`` in pieces of the given ``(start, size)`` from a cache gives the
+    logits of the full forward pass ``full``."""
+    cache = model.init_cache(tokens.shape[0], 32)
+    out = []
+    for start, size in pieces:
+        logits, cache = model.decode(tokens[:, start:start + size], cache)
+        out.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-4, rtol=1e-4)
+
+
+def assert_causal_and_decodes_like_forward(model, tokens, cut, pieces):
+    """Changing the tokens from ``cut`` on leaves every logit before ``cut`` unchanged, and
+    decoding in ``pieces`` equals the forward pass; returns the forward logits."""
+    forward = jax.jit(model.__call__)
+    full = forward(tokens)
+    changed = tokens.at[:, cut:].set((tokens[:, cut:] + 1) % 256)
+    np.testing.assert_array_equal(forward(changed)[:, :cut], full[:, :cut])
+    assert_decodes_like_forward(model, tokens, full, pieces)
+    return full
+
+
 def _perturb_after(t, arrays, key):
     return [a.at[:, t + 1:].set(jax.random.normal(k, a[:, t + 1:].shape))
             for a, k in zip(arrays, jax.random.split(key, len(arrays)))]
@@ -179,12 +201,7 @@ def test_routing_transformer_is_causal_and_decodes_like_its_forward_pass():
     for t in (5, 17):
         changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % 256)
         np.testing.assert_array_equal(forward(changed)[:, :t + 1], full[:, :t + 1])
-    cache = model.init_cache(2, 32)
-    pieces = []
-    for start, size in ((0, 7), (7, 1), (8, 7), (15, 1), (16, 12)):
-        logits, cache = model.decode(tokens[:, start:start + size], cache)
-        pieces.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
+    assert_decodes_like_forward(model, tokens, full, ((0, 7), (7, 1), (8, 7), (15, 1), (16, 12)))
 
 
 def test_routing_tiny_trains_end_to_end_with_the_cli(tmp_path):
@@ -375,16 +392,7 @@ def test_centred_routing_transformer_is_causal_and_decodes_like_its_forward_pass
     assert float(jnp.abs(attn.route_mean[...]).max()) > 0  # trained centres are in use
     model.eval()
     tokens = jax.random.randint(jax.random.key(0), (2, 28), 0, 256)
-    forward = jax.jit(model.__call__)
-    full = forward(tokens)
-    changed = tokens.at[:, 12:].set((tokens[:, 12:] + 1) % 256)
-    np.testing.assert_array_equal(forward(changed)[:, :12], full[:, :12])
-    cache = model.init_cache(2, 32)
-    pieces = []
-    for start, size in ((0, 9), (9, 1), (10, 18)):
-        logits, cache = model.decode(tokens[:, start:start + size], cache)
-        pieces.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
+    assert_causal_and_decodes_like_forward(model, tokens, 12, ((0, 9), (9, 1), (10, 18)))
     with pytest.raises(ValueError, match=r"q_center must be \[H=2, D=16\]"):
         q, k, v = qkv(jax.random.key(0), length=8)
         causal_routing_attention(q, k, v, init_centroids(jax.random.key(1), 2, 4, 16), window=4,
@@ -481,19 +489,11 @@ def test_multi_probe_routing_transformer_is_causal_and_decodes_like_its_forward_
     assert model.blocks[1].attn.probes == 3
     model.eval()
     tokens = jax.random.randint(jax.random.key(1), (2, 30), 0, 256)
-    forward = jax.jit(model.__call__)
-    full = forward(tokens)
-    changed = tokens.at[:, 14:].set((tokens[:, 14:] + 1) % 256)
-    np.testing.assert_array_equal(forward(changed)[:, :14], full[:, :14])
+    full = assert_causal_and_decodes_like_forward(model, tokens, 14,
+                                                  ((0, 9), (9, 1), (10, 1), (11, 19)))
     one_probe = build(tiny_config(*ROUTING).model, nnx.Rngs(2))
     one_probe.eval()
     assert float(jnp.abs(one_probe(tokens) - full).max()) > 1e-3    # the probes are read
-    cache = model.init_cache(2, 32)
-    pieces = []
-    for start, size in ((0, 9), (9, 1), (10, 1), (11, 19)):
-        logits, cache = model.decode(tokens[:, start:start + size], cache)
-        pieces.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_probe_counts_are_refused():
