@@ -14,7 +14,7 @@ than a training run's evaluation holds (``--batches 32`` of the study's 8 sequen
 The layer inputs come from running the blocks in order (Transformer-style models, as the
 routing transformer is; the model has no hook for them).
 
-    python experiments/routing/probe.py WORKDIR [--batches 4]
+    python experiments/routing/probe.py WORKDIR [--batches 32] [--probes P]
 """
 
 from __future__ import annotations
@@ -46,12 +46,18 @@ def routing_layers(model):
             if isinstance(block.attn, RoutingAttention)]
 
 
-def probe(workdir: str, batches: int = 4) -> list[dict]:
+def probe(workdir: str, batches: int = 4, probes: int | None = None) -> list[dict]:
+    """Reach, chance and fill per routing head and the model's answer accuracy (module
+    docstring); ``probes``: evaluate with this many clusters per query instead of the trained
+    ``model.routing_probes`` (e.g. every cluster, to ask whether reach or binding limits)."""
     cfg, setup, state = load(workdir)
     if cfg.data.task != "mqar":
         raise ValueError(f"{workdir}: data.task={cfg.data.task!r}; the probe needs an MQAR run")
     model = setup.model(state["params"], state["rest"])
     model.eval()
+    if probes is not None:
+        for _, block in routing_layers(model):
+            block.attn.probes = probes
     stream = make_stream(cfg)
 
     @nnx.jit
@@ -107,8 +113,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir")
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--probes", type=int, default=None,
+                        help="clusters per routing query at evaluation (default: as trained)")
     args = parser.parse_args(argv)
-    table = probe(args.workdir, args.batches)
+    table = probe(args.workdir, args.batches, args.probes)
     print("| layer | head | reach | chance | fill |\n|---|---|---|---|---|")
     for r in table:
         print(f"| {r['layer']} | {r['head']} | {r['reach']:.3f} | {r['chance']:.3f} | "

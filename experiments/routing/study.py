@@ -175,8 +175,10 @@ def plot(curves, metric, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", ms=3, label=label)
+    for i, (label, curve) in enumerate(curves.items()):
+        # Dashed after the ten colours of the default cycle, so that no two curves look alike.
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", ms=3, label=label,
+                linestyle="-" if i < 10 else "--")
     ax.set(xlabel="step", ylabel=f"eval {metric}", title=title)
     if metric == "bits_per_byte":
         ax.set_ylim(None, 5)
