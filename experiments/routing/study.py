@@ -10,10 +10,11 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
     python experiments/routing/study.py --task text [--steps 500]
     python experiments/routing/study.py --task mqar [--steps 2000] [--seq-len 1024]
 
-The MQAR routing rows that learn (``results/mqar_vocab32/``): ``--task mqar --steps 1000
---batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3 --separate-qk --probes 2`` (from
-scratch) or ``... --probes 4 --dense-steps 500 --set model.routing_heads=4`` (the closest to
-full attention); add ``--only routing`` to keep the full/local rows already there.
+The MQAR routing row level with full attention (``results/mqar_vocab32_probes/``):
+``--task mqar --steps 1000 --batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3
+--separate-qk --probes 4 --routing-heads 4 --dense-steps 500`` (``--probes 2`` without the
+warm-up learns too, but varies widely between seeds); add ``--only routing`` to keep the
+full/local rows already there and ``--set train.seed=N`` for other initialisations.
 ``--no-center``, ``--no-key-centroids`` and ``--no-reseed`` give the plain k-means of the paper.
 """
 

@@ -94,19 +94,21 @@ def routing_units(x_BLHD, center_HD=None):
     return normalize(x_BLHD.astype(jnp.float32) - jax.lax.stop_gradient(center_HD)[None, None])
 
 
+def _similarity(x_BLHD, centroids_HCD):
+    return jnp.einsum("blhd,hcd->blhc", x_BLHD, centroids_HCD)
+
+
 def assign(x_BLHD, centroids_HCD):
     """Cluster of every (already normalised) vector: ``[B, L, H]`` int32."""
-    scores = jnp.einsum("blhd,hcd->blhc", x_BLHD, centroids_HCD)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return jnp.argmax(_similarity(x_BLHD, centroids_HCD), axis=-1).astype(jnp.int32)
 
 
 def assign_top(x_BLHD, centroids_HCD, probes: int):
     """The ``probes`` most similar clusters of every vector, best first: ``[B, L, H, probes]``
     int32 (``[..., 0]`` equals :func:`assign`)."""
-    if probes == 1:
+    if probes == 1:  # argmax is cheaper than a sort
         return assign(x_BLHD, centroids_HCD)[..., None]
-    scores = jnp.einsum("blhd,hcd->blhc", x_BLHD, centroids_HCD)
-    return jax.lax.top_k(scores, probes)[1].astype(jnp.int32)
+    return jax.lax.top_k(_similarity(x_BLHD, centroids_HCD), probes)[1].astype(jnp.int32)
 
 
 def _check(q, k, v, centroids, window):
