@@ -52,3 +52,14 @@ def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert row["speedup"] > 0 and row["max_abs_err"] < 1e-5 and 0 < row["density"] <= 1
     tables = json.loads((tmp_path / "attention_block_tables.json").read_text())["rows"]
     assert {r["mask"] for r in tables} == {"causal", "window 512", "bigbird 128"}
+
+
+def test_routing_benchmark_times_split_windows_at_the_cost_of_one_probe(tmp_path):
+    """``--split``: P windows of w/P keys read as many keys per query as one probe of w."""
+    assert main(["bench", "routing", "--lengths", "256", "--probes", "1", "4", "--split",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = {r["path"]: r for r in json.loads((tmp_path / "routing.json").read_text())["rows"]}
+    assert rows["routing"]["window"] == 16 and rows["routing"]["keys_per_query"] == 16
+    assert rows["routing (4 probes)"]["keys_per_query"] == 64
+    assert rows["routing (4 probes of w/4)"]["keys_per_query"] == 16
+    assert all(r["fwd_bwd_ms"] > 0 for r in rows.values())

@@ -461,6 +461,23 @@ def test_reach_probe_finds_the_value_each_mqar_answer_needs():
     assert (need[rows] % 2 == 1).all() and (need[rows] < 10).all()
 
 
+def test_routing_study_names_split_windows_in_label_run_and_overrides():
+    """experiments/routing/study.py: ``--window`` sets keys per probe; a run with a non-default
+    window gets its own label and directory, so it never overwrites the paper-window row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments/routing/study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    (label, (run, overrides)), = [(k, v) for k, v in study.variants(
+        1024, 32, probes=4, window=8).items() if k.startswith("routing")]
+    assert "model.routing_window=8" in overrides and "model.routing_probes=4" in overrides
+    assert "window 8 per probe" in label and run.endswith("_probes4_window8")
+    (label, (run, overrides)), = [(k, v) for k, v in study.variants(
+        1024, 32, probes=4).items() if k.startswith("routing")]
+    assert "model.routing_window=32" in overrides and "window" not in label + run
+
+
 def test_a_second_probe_frees_a_query_stuck_among_identical_keys():
     """A query whose best cluster holds only copies of one key (a filler token's) reads a flat
     softmax over equal keys: its gradient is exactly zero, so training cannot move it out. With

@@ -4,10 +4,12 @@ For L in 1k..16k, one attention layer's worth of heads (batch 1, 4 heads, head d
 same run: dense causal attention (our block-skipping flash-style XLA path, which already skips
 the upper triangle, and ``jax.nn.dot_product_attention`` where its L² logits fit) against
 causal routing attention with the paper's ``C = √L`` clusters and ``w = L / C`` keys per query,
-and with multi-probe queries (``P`` clusters, ``P · w`` keys per query). Forward + backward
+and with multi-probe queries (``P`` clusters, ``P · w`` keys per query; with ``--split``
+also ``P`` windows of ``w / P`` keys, as many keys as one probe). Forward + backward
 (the training cost). The log-log plot shows the slopes: 2 for dense, 1.5 for routing.
 
-    jaxsparse bench routing [--lengths 1024 2048 4096 8192 16384] [--probes 1 2] [--repeats 3]
+    jaxsparse bench routing [--lengths 1024 2048 4096 8192 16384] [--probes 1 2] [--split]
+                            [--repeats 3]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _routing(centroids, window, probes):
                                                     probes=probes)[0]
 
 
-def run(lengths, repeats, probes=(1,)):
+def run(lengths, repeats, probes=(1,), split=False):
     rows = []
     for length in lengths:
         clusters = int(round(math.sqrt(length)))
@@ -53,8 +55,14 @@ def run(lengths, repeats, probes=(1,)):
             "dense (ours, block-skipping)": lambda q, k, v: dot_product_attention(
                 q, k, v, mask=CausalMask(), implementation="xla_blocksparse"),
         }
+        keys_per_query = {}  # at most, per routing path
         for p in probes:
-            paths["routing" + (f" ({p} probes)" if p > 1 else "")] = _routing(centroids, window, p)
+            name = "routing" + (f" ({p} probes)" if p > 1 else "")
+            paths[name], keys_per_query[name] = _routing(centroids, window, p), p * window
+            if split and p > 1:  # P windows of w / P keys: as many keys as one probe reads
+                name, split_window = f"routing ({p} probes of w/{p})", max(window // p, 1)
+                paths[name] = _routing(centroids, split_window, p)
+                keys_per_query[name] = p * split_window
         if length <= JAX_NN_MAX:
             paths["jax.nn.dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True)
@@ -63,6 +71,7 @@ def run(lengths, repeats, probes=(1,)):
         dense = times["dense (ours, block-skipping)"]
         for name, t in times.items():
             rows.append({"length": length, "clusters": clusters, "window": window, "path": name,
+                         "keys_per_query": keys_per_query.get(name, ""),
                          "fwd_bwd_ms": t * 1e3, "speedup_vs_dense": dense / t})
             print(f"L={length:6d} {name:30s} {t * 1e3:9.1f} ms  {dense / t:5.2f}x", flush=True)
     return rows
@@ -94,15 +103,20 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--probes", type=int, nargs="+", default=[1, 2],
                         help="clusters each routing query reads (one row per value)")
+    parser.add_argument("--split", action="store_true",
+                        help="also time each P > 1 with windows of w / P keys (P · w/P = w keys "
+                             "per query, the cost of one probe)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="routing")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    rows = run(args.lengths, args.repeats, args.probes)
-    columns = ["length", "clusters", "window", "path", "fwd_bwd_ms", "speedup_vs_dense"]
+    rows = run(args.lengths, args.repeats, args.probes, args.split)
+    columns = ["length", "clusters", "window", "path", "keys_per_query", "fwd_bwd_ms",
+               "speedup_vs_dense"]
     print(markdown_table(rows, columns))
     notes = (f"Batch 1, {HEADS} heads of dim {DIM}, float32, forward + backward; routing uses "
-             "C = round(sqrt(L)) clusters and w = L // C keys per query (P · w with P probes).")
+             "C = round(sqrt(L)) clusters and w = L // C keys per query (P · w with P probes; "
+             "'P probes of w/P': P windows of w // P keys).")
     write_results(args.name, rows, columns, args.out, notes)
     plot(rows, Path(args.out) / f"{args.name}.png")
 

@@ -10,11 +10,15 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
     python experiments/routing/study.py --task text [--steps 500]
     python experiments/routing/study.py --task mqar [--steps 2000] [--seq-len 1024]
 
-The MQAR routing row level with full attention (``results/mqar_vocab32_probes/``):
-``--task mqar --steps 1000 --batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3
---separate-qk --probes 4 --routing-heads 4 --dense-steps 500`` (``--probes 2`` without the
-warm-up learns too, but varies widely between seeds); add ``--only routing`` to keep the
-full/local rows already there and ``--set train.seed=N`` for other initialisations.
+The MQAR routing recipe level with full attention (``results/mqar_vocab32_probes/``, three
+seeds each): ``--task mqar --steps 1000 --batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3
+--separate-qk --probes 4 --window 8 --routing-heads 4 --dense-steps 500`` — four windows of 8
+keys read as many keys as one probe of the paper's 32, so the layer costs one probe
+(``jaxsparse bench routing --split``); ``--window`` left at 32 scores the same and costs four.
+``--probes 2`` without the warm-up learns too, but varies widely between seeds. Add ``--only
+routing`` to keep the full/local rows already there and ``--set train.seed=N`` for other
+initialisations (a row and run directory of their own). MQAR rows also get
+``accuracy_1024_answers``: the final model on 32 validation batches (``probe.py``).
 ``--no-center``, ``--no-key-centroids`` and ``--no-reseed`` give the plain k-means of the paper.
 """
 
@@ -41,13 +45,17 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
              dense_steps: int = 0, center: bool = False,
              key_centroids: bool = False, probes: int = 1, reseed: bool = False,
-             routing_heads: int = 2) -> dict[str, tuple[str, list[str]]]:
+             routing_heads: int = 2, window: int | None = None
+             ) -> dict[str, tuple[str, list[str]]]:
     """``label -> (run directory, overrides)``; routing runs with other options get their own
-    label and directory, so they sit beside earlier ones in the table."""
+    label and directory, so they sit beside earlier ones in the table. ``window``: keys per
+    probe (default the paper's ``L / C``)."""
     clusters = max(2, int(round(math.sqrt(seq_len))))
+    default_window = seq_len // clusters
+    window = window or default_window
     flag = lambda b: str(b).lower()  # noqa: E731
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
-               f"model.routing_window={seq_len // clusters}", f"model.routing_local_window={local}",
+               f"model.routing_window={window}", f"model.routing_local_window={local}",
                f"model.routing_decay={decay}", f"model.routing_shared_qk={flag(shared_qk)}",
                f"model.routing_dense_steps={dense_steps}", f"model.routing_center={flag(center)}",
                f"model.routing_key_centroids={flag(key_centroids)}",
@@ -58,12 +66,14 @@ def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = T
                + (["centred keys"] if center else []) + (["key centroids"] if key_centroids else [])
                + (["reseeded centroids"] if reseed else [])
                + ([f"{probes} probes"] if probes > 1 else [])
+               + ([f"window {window} per probe"] if window != default_window else [])
                + ([f"dense warm-up {dense_steps}"] if dense_steps else []))
     run = ("routing" + ("" if shared_qk else "_separate_qk") + ("_centred" if center else "")
            + ("_key_centroids" if key_centroids else "")
            + ("_reseed" if reseed else "")
            + (f"_heads{routing_heads}" if routing_heads != 2 else "")
            + (f"_probes{probes}" if probes > 1 else "")
+           + (f"_window{window}" if window != default_window else "")
            + (f"_dense{dense_steps}" if dense_steps else ""))
     return {"full attention": ("full", ["model.attention_mask=causal"]),
             f"local only ({local})": ("local", [f"model.attention_mask=local:{local}"]),
@@ -108,6 +118,9 @@ def main(argv=None) -> None:
                         help="centroids follow the keys only (model.routing_key_centroids)")
     parser.add_argument("--probes", type=int, default=1,
                         help="clusters each routing query reads (model.routing_probes)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="keys each routing query reads per probe (default L / C; "
+                             "--probes P --window L/(C·P) reads as many keys as one probe)")
     parser.add_argument("--reseed", action=argparse.BooleanOptionalAction, default=True,
                         help="re-seed dead centroids (model.routing_reseed)")
     parser.add_argument("--routing-heads", type=int, default=2,
@@ -116,10 +129,16 @@ def main(argv=None) -> None:
                         help="extra config override for every variant (repeatable)")
     parser.add_argument("--only", default="",
                         help="comma-separated subset of variants to run: full, local, routing")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--answer-batches", type=int, default=32,
+                        help="mqar: validation batches the final model answers for "
+                             "accuracy_answers (32 of 8 sequences x 4 pairs: 1024 answers)")
+    parser.add_argument("--out", default=None,
+                        help="results directory (default results/<task>); rows already there "
+                             "are kept")
     args = parser.parse_args(argv)
     seq_len = args.seq_len or (128 if args.task == "text" else 1024)
-    out = Path(args.out) / args.task
+    out = Path(args.out) if args.out else RESULTS / args.task
+    seed = next((s.split("=", 1)[1] for s in args.set if s.startswith("train.seed=")), "0")
     metric = "bits_per_byte" if args.task == "text" else "accuracy"
     shared = (QUIET + ["model.n_kv_heads=4"]
               + task_overrides(args.task, seq_len, args.steps, args.batch, args.pairs,
@@ -131,9 +150,11 @@ def main(argv=None) -> None:
     for label, (run, extra) in variants(seq_len, args.local, args.decay, not args.separate_qk,
                                         args.dense_steps, args.center,
                                         args.key_centroids, args.probes, args.reseed,
-                                        args.routing_heads).items():
+                                        args.routing_heads, args.window).items():
         if chosen and label.split()[0] not in chosen:
             continue
+        if seed != "0":  # one row and run directory per initialisation
+            label, run = f"{label}, seed {seed}", f"{run}_seed{seed}"
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
         workdir = out / "runs" / run
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)
@@ -142,10 +163,15 @@ def main(argv=None) -> None:
         # The first logged window includes compilation; drop it when there is another.
         tokens_per_s = float(np.median([r["tokens_per_sec"] for r in step_times[1:] or step_times]))
         ms_per_step = 1e3 * cfg.data.batch_size * seq_len / tokens_per_s
-        rows = [r for r in rows if r["model"] != label] + [{
-            "model": label, "run": run, "params": count_params(cfg.model), "steps": result.step,
-            metric: result.eval_metrics[metric], "ms_per_step": ms_per_step,
-            "train_minutes": result.step * ms_per_step / 6e4}]
+        row = {"model": label, "run": run, "params": count_params(cfg.model),
+               "steps": result.step, metric: result.eval_metrics[metric],
+               "ms_per_step": ms_per_step, "train_minutes": result.step * ms_per_step / 6e4}
+        if args.task == "mqar" and args.answer_batches:
+            # The run's own evaluation holds 128 answers (+-4%); this one +-1.5% at 32 batches.
+            from probe import probe  # experiments/routing/probe.py, beside this script
+            answers = probe(str(workdir), args.answer_batches)[-1]
+            row[f"accuracy_{answers['answers']}_answers"] = answers["reach"]
+        rows = [r for r in rows if r["model"] != label] + [row]
     curves = {r["model"]: [(m["step"], m[metric]) for m in read_metrics(out / "runs" / r["run"])
                            if m["split"] == "eval"] for r in rows}
     batch = args.batch if args.task == "mqar" else "the default batch of"
@@ -156,8 +182,11 @@ def main(argv=None) -> None:
              f"{metric}; ms_per_step is the median training step time on this "
              "CPU (train_minutes = steps x ms_per_step, evaluation excluded). Rows of earlier "
              "runs in the same directory are kept (a variant run again replaces its row).")
-    write_results(name, rows, ["model", "params", "steps", metric, "ms_per_step", "train_minutes"],
-                  out, notes)
+    # A directory whose table carries hand-written notes (the commands of its rows) keeps them.
+    notes = previous_notes(out / f"{name}.json") or notes
+    answer_columns = sorted({c for r in rows for c in r if c.startswith("accuracy_")})
+    write_results(name, rows, ["model", "params", "steps", metric, *answer_columns,
+                               "ms_per_step", "train_minutes"], out, notes)
     plot(curves, metric, out / f"{name}.png", f"{args.task}, length {seq_len}")
     print(notes)
 
@@ -167,6 +196,10 @@ def previous_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [r for r in json.loads(path.read_text())["rows"] if "run" in r]
+
+
+def previous_notes(path: Path) -> str | None:
+    return json.loads(path.read_text()).get("notes") if path.exists() else None
 
 
 def plot(curves, metric, path: Path, title: str) -> None:
