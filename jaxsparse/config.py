@@ -81,7 +81,7 @@ class ModelConfig:
     # routing transformer (model.name "routing_transformer"; jaxsparse.nn.RoutingAttention)
     routing_heads: int = 2  # routing heads per routing layer; the other heads are local
     routing_clusters: int = 8  # k-means centroids per routing head (~sqrt(seq_len))
-    routing_window: int = 16  # keys a routing query reads (~seq_len / clusters)
+    routing_window: int = 16  # keys a routing query reads per probe (~seq_len / clusters / probes)
     routing_local_window: int = 32  # keys a local head reads (causal sliding window)
     routing_skip_first: int = 2  # the first layers are local-only (the paper's skip_first)
     routing_shared_qk: bool = False  # keys are the normalised queries (no key projection)
@@ -90,7 +90,9 @@ class ModelConfig:
     routing_dense_steps: int = 0  # warm-up: routing heads attend densely for these steps
     routing_center: bool = True  # route keys by k - running mean (stops k-means collapsing)
     routing_key_centroids: bool = True  # centroids follow keys only (separate QK: no empty windows)
-    routing_probes: int = 1  # clusters a routing query reads (1: the paper; >1: multi-probe)
+    # clusters a routing query reads (1: the paper; >1: multi-probe, probes·window keys in all;
+    # on MQAR-1024, 4 probes of window/4 keys match 4 probes of window at one probe's cost)
+    routing_probes: int = 1
     routing_reseed: bool = True  # dead centroids (no key in a batch) jump to ill-fitting keys
     # Hydra (model.name "hydra"; jaxsparse.models.hydra): SSM + SGA + MoE/FFN per block
     hydra_sga_every: int = 3  # sparse global attention in every n-th block (layers n-1, 2n-1..)

@@ -87,7 +87,8 @@ class RoutingAttention(nnx.Module):
     ``probes`` > 1: a routing query reads the windows of its ``probes`` most similar clusters
     (``probes · window`` keys), in training, evaluation and decoding alike — a query whose best
     cluster is useless (e.g. all filler) still reads, and learns from, the next ones (see
-    :mod:`jaxsparse.ops.routing`).
+    :mod:`jaxsparse.ops.routing`). Dividing ``window`` by ``probes`` keeps the cost of one
+    probe: on MQAR at 1024 tokens, 4 probes of 8 keys scored as 4 probes of 32 (README).
 
     ``reseed``: a centroid that no key of a training batch chose jumps onto one of the keys the
     live centroids serve worst (:func:`jaxsparse.ops.routing.reseed_dead`) instead of waiting
