@@ -152,3 +152,18 @@ def test_mqar_random_filler_keeps_the_pairs_and_queries_and_fills_the_rest():
         synthetic.mqar(np.random.default_rng(1), 2, 64, 256, 4, filler="noise")
     with pytest.raises(ConfigError, match=r"data.mqar_filler='noise'"):
         validate(apply_overrides(configs.get("mqar_tiny"), ["data.mqar_filler=noise"]))
+
+
+def test_mqar_sizes_that_cannot_hold_the_pairs_are_refused_before_training():
+    tiny = configs.get("mqar_tiny")
+    with pytest.raises(ConfigError, match=r"model.vocab_size=64 too small for "
+                                          r"data.num_kv_pairs=32: MQAR needs >= .* = 66"):
+        validate(apply_overrides(tiny, ["model.vocab_size=64", "data.num_kv_pairs=32"]))
+    with pytest.raises(ConfigError, match=r"data.seq_len=16 too short for data.num_kv_pairs=8"):
+        validate(apply_overrides(tiny, ["data.seq_len=16", "data.num_kv_pairs=8"]))
+    with pytest.raises(ConfigError, match=r"data.num_kv_pairs=0: must be >= 1"):
+        validate(apply_overrides(tiny, ["data.num_kv_pairs=0"]))
+    with pytest.raises(ValueError, match=r"need >= 2 \* num_kv_pairs \+ 2 = 66"):
+        synthetic.mqar(np.random.default_rng(1), 2, 256, 64, 32)
+    validate(apply_overrides(tiny, ["model.vocab_size=66", "data.num_kv_pairs=32",
+                                    "data.seq_len=127", "model.max_seq_len=127"]))

@@ -274,14 +274,21 @@ def study_routing(args, out: Path) -> None:
 # --- 3-5. synthetic recall and composition -------------------------------------------------------
 
 
+def mqar_levels(vocab: int, pairs: int) -> str:
+    """The reference levels an MQAR accuracy is read against."""
+    return (f"vocabulary {vocab}; answer accuracy (chance ~1/{vocab // 2}; copying some opening "
+            f"value without binding it to its key: ~1/{pairs})")
+
+
 def study_pkm(args, out: Path) -> None:
     seq_len = args.seq_len or 256
     task = synthetic("mqar", seq_len, args.steps, "data.num_kv_pairs=32", vocab=args.vocab)
     variants = {"hydra + PKM": SMALL_HYDRA + task,
                 "hydra, no PKM": SMALL_HYDRA + task + ["model.pkm_layers="]}
     rows, curves = run_variants("pkm", variants, "accuracy", out)
-    notes = (f"MQAR with 32 key-value pairs at length {seq_len}, {args.steps} steps; answer "
-             "accuracy. The same small Hydra with and without a 1,024-slot product-key memory.")
+    notes = (f"MQAR with 32 key-value pairs at length {seq_len}, {args.steps} steps, "
+             f"{mqar_levels(args.vocab, 32)}. The same small Hydra with and without a 1,024-slot "
+             "product-key memory.")
     write_results("pkm", rows, ["variant", "params", "steps", "accuracy", "minutes"], out, notes)
     plot_curves(curves, "accuracy", out / "pkm.png", "key-value recall")
     print(notes)
@@ -315,8 +322,9 @@ def study_ablations(args, out: Path) -> None:
                 "- PKM": SMALL_HYDRA + task + ["model.pkm_layers="],
                 "- workspace": SMALL_HYDRA + task + ["model.workspace_slots=0"]}
     rows, curves = run_variants("ablations", variants, "accuracy", out)
-    notes = (f"MQAR with 16 key-value pairs at length {seq_len}, {args.steps} steps; answer "
-             "accuracy of the small Hydra with one component removed at a time.")
+    notes = (f"MQAR with 16 key-value pairs at length {seq_len}, {args.steps} steps, "
+             f"{mqar_levels(args.vocab, 16)}; the small Hydra with one component removed at a "
+             "time.")
     write_results("ablations", rows, ["variant", "params", "steps", "accuracy", "minutes"], out,
                   notes)
     plot_curves(curves, "accuracy", out / "ablations.png", "component ablations (MQAR)")

@@ -35,7 +35,9 @@ def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
         raise ValueError(f"mqar: filler={filler!r}: allowed 'zero' or 'random'")
     n = num_kv_pairs
     if vocab_size < 2 * n + 2:
-        raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n}")
+        raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n} "
+                         f"(need >= 2 * num_kv_pairs + 2 = {2 * n + 2}: keys and values are "
+                         "drawn from separate halves)")
     if seq_len + 1 < 4 * n:
         raise ValueError(f"mqar: seq_len={seq_len} too short for num_kv_pairs={n} (need >= {4 * n - 1})")
     half = vocab_size // 2
