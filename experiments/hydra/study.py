@@ -304,8 +304,9 @@ def study_composition(args, out: Path) -> None:
         variants[f"transformer, {hops} hops"] = SMALL_TRANSFORMER + task
     rows, curves = run_variants("composition", variants, "accuracy", out)
     notes = (f"Multi-hop variable chains (4 chains, shuffled assignments, one query per chain) "
-             f"at length {seq_len}, {args.steps} steps; answer accuracy "
-             f"(chance ~1/{args.vocab // 2}). Hydra vs a Transformer of about the same "
+             f"at length {seq_len}, {args.steps} steps, vocabulary {args.vocab}; answer "
+             f"accuracy (chance ~1/{args.vocab // 2}; naming some chain's value without "
+             "following the query's chain: ~1/4). Hydra vs a Transformer of about the same "
              "parameter count.")
     write_results("composition", rows, ["variant", "params", "steps", "accuracy", "minutes"],
                   out, notes)
