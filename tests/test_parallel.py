@@ -135,6 +135,8 @@ def _train_losses(workdir) -> dict[int, list[float]]:
     return by_step
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; resume in one process (tests/test_train.py) and 8 -> 4
+# device checkpoint restores (below) stay in the default run
 def test_four_processes_train_are_killed_and_resume_with_the_same_losses(tmp_path):
     """A 4-process job (gloo, FSDP across processes) trains and checkpoints, every process is
     SIGKILLed after step 7, and `jaxsparse train` — started by the environment variables a
