@@ -522,15 +522,17 @@ def validate(cfg: Config) -> Config:
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")
-    if d.task == "mqar":  # keys and values come from separate halves of the vocabulary
+    if d.task == "mqar":  # the generator's own bounds, checked before anything is built
+        from jaxsparse.data.synthetic import mqar_min_seq_len, mqar_min_vocab
+
         n = d.num_kv_pairs
         _check(n >= 1, f"data.num_kv_pairs={n}: must be >= 1")
-        _check(m.vocab_size >= 2 * n + 2,
+        _check(m.vocab_size >= mqar_min_vocab(n),
                f"model.vocab_size={m.vocab_size} too small for data.num_kv_pairs={n}: MQAR "
-               f"needs >= 2 * num_kv_pairs + 2 = {2 * n + 2}")
-        _check(d.seq_len + 1 >= 4 * n,
+               f"needs >= 2 * num_kv_pairs + 2 = {mqar_min_vocab(n)}")
+        _check(d.seq_len >= mqar_min_seq_len(n),
                f"data.seq_len={d.seq_len} too short for data.num_kv_pairs={n}: MQAR needs "
-               f">= 4 * num_kv_pairs - 1 = {4 * n - 1}")
+               f">= 4 * num_kv_pairs - 1 = {mqar_min_seq_len(n)}")
     if m.name == "routing_transformer":
         _check(m.routing_clusters <= d.seq_len,
                f"model.routing_clusters={m.routing_clusters} exceeds data.seq_len={d.seq_len}: "

@@ -63,3 +63,16 @@ def test_routing_benchmark_times_split_windows_at_the_cost_of_one_probe(tmp_path
     assert rows["routing (4 probes)"]["keys_per_query"] == 64
     assert rows["routing (4 probes of w/4)"]["keys_per_query"] == 16
     assert all(r["fwd_bwd_ms"] > 0 for r in rows.values())
+
+
+def test_routing_model_benchmark_times_full_local_and_split_routing_steps(tmp_path):
+    """Whole training steps of the routing study's model, full attention as the peer; the
+    routing model reads 4 probes of w/4 keys (w = 256 // 16 = 16)."""
+    assert main(["bench", "routing_model", "--lengths", "256", "--tokens", "512", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "routing_model.json").read_text())["rows"]
+    assert [r["model"].split(" (")[0].split(",")[0] for r in rows] == [
+        "full attention", "local only", "routing"]
+    assert "4 probes, window 4 per probe" in rows[2]["model"]
+    assert all(r["batch"] == 2 and r["step_ms"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_full"] == 1.0

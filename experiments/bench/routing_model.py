@@ -7,14 +7,14 @@ attention (the peer), local-only attention (the floor) and routing with the stud
 (4 routing heads, 4 probes of ``w / 4`` keys, separate QK, centred keys, key centroids,
 re-seeding; no dense warm-up, so every timed step routes).
 
-    jaxsparse bench routing_model [--lengths 1024 4096 8192] [--tokens 8192] [--repeats 3]
+    jaxsparse bench routing_model [--lengths 1024 4096 8192 16384] [--tokens 16384]
+                                  [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 from pathlib import Path
 
 from jaxsparse.bench import markdown_table, write_results
@@ -36,7 +36,7 @@ def run(lengths, tokens: int, repeats: int, probes: int = 4) -> list[dict]:
     rows = []
     for length in lengths:
         batch = max(tokens // length, 1)
-        window = max(length // int(round(math.sqrt(length))) // probes, 1)
+        window = max(study.paper_layout(length)[1] // probes, 1)
         shared = (study.QUIET + ["model.n_kv_heads=4"]
                   + study.task_overrides("mqar", length, 1, batch, 4, 32))
         variants = study.variants(length, 32, shared_qk=False, center=True, key_centroids=True,
@@ -56,8 +56,8 @@ def run(lengths, tokens: int, repeats: int, probes: int = 4) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
-    parser.add_argument("--tokens", type=int, default=8192,
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--tokens", type=int, default=16384,
                         help="tokens per training step (batch = tokens // length, at least 1)")
     parser.add_argument("--probes", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)

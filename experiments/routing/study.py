@@ -42,6 +42,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
+def paper_layout(seq_len: int) -> tuple[int, int]:
+    """The paper's ``(clusters, window)`` for a length: ``C = √L`` clusters of ``w = L / C``."""
+    clusters = max(2, int(round(math.sqrt(seq_len))))
+    return clusters, seq_len // clusters
+
+
 def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = True,
              dense_steps: int = 0, center: bool = False,
              key_centroids: bool = False, probes: int = 1, reseed: bool = False,
@@ -50,8 +56,7 @@ def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = T
     """``label -> (run directory, overrides)``; routing runs with other options get their own
     label and directory, so they sit beside earlier ones in the table. ``window``: keys per
     probe (default the paper's ``L / C``)."""
-    clusters = max(2, int(round(math.sqrt(seq_len))))
-    default_window = seq_len // clusters
+    clusters, default_window = paper_layout(seq_len)
     window = window or default_window
     flag = lambda b: str(b).lower()  # noqa: E731
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
@@ -130,8 +135,9 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="",
                         help="comma-separated subset of variants to run: full, local, routing")
     parser.add_argument("--answer-batches", type=int, default=32,
-                        help="mqar: validation batches the final model answers for "
-                             "accuracy_answers (32 of 8 sequences x 4 pairs: 1024 answers)")
+                        help="mqar: validation batches the final model answers for the "
+                             "accuracy_<N>_answers column (32 of 8 sequences x 4 pairs: N = "
+                             "1024); 0: none")
     parser.add_argument("--out", default=None,
                         help="results directory (default results/<task>); rows already there "
                              "are kept")

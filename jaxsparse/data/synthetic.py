@@ -20,6 +20,17 @@ def _shift(seq: np.ndarray, answer: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def mqar_min_vocab(num_kv_pairs: int) -> int:
+    """Smallest vocabulary MQAR can draw ``num_kv_pairs`` distinct keys and values from (keys
+    from the lower half, values from the upper, token 0 kept for the filler)."""
+    return 2 * num_kv_pairs + 2
+
+
+def mqar_min_seq_len(num_kv_pairs: int) -> int:
+    """Shortest sequence that holds the opening pairs and one query-answer per pair."""
+    return 4 * num_kv_pairs - 1
+
+
 def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
          num_kv_pairs: int, *, filler: str = "zero") -> dict[str, np.ndarray]:
     """Multi-query associative recall (Arora et al. 2023, "Zoology").
@@ -34,12 +45,13 @@ def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
     if filler not in ("zero", "random"):
         raise ValueError(f"mqar: filler={filler!r}: allowed 'zero' or 'random'")
     n = num_kv_pairs
-    if vocab_size < 2 * n + 2:
+    if vocab_size < mqar_min_vocab(n):
         raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n} "
-                         f"(need >= 2 * num_kv_pairs + 2 = {2 * n + 2}: keys and values are "
-                         "drawn from separate halves)")
-    if seq_len + 1 < 4 * n:
-        raise ValueError(f"mqar: seq_len={seq_len} too short for num_kv_pairs={n} (need >= {4 * n - 1})")
+                         f"(need >= 2 * num_kv_pairs + 2 = {mqar_min_vocab(n)}: keys and values "
+                         "are drawn from separate halves)")
+    if seq_len < mqar_min_seq_len(n):
+        raise ValueError(f"mqar: seq_len={seq_len} too short for num_kv_pairs={n} "
+                         f"(need >= {mqar_min_seq_len(n)})")
     half = vocab_size // 2
     keys = np.stack([rng.choice(np.arange(1, half), n, replace=False) for _ in range(batch)])
     values = rng.integers(half, vocab_size, size=(batch, n))
