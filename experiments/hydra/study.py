@@ -8,12 +8,22 @@
 
 Each writes ``results/<study>.{json,md,png}``. Defaults are sized for two CPU cores (minutes
 per run); ``--steps``, ``--seq-len`` and ``--lengths`` scale them up on an accelerator.
+
+The synthetic studies (pkm, composition, ablations) take ``--seeds 0 1 2``: each variant is
+trained once per seed (another initialisation and other training data) and the table gives
+each seed's accuracy, the mean and the standard deviation between seeds — one seed's spread is
+often larger than the gaps between variants. A run already finished in the results directory
+with exactly the same config is read back instead of retrained (``--fresh`` retrains), so
+adding seeds only trains the new ones. The committed results used
+``--vocab 64 --seeds 0 1 2`` (``--vocab 128`` for pkm, as 32 pairs need 66 tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +40,7 @@ from jaxsparse.train.metrics import read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
+BATCH, EVAL_BATCHES = 16, 8  # sequences per batch; eval batches per evaluation
 
 # A small Hydra for the synthetic tasks: two blocks (SGA in the second), chunk-level MoE,
 # PKM in block 0, a workspace; all components on from the start.
@@ -40,37 +51,95 @@ SMALL_HYDRA = [
     "model.moe_experts=4", "model.moe_k=1", "model.moe_every=1", "model.moe_chunk=8",
     "model.moe_d_ff=128", "model.pkm_layers=0", "model.pkm_slots=1024", "model.pkm_heads=2",
     "model.pkm_k_dim=32", "model.pkm_knn=8", "model.workspace_slots=8", "model.workspace_chunk=16",
-    "optimizer.weight_decay=0.0", "optimizer.warmup_steps=100", "data.batch_size=16",
+    "optimizer.weight_decay=0.0", "optimizer.warmup_steps=100", f"data.batch_size={BATCH}",
 ]
 # The Transformer with about the same parameter count (d_ff widened to match).
 SMALL_TRANSFORMER = ["model.name=transformer", "model.d_model=64", "model.n_layers=2",
                      "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=1024",
                      "optimizer.weight_decay=0.0", "optimizer.warmup_steps=100",
-                     "data.batch_size=16"]
+                     f"data.batch_size={BATCH}"]
 
 
 def synthetic(task: str, seq_len: int, steps: int, *extra: str, vocab: int = 256) -> list[str]:
     return QUIET + [f"data.task={task}", f"model.vocab_size={vocab}", f"data.seq_len={seq_len}",
                     f"model.max_seq_len={seq_len}", f"train.steps={steps}",
                     f"train.eval_every={max(steps // 8, 1)}", f"train.checkpoint_every={steps}",
+                    f"eval.batches={EVAL_BATCHES}",
                     *extra]
 
 
-def run_variants(study: str, variants: dict[str, list[str]], metric: str, out: Path):
-    """Train each variant; rows for the table and eval curves for the plot."""
+def run_dir(out: Path, study: str, label: str, seed: int) -> Path:
+    """``results/<study>/<label>`` for seed 0 (the runs committed before seeds existed),
+    ``<label>_seed<N>`` for the others."""
+    name = label.replace(" ", "_").replace("/", "_")
+    return out / study / (name if seed == 0 else f"{name}_seed{seed}")
+
+
+def finished_run(cfg, workdir: Path):
+    """The final metrics of a run already trained in ``workdir`` with exactly ``cfg`` (same
+    saved config, all steps done), else None: a study re-run only trains what is missing."""
+    from jaxsparse.config import to_json
+
+    saved, final = workdir / "config.json", workdir / "final_metrics.json"
+    if not (saved.exists() and final.exists()) or saved.read_text() != to_json(cfg):
+        return None
+    metrics = json.loads(final.read_text())
+    return metrics if metrics.get("step") == cfg.train.steps else None
+
+
+def run_variants(study: str, variants: dict[str, list[str]], metric: str, out: Path,
+                 seeds=(0,), fresh: bool = False):
+    """Train each variant once per seed (``train.seed`` and ``data.seed``: another
+    initialisation and other training data); one table row per variant with each seed's
+    ``metric``, their mean and standard deviation, and the seed-mean eval curves."""
     rows, curves = [], {}
     for label, overrides in variants.items():
-        cfg = apply_overrides(configs.get("transformer_tiny"), overrides)
-        workdir = out / study / label.replace(" ", "_").replace("/", "_")
-        print(f"== {study}: {label} ({count_params(cfg.model):,} parameters)", flush=True)
-        start = time.perf_counter()
-        result = train(cfg, workdir, sample=False)
-        records = read_metrics(workdir)
-        curves[label] = [(r["step"], r[metric]) for r in records if r["split"] == "eval"]
-        rows.append({"variant": label, "params": count_params(cfg.model), "steps": result.step,
-                     metric: result.eval_metrics[metric],
-                     "minutes": (time.perf_counter() - start) / 60})
+        per_seed, seed_curves, minutes = [], [], 0.0
+        for seed in seeds:
+            cfg = apply_overrides(configs.get("transformer_tiny"),
+                                  overrides + [f"train.seed={seed}", f"data.seed={seed}"])
+            workdir = run_dir(out, study, label, seed)
+            done = None if fresh else finished_run(cfg, workdir)
+            if done is None:
+                if fresh and workdir.exists():
+                    shutil.rmtree(workdir)
+                print(f"== {study}: {label}, seed {seed} ({count_params(cfg.model):,} "
+                      "parameters)", flush=True)
+                start = time.perf_counter()
+                value = train(cfg, workdir, sample=False).eval_metrics[metric]
+                minutes += (time.perf_counter() - start) / 60
+            else:
+                print(f"== {study}: {label}, seed {seed}: already trained in {workdir}",
+                      flush=True)
+                value = done[metric]
+            per_seed.append(value)
+            seed_curves.append([(r["step"], r[metric]) for r in read_metrics(workdir)
+                                if r["split"] == "eval"])
+        steps = sorted({s for curve in seed_curves for s, _ in curve})
+        curves[label] = [(s, float(np.mean([v for c in seed_curves for t, v in c if t == s])))
+                         for s in steps]
+        row = {"variant": label, "params": count_params(cfg.model), "steps": cfg.train.steps}
+        row.update({f"seed {seed}": value for seed, value in zip(seeds, per_seed)})
+        row.update({metric: float(np.mean(per_seed)), "std": float(np.std(per_seed, ddof=1))
+                    if len(per_seed) > 1 else 0.0, "minutes": minutes})
+        rows.append(row)
     return rows, curves
+
+
+def table_columns(seeds, metric: str) -> list[str]:
+    return (["variant", "params", "steps"] + [f"seed {s}" for s in seeds]
+            + [metric, "std", "minutes"])
+
+
+def eval_note(answers_per_batch: int, seeds) -> str:
+    """How many answers each accuracy is measured on, its sampling error, and the seeds."""
+    answers = answers_per_batch * EVAL_BATCHES
+    spread = math.sqrt(0.25 / answers)  # one standard error at p = 0.5, the widest
+    seeds_text = (f"mean of {len(seeds)} seeds ({', '.join(map(str, seeds))}; train.seed = "
+                  "data.seed), std between seeds" if len(seeds) > 1 else f"seed {seeds[0]}")
+    return (f" Eval: {EVAL_BATCHES} batches of {BATCH} sequences = {answers} answers per run "
+            f"(standard error at most {100 * spread:.1f}%); {seeds_text}. minutes: training "
+            "time of this invocation (0 for runs found already trained).")
 
 
 def plot_curves(curves, metric: str, path: Path, title: str) -> None:
@@ -285,11 +354,11 @@ def study_pkm(args, out: Path) -> None:
     task = synthetic("mqar", seq_len, args.steps, "data.num_kv_pairs=32", vocab=args.vocab)
     variants = {"hydra + PKM": SMALL_HYDRA + task,
                 "hydra, no PKM": SMALL_HYDRA + task + ["model.pkm_layers="]}
-    rows, curves = run_variants("pkm", variants, "accuracy", out)
+    rows, curves = run_variants("pkm", variants, "accuracy", out, args.seeds, args.fresh)
     notes = (f"MQAR with 32 key-value pairs at length {seq_len}, {args.steps} steps, "
              f"{mqar_levels(args.vocab, 32)}. The same small Hydra with and without a 1,024-slot "
-             "product-key memory.")
-    write_results("pkm", rows, ["variant", "params", "steps", "accuracy", "minutes"], out, notes)
+             "product-key memory." + eval_note(32 * BATCH, args.seeds))
+    write_results("pkm", rows, table_columns(args.seeds, "accuracy"), out, notes)
     plot_curves(curves, "accuracy", out / "pkm.png", "key-value recall")
     print(notes)
 
@@ -302,14 +371,14 @@ def study_composition(args, out: Path) -> None:
                          vocab=args.vocab)
         variants[f"hydra, {hops} hops"] = SMALL_HYDRA + task
         variants[f"transformer, {hops} hops"] = SMALL_TRANSFORMER + task
-    rows, curves = run_variants("composition", variants, "accuracy", out)
+    rows, curves = run_variants("composition", variants, "accuracy", out, args.seeds,
+                                args.fresh)
     notes = (f"Multi-hop variable chains (4 chains, shuffled assignments, one query per chain) "
              f"at length {seq_len}, {args.steps} steps, vocabulary {args.vocab}; answer "
              f"accuracy (chance ~1/{args.vocab // 2}; naming some chain's value without "
              "following the query's chain: ~1/4). Hydra vs a Transformer of about the same "
-             "parameter count.")
-    write_results("composition", rows, ["variant", "params", "steps", "accuracy", "minutes"],
-                  out, notes)
+             "parameter count." + eval_note(4 * BATCH, args.seeds))
+    write_results("composition", rows, table_columns(args.seeds, "accuracy"), out, notes)
     plot_curves(curves, "accuracy", out / "composition.png", "multi-step composition")
     print(notes)
 
@@ -322,12 +391,11 @@ def study_ablations(args, out: Path) -> None:
                 "- MoE": SMALL_HYDRA + task + ["model.moe_experts=0", "model.d_ff=128"],
                 "- PKM": SMALL_HYDRA + task + ["model.pkm_layers="],
                 "- workspace": SMALL_HYDRA + task + ["model.workspace_slots=0"]}
-    rows, curves = run_variants("ablations", variants, "accuracy", out)
+    rows, curves = run_variants("ablations", variants, "accuracy", out, args.seeds, args.fresh)
     notes = (f"MQAR with 16 key-value pairs at length {seq_len}, {args.steps} steps, "
              f"{mqar_levels(args.vocab, 16)}; the small Hydra with one component removed at a "
-             "time.")
-    write_results("ablations", rows, ["variant", "params", "steps", "accuracy", "minutes"], out,
-                  notes)
+             "time." + eval_note(16 * BATCH, args.seeds))
+    write_results("ablations", rows, table_columns(args.seeds, "accuracy"), out, notes)
     plot_curves(curves, "accuracy", out / "ablations.png", "component ablations (MQAR)")
     print(notes)
 
@@ -346,6 +414,12 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=256,
                         help="vocabulary of the synthetic studies (pkm, composition, ablations); "
                              "smaller vocabularies leave the MQAR plateau sooner (README)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="pkm, composition, ablations: train each variant once per seed "
+                             "(train.seed and data.seed) and report the mean and std")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain runs already finished in the results directory with the "
+                             "same config (by default they are read back, not retrained)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     out = Path(args.out)

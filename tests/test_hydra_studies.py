@@ -1,0 +1,59 @@
+"""experiments/hydra/study.py: several seeds per variant, and finished runs read back."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("hydra_study", ROOT / "experiments/hydra/study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_variants(study, steps: int) -> dict[str, list[str]]:
+    task = study.synthetic("mqar", 32, steps, "data.num_kv_pairs=4", vocab=16)
+    small = ["model.d_model=32", "model.d_ff=64", "model.moe_d_ff=64", "model.pkm_layers=",
+             "model.hydra_window=8", "model.hydra_max_global=8", "model.workspace_chunk=8"]
+    return {"tiny hydra": study.SMALL_HYDRA + small + task}
+
+
+def test_seeds_give_one_row_with_each_seed_mean_and_std_and_finished_runs_are_read_back(
+        study, tmp_path, monkeypatch):
+    rows, curves = study.run_variants("check", tiny_variants(study, 4), "accuracy", tmp_path,
+                                      seeds=(0, 3))
+    (row,) = rows
+    assert (tmp_path / "check/tiny_hydra").is_dir() and (tmp_path / "check/tiny_hydra_seed3").is_dir()
+    per_seed = [row["seed 0"], row["seed 3"]]
+    assert row["accuracy"] == pytest.approx(np.mean(per_seed))
+    assert row["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert row["minutes"] > 0 and row["steps"] == 4
+    assert [s for s, _ in curves["tiny hydra"]] == sorted({s for s, _ in curves["tiny hydra"]})
+    assert list(row) == study.table_columns((0, 3), "accuracy")
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run with the same config was retrained")
+
+    monkeypatch.setattr(study, "train", must_not_train)
+    again, _ = study.run_variants("check", tiny_variants(study, 4), "accuracy", tmp_path,
+                                  seeds=(0, 3))
+    assert again[0]["seed 3"] == row["seed 3"] and again[0]["minutes"] == 0
+    # Another config (more steps) and --fresh both train again.
+    with pytest.raises(AssertionError, match="retrained"):
+        study.run_variants("check", tiny_variants(study, 5), "accuracy", tmp_path, seeds=(0,))
+    with pytest.raises(AssertionError, match="retrained"):
+        study.run_variants("check", tiny_variants(study, 4), "accuracy", tmp_path, seeds=(3,),
+                           fresh=True)
+
+
+def test_eval_note_counts_answers_and_names_the_seeds(study):
+    note = study.eval_note(16 * study.BATCH, [0, 1, 2])
+    assert f"{16 * study.BATCH * study.EVAL_BATCHES} answers" in note
+    assert "mean of 3 seeds (0, 1, 2" in note
+    assert "seed 5." in study.eval_note(4, [5])
