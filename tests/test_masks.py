@@ -47,6 +47,72 @@ def test_bigbird_layout_has_window_globals_and_random_blocks():
     assert not (BigBirdMask(4, 3, 1, 2, seed=4).layout(64, 64) == layout).all()
 
 
+
+def bigbird_structure(mask: BigBirdMask, nq: int, nk: int) -> np.ndarray:
+    """Window and global blocks only, written cell by cell from the definition."""
+    half = mask.window_blocks // 2
+    return np.array([[(mask.window_blocks > 0 and abs(r - c) <= half)
+                      or r < mask.global_blocks or c < mask.global_blocks
+                      for c in range(nk)] for r in range(nq)], bool).reshape(nq, nk)
+
+
+@pytest.mark.parametrize("mask, q_len, kv_len", [
+    (BigBirdMask(4, 3, 1, 2, seed=0), 64, 64),
+    (BigBirdMask(4, 4, 2, 3, seed=1), 60, 100),           # even window, S != T
+    (BigBirdMask(4, 3, 1, 3, seed=2), 100, 40),           # more rows than columns
+    (BigBirdMask(4, 0, 0, 5, seed=3), 48, 48),            # no window, no globals
+    (BigBirdMask(4, 3, 2, 9, seed=4), 40, 40),            # more random blocks than candidates
+    (BigBirdMask(4, 3, 1, 2, seed=5, causal=True), 90, 90),
+    (BigBirdMask(4, 1, 0, 3, seed=6, causal=True), 64, 32),
+    (BigBirdMask(4, 5, 3, 0, seed=7), 64, 64),            # no random blocks
+])
+def test_bigbird_random_blocks_are_distinct_candidates_and_as_many_as_asked(mask, q_len, kv_len):
+    """Every non-global row gets min(random_blocks, candidates) extra blocks, each outside
+    its window and the globals (and before the row when causal)."""
+    layout = mask.layout(q_len, kv_len)
+    nq, nk = layout.shape
+    structure = bigbird_structure(mask, nq, nk)
+    assert (layout >= structure).all()
+    extra = layout & ~structure
+    assert not extra[:mask.global_blocks].any()
+    for r in range(mask.global_blocks, nq):
+        limit = min(r, nk) if mask.causal else nk
+        candidates = np.flatnonzero(~structure[r, :limit])
+        assert set(np.flatnonzero(extra[r])) <= set(candidates)
+        assert extra[r].sum() == min(mask.random_blocks, candidates.size)
+
+
+def test_bigbird_random_blocks_are_uniform_over_the_candidates():
+    """Row 20 of a 40-block layout (1 global, window 3, 2 random blocks) has 36 candidates;
+    over 3000 seeds each is chosen ~2/36 of the time (binomial sd ~0.4%)."""
+    picks = np.zeros(40)
+    seeds = 3000
+    for seed in range(seeds):
+        layout = BigBirdMask(1, 3, 1, 2, seed=seed).layout(40, 40)
+        picks += layout[20] & ~bigbird_structure(BigBirdMask(1, 3, 1, 2), 40, 40)[20]
+    freq = picks / seeds
+    candidates = [c for c in range(1, 40) if abs(c - 20) > 1]
+    expected = 2 / len(candidates)
+    sd = np.sqrt(expected * (1 - expected) / seeds)
+    assert np.abs(freq[candidates] - expected).max() < 5 * sd
+    assert freq.sum() == pytest.approx(2)
+
+
+def test_causal_bigbird_rows_do_not_depend_on_the_sequence_length():
+    mask = BigBirdMask(8, 3, 1, 3, seed=11, causal=True)
+    short, long = mask.layout(200, 200), mask.layout(1000, 1000)
+    assert (long[:short.shape[0], :short.shape[1]] == short).all()
+
+
+def test_bigbird_layout_for_a_million_tokens_builds_in_well_under_a_second():
+    start = time.perf_counter()
+    layout = BigBirdMask(128, 3, 2, 3, seed=9).layout(1 << 20, 1 << 20)
+    assert time.perf_counter() - start < 1.0  # ~0.04 s on 2 cores; the per-row loop took ~4 s
+    # 8192 blocks: global rows + columns 2·2·8192 - 4, the 3-wide band 8192 + 2·8191 less its
+    # 6 cells among the globals, 3 random blocks in each of the 8190 other rows.
+    assert layout.sum() == (4 * 8192 - 4) + (3 * 8192 - 2 - 6) + 3 * 8190
+
+
 def test_algebra():
     a, b, c = CausalMask(), LocalMask(2, 2), StridedMask(3)
     for S, T in [(9, 9), (5, 12)]:

@@ -507,6 +507,19 @@ class BlockMask(Mask):
         return _layout_tiles(self.layout, *self.block_size, qs, qe, ks, ke)
 
 
+def _hash_uniform(seed: int, rows: np.ndarray, draw: int) -> np.ndarray:
+    """Uniforms in [0, 1), one per row, a pure function of ``(seed, row, draw)``: the
+    splitmix64 finaliser (Steele, Lea & Flood 2014) of the three mixed into one 64-bit word."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15)
+             + rows.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+             + np.uint64(draw) * np.uint64(0x94D049BB133111EB) + np.uint64(0x2545F4914F6CDD1D))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 @dataclasses.dataclass(frozen=True)
 class BigBirdMask(Mask):
     """BigBird ITC pattern over blocks of ``block`` positions (Zaheer et al. 2020).
@@ -535,18 +548,55 @@ class BigBirdMask(Mask):
     @functools.lru_cache(maxsize=16)  # noqa: B019 — frozen, hashable instances; bounded cache
     def layout(self, q_len: int, kv_len: int) -> np.ndarray:
         nq, nk = -(-q_len // self.block), -(-kv_len // self.block)
-        rows, cols = np.arange(nq)[:, None], np.arange(nk)[None, :]
-        half = self.window_blocks // 2
-        layout = (np.abs(rows - cols) <= half) & (self.window_blocks > 0)
-        layout |= (rows < self.global_blocks) | (cols < self.global_blocks)
-        for r in range(self.global_blocks, nq):
-            candidates = np.flatnonzero(~layout[r, :r] if self.causal else ~layout[r])
-            take = min(self.random_blocks, candidates.size)
-            if take:
-                rng = np.random.default_rng([self.seed, r])
-                layout[r, rng.choice(candidates, take, replace=False)] = True
+        layout = np.zeros((nq, nk), bool)
+        layout[:self.global_blocks] = True
+        layout[:, :self.global_blocks] = True
+        if self.window_blocks > 0:  # one diagonal per offset: no [nq, nk] index temporaries
+            half = self.window_blocks // 2
+            for offset in range(-half, half + 1):
+                row = np.arange(max(0, -offset), min(nq, nk - offset))
+                layout[row, row + offset] = True
+        random_rows, random_cols = self._random_blocks(nq, nk)
+        layout[random_rows, random_cols] = True
         layout.flags.writeable = False
         return layout
+
+    def _random_blocks(self, nq: int, nk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) of every random block, drawn for all rows at once.
+
+        A non-global row ``r`` draws ``min(random_blocks, m)`` distinct columns uniformly from
+        its ``m`` candidates: the columns ``g <= c < limit`` outside its window ``[lo, hi)``
+        (``limit = min(r, nk)`` when causal, else ``nk``). Robert Floyd's algorithm picks
+        distinct ranks in ``random_blocks`` vectorised steps (a loop over the draws, not over
+        blocks); a rank below ``lo - g`` is column ``g + rank``, the others skip the window.
+        The uniforms hash ``(seed, r, draw)``, so a causal row's draw depends on nothing else —
+        not on the sequence length a decoder has reached.
+        """
+        g, k = self.global_blocks, self.random_blocks
+        rows = np.arange(g, nq)
+        if k == 0 or rows.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        limit = np.minimum(rows, nk) if self.causal else np.full_like(rows, nk)
+        limit = np.maximum(limit, g)
+        if self.window_blocks > 0:
+            half = self.window_blocks // 2
+            lo = np.clip(rows - half, g, limit)
+            hi = np.clip(rows + half + 1, lo, limit)
+        else:
+            lo = hi = np.full_like(rows, g)
+        width = hi - lo
+        candidates = limit - g - width
+        take = np.minimum(k, candidates)
+        ranks = np.full((rows.size, k), -1, np.int64)
+        for draw in range(k):  # Floyd: draw ``draw`` picks from [0, j], j = m - take + draw
+            j = candidates - take + draw
+            pick = np.floor(_hash_uniform(self.seed, rows, draw) * (j + 1)).astype(np.int64)
+            taken = (ranks[:, :draw] == pick[:, None]).any(axis=1)
+            ranks[:, draw] = np.where(draw < take, np.where(taken, j, pick), -1)
+        row_idx, draw_idx = np.nonzero(ranks >= 0)
+        cols = g + ranks[row_idx, draw_idx]
+        cols += np.where(cols >= lo[row_idx], width[row_idx], 0)
+        return rows[row_idx], cols
 
     def allowed(self, q_idx, kv_idx):
         raise TypeError("BigBirdMask's random blocks depend on the sequence lengths: use "
