@@ -446,11 +446,16 @@ class GlobalTokensMask(Mask):
 
 
 def _layout_tiles(layout: np.ndarray, lb_q: int, lb_kv: int, qs, qe, ks, ke):
-    """Exact (any, all) of tiles over a block layout, via a summed-area table."""
-    sat = np.zeros((layout.shape[0] + 1, layout.shape[1] + 1), np.int64)
-    sat[1:, 1:] = layout.astype(np.int64).cumsum(0).cumsum(1)
+    """Exact (any, all) of tiles over a block layout: a lookup when every tile lies inside one
+    layout block (tiles the size of the blocks, the common case), else a summed-area table."""
     r0, r1 = qs // lb_q, (qe - 1) // lb_q + 1
     c0, c1 = ks // lb_kv, (ke - 1) // lb_kv + 1
+    if (r1 - r0 == 1).all() and (c1 - c0 == 1).all():
+        inside = layout[r0, c0]
+        return inside, inside, False
+    count = np.int32 if layout.size < 2**31 else np.int64
+    sat = np.zeros((layout.shape[0] + 1, layout.shape[1] + 1), count)
+    sat[1:, 1:] = layout.astype(count).cumsum(0).cumsum(1)
     total = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
     return total > 0, total == (r1 - r0) * (c1 - c0), False
 
