@@ -186,6 +186,27 @@ def test_block_table_matches_dense_on_random_sizes(index, S, T, bq, bk):
     check_table(MASKS[index], S, T, bq, bk)
 
 
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: type(m).__name__)
+def test_column_lists_by_sorting_entries_equal_those_by_transposing(mask, monkeypatch):
+    """The dK/dV lists of a sparse tile map come from sorting its entries by column, of a dense
+    one from the transposed map: both ways give the same table."""
+    from jaxsparse.ops import masks
+
+    tables = []
+    for threshold in (0, 10**9):  # 0: every map counts as sparse (sorting); 10**9: none does
+        monkeypatch.setattr(masks, "SPARSE_ENTRIES", threshold)
+        tables.append(mask.block_table(40, 29, 4, 3))
+    for name in ("q_indices", "q_counts", "kv_indices", "kv_counts", "kind"):
+        np.testing.assert_array_equal(getattr(tables[0], name), getattr(tables[1], name))
+
+
+def test_sparse_bigbird_table_matches_dense():
+    mask = CausalMask() & BigBirdMask(8, 3, 1, 2, seed=5, causal=True)
+    assert (mask.block_table(1024, 1024, 8, 8).kind != EMPTY).mean() < 1 / 16  # sorted path
+    check_table(mask, 1024, 1024, 8, 8)
+    check_table(BigBirdMask(8, 3, 2, 3, seed=6), 1000, 1024, 8, 8)
+
 def test_bad_mask_arguments_are_named():
     with pytest.raises(ValueError, match="left=-1"):
         LocalMask(-1, 0)

@@ -87,18 +87,37 @@ def _runs_to_lists(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _general_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per row of ``[H, R, C]`` booleans, the True columns, O(number of True entries):
-    np.nonzero yields them row-major, so each entry's slot is its rank within its row."""
-    heads, rows, _ = nonempty.shape
+def _lists_from_entries(h, r, c, counts: np.ndarray) -> np.ndarray:
+    """Per (head, row), the columns of the entries ``(h, r, c)``, given sorted by head, row
+    and column; padded with each row's last column. O(entries + output)."""
+    heads, rows = counts.shape
     width = max(int(counts.max(initial=0)), 1)
-    h, r, c = np.nonzero(nonempty)
     starts = np.concatenate([[0], np.cumsum(counts.ravel(), dtype=np.int64)[:-1]])
     slot = np.arange(h.size, dtype=np.int64) - starts[h * rows + r]
     out = np.zeros((heads, rows, width), np.int32)
     out[h, r, slot] = c
     last = np.take_along_axis(out, np.maximum(counts - 1, 0)[..., None], axis=-1)
-    return np.where(np.arange(width)[None, None, :] >= counts[..., None], last, out).astype(np.int32)
+    np.copyto(out, last, where=np.arange(width, dtype=np.int32) >= counts[..., None])
+    return out
+
+
+def _general_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row of ``[H, R, C]`` booleans, the True columns: np.nonzero yields them row-major,
+    so each entry's slot is its rank within its row."""
+    return _lists_from_entries(*np.nonzero(nonempty), counts)
+
+
+def _column_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per column of ``[H, R, C]`` booleans, the True rows. A sparse map (BigBird, global
+    tokens) sorts its few entries by column; a dense one is transposed and read row-major."""
+    if np.count_nonzero(nonempty) * SPARSE_ENTRIES < nonempty.size:
+        h, r, c = np.nonzero(nonempty)
+        order = np.lexsort((r, c, h))
+        return _lists_from_entries(h[order], c[order], r[order], counts)
+    return _general_lists(np.ascontiguousarray(np.swapaxes(nonempty, 1, 2)), counts)
+
+
+SPARSE_ENTRIES = 16  # a tile map with fewer than 1/16 non-empty tiles counts as sparse
 
 
 def _monotone_column_runs(first, counts, num_cols):
@@ -139,9 +158,8 @@ def _index_lists(nonempty: np.ndarray):
             return kv_indices, kv_counts, _runs_to_lists(*columns), columns[1]
     else:
         kv_indices = _general_lists(nonempty, kv_counts)
-    transposed = np.ascontiguousarray(np.swapaxes(nonempty, 1, 2))
-    q_counts = transposed.sum(axis=2, dtype=np.int32)
-    return kv_indices, kv_counts, _general_lists(transposed, q_counts), q_counts
+    q_counts = nonempty.sum(axis=1, dtype=np.int32)
+    return kv_indices, kv_counts, _column_lists(nonempty, q_counts), q_counts
 
 
 def _tile_bounds(length: int, block: int):
@@ -641,14 +659,15 @@ class _Combined(Mask):
         return lambda q, k: self._op(left(q, k), right(q, k))
 
     def _sides(self, qs, qe, ks, ke, q_len, kv_len):
-        """Each side's (any, all, undecided), an unknown side counting as undecided."""
-        shape = np.broadcast_shapes(qs.shape, ks.shape)
+        """Each side's (any, all, undecided), an unknown side counting as undecided. Kept at
+        their own shapes (often scalars): the caller's operators broadcast, so a constant
+        side costs nothing per tile."""
         out = []
         for side in (self.left, self.right):
             rule = side._tile_any_all(qs, qe, ks, ke, q_len, kv_len)
             if rule is None:
                 rule = (True, False, True)
-            out.append(tuple(np.broadcast_to(x, shape) for x in rule))
+            out.append(tuple(np.asarray(x, bool) for x in rule))
         return out
 
 
