@@ -1,6 +1,7 @@
 """experiments/hydra/study.py: several seeds per variant, and finished runs read back."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ def study():
 
 
 def tiny_variants(study, steps: int) -> dict[str, list[str]]:
+    """The study machinery on the smallest model that compiles fast (a 1-layer Transformer)."""
     task = study.synthetic("mqar", 32, steps, "data.num_kv_pairs=4", vocab=16)
-    small = ["model.d_model=32", "model.d_ff=64", "model.moe_d_ff=64", "model.pkm_layers=",
-             "model.hydra_window=8", "model.hydra_max_global=8", "model.workspace_chunk=8"]
-    return {"tiny hydra": study.SMALL_HYDRA + small + task}
+    small = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2",
+             "model.d_ff=64"]
+    return {"tiny model": study.SMALL_TRANSFORMER + small + task}
 
 
 def test_seeds_give_one_row_with_each_seed_mean_and_std_and_finished_runs_are_read_back(
@@ -29,12 +31,14 @@ def test_seeds_give_one_row_with_each_seed_mean_and_std_and_finished_runs_are_re
     rows, curves = study.run_variants("check", tiny_variants(study, 4), "accuracy", tmp_path,
                                       seeds=(0, 3))
     (row,) = rows
-    assert (tmp_path / "check/tiny_hydra").is_dir() and (tmp_path / "check/tiny_hydra_seed3").is_dir()
+    assert (tmp_path / "check/tiny_model").is_dir() and (tmp_path / "check/tiny_model_seed3").is_dir()
+    saved = json.loads((tmp_path / "check/tiny_model_seed3/config.json").read_text())
+    assert saved["train"]["seed"] == 3 and saved["data"]["seed"] == 3
     per_seed = [row["seed 0"], row["seed 3"]]
     assert row["accuracy"] == pytest.approx(np.mean(per_seed))
     assert row["std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert row["minutes"] > 0 and row["steps"] == 4
-    assert [s for s, _ in curves["tiny hydra"]] == sorted({s for s, _ in curves["tiny hydra"]})
+    assert [s for s, _ in curves["tiny model"]] == sorted({s for s, _ in curves["tiny model"]})
     assert list(row) == study.table_columns((0, 3), "accuracy")
 
     def must_not_train(*args, **kwargs):
