@@ -107,6 +107,9 @@ def _general_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return _lists_from_entries(*np.nonzero(nonempty), counts)
 
 
+SPARSE_ENTRIES = 16  # a tile map with fewer than 1/16 non-empty tiles counts as sparse
+
+
 def _column_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per column of ``[H, R, C]`` booleans, the True rows. A sparse map (BigBird, global
     tokens) sorts its few entries by column; a dense one is transposed and read row-major."""
@@ -115,9 +118,6 @@ def _column_lists(nonempty: np.ndarray, counts: np.ndarray) -> np.ndarray:
         order = np.lexsort((r, c, h))
         return _lists_from_entries(h[order], c[order], r[order], counts)
     return _general_lists(np.ascontiguousarray(np.swapaxes(nonempty, 1, 2)), counts)
-
-
-SPARSE_ENTRIES = 16  # a tile map with fewer than 1/16 non-empty tiles counts as sparse
 
 
 def _monotone_column_runs(first, counts, num_cols):
