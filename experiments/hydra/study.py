@@ -78,10 +78,10 @@ def run_dir(out: Path, study: str, label: str, seed: int) -> Path:
 def finished_run(cfg, workdir: Path):
     """The final metrics of a run already trained in ``workdir`` with exactly ``cfg`` (same
     saved config, all steps done), else None: a study re-run only trains what is missing."""
-    from jaxsparse.config import to_json
+    from jaxsparse.config import from_json
 
     saved, final = workdir / "config.json", workdir / "final_metrics.json"
-    if not (saved.exists() and final.exists()) or saved.read_text() != to_json(cfg):
+    if not (saved.exists() and final.exists()) or from_json(saved.read_text()) != cfg:
         return None
     metrics = json.loads(final.read_text())
     return metrics if metrics.get("step") == cfg.train.steps else None
