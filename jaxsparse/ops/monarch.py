@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MONARCH_IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
+MONARCH_IMPLEMENTATIONS = (None, "xla", "native", "pallas", "pallas_interpret")
 
 
 # --- shapes ---------------------------------------------------------------------------------
@@ -221,22 +221,27 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
     ``w2 [b, s, q]`` (layout in the module docstring).
 
     Implementations: ``"xla"`` (the two einsums with the permutation between them, as in the
-    paper; the default), ``"pallas"`` (the fused kernel of :mod:`pallas_kernels.monarch`,
-    Triton or Mosaic by the lowering platform; XLA elsewhere, or on a platform whose kernel
-    cannot take the block sizes), ``"pallas_interpret"`` (the GPU kernel in interpret mode,
-    for tests). Differentiable in every implementation.
+    paper), ``"native"`` (the fused C++ CPU kernel of :mod:`jaxsparse.ops.native.monarch`:
+    each tile of tokens goes through both factors and the permutation in cache, float32;
+    XLA when lowering for an accelerator), ``"pallas"`` (the fused kernel of
+    :mod:`pallas_kernels.monarch`, Triton or Mosaic by the lowering platform; XLA elsewhere,
+    or on a platform whose kernel cannot take the block sizes), ``"pallas_interpret"`` (the GPU
+    kernel in interpret mode, for tests). ``None`` picks ``"native"`` when lowering for CPU with
+    float32 operands (if the kernel builds: it needs a C++ compiler on first use) and XLA
+    otherwise. Differentiable in every implementation.
 
-    On CPU the einsums are as fast as the reformulations tried (batch-first, tokens-last,
-    grouped convolutions, token tiles; see ``jaxsparse bench monarch``): each factor is a
-    batch of GEMMs with a contraction of only ``p`` (or ``q``) terms, which XLA runs at about
-    a third of its dense-GEMM rate, so the speed-up over dense stays well below the FLOP ratio.
+    Why a C++ kernel on CPU: XLA runs the einsum form as five passes over the activation (a
+    transpose, a batched GEMM with a contraction of only ``p`` terms, the permutation, the
+    second GEMM, the output transpose), so it is memory-bound at about a third of the FLOP
+    ratio; see ``jaxsparse bench monarch`` for both, timed beside a dense layer.
     """
     if implementation not in MONARCH_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {MONARCH_IMPLEMENTATIONS}")
     _check_input(x, w1, w2)
-    if implementation in (None, "xla"):
-        # None: XLA until the kernels are timed on hardware (no device has been lent yet).
+    if implementation == "xla":
         return monarch_reference(x, w1, w2)
+    if implementation in (None, "native"):
+        return _native_or_xla(x, w1, w2, required=implementation == "native")
     suits = {be: kernel_constraints(be, w1, w2) is None for be in ("gpu", "tpu")}
     if implementation == "pallas":
         if not any(suits.values()):
@@ -246,6 +251,28 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
                              f"w2 {w2.shape}); use implementation='xla'")
         return _platform_kernel(x, w1, w2, suits)
     return kernel_monarch(x, w1, w2, backend="gpu", interpret=True)  # "pallas_interpret"
+
+
+def _native_or_xla(x, w1, w2, *, required: bool):
+    """The fused CPU kernel when lowering for CPU, XLA on other platforms.
+
+    ``required`` (an explicit ``implementation="native"``) turns an unsupported dtype or a
+    failed build into an error instead of the XLA fallback.
+    """
+    from jaxsparse.ops.native import monarch as native
+
+    if not native.supports(x, w1, w2):
+        if required:
+            raise ValueError(f"monarch_matmul(implementation='native') computes in float32; got "
+                             f"x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype} (use 'xla')")
+        return monarch_reference(x, w1, w2)
+    if not native.available():
+        if required:
+            raise RuntimeError("monarch_matmul(implementation='native'): the C++ kernel could "
+                               "not be built (see the warning above); use 'xla'")
+        return monarch_reference(x, w1, w2)
+    return jax.lax.platform_dependent(
+        x, w1, w2, cpu=native.native_monarch, default=monarch_reference)
 
 
 def _platform_kernel(x, w1, w2, suits):
