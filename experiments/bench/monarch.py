@@ -5,7 +5,9 @@ dense ``jnp.dot``) and ``monarch_matmul`` in XLA's einsum form and in this backe
 kernel (the C++ kernel on CPU, Pallas on accelerators), and prints
 the speed-up over dense beside two ideals: the FLOP ratio (``d / (2√d)``) and the roofline
 bound ``max(FLOPs / peak, bytes / bandwidth)`` of each, with the machine's matmul peak and copy
-bandwidth measured in the same run. Forward pass, float32 on CPU (bfloat16 on accelerators).
+bandwidth measured in the same run. Float32 on CPU (bfloat16 on accelerators). Each width is
+timed twice: the forward pass, and a training pass (forward and backward: ``dx`` and the weight
+gradients for a given output cotangent), against the dense layer's forward and ``dx, dW``.
 
     jaxsparse bench monarch [--d 1024 4096 8192] [--tokens 4096] [--repeats 5]
 """
@@ -45,29 +47,39 @@ def run(widths, tokens: int, repeats: int) -> list[dict]:
           f"{bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
     for d in widths:
-        keys = jax.random.split(jax.random.key(d), 4)
+        keys = jax.random.split(jax.random.key(d), 5)
         x = jax.random.normal(keys[0], (tokens, d), dtype)
         w = (jax.random.normal(keys[1], (d, d)) / d**0.5).astype(dtype)
         s1, s2 = monarch_shapes(d, d)
         w1 = jax.random.normal(keys[2], s1, dtype)
         w2 = jax.random.normal(keys[3], s2, dtype)
-        dense_t = time_fn(jax.jit(jnp.dot), x, w, repeats=repeats).median_s
+        ct = jax.random.normal(keys[4], (tokens, d), dtype)
+        peers = {"forward": jax.jit(jnp.dot),
+                 "forward+backward": jax.jit(lambda x, w: jax.vjp(jnp.dot, x, w)[1](ct))}
         d_flops, m_flops = dense_flops(tokens, d, d), monarch_flops(tokens, d, d)
         d_bound = max(d_flops / peak, (2 * tokens * d + d * d) * size / bandwidth)
         m_bound = max(m_flops / peak, monarch_bytes(tokens, d, d, itemsize=size) / bandwidth)
-        for impl in implementations():
-            fn = jax.jit(lambda x, w1, w2, impl=impl: monarch_matmul(x, w1, w2,
-                                                                   implementation=impl))
-            t = time_fn(fn, x, w1, w2, repeats=repeats).median_s
-            row = {"d": d, "blocks": s1[0], "tokens": tokens, "implementation": impl,
-                   "dense_ms": dense_t * 1e3, "monarch_ms": t * 1e3, "speedup": dense_t / t,
-                   "flop_ratio": d_flops / m_flops, "roofline_ratio": d_bound / m_bound,
-                   "monarch_gflops": m_flops / t / 1e9,
-                   "monarch_gbps": monarch_bytes(tokens, d, d, itemsize=size) / t / 1e9}
-            rows.append(row)
-            print(f"d={d:5d} {impl:10s} dense {dense_t * 1e3:8.1f} ms  monarch {t * 1e3:7.1f} ms"
-                  f"  {row['speedup']:5.1f}x  (FLOP ratio {row['flop_ratio']:.0f}x, roofline "
-                  f"{row['roofline_ratio']:.1f}x)", flush=True)
+        for mode, dense_fn in peers.items():
+            dense_t = time_fn(dense_fn, x, w, repeats=repeats).median_s
+            for impl in implementations():
+                def product(x, w1, w2, impl=impl):
+                    return monarch_matmul(x, w1, w2, implementation=impl)
+
+                fn = jax.jit(product if mode == "forward" else
+                             lambda *a, f=product: jax.vjp(f, *a)[1](ct))
+                t = time_fn(fn, x, w1, w2, repeats=repeats).median_s
+                # The backward is two products per forward one (data and weight gradients).
+                work = 1 if mode == "forward" else 3
+                row = {"d": d, "blocks": s1[0], "tokens": tokens, "pass": mode,
+                       "implementation": impl, "dense_ms": dense_t * 1e3, "monarch_ms": t * 1e3,
+                       "speedup": dense_t / t, "flop_ratio": d_flops / m_flops,
+                       "roofline_ratio": d_bound / m_bound,
+                       "monarch_gflops": work * m_flops / t / 1e9}
+                rows.append(row)
+                print(f"d={d:5d} {mode:16s} {impl:8s} dense {dense_t * 1e3:8.1f} ms  monarch "
+                      f"{t * 1e3:7.1f} ms  {row['speedup']:5.1f}x  (FLOP ratio "
+                      f"{row['flop_ratio']:.0f}x, forward roofline {row['roofline_ratio']:.1f}x)",
+                      flush=True)
     return rows, {"matmul_peak_gflops": peak / 1e9, "copy_gbps": bandwidth / 1e9}
 
 
@@ -80,10 +92,12 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     args = parser.parse_args(argv)
     rows, machine = run(args.d, args.tokens, args.repeats)
-    columns = ["d", "blocks", "tokens", "implementation", "dense_ms", "monarch_ms", "speedup",
-               "flop_ratio", "roofline_ratio", "monarch_gflops", "monarch_gbps"]
+    columns = ["d", "blocks", "tokens", "pass", "implementation", "dense_ms", "monarch_ms",
+               "speedup", "flop_ratio", "roofline_ratio", "monarch_gflops"]
     print(markdown_table(rows, columns))
-    notes = (f"Forward pass. Machine: matmul peak {machine['matmul_peak_gflops']:.0f} GFLOP/s, "
+    notes = ("forward: y = x W; forward+backward: the VJP (dx and the weight gradients) with "
+             "its forward. roofline_ratio is the forward pass's. "
+             f"Machine: matmul peak {machine['matmul_peak_gflops']:.0f} GFLOP/s, "
              f"copy bandwidth {machine['copy_gbps']:.1f} GB/s (measured in the same run). "
              "speedup = dense_ms / monarch_ms; flop_ratio and roofline_ratio are the ideals.")
     write_results(args.name, rows, columns, args.out, notes)

@@ -226,9 +226,10 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
     XLA when lowering for an accelerator), ``"pallas"`` (the fused kernel of
     :mod:`pallas_kernels.monarch`, Triton or Mosaic by the lowering platform; XLA elsewhere,
     or on a platform whose kernel cannot take the block sizes), ``"pallas_interpret"`` (the GPU
-    kernel in interpret mode, for tests). ``None`` picks ``"native"`` when lowering for CPU with
-    float32 operands (if the kernel builds: it needs a C++ compiler on first use) and XLA
-    otherwise. Differentiable in every implementation.
+    kernel in interpret mode, for tests). ``None`` picks ``"native"`` on a CPU-only host when
+    lowering for CPU with float32 operands (if the kernel builds: it needs a C++ compiler on
+    first use) and XLA otherwise. Differentiable in every implementation (the native kernels
+    have their own backward: dx, dw1 and dw2 in one pass over token tiles).
 
     Why a C++ kernel on CPU: XLA runs the einsum form as five passes over the activation (a
     transpose, a batched GEMM with a contraction of only ``p`` terms, the permutation, the
@@ -265,6 +266,9 @@ def _native_or_xla(x, w1, w2, *, required: bool):
         if required:
             raise ValueError(f"monarch_matmul(implementation='native') computes in float32; got "
                              f"x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype} (use 'xla')")
+        return monarch_reference(x, w1, w2)
+    if not required and jax.default_backend() != "cpu":
+        # An accelerator host: don't build a CPU kernel for the odd program jitted for its CPU.
         return monarch_reference(x, w1, w2)
     if not native.available():
         if required:

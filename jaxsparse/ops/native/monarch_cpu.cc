@@ -43,13 +43,14 @@ inline Vec load(const float* p) {
 }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-// C[MR, NV·16] = Σ_k A[i, k·a_step] · B[k, :]   (A rows lda apart, B rows ldb apart).
-template <int MR, int NV>
+// C[MR, NV·16] (+)= Σ_k A[i·lda + k·a_step] · B[k·ldb + :]. A is read one scalar at a time,
+// so any strides work for it; B rows must be contiguous.
+template <int MR, int NV, bool ACC>
 inline void micro_kernel(const float* a, int64_t lda, int64_t a_step, const float* bm,
                          int64_t ldb, int64_t depth, float* c, int64_t ldc) {
   Vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = Vec{} ;
+    for (int v = 0; v < NV; ++v) acc[i][v] = ACC ? load(c + i * ldc + v * kLanes) : Vec{};
   for (int64_t k = 0; k < depth; ++k) {
     Vec row[NV];
     for (int v = 0; v < NV; ++v) row[v] = load(bm + k * ldb + v * kLanes);
@@ -64,44 +65,48 @@ inline void micro_kernel(const float* a, int64_t lda, int64_t a_step, const floa
 
 // Rows [0, rows) of C[:, cols) — any size: full 6×64 blocks, then narrower vector blocks, then a
 // scalar loop for the last cols % 16 columns.
-template <int MR>
+template <int MR, bool ACC>
 void row_block(const float* a, int64_t lda, int64_t a_step, const float* bm, int64_t ldb,
                int64_t depth, float* c, int64_t ldc, int64_t cols) {
   int64_t j = 0;
   for (; j + 4 * kLanes <= cols; j += 4 * kLanes)
-    micro_kernel<MR, 4>(a, lda, a_step, bm + j, ldb, depth, c + j, ldc);
+    micro_kernel<MR, 4, ACC>(a, lda, a_step, bm + j, ldb, depth, c + j, ldc);
   for (; j + kLanes <= cols; j += kLanes)
-    micro_kernel<MR, 1>(a, lda, a_step, bm + j, ldb, depth, c + j, ldc);
+    micro_kernel<MR, 1, ACC>(a, lda, a_step, bm + j, ldb, depth, c + j, ldc);
   for (; j < cols; ++j)
     for (int i = 0; i < MR; ++i) {
-      float acc = 0.f;
+      float acc = ACC ? c[i * ldc + j] : 0.f;
       for (int64_t k = 0; k < depth; ++k) acc += a[i * lda + k * a_step] * bm[k * ldb + j];
       c[i * ldc + j] = acc;
     }
 }
 
-// C[rows, cols] = A[rows, depth] · B[depth, cols] with A read at (row·lda + k·a_step).
+// C[rows, cols] (+)= A[rows, depth] · B[depth, cols], A read at (row·lda + k·a_step).
+template <bool ACC = false>
 void gemm(const float* a, int64_t lda, int64_t a_step, const float* bm, int64_t ldb,
           int64_t depth, float* c, int64_t ldc, int64_t rows, int64_t cols) {
   constexpr int MR = 6;
   int64_t i = 0;
   for (; i + MR <= rows; i += MR)
-    row_block<MR>(a + i * lda, lda, a_step, bm, ldb, depth, c + i * ldc, ldc, cols);
-  for (; i < rows; ++i) row_block<1>(a + i * lda, lda, a_step, bm, ldb, depth, c + i * ldc, ldc, cols);
+    row_block<MR, ACC>(a + i * lda, lda, a_step, bm, ldb, depth, c + i * ldc, ldc, cols);
+  for (; i < rows; ++i)
+    row_block<1, ACC>(a + i * lda, lda, a_step, bm, ldb, depth, c + i * ldc, ldc, cols);
 }
 
 struct Shape {
   int64_t tokens, b, p, q, s;
 };
 
-// Tokens [t0, t0 + rows) through both factors; hidden and out_ls are the tile's scratch.
+// Tokens [t0, t0 + rows) through both factors; hidden and out_ls are the tile's scratch. With
+// hidden_out, the first factor's output is also written there (the residual for the backward).
 void monarch_tile(const Shape& sh, const float* x, const float* w1t, const float* w2t, float* y,
-                  int64_t t0, int64_t rows, float* hidden, float* out_ls) {
+                  int64_t t0, int64_t rows, float* hidden, float* out_ls, float* hidden_out) {
   const int64_t n = sh.b * sh.p, mid = sh.b * sh.q, m = sh.b * sh.s;
   const float* xt = x + t0 * n;
   for (int64_t k = 0; k < sh.b; ++k)  // hidden[t, k·q + j]
     gemm(xt + k * sh.p, n, 1, w1t + k * sh.p * sh.q, sh.q, sh.p, hidden + k * sh.q, mid, rows,
          sh.q);
+  if (hidden_out) std::memcpy(hidden_out + t0 * mid, hidden, rows * mid * sizeof(float));
   for (int64_t l = 0; l < sh.b; ++l)  // out_ls[t, l·s + s'] from hidden[t, r·b + l]
     gemm(hidden + l, mid, sh.b, w2t + l * sh.q * sh.s, sh.s, sh.q, out_ls + l * sh.s, m, rows,
          sh.s);
@@ -113,60 +118,189 @@ void monarch_tile(const Shape& sh, const float* x, const float* w1t, const float
   }
 }
 
-// Tokens per tile: the hidden and output tiles together stay within ~512 KiB of L2.
+// The backward of tokens [t0, t0 + rows), given dy and the forward's x and hidden:
+//   g_lr[t, l·q + r]  = Σ_s' dy[t, s'·b + l] · w2[l, s', r]     (gradient of hidden, (l, r) order)
+//   g[t, r·b + l]     = g_lr[t, l·q + r]                         (the permutation, in cache)
+//   dx[t, k·p + p']   = Σ_j g[t, k·q + j] · w1[k, j, p']
+//   dw1[k, j, p']    += Σ_t g[t, k·q + j] · x[t, k·p + p']
+//   dw2[l, s', r]    += Σ_t dy[t, s'·b + l] · hidden[t, r·b + l]  (hidden read in (l, r) order)
+// The weight gradients accumulate into the caller's dw1, dw2 (one pair per tile group).
+void monarch_tile_backward(const Shape& sh, const float* x, const float* hidden, const float* dy,
+                           const float* w1, const float* w2, float* dx, float* dw1, float* dw2,
+                           int64_t t0, int64_t rows, float* g_lr, float* g, float* h_lr) {
+  const int64_t n = sh.b * sh.p, mid = sh.b * sh.q, m = sh.b * sh.s;
+  const float *xt = x + t0 * n, *ht = hidden + t0 * mid, *dyt = dy + t0 * m;
+  float* dxt = dx + t0 * n;
+  for (int64_t l = 0; l < sh.b; ++l)
+    gemm(dyt + l, m, sh.b, w2 + l * sh.s * sh.q, sh.q, sh.s, g_lr + l * sh.q, mid, rows, sh.q);
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t l = 0; l < sh.b; ++l)
+      for (int64_t r = 0; r < sh.q; ++r) {
+        g[t * mid + r * sh.b + l] = g_lr[t * mid + l * sh.q + r];
+        h_lr[t * mid + l * sh.q + r] = ht[t * mid + r * sh.b + l];
+      }
+  for (int64_t k = 0; k < sh.b; ++k) {
+    gemm(g + k * sh.q, mid, 1, w1 + k * sh.q * sh.p, sh.p, sh.q, dxt + k * sh.p, n, rows, sh.p);
+    gemm<true>(g + k * sh.q, 1, mid, xt + k * sh.p, n, rows, dw1 + k * sh.q * sh.p, sh.p, sh.q,
+               sh.p);
+  }
+  for (int64_t l = 0; l < sh.b; ++l)
+    gemm<true>(dyt + l, sh.b, m, h_lr + l * sh.q, mid, rows, dw2 + l * sh.s * sh.q, sh.q, sh.s,
+               sh.q);
+}
+
+// Tokens per tile: the tile's scratch buffers together stay within ~512 KiB of L2.
 int64_t tile_tokens(const Shape& sh) {
   const int64_t per_token = (sh.b * sh.q + sh.b * sh.s) * sizeof(float);
   return std::clamp<int64_t>((512 << 10) / per_token / 6 * 6, 6, 96);
 }
 
-struct Work {
-  Shape sh;
-  const float *x, *w1t, *w2t;
-  float* y;
-  int64_t tile, num_tiles;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-void drain(Work& w) {
-  std::vector<float> hidden(w.tile * w.sh.b * w.sh.q), out_ls(w.tile * w.sh.b * w.sh.s);
-  for (int64_t i; (i = w.next.fetch_add(1)) < w.num_tiles;) {
-    const int64_t t0 = i * w.tile;
-    monarch_tile(w.sh, w.x, w.w1t, w.w2t, w.y, t0, std::min(w.tile, w.sh.tokens - t0),
-                 hidden.data(), out_ls.data());
-    w.done.fetch_add(1, std::memory_order_release);
+// Runs task(first_tile, end_tile) over `groups` contiguous groups of tiles on XLA's intra-op
+// threads and the calling thread; returns when every group is done. The grouping depends only
+// on the sizes and the pool's thread count, never on timing, so per-group partial sums (the
+// weight gradients) are added in the same order on every run.
+template <typename Task>
+void parallel_groups(ffi::ThreadPool& pool, int64_t num_tiles, int64_t groups, Task task) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, num_tiles, groups, task]() {
+    for (int64_t gi; (gi = state->next.fetch_add(1)) < groups;) {
+      task(gi, gi * num_tiles / groups, (gi + 1) * num_tiles / groups);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // A worker that starts after every group is taken returns at once: `task` (which refers to
+  // the caller's frame) only runs while the caller waits below.
+  for (int64_t i = 0; i < std::min<int64_t>(pool.num_threads(), groups - 1); ++i) {
+    auto copy = run;
+    pool.Schedule(std::move(copy));
   }
+  run();
+  while (state->done.load(std::memory_order_acquire) < groups) std::this_thread::yield();
+}
+
+bool valid(const Shape& sh) { return sh.b > 0 && sh.q % sh.b == 0; }
+
+ffi::Error shape_error() {
+  return ffi::Error::InvalidArgument(
+      "monarch_cpu: expected x [T, b·p], w1t [b, p, q], w2t [b, q, s] with q % b == 0");
+}
+
+Shape forward_shape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w1t,
+                    const ffi::Buffer<ffi::F32>& w2t, bool* ok) {
+  const auto xd = x.dimensions(), d1 = w1t.dimensions(), d2 = w2t.dimensions();
+  *ok = xd.size() == 2 && d1.size() == 3 && d2.size() == 3;
+  if (!*ok) return {};
+  const Shape sh{xd[0], d1[0], d1[1], d1[2], d2[2]};
+  *ok = valid(sh) && d2[0] == sh.b && d2[1] == sh.q && xd[1] == sh.b * sh.p;
+  return sh;
+}
+
+ffi::Error forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                   const ffi::Buffer<ffi::F32>& w1t, const ffi::Buffer<ffi::F32>& w2t, float* y,
+                   float* hidden_out) {
+  bool ok;
+  const Shape sh = forward_shape(x, w1t, w2t, &ok);
+  if (!ok) return shape_error();
+  if (sh.tokens == 0) return ffi::Error::Success();
+  const int64_t tile = tile_tokens(sh), num_tiles = (sh.tokens + tile - 1) / tile;
+  const float *xp = x.typed_data(), *w1p = w1t.typed_data(), *w2p = w2t.typed_data();
+  // As many groups as tiles: the forward has no partial sums to order.
+  parallel_groups(pool, num_tiles, num_tiles, [&](int64_t, int64_t first, int64_t end) {
+    std::vector<float> hidden(tile * sh.b * sh.q), out_ls(tile * sh.b * sh.s);
+    for (int64_t i = first; i < end; ++i) {
+      const int64_t t0 = i * tile;
+      monarch_tile(sh, xp, w1p, w2p, y, t0, std::min(tile, sh.tokens - t0), hidden.data(),
+                   out_ls.data(), hidden_out);
+    }
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error MonarchF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1t,
                       ffi::Buffer<ffi::F32> w2t, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), d1 = w1t.dimensions(), d2 = w2t.dimensions();
-  if (xd.size() != 2 || d1.size() != 3 || d2.size() != 3)
-    return ffi::Error::InvalidArgument("monarch_cpu: expected x [T, n], w1t [b, p, q], w2t [b, q, s]");
-  const Shape sh{xd[0], d1[0], d1[1], d1[2], d2[2]};
-  if (d2[0] != sh.b || d2[1] != sh.q || xd[1] != sh.b * sh.p || sh.q % sh.b)
-    return ffi::Error::InvalidArgument("monarch_cpu: inconsistent factor shapes");
+  return forward(pool, x, w1t, w2t, y->typed_data(), nullptr);
+}
+
+ffi::Error MonarchResidualF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> w1t, ffi::Buffer<ffi::F32> w2t,
+                              ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> hidden) {
+  return forward(pool, x, w1t, w2t, y->typed_data(), hidden->typed_data());
+}
+
+// dx, dw1, dw2 from x [T, b·p], hidden [T, b·q], dy [T, b·s], w1 [b, q, p], w2 [b, s, q].
+ffi::Error MonarchBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::F32> dy,
+                              ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> w2,
+                              ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw1,
+                              ffi::ResultBuffer<ffi::F32> dw2) {
+  const auto d1 = w1.dimensions(), d2 = w2.dimensions(), xd = x.dimensions();
+  if (d1.size() != 3 || d2.size() != 3 || xd.size() != 2) return shape_error();
+  const Shape sh{xd[0], d1[0], d1[2], d1[1], d2[1]};
+  if (!valid(sh) || d2[0] != sh.b || d2[2] != sh.q || xd[1] != sh.b * sh.p ||
+      hidden.dimensions()[1] != sh.b * sh.q || dy.dimensions()[1] != sh.b * sh.s)
+    return shape_error();
+  const int64_t w1_size = sh.b * sh.q * sh.p, w2_size = sh.b * sh.s * sh.q;
+  float *dw1p = dw1->typed_data(), *dw2p = dw2->typed_data();
+  std::fill(dw1p, dw1p + w1_size, 0.f);
+  std::fill(dw2p, dw2p + w2_size, 0.f);
   if (sh.tokens == 0) return ffi::Error::Success();
-  auto work = std::make_shared<Work>();
-  work->sh = sh;
-  work->x = x.typed_data();
-  work->w1t = w1t.typed_data();
-  work->w2t = w2t.typed_data();
-  work->y = y->typed_data();
-  work->tile = tile_tokens(sh);
-  work->num_tiles = (sh.tokens + work->tile - 1) / work->tile;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_tiles - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { drain(*work); });
-  drain(*work);
-  while (work->done.load(std::memory_order_acquire) < work->num_tiles) std::this_thread::yield();
+  const int64_t tile = tile_tokens(sh), num_tiles = (sh.tokens + tile - 1) / tile;
+  const int64_t groups = std::min<int64_t>(pool.num_threads() + 1, num_tiles);
+  std::vector<float> partial(groups * (w1_size + w2_size), 0.f);
+  const float *xp = x.typed_data(), *hp = hidden.typed_data(), *dyp = dy.typed_data();
+  const float *w1p = w1.typed_data(), *w2p = w2.typed_data();
+  float* dxp = dx->typed_data();
+  parallel_groups(pool, num_tiles, groups, [&](int64_t gi, int64_t first, int64_t end) {
+    const int64_t mid = sh.b * sh.q;
+    std::vector<float> g_lr(tile * mid), g(tile * mid), h_lr(tile * mid);
+    float* acc1 = partial.data() + gi * (w1_size + w2_size);
+    for (int64_t i = first; i < end; ++i) {
+      const int64_t t0 = i * tile;
+      monarch_tile_backward(sh, xp, hp, dyp, w1p, w2p, dxp, acc1, acc1 + w1_size, t0,
+                            std::min(tile, sh.tokens - t0), g_lr.data(), g.data(), h_lr.data());
+    }
+  });
+  for (int64_t gi = 0; gi < groups; ++gi) {  // in group order: the same sums on every run
+    const float* acc = partial.data() + gi * (w1_size + w2_size);
+    for (int64_t i = 0; i < w1_size; ++i) dw1p[i] += acc[i];
+    for (int64_t i = 0; i < w2_size; ++i) dw2p[i] += acc[w1_size + i];
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+using F32Buffer = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseMonarchF32, MonarchF32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseMonarchResidualF32, MonarchResidualF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseMonarchBackwardF32, MonarchBackwardF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>());
