@@ -29,7 +29,7 @@ DIFFERENTIABLE = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"
     (impl, length, chunk) if (impl, length) != ("associative", 1000)
     else pytest.param(impl, length, chunk, marks=pytest.mark.slow)
     for length, chunk in [(1, 4), (7, 3), (129, 16), (1000, 96)]
-    for impl in ("associative", "chunked")])
+    for impl in ("associative", "chunked", "native")])
 def test_scan_implementations_agree_with_the_recurrence(length, chunk, implementation):
     args = mamba1_inputs(length, 2, length, 8, 4, 2)
 
@@ -54,6 +54,43 @@ def test_scan_implementations_agree_with_the_recurrence(length, chunk, implement
         scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
         np.testing.assert_allclose(grads[name], ref_grads[name], atol=1e-4 * scale, rtol=1e-4,
                                    err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("batch, length, d_inner, d_state, groups", [
+    (1, 300, 48, 16, 1),   # whole 16-channel blocks, several 64-step chunks, split tasks
+    (3, 65, 40, 5, 2),     # 20 channels a group: a full block and a 4-lane block per group
+])
+def test_native_kernel_blocks_chunks_and_parts(batch, length, d_inner, d_state, groups):
+    """The native kernel's own edges (the generic test above has 4-channel groups only):
+    full and partial lane blocks, chunk boundaries of the reverse pass, and the backward's
+    per-task partial sums of dB and dC — against the recurrence, and bitwise repeatable."""
+    args = mamba1_inputs(length, batch, length, d_inner, d_state, groups)
+
+    def loss(impl, diff):
+        y, final = selective_scan(**(args | diff), return_final_state=True, implementation=impl)
+        return jnp.sum(y * jnp.cos(y)) + jnp.sum(final)
+
+    diff = {name: args[name] for name in DIFFERENTIABLE}
+    want = jax.value_and_grad(lambda d: loss("sequential", d))(diff)
+    native = jax.jit(jax.value_and_grad(lambda d: loss("native", d)))
+    got, again = native(diff), native(diff)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+    for name in DIFFERENTIABLE:
+        scale = float(jnp.abs(want[1][name]).max()) + 1e-6
+        np.testing.assert_allclose(got[1][name], want[1][name], atol=1e-4 * scale, rtol=1e-4,
+                                   err_msg=f"d{name}")
+        np.testing.assert_array_equal(got[1][name], again[1][name], err_msg=f"d{name} repeat")
+
+
+def test_native_scan_is_the_cpu_default_and_not_lowered_for_accelerators():
+    args = mamba1_inputs(0, 1, 9, 16, 4, 1)
+    f = lambda **a: selective_scan(**a)  # noqa: E731
+    cpu = jax.jit(lambda a: f(**a)).lower(args).as_text()
+    assert "jaxsparse_selective_scan_f32" in cpu
+    for platform in ("cuda", "tpu"):
+        text = jax.jit(jax.grad(lambda a: f(**a).sum())).trace(args).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert "jaxsparse_selective_scan" not in text, platform
 
 
 def test_decoding_step_by_step_equals_the_full_scan():
@@ -122,7 +159,7 @@ def test_no_nan_or_inf_at_64k_with_extreme_dt(dtype, dt_value):
     args = mamba1_inputs(0, 1, length, 4, 4, 1, dtype)
     args["dt"] = jnp.full_like(args["dt"], dt_value)  # the step itself (no bias, no softplus)
     args["dt_bias"] = None
-    for impl in ("sequential", "chunked", "pallas_interpret"):
+    for impl in ("sequential", "chunked", "native", "pallas_interpret"):
         y = selective_scan(**args, dt_softplus=False, implementation=impl, chunk_size=256)
         assert np.isfinite(np.asarray(y.astype(jnp.float32))).all(), impl
     args2 = mamba2_inputs(0, 1, length, 2, 4, 4, 1, dtype)

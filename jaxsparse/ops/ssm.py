@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "pallas", "pallas_interpret")
+SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "native", "pallas",
+                        "pallas_interpret")
 
 
 # --- argument checks ------------------------------------------------------------------------
@@ -176,6 +177,33 @@ def _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, *, interp
     return pallas_selective_scan(x, dt, A, B, C, h0, interpret=interpret, fallback=fallback)
 
 
+def _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size, *,
+                         required: bool):
+    """``(y, final)`` through the C++ kernel when lowering for CPU (the chunked form on other
+    platforms), or None when the default should not use it (an accelerator host, or the kernel
+    failed to build; an explicit ``"native"`` raises instead)."""
+    from jaxsparse.ops.native import selective_scan as native
+
+    if not required and jax.default_backend() != "cpu":
+        return None
+    if not native.available():
+        if required:
+            raise RuntimeError("selective_scan(implementation='native'): the C++ kernel could "
+                               "not be built (see the warning above); use 'chunked'")
+        return None
+
+    def on_cpu(x, dt, A, B, C, h0):
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        y, final = native.native_scan(f32(x), _final_dt(dt, dt_bias, dt_softplus), f32(A),
+                                      f32(B), f32(C), h0)
+        return _skip_and_gate(y, x, D, z).astype(x.dtype), final
+
+    def elsewhere(x, dt, A, B, C, h0):
+        return _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64)
+
+    return jax.lax.platform_dependent(x, dt, A, B, C, h0, cpu=on_cpu, default=elsewhere)
+
+
 def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
                    initial_state=None, return_final_state=False, chunk_size=None,
                    implementation=None):
@@ -188,12 +216,16 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
       dt_bias: ``[d_inner]`` added to dt before the softplus (when ``dt_softplus``).
       initial_state: ``[batch, d_inner, d_state]``.
       chunk_size: chunk of the ``"chunked"`` implementation (default 64).
-      implementation: ``None`` (the chunked form), ``"sequential"`` (``lax.scan``, the
-        reference), ``"associative"`` (``lax.associative_scan``; memory O(L·d·N)) or
-        ``"chunked"`` (a fused scan inside rematerialised chunks, a scan across them;
-        memory O(chunk)), ``"pallas"`` (the TPU or GPU kernel, chosen by the platform being
-        lowered for; the chunked form elsewhere) or ``"pallas_interpret"`` (the GPU kernel
-        in interpret mode, for tests).
+      implementation: ``None`` (``"native"`` on a CPU-only host when its kernel builds, the
+        chunked form otherwise), ``"sequential"`` (``lax.scan``, the reference),
+        ``"associative"`` (``lax.associative_scan``; memory O(L·d·N)), ``"chunked"`` (a
+        fused scan inside rematerialised chunks, a scan across them; memory O(chunk)),
+        ``"native"`` (the C++ CPU kernel of :mod:`jaxsparse.ops.native.selective_scan`:
+        16 channels stepped together with their state in registers, a reverse-time backward
+        over checkpointed chunks; memory O(L·d) plus checkpoints; the chunked form when
+        lowering for an accelerator), ``"pallas"`` (the TPU or GPU kernel, chosen by the
+        platform being lowered for; the chunked form elsewhere) or ``"pallas_interpret"``
+        (the GPU kernel in interpret mode, for tests).
 
     Returns:
       y ``[batch, length, d_inner]`` in x's dtype, and the final state if requested.
@@ -211,9 +243,15 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
             raise ValueError(f"initial_state must be {(batch, d_inner, d_state)}, got "
                              f"{initial_state.shape}")
         h0 = initial_state.astype(jnp.float32)
-    # Default: the chunked form. On 2 CPU cores it is 3.4x to 5.8x faster than the lax.scan
-    # recurrence from 1k to 64k tokens and needs O(chunk) memory (experiments/results/ssm.md).
-    implementation = implementation or "chunked"
+    if implementation in (None, "native"):
+        # Default on CPU: the native kernel (experiments/results/ssm.md times it beside the
+        # lax.scan recurrence and the chunked form); the chunked form on accelerators and
+        # wherever the kernel cannot be built.
+        native = _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0,
+                                      chunk_size, required=implementation == "native")
+        if native is not None:
+            return native if return_final_state else native[0]
+        implementation = "chunked"
     if implementation == "chunked":
         y, final = _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64)
         return (y, final) if return_final_state else y

@@ -1,0 +1,347 @@
+// Mamba-1 selective scan for XLA:CPU (XLA FFI custom calls), float32: the recurrence
+//
+//   h_t = exp(dt_t · A) ⊙ h_{t-1} + (dt_t · x_t) B_t,      y_t = ⟨C_t, h_t⟩
+//
+// per channel d (state size N), with dt already discretised (bias and softplus applied by the
+// caller), B and C shared by the channels of a group. XLA runs this as a lax.scan of small
+// array ops (one dispatch per step) or as chunked array programs that materialise
+// [chunk, d, N] tensors; here 16 channels of one group are stepped together with their whole
+// state in vector registers (lane = channel, one vector per state index n), so per step and
+// state index the work is one vector exp and three FMAs, and nothing of size L·d·N touches
+// memory.
+//
+// The backward walks time in reverse, chunk by chunk: the forward states are checkpointed every
+// kChunk steps, each chunk's states and decays are recomputed into a small buffer, and the
+// gradients of x, dt, A, B, C and h0 are accumulated on the way back. Gradients of B and C sum
+// over a group's channels: each task (batch row, group, part of the group's channels) writes
+// its own partial sums, which the caller adds in a fixed order, so results do not depend on
+// thread timing.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kChunk = 64;
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IVec __attribute__((vector_size(64)));
+
+inline Vec splat(float s) { return Vec{} + s; }
+
+// Lanes [0, n) of p (contiguous); the rest zero.
+inline Vec load(const float* p, int n) {
+  Vec v{};
+  if (n == kLanes) std::memcpy(&v, p, sizeof v);
+  else std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+inline void store(float* p, Vec v, int n) {
+  if (n == kLanes) std::memcpy(p, &v, sizeof v);
+  else std::memcpy(p, &v, n * sizeof(float));
+}
+inline float lane_sum(Vec v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp on 16 lanes: 2^k · e^r with k = round(x / ln 2), |r| ≤ ln2 / 2, e^r by its degree-7
+// Taylor polynomial (relative error < 2e-8, below float32's 6e-8 ulp). Inputs below -87.3
+// give 2^-126 ≈ 1e-38 instead of 0 (the decay of a state that is gone either way); NaN stays
+// NaN through r.
+inline Vec vexp(Vec x) {
+  const Vec lo = splat(-87.3f), hi = splat(88.7f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const Vec t = x * 1.44269504088896341f;
+  const IVec k = __builtin_convertvector(t + (t >= 0 ? splat(0.5f) : splat(-0.5f)), IVec);
+  const Vec kf = __builtin_convertvector(k, Vec);
+  const Vec r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
+  Vec p = splat(1.f / 5040);
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const IVec bits = (k + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Dims {
+  int64_t batch, length, channels, groups, state;
+  int64_t per_group() const { return channels / groups; }
+  int64_t blocks_per_group() const { return (per_group() + kLanes - 1) / kLanes; }
+};
+
+// A block: up to 16 consecutive channels of one group, for one batch row.
+struct Block {
+  int64_t b, g, d0;
+  int lanes;
+};
+
+struct Inputs {
+  const float *x, *dt, *A, *B, *C, *h0;
+};
+
+// The forward recurrence of one block. With ys, writes y; with checkpoints, stores the state at
+// the start of every chunk (checkpoints[c · N + n] is a vector); returns the final state into
+// h (N vectors).
+void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys, Vec* h,
+                   Vec* checkpoints) {
+  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups;
+  std::vector<Vec> a(N);
+  for (int64_t n = 0; n < N; ++n) {
+    float col[kLanes] = {};
+    for (int i = 0; i < bk.lanes; ++i) col[i] = in.A[(bk.d0 + i) * N + n];
+    a[n] = load(col, kLanes);
+    float h0[kLanes] = {};
+    for (int i = 0; i < bk.lanes; ++i) h0[i] = in.h0[(bk.b * Dn + bk.d0 + i) * N + n];
+    h[n] = load(h0, kLanes);
+  }
+  for (int64_t t = 0; t < dm.length; ++t) {
+    if (checkpoints && t % kChunk == 0)
+      std::copy(h, h + N, checkpoints + (t / kChunk) * N);
+    const int64_t row = (bk.b * dm.length + t) * Dn + bk.d0;
+    const Vec dt = load(in.dt + row, bk.lanes), u = dt * load(in.x + row, bk.lanes);
+    const float* Bt = in.B + ((bk.b * dm.length + t) * G + bk.g) * N;
+    const float* Ct = in.C + ((bk.b * dm.length + t) * G + bk.g) * N;
+    Vec y{};
+    for (int64_t n = 0; n < N; ++n) {
+      h[n] = vexp(dt * a[n]) * h[n] + u * Bt[n];
+      y += h[n] * Ct[n];
+    }
+    if (ys) store(ys + row, y, bk.lanes);
+  }
+}
+
+// Gradients of one block, accumulated: gA_b [Dn, N] (this batch row's), gB_part and gC_part
+// ([L, N], this task's partial sums); written: gx, gdt (this block's channels), gh0.
+struct Grads {
+  float *gx, *gdt, *gA, *gh0;
+};
+
+void backward_block(const Dims& dm, const Inputs& in, const float* gy, const float* gh_final,
+                    const Block& bk, const Grads& out, float* gB_part, float* gC_part) {
+  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups, L = dm.length;
+  const int64_t num_chunks = (L + kChunk - 1) / kChunk;
+  std::vector<Vec> checkpoints(num_chunks * N), h(N), a(N), gA(N), gh(N);
+  std::vector<Vec> states(kChunk * N), decays(kChunk * N);
+  forward_block(dm, in, bk, nullptr, h.data(), checkpoints.data());
+  for (int64_t n = 0; n < N; ++n) {
+    float col[kLanes] = {}, g[kLanes] = {};
+    for (int i = 0; i < bk.lanes; ++i) {
+      col[i] = in.A[(bk.d0 + i) * N + n];
+      g[i] = gh_final[(bk.b * Dn + bk.d0 + i) * N + n];
+    }
+    a[n] = load(col, kLanes);
+    gh[n] = load(g, kLanes);
+    gA[n] = Vec{};
+  }
+  for (int64_t c = num_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
+    std::copy(checkpoints.begin() + c * N, checkpoints.begin() + (c + 1) * N, h.begin());
+    for (int64_t t = t0; t < t1; ++t) {  // recompute the chunk: states after each step
+      const int64_t row = (bk.b * L + t) * Dn + bk.d0;
+      const Vec dt = load(in.dt + row, bk.lanes), u = dt * load(in.x + row, bk.lanes);
+      const float* Bt = in.B + ((bk.b * L + t) * G + bk.g) * N;
+      Vec* st = &states[(t - t0) * N];
+      Vec* dc = &decays[(t - t0) * N];
+      for (int64_t n = 0; n < N; ++n) {
+        dc[n] = vexp(dt * a[n]);
+        h[n] = dc[n] * h[n] + u * Bt[n];
+        st[n] = h[n];
+      }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t row = (bk.b * L + t) * Dn + bk.d0;
+      const Vec dt = load(in.dt + row, bk.lanes), x = load(in.x + row, bk.lanes);
+      const Vec u = dt * x, g_y = load(gy + row, bk.lanes);
+      const int64_t bc = ((bk.b * L + t) * G + bk.g) * N;
+      const float *Bt = in.B + bc, *Ct = in.C + bc;
+      const Vec* st = &states[(t - t0) * N];                  // h_t
+      const Vec* dc = &decays[(t - t0) * N];                  // exp(dt_t · a)
+      const Vec* prev = t > t0 ? st - N : &checkpoints[c * N];  // h_{t-1} (h0 at t = 0)
+      float* gBt = gB_part + t * N;
+      float* gCt = gC_part + t * N;
+      Vec g_dt{}, g_u{};
+      for (int64_t n = 0; n < N; ++n) {
+        gCt[n] += lane_sum(g_y * st[n]);
+        const Vec g = gh[n] + g_y * Ct[n];  // dL/dh_t
+        gBt[n] += lane_sum(g * u);
+        g_u += g * Bt[n];
+        const Vec g_log = g * dc[n] * prev[n];  // dL/d(dt_t · a_n)
+        g_dt += g_log * a[n];
+        gA[n] += g_log * dt;
+        gh[n] = g * dc[n];  // dL/dh_{t-1}
+      }
+      g_dt += g_u * x;
+      store(out.gx + row, g_u * dt, bk.lanes);
+      store(out.gdt + row, g_dt, bk.lanes);
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int i = 0; i < bk.lanes; ++i) {
+      out.gh0[(bk.b * Dn + bk.d0 + i) * N + n] = gh[n][i];
+      out.gA[(bk.b * Dn + bk.d0 + i) * N + n] = gA[n][i];
+    }
+  }
+}
+
+// Runs task(index) for index in [0, count) on XLA's intra-op threads and the calling thread.
+template <typename Task>
+void parallel_for(ffi::ThreadPool& pool, int64_t count, Task task) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, count, task]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      task(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // A worker that starts after every index is taken returns at once: `task` (which refers to
+  // the caller's frame) only runs while the caller waits below.
+  for (int64_t i = 0; i < std::min<int64_t>(pool.num_threads(), count - 1); ++i) {
+    auto copy = run;
+    pool.Schedule(std::move(copy));
+  }
+  run();
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+bool read_dims(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& dt,
+               const ffi::Buffer<ffi::F32>& A, const ffi::Buffer<ffi::F32>& B,
+               const ffi::Buffer<ffi::F32>& C, const ffi::Buffer<ffi::F32>& h0, Dims* dm) {
+  const auto xd = x.dimensions(), ad = A.dimensions(), bd = B.dimensions();
+  if (xd.size() != 3 || ad.size() != 2 || bd.size() != 4) return false;
+  *dm = Dims{xd[0], xd[1], xd[2], bd[2], ad[1]};
+  auto same = [](auto u, std::initializer_list<int64_t> v) {
+    return u.size() == v.size() && std::equal(u.begin(), u.end(), v.begin());
+  };
+  return dm->groups > 0 && dm->channels % dm->groups == 0 &&
+         same(dt.dimensions(), {dm->batch, dm->length, dm->channels}) &&
+         same(ad, {dm->channels, dm->state}) &&
+         same(bd, {dm->batch, dm->length, dm->groups, dm->state}) &&
+         same(C.dimensions(), {dm->batch, dm->length, dm->groups, dm->state}) &&
+         same(h0.dimensions(), {dm->batch, dm->channels, dm->state});
+}
+
+Block block_at(const Dims& dm, int64_t index) {
+  const int64_t per_block = dm.blocks_per_group();
+  const int64_t b = index / (dm.groups * per_block), rest = index % (dm.groups * per_block);
+  const int64_t g = rest / per_block, j = rest % per_block;
+  const int64_t first = g * dm.per_group() + j * kLanes;
+  const int lanes = static_cast<int>(std::min<int64_t>(kLanes, (g + 1) * dm.per_group() - first));
+  return Block{b, g, first, lanes};
+}
+
+ffi::Error ScanF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dt,
+                   ffi::Buffer<ffi::F32> A, ffi::Buffer<ffi::F32> B, ffi::Buffer<ffi::F32> C,
+                   ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> h_final) {
+  Dims dm;
+  if (!read_dims(x, dt, A, B, C, h0, &dm))
+    return ffi::Error::InvalidArgument("selective_scan_cpu: inconsistent shapes");
+  const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(),
+                  B.typed_data(), C.typed_data(), h0.typed_data()};
+  float *yp = y->typed_data(), *hp = h_final->typed_data();
+  const int64_t blocks = dm.batch * dm.groups * dm.blocks_per_group();
+  parallel_for(pool, blocks, [&](int64_t i) {
+    const Block bk = block_at(dm, i);
+    std::vector<Vec> h(dm.state);
+    forward_block(dm, in, bk, yp, h.data(), nullptr);
+    for (int64_t n = 0; n < dm.state; ++n)
+      for (int l = 0; l < bk.lanes; ++l)
+        hp[(bk.b * dm.channels + bk.d0 + l) * dm.state + n] = h[n][l];
+  });
+  return ffi::Error::Success();
+}
+
+// Partial sums of gB, gC: parts [batch, groups, parts, L, N]; the caller sums over parts.
+ffi::Error ScanBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> dt, ffi::Buffer<ffi::F32> A,
+                           ffi::Buffer<ffi::F32> B, ffi::Buffer<ffi::F32> C,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> gy,
+                           ffi::Buffer<ffi::F32> gh_final, ffi::ResultBuffer<ffi::F32> gx,
+                           ffi::ResultBuffer<ffi::F32> gdt, ffi::ResultBuffer<ffi::F32> gA_rows,
+                           ffi::ResultBuffer<ffi::F32> gB_parts,
+                           ffi::ResultBuffer<ffi::F32> gC_parts,
+                           ffi::ResultBuffer<ffi::F32> gh0) {
+  Dims dm;
+  if (!read_dims(x, dt, A, B, C, h0, &dm))
+    return ffi::Error::InvalidArgument("selective_scan_cpu: inconsistent shapes");
+  const int64_t parts = gB_parts->dimensions()[2];
+  const int64_t per_block = dm.blocks_per_group();
+  if (parts < 1 || parts > per_block)
+    return ffi::Error::InvalidArgument("selective_scan_cpu: parts must be in [1, blocks per group]");
+  const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(),
+                  B.typed_data(), C.typed_data(), h0.typed_data()};
+  const Grads out{gx->typed_data(), gdt->typed_data(), gA_rows->typed_data(),
+                  gh0->typed_data()};
+  float *gBp = gB_parts->typed_data(), *gCp = gC_parts->typed_data();
+  const int64_t slab = dm.length * dm.state;
+  std::fill(gBp, gBp + dm.batch * dm.groups * parts * slab, 0.f);
+  std::fill(gCp, gCp + dm.batch * dm.groups * parts * slab, 0.f);
+  const float *gyp = gy.typed_data(), *ghf = gh_final.typed_data();
+  // Task (b, g, part): the part's blocks in order, into the part's own partial sums.
+  parallel_for(pool, dm.batch * dm.groups * parts, [&](int64_t task) {
+    const int64_t bg = task / parts, part = task % parts;
+    float* gB_part = gBp + task * slab;
+    float* gC_part = gCp + task * slab;
+    for (int64_t j = part * per_block / parts; j < (part + 1) * per_block / parts; ++j) {
+      const Block bk = block_at(dm, bg * per_block + j);
+      backward_block(dm, in, gyp, ghf, bk, out, gB_part, gC_part);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+using F32Buffer = ffi::Buffer<ffi::F32>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseSelectiveScanF32, ScanF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buffer>()  // x [batch, L, d]
+                                  .Arg<F32Buffer>()  // dt [batch, L, d] (discretised)
+                                  .Arg<F32Buffer>()  // A [d, N]
+                                  .Arg<F32Buffer>()  // B [batch, L, groups, N]
+                                  .Arg<F32Buffer>()  // C [batch, L, groups, N]
+                                  .Arg<F32Buffer>()  // h0 [batch, d, N]
+                                  .Ret<F32Buffer>()  // y [batch, L, d]
+                                  .Ret<F32Buffer>());  // final state [batch, d, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseSelectiveScanBackwardF32, ScanBackwardF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()  // dL/dy
+                                  .Arg<F32Buffer>()  // dL/d final state
+                                  .Ret<F32Buffer>()  // dx
+                                  .Ret<F32Buffer>()  // ddt
+                                  .Ret<F32Buffer>()  // dA per batch row [batch, d, N]
+                                  .Ret<F32Buffer>()  // dB partial sums [batch, groups, parts, L, N]
+                                  .Ret<F32Buffer>()  // dC partial sums
+                                  .Ret<F32Buffer>());  // dh0
