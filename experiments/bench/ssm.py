@@ -1,13 +1,14 @@
 """Selective scans on this backend: every implementation against the lax.scan recurrence.
 
-Mamba-1 ``selective_scan`` (sequential = lax.scan, associative, chunked) and Mamba-2 ``ssd``
+Mamba-1 ``selective_scan`` (sequential = lax.scan, associative, chunked, and on CPU the native
+C++ kernel, the CPU default) and Mamba-2 ``ssd``
 (chunked SSD vs its lax.scan recurrence), at several lengths, in one run. Reports tokens/s,
 the ratio to the recurrence, peak memory (XLA's compiled memory analysis) and achieved bytes/s
 next to this machine's measured copy bandwidth. Bytes counted: for Mamba-1 the float32
 [batch, length, d_inner, d_state] tensors the plain recurrence materialises (decay, input,
-states: written and read once each) — the fused chunked scan never materialises them, so its
-figure is an effective rate and may exceed the copy bandwidth; for Mamba-2 the inputs and
-outputs only.
+states: written and read once each) — the fused chunked and native scans never materialise
+them, so their figures are effective rates and may exceed the copy bandwidth; for Mamba-2 the
+inputs and outputs only.
 
     jaxsparse bench ssm [--lengths 1024 8192 65536] [--batch 8 --d-inner 1536 --backward]
 
@@ -44,8 +45,9 @@ def peak_mb(fn, *args) -> float:
 
 def mamba1_implementations():
     impls = ["sequential", "associative", "chunked"]
-    # on CPU "pallas" is the chunked scan again; on GPU/TPU it is the kernel
-    return impls + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else [])
+    # on CPU "pallas" is the chunked scan again; on GPU/TPU it is the kernel (and "native",
+    # the C++ CPU kernel, would be the chunked scan)
+    return impls + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else ["native"])
 
 
 def mamba1_rows(length, batch, d_inner, d_state, repeats, chunk, backward):
