@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsparse.ops.ssm import segsum, selective_scan, selective_state_update, ssd, ssd_reference
+from jaxsparse.ops.ssm import (segsum, selective_scan, selective_state_update, ssd, ssd_native,
+                               ssd_reference)
 
 
 def mamba1_inputs(seed, batch, length, d_inner, d_state, groups, dtype=jnp.float32):
@@ -152,6 +153,29 @@ def test_ssd_equals_its_recurrence_with_gradients(length, chunk):
                                    err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("batch, length, heads, head_dim, d_state, groups", [
+    (2, 7, 4, 8, 6, 2), (1, 200, 2, 24, 16, 1), (3, 129, 6, 4, 5, 3)])
+def test_ssd_native_equals_the_recurrence_with_gradients(batch, length, heads, head_dim,
+                                                         d_state, groups):
+    args = mamba2_inputs(length, batch, length, heads, head_dim, d_state, groups)
+    kw = dict(dt_softplus=True, dt_bias=0.1 * args["D"], return_final_state=True)
+    names = ("x", "dt", "A", "B", "C", "D", "initial_state")
+
+    def loss(fn, diff):
+        y, final = fn(**(args | diff), **kw)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(final), (y, final)
+
+    diff = {n: args[n] for n in names}
+    (_, want), ref_grads = jax.value_and_grad(lambda d: loss(ssd_reference, d), has_aux=True)(diff)
+    (_, got), grads = jax.jit(jax.value_and_grad(lambda d: loss(ssd_native, d), has_aux=True))(diff)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    for name in names:
+        scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
+        np.testing.assert_allclose(grads[name], ref_grads[name], atol=1e-4 * scale, rtol=1e-4,
+                                   err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("dt_value", [1e-4, 10.0])
 def test_no_nan_or_inf_at_64k_with_extreme_dt(dtype, dt_value):
@@ -166,6 +190,8 @@ def test_no_nan_or_inf_at_64k_with_extreme_dt(dtype, dt_value):
     args2["dt"] = jnp.full_like(args2["dt"], dt_value)
     y2 = ssd(**args2, chunk_size=256)
     assert np.isfinite(np.asarray(y2.astype(jnp.float32))).all()
+    y3 = ssd_native(**args2)
+    assert np.isfinite(np.asarray(y3.astype(jnp.float32))).all()
 
 
 def test_bad_inputs_name_the_argument():

@@ -18,8 +18,9 @@ from flax import nnx
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.normalization import rms_norm
+from jaxsparse.ops.native.selective_scan import available as native_scan_available
 from jaxsparse.ops.ssm import (selective_scan, selective_scan_sequence_parallel, ssd,
-                               ssd_reference, ssd_sequence_parallel)
+                               ssd_native, ssd_reference, ssd_sequence_parallel)
 from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 
@@ -152,16 +153,19 @@ class Mamba2(nnx.Module):
                       return_final_state=True)
         A = -jnp.exp(self.A_log[...])
         # The chunked SSD is a matmul algorithm; on CPU (XLA batched matmuls at ~80 GFLOP/s)
-        # the recurrence is 2-4x faster (experiments/results/ssm.md), and for decoding steps
-        # it is the cheapest everywhere.
+        # the recurrence is 2-4x faster (experiments/results/ssm.md), and the native kernel's
+        # recurrence faster still (ssd_native); for decoding steps the plain recurrence is the
+        # cheapest everywhere.
         on_cpu = jax.default_backend() == "cpu"
         if _sequence_parallel(x_BLD, cache):
             del kwargs["initial_state"], kwargs["return_final_state"]
             y, ssm_state = ssd_sequence_parallel(
                 x, dt, A, B, C, mesh=current_mesh(), chunk_size=None if on_cpu else self.chunk_size,
                 **kwargs)
-        elif (cache is not None and length <= 4) or on_cpu:
+        elif (cache is not None and length <= 4) or (on_cpu and not native_scan_available()):
             y, ssm_state = ssd_reference(x, dt, A, B, C, **kwargs)
+        elif on_cpu:
+            y, ssm_state = ssd_native(x, dt, A, B, C, **kwargs)
         else:
             y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, **kwargs)
         y = y.reshape(batch, length, self.d_inner)
