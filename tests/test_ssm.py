@@ -83,6 +83,31 @@ def test_native_kernel_blocks_chunks_and_parts(batch, length, d_inner, d_state, 
         np.testing.assert_array_equal(got[1][name], again[1][name], err_msg=f"d{name} repeat")
 
 
+def test_native_kernel_exp_over_the_float32_range():
+    """One step from h0 = 1 with no input leaves exp(dt·A) in the state: the kernel's own
+    vector exp, checked against float64 over the whole float32 range and its edges."""
+    from jaxsparse.ops.native.selective_scan import available, native_scan
+
+    assert available()  # builds and registers the kernel (CI machines have a C++ compiler)
+    exps = np.concatenate([np.linspace(-87.0, 88.7, 4000), [0.0, -1e-8, 1e-8, 88.72, -87.3]])
+    d = 16
+    A = np.resize(exps, (d, -(-exps.size // d))).astype(np.float32)  # [d, N]
+    n = A.shape[1]
+    ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    _, state = native_scan(jnp.zeros((1, 1, d)), ones(1, 1, d), jnp.asarray(A),
+                           jnp.zeros((1, 1, 1, n)), jnp.zeros((1, 1, 1, n)), ones(1, d, n))
+    want = np.exp(A.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(state[0], np.float64), want, rtol=2.5e-7)
+    edges = np.array([-200.0, -88.0, 89.0, 1000.0, np.nan, -np.inf, np.inf, 0.5] * 2,
+                     np.float32).reshape(d, 1)
+    _, state = native_scan(jnp.zeros((1, 1, d)), ones(1, 1, d), jnp.asarray(edges),
+                           jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1)), ones(1, d, 1))
+    got = np.asarray(state[0, :8, 0])
+    assert (0 <= got[:2]).all() and (got[:2] < 2e-38).all(), got  # underflow: ~0, not garbage
+    assert np.isinf(got[2]) and np.isinf(got[3]) and np.isnan(got[4]), got
+    assert got[5] < 2e-38 and np.isinf(got[6]) and np.isclose(got[7], np.exp(0.5)), got
+
+
 def test_native_scan_is_the_cpu_default_and_not_lowered_for_accelerators():
     args = mamba1_inputs(0, 1, 9, 16, 4, 1)
     f = lambda **a: selective_scan(**a)  # noqa: E731

@@ -1,13 +1,16 @@
 """CPU kernels in C++, compiled on first use and called from XLA through the FFI.
 
-XLA:CPU has no Pallas backend, so where a fused kernel matters on CPU (the Monarch product:
-XLA's einsum form makes five passes over the activation, see ``monarch_cpu.cc``) it is written
-in C++ against the FFI headers that ship with jaxlib (``jax.ffi.include_dir()``). The source is
-compiled the first time it is needed — like ``torch.utils.cpp_extension.load`` — with the
-host's C++ compiler (``$CXX``, else ``g++``/``c++``) for the host CPU (``-march=native``), and
-cached under ``$JAXSPARSE_CACHE`` (default ``~/.cache/jaxsparse``), keyed by the source, the
-flags, the jaxlib version and the CPU. Without a compiler, or with ``JAXSPARSE_NATIVE=0``, the
-callers fall back to their XLA paths after one warning.
+XLA:CPU has no Pallas backend, so where a fused kernel matters on CPU it is written in C++
+against the FFI headers that ship with jaxlib (``jax.ffi.include_dir()``):
+``monarch_cpu.cc`` (XLA's einsum form of the Monarch product makes five passes over the
+activation) and ``selective_scan_cpu.cc`` (XLA runs the Mamba scan as one small dispatch per
+step, or as chunked programs that materialise [chunk, d, N] tensors); ``common.h`` holds what
+they share. A source is compiled the first time it is needed — like
+``torch.utils.cpp_extension.load`` — with the host's C++ compiler (``$CXX``, else
+``g++``/``c++``) for the host CPU (``-march=native``), and cached under
+``$JAXSPARSE_CACHE/native`` (default ``~/.cache/jaxsparse``), keyed by the source and the
+headers beside it, the flags, the jaxlib version and the CPU. Without a compiler, or with
+``JAXSPARSE_NATIVE=0``, the callers fall back to their XLA paths after one warning.
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ def build(source: str) -> Path:
         raise NativeBuildError("no C++ compiler found (set $CXX, or install g++)")
     src = SOURCE_DIR / source
     flags = (*CXX_FLAGS, f"-I{jax.ffi.include_dir()}")
-    key = hashlib.sha256("\0".join([src.read_text(), compiler, *flags, jaxlib.__version__,
-                                    _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what it may include
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, compiler, *flags,
+                                    jaxlib.__version__, _cpu_fingerprint()]).encode()
+                         ).hexdigest()[:16]
     target = cache_dir() / "native" / f"{src.stem}-{key}.so"
     if target.exists():
         return target

@@ -18,30 +18,18 @@
 // Tiles are shared between XLA's intra-op threads through an atomic counter; the calling thread
 // works too, so a busy pool never stalls the call.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats: one AVX-512 register, or two AVX2 registers where the compiler has no AVX-512.
-typedef float Vec __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+using jaxsparse_native::kLanes;
+using jaxsparse_native::load;
+using jaxsparse_native::store;
+using jaxsparse_native::Vec;
 
 // C[MR, NV·16] (+)= Σ_k A[i·lda + k·a_step] · B[k·ldb + :]. A is read one scalar at a time,
 // so any strides work for it; B rows must be contiguous.
@@ -155,30 +143,14 @@ int64_t tile_tokens(const Shape& sh) {
   return std::clamp<int64_t>((512 << 10) / per_token / 6 * 6, 6, 96);
 }
 
-// Runs task(first_tile, end_tile) over `groups` contiguous groups of tiles on XLA's intra-op
-// threads and the calling thread; returns when every group is done. The grouping depends only
-// on the sizes and the pool's thread count, never on timing, so per-group partial sums (the
-// weight gradients) are added in the same order on every run.
+// Runs task(group, first_tile, end_tile) over `groups` contiguous groups of tiles. The grouping
+// depends only on the sizes and the pool's thread count, never on timing, so per-group partial
+// sums (the weight gradients) are added in the same order on every run.
 template <typename Task>
 void parallel_groups(ffi::ThreadPool& pool, int64_t num_tiles, int64_t groups, Task task) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, num_tiles, groups, task]() {
-    for (int64_t gi; (gi = state->next.fetch_add(1)) < groups;) {
-      task(gi, gi * num_tiles / groups, (gi + 1) * num_tiles / groups);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  // A worker that starts after every group is taken returns at once: `task` (which refers to
-  // the caller's frame) only runs while the caller waits below.
-  for (int64_t i = 0; i < std::min<int64_t>(pool.num_threads(), groups - 1); ++i) {
-    auto copy = run;
-    pool.Schedule(std::move(copy));
-  }
-  run();
-  while (state->done.load(std::memory_order_acquire) < groups) std::this_thread::yield();
+  jaxsparse_native::parallel_for(pool, groups, [&](int64_t gi) {
+    task(gi, gi * num_tiles / groups, (gi + 1) * num_tiles / groups);
+  });
 }
 
 bool valid(const Shape& sh) { return sh.b > 0 && sh.q % sh.b == 0; }

@@ -17,39 +17,24 @@
 // its own partial sums, which the caller adds in a fixed order, so results do not depend on
 // thread timing.
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+using jaxsparse_native::kLanes;
+using jaxsparse_native::load;
+using jaxsparse_native::parallel_for;
+using jaxsparse_native::store;
+using jaxsparse_native::Vec;
+
 constexpr int64_t kChunk = 64;
-typedef float Vec __attribute__((vector_size(64)));
 typedef int32_t IVec __attribute__((vector_size(64)));
 
 inline Vec splat(float s) { return Vec{} + s; }
-
-// Lanes [0, n) of p (contiguous); the rest zero.
-inline Vec load(const float* p, int n) {
-  Vec v{};
-  if (n == kLanes) std::memcpy(&v, p, sizeof v);
-  else std::memcpy(&v, p, n * sizeof(float));
-  return v;
-}
-inline void store(float* p, Vec v, int n) {
-  if (n == kLanes) std::memcpy(p, &v, sizeof v);
-  else std::memcpy(p, &v, n * sizeof(float));
-}
 inline float lane_sum(Vec v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -57,11 +42,14 @@ inline float lane_sum(Vec v) {
 }
 
 // exp on 16 lanes: 2^k · e^r with k = round(x / ln 2), |r| ≤ ln2 / 2, e^r by its degree-7
-// Taylor polynomial (relative error < 2e-8, below float32's 6e-8 ulp). Inputs below -87.3
-// give 2^-126 ≈ 1e-38 instead of 0 (the decay of a state that is gone either way); NaN stays
-// NaN through r.
+// Taylor polynomial (relative error < 2e-8, below float32's 6e-8 ulp); 2^k is applied as two
+// factors so that k = 128 (x up to ln FLT_MAX) stays finite. Below -87.3 the result is
+// 2^-126 ≈ 1e-38 instead of a denormal or 0 (a decay that has erased the state either way);
+// above ln FLT_MAX it is inf; NaN stays NaN through r.
 inline Vec vexp(Vec x) {
-  const Vec lo = splat(-87.3f), hi = splat(88.7f);
+  const Vec lo = splat(-87.3f), hi = splat(88.72283f);
+  const Vec inf = splat(__builtin_inff());
+  const Vec overflow = x > hi ? inf : splat(0.f);
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const Vec t = x * 1.44269504088896341f;
@@ -76,10 +64,13 @@ inline Vec vexp(Vec x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const IVec bits = (k + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  const IVec half = k >> 1;
+  const IVec bits_a = (half + 127) << 23, bits_b = (k - half + 127) << 23;
+  Vec scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof scale_a);
+  std::memcpy(&scale_b, &bits_b, sizeof scale_b);
+  const Vec result = p * scale_a * scale_b;
+  return overflow > 0 ? overflow : result;
 }
 
 struct Dims {
@@ -200,29 +191,6 @@ void backward_block(const Dims& dm, const Inputs& in, const float* gy, const flo
       out.gA[(bk.b * Dn + bk.d0 + i) * N + n] = gA[n][i];
     }
   }
-}
-
-// Runs task(index) for index in [0, count) on XLA's intra-op threads and the calling thread.
-template <typename Task>
-void parallel_for(ffi::ThreadPool& pool, int64_t count, Task task) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, count, task]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
-      task(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  // A worker that starts after every index is taken returns at once: `task` (which refers to
-  // the caller's frame) only runs while the caller waits below.
-  for (int64_t i = 0; i < std::min<int64_t>(pool.num_threads(), count - 1); ++i) {
-    auto copy = run;
-    pool.Schedule(std::move(copy));
-  }
-  run();
-  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
 bool read_dims(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& dt,
