@@ -246,7 +246,6 @@ ffi::Error MonarchBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 
 using F32Buffer = ffi::Buffer<ffi::F32>;
-using F32Result = ffi::ResultBuffer<ffi::F32>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseMonarchF32, MonarchF32,
                               ffi::Ffi::Bind()
