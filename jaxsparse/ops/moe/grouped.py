@@ -13,7 +13,11 @@ Implementations:
   ``"tiles"``      rows are scattered into tiles of ``tile`` rows that each belong to one group
                    (every group padded to whole tiles, as MegaBlocks does) and a scan over the
                    tiles multiplies each by its group's matrix: O(m k n) plus the padding (at
-                   most E tiles). The default on CPU.
+                   most E tiles). The CPU path for dtypes other than float32.
+  ``"native"``     the C++ kernels of :mod:`jaxsparse.ops.native.grouped_matmul` (float32):
+                   one GEMM per group over its own rows, no copies or padding, with a custom
+                   VJP (the same kernel against ``rhsᵀ`` for d_lhs, a per-group ``lhsᵀ·d_out``
+                   for d_rhs). The default on a CPU-only host for float32.
   ``"pallas"``     the kernels of :mod:`pallas_kernels.grouped_matmul` (Triton on CUDA, Mosaic
                    on TPU; a row tile straddling groups is visited once per group, masked),
                    with a custom VJP (a grouped matmul for d_lhs, a transposed one for d_rhs);
@@ -27,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GMM_IMPLEMENTATIONS = (None, "dense", "ragged_dot", "tiles", "pallas", "pallas_interpret")
+GMM_IMPLEMENTATIONS = (None, "dense", "ragged_dot", "tiles", "native", "pallas",
+                       "pallas_interpret")
 # Tiles (rows, contraction, output columns): Triton wants powers of two; Mosaic wants the
 # lane dimension in multiples of 128 and takes the whole contraction dimension in one block.
 GPU_TILES = (64, 32, 64)
@@ -104,6 +109,28 @@ def _tiles(lhs, rhs, group_sizes, tile):
     return out.astype(lhs.dtype)
 
 
+def _native_or_tiles(lhs, rhs, group_sizes, tile, *, required: bool):
+    """The C++ kernel when lowering for CPU, ``"tiles"`` on other platforms (a program lowered
+    for CUDA or TPU never contains the CPU custom call). ``required`` (an explicit
+    ``implementation="native"``) turns an unsupported dtype or a failed build into an error."""
+    from jaxsparse.ops.native import grouped_matmul as native
+
+    if not native.supports(lhs, rhs):
+        if required:
+            raise ValueError(f"grouped_matmul(implementation='native') computes in float32; got "
+                             f"lhs {lhs.dtype}, rhs {rhs.dtype} (use 'tiles')")
+        return _tiles(lhs, rhs, group_sizes, tile)
+    if not native.available():
+        if required:
+            raise RuntimeError("grouped_matmul(implementation='native'): the C++ kernel could not "
+                               "be built (see the warning above); use 'tiles'")
+        return _tiles(lhs, rhs, group_sizes, tile)
+    sizes = group_sizes.astype(jnp.int32)
+    return jax.lax.platform_dependent(
+        lhs, rhs, sizes, cpu=native.native_grouped_matmul,
+        default=lambda lhs, rhs, sizes: _tiles(lhs, rhs, sizes, tile))
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -125,13 +152,16 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
                    tile: int | None = None):
     """``[m, n]``: each group's rows of ``lhs`` times that group's ``rhs``; see the module doc.
 
-    ``None`` picks ``"tiles"`` on CPU and ``"ragged_dot"`` elsewhere.
+    ``None`` picks ``"native"`` on a CPU-only host for float32 (``"tiles"`` for other dtypes
+    or where the C++ kernel cannot be built) and ``"ragged_dot"`` elsewhere.
     """
     if implementation not in GMM_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {GMM_IMPLEMENTATIONS}")
     _check(lhs, rhs, group_sizes)
-    if implementation is None:
-        implementation = "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
+    if implementation is None and jax.default_backend() != "cpu":
+        implementation = "ragged_dot"
+    if implementation in (None, "native"):
+        return _native_or_tiles(lhs, rhs, group_sizes, tile, required=implementation == "native")
     if implementation == "dense":
         return _dense(lhs, rhs, group_sizes)
     if implementation == "ragged_dot":

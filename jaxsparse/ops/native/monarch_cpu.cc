@@ -21,65 +21,13 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using jaxsparse_native::kLanes;
-using jaxsparse_native::load;
-using jaxsparse_native::store;
-using jaxsparse_native::Vec;
-
-// C[MR, NV·16] (+)= Σ_k A[i·lda + k·a_step] · B[k·ldb + :]. A is read one scalar at a time,
-// so any strides work for it; B rows must be contiguous.
-template <int MR, int NV, bool ACC>
-inline void micro_kernel(const float* a, int64_t lda, int64_t a_step, const float* bm,
-                         int64_t ldb, int64_t depth, float* c, int64_t ldc) {
-  Vec acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = ACC ? load(c + i * ldc + v * kLanes) : Vec{};
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec row[NV];
-    for (int v = 0; v < NV; ++v) row[v] = load(bm + k * ldb + v * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const float s = a[i * lda + k * a_step];
-      for (int v = 0; v < NV; ++v) acc[i][v] += s * row[v];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
-}
-
-// Rows [0, rows) of C[:, cols) — any size: full 6×64 blocks, then narrower vector blocks, then a
-// scalar loop for the last cols % 16 columns.
-template <int MR, bool ACC>
-void row_block(const float* a, int64_t lda, int64_t a_step, const float* bm, int64_t ldb,
-               int64_t depth, float* c, int64_t ldc, int64_t cols) {
-  int64_t j = 0;
-  for (; j + 4 * kLanes <= cols; j += 4 * kLanes)
-    micro_kernel<MR, 4, ACC>(a, lda, a_step, bm + j, ldb, depth, c + j, ldc);
-  for (; j + kLanes <= cols; j += kLanes)
-    micro_kernel<MR, 1, ACC>(a, lda, a_step, bm + j, ldb, depth, c + j, ldc);
-  for (; j < cols; ++j)
-    for (int i = 0; i < MR; ++i) {
-      float acc = ACC ? c[i * ldc + j] : 0.f;
-      for (int64_t k = 0; k < depth; ++k) acc += a[i * lda + k * a_step] * bm[k * ldb + j];
-      c[i * ldc + j] = acc;
-    }
-}
-
-// C[rows, cols] (+)= A[rows, depth] · B[depth, cols], A read at (row·lda + k·a_step).
-template <bool ACC = false>
-void gemm(const float* a, int64_t lda, int64_t a_step, const float* bm, int64_t ldb,
-          int64_t depth, float* c, int64_t ldc, int64_t rows, int64_t cols) {
-  constexpr int MR = 6;
-  int64_t i = 0;
-  for (; i + MR <= rows; i += MR)
-    row_block<MR, ACC>(a + i * lda, lda, a_step, bm, ldb, depth, c + i * ldc, ldc, cols);
-  for (; i < rows; ++i)
-    row_block<1, ACC>(a + i * lda, lda, a_step, bm, ldb, depth, c + i * ldc, ldc, cols);
-}
+using jaxsparse_native::gemm;
 
 struct Shape {
   int64_t tokens, b, p, q, s;
