@@ -44,6 +44,17 @@ def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert main(["bench", "nope"]) == 2
 
 
+def test_moe_benchmark_times_every_path_forward_and_backward(tmp_path):
+    for extra, stem in (([], "moe"), (["--backward"], "moe_backward")):
+        assert main(["bench", "moe", "--experts", "4", "--tokens", "64", "--d", "16",
+                     "--hidden", "32", "--repeats", "1", "--out", str(tmp_path), *extra]) == 0
+        rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+        assert [r["path"] for r in rows] == [
+            "dense all-experts", "one-hot einsums", "ragged_dot", "ours: capacity",
+            "ours: dropless (tiles)", "ours: dropless (native)"]
+        assert rows[0]["speedup_vs_dense"] == 1 and all(r["ms"] > 0 for r in rows)
+
+
 def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert main(["bench", "attention", "--lengths", "256", "--patterns", "window 256",
                  "--heads", "1", "--head-dim", "8", "--repeats", "1", "--table-lengths", "4096",

@@ -6,12 +6,15 @@ For E SwiGLU experts, top-k routing, T tokens, width d and expert hidden h, time
                       contracted by einsum (Mesh-TensorFlow, flaxformer) (peer b)
   ragged_dot          dropless with jax.lax.ragged_dot as the grouped matmul (peer c)
   ours: capacity      scatter into [E, C, d] buffers by priority slot, batched expert matmuls
-  ours: dropless      sort by expert, grouped matmul over padded tiles (MegaBlocks-style)
+  ours: dropless (tiles)   sort by expert, grouped matmul over padded tiles (MegaBlocks-style)
+  ours: dropless (native)  sort by expert, the C++ grouped matmul (one GEMM per expert's rows;
+                      the CPU default for float32)
 The ratio is each path's speed relative to the dense all-experts path, beside the ideal E/k
-(dense does E experts' work per token, routing only k). Forward pass, float32, capacity
-factor 1.25.
+(dense does E experts' work per token, routing only k). Float32, capacity factor 1.25; the
+forward pass, or with ``--backward`` forward + backward (gradients of the input and the
+expert weights).
 
-    jaxsparse bench moe [--experts 8 16 64] [--tokens 4096] [--d 256] [--hidden 512]
+    jaxsparse bench moe [--experts 8 16 64] [--tokens 4096] [--d 256] [--hidden 512] [--backward]
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 CAPACITY_FACTOR = 1.25
 
 
-def paths(E, k, tokens, gate, up, down):
+def paths(E, k, tokens, weights):
+    gate, up, down = weights
     capacity = expert_capacity(tokens, E, k, CAPACITY_FACTOR)
 
     def dense(x, logits):
@@ -67,18 +71,27 @@ def paths(E, k, tokens, gate, up, down):
 
     return {"dense all-experts": dense, "one-hot einsums": one_hot_einsums,
             "ragged_dot": dropless("ragged_dot"), "ours: capacity": ours_capacity,
-            "ours: dropless": dropless("tiles")}
+            "ours: dropless (tiles)": dropless("tiles"),
+            "ours: dropless (native)": dropless("native")}
 
 
-def bench(E, k, tokens, d, hidden, repeats):
+def bench(E, k, tokens, d, hidden, repeats, backward=False):
     keys = jax.random.split(jax.random.key(E), 5)
     x = jax.random.normal(keys[0], (tokens, d))
     logits = jax.random.normal(keys[1], (tokens, E))
     gate, up = (jax.random.normal(keys[i], (E, d, hidden)) * d**-0.5 for i in (2, 3))
     down = jax.random.normal(keys[4], (E, hidden, d)) * hidden**-0.5
+    weights = (gate, up, down)
     rows, base = [], None
-    for name, fn in paths(E, k, tokens, gate, up, down).items():
-        t = time_fn(jax.jit(fn), x, logits, warmup=1, repeats=repeats).median_s
+    for name in paths(E, k, tokens, weights):
+        def forward(x, logits, weights, name=name):
+            return paths(E, k, tokens, weights)[name](x, logits)
+
+        if backward:  # d input and d weights, as a training step needs them
+            fn = jax.grad(lambda x, logits, w: jnp.sum(forward(x, logits, w) ** 2), (0, 2))
+        else:
+            fn = forward
+        t = time_fn(jax.jit(fn), x, logits, weights, warmup=1, repeats=repeats).median_s
         base = t if base is None else base
         rows.append({"E": E, "k": k, "path": name, "ms": t * 1e3, "speedup_vs_dense": base / t,
                      "ideal": E / k})
@@ -109,16 +122,23 @@ def main(argv=None) -> None:
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward + backward (d input, d expert weights)")
+    parser.add_argument("--name", default=None, help="results file stem (default moe or "
+                        "moe_backward)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     rows = []
     for E in args.experts:
-        rows += bench(E, args.k, args.tokens, args.d, args.hidden, args.repeats)
-        print(markdown_table(rows[-5:], ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"]), flush=True)
+        new = bench(E, args.k, args.tokens, args.d, args.hidden, args.repeats, args.backward)
+        rows += new
+        print(markdown_table(new, ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"]), flush=True)
+    passes = "forward + backward" if args.backward else "forward"
     notes = (f"{args.tokens} tokens, d {args.d}, expert hidden {args.hidden}, top-{args.k}, "
-             f"float32 forward, {jax.default_backend()}; capacity factor {CAPACITY_FACTOR}. "
+             f"float32 {passes}, {jax.default_backend()}; capacity factor {CAPACITY_FACTOR}. "
              f"Peers timed in the same run; ratio = dense all-experts time / path time.")
-    write_results("moe", rows, ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"], args.out, notes)
+    name = args.name or ("moe_backward" if args.backward else "moe")
+    write_results(name, rows, ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"], args.out, notes)
     if jax.default_backend() in ("gpu", "tpu"):
         gmm_rows = []
         for E in args.experts:
