@@ -14,12 +14,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.topk import top_k
 
-def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int):
+
+def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int, *,
+                     top_k_implementation: str | None = None):
     """Top ``knn`` slots of every head for queries ``[..., H, K]`` (``K`` = 2 × sub-key dim).
 
     Returns ``(scores [..., H, knn], slots [..., H, knn])`` in descending score order; slot
-    ``i·n + j`` pairs sub-key ``i`` of the first table with ``j`` of the second.
+    ``i·n + j`` pairs sub-key ``i`` of the first table with ``j`` of the second. The three
+    top-k selections go through :func:`jaxsparse.ops.topk.top_k` (a C++ kernel on CPU, where
+    XLA's sort-based top-k was most of the layer's time).
     """
     heads, n, half = subkeys1_HND.shape
     if query_HK.shape[-2:] != (heads, 2 * half):
@@ -30,11 +35,12 @@ def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int):
     q1, q2 = query_HK[..., :half].astype(jnp.float32), query_HK[..., half:].astype(jnp.float32)
     s1 = jnp.einsum("...hd,hnd->...hn", q1, subkeys1_HND.astype(jnp.float32))
     s2 = jnp.einsum("...hd,hnd->...hn", q2, subkeys2_HND.astype(jnp.float32))
-    v1, i1 = jax.lax.top_k(s1, knn)                                  # [..., H, k]
-    v2, i2 = jax.lax.top_k(s2, knn)
+    select = lambda x: top_k(x, knn, implementation=top_k_implementation)  # noqa: E731
+    v1, i1 = select(s1)                                              # [..., H, k]
+    v2, i2 = select(s2)
     pair_scores = (v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], knn * knn)
     pair_slots = (i1[..., :, None] * n + i2[..., None, :]).reshape(pair_scores.shape)
-    scores, best = jax.lax.top_k(pair_scores, knn)
+    scores, best = select(pair_scores)
     return scores, jnp.take_along_axis(pair_slots, best, axis=-1)
 
 
