@@ -19,9 +19,14 @@ IMPLEMENTATIONS = (None, "xla", "xla_blocksparse", "pallas", "pallas_interpret")
 # From this many logits (batch x heads x queries x keys) on, the block-skipping path beats the
 # dense reference on CPU whatever the mask's density: the dense path writes every [B, H, S, T]
 # intermediate to memory, the tiled one keeps a tile in cache. Measured on 2 cores, forward +
-# backward: causal B1 H4 D64 at 512 tokens (1M logits) 16 vs 20 ms, B8 H4 D16 at 1024 tokens
-# 330 vs 1590 ms (a full mask too: 327 vs 1518 ms); below ~1M logits they are even.
+# backward (dense softmax with its written-out VJP): causal B1 H4 D64 at 512 tokens (1M
+# logits) 6.8 vs 4.9 ms, B8 H4 D16 at 1024 tokens 361 vs 69 ms, B1 H4 D64 at 2048 tokens
+# 209 vs 54 ms.
 _BLOCKSPARSE_MIN_LOGITS = 1 << 20
+# ... unless the whole problem is one tile of the block-skipping path (its default block is
+# 128): then there is nothing to skip, and its scan, gathers and online softmax only cost
+# (B32 H4 D32 at 128 tokens, the tiny configs' attention: 7.9 vs 27.5 ms).
+_ONE_TILE = 128
 
 
 def _check_shapes(q, k, v):
@@ -103,7 +108,8 @@ def _choose(mask, batch: int, heads: int, q_len: int, kv_len: int):
             return "pallas", mask
     if mask is not None and not isinstance(mask, Mask):
         return "xla", mask  # an explicit boolean array: only the dense path takes it
-    if batch * heads * q_len * kv_len < _BLOCKSPARSE_MIN_LOGITS:
+    if (batch * heads * q_len * kv_len < _BLOCKSPARSE_MIN_LOGITS
+            or max(q_len, kv_len) <= _ONE_TILE):
         return "xla", mask
     return "xla_blocksparse", FullMask() if mask is None else mask
 
