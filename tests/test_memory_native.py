@@ -84,7 +84,7 @@ def test_programs_lowered_for_accelerators_do_not_call_the_cpu_kernel(platform):
 
 def test_bad_requests_are_named():
     scores, chosen, values = inputs((4,), 2, 3, 10, 8)
-    with pytest.raises(ValueError, match=r"float32; got values bfloat16"):
+    with pytest.raises(ValueError, match=r"float32; got values bfloat16 \(use .scan.\)"):
         memory_read(scores, chosen, values.astype(jnp.bfloat16), implementation="native")
     with pytest.raises(ValueError, match="implementation='fast'"):
         memory_read(scores, chosen, values, implementation="fast")

@@ -3,9 +3,13 @@
 XLA:CPU has no Pallas backend, so where a fused kernel matters on CPU it is written in C++
 against the FFI headers that ship with jaxlib (``jax.ffi.include_dir()``):
 ``monarch_cpu.cc`` (XLA's einsum form of the Monarch product makes five passes over the
-activation) and ``selective_scan_cpu.cc`` (XLA runs the Mamba scan as one small dispatch per
-step, or as chunked programs that materialise [chunk, d, N] tensors); ``common.h`` holds what
-they share. A source is compiled the first time it is needed — like
+activation), ``selective_scan_cpu.cc`` (XLA runs the Mamba scan as one small dispatch per
+step, or as chunked programs that materialise [chunk, d, N] tensors),
+``grouped_matmul_cpu.cc`` (the dropless MoE's grouped matmul: XLA computes every group densely
+or scans padded tiles), ``topk_cpu.cc`` (XLA:CPU sorts every row for ``lax.top_k``) and
+``embedding_bag_cpu.cc`` (the product-key memory read, whose XLA backward scatters into the
+whole table once per pick); ``common.h`` (vectors, work sharing) and ``gemm.h`` (the GEMM
+micro-kernel) hold what they share. A source is compiled the first time it is needed — like
 ``torch.utils.cpp_extension.load`` — with the host's C++ compiler (``$CXX``, else
 ``g++``/``c++``) for the host CPU (``-march=native``), and cached under
 ``$JAXSPARSE_CACHE/native`` (default ``~/.cache/jaxsparse``), keyed by the source and the
