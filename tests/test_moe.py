@@ -14,6 +14,7 @@ from helpers import tiny_config
 from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.nn import MoE
 from jaxsparse.ops.moe.grouped import kernel_grouped_matmul
+from jaxsparse.train.step import run_capturing
 from jaxsparse.ops.moe import (expert_capacity, expert_choice_routing, grouped_matmul,
                                linear_k_schedule, load_balancing_loss, router_z_loss,
                                slot_positions, top_k_routing)
@@ -108,6 +109,23 @@ def test_chunk_routing_is_causal():
     changed = moe(x.at[:, 9:].add(5.0))  # perturb tokens 9.. : outputs 0..8 must not move
     np.testing.assert_allclose(changed[:, :9], base[:, :9], rtol=1e-6, atol=1e-6)
     assert not np.allclose(changed[:, 12:], base[:, 12:])
+
+
+def test_statistics_reach_a_capture_and_are_dropped_outside_one():
+    """Training-mode calls report the balance loss and loads to ``nnx.capture`` (what the
+    training step uses); called plainly, the layer stores nothing on itself and warns nothing."""
+    import warnings
+
+    moe = MoE(8, 16, 4, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+    y, sown = run_capturing(moe, "__call__", x)
+    assert set(sown) == {"aux_loss", "moe_load", "moe_dropped"}
+    assert float(sown["aux_loss"][0]) > 0 and sown["moe_load"][0].shape == (4,)
+    np.testing.assert_allclose(float(jnp.sum(sown["moe_load"][0])), 1.0, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(moe(x), y, rtol=1e-6, atol=1e-6)
+    assert not jax.tree.leaves(nnx.state(moe, nnx.Intermediate))
 
 
 def test_random_router_is_fixed_and_its_k_grows():

@@ -21,6 +21,7 @@ from jaxsparse.ops.routing import (assign, balanced_clusters, balanced_routing_a
                                    ema_mean, init_centroids, normalize, routing_windows,
                                    shared_keys)
 from jaxsparse.train.loop import train
+from jaxsparse.train.step import run_capturing
 
 ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routing_heads=2",
            "model.routing_clusters=4", "model.routing_window=8", "model.routing_local_window=8",
@@ -174,8 +175,8 @@ def test_gradients_reach_the_projections_and_not_the_centroids():
 
     def loss(params, rest):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        out, _ = model(x, pos)
-        aux = sum(jnp.sum(v) for v in jax.tree.leaves(nnx.pop(model, nnx.Intermediate)))
+        (out, _), sown = run_capturing(model, "__call__", x, pos)
+        aux = sum(jnp.sum(v) for v in sown["aux_loss"])
         return jnp.sum(out ** 2) + aux, nnx.state(model, Centroids)
 
     grads, new_rest = jax.grad(loss, has_aux=True)(params, rest)
@@ -366,10 +367,9 @@ def test_centring_keeps_k_means_from_collapsing_onto_a_common_direction(center):
                              window=8, local_window=4, shared_qk=True, decay=0.9,
                              center=center)
     pos = jnp.broadcast_to(jnp.arange(64), (4, 64))
-    step = nnx.jit(lambda m, x: m(x, pos))
+    step = nnx.jit(lambda m, x: run_capturing(m, "__call__", x, pos)[1])
     for x in _cone(jax.random.key(0), 30):
-        step(layer, x)
-        sown = nnx.pop(layer, nnx.Intermediate)
+        sown = step(layer, x)
     largest = float(sown["routing_max_cluster"][0])  # 1 = balanced, 8 = one cluster
     if center:
         assert largest < 2.5, largest
@@ -434,8 +434,7 @@ def test_key_centroids_move_with_the_keys_only():
     pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
     before = layer.centroids[...]
     k = layer.k_proj(x)                                              # both heads route
-    layer(x, pos)
-    nnx.pop(layer, nnx.Intermediate)
+    run_capturing(layer, "__call__", x, pos)
     units = normalize(k)              # the first call centres by the initial (zero) mean
     expected = ema_centroids(before, [units], [assign(units, before)], decay=0.999)
     np.testing.assert_allclose(layer.centroids[...], expected, atol=1e-5)

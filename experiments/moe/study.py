@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
@@ -30,7 +29,7 @@ from jaxsparse.train import evaluate, load
 from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
 from jaxsparse.train.state import TrainSetup
-from jaxsparse.train.step import make_eval_step
+from jaxsparse.train.step import make_eval_step, run_capturing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
@@ -53,13 +52,8 @@ def expert_loads(workdir: Path) -> np.ndarray:
     cfg, setup, state = load(workdir)
     model = setup.model(state["params"], state["rest"])
     stream = make_stream(cfg)
-    model(stream.eval_batch(0, 1)["inputs"])
-    sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-    loads = []
-    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
-        if any(getattr(k, "key", None) == "moe_load" for k in path):
-            loads.append(np.asarray(value))
-    return np.stack(loads)
+    _, sown = run_capturing(model, "__call__", stream.eval_batch(0, 1)["inputs"])
+    return np.stack([np.asarray(v) for v in sown["moe_load"]])
 
 
 def eval_with_k(workdir: Path, ks) -> list[float]:

@@ -5,7 +5,8 @@ fixed, untrained router whose k grows during training: SMoE-Dropout, Chen et al.
 ``capacity_factor=None`` is dropless (sorted rows, grouped matmuls); a number gives fixed
 per-expert buffers with priority dropping. ``chunk > 0`` routes chunks of that many
 consecutive tokens as one (from pooled representations; causally, from the previous chunk).
-Auxiliary losses are sown as ``aux_loss`` (the training step adds them to the loss); the
+Auxiliary losses are reported as ``aux_loss`` (:func:`jaxsparse.nn.intermediates.report`; the
+training step collects them with ``nnx.capture`` and adds them to the loss); the
 per-expert load and the dropped fraction are sown as ``moe_load`` / ``moe_dropped`` for the
 training metrics. In eval mode (``Module.eval()``, used by evaluation and generation) nothing
 is sown or counted and the router gets no jitter.
@@ -21,6 +22,7 @@ from flax import nnx
 
 from jaxsparse.nn.batch_local import token_shard_axes
 from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe
+from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh
@@ -251,9 +253,9 @@ class MoE(nnx.Module):
 
     def _finish(self, x_BLD, y, aux, load, dropped):
         if not self.deterministic:  # training: losses, statistics, the step counter
-            self.sow(nnx.Intermediate, "aux_loss", aux)
-            self.sow(nnx.Intermediate, "moe_load", load)
-            self.sow(nnx.Intermediate, "moe_dropped", dropped)
+            report(self, "aux_loss", aux)
+            report(self, "moe_load", load)
+            report(self, "moe_dropped", dropped)
             self.step[...] = self.step[...] + 1
         if self.shared is not None:
             y = y + self.shared(x_BLD)

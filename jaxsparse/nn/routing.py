@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
 from jaxsparse.ops.masks import CausalMask, LocalMask
@@ -217,11 +218,10 @@ class RoutingAttention(nnx.Module):
         units = [routing["q_unit"]] if self.shared_qk else [routing["q_unit"], routing["k_unit"]]
         clusters = [routing["q_clusters"]] if self.shared_qk else [routing["q_clusters"],
                                                                    routing["k_clusters"]]
-        self.sow(nnx.Intermediate, "aux_loss",
-                 self.commitment * commitment_loss(centroids, units, clusters))
+        report(self, "aux_loss", self.commitment * commitment_loss(centroids, units, clusters))
         for name, value in routing_statistics(routing, centroids.shape[1], self.window,
                                                  self.probes).items():
-            self.sow(nnx.Intermediate, name, value)
+            report(self, name, value)
         if self.key_centroids and not self.shared_qk:
             units, clusters = units[1:], clusters[1:]
         self.centroids[...] = ema_centroids(centroids, units, clusters, self.decay,

@@ -12,23 +12,26 @@ from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup
 
 
-def _sown(model) -> dict[str, list[jax.Array]]:
-    """Everything modules sowed (``self.sow(nnx.Intermediate, name, x)``), by name."""
-    sown = nnx.pop(model, nnx.Intermediate)
+def run_capturing(model, method: str, *args):
+    """``(getattr(model, method)(*args), sown)``: the call's result, and everything its modules
+    sowed (``self.sow(nnx.Intermediate, name, x)``) as ``{name: [values]}``.
+
+    Collected with ``nnx.capture`` (sowing outside it is deprecated since flax 0.12.8, and used
+    to leave the values on the module, where a later call would find them again)."""
+    result, captured = nnx.capture(lambda m, *a: getattr(m, method)(*a), nnx.Intermediate)(model, *args)
     by_name: dict[str, list[jax.Array]] = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(sown))[0]:
+    for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(captured))[0]:
         names = [getattr(k, "key", None) for k in path]
         name = next((n for n in reversed(names) if isinstance(n, str)), None)
         by_name.setdefault(name, []).append(value)
-    return by_name
+    return result, by_name
 
 
-def _aux_losses(model) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _aux_losses(sown: dict[str, list[jax.Array]]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sum of every sown ``aux_loss`` (added to the training loss), and MoE statistics
     averaged over layers: ``moe_max_load`` (the busiest expert's share times the number of
     experts: 1.0 is perfect balance) and ``moe_dropped`` (fraction of assignments dropped);
     routing-attention statistics likewise (:func:`jaxsparse.nn.routing.routing_statistics`)."""
-    sown = _sown(model)
     total = sum((jnp.sum(v) for v in sown.get("aux_loss", [])), jnp.zeros((), jnp.float32))
     stats = {}
     if "moe_load" in sown:
@@ -80,13 +83,13 @@ def make_train_step(setup: TrainSetup):
     def loss_fn(params, rest, batch):
         model = setup.model(params, rest)
         if chunk and chunk < batch["inputs"].shape[1]:
-            x = model.features(batch["inputs"])
-            aux, layer_stats = _aux_losses(model)
+            x, sown = run_capturing(model, "features", batch["inputs"])
+            aux, layer_stats = _aux_losses(sown)
             ce_sum, correct, count = chunked_token_stats(model, x, batch["targets"],
                                                          batch["mask"], chunk)
         else:
-            logits = model(batch["inputs"])
-            aux, layer_stats = _aux_losses(model)
+            logits, sown = run_capturing(model, "__call__", batch["inputs"])
+            aux, layer_stats = _aux_losses(sown)
             ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
         loss = ce_sum / jnp.maximum(count, 1.0)
         new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
