@@ -7,6 +7,12 @@ softmax (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022). Work grows
 number of non-empty tiles, not with S*T.
 Inside a visited tile the lazy mask is evaluated on the tile's absolute positions, so
 partial tiles are exact; padded slots and padded positions are masked out.
+
+The gradient is written out (``custom_vjp``): the forward saves each row's log-sum-exp, and
+the backward runs the same schedule once more, recomputing each tile's probabilities from it
+(FlashAttention-2, Dao 2023). Autodiff of the forward scan instead carried the cotangents of
+the whole online-softmax state through every step and recomputed every step under
+``jax.checkpoint``.
 """
 
 from __future__ import annotations
@@ -56,14 +62,7 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
     g, lanes = sched.blocks_per_lane, sched.lanes
     heads_col = np.arange(q_heads)[:, None]  # [Hq, 1]
 
-    q_blk = _pad_to(q, 1, nq * bq).reshape(batch, nq, bq, q_heads, head_dim)
-    q_blk = jnp.transpose(q_blk, (0, 3, 1, 2, 4))  # [B, Hq, nq, bq, D]
-    k_blk = _pad_to(k, 1, nk * bk).reshape(batch, nk, bk, kv_heads, head_dim)
-    v_blk = _pad_to(v, 1, nk * bk).reshape(batch, nk, bk, kv_heads, head_dim)
     head_kv = (np.arange(q_heads) // groups)[:, None]  # [Hq, 1]: GQA without repeating K/V
-    if q_segment_ids is not None:
-        q_seg_blk = _pad_to(q_segment_ids, 1, nq * bq).reshape(batch, nq, bq)
-        kv_seg_blk = _pad_to(kv_segment_ids, 1, nk * bk).reshape(batch, nk, bk)
 
     head_fns = ([m.allowed_fn(q_len, kv_len) for m in mask.masks] if isinstance(mask, MultiHeadMask)
                 else [mask.allowed_fn(q_len, kv_len)])
@@ -83,17 +82,35 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
         chosen = chosen.reshape((1,) + chosen.shape + (1,) * (state.ndim - 4))
         return jnp.where(chosen, new[:, :, :, None], state)
 
-    def step(carry, xs):
-        m_all, l_all, acc_all = carry  # [B, Hq, P, G, bq(, D)]
-        slot, q_idx, idx, ok = xs  # [Hq, P] each
-        m_prev, l_prev, acc = select(m_all, slot), select(l_all, slot), select(acc_all, slot)
+    def q_blocks(x):  # [B, S, Hq, ...] -> [B, Hq, nq, bq, ...]
+        x = _pad_to(x, 1, nq * bq).reshape((batch, nq, bq) + x.shape[2:])
+        return jnp.moveaxis(x, 3, 1)
+
+    def from_q_blocks(x):  # [B, Hq, nq, bq, ...] -> [B, S, Hq, ...]
+        x = jnp.moveaxis(x, 1, 3)
+        return x.reshape((batch, nq * bq) + x.shape[3:])[:, :q_len]
+
+    def to_lanes(x):  # [B, Hq, nq, bq, ...] -> [B, Hq, P, G, bq, ...]
+        if g == 1:  # lane i is q-block i
+            return x[:, :, :, None]
+        lanes_x = jnp.zeros((batch, q_heads, lanes, g) + x.shape[3:], x.dtype)
+        return lanes_x.at[:, heads_col, sched.q_block_lane, sched.q_block_slot].set(x)
+
+    def from_lanes(x):  # [B, Hq, P, G, bq, ...] -> [B, Hq, nq, bq, ...]
+        if g == 1:
+            return x[:, :, :, 0]
+        return x[:, heads_col, sched.q_block_lane, sched.q_block_slot]
+
+    def tile(q_blk, k_blk, v_blk, q_seg_blk, kv_seg_blk, q_idx, idx, ok):
+        """One step's tiles of every lane: (q, k, v, scaled logits s, soft-capped logits,
+        allowed), shapes [B, Hq, P, bq or bk(, D)] and [B, Hq, P, bq, bk]."""
         q_t = q_blk if g == 1 else q_blk[:, heads_col, q_idx]  # [B, Hq, P, bq, D]
         k_t = k_blk[:, idx, :, head_kv]  # [Hq, P, B, bk, D] (advanced indices first)
         v_t = v_blk[:, idx, :, head_kv]
         k_t, v_t = jnp.moveaxis(k_t, 2, 0), jnp.moveaxis(v_t, 2, 0)  # [B, Hq, P, bk, D]
-        logits = jnp.einsum("bhnqd,bhnkd->bhnqk", q_t, k_t, preferred_element_type=jnp.float32,
-                            precision=jax.lax.Precision.HIGHEST)
-        logits = soft_cap(logits * scale, logits_soft_cap)
+        s = jnp.einsum("bhnqd,bhnkd->bhnqk", q_t, k_t, preferred_element_type=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST) * scale
+        capped = soft_cap(s, logits_soft_cap)
         if g == 1:  # lane i is q-block i: static positions, so XLA can fold mask arithmetic
             q_pos = np.broadcast_to(np.arange(nq)[:, None] * bq + np.arange(bq), (q_heads, nq, bq))
         else:
@@ -108,32 +125,104 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
                                        for h, fn in enumerate(head_fns)])
         allowed = allowed & (kp < kv_len) & ok[:, :, None, None]  # [Hq, P, bq, bk]
         allowed = allowed[None]
-        if q_segment_ids is not None:
+        if q_seg_blk is not None:
             q_seg = q_seg_blk[:, q_idx]  # [B, Hq, P, bq]
             kv_seg = kv_seg_blk[:, idx]  # [B, Hq, P, bk]
             allowed = allowed & (q_seg[..., :, None] == kv_seg[..., None, :])
-        logits = jnp.where(allowed, logits, MASK_VALUE)
-        # The running max only shifts the exponents; it cancels in acc / l, so its exact
-        # gradient is zero: stop_gradient keeps autodiff from routing one through the max's
-        # argmax selection (3x the backward time on CPU otherwise).
-        m_new = jax.lax.stop_gradient(jnp.maximum(m_prev, jnp.max(logits, axis=-1)))
-        correction = jnp.exp(m_prev - m_new)
-        p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)
-        l_new = l_prev * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "bhnqk,bhnkd->bhnqd", p, v_t.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        return (put(m_all, m_new, slot), put(l_all, l_new, slot), put(acc_all, acc, slot)), None
+        return q_t, k_t, v_t, s, capped, allowed
 
-    shape = (batch, q_heads, lanes, g, bq)
-    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (head_dim,), jnp.float32))
     xs = tuple(jnp.asarray(a) for a in (sched.slot, sched.q_block, sched.kv_block, sched.valid))
-    # Recompute tiles in the backward pass instead of storing every step's logits.
-    (_, l_fin, acc), _ = jax.lax.scan(jax.checkpoint(step), init, xs)
-    out = acc / jnp.where(l_fin == 0.0, 1.0, l_fin)[..., None]  # empty rows stay 0
-    if g == 1:
-        out = out[:, :, :, 0]  # lane i is q-block i
-    else:  # back from (lane, slot) to q-block order
-        out = out[:, heads_col, sched.q_block_lane, sched.q_block_slot]  # [B, Hq, nq, bq, D]
-    out = jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(batch, nq * bq, q_heads, head_dim)
-    return out[:, :q_len].astype(q.dtype)
+
+    def kv_blocks(x):  # [B, T, Hkv, D] -> [B, nk, bk, Hkv, D]
+        return _pad_to(x, 1, nk * bk).reshape(batch, nk, bk, kv_heads, head_dim)
+
+    def seg_blocks(q_seg, kv_seg):
+        if q_seg is None:
+            return None, None
+        return (_pad_to(q_seg, 1, nq * bq).reshape(batch, nq, bq),
+                _pad_to(kv_seg, 1, nk * bk).reshape(batch, nk, bk))
+
+    def forward(q, k, v, q_seg, kv_seg):
+        """(out [B, S, Hq, D], log-sum-exp per row in lane layout [B, Hq, P, G, bq])."""
+        q_blk, k_blk, v_blk = q_blocks(q), kv_blocks(k), kv_blocks(v)
+        segs = seg_blocks(q_seg, kv_seg)
+
+        def step(carry, step_xs):
+            m_all, l_all, acc_all = carry  # [B, Hq, P, G, bq(, D)]
+            slot, q_idx, idx, ok = step_xs  # [Hq, P] each
+            m_prev, l_prev, acc = select(m_all, slot), select(l_all, slot), select(acc_all, slot)
+            _, _, v_t, _, logits, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
+            logits = jnp.where(allowed, logits, MASK_VALUE)
+            m_new = jnp.maximum(m_prev, jnp.max(logits, axis=-1))
+            correction = jnp.exp(m_prev - m_new)
+            p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)
+            l_new = l_prev * correction + jnp.sum(p, axis=-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bhnqk,bhnkd->bhnqd", p, v_t.astype(jnp.float32),
+                precision=jax.lax.Precision.HIGHEST)
+            return (put(m_all, m_new, slot), put(l_all, l_new, slot), put(acc_all, acc, slot)), None
+
+        shape = (batch, q_heads, lanes, g, bq)
+        init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (head_dim,), jnp.float32))
+        (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, xs)
+        out = acc / jnp.where(l_fin == 0.0, 1.0, l_fin)[..., None]  # empty rows stay 0
+        lse = jnp.where(l_fin > 0.0, m_fin + jnp.log(jnp.where(l_fin > 0.0, l_fin, 1.0)), 0.0)
+        return from_q_blocks(from_lanes(out)).astype(q.dtype), lse
+
+    def backward(q, k, v, q_seg, kv_seg, out, lse, d_out):
+        """FlashAttention-2's backward (Dao 2023) over the same tiles: each visited tile's
+        probabilities are recomputed from the saved log-sum-exp; dQ accumulates per lane,
+        dK and dV are scatter-added into their kv-block (GQA heads and lanes sharing a block
+        add up)."""
+        q_blk, k_blk, v_blk = q_blocks(q), kv_blocks(k), kv_blocks(v)
+        segs = seg_blocks(q_seg, kv_seg)
+        do_blk = q_blocks(d_out.astype(jnp.float32))
+        delta = jnp.sum(do_blk * q_blocks(out.astype(jnp.float32)), axis=-1)  # [B, Hq, nq, bq]
+        do_lanes, delta_lanes = to_lanes(do_blk), to_lanes(delta)
+
+        def step(carry, step_xs):
+            dq_all, dk, dv = carry
+            slot, q_idx, idx, ok = step_xs
+            q_t, k_t, v_t, _, capped, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
+            do_t = select(do_lanes, slot)  # [B, Hq, P, bq, D]
+            p = jnp.where(allowed, jnp.exp(capped - select(lse, slot)[..., None]), 0.0)
+            dv_t = jnp.einsum("bhnqk,bhnqd->bhnkd", p, do_t, precision=jax.lax.Precision.HIGHEST)
+            dp = jnp.einsum("bhnqd,bhnkd->bhnqk", do_t, v_t.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+            ds = p * (dp - select(delta_lanes, slot)[..., None])
+            if logits_soft_cap is not None:  # d(cap·tanh(s/cap))/ds = 1 - tanh²
+                ds = ds * (1.0 - jnp.square(capped / logits_soft_cap))
+            ds = ds * scale
+            dq_t = jnp.einsum("bhnqk,bhnkd->bhnqd", ds, k_t.astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST)
+            dk_t = jnp.einsum("bhnqk,bhnqd->bhnkd", ds, q_t.astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST)
+            dq_all = put(dq_all, select(dq_all, slot) + dq_t, slot)
+            dk = dk.at[:, idx, :, head_kv].add(jnp.moveaxis(dk_t, 0, 2))
+            dv = dv.at[:, idx, :, head_kv].add(jnp.moveaxis(dv_t, 0, 2))
+            return (dq_all, dk, dv), None
+
+        kv_zeros = jnp.zeros((batch, nk, bk, kv_heads, head_dim), jnp.float32)
+        init = (jnp.zeros((batch, q_heads, lanes, g, bq, head_dim), jnp.float32), kv_zeros, kv_zeros)
+        (dq, dk, dv), _ = jax.lax.scan(step, init, xs)
+        dq = from_q_blocks(from_lanes(dq)).astype(q.dtype)
+
+        def unblock(x, like):
+            return x.reshape(batch, nk * bk, kv_heads, head_dim)[:, :kv_len].astype(like.dtype)
+
+        return dq, unblock(dk, k), unblock(dv, v)
+
+    @jax.custom_vjp
+    def attend(q, k, v, q_seg, kv_seg):
+        return forward(q, k, v, q_seg, kv_seg)[0]
+
+    def attend_fwd(q, k, v, q_seg, kv_seg):
+        out, lse = forward(q, k, v, q_seg, kv_seg)
+        return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+    def attend_bwd(residuals, d_out):
+        return (*backward(*residuals, d_out), None, None)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, k, v, q_segment_ids, kv_segment_ids)
