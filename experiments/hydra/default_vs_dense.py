@@ -9,6 +9,7 @@ model's learning-rate schedule completes. Reports validation bits per byte.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def seconds_per_step(cfg, probe: int = 8) -> tuple[float, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--configs", default="hydra_tiny,transformer_tiny")
+    parser.add_argument("--configs", default="hydra_tiny,transformer_tiny",
+                        help="comma-separated config names or config file paths")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     budget = args.minutes * 60
@@ -59,10 +61,13 @@ def main(argv=None) -> None:
                                      f"train.checkpoint_every={steps}", "train.tensorboard=false",
                                      "eval.sample_tokens=0", f"optimizer.warmup_steps="
                                      f"{min(base.optimizer.warmup_steps, steps // 10)}"])
+        name = base.name  # a config file's own name, not its path
         print(f"== {name}: {count_params(cfg.model):,} parameters, {step_s * 1e3:.0f} ms/step "
               f"-> {steps} steps", flush=True)
+        workdir = Path(args.out) / "default_vs_dense" / name
+        shutil.rmtree(workdir, ignore_errors=True)  # a previous run's checkpoint would resume
         start = time.perf_counter()
-        result = train(cfg, Path(args.out) / "default_vs_dense" / name, sample=False)
+        result = train(cfg, workdir, sample=False)
         rows.append({"config": name, "params": count_params(cfg.model), "ms_per_step": step_s * 1e3,
                      "steps": result.step, "minutes": (time.perf_counter() - start) / 60,
                      "bits_per_byte": result.eval_metrics["bits_per_byte"]})
