@@ -14,7 +14,7 @@ from helpers import tiny_config
 from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.nn import MoE
 from jaxsparse.ops.moe.grouped import kernel_grouped_matmul
-from jaxsparse.train.step import run_capturing
+from jaxsparse.nn.intermediates import run_capturing
 from jaxsparse.ops.moe import (expert_capacity, expert_choice_routing, grouped_matmul,
                                linear_k_schedule, load_balancing_loss, router_z_loss,
                                slot_positions, top_k_routing)

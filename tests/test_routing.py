@@ -15,13 +15,13 @@ from jaxsparse import configs
 from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.models.registry import build
 from jaxsparse.nn import RoutingAttention
+from jaxsparse.nn.intermediates import run_capturing
 from jaxsparse.nn.routing import Centroids, routing_statistics
 from jaxsparse.ops.routing import (assign, balanced_clusters, balanced_routing_attention,
                                    causal_routing_attention, commitment_loss, ema_centroids,
                                    ema_mean, init_centroids, normalize, routing_windows,
                                    shared_keys)
 from jaxsparse.train.loop import train
-from jaxsparse.train.step import run_capturing
 
 ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routing_heads=2",
            "model.routing_clusters=4", "model.routing_window=8", "model.routing_local_window=8",

@@ -25,11 +25,12 @@ from jaxsparse.bench import write_results
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import make_stream
 from jaxsparse.models import count_params
+from jaxsparse.nn.intermediates import run_capturing
 from jaxsparse.train import evaluate, load
 from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
 from jaxsparse.train.state import TrainSetup
-from jaxsparse.train.step import make_eval_step, run_capturing
+from jaxsparse.train.step import make_eval_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]

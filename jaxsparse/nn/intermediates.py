@@ -1,7 +1,7 @@
 """Statistics and auxiliary losses that layers report to whoever runs them.
 
 Layers call :func:`report` instead of ``Module.sow``. Inside ``nnx.capture`` (the training step
-runs the model through :func:`jaxsparse.train.step.run_capturing`) the value is sown as an
+runs the model through :func:`run_capturing`) the value is sown as an
 ``nnx.Intermediate`` and collected; outside one there is nobody to collect it, so it is
 dropped. (Flax 0.12.8 deprecates sowing outside ``nnx.capture``; its old behaviour stored the
 value on the module, where it piled up call after call.)
@@ -9,6 +9,7 @@ value on the module, where it piled up call after call.)
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 
@@ -20,3 +21,18 @@ def report(module: nnx.Module, name: str, value) -> None:
     routing losses arrive, so a change of that mechanism in flax cannot go unnoticed."""
     if hasattr(module, "__captures__"):
         module.sow(nnx.Intermediate, name, value)
+
+
+def run_capturing(model, method: str, *args):
+    """``(getattr(model, method)(*args), sown)``: the call's result, and everything its modules
+    sowed (``self.sow(nnx.Intermediate, name, x)``) as ``{name: [values]}``.
+
+    Collected with ``nnx.capture`` (sowing outside it is deprecated since flax 0.12.8, and used
+    to leave the values on the module, where a later call would find them again)."""
+    result, captured = nnx.capture(lambda m, *a: getattr(m, method)(*a), nnx.Intermediate)(model, *args)
+    by_name: dict[str, list[jax.Array]] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(captured))[0]:
+        names = [getattr(k, "key", None) for k in path]
+        name = next((n for n in reversed(names) if isinstance(n, str)), None)
+        by_name.setdefault(name, []).append(value)
+    return result, by_name

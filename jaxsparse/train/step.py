@@ -7,24 +7,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxsparse.nn.intermediates import run_capturing
 from jaxsparse.parallel import activation_sharding
 from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup
-
-
-def run_capturing(model, method: str, *args):
-    """``(getattr(model, method)(*args), sown)``: the call's result, and everything its modules
-    sowed (``self.sow(nnx.Intermediate, name, x)``) as ``{name: [values]}``.
-
-    Collected with ``nnx.capture`` (sowing outside it is deprecated since flax 0.12.8, and used
-    to leave the values on the module, where a later call would find them again)."""
-    result, captured = nnx.capture(lambda m, *a: getattr(m, method)(*a), nnx.Intermediate)(model, *args)
-    by_name: dict[str, list[jax.Array]] = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(captured))[0]:
-        names = [getattr(k, "key", None) for k in path]
-        name = next((n for n in reversed(names) if isinstance(n, str)), None)
-        by_name.setdefault(name, []).append(value)
-    return result, by_name
 
 
 def _aux_losses(sown: dict[str, list[jax.Array]]) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -102,15 +102,15 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
         return x[:, heads_col, sched.q_block_lane, sched.q_block_slot]
 
     def tile(q_blk, k_blk, v_blk, q_seg_blk, kv_seg_blk, q_idx, idx, ok):
-        """One step's tiles of every lane: (q, k, v, scaled logits s, soft-capped logits,
-        allowed), shapes [B, Hq, P, bq or bk(, D)] and [B, Hq, P, bq, bk]."""
+        """One step's tiles of every lane: (q, k, v, soft-capped scaled logits, allowed), shapes
+        [B, Hq, P, bq or bk(, D)] and [B, Hq, P, bq, bk]."""
         q_t = q_blk if g == 1 else q_blk[:, heads_col, q_idx]  # [B, Hq, P, bq, D]
         k_t = k_blk[:, idx, :, head_kv]  # [Hq, P, B, bk, D] (advanced indices first)
         v_t = v_blk[:, idx, :, head_kv]
         k_t, v_t = jnp.moveaxis(k_t, 2, 0), jnp.moveaxis(v_t, 2, 0)  # [B, Hq, P, bk, D]
-        s = jnp.einsum("bhnqd,bhnkd->bhnqk", q_t, k_t, preferred_element_type=jnp.float32,
-                       precision=jax.lax.Precision.HIGHEST) * scale
-        capped = soft_cap(s, logits_soft_cap)
+        logits = jnp.einsum("bhnqd,bhnkd->bhnqk", q_t, k_t, preferred_element_type=jnp.float32,
+                            precision=jax.lax.Precision.HIGHEST)
+        capped = soft_cap(logits * scale, logits_soft_cap)
         if g == 1:  # lane i is q-block i: static positions, so XLA can fold mask arithmetic
             q_pos = np.broadcast_to(np.arange(nq)[:, None] * bq + np.arange(bq), (q_heads, nq, bq))
         else:
@@ -129,7 +129,7 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
             q_seg = q_seg_blk[:, q_idx]  # [B, Hq, P, bq]
             kv_seg = kv_seg_blk[:, idx]  # [B, Hq, P, bk]
             allowed = allowed & (q_seg[..., :, None] == kv_seg[..., None, :])
-        return q_t, k_t, v_t, s, capped, allowed
+        return q_t, k_t, v_t, capped, allowed
 
     xs = tuple(jnp.asarray(a) for a in (sched.slot, sched.q_block, sched.kv_block, sched.valid))
 
@@ -151,7 +151,7 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
             m_all, l_all, acc_all = carry  # [B, Hq, P, G, bq(, D)]
             slot, q_idx, idx, ok = step_xs  # [Hq, P] each
             m_prev, l_prev, acc = select(m_all, slot), select(l_all, slot), select(acc_all, slot)
-            _, _, v_t, _, logits, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
+            _, _, v_t, logits, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
             logits = jnp.where(allowed, logits, MASK_VALUE)
             m_new = jnp.maximum(m_prev, jnp.max(logits, axis=-1))
             correction = jnp.exp(m_prev - m_new)
@@ -184,7 +184,7 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
         def step(carry, step_xs):
             dq_all, dk, dv = carry
             slot, q_idx, idx, ok = step_xs
-            q_t, k_t, v_t, _, capped, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
+            q_t, k_t, v_t, capped, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
             do_t = select(do_lanes, slot)  # [B, Hq, P, bq, D]
             p = jnp.where(allowed, jnp.exp(capped - select(lse, slot)[..., None]), 0.0)
             dv_t = jnp.einsum("bhnqk,bhnqd->bhnkd", p, do_t, precision=jax.lax.Precision.HIGHEST)
