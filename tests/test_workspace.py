@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsparse.ops.workspace import workspace_memory, workspace_update
+from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
 
 
 def setup(key, b=2, length=23, d=8, slots=4):
@@ -70,6 +70,38 @@ def test_first_chunk_reads_the_initial_slots_and_gradients_reach_everything():
     assert float(jnp.abs(g_init).max()) > 0 and float(jnp.abs(g_x[:, :8]).max()) > 0
     assert float(jnp.abs(g_x[:, 8:]).max()) == 0.0  # the last chunk updates nothing anyone reads
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_w))
+
+
+def chunk_by_chunk(x, queries, init, w, chunk):
+    """The workspace one chunk at a time through ``read_slots`` and ``workspace_update`` (the
+    decode path's pieces), padding the last chunk."""
+    b, length, _ = x.shape
+    state, reads = jnp.broadcast_to(init, (b, *init.shape)), []
+    for start in range(0, length, chunk):
+        x_c, q_c = x[:, start:start + chunk], queries[:, start:start + chunk]
+        reads.append(read_slots(q_c, state))
+        n = x_c.shape[1]
+        valid = jnp.broadcast_to(jnp.arange(chunk) < n, (b, chunk))
+        state = workspace_update(state, jnp.pad(x_c, ((0, 0), (0, chunk - n), (0, 0))), w, valid)
+    return jnp.concatenate(reads, axis=1), state
+
+
+def test_values_and_gradients_equal_the_chunk_by_chunk_recurrence():
+    """The hoisted projections and batched reads give the recurrence's reads, final state and
+    gradients (a ragged last chunk included)."""
+    x, queries, init, w = setup(jax.random.key(5), b=3, length=19, d=8, slots=5)
+    probe = jax.random.normal(jax.random.key(6), (3, 19, 8))
+
+    def loss(fn, init, w, x, queries):
+        reads, final = fn(x, queries, init, w, 4)
+        return jnp.sum(reads * probe) + jnp.sum(final ** 2)
+
+    fast = lambda *a: workspace_memory(*a[:4], chunk=a[4])  # noqa: E731
+    got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2, 3))(init, w, x, queries)
+    want = jax.value_and_grad(lambda *a: loss(chunk_by_chunk, *a), argnums=(0, 1, 2, 3))(
+        init, w, x, queries)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()))
 
 
 def test_padding_tokens_leave_the_state_alone():

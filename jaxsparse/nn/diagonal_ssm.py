@@ -40,7 +40,10 @@ class DiagonalSSM(nnx.Module):
         return {"state": jnp.zeros((batch, self.width), jnp.float32)}
 
     def __call__(self, x_BLD, *, cache=None):
-        delta, B, C, U = jnp.moveaxis(self.in_proj(x_BLD), -2, 0)
+        # split along the last axis of [B, L, 4·W]: a moveaxis of [B, L, 4, W], or slices of
+        # its third axis, made XLA:CPU's fwd+bwd 2x slower (transposes, padded gradients)
+        projected = self.in_proj(x_BLD).reshape(*x_BLD.shape[:-1], 4 * self.width)
+        delta, B, C, U = jnp.split(projected, 4, axis=-1)
         initial = None if cache is None else cache["state"]
         shards = sequence_axis_size()
         if cache is None and shards > 1 and x_BLD.shape[1] % shards == 0:

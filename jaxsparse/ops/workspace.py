@@ -47,7 +47,12 @@ def workspace_update(state_BMD, chunk_BKD, weights, valid_BK=None):
 
 def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
     """Reads ``[B, L, D]``: token ``t`` of chunk ``c`` reads ``S_c`` with its query, and the
-    final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads."""
+    final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads.
+
+    Only the slot recurrence is sequential: the chunks' keys and values are projected for the
+    whole sequence at once before the scan, and the reads of every chunk are one batched
+    attention over the stacked states after it (inside a ``lax.scan`` each of these was a
+    small per-chunk matmul, in the backward pass too)."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be >= 1")
     b, length, d = x_BLD.shape
@@ -56,15 +61,27 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
                          f"{init_MD.shape} must agree on the width")
     padded = -(-length // chunk) * chunk
     pad = [(0, 0), (0, padded - length), (0, 0)]
-    xs = jnp.pad(x_BLD, pad).reshape(b, -1, chunk, d).swapaxes(0, 1)
-    qs = jnp.pad(queries_BLD, pad).reshape(b, -1, chunk, d).swapaxes(0, 1)
-    valid = (jnp.arange(padded) < length).reshape(-1, chunk)
+    by_chunk = lambda t: jnp.pad(t, pad).reshape(b, -1, chunk, t.shape[-1]).swapaxes(0, 1)  # noqa: E731
+    keys, values = by_chunk(x_BLD @ weights["wk"]), by_chunk(x_BLD @ weights["wv"])
+    valid = jnp.broadcast_to((jnp.arange(padded) < length).reshape(-1, 1, chunk),
+                             (padded // chunk, b, chunk))
+    scale = d ** -0.5
 
     def step(state, inputs):
-        x_c, q_c, valid_c = inputs
-        read = read_slots(q_c, state)
-        return workspace_update(state, x_c, weights, jnp.broadcast_to(valid_c, (b, chunk))), read
+        k_c, v_c, valid_c = inputs
+        q = state @ weights["wq"]
+        logits = jnp.einsum("bme,bke->bmk", q, k_c) * scale
+        logits = jnp.where(valid_c[:, None, :], logits, -1e30)
+        u = jnp.einsum("bmk,bke->bme", jax.nn.softmax(logits, axis=-1), v_c)
+        g = jax.nn.sigmoid(jnp.concatenate([state, u], axis=-1) @ weights["wg"] + weights["bg"][None, None, :])
+        new = g * state + (1 - g) * u
+        new = jnp.where(jnp.any(valid_c, axis=1)[:, None, None], new, state)
+        return new, state                                           # S_{c+1}; S_c is read
 
     state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)
-    final, reads = jax.lax.scan(step, state0, (xs, qs, valid))
-    return reads.swapaxes(0, 1).reshape(b, padded, d)[:, :length], final
+    final, read_states = jax.lax.scan(step, state0, (keys, values, valid))  # [C, B, M, D]
+    states = read_states.swapaxes(0, 1)                                     # [B, C, M, D]
+    queries = jnp.pad(queries_BLD, pad).reshape(b, -1, chunk, d)            # [B, C, K, D]
+    logits = jnp.einsum("bckd,bcmd->bckm", queries, states) * scale
+    reads = jnp.einsum("bckm,bcmd->bckd", jax.nn.softmax(logits, axis=-1), states)
+    return reads.reshape(b, padded, d)[:, :length], final

@@ -5,6 +5,8 @@ against the FFI headers that ship with jaxlib (``jax.ffi.include_dir()``):
 ``monarch_cpu.cc`` (XLA's einsum form of the Monarch product makes five passes over the
 activation), ``selective_scan_cpu.cc`` (XLA runs the Mamba scan as one small dispatch per
 step, or as chunked programs that materialise [chunk, d, N] tensors),
+``linear_scan_cpu.cc`` (the first-order recurrence of Hydra's diagonal SSM, the same dispatch per
+step otherwise),
 ``grouped_matmul_cpu.cc`` (the dropless MoE's grouped matmul: XLA computes every group densely
 or scans padded tiles), ``topk_cpu.cc`` (XLA:CPU sorts every row for ``lax.top_k``) and
 ``embedding_bag_cpu.cc`` (the product-key memory read, whose XLA backward scatters into the
