@@ -30,13 +30,18 @@ def read_slots(queries_BKD, state_BMD):
 def workspace_update(state_BMD, chunk_BKD, weights, valid_BK=None):
     """One chunk's gated rewrite of the slots; ``valid_BK`` leaves padding tokens out (a chunk
     with no valid token leaves the state unchanged)."""
+    keys = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wk"])
+    values = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wv"])
+    return update_from_keys(state_BMD, keys, values, weights, valid_BK)
+
+
+def update_from_keys(state_BMD, keys_BKE, values_BKE, weights, valid_BK=None):
+    """:func:`workspace_update` given the chunk's projected keys and values."""
     q = jnp.einsum("bmd,de->bme", state_BMD, weights["wq"])
-    k = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wk"])
-    v = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wv"])
-    logits = jnp.einsum("bme,bke->bmk", q, k) * q.shape[-1] ** -0.5
+    logits = jnp.einsum("bme,bke->bmk", q, keys_BKE) * q.shape[-1] ** -0.5
     if valid_BK is not None:
         logits = jnp.where(valid_BK[:, None, :], logits, -1e30)
-    u = jnp.einsum("bmk,bke->bme", jax.nn.softmax(logits, axis=-1), v)
+    u = jnp.einsum("bmk,bke->bme", jax.nn.softmax(logits, axis=-1), values_BKE)
     g = jax.nn.sigmoid(jnp.einsum("bmf,fd->bmd", jnp.concatenate([state_BMD, u], axis=-1),
                                   weights["wg"]) + weights["bg"][None, None, :])
     new = g * state_BMD + (1 - g) * u
@@ -65,23 +70,15 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
     keys, values = by_chunk(x_BLD @ weights["wk"]), by_chunk(x_BLD @ weights["wv"])
     valid = jnp.broadcast_to((jnp.arange(padded) < length).reshape(-1, 1, chunk),
                              (padded // chunk, b, chunk))
-    scale = d ** -0.5
 
     def step(state, inputs):
         k_c, v_c, valid_c = inputs
-        q = state @ weights["wq"]
-        logits = jnp.einsum("bme,bke->bmk", q, k_c) * scale
-        logits = jnp.where(valid_c[:, None, :], logits, -1e30)
-        u = jnp.einsum("bmk,bke->bme", jax.nn.softmax(logits, axis=-1), v_c)
-        g = jax.nn.sigmoid(jnp.concatenate([state, u], axis=-1) @ weights["wg"] + weights["bg"][None, None, :])
-        new = g * state + (1 - g) * u
-        new = jnp.where(jnp.any(valid_c, axis=1)[:, None, None], new, state)
-        return new, state                                           # S_{c+1}; S_c is read
+        return update_from_keys(state, k_c, v_c, weights, valid_c), state  # S_c is read
 
     state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)
     final, read_states = jax.lax.scan(step, state0, (keys, values, valid))  # [C, B, M, D]
-    states = read_states.swapaxes(0, 1)                                     # [B, C, M, D]
-    queries = jnp.pad(queries_BLD, pad).reshape(b, -1, chunk, d)            # [B, C, K, D]
-    logits = jnp.einsum("bckd,bcmd->bckm", queries, states) * scale
-    reads = jnp.einsum("bckm,bcmd->bckd", jax.nn.softmax(logits, axis=-1), states)
+    chunks = padded // chunk
+    states = read_states.swapaxes(0, 1).reshape(b * chunks, *init_MD.shape)
+    queries = jnp.pad(queries_BLD, pad).reshape(b * chunks, chunk, d)
+    reads = read_slots(queries, states)                        # every chunk's reads at once
     return reads.reshape(b, padded, d)[:, :length], final
