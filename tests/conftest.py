@@ -23,3 +23,10 @@ def tpu_lowering_target(monkeypatch):
 
     monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
                         lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's default): one worker per core, at most 4 — each worker is a JAX
+    process (~1-2 GB with its compiled functions) and some tests start 8-device subprocesses."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
