@@ -30,7 +30,9 @@ def inputs(batch, length, width, seed=0):
 
 
 @pytest.mark.parametrize("batch,length,width", [
-    (1, 1, 1), (2, 9, 3), (3, 37, 16), (2, 20, 17), (1, 300, 40), (4, 64, 130)])
+    (1, 1, 1), (2, 9, 3), (3, 37, 16), (2, 20, 17), (1, 300, 40), (4, 64, 130),
+    # several 256-channel blocks per row, the last one ragged; one row split into narrow blocks
+    (3, 33, 600), (1, 70, 1000)])
 def test_kernel_equals_lax_scan_forward_and_gradients(batch, length, width):
     decay, x, h0, ct_h, ct_final = inputs(batch, length, width)
 
