@@ -30,11 +30,13 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
     """``h_t = decay_t ⊙ h_{t−1} + inputs_t`` over axis 1; returns ``(h [B, L, D], h_L [B, D])``.
 
     ``"native"`` is the C++ kernel of :mod:`jaxsparse.ops.native.linear_scan` (CPU, float32;
-    its backward is the same kernel run in reverse); ``"associative"`` is
+    its backward one reverse pass of a second kernel); ``"associative"`` is
     ``lax.associative_scan`` (log-depth, parallel: the default on accelerators);
     ``"sequential"`` is ``lax.scan`` (one small dispatch per step). ``None`` takes the native
-    kernel on a CPU host for float32 when it builds (fwd+bwd on two cores: [32, 128, 128]
-    1.1 ms vs 2.8 ms for ``lax.scan``; [1, 8192, 1024] 91 vs 100 ms, associative 201 ms),
+    kernel on a CPU host for float32 when it builds (fwd+bwd on two cores, min of 25: [32, 128,
+    128] 0.8 ms vs 1.3 ms for ``lax.scan``; [4, 2048, 512] 10 vs 33 ms; [1, 8192, 1024] 75 vs
+    75 ms — there both are bound by this machine's ~3-8 GB/s memory bandwidth — forward alone
+    23 vs 50 ms),
     else ``"sequential"`` on CPU and ``"associative"`` elsewhere."""
     if implementation not in DIAGONAL_SCAN_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed "
