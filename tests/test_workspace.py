@@ -86,11 +86,12 @@ def chunk_by_chunk(x, queries, init, w, chunk):
     return jnp.concatenate(reads, axis=1), state
 
 
-def test_values_and_gradients_equal_the_chunk_by_chunk_recurrence():
+@pytest.mark.parametrize("length", [19, 20])  # a ragged last chunk (masked) and none (no mask)
+def test_values_and_gradients_equal_the_chunk_by_chunk_recurrence(length):
     """The hoisted projections and batched reads give the recurrence's reads, final state and
-    gradients (a ragged last chunk included)."""
-    x, queries, init, w = setup(jax.random.key(5), b=3, length=19, d=8, slots=5)
-    probe = jax.random.normal(jax.random.key(6), (3, 19, 8))
+    gradients."""
+    x, queries, init, w = setup(jax.random.key(5), b=3, length=length, d=8, slots=5)
+    probe = jax.random.normal(jax.random.key(6), (3, length, 8))
 
     def loss(fn, init, w, x, queries):
         reads, final = fn(x, queries, init, w, 4)

@@ -68,8 +68,9 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
     pad = [(0, 0), (0, padded - length), (0, 0)]
     by_chunk = lambda t: jnp.pad(t, pad).reshape(b, -1, chunk, t.shape[-1]).swapaxes(0, 1)  # noqa: E731
     keys, values = by_chunk(x_BLD @ weights["wk"]), by_chunk(x_BLD @ weights["wv"])
-    valid = jnp.broadcast_to((jnp.arange(padded) < length).reshape(-1, 1, chunk),
-                             (padded // chunk, b, chunk))
+    # only a ragged last chunk has padding to mask: without one, no masking ops in the scan
+    valid = (None if padded == length else jnp.broadcast_to(
+        (jnp.arange(padded) < length).reshape(-1, 1, chunk), (padded // chunk, b, chunk)))
 
     def step(state, inputs):
         k_c, v_c, valid_c = inputs
