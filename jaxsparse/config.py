@@ -107,9 +107,10 @@ class ModelConfig:
     pkm_heads: int = 4
     pkm_k_dim: int = 128  # query/key width (two halves)
     pkm_knn: int = 32  # slots read per head
-    # workspace memory (jaxsparse.nn.WorkspaceMemory), shared by all Hydra blocks
+    # workspace memory (jaxsparse.nn.WorkspaceMemory), one shared by the Hydra blocks that read it
     workspace_slots: int = 0  # 0: no workspace
     workspace_chunk: int = 64  # tokens per slot rewrite
+    workspace_layers: str = ""  # blocks that read it, e.g. "3" or "1,3"; "": every block
 
     @property
     def resolved_head_dim(self) -> int:
@@ -391,13 +392,26 @@ def _validate_routing(m: ModelConfig) -> None:
            f"model.routing_commitment={m.routing_commitment}: must be >= 0")
 
 
+def _layer_indices(m: ModelConfig, field: str) -> set[int]:
+    value = getattr(m, field)
+    try:
+        return {int(part) for part in value.split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(f"model.{field}={value!r}: comma-separated layer indices, "
+                          "e.g. '1' or '3,7'") from None
+
+
 def pkm_layer_indices(m: ModelConfig) -> set[int]:
     """The layers ``model.pkm_layers`` names ("1,3" -> {1, 3})."""
-    try:
-        return {int(part) for part in m.pkm_layers.split(",") if part.strip()}
-    except ValueError:
-        raise ConfigError(f"model.pkm_layers={m.pkm_layers!r}: comma-separated layer indices, "
-                          "e.g. '1' or '3,7'") from None
+    return _layer_indices(m, "pkm_layers")
+
+
+def workspace_layer_indices(m: ModelConfig) -> set[int]:
+    """The Hydra blocks that read the workspace: ``model.workspace_layers``, or every block when
+    it is empty; none without a workspace (``workspace_slots=0``)."""
+    if m.workspace_slots == 0:
+        return set()
+    return _layer_indices(m, "workspace_layers") or set(range(m.n_layers))
 
 
 def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
@@ -433,6 +447,13 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
         _check(m.pkm_heads >= 1, f"model.pkm_heads={m.pkm_heads}: must be >= 1")
     _check(m.workspace_slots >= 0, f"model.workspace_slots={m.workspace_slots}: must be >= 0")
     _check(m.workspace_chunk >= 1, f"model.workspace_chunk={m.workspace_chunk}: must be >= 1")
+    reading = _layer_indices(m, "workspace_layers")
+    _check(not reading or m.workspace_slots > 0,
+           f"model.workspace_layers={m.workspace_layers!r}: names blocks that read the workspace, "
+           "but model.workspace_slots=0 builds none")
+    _check(all(0 <= i < m.n_layers for i in reading),
+           f"model.workspace_layers={m.workspace_layers!r}: indices must be in "
+           f"[0, model.n_layers={m.n_layers})")
 
 
 def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:

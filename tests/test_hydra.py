@@ -98,6 +98,32 @@ def test_cached_decoding_equals_the_forward_pass(hydra):
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_workspace_read_by_some_blocks_is_shared_causal_and_decodes_like_the_forward():
+    """``workspace_layers`` picks the reading blocks: only they get a workspace gate and cache,
+    the one workspace is shared, and causality and cached decoding still hold."""
+    model = models.build(small_config("model.workspace_layers=0,2").model, nnx.Rngs(3))
+    model.eval()
+    assert [b.use_workspace for b in model.blocks] == [True, False, True]
+    assert model.blocks[1].gate_workspace is None and model.blocks[0].gate_workspace is not None
+    x = tokens(4)
+    full = nnx.jit(lambda m, x: m(x))(model, x)
+    changed = nnx.jit(lambda m, x: m(x))(model, x.at[:, 12:].set(5))
+    np.testing.assert_allclose(changed[:, :12], full[:, :12], atol=1e-5)
+    cache = model.init_cache(2, 32)
+    assert [("workspace" in c) for c in cache["layers"]] == [True, False, True]
+    decode = nnx.jit(lambda m, x, cache: m.decode(x, cache))
+    pieces = []
+    for start, stop in [(0, 7), (7, 8), (8, 23)]:
+        logits, cache = decode(model, x[:, start:stop], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4, rtol=1e-4)
+    # every block reads it when the list is empty; none exists without slots
+    assert all(b.use_workspace for b in models.build(small_config().model, nnx.Rngs(0)).blocks)
+    with pytest.raises(ConfigError, match=r"model.workspace_layers='1': names blocks that read "
+                                          r"the workspace, but model.workspace_slots=0"):
+        validate(small_config("model.workspace_layers=1", "model.workspace_slots=0"))
+
+
 def test_routing_trace_reports_each_blocks_experts_and_memory_slots(hydra):
     x = tokens(5, length=16)
     trace = nnx.jit(lambda m, t: m.routing_trace(t))(hydra, x)
@@ -219,6 +245,9 @@ def test_curriculum_survives_an_interrupted_run(tmp_path):
     ("model.pkm_layers=a", r"model.pkm_layers='a': comma-separated layer indices"),
     ("model.hydra_curriculum=moe:x", r"model.hydra_curriculum='moe:x'.*must be an int"),
     ("model.workspace_chunk=0", r"model.workspace_chunk=0: must be >= 1"),
+    ("model.workspace_layers=3",
+     r"model.workspace_layers='3': indices must be in \[0, model.n_layers=3\)"),
+    ("model.workspace_layers=x", r"model.workspace_layers='x': comma-separated layer indices"),
 ])
 def test_impossible_hydra_configs_are_refused_before_compiling(override, message):
     with pytest.raises(ConfigError, match=message):

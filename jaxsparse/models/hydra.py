@@ -7,8 +7,8 @@ Every block is one pre-norm residual update with LayerScale-style gated branches
 
 where SGA is present in every ``hydra_sga_every``-th block, FFN is the MoE layer when
 ``moe_experts > 0`` (chunk-level routing with ``moe_chunk``), PKM in the ``pkm_layers`` and
-the workspace read WS in every block, all blocks sharing one workspace (slots and update
-weights). Gates are per-channel vectors starting at ``hydra_gate_init``. The curriculum
+the workspace read WS in the ``workspace_layers`` (every block by default), the reading blocks
+sharing one workspace (slots and update weights). Gates are per-channel vectors starting at ``hydra_gate_init``. The curriculum
 (:mod:`jaxsparse.models.curriculum`) multiplies each branch by 0 until its start step.
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.config import ModelConfig, pkm_layer_indices
+from jaxsparse.config import ModelConfig, pkm_layer_indices, workspace_layer_indices
 from jaxsparse.models.curriculum import COMPONENTS, active_components
 from jaxsparse.models.lm import LanguageModel
 from jaxsparse.models.transformer import feed_forward
@@ -65,7 +65,7 @@ class HydraBlock(nnx.Module):
         self.pkm = (ProductKeyMemory(cfg.d_model, n_keys=math.isqrt(cfg.pkm_slots),
                                      heads=cfg.pkm_heads, k_dim=cfg.pkm_k_dim, knn=cfg.pkm_knn, **kw)
                     if layer in pkm_layer_indices(cfg) else None)
-        self.use_workspace = cfg.workspace_slots > 0
+        self.use_workspace = layer in workspace_layer_indices(cfg)
         self.gate_ssm, self.gate_ffn = _gate(cfg), _gate(cfg)
         self.gate_sga = _gate(cfg) if self.sga is not None else None
         self.gate_pkm = _gate(cfg) if self.pkm is not None else None
