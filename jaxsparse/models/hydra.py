@@ -7,9 +7,10 @@ Every block is one pre-norm residual update with LayerScale-style gated branches
 
 where SGA is present in every ``hydra_sga_every``-th block, FFN is the MoE layer when
 ``moe_experts > 0`` (chunk-level routing with ``moe_chunk``), PKM in the ``pkm_layers`` and
-the workspace read WS in the ``workspace_layers`` (every block by default), the reading blocks
-sharing one workspace (slots and update weights). Gates are per-channel vectors starting at ``hydra_gate_init``. The curriculum
-(:mod:`jaxsparse.models.curriculum`) multiplies each branch by 0 until its start step.
+the workspace read WS in the ``workspace_layers`` (every block by default), the reading
+blocks sharing one workspace (slots and update weights). Gates are per-channel vectors
+starting at ``hydra_gate_init``. The curriculum (:mod:`jaxsparse.models.curriculum`)
+multiplies each branch by 0 until its start step.
 """
 
 from __future__ import annotations
