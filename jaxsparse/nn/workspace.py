@@ -15,8 +15,9 @@ from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_upda
 class WorkspaceMemory(nnx.Module):
     """``reads = ws(x)``: token ``t`` of chunk ``c`` reads the slots written by chunks ``< c``.
 
-    In Hydra one instance is shared by every block (the same slots and update weights); each
-    block runs it on its own input, so each depth keeps its own slot trajectory.
+    In Hydra one instance is shared by the blocks in ``model.workspace_layers`` (every block by
+    default; the same slots and update weights); each reading block runs it on its own input,
+    so each depth keeps its own slot trajectory.
     """
 
     def __init__(self, d_model: int, slots: int, chunk: int, *, rngs: nnx.Rngs,
