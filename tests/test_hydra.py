@@ -145,6 +145,8 @@ def _formula(m) -> dict[str, int]:
     hd = m.resolved_head_dim
     sga_layers = sum(1 for i in range(layers) if i % m.hydra_sga_every == m.hydra_sga_every - 1)
     pkm_layers = len([p for p in m.pkm_layers.split(",") if p.strip()])
+    # blocks reading the workspace (each has a gate): the listed ones, or all when none listed
+    reading = len([p for p in m.workspace_layers.split(",") if p.strip()]) or layers
     moe = m.moe_experts * 3 * d * (m.moe_d_ff or m.d_ff) + d * m.moe_experts
     ffn = moe if m.moe_experts else 3 * d * m.d_ff
     counts = {
@@ -156,7 +158,7 @@ def _formula(m) -> dict[str, int]:
                              * m.pkm_k_dim + m.pkm_slots * d),
         "workspace": (m.workspace_slots * d + 5 * d * d + d) if m.workspace_slots else 0,
         "norms_and_gates": d * (layers + 1) + d * (2 * layers + sga_layers + pkm_layers
-                                                   + (layers if m.workspace_slots else 0)),
+                                                   + (reading if m.workspace_slots else 0)),
     }
     counts["total"] = sum(counts.values())
     return counts
