@@ -25,6 +25,7 @@ def tpu_lowering_target(monkeypatch):
                         lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it (`-p no:xdist`), unused
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's default): one worker per core, at most 4 — each worker is a JAX
     process (~1-2 GB with its compiled functions) and some tests start 8-device subprocesses."""
