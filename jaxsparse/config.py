@@ -99,6 +99,7 @@ class ModelConfig:
     hydra_window: int = 256  # SGA causal local window
     hydra_max_global: int = 512  # SGA global tokens a query reads (the paper's budget)
     hydra_ssm_width: int | None = None  # channels of the diagonal SSM; None: expand * d_model
+    hydra_ssm_conv: int = 0  # causal depthwise conv width on the SSM's input; 0: none
     hydra_gate_init: float = 0.1  # LayerScale-style branch gates start here
     hydra_curriculum: str = ""  # "component:start_step,..." (jaxsparse.models.curriculum)
     # product-key memory (jaxsparse.nn.ProductKeyMemory), Hydra layers listed in pkm_layers
@@ -427,6 +428,9 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
            f"[0, data.seq_len={d.seq_len}]")
     _check(m.hydra_ssm_width is None or m.hydra_ssm_width >= 1,
            f"model.hydra_ssm_width={m.hydra_ssm_width}: must be >= 1, or None")
+    _check(m.hydra_ssm_conv >= 0,
+           f"model.hydra_ssm_conv={m.hydra_ssm_conv}: the SSM's convolution width must be >= 0 "
+           "(0: none)")
     _check(m.hydra_gate_init > 0, f"model.hydra_gate_init={m.hydra_gate_init}: must be > 0")
     try:
         parse_curriculum(m.hydra_curriculum)

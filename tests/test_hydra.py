@@ -15,6 +15,7 @@ from jaxsparse import configs, models
 from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.models.curriculum import active_components, parse_curriculum, stage_at, stages
 from jaxsparse.models.hydra import parameter_accounting
+from jaxsparse.nn.diagonal_ssm import DiagonalSSM
 from jaxsparse.ops.diagonal_ssm import diagonal_ssm, diagonal_ssm_reference, linear_scan
 
 from helpers import TINY
@@ -24,7 +25,7 @@ SMALL = TINY + [
     "model.hydra_max_global=3", "model.moe_experts=4", "model.moe_k=2", "model.moe_every=1",
     "model.moe_chunk=4", "model.moe_d_ff=32", "model.pkm_layers=1", "model.pkm_slots=64",
     "model.pkm_heads=2", "model.pkm_k_dim=8", "model.pkm_knn=4", "model.workspace_slots=3",
-    "model.workspace_chunk=5",
+    "model.workspace_chunk=5", "model.hydra_ssm_conv=3",
 ]
 
 
@@ -49,6 +50,22 @@ def test_diagonal_ssm_equals_its_recurrence_with_gradients(impl):
     g_ref = jax.grad(loss(diagonal_ssm_reference), argnums=range(6))(*args)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_ssm_convolution_mixes_each_channel_with_its_predecessors_only():
+    """The SSM mixer with a width-3 convolution equals the same mixer without one applied to
+    the input convolved by hand: y_t = b + sum_k w[k] x[t - 2 + k], zeros before the start."""
+    ssm = DiagonalSSM(6, 5, conv_width=3, rngs=nnx.Rngs(3))
+    x = np.asarray(jax.random.normal(jax.random.key(4), (2, 11, 6)))
+    w, b = np.asarray(ssm.conv_w[...]), np.asarray(ssm.conv_b[...])
+    padded = np.concatenate([np.zeros((2, 2, 6)), x], axis=1)
+    by_hand = b + sum(w[k] * padded[:, k:k + 11] for k in range(3))
+    got, _ = ssm(jnp.asarray(x))
+    ssm.conv_width = 0
+    expected, _ = ssm(jnp.asarray(by_hand, jnp.float32))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="conv_width=-1: must be >= 0"):
+        DiagonalSSM(6, 5, conv_width=-1, rngs=nnx.Rngs(0))
 
 
 def test_linear_scan_carries_an_initial_state_and_refuses_bad_input():
@@ -85,8 +102,8 @@ def test_future_tokens_do_not_change_past_logits(hydra):
 
 def test_cached_decoding_equals_the_forward_pass(hydra):
     """Prefill and single tokens across chunk boundaries of the MoE router (4), the workspace
-    (5) and the SGA window (4): SSM states, SGA key/value/score caches, the workspace's slots
-    and chunk buffer and the router's pooled chunk all carry over."""
+    (5) and the SGA window (4): SSM states and convolution inputs, SGA key/value/score caches,
+    the workspace's slots and chunk buffer and the router's pooled chunk all carry over."""
     x = tokens(2)
     full = nnx.jit(lambda m, x: m(x))(hydra, x)
     cache = hydra.init_cache(2, 32)
@@ -151,7 +168,8 @@ def _formula(m) -> dict[str, int]:
     ffn = moe if m.moe_experts else 3 * d * m.d_ff
     counts = {
         "embedding": m.vocab_size * d * (1 if m.tie_embeddings else 2),
-        "ssm": layers * (d * 4 * width + width * d + 2 * width),
+        "ssm": layers * (d * 4 * width + width * d + 2 * width + (m.hydra_ssm_conv + 1) * d
+                         * (m.hydra_ssm_conv > 0)),
         "sga": sga_layers * (2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + d),
         "ffn": layers * ffn,
         "pkm": pkm_layers * (d * m.pkm_heads * m.pkm_k_dim + m.pkm_heads * math.isqrt(m.pkm_slots)
@@ -247,6 +265,8 @@ def test_curriculum_survives_an_interrupted_run(tmp_path):
     ("model.pkm_layers=a", r"model.pkm_layers='a': comma-separated layer indices"),
     ("model.hydra_curriculum=moe:x", r"model.hydra_curriculum='moe:x'.*must be an int"),
     ("model.workspace_chunk=0", r"model.workspace_chunk=0: must be >= 1"),
+    ("model.hydra_ssm_conv=-1", r"model.hydra_ssm_conv=-1: the SSM's convolution width must be "
+                                r">= 0"),
     ("model.workspace_layers=3",
      r"model.workspace_layers='3': indices must be in \[0, model.n_layers=3\)"),
     ("model.workspace_layers=x", r"model.workspace_layers='x': comma-separated layer indices"),

@@ -175,7 +175,7 @@ print(json.dumps(result))
 """
 
 HYDRA = ("model.name=hydra", "model.n_layers=2", "model.hydra_window=8", "model.hydra_max_global=4",
-         "model.hydra_ssm_width=16", "model.hydra_sga_every=2")
+         "model.hydra_ssm_width=16", "model.hydra_sga_every=2", "model.hydra_ssm_conv=3")
 
 
 def _presets_run(cases: dict) -> dict:

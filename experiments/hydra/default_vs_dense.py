@@ -1,7 +1,7 @@
 """Is Hydra a better default than the dense Transformer on two CPU cores? Each model trains on
 the default corpus for the same wall-clock budget (default 10 minutes, compile and evaluation
-included): the step count that fills the budget is calibrated from a short timing run, so each
-model's learning-rate schedule completes. Reports validation bits per byte.
+included): the step count that fills the budget is calibrated from timed training steps and
+evaluations of each model, so each model's learning-rate schedule completes. Reports validation bits per byte.
 
     python experiments/hydra/default_vs_dense.py [--minutes 10]
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -21,17 +22,32 @@ from jaxsparse.config import apply_overrides
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.models import count_params
 from jaxsparse.parallel import make_mesh
-from jaxsparse.train.loop import train
+from jaxsparse.train.loop import evaluate, train
 from jaxsparse.train.state import TrainSetup
-from jaxsparse.train.step import make_train_step
+from jaxsparse.train.step import make_eval_step, make_train_step
 
 from study import step_timing  # noqa: E402  (this folder's study script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def seconds_per_step(cfg, probe: int = 8) -> tuple[float, float]:
-    """(compile seconds, steady seconds per step) of ``cfg``'s training step."""
+@dataclass
+class Timing:
+    """What one training run of ``cfg`` spends its wall clock on (seconds)."""
+    step_compile: float  # the first training step: tracing + XLA compilation
+    step: float  # one steady training step (median of the probe)
+    eval_compile: float  # the first evaluation's extra time: compiling the forward pass
+    evaluation: float  # one evaluation (eval.batches forward passes)
+
+    def steps_within(self, budget: float, evals: int) -> int:
+        """Training steps that fill ``budget`` with ``evals`` evaluations and 2% to spare
+        (the final checkpoint, logging, timing noise)."""
+        fixed = self.step_compile + self.eval_compile + evals * self.evaluation
+        return max(int((0.98 * budget - fixed) / self.step), 10)
+
+
+def measure(cfg, probe: int = 16) -> Timing:
+    """Time ``cfg``'s training step and its evaluation the way the training loop runs them."""
     setup = TrainSetup(cfg, make_mesh(cfg.mesh))
     state, step = setup.init(), make_train_step(setup)
     stream = make_stream(cfg, Shard(0, 1))
@@ -39,8 +55,20 @@ def seconds_per_step(cfg, probe: int = 8) -> tuple[float, float]:
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    return compile_s, step_timing(step, state, batch, probe)
+    step_compile = time.perf_counter() - start
+    step_s = step_timing(step, state, batch, probe)
+    eval_step = make_eval_step(setup)
+    fresh = setup.init()  # the probe donated ``state``'s buffers
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        evaluate(setup, eval_step, fresh, stream, cfg)
+        seconds.append(time.perf_counter() - start)
+    evaluation = min(seconds[1:])
+    return Timing(step_compile, step_s, seconds[0] - evaluation, evaluation)
+
+
+EVALS = 6  # the loop's first evaluation, one every steps // 4, and one at a ragged end
 
 
 def main(argv=None) -> None:
@@ -54,21 +82,21 @@ def main(argv=None) -> None:
     rows = []
     for name in args.configs.split(","):
         base = configs.get(name)
-        compile_s, step_s = seconds_per_step(base)
-        # evaluation (4 passes of eval.batches) and checkpoints take ~8% of a run here
-        steps = max(int((budget - 2 * compile_s) * 0.92 / step_s), 10)
+        timing = measure(base)
+        steps = timing.steps_within(budget, EVALS)
         cfg = apply_overrides(base, [f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}",
                                      f"train.checkpoint_every={steps}", "train.tensorboard=false",
                                      "eval.sample_tokens=0", f"optimizer.warmup_steps="
                                      f"{min(base.optimizer.warmup_steps, steps // 10)}"])
         name = base.name  # a config file's own name, not its path
-        print(f"== {name}: {count_params(cfg.model):,} parameters, {step_s * 1e3:.0f} ms/step "
-              f"-> {steps} steps", flush=True)
+        print(f"== {name}: {count_params(cfg.model):,} parameters, {timing.step * 1e3:.0f} ms/step, "
+              f"compile {timing.step_compile:.0f} s + {timing.eval_compile:.0f} s, "
+              f"evaluation {timing.evaluation:.1f} s -> {steps} steps", flush=True)
         workdir = Path(args.out) / "default_vs_dense" / name
         shutil.rmtree(workdir, ignore_errors=True)  # a previous run's checkpoint would resume
         start = time.perf_counter()
         result = train(cfg, workdir, sample=False)
-        rows.append({"config": name, "params": count_params(cfg.model), "ms_per_step": step_s * 1e3,
+        rows.append({"config": name, "params": count_params(cfg.model), "ms_per_step": timing.step * 1e3,
                      "steps": result.step, "minutes": (time.perf_counter() - start) / 60,
                      "bits_per_byte": result.eval_metrics["bits_per_byte"]})
     notes = (f"Each config trained for ~{args.minutes:g} minutes of wall clock on this machine "

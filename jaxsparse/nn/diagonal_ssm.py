@@ -1,5 +1,6 @@
-"""Hydra's SSM mixer: one projection to ``[Δ, B, C, U]``, the diagonal content-gated scan of
-:mod:`jaxsparse.ops.diagonal_ssm`, an output projection; a recurrent decode state."""
+"""Hydra's SSM mixer: an optional short causal convolution, one projection to ``[Δ, B, C, U]``,
+the diagonal content-gated scan of :mod:`jaxsparse.ops.diagonal_ssm`, an output projection; a
+recurrent decode state."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.diagonal_ssm import decay_from, diagonal_ssm, diagonal_ssm_sequence_parallel
 from jaxsparse.parallel import current_mesh, sequence_axis_size
 
@@ -19,12 +21,28 @@ class DiagonalSSM(nnx.Module):
 
     λ starts log-uniform so that the half-life of a channel at ``Δ = 0`` (``1/λ`` tokens) spans
     ``1 .. max_half_life`` — the spread of timescales S4D/Mamba initialisations aim for.
+
+    ``conv_width > 0`` first mixes each channel of the input with its ``conv_width - 1``
+    predecessors (a causal depthwise convolution, as Mamba does before its scan; H3's "shift
+    SSM" plays the same role). A channel-diagonal recurrence alone sees the previous token only
+    through a decaying sum; the convolution gives Δ, B, C and U the last few tokens exactly —
+    at byte level, the n-gram context that matters most. ``hydra_tiny``: 2.178 → 2.120
+    validation bits per byte after 400 steps with width 4, for ~5-10% more step time.
     """
 
     def __init__(self, d_model: int, width: int, *, rngs: nnx.Rngs, max_half_life: float = 512.0,
                  out_init_scale: float = 1.0, implementation: str | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 conv_width: int = 0, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if conv_width < 0:
+            raise ValueError(f"conv_width={conv_width}: must be >= 0 (0: no convolution)")
+        self.conv_width, self.d_model = conv_width, d_model
+        if conv_width:
+            bound = 1.0 / math.sqrt(conv_width)  # PyTorch's Conv1d default (fan-in = width)
+            w = jax.random.uniform(rngs.params(), (conv_width, d_model), minval=-bound, maxval=bound)
+            self.conv_w = nnx.Param(w.astype(param_dtype), logical_axes=("conv", "embed"))
+            self.conv_b = nnx.Param(jnp.zeros((d_model,), param_dtype), logical_axes=("embed",),
+                                    weight_decay=False)
         self.in_proj = Linear(d_model, (4, width), logical_axes=("embed", None, "mlp"), **kw)
         self.out_proj = Linear(width, d_model, logical_axes=("mlp", "embed"),
                                init_scale=out_init_scale, **kw)
@@ -37,9 +55,22 @@ class DiagonalSSM(nnx.Module):
         self.width, self.implementation = width, implementation
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        return {"state": jnp.zeros((batch, self.width), jnp.float32)}
+        cache = {"state": jnp.zeros((batch, self.width), jnp.float32)}
+        if self.conv_width:
+            cache["conv"] = jnp.zeros((batch, self.conv_width - 1, self.d_model), dtype)
+        return cache
+
+    def _convolve(self, x_BLD, cache):
+        """``(x after the short convolution, its new carry-over state or None)``."""
+        if not self.conv_width:
+            return x_BLD, None
+        return causal_depthwise_conv1d(x_BLD, self.conv_w[...], self.conv_b[...],
+                                       None if cache is None else cache["conv"])
 
     def __call__(self, x_BLD, *, cache=None):
+        # under a sequence-sharded mesh the convolution runs in the global view: XLA brings
+        # each shard the last conv_width - 1 inputs of the previous one
+        x_BLD, conv_state = self._convolve(x_BLD, cache)
         # split along the last axis of [B, L, 4·W]: a moveaxis of [B, L, 4, W], or slices of
         # its third axis, made XLA:CPU's fwd+bwd 2x slower (transposes, padded gradients)
         projected = self.in_proj(x_BLD).reshape(*x_BLD.shape[:-1], 4 * self.width)
@@ -55,8 +86,11 @@ class DiagonalSSM(nnx.Module):
             y, final = diagonal_ssm(delta, B, C, U, self.log_lambda[...], self.D[...],
                                     initial_state=initial, implementation=self.implementation)
         out = self.out_proj(y.astype(x_BLD.dtype))
-        return out, (None if cache is None else {"state": final})
+        if cache is None:
+            return out, None
+        return out, {"state": final} | ({"conv": conv_state} if self.conv_width else {})
 
     def decay(self, x_BLD):
         """The per-channel decay ``α [B, L, width]`` (for inspection)."""
+        x_BLD, _ = self._convolve(x_BLD, None)
         return decay_from(self.in_proj(x_BLD)[..., 0, :].astype(jnp.float32), self.log_lambda[...])
