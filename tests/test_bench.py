@@ -32,6 +32,9 @@ def test_write_results_json_and_markdown(tmp_path):
     md = md_path.read_text()
     assert "| name | x |" in md and "| b | 123,456 |" in md
     assert markdown_table(rows, ["x"]).count("\n") == 3
+    # a column's own format; a row without the column stays empty
+    assert markdown_table([{"x": 1.86304}, {}], ["x"], {"x": "{:.4f}"}).splitlines()[2:] == \
+        ["| 1.8630 |", "|  |"]
 
 
 def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):

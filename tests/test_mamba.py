@@ -1,4 +1,5 @@
-"""Mamba-1 / Mamba-2 blocks and LMs: initialisation, causality, cached decoding, training."""
+"""Mamba-1 / Mamba-2 blocks and LMs: the short convolution's hand-written backward,
+initialisation, causality, cached decoding, training."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ from flax import nnx
 
 from jaxsparse import models
 from jaxsparse.models.generate import generate
+from jaxsparse.ops.conv import causal_depthwise_conv1d, window_sum, window_sum_reference
 from jaxsparse.train.state import decay_mask
 
 from helpers import tiny_config
@@ -23,6 +25,31 @@ def build(kind, *extra):
 
 def tokens(seed, length=21):
     return jax.random.randint(jax.random.key(seed), (2, length), 0, 256, jnp.int32)
+
+
+@pytest.mark.parametrize("width,length,dtype", [(4, 37, jnp.float32), (1, 5, jnp.float32),
+                                                (3, 2, jnp.float32), (4, 19, jnp.bfloat16)])
+def test_conv_window_sum_backward_equals_autodiff_of_the_plain_sum(width, length, dtype):
+    """Odd lengths, width 1, a sequence shorter than the window, bfloat16; the gradient reaches
+    the carried-over state too."""
+    ks = jax.random.split(jax.random.key(width * 100 + length), 4)
+    full = jax.random.normal(ks[0], (3, length + width - 1, 5)).astype(dtype)
+    w = jax.random.normal(ks[1], (width, 5)).astype(dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(window_sum(full, w), np.float32),
+                               np.asarray(window_sum_reference(full, w), np.float32), atol=tol)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b).astype(jnp.float32)))  # noqa: E731
+    got = jax.grad(loss(window_sum), argnums=(0, 1))(full, w)
+    want = jax.grad(loss(window_sum_reference), argnums=(0, 1))(full, w)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   atol=tol * width * 3, rtol=tol)
+    x, state = full[:, width - 1:], full[:, :width - 1]
+    d_state = jax.grad(lambda s: jnp.sum(jnp.sin(causal_depthwise_conv1d(
+        x, w, None, s)[0].astype(jnp.float32))))(state)
+    np.testing.assert_allclose(np.asarray(d_state, np.float32),
+                               np.asarray(want[0][:, :width - 1], np.float32), atol=tol * 3)
 
 
 def test_mamba1_initialisation_follows_the_paper():

@@ -1,9 +1,10 @@
 """Is Hydra a better default than the dense Transformer on two CPU cores? Each model trains on
 the default corpus for the same wall-clock budget (default 10 minutes, compile and evaluation
 included): the step count that fills the budget is calibrated from timed training steps and
-evaluations of each model, so each model's learning-rate schedule completes. Reports validation bits per byte.
+evaluations of each model, so each model's learning-rate schedule completes. Two rounds by
+default, the second in reverse order; reports each run's validation bits per byte and the means.
 
-    python experiments/hydra/default_vs_dense.py [--minutes 10]
+    python experiments/hydra/default_vs_dense.py [--minutes 10] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -71,39 +72,54 @@ def measure(cfg, probe: int = 16) -> Timing:
 EVALS = 6  # the loop's first evaluation, one every steps // 4, and one at a ragged end
 
 
+def run_one(base, budget: float, workdir: Path) -> dict:
+    """Calibrate ``base``'s step count to ``budget`` seconds, train it, report the end."""
+    timing = measure(base)
+    steps = timing.steps_within(budget, EVALS)
+    cfg = apply_overrides(base, [f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}",
+                                 f"train.checkpoint_every={steps}", "train.tensorboard=false",
+                                 "eval.sample_tokens=0", f"optimizer.warmup_steps="
+                                 f"{min(base.optimizer.warmup_steps, steps // 10)}"])
+    print(f"== {base.name}: {count_params(cfg.model):,} parameters, {timing.step * 1e3:.0f} ms/step, "
+          f"compile {timing.step_compile:.0f} s + {timing.eval_compile:.0f} s, "
+          f"evaluation {timing.evaluation:.1f} s -> {steps} steps", flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # a previous run's checkpoint would resume
+    start = time.perf_counter()
+    result = train(cfg, workdir, sample=False)
+    return {"config": base.name, "params": count_params(cfg.model),
+            "ms_per_step": timing.step * 1e3, "steps": result.step,
+            "minutes": (time.perf_counter() - start) / 60,
+            "bits_per_byte": result.eval_metrics["bits_per_byte"]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--configs", default="hydra_tiny,transformer_tiny",
                         help="comma-separated config names or config file paths")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs per config; odd rounds reverse the order (A B, B A, ...), so a "
+                             "machine that speeds up or slows down favours neither")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    budget = args.minutes * 60
+    bases = [configs.get(name) for name in args.configs.split(",")]
     rows = []
-    for name in args.configs.split(","):
-        base = configs.get(name)
-        timing = measure(base)
-        steps = timing.steps_within(budget, EVALS)
-        cfg = apply_overrides(base, [f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}",
-                                     f"train.checkpoint_every={steps}", "train.tensorboard=false",
-                                     "eval.sample_tokens=0", f"optimizer.warmup_steps="
-                                     f"{min(base.optimizer.warmup_steps, steps // 10)}"])
-        name = base.name  # a config file's own name, not its path
-        print(f"== {name}: {count_params(cfg.model):,} parameters, {timing.step * 1e3:.0f} ms/step, "
-              f"compile {timing.step_compile:.0f} s + {timing.eval_compile:.0f} s, "
-              f"evaluation {timing.evaluation:.1f} s -> {steps} steps", flush=True)
-        workdir = Path(args.out) / "default_vs_dense" / name
-        shutil.rmtree(workdir, ignore_errors=True)  # a previous run's checkpoint would resume
-        start = time.perf_counter()
-        result = train(cfg, workdir, sample=False)
-        rows.append({"config": name, "params": count_params(cfg.model), "ms_per_step": timing.step * 1e3,
-                     "steps": result.step, "minutes": (time.perf_counter() - start) / 60,
-                     "bits_per_byte": result.eval_metrics["bits_per_byte"]})
-    notes = (f"Each config trained for ~{args.minutes:g} minutes of wall clock on this machine "
-             f"({jax.device_count()} {jax.default_backend()} device(s)), steps calibrated to fill "
-             "it; validation bits per byte at the end.")
-    write_results("default_vs_dense", rows, ["config", "params", "ms_per_step", "steps",
-                                             "minutes", "bits_per_byte"], args.out, notes)
+    for round_ in range(args.rounds):
+        for base in bases if round_ % 2 == 0 else bases[::-1]:
+            workdir = Path(args.out) / "default_vs_dense" / f"{base.name}-{round_}"
+            rows.append({"round": round_} | run_one(base, args.minutes * 60, workdir))
+    for base in bases:
+        mine = [r for r in rows if r["config"] == base.name and r["round"] != "mean"]
+        rows.append({"round": "mean", "config": base.name,
+                     **{k: sum(r[k] for r in mine) / len(mine)
+                        for k in ("ms_per_step", "steps", "minutes", "bits_per_byte")}})
+    notes = (f"Each config trained {args.rounds} time(s) for ~{args.minutes:g} minutes of wall "
+             f"clock on this machine ({jax.device_count()} {jax.default_backend()} device(s)), "
+             "steps calibrated to fill it (timed steps and evaluations), the order reversed every "
+             "other round; validation bits per byte at the end of each run, then each config's mean.")
+    write_results("default_vs_dense", rows, ["round", "config", "params", "ms_per_step", "steps",
+                                             "minutes", "bits_per_byte"], args.out, notes,
+                  formats={"bits_per_byte": "{:.4f}", "steps": "{:.0f}"})
     print(notes)
 
 

@@ -62,14 +62,21 @@ def compiled_flops(jitted, *args) -> float | None:
     return float(cost.get("flops", 0.0)) or None
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    def fmt(v):
+def markdown_table(rows: Sequence[dict], columns: Sequence[str],
+                   formats: dict[str, str] | None = None) -> str:
+    """Rows as a Markdown table; floats to 3 significant digits unless ``formats`` gives a
+    column its own format string (e.g. ``{"bits_per_byte": "{:.4f}"}``)."""
+    formats = formats or {}
+
+    def fmt(v, column):
+        if column in formats and v != "":
+            return formats[column].format(v)
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, ""), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -80,7 +87,7 @@ def environment() -> dict:
 
 
 def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path,
-                  notes: str = "") -> tuple[Path, Path]:
+                  notes: str = "", formats: dict[str, str] | None = None) -> tuple[Path, Path]:
     """Write ``NAME.json`` and ``NAME.md`` (table + environment) under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,5 +96,5 @@ def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], out_d
     json_path.write_text(json.dumps({"name": name, "environment": env, "rows": list(rows),
                                      "notes": notes}, indent=2))
     env_line = ", ".join(f"{k}={v}" for k, v in env.items())
-    md_path.write_text(f"# {name}\n\n{notes}\n\n{markdown_table(rows, columns)}\n\n_{env_line}_\n")
+    md_path.write_text(f"# {name}\n\n{notes}\n\n{markdown_table(rows, columns, formats)}\n\n_{env_line}_\n")
     return json_path, md_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -20,11 +21,44 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None):
     if state_BKD.shape != (batch, width - 1, channels):
         raise ValueError(f"state must be {(batch, width - 1, channels)}, got {state_BKD.shape}")
     full = jnp.concatenate([state_BKD.astype(x_BLD.dtype), x_BLD], axis=1)
-    w = w_KD.astype(x_BLD.dtype)
-    y = sum(full[:, k:k + length] * w[k][None, None, :] for k in range(width))
+    y = window_sum(full, w_KD.astype(x_BLD.dtype))
     if b_D is not None:
         y = y + b_D.astype(x_BLD.dtype)[None, None, :]
     return y, full[:, length:]
 
 
-__all__ = ["causal_depthwise_conv1d"]
+def window_sum_reference(full_BND, w_KD):
+    """``y[:, t] = sum_k w[k] * full[:, t + k]`` for ``t < N - K + 1`` (plain autodiff)."""
+    width, length = w_KD.shape[0], full_BND.shape[1] - w_KD.shape[0] + 1
+    return sum(full_BND[:, k:k + length] * w_KD[k][None, None, :] for k in range(width))
+
+
+@jax.custom_vjp
+def window_sum(full_BND, w_KD):
+    """:func:`window_sum_reference` with a hand-written backward. Autodiff transposes each
+    shifted slice into a zero-padded full-size array and adds them up; on XLA:CPU that made
+    the convolution's forward+backward at ``[32, 128, 128]``, width 4, take 11 ms instead of
+    the 4 ms of the transposed window sum below (a 4-block ``hydra_tiny`` step runs it 4 times)."""
+    return window_sum_reference(full_BND, w_KD)
+
+
+def _window_sum_fwd(full_BND, w_KD):
+    return window_sum_reference(full_BND, w_KD), (full_BND, w_KD)
+
+
+def _window_sum_bwd(residuals, dy_BLD):
+    full_BND, w_KD = residuals
+    width, length = w_KD.shape[0], dy_BLD.shape[1]
+    # d_full[:, j] = sum_k w[k] * dy[:, j - k]: the same window sum over dy padded on both sides
+    padded = jnp.pad(dy_BLD, ((0, 0), (width - 1, width - 1), (0, 0)))
+    d_full = sum(padded[:, width - 1 - k:width - 1 - k + full_BND.shape[1]] * w_KD[k][None, None, :]
+                 for k in range(width))
+    d_w = jnp.stack([jnp.sum(dy_BLD * full_BND[:, k:k + length], axis=(0, 1))
+                     for k in range(width)])
+    return d_full, d_w.astype(w_KD.dtype)
+
+
+window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)
+
+
+__all__ = ["causal_depthwise_conv1d", "window_sum", "window_sum_reference"]
