@@ -80,8 +80,9 @@ def run_one(base, budget: float, workdir: Path) -> dict:
                                  f"train.checkpoint_every={steps}", "train.tensorboard=false",
                                  "eval.sample_tokens=0", f"optimizer.warmup_steps="
                                  f"{min(base.optimizer.warmup_steps, steps // 10)}"])
-    print(f"== {base.name}: {count_params(cfg.model):,} parameters, {timing.step * 1e3:.0f} ms/step, "
-          f"compile {timing.step_compile:.0f} s + {timing.eval_compile:.0f} s, "
+    print(f"== {base.name}: {count_params(cfg.model):,} parameters, "
+          f"{timing.step * 1e3:.0f} ms/step, compile {timing.step_compile:.0f} s + "
+          f"{timing.eval_compile:.0f} s, "
           f"evaluation {timing.evaluation:.1f} s -> {steps} steps", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)  # a previous run's checkpoint would resume
     start = time.perf_counter()
@@ -116,7 +117,8 @@ def main(argv=None) -> None:
     notes = (f"Each config trained {args.rounds} time(s) for ~{args.minutes:g} minutes of wall "
              f"clock on this machine ({jax.device_count()} {jax.default_backend()} device(s)), "
              "steps calibrated to fill it (timed steps and evaluations), the order reversed every "
-             "other round; validation bits per byte at the end of each run, then each config's mean.")
+             "other round; validation bits per byte at the end of each run, then each config's "
+             "mean.")
     write_results("default_vs_dense", rows, ["round", "config", "params", "ms_per_step", "steps",
                                              "minutes", "bits_per_byte"], args.out, notes,
                   formats={"bits_per_byte": "{:.4f}", "steps": "{:.0f}"})

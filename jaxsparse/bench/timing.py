@@ -96,5 +96,6 @@ def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], out_d
     json_path.write_text(json.dumps({"name": name, "environment": env, "rows": list(rows),
                                      "notes": notes}, indent=2))
     env_line = ", ".join(f"{k}={v}" for k, v in env.items())
-    md_path.write_text(f"# {name}\n\n{notes}\n\n{markdown_table(rows, columns, formats)}\n\n_{env_line}_\n")
+    table = markdown_table(rows, columns, formats)
+    md_path.write_text(f"# {name}\n\n{notes}\n\n{table}\n\n_{env_line}_\n")
     return json_path, md_path

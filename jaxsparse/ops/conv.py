@@ -51,7 +51,8 @@ def _window_sum_bwd(residuals, dy_BLD):
     width, length = w_KD.shape[0], dy_BLD.shape[1]
     # d_full[:, j] = sum_k w[k] * dy[:, j - k]: the same window sum over dy padded on both sides
     padded = jnp.pad(dy_BLD, ((0, 0), (width - 1, width - 1), (0, 0)))
-    d_full = sum(padded[:, width - 1 - k:width - 1 - k + full_BND.shape[1]] * w_KD[k][None, None, :]
+    span = full_BND.shape[1]
+    d_full = sum(padded[:, width - 1 - k:width - 1 - k + span] * w_KD[k][None, None, :]
                  for k in range(width))
     d_w = jnp.stack([jnp.sum(dy_BLD * full_BND[:, k:k + length], axis=(0, 1))
                      for k in range(width)])
