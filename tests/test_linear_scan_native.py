@@ -106,3 +106,27 @@ print(json.dumps({"same": same, "msg": msg}))
 """
     out = run_python(code, env={"JAXSPARSE_NATIVE": "0"})
     assert out["same"] and "could not be built" in out["msg"], out
+
+
+def test_default_on_a_multi_device_mesh_is_partitioned_not_gathered():
+    # the custom call has no partitioning rule: with it, XLA would all-gather the batch-sharded
+    # operands onto every device; the default must keep the scan sharded and equal to lax.scan
+    code = f"""
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxsparse.ops.diagonal_ssm import linear_scan
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows = NamedSharding(mesh, P("data"))
+k1, k2 = jax.random.split(jax.random.key(0))
+decay = jax.device_put(jax.random.uniform(k1, (8, 40, 24), minval=0.3, maxval=1.0), rows)
+x = jax.device_put(jax.random.normal(k2, (8, 40, 24)), rows)
+scan = jax.jit(lambda a, b: linear_scan(a, b)[0], out_shardings=rows)
+hlo = scan.lower(decay, x).compile().as_text()
+want = linear_scan(np.asarray(decay), np.asarray(x), implementation="sequential")[0]
+print(json.dumps({{"devices": jax.device_count(), "gathers": hlo.count("all-gather"),
+                   "native": hlo.count("{TARGET}"),
+                   "err": float(jnp.abs(scan(decay, x) - want).max())}}))
+"""
+    out = run_python(code, devices=8)
+    assert out["devices"] == 8 and out["gathers"] == 0 and out["native"] == 0, out
+    assert out["err"] < 1e-5, out

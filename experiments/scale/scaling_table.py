@@ -22,8 +22,8 @@ Nothing is allocated: every number comes from abstract shapes and the CPU compil
   (see jaxsparse/dryrun.py), and remat's recomputation (about one more forward pass) is not in
   the FLOPs.
 
-Usage: python experiments/scale/scaling_table.py [--sizes 8,64,256] [--models ...] [--quick]
-Writes experiments/results/scaling.{json,md}.
+Usage: python experiments/scale/scaling_table.py [--sizes 8,64,256] [--models ...]
+Writes experiments/results/scaling.{json,md}; rows of models not named in --models are kept.
 """
 
 from __future__ import annotations
@@ -127,11 +127,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PRESETS = ("data", "fsdp", "fsdp_tp", "fsdp_tp_ep", "fsdp_tp_sp")
+
+
+def load_rows(out: Path) -> list[dict]:
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def table_order(rows: list[dict]) -> list[dict]:
+    """Hydra first, then the baseline; by device count, then preset."""
+    def key(r):
+        preset = PRESETS.index(r["preset"]) if r["preset"] in PRESETS else len(PRESETS)
+        return (not r["model"].startswith("hydra"), r["model"], r["devices"], preset)
+    return sorted(rows, key=key)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="hydra_1p6b,transformer_1p3b")
     parser.add_argument("--sizes", default="8,64,256")
-    parser.add_argument("--presets", default="data,fsdp,fsdp_tp,fsdp_tp_ep,fsdp_tp_sp")
+    parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--out", default=str(RESULTS / "scaling"))
     args = parser.parse_args()
     jobs = []
@@ -142,19 +158,24 @@ def main() -> None:
                 mesh = meshes(preset, devices, model)
                 if mesh is not None and math.prod(mesh.values()) == devices:
                     jobs.append((model, devices, preset, mesh, depths))
-    rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Rows of models not rerun now stay in the table: `--models hydra_1p6b` refreshes Hydra's
+    # rows after a change to it without recompiling the baseline's.
+    rerun = set(args.models.split(","))
+    kept = [r for r in load_rows(out) if r["model"] not in rerun]
+    rows, done = [], [r for r in table_order(kept) if "error" not in r]
     for model, devices, preset, mesh, depths in tqdm(jobs, desc="dry runs", unit="config"):
         try:
             rows.append(one(model, devices, preset, mesh, depths))
         except Exception as err:  # noqa: BLE001 — record the failure, keep the table going
             rows.append({"model": model, "devices": devices, "preset": preset, "mesh": mesh,
                          "error": str(err)[-500:]})
-        done = [r for r in rows if "error" not in r]
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        table = table_order(kept + rows)
+        done = [r for r in table if "error" not in r]
+        out.with_suffix(".json").write_text(json.dumps(table, indent=1))
         out.with_suffix(".md").write_text(markdown(done) + "\n")
-    print(markdown([r for r in rows if "error" not in r]))
+    print(markdown(done))
     for r in rows:
         if "error" in r:
             print(f"FAILED {r['model']} {r['devices']} {r['preset']}: {r['error']}")

@@ -70,8 +70,9 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
 
 def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
     """The C++ kernel when lowering for CPU (the associative scan on other platforms), or None
-    where the default should not use it (an accelerator host, a dtype other than float32, or
-    a kernel that did not build; an explicit ``"native"`` raises instead)."""
+    where the default should not use it (an accelerator host, more than one device, a dtype
+    other than float32, or a kernel that did not build; an explicit ``"native"`` raises
+    instead)."""
     from jaxsparse.ops.native import linear_scan as native
 
     dtypes = {jnp.dtype(t.dtype) for t in (decay_BLD, inputs_BLD, initial_BD)}
@@ -81,6 +82,12 @@ def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
                              f"{sorted(str(d) for d in dtypes)} (use 'sequential')")
         return None
     if not required and jax.default_backend() != "cpu":
+        return None
+    if not required and jax.device_count() > 1:
+        # The custom call has no partitioning rule: on a multi-device mesh XLA would gather
+        # its sharded operands onto every device (a dry run of hydra_1p6b on 8 emulated
+        # devices, data-parallel, 3 blocks: 144 GiB of all-gathers per step with it, none
+        # with lax.scan), so the default takes the partitionable scans there.
         return None
     if not native.available():
         if required:
