@@ -1,10 +1,10 @@
 """Hydra's design envelope (~1.6B parameters; Chaudhary & Browning 2025): 24 blocks of width
-2048, diagonal SSM everywhere, sparse global attention (window 256, up to 512 global tokens)
-in every third block, a chunk-level MoE feed-forward (8 experts, top-2, routed per 64 tokens),
-65,536-slot product-key memories in blocks 8 and 16 and a 32-slot workspace. The paper leaves
-the tokenizer open; a 32k vocabulary is assumed here. Meant for a pod: `jaxsparse configs`
-prints its parameter accounting and `jaxsparse dryrun` its per-device memory on a 64-device
-mesh, both without allocating."""
+2048, diagonal SSM everywhere (after a width-4 causal convolution, as in Mamba), sparse global
+attention (window 256, up to 512 global tokens) in every third block, a chunk-level MoE
+feed-forward (8 experts, top-2, routed per 64 tokens), 65,536-slot product-key memories in
+blocks 8 and 16 and a 32-slot workspace. The paper leaves the tokenizer open; a 32k vocabulary
+is assumed here. Meant for a pod: `jaxsparse configs` prints its parameter accounting and
+`jaxsparse dryrun` its per-device memory on a 64-device mesh, both without allocating."""
 
 from jaxsparse.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig,
                               TrainConfig)
@@ -16,7 +16,7 @@ def get_config() -> Config:
         model=ModelConfig(
             name="hydra", vocab_size=32_000, d_model=2048, n_layers=24, n_heads=16,
             n_kv_heads=16, d_ff=5504, max_seq_len=8192, expand=1, tie_embeddings=True,
-            dtype="bfloat16", remat=True, hydra_sga_every=3, hydra_window=256,
+            dtype="bfloat16", remat=True, hydra_ssm_conv=4, hydra_sga_every=3, hydra_window=256,
             hydra_max_global=512,
             hydra_curriculum="sga:2000,moe:4000,memory:6000",
             moe_experts=8, moe_k=2, moe_every=1, moe_chunk=64, moe_d_ff=512,
