@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import run_python
 from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
 
 
@@ -118,3 +119,43 @@ def test_bad_workspace_input_is_refused():
         workspace_memory(x, queries, init, w, chunk=0)
     with pytest.raises(ValueError, match="must agree on the width"):
         workspace_memory(x, queries[..., :4], init, w, chunk=4)
+
+
+def test_fsdp_moves_the_weights_not_the_activations():
+    """Under FSDP (8 emulated devices, batch and weights split over ``fsdp``) the workspace's
+    forward and backward exchange only its parameters: one gather of the weights and one
+    reduction of their gradients, never the [batch, length, d] keys or values (which a
+    projection by a split weight was compiled into: 20x the bytes), and the gradients equal
+    those of one device."""
+    code = """
+import json, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxsparse.dryrun import collective_summary
+from jaxsparse.nn.workspace import WorkspaceMemory
+from jaxsparse.parallel import PRESETS, activation_sharding, param_shardings
+mesh, rules = Mesh(np.array(jax.devices()), ("fsdp",)), PRESETS["fsdp"].rules
+graphdef, state = nnx.split(WorkspaceMemory(128, 8, 64, rngs=nnx.Rngs(0)))
+params = nnx.to_pure_dict(state)
+x = jax.random.normal(jax.random.key(1), (8, 512, 128))
+
+def loss(p, x):
+    with activation_sharding(mesh, rules):
+        return jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
+
+grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+sharded = (jax.device_put(params, param_shardings(state, mesh, rules)),
+           jax.device_put(x, NamedSharding(mesh, P("fsdp"))))
+collectives = collective_summary(grad.lower(*sharded).compile().as_text())
+got, want = grad(*sharded), jax.jit(jax.grad(lambda p, x: jnp.sum(
+    nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1)))(params, x)
+err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+print(json.dumps({"collectives": collectives, "err": err,
+                  "param_bytes": sum(v.size * 4 for v in jax.tree.leaves(params))}))
+"""
+    out = run_python(code, devices=8)
+    moved = sum(v["bytes"] for v in out["collectives"].values())
+    assert set(out["collectives"]) <= {"all-gather", "all-reduce", "reduce-scatter"}, out
+    assert moved <= 2 * out["param_bytes"], out
+    assert out["err"] < 1e-5, out
