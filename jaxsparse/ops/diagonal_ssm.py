@@ -70,10 +70,12 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
 
 def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
     """The C++ kernel when lowering for CPU (the associative scan on other platforms), or None
-    where the default should not use it (an accelerator host, more than one device, a dtype
-    other than float32, or a kernel that did not build; an explicit ``"native"`` raises
-    instead)."""
+    where the default should not use it (an accelerator host, a dtype other than float32, a
+    ``shard_map`` over some mesh axes only, or a kernel that did not build; an explicit
+    ``"native"`` raises instead). On a mesh the kernel runs on each device's rows and
+    channels (``batch_channel_partitioning``)."""
     from jaxsparse.ops.native import linear_scan as native
+    from jaxsparse.ops.native.batch_channel_partitioning import in_partly_manual_context
 
     dtypes = {jnp.dtype(t.dtype) for t in (decay_BLD, inputs_BLD, initial_BD)}
     if dtypes != {jnp.dtype(jnp.float32)}:
@@ -81,13 +83,7 @@ def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
             raise ValueError(f"linear_scan(implementation='native') computes in float32; got "
                              f"{sorted(str(d) for d in dtypes)} (use 'sequential')")
         return None
-    if not required and jax.default_backend() != "cpu":
-        return None
-    if not required and jax.device_count() > 1:
-        # The custom call has no partitioning rule: on a multi-device mesh XLA would gather
-        # its sharded operands onto every device (a dry run of hydra_1p6b on 8 emulated
-        # devices, data-parallel, 3 blocks: 144 GiB of all-gathers per step with it, none
-        # with lax.scan), so the default takes the partitionable scans there.
+    if not required and (jax.default_backend() != "cpu" or in_partly_manual_context()):
         return None
     if not native.available():
         if required:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.native import register
+from jaxsparse.ops.native.batch_channel_partitioning import split_over_batch_and_channels
 
 _TARGET = "jaxsparse_linear_scan_f32"
 _BWD_TARGET = "jaxsparse_linear_scan_bwd_f32"
@@ -18,9 +19,21 @@ def available() -> bool:
                                            (_BWD_TARGET, "JaxsparseLinearScanBwdF32")))
 
 
-def _scan(a, x, h0):
+def _scan_call(a, x, h0):
     out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(h0.shape, jnp.float32))
     return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(a, x, h0))
+
+
+def _scan_bwd_call(a, hs, h0, g_hs, g_final):
+    out = (jax.ShapeDtypeStruct(a.shape, jnp.float32),) * 2 + (
+        jax.ShapeDtypeStruct(h0.shape, jnp.float32),)
+    call = jax.ffi.ffi_call(_BWD_TARGET, out, vmap_method="sequential")
+    return tuple(call(a, hs, h0, g_hs, g_final))
+
+
+# both kernels step each (batch row, channel) alone: meshes split them over rows and channels
+_scan = split_over_batch_and_channels(_scan_call, (3, 3, 2), (3, 2))
+_scan_bwd = split_over_batch_and_channels(_scan_bwd_call, (3, 3, 2, 3, 2), (3, 3, 2))
 
 
 @jax.custom_vjp
@@ -39,10 +52,7 @@ def _bwd(residuals, cotangents):
     g_hs, g_final = cotangents
     # one reverse pass (linear_scan_cpu.cc): λ_t = dL/dh_t = g_t + a_{t+1} λ_{t+1} with
     # λ_{L-1} = g_{L-1} + g_final, d_x = λ, d_a_t = λ_t h_{t-1}, d_h0 = a_0 λ_0
-    out = (jax.ShapeDtypeStruct(a.shape, jnp.float32),) * 2 + (
-        jax.ShapeDtypeStruct(h0.shape, jnp.float32),)
-    call = jax.ffi.ffi_call(_BWD_TARGET, out, vmap_method="sequential")
-    return tuple(call(a, hs, h0, g_hs.astype(jnp.float32), g_final.astype(jnp.float32)))
+    return _scan_bwd(a, hs, h0, g_hs.astype(jnp.float32), g_final.astype(jnp.float32))
 
 
 native_linear_scan.defvjp(_fwd, _bwd)
