@@ -73,9 +73,9 @@ def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
     where the default should not use it (an accelerator host, a dtype other than float32, a
     ``shard_map`` over some mesh axes only, or a kernel that did not build; an explicit
     ``"native"`` raises instead). On a mesh the kernel runs on each device's rows and
-    channels (``batch_channel_partitioning``)."""
+    channels (``native.partitioning``)."""
     from jaxsparse.ops.native import linear_scan as native
-    from jaxsparse.ops.native.batch_channel_partitioning import in_partly_manual_context
+    from jaxsparse.ops.native.partitioning import in_partly_manual_context
 
     dtypes = {jnp.dtype(t.dtype) for t in (decay_BLD, inputs_BLD, initial_BD)}
     if dtypes != {jnp.dtype(jnp.float32)}:

@@ -180,11 +180,14 @@ def _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, *, interp
 def _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size, *,
                          required: bool):
     """``(y, final)`` through the C++ kernel when lowering for CPU (the chunked form on other
-    platforms), or None when the default should not use it (an accelerator host, or the kernel
-    failed to build; an explicit ``"native"`` raises instead)."""
+    platforms), or None when the default should not use it (an accelerator host, a
+    ``shard_map`` over some mesh axes only, or the kernel failed to build; an explicit
+    ``"native"`` raises instead). On a mesh the kernel runs on each device's batch rows
+    (``native.partitioning``)."""
     from jaxsparse.ops.native import selective_scan as native
+    from jaxsparse.ops.native.partitioning import in_partly_manual_context
 
-    if not required and jax.default_backend() != "cpu":
+    if not required and (jax.default_backend() != "cpu" or in_partly_manual_context()):
         return None
     if not native.available():
         if required:

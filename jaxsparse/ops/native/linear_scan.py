@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.native import register
-from jaxsparse.ops.native.batch_channel_partitioning import split_over_batch_and_channels
+from jaxsparse.ops.native.partitioning import split_over_batch_and_channels
 
 _TARGET = "jaxsparse_linear_scan_f32"
 _BWD_TARGET = "jaxsparse_linear_scan_bwd_f32"

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.native import register
+from jaxsparse.ops.native.partitioning import ROW_SUM, ROWS, WHOLE, split_over_rows
 
 _FORWARD, _RESIDUAL, _BACKWARD = ("jaxsparse_monarch_f32", "jaxsparse_monarch_residual_f32",
                                   "jaxsparse_monarch_backward_f32")
@@ -27,14 +28,37 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+def _forward_call(residual: bool):
+    def call(rows, w1T, w2T):
+        b, _, q = w1T.shape
+        s = w2T.shape[2]
+        outs = (_f32(rows.shape[0], b * s),) + ((_f32(rows.shape[0], b * q),) if residual else ())
+        kernel = jax.ffi.ffi_call(_RESIDUAL if residual else _FORWARD, outs,
+                                  vmap_method="sequential")
+        return tuple(kernel(rows, w1T, w2T))
+    return call
+
+
+# Tokens are independent rows: on a mesh each device runs its rows with whole weights, and
+# the weight gradients are summed over the devices.
+_FORWARD_ROWS = {residual: split_over_rows(_forward_call(residual), (ROWS, WHOLE, WHOLE),
+                                           (ROWS,) * (1 + residual)) for residual in (False, True)}
+
+
+def _backward_call(rows, hidden, dy, w1, w2):
+    outs = (_f32(*rows.shape), _f32(*w1.shape), _f32(*w2.shape))
+    return tuple(jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="sequential")(
+        rows, hidden, dy, w1, w2))
+
+
+_BACKWARD_ROWS = split_over_rows(_backward_call, (ROWS, ROWS, ROWS, WHOLE, WHOLE),
+                                 (ROWS, ROW_SUM, ROW_SUM))
+
+
 def _forward(rows, w1, w2, *, residual: bool):
-    b, q, _ = w1.shape
-    s = w2.shape[1]
-    outs = (_f32(rows.shape[0], b * s),) + ((_f32(rows.shape[0], b * q),) if residual else ())
     # Weights transposed once per call (b·q·(p + s) floats, small beside the activations) so
     # the kernel's vectors run along contiguous output columns.
-    call = jax.ffi.ffi_call(_RESIDUAL if residual else _FORWARD, outs, vmap_method="sequential")
-    return call(rows, jnp.swapaxes(w1, 1, 2), jnp.swapaxes(w2, 1, 2))
+    return _FORWARD_ROWS[residual](rows, jnp.swapaxes(w1, 1, 2), jnp.swapaxes(w2, 1, 2))
 
 
 def _rows(x):
@@ -61,9 +85,7 @@ def _fwd(x, w1, w2):
 def _bwd(residuals, dy):
     x, hidden, w1, w2 = residuals
     rows = _rows(x)
-    outs = (_f32(*rows.shape), _f32(*w1.shape), _f32(*w2.shape))
-    dx, dw1, dw2 = jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="sequential")(
-        rows, hidden, _rows(dy).astype(jnp.float32), w1, w2)
+    dx, dw1, dw2 = _BACKWARD_ROWS(rows, hidden, _rows(dy).astype(jnp.float32), w1, w2)
     return dx.reshape(x.shape), dw1, dw2
 
 

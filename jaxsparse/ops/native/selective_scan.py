@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.native import register
+from jaxsparse.ops.native.partitioning import ROWS, WHOLE, split_over_rows
 
 _FORWARD, _BACKWARD = "jaxsparse_selective_scan_f32", "jaxsparse_selective_scan_backward_f32"
 _LANES = 16  # channels stepped together (one vector register of float32)
@@ -32,10 +33,18 @@ def native_scan(x, dt, A, B, C, h0):
     All float32: ``x, dt [batch, L, d]`` (dt discretised: bias and softplus applied),
     ``A [d, N]``, ``B, C [batch, L, groups, N]``, ``h0 [batch, d, N]``.
     """
+    return _forward(x, dt, A, B, C, h0)
+
+
+def _forward_call(x, dt, A, B, C, h0):
     batch, length, d = x.shape
     call = jax.ffi.ffi_call(_FORWARD, (_f32(batch, length, d), _f32(batch, d, A.shape[1])),
                             vmap_method="sequential")
     return tuple(call(x, dt, A, B, C, h0))
+
+
+# every batch row is its own recurrence: on a mesh each device scans its rows (A is whole)
+_forward = split_over_rows(_forward_call, (ROWS, ROWS, WHOLE, ROWS, ROWS, ROWS), (ROWS, ROWS))
 
 
 def _parts(batch: int, groups: int, channels: int) -> int:
@@ -55,12 +64,19 @@ def _bwd(residuals, cotangents):
     gy, gh_final = cotangents
     batch, length, d = x.shape
     groups, n = B.shape[2], B.shape[3]
-    parts = _parts(batch, groups, d)
-    outs = (_f32(batch, length, d), _f32(batch, length, d), _f32(batch, d, n),
-            _f32(batch, groups, parts, length, n), _f32(batch, groups, parts, length, n),
-            _f32(batch, d, n))
-    call = jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="sequential")
-    gx, gdt, gA_rows, gB_parts, gC_parts, gh0 = call(
+    parts = _parts(batch, groups, d)  # fixed here: the same on every device of a mesh
+
+    def backward_call(*operands):
+        rows, length, d = operands[0].shape
+        outs = (_f32(rows, length, d), _f32(rows, length, d), _f32(rows, d, n),
+                _f32(rows, groups, parts, length, n), _f32(rows, groups, parts, length, n),
+                _f32(rows, d, n))
+        return tuple(jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="sequential")(*operands))
+
+    # every result is per batch row (A's gradient too, summed over the rows below)
+    backward = split_over_rows(backward_call, (ROWS, ROWS, WHOLE, ROWS, ROWS, ROWS, ROWS, ROWS),
+                               (ROWS,) * 6)
+    gx, gdt, gA_rows, gB_parts, gC_parts, gh0 = backward(
         x, dt, A, B, C, h0, gy.astype(jnp.float32), gh_final.astype(jnp.float32))
     to_bl = lambda parts_: jnp.swapaxes(parts_.sum(axis=2), 1, 2)  # noqa: E731  [b, L, g, N]
     return gx, gdt, gA_rows.sum(axis=0), to_bl(gB_parts), to_bl(gC_parts), gh0
