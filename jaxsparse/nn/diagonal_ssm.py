@@ -13,7 +13,7 @@ from flax import nnx
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.diagonal_ssm import decay_from, diagonal_ssm, diagonal_ssm_sequence_parallel
-from jaxsparse.parallel import current_mesh, sequence_axis_size
+from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec, sequence_axis_size
 
 
 class DiagonalSSM(nnx.Module):
@@ -72,10 +72,7 @@ class DiagonalSSM(nnx.Module):
         # under a sequence-sharded mesh the convolution runs in the global view: XLA brings
         # each shard the last conv_width - 1 inputs of the previous one
         x_BLD, conv_state = self._convolve(x_BLD, cache)
-        # split along the last axis of [B, L, 4·W]: a moveaxis of [B, L, 4, W], or slices of
-        # its third axis, made XLA:CPU's fwd+bwd 2x slower (transposes, padded gradients)
-        projected = self.in_proj(x_BLD).reshape(*x_BLD.shape[:-1], 4 * self.width)
-        delta, B, C, U = jnp.split(projected, 4, axis=-1)
+        delta, B, C, U = self._split_projection(self.in_proj(x_BLD))
         initial = None if cache is None else cache["state"]
         shards = sequence_axis_size()
         if cache is None and shards > 1 and x_BLD.shape[1] % shards == 0:
@@ -90,6 +87,21 @@ class DiagonalSSM(nnx.Module):
         if cache is None:
             return out, None
         return out, {"state": final} | ({"conv": conv_state} if self.conv_width else {})
+
+    def _split_projection(self, projected_BL4W):
+        """``Δ, B, C, U`` from the in-projection's ``[B, L, 4, W]``."""
+        mesh = current_mesh()
+        if mesh is not None and logical_to_spec(("mlp",), (self.width,), mesh,
+                                                current_rules())[0] is not None:
+            # W split over tensor: the [B, L, 4·W] view below would interleave the shards
+            # (hydra_1p6b, 3 blocks, fsdp2×tensor4: 132 GiB of all-to-alls and permutes
+            # per device and step); taking the 4 along its own axis keeps W's split
+            return tuple(jnp.moveaxis(projected_BL4W, -2, 0))
+        # one device or W whole: split along the last axis of [B, L, 4·W] (the moveaxis, or
+        # slices of the third axis, made XLA:CPU's fwd+bwd 2x slower: transposes, padded
+        # gradients)
+        flat = projected_BL4W.reshape(*projected_BL4W.shape[:-2], 4 * self.width)
+        return tuple(jnp.split(flat, 4, axis=-1))
 
     def decay(self, x_BLD):
         """The per-channel decay ``α [B, L, width]`` (for inspection)."""
