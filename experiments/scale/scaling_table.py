@@ -160,10 +160,10 @@ def main() -> None:
                     jobs.append((model, devices, preset, mesh, depths))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Rows of models not rerun now stay in the table: `--models hydra_1p6b` refreshes Hydra's
-    # rows after a change to it without recompiling the baseline's.
-    rerun = set(args.models.split(","))
-    kept = [r for r in load_rows(out) if r["model"] not in rerun]
+    # Rows not rerun now stay in the table: `--models hydra_1p6b --presets fsdp_tp` refreshes
+    # those rows after a change without recompiling the others.
+    rerun = {(model, devices, preset) for model, devices, preset, _, _ in jobs}
+    kept = [r for r in load_rows(out) if (r["model"], r["devices"], r["preset"]) not in rerun]
     rows, done = [], [r for r in table_order(kept) if "error" not in r]
     for model, devices, preset, mesh, depths in tqdm(jobs, desc="dry runs", unit="config"):
         try:
