@@ -1,8 +1,9 @@
 """Hydra at the v3 prototype scale (~29M parameters; Chaudhary & Browning 2025, v3): 8 blocks
-of width 384, diagonal SSM in every block, sparse global attention (window 256, up to 512
-global tokens) in blocks 2 and 5, a chunk-level MoE feed-forward (4 experts, top-1, routed per
-64 tokens), a 4,096-slot product-key memory in block 3 and a 16-slot workspace. Sequences of
-1,024 bytes; the long-context throughput study runs it up to 8k."""
+of width 384, diagonal SSM (after a width-4 causal convolution) in every block, sparse global
+attention (window 256, up to 512 global tokens) in blocks 2 and 5, a chunk-level MoE
+feed-forward (4 experts, top-1, routed per 64 tokens), a 4,096-slot product-key memory in
+block 3 and a 16-slot workspace. Sequences of 1,024 bytes; the long-context throughput study
+runs it up to 8k."""
 
 from jaxsparse.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
 
@@ -12,7 +13,7 @@ def get_config() -> Config:
         name="hydra_29m",
         model=ModelConfig(
             name="hydra", d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, d_ff=512,
-            max_seq_len=8192, expand=1, hydra_sga_every=3, hydra_window=256,
+            max_seq_len=8192, expand=1, hydra_ssm_conv=4, hydra_sga_every=3, hydra_window=256,
             hydra_max_global=512, hydra_curriculum="sga:500,moe:1000,memory:1500",
             moe_experts=4, moe_k=1, moe_every=1, moe_chunk=64, moe_d_ff=512,
             pkm_layers="3", pkm_slots=4096, pkm_heads=4, pkm_k_dim=128, pkm_knn=32,
