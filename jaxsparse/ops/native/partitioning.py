@@ -10,11 +10,13 @@ own rows unchanged:
   batch rows, tokens) or whole (weights); results that sum over the rows (weight gradients)
   are summed across the devices that hold the rows.
 
-On one device, or inside a ``shard_map`` over every mesh axis, the wrapped kernel is called as
-is; under ``vmap`` too (the rules cannot be batched). Inside a partly manual ``shard_map`` (the sequence-parallel scans: manual over
-``sequence`` only) the partitioner hands the rules shardings they cannot name, so the kernel
-is called without a rule there (correct, but gathered over the other axes: the default paths
-avoid the kernels in that context, see :func:`in_partly_manual_context`)."""
+A dimension whose split would not be even is kept whole (padding rows would enter the summed
+weight gradients). On one device, or inside a ``shard_map`` over every mesh axis, the wrapped
+kernel is called as is; under ``vmap`` too (the rules cannot be batched). Inside a partly
+manual ``shard_map`` (the sequence-parallel scans: manual over ``sequence`` only) the
+partitioner hands the rules shardings they cannot name, so the kernel is called without a rule
+there (correct, but gathered over the other axes: the default paths avoid the kernels in that
+context, see :func:`in_partly_manual_context`)."""
 
 from __future__ import annotations
 
@@ -35,8 +37,18 @@ def in_partly_manual_context() -> bool:
     return bool(mesh.manual_axes) and set(mesh.manual_axes) != set(mesh.axis_names)
 
 
-def _spec_entries(shape) -> tuple:
-    return tuple(shape.sharding.spec) + (None,) * len(shape.shape)
+def _axis_names(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _even_split(mesh, shape, dim: int):
+    """The mesh axes splitting ``shape``'s dimension ``dim`` if they split it evenly, else
+    None (whole)."""
+    axes = (tuple(shape.sharding.spec) + (None,) * len(shape.shape))[dim]
+    size = 1
+    for name in _axis_names(axes):
+        size *= mesh.shape[name]
+    return axes if axes is not None and shape.shape[dim] % size == 0 else None
 
 
 def _batchable(kernel, with_rule):
@@ -64,9 +76,8 @@ def split_over_batch_and_channels(kernel, in_ranks: tuple[int, ...], out_ranks: 
     factors = {3: "b l w", 2: "b w"}
     wrapped = custom_partitioning(kernel)
 
-    def batch_and_channel_axes(shape):
-        spec = _spec_entries(shape)
-        return spec[0], spec[len(shape.shape) - 1]
+    def batch_and_channel_axes(mesh, shape):
+        return _even_split(mesh, shape, 0), _even_split(mesh, shape, len(shape.shape) - 1)
 
     def shardings(mesh, axes, ranks):
         batch, channels = axes
@@ -74,11 +85,11 @@ def split_over_batch_and_channels(kernel, in_ranks: tuple[int, ...], out_ranks: 
                                    P(batch, channels)) for rank in ranks)
 
     def partition(mesh, arg_shapes, result_shape):
-        axes = batch_and_channel_axes(result_shape[0])
+        axes = batch_and_channel_axes(mesh, result_shape[0])
         return mesh, kernel, shardings(mesh, axes, out_ranks), shardings(mesh, axes, in_ranks)
 
     def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
-        return shardings(mesh, batch_and_channel_axes(arg_shapes[0]), out_ranks)
+        return shardings(mesh, batch_and_channel_axes(mesh, arg_shapes[0]), out_ranks)
 
     rule = (", ".join(factors[r] for r in in_ranks) + " -> "
             + ", ".join(factors[r] for r in out_ranks))
@@ -100,25 +111,23 @@ def split_over_rows(kernel, operand_kinds: tuple[str, ...], result_kinds: tuple[
         wrapped = custom_partitioning(kernel)
         first_rows = operand_kinds.index(ROWS)
 
-        def shardings(mesh, batch, kinds, ranks):
-            return tuple(NamedSharding(mesh, P(batch) if kind == ROWS else P())
-                         for kind, rank in zip(kinds, ranks))
+        def shardings(mesh, rows, kinds):
+            return tuple(NamedSharding(mesh, P(rows) if kind == ROWS else P()) for kind in kinds)
 
         def partition(mesh, arg_shapes, result_shape):
-            batch = _spec_entries(arg_shapes[first_rows])[0]
-            axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+            rows = _even_split(mesh, arg_shapes[first_rows], 0)
+            axes = _axis_names(rows)
 
             def per_device(*operands):
                 results = kernel(*operands)
                 return tuple(jax.lax.psum(r, axes) if kind == ROW_SUM and axes else r
                              for kind, r in zip(result_kinds, results))
 
-            return (mesh, per_device, shardings(mesh, batch, result_kinds, out_ranks),
-                    shardings(mesh, batch, operand_kinds, in_ranks))
+            return (mesh, per_device, shardings(mesh, rows, result_kinds),
+                    shardings(mesh, rows, operand_kinds))
 
         def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
-            batch = _spec_entries(arg_shapes[first_rows])[0]
-            return shardings(mesh, batch, result_kinds, out_ranks)
+            return shardings(mesh, _even_split(mesh, arg_shapes[first_rows], 0), result_kinds)
 
         # Shardy rule: factor r is the rows; every other dimension is its own factor, kept whole
         names, whole = iter(f"d{i}" for i in range(10_000)), []
