@@ -48,7 +48,9 @@ class WorkspaceMemory(nnx.Module):
                 for variable in (getattr(self, name),)}
 
     def __call__(self, x_BLD):
-        x = x_BLD.astype(jnp.float32)
+        # the chunk recurrence runs over the whole length: under sequence parallelism gather
+        # x once here, not the keys and the values that are projected from it
+        x = constrain(x_BLD.astype(jnp.float32), ("batch", None, "embed"))
         reads, _ = workspace_memory(x, x, self.init_slots[...].astype(jnp.float32),
                                     self.weights(), chunk=self.chunk)
         return reads.astype(x_BLD.dtype)
