@@ -46,10 +46,36 @@ def _type_bytes(text: str) -> int:
     return total
 
 
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+
+
+def _group_size(line: str) -> int | None:
+    """Devices in each replica group of a collective's HLO line (None: not stated, e.g. all
+    devices, or source-target pairs)."""
+    if match := _LISTED_GROUPS.search(line):
+        return len(match.group(1).split(","))
+    if match := _IOTA_GROUPS.search(line):
+        return int(match.group(1))
+    if match := _MESH_GROUPS.search(line):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", match.group(2)))
+    return None
+
+
 def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Count and result bytes per device of every collective op in compiled HLO text."""
+    """Count and result bytes per device of every collective op in compiled HLO text.
+
+    Collectives whose replica groups hold one device each move nothing and are left out
+    (``shard_map``'s transpose emits such all-reduces over mesh axes of size 1, and XLA:CPU
+    keeps them as copies)."""
     summary = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
-    for result_type, name in _COLLECTIVE_LINE.findall(hlo_text):
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE_LINE.search(line)
+        if match is None or _group_size(line) == 1:
+            continue
+        result_type, name = match.groups()
         summary[name]["count"] += 1
         summary[name]["bytes"] += _type_bytes(result_type)
     return {name: v for name, v in summary.items() if v["count"]}

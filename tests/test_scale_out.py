@@ -64,8 +64,15 @@ def test_mesh_flags_and_collective_parsing():
   %ar = (bf16[8]{0}, f32[2,3]{1,0}) all-reduce(%a, %b), to_apply=%sum
   %cp = s32[4]{0} collective-permute-start(%x), source_target_pairs={{0,1}}
   %add = f32[4]{0} add(%p, %q)
+  %ar.2 = f32[64]{0} all-reduce(%c), replica_groups={{0,1},{2,3}}, to_apply=%sum
+  %ar.3 = f32[64]{0} all-reduce(%c), replica_groups=[2,4]<=[8], to_apply=%sum
+  %ar.4 = f32[64]{0} all-reduce(%c), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%sum
+  %one.1 = f32[999]{0} all-reduce(%c), replica_groups={{0},{1},{2},{3}}, to_apply=%sum
+  %one.2 = f32[999]{0} all-reduce(%c), replica_groups=[8,1]<=[8], to_apply=%sum
+  %one.3 = f32[999]{0} all-gather(%c), replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_1'}, dimensions={0}
 """
-    assert collective_summary(hlo) == {"all-reduce": {"count": 1, "bytes": 16 + 24},
+    # groups of one device each move nothing (shard_map's transpose emits such all-reduces)
+    assert collective_summary(hlo) == {"all-reduce": {"count": 4, "bytes": 16 + 24 + 3 * 256},
                                        "all-gather": {"count": 1, "bytes": 2048},
                                        "collective-permute": {"count": 1, "bytes": 16}}
 
