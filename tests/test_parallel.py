@@ -80,6 +80,21 @@ def test_logical_rules_drop_axes_that_do_not_fit():
     assert logical_to_spec(("vocab", "embed"), (255, 8), fake) == P(None, "fsdp")
 
 
+def test_row_local_layers_split_their_rows_over_tensor_parallelism_when_they_divide():
+    from jaxsparse.nn.batch_local import row_shard_axes
+    from jaxsparse.parallel import PRESETS, activation_sharding
+
+    class FakeMesh:
+        shape = {"data": 2, "fsdp": 2, "expert": 1, "sequence": 2, "tensor": 2}
+
+    with activation_sharding(FakeMesh(), PRESETS["full"].rules):
+        assert row_shard_axes(FakeMesh(), 16) == ("data", "fsdp", "tensor")
+        assert row_shard_axes(FakeMesh(), 12) == ("data", "fsdp")  # 8 does not divide 12
+        assert row_shard_axes(FakeMesh(), 2) == ("data",)
+    with activation_sharding(FakeMesh(), PRESETS["fsdp"].rules):  # no tensor parallelism
+        assert row_shard_axes(FakeMesh(), 16) == ("data", "fsdp")
+
+
 MULTI_HOST = ["train.steps=10", "train.checkpoint_every=3", "mesh.data=2", "mesh.fsdp=2",
               "mesh.preset=fsdp"]
 

@@ -112,8 +112,8 @@ class HydraBlock(nnx.Module):
             if workspace is None:
                 raise ValueError("workspace: this block reads the model's shared workspace; call "
                                  "it through HydraLM (or pass workspace=model.workspace)")
-            if cache is None:
-                y = workspace(h)
+            if cache is None:  # per row: under tensor parallelism each device takes a slice
+                y = batch_local(workspace, h)
             else:
                 y, new_cache["workspace"] = workspace.decode(h, cache["workspace"], cache_index)
             branches.append(("workspace", self.gate_workspace, y))

@@ -2,7 +2,8 @@
 ``expert``, tokens exchanged with two all-to-alls inside ``jax.shard_map`` (GShard, Lepikhin
 et al. 2020).
 
-Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``); each device routes
+Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``; and ``tensor``, see
+:func:`~jaxsparse.nn.batch_local.row_shard_axes`); each device routes
 its own tokens, packs them into per-expert buffers ``[E, C, D]``, and an all-to-all over
 ``expert`` sends every expert's slice to the device that holds that expert. Each device runs
 its ``E / n`` experts on the ``n * C`` rows it received; a second all-to-all returns the
@@ -22,13 +23,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
-from jaxsparse.nn.batch_local import token_shard_axes
+from jaxsparse.nn.batch_local import row_shard_axes
 
 AXIS = "expert"
 
 
 def _token_axes(mesh, x_BLD) -> tuple[str, ...]:
-    axes = token_shard_axes(mesh, x_BLD.shape[0])
+    axes = row_shard_axes(mesh, x_BLD.shape[0])
     if AXIS not in axes:
         raise ValueError(f"expert parallelism splits the batch over mesh axis '{AXIS}' "
                          f"(size {mesh.shape[AXIS]}); batch {x_BLD.shape[0]} does not divide "
@@ -87,12 +88,14 @@ def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
 
     The layer's own dispatch runs inside ``jax.shard_map`` with the batch split over its mesh
     axes and everything else whole, so sorting tokens by expert and gathering their rows stay
-    local instead of being replicated over the global batch. (Manual over every axis: leaving
+    local instead of being replicated over the global batch; under tensor parallelism the rows
+    are split over the tensor axis too (:func:`~jaxsparse.nn.batch_local.row_shard_axes`).
+    (Manual over every axis: leaving
     the tensor axis to the compiler crashed XLA:CPU on bfloat16 dispatch, "Invalid binary
     instruction opcode copy".) Router statistics are averaged over those axes, so the losses are the global
     ones; the dropless dispatch gives exactly the single-device result (a capacity limit applies
     per device, as under expert parallelism)."""
-    axes = token_shard_axes(mesh, x_BLD.shape[0])
+    axes = row_shard_axes(mesh, x_BLD.shape[0])
     rows = P(axes)
 
     def mean(v):
