@@ -373,12 +373,12 @@ print(json.dumps({"collectives": sorted(collectives), "err": err}))
     assert out["err"] < 1e-5, out
 
 
-def test_tensor_parallelism_splits_the_row_local_branches_instead_of_repeating_them():
-    """fsdp2 × tensor4 against fsdp8 (8 emulated devices): the branches that are not split over
-    tensor themselves (MoE dispatch, product-key memory, workspace) take a slice of each
-    device's rows per tensor rank, so the per-device FLOPs of a forward+backward match pure
-    FSDP's (before: 1.74x, every tensor rank repeating them), and the gradients equal one
-    device's under both."""
+def test_tensor_and_sequence_parallelism_split_the_row_local_branches_instead_of_repeating_them():
+    """fsdp2 × tensor4 and fsdp2 × sequence2 × tensor2 against fsdp8 (8 emulated devices): the
+    branches that are not split over tensor themselves (MoE dispatch, product-key memory,
+    workspace) take a share of each device's rows per tensor (and sequence) rank, so the
+    per-device FLOPs of a forward+backward match pure FSDP's (before: 1.74x under fsdp_tp,
+    every tensor rank repeating them), and the gradients equal one device's under all three."""
     code = """
 import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -398,11 +398,13 @@ def loss(p, t, mesh=None, rules=None):
 
 want = jax.jit(jax.grad(loss))(params, tokens)
 out = {}
-for name, shape, axes in (("fsdp", (8,), ("fsdp",)), ("fsdp_tp", (2, 4), ("fsdp", "tensor"))):
+for name, shape, axes in (("fsdp", (8,), ("fsdp",)), ("fsdp_tp", (2, 4), ("fsdp", "tensor")),
+                          ("fsdp_tp_sp", (2, 2, 2), ("fsdp", "sequence", "tensor"))):
     mesh, rules = Mesh(np.array(jax.devices()).reshape(shape), axes), PRESETS[name].rules
     grad = jax.jit(jax.grad(lambda p, t: loss(p, t, mesh, rules)))
+    length_axis = "sequence" if "sequence" in axes else None
     args = (jax.device_put(params, param_shardings(state, mesh, rules)),
-            jax.device_put(tokens, NamedSharding(mesh, P("fsdp"))))
+            jax.device_put(tokens, NamedSharding(mesh, P("fsdp", length_axis))))
     got = grad(*args)
     out[name] = {"flops": grad.lower(*args).compile().cost_analysis()["flops"],
                  "err": max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
@@ -410,5 +412,6 @@ for name, shape, axes in (("fsdp", (8,), ("fsdp",)), ("fsdp_tp", (2, 4), ("fsdp"
 print(json.dumps(out))
 """
     out = run_python(code, devices=8)
-    assert out["fsdp"]["err"] < 1e-5 and out["fsdp_tp"]["err"] < 1e-5, out
+    assert all(run["err"] < 1e-5 for run in out.values()), out
     assert out["fsdp_tp"]["flops"] <= 1.15 * out["fsdp"]["flops"], out
+    assert out["fsdp_tp_sp"]["flops"] <= 1.15 * out["fsdp"]["flops"], out

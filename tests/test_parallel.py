@@ -80,19 +80,23 @@ def test_logical_rules_drop_axes_that_do_not_fit():
     assert logical_to_spec(("vocab", "embed"), (255, 8), fake) == P(None, "fsdp")
 
 
-def test_row_local_layers_split_their_rows_over_tensor_parallelism_when_they_divide():
-    from jaxsparse.nn.batch_local import row_shard_axes
+def test_row_local_layers_spread_their_rows_over_tensor_and_sequence_parallelism():
+    from jaxsparse.nn.batch_local import RowSplit, row_split
     from jaxsparse.parallel import PRESETS, activation_sharding
 
     class FakeMesh:
         shape = {"data": 2, "fsdp": 2, "expert": 1, "sequence": 2, "tensor": 2}
 
-    with activation_sharding(FakeMesh(), PRESETS["full"].rules):
-        assert row_shard_axes(FakeMesh(), 16) == ("data", "fsdp", "tensor")
-        assert row_shard_axes(FakeMesh(), 12) == ("data", "fsdp")  # 8 does not divide 12
-        assert row_shard_axes(FakeMesh(), 2) == ("data",)
-    with activation_sharding(FakeMesh(), PRESETS["fsdp"].rules):  # no tensor parallelism
-        assert row_shard_axes(FakeMesh(), 16) == ("data", "fsdp")
+    mesh = FakeMesh()
+    with activation_sharding(mesh, PRESETS["full"].rules):
+        assert row_split(mesh, (16, 8, 3)) == RowSplit(("data", "fsdp"), ("sequence",), ("tensor",))
+        assert row_split(mesh, (16, 8, 3)).spec == P(("data", "fsdp", "tensor"), ("sequence",))
+        assert row_split(mesh, (16, 7, 3)) == RowSplit(("data", "fsdp"), (), ("tensor",))  # 2 ∤ 7
+        assert row_split(mesh, (12, 8, 3)) == RowSplit(("data", "fsdp"))  # 3 rows per device
+        assert row_split(mesh, (2, 8, 3)) == RowSplit(("data",))  # one row: the length is gathered
+    with activation_sharding(mesh, PRESETS["fsdp"].rules):  # no tensor or sequence parallelism
+        assert row_split(mesh, (16, 8, 3)) == RowSplit(("data", "fsdp"))
+    assert not RowSplit()
 
 
 MULTI_HOST = ["train.steps=10", "train.checkpoint_every=3", "mesh.data=2", "mesh.fsdp=2",

@@ -107,7 +107,7 @@ class HydraBlock(nnx.Module):
             y = self.ffn(h)
         branches.append(("ffn", self.gate_ffn, y))
         if self.pkm is not None:
-            branches.append(("pkm", self.gate_pkm, batch_local(self.pkm, h)))
+            branches.append(("pkm", self.gate_pkm, batch_local(self.pkm, h, per_token=True)))
         if self.use_workspace:
             if workspace is None:
                 raise ValueError("workspace: this block reads the model's shared workspace; call "

@@ -8,12 +8,15 @@ them inside ``jax.shard_map`` over the batch axes keeps them local.
 Under tensor parallelism the residual stream is replicated over the axes that split the
 hidden widths (``mlp``, ``heads``). A layer that is not itself split over them (the MoE
 dispatch, the product-key memory, Hydra's workspace) would repeat the same work on each of
-their devices; :func:`row_shard_axes` adds them to the row split instead, so each device takes
-a slice of its rows and the outputs are gathered after.
+their devices; :func:`row_split` adds them to the row split instead, so each device takes
+a slice of its rows and the outputs are gathered after. Under sequence parallelism the same
+layers need whole rows: an all-to-all trades each device's length slice for a share of the
+rows (rather than every device gathering the whole length and repeating the work).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -30,42 +33,95 @@ def token_shard_axes(mesh, batch: int) -> tuple[str, ...]:
     return tuple(axis for axis in axes if mesh.shape[axis] > 1)
 
 
-def _rule_axes(logical: str) -> tuple[str, ...]:
+def _rule_axes(logical: str, mesh) -> tuple[str, ...]:
     axes = dict(current_rules()).get(logical)
-    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(axis for axis in axes if mesh.shape.get(axis, 1) > 1)
 
 
-def row_shard_axes(mesh, batch: int) -> tuple[str, ...]:
-    """The mesh axes that split the rows of a per-row layer: the batch axes
-    (:func:`token_shard_axes`), then each axis of tensor parallelism (the mesh axes of the
-    logical ``mlp`` and ``heads``) over which the rows are replicated, as long as the rows
-    divide. Every row is then computed on exactly one device of each replica group."""
-    axes = token_shard_axes(mesh, batch)
-    split = math.prod(mesh.shape[axis] for axis in axes)
-    for axis in _rule_axes("mlp") + _rule_axes("heads"):
-        size = mesh.shape.get(axis, 1)
-        if size > 1 and axis not in axes and batch % (split * size) == 0:
-            axes, split = axes + (axis,), split * size
-    return axes
+def _size(mesh, axes) -> int:
+    return math.prod(mesh.shape[axis] for axis in axes)
 
 
-def batch_local(module, x_BLD, method: str = "__call__"):
-    """``module.method(x)`` with each device computing its own rows of the batch (split over
-    :func:`row_shard_axes`).
+@dataclasses.dataclass(frozen=True)
+class RowSplit:
+    """How a per-row layer spreads ``[B, L, ...]`` activations over a mesh inside
+    ``shard_map``. They are split over ``batch`` (rows) and ``length`` (sequence parallelism)
+    and replicated over ``tensor`` (the axes of tensor parallelism). The rows enter split over
+    ``batch`` and ``tensor`` (:attr:`spec`; the compiler slices each tensor device's share on
+    entry and gathers the outputs after, which it does well); the layer needs whole rows, so
+    :meth:`scatter` trades each device's length slice for a share of its rows with an
+    all-to-all over ``length``, and :meth:`gather` trades them back. Every row is then
+    computed by exactly one device."""
 
-    For per-row layers whose internals (top-k over product keys, gathers from a table) the
-    compiler would otherwise partition by gathering the global batch onto every device. The
+    batch: tuple[str, ...] = ()
+    length: tuple[str, ...] = ()
+    tensor: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> P:
+        """The specs of ``[B, L, ...]`` activations entering and leaving ``shard_map``."""
+        return P(self.batch + self.tensor or None, self.length or None)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Every axis whose devices hold different rows after :meth:`scatter` (statistics
+        averaged over these are the global ones)."""
+        return self.batch + self.tensor + self.length
+
+    def __bool__(self) -> bool:
+        return bool(self.axes)
+
+    def scatter(self, x):
+        """Inside ``shard_map``: ``[rows, L / s, ...] -> [rows / s, L, ...]``."""
+        return jax.lax.all_to_all(x, self.length, 0, 1, tiled=True) if self.length else x
+
+    def gather(self, y):
+        """Inside ``shard_map``: the inverse of :meth:`scatter`."""
+        return jax.lax.all_to_all(y, self.length, 1, 0, tiled=True) if self.length else y
+
+
+def row_split(mesh, shape) -> RowSplit:
+    """The :class:`RowSplit` of ``[B, L, ...]`` activations of ``shape`` on ``mesh`` under the
+    current rules: rows over the batch axes (:func:`token_shard_axes`); the length's sequence
+    axes and the tensor-parallel axes (those of the logical ``mlp`` and ``heads``) join the
+    row split when each device's rows divide among them, else the rows are computed whole on
+    every device of those axes (after a gather of the length)."""
+    batch_axes = token_shard_axes(mesh, shape[0])
+    rows = shape[0] // _size(mesh, batch_axes)
+    length = tuple(a for a in _rule_axes("length", mesh) if a not in batch_axes)
+    if len(shape) < 2 or shape[1] % _size(mesh, length) or rows % _size(mesh, length):
+        length = ()
+    rows //= _size(mesh, length)
+    tensor = tuple(dict.fromkeys(a for a in _rule_axes("mlp", mesh) + _rule_axes("heads", mesh)
+                                 if a not in batch_axes + length))
+    if rows % _size(mesh, tensor):
+        tensor = ()
+    return RowSplit(batch_axes, length, tensor)
+
+
+def batch_local(module, x_BLD, method: str = "__call__", *, per_token: bool = False):
+    """``module.method(x)`` with each device computing its own rows of the batch (spread by
+    :func:`row_split`).
+
+    For per-row layers whose internals (top-k over product keys, gathers from a table, a
+    recurrence over chunks) the compiler would otherwise partition by gathering the global
+    batch onto every device, or repeat on every device of tensor or sequence parallelism. The
     module's state enters ``shard_map`` whole (FSDP-split parameters are gathered, as for any
-    layer); gradients flow back through it. Outside a mesh with a split batch: a plain call.
-    Modules that write state during the call (sown values, counters) are not supported."""
+    layer); gradients flow back through it. Outside a mesh with a split: a plain call.
+    Modules that write state during the call (sown values, counters) are not supported.
+    ``per_token=True`` declares that each token's output depends on that token alone (the
+    product-key memory): under sequence parallelism it then runs on each device's slice of
+    the length as it is, without the all-to-alls that give a recurrence whole rows."""
     mesh = current_mesh()
-    axes = () if mesh is None else row_shard_axes(mesh, x_BLD.shape[0])
-    if not axes:
+    split = RowSplit() if mesh is None else row_split(mesh, x_BLD.shape)
+    if not split:
         return getattr(module, method)(x_BLD)
     graphdef, state = nnx.split(module)
 
     def local(state, x_BLD):
-        return getattr(nnx.merge(graphdef, state), method)(x_BLD)
+        call = getattr(nnx.merge(graphdef, state), method)
+        return call(x_BLD) if per_token else split.gather(call(split.scatter(x_BLD)))
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P(axes),
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), split.spec), out_specs=split.spec,
                          check_vma=False)(state, x_BLD)

@@ -2,8 +2,8 @@
 ``expert``, tokens exchanged with two all-to-alls inside ``jax.shard_map`` (GShard, Lepikhin
 et al. 2020).
 
-Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``; and ``tensor``, see
-:func:`~jaxsparse.nn.batch_local.row_shard_axes`); each device routes
+Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``; and spread over
+``tensor`` and ``sequence`` too, see :func:`~jaxsparse.nn.batch_local.row_split`); each device routes
 its own tokens, packs them into per-expert buffers ``[E, C, D]``, and an all-to-all over
 ``expert`` sends every expert's slice to the device that holds that expert. Each device runs
 its ``E / n`` experts on the ``n * C`` rows it received; a second all-to-all returns the
@@ -23,18 +23,18 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
-from jaxsparse.nn.batch_local import row_shard_axes
+from jaxsparse.nn.batch_local import row_split
 
 AXIS = "expert"
 
 
-def _token_axes(mesh, x_BLD) -> tuple[str, ...]:
-    axes = row_shard_axes(mesh, x_BLD.shape[0])
-    if AXIS not in axes:
+def _row_split(mesh, x_BLD):
+    split = row_split(mesh, x_BLD.shape)
+    if AXIS not in split.batch:
         raise ValueError(f"expert parallelism splits the batch over mesh axis '{AXIS}' "
                          f"(size {mesh.shape[AXIS]}); batch {x_BLD.shape[0]} does not divide "
                          f"over the batch axes {dict(mesh.shape)}")
-    return axes
+    return split
 
 
 def expert_parallel_moe(moe, x_BLD, mesh):
@@ -44,14 +44,15 @@ def expert_parallel_moe(moe, x_BLD, mesh):
     if num_experts % n:
         raise ValueError(f"num_experts={num_experts} must be divisible by mesh axis "
                          f"'{AXIS}' of size {n}")
-    token_axes = _token_axes(mesh, x_BLD)
+    split = _row_split(mesh, x_BLD)
     gate, up, down = moe._weights()
     router_kernel = moe.router.kernel[...]
 
     def mean(v):
-        return jax.lax.pmean(v, token_axes)
+        return jax.lax.pmean(v, split.axes)
 
     def local(x_BLD, router_kernel, gate, up, down):
+        x_BLD = split.scatter(x_BLD)
         batch, length, d = x_BLD.shape
         tokens = batch * length
         choice, routed = moe.route(x_BLD, router_kernel)
@@ -71,9 +72,9 @@ def expert_parallel_moe(moe, x_BLD, mesh):
         y, dropped = unpack(returned, choice, slot, kept)
         aux = moe.router_losses(routed, mean)
         load = mean(expert_fractions(choice.expert_index, num_experts, choice.weights))
-        return y.reshape(batch, length, d), aux, load, mean(dropped)
+        return split.gather(y.reshape(batch, length, d)), aux, load, mean(dropped)
 
-    x_spec = P(token_axes, None, None)
+    x_spec = split.spec
     expert_spec = P(AXIS, None, None)
     return jax.shard_map(
         local, mesh=mesh,
@@ -88,23 +89,25 @@ def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
 
     The layer's own dispatch runs inside ``jax.shard_map`` with the batch split over its mesh
     axes and everything else whole, so sorting tokens by expert and gathering their rows stay
-    local instead of being replicated over the global batch; under tensor parallelism the rows
-    are split over the tensor axis too (:func:`~jaxsparse.nn.batch_local.row_shard_axes`).
+    local instead of being replicated over the global batch; under tensor and sequence
+    parallelism the rows are spread over those axes too (:func:`~jaxsparse.nn.batch_local.row_split`).
     (Manual over every axis: leaving
     the tensor axis to the compiler crashed XLA:CPU on bfloat16 dispatch, "Invalid binary
     instruction opcode copy".) Router statistics are averaged over those axes, so the losses are the global
     ones; the dropless dispatch gives exactly the single-device result (a capacity limit applies
     per device, as under expert parallelism)."""
-    axes = row_shard_axes(mesh, x_BLD.shape[0])
-    rows = P(axes)
+    split = row_split(mesh, x_BLD.shape)
+    rows = split.spec
 
     def mean(v):
-        return jax.lax.pmean(v, axes)
+        return jax.lax.pmean(v, split.axes)
 
     def local(x_BLD, router_inputs, router_kernel, weights):
+        x_BLD = split.scatter(x_BLD)
+        router_inputs = None if router_inputs is None else split.scatter(router_inputs)
         y_TD, aux, load, dropped = moe._token_choice(x_BLD, router_inputs, mean, weights,
                                                      router_kernel)
-        return y_TD.reshape(x_BLD.shape[:2] + y_TD.shape[-1:]), aux, load, dropped
+        return split.gather(y_TD.reshape(x_BLD.shape[:2] + y_TD.shape[-1:])), aux, load, dropped
 
     # parameters enter whole over the batch axes (FSDP gathers them, as for any layer)
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P(), P()),

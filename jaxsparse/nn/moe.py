@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.nn.batch_local import row_shard_axes
+from jaxsparse.nn.batch_local import row_split
 from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
@@ -144,7 +144,7 @@ class MoE(nnx.Module):
             y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
             load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
             dropped, aux = jnp.zeros(()), self.z_weight * router_z_loss(choice.logits)
-        elif mesh is not None and row_shard_axes(mesh, batch):
+        elif mesh is not None and row_split(mesh, x_BLD.shape):
             # data/FSDP parallel: each device dispatches its own tokens (a global sort and
             # gather of every token would be replicated on every device)
             y, aux, load, dropped = token_parallel_moe(self, x_BLD, router_inputs, mesh)
