@@ -6,7 +6,11 @@ FLOPs per device (XLA's cost analysis) and the collectives in the compiled HLO.
 The numbers come from the CPU compiler: layouts, fusion and scheduling differ on TPU and GPU,
 so temporaries are an estimate of the same program, not the accelerator's exact footprint;
 and XLA's cost analysis counts the body of a loop (``lax.scan``) once, so FLOPs inside scans
-(SSM recurrences, the ring attention loop) are under-counted by their trip count."""
+(SSM recurrences, the ring attention loop) are under-counted by their trip count. XLA:CPU has
+no bfloat16 collectives: its float normalization widens them to float32 (a bf16 all-to-all
+compiles as convert -> f32 all-to-all -> convert), so collective bytes of bf16 activations are
+counted at twice what a TPU or GPU moves (3-block ``hydra_1p6b`` under expert parallelism:
+the MoE all-to-alls are 144 GiB per device and step as compiled here, 72 GiB in bf16)."""
 
 from __future__ import annotations
 
@@ -69,7 +73,8 @@ def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
 
     Collectives whose replica groups hold one device each move nothing and are left out
     (``shard_map``'s transpose emits such all-reduces over mesh axes of size 1, and XLA:CPU
-    keeps them as copies)."""
+    keeps them as copies). Bytes are those of the compiled types: bf16 collectives count as
+    the float32 that XLA:CPU widens them to (see the module docstring)."""
     summary = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
     for line in hlo_text.splitlines():
         match = _COLLECTIVE_LINE.search(line)

@@ -21,6 +21,9 @@ Nothing is allocated: every number comes from abstract shapes and the CPU compil
   program; XLA's cost analysis counts a loop body once, so FLOPs of scans are under-counted
   (see jaxsparse/dryrun.py), and remat's recomputation (about one more forward pass) is not in
   the FLOPs.
+* XLA:CPU widens bf16 collectives to float32, so the collective bytes of bf16 activations
+  (MoE all-to-alls, activation gathers) are counted at twice their accelerator size; gathers
+  and reductions of float32 parameters and gradients are counted exactly.
 
 Usage: python experiments/scale/scaling_table.py [--sizes 8,64,256] [--models ...]
 Writes experiments/results/scaling.{json,md}; rows of models not named in --models are kept.

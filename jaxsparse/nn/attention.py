@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
 from jaxsparse.ops.masks import CausalMask, Mask
@@ -58,8 +59,16 @@ class Attention(nnx.Module):
                                  segment_ids=segment_ids)
             new_cache = None
         elif cache is None:
-            out = dot_product_attention(q, k, v, mask=self.mask, segment_ids=segment_ids,
-                                        implementation=self.implementation)
+            # each device attends its rows and heads (GQA groups stay whole: a query head's
+            # key/value head is on the same device when both head counts split evenly)
+            def attend(q, k, v, *segments):
+                return dot_product_attention(q, k, v, mask=self.mask,
+                                             segment_ids=segments[0] if segments else None,
+                                             implementation=self.implementation)
+
+            per_head_mask = getattr(self.mask, "num_heads", None) is not None
+            segments = () if segment_ids is None else (segment_ids,)
+            out = heads_local(attend, (q, k, v), segments, split_heads=not per_head_mask)
             new_cache = None
         else:
             start = (0, cache_index, 0, 0)

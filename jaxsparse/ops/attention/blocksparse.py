@@ -131,7 +131,9 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
             allowed = allowed & (q_seg[..., :, None] == kv_seg[..., None, :])
         return q_t, k_t, v_t, capped, allowed
 
-    xs = tuple(jnp.asarray(a) for a in (sched.slot, sched.q_block, sched.kv_block, sched.valid))
+    # numpy, not jnp: each scan converts them in its own trace (jnp constants made here are
+    # tracers inside shard_map, and the backward's scan would leak them)
+    xs = tuple(np.asarray(a) for a in (sched.slot, sched.q_block, sched.kv_block, sched.valid))
 
     def kv_blocks(x):  # [B, T, Hkv, D] -> [B, nk, bk, Hkv, D]
         return _pad_to(x, 1, nk * bk).reshape(batch, nk, bk, kv_heads, head_dim)
