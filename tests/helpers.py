@@ -39,3 +39,26 @@ def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sharded_gradient_check(loss, params, state, x, mesh, rules, x_spec):
+    """For test programs run by :func:`run_python`: ``jax.grad`` of ``loss(p, x, mesh)`` with
+    respect to ``(params, x)``, compiled with the parameters split as ``rules`` say (``state``:
+    their abstract nnx state) and ``x`` as ``x_spec`` on ``mesh``. Returns the compiled
+    program's collective bytes by kind and the largest relative error of its gradients
+    against one device's (``loss(p, x, None)``)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from jaxsparse.dryrun import collective_summary
+    from jaxsparse.parallel import param_shardings
+
+    grad = jax.jit(jax.grad(lambda p, x: loss(p, x, mesh), argnums=(0, 1)))
+    sharded = (jax.device_put(params, param_shardings(state, mesh, rules)),
+               jax.device_put(x, NamedSharding(mesh, x_spec)))
+    collectives = collective_summary(grad.lower(*sharded).compile().as_text())
+    want = jax.jit(jax.grad(lambda p, x: loss(p, x, None), argnums=(0, 1)))(params, x)
+    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+              for a, b in zip(jax.tree.leaves(grad(*sharded)), jax.tree.leaves(want)))
+    return {kind: v["bytes"] for kind, v in collectives.items()}, err

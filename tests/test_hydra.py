@@ -345,10 +345,10 @@ def test_ssm_under_tensor_parallelism_keeps_its_channel_split():
     code = """
 import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxsparse.dryrun import collective_summary
+from jax.sharding import Mesh, PartitionSpec as P
+from helpers import sharded_gradient_check
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
-from jaxsparse.parallel import PRESETS, activation_sharding, param_shardings
+from jaxsparse.parallel import PRESETS, activation_sharding
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
 rules = PRESETS["fsdp_tp"].rules
 graphdef, state = nnx.split(DiagonalSSM(64, 128, rngs=nnx.Rngs(0), conv_width=4))
@@ -359,13 +359,7 @@ def loss(p, x, mesh=None):
     with activation_sharding(mesh, rules):
         return jnp.sum(nnx.merge(graphdef, p)(x)[0] ** 2)
 
-grad = jax.jit(jax.grad(lambda p, x: loss(p, x, mesh), argnums=(0, 1)))
-sharded = (jax.device_put(params, param_shardings(state, mesh, rules)),
-           jax.device_put(x, NamedSharding(mesh, P("fsdp"))))
-collectives = collective_summary(grad.lower(*sharded).compile().as_text())
-want = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-          for a, b in zip(jax.tree.leaves(grad(*sharded)), jax.tree.leaves(want)))
+collectives, err = sharded_gradient_check(loss, params, state, x, mesh, rules, P("fsdp"))
 print(json.dumps({"collectives": sorted(collectives), "err": err}))
 """
     out = run_python(code, devices=8)

@@ -103,11 +103,11 @@ def test_row_local_layers_spread_their_rows_over_tensor_and_sequence_parallelism
 ATTENTION_UNDER_TENSOR_PARALLELISM = r"""
 import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxsparse.dryrun import collective_summary
+from jax.sharding import Mesh, PartitionSpec as P
+from helpers import sharded_gradient_check
 from jaxsparse.nn.attention import Attention
 from jaxsparse.ops.masks import CausalMask, LocalMask, MultiHeadMask
-from jaxsparse.parallel import PRESETS, activation_sharding, param_shardings
+from jaxsparse.parallel import PRESETS, activation_sharding
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
 rules = PRESETS["fsdp_tp"].rules
 batch, length, d = 4, 256, 64  # 4 x 8 heads x 256^2 logits: the block-sparse path
@@ -125,14 +125,8 @@ for name, mask in (("causal", CausalMask()),
             y, _ = nnx.merge(graphdef, p)(x, positions, segment_ids=segments)
         return jnp.sum(jnp.sin(y))
 
-    grad = jax.jit(jax.grad(lambda p, x: loss(p, x, mesh), argnums=(0, 1)))
-    sharded = (jax.device_put(params, param_shardings(state, mesh, rules)),
-               jax.device_put(x, NamedSharding(mesh, P("fsdp"))))
-    collectives = collective_summary(grad.lower(*sharded).compile().as_text())
-    want = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-              for a, b in zip(jax.tree.leaves(grad(*sharded)), jax.tree.leaves(want)))
-    out[name] = {"bytes": {k: v["bytes"] for k, v in collectives.items()}, "err": err}
+    moved, err = sharded_gradient_check(loss, params, state, x, mesh, rules, P("fsdp"))
+    out[name] = {"bytes": moved, "err": err}
 out["x_bytes"] = batch // 2 * length * d * 4  # one device's rows of x, float32
 out["param_bytes"] = sum(v.size * 4 for v in jax.tree.leaves(params))
 print(json.dumps(out))

@@ -130,32 +130,25 @@ def test_fsdp_moves_the_weights_not_the_activations():
     code = """
 import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxsparse.dryrun import collective_summary
+from jax.sharding import Mesh, PartitionSpec as P
+from helpers import sharded_gradient_check
 from jaxsparse.nn.workspace import WorkspaceMemory
-from jaxsparse.parallel import PRESETS, activation_sharding, param_shardings
+from jaxsparse.parallel import PRESETS, activation_sharding
 mesh, rules = Mesh(np.array(jax.devices()), ("fsdp",)), PRESETS["fsdp"].rules
 graphdef, state = nnx.split(WorkspaceMemory(128, 8, 64, rngs=nnx.Rngs(0)))
 params = nnx.to_pure_dict(state)
 x = jax.random.normal(jax.random.key(1), (8, 512, 128))
 
-def loss(p, x):
+def loss(p, x, mesh=None):
     with activation_sharding(mesh, rules):
         return jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
 
-grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-sharded = (jax.device_put(params, param_shardings(state, mesh, rules)),
-           jax.device_put(x, NamedSharding(mesh, P("fsdp"))))
-collectives = collective_summary(grad.lower(*sharded).compile().as_text())
-got, want = grad(*sharded), jax.jit(jax.grad(lambda p, x: jnp.sum(
-    nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1)))(params, x)
-err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+collectives, err = sharded_gradient_check(loss, params, state, x, mesh, rules, P("fsdp"))
 print(json.dumps({"collectives": collectives, "err": err,
                   "param_bytes": sum(v.size * 4 for v in jax.tree.leaves(params))}))
 """
     out = run_python(code, devices=8)
-    moved = sum(v["bytes"] for v in out["collectives"].values())
+    moved = sum(out["collectives"].values())
     assert set(out["collectives"]) <= {"all-gather", "all-reduce", "reduce-scatter"}, out
     assert moved <= 2 * out["param_bytes"], out
     assert out["err"] < 1e-5, out
@@ -169,10 +162,10 @@ def test_sequence_parallelism_gathers_the_input_once():
     code = """
 import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxsparse.dryrun import collective_summary
+from jax.sharding import Mesh, PartitionSpec as P
+from helpers import sharded_gradient_check
 from jaxsparse.nn.workspace import WorkspaceMemory
-from jaxsparse.parallel import PRESETS, activation_sharding, param_shardings
+from jaxsparse.parallel import PRESETS, activation_sharding
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "sequence"))
 rules = PRESETS["fsdp_tp_sp"].rules
 graphdef, state = nnx.split(WorkspaceMemory(128, 8, 64, rngs=nnx.Rngs(0)))
@@ -183,14 +176,8 @@ def loss(p, x, mesh=None):
     with activation_sharding(mesh, rules):
         return jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
 
-grad = jax.jit(jax.grad(lambda p, x: loss(p, x, mesh), argnums=(0, 1)))
-sharded = (jax.device_put(params, param_shardings(state, mesh, rules)),
-           jax.device_put(x, NamedSharding(mesh, P("fsdp", "sequence"))))
-collectives = collective_summary(grad.lower(*sharded).compile().as_text())
-want = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-          for a, b in zip(jax.tree.leaves(grad(*sharded)), jax.tree.leaves(want)))
-print(json.dumps({"bytes": {k: v["bytes"] for k, v in collectives.items()}, "err": err,
+moved, err = sharded_gradient_check(loss, params, state, x, mesh, rules, P("fsdp", "sequence"))
+print(json.dumps({"bytes": moved, "err": err,
                   "param_bytes": sum(v.size * 4 for v in jax.tree.leaves(params)),
                   "x_rows_bytes": x.size * 4 // 2}))
 """
