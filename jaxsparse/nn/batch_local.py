@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec
+from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec, rule_mesh_axes
 
 
 def token_shard_axes(mesh, batch: int) -> tuple[str, ...]:
@@ -31,13 +31,6 @@ def token_shard_axes(mesh, batch: int) -> tuple[str, ...]:
     spec = logical_to_spec(("batch",), (batch,), mesh, current_rules())[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     return tuple(axis for axis in axes if mesh.shape[axis] > 1)
-
-
-def rule_mesh_axes(logical: str, mesh) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that the current rules map ``logical`` to."""
-    axes = dict(current_rules()).get(logical)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return tuple(axis for axis in axes if mesh.shape.get(axis, 1) > 1)
 
 
 def _size(mesh, axes) -> int:

@@ -3,9 +3,9 @@
 et al. 2020).
 
 Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``; and spread over
-``tensor`` and ``sequence`` too, see :func:`~jaxsparse.nn.batch_local.row_split`); each device routes
-its own tokens, packs them into per-expert buffers ``[E, C, D]``, and an all-to-all over
-``expert`` sends every expert's slice to the device that holds that expert. Each device runs
+``tensor`` and ``sequence`` too, see :func:`~jaxsparse.nn.batch_local.row_split`); each
+device routes its own tokens, packs them into per-expert buffers ``[E, C, D]``, and an
+all-to-all over ``expert`` sends every expert's slice to the device that holds that expert. Each device runs
 its ``E / n`` experts on the ``n * C`` rows it received; a second all-to-all returns the
 results, which are combined locally. Parameters sharded over other axes (FSDP) are gathered
 by ``shard_map`` on entry. With ``capacity_factor=None`` the buffers hold every token a
@@ -90,7 +90,8 @@ def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
     The layer's own dispatch runs inside ``jax.shard_map`` with the batch split over its mesh
     axes and everything else whole, so sorting tokens by expert and gathering their rows stay
     local instead of being replicated over the global batch; under tensor and sequence
-    parallelism the rows are spread over those axes too (:func:`~jaxsparse.nn.batch_local.row_split`).
+    parallelism the rows are spread over those axes too
+    (:func:`~jaxsparse.nn.batch_local.row_split`).
     (Manual over every axis: leaving
     the tensor axis to the compiler crashed XLA:CPU on bfloat16 dispatch, "Invalid binary
     instruction opcode copy".) Router statistics are averaged over those axes, so the losses are the global

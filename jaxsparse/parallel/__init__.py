@@ -12,11 +12,12 @@ from jaxsparse.parallel.rules import (
     get_preset,
     logical_to_spec,
     param_shardings,
+    rule_mesh_axes,
     sequence_axis_size,
 )
 
 __all__ = [
     "DEFAULT_RULES", "PRESETS", "ShardingPreset", "activation_sharding", "constrain",
     "current_mesh", "current_rules", "get_preset", "logical_to_spec", "make_mesh", "mesh_shape",
-    "param_shardings", "sequence_axis_size",
+    "param_shardings", "rule_mesh_axes", "sequence_axis_size",
 ]

@@ -150,17 +150,21 @@ def current_rules() -> Rules:
     return DEFAULT_RULES if context is None else context[1]
 
 
+def rule_mesh_axes(logical: str, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that the current rules map ``logical`` to."""
+    axes = dict(current_rules()).get(logical)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(axis for axis in axes if mesh.shape.get(axis, 1) > 1)
+
+
 def sequence_axis_size() -> int:
     """How many shards the ``length`` of activations is split into (1: not split)."""
-    context = _CONTEXT.get()
-    if context is None:
+    mesh = current_mesh()
+    if mesh is None:
         return 1
-    mesh, rules = context
-    axes = dict(rules).get("length")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     size = 1
-    for axis in axes:
-        size *= mesh.shape.get(axis, 1)
+    for axis in rule_mesh_axes("length", mesh):
+        size *= mesh.shape[axis]
     return size
 
 
