@@ -4,13 +4,19 @@ et al. 2020).
 
 Tokens are sharded over the batch axes (``data``, ``fsdp``, ``expert``; and spread over
 ``tensor`` and ``sequence`` too, see :func:`~jaxsparse.nn.batch_local.row_split`); each
-device routes its own tokens, packs them into per-expert buffers ``[E, C, D]``, and an
-all-to-all over ``expert`` sends every expert's slice to the device that holds that expert. Each device runs
-its ``E / n`` experts on the ``n * C`` rows it received; a second all-to-all returns the
-results, which are combined locally. Parameters sharded over other axes (FSDP) are gathered
-by ``shard_map`` on entry. With ``capacity_factor=None`` the buffers hold every token a
-device could send an expert (its local token count), so the layer stays exactly dropless.
-Router statistics are averaged over devices, so the auxiliary losses are the global ones.
+device routes its own tokens and sends each assignment to the device that holds its expert.
+Each device runs its ``E / n`` experts on the rows it received; a second all-to-all returns
+the results, which are combined locally. Parameters sharded over other axes (FSDP) are
+gathered by ``shard_map`` on entry. Router statistics are averaged over devices, so the
+auxiliary losses are the global ones.
+
+* Dropless (``capacity_factor=None``): the assignments, sorted by expert, travel in a ragged
+  all-to-all that moves only the rows actually routed (on TPU/GPU; emulated with fixed-size
+  chunks on CPU, :mod:`jaxsparse.parallel.ragged`), and the experts run as grouped matmuls
+  that skip the unused rows of the receive buffer, as MaxText's dropless expert parallelism
+  does on TPU. Exactly the single-device result.
+* With a capacity: per-expert buffers ``[E, C, D]`` and plain all-to-alls; tokens past an
+  expert's capacity on a device are dropped (priority order, per device).
 
 Without an expert axis, :func:`token_parallel_moe` does the same minus the exchange: every
 device routes and runs all experts on its own rows of the batch.
@@ -24,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
 from jaxsparse.nn.batch_local import row_split
+from jaxsparse.parallel.ragged import exclusive_cumsum, ragged_all_to_all
 
 AXIS = "expert"
 
@@ -37,8 +44,9 @@ def _row_split(mesh, x_BLD):
     return split
 
 
-def expert_parallel_moe(moe, x_BLD, mesh):
-    """``(y [B, L, D], aux_loss, load [E], dropped)`` with the experts split over ``expert``."""
+def expert_parallel_moe(moe, x_BLD, mesh, router_inputs=None):
+    """``(y [B, L, D], aux_loss, load [E], dropped)`` with the experts split over ``expert``.
+    ``router_inputs [B, L, D]`` (optional): per-token router inputs, as for the layer."""
     n = mesh.shape[AXIS]
     num_experts = moe.num_experts
     if num_experts % n:
@@ -51,36 +59,96 @@ def expert_parallel_moe(moe, x_BLD, mesh):
     def mean(v):
         return jax.lax.pmean(v, split.axes)
 
-    def local(x_BLD, router_kernel, gate, up, down):
+    def local(x_BLD, router_inputs, router_kernel, gate, up, down):
         x_BLD = split.scatter(x_BLD)
+        router_inputs = None if router_inputs is None else split.scatter(router_inputs)
         batch, length, d = x_BLD.shape
-        tokens = batch * length
-        choice, routed = moe.route(x_BLD, router_kernel)
+        x_TD = x_BLD.reshape(batch * length, d).astype(moe.dtype)
+        choice, routed = moe.route(x_BLD, router_kernel, router_inputs=router_inputs)
+        experts = (gate, up, down)
         if moe.capacity_factor is None:
-            capacity = tokens  # an expert can receive at most every local token once
+            y, dropped = _ragged_dispatch(moe, x_TD, choice, n, experts), jnp.zeros(())
         else:
-            capacity = expert_capacity(tokens, num_experts, moe.k_max, moe.capacity_factor)
-        buffers, slot, kept = pack(x_BLD.reshape(tokens, d).astype(moe.dtype), choice, capacity)
-        # [n destinations, E/n, C, D] -> [n sources, E/n local experts, C, D]
-        received = jax.lax.all_to_all(buffers.reshape(n, num_experts // n, capacity, d), AXIS,
-                                      split_axis=0, concat_axis=0)
-        rows = jnp.swapaxes(received, 0, 1).reshape(num_experts // n, n * capacity, d)
-        out = swiglu_experts(rows, gate, up, down)  # this device's experts
-        out = jnp.swapaxes(out.reshape(num_experts // n, n, capacity, d), 0, 1)
-        returned = jax.lax.all_to_all(out, AXIS, split_axis=0, concat_axis=0)
-        returned = returned.reshape(num_experts, capacity, d)
-        y, dropped = unpack(returned, choice, slot, kept)
+            y, dropped = _buffered_dispatch(moe, x_TD, choice, n, experts)
         aux = moe.router_losses(routed, mean)
         load = mean(expert_fractions(choice.expert_index, num_experts, choice.weights))
         return split.gather(y.reshape(batch, length, d)), aux, load, mean(dropped)
 
     x_spec = split.spec
+    router_spec = None if router_inputs is None else x_spec
     expert_spec = P(AXIS, None, None)
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(x_spec, P(), expert_spec, expert_spec, expert_spec),
-        out_specs=(x_spec, P(), P(), P()),
-    )(x_BLD, router_kernel, gate, up, down)
+        in_specs=(x_spec, router_spec, P(), expert_spec, expert_spec, expert_spec),
+        out_specs=(x_spec, P(), P(), P()), check_vma=False,  # the CPU grouped matmul is an
+    )(x_BLD, router_inputs, router_kernel, gate, up, down)  # FFI call, untyped for shard_map
+
+
+def _buffered_dispatch(moe, x_TD, choice, n, experts):
+    """With a capacity: per-expert buffers ``[E, C, D]`` through two all-to-alls (GShard).
+    ``(y [T, D], dropped_fraction)``."""
+    tokens, d = x_TD.shape
+    num_experts = moe.num_experts
+    capacity = expert_capacity(tokens, num_experts, moe.k_max, moe.capacity_factor)
+    buffers, slot, kept = pack(x_TD, choice, capacity)
+    # [n destinations, E/n, C, D] -> [n sources, E/n local experts, C, D]
+    received = jax.lax.all_to_all(buffers.reshape(n, num_experts // n, capacity, d), AXIS,
+                                  split_axis=0, concat_axis=0)
+    rows = jnp.swapaxes(received, 0, 1).reshape(num_experts // n, n * capacity, d)
+    out = swiglu_experts(rows, *experts)  # this device's experts
+    out = jnp.swapaxes(out.reshape(num_experts // n, n, capacity, d), 0, 1)
+    returned = jax.lax.all_to_all(out, AXIS, split_axis=0, concat_axis=0)
+    return unpack(returned.reshape(num_experts, capacity, d), choice, slot, kept)
+
+
+def _ragged_dispatch(moe, x_TD, choice, n, experts):
+    """Dropless: the assignments sorted by expert travel in one ragged all-to-all (only the
+    rows each device actually sends; :func:`jaxsparse.parallel.ragged.ragged_all_to_all`),
+    each device runs its experts as grouped matmuls over the rows it received, and a second
+    ragged all-to-all returns them. ``y [T, D]``.
+
+    The receive buffer is sized for the worst case, every local token of every device routed
+    to this device's experts: a token's k choices are distinct experts, so a device sends any
+    one peer at most ``T * min(k, E / n)`` rows. The grouped matmuls skip the unused rows
+    (the native and Pallas kernels do no work past the last group)."""
+    tokens, d = x_TD.shape
+    num_experts, k = moe.num_experts, choice.expert_index.shape[1]
+    local_experts = num_experts // n
+    max_send = tokens * min(k, local_experts)
+
+    # sort the assignments by expert; choices of zero weight (SMoE-Dropout's k schedule) go
+    # nowhere: a sentinel expert sorts them last, outside every slice
+    expert = jnp.where(choice.weights > 0, choice.expert_index, num_experts).reshape(-1)
+    order = jnp.argsort(expert, stable=True)
+    rows = x_TD[order // k]
+    sent_by_expert = jnp.bincount(expert, length=num_experts + 1)[:num_experts]
+    sent_by_expert = sent_by_expert.astype(jnp.int32).reshape(n, local_experts)
+    send_sizes = sent_by_expert.sum(axis=1)
+    input_offsets = exclusive_cumsum(send_sizes)
+    # [sources, local experts]: how many rows each device sends each of my experts
+    recv_by_expert = jax.lax.all_to_all(sent_by_expert, AXIS, 0, 0, tiled=True)
+    recv_sizes = recv_by_expert.sum(axis=1)
+    recv_offsets = exclusive_cumsum(recv_sizes)  # sources' slices land in source order
+    # where my slice lands on each receiver: after the slices of lower-numbered sources
+    sent = jax.lax.all_gather(send_sizes, AXIS)  # [sources, destinations]
+    output_offsets = exclusive_cumsum(sent)[jax.lax.axis_index(AXIS)]
+    received = ragged_all_to_all(rows, jnp.zeros((n * max_send, d), rows.dtype), input_offsets,
+                                 send_sizes, output_offsets, recv_sizes, AXIS, max_send=max_send)
+
+    # received rows run source by source, each source's by expert: regroup them by expert
+    segment = jnp.searchsorted(jnp.cumsum(recv_by_expert.reshape(-1)), jnp.arange(n * max_send),
+                               side="right")  # (source, expert) segment; n * E/n: unused row
+    by_expert = jnp.argsort(jnp.where(segment < n * local_experts, segment % local_experts,
+                                      local_experts), stable=True)
+    out = moe._grouped_experts(received[by_expert], recv_by_expert.sum(axis=0), experts)
+    out = jnp.zeros_like(out).at[by_expert].set(out)
+
+    # back to the senders, each slice where it was taken from
+    back_offsets = jax.lax.all_to_all(input_offsets, AXIS, 0, 0, tiled=True)
+    returned = ragged_all_to_all(out, jnp.zeros((tokens * k, d), out.dtype), recv_offsets,
+                                 recv_sizes, back_offsets, send_sizes, AXIS, max_send=max_send)
+    unsorted = jnp.zeros_like(returned).at[order].set(returned).reshape(tokens, k, d)
+    return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
 
 
 def token_parallel_moe(moe, x_BLD, router_inputs, mesh):

@@ -132,7 +132,7 @@ class MoE(nnx.Module):
         mesh = current_mesh()
         if (mesh is not None and mesh.shape.get("expert", 1) > 1
                 and self.router_kind != "expert_choice"):
-            y, aux, load, dropped = expert_parallel_moe(self, x_BLD, mesh)
+            y, aux, load, dropped = expert_parallel_moe(self, x_BLD, mesh, router_inputs)
             return self._finish(x_BLD, y, aux, load, dropped)
         batch, length, d = x_BLD.shape
         tokens = batch * length
