@@ -11,7 +11,7 @@ OUT_DIR="${OUT:-experiments/results}"
 python -c "import jax; print(jax.__version__, jax.devices())"
 # one process on the one GPU (pyproject's addopts start CPU workers; pytest-xdist may be absent)
 timeout 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" tests/test_pallas_attention.py tests/test_pallas_ssm.py \
-  tests/test_moe.py tests/test_monarch.py -k "gpu or lower" 2>&1 | tail -8
+  tests/test_moe.py tests/test_monarch.py tests/test_expert_parallel.py -k "gpu or lower" 2>&1 | tail -8
 timeout 100 python -m jaxsparse.cli bench attention_gpu --lengths 4096 8192 16384 --repeats 5 --out "$OUT_DIR" \
   > /tmp/attention_gpu.txt 2>&1
 timeout 70 python -m jaxsparse.cli bench ssm --lengths 1024 8192 --batch 8 --d-inner 1536 --backward \

@@ -58,6 +58,20 @@ def test_moe_benchmark_times_every_path_forward_and_backward(tmp_path):
         assert rows[0]["speedup_vs_dense"] == 1 and all(r["ms"] > 0 for r in rows)
 
 
+def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_path):
+    """Re-runs itself on 4 emulated devices; the rows each path exchanges are the expected
+    sizes: E x T per device and exchange for the buffers, T x k routed for the ragged path."""
+    tokens, experts, k = 64, 8, 2
+    assert main(["bench", "expert_parallel", "--tokens", str(tokens), "--d", "16", "--hidden",
+                 "32", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "expert_parallel.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["worst-case buffers", "ours: ragged", "capacity 1.25"]
+    assert rows[0]["exchanged_rows_compiled"] == experts * tokens
+    assert rows[1]["rows_sent"] == tokens * k
+    assert rows[1]["rows_received_max"] >= tokens * k  # the busiest device: at least the mean
+    assert rows[0]["speedup_vs_buffers"] == 1 and all(r["ms"] > 0 for r in rows)
+
+
 def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert main(["bench", "attention", "--lengths", "256", "--patterns", "window 256",
                  "--heads", "1", "--head-dim", "8", "--repeats", "1", "--table-lengths", "4096",

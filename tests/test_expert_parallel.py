@@ -25,12 +25,12 @@ def _exchange(mesh):
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec))
 
 
-def _random_exchange(seed: int, slices_per_device: int):
-    """Arguments of a ragged all-to-all over ``N_DEVICES`` devices, per device (leading axis):
+def _random_exchange(seed: int, slices_per_device: int, n: int = N_DEVICES):
+    """Arguments of a ragged all-to-all over ``n`` devices, per device (leading axis):
     slices of random sizes (zero included), sent from scattered input offsets to receivers
     that place them at increasing offsets after a gap."""
     rng = np.random.default_rng(seed)
-    n, s = N_DEVICES, slices_per_device
+    s = slices_per_device
     sizes = rng.integers(0, 3, size=(n, n * s)).astype(np.int32)  # [sender, slice]
     input_offsets = np.zeros_like(sizes)
     for sender in range(n):
@@ -122,6 +122,17 @@ def test_cpu_emulation_follows_the_collectives_definition_values_and_gradients()
         assert errors["d_operand"] < 1e-6, (slices, errors)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="needs a CUDA GPU (run experiments/gpu_check.sh on one)")
+def test_the_collective_on_a_gpu_follows_the_definition_like_the_emulation():
+    """On one GPU (three slices to itself) the program holds XLA's ragged all-to-all, whose
+    results must agree with the definition the CPU emulation is tested against."""
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    args = _random_exchange(seed=3, slices_per_device=3, n=1)
+    assert args[3].sum() > 0
+    np.testing.assert_array_equal(_exchange(mesh)(*args), _by_definition(*args))
+
+
 def test_bad_exchange_arguments_are_refused():
     x, sizes = jnp.zeros((4, 2)), jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match="max_send=0"):
@@ -153,6 +164,7 @@ cases = {
     "chunk routing, length 20, chunk 8": (dict(k=2, chunk=8), x),
     "k schedule (zero-weight choices)": (dict(k=1, k_end=3, k_schedule_steps=10), x),
     "capacity 1.0 (drops)": (dict(k=2, capacity_factor=1.0), x),
+    "bfloat16 (worst-case buffers on CPU)": (dict(k=2, dtype=jnp.bfloat16), x),
 }
 out = {}
 for name, (kw, x) in cases.items():
@@ -170,7 +182,14 @@ for name, (kw, x) in cases.items():
 
     collectives, err = sharded_gradient_check(loss, params, state, x, mesh, rules,
                                               P(("fsdp", "expert")))
-    out[name] = {"collectives": collectives, "err": err}
+    # the exchange each platform's program holds (lowered from this CPU host)
+    grad = jax.jit(jax.grad(lambda p, x: loss(p, x, mesh)))
+    text = {platform: grad.trace(params, x).lower(lowering_platforms=(platform,)).as_text()
+            for platform in ("cpu", "tpu")}
+    out[name] = {"collectives": collectives, "err": err,
+                 "tpu_ragged": "ragged_all_to_all" in text["tpu"],
+                 "cpu_ragged": "ragged_all_to_all" in text["cpu"],
+                 "cpu_grouped_kernel": "jaxsparse_grouped_matmul" in text["cpu"]}
 print(json.dumps(out))
 """
 
@@ -180,10 +199,19 @@ def test_expert_parallel_layer_equals_one_device():
     gradients (for parameters and input) equal one device's whatever the routing — random,
     every token to one device's experts, chunk-level routing of a length the chunk does not
     divide (refused before: the per-token router inputs were not passed in), zero-weight
-    choices of the k schedule — and the experts really were exchanged (all-to-alls). With a
-    capacity the drops are per device, so it is only checked to run."""
+    choices of the k schedule, bfloat16 — and the experts really were exchanged. Lowered for
+    TPU the dropless program holds the ragged all-to-all; for CPU it runs the emulated
+    exchange with the C++ grouped kernel (float32), or worst-case buffers (bfloat16). With a
+    capacity the drops are per device, so its values are not compared."""
     out = run_python(LAYER, devices=8)
     for name, result in out.items():
         assert result["collectives"].get("all-to-all", 0) > 0, (name, result)
-        if not name.startswith("capacity"):
+        if name.startswith("bfloat16"):  # one device runs row tiles, eight run buffers
+            assert result["err"] < 4 * 2.0 ** -8, (name, result)
+        elif not name.startswith("capacity"):
             assert result["err"] < 2e-6, (name, result)
+        dropless = not name.startswith("capacity")
+        assert result["tpu_ragged"] == dropless and not result["cpu_ragged"], (name, result)
+        # on CPU the ragged path (emulated) runs the grouped kernel; the buffers do not
+        ragged_on_cpu = dropless and not name.startswith("bfloat16")
+        assert result["cpu_grouped_kernel"] == ragged_on_cpu, (name, result)

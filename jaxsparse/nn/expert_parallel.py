@@ -67,9 +67,11 @@ def expert_parallel_moe(moe, x_BLD, mesh, router_inputs=None):
         choice, routed = moe.route(x_BLD, router_kernel, router_inputs=router_inputs)
         experts = (gate, up, down)
         if moe.capacity_factor is None:
-            y, dropped = _ragged_dispatch(moe, x_TD, choice, n, experts), jnp.zeros(())
+            y, dropped = _dropless_dispatch(moe, x_TD, choice, n, experts), jnp.zeros(())
         else:
-            y, dropped = _buffered_dispatch(moe, x_TD, choice, n, experts)
+            capacity = expert_capacity(x_TD.shape[0], num_experts, moe.k_max,
+                                       moe.capacity_factor)
+            y, dropped = _buffered_dispatch(x_TD, choice, n, experts, capacity)
         aux = moe.router_losses(routed, mean)
         load = mean(expert_fractions(choice.expert_index, num_experts, choice.weights))
         return split.gather(y.reshape(batch, length, d)), aux, load, mean(dropped)
@@ -84,12 +86,29 @@ def expert_parallel_moe(moe, x_BLD, mesh, router_inputs=None):
     )(x_BLD, router_inputs, router_kernel, gate, up, down)  # FFI call, untyped for shard_map
 
 
-def _buffered_dispatch(moe, x_TD, choice, n, experts):
-    """With a capacity: per-expert buffers ``[E, C, D]`` through two all-to-alls (GShard).
-    ``(y [T, D], dropped_fraction)``."""
+def _dropless_dispatch(moe, x_TD, choice, n, experts):
+    """``y [T, D]`` without dropping: the ragged exchange on TPU and GPU, and on CPU where the
+    grouped matmuls run as the C++ kernel (float32; it skips the receive buffer's unused
+    rows). Otherwise on CPU per-expert buffers that hold every local token, exchanged by
+    plain all-to-alls: there (bfloat16) the grouped matmul is padded row tiles, which copy
+    the worst-case buffer several times (3-block ``hydra_1p6b`` dry run on expert4 x tensor2:
+    463 GiB of temporaries per device against 181 GiB with the buffers)."""
+    from jaxsparse.ops.native import grouped_matmul as native
+
+    ragged = lambda: _ragged_dispatch(moe, x_TD, choice, n, experts)  # noqa: E731
+    kernel_on_cpu = (moe.grouped_impl not in (None, "native")
+                     or (native.supports(x_TD, experts[0]) and native.available()))
+    if kernel_on_cpu:
+        return ragged()
+    buffers = lambda: _buffered_dispatch(x_TD, choice, n, experts, x_TD.shape[0])[0]  # noqa: E731
+    return jax.lax.platform_dependent(cpu=buffers, default=ragged)
+
+
+def _buffered_dispatch(x_TD, choice, n, experts, capacity: int):
+    """Per-expert buffers ``[E, C, D]`` through two all-to-alls (GShard); with ``C`` the
+    local token count nothing can be dropped. ``(y [T, D], dropped_fraction)``."""
     tokens, d = x_TD.shape
-    num_experts = moe.num_experts
-    capacity = expert_capacity(tokens, num_experts, moe.k_max, moe.capacity_factor)
+    num_experts = choice.probs.shape[-1]
     buffers, slot, kept = pack(x_TD, choice, capacity)
     # [n destinations, E/n, C, D] -> [n sources, E/n local experts, C, D]
     received = jax.lax.all_to_all(buffers.reshape(n, num_experts // n, capacity, d), AXIS,
@@ -107,46 +126,44 @@ def _ragged_dispatch(moe, x_TD, choice, n, experts):
     each device runs its experts as grouped matmuls over the rows it received, and a second
     ragged all-to-all returns them. ``y [T, D]``.
 
-    The receive buffer is sized for the worst case, every local token of every device routed
-    to this device's experts: a token's k choices are distinct experts, so a device sends any
-    one peer at most ``T * min(k, E / n)`` rows. The grouped matmuls skip the unused rows
-    (the native and Pallas kernels do no work past the last group)."""
+    Every (device, expert) pair is its own slice, so the rows land on the receiver already
+    grouped by expert (expert-major, source by source within an expert) and return to the
+    places they left. The receive buffer is sized for the worst case, every local token of
+    every device routed to this device's experts: a token's k choices are distinct experts,
+    so a device sends any one peer at most ``T * min(k, E / n)`` rows. The grouped matmuls
+    skip the unused rows (the native and Pallas kernels do no work past the last group)."""
     tokens, d = x_TD.shape
     num_experts, k = moe.num_experts, choice.expert_index.shape[1]
-    local_experts = num_experts // n
-    max_send = tokens * min(k, local_experts)
+    local = num_experts // n
+    max_send = tokens * min(k, local)
+    me = jax.lax.axis_index(AXIS)
 
     # sort the assignments by expert; choices of zero weight (SMoE-Dropout's k schedule) go
     # nowhere: a sentinel expert sorts them last, outside every slice
     expert = jnp.where(choice.weights > 0, choice.expert_index, num_experts).reshape(-1)
     order = jnp.argsort(expert, stable=True)
     rows = x_TD[order // k]
-    sent_by_expert = jnp.bincount(expert, length=num_experts + 1)[:num_experts]
-    sent_by_expert = sent_by_expert.astype(jnp.int32).reshape(n, local_experts)
-    send_sizes = sent_by_expert.sum(axis=1)
-    input_offsets = exclusive_cumsum(send_sizes)
-    # [sources, local experts]: how many rows each device sends each of my experts
-    recv_by_expert = jax.lax.all_to_all(sent_by_expert, AXIS, 0, 0, tiled=True)
-    recv_sizes = recv_by_expert.sum(axis=1)
-    recv_offsets = exclusive_cumsum(recv_sizes)  # sources' slices land in source order
-    # where my slice lands on each receiver: after the slices of lower-numbered sources
-    sent = jax.lax.all_gather(send_sizes, AXIS)  # [sources, destinations]
-    output_offsets = exclusive_cumsum(sent)[jax.lax.axis_index(AXIS)]
-    received = ragged_all_to_all(rows, jnp.zeros((n * max_send, d), rows.dtype), input_offsets,
-                                 send_sizes, output_offsets, recv_sizes, AXIS, max_send=max_send)
+    sent = jnp.bincount(expert, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    taken_from = exclusive_cumsum(sent)  # slice e (global expert e) starts here in rows
+    # counts[s, j, e]: rows device s sends device j's local expert e
+    counts = jax.lax.all_gather(sent.reshape(n, local), AXIS)
+    # receiver j places expert e's rows at its group's start, after lower-numbered sources'
+    per_expert = counts.sum(axis=0)  # [j, e]
+    lands_at = (exclusive_cumsum(per_expert, axis=1)[None]
+                + exclusive_cumsum(counts, axis=0))  # [s, j, e]
+    received = counts[:, me].reshape(-1)  # slice (source s, my expert e) at s * local + e
+    grouped = ragged_all_to_all(rows, jnp.zeros((n * max_send, d), rows.dtype), taken_from,
+                                sent, lands_at[me].reshape(-1), received, AXIS,
+                                max_send=max_send)
 
-    # received rows run source by source, each source's by expert: regroup them by expert
-    segment = jnp.searchsorted(jnp.cumsum(recv_by_expert.reshape(-1)), jnp.arange(n * max_send),
-                               side="right")  # (source, expert) segment; n * E/n: unused row
-    by_expert = jnp.argsort(jnp.where(segment < n * local_experts, segment % local_experts,
-                                      local_experts), stable=True)
-    out = moe._grouped_experts(received[by_expert], recv_by_expert.sum(axis=0), experts)
-    out = jnp.zeros_like(out).at[by_expert].set(out)
+    out = moe._grouped_experts(grouped, per_expert[me], experts)
 
-    # back to the senders, each slice where it was taken from
-    back_offsets = jax.lax.all_to_all(input_offsets, AXIS, 0, 0, tiled=True)
-    returned = ragged_all_to_all(out, jnp.zeros((tokens * k, d), out.dtype), recv_offsets,
-                                 recv_sizes, back_offsets, send_sizes, AXIS, max_send=max_send)
+    # back where each slice came from: slice (s, e) to source s, at its offset for my expert e
+    sources_offsets = exclusive_cumsum(counts.reshape(n, num_experts), axis=1)  # [s, E]
+    back_to = jax.lax.dynamic_slice_in_dim(sources_offsets, me * local, local, axis=1)
+    returned = ragged_all_to_all(out, jnp.zeros((tokens * k, d), out.dtype),
+                                 lands_at[:, me].reshape(-1), received, back_to.reshape(-1),
+                                 sent, AXIS, max_send=max_send)
     unsorted = jnp.zeros_like(returned).at[order].set(returned).reshape(tokens, k, d)
     return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
 
