@@ -167,6 +167,28 @@ def test_grouped_matmul_implementations_agree(dtype):
                                        atol=2 * tol * s, rtol=2 * tol)
 
 
+@pytest.mark.parametrize("impl", ["tiles", "native"])
+def test_grouped_matmul_rows_past_the_groups_give_zeros_and_no_gradient(impl):
+    """Under jit the sizes may sum to fewer rows than lhs has (expert parallelism's receive
+    buffer): those rows give zeros and take no gradient, and the rest equal the reference."""
+    rng = np.random.default_rng(1)
+    lhs = jnp.asarray(rng.normal(size=(90, 12)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(3, 12, 20)), jnp.float32)
+    sizes = jnp.array([17, 0, 40], jnp.int32)  # 57 of 90 rows
+    probe = jnp.asarray(rng.normal(size=(90, 20)), jnp.float32)
+
+    def loss(lhs, rhs, sizes, impl):
+        out = grouped_matmul(lhs, rhs, sizes, implementation=impl, tile=8 if impl == "tiles" else None)
+        return jnp.sum(out * probe), out
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=3)
+    (_, out), (d_lhs, d_rhs) = grad(lhs, rhs, sizes, impl)
+    (_, ref), (ref_lhs, ref_rhs) = grad(lhs, rhs, sizes, "dense")
+    assert not np.any(np.asarray(out[57:])) and not np.any(np.asarray(d_lhs[57:]))
+    for got, want in ((out, ref), (d_lhs, ref_lhs), (d_rhs, ref_rhs)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def _custom_calls(fn, args, platform):
     pattern = r"__gpu\$xla\.gpu\.triton" if platform == "cuda" else r"tpu_custom_call"
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()

@@ -27,6 +27,8 @@ Implementations:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,34 +83,76 @@ def default_tile(m: int, num_groups: int) -> int:
     return tile
 
 
-def _tiles(lhs, rhs, group_sizes, tile):
-    m, _ = lhs.shape
-    num_groups = rhs.shape[0]
-    tile = tile or default_tile(m, num_groups)
+def _tile_layout(group_sizes, m: int, num_groups: int, tile: int):
+    """Every group padded to whole tiles: ``(num_tiles, dest, tile_group)`` — the padded row
+    of each of the ``m`` rows (``num_tiles * tile`` for rows past the groups) and each tile's
+    group."""
     num_tiles = -(-m // tile) + num_groups  # sum_e ceil(size_e / tile) <= m / tile + E
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
     padded = -(-sizes // tile) * tile
     padded_starts = jnp.cumsum(padded) - padded
     groups = row_groups(sizes, m)
-    in_group = groups < num_groups
     g = jnp.minimum(groups, num_groups - 1)
-    dest = jnp.where(in_group, padded_starts[g] + jnp.arange(m) - starts[g], num_tiles * tile)
-    buffer = jnp.zeros((num_tiles * tile, lhs.shape[1]), lhs.dtype).at[dest].set(lhs, mode="drop")
+    dest = jnp.where(groups < num_groups, padded_starts[g] + jnp.arange(m) - starts[g],
+                     num_tiles * tile)
     tile_group = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right")
     tile_group = jnp.minimum(tile_group, num_groups - 1)  # tiles past the end hold zero rows
+    return num_tiles, dest, tile_group
+
+
+def _to_tiles(x, dest, num_tiles: int, tile: int):
+    buffer = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
+    return buffer.reshape(num_tiles, tile, -1)
+
+
+def _tile_products(lhs, rhs, group_sizes, tile):
+    num_groups = rhs.shape[0]
+    num_tiles, dest, tile_group = _tile_layout(group_sizes, lhs.shape[0], num_groups, tile)
+
     # One tile per step, indexing its group's matrix in place: gathering rhs per tile instead
     # (a batched einsum) copies E * k * n floats per tile and ran 3x slower on CPU.
-    # Rematerialised: otherwise the backward keeps every tile's [k, n] slice of rhs (a
-    # residual of the dynamic index), num_tiles copies of a group's matrix.
-    @jax.checkpoint
     def tile_product(_, tile_and_group):
         rows, group = tile_and_group
         w = jax.lax.dynamic_index_in_dim(rhs, group, keepdims=False)
         return None, jnp.dot(rows, w, preferred_element_type=jnp.float32).astype(lhs.dtype)
 
-    _, out = jax.lax.scan(tile_product, None, (buffer.reshape(num_tiles, tile, -1), tile_group))
+    _, out = jax.lax.scan(tile_product, None, (_to_tiles(lhs, dest, num_tiles, tile), tile_group))
     return out.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiles_vjp(lhs, rhs, group_sizes, tile):
+    return _tile_products(lhs, rhs, group_sizes, tile)
+
+
+def _tiles_fwd(lhs, rhs, group_sizes, tile):
+    return _tile_products(lhs, rhs, group_sizes, tile), (lhs, rhs, group_sizes)
+
+
+def _tiles_bwd(tile, residuals, d_out):
+    # By hand rather than by differentiating the scan, whose backward kept every tile's
+    # [k, n] slice of rhs (num_tiles copies of a group's matrix) and scattered into zeros.
+    lhs, rhs, group_sizes = residuals
+    d_lhs = _tile_products(d_out, jnp.swapaxes(rhs, 1, 2), group_sizes, tile)
+    num_tiles, dest, tile_group = _tile_layout(group_sizes, lhs.shape[0], rhs.shape[0], tile)
+
+    def accumulate(d_rhs, tiles_and_group):  # d_rhs[group] += rowsᵀ · d_out rows, in place
+        rows, d_rows, group = tiles_and_group
+        update = jnp.dot(rows.T, d_rows, preferred_element_type=jnp.float32)
+        return d_rhs.at[group].add(update), None
+
+    d_rhs, _ = jax.lax.scan(accumulate, jnp.zeros(rhs.shape, jnp.float32),
+                            (_to_tiles(lhs, dest, num_tiles, tile),
+                             _to_tiles(d_out, dest, num_tiles, tile), tile_group))
+    return d_lhs, d_rhs.astype(rhs.dtype), None
+
+
+_tiles_vjp.defvjp(_tiles_fwd, _tiles_bwd)
+
+
+def _tiles(lhs, rhs, group_sizes, tile):
+    return _tiles_vjp(lhs, rhs, group_sizes, tile or default_tile(lhs.shape[0], rhs.shape[0]))
 
 
 def _native_or_tiles(lhs, rhs, group_sizes, tile, *, required: bool):
