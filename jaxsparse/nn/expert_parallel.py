@@ -92,7 +92,7 @@ def _dropless_dispatch(moe, x_TD, choice, n, experts):
     rows). Otherwise on CPU per-expert buffers that hold every local token, exchanged by
     plain all-to-alls: there (bfloat16) the grouped matmul is padded row tiles, which copy
     the worst-case buffer several times (3-block ``hydra_1p6b`` dry run on expert4 x tensor2:
-    463 GiB of temporaries per device against 181 GiB with the buffers)."""
+    401 GiB of temporaries per device against 181 GiB with the buffers)."""
     from jaxsparse.ops.native import grouped_matmul as native
 
     ragged = lambda: _ragged_dispatch(moe, x_TD, choice, n, experts)  # noqa: E731
