@@ -13,7 +13,9 @@ Implementations:
   ``"tiles"``      rows are scattered into tiles of ``tile`` rows that each belong to one group
                    (every group padded to whole tiles, as MegaBlocks does) and a scan over the
                    tiles multiplies each by its group's matrix: O(m k n) plus the padding (at
-                   most E tiles). The CPU path for dtypes other than float32.
+                   most E tiles), with a custom VJP (the same tiles against ``rhsᵀ`` for
+                   d_lhs, per-tile ``rowsᵀ·d_out`` added in place for d_rhs). The CPU path for
+                   dtypes other than float32.
   ``"native"``     the C++ kernels of :mod:`jaxsparse.ops.native.grouped_matmul` (float32):
                    one GEMM per group over its own rows, no copies or padding, with a custom
                    VJP (the same kernel against ``rhsᵀ`` for d_lhs, a per-group ``lhsᵀ·d_out``
