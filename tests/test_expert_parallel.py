@@ -36,17 +36,19 @@ def _random_exchange(seed: int, slices_per_device: int, n: int = N_DEVICES):
     for sender in range(n):
         # slices may overlap: they are read, never written
         input_offsets[sender] = rng.integers(0, ROWS_IN - MAX_SEND + 1, size=n * s)
-    # receiver j gets slices i in [j*s, (j+1)*s) from every sender, packed with a gap of one
+    # receiver j gets slices i in [j*s, (j+1)*s) from every sender and places them in a
+    # random order (not by sender: expert parallelism places them by expert), a gap of one
+    # row after each
     output_offsets = np.zeros_like(sizes)
     recv_sizes = np.zeros_like(sizes)
     for receiver in range(n):
         at = 1
-        for sender in range(n):
-            for t in range(s):
-                i = receiver * s + t
-                output_offsets[sender, i] = at
-                recv_sizes[receiver, sender * s + t] = sizes[sender, i]
-                at += sizes[sender, i] + 1
+        for pair in rng.permutation(n * s):
+            sender, t = divmod(int(pair), s)
+            i = receiver * s + t
+            output_offsets[sender, i] = at
+            recv_sizes[receiver, sender * s + t] = sizes[sender, i]
+            at += sizes[sender, i] + 1
         assert at <= ROWS_OUT
     operand = rng.normal(size=(n, ROWS_IN, WIDTH)).astype(np.float32)
     output = rng.normal(size=(n, ROWS_OUT, WIDTH)).astype(np.float32)
@@ -110,9 +112,9 @@ print(json.dumps(emulation_errors(Mesh(np.array(jax.devices()), ("x",)))))
 
 def test_cpu_emulation_follows_the_collectives_definition_values_and_gradients():
     """4 emulated devices, one and two slices per peer, sizes 0-2 rows at scattered offsets,
-    placed with gaps: exactly the docstring's loop of ``jax.lax.ragged_all_to_all``. Lowered
-    for TPU and CUDA (from this CPU host) the program holds the collective, for CPU two plain
-    all-to-alls instead."""
+    placed in a shuffled order with gaps: exactly the docstring's loop of
+    ``jax.lax.ragged_all_to_all``. Lowered for TPU and CUDA (from this CPU host) the program
+    holds the collective, for CPU two plain all-to-alls instead."""
     out = run_python(EMULATION, devices=N_DEVICES)
     assert out["ragged"] == {"cpu": False, "tpu": True, "cuda": True}, out
     assert out["plain"] == {"cpu": 2, "tpu": 0, "cuda": 0}, out
