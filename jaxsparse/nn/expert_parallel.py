@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxsparse.ops.moe import expert_capacity, expert_fractions, pack, swiglu_experts, unpack
+from jaxsparse.ops.moe import (dropless_dispatch, expert_capacity, expert_fractions, pack,
+                               swiglu_experts, unpack)
 from jaxsparse.nn.batch_local import row_split
 from jaxsparse.parallel.ragged import exclusive_cumsum, ragged_all_to_all
 
@@ -121,29 +122,35 @@ def _buffered_dispatch(x_TD, choice, n, experts, capacity: int):
 
 
 def _ragged_dispatch(moe, x_TD, choice, n, experts):
-    """Dropless: the assignments sorted by expert travel in one ragged all-to-all (only the
-    rows each device actually sends; :func:`jaxsparse.parallel.ragged.ragged_all_to_all`),
-    each device runs its experts as grouped matmuls over the rows it received, and a second
-    ragged all-to-all returns them. ``y [T, D]``.
+    """Dropless: :func:`~jaxsparse.ops.moe.dropless_dispatch` (sort by expert, un-sort and
+    combine) with the experts on the devices that hold them: the sorted rows travel in one
+    ragged all-to-all (only the rows each device actually sends;
+    :func:`jaxsparse.parallel.ragged.ragged_all_to_all`), each device runs its experts as
+    grouped matmuls over the rows it received, and a second ragged all-to-all returns them.
+    ``y [T, D]``."""
+    tokens, _ = x_TD.shape
+    max_send = tokens * min(choice.expert_index.shape[1], moe.num_experts // n)
+    return dropless_dispatch(
+        x_TD, choice, lambda rows, sent: _experts_on_their_devices(moe, rows, sent, n, experts,
+                                                                   max_send),
+        skip_unweighted=True)
+
+
+def _experts_on_their_devices(moe, rows, sent, n, experts, max_send: int):
+    """``rows`` sorted by expert, ``sent [E]`` per expert, through the experts on the devices
+    that hold them, back in the same order.
 
     Every (device, expert) pair is its own slice, so the rows land on the receiver already
     grouped by expert (expert-major, source by source within an expert) and return to the
     places they left. The receive buffer is sized for the worst case, every local token of
     every device routed to this device's experts: a token's k choices are distinct experts,
-    so a device sends any one peer at most ``T * min(k, E / n)`` rows. The grouped matmuls
-    skip the unused rows (the native and Pallas kernels do no work past the last group)."""
-    tokens, d = x_TD.shape
-    num_experts, k = moe.num_experts, choice.expert_index.shape[1]
+    so a device sends any one peer at most ``T * min(k, E / n)`` rows (``max_send``). The
+    grouped matmuls skip the unused rows (the native and Pallas kernels do no work past the
+    last group)."""
+    d = rows.shape[1]
+    num_experts = sent.shape[0]
     local = num_experts // n
-    max_send = tokens * min(k, local)
     me = jax.lax.axis_index(AXIS)
-
-    # sort the assignments by expert; choices of zero weight (SMoE-Dropout's k schedule) go
-    # nowhere: a sentinel expert sorts them last, outside every slice
-    expert = jnp.where(choice.weights > 0, choice.expert_index, num_experts).reshape(-1)
-    order = jnp.argsort(expert, stable=True)
-    rows = x_TD[order // k]
-    sent = jnp.bincount(expert, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     taken_from = exclusive_cumsum(sent)  # slice e (global expert e) starts here in rows
     # counts[s, j, e]: rows device s sends device j's local expert e
     counts = jax.lax.all_gather(sent.reshape(n, local), AXIS)
@@ -161,11 +168,9 @@ def _ragged_dispatch(moe, x_TD, choice, n, experts):
     # back where each slice came from: slice (s, e) to source s, at its offset for my expert e
     sources_offsets = exclusive_cumsum(counts.reshape(n, num_experts), axis=1)  # [s, E]
     back_to = jax.lax.dynamic_slice_in_dim(sources_offsets, me * local, local, axis=1)
-    returned = ragged_all_to_all(out, jnp.zeros((tokens * k, d), out.dtype),
-                                 lands_at[:, me].reshape(-1), received, back_to.reshape(-1),
-                                 sent, AXIS, max_send=max_send)
-    unsorted = jnp.zeros_like(returned).at[order].set(returned).reshape(tokens, k, d)
-    return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
+    return ragged_all_to_all(out, jnp.zeros_like(rows, dtype=out.dtype),
+                             lands_at[:, me].reshape(-1), received, back_to.reshape(-1), sent,
+                             AXIS, max_send=max_send)
 
 
 def token_parallel_moe(moe, x_BLD, router_inputs, mesh):

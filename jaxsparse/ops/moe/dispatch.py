@@ -76,16 +76,21 @@ def capacity_dispatch(x_TD, choice: TokenChoice, experts, capacity: int):
     return unpack(experts(buffers), choice, slot, kept)
 
 
-def dropless_dispatch(x_TD, choice: TokenChoice, grouped):
+def dropless_dispatch(x_TD, choice: TokenChoice, grouped, *, skip_unweighted: bool = False):
     """Token-choice MoE without dropping: sort the ``T * k`` assignments by expert, run the
-    experts as grouped matmuls over the sorted rows, un-sort and combine."""
+    experts as grouped matmuls over the sorted rows, un-sort and combine. With
+    ``skip_unweighted`` choices of zero weight (SMoE-Dropout's k schedule) sort last, outside
+    every group, and ``grouped`` must give zeros for rows past ``sum(group_sizes)`` (as
+    :func:`grouped_matmul` does under jit); expert parallelism then does not send them."""
     tokens, d = x_TD.shape
     num_experts = choice.probs.shape[-1]
     k = choice.expert_index.shape[1]
-    flat_expert = choice.expert_index.reshape(-1)
+    skipped = (choice.weights <= 0) if skip_unweighted else jnp.zeros(choice.weights.shape, bool)
+    flat_expert = jnp.where(skipped, num_experts, choice.expert_index).reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
     rows = x_TD[order // k]
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat_expert, length=num_experts + 1)[:num_experts]
+    group_sizes = group_sizes.astype(jnp.int32)
     out_rows = grouped(rows, group_sizes)
     unsorted = jnp.zeros_like(out_rows).at[order].set(out_rows).reshape(tokens, k, -1)
     return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
