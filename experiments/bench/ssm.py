@@ -1,8 +1,8 @@
 """Selective scans on this backend: every implementation against the lax.scan recurrence.
 
 Mamba-1 ``selective_scan`` (sequential = lax.scan, associative, chunked, and on CPU the native
-C++ kernel, the CPU default) and Mamba-2 ``ssd``
-(chunked SSD vs its lax.scan recurrence), at several lengths, in one run. Reports tokens/s,
+C++ kernel, the CPU default) and Mamba-2 (chunked ``ssd`` and on CPU ``ssd_native``, its CPU
+default, against the lax.scan recurrence ``ssd_reference``), at several lengths, in one run. Reports tokens/s,
 the ratio to the recurrence, peak memory (XLA's compiled memory analysis) and achieved bytes/s
 next to this machine's measured copy bandwidth. Bytes counted: for Mamba-1 the float32
 [batch, length, d_inner, d_state] tensors the plain recurrence materialises (decay, input,
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import markdown_table, time_fn, write_results
-from jaxsparse.ops.ssm import selective_scan, ssd, ssd_reference
+from jaxsparse.ops.ssm import selective_scan, ssd, ssd_native, ssd_reference
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -75,24 +75,35 @@ def mamba1_rows(length, batch, d_inner, d_state, repeats, chunk, backward):
     return rows
 
 
-def mamba2_rows(length, heads, head_dim, d_state, repeats, chunk):
+def mamba2_implementations(chunk):
+    """(name, fn) of each Mamba-2 implementation; the recurrence (the peer) first."""
+    impls = [("recurrence (lax.scan)", lambda *a: ssd_reference(*a, dt_softplus=True)),
+             (f"ssd chunk {chunk}", lambda *a: ssd(*a, chunk_size=chunk, dt_softplus=True))]
+    if jax.default_backend() == "cpu":  # the C++ kernel, Mamba-2's CPU default
+        impls.append(("native", lambda *a: ssd_native(*a, dt_softplus=True)))
+    return impls
+
+
+def mamba2_rows(length, heads, head_dim, d_state, repeats, chunk, backward):
     k = jax.random.split(jax.random.key(1), 5)
     x = jax.random.normal(k[0], (1, length, heads, head_dim))
     dt = jax.random.normal(k[1], (1, length, heads))
     A = -jnp.exp(jax.random.normal(k[2], (heads,)))
     B = jax.random.normal(k[3], (1, length, 1, d_state))
     C = jax.random.normal(k[4], (1, length, 1, d_state))
-    rows = []
-    recurrence = jax.jit(lambda *a: ssd_reference(*a, dt_softplus=True))
-    chunked = jax.jit(lambda *a: ssd(*a, chunk_size=chunk, dt_softplus=True))
-    t_ref = time_fn(recurrence, x, dt, A, B, C, warmup=1, repeats=repeats).median_s
-    t_ssd = time_fn(chunked, x, dt, A, B, C, warmup=1, repeats=repeats).median_s
     # the recurrence keeps its state in cache: count what it must read and write
-    moved = 4 * length * (2 * heads * head_dim + heads + 2 * d_state)
-    for impl, t, fn in (("recurrence (lax.scan)", t_ref, recurrence), (f"ssd chunk {chunk}", t_ssd, chunked)):
-        rows.append({"op": "ssd", "impl": impl, "L": length, "ms": t * 1e3, "tokens_per_s": length / t,
-                     "speedup_vs_lax_scan": t_ref / t, "peak_mb": peak_mb(fn, x, dt, A, B, C),
-                     "gb_per_s": moved / t / 1e9})
+    moved = 4 * length * (2 * heads * head_dim + heads + 2 * d_state) * (3 if backward else 1)
+    rows, base = [], None
+    for impl, scan in mamba2_implementations(chunk):
+        if backward:  # forward + the gradient of every input
+            fn = jax.jit(jax.grad(lambda *a, f=scan: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4)))
+        else:
+            fn = jax.jit(scan)
+        t = time_fn(fn, x, dt, A, B, C, warmup=1, repeats=repeats).median_s
+        base = t if base is None else base
+        rows.append({"op": "ssd" + (" fwd+bwd" if backward else ""), "impl": impl, "L": length,
+                     "ms": t * 1e3, "tokens_per_s": length / t, "speedup_vs_lax_scan": base / t,
+                     "peak_mb": peak_mb(fn, x, dt, A, B, C), "gb_per_s": moved / t / 1e9})
     return rows
 
 
@@ -108,7 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backward", action="store_true",
-                        help="also time Mamba-1 forward + backward")
+                        help="also time forward + backward")
     parser.add_argument("--skip-ssd", action="store_true", help="Mamba-1 rows only")
     parser.add_argument("--name", default="ssm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))
@@ -123,7 +134,10 @@ def main(argv=None) -> None:
                                 args.chunk, backward=True)
         if not args.skip_ssd:
             rows += mamba2_rows(length, args.heads, args.head_dim, args.ssd_state, args.repeats,
-                                args.chunk)
+                                args.chunk, backward=False)
+            if args.backward:
+                rows += mamba2_rows(length, args.heads, args.head_dim, args.ssd_state,
+                                    args.repeats, args.chunk, backward=True)
     for row in rows:
         row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bandwidth
     columns = ["op", "impl", "L", "ms", "tokens_per_s", "speedup_vs_lax_scan", "peak_mb",

@@ -361,6 +361,13 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
         initial_state=None, return_final_state=False):
     """Mamba-2 state space duality, chunked (Dao & Gu 2024, section 6).
 
+    Work and memory are linear in the length: quadratic only inside a chunk. The states
+    entering the chunks follow from a scan over chunks (the paper's "state passing"), not
+    from a ``[chunks, chunks]`` decay matrix (the minimal listing's shortcut, quadratic in
+    the number of chunks: at 64k tokens in chunks of 64 it was 2.5x the FLOPs of everything
+    else, and it grows with the square of the length). ``C·Bᵀ`` is formed once per group,
+    not once per head.
+
     Args:
       x: ``[batch, length, heads, head_dim]``; dt: ``[batch, length, heads]``; A: ``[heads]``
         negative; B, C: ``[batch, length, groups, d_state]`` (groups divide heads);
@@ -375,42 +382,55 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
         raise ValueError("chunk_size is required for ssd")
     _check_ssd_shapes(x, dt, A, B, C, D)
     batch, length, heads, head_dim = x.shape
-    d_state = B.shape[3]
-    dt, a, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
-    X = x.astype(jnp.float32) * dt[..., None]
-    padded = -(-length // chunk_size) * chunk_size
-    pad = lambda t: jnp.pad(t, [(0, 0), (0, padded - length)] + [(0, 0)] * (t.ndim - 2))  # noqa: E731
-    chunks = padded // chunk_size
-    split = lambda t: pad(t).reshape((batch, chunks, chunk_size) + t.shape[2:])  # noqa: E731
-    X, B, C = split(X), split(B), split(C)  # [b, c, L, h, *]
-    a = jnp.moveaxis(split(a), -1, 1)  # [b, h, c, L]
-    a_cum = jnp.cumsum(a, axis=-1)
+    groups, d_state = B.shape[2:]
+    per_group = heads // groups
+    state_shape = (batch, heads, head_dim, d_state)
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(f"initial_state must be {state_shape}, got {initial_state.shape}")
+    dt = _final_dt(dt, dt_bias, dt_softplus)  # [b, l, h]
+    a = dt * A.astype(jnp.float32)[None, None, :]  # log decay per step
+    chunks = -(-length // chunk_size)
+    padded = chunks * chunk_size
+
+    def split(t):  # [b, l, ...] -> [b, c, L, ...]; padding steps have dt = 0: no decay, no input
+        t = jnp.pad(t, [(0, 0), (0, padded - length)] + [(0, 0)] * (t.ndim - 2))
+        return t.reshape((batch, chunks, chunk_size) + t.shape[2:])
+
+    # heads h = (group g, head in group r), so B and C stay per group
+    X = split(x.astype(jnp.float32) * dt[..., None])
+    X = X.reshape(batch, chunks, chunk_size, groups, per_group, head_dim)  # [b, c, L, g, r, p]
+    B, C = split(B.astype(jnp.float32)), split(C.astype(jnp.float32))  # [b, c, L, g, n]
+    a = jnp.moveaxis(split(a), 2, -1).reshape(batch, chunks, groups, per_group, chunk_size)
+    a_cum = jnp.cumsum(a, axis=-1)  # [b, c, g, r, L]
+    time_last = lambda t: jnp.moveaxis(t, -1, 2)[..., None]  # [b,c,g,r,L] -> [b,c,L,g,r,1]  # noqa: E731
 
     # 1. outputs from inputs of the same chunk (the quadratic, attention-like form)
-    decay_within = jnp.exp(segsum(a))  # [b, h, c, L, L]
-    y_diag = jnp.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay_within, X)
-    # 2. each chunk's final state, from its own inputs
-    decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # [b, h, c, L]
-    states = jnp.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
-    # 3. states entering each chunk: a recurrence over chunks, done as a (small) segsum
-    if initial_state is None:
-        h0 = jnp.zeros((batch, heads, head_dim, d_state), jnp.float32)
-    else:
-        if initial_state.shape != (batch, heads, head_dim, d_state):
-            raise ValueError(f"initial_state must be {(batch, heads, head_dim, d_state)}, got "
-                             f"{initial_state.shape}")
-        h0 = initial_state.astype(jnp.float32)
-    states = jnp.concatenate([h0[:, None], states], axis=1)  # [b, c+1, h, p, n]
-    chunk_decay = jnp.exp(segsum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))
-    states = jnp.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)[:, :, :, None]  # [b, c, g, 1, L, L]
+    y = jnp.einsum("bcgrls,bcsgrp->bclgrp", jnp.exp(segsum(a)) * scores, X)
+    # 2. what each chunk adds to the state, from its own inputs
+    decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum)
+    added = jnp.einsum("bcsgn,bcsgrp->bcgrpn", B, X * time_last(decay_to_end))
+    # 3. the states entering each chunk: h_(c+1) = decay_c · h_c + added_c, an associative
+    # scan over chunks (log depth for accelerators; linear work)
+    h0 = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    h0 = h0.reshape(batch, 1, groups, per_group, head_dim, d_state)
+    chunk_decay = jnp.concatenate(
+        [jnp.ones((batch, 1, groups, per_group), jnp.float32), jnp.exp(a_cum[..., -1])], axis=1)
+
+    def compose(earlier, later):  # two affine steps h -> d·h + s, earlier first
+        return earlier[0] * later[0], later[0][..., None, None] * earlier[1] + later[1]
+
+    _, states = jax.lax.associative_scan(
+        compose, (chunk_decay, jnp.concatenate([h0, added], axis=1)), axis=1)
     entering, final = states[:, :-1], states[:, -1]
     # 4. outputs from the states entering each chunk
-    y_off = jnp.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, jnp.exp(a_cum))
-    y = (y_diag + y_off).reshape(batch, padded, heads, head_dim)[:, :length]
+    y = y + jnp.einsum("bclgn,bcgrpn->bclgrp", C, entering) * time_last(jnp.exp(a_cum))
+    y = y.reshape(batch, padded, heads, head_dim)[:, :length]
     if D is not None:
         y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
     y = y.astype(x.dtype)
-    return (y, final) if return_final_state else y
+    return (y, final.reshape(state_shape)) if return_final_state else y
 
 
 def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=None, D=None,
@@ -470,11 +490,11 @@ def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
 
     Mamba-2 is Mamba-1 with a scalar decay per head: each (head, p) pair is a channel whose dt
     and A are its head's, and a head's channels share its group's B and C — the Mamba-1
-    kernel's layout exactly (channels of a group contiguous). The kernel then evaluates the
-    decay once per state entry instead of once per head (P·N times the exps a dedicated kernel
-    would need), which still makes it 3.4x faster forward and 6x with gradients than the
-    ``lax.scan`` recurrence at ``mamba2_tiny``'s sizes on 2 cores. When lowering for an
-    accelerator it is :func:`ssd_reference`. Raises if the kernel cannot be built.
+    kernel's layout exactly (channels of a group contiguous). ``A`` goes in as ``[channels, 1]``,
+    so the kernel takes one exp per step for all N state entries rather than N of them
+    (forward 4x faster than with ``A`` broadcast to ``[channels, N]``; bench numbers in
+    ``experiments/results/ssm.md``). When lowering for an accelerator it is
+    :func:`ssd_reference`. Raises if the kernel cannot be built.
     """
     from jaxsparse.ops.native import selective_scan as native
 
@@ -494,8 +514,7 @@ def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
         y, final = native.native_scan(
             x.astype(jnp.float32).reshape(batch, length, channels),
             jnp.repeat(dt_h, head_dim, axis=2),
-            jnp.broadcast_to(jnp.repeat(A.astype(jnp.float32), head_dim)[:, None],
-                             (channels, d_state)),
+            jnp.repeat(A.astype(jnp.float32), head_dim)[:, None],  # [channels, 1]: scalar decay
             B.astype(jnp.float32), C.astype(jnp.float32), h0.reshape(batch, channels, d_state))
         y = y.reshape(batch, length, heads, head_dim)
         if D is not None:

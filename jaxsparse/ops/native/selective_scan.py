@@ -31,14 +31,16 @@ def native_scan(x, dt, A, B, C, h0):
     """``(y, h_final)`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t``, ``y_t = <C_t, h_t>``.
 
     All float32: ``x, dt [batch, L, d]`` (dt discretised: bias and softplus applied),
-    ``A [d, N]``, ``B, C [batch, L, groups, N]``, ``h0 [batch, d, N]``.
+    ``A [d, N]`` (or ``[d, 1]``: one decay rate per channel for all N state entries, as in
+    Mamba-2; the kernel then takes one exp per step, not N), ``B, C [batch, L, groups, N]``,
+    ``h0 [batch, d, N]``.
     """
     return _forward(x, dt, A, B, C, h0)
 
 
 def _forward_call(x, dt, A, B, C, h0):
     batch, length, d = x.shape
-    call = jax.ffi.ffi_call(_FORWARD, (_f32(batch, length, d), _f32(batch, d, A.shape[1])),
+    call = jax.ffi.ffi_call(_FORWARD, (_f32(batch, length, d), _f32(batch, d, B.shape[3])),
                             vmap_method="sequential")
     return tuple(call(x, dt, A, B, C, h0))
 
@@ -68,7 +70,7 @@ def _bwd(residuals, cotangents):
 
     def backward_call(*operands):
         rows, length, d = operands[0].shape
-        outs = (_f32(rows, length, d), _f32(rows, length, d), _f32(rows, d, n),
+        outs = (_f32(rows, length, d), _f32(rows, length, d), _f32(rows, d, A.shape[1]),
                 _f32(rows, groups, parts, length, n), _f32(rows, groups, parts, length, n),
                 _f32(rows, d, n))
         return tuple(jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="sequential")(*operands))

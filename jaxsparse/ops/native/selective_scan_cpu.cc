@@ -10,6 +10,10 @@
 // state index the work is one vector exp and three FMAs, and nothing of size L·d·N touches
 // memory.
 //
+// A may also be [d, 1]: one decay rate per channel, shared by its N state entries (Mamba-2,
+// whose heads have a scalar A). The decay is then one vector exp per step instead of N, which
+// is most of the work per state entry: the step becomes two FMAs and a multiply per n.
+//
 // The backward walks time in reverse, chunk by chunk: the forward states are checkpointed every
 // kChunk steps, each chunk's states and decays are recomputed into a small buffer, and the
 // gradients of x, dt, A, B, C and h0 are accumulated on the way back. Gradients of B and C sum
@@ -75,6 +79,8 @@ inline Vec vexp(Vec x) {
 
 struct Dims {
   int64_t batch, length, channels, groups, state;
+  bool scalar_decay;  // A is [d, 1]
+  int64_t rates() const { return scalar_decay ? 1 : state; }  // columns of A
   int64_t per_group() const { return channels / groups; }
   int64_t blocks_per_group() const { return (per_group() + kLanes - 1) / kLanes; }
 };
@@ -94,12 +100,14 @@ struct Inputs {
 // h (N vectors).
 void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys, Vec* h,
                    Vec* checkpoints) {
-  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups;
-  std::vector<Vec> a(N);
-  for (int64_t n = 0; n < N; ++n) {
+  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups, R = dm.rates();
+  std::vector<Vec> a(R);
+  for (int64_t r = 0; r < R; ++r) {
     float col[kLanes] = {};
-    for (int i = 0; i < bk.lanes; ++i) col[i] = in.A[(bk.d0 + i) * N + n];
-    a[n] = load(col, kLanes);
+    for (int i = 0; i < bk.lanes; ++i) col[i] = in.A[(bk.d0 + i) * R + r];
+    a[r] = load(col, kLanes);
+  }
+  for (int64_t n = 0; n < N; ++n) {
     float h0[kLanes] = {};
     for (int i = 0; i < bk.lanes; ++i) h0[i] = in.h0[(bk.b * Dn + bk.d0 + i) * N + n];
     h[n] = load(h0, kLanes);
@@ -112,9 +120,17 @@ void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys,
     const float* Bt = in.B + ((bk.b * dm.length + t) * G + bk.g) * N;
     const float* Ct = in.C + ((bk.b * dm.length + t) * G + bk.g) * N;
     Vec y{};
-    for (int64_t n = 0; n < N; ++n) {
-      h[n] = vexp(dt * a[n]) * h[n] + u * Bt[n];
-      y += h[n] * Ct[n];
+    if (dm.scalar_decay) {
+      const Vec decay = vexp(dt * a[0]);
+      for (int64_t n = 0; n < N; ++n) {
+        h[n] = decay * h[n] + u * Bt[n];
+        y += h[n] * Ct[n];
+      }
+    } else {
+      for (int64_t n = 0; n < N; ++n) {
+        h[n] = vexp(dt * a[n]) * h[n] + u * Bt[n];
+        y += h[n] * Ct[n];
+      }
     }
     if (ys) store(ys + row, y, bk.lanes);
   }
@@ -128,20 +144,22 @@ struct Grads {
 
 void backward_block(const Dims& dm, const Inputs& in, const float* gy, const float* gh_final,
                     const Block& bk, const Grads& out, float* gB_part, float* gC_part) {
-  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups, L = dm.length;
+  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups, L = dm.length, R = dm.rates();
   const int64_t num_chunks = (L + kChunk - 1) / kChunk;
-  std::vector<Vec> checkpoints(num_chunks * N), h(N), a(N), gA(N), gh(N);
-  std::vector<Vec> states(kChunk * N), decays(kChunk * N);
+  std::vector<Vec> checkpoints(num_chunks * N), h(N), a(R), gA(R), gh(N);
+  // decays per step: R of them (one when the decay is scalar)
+  std::vector<Vec> states(kChunk * N), decays(kChunk * R);
   forward_block(dm, in, bk, nullptr, h.data(), checkpoints.data());
+  for (int64_t r = 0; r < R; ++r) {
+    float col[kLanes] = {};
+    for (int i = 0; i < bk.lanes; ++i) col[i] = in.A[(bk.d0 + i) * R + r];
+    a[r] = load(col, kLanes);
+    gA[r] = Vec{};
+  }
   for (int64_t n = 0; n < N; ++n) {
-    float col[kLanes] = {}, g[kLanes] = {};
-    for (int i = 0; i < bk.lanes; ++i) {
-      col[i] = in.A[(bk.d0 + i) * N + n];
-      g[i] = gh_final[(bk.b * Dn + bk.d0 + i) * N + n];
-    }
-    a[n] = load(col, kLanes);
+    float g[kLanes] = {};
+    for (int i = 0; i < bk.lanes; ++i) g[i] = gh_final[(bk.b * Dn + bk.d0 + i) * N + n];
     gh[n] = load(g, kLanes);
-    gA[n] = Vec{};
   }
   for (int64_t c = num_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk, t1 = std::min(L, t0 + kChunk);
@@ -151,10 +169,11 @@ void backward_block(const Dims& dm, const Inputs& in, const float* gy, const flo
       const Vec dt = load(in.dt + row, bk.lanes), u = dt * load(in.x + row, bk.lanes);
       const float* Bt = in.B + ((bk.b * L + t) * G + bk.g) * N;
       Vec* st = &states[(t - t0) * N];
-      Vec* dc = &decays[(t - t0) * N];
+      Vec* dc = &decays[(t - t0) * R];
+      for (int64_t r = 0; r < R; ++r) dc[r] = vexp(dt * a[r]);
+      const int64_t step = dm.scalar_decay ? 0 : 1;  // which decay entry n uses: n · step
       for (int64_t n = 0; n < N; ++n) {
-        dc[n] = vexp(dt * a[n]);
-        h[n] = dc[n] * h[n] + u * Bt[n];
+        h[n] = dc[n * step] * h[n] + u * Bt[n];
         st[n] = h[n];
       }
     }
@@ -165,31 +184,31 @@ void backward_block(const Dims& dm, const Inputs& in, const float* gy, const flo
       const int64_t bc = ((bk.b * L + t) * G + bk.g) * N;
       const float *Bt = in.B + bc, *Ct = in.C + bc;
       const Vec* st = &states[(t - t0) * N];                  // h_t
-      const Vec* dc = &decays[(t - t0) * N];                  // exp(dt_t · a)
+      const Vec* dc = &decays[(t - t0) * R];                  // exp(dt_t · a)
       const Vec* prev = t > t0 ? st - N : &checkpoints[c * N];  // h_{t-1} (h0 at t = 0)
       float* gBt = gB_part + t * N;
       float* gCt = gC_part + t * N;
       Vec g_dt{}, g_u{};
+      const int64_t step = dm.scalar_decay ? 0 : 1;
       for (int64_t n = 0; n < N; ++n) {
         gCt[n] += lane_sum(g_y * st[n]);
         const Vec g = gh[n] + g_y * Ct[n];  // dL/dh_t
         gBt[n] += lane_sum(g * u);
         g_u += g * Bt[n];
-        const Vec g_log = g * dc[n] * prev[n];  // dL/d(dt_t · a_n)
-        g_dt += g_log * a[n];
-        gA[n] += g_log * dt;
-        gh[n] = g * dc[n];  // dL/dh_{t-1}
+        const Vec decay = dc[n * step];
+        const Vec g_log = g * decay * prev[n];  // dL/d(dt_t · a_n)
+        g_dt += g_log * a[n * step];
+        gA[n * step] += g_log * dt;
+        gh[n] = g * decay;  // dL/dh_{t-1}
       }
       g_dt += g_u * x;
       store(out.gx + row, g_u * dt, bk.lanes);
       store(out.gdt + row, g_dt, bk.lanes);
     }
   }
-  for (int64_t n = 0; n < N; ++n) {
-    for (int i = 0; i < bk.lanes; ++i) {
-      out.gh0[(bk.b * Dn + bk.d0 + i) * N + n] = gh[n][i];
-      out.gA[(bk.b * Dn + bk.d0 + i) * N + n] = gA[n][i];
-    }
+  for (int i = 0; i < bk.lanes; ++i) {
+    for (int64_t n = 0; n < N; ++n) out.gh0[(bk.b * Dn + bk.d0 + i) * N + n] = gh[n][i];
+    for (int64_t r = 0; r < R; ++r) out.gA[(bk.b * Dn + bk.d0 + i) * R + r] = gA[r][i];
   }
 }
 
@@ -198,13 +217,13 @@ bool read_dims(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& dt,
                const ffi::Buffer<ffi::F32>& C, const ffi::Buffer<ffi::F32>& h0, Dims* dm) {
   const auto xd = x.dimensions(), ad = A.dimensions(), bd = B.dimensions();
   if (xd.size() != 3 || ad.size() != 2 || bd.size() != 4) return false;
-  *dm = Dims{xd[0], xd[1], xd[2], bd[2], ad[1]};
+  *dm = Dims{xd[0], xd[1], xd[2], bd[2], bd[3], ad[1] == 1 && bd[3] != 1};
   auto same = [](auto u, std::initializer_list<int64_t> v) {
     return u.size() == v.size() && std::equal(u.begin(), u.end(), v.begin());
   };
   return dm->groups > 0 && dm->channels % dm->groups == 0 &&
          same(dt.dimensions(), {dm->batch, dm->length, dm->channels}) &&
-         same(ad, {dm->channels, dm->state}) &&
+         same(ad, {dm->channels, dm->rates()}) &&
          same(bd, {dm->batch, dm->length, dm->groups, dm->state}) &&
          same(C.dimensions(), {dm->batch, dm->length, dm->groups, dm->state}) &&
          same(h0.dimensions(), {dm->batch, dm->channels, dm->state});
@@ -289,7 +308,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseSelectiveScanF32, ScanF32,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Buffer>()  // x [batch, L, d]
                                   .Arg<F32Buffer>()  // dt [batch, L, d] (discretised)
-                                  .Arg<F32Buffer>()  // A [d, N]
+                                  .Arg<F32Buffer>()  // A [d, N], or [d, 1]: scalar decay
                                   .Arg<F32Buffer>()  // B [batch, L, groups, N]
                                   .Arg<F32Buffer>()  // C [batch, L, groups, N]
                                   .Arg<F32Buffer>()  // h0 [batch, d, N]
@@ -309,7 +328,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseSelectiveScanBackwardF32, ScanBackwardF32
                                   .Arg<F32Buffer>()  // dL/d final state
                                   .Ret<F32Buffer>()  // dx
                                   .Ret<F32Buffer>()  // ddt
-                                  .Ret<F32Buffer>()  // dA per batch row [batch, d, N]
+                                  .Ret<F32Buffer>()  // dA per batch row [batch, d, N or 1]
                                   .Ret<F32Buffer>()  // dB partial sums [batch, groups, parts, L, N]
                                   .Ret<F32Buffer>()  // dC partial sums
                                   .Ret<F32Buffer>());  // dh0
