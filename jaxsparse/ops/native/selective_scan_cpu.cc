@@ -36,6 +36,8 @@ using jaxsparse_native::store;
 using jaxsparse_native::Vec;
 
 constexpr int64_t kChunk = 64;
+// Forward time tile: 512 steps of B and C rows (256 KiB at N = 64) stay in a core's L2.
+constexpr int64_t kTimeTile = 512;
 typedef int32_t IVec __attribute__((vector_size(64)));
 
 inline Vec splat(float s) { return Vec{} + s; }
@@ -95,13 +97,9 @@ struct Inputs {
   const float *x, *dt, *A, *B, *C, *h0;
 };
 
-// The forward recurrence of one block. With ys, writes y; with checkpoints, stores the state at
-// the start of every chunk (checkpoints[c · N + n] is a vector); returns the final state into
-// h (N vectors).
-void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys, Vec* h,
-                   Vec* checkpoints) {
-  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups, R = dm.rates();
-  std::vector<Vec> a(R);
+// A block's decay rates (R vectors) and initial state (N vectors).
+void load_block(const Dims& dm, const Inputs& in, const Block& bk, Vec* a, Vec* h) {
+  const int64_t N = dm.state, R = dm.rates();
   for (int64_t r = 0; r < R; ++r) {
     float col[kLanes] = {};
     for (int i = 0; i < bk.lanes; ++i) col[i] = in.A[(bk.d0 + i) * R + r];
@@ -109,10 +107,18 @@ void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys,
   }
   for (int64_t n = 0; n < N; ++n) {
     float h0[kLanes] = {};
-    for (int i = 0; i < bk.lanes; ++i) h0[i] = in.h0[(bk.b * Dn + bk.d0 + i) * N + n];
+    for (int i = 0; i < bk.lanes; ++i) h0[i] = in.h0[(bk.b * dm.channels + bk.d0 + i) * N + n];
     h[n] = load(h0, kLanes);
   }
-  for (int64_t t = 0; t < dm.length; ++t) {
+}
+
+// Steps [t0, t1) of one block's recurrence, from and into the state h (N vectors). With ys,
+// writes y; with checkpoints, stores the state at the start of every chunk
+// (checkpoints[c · N + n] is a vector).
+void forward_steps(const Dims& dm, const Inputs& in, const Block& bk, const Vec* a, int64_t t0,
+                   int64_t t1, float* ys, Vec* h, Vec* checkpoints) {
+  const int64_t N = dm.state, Dn = dm.channels, G = dm.groups;
+  for (int64_t t = t0; t < t1; ++t) {
     if (checkpoints && t % kChunk == 0)
       std::copy(h, h + N, checkpoints + (t / kChunk) * N);
     const int64_t row = (bk.b * dm.length + t) * Dn + bk.d0;
@@ -134,6 +140,14 @@ void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys,
     }
     if (ys) store(ys + row, y, bk.lanes);
   }
+}
+
+// The whole recurrence of one block; the final state goes into h.
+void forward_block(const Dims& dm, const Inputs& in, const Block& bk, float* ys, Vec* h,
+                   Vec* checkpoints) {
+  std::vector<Vec> a(dm.rates());
+  load_block(dm, in, bk, a.data(), h);
+  forward_steps(dm, in, bk, a.data(), 0, dm.length, ys, h, checkpoints);
 }
 
 // Gradients of one block, accumulated: gA_b [Dn, N] (this batch row's), gB_part and gC_part
@@ -248,14 +262,31 @@ ffi::Error ScanF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(),
                   B.typed_data(), C.typed_data(), h0.typed_data()};
   float *yp = y->typed_data(), *hp = h_final->typed_data();
-  const int64_t blocks = dm.batch * dm.groups * dm.blocks_per_group();
-  parallel_for(pool, blocks, [&](int64_t i) {
-    const Block bk = block_at(dm, i);
-    std::vector<Vec> h(dm.state);
-    forward_block(dm, in, bk, yp, h.data(), nullptr);
-    for (int64_t n = 0; n < dm.state; ++n)
-      for (int l = 0; l < bk.lanes; ++l)
-        hp[(bk.b * dm.channels + bk.d0 + l) * dm.state + n] = h[n][l];
+  // Task (b, g, part): a run of the group's channel blocks, stepped kTimeTile steps at a time,
+  // all blocks of the run through one tile before the next. The tile's B and C rows (shared by
+  // the group's channels) then come from cache for every block after the first; stepping each
+  // block through the whole length instead re-read them from memory once per block, which at
+  // 64k tokens made the forward 18x slower than at 8k.
+  const int64_t N = dm.state, R = dm.rates(), per_block = dm.blocks_per_group();
+  // as many tasks as cores when there are fewer (batch row, group) pairs than cores
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t parts = std::clamp<int64_t>(cores / (dm.batch * dm.groups), 1, per_block);
+  parallel_for(pool, dm.batch * dm.groups * parts, [&](int64_t task) {
+    const int64_t bg = task / parts, part = task % parts;
+    const int64_t j0 = part * per_block / parts, j1 = (part + 1) * per_block / parts;
+    std::vector<Block> blocks;
+    for (int64_t j = j0; j < j1; ++j) blocks.push_back(block_at(dm, bg * per_block + j));
+    std::vector<Vec> a(blocks.size() * R), h(blocks.size() * N);
+    for (size_t k = 0; k < blocks.size(); ++k)
+      load_block(dm, in, blocks[k], &a[k * R], &h[k * N]);
+    for (int64_t t0 = 0; t0 < dm.length; t0 += kTimeTile)
+      for (size_t k = 0; k < blocks.size(); ++k)
+        forward_steps(dm, in, blocks[k], &a[k * R], t0, std::min(dm.length, t0 + kTimeTile), yp,
+                      &h[k * N], nullptr);
+    for (size_t k = 0; k < blocks.size(); ++k)
+      for (int64_t n = 0; n < N; ++n)
+        for (int l = 0; l < blocks[k].lanes; ++l)
+          hp[(blocks[k].b * dm.channels + blocks[k].d0 + l) * N + n] = h[k * N + n][l];
   });
   return ffi::Error::Success();
 }
