@@ -95,13 +95,15 @@ def test_native_kernel_exp_over_the_float32_range():
     n = A.shape[1]
     ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
     _, state = native_scan(jnp.zeros((1, 1, d)), ones(1, 1, d), jnp.asarray(A),
-                           jnp.zeros((1, 1, 1, n)), jnp.zeros((1, 1, 1, n)), ones(1, d, n))
+                           jnp.zeros((1, 1, 1, n)), jnp.zeros((1, 1, 1, n)), ones(1, d, n),
+                           ones(1, 1))
     want = np.exp(A.astype(np.float64))
     np.testing.assert_allclose(np.asarray(state[0], np.float64), want, rtol=2.5e-7)
     edges = np.array([-200.0, -88.0, 89.0, 1000.0, np.nan, -np.inf, np.inf, 0.5] * 2,
                      np.float32).reshape(d, 1)
     _, state = native_scan(jnp.zeros((1, 1, d)), ones(1, 1, d), jnp.asarray(edges),
-                           jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1)), ones(1, d, 1))
+                           jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1)), ones(1, d, 1),
+                           ones(1, 1))
     got = np.asarray(state[0, :8, 0])
     assert (0 <= got[:2]).all() and (got[:2] < 2e-38).all(), got  # underflow: ~0, not garbage
     assert np.isinf(got[2]) and np.isinf(got[3]) and np.isnan(got[4]), got

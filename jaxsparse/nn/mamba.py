@@ -74,24 +74,25 @@ class Mamba(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index  # order is carried by the recurrence
-        if segment_ids is not None:
-            raise ValueError("Mamba does not support segment_ids (packed documents) yet")
+        parallel = _sequence_parallel(x_BLD, cache)
+        _check_packed(segment_ids, parallel)
         xz = self.in_proj(x_BLD)
         x, z = jnp.split(xz, 2, axis=-1)
         x, conv_state = causal_depthwise_conv1d(x, self.conv_w[...], self.conv_b[...],
-                                                None if cache is None else cache["conv"])
+                                                None if cache is None else cache["conv"],
+                                                segment_ids=segment_ids)
         x = jax.nn.silu(x)
         dt_raw, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], -1)
         dt = dt_raw @ self.dt_proj[...].astype(dt_raw.dtype)
         args = (x, dt, -jnp.exp(self.A_log[...]), B[:, :, None, :], C[:, :, None, :])
         kwargs = dict(D=self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
                       implementation=self.implementation, chunk_size=self.chunk_size)
-        if _sequence_parallel(x_BLD, cache):
+        if parallel:
             y, ssm_state = selective_scan_sequence_parallel(*args, mesh=current_mesh(), **kwargs)
         else:
             y, ssm_state = selective_scan(
                 *args, initial_state=None if cache is None else cache["ssm"],
-                return_final_state=True, **kwargs)
+                return_final_state=True, segment_ids=segment_ids, **kwargs)
         new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}
         return self.out_proj(y), new_cache
 
@@ -100,6 +101,15 @@ def _sequence_parallel(x_BLD, cache) -> bool:
     """Is the length of this (non-decoding) call split over the mesh's sequence axis?"""
     shards = sequence_axis_size()
     return cache is None and shards > 1 and x_BLD.shape[1] % shards == 0
+
+
+def _check_packed(segment_ids, sequence_parallel: bool):
+    """Packed documents reset the state where a document starts; the scans split over the
+    sequence axis compose shard states by their total decay, which knows no resets."""
+    if segment_ids is not None and sequence_parallel:
+        raise ValueError("segment_ids (packed documents) are not supported while the length is "
+                         "split over the mesh's sequence axis; pack documents per shard or use "
+                         "a mesh without a sequence axis")
 
 
 class Mamba2(nnx.Module):
@@ -137,12 +147,13 @@ class Mamba2(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index
-        if segment_ids is not None:
-            raise ValueError("Mamba2 does not support segment_ids (packed documents) yet")
+        parallel = _sequence_parallel(x_BLD, cache)
+        _check_packed(segment_ids, parallel)
         batch, length, _ = x_BLD.shape
         z, xbc, dt = jnp.split(self.in_proj(x_BLD), [self.d_inner, self.d_inner + self.conv_dim], -1)
         xbc, conv_state = causal_depthwise_conv1d(xbc, self.conv_w[...], self.conv_b[...],
-                                                  None if cache is None else cache["conv"])
+                                                  None if cache is None else cache["conv"],
+                                                  segment_ids=segment_ids)
         xbc = jax.nn.silu(xbc)
         x, B, C = jnp.split(xbc, [self.d_inner, self.d_inner + self.groups * self.d_state], -1)
         x = x.reshape(batch, length, self.heads, self.head_dim)
@@ -157,17 +168,18 @@ class Mamba2(nnx.Module):
         # recurrence faster still (ssd_native); for decoding steps the plain recurrence is the
         # cheapest everywhere.
         on_cpu = jax.default_backend() == "cpu"
-        if _sequence_parallel(x_BLD, cache):
+        if parallel:
             del kwargs["initial_state"], kwargs["return_final_state"]
             y, ssm_state = ssd_sequence_parallel(
                 x, dt, A, B, C, mesh=current_mesh(), chunk_size=None if on_cpu else self.chunk_size,
                 **kwargs)
         elif (cache is not None and length <= 4) or (on_cpu and not native_scan_available()):
-            y, ssm_state = ssd_reference(x, dt, A, B, C, **kwargs)
+            y, ssm_state = ssd_reference(x, dt, A, B, C, segment_ids=segment_ids, **kwargs)
         elif on_cpu:
-            y, ssm_state = ssd_native(x, dt, A, B, C, **kwargs)
+            y, ssm_state = ssd_native(x, dt, A, B, C, segment_ids=segment_ids, **kwargs)
         else:
-            y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, **kwargs)
+            y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size,
+                               segment_ids=segment_ids, **kwargs)
         y = y.reshape(batch, length, self.d_inner)
         y = rms_norm(y * jax.nn.silu(z), self.norm_scale[...])
         new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}

@@ -5,12 +5,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.segments import check_segment_ids
 
-def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None):
+
+def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=None):
     """``y_t = sum_k w[k] * x[t - K + 1 + k] (+ b)`` per channel, with ``K - 1`` past inputs.
 
     ``state`` holds the last ``K - 1`` inputs before ``x`` (zeros at the start of a
-    sequence). Returns ``(y [B, L, D], new_state [B, K-1, D])``.
+    sequence). ``segment_ids`` (integer ``[B, L]``, packed documents): taps that reach into an
+    earlier document read zeros, as at the start of a sequence; the state (the inputs before
+    ``x``) belongs to the first document. Returns ``(y [B, L, D], new_state [B, K-1, D])``.
     """
     width = w_KD.shape[0]
     batch, length, channels = x_BLD.shape
@@ -21,10 +25,26 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None):
     if state_BKD.shape != (batch, width - 1, channels):
         raise ValueError(f"state must be {(batch, width - 1, channels)}, got {state_BKD.shape}")
     full = jnp.concatenate([state_BKD.astype(x_BLD.dtype), x_BLD], axis=1)
-    y = window_sum(full, w_KD.astype(x_BLD.dtype))
+    if segment_ids is None:
+        y = window_sum(full, w_KD.astype(x_BLD.dtype))
+    else:
+        y = _window_sum_within_documents(full, w_KD.astype(x_BLD.dtype),
+                                         check_segment_ids(segment_ids, batch, length))
     if b_D is not None:
         y = y + b_D.astype(x_BLD.dtype)[None, None, :]
     return y, full[:, length:]
+
+
+def _window_sum_within_documents(full_BND, w_KD, segment_ids_BL):
+    """:func:`window_sum_reference` where tap ``k`` of output ``t`` counts only if its input is
+    in ``t``'s document. The state's ``K - 1`` inputs take the first token's id."""
+    width, length = w_KD.shape[0], segment_ids_BL.shape[1]
+    ids = jnp.concatenate([jnp.repeat(segment_ids_BL[:, :1], width - 1, axis=1), segment_ids_BL], 1)
+    y = 0
+    for k in range(width):
+        same = (ids[:, k:k + length] == segment_ids_BL)[..., None]
+        y = y + jnp.where(same, full_BND[:, k:k + length], 0) * w_KD[k][None, None, :]
+    return y
 
 
 def window_sum_reference(full_BND, w_KD):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.ops.segments import check_segment_ids, document_starts, keep_factor
+
 SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "native", "pallas",
                         "pallas_interpret")
 
@@ -68,13 +70,14 @@ def _check_scan_shapes(x, dt, A, B, C, D, z):
 # --- Mamba-1 --------------------------------------------------------------------------------
 
 
-def _discretise(x, dt, A, B, dt_bias, dt_softplus):
-    """float32 (decay [b,l,d,n], input [b,l,d,n]) of the recurrence h = decay*h + input."""
+def _discretise(x, dt, A, B, dt_bias, dt_softplus, keep):
+    """float32 (decay [b,l,d,n], input [b,l,d,n]) of the recurrence h = decay*h + input;
+    ``keep [b, l]`` zeroes the decay where a document starts."""
     dt = _final_dt(dt, dt_bias, dt_softplus)
     groups = B.shape[2]
     per_group = x.shape[2] // groups
     B_full = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # [b, l, d, n]
-    decay = jnp.exp(dt[..., None] * A.astype(jnp.float32)[None, None])
+    decay = jnp.exp(dt[..., None] * A.astype(jnp.float32)[None, None]) * keep[..., None, None]
     inputs = (dt * x.astype(jnp.float32))[..., None] * B_full
     return decay, inputs
 
@@ -109,11 +112,13 @@ def _scan_associative(decay, inputs, h0):
     return hs, hs[:, -1]
 
 
-def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dtype=None):
+def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dtype=None,
+                  keep=None):
     """Discretise, scan and read out one time step at a time inside each chunk, carrying the
     state across chunks. Nothing of size length x d_inner x d_state is ever materialised,
     and each chunk is rematerialised in the backward pass, so memory is O(chunk) rather
-    than O(length) and the scan stays memory-bandwidth-light."""
+    than O(length) and the scan stays memory-bandwidth-light. ``keep [b, l]`` (None: all
+    ones) zeroes the decay where a document starts."""
     batch, length, d_inner = x.shape
     padded = -(-length // chunk) * chunk
 
@@ -125,25 +130,27 @@ def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dty
 
     # padding steps get dt = 0 (after any bias and softplus): decay 1, input 0
     valid = split(jnp.ones((batch, length, 1), jnp.float32))
-    xs = (split(x), split(dt), split(B), split(C), split(z), valid)
+    starts = split(None if keep is None else 1.0 - keep)  # padding: 0, no reset
+    xs = (split(x), split(dt), split(B), split(C), split(z), valid, starts)
 
     per_group = d_inner // B.shape[2]
 
     @jax.checkpoint
     def step(h, chunk_xs):
-        x_c, dt_c, B_c, C_c, z_c, valid_c = chunk_xs
+        x_c, dt_c, B_c, C_c, z_c, valid_c, starts_c = chunk_xs
         dt_c = _final_dt(dt_c, dt_bias, dt_softplus) * valid_c  # padding: dt 0, decay 1
+        keep_c = jnp.ones(dt_c.shape[:2], jnp.float32) if starts_c is None else 1.0 - starts_c
 
         def tick(h, xs):
             # one time step, fused: nothing of size chunk x d_inner x d_state is kept
-            x_t, dt_t, B_t, C_t = xs  # [b, d], [b, d], [b, g, n], [b, g, n]
+            x_t, dt_t, B_t, C_t, keep_t = xs  # [b, d], [b, d], [b, g, n], [b, g, n], [b]
             B_t = jnp.repeat(B_t.astype(jnp.float32), per_group, axis=1)
             C_t = jnp.repeat(C_t.astype(jnp.float32), per_group, axis=1)
-            h = (jnp.exp(dt_t[:, :, None] * A.astype(jnp.float32)[None]) * h
-                 + (dt_t * x_t.astype(jnp.float32))[:, :, None] * B_t)
+            decay = jnp.exp(dt_t[:, :, None] * A.astype(jnp.float32)[None]) * keep_t[:, None, None]
+            h = decay * h + (dt_t * x_t.astype(jnp.float32))[:, :, None] * B_t
             return h, jnp.einsum("bdn,bdn->bd", h, C_t)
 
-        ticks = tuple(jnp.moveaxis(t, 1, 0) for t in (x_c, dt_c, B_c, C_c))
+        ticks = tuple(jnp.moveaxis(t, 1, 0) for t in (x_c, dt_c, B_c, C_c, keep_c))
         last, y = jax.lax.scan(tick, h, ticks)
         return last, _skip_and_gate(jnp.moveaxis(y, 0, 1), x_c, D, z_c)
 
@@ -177,7 +184,7 @@ def _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, *, interp
     return pallas_selective_scan(x, dt, A, B, C, h0, interpret=interpret, fallback=fallback)
 
 
-def _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size, *,
+def _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size, keep, *,
                          required: bool):
     """``(y, final)`` through the C++ kernel when lowering for CPU (the chunked form on other
     platforms), or None when the default should not use it (an accelerator host, a
@@ -195,21 +202,22 @@ def _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_s
                                "not be built (see the warning above); use 'chunked'")
         return None
 
-    def on_cpu(x, dt, A, B, C, h0):
+    def on_cpu(x, dt, A, B, C, h0, keep):
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
         y, final = native.native_scan(f32(x), _final_dt(dt, dt_bias, dt_softplus), f32(A),
-                                      f32(B), f32(C), h0)
+                                      f32(B), f32(C), h0, keep)
         return _skip_and_gate(y, x, D, z).astype(x.dtype), final
 
-    def elsewhere(x, dt, A, B, C, h0):
-        return _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64)
+    def elsewhere(x, dt, A, B, C, h0, keep):
+        return _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64,
+                             keep=keep)
 
-    return jax.lax.platform_dependent(x, dt, A, B, C, h0, cpu=on_cpu, default=elsewhere)
+    return jax.lax.platform_dependent(x, dt, A, B, C, h0, keep, cpu=on_cpu, default=elsewhere)
 
 
 def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
                    initial_state=None, return_final_state=False, chunk_size=None,
-                   implementation=None):
+                   implementation=None, segment_ids=None):
     """Mamba-1 selective scan.
 
     Args:
@@ -229,6 +237,10 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
         lowering for an accelerator), ``"pallas"`` (the TPU or GPU kernel, chosen by the
         platform being lowered for; the chunked form elsewhere) or ``"pallas_interpret"``
         (the GPU kernel in interpret mode, for tests).
+      segment_ids: integer ``[batch, length]`` for packed documents: the state is reset where
+        the id changes, so no document sees another (``initial_state`` belongs to the first).
+        The Pallas kernels have no reset input: with ``segment_ids`` they give way to the
+        chunked form.
 
     Returns:
       y ``[batch, length, d_inner]`` in x's dtype, and the final state if requested.
@@ -246,24 +258,27 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
             raise ValueError(f"initial_state must be {(batch, d_inner, d_state)}, got "
                              f"{initial_state.shape}")
         h0 = initial_state.astype(jnp.float32)
+    keep = keep_factor(segment_ids, batch, x.shape[1])
     if implementation in (None, "native"):
         # Default on CPU: the native kernel (experiments/results/ssm.md times it beside the
         # lax.scan recurrence and the chunked form); the chunked form on accelerators and
         # wherever the kernel cannot be built.
         native = _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0,
-                                      chunk_size, required=implementation == "native")
+                                      chunk_size, keep, required=implementation == "native")
         if native is not None:
             return native if return_final_state else native[0]
         implementation = "chunked"
-    if implementation == "chunked":
-        y, final = _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64)
+    if implementation == "chunked" or (implementation.startswith("pallas")
+                                       and segment_ids is not None):
+        y, final = _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64,
+                                 keep=None if segment_ids is None else keep)
         return (y, final) if return_final_state else y
     if implementation.startswith("pallas"):
         y, final = _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size,
                                 interpret=implementation == "pallas_interpret")
         y = _skip_and_gate(y, x, D, z).astype(x.dtype)
         return (y, final) if return_final_state else y
-    decay, inputs = _discretise(x, dt, A, B, dt_bias, dt_softplus)
+    decay, inputs = _discretise(x, dt, A, B, dt_bias, dt_softplus, keep)
     scan = _scan_sequential if implementation == "sequential" else _scan_associative
     hs, final = scan(decay, inputs, h0)
     y = _readout(hs, C, x, D, z, x.dtype)
@@ -358,7 +373,7 @@ def _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus):
 
 
 def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=False,
-        initial_state=None, return_final_state=False):
+        initial_state=None, return_final_state=False, segment_ids=None):
     """Mamba-2 state space duality, chunked (Dao & Gu 2024, section 6).
 
     Work and memory are linear in the length: quadratic only inside a chunk. The states
@@ -373,6 +388,9 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
         negative; B, C: ``[batch, length, groups, d_state]`` (groups divide heads);
         D: ``[heads]``; initial_state: ``[batch, heads, head_dim, d_state]``.
       chunk_size: block length; any length works (padding steps have dt = 0).
+      segment_ids: integer ``[batch, length]`` for packed documents: the state is reset where
+        the id changes (its log decay there is -inf: every segment sum across it is -inf, and
+        no sum is ever differenced, so nothing becomes NaN).
 
     Returns:
       y ``[batch, length, heads, head_dim]`` (and the final state if requested).
@@ -389,6 +407,9 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
         raise ValueError(f"initial_state must be {state_shape}, got {initial_state.shape}")
     dt = _final_dt(dt, dt_bias, dt_softplus)  # [b, l, h]
     a = dt * A.astype(jnp.float32)[None, None, :]  # log decay per step
+    if segment_ids is not None:
+        starts = document_starts(check_segment_ids(segment_ids, batch, length))
+        a = jnp.where(starts[..., None], -jnp.inf, a)
     chunks = -(-length // chunk_size)
     padded = chunks * chunk_size
 
@@ -401,14 +422,17 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
     X = X.reshape(batch, chunks, chunk_size, groups, per_group, head_dim)  # [b, c, L, g, r, p]
     B, C = split(B.astype(jnp.float32)), split(C.astype(jnp.float32))  # [b, c, L, g, n]
     a = jnp.moveaxis(split(a), 2, -1).reshape(batch, chunks, groups, per_group, chunk_size)
-    a_cum = jnp.cumsum(a, axis=-1)  # [b, c, g, r, L]
+    a_cum = jnp.cumsum(a, axis=-1)  # [b, c, g, r, L]: log decay from the chunk start
     time_last = lambda t: jnp.moveaxis(t, -1, 2)[..., None]  # [b,c,g,r,L] -> [b,c,L,g,r,1]  # noqa: E731
 
     # 1. outputs from inputs of the same chunk (the quadratic, attention-like form)
     scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)[:, :, :, None]  # [b, c, g, 1, L, L]
     y = jnp.einsum("bcgrls,bcsgrp->bclgrp", jnp.exp(segsum(a)) * scores, X)
     # 2. what each chunk adds to the state, from its own inputs
-    decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum)
+    # log decay to the chunk end, sum over k > l: a reversed cumsum, not a_cum[-1] - a_cum
+    # (that is -inf - -inf after a document start)
+    after = jnp.flip(jnp.cumsum(jnp.flip(a, -1), axis=-1), -1)  # sum over k >= l
+    decay_to_end = jnp.exp(jnp.concatenate([after[..., 1:], jnp.zeros_like(after[..., :1])], -1))
     added = jnp.einsum("bcsgn,bcsgrp->bcgrpn", B, X * time_last(decay_to_end))
     # 3. the states entering each chunk: h_(c+1) = decay_c · h_c + added_c, an associative
     # scan over chunks (log depth for accelerators; linear work)
@@ -460,8 +484,9 @@ def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=N
 
 
 def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
-                  initial_state=None, return_final_state=False):
-    """The Mamba-2 recurrence one step at a time (``lax.scan``): the reference for :func:`ssd`."""
+                  initial_state=None, return_final_state=False, segment_ids=None):
+    """The Mamba-2 recurrence one step at a time (``lax.scan``): the reference for :func:`ssd`
+    (``segment_ids`` as there)."""
     _check_ssd_shapes(x, dt, A, B, C, D)
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[3]
@@ -470,12 +495,15 @@ def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
     h0 = (jnp.zeros((batch, heads, head_dim, d_state), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
 
+    keep = keep_factor(segment_ids, batch, length)
+
     def step(h, xs):
-        a_t, x_t, b_t, c_t = xs  # [b,h], [b,h,p], [b,h,n], [b,h,n]
-        h = jnp.exp(a_t)[..., None, None] * h + x_t[..., None] * b_t[:, :, None, :]
+        a_t, x_t, b_t, c_t, keep_t = xs  # [b,h], [b,h,p], [b,h,n], [b,h,n], [b]
+        decay = jnp.exp(a_t) * keep_t[:, None]
+        h = decay[..., None, None] * h + x_t[..., None] * b_t[:, :, None, :]
         return h, jnp.einsum("bhpn,bhn->bhp", h, c_t)
 
-    final, ys = jax.lax.scan(step, h0, tuple(jnp.moveaxis(t, 1, 0) for t in (a, X, B, C)))
+    final, ys = jax.lax.scan(step, h0, tuple(jnp.moveaxis(t, 1, 0) for t in (a, X, B, C, keep)))
     y = jnp.moveaxis(ys, 0, 1)
     if D is not None:
         y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
@@ -484,7 +512,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
 
 
 def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
-               return_final_state=False):
+               return_final_state=False, segment_ids=None):
     """The Mamba-2 recurrence of :func:`ssd_reference` through the native CPU selective-scan
     kernel (:mod:`jaxsparse.ops.native.selective_scan`), forward and backward.
 
@@ -506,24 +534,27 @@ def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
     d_state = B.shape[3]
     h0 = (jnp.zeros((batch, heads, head_dim, d_state), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
-    kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, segment_ids=segment_ids)
+    keep = keep_factor(segment_ids, batch, length)
 
-    def on_cpu(x, dt, A, B, C, h0):
+    def on_cpu(x, dt, A, B, C, h0, keep):
         dt_h = _final_dt(dt, dt_bias, dt_softplus)  # [batch, length, heads]
         channels = heads * head_dim
         y, final = native.native_scan(
             x.astype(jnp.float32).reshape(batch, length, channels),
             jnp.repeat(dt_h, head_dim, axis=2),
             jnp.repeat(A.astype(jnp.float32), head_dim)[:, None],  # [channels, 1]: scalar decay
-            B.astype(jnp.float32), C.astype(jnp.float32), h0.reshape(batch, channels, d_state))
+            B.astype(jnp.float32), C.astype(jnp.float32), h0.reshape(batch, channels, d_state),
+            keep)
         y = y.reshape(batch, length, heads, head_dim)
         if D is not None:
             y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
         return y.astype(x.dtype), final.reshape(batch, heads, head_dim, d_state)
 
-    def elsewhere(x, dt, A, B, C, h0):
+    def elsewhere(x, dt, A, B, C, h0, keep):
         return ssd_reference(x, dt, A, B, C, initial_state=h0, return_final_state=True, **kw)
 
-    y, final = jax.lax.platform_dependent(x, dt, A, B, C, h0, cpu=on_cpu, default=elsewhere)
+    y, final = jax.lax.platform_dependent(x, dt, A, B, C, h0, keep, cpu=on_cpu,
+                                          default=elsewhere)
     return (y, final) if return_final_state else y
 

@@ -10,6 +10,9 @@
 // state index the work is one vector exp and three FMAs, and nothing of size L·d·N touches
 // memory.
 //
+// keep [batch, L] is 1 inside a packed document and 0 at the first token of the next one: there
+// the decay onto the previous state is 0 (the state resets), forward and backward.
+//
 // A may also be [d, 1]: one decay rate per channel, shared by its N state entries (Mamba-2,
 // whose heads have a scalar A). The decay is then one vector exp per step instead of N, which
 // is most of the work per state entry: the step becomes two FMAs and a multiply per n.
@@ -94,7 +97,7 @@ struct Block {
 };
 
 struct Inputs {
-  const float *x, *dt, *A, *B, *C, *h0;
+  const float *x, *dt, *A, *B, *C, *h0, *keep;
 };
 
 // A block's decay rates (R vectors) and initial state (N vectors).
@@ -121,6 +124,7 @@ void forward_steps(const Dims& dm, const Inputs& in, const Block& bk, const Vec*
   for (int64_t t = t0; t < t1; ++t) {
     if (checkpoints && t % kChunk == 0)
       std::copy(h, h + N, checkpoints + (t / kChunk) * N);
+    if (in.keep[bk.b * dm.length + t] == 0.f) std::fill(h, h + N, Vec{});  // a document starts
     const int64_t row = (bk.b * dm.length + t) * Dn + bk.d0;
     const Vec dt = load(in.dt + row, bk.lanes), u = dt * load(in.x + row, bk.lanes);
     const float* Bt = in.B + ((bk.b * dm.length + t) * G + bk.g) * N;
@@ -184,7 +188,8 @@ void backward_block(const Dims& dm, const Inputs& in, const float* gy, const flo
       const float* Bt = in.B + ((bk.b * L + t) * G + bk.g) * N;
       Vec* st = &states[(t - t0) * N];
       Vec* dc = &decays[(t - t0) * R];
-      for (int64_t r = 0; r < R; ++r) dc[r] = vexp(dt * a[r]);
+      const bool starts = in.keep[bk.b * L + t] == 0.f;  // decay 0: the state resets
+      for (int64_t r = 0; r < R; ++r) dc[r] = starts ? Vec{} : vexp(dt * a[r]);
       const int64_t step = dm.scalar_decay ? 0 : 1;  // which decay entry n uses: n · step
       for (int64_t n = 0; n < N; ++n) {
         h[n] = dc[n * step] * h[n] + u * Bt[n];
@@ -243,6 +248,11 @@ bool read_dims(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& dt,
          same(h0.dimensions(), {dm->batch, dm->channels, dm->state});
 }
 
+bool keep_fits(const ffi::Buffer<ffi::F32>& keep, const Dims& dm) {
+  const auto kd = keep.dimensions();
+  return kd.size() == 2 && kd[0] == dm.batch && kd[1] == dm.length;
+}
+
 Block block_at(const Dims& dm, int64_t index) {
   const int64_t per_block = dm.blocks_per_group();
   const int64_t b = index / (dm.groups * per_block), rest = index % (dm.groups * per_block);
@@ -254,13 +264,16 @@ Block block_at(const Dims& dm, int64_t index) {
 
 ffi::Error ScanF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dt,
                    ffi::Buffer<ffi::F32> A, ffi::Buffer<ffi::F32> B, ffi::Buffer<ffi::F32> C,
-                   ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> keep,
+                   ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::F32> h_final) {
   Dims dm;
   if (!read_dims(x, dt, A, B, C, h0, &dm))
     return ffi::Error::InvalidArgument("selective_scan_cpu: inconsistent shapes");
-  const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(),
-                  B.typed_data(), C.typed_data(), h0.typed_data()};
+  if (!keep_fits(keep, dm))
+    return ffi::Error::InvalidArgument("selective_scan_cpu: keep must be [batch, L]");
+  const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(), B.typed_data(),
+                  C.typed_data(), h0.typed_data(), keep.typed_data()};
   float *yp = y->typed_data(), *hp = h_final->typed_data();
   // Task (b, g, part): a run of the group's channel blocks, stepped kTimeTile steps at a time,
   // all blocks of the run through one tile before the next. The tile's B and C rows (shared by
@@ -295,7 +308,8 @@ ffi::Error ScanF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 ffi::Error ScanBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> dt, ffi::Buffer<ffi::F32> A,
                            ffi::Buffer<ffi::F32> B, ffi::Buffer<ffi::F32> C,
-                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> gy,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> keep,
+                           ffi::Buffer<ffi::F32> gy,
                            ffi::Buffer<ffi::F32> gh_final, ffi::ResultBuffer<ffi::F32> gx,
                            ffi::ResultBuffer<ffi::F32> gdt, ffi::ResultBuffer<ffi::F32> gA_rows,
                            ffi::ResultBuffer<ffi::F32> gB_parts,
@@ -308,8 +322,10 @@ ffi::Error ScanBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t per_block = dm.blocks_per_group();
   if (parts < 1 || parts > per_block)
     return ffi::Error::InvalidArgument("selective_scan_cpu: parts must be in [1, blocks per group]");
-  const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(),
-                  B.typed_data(), C.typed_data(), h0.typed_data()};
+  if (!keep_fits(keep, dm))
+    return ffi::Error::InvalidArgument("selective_scan_cpu: keep must be [batch, L]");
+  const Inputs in{x.typed_data(), dt.typed_data(), A.typed_data(), B.typed_data(),
+                  C.typed_data(), h0.typed_data(), keep.typed_data()};
   const Grads out{gx->typed_data(), gdt->typed_data(), gA_rows->typed_data(),
                   gh0->typed_data()};
   float *gBp = gB_parts->typed_data(), *gCp = gC_parts->typed_data();
@@ -343,6 +359,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseSelectiveScanF32, ScanF32,
                                   .Arg<F32Buffer>()  // B [batch, L, groups, N]
                                   .Arg<F32Buffer>()  // C [batch, L, groups, N]
                                   .Arg<F32Buffer>()  // h0 [batch, d, N]
+                                  .Arg<F32Buffer>()  // keep [batch, L]: 0 where a document starts
                                   .Ret<F32Buffer>()  // y [batch, L, d]
                                   .Ret<F32Buffer>());  // final state [batch, d, N]
 
@@ -355,6 +372,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseSelectiveScanBackwardF32, ScanBackwardF32
                                   .Arg<F32Buffer>()
                                   .Arg<F32Buffer>()
                                   .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()  // keep
                                   .Arg<F32Buffer>()  // dL/dy
                                   .Arg<F32Buffer>()  // dL/d final state
                                   .Ret<F32Buffer>()  // dx

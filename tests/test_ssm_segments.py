@@ -1,0 +1,166 @@
+"""Packed documents in the selective-state-space layers: with ``segment_ids`` every scan, the
+short convolution and the Mamba blocks equal running each document on its own (state reset
+where a document starts), values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsparse.nn import Mamba, Mamba2
+from jaxsparse.ops.conv import causal_depthwise_conv1d
+from jaxsparse.ops.ssm import selective_scan, ssd, ssd_native, ssd_reference
+
+# document boundaries per batch row (exclusive ends): row 0 starts new documents inside and
+# at the edge of 8-step chunks, row 1 is one document
+LENGTH = 29
+BOUNDS = [(0, 5, 8, 9, 24, LENGTH), (0, LENGTH)]
+
+
+def segment_ids():
+    ids = np.zeros((len(BOUNDS), LENGTH), np.int32)
+    for row, bounds in enumerate(BOUNDS):
+        for doc, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            ids[row, lo:hi] = doc + 3 * row  # ids need only differ from the neighbour's
+    return jnp.asarray(ids)
+
+
+def per_document(fn, args, seq_names, state_name):
+    """``fn`` on each document of each row separately: ``initial_state`` for the first
+    document only; outputs concatenated, the final state of the last document."""
+    ys, finals = [], []
+    for row, bounds in enumerate(BOUNDS):
+        pieces, state = [], None
+        for doc, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            piece = {k: (v[row:row + 1, lo:hi] if k in seq_names else v) for k, v in args.items()}
+            initial = args.get(state_name)
+            piece[state_name] = (initial[row:row + 1] if doc == 0 and initial is not None
+                                 else jnp.zeros_like(initial[row:row + 1]))
+            y, state = fn(**piece)
+            pieces.append(y)
+        ys.append(jnp.concatenate(pieces, axis=1))
+        finals.append(state)
+    return jnp.concatenate(ys, 0), jnp.concatenate(finals, 0)
+
+
+def mamba1_args(seed):
+    k = jax.random.split(jax.random.key(seed), 8)
+    batch, d, n = len(BOUNDS), 20, 3  # 20 channels: a full and a partial block of 16 lanes
+    normal = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32)  # noqa: E731
+    return dict(x=normal(0, (batch, LENGTH, d)), dt=normal(1, (batch, LENGTH, d)),
+                A=-jnp.exp(normal(2, (d, n))), B=normal(3, (batch, LENGTH, 2, n)),
+                C=normal(4, (batch, LENGTH, 2, n)), D=normal(5, (d,)),
+                z=normal(6, (batch, LENGTH, d)), initial_state=normal(7, (batch, d, n)))
+
+
+def mamba2_args(seed):
+    k = jax.random.split(jax.random.key(seed), 7)
+    batch, heads, p, n = len(BOUNDS), 4, 8, 5
+    normal = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32)  # noqa: E731
+    return dict(x=normal(0, (batch, LENGTH, heads, p)), dt=normal(1, (batch, LENGTH, heads)),
+                A=-jnp.exp(normal(2, (heads,))), B=normal(3, (batch, LENGTH, 2, n)),
+                C=normal(4, (batch, LENGTH, 2, n)), D=normal(5, (heads,)),
+                initial_state=normal(6, (batch, heads, p, n)))
+
+
+def check_equal_to_separate_documents(packed, separate, args, differentiate, tol):
+    def loss(fn, diff):
+        y, final = fn(**(args | diff))
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(final)), (y, final)
+
+    diff = {name: args[name] for name in differentiate}
+    (_, (want_y, want_final)), want = jax.value_and_grad(
+        lambda d: loss(separate, d), has_aux=True)(diff)
+    (_, (y, final)), got = jax.jit(jax.value_and_grad(
+        lambda d: loss(packed, d), has_aux=True))(diff)
+    np.testing.assert_allclose(y, want_y, atol=tol, rtol=tol)
+    np.testing.assert_allclose(final, want_final, atol=tol, rtol=tol)
+    for name in differentiate:
+        assert np.isfinite(np.asarray(got[name])).all(), name
+        scale = float(jnp.abs(want[name]).max()) + 1e-6
+        np.testing.assert_allclose(got[name], want[name], atol=tol * scale, rtol=tol,
+                                   err_msg=f"d{name}")
+
+
+MAMBA1_SEQ = ("x", "dt", "B", "C", "z")
+MAMBA2_SEQ = ("x", "dt", "B", "C")
+
+
+@pytest.mark.parametrize("implementation", ["sequential", "associative", "chunked", "native",
+                                            "pallas_interpret"])
+def test_selective_scan_with_segment_ids_equals_separate_documents(implementation):
+    args = mamba1_args(1)
+    kw = dict(dt_bias=0.1 * args["D"], return_final_state=True, chunk_size=8,
+              implementation=implementation)
+    ids = segment_ids()
+    reference = kw | {"implementation": "sequential"}
+    check_equal_to_separate_documents(
+        lambda **a: selective_scan(**a, segment_ids=ids, **kw),
+        lambda **a: per_document(lambda **b: selective_scan(**b, **reference), a, MAMBA1_SEQ,
+                                 "initial_state"),
+        args, ("x", "dt", "A", "B", "C", "D", "z", "initial_state"), 1e-4)
+
+
+@pytest.mark.parametrize("name, fn", [("ssd chunk 8", lambda **a: ssd(**a, chunk_size=8)),
+                                      ("ssd chunk 5", lambda **a: ssd(**a, chunk_size=5)),
+                                      ("reference", ssd_reference), ("native", ssd_native)])
+def test_ssd_with_segment_ids_equals_separate_documents(name, fn):
+    args = mamba2_args(2)
+    kw = dict(dt_softplus=True, dt_bias=0.1 * args["D"], return_final_state=True)
+    ids = segment_ids()
+    check_equal_to_separate_documents(
+        lambda **a: fn(**a, segment_ids=ids, **kw),
+        lambda **a: per_document(lambda **b: ssd_reference(**b, **kw), a, MAMBA2_SEQ,
+                                 "initial_state"),
+        args, ("x", "dt", "A", "B", "C", "D", "initial_state"), 1e-4)
+
+
+def test_conv_with_segment_ids_equals_separate_documents():
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (len(BOUNDS), LENGTH, 6))
+    w = jax.random.normal(k[1], (4, 6))
+    state = jax.random.normal(k[2], (len(BOUNDS), 3, 6))
+    y, new_state = causal_depthwise_conv1d(x, w, None, state, segment_ids=segment_ids())
+    for row, bounds in enumerate(BOUNDS):
+        for doc, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            doc_state = state[row:row + 1] if doc == 0 else None
+            want, _ = causal_depthwise_conv1d(x[row:row + 1, lo:hi], w, None, doc_state)
+            np.testing.assert_allclose(y[row:row + 1, lo:hi], want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(new_state, x[:, -3:])  # the cache: the last inputs
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_mamba_blocks_with_segment_ids_equal_separate_documents(block):
+    """The whole block (projections, convolution, scan, gate) on packed documents equals each
+    document on its own, and so do the parameter gradients of a loss over all tokens."""
+    rngs = nnx.Rngs(4)
+    layer = (Mamba(16, d_state=4, rngs=rngs) if block == "mamba"
+             else Mamba2(16, d_state=8, head_dim=8, chunk_size=8, rngs=rngs))
+    x = jax.random.normal(jax.random.key(5), (len(BOUNDS), LENGTH, 16))
+    ids = segment_ids()
+
+    def separate(layer):
+        rows = []
+        for row, bounds in enumerate(BOUNDS):
+            rows.append(jnp.concatenate([layer(x[row:row + 1, lo:hi])[0]
+                                         for lo, hi in zip(bounds[:-1], bounds[1:])], 1))
+        return jnp.concatenate(rows, 0)
+
+    packed = lambda layer: layer(x, segment_ids=ids)[0]  # noqa: E731
+    np.testing.assert_allclose(packed(layer), separate(layer), atol=2e-5, rtol=2e-5)
+    loss = lambda f: lambda layer: jnp.sum(jnp.sin(f(layer)))  # noqa: E731
+    want = nnx.jit(nnx.grad(loss(separate)))(layer)
+    got = nnx.jit(nnx.grad(loss(packed)))(layer)
+    for (path, g), (_, w) in zip(nnx.to_flat_state(nnx.state(got)),
+                                 nnx.to_flat_state(nnx.state(want))):
+        scale = float(jnp.abs(w[...]).max()) + 1e-6
+        np.testing.assert_allclose(g[...], w[...], atol=1e-4 * scale, rtol=1e-4, err_msg=str(path))
+
+
+def test_bad_segment_ids_name_the_argument():
+    args = mamba1_args(0)
+    with pytest.raises(ValueError, match=r"segment_ids must be \[batch=2, length=29\]"):
+        selective_scan(**args, segment_ids=jnp.zeros((2, 28), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be integers"):
+        ssd(**mamba2_args(0), chunk_size=8, segment_ids=jnp.zeros((2, LENGTH)))
