@@ -132,6 +132,9 @@ class DataConfig:
     batch_size: int = 32  # global batch, split over the data-parallel mesh axes
     seed: int = 0
     valid_every: int = 20  # every n-th file (by a stable hash of its path) is validation
+    # text: give the model per-token document ids (segment_ids) from the NUL separators between
+    # files, so no token attends to or carries recurrent state from another file in its window
+    packed_documents: bool = False
     cache_dir: str | None = None  # None: ~/.cache/jaxsparse
     # synthetic tasks
     num_kv_pairs: int = 8  # MQAR key/value pairs per example
@@ -469,6 +472,7 @@ def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
 
 
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+PACKED_MODELS = ("transformer", "mamba", "mamba2")  # models whose blocks take segment_ids
 ATTENTION_MODELS = ("transformer", "routing_transformer", "hydra")
 
 
@@ -544,6 +548,17 @@ def validate(cfg: Config) -> Config:
            f"data.mqar_filler={d.mqar_filler!r}: allowed {MQAR_FILLERS}")
     _check(d.path is None or d.task == "text",
            f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
+    if d.packed_documents:
+        _check(d.task == "text", f"data.packed_documents=True needs data.task='text' (got "
+                                 f"{d.task!r}: synthetic examples are one document each)")
+        _check(m.name in PACKED_MODELS,
+               f"data.packed_documents=True: model.name={m.name!r} does not take segment_ids "
+               f"(routing clusters, Hydra's global attention and workspace would cross "
+               f"documents); allowed {PACKED_MODELS}")
+        _check(m.name == "transformer" or mesh.sequence == 1,
+               f"data.packed_documents=True with mesh.sequence={mesh.sequence}: the {m.name} "
+               f"scans split over the sequence axis cannot reset at document starts; use "
+               f"mesh.sequence=1")
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")

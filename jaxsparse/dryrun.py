@@ -122,7 +122,8 @@ def dry_run(cfg: Config, *, compile: bool = True) -> dict:
     }
     batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), dtype,
                                      sharding=setup.batch_sharding)
-             for k, dtype in (("inputs", "int32"), ("targets", "int32"), ("mask", "float32"))}
+             for k, dtype in (("inputs", "int32"), ("targets", "int32"), ("mask", "float32"))
+             + ((("segment_ids", "int32"),) if cfg.data.packed_documents else ())}
     start = time.perf_counter()
     lowered = make_train_step(setup).trace(state, batch).lower()
     report["lower_seconds"] = round(time.perf_counter() - start, 1)

@@ -26,6 +26,14 @@ def tiny_config(*overrides: str):
     return apply_overrides(configs.get("transformer_tiny"), TINY + list(overrides))
 
 
+def short_documents(directory: Path, count: int = 200) -> list[str]:
+    """Overrides for a corpus of ``count`` short text files (at most 22 bytes) written into
+    ``directory``: every window of 24 bytes or more crosses a file end."""
+    for i in range(count):
+        (directory / f"doc{i:02d}.txt").write_text(f"f{i}:" + "ab " * (1 + i % 6))
+    return [f"data.path={directory}/*.txt", f"data.cache_dir={directory}/cache"]
+
+
 def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 600):
     """Run ``code`` in a fresh interpreter with ``devices`` emulated CPU devices; the last
     stdout line must be JSON, which is returned."""

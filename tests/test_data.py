@@ -32,6 +32,20 @@ def test_targets_are_inputs_shifted_by_one(text_stream):
     assert b["inputs"].max() < 256 and b["mask"].min() == 1.0
 
 
+def test_packed_documents_start_a_new_id_after_every_separator(tmp_path):
+    from jaxsparse.data.stream import document_ids
+    from helpers import short_documents
+
+    inputs = np.array([[5, 0, 7, 8, 0, 0, 9], [0, 1, 2, 3, 4, 5, 6]], np.int32)
+    np.testing.assert_array_equal(document_ids(inputs), [[0, 0, 1, 1, 1, 2, 3],
+                                                         [0, 1, 1, 1, 1, 1, 1]])
+    stream = make_stream(tiny_config("data.packed_documents=true", *short_documents(tmp_path)))
+    batch = stream.batch(0)
+    np.testing.assert_array_equal(batch["segment_ids"], document_ids(batch["inputs"]))
+    assert (batch["segment_ids"][:, -1] > 0).all()  # every 32-byte window crosses a file end
+    assert "segment_ids" not in make_stream(tiny_config()).batch(0)
+
+
 def test_process_shards_partition_the_global_batch():
     cfg = tiny_config()
     full = make_stream(cfg).batch(5)

@@ -195,6 +195,38 @@ def test_sown_aux_losses_are_added_to_the_training_loss(tmp_path):
     assert end < 0.95 * start and end < 0.95 * end_plain
 
 
+@pytest.mark.parametrize("model", ["transformer", "mamba2"])
+def test_packed_documents_reach_the_model_in_train_and_eval_steps(model, tmp_path):
+    """With ``data.packed_documents`` the steps call the model with the batch's segment ids:
+    the eval step's loss is the model's own with them, and differs from the loss without them
+    on windows that cross a file end."""
+    import jax.numpy as jnp
+
+    from jaxsparse.data import make_stream
+    from jaxsparse.parallel import make_mesh
+    from jaxsparse.train.state import TrainSetup
+    from jaxsparse.train.step import make_eval_step, make_train_step, masked_token_stats
+    from helpers import short_documents
+
+    overrides = ["data.packed_documents=true", f"model.name={model}", "model.d_state=8",
+                 "model.ssm_head_dim=16", "model.ssm_chunk=16", *short_documents(tmp_path)]
+    cfg = tiny_config(*overrides)
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh))
+    state, stream = setup.init(), make_stream(cfg)
+    batch = setup.global_batch(stream.batch(0))
+    assert bool(jnp.all(batch["segment_ids"][:, -1] > 0))  # every window crosses a file end
+    ce_sum, _, count = make_eval_step(setup)(state["params"], state["rest"], batch)
+    model = setup.model(state["params"], state["rest"])
+    model.eval()
+    want = masked_token_stats(model(batch["inputs"], segment_ids=batch["segment_ids"]),
+                              batch["targets"], batch["mask"])[0]
+    unpacked = masked_token_stats(model(batch["inputs"]), batch["targets"], batch["mask"])[0]
+    np.testing.assert_allclose(ce_sum, want, rtol=1e-5)
+    assert abs(float(unpacked - want)) > 1e-3 * float(want)
+    _, metrics = make_train_step(setup)(state, batch)
+    np.testing.assert_allclose(metrics["loss"], ce_sum / count, rtol=1e-4)
+
+
 def test_sparse_attention_config_trains_end_to_end(tmp_path):
     from jaxsparse import configs
     from jaxsparse.config import apply_overrides

@@ -30,6 +30,14 @@ class Shard:
         return slice(self.index * per, (self.index + 1) * per)
 
 
+def document_ids(inputs: np.ndarray) -> np.ndarray:
+    """int32 ids per token: a new document starts after every NUL (the separator
+    :func:`jaxsparse.data.store.tokenize_files` puts after each file), so the NUL ends its file's
+    document and the next byte opens the next one."""
+    ends = np.cumsum(inputs == 0, axis=1)
+    return np.concatenate([np.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1).astype(np.int32)
+
+
 class TextStream:
     """Random windows of ``seq_len + 1`` bytes from the train split; fixed windows for eval."""
 
@@ -40,6 +48,7 @@ class TextStream:
         self.train = store.open_tokens(splits["train"], d.cache_dir)
         self.valid = store.open_tokens(splits["valid"], d.cache_dir)
         self.seq_len, self.batch_size, self.seed, self.shard = d.seq_len, d.batch_size, d.seed, shard
+        self.packed_documents = d.packed_documents
         self.num_files = {k: len(v) for k, v in splits.items()}
         for name, arr in (("train", self.train), ("valid", self.valid)):
             if arr.shape[0] < self.seq_len + 2:
@@ -50,7 +59,10 @@ class TextStream:
     def _windows(self, arr, offsets):
         w = store.read_windows(arr, offsets[self.shard.rows(len(offsets))], self.seq_len + 1)
         w = w.astype(np.int32)
-        return {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": np.ones(w[:, 1:].shape, np.float32)}
+        batch = {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": np.ones(w[:, 1:].shape, np.float32)}
+        if self.packed_documents:
+            batch["segment_ids"] = document_ids(batch["inputs"])
+        return batch
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])

@@ -23,13 +23,14 @@ def report(module: nnx.Module, name: str, value) -> None:
         module.sow(nnx.Intermediate, name, value)
 
 
-def run_capturing(model, method: str, *args):
-    """``(getattr(model, method)(*args), sown)``: the call's result, and everything its modules
+def run_capturing(model, method: str, *args, **kwargs):
+    """``(getattr(model, method)(*args, **kwargs), sown)``: the call's result, and everything its modules
     sowed (``self.sow(nnx.Intermediate, name, x)``) as ``{name: [values]}``.
 
     Collected with ``nnx.capture`` (sowing outside it is deprecated since flax 0.12.8, and used
     to leave the values on the module, where a later call would find them again)."""
-    result, captured = nnx.capture(lambda m, *a: getattr(m, method)(*a), nnx.Intermediate)(model, *args)
+    result, captured = nnx.capture(lambda m, *a: getattr(m, method)(*a, **kwargs),
+                                   nnx.Intermediate)(model, *args)
     by_name: dict[str, list[jax.Array]] = {}
     for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(captured))[0]:
         names = [getattr(k, "key", None) for k in path]

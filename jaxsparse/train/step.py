@@ -61,6 +61,12 @@ def chunked_token_stats(model, x_BLD, targets, mask, chunk: int):
     return total[0], total[1], total[2]
 
 
+def model_kwargs(batch) -> dict:
+    """What the model takes from a batch besides the tokens: ``segment_ids`` for packed
+    documents (``data.packed_documents``)."""
+    return {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+
+
 def make_train_step(setup: TrainSetup):
     tx = setup.tx
     schedule = lr_schedule(setup.cfg.optimizer, setup.cfg.train.steps)
@@ -69,12 +75,12 @@ def make_train_step(setup: TrainSetup):
     def loss_fn(params, rest, batch):
         model = setup.model(params, rest)
         if chunk and chunk < batch["inputs"].shape[1]:
-            x, sown = run_capturing(model, "features", batch["inputs"])
+            x, sown = run_capturing(model, "features", batch["inputs"], **model_kwargs(batch))
             aux, layer_stats = _aux_losses(sown)
             ce_sum, correct, count = chunked_token_stats(model, x, batch["targets"],
                                                          batch["mask"], chunk)
         else:
-            logits, sown = run_capturing(model, "__call__", batch["inputs"])
+            logits, sown = run_capturing(model, "__call__", batch["inputs"], **model_kwargs(batch))
             aux, layer_stats = _aux_losses(sown)
             ce_sum, correct, count = masked_token_stats(logits, batch["targets"], batch["mask"])
         loss = ce_sum / jnp.maximum(count, 1.0)
@@ -107,7 +113,7 @@ def make_eval_step(setup: TrainSetup):
         with activation_sharding(setup.mesh, setup.rules):
             model = setup.model(params, rest)
             model.eval()  # e.g. no router jitter
-            logits = model(batch["inputs"])
+            logits = model(batch["inputs"], **model_kwargs(batch))
         return masked_token_stats(logits, batch["targets"], batch["mask"])
 
     return jax.jit(step, in_shardings=(setup.state_shardings["params"],
