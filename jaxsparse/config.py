@@ -555,10 +555,6 @@ def validate(cfg: Config) -> Config:
                f"data.packed_documents=True: model.name={m.name!r} does not take segment_ids "
                f"(routing clusters, Hydra's global attention and workspace would cross "
                f"documents); allowed {PACKED_MODELS}")
-        _check(m.name == "transformer" or mesh.sequence == 1,
-               f"data.packed_documents=True with mesh.sequence={mesh.sequence}: the {m.name} "
-               f"scans split over the sequence axis cannot reset at document starts; use "
-               f"mesh.sequence=1")
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")

@@ -75,7 +75,6 @@ class Mamba(nnx.Module):
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index  # order is carried by the recurrence
         parallel = _sequence_parallel(x_BLD, cache)
-        _check_packed(segment_ids, parallel)
         xz = self.in_proj(x_BLD)
         x, z = jnp.split(xz, 2, axis=-1)
         x, conv_state = causal_depthwise_conv1d(x, self.conv_w[...], self.conv_b[...],
@@ -88,7 +87,8 @@ class Mamba(nnx.Module):
         kwargs = dict(D=self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
                       implementation=self.implementation, chunk_size=self.chunk_size)
         if parallel:
-            y, ssm_state = selective_scan_sequence_parallel(*args, mesh=current_mesh(), **kwargs)
+            y, ssm_state = selective_scan_sequence_parallel(*args, mesh=current_mesh(),
+                                                            segment_ids=segment_ids, **kwargs)
         else:
             y, ssm_state = selective_scan(
                 *args, initial_state=None if cache is None else cache["ssm"],
@@ -102,14 +102,6 @@ def _sequence_parallel(x_BLD, cache) -> bool:
     shards = sequence_axis_size()
     return cache is None and shards > 1 and x_BLD.shape[1] % shards == 0
 
-
-def _check_packed(segment_ids, sequence_parallel: bool):
-    """Packed documents reset the state where a document starts; the scans split over the
-    sequence axis compose shard states by their total decay, which knows no resets."""
-    if segment_ids is not None and sequence_parallel:
-        raise ValueError("segment_ids (packed documents) are not supported while the length is "
-                         "split over the mesh's sequence axis; pack documents per shard or use "
-                         "a mesh without a sequence axis")
 
 
 class Mamba2(nnx.Module):
@@ -148,7 +140,6 @@ class Mamba2(nnx.Module):
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index
         parallel = _sequence_parallel(x_BLD, cache)
-        _check_packed(segment_ids, parallel)
         batch, length, _ = x_BLD.shape
         z, xbc, dt = jnp.split(self.in_proj(x_BLD), [self.d_inner, self.d_inner + self.conv_dim], -1)
         xbc, conv_state = causal_depthwise_conv1d(xbc, self.conv_w[...], self.conv_b[...],
@@ -172,7 +163,7 @@ class Mamba2(nnx.Module):
             del kwargs["initial_state"], kwargs["return_final_state"]
             y, ssm_state = ssd_sequence_parallel(
                 x, dt, A, B, C, mesh=current_mesh(), chunk_size=None if on_cpu else self.chunk_size,
-                **kwargs)
+                segment_ids=segment_ids, **kwargs)
         elif (cache is not None and length <= 4) or (on_cpu and not native_scan_available()):
             y, ssm_state = ssd_reference(x, dt, A, B, C, segment_ids=segment_ids, **kwargs)
         elif on_cpu:

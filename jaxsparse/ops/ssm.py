@@ -285,26 +285,62 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     return (y, final) if return_final_state else y
 
 
+def _with_document_starts(seq, segment_ids, batch, length):
+    """Sequence-parallel scans: ``seq`` plus ``"starts"`` (int32 ``[batch, length]``, 1 where a
+    document starts), found on the whole sequence so that a shard knows whether its first
+    token opens a document (its own ``segment_ids`` slice could not tell)."""
+    if segment_ids is None:
+        return seq
+    starts = document_starts(check_segment_ids(segment_ids, batch, length))
+    return seq | {"starts": starts.astype(jnp.int32)}
+
+
+def _shard_documents(seq, initial):
+    """Inside one shard: ``(segment_ids, initial)`` for its scan. Ids count the starts (a reset
+    at every start after the first position); a start at the first position drops the state
+    entering the shard instead."""
+    if "starts" not in seq:
+        return None, initial
+    starts = seq["starts"]
+    if initial is not None:
+        keep_first = (1 - starts[:, 0]).astype(initial.dtype)
+        initial = initial * keep_first.reshape((-1,) + (1,) * (initial.ndim - 1))
+    return jnp.cumsum(starts, axis=1), initial
+
+
+def _shard_keeps_state(seq):
+    """``[batch]``: 1 if no document starts in this shard (its total decay carries the
+    entering state through), else 0."""
+    if "starts" not in seq:
+        return None
+    return jnp.prod(1 - seq["starts"], axis=1).astype(jnp.float32)
+
+
 def selective_scan_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", D=None, z=None,
                                      dt_bias=None, dt_softplus=True, initial_state=None,
-                                     chunk_size=None, implementation=None):
+                                     chunk_size=None, implementation=None, segment_ids=None):
     """:func:`selective_scan` (returning ``(y, final_state)``) with ``length`` split over mesh
-    axis ``axis``; chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`)."""
+    axis ``axis``; chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`).
+    ``segment_ids``: packed documents, as in :func:`selective_scan`."""
     from jaxsparse.ops.sequence_scan import scan_across_shards
 
     seq = {"x": x, "dt": dt, "B": B, "C": C} | ({} if z is None else {"z": z})
+    seq = _with_document_starts(seq, segment_ids, *x.shape[:2])
     shared = {"A": A} | ({} if D is None else {"D": D}) | ({} if dt_bias is None else {"dt_bias": dt_bias})
 
     def run(seq, shared, initial):
+        ids, initial = _shard_documents(seq, initial)
         return selective_scan(seq["x"], seq["dt"], shared["A"], seq["B"], seq["C"],
                               D=shared.get("D"), z=seq.get("z"), dt_bias=shared.get("dt_bias"),
                               dt_softplus=dt_softplus, initial_state=initial,
                               return_final_state=True, chunk_size=chunk_size,
-                              implementation=implementation)
+                              implementation=implementation, segment_ids=ids)
 
     def total_decay(seq, shared):
         steps = jnp.sum(_final_dt(seq["dt"], shared.get("dt_bias"), dt_softplus), axis=1)  # [b, d]
-        return jnp.exp(steps[..., None] * shared["A"].astype(jnp.float32)[None])  # ∏_t exp(dt_t A)
+        decay = jnp.exp(steps[..., None] * shared["A"].astype(jnp.float32)[None])  # ∏_t exp(dt_t A)
+        keeps = _shard_keeps_state(seq)
+        return decay if keeps is None else decay * keeps[:, None, None]
 
     return scan_across_shards(run, total_decay, seq, shared, initial_state, mesh=mesh, axis=axis)
 
@@ -458,17 +494,19 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
 
 
 def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=None, D=None,
-                          dt_bias=None, dt_softplus=False, initial_state=None):
+                          dt_bias=None, dt_softplus=False, initial_state=None, segment_ids=None):
     """Mamba-2's scan (``(y, final_state)``) with ``length`` split over mesh axis ``axis``:
     :func:`ssd` with ``chunk_size`` inside each shard (the recurrence when it is None), chunk
-    states passed between shards (:mod:`jaxsparse.ops.sequence_scan`)."""
+    states passed between shards (:mod:`jaxsparse.ops.sequence_scan`). ``segment_ids``: packed
+    documents, as in :func:`ssd`."""
     from jaxsparse.ops.sequence_scan import scan_across_shards
 
     shared = {"A": A} | ({} if D is None else {"D": D}) | ({} if dt_bias is None else {"dt_bias": dt_bias})
 
     def run(seq, shared, initial):
+        ids, initial = _shard_documents(seq, initial)
         kwargs = dict(D=shared.get("D"), dt_bias=shared.get("dt_bias"), dt_softplus=dt_softplus,
-                      initial_state=initial, return_final_state=True)
+                      initial_state=initial, return_final_state=True, segment_ids=ids)
         args = (seq["x"], seq["dt"], shared["A"], seq["B"], seq["C"])
         if chunk_size is None:
             return ssd_reference(*args, **kwargs)
@@ -477,10 +515,12 @@ def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=N
     def total_decay(seq, shared):
         steps = _final_dt(seq["dt"], shared.get("dt_bias"), dt_softplus)  # [b, l, h]
         decay = jnp.exp(jnp.sum(steps, axis=1) * shared["A"].astype(jnp.float32)[None])
+        keeps = _shard_keeps_state(seq)
+        decay = decay if keeps is None else decay * keeps[:, None]
         return decay[..., None, None]  # [b, h] -> broadcast over the [b, h, p, n] state
 
-    return scan_across_shards(run, total_decay, {"x": x, "dt": dt, "B": B, "C": C}, shared,
-                              initial_state, mesh=mesh, axis=axis)
+    seq = _with_document_starts({"x": x, "dt": dt, "B": B, "C": C}, segment_ids, *x.shape[:2])
+    return scan_across_shards(run, total_decay, seq, shared, initial_state, mesh=mesh, axis=axis)
 
 
 def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
