@@ -154,10 +154,10 @@ class Mamba2(nnx.Module):
                       initial_state=None if cache is None else cache["ssm"],
                       return_final_state=True)
         A = -jnp.exp(self.A_log[...])
-        # The chunked SSD is a matmul algorithm; on CPU (XLA batched matmuls at ~80 GFLOP/s)
-        # the recurrence is 2-4x faster (experiments/results/ssm.md), and the native kernel's
-        # recurrence faster still (ssd_native); for decoding steps the plain recurrence is the
-        # cheapest everywhere.
+        # The chunked SSD is a matmul algorithm, the accelerators' choice. On CPU the native
+        # kernel's recurrence (ssd_native) beats both it and the lax.scan recurrence, forward
+        # and backward (experiments/results/ssm.md, ssm_backward.md); for decoding steps the
+        # plain recurrence is the cheapest everywhere.
         on_cpu = jax.default_backend() == "cpu"
         if parallel:
             del kwargs["initial_state"], kwargs["return_final_state"]
