@@ -103,7 +103,6 @@ def _sequence_parallel(x_BLD, cache) -> bool:
     return cache is None and shards > 1 and x_BLD.shape[1] % shards == 0
 
 
-
 class Mamba2(nnx.Module):
     """Mamba-2 block: one in-projection to (z, x, B, C, dt), causal conv + SiLU over (x, B, C),
     SSD with a scalar A per head, gated RMSNorm ``norm(y * silu(z))``, out-projection."""

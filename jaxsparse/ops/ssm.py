@@ -397,11 +397,8 @@ def _check_ssd_shapes(x, dt, A, B, C, D):
 
 
 def _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus):
-    dt = dt.astype(jnp.float32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(jnp.float32)[None, None, :]
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
+    """The recurrence's float32 (dt, log decay dt·A, B and C repeated to every head)."""
+    dt = _final_dt(dt, dt_bias, dt_softplus)
     per_group = x.shape[2] // B.shape[2]
     B = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # [b, l, h, n]
     C = jnp.repeat(C.astype(jnp.float32), per_group, axis=2)
