@@ -472,7 +472,7 @@ def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
 
 
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
-PACKED_MODELS = ("transformer", "mamba", "mamba2")  # models whose blocks take segment_ids
+PACKED_MODELS = ("transformer", "mamba", "mamba2", "hydra")  # models whose blocks take segment_ids
 ATTENTION_MODELS = ("transformer", "routing_transformer", "hydra")
 
 
@@ -553,8 +553,7 @@ def validate(cfg: Config) -> Config:
                                  f"{d.task!r}: synthetic examples are one document each)")
         _check(m.name in PACKED_MODELS,
                f"data.packed_documents=True: model.name={m.name!r} does not take segment_ids "
-               f"(routing clusters, Hydra's global attention and workspace would cross "
-               f"documents); allowed {PACKED_MODELS}")
+               f"(its routing clusters would cross documents); allowed {PACKED_MODELS}")
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")

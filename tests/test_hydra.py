@@ -276,12 +276,6 @@ def test_impossible_hydra_configs_are_refused_before_compiling(override, message
         validate(small_config(override))
 
 
-def test_packed_documents_are_refused_with_a_clear_error(hydra):
-    x = tokens(4)
-    with pytest.raises(ValueError, match="segment_ids: Hydra blocks do not support packed"):
-        hydra(x, segment_ids=jnp.zeros_like(x))
-
-
 def test_jaxsparse_configs_prints_the_hydra_accounting(capsys):
     from jaxsparse.cli import main
 

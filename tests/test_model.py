@@ -39,11 +39,12 @@ def test_causality_future_tokens_do_not_change_past_logits(model, t):
 
 def test_decode_with_cache_matches_full_forward(model):
     x = tokens(3, length=20)
-    full = model(x)
+    full = nnx.jit(lambda m, x: m(x))(model, x)
     cache = model.init_cache(2, 32)
+    decode = nnx.jit(lambda m, x, c: m.decode(x, c))  # op by op it took ~20 s
     parts = []
     for start, stop in [(0, 9), (9, 10), (10, 20)]:
-        logits, cache = model.decode(x[:, start:stop], cache)
+        logits, cache = decode(model, x[:, start:stop], cache)
         parts.append(logits)
     np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, atol=1e-4, rtol=1e-4)
     assert int(cache["index"]) == 20
@@ -104,13 +105,15 @@ def test_sparse_masks_stay_causal_and_decode_matches_forward(spec):
     m = models.build(cfg, nnx.Rngs(3))
     a = tokens(7, length=24)
     b = a.at[:, 13:].set((a[:, 13:] + 5) % 256)
-    np.testing.assert_allclose(m(a)[:, :13], m(b)[:, :13], atol=1e-5)
-    full = m(a)
+    forward = nnx.jit(lambda m, x: m(x))
+    decode = nnx.jit(lambda m, x, c: m.decode(x, c))  # op by op: ~10 s per mask
+    np.testing.assert_allclose(forward(m, a)[:, :13], forward(m, b)[:, :13], atol=1e-5)
+    full = forward(m, a)
     cache = m.init_cache(2, 40)  # a longer cache than the sequence: patterns must not shift
-    first, cache = m.decode(a[:, :11], cache)
+    first, cache = decode(m, a[:, :11], cache)
     rest = []
     for t in range(11, 24):
-        logits, cache = m.decode(a[:, t:t + 1], cache)
+        logits, cache = decode(m, a[:, t:t + 1], cache)
         rest.append(logits)
     np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full, atol=1e-4, rtol=1e-4)
 

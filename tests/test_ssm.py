@@ -160,8 +160,8 @@ def mamba2_inputs(seed, batch, length, heads, head_dim, d_state, groups, dtype=j
 def test_ssd_equals_its_recurrence_with_gradients(length, chunk):
     args = mamba2_inputs(length, 2, length, 4, 8, 6, 2)
     kw = dict(dt_softplus=True, return_final_state=True)
-    ref_y, ref_final = ssd_reference(**args, **kw)
-    y, final = ssd(**args, chunk_size=chunk, **kw)
+    ref_y, ref_final = jax.jit(lambda a: ssd_reference(**a, **kw))(args)
+    y, final = jax.jit(lambda a: ssd(**a, chunk_size=chunk, **kw))(args)
     np.testing.assert_allclose(y, ref_y, atol=5e-5, rtol=5e-5)
     np.testing.assert_allclose(final, ref_final, atol=5e-5, rtol=5e-5)
     names = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -171,8 +171,8 @@ def test_ssd_equals_its_recurrence_with_gradients(length, chunk):
         return jnp.sum(jnp.sin(y)) + jnp.sum(final)
 
     diff = {n: args[n] for n in names}
-    ref_grads = jax.grad(lambda d: loss(ssd_reference, d))(diff)
-    grads = jax.grad(lambda d: loss(ssd, d, chunk_size=chunk))(diff)
+    ref_grads = jax.jit(jax.grad(lambda d: loss(ssd_reference, d)))(diff)
+    grads = jax.jit(jax.grad(lambda d: loss(ssd, d, chunk_size=chunk)))(diff)
     for name in names:
         assert np.isfinite(np.asarray(grads[name])).all(), name
         scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6

@@ -99,8 +99,9 @@ def test_values_and_gradients_equal_the_chunk_by_chunk_recurrence(length):
         return jnp.sum(reads * probe) + jnp.sum(final ** 2)
 
     fast = lambda *a: workspace_memory(*a[:4], chunk=a[4])  # noqa: E731
-    got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2, 3))(init, w, x, queries)
-    want = jax.value_and_grad(lambda *a: loss(chunk_by_chunk, *a), argnums=(0, 1, 2, 3))(
+    got = jax.jit(jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2, 3)))(
+        init, w, x, queries)
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(chunk_by_chunk, *a), argnums=(0, 1, 2, 3)))(
         init, w, x, queries)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()))

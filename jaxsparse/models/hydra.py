@@ -11,6 +11,13 @@ the workspace read WS in the ``workspace_layers`` (every block by default), the 
 blocks sharing one workspace (slots and update weights). Gates are per-channel vectors
 starting at ``hydra_gate_init``. The curriculum (:mod:`jaxsparse.models.curriculum`)
 multiplies each branch by 0 until its start step.
+
+Packed documents (``segment_ids``): every branch keeps to each token's document — the SSM
+and its convolution restart, SGA reads keys of the document only, chunk-level MoE routing
+pools the document's tokens only, the workspace restarts from its initial slots, and PKM is
+per token. Chunks (MoE routing, workspace updates) stay aligned to absolute positions, so a
+document placed mid-chunk is chunked differently than alone at the start of a row (its
+outputs still depend on its own tokens only).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from flax import nnx
 from jaxsparse.config import ModelConfig, pkm_layer_indices, workspace_layer_indices
 from jaxsparse.models.curriculum import COMPONENTS, active_components
 from jaxsparse.models.lm import LanguageModel
-from jaxsparse.models.transformer import feed_forward
+from jaxsparse.models.transformer import apply_feed_forward, feed_forward
 from jaxsparse.nn.batch_local import batch_local
 from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
@@ -85,26 +92,26 @@ class HydraBlock(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None,
                  active=None, workspace=None):
-        if segment_ids is not None:
-            raise ValueError("segment_ids: Hydra blocks do not support packed documents (the SSM "
-                             "state, SGA candidates and workspace slots would cross documents)")
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids: decoding with a cache runs one document; packed "
+                             "documents are for the full forward pass")
         h = self.norm(x_BLD)
         new_cache = {} if cache is not None else None
         branches = []
-        y, c = self.ssm(h, cache=None if cache is None else cache["ssm"])
+        y, c = self.ssm(h, segment_ids=segment_ids, cache=None if cache is None else cache["ssm"])
         branches.append(("ssm", self.gate_ssm, y))
         if cache is not None:
             new_cache["ssm"] = c
         if self.sga is not None:
-            y, c = self.sga(h, positions_BL, cache=None if cache is None else cache["sga"],
-                            cache_index=cache_index)
+            y, c = self.sga(h, positions_BL, segment_ids=segment_ids,
+                            cache=None if cache is None else cache["sga"], cache_index=cache_index)
             branches.append(("sga", self.gate_sga, y))
             if cache is not None:
                 new_cache["sga"] = c
         if cache is not None and isinstance(self.ffn, MoE):
             y, new_cache["ffn"] = self.ffn.decode(h, cache["ffn"], cache_index)
         else:
-            y = self.ffn(h)
+            y = apply_feed_forward(self.ffn, h, segment_ids)
         branches.append(("ffn", self.gate_ffn, y))
         if self.pkm is not None:
             branches.append(("pkm", self.gate_pkm, batch_local(self.pkm, h, per_token=True)))
@@ -113,7 +120,7 @@ class HydraBlock(nnx.Module):
                 raise ValueError("workspace: this block reads the model's shared workspace; call "
                                  "it through HydraLM (or pass workspace=model.workspace)")
             if cache is None:  # per row: under tensor parallelism each device takes a slice
-                y = batch_local(workspace, h)
+                y = batch_local(workspace, h, segment_ids=segment_ids)
             else:
                 y, new_cache["workspace"] = workspace.decode(h, cache["workspace"], cache_index)
             branches.append(("workspace", self.gate_workspace, y))

@@ -63,6 +63,12 @@ def feed_forward(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: flo
         raise ConfigError(f"model.moe_*: {err}") from None
 
 
+def apply_feed_forward(ffn, x_BLD, segment_ids=None):
+    """``ffn(x)``; a MoE layer also gets the ``segment_ids`` of packed documents (its
+    chunk-level routing pools within documents), a dense MLP is per token."""
+    return ffn(x_BLD, segment_ids=segment_ids) if isinstance(ffn, MoE) else ffn(x_BLD)
+
+
 def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: float):
     """The sequence mixer of ``layer``: GQA attention with the configured mask, or in a routing
     transformer mixed local/routing heads above ``routing_skip_first`` and a causal local
@@ -108,7 +114,8 @@ class Block(nnx.Module):
         mixed, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids=segment_ids,
                                  cache=cache, cache_index=cache_index)
         x_BLD = x_BLD + mixed.astype(x_BLD.dtype)
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD)).astype(x_BLD.dtype)
+        x_BLD = x_BLD + apply_feed_forward(self.mlp, self.mlp_norm(x_BLD),
+                                           segment_ids).astype(x_BLD.dtype)
         return constrain(x_BLD, ("batch", "length", "embed")), cache
 
 

@@ -94,9 +94,10 @@ def row_split(mesh, shape) -> RowSplit:
     return RowSplit(batch_axes, length, tensor)
 
 
-def batch_local(module, x_BLD, method: str = "__call__", *, per_token: bool = False):
-    """``module.method(x)`` with each device computing its own rows of the batch (spread by
-    :func:`row_split`).
+def batch_local(module, x_BLD, method: str = "__call__", *, per_token: bool = False, **rows):
+    """``module.method(x, **rows)`` with each device computing its own rows of the batch
+    (spread by :func:`row_split`); ``rows`` are further ``[B, L, ...]`` operands that follow
+    ``x``'s rows (segment ids; None is passed as it is).
 
     For per-row layers whose internals (top-k over product keys, gathers from a table, a
     recurrence over chunks) the compiler would otherwise partition by gathering the global
@@ -109,16 +110,21 @@ def batch_local(module, x_BLD, method: str = "__call__", *, per_token: bool = Fa
     the length as it is, without the all-to-alls that give a recurrence whole rows."""
     mesh = current_mesh()
     split = RowSplit() if mesh is None else row_split(mesh, x_BLD.shape)
+    given = {name: value for name, value in rows.items() if value is not None}
+    absent = {name: None for name in rows if name not in given}
     if not split:
-        return getattr(module, method)(x_BLD)
+        return getattr(module, method)(x_BLD, **rows)
     graphdef, state = nnx.split(module)
 
-    def local(state, x_BLD):
+    def local(state, x_BLD, given):
         call = getattr(nnx.merge(graphdef, state), method)
-        return call(x_BLD) if per_token else split.gather(call(split.scatter(x_BLD)))
+        if per_token:
+            return call(x_BLD, **given, **absent)
+        given = {name: split.scatter(value) for name, value in given.items()}
+        return split.gather(call(split.scatter(x_BLD), **given, **absent))
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), split.spec), out_specs=split.spec,
-                         check_vma=False)(state, x_BLD)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), split.spec, split.spec),
+                         out_specs=split.spec, check_vma=False)(state, x_BLD, given)
 
 
 def heads_local(fn, xs_BLHD, xs_BL=(), *, split_heads: bool = True):

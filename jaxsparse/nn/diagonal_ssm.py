@@ -61,17 +61,20 @@ class DiagonalSSM(nnx.Module):
             cache["conv"] = jnp.zeros((batch, self.conv_width - 1, self.d_model), dtype)
         return cache
 
-    def _convolve(self, x_BLD, cache):
+    def _convolve(self, x_BLD, cache, segment_ids=None):
         """``(x after the short convolution, its new carry-over state or None)``."""
         if not self.conv_width:
             return x_BLD, None
         return causal_depthwise_conv1d(x_BLD, self.conv_w[...], self.conv_b[...],
-                                       None if cache is None else cache["conv"])
+                                       None if cache is None else cache["conv"],
+                                       segment_ids=segment_ids)
 
-    def __call__(self, x_BLD, *, cache=None):
+    def __call__(self, x_BLD, *, segment_ids=None, cache=None):
+        """``segment_ids [B, L]``: packed documents; the convolution and the state restart at
+        every document start (:mod:`jaxsparse.ops.segments`)."""
         # under a sequence-sharded mesh the convolution runs in the global view: XLA brings
         # each shard the last conv_width - 1 inputs of the previous one
-        x_BLD, conv_state = self._convolve(x_BLD, cache)
+        x_BLD, conv_state = self._convolve(x_BLD, cache, segment_ids)
         delta, B, C, U = self._split_projection(self.in_proj(x_BLD))
         initial = None if cache is None else cache["state"]
         shards = sequence_axis_size()
@@ -79,10 +82,11 @@ class DiagonalSSM(nnx.Module):
             # context parallelism: each shard scans its chunk; chunk states cross shards
             y, final = diagonal_ssm_sequence_parallel(
                 delta, B, C, U, self.log_lambda[...], self.D[...], mesh=current_mesh(),
-                implementation=self.implementation)
+                implementation=self.implementation, segment_ids=segment_ids)
         else:
             y, final = diagonal_ssm(delta, B, C, U, self.log_lambda[...], self.D[...],
-                                    initial_state=initial, implementation=self.implementation)
+                                    initial_state=initial, implementation=self.implementation,
+                                    segment_ids=segment_ids)
         out = self.out_proj(y.astype(x_BLD.dtype))
         if cache is None:
             return out, None

@@ -26,11 +26,13 @@ from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh
-from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, swiglu_experts, capacity_dispatch, chunk_pool, dropless_dispatch,
+from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, capacity_dispatch,
+                               chunk_pool, chunk_pool_within_documents, dropless_dispatch,
                                expert_capacity, expert_choice_capacity, expert_choice_dispatch,
                                expert_choice_routing, expert_fractions, grouped_matmul,
-                               linear_k_schedule, router_z_loss,
-                               top_k_routing, unchunk)
+                               linear_k_schedule, router_z_loss, swiglu_experts, top_k_routing,
+                               unchunk)
+from jaxsparse.ops.segments import check_segment_ids, document_index
 
 ROUTERS = ("top_k", "expert_choice", "random")
 
@@ -124,11 +126,17 @@ class MoE(nnx.Module):
             x = x * jax.random.uniform(key, x.shape, jnp.float32, 1 - self.jitter, 1 + self.jitter)
         return x
 
-    def __call__(self, x_BLD: jax.Array, *, router_inputs=None) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, *, router_inputs=None, segment_ids=None) -> jax.Array:
         """``router_inputs [B, L, D]`` (optional): per-token inputs of the router, which then
-        routes every token on its own (the decode path passes chunk-pooled ones)."""
-        if self.chunk and router_inputs is None and x_BLD.shape[1] % self.chunk:
-            router_inputs = self.chunk_router_inputs(x_BLD)  # pad: lengths need not divide
+        routes every token on its own (the decode path passes chunk-pooled ones).
+        ``segment_ids [B, L]`` (packed documents): chunk-level routing pools only the tokens
+        of each token's own document (:meth:`chunk_router_inputs`); token-level routing is
+        per token already. (A capacity limit still counts every token of the batch, as it
+        counts every row.)"""
+        if self.chunk and router_inputs is None and (x_BLD.shape[1] % self.chunk
+                                                     or segment_ids is not None):
+            # pad: lengths need not divide; documents: per-token pools
+            router_inputs = self.chunk_router_inputs(x_BLD, segment_ids)
         mesh = current_mesh()
         if (mesh is not None and mesh.shape.get("expert", 1) > 1
                 and self.router_kind != "expert_choice"):
@@ -175,13 +183,20 @@ class MoE(nnx.Module):
         load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)
         return y_TD, self.router_losses(routed, mean), mean(load), mean(dropped)
 
-    def chunk_router_inputs(self, x_BLD):
+    def chunk_router_inputs(self, x_BLD, segment_ids=None):
         """Per-token router inputs of chunk-level routing for any length: each token gets its
         chunk's pooled representation (padding the last chunk, which causal pooling never
-        reads; non-causal pooling averages its real tokens only)."""
+        reads; non-causal pooling averages its real tokens only). With ``segment_ids``
+        (packed documents) the pool is the mean over the tokens of the token's own document
+        only (zeros if the chunk holds none), so routing never reads another document."""
         batch, length, d = x_BLD.shape
         padded = -(-length // self.chunk) * self.chunk
         x = jnp.pad(self._router_input(x_BLD), ((0, 0), (0, padded - length), (0, 0)))
+        if segment_ids is not None:
+            runs = document_index(check_segment_ids(segment_ids, batch, length))
+            runs = jnp.pad(runs, ((0, 0), (0, padded - length)), constant_values=-1)
+            pooled = chunk_pool_within_documents(x, runs, self.chunk, causal=self.causal)
+            return pooled[:, :length]
         pooled = chunk_pool(x, self.chunk, causal=self.causal)
         if not self.causal and padded != length:
             real = jnp.minimum(length - jnp.arange(pooled.shape[1]) * self.chunk, self.chunk)

@@ -44,14 +44,20 @@ class SparseGlobalAttention(nnx.Module):
     def _heads(self, t):  # GQA: each key/value head serves n_heads / n_kv_heads query heads
         return jnp.repeat(t, self.n_heads // self.n_kv_heads, axis=2)
 
-    def __call__(self, x_BLD, positions_BL, *, cache=None, cache_index=None):
+    def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
+        """``segment_ids [B, L]`` (packed documents, no ``cache``): each query reads keys of
+        its own document only."""
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids: decoding with a cache runs one document; packed "
+                             "documents are for the full forward pass")
         q = apply_rotary(self.q_proj(x_BLD), positions_BL, self.rope_theta)
         k = apply_rotary(self.k_proj(x_BLD), positions_BL, self.rope_theta)
         v = self.v_proj(x_BLD)
         score = self.scores(x_BLD)
         if cache is None:
             out = sparse_global_attention(q, self._heads(k), self._heads(v), score,
-                                          window=self.window, max_global=self.max_global)
+                                          window=self.window, max_global=self.max_global,
+                                          segment_ids=segment_ids)
             return self.o_proj(out), None
         start = (0, cache_index, 0, 0)
         new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),

@@ -47,12 +47,14 @@ class WorkspaceMemory(nnx.Module):
                 for name in ("wq", "wk", "wv", "wg", "bg")
                 for variable in (getattr(self, name),)}
 
-    def __call__(self, x_BLD):
+    def __call__(self, x_BLD, segment_ids=None):
+        """``segment_ids [B, L]``: packed documents; the slots restart at every document start
+        (:func:`~jaxsparse.ops.workspace.workspace_memory`)."""
         # the chunk recurrence runs over the whole length: under sequence parallelism gather
         # x once here, not the keys and the values that are projected from it
         x = constrain(x_BLD.astype(jnp.float32), ("batch", None, "embed"))
         reads, _ = workspace_memory(x, x, self.init_slots[...].astype(jnp.float32),
-                                    self.weights(), chunk=self.chunk)
+                                    self.weights(), chunk=self.chunk, segment_ids=segment_ids)
         return reads.astype(x_BLD.dtype)
 
     def init_cache(self, batch: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.segments import check_segment_ids
+from jaxsparse.ops.segments import check_segment_ids, document_index
 
 
 def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=None):
@@ -37,12 +37,14 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
 
 def _window_sum_within_documents(full_BND, w_KD, segment_ids_BL):
     """:func:`window_sum_reference` where tap ``k`` of output ``t`` counts only if its input is
-    in ``t``'s document. The state's ``K - 1`` inputs take the first token's id."""
+    in ``t``'s document (the same run of ids). The state's ``K - 1`` inputs belong to the
+    first document."""
     width, length = w_KD.shape[0], segment_ids_BL.shape[1]
-    ids = jnp.concatenate([jnp.repeat(segment_ids_BL[:, :1], width - 1, axis=1), segment_ids_BL], 1)
+    runs = document_index(segment_ids_BL)
+    ids = jnp.concatenate([jnp.zeros_like(runs[:, :width - 1]), runs], 1)
     y = 0
     for k in range(width):
-        same = (ids[:, k:k + length] == segment_ids_BL)[..., None]
+        same = (ids[:, k:k + length] == runs)[..., None]
         y = y + jnp.where(same, full_BND[:, k:k + length], 0) * w_KD[k][None, None, :]
     return y
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.segments import (keep_factor, shard_documents, shard_keeps_state,
+                                     with_document_starts)
+
 DIAGONAL_SCAN_IMPLEMENTATIONS = (None, "native", "associative", "sequential")
 
 
@@ -103,11 +106,16 @@ def decay_from(delta, log_lambda):
     return jnp.exp(-jax.nn.softplus(delta) * jnp.exp(log_lambda))
 
 
-def diagonal_ssm(delta, B, C, U, log_lambda, D, *, initial_state=None, implementation=None):
+def diagonal_ssm(delta, B, C, U, log_lambda, D, *, initial_state=None, implementation=None,
+                 segment_ids=None):
     """The recurrence above for ``Δ, B, C, U [batch, length, width]`` and per-channel
-    ``log_lambda, D [width]``, in float32: ``(y [B, L, W], final state [B, W])``."""
+    ``log_lambda, D [width]``, in float32: ``(y [B, L, W], final state [B, W])``.
+    ``segment_ids [batch, length]`` (packed documents): the state restarts from zero where a
+    document starts (:mod:`jaxsparse.ops.segments`)."""
     f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
     decay = decay_from(f32(delta), f32(log_lambda)[None, None, :])
+    if segment_ids is not None:
+        decay = decay * keep_factor(segment_ids, *U.shape[:2])[..., None]
     states, final = linear_scan(decay, f32(B) * f32(U), initial_state,
                                 implementation=implementation)
     y = f32(C) * states + f32(D)[None, None, :] * f32(U)
@@ -127,21 +135,27 @@ def diagonal_ssm_reference(delta, B, C, U, log_lambda, D):
 
 
 def diagonal_ssm_sequence_parallel(delta, B, C, U, log_lambda, D, *, mesh, axis="sequence",
-                                   initial_state=None, implementation=None):
+                                   initial_state=None, implementation=None, segment_ids=None):
     """:func:`diagonal_ssm` with ``length`` split over mesh axis ``axis``: every shard scans
-    its chunk, and chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`)."""
+    its chunk, and chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`).
+    ``segment_ids``: packed documents, as in :func:`diagonal_ssm`."""
     from jaxsparse.ops.sequence_scan import scan_across_shards
 
     def run(seq, shared, initial):
+        ids, initial = shard_documents(seq, initial)
         return diagonal_ssm(seq["delta"], seq["B"], seq["C"], seq["U"], shared["log_lambda"],
-                            shared["D"], initial_state=initial, implementation=implementation)
+                            shared["D"], initial_state=initial, implementation=implementation,
+                            segment_ids=ids)
 
     def total_decay(seq, shared):
         # ∏_t exp(−softplus(Δ_t) λ) = exp(−λ Σ_t softplus(Δ_t)), per batch row and channel
         lam = jnp.exp(shared["log_lambda"].astype(jnp.float32))
         steps = jnp.sum(jax.nn.softplus(seq["delta"].astype(jnp.float32)), axis=1)
-        return jnp.exp(-steps * lam[None, :])
+        decay = jnp.exp(-steps * lam[None, :])
+        keeps = shard_keeps_state(seq)  # a document starting in the shard drops what entered
+        return decay if keeps is None else decay * keeps[:, None]
 
-    return scan_across_shards(run, total_decay, {"delta": delta, "B": B, "C": C, "U": U},
-                              {"log_lambda": log_lambda, "D": D}, initial_state, mesh=mesh,
-                              axis=axis)
+    seq = with_document_starts({"delta": delta, "B": B, "C": C, "U": U}, segment_ids,
+                               *U.shape[:2])
+    return scan_across_shards(run, total_decay, seq, {"log_lambda": log_lambda, "D": D},
+                              initial_state, mesh=mesh, axis=axis)

@@ -10,6 +10,11 @@ query ``t`` reads the ``G`` most recent candidates older than its local window
 ``t`` reads depends only on positions ``≤ t``. The controller learns through the attention
 logits: each global key's logit gets ``log σ(score)``, so a token that is useful as a global
 key is pushed to score higher. Cost ``O(L · (window + G) · d)``.
+
+Packed documents (``segment_ids``): a query reads only keys of its own document (the run of
+equal ids it is in, :mod:`jaxsparse.ops.segments`). Its window is cut at the document's first
+token, and since its global keys are the most recent candidates, dropping those before the
+document's start leaves exactly the ``G`` most recent candidates of the document.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.segments import check_segment_ids, document_first_position
 from jaxsparse.ops.softmax import masked_softmax
-
 
 
 def recent_candidates(selected_BL, upto_BL, count: int):
@@ -42,8 +47,9 @@ def _gather(x_BLHD, pos_BLK):
     return jax.vmap(lambda x, p: x[p], in_axes=(0, 0))(x_BLHD, pos_BLK).transpose(0, 1, 3, 2, 4)
 
 
-def key_sets(scores_BL, length: int, window: int, max_global: int):
-    """The local and global key positions of every query, with validity and logit biases."""
+def key_sets(scores_BL, length: int, window: int, max_global: int, first_BL=None):
+    """The local and global key positions of every query, with validity and logit biases;
+    ``first_BL``: the first position of each query's document (packed documents)."""
     b = scores_BL.shape[0]
     t = jnp.arange(length, dtype=jnp.int32)
     local = t[:, None] - window + 1 + jnp.arange(window, dtype=jnp.int32)[None, :]
@@ -55,6 +61,8 @@ def key_sets(scores_BL, length: int, window: int, max_global: int):
                                                   glob.reshape(b, -1), axis=1)).reshape(glob.shape)
     positions = jnp.concatenate([local, glob], axis=-1)
     valid = jnp.concatenate([local_valid, glob_valid], axis=-1)
+    if first_BL is not None:
+        valid = valid & (positions >= first_BL[:, :, None])
     biases = jnp.concatenate([jnp.zeros(local.shape, jnp.float32), bias], axis=-1)
     return positions, valid, biases
 
@@ -62,7 +70,8 @@ def key_sets(scores_BL, length: int, window: int, max_global: int):
 SGA_IMPLEMENTATIONS = (None, "gather", "dense", "blocked")
 
 
-def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block: int):
+def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block: int,
+             first=None):
     """Query blocks of ``block`` tokens share their keys: the contiguous span of the block's
     local windows (``window + block - 1`` keys, a slice) and the ``max_global + block``
     most recent candidates before the last query's window, which contain every query's own
@@ -74,6 +83,7 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
     padded = nblocks * block
     pad_end = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     q, scores = pad_end(q), pad_end(scores)
+    first = None if first is None else pad_end(first)
     front = [(0, 0), (window - 1, padded - length)] + [(0, 0)] * 2
     k_local, v_local = jnp.pad(k, front), jnp.pad(v, front)         # position p at p + w - 1
     selected = scores > 0
@@ -97,8 +107,12 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
         v_loc = jax.lax.dynamic_slice_in_dim(v_local, t0, span, axis=1).astype(jnp.float32)
         j = t0 - window + 1 + jnp.arange(span, dtype=jnp.int32)      # local key positions
         local_ok = (j[None, :] >= 0) & (j[None, :] <= tq[:, None]) & (j[None, :] > tq[:, None] - window)
+        local_ok = jnp.broadcast_to(local_ok[None], (b, block, span))
+        if first is not None:  # packed documents: keys from the query's document only
+            first_q = jax.lax.dynamic_slice_in_dim(first, t0, block, axis=1)  # [B, bq]
+            local_ok = local_ok & (j[None, None, :] >= first_q[:, :, None])
         logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_loc) * scale
-        masks, values = [jnp.broadcast_to(local_ok[None, None], logits.shape)], [v_loc]
+        masks, values = [jnp.broadcast_to(local_ok[:, None], logits.shape)], [v_loc]
         parts = [logits]
         if g_count:
             pos, ok = g_pos[:, i], g_valid[:, i]                     # [B, G + bq]
@@ -108,6 +122,8 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
             r = jnp.take_along_axis(rank, pos, axis=1)               # rank of each candidate
             glob_ok = (ok[:, None, :] & (pos[:, None, :] <= tq[None, :, None] - window)
                        & (r[:, None, :] > have_q[:, :, None] - max_global))  # [B, bq, G + bq]
+            if first is not None:
+                glob_ok = glob_ok & (pos[:, None, :] >= first_q[:, :, None])
             bias = jnp.take_along_axis(log_sig, pos, axis=1)[:, None, None, :]
             parts.append(jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_g) * scale + bias)
             masks.append(jnp.broadcast_to(glob_ok[:, None], parts[-1].shape))
@@ -122,10 +138,11 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
 
 def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
                             scale: float | None = None, implementation: str | None = None,
-                            block: int = 128):
+                            block: int = 128, segment_ids=None):
     """``q, k, v [B, L, H, D]``, controller ``scores [B, L]`` (a token is a global candidate
     when its score is > 0) -> ``[B, L, H, D]``: one softmax over the ``window`` most recent
-    keys and the ``max_global`` most recent candidates before that window.
+    keys and the ``max_global`` most recent candidates before that window; with
+    ``segment_ids [B, L]`` (packed documents) only those of the query's own document.
 
     ``"gather"`` gathers each query's ``window + max_global`` keys (``O(L·(w+G))``, but a
     ``[B, L, H, w+G, D]`` intermediate); ``"dense"`` masks the full ``L × L`` logits
@@ -143,16 +160,18 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     if window < 1 or max_global < 0:
         raise ValueError(f"window={window} must be >= 1 and max_global={max_global} >= 0")
     length = q.shape[1]
+    first = (None if segment_ids is None else document_first_position(
+        check_segment_ids(segment_ids, *q.shape[:2])))
     if implementation is None:
         implementation = "dense" if length <= 2 * (window + max_global) else "blocked"
     if implementation == "blocked":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return _blocked(q, k, v, scores, window, max_global, scale, min(block, length))
+        return _blocked(q, k, v, scores, window, max_global, scale, min(block, length), first)
     if implementation == "dense":
         lengths = jnp.full((q.shape[0],), length, jnp.int32)
         return sga_decode(q, k, v, scores, lengths, window=window, max_global=max_global,
-                          scale=scale)
-    positions, valid, biases = key_sets(scores, length, window, max_global)
+                          scale=scale, first_positions=first)
+    positions, valid, biases = key_sets(scores, length, window, max_global, first)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys, values = _gather(k, positions), _gather(v, positions)      # [B, L, H, K, D]
     logits = jnp.einsum("blhd,blhkd->blhk", q.astype(jnp.float32), keys.astype(jnp.float32))
@@ -164,10 +183,12 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
 
 
 def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_global: int,
-               scale: float | None = None):
+               scale: float | None = None, first_positions=None):
     """Queries ``q [B, n, H, D]`` at positions ``lengths - n .. lengths - 1`` against caches
     ``[B, S, H, D]`` and controller scores ``[B, S]`` holding positions ``0 .. lengths - 1``:
-    the same key sets as :func:`sparse_global_attention`, as masks over the cache."""
+    the same key sets as :func:`sparse_global_attention`, as masks over the cache.
+    ``first_positions [B, S]`` (packed documents): the first position of the document of every
+    cache position; a query reads no key before its own document's first position."""
     batch, new, _, dim = q.shape
     slots = k_cache.shape[1]
     q_pos = jnp.asarray(lengths, jnp.int32).reshape(batch, 1) - new + jnp.arange(new)[None, :]
@@ -175,6 +196,10 @@ def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_g
     t = q_pos[:, :, None]
     local = (j <= t) & (j > t - window)                               # [B, n, S]
     candidate = (scores_cache > 0)[:, None, :] & (j <= t - window)
+    if first_positions is not None:
+        first_q = jnp.take_along_axis(first_positions, jnp.maximum(q_pos, 0), axis=1)  # [B, n]
+        in_document = j >= first_q[:, :, None]
+        local, candidate = local & in_document, candidate & in_document
     newer = jnp.cumsum(candidate[..., ::-1], axis=-1)[..., ::-1] - candidate
     glob = candidate & (newer < max_global)
     bias = jnp.where(glob, jax.nn.log_sigmoid(scores_cache.astype(jnp.float32))[:, None, :], 0.0)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.ops.segments import check_segment_ids, document_starts, keep_factor
+from jaxsparse.ops.segments import (check_segment_ids, document_starts, keep_factor,
+                                     shard_documents, shard_keeps_state, with_document_starts)
 
 SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "native", "pallas",
                         "pallas_interpret")
@@ -285,37 +286,6 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     return (y, final) if return_final_state else y
 
 
-def _with_document_starts(seq, segment_ids, batch, length):
-    """Sequence-parallel scans: ``seq`` plus ``"starts"`` (int32 ``[batch, length]``, 1 where a
-    document starts), found on the whole sequence so that a shard knows whether its first
-    token opens a document (its own ``segment_ids`` slice could not tell)."""
-    if segment_ids is None:
-        return seq
-    starts = document_starts(check_segment_ids(segment_ids, batch, length))
-    return seq | {"starts": starts.astype(jnp.int32)}
-
-
-def _shard_documents(seq, initial):
-    """Inside one shard: ``(segment_ids, initial)`` for its scan. Ids count the starts (a reset
-    at every start after the first position); a start at the first position drops the state
-    entering the shard instead."""
-    if "starts" not in seq:
-        return None, initial
-    starts = seq["starts"]
-    if initial is not None:
-        keep_first = (1 - starts[:, 0]).astype(initial.dtype)
-        initial = initial * keep_first.reshape((-1,) + (1,) * (initial.ndim - 1))
-    return jnp.cumsum(starts, axis=1), initial
-
-
-def _shard_keeps_state(seq):
-    """``[batch]``: 1 if no document starts in this shard (its total decay carries the
-    entering state through), else 0."""
-    if "starts" not in seq:
-        return None
-    return jnp.prod(1 - seq["starts"], axis=1).astype(jnp.float32)
-
-
 def selective_scan_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", D=None, z=None,
                                      dt_bias=None, dt_softplus=True, initial_state=None,
                                      chunk_size=None, implementation=None, segment_ids=None):
@@ -325,11 +295,11 @@ def selective_scan_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", D
     from jaxsparse.ops.sequence_scan import scan_across_shards
 
     seq = {"x": x, "dt": dt, "B": B, "C": C} | ({} if z is None else {"z": z})
-    seq = _with_document_starts(seq, segment_ids, *x.shape[:2])
+    seq = with_document_starts(seq, segment_ids, *x.shape[:2])
     shared = {"A": A} | ({} if D is None else {"D": D}) | ({} if dt_bias is None else {"dt_bias": dt_bias})
 
     def run(seq, shared, initial):
-        ids, initial = _shard_documents(seq, initial)
+        ids, initial = shard_documents(seq, initial)
         return selective_scan(seq["x"], seq["dt"], shared["A"], seq["B"], seq["C"],
                               D=shared.get("D"), z=seq.get("z"), dt_bias=shared.get("dt_bias"),
                               dt_softplus=dt_softplus, initial_state=initial,
@@ -339,7 +309,7 @@ def selective_scan_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", D
     def total_decay(seq, shared):
         steps = jnp.sum(_final_dt(seq["dt"], shared.get("dt_bias"), dt_softplus), axis=1)  # [b, d]
         decay = jnp.exp(steps[..., None] * shared["A"].astype(jnp.float32)[None])  # ∏_t exp(dt_t A)
-        keeps = _shard_keeps_state(seq)
+        keeps = shard_keeps_state(seq)
         return decay if keeps is None else decay * keeps[:, None, None]
 
     return scan_across_shards(run, total_decay, seq, shared, initial_state, mesh=mesh, axis=axis)
@@ -501,7 +471,7 @@ def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=N
     shared = {"A": A} | ({} if D is None else {"D": D}) | ({} if dt_bias is None else {"dt_bias": dt_bias})
 
     def run(seq, shared, initial):
-        ids, initial = _shard_documents(seq, initial)
+        ids, initial = shard_documents(seq, initial)
         kwargs = dict(D=shared.get("D"), dt_bias=shared.get("dt_bias"), dt_softplus=dt_softplus,
                       initial_state=initial, return_final_state=True, segment_ids=ids)
         args = (seq["x"], seq["dt"], shared["A"], seq["B"], seq["C"])
@@ -512,11 +482,11 @@ def ssd_sequence_parallel(x, dt, A, B, C, *, mesh, axis="sequence", chunk_size=N
     def total_decay(seq, shared):
         steps = _final_dt(seq["dt"], shared.get("dt_bias"), dt_softplus)  # [b, l, h]
         decay = jnp.exp(jnp.sum(steps, axis=1) * shared["A"].astype(jnp.float32)[None])
-        keeps = _shard_keeps_state(seq)
+        keeps = shard_keeps_state(seq)
         decay = decay if keeps is None else decay * keeps[:, None]
         return decay[..., None, None]  # [b, h] -> broadcast over the [b, h, p, n] state
 
-    seq = _with_document_starts({"x": x, "dt": dt, "B": B, "C": C}, segment_ids, *x.shape[:2])
+    seq = with_document_starts({"x": x, "dt": dt, "B": B, "C": C}, segment_ids, *x.shape[:2])
     return scan_across_shards(run, total_decay, seq, shared, initial_state, mesh=mesh, axis=axis)
 
 

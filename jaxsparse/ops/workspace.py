@@ -12,12 +12,23 @@ the chunk's tokens and a per-slot, per-feature gate mixes the result into the st
 
 The paper describes the workspace without equations; this gated slot update (in the spirit of
 Set-Transformer/Perceiver latents with a GRU-like gate) is our choice, documented here.
+
+Packed documents (``segment_ids``, runs of equal ids as in :mod:`jaxsparse.ops.segments`): the
+workspace restarts from its initial slots at every document start. A token reads ``S_c`` only
+if its document was already open when chunk ``c`` began, else the initial slots; the update
+after chunk ``c`` starts from the initial slots if a document starts inside the chunk and uses
+only the tokens of the document still open at the chunk's end. So no document reads another's
+tokens. Chunks stay aligned to absolute positions: a document that starts mid-chunk gets its
+first update at the next chunk boundary, after fewer than ``K`` of its tokens (alone at the
+start of a row it would get it after ``K``); it reads only itself either way.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxsparse.ops.segments import check_segment_ids, document_starts
 
 
 def read_slots(queries_BKD, state_BMD):
@@ -50,9 +61,10 @@ def update_from_keys(state_BMD, keys_BKE, values_BKE, weights, valid_BK=None):
     return jnp.where(jnp.any(valid_BK, axis=1)[:, None, None], new, state_BMD)
 
 
-def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
+def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segment_ids=None):
     """Reads ``[B, L, D]``: token ``t`` of chunk ``c`` reads ``S_c`` with its query, and the
-    final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads.
+    final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads;
+    ``segment_ids [B, L]``: packed documents (see the module docstring).
 
     Only the slot recurrence is sequential: the chunks' keys and values are projected for the
     whole sequence at once before the scan, and the reads of every chunk are one batched
@@ -71,15 +83,39 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int):
     # only a ragged last chunk has padding to mask: without one, no masking ops in the scan
     valid = (None if padded == length else jnp.broadcast_to(
         (jnp.arange(padded) < length).reshape(-1, 1, chunk), (padded // chunk, b, chunk)))
+    state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)
+    documents = None
+    if segment_ids is not None:
+        documents = _chunk_documents(check_segment_ids(segment_ids, b, length), padded, chunk)
+        valid = documents["open_at_end"] if valid is None else valid & documents["open_at_end"]
 
     def step(state, inputs):
-        k_c, v_c, valid_c = inputs
-        return update_from_keys(state, k_c, v_c, weights, valid_c), state  # S_c is read
+        k_c, v_c, valid_c, restart_c = inputs
+        base = state if restart_c is None else jnp.where(restart_c[:, None, None], state0, state)
+        return update_from_keys(base, k_c, v_c, weights, valid_c), state  # S_c is read
 
-    state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)
-    final, read_states = jax.lax.scan(step, state0, (keys, values, valid))  # [C, B, M, D]
+    restart = None if documents is None else documents["restart"]
+    final, read_states = jax.lax.scan(step, state0, (keys, values, valid, restart))  # [C, B, M, D]
     chunks = padded // chunk
     states = read_states.swapaxes(0, 1).reshape(b * chunks, *init_MD.shape)
     queries = jnp.pad(queries_BLD, pad).reshape(b * chunks, chunk, d)
-    reads = read_slots(queries, states)                        # every chunk's reads at once
-    return reads.reshape(b, padded, d)[:, :length], final
+    reads = read_slots(queries, states).reshape(b, padded, d)  # every chunk's reads at once
+    if documents is not None:  # tokens whose document opened in this chunk read the initial slots
+        fresh_reads = read_slots(queries.reshape(b, padded, d), state0)
+        reads = jnp.where(documents["fresh"][..., None], fresh_reads, reads)
+    return reads[:, :length], final
+
+
+def _chunk_documents(segment_ids, padded: int, chunk: int):
+    """Per chunk, for packed documents: ``restart [C, B]`` (a document starts in the chunk),
+    ``open_at_end [C, B, K]`` (the token belongs to the document still open at the chunk's
+    end) and, per token, ``fresh [B, padded]`` (its document started in its own chunk)."""
+    b, length = segment_ids.shape
+    starts = jnp.pad(document_starts(segment_ids), [(0, 0), (0, padded - length)])
+    starts = starts.reshape(b, padded // chunk, chunk)
+    k = jnp.arange(chunk)[None, None, :]
+    last_start = jnp.max(jnp.where(starts, k, -1), axis=-1)       # [B, C], -1: none
+    fresh = jnp.cumsum(starts, axis=-1) > 0                        # a start at or before k
+    return {"restart": jnp.any(starts, axis=-1).swapaxes(0, 1),
+            "open_at_end": (k >= last_start[..., None]).swapaxes(0, 1),
+            "fresh": fresh.reshape(b, padded)}

@@ -98,6 +98,32 @@ def chunk_pool(x_BLD: jax.Array, chunk: int, *, causal: bool) -> jax.Array:
     return means
 
 
+def chunk_pool_within_documents(x_BLD: jax.Array, documents_BL: jax.Array, chunk: int, *,
+                                causal: bool) -> jax.Array:
+    """Per-token router inputs ``[B, L, D]`` of chunk-level routing over packed documents:
+    :func:`chunk_pool` (the mean of the previous chunk if ``causal``, else of the token's own
+    chunk) over only the tokens whose ``documents`` entry equals the token's own (zeros when
+    there are none). Where no document boundary is near, it is :func:`chunk_pool` repeated
+    per token. Cost ``O(L · chunk · D)``, like one more projection of width ``chunk``.
+    ``documents`` entries < 0 mark padding and match nothing."""
+    batch, length, d = x_BLD.shape
+    if chunk < 1 or length % chunk:
+        raise ValueError(f"chunk={chunk}: must be >= 1 and divide the sequence length {length}")
+    n = length // chunk
+    x = x_BLD.reshape(batch, n, chunk, d)
+    docs = documents_BL.reshape(batch, n, chunk)
+    if causal:  # the previous chunk is the source; before the first chunk, nothing
+        x = jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
+        source = jnp.pad(docs[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
+    else:
+        source = docs
+    same = (docs[..., :, None] == source[..., None, :]) & (source[..., None, :] >= 0)
+    same = same.astype(x.dtype)                                       # [B, n, token, source]
+    total = jnp.einsum("bnts,bnsd->bntd", same, x)
+    count = jnp.maximum(jnp.sum(same, axis=-1, keepdims=True), 1.0)
+    return (total / count).reshape(batch, length, d)
+
+
 def unchunk(values: jax.Array, chunk: int) -> jax.Array:
     """Repeat per-chunk routing values ``[B, L/chunk, ...]`` for every token: ``[B, L, ...]``."""
     return jnp.repeat(values, chunk, axis=1)
