@@ -39,8 +39,8 @@ def test_scan_implementations_agree_with_the_recurrence(length, chunk, implement
                                   implementation=impl)
         return y, final
 
-    ref_y, ref_final = run("sequential", **args)
-    y, final = run(implementation, **args)
+    ref_y, ref_final = jax.jit(lambda a: run("sequential", **a))(args)
+    y, final = jax.jit(lambda a: run(implementation, **a))(args)
     np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
 
@@ -49,8 +49,8 @@ def test_scan_implementations_agree_with_the_recurrence(length, chunk, implement
         return jnp.sum(y * jnp.cos(y)) + jnp.sum(final)
 
     diff = {name: args[name] for name in DIFFERENTIABLE}
-    ref_grads = jax.grad(lambda d: loss("sequential", d))(diff)
-    grads = jax.grad(lambda d: loss(implementation, d))(diff)
+    ref_grads = jax.jit(jax.grad(lambda d: loss("sequential", d)))(diff)
+    grads = jax.jit(jax.grad(lambda d: loss(implementation, d)))(diff)
     for name in DIFFERENTIABLE:
         scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
         np.testing.assert_allclose(grads[name], ref_grads[name], atol=1e-4 * scale, rtol=1e-4,
@@ -72,7 +72,7 @@ def test_native_kernel_blocks_chunks_and_parts(batch, length, d_inner, d_state, 
         return jnp.sum(y * jnp.cos(y)) + jnp.sum(final)
 
     diff = {name: args[name] for name in DIFFERENTIABLE}
-    want = jax.value_and_grad(lambda d: loss("sequential", d))(diff)
+    want = jax.jit(jax.value_and_grad(lambda d: loss("sequential", d)))(diff)
     native = jax.jit(jax.value_and_grad(lambda d: loss("native", d)))
     got, again = native(diff), native(diff)
     np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
@@ -204,7 +204,8 @@ def test_ssd_native_equals_the_recurrence_with_gradients(batch, length, heads, h
         return jnp.sum(jnp.sin(y)) + jnp.sum(final), (y, final)
 
     diff = {n: args[n] for n in names}
-    (_, want), ref_grads = jax.value_and_grad(lambda d: loss(ssd_reference, d), has_aux=True)(diff)
+    (_, want), ref_grads = jax.jit(jax.value_and_grad(lambda d: loss(ssd_reference, d),
+                                                      has_aux=True))(diff)
     (_, got), grads = jax.jit(jax.value_and_grad(lambda d: loss(ssd_native, d), has_aux=True))(diff)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
@@ -222,13 +223,14 @@ def test_no_nan_or_inf_at_64k_with_extreme_dt(dtype, dt_value):
     args["dt"] = jnp.full_like(args["dt"], dt_value)  # the step itself (no bias, no softplus)
     args["dt_bias"] = None
     for impl in ("sequential", "chunked", "native", "pallas_interpret"):
-        y = selective_scan(**args, dt_softplus=False, implementation=impl, chunk_size=256)
+        y = jax.jit(lambda a: selective_scan(**a, dt_softplus=False, implementation=impl,
+                                             chunk_size=256))(args)
         assert np.isfinite(np.asarray(y.astype(jnp.float32))).all(), impl
     args2 = mamba2_inputs(0, 1, length, 2, 4, 4, 1, dtype)
     args2["dt"] = jnp.full_like(args2["dt"], dt_value)
-    y2 = ssd(**args2, chunk_size=256)
+    y2 = jax.jit(lambda a: ssd(**a, chunk_size=256))(args2)
     assert np.isfinite(np.asarray(y2.astype(jnp.float32))).all()
-    y3 = ssd_native(**args2)
+    y3 = jax.jit(lambda a: ssd_native(**a))(args2)
     assert np.isfinite(np.asarray(y3.astype(jnp.float32))).all()
 
 
