@@ -225,12 +225,23 @@ def _assert_presets_match_one_device(out, expected_runs):
         assert run["ring_attention"] == name.endswith(("_sp", "full")), name
 
 
+def test_every_mesh_axis_on_8_devices_matches_one_device():
+    """Every mesh axis in use, through the two presets that combine them: the dense baseline
+    under fsdp_tp_ep (data, tensor and expert axes, with MoE layers) and under full (FSDP,
+    sequence with ring attention, tensor), and a sparse-attention Transformer (per-head
+    windows, Longformer globals) under full give the same losses as one device. Each preset
+    on its own: the slow tests below."""
+    _assert_presets_match_one_device(_presets_run({"dense": ["fsdp_tp_ep", "full"],
+                                                   "sparse": ["full"]}), 3)
+
+
+@pytest.mark.slow  # ~70 s on 2 cores; the default run covers every axis through the composites
 def test_every_preset_on_8_devices_matches_one_device():
-    """The dense baseline under every preset (data, FSDP, FSDP+TP, +experts — with MoE
-    layers —, +sequence with ring attention, all axes) and a sparse-attention Transformer
-    (per-head windows, Longformer globals) under the ring-attention presets give the same
-    losses as one device (the sparse model under the other presets: the slow test below)."""
-    _assert_presets_match_one_device(_presets_run({"dense": PRESETS, "sparse": RING_PRESETS}), 8)
+    """The dense baseline under each of the other presets (data, FSDP, FSDP+TP, +sequence) and
+    the sparse Transformer under fsdp_tp_sp."""
+    others = [p for p in PRESETS if p not in ("fsdp_tp_ep", "full")]
+    _assert_presets_match_one_device(_presets_run({"dense": others, "sparse": ["fsdp_tp_sp"]}),
+                                     len(others) + 1)
 
 
 @pytest.mark.slow  # ~40 s on 2 cores; the default run covers these presets with the dense model
