@@ -69,10 +69,10 @@ def test_sparse_global_attention_with_segment_ids_equals_separate_documents(impl
     check_equal_to_separate_documents(packed, separate, args, ("q", "k", "v", "scores"), 2e-5)
 
 
-def workspace_reference(x, init, weights, chunk, ids):
-    """Token by token in Python: the slots restart at every document start; the update after
-    a chunk uses the tokens of the document still open at its end."""
-    runs = np.asarray(document_index(ids))
+def workspace_reference(x, init, weights, chunk, runs):
+    """Token by token in Python (``runs``: numpy document numbers): the slots restart at every
+    document start; the update after a chunk uses the tokens of the document still open at
+    its end."""
     rows = []
     for b in range(x.shape[0]):
         state, reads = init[None], []
@@ -108,14 +108,16 @@ def test_workspace_with_segment_ids_restarts_at_document_starts(chunk):
     def ours(x, init, weights):
         return workspace_memory(x, x, init, weights, chunk=chunk, segment_ids=ids)[0]
 
-    def reference(x, init, weights):
-        return workspace_reference(x, init, weights, chunk, ids)
+    runs = np.asarray(document_index(ids))
 
-    np.testing.assert_allclose(jax.jit(ours)(x, init, weights), reference(x, init, weights),
-                               atol=2e-5, rtol=2e-5)
+    def reference(x, init, weights):
+        return workspace_reference(x, init, weights, chunk, runs)
+
+    np.testing.assert_allclose(jax.jit(ours)(x, init, weights),
+                               jax.jit(reference)(x, init, weights), atol=2e-5, rtol=2e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
     got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(x, init, weights)
-    want = jax.grad(loss(reference), (0, 1, 2))(x, init, weights)
+    want = jax.jit(jax.grad(loss(reference), (0, 1, 2)))(x, init, weights)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, atol=2e-5 * float(jnp.abs(w).max()), rtol=2e-4)
 
