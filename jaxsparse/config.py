@@ -472,7 +472,6 @@ def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
 
 
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
-PACKED_MODELS = ("transformer", "mamba", "mamba2", "hydra")  # models whose blocks take segment_ids
 ATTENTION_MODELS = ("transformer", "routing_transformer", "hydra")
 
 
@@ -551,9 +550,6 @@ def validate(cfg: Config) -> Config:
     if d.packed_documents:
         _check(d.task == "text", f"data.packed_documents=True needs data.task='text' (got "
                                  f"{d.task!r}: synthetic examples are one document each)")
-        _check(m.name in PACKED_MODELS,
-               f"data.packed_documents=True: model.name={m.name!r} does not take segment_ids "
-               f"(its routing clusters would cross documents); allowed {PACKED_MODELS}")
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")

@@ -122,11 +122,12 @@ def _perturb_after(t, arrays, key):
 def test_causal_routing_never_sees_the_future_but_top_w_balancing_does():
     q, k, v = qkv(jax.random.key(3), length=96)
     centroids = init_centroids(jax.random.key(4), 2, 8, 16)
+    routed = {probes: jax.jit(lambda q, k, v, probes=probes: causal_routing_attention(
+        q, k, v, centroids, window=12, probes=probes)[0]) for probes in (1, 3)}
     for t in (0, 17, 50, 94):
         q2, k2, v2 = _perturb_after(t, [q, k, v], jax.random.key(t))
         for probes in (1, 3):
-            ours = causal_routing_attention(q, k, v, centroids, window=12, probes=probes)[0]
-            ours2 = causal_routing_attention(q2, k2, v2, centroids, window=12, probes=probes)[0]
+            ours, ours2 = routed[probes](q, k, v), routed[probes](q2, k2, v2)
             np.testing.assert_array_equal(ours[:, :t + 1], ours2[:, :t + 1])
     # The paper's top-w clusters, masked by position inside each cluster, still leak: which
     # past tokens a centroid keeps depends on how similar the later tokens are to it.
@@ -180,7 +181,7 @@ def test_gradients_reach_the_projections_and_not_the_centroids():
         aux = sum(jnp.sum(v) for v in sown["aux_loss"])
         return jnp.sum(out ** 2) + aux, nnx.state(model, Centroids)
 
-    grads, new_rest = jax.grad(loss, has_aux=True)(params, rest)
+    grads, new_rest = jax.jit(jax.grad(loss, has_aux=True))(params, rest)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert float(jnp.abs(grads[name]["kernel"].get_value()).max()) > 0, name
     assert "centroids" not in grads  # not a parameter: no gradient, no optimiser update
@@ -494,8 +495,8 @@ def test_a_second_probe_frees_a_query_stuck_among_identical_keys():
         out = causal_routing_attention(q, k, v, centroids, window=8, probes=probes)[0]
         return out[0, -1, 0] @ v[0, 3, 0]
 
-    stuck = jax.grad(copied)(q, 1)
-    freed = jax.grad(copied)(q, 2)
+    stuck = jax.jit(jax.grad(copied), static_argnums=1)(q, 1)
+    freed = jax.jit(jax.grad(copied), static_argnums=1)(q, 2)
     assert float(jnp.abs(stuck).max()) < 1e-6                        # zero up to rounding
     assert float(freed[0, -1, 0] @ needed) > 0.05                   # towards the needed key
 

@@ -154,9 +154,12 @@ class RoutingAttention(nnx.Module):
         return q, k, self.v_proj(x_BLD)
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
-        if segment_ids is not None:
-            raise ValueError("RoutingAttention does not take segment_ids: clusters would mix "
-                             "packed documents; train routing models on unpacked sequences")
+        """``segment_ids [B, L]`` (packed documents, no ``cache``): local heads and routing
+        windows keep to each query's document. (The centroids and the running mean are
+        statistics of the whole batch, as before: they change no output of this call.)"""
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids: decoding with a cache runs one document; packed "
+                             "documents are for the full forward pass")
         q, k, v = self._project(x_BLD)
         nl = self.n_local
         q_loc = apply_rotary(q[:, :, :nl], positions_BL, self.rope_theta)
@@ -166,18 +169,20 @@ class RoutingAttention(nnx.Module):
         centroids = self.centroids[...]
         q_center, k_center = self._centers()
         if cache is None:
-            local = dot_product_attention(q_loc, k_loc, v[:, :, :nl], mask=local_mask) \
-                if nl else q_loc
+            local = dot_product_attention(q_loc, k_loc, v[:, :, :nl], mask=local_mask,
+                                          segment_ids=segment_ids) if nl else q_loc
             routed, routing = causal_routing_attention(q_rt, k_rt, v_rt, centroids,
                                                        window=self.window,
                                                        shared_qk=self.shared_qk,
                                                        q_center=q_center, k_center=k_center,
-                                                       probes=self.probes)
+                                                       probes=self.probes,
+                                                       segment_ids=segment_ids)
             if not self.deterministic:
                 if self.dense_steps:
-                    routed = jax.lax.cond(self.step[...] < self.dense_steps,
-                                          lambda: self._dense(q_rt, k_rt, v_rt).astype(routed.dtype),
-                                          lambda: routed)
+                    routed = jax.lax.cond(
+                        self.step[...] < self.dense_steps,
+                        lambda: self._dense(q_rt, k_rt, v_rt, segment_ids).astype(routed.dtype),
+                        lambda: routed)
                     self.step[...] = self.step[...] + 1
                 self._learn(centroids, routing, k_rt)
             new_cache = None
@@ -206,13 +211,14 @@ class RoutingAttention(nnx.Module):
         mean = self.route_mean[...]
         return (mean if self.shared_qk else None), mean
 
-    def _dense(self, q, k, v):
-        """Warm-up attention of the routing heads: every earlier key, with the routing heads'
-        keys (the normalised queries when shared, and then not the token itself)."""
+    def _dense(self, q, k, v, segment_ids=None):
+        """Warm-up attention of the routing heads: every earlier key (of the same document),
+        with the routing heads' keys (the normalised queries when shared, and then not the
+        token itself)."""
         if self.shared_qk:
-            return dot_product_attention(q, shared_keys(q), v,
-                                         mask=CausalMask(offset=-1))
-        return dot_product_attention(q, k, v, mask=CausalMask())
+            return dot_product_attention(q, shared_keys(q), v, mask=CausalMask(offset=-1),
+                                         segment_ids=segment_ids)
+        return dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segment_ids)
 
     def _learn(self, centroids, routing, k_rt):
         units = [routing["q_unit"]] if self.shared_qk else [routing["q_unit"], routing["k_unit"]]

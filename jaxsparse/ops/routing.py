@@ -60,6 +60,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.segments import check_segment_ids, document_first_position
 from jaxsparse.ops.softmax import masked_softmax
 
 
@@ -212,7 +213,7 @@ def _attend_in_chunks(q, keys, values, key_pos, valid, scale, chunk):
 
 def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool = False,
                              scale: float | None = None, query_chunk: int = 512,
-                             q_center=None, k_center=None, probes: int = 1):
+                             q_center=None, k_center=None, probes: int = 1, segment_ids=None):
     """Leakage-free causal routing attention; ``q, k, v [B, L, H, D]``, ``centroids [H, C, D]``.
 
     Returns ``(out [B, L, H, D], routing)`` where ``routing`` holds the normalised vectors and
@@ -225,34 +226,50 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     ``shared_qk`` only ``q_center`` is used). ``probes``: a query reads the windows of its
     ``probes`` most similar clusters (``probes · w`` keys; module docstring); the centroid
     update and the commitment loss use its best cluster (``q_clusters``).
+    ``segment_ids [B, L]`` (packed documents, runs of equal ids as in
+    :mod:`jaxsparse.ops.segments`): a query reads only keys of its own document — of its
+    cluster's ``w`` most recent keys, those at or after the document's first token, which are
+    the ``w`` most recent of the document's keys in that cluster.
     """
     _, num_clusters = _check(q, k, v, centroids, window)
     _check_probes(probes, num_clusters)
     keys, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
-    cq, ck, key_pos, valid = _route(qn, kn, centroids, window, shared_qk, probes)
+    cq, ck, key_pos, valid = _route(qn, kn, centroids, window, shared_qk, probes,
+                                    _first_positions(segment_ids, q.shape[:2]))
     out = _attend_in_chunks(q, keys, v, key_pos, valid, _scale(scale, q.shape[-1]), query_chunk)
     routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck,
                "keys_read": jnp.sum(valid, axis=-1, dtype=jnp.int32)}
     return out.astype(q.dtype), routing
 
 
-def _route(qn, kn, centroids, window, shared_qk, probes=1):
+def _first_positions(segment_ids, batch_length):
+    """``[B, L, 1, 1]``: the first position of each query's document, or None."""
+    if segment_ids is None:
+        return None
+    first = document_first_position(check_segment_ids(segment_ids, *batch_length))
+    return first[:, :, None, None]
+
+
+def _route(qn, kn, centroids, window, shared_qk, probes=1, first=None):
     cq, ck = assign_top(qn, centroids, probes), assign(kn, centroids)
     key_pos, valid = cluster_windows(cq, ck, window)
+    if first is not None:  # packed documents: keys of the query's own document only
+        valid = valid & (key_pos >= first)
     if shared_qk:
         valid = _drop_self_unless_alone(key_pos, valid)
     return cq[..., 0], ck, key_pos, valid
 
 
 def routing_windows(q, k, centroids, *, window: int, shared_qk: bool = False, q_center=None,
-                    k_center=None, probes: int = 1):
+                    k_center=None, probes: int = 1, segment_ids=None):
     """The keys :func:`causal_routing_attention` lets each query read, for diagnostics and
     plots: ``(key_pos [B, L, H, P·w], valid [B, L, H, P·w])`` (arguments as there; ``k`` is
     ignored with ``shared_qk``)."""
     _, num_clusters = _check(q, k if not shared_qk else q, q, centroids, window)
     _check_probes(probes, num_clusters)
     _, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
-    return _route(qn, kn, centroids, window, shared_qk, probes)[2:]
+    return _route(qn, kn, centroids, window, shared_qk, probes,
+                  _first_positions(segment_ids, q.shape[:2]))[2:]
 
 
 def _drop_self_unless_alone(key_pos, valid):
