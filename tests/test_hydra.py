@@ -46,7 +46,8 @@ def test_diagonal_ssm_equals_its_recurrence_with_gradients(impl):
     got = diagonal_ssm(*args, implementation=impl)[0]
     np.testing.assert_allclose(got, diagonal_ssm_reference(*args), atol=1e-5, rtol=1e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
-    g = jax.grad(loss(lambda *a: diagonal_ssm(*a, implementation=impl)[0]), argnums=range(6))(*args)
+    g = jax.jit(jax.grad(loss(lambda *a: diagonal_ssm(*a, implementation=impl)[0]),
+                         argnums=range(6)))(*args)
     g_ref = jax.grad(loss(diagonal_ssm_reference), argnums=range(6))(*args)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

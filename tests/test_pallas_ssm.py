@@ -34,13 +34,16 @@ CASES = [pytest.param(1, 8, 4, 1, id="L1", marks=_slow), pytest.param(7, 40, 5, 
 @pytest.mark.parametrize("length, d_inner, d_state, groups", CASES)
 def test_gpu_kernel_in_interpret_mode_matches_the_recurrence(length, d_inner, d_state, groups):
     args = mamba1_inputs(length, 2, length, d_inner, d_state, groups)
-    y, final = selective_scan(**args, return_final_state=True, implementation="pallas_interpret")
-    ref_y, ref_final = selective_scan(**args, return_final_state=True, implementation="sequential")
+    def scan(impl):  # compiled: op by op, the interpreted kernel dispatches every step
+        return jax.jit(lambda a: selective_scan(**a, return_final_state=True,
+                                                implementation=impl))(args)
+
+    (y, final), (ref_y, ref_final) = scan("pallas_interpret"), scan("sequential")
     np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
     diff = {name: args[name] for name in DIFFERENTIABLE}
-    grads = jax.grad(_loss("pallas_interpret", args))(diff)
-    ref_grads = jax.grad(_loss("sequential", args))(diff)
+    grads = jax.jit(jax.grad(_loss("pallas_interpret", args)))(diff)
+    ref_grads = jax.jit(jax.grad(_loss("sequential", args)))(diff)
     for name in DIFFERENTIABLE:
         scale = float(jnp.abs(ref_grads[name]).max()) + 1e-6
         np.testing.assert_allclose(grads[name], ref_grads[name], atol=1e-4 * scale, rtol=1e-4,

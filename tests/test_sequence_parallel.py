@@ -282,7 +282,6 @@ def loss(devices, *overrides):
 
 packed = "data.packed_documents=true"
 print(json.dumps({"single": loss(jax.devices()[:1], packed)[0],
-                  "unpacked": loss(jax.devices()[:1])[0],
                   "sharded": loss(jax.devices(), packed, "mesh.data=2", "mesh.sequence=2",
                                   "mesh.tensor=2")}))
 """
@@ -295,15 +294,17 @@ PACKED_HYDRA = HYDRA + ("model.moe_experts=4", "model.moe_k=2", "model.moe_d_ff=
 PACKED_MODELS = {"mamba2": ("model.name=mamba2", "model.ssm_head_dim=16"), "hydra": PACKED_HYDRA}
 
 
-@pytest.mark.parametrize("model", ["mamba2", "hydra"])
+# Mamba-2 on the mesh: slow (its scans across shards with segments are in the default op tests)
+@pytest.mark.parametrize("model", [pytest.param("mamba2", marks=pytest.mark.slow), "hydra"])
 def test_packed_documents_train_on_a_sequence_mesh_like_on_one_device(model):
     """Packed documents with the length split 2 ways (and data, tensor 2 ways): the shards'
     scans reset at document starts (a start at a shard's first token is covered by the
     ``+segments`` op tests) and Hydra's SGA, chunk routing and workspace keep to documents
-    across shards, so the loss is the single device's; without segment ids it differs."""
+    across shards, so the loss is the single device's. (That the segment ids change this
+    batch's loss, one device: tests/test_train.py and tests/test_hydra_segments.py, same
+    corpus and batch.)"""
     code = PACKED_ON_A_SEQUENCE_MESH.replace("import json,", f"MODEL = {PACKED_MODELS[model]!r}\nimport json,")
     result = run_python(code, devices=8)
     sharded, used_shards = result["sharded"]
     assert used_shards  # the scan really ran split over the sequence axis
     assert abs(sharded - result["single"]) < 1e-5 * result["single"], result
-    assert abs(result["unpacked"] - result["single"]) > 1e-4 * result["single"], result
