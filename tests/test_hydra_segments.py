@@ -17,9 +17,9 @@ from jaxsparse.ops.segments import document_index
 from jaxsparse.ops.sga import sparse_global_attention
 from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
 
-from helpers import TINY
 from packed_documents import (BOUNDS, LENGTH, check_equal_to_separate_documents, per_document,
                               segment_ids)
+from test_hydra import SMALL
 
 
 def normal(key, shape, scale=1.0):
@@ -159,16 +159,10 @@ def test_chunk_routing_pools_only_the_tokens_own_document(causal):
                                unchunk(chunk_pool(x, chunk, causal=causal), chunk), atol=1e-6)
 
 
-# Hydra with every branch on (SSM + conv, SGA, chunk-routed dropless MoE, PKM, workspace);
-# chunks of 4 tokens for MoE routing and the workspace; MoE dropless (the default: a capacity
-# limit would count the tokens of every document)
-PACKED_HYDRA = TINY + [
-    "model.name=hydra", "model.n_layers=3", "model.expand=1", "model.hydra_window=4",
-    "model.hydra_max_global=3", "model.moe_experts=4", "model.moe_k=2", "model.moe_every=1",
-    "model.moe_chunk=4", "model.moe_d_ff=32", "model.pkm_layers=1", "model.pkm_slots=64",
-    "model.pkm_heads=2", "model.pkm_k_dim=8", "model.pkm_knn=4", "model.workspace_slots=3",
-    "model.workspace_chunk=4", "model.hydra_ssm_conv=3",
-]
+# Hydra with every branch on (SSM + conv, SGA, chunk-routed dropless MoE, PKM, workspace):
+# test_hydra's small model with chunks of 4 tokens for MoE routing and the workspace. MoE is
+# dropless (the default: a capacity limit would count the tokens of every document).
+PACKED_HYDRA = SMALL + ["model.workspace_chunk=4"]
 
 
 @pytest.fixture(scope="module")
