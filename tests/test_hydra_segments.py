@@ -139,24 +139,27 @@ def test_workspace_documents_aligned_to_chunks_read_as_if_alone():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_chunk_routing_pools_only_the_tokens_own_document(causal):
+@pytest.mark.parametrize("length", [32, LENGTH])  # 8 chunks of 4; a ragged last chunk
+def test_chunk_routing_pools_only_the_tokens_own_document(causal, length):
     chunk, d = 4, 3
-    x = normal(jax.random.key(6), (len(BOUNDS), 32, d))
-    ids = jnp.pad(segment_ids(), ((0, 0), (0, 3)), mode="edge")  # 32 = 8 chunks of 4
+    x = normal(jax.random.key(6), (len(BOUNDS), length, d))
+    ids = jnp.pad(segment_ids(), ((0, 0), (0, length - LENGTH)), mode="edge")
     runs = np.asarray(document_index(ids))
-    got = chunk_pool_within_documents(x, document_index(ids), chunk, causal=causal)
+    got = chunk_pool_within_documents(x, ids, chunk, causal=causal)
     want = np.zeros(x.shape, np.float32)
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
             c = t // chunk - (1 if causal else 0)
-            source = [j for j in range(c * chunk, (c + 1) * chunk) if c >= 0 and runs[b, j] == runs[b, t]]
+            source = [j for j in range(c * chunk, min((c + 1) * chunk, length))
+                      if c >= 0 and runs[b, j] == runs[b, t]]
             if source:
                 want[b, t] = np.mean(np.asarray(x[b, source]), axis=0)
     np.testing.assert_allclose(got, want, atol=1e-6)
-    # one document per row: the plain chunk pool, repeated for every token
-    one = jnp.zeros((x.shape[0], x.shape[1]), jnp.int32)
-    np.testing.assert_allclose(chunk_pool_within_documents(x, one, chunk, causal=causal),
-                               unchunk(chunk_pool(x, chunk, causal=causal), chunk), atol=1e-6)
+    if length % chunk == 0:  # one document per row: the plain chunk pool, for every token
+        one = jnp.zeros((x.shape[0], x.shape[1]), jnp.int32)
+        np.testing.assert_allclose(chunk_pool_within_documents(x, one, chunk, causal=causal),
+                                   unchunk(chunk_pool(x, chunk, causal=causal), chunk),
+                                   atol=1e-6)
 
 
 # Hydra with every branch on (SSM + conv, SGA, chunk-routed dropless MoE, PKM, workspace):
@@ -209,6 +212,16 @@ def test_hydra_names_segment_ids_of_the_wrong_shape(hydra):
     with pytest.raises(ValueError, match=r"segment_ids must be \[batch=2, length=12\], got "
                                          r"shape \(2, 11\)"):
         hydra(tokens, segment_ids=jnp.zeros((2, 11), jnp.int32))
+
+
+def test_hydra_refuses_segment_ids_while_decoding_from_a_cache(hydra):
+    """The decode paths (workspace chunk buffer, SGA and router caches) hold one document."""
+    block = hydra.blocks[2]  # the SGA block
+    x = jnp.zeros((1, 3, block.norm.scale.shape[0]))
+    cache = block.init_cache(1, 16, jnp.float32, hydra.workspace)
+    with pytest.raises(ValueError, match="segment_ids: decoding with a cache runs one document"):
+        block(x, jnp.arange(3)[None], segment_ids=jnp.zeros((1, 3), jnp.int32), cache=cache,
+              cache_index=0, workspace=hydra.workspace)
 
 
 def test_hydra_trains_on_packed_documents(tmp_path):

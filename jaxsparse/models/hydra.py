@@ -37,6 +37,7 @@ from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
 from jaxsparse.nn.sga import SparseGlobalAttention
 from jaxsparse.nn.workspace import WorkspaceMemory
+from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.parallel import constrain
 
 
@@ -92,9 +93,7 @@ class HydraBlock(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None,
                  active=None, workspace=None):
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids: decoding with a cache runs one document; packed "
-                             "documents are for the full forward pass")
+        refuse_while_decoding(segment_ids, cache)
         h = self.norm(x_BLD)
         new_cache = {} if cache is not None else None
         branches = []

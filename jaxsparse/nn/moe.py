@@ -32,7 +32,6 @@ from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, capacity_di
                                expert_choice_routing, expert_fractions, grouped_matmul,
                                linear_k_schedule, router_z_loss, swiglu_experts, top_k_routing,
                                unchunk)
-from jaxsparse.ops.segments import check_segment_ids, document_index
 
 ROUTERS = ("top_k", "expert_choice", "random")
 
@@ -189,14 +188,12 @@ class MoE(nnx.Module):
         reads; non-causal pooling averages its real tokens only). With ``segment_ids``
         (packed documents) the pool is the mean over the tokens of the token's own document
         only (zeros if the chunk holds none), so routing never reads another document."""
+        if segment_ids is not None:
+            return chunk_pool_within_documents(self._router_input(x_BLD), segment_ids,
+                                               self.chunk, causal=self.causal)
         batch, length, d = x_BLD.shape
         padded = -(-length // self.chunk) * self.chunk
         x = jnp.pad(self._router_input(x_BLD), ((0, 0), (0, padded - length), (0, 0)))
-        if segment_ids is not None:
-            runs = document_index(check_segment_ids(segment_ids, batch, length))
-            runs = jnp.pad(runs, ((0, 0), (0, padded - length)), constant_values=-1)
-            pooled = chunk_pool_within_documents(x, runs, self.chunk, causal=self.causal)
-            return pooled[:, :length]
         pooled = chunk_pool(x, self.chunk, causal=self.causal)
         if not self.causal and padded != length:
             real = jnp.minimum(length - jnp.arange(pooled.shape[1]) * self.chunk, self.chunk)

@@ -15,6 +15,7 @@ from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,
                                    commitment_loss, ema_centroids, ema_mean, init_centroids,
                                    routing_units, routing_windows, shared_keys)
+from jaxsparse.ops.segments import refuse_while_decoding
 
 
 class Centroids(nnx.Variable):
@@ -157,9 +158,7 @@ class RoutingAttention(nnx.Module):
         """``segment_ids [B, L]`` (packed documents, no ``cache``): local heads and routing
         windows keep to each query's document. (The centroids and the running mean are
         statistics of the whole batch, as before: they change no output of this call.)"""
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids: decoding with a cache runs one document; packed "
-                             "documents are for the full forward pass")
+        refuse_while_decoding(segment_ids, cache)
         q, k, v = self._project(x_BLD)
         nl = self.n_local
         q_loc = apply_rotary(q[:, :, :nl], positions_BL, self.rope_theta)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.rotary import apply_rotary
+from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import sga_decode, sparse_global_attention
 
 
@@ -47,9 +48,7 @@ class SparseGlobalAttention(nnx.Module):
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
         """``segment_ids [B, L]`` (packed documents, no ``cache``): each query reads keys of
         its own document only."""
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids: decoding with a cache runs one document; packed "
-                             "documents are for the full forward pass")
+        refuse_while_decoding(segment_ids, cache)
         q = apply_rotary(self.q_proj(x_BLD), positions_BL, self.rope_theta)
         k = apply_rotary(self.k_proj(x_BLD), positions_BL, self.rope_theta)
         v = self.v_proj(x_BLD)

@@ -46,6 +46,14 @@ def keep_factor(segment_ids, batch: int, length: int):
     return jnp.where(starts, 0.0, 1.0).astype(jnp.float32)
 
 
+def refuse_while_decoding(segment_ids, cache):
+    """A ValueError if both are given: decode paths that read a cache (SGA, routing, the
+    workspace) hold one document and do not take ids."""
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids: decoding with a cache runs one document; packed "
+                         "documents are for the full forward pass")
+
+
 def document_index(segment_ids):
     """int32 ``[batch, length]``: the run number of every token's document (0 for the first
     run of a row, +1 at every :func:`document_starts`)."""

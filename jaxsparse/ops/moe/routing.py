@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.segments import check_segment_ids, document_index
+
 
 class TokenChoice(NamedTuple):
     """Each token's ``k`` experts: ``expert_index [T, k]`` (int32, best first), ``weights
@@ -98,20 +100,23 @@ def chunk_pool(x_BLD: jax.Array, chunk: int, *, causal: bool) -> jax.Array:
     return means
 
 
-def chunk_pool_within_documents(x_BLD: jax.Array, documents_BL: jax.Array, chunk: int, *,
+def chunk_pool_within_documents(x_BLD: jax.Array, segment_ids: jax.Array, chunk: int, *,
                                 causal: bool) -> jax.Array:
-    """Per-token router inputs ``[B, L, D]`` of chunk-level routing over packed documents:
+    """Per-token router inputs ``[B, L, D]`` of chunk-level routing over packed documents
+    (``segment_ids [B, L]``, documents as runs of equal ids, :mod:`jaxsparse.ops.segments`):
     :func:`chunk_pool` (the mean of the previous chunk if ``causal``, else of the token's own
-    chunk) over only the tokens whose ``documents`` entry equals the token's own (zeros when
-    there are none). Where no document boundary is near, it is :func:`chunk_pool` repeated
-    per token. Cost ``O(L · chunk · D)``, like one more projection of width ``chunk``.
-    ``documents`` entries < 0 mark padding and match nothing."""
+    chunk) over only the tokens of the token's own document (zeros when there are none). With
+    one document per row it is :func:`chunk_pool` repeated per token. Any length (the last
+    chunk is padded; padding joins no document). Cost ``O(L · chunk · D)``, like one more
+    projection of width ``chunk``."""
     batch, length, d = x_BLD.shape
-    if chunk < 1 or length % chunk:
-        raise ValueError(f"chunk={chunk}: must be >= 1 and divide the sequence length {length}")
-    n = length // chunk
-    x = x_BLD.reshape(batch, n, chunk, d)
-    docs = documents_BL.reshape(batch, n, chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: must be >= 1")
+    runs = document_index(check_segment_ids(segment_ids, batch, length))
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    x = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0))).reshape(batch, n, chunk, d)
+    docs = jnp.pad(runs, ((0, 0), (0, pad)), constant_values=-1).reshape(batch, n, chunk)
     if causal:  # the previous chunk is the source; before the first chunk, nothing
         x = jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
         source = jnp.pad(docs[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
@@ -121,7 +126,7 @@ def chunk_pool_within_documents(x_BLD: jax.Array, documents_BL: jax.Array, chunk
     same = same.astype(x.dtype)                                       # [B, n, token, source]
     total = jnp.einsum("bnts,bnsd->bntd", same, x)
     count = jnp.maximum(jnp.sum(same, axis=-1, keepdims=True), 1.0)
-    return (total / count).reshape(batch, length, d)
+    return (total / count).reshape(batch, n * chunk, d)[:, :length]
 
 
 def unchunk(values: jax.Array, chunk: int) -> jax.Array:
