@@ -6,7 +6,11 @@ lanes, so a step is elementwise over full vector registers); per-step rows ``x_t
 dy_t`` are ``[1, BD]`` and per-step columns ``B_t, C_t`` are ``[N, 1]``. All float32.
 
 Recurrence (Gu & Dao 2023, Algorithm 2), with ``dt`` already biased and softplus-ed:
-    a_t = exp(dt_t A),   h_t = a_t h_{t-1} + B_t (dt_t x_t),   y_t = sum_n C_t h_t.
+    a_t = k_t exp(dt_t A),   h_t = a_t h_{t-1} + B_t (dt_t x_t),   y_t = sum_n C_t h_t,
+where ``k_t`` (``keep``, a ``[1, 1]`` per step, 1 when absent) is 0 at the first token of a
+packed document (:mod:`jaxsparse.ops.segments`) and 1 elsewhere. It is a constant factor on
+the decay, so the backward below holds with ``a_t`` as written (dL/d(dt_t A) = G_t h_{t-1} a_t
+is 0 at a reset) and k gets no gradient.
 Backward, with G_t = dL/dh_t (everything flowing into h_t from y_t and from h_{t+1}):
     G_t = C_t dy_t + a_{t+1} G_{t+1}
     dx_t = dt_t sum_n G_t B_t            dB_t = sum_c G_t dt_t x_t      dC_t = sum_c h_t dy_t
@@ -35,9 +39,21 @@ def backward_out_shapes(batch, length, d, n, blocks_d):
     return [jax.ShapeDtypeStruct(s, f32) for s in (seq, seq, state, cols, cols, state)]
 
 
-def forward_step(h, x_t, dt_t, At, B_t, C_t):
-    """``(h_t, a_t, y_t)`` from ``h_{t-1}``."""
+def split_keep(refs, has_keep):
+    """``(keep ref or None, the other refs)`` of a kernel whose optional reset input is the
+    last of its inputs (so the first of ``refs``, the refs after the fixed inputs)."""
+    return (refs[0], refs[1:]) if has_keep else (None, refs)
+
+
+def decay(dt_t, At, keep_t=None):
+    """``a_t``: ``[N, BD]``."""
     a = jnp.exp(dt_t * At)
+    return a if keep_t is None else a * keep_t
+
+
+def forward_step(h, x_t, dt_t, At, B_t, C_t, keep_t=None):
+    """``(h_t, a_t, y_t)`` from ``h_{t-1}``."""
+    a = decay(dt_t, At, keep_t)
     h = a * h + B_t * (dt_t * x_t)
     return h, a, jnp.sum(h * C_t, axis=0, keepdims=True)
 

@@ -13,7 +13,9 @@ Kernel-side layout (the wrapper in ``jaxsparse.ops.ssm_pallas`` converts):
   At ``[N, d]`` float32 (A transposed), Bt/Ct ``[b, groups, N, L]`` (time last, so one step is
   a ``[N, 1]`` column), h0 ``[b, N, d]`` float32.
   ``L`` is a multiple of ``T`` (padding steps carry dt = 0: decay 1, input 0) and ``d`` a
-  multiple of ``BD``; a channel block never straddles two groups.
+  multiple of ``BD``; a channel block never straddles two groups. Optional kt ``[b, 1, L]``
+  float32, the reset factor of packed documents (0 at a document's first token, 1 elsewhere,
+  padding included), multiplies the decay; without it the kernels take no such input.
 Outputs: y ``[b, L, d]`` float32 (without the D skip or the gate) and the final state.
 """
 
@@ -28,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._flash_vjp import KernelConfig
 from pallas_kernels._scan_math import (backward_out_shapes, backward_step, forward_out_shapes,
-                                       forward_step)
+                                       forward_step, split_keep)
 
 f32 = jnp.float32
 
@@ -43,24 +45,27 @@ def _group_of(cfg):
 # --- GPU (Triton): one program per (batch, channel block), a loop over time blocks ---------
 
 
-def _gpu_fwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, h0_ref, y_ref, hl_ref, st_ref, *,
-                    block_t, num_blocks):
+def _gpu_fwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, h0_ref, *refs, block_t, num_blocks,
+                    has_keep):
+    kt_ref, (y_ref, hl_ref, st_ref) = split_keep(refs, has_keep)
     At = At_ref[...]
 
     def block(k, h):
         st_ref[pl.ds(k, 1), :, :] = h[None]
         for i in range(block_t):  # unrolled: the scan is latency-bound
             row = pl.ds(k * block_t + i, 1)
+            keep = kt_ref[:, row] if has_keep else None
             h, _, y = forward_step(h, x_ref[row, :].astype(f32), dt_ref[row, :], At,
-                                   Bt_ref[:, row].astype(f32), Ct_ref[:, row].astype(f32))
+                                   Bt_ref[:, row].astype(f32), Ct_ref[:, row].astype(f32), keep)
             y_ref[row, :] = y
         return h
 
     hl_ref[...] = jax.lax.fori_loop(0, num_blocks, block, h0_ref[...])
 
 
-def _gpu_bwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, st_ref, dy_ref, dhl_ref,
-                    dx_ref, ddt_ref, dAt_ref, dBt_ref, dCt_ref, dh0_ref, *, block_t, num_blocks):
+def _gpu_bwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, st_ref, dy_ref, dhl_ref, *refs,
+                    block_t, num_blocks, has_keep):
+    kt_ref, (dx_ref, ddt_ref, dAt_ref, dBt_ref, dCt_ref, dh0_ref) = split_keep(refs, has_keep)
     At = At_ref[...]
 
     def block(kk, carry):
@@ -71,9 +76,10 @@ def _gpu_bwd_kernel(x_ref, dt_ref, At_ref, Bt_ref, Ct_ref, st_ref, dy_ref, dhl_r
         dt = [dt_ref[r, :] for r in rows]
         B = [Bt_ref[:, r].astype(f32) for r in rows]
         C = [Ct_ref[:, r].astype(f32) for r in rows]
+        keep = [kt_ref[:, r] if has_keep else None for r in rows]
         hs, decays = [st_ref[pl.ds(k, 1), :, :][0]], []
         for i in range(block_t):  # recompute this block's states from its saved start
-            h, a, _ = forward_step(hs[-1], x[i], dt[i], At, B[i], C[i])
+            h, a, _ = forward_step(hs[-1], x[i], dt[i], At, B[i], C[i], keep[i])
             hs.append(h)
             decays.append(a)
         for i in reversed(range(block_t)):
@@ -100,6 +106,7 @@ def _gpu_specs(cfg, batch, length, d, n):
     return dict(seq=seq, col=col, state=state, At=pl.BlockSpec((n, bd), lambda b, c: (0, c)),
                 starts=pl.BlockSpec((None, length // cfg.block_t, n, bd), lambda b, c: (b, 0, 0, c)),
                 own_col=pl.BlockSpec((None, None, n, length), lambda b, c: (b, c, 0, 0)),
+                keep=pl.BlockSpec((None, 1, length), lambda b, c: (b, 0, 0)),
                 grid=(batch, d // bd))
 
 
@@ -107,35 +114,40 @@ def _gpu_params(cfg):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
 
 
-def _gpu_forward(x, dt, At, Bt, Ct, h0, cfg):
+def _gpu_forward(x, dt, At, Bt, Ct, h0, kt, cfg):
     batch, length, d = x.shape
     n = At.shape[0]
     s = _gpu_specs(cfg, batch, length, d, n)
     num_blocks = length // cfg.block_t
+    has_keep = kt is not None
     return pl.pallas_call(
-        functools.partial(_gpu_fwd_kernel, block_t=cfg.block_t, num_blocks=num_blocks),
+        functools.partial(_gpu_fwd_kernel, block_t=cfg.block_t, num_blocks=num_blocks,
+                          has_keep=has_keep),
         grid=s["grid"],
-        in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["state"]],
+        in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["state"]]
+        + [s["keep"]] * has_keep,
         out_specs=[s["seq"], s["state"], s["starts"]],
         out_shape=forward_out_shapes(batch, length, d, n, num_blocks),
         compiler_params=_gpu_params(cfg), interpret=cfg.interpret, name="selective_scan_fwd",
-    )(x, dt, At, Bt, Ct, h0)
+    )(x, dt, At, Bt, Ct, h0, *[kt] * has_keep)
 
 
-def _gpu_backward(x, dt, At, Bt, Ct, starts, dy, dhl, cfg):
+def _gpu_backward(x, dt, At, Bt, Ct, starts, dy, dhl, kt, cfg):
     batch, length, d = x.shape
     n = At.shape[0]
     s = _gpu_specs(cfg, batch, length, d, n)
     blocks_d = d // cfg.block_d
+    has_keep = kt is not None
     return pl.pallas_call(
-        functools.partial(_gpu_bwd_kernel, block_t=cfg.block_t, num_blocks=length // cfg.block_t),
+        functools.partial(_gpu_bwd_kernel, block_t=cfg.block_t, num_blocks=length // cfg.block_t,
+                          has_keep=has_keep),
         grid=s["grid"],
         in_specs=[s["seq"], s["seq"], s["At"], s["col"], s["col"], s["starts"], s["seq"],
-                  s["state"]],
+                  s["state"]] + [s["keep"]] * has_keep,
         out_specs=[s["seq"], s["seq"], s["state"], s["own_col"], s["own_col"], s["state"]],
         out_shape=backward_out_shapes(batch, length, d, n, blocks_d),
         compiler_params=_gpu_params(cfg), interpret=cfg.interpret, name="selective_scan_bwd",
-    )(x, dt, At, Bt, Ct, starts, dy, dhl)
+    )(x, dt, At, Bt, Ct, starts, dy, dhl, *[kt] * has_keep)
 
 
 # --- the custom VJP, shared by both backends ------------------------------------------------
@@ -159,26 +171,28 @@ def _sum_channel_blocks(dBt, cfg):
     return dBt[:, :real].reshape(batch, cfg.groups, per_group_blocks, n, length).sum(axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def scan_core(x, dt, At, Bt, Ct, h0, cfg: KernelConfig):
-    """``(y [b, L, d] float32, final state [b, N, d])``; see the module docstring."""
-    y, h_last, _ = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def scan_core(x, dt, At, Bt, Ct, h0, kt, cfg: KernelConfig):
+    """``(y [b, L, d] float32, final state [b, N, d])``; see the module docstring. ``kt``:
+    ``None`` or the float32 reset factor ``[b, 1, L]`` (0 where a packed document starts)."""
+    y, h_last, _ = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, kt, cfg)
     return y, h_last
 
 
-def _scan_core_fwd(x, dt, At, Bt, Ct, h0, cfg):
-    y, h_last, starts = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, cfg)
-    return (y, h_last), (x, dt, At, Bt, Ct, starts)
+def _scan_core_fwd(x, dt, At, Bt, Ct, h0, kt, cfg):
+    y, h_last, starts = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, kt, cfg)
+    return (y, h_last), (x, dt, At, Bt, Ct, starts, kt)
 
 
 def _scan_core_bwd(cfg, residuals, cotangents):
-    x, dt, At, Bt, Ct, starts = residuals
+    x, dt, At, Bt, Ct, starts, kt = residuals
     dy, dh_last = cotangents
     dx, ddt, dAt, dBt, dCt, dh0 = _kernels(cfg)[1](x, dt, At, Bt, Ct, starts,
-                                                   dy.astype(f32), dh_last.astype(f32), cfg)
+                                                   dy.astype(f32), dh_last.astype(f32), kt, cfg)
+    dkt = None if kt is None else jnp.zeros_like(kt)  # a constant: ids have no gradient
     return (dx.astype(x.dtype), ddt, dAt.sum(axis=0),
             _sum_channel_blocks(dBt, cfg).astype(Bt.dtype),
-            _sum_channel_blocks(dCt, cfg).astype(Ct.dtype), dh0)
+            _sum_channel_blocks(dCt, cfg).astype(Ct.dtype), dh0, dkt)
 
 
 scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)

@@ -1,6 +1,7 @@
 """The selective-scan kernels (GPU/Triton and TPU/Mosaic): interpret mode against the lax.scan
-recurrence (outputs, final state and the gradient of every input), and lowering of the
-forward and backward kernels for CUDA and for TPU from this CPU host."""
+recurrence (outputs, final state and the gradient of every input; one document and packed
+documents, whose starts reset the state), and lowering of the forward and backward kernels
+for CUDA and for TPU from this CPU host."""
 
 import re
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsparse.ops.segments import keep_factor
 from jaxsparse.ops.ssm import _final_dt, selective_scan
 from jaxsparse.ops.ssm_pallas import kernel_scan
 from test_ssm import DIFFERENTIABLE, mamba1_inputs
@@ -61,38 +63,72 @@ def test_gpu_kernel_bf16_inputs_accumulate_in_float32():
     np.testing.assert_allclose(y.astype(jnp.float32), ref, atol=2 * 2**-8 * scale, rtol=2**-7)
 
 
+def _resets(batch, length, starts):
+    """segment ids whose row 0 opens a new document at each of ``starts``; other rows hold one."""
+    ids = np.zeros((batch, length), np.int32)
+    for s in starts:
+        ids[0, s:] += 1
+    return jnp.asarray(ids)
+
+
+def _check_kernel_against_recurrence(backend, block_t, args, ids):
+    """kernel_scan (interpret mode) against the lax.scan recurrence with the same segment ids:
+    outputs, final state and the VJP of every differentiable input."""
+    dt = _final_dt(args["dt"], args["dt_bias"], True)
+    primals = (args["x"], dt, args["A"], args["B"], args["C"], args["initial_state"])
+    keep = None if ids is None else keep_factor(ids, *ids.shape)
+
+    def kernel(*p):
+        return kernel_scan(*p, keep, backend=backend, interpret=True, block_t=block_t)
+
+    def ref(x, dt, A, B, C, h0):
+        return selective_scan(x, dt, A, B, C, initial_state=h0, dt_softplus=False,
+                              return_final_state=True, implementation="sequential",
+                              segment_ids=ids)
+
+    def value_and_vjp(fn):  # compiled: interpreted kernels dispatch every step op by op
+        def run(primals, cotangent_of):
+            out, vjp = jax.vjp(fn, *primals)
+            return out, vjp(cotangent_of(out))
+        return jax.jit(run, static_argnums=1)
+
+    cotangent_of = lambda out: (jnp.cos(out[0]), jnp.sin(out[1]))  # noqa: E731
+    (y, final), grads = value_and_vjp(kernel)(primals, cotangent_of)
+    (ref_y, ref_final), ref_grads = value_and_vjp(ref)(primals, cotangent_of)
+    np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
+    for name, g, g_ref in zip(("x", "dt", "A", "B", "C", "h0"), grads, ref_grads):
+        scale = float(jnp.abs(g_ref).max()) + 1e-6
+        np.testing.assert_allclose(g, g_ref, atol=1e-4 * scale, rtol=1e-4, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("length, d_inner, d_state, groups",
                          [(21, 130, 5, 1), pytest.param(19, 256, 16, 2, marks=pytest.mark.slow)])
 def test_tpu_kernel_in_interpret_mode_matches_the_recurrence(length, d_inner, d_state, groups):
     """The TPU kernel's logic in interpret mode. On hardware its time block is 128 (a lane
     width); interpret mode does not check tiling, so a block of 8 keeps the unrolled trace
     small here while running the same code (block boundaries included)."""
-    a = mamba1_inputs(length, 2, length, d_inner, d_state, groups)
-    dt = _final_dt(a["dt"], a["dt_bias"], True)
-    primals = (a["x"], dt, a["A"], a["B"], a["C"], a["initial_state"])
-
-    def tpu(*p):
-        return kernel_scan(*p, backend="tpu", interpret=True, block_t=8)
-
-    def ref(x, dt, A, B, C, h0):
-        return selective_scan(x, dt, A, B, C, initial_state=h0, dt_softplus=False,
-                              return_final_state=True, implementation="sequential")
-
-    (y, final), vjp = jax.vjp(tpu, *primals)
-    (ref_y, ref_final), ref_vjp = jax.vjp(ref, *primals)
-    np.testing.assert_allclose(y, ref_y, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(final, ref_final, atol=2e-5, rtol=2e-5)
-    cotangents = (jnp.cos(ref_y), jnp.sin(ref_final))
-    for name, g, g_ref in zip(("x", "dt", "A", "B", "C", "h0"), vjp(cotangents),
-                              ref_vjp(cotangents)):
-        scale = float(jnp.abs(g_ref).max()) + 1e-6
-        np.testing.assert_allclose(g, g_ref, atol=1e-4 * scale, rtol=1e-4, err_msg=f"d{name}")
+    args = mamba1_inputs(length, 2, length, d_inner, d_state, groups)
+    _check_kernel_against_recurrence("tpu", 8, args, None)
 
 
-def _scan_fn(args):
+# Document starts at step 1, at a time-block edge and one step past it (both backends' test
+# blocks: 8 for TPU, the GPU's 16), twice in a row, and in the last (padded) block.
+RESET_STARTS = (1, 8, 9, 16, 17, 30)
+
+
+@pytest.mark.parametrize("backend, block_t", [("gpu", None), ("tpu", 8)])
+def test_kernels_reset_the_state_where_packed_documents_start(backend, block_t):
+    d_inner = 130 if backend == "tpu" else 40  # TPU: a full and a partial 128-lane block
+    args = mamba1_inputs(11, 2, 37, d_inner, 5, 1)
+    _check_kernel_against_recurrence(backend, block_t, args, _resets(2, 37, RESET_STARTS))
+
+
+def _scan_fn(args, segment_ids=None):
     def f(x, dt, B, C):
         return selective_scan(x, dt, args["A"], B, C, D=args["D"], z=args["z"],
-                              dt_bias=args["dt_bias"], implementation="pallas")
+                              dt_bias=args["dt_bias"], implementation="pallas",
+                              segment_ids=segment_ids)
     return f, (args["x"], args["dt"], args["B"], args["C"])
 
 
@@ -105,25 +141,35 @@ def _grad(f):
     return jax.grad(lambda *p: f(*p).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
 
 
-def test_kernels_lower_for_cuda_from_a_cpu_host():
-    f, primals = _scan_fn(mamba1_inputs(0, 2, 300, 96, 16, 2, dtype=jnp.bfloat16))
+# with segment ids too: packed documents run the kernels, not the chunked XLA scan
+PACKED = pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed"])
+
+
+@PACKED
+def test_kernels_lower_for_cuda_from_a_cpu_host(packed):
+    ids = _resets(2, 300, (3, 150)) if packed else None
+    f, primals = _scan_fn(mamba1_inputs(0, 2, 300, 96, 16, 2, dtype=jnp.bfloat16), ids)
     triton = r"custom_call @__gpu\$xla\.gpu\.triton"
     assert _count(f, primals, "cuda", triton) == 1  # forward
     assert _count(_grad(f), primals, "cuda", triton) == 2  # forward (saving states) + backward
 
 
-def test_kernels_lower_for_tpu_from_a_cpu_host(tpu_lowering_target):
-    f, primals = _scan_fn(mamba1_inputs(0, 2, 300, 256, 16, 2, dtype=jnp.bfloat16))
+@PACKED
+def test_kernels_lower_for_tpu_from_a_cpu_host(tpu_lowering_target, packed):
+    ids = _resets(2, 300, (3, 150)) if packed else None
+    f, primals = _scan_fn(mamba1_inputs(0, 2, 300, 256, 16, 2, dtype=jnp.bfloat16), ids)
     mosaic = r"custom_call @tpu_custom_call"
     assert _count(f, primals, "tpu", mosaic) == 1
     assert _count(_grad(f), primals, "tpu", mosaic) == 2
 
 
-def test_pallas_on_cpu_runs_the_chunked_scan():
+@PACKED
+def test_pallas_on_cpu_runs_the_chunked_scan(packed):
     args = mamba1_inputs(1, 2, 50, 8, 4, 1)
-    y = selective_scan(**args, implementation="pallas")
-    np.testing.assert_allclose(y, selective_scan(**args, implementation="sequential"),
-                               atol=2e-5, rtol=2e-5)
+    ids = _resets(2, 50, (7, 20)) if packed else None
+    y = selective_scan(**args, implementation="pallas", segment_ids=ids)
+    want = selective_scan(**args, implementation="sequential", segment_ids=ids)
+    np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-5)
 
 
 def test_tpu_kernel_refuses_groups_that_split_a_lane_block():
@@ -135,8 +181,11 @@ def test_tpu_kernel_refuses_groups_that_split_a_lane_block():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (run experiments/gpu_check.sh on one)")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_kernel_on_gpu_matches_the_recurrence(dtype):
+@PACKED
+def test_kernel_on_gpu_matches_the_recurrence(dtype, packed):
     args = mamba1_inputs(9, 2, 1000, 256, 16, 1, dtype=dtype)
+    if packed:
+        args["segment_ids"] = _resets(2, 1000, (1, 16, 17, 500, 999))
     y = selective_scan(**args, implementation="pallas")
     ref = selective_scan(**args, implementation="sequential")
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-4

@@ -175,14 +175,16 @@ def _skip_and_gate(y, x, D, z):
     return y
 
 
-def _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, *, interpret):
-    """The recurrence through the Pallas kernels; float32 y without the skip and the gate."""
+def _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, keep, *, interpret):
+    """The recurrence through the Pallas kernels; float32 y without the skip and the gate.
+    ``keep``: None, or the reset factor of packed documents."""
     from jaxsparse.ops.ssm_pallas import pallas_selective_scan
 
     dt = _final_dt(dt, dt_bias, dt_softplus)
     fallback = lambda: _chunked_scan(x, dt, A, B, C, None, None, None, False, h0,  # noqa: E731
-                                     chunk_size or 64, out_dtype=jnp.float32)
-    return pallas_selective_scan(x, dt, A, B, C, h0, interpret=interpret, fallback=fallback)
+                                     chunk_size or 64, out_dtype=jnp.float32, keep=keep)
+    return pallas_selective_scan(x, dt, A, B, C, h0, keep, interpret=interpret,
+                                 fallback=fallback)
 
 
 def _native_scan_or_none(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size, keep, *,
@@ -240,8 +242,7 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
         (the GPU kernel in interpret mode, for tests).
       segment_ids: integer ``[batch, length]`` for packed documents: the state is reset where
         the id changes, so no document sees another (``initial_state`` belongs to the first).
-        The Pallas kernels have no reset input: with ``segment_ids`` they give way to the
-        chunked form.
+        Every implementation takes them (the Pallas kernels as a per-step reset factor).
 
     Returns:
       y ``[batch, length, d_inner]`` in x's dtype, and the final state if requested.
@@ -269,13 +270,13 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
         if native is not None:
             return native if return_final_state else native[0]
         implementation = "chunked"
-    if implementation == "chunked" or (implementation.startswith("pallas")
-                                       and segment_ids is not None):
+    resets = None if segment_ids is None else keep  # None: the scans skip the factor
+    if implementation == "chunked":
         y, final = _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk_size or 64,
-                                 keep=None if segment_ids is None else keep)
+                                 keep=resets)
         return (y, final) if return_final_state else y
     if implementation.startswith("pallas"):
-        y, final = _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size,
+        y, final = _pallas_scan(x, dt, A, B, C, dt_bias, dt_softplus, h0, chunk_size, resets,
                                 interpret=implementation == "pallas_interpret")
         y = _skip_and_gate(y, x, D, z).astype(x.dtype)
         return (y, final) if return_final_state else y

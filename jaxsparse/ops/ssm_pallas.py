@@ -42,9 +42,12 @@ def _block_d(backend: str, d_inner: int, groups: int) -> int:
     return block
 
 
-def kernel_scan(x, dt, A, B, C, h0, *, backend: str, interpret: bool, block_t: int | None = None):
-    """The recurrence through the kernels: ``dt`` final (float32), ``h0 [b, d, N]`` float32.
-    Returns ``(y [b, L, d] float32, final state [b, d, N])``."""
+def kernel_scan(x, dt, A, B, C, h0, keep=None, *, backend: str, interpret: bool,
+                block_t: int | None = None):
+    """The recurrence through the kernels: ``dt`` final (float32), ``h0 [b, d, N]`` float32,
+    ``keep`` ``None`` or the float32 ``[b, L]`` reset factor of packed documents
+    (:func:`jaxsparse.ops.segments.keep_factor`). Returns ``(y [b, L, d] float32, final state
+    [b, d, N])``."""
     batch, length, d_inner = x.shape
     d_state, groups = A.shape[1], B.shape[2]
     block_t = block_t or BLOCK_T[backend]
@@ -64,22 +67,24 @@ def kernel_scan(x, dt, A, B, C, h0, *, backend: str, interpret: bool, block_t: i
     Bt = pad(jnp.transpose(B, (0, 2, 3, 1)), (batch, groups, n_pad, length_pad))
     Ct = pad(jnp.transpose(C, (0, 2, 3, 1)), (batch, groups, n_pad, length_pad))
     h0_k = pad(jnp.transpose(h0, (0, 2, 1)), (batch, n_pad, d_pad))
+    # padding steps keep the state (factor 1), like their dt = 0
+    kt = None if keep is None else pad(keep[:, None, :], (batch, 1, length_pad), value=1.0)
     cfg = scan_config(backend=backend, interpret=interpret, groups=groups,
                       per_group=d_inner // groups, block_t=block_t, block_d=block_d)
-    y, h_last = scan_core(x_k, dt_k, At, Bt, Ct, h0_k, cfg)
+    y, h_last = scan_core(x_k, dt_k, At, Bt, Ct, h0_k, kt, cfg)
     return y[:, :length, :d_inner], jnp.transpose(h_last[:, :d_state, :d_inner], (0, 2, 1))
 
 
-def pallas_selective_scan(x, dt, A, B, C, h0, *, interpret: bool, fallback):
+def pallas_selective_scan(x, dt, A, B, C, h0, keep=None, *, interpret: bool, fallback):
     """Dispatch by lowering platform. ``fallback()`` is the XLA scan for other platforms."""
     if interpret:
-        return kernel_scan(x, dt, A, B, C, h0, backend="gpu", interpret=True)
+        return kernel_scan(x, dt, A, B, C, h0, keep, backend="gpu", interpret=True)
     # Every branch is traced whatever the target, so a shape the TPU kernel cannot tile
     # takes the XLA scan on TPU instead of failing CUDA lowering too.
     d_inner, groups = x.shape[2], B.shape[2]
     tpu_can_serve = groups == 1 or (d_inner // groups) % TPU_BLOCK_D == 0
     return jax.lax.platform_dependent(
-        cuda=lambda: kernel_scan(x, dt, A, B, C, h0, backend="gpu", interpret=False),
-        tpu=((lambda: kernel_scan(x, dt, A, B, C, h0, backend="tpu", interpret=False))
+        cuda=lambda: kernel_scan(x, dt, A, B, C, h0, keep, backend="gpu", interpret=False),
+        tpu=((lambda: kernel_scan(x, dt, A, B, C, h0, keep, backend="tpu", interpret=False))
              if tpu_can_serve else fallback),
         default=fallback)
