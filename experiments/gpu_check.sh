@@ -14,8 +14,8 @@ timeout 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" 
   tests/test_moe.py tests/test_monarch.py tests/test_expert_parallel.py -k "gpu or lower" 2>&1 | tail -8
 timeout 100 python -m jaxsparse.cli bench attention_gpu --lengths 4096 8192 16384 --repeats 5 --out "$OUT_DIR" \
   > /tmp/attention_gpu.txt 2>&1
-timeout 100 python -m jaxsparse.cli bench ssm --lengths 1024 8192 --batch 8 --d-inner 1536 --backward \
-  --repeats 5 --name ssm_gpu --out "$OUT_DIR" > /tmp/ssm_gpu.txt 2>&1
+timeout 120 python -m jaxsparse.cli bench ssm --lengths 1024 8192 --batch 8 --d-inner 1536 --backward \
+  --packed 8 --repeats 5 --name ssm_gpu --out "$OUT_DIR" > /tmp/ssm_gpu.txt 2>&1
 timeout 50 python -m jaxsparse.cli bench moe --experts 8 64 --repeats 5 --out "$OUT_DIR" > /tmp/moe_gpu.txt 2>&1
 timeout 80 python -m jaxsparse.cli bench monarch --d 1024 4096 8192 --repeats 5 --name monarch_gpu \
   --out "$OUT_DIR" > /tmp/monarch_gpu.txt 2>&1
@@ -25,4 +25,4 @@ tail -30 /tmp/attention_gpu.txt
 tail -8 /tmp/hydra_gpu.txt
 tail -16 /tmp/monarch_gpu.txt
 tail -20 /tmp/moe_gpu.txt
-tail -30 /tmp/ssm_gpu.txt
+tail -40 /tmp/ssm_gpu.txt

@@ -73,16 +73,18 @@ def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_p
 
 
 def test_ssm_benchmark_times_every_implementation_against_the_recurrence(tmp_path):
-    """Mamba-1 and Mamba-2 rows, forward and forward + backward; on CPU each includes the native
-    kernel (the CPU default), and the first row of each group is the lax.scan peer."""
+    """Mamba-1 (one document per row and packed) and Mamba-2 rows, forward and forward +
+    backward; on CPU each includes the native kernel (the CPU default), and the first row of
+    each group is the lax.scan peer."""
     assert main(["bench", "ssm", "--lengths", "100", "--d-inner", "32", "--d-state", "4",
                  "--heads", "2", "--head-dim", "16", "--ssd-state", "8", "--chunk", "32",
-                 "--repeats", "1", "--backward", "--out", str(tmp_path)]) == 0
+                 "--repeats", "1", "--backward", "--packed", "4", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "ssm.json").read_text())["rows"]
     groups = {}
     for r in rows:
         groups.setdefault(r["op"], []).append(r)
-    assert set(groups) == {"selective_scan", "selective_scan fwd+bwd", "ssd", "ssd fwd+bwd"}
+    assert set(groups) == {"selective_scan", "selective_scan fwd+bwd", "selective_scan packed 4",
+                           "selective_scan packed 4 fwd+bwd", "ssd", "ssd fwd+bwd"}
     for op in ("ssd", "ssd fwd+bwd"):
         assert [r["impl"] for r in groups[op]] == ["recurrence (lax.scan)", "ssd chunk 32", "native"]
     for group in groups.values():

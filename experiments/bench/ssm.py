@@ -11,8 +11,12 @@ them, so their figures are effective rates and may exceed the copy bandwidth; fo
 inputs and outputs only.
 
     jaxsparse bench ssm [--lengths 1024 8192 65536] [--batch 8 --d-inner 1536 --backward]
+                        [--packed 8]
 
-On GPU/TPU the Mamba-1 rows include ``"pallas"`` (the kernel).
+On GPU/TPU the Mamba-1 rows include ``"pallas"`` (the kernel). ``--packed K`` adds Mamba-1 rows
+with ``segment_ids``: K documents per row on average, starting at random positions (the state
+resets at each), so the cost of packed documents shows next to the plain rows of each
+implementation.
 """
 
 from __future__ import annotations
@@ -50,7 +54,15 @@ def mamba1_implementations():
     return impls + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else ["native"])
 
 
-def mamba1_rows(length, batch, d_inner, d_state, repeats, chunk, backward):
+def packed_ids(batch, length, documents, seed=2):
+    """int32 ``[batch, length]``: a new document at each position with probability
+    ``documents / length`` (about ``documents`` per row)."""
+    opens = jax.random.bernoulli(jax.random.key(seed), documents / length, (batch, length))
+    return jnp.cumsum(opens.astype(jnp.int32), axis=1)
+
+
+def mamba1_rows(length, batch, d_inner, d_state, repeats, chunk, backward, documents=None):
+    ids = None if documents is None else packed_ids(batch, length, documents)
     k = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(k[0], (batch, length, d_inner))
     dt = jax.random.normal(k[1], (batch, length, d_inner))
@@ -61,14 +73,16 @@ def mamba1_rows(length, batch, d_inner, d_state, repeats, chunk, backward):
     rows, base = [], None
     for impl in mamba1_implementations():
         def scan(x, dt, A, B, C, impl=impl):
-            return selective_scan(x, dt, A, B, C, implementation=impl, chunk_size=chunk)
+            return selective_scan(x, dt, A, B, C, implementation=impl, chunk_size=chunk,
+                                  segment_ids=ids)
         if backward:  # forward + the gradient of every input
             fn = jax.jit(jax.grad(lambda *a, f=scan: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4)))
         else:
             fn = jax.jit(scan)
         t = time_fn(fn, x, dt, A, B, C, warmup=1, repeats=repeats).median_s
         base = t if impl == "sequential" else base
-        rows.append({"op": "selective_scan" + (" fwd+bwd" if backward else ""), "impl": impl,
+        op = "selective_scan" + (f" packed {documents}" if ids is not None else "")
+        rows.append({"op": op + (" fwd+bwd" if backward else ""), "impl": impl,
                      "L": length, "ms": t * 1e3, "tokens_per_s": batch * length / t,
                      "speedup_vs_lax_scan": base / t, "peak_mb": peak_mb(fn, x, dt, A, B, C),
                      "gb_per_s": moved / t / 1e9})
@@ -121,17 +135,20 @@ def main(argv=None) -> None:
     parser.add_argument("--backward", action="store_true",
                         help="also time forward + backward")
     parser.add_argument("--skip-ssd", action="store_true", help="Mamba-1 rows only")
+    parser.add_argument("--packed", type=int, default=None, metavar="K",
+                        help="also time Mamba-1 on packed documents, K per row on average")
     parser.add_argument("--name", default="ssm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
     rows = []
     for length in args.lengths:
-        rows += mamba1_rows(length, args.batch, args.d_inner, args.d_state, args.repeats,
-                            args.chunk, backward=False)
-        if args.backward:
+        for documents in [None] + ([args.packed] if args.packed else []):
             rows += mamba1_rows(length, args.batch, args.d_inner, args.d_state, args.repeats,
-                                args.chunk, backward=True)
+                                args.chunk, backward=False, documents=documents)
+            if args.backward:
+                rows += mamba1_rows(length, args.batch, args.d_inner, args.d_state, args.repeats,
+                                    args.chunk, backward=True, documents=documents)
         if not args.skip_ssd:
             rows += mamba2_rows(length, args.heads, args.head_dim, args.ssd_state, args.repeats,
                                 args.chunk, backward=False)
