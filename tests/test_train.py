@@ -262,3 +262,29 @@ def test_transformer_learns_associative_recall_and_a_short_window_cannot(tmp_pat
     local = train(_recall_config("local:2", 300), tmp_path / "local", sample=False, quiet=True)
     assert full.eval_metrics["accuracy"] > 0.9, full.eval_metrics
     assert local.eval_metrics["accuracy"] < 0.7, local.eval_metrics
+
+
+def test_plot_draws_train_and_eval_metrics_and_marks_curriculum_stages(tmp_path, recwarn):
+    """Curriculum records mark stage starts on every panel (once, though a resume logs its stage
+    again) instead of becoming empty panels of their own; no matplotlib warnings."""
+    from jaxsparse.train.plots import panel_keys, plot_run, stage_starts
+
+    lines = [{"step": 0, "split": "curriculum", "stage": 0, "first_step": 0},
+             {"step": 0, "split": "eval", "loss": 5.5, "bits_per_byte": 8.0},
+             {"step": 100, "split": "curriculum", "stage": 1, "first_step": 100},
+             {"step": 150, "split": "curriculum", "stage": 1, "first_step": 100},  # a resume
+             {"step": 200, "split": "curriculum", "stage": 2, "first_step": 200}]
+    lines += [{"step": s, "split": "train", "loss": 3.0 - s / 100, "lr": 1e-3, "aux": 0.1}
+              for s in range(25, 250, 25)]
+    lines.append({"step": 250, "split": "eval", "loss": 1.0, "bits_per_byte": 1.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().split("\n")]
+    assert panel_keys(records) == ["loss", "bits_per_byte", "lr", "aux"]
+    assert stage_starts(records) == [(100, 1), (200, 2)]
+    png = plot_run(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], \
+        [str(w.message) for w in recwarn]  # e.g. an empty panel's legend
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]))
+    with pytest.raises(FileNotFoundError, match="no train or eval records"):
+        plot_run(tmp_path)

@@ -6,9 +6,29 @@ from pathlib import Path
 
 from jaxsparse.train.metrics import read_metrics
 
+# the splits drawn as curves, each in one colour on every panel
+CURVES = {"train": ("-", "C0"), "eval": ("o-", "C1")}
+
+
+def stage_starts(records) -> list[tuple[int, int]]:
+    """``(first step, stage)`` of every curriculum stage that begins after step 0. The loop logs
+    a stage when it begins and again when a resumed run continues in it, each time with the
+    stage's first step."""
+    first = {int(r["stage"]): int(r["first_step"]) for r in records
+             if r["split"] == "curriculum"}
+    return sorted((step, stage) for stage, step in first.items() if step > 0)
+
+
+def panel_keys(records) -> list[str]:
+    """The metrics drawn, one panel each: those of train and eval records, the usual first."""
+    keys = {k for r in records if r["split"] in CURVES for k in r} - {"step", "split", "time"}
+    preferred = ["loss", "bits_per_byte", "accuracy", "tokens_per_sec", "grad_norm", "lr"]
+    return [k for k in preferred if k in keys] + sorted(keys - set(preferred))
+
 
 def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
-    """One panel per metric, train and eval on the same axes where both exist."""
+    """One panel per train / eval metric, both splits on the same axes where both exist; the
+    starts of curriculum stages are dotted vertical lines on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,20 +36,27 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
 
     workdir = Path(workdir)
     records = read_metrics(workdir)
-    if not records:
-        raise FileNotFoundError(f"{workdir}/metrics.jsonl is missing or empty; nothing to plot")
-    keys = sorted({k for r in records for k in r if k not in ("step", "split", "time")})
-    preferred = ["loss", "bits_per_byte", "accuracy", "tokens_per_sec", "grad_norm", "lr"]
-    keys = [k for k in preferred if k in keys] + [k for k in keys if k not in preferred]
+    curves = [r for r in records if r["split"] in CURVES]
+    if not curves:
+        raise FileNotFoundError(f"{workdir}/metrics.jsonl has no train or eval records; "
+                                "nothing to plot")
+    keys = panel_keys(curves)
+    starts = stage_starts(records)
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False,
+                             layout="constrained")
     for ax, key in zip(axes.flat, keys):
-        for split, style in (("train", "-"), ("eval", "o-")):
-            points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+        for split, (style, colour) in CURVES.items():
+            points = [(r["step"], r[key]) for r in curves if r["split"] == split and key in r]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, style, label=split, markersize=3)
+                ax.plot(xs, ys, style, color=colour, label=split, markersize=3)
+        for step, stage in starts:
+            ax.axvline(step, color="0.5", linestyle=":", linewidth=1)
+            ax.annotate(f"stage {stage}", (step, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(1, -3), textcoords="offset points", fontsize=7, color="0.4",
+                        rotation=90, ha="left", va="top")
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -37,7 +64,6 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(str(workdir.name))
-    fig.tight_layout()
     out = Path(out) if out is not None else workdir / "metrics.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
