@@ -2,7 +2,7 @@
 # One short run on a lent GPU machine (jax with CUDA preinstalled): the kernel tests on the
 # device, then the GPU attention, selective-scan, MoE and Monarch benchmarks and Hydra's
 # long-context throughput; prints the result tables last. Every step has its own time limit
-# (seconds, summing to ~9 minutes) so that one slow compile or hang cannot spend the whole
+# (seconds, summing to ~10 minutes) so that one slow compile or hang cannot spend the whole
 # device budget: what finished is still printed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,13 +11,15 @@ OUT_DIR="${OUT:-experiments/results}"
 python -c "import jax; print(jax.__version__, jax.devices())"
 # one process on the one GPU (pyproject's addopts start CPU workers; pytest-xdist may be absent)
 timeout 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" tests/test_pallas_attention.py tests/test_pallas_ssm.py \
-  tests/test_moe.py tests/test_monarch.py tests/test_expert_parallel.py -k "gpu or lower" 2>&1 | tail -8
+  tests/test_pallas_linear_scan.py tests/test_moe.py tests/test_monarch.py tests/test_expert_parallel.py -k "gpu or lower" 2>&1 | tail -8
 timeout 100 python -m jaxsparse.cli bench attention_gpu --lengths 4096 8192 16384 --repeats 5 --out "$OUT_DIR" \
   > /tmp/attention_gpu.txt 2>&1
 timeout 120 python -m jaxsparse.cli bench ssm --lengths 1024 8192 --batch 8 --d-inner 1536 --backward \
   --packed 8 --repeats 5 --name ssm_gpu --out "$OUT_DIR" > /tmp/ssm_gpu.txt 2>&1
+timeout 45 python -m jaxsparse.cli bench linear_scan --shapes 8x4096x1024 1x65536x512 --backward \
+  --repeats 5 --name linear_scan_gpu --out "$OUT_DIR" > /tmp/linear_scan_gpu.txt 2>&1
 timeout 50 python -m jaxsparse.cli bench moe --experts 8 64 --repeats 5 --out "$OUT_DIR" > /tmp/moe_gpu.txt 2>&1
-timeout 80 python -m jaxsparse.cli bench monarch --d 1024 4096 8192 --repeats 5 --name monarch_gpu \
+timeout 70 python -m jaxsparse.cli bench monarch --d 1024 4096 8192 --repeats 5 --name monarch_gpu \
   --out "$OUT_DIR" > /tmp/monarch_gpu.txt 2>&1
 timeout 80 python experiments/hydra/study.py throughput --lengths 1024,2048,4096,8192 --repeats 5 \
   --out "$OUT_DIR/hydra_gpu" > /tmp/hydra_gpu.txt 2>&1
@@ -26,3 +28,4 @@ tail -8 /tmp/hydra_gpu.txt
 tail -16 /tmp/monarch_gpu.txt
 tail -20 /tmp/moe_gpu.txt
 tail -40 /tmp/ssm_gpu.txt
+tail -10 /tmp/linear_scan_gpu.txt

@@ -100,6 +100,7 @@ class ModelConfig:
     hydra_max_global: int = 512  # SGA global tokens a query reads (the paper's budget)
     hydra_ssm_width: int | None = None  # channels of the diagonal SSM; None: expand * d_model
     hydra_ssm_conv: int = 0  # causal depthwise conv width on the SSM's input; 0: none
+    hydra_scan_impl: str | None = None  # the SSM's scan (ops.diagonal_ssm.linear_scan)
     hydra_gate_init: float = 0.1  # LayerScale-style branch gates start here
     hydra_curriculum: str = ""  # "component:start_step,..." (jaxsparse.models.curriculum)
     # product-key memory (jaxsparse.nn.ProductKeyMemory), Hydra layers listed in pkm_layers
@@ -434,6 +435,10 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
     _check(m.hydra_ssm_conv >= 0,
            f"model.hydra_ssm_conv={m.hydra_ssm_conv}: the SSM's convolution width must be >= 0 "
            "(0: none)")
+    from jaxsparse.ops.diagonal_ssm import DIAGONAL_SCAN_IMPLEMENTATIONS
+
+    _check(m.hydra_scan_impl in DIAGONAL_SCAN_IMPLEMENTATIONS,
+           f"model.hydra_scan_impl={m.hydra_scan_impl!r}: allowed {DIAGONAL_SCAN_IMPLEMENTATIONS}")
     _check(m.hydra_gate_init > 0, f"model.hydra_gate_init={m.hydra_gate_init}: must be > 0")
     try:
         parse_curriculum(m.hydra_curriculum)

@@ -66,7 +66,8 @@ class HydraBlock(nnx.Module):
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.ssm = DiagonalSSM(cfg.d_model, ssm_width(cfg), out_init_scale=out_scale,
                                max_half_life=float(cfg.max_seq_len) / 2,
-                               conv_width=cfg.hydra_ssm_conv, **kw)
+                               conv_width=cfg.hydra_ssm_conv,
+                               implementation=cfg.hydra_scan_impl, **kw)
         self.sga = (SparseGlobalAttention(
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
             window=cfg.hydra_window, max_global=cfg.hydra_max_global, rope_theta=cfg.rope_theta,

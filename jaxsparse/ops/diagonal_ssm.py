@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jaxsparse.ops.segments import (keep_factor, shard_documents, shard_keeps_state,
                                      with_document_starts)
 
-DIAGONAL_SCAN_IMPLEMENTATIONS = (None, "native", "associative", "sequential")
+DIAGONAL_SCAN_IMPLEMENTATIONS = (None, "native", "associative", "sequential", "pallas",
+                                 "pallas_interpret")
 
 
 def _combine(left, right):
@@ -35,7 +36,10 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
     ``"native"`` is the C++ kernel of :mod:`jaxsparse.ops.native.linear_scan` (CPU, float32;
     its backward one reverse pass of a second kernel); ``"associative"`` is
     ``lax.associative_scan`` (log-depth, parallel: the default on accelerators);
-    ``"sequential"`` is ``lax.scan`` (one small dispatch per step). ``None`` takes the native
+    ``"sequential"`` is ``lax.scan`` (one small dispatch per step); ``"pallas"`` is the kernel of
+    :mod:`pallas_kernels.linear_scan` (Triton on CUDA, Mosaic on TPU, chosen by the platform
+    being lowered for; the associative scan elsewhere), ``"pallas_interpret"`` its GPU kernel in
+    interpret mode (tests). ``None`` takes the native
     kernel on a CPU host for float32 when it builds (fwd+bwd on two cores, min of 25: [32, 128,
     128] 0.8 ms vs 1.3 ms for ``lax.scan``; [4, 2048, 512] 10 vs 33 ms; [1, 8192, 1024] 75 vs
     75 ms — there both are bound by this machine's ~3-8 GB/s memory bandwidth — forward alone
@@ -58,6 +62,13 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
         if native is not None:
             return native
         implementation = "sequential" if jax.default_backend() == "cpu" else "associative"
+    if implementation.startswith("pallas"):
+        from jaxsparse.ops.linear_scan_pallas import pallas_linear_scan
+
+        return pallas_linear_scan(
+            decay_BLD, inputs_BLD, initial_BD, interpret=implementation == "pallas_interpret",
+            fallback=lambda: linear_scan(decay_BLD, inputs_BLD, initial_BD,
+                                         implementation="associative"))
     if implementation == "sequential":
         def step(h, ab):
             h = ab[0] * h + ab[1]

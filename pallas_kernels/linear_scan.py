@@ -1,0 +1,100 @@
+"""The first-order linear scan ``h_t = a_t ⊙ h_{t−1} + b_t`` (Hydra's diagonal SSM) as Pallas
+kernels: Triton on GPU here, Mosaic on TPU in :mod:`pallas_kernels.linear_scan_tpu`.
+
+Each program owns one batch row and one block of ``BD`` channels and walks time in blocks of
+``T`` unrolled steps, the ``[1, BD]`` state in registers; every step reads a row of ``a`` and of
+``b`` and writes a row of ``h`` (3 x 4 bytes per element: the scan is bound by memory
+bandwidth, which a log-depth ``lax.associative_scan`` spends ~2 log2(L) times over).
+
+The backward pass needs no kernel of its own. With λ_t = dL/dh_t (all paths into h_t):
+
+    λ_t = g_t + a_{t+1} λ_{t+1},   λ_{L−1} = g_{L−1} + g_final,
+    db_t = λ_t,   da_t = λ_t h_{t−1} (h_{−1} = h_0),   dh_0 = a_0 λ_0,
+
+which is the same scan run backwards in time: decays ``a`` shifted one step (1 past the end),
+inputs ``g``, initial state ``g_final``.
+
+Kernel-side layout (:mod:`jaxsparse.ops.linear_scan_pallas` converts): ``a, b [batch, L, d]``
+and ``h0 [batch, 1, d]``, all float32; ``L`` a multiple of ``T``
+(padding steps carry a = 1, b = 0, so the state passes through) and ``d`` of ``BD``.
+Outputs: ``h [batch, L, d]`` and the final state ``[batch, 1, d]``, float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._flash_vjp import KernelConfig
+
+f32 = jnp.float32
+
+
+def _gpu_kernel(a_ref, b_ref, h0_ref, h_ref, hl_ref, *, block_t, num_blocks):
+    def block(k, h):
+        for i in range(block_t):  # unrolled: the loads do not wait on the state
+            row = pl.ds(k * block_t + i, 1)
+            h = a_ref[row, :] * h + b_ref[row, :]
+            h_ref[row, :] = h
+        return h
+
+    hl_ref[...] = jax.lax.fori_loop(0, num_blocks, block, h0_ref[...])
+
+
+def _gpu_scan(a, b, h0, cfg):
+    batch, length, d = a.shape
+    seq = pl.BlockSpec((None, length, cfg.block_d), lambda i, c: (i, 0, c))
+    state = pl.BlockSpec((None, 1, cfg.block_d), lambda i, c: (i, 0, c))
+    return pl.pallas_call(
+        functools.partial(_gpu_kernel, block_t=cfg.block_t, num_blocks=length // cfg.block_t),
+        grid=(batch, d // cfg.block_d),
+        in_specs=[seq, seq, state],
+        out_specs=[seq, state],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, d), f32),
+                   jax.ShapeDtypeStruct((batch, 1, d), f32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=cfg.interpret, name="linear_scan",
+    )(a, b, h0)
+
+
+def _scan(a, b, h0, cfg):
+    if cfg.backend == "tpu":
+        from pallas_kernels.linear_scan_tpu import scan
+
+        return scan(a, b, h0, cfg)
+    return _gpu_scan(a, b, h0, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def linear_scan_core(a, b, h0, cfg: KernelConfig):
+    """``(h [batch, L, d], final [batch, 1, d])`` float32; see the module docstring."""
+    return _scan(a, b, h0, cfg)
+
+
+def _core_fwd(a, b, h0, cfg):
+    hs, final = _scan(a, b, h0, cfg)
+    return (hs, final), (a, h0, hs)
+
+
+def _core_bwd(cfg, residuals, cotangents):
+    a, h0, hs = residuals
+    g_hs, g_final = cotangents
+    # λ in reverse time: decays a_{t+1} (1 after the last step), inputs g_t, start g_final
+    next_decay = jnp.concatenate([a[:, 1:], jnp.ones_like(a[:, :1])], axis=1)
+    lam_reversed, _ = _scan(next_decay[:, ::-1], g_hs[:, ::-1], g_final, cfg)
+    lam = lam_reversed[:, ::-1]
+    h_prev = jnp.concatenate([h0, hs[:, :-1]], axis=1)
+    return lam * h_prev, lam, a[:, :1] * lam[:, :1]
+
+
+linear_scan_core.defvjp(_core_fwd, _core_bwd)
+
+
+def linear_scan_config(*, backend: str, interpret: bool, block_t: int, block_d: int,
+                       num_warps: int = 4) -> KernelConfig:
+    return KernelConfig(backend=backend, interpret=bool(interpret), block_t=int(block_t),
+                        block_d=int(block_d), num_warps=int(num_warps))
