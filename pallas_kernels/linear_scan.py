@@ -14,7 +14,7 @@ The backward pass needs no kernel of its own. With λ_t = dL/dh_t (all paths int
 which is the same scan run backwards in time: decays ``a`` shifted one step (1 past the end),
 inputs ``g``, initial state ``g_final``.
 
-Kernel-side layout (:mod:`jaxsparse.ops.linear_scan_pallas` converts): ``a, b [batch, L, d]``
+Kernel-side layout (:mod:`jaxsparse.ops.linear_scan_pallas` pads): ``a, b [batch, L, d]``
 and ``h0 [batch, 1, d]``, all float32; ``L`` a multiple of ``T``
 (padding steps carry a = 1, b = 0, so the state passes through) and ``d`` of ``BD``.
 Outputs: ``h [batch, L, d]`` and the final state ``[batch, 1, d]``, float32.
@@ -61,37 +61,40 @@ def _gpu_scan(a, b, h0, cfg):
     )(a, b, h0)
 
 
-def _scan(a, b, h0, cfg):
+def scan(a, b, h0, cfg):
+    """The kernel chosen by ``cfg.backend`` (no VJP; see :func:`with_reverse_scan_vjp`)."""
     if cfg.backend == "tpu":
-        from pallas_kernels.linear_scan_tpu import scan
+        from pallas_kernels import linear_scan_tpu
 
-        return scan(a, b, h0, cfg)
+        return linear_scan_tpu.scan(a, b, h0, cfg)
     return _gpu_scan(a, b, h0, cfg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def linear_scan_core(a, b, h0, cfg: KernelConfig):
-    """``(h [batch, L, d], final [batch, 1, d])`` float32; see the module docstring."""
-    return _scan(a, b, h0, cfg)
+def with_reverse_scan_vjp(scan_fn):
+    """``scan_fn(a, b, h0) -> (h [B, L, W], final [B, W])`` as a differentiable function whose
+    backward is ``scan_fn`` again, backwards in time (the module docstring). ``scan_fn`` may be
+    the kernel itself or the kernel behind a sharding rule; float32 throughout."""
 
+    @jax.custom_vjp
+    def linear_scan(a, b, h0):
+        return scan_fn(a, b, h0)
 
-def _core_fwd(a, b, h0, cfg):
-    hs, final = _scan(a, b, h0, cfg)
-    return (hs, final), (a, h0, hs)
+    def fwd(a, b, h0):
+        hs, final = scan_fn(a, b, h0)
+        return (hs, final), (a, h0, hs)
 
+    def bwd(residuals, cotangents):
+        a, h0, hs = residuals
+        g_hs, g_final = cotangents
+        # λ in reverse time: decays a_{t+1} (1 after the last step), inputs g_t, start g_final
+        next_decay = jnp.concatenate([a[:, 1:], jnp.ones_like(a[:, :1])], axis=1)
+        lam_reversed, _ = scan_fn(next_decay[:, ::-1], g_hs[:, ::-1], g_final)
+        lam = lam_reversed[:, ::-1]
+        h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+        return lam * h_prev, lam, a[:, 0] * lam[:, 0]
 
-def _core_bwd(cfg, residuals, cotangents):
-    a, h0, hs = residuals
-    g_hs, g_final = cotangents
-    # λ in reverse time: decays a_{t+1} (1 after the last step), inputs g_t, start g_final
-    next_decay = jnp.concatenate([a[:, 1:], jnp.ones_like(a[:, :1])], axis=1)
-    lam_reversed, _ = _scan(next_decay[:, ::-1], g_hs[:, ::-1], g_final, cfg)
-    lam = lam_reversed[:, ::-1]
-    h_prev = jnp.concatenate([h0, hs[:, :-1]], axis=1)
-    return lam * h_prev, lam, a[:, :1] * lam[:, :1]
-
-
-linear_scan_core.defvjp(_core_fwd, _core_bwd)
+    linear_scan.defvjp(fwd, bwd)
+    return linear_scan
 
 
 def linear_scan_config(*, backend: str, interpret: bool, block_t: int, block_d: int,
