@@ -171,31 +171,57 @@ def _sum_channel_blocks(dBt, cfg):
     return dBt[:, :real].reshape(batch, cfg.groups, per_group_blocks, n, length).sum(axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def scan_core(x, dt, At, Bt, Ct, h0, kt, cfg: KernelConfig):
-    """``(y [b, L, d] float32, final state [b, N, d])``; see the module docstring. ``kt``:
-    ``None`` or the float32 reset factor ``[b, 1, L]`` (0 where a packed document starts)."""
-    y, h_last, _ = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, kt, cfg)
-    return y, h_last
+@functools.cache
+def differentiable_scan(cfg: KernelConfig, has_keep: bool, split_rows=None):
+    """``scan(x, dt, At, Bt, Ct, h0, kt) -> (y [b, L, d] float32, final state [b, N, d])`` with
+    the kernels' backward as its VJP (see the module docstring); ``kt`` is None unless
+    ``has_keep`` (then the float32 reset factor ``[b, 1, L]``, 0 where a packed document
+    starts).
 
+    ``split_rows(kernel, n_operands, n_results, shared)``, if given, wraps the forward and the
+    backward kernel call, each ``kernel(*operands) -> tuple``, before use: every operand and
+    result of both leads with the batch row except operand ``shared`` (At), so a caller can
+    hand them a sharding rule that keeps each device on its own rows (this package depends on
+    JAX alone)."""
+    forward_kernel, backward_kernel = _kernels(cfg)
 
-def _scan_core_fwd(x, dt, At, Bt, Ct, h0, kt, cfg):
-    y, h_last, starts = _kernels(cfg)[0](x, dt, At, Bt, Ct, h0, kt, cfg)
-    return (y, h_last), (x, dt, At, Bt, Ct, starts, kt)
+    def forward(*operands):  # x, dt, At, Bt, Ct, h0[, kt]
+        return tuple(forward_kernel(*operands[:6], operands[6] if has_keep else None, cfg))
 
+    def backward(*operands):  # x, dt, At, Bt, Ct, starts, dy, dh_last[, kt]
+        return tuple(backward_kernel(*operands[:8], operands[8] if has_keep else None, cfg))
 
-def _scan_core_bwd(cfg, residuals, cotangents):
-    x, dt, At, Bt, Ct, starts, kt = residuals
-    dy, dh_last = cotangents
-    dx, ddt, dAt, dBt, dCt, dh0 = _kernels(cfg)[1](x, dt, At, Bt, Ct, starts,
-                                                   dy.astype(f32), dh_last.astype(f32), kt, cfg)
-    dkt = None if kt is None else jnp.zeros_like(kt)  # a constant: ids have no gradient
-    return (dx.astype(x.dtype), ddt, dAt.sum(axis=0),
-            _sum_channel_blocks(dBt, cfg).astype(Bt.dtype),
-            _sum_channel_blocks(dCt, cfg).astype(Ct.dtype), dh0, dkt)
+    if split_rows is not None:
+        forward = split_rows(forward, 6 + has_keep, 3, 2)
+        backward = split_rows(backward, 8 + has_keep, 6, 2)
 
+    def keep_operand(kt):
+        if (kt is not None) != has_keep:
+            raise ValueError(f"kt={'None' if kt is None else kt.shape}: this scan was built "
+                             f"with has_keep={has_keep}")
+        return (kt,) if has_keep else ()
 
-scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
+    @jax.custom_vjp
+    def scan(x, dt, At, Bt, Ct, h0, kt):
+        y, h_last, _ = forward(x, dt, At, Bt, Ct, h0, *keep_operand(kt))
+        return y, h_last
+
+    def scan_fwd(x, dt, At, Bt, Ct, h0, kt):
+        y, h_last, starts = forward(x, dt, At, Bt, Ct, h0, *keep_operand(kt))
+        return (y, h_last), (x, dt, At, Bt, Ct, starts, kt)
+
+    def scan_bwd(residuals, cotangents):
+        x, dt, At, Bt, Ct, starts, kt = residuals
+        dy, dh_last = cotangents
+        dx, ddt, dAt, dBt, dCt, dh0 = backward(x, dt, At, Bt, Ct, starts, dy.astype(f32),
+                                               dh_last.astype(f32), *keep_operand(kt))
+        dkt = None if kt is None else jnp.zeros_like(kt)  # a constant: ids have no gradient
+        return (dx.astype(x.dtype), ddt, dAt.sum(axis=0),
+                _sum_channel_blocks(dBt, cfg).astype(Bt.dtype),
+                _sum_channel_blocks(dCt, cfg).astype(Ct.dtype), dh0, dkt)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
 
 
 def scan_config(*, backend: str, interpret: bool, groups: int, per_group: int, block_t: int,

@@ -6,7 +6,9 @@ elementwise and stay in XLA (autodiff handles them). ``"pallas"`` picks the kern
 platform being *lowered for* (``jax.lax.platform_dependent``), so it lowers for TPU and CUDA
 from a CPU host; on other platforms it runs the chunked XLA scan. ``"pallas_interpret"`` runs
 the GPU kernel in interpret mode (CPU tests); the TPU kernel's interpret mode is reachable
-through :func:`kernel_scan` with ``backend="tpu"``.
+through :func:`kernel_scan` with ``backend="tpu"``. On a mesh the kernels sit behind the
+native scan's row rule (:func:`jaxsparse.ops.native.partitioning.split_over_rows`): each
+device scans its own batch rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan import scan_config, scan_core
+from jaxsparse.ops.native.partitioning import ROWS, WHOLE, split_over_rows
+from pallas_kernels.selective_scan import differentiable_scan, scan_config
 
 # Time steps per block: the GPU keeps a block's recomputed states in registers during the
 # backward pass; the TPU blocks B/C as [N, T] tiles whose lane dimension must be 128.
@@ -40,6 +43,15 @@ def _block_d(backend: str, d_inner: int, groups: int) -> int:
     while per_group % block:  # a channel block must stay inside one group
         block //= 2
     return block
+
+
+def _rows_rule(kernel, n_operands: int, n_results: int, shared: int):
+    """Every batch row is its own recurrence: on a mesh each device runs the kernels on its
+    rows (``shared``, A, whole), as the native scan does — XLA would otherwise gather every
+    operand of a custom call onto every device. A's gradient leaves per row and is summed
+    over the rows after, in XLA."""
+    kinds = tuple(WHOLE if i == shared else ROWS for i in range(n_operands))
+    return split_over_rows(kernel, kinds, (ROWS,) * n_results)
 
 
 def kernel_scan(x, dt, A, B, C, h0, keep=None, *, backend: str, interpret: bool,
@@ -71,7 +83,8 @@ def kernel_scan(x, dt, A, B, C, h0, keep=None, *, backend: str, interpret: bool,
     kt = None if keep is None else pad(keep[:, None, :], (batch, 1, length_pad), value=1.0)
     cfg = scan_config(backend=backend, interpret=interpret, groups=groups,
                       per_group=d_inner // groups, block_t=block_t, block_d=block_d)
-    y, h_last = scan_core(x_k, dt_k, At, Bt, Ct, h0_k, kt, cfg)
+    scan = differentiable_scan(cfg, kt is not None, split_rows=_rows_rule)
+    y, h_last = scan(x_k, dt_k, At, Bt, Ct, h0_k, kt)
     return y[:, :length, :d_inner], jnp.transpose(h_last[:, :d_state, :d_inner], (0, 2, 1))
 
 
