@@ -164,21 +164,61 @@ def _backend(cfg):
     return _gpu_forward, _gpu_backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def monarch(x, w1, w2, cfg: KernelConfig):
-    """``x [T, n]`` with ``T % block_tokens == 0``; returns ``[T, m]`` in ``x.dtype``."""
-    return _backend(cfg)[0](x, w1, w2, cfg)[0]
+def _pad_tokens(t, tokens: int, axis: int = 0):
+    pad = [(0, 0)] * t.ndim
+    pad[axis] = (0, tokens - t.shape[axis])
+    return jnp.pad(t, pad)
 
 
-def _monarch_fwd(x, w1, w2, cfg):
-    y, h = _backend(cfg)[0](x, w1, w2, cfg)
-    return y, (x, w1, w2, h)
+@functools.cache
+def differentiable_monarch(cfg: KernelConfig, split_rows=None):
+    """``monarch(x [T, n], w1, w2) -> [T, m]`` in ``x.dtype`` for any ``T`` (tokens padded to
+    whole tiles inside each call: zero rows add nothing to the weight gradients), with the
+    kernels' backward as its VJP.
 
+    ``split_rows(kernel, operand_kinds, result_kinds)``, if given, wraps the forward and the
+    backward call, each ``kernel(*operands) -> tuple``: kinds are ``"rows"`` (token rows),
+    ``"rows_last"`` (tokens on the last axis: the TPU kernel's transposed intermediate),
+    ``"whole"`` (the weights) and ``"row_sum"`` (the weight gradients, sums over the rows), so
+    a caller can hand the calls a sharding rule that keeps each device on its own tokens
+    (padding then happens per device; this package depends on JAX alone)."""
+    forward_kernel, backward_kernel = _backend(cfg)
+    bt = cfg.block_tokens
+    h_axis = 1 if cfg.backend == "tpu" else 0  # the saved intermediate's token axis
 
-def _monarch_bwd(cfg, residuals, dy):
-    x, w1, w2, h = residuals
-    dx, dw1, dw2 = _backend(cfg)[1](x, w1, w2, h, dy.astype(x.dtype), cfg)
-    return dx.astype(x.dtype), dw1.astype(w1.dtype), dw2.astype(w2.dtype)
+    def padded(tokens):
+        return max(bt, -(-tokens // bt) * bt)
 
+    def forward(x, w1, w2):
+        tokens = x.shape[0]
+        y, h = forward_kernel(_pad_tokens(x, padded(tokens)), w1, w2, cfg)
+        return y[:tokens], jax.lax.slice_in_dim(h, 0, tokens, axis=h_axis)
 
-monarch.defvjp(_monarch_fwd, _monarch_bwd)
+    def backward(x, w1, w2, h, dy):
+        tokens = x.shape[0]
+        full = padded(tokens)
+        dx, dw1, dw2 = backward_kernel(_pad_tokens(x, full), w1, w2,
+                                       _pad_tokens(h, full, h_axis), _pad_tokens(dy, full), cfg)
+        return dx[:tokens], dw1, dw2
+
+    if split_rows is not None:
+        h_kind = "rows_last" if h_axis else "rows"
+        forward = split_rows(forward, ("rows", "whole", "whole"), ("rows", h_kind))
+        backward = split_rows(backward, ("rows", "whole", "whole", h_kind, "rows"),
+                              ("rows", "row_sum", "row_sum"))
+
+    @jax.custom_vjp
+    def monarch(x, w1, w2):
+        return forward(x, w1, w2)[0]
+
+    def monarch_fwd(x, w1, w2):
+        y, h = forward(x, w1, w2)
+        return y, (x, w1, w2, h)
+
+    def monarch_bwd(residuals, dy):
+        x, w1, w2, h = residuals
+        dx, dw1, dw2 = backward(x, w1, w2, h, dy.astype(x.dtype))
+        return dx.astype(x.dtype), dw1.astype(w1.dtype), dw2.astype(w2.dtype)
+
+    monarch.defvjp(monarch_fwd, monarch_bwd)
+    return monarch

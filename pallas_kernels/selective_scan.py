@@ -178,11 +178,11 @@ def differentiable_scan(cfg: KernelConfig, has_keep: bool, split_rows=None):
     ``has_keep`` (then the float32 reset factor ``[b, 1, L]``, 0 where a packed document
     starts).
 
-    ``split_rows(kernel, n_operands, n_results, shared)``, if given, wraps the forward and the
-    backward kernel call, each ``kernel(*operands) -> tuple``, before use: every operand and
-    result of both leads with the batch row except operand ``shared`` (At), so a caller can
-    hand them a sharding rule that keeps each device on its own rows (this package depends on
-    JAX alone)."""
+    ``split_rows(kernel, operand_kinds, result_kinds)``, if given, wraps the forward and the
+    backward kernel call, each ``kernel(*operands) -> tuple``, before use; a kind is ``"rows"``
+    (leads with the batch row: here every operand and result but At) or ``"whole"`` (At), so
+    a caller can hand the calls a sharding rule that keeps each device on its own rows (this
+    package depends on JAX alone)."""
     forward_kernel, backward_kernel = _kernels(cfg)
 
     def forward(*operands):  # x, dt, At, Bt, Ct, h0[, kt]
@@ -192,8 +192,9 @@ def differentiable_scan(cfg: KernelConfig, has_keep: bool, split_rows=None):
         return tuple(backward_kernel(*operands[:8], operands[8] if has_keep else None, cfg))
 
     if split_rows is not None:
-        forward = split_rows(forward, 6 + has_keep, 3, 2)
-        backward = split_rows(backward, 8 + has_keep, 6, 2)
+        rows = lambda n: ("rows",) * n  # noqa: E731
+        forward = split_rows(forward, rows(2) + ("whole",) + rows(3 + has_keep), rows(3))
+        backward = split_rows(backward, rows(2) + ("whole",) + rows(5 + has_keep), rows(6))
 
     def keep_operand(kt):
         if (kt is not None) != has_keep:

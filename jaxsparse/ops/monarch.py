@@ -196,9 +196,12 @@ def kernel_constraints(backend: str, w1, w2) -> str | None:
 
 
 def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: int | None = None):
-    """The Pallas kernel on ``x [..., n]``: tokens padded to whole tiles, weights in the compute
-    dtype (``x``'s)."""
-    from pallas_kernels.monarch import monarch, monarch_config
+    """The Pallas kernel on ``x [..., n]``: tokens padded to whole tiles (on each device of a
+    mesh, behind the native kernel's row rule: every token is its own row, the weights are
+    whole and their gradients summed over the devices' rows), weights in the compute dtype
+    (``x``'s)."""
+    from jaxsparse.ops.native.partitioning import split_over_rows
+    from pallas_kernels.monarch import differentiable_monarch, monarch_config
 
     b, p, q, s = _check_input(x, w1, w2)
     why = kernel_constraints(backend, w1, w2)
@@ -206,14 +209,11 @@ def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: in
         raise ValueError(f"monarch_matmul(implementation='pallas'): {why} (w1 {w1.shape}, "
                          f"w2 {w2.shape}); use implementation='xla'")
     lead, n = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, n)
-    tokens = rows.shape[0]
     bt = block_tokens or (128 if backend == "tpu" else 32)
-    padded = max(bt, -(-tokens // bt) * bt)
-    rows = jnp.pad(rows, ((0, padded - tokens), (0, 0)))
     cfg = monarch_config(backend=backend, interpret=interpret, nblocks=b, block_tokens=bt)
-    out = monarch(rows, w1.astype(x.dtype), w2.astype(x.dtype), cfg)
-    return out[:tokens].reshape(*lead, b * s)
+    monarch = differentiable_monarch(cfg, split_rows=split_over_rows)
+    out = monarch(x.reshape(-1, n), w1.astype(x.dtype), w2.astype(x.dtype))
+    return out.reshape(*lead, b * s)
 
 
 def monarch_matmul(x, w1, w2, *, implementation: str | None = None):

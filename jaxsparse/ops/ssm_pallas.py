@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.native.partitioning import ROWS, WHOLE, split_over_rows
+from jaxsparse.ops.native.partitioning import split_over_rows
 from pallas_kernels.selective_scan import differentiable_scan, scan_config
 
 # Time steps per block: the GPU keeps a block's recomputed states in registers during the
@@ -43,15 +43,6 @@ def _block_d(backend: str, d_inner: int, groups: int) -> int:
     while per_group % block:  # a channel block must stay inside one group
         block //= 2
     return block
-
-
-def _rows_rule(kernel, n_operands: int, n_results: int, shared: int):
-    """Every batch row is its own recurrence: on a mesh each device runs the kernels on its
-    rows (``shared``, A, whole), as the native scan does — XLA would otherwise gather every
-    operand of a custom call onto every device. A's gradient leaves per row and is summed
-    over the rows after, in XLA."""
-    kinds = tuple(WHOLE if i == shared else ROWS for i in range(n_operands))
-    return split_over_rows(kernel, kinds, (ROWS,) * n_results)
 
 
 def kernel_scan(x, dt, A, B, C, h0, keep=None, *, backend: str, interpret: bool,
@@ -83,7 +74,9 @@ def kernel_scan(x, dt, A, B, C, h0, keep=None, *, backend: str, interpret: bool,
     kt = None if keep is None else pad(keep[:, None, :], (batch, 1, length_pad), value=1.0)
     cfg = scan_config(backend=backend, interpret=interpret, groups=groups,
                       per_group=d_inner // groups, block_t=block_t, block_d=block_d)
-    scan = differentiable_scan(cfg, kt is not None, split_rows=_rows_rule)
+    # every batch row is its own recurrence: on a mesh each device runs the kernels on its rows
+    # (A whole; its gradient leaves per row and is summed over the rows after, in XLA)
+    scan = differentiable_scan(cfg, kt is not None, split_rows=split_over_rows)
     y, h_last = scan(x_k, dt_k, At, Bt, Ct, h0_k, kt)
     return y[:, :length, :d_inner], jnp.transpose(h_last[:, :d_state, :d_inner], (0, 2, 1))
 

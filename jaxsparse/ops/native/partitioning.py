@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 ROWS, WHOLE, ROW_SUM = "rows", "whole", "row_sum"
+ROWS_LAST = "rows_last"  # split over the rows like ROWS, with the rows on the last dimension
 
 
 def in_partly_manual_context() -> bool:
@@ -101,8 +102,9 @@ def split_over_batch_and_channels(kernel, in_ranks: tuple[int, ...], out_ranks: 
 
 def split_over_rows(kernel, operand_kinds: tuple[str, ...], result_kinds: tuple[str, ...]):
     """``kernel`` (returning a tuple) as an op the partitioner splits over dim 0 of its
-    ``ROWS`` operands and results; ``WHOLE`` operands are gathered (weights: small), and each
-    ``ROW_SUM`` result (a sum over the rows) is summed over the devices holding the rows."""
+    ``ROWS`` operands and results (the last dim of ``ROWS_LAST`` ones: a transposed layout);
+    ``WHOLE`` operands are gathered (weights: small), and each ``ROW_SUM`` result (a sum over
+    the rows) is summed over the devices holding the rows."""
     if ROWS not in operand_kinds:
         raise ValueError(f"operand_kinds={operand_kinds}: at least one must be {ROWS!r}")
 
@@ -111,8 +113,14 @@ def split_over_rows(kernel, operand_kinds: tuple[str, ...], result_kinds: tuple[
         wrapped = custom_partitioning(kernel)
         first_rows = operand_kinds.index(ROWS)
 
-        def shardings(mesh, rows, kinds):
-            return tuple(NamedSharding(mesh, P(rows) if kind == ROWS else P()) for kind in kinds)
+        def spec(kind, rank, rows):
+            if kind == ROWS_LAST:
+                return P(*(None,) * (rank - 1), rows)
+            return P(rows) if kind == ROWS else P()
+
+        def shardings(mesh, rows, kinds, ranks):
+            return tuple(NamedSharding(mesh, spec(kind, rank, rows))
+                         for kind, rank in zip(kinds, ranks))
 
         def partition(mesh, arg_shapes, result_shape):
             rows = _even_split(mesh, arg_shapes[first_rows], 0)
@@ -123,18 +131,21 @@ def split_over_rows(kernel, operand_kinds: tuple[str, ...], result_kinds: tuple[
                 return tuple(jax.lax.psum(r, axes) if kind == ROW_SUM and axes else r
                              for kind, r in zip(result_kinds, results))
 
-            return (mesh, per_device, shardings(mesh, rows, result_kinds),
-                    shardings(mesh, rows, operand_kinds))
+            return (mesh, per_device, shardings(mesh, rows, result_kinds, out_ranks),
+                    shardings(mesh, rows, operand_kinds, in_ranks))
 
         def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
-            return shardings(mesh, _even_split(mesh, arg_shapes[first_rows], 0), result_kinds)
+            return shardings(mesh, _even_split(mesh, arg_shapes[first_rows], 0), result_kinds,
+                             out_ranks)
 
         # Shardy rule: factor r is the rows; every other dimension is its own factor, kept whole
         names, whole = iter(f"d{i}" for i in range(10_000)), []
 
         def dims(kind, rank):
-            own = [next(names) for _ in range(rank - (kind == ROWS))]
+            own = [next(names) for _ in range(rank - (kind in (ROWS, ROWS_LAST)))]
             whole.extend(own)
+            if kind == ROWS_LAST:
+                return " ".join(own + ["r"])
             return " ".join((["r"] if kind == ROWS else []) + own)
 
         rule = (", ".join(dims(k, r) for k, r in zip(operand_kinds, in_ranks)) + " -> "
