@@ -119,7 +119,11 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys):
     assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
 
 
-def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"),
+                                       (signal.SIGINT, "Ctrl-C (SIGINT)")], ids=["TERM", "INT"])
+def test_a_signal_saves_and_a_rerun_resumes(tmp_path, sig, name):
+    """A preempted job (SIGTERM) or a first Ctrl-C saves a checkpoint at the next step and
+    exits cleanly; the next start resumes from exactly that step."""
     from helpers import TINY
 
     workdir = tmp_path / "run"
@@ -135,10 +139,10 @@ def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
-    assert "after SIGTERM; checkpoint saved" in out
+    assert f"after {name}; checkpoint saved" in out
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 3
     # the next start resumes from exactly that step
@@ -148,6 +152,32 @@ def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
     cfg = replace(cfg, train=replace(cfg.train, steps=steps[-1] + 1))
     result = train(cfg, workdir, sample=False, quiet=True)
     assert list(result.losses) == [steps[-1]]
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_handlers_are_restored():
+    """The first SIGINT only asks the loop to stop after the step (the run saves); a second one
+    raises KeyboardInterrupt as usual (a step that never finishes); leaving the loop restores
+    the previous handlers."""
+    from helpers import run_python
+
+    out = run_python("""
+import json, os, signal, time
+from jaxsparse.train.loop import _StopFlag
+before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+second = "nothing"
+with _StopFlag() as flag:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    first = flag.name if flag.signal else None
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+    except KeyboardInterrupt:
+        second = "KeyboardInterrupt"
+restored = all(signal.getsignal(s) is h for s, h in before.items())
+print(json.dumps({"first": first, "second": second, "restored": restored}))
+""")
+    assert out == {"first": "Ctrl-C (SIGINT)", "second": "KeyboardInterrupt", "restored": True}
 
 
 def test_mesh_that_does_not_fit_the_devices_is_refused(tmp_path):

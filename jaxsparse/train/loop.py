@@ -93,7 +93,9 @@ def sample_text(setup: TrainSetup, state, cfg: Config, prompt: str | None = None
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT (main thread only) so the loop can save and exit between steps."""
+    """Set by SIGTERM (a preempted job) or a first SIGINT (Ctrl-C, a notebook's interrupt),
+    main thread only, so the loop can save and exit between steps. The first SIGINT restores
+    the previous handler, so a second one interrupts at once (a step that never finishes)."""
 
     def __init__(self):
         self.signal = None
@@ -101,12 +103,18 @@ class _StopFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM,):
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C (SIGINT)" if self.signal == signal.SIGINT else "SIGTERM"
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -229,7 +237,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             if interrupted and not last:
                 stopped = True
                 flush_logs()
-                why = "SIGTERM" if flag.signal is not None else "a stop request"
+                why = flag.name if flag.signal is not None else "a stop request"
                 bar.write(f"stopping at step {step} after {why}; checkpoint saved")
                 break
     flush_logs()
