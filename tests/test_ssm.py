@@ -251,3 +251,20 @@ def test_bad_inputs_name_the_argument():
         ssd(**(args2 | {"A": jnp.full((2, 2), -1.0)}), chunk_size=4)
     with pytest.raises(ValueError, match="chunk_size=-3"):
         ssd(**args2, chunk_size=-3)
+
+
+def test_an_empty_sequence_leaves_the_initial_state_in_every_implementation():
+    """Length 0 (an empty prompt, a zero-length shard): no outputs, the initial state back."""
+    from jaxsparse.ops.diagonal_ssm import DIAGONAL_SCAN_IMPLEMENTATIONS, linear_scan
+    from jaxsparse.ops.ssm import SCAN_IMPLEMENTATIONS
+
+    args = mamba1_inputs(3, 2, 0, 8, 4, 1)
+    for impl in SCAN_IMPLEMENTATIONS:
+        y, final = selective_scan(**args, implementation=impl, return_final_state=True)
+        assert y.shape == (2, 0, 8), impl
+        np.testing.assert_array_equal(final, args["initial_state"], err_msg=str(impl))
+    empty, h0 = jnp.ones((2, 0, 5)), jnp.arange(10.0).reshape(2, 5)
+    for impl in DIAGONAL_SCAN_IMPLEMENTATIONS:
+        hs, final = linear_scan(empty, empty, h0, implementation=impl)
+        assert hs.shape == (2, 0, 5), impl
+        np.testing.assert_array_equal(final, h0, err_msg=str(impl))

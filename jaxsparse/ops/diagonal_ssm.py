@@ -56,6 +56,8 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
     elif initial_BD.shape != (inputs_BLD.shape[0], inputs_BLD.shape[2]):
         raise ValueError(f"initial state {initial_BD.shape}: must be [batch, width] = "
                          f"{(inputs_BLD.shape[0], inputs_BLD.shape[2])}")
+    if inputs_BLD.shape[1] == 0:  # nothing to scan (every implementation): the initial state
+        return inputs_BLD, initial_BD
     if implementation in (None, "native"):
         native = _native_or_none(decay_BLD, inputs_BLD, initial_BD,
                                  required=implementation == "native")

@@ -261,6 +261,8 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
                              f"{initial_state.shape}")
         h0 = initial_state.astype(jnp.float32)
     keep = keep_factor(segment_ids, batch, x.shape[1])
+    if x.shape[1] == 0:  # nothing to scan (every implementation): the initial state
+        return (x, h0) if return_final_state else x
     if implementation in (None, "native"):
         # Default on CPU: the native kernel (experiments/results/ssm.md times it beside the
         # lax.scan recurrence and the chunked form); the chunked form on accelerators and
