@@ -172,6 +172,15 @@ def test_grouped_matmul_implementations_agree(dtype):
                                        atol=2 * tol * s, rtol=2 * tol)
 
 
+def test_grouped_matmul_of_no_rows_is_empty_in_every_implementation():
+    from jaxsparse.ops.moe.grouped import GMM_IMPLEMENTATIONS
+
+    lhs, rhs = jnp.ones((0, 16)), jnp.ones((3, 16, 8))
+    for impl in GMM_IMPLEMENTATIONS:
+        out = grouped_matmul(lhs, rhs, jnp.zeros((3,), jnp.int32), implementation=impl)
+        assert out.shape == (0, 8) and out.dtype == jnp.float32, impl
+
+
 @pytest.mark.parametrize("impl", ["tiles", "native"])
 def test_grouped_matmul_rows_past_the_groups_give_zeros_and_no_gradient(impl):
     """Under jit the sizes may sum to fewer rows than lhs has (expert parallelism's receive

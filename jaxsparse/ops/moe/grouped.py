@@ -206,6 +206,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
     if implementation not in GMM_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {GMM_IMPLEMENTATIONS}")
     _check(lhs, rhs, group_sizes)
+    if lhs.shape[0] == 0:  # no rows (an empty batch): nothing for a kernel to tile
+        return _dense(lhs, rhs, group_sizes)
     if implementation is None and jax.default_backend() != "cpu":
         implementation = "ragged_dot"
     if implementation in (None, "native"):
