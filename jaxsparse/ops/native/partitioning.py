@@ -1,4 +1,6 @@
-"""Sharding rules for the native CPU kernels. XLA knows nothing about a custom call, so on a
+"""Sharding rules for the custom kernels: the native CPU kernels here, and the Pallas scan and
+Monarch kernels (``jaxsparse.ops.ssm_pallas``, ``linear_scan_pallas``, ``monarch``), whose
+custom VJPs take these rules as a hook. XLA knows nothing about a custom call, so on a
 multi-device mesh it gathers the call's operands onto every device (a data-parallel dry run of
 hydra_1p6b moved 144 GiB per step that way; mamba_tiny and monarch_tiny on 4 devices gathered
 their activations too). The kernels here work row by row, so each device can run them on its
