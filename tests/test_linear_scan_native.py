@@ -109,12 +109,13 @@ print(json.dumps({"same": same, "msg": msg}))
     assert out["same"] and "could not be built" in out["msg"], out
 
 
-def test_on_a_mesh_the_kernel_runs_on_each_devices_rows_and_channels():
-    # a custom call is opaque to XLA, which gathers its sharded operands onto every device
-    # unless told otherwise (hydra_1p6b, 8 devices: 144 GiB per step); the partitioning rule
-    # keeps batch and channel splits (no gathers; the loss's scalar all-reduce only) and
-    # gathers the time axis, which the recurrence needs whole
-    code = f"""
+def linear_scan_on_a_mesh(implementation):
+    """Compile and run the gradient of a loss through ``linear_scan(implementation=...)`` on 8
+    emulated devices (data 4 x tensor 2) with the operands split by rows, by rows and
+    channels, and over time. Per split: the compiled program's collectives, the native kernels'
+    call counts, the sharding rules in the lowering, and the largest error against one
+    device's lax.scan gradients."""
+    return run_python(f"""
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxsparse.dryrun import collective_summary
@@ -135,14 +136,23 @@ for name, spec in (("rows", P("data")), ("rows_channels", P("data", None, "tenso
     inputs = [jax.device_put(decay, NamedSharding(mesh, spec)),
               jax.device_put(x, NamedSharding(mesh, spec)),
               jax.device_put(h0, NamedSharding(mesh, P(spec[0], *spec[2:])))]
-    grad = jax.jit(jax.grad(lambda a, b, h: loss(a, b, h, None), argnums=(0, 1, 2)))
-    hlo = grad.lower(*inputs).compile().as_text()
+    grad = jax.jit(jax.grad(lambda a, b, h: loss(a, b, h, {implementation!r}), argnums=(0, 1, 2)))
+    lowered = grad.lower(*inputs)
+    hlo = lowered.compile().as_text()
     err = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(grad(*inputs), want))
-    out[name] = {{"collectives": sorted(collective_summary(hlo)),
-                 "kernels": [hlo.count("{TARGET}"), hlo.count("{BWD_TARGET}")], "err": err}}
+    out[name] = {{"collectives": sorted(collective_summary(hlo)), "err": err,
+                 "kernels": [hlo.count("{TARGET}"), hlo.count("{BWD_TARGET}")],
+                 "rules": lowered.as_text().count("CustomSPMDPartitioning")}}
 print(json.dumps(out))
-"""
-    out = run_python(code, devices=8)
+""", devices=8)
+
+
+def test_on_a_mesh_the_kernel_runs_on_each_devices_rows_and_channels():
+    # a custom call is opaque to XLA, which gathers its sharded operands onto every device
+    # unless told otherwise (hydra_1p6b, 8 devices: 144 GiB per step); the partitioning rule
+    # keeps batch and channel splits (no gathers; the loss's scalar all-reduce only) and
+    # gathers the time axis, which the recurrence needs whole
+    out = linear_scan_on_a_mesh(None)
     for name in ("rows", "rows_channels"):
         assert out[name]["collectives"] in ([], ["all-reduce"]), out
     assert "all-gather" in out["time"]["collectives"], out

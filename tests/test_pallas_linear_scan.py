@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import run_python
 from jaxsparse import models
 from jaxsparse.config import ConfigError, validate
 from jaxsparse.ops.diagonal_ssm import diagonal_ssm, linear_scan
@@ -124,35 +123,9 @@ def test_on_a_mesh_each_device_scans_its_own_rows_and_channels():
     batch and channel splits stay split (no collective but the loss's all-reduce) and each
     device's share is padded to whole kernel blocks there (22 channels over 2 devices: 11 each);
     a split time axis is gathered. Values and gradients equal one device's lax.scan."""
-    out = run_python("""
-import json, jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxsparse.dryrun import collective_summary
-from jaxsparse.ops.diagonal_ssm import linear_scan
-mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
-k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-decay = jax.random.uniform(k1, (8, 40, 22), minval=0.3, maxval=1.0)
-x, h0 = jax.random.normal(k2, (8, 40, 22)), jax.random.normal(k3, (8, 22))
+    from test_linear_scan_native import linear_scan_on_a_mesh
 
-def loss(a, b, h, implementation):
-    hs, final = linear_scan(a, b, h, implementation=implementation)
-    return jnp.sum(jnp.sin(hs)) + jnp.sum(final ** 2)
-
-want = jax.grad(loss, argnums=(0, 1, 2))(decay, x, h0, "sequential")
-out = {}
-for name, spec in (("rows", P("data")), ("rows_channels", P("data", None, "tensor")),
-                   ("time", P(None, "data"))):
-    inputs = [jax.device_put(decay, NamedSharding(mesh, spec)),
-              jax.device_put(x, NamedSharding(mesh, spec)),
-              jax.device_put(h0, NamedSharding(mesh, P(spec[0], *spec[2:])))]
-    grad = jax.jit(jax.grad(lambda a, b, h: loss(a, b, h, "pallas_interpret"), argnums=(0, 1, 2)))
-    lowered = grad.lower(*inputs)
-    hlo = lowered.compile().as_text()
-    err = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(grad(*inputs), want))
-    out[name] = {"collectives": sorted(collective_summary(hlo)), "err": err,
-                 "rules": lowered.as_text().count("CustomSPMDPartitioning")}
-print(json.dumps(out))
-""", devices=8)
+    out = linear_scan_on_a_mesh("pallas_interpret")
     for name in ("rows", "rows_channels"):
         assert out[name]["collectives"] in ([], ["all-reduce"]), out
     assert "all-gather" in out["time"]["collectives"], out
