@@ -157,27 +157,40 @@ def test_a_signal_saves_and_a_rerun_resumes(tmp_path, sig, name):
 def test_a_second_ctrl_c_interrupts_at_once_and_handlers_are_restored():
     """The first SIGINT only asks the loop to stop after the step (the run saves); a second one
     raises KeyboardInterrupt as usual (a step that never finishes); leaving the loop restores
-    the previous handlers."""
+    the previous handlers. A process that ignores SIGINT (a background job; here also the
+    test workers' children) keeps ignoring it."""
     from helpers import run_python
 
     out = run_python("""
-import json, os, signal, time
+import json, signal, time
 from jaxsparse.train.loop import _StopFlag
-before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-second = "nothing"
-with _StopFlag() as flag:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.2)
-    first = flag.name if flag.signal else None
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
-    except KeyboardInterrupt:
-        second = "KeyboardInterrupt"
-restored = all(signal.getsignal(s) is h for s, h in before.items())
-print(json.dumps({"first": first, "second": second, "restored": restored}))
+
+def two_interrupts():
+    # raise_signal delivers to this (the main) thread, so handlers run before it returns
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    first, second = None, "nothing"
+    with _StopFlag() as flag:
+        signal.raise_signal(signal.SIGINT)
+        first = flag.name if flag.signal else None
+        rearmed = signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        try:
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.5)  # (not reached when the handler raises)
+        except KeyboardInterrupt:
+            second = "KeyboardInterrupt"
+    restored = all(signal.getsignal(s) is h for s, h in before.items())
+    return {"first": first, "rearmed": rearmed, "second": second, "restored": restored}
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive interpreter
+interactive = two_interrupts()
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+ignoring = two_interrupts()
+print(json.dumps({"interactive": interactive, "ignoring": ignoring}))
 """)
-    assert out == {"first": "Ctrl-C (SIGINT)", "second": "KeyboardInterrupt", "restored": True}
+    assert out["interactive"] == {"first": "Ctrl-C (SIGINT)", "rearmed": True,
+                                  "second": "KeyboardInterrupt", "restored": True}, out
+    assert out["ignoring"] == {"first": None, "rearmed": True, "second": "nothing",
+                               "restored": True}, out
 
 
 def test_mesh_that_does_not_fit_the_devices_is_refused(tmp_path):

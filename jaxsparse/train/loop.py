@@ -95,7 +95,9 @@ def sample_text(setup: TrainSetup, state, cfg: Config, prompt: str | None = None
 class _StopFlag:
     """Set by SIGTERM (a preempted job) or a first SIGINT (Ctrl-C, a notebook's interrupt),
     main thread only, so the loop can save and exit between steps. The first SIGINT restores
-    the previous handler, so a second one interrupts at once (a step that never finishes)."""
+    the previous handler, so a second one interrupts at once (a step that never finishes). A
+    process that ignores SIGINT (started in the background, or by a parent that ignores it)
+    keeps ignoring it."""
 
     def __init__(self):
         self.signal = None
@@ -104,6 +106,8 @@ class _StopFlag:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
