@@ -132,8 +132,11 @@ def test_a_signal_saves_and_a_rerun_resumes(tmp_path, sig, name):
     for item in TINY + ["train.steps=100000"]:
         cmd += ["--set", item]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    # a job started in the background by a non-interactive shell (as CI may run us) inherits
+    # SIGINT ignored, and the loop then leaves it ignored: give the run a terminal's default
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=ROOT)
+                            env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
