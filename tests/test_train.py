@@ -127,16 +127,18 @@ def test_a_signal_saves_and_a_rerun_resumes(tmp_path, sig, name):
     from helpers import TINY
 
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jaxsparse.cli", "train", "--config", "transformer_tiny",
+    # a job started in the background by a non-interactive shell (as CI may run us) inherits
+    # SIGINT ignored, and the loop then leaves it ignored: give the run a terminal's default
+    # (after exec, not in a preexec_fn: forking a multithreaded JAX process is unsafe)
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+             " sys.argv[0] = 'jaxsparse'; runpy.run_module('jaxsparse.cli', run_name='__main__')")
+    cmd = [sys.executable, "-c", start, "train", "--config", "transformer_tiny",
            "--workdir", str(workdir)]
     for item in TINY + ["train.steps=100000"]:
         cmd += ["--set", item]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    # a job started in the background by a non-interactive shell (as CI may run us) inherits
-    # SIGINT ignored, and the loop then leaves it ignored: give the run a terminal's default
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env=env, cwd=ROOT)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
