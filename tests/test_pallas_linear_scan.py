@@ -15,16 +15,13 @@ from jaxsparse import models
 from jaxsparse.config import ConfigError, validate
 from jaxsparse.ops.diagonal_ssm import diagonal_ssm, linear_scan
 from jaxsparse.ops.linear_scan_pallas import kernel_linear_scan
+from test_linear_scan_native import inputs as native_scan_inputs, linear_scan_on_a_mesh
 
 
 def inputs(batch, length, width, seed=0, dtype=jnp.float32):
-    k = jax.random.split(jax.random.key(seed), 5)
-    decay = jax.random.uniform(k[0], (batch, length, width), minval=0.3, maxval=1.0)
-    x = jax.random.normal(k[1], (batch, length, width))
-    h0 = jax.random.normal(k[2], (batch, width))
-    cotangents = (jax.random.normal(k[3], (batch, length, width)),
-                  jax.random.normal(k[4], (batch, width)))
-    return tuple(t.astype(dtype) for t in (decay, x, h0)), cotangents
+    """The C++ scan tests' random scan, split into primals (cast to ``dtype``) and cotangents."""
+    decay, x, h0, ct_h, ct_final = native_scan_inputs(batch, length, width, seed)
+    return tuple(t.astype(dtype) for t in (decay, x, h0)), (ct_h, ct_final)
 
 
 def value_and_vjp(scan):
@@ -123,8 +120,6 @@ def test_on_a_mesh_each_device_scans_its_own_rows_and_channels():
     batch and channel splits stay split (no collective but the loss's all-reduce) and each
     device's share is padded to whole kernel blocks there (22 channels over 2 devices: 11 each);
     a split time axis is gathered. Values and gradients equal one device's lax.scan."""
-    from test_linear_scan_native import linear_scan_on_a_mesh
-
     out = linear_scan_on_a_mesh("pallas_interpret")
     for name in ("rows", "rows_channels"):
         assert out[name]["collectives"] in ([], ["all-reduce"]), out

@@ -32,6 +32,7 @@ from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, capacity_di
                                expert_choice_routing, expert_fractions, grouped_matmul,
                                linear_k_schedule, router_z_loss, swiglu_experts, top_k_routing,
                                unchunk)
+from jaxsparse.ops.sizes import round_up
 
 ROUTERS = ("top_k", "expert_choice", "random")
 
@@ -192,7 +193,7 @@ class MoE(nnx.Module):
             return chunk_pool_within_documents(self._router_input(x_BLD), segment_ids,
                                                self.chunk, causal=self.causal)
         batch, length, d = x_BLD.shape
-        padded = -(-length // self.chunk) * self.chunk
+        padded = round_up(length, self.chunk)
         x = jnp.pad(self._router_input(x_BLD), ((0, 0), (0, padded - length), (0, 0)))
         pooled = chunk_pool(x, self.chunk, causal=self.causal)
         if not self.causal and padded != length:

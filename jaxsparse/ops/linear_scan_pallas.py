@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.native.partitioning import split_over_batch_and_channels
+from jaxsparse.ops.sizes import round_up
 from pallas_kernels.linear_scan import linear_scan_config, scan, with_reverse_scan_vjp
 
 # Time steps unrolled per block (GPU: per loop iteration; TPU: per grid step, a multiple of the
@@ -29,17 +30,13 @@ BLOCK_T = {"gpu": 16, "tpu": 64}
 BLOCK_D = {"gpu": 128, "tpu": 128}
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _padded_kernel(cfg):
     """The kernel on float32 ``a, b [B, L, W]``, ``h0 [B, W]`` of any size: padding steps and
     channels get ``a = 1, b = 0`` (the state passes through), sliced off after."""
 
     def run(a, b, h0):
         batch, length, width = b.shape
-        length_pad, width_pad = _round_up(length, cfg.block_t), _round_up(width, cfg.block_d)
+        length_pad, width_pad = round_up(length, cfg.block_t), round_up(width, cfg.block_d)
 
         def pad(t, value):
             return jnp.pad(t, [(0, 0), (0, length_pad - length), (0, width_pad - width)],

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.segments import check_segment_ids, document_first_position
+from jaxsparse.ops.sizes import round_up
 from jaxsparse.ops.softmax import masked_softmax
 
 
@@ -196,7 +197,7 @@ def _attend_in_chunks(q, keys, values, key_pos, valid, scale, chunk):
     length = q.shape[1]
     if length <= chunk:
         return _attend(q, _gather_keys(keys, key_pos), _gather_keys(values, key_pos), valid, scale)
-    padded = -(-length // chunk) * chunk
+    padded = round_up(length, chunk)
 
     def split(x):  # [B, L, ...] -> [L/chunk, B, chunk, ...]
         x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))

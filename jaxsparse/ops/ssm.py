@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxsparse.ops.segments import (check_segment_ids, document_starts, keep_factor,
                                      shard_documents, shard_keeps_state, with_document_starts)
+from jaxsparse.ops.sizes import ceil_div, round_up
 
 SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "native", "pallas",
                         "pallas_interpret")
@@ -121,7 +122,7 @@ def _chunked_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, chunk, out_dty
     than O(length) and the scan stays memory-bandwidth-light. ``keep [b, l]`` (None: all
     ones) zeroes the decay where a document starts."""
     batch, length, d_inner = x.shape
-    padded = -(-length // chunk) * chunk
+    padded = round_up(length, chunk)
 
     def split(t):
         if t is None:
@@ -416,7 +417,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
     if segment_ids is not None:
         starts = document_starts(check_segment_ids(segment_ids, batch, length))
         a = jnp.where(starts[..., None], -jnp.inf, a)
-    chunks = -(-length // chunk_size)
+    chunks = ceil_div(length, chunk_size)
     padded = chunks * chunk_size
 
     def split(t):  # [b, l, ...] -> [b, c, L, ...]; padding steps have dt = 0: no decay, no input

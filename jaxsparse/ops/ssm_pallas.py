@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.native.partitioning import split_over_rows
+from jaxsparse.ops.sizes import round_up
 from pallas_kernels.selective_scan import differentiable_scan, scan_config
 
 # Time steps per block: the GPU keeps a block's recomputed states in registers during the
@@ -24,10 +25,6 @@ from pallas_kernels.selective_scan import differentiable_scan, scan_config
 BLOCK_T = {"gpu": 16, "tpu": 128}
 GPU_BLOCK_D = 32  # channels per Triton program: [N, 32] state = 512 floats, one warp
 TPU_BLOCK_D = 128  # one lane row
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _block_d(backend: str, d_inner: int, groups: int) -> int:
@@ -56,8 +53,8 @@ def kernel_scan(x, dt, A, B, C, h0, keep=None, *, backend: str, interpret: bool,
     block_t = block_t or BLOCK_T[backend]
     block_d = _block_d(backend, d_inner, groups)
     # Triton loads need power-of-two shapes; Mosaic wants whole sublane tiles.
-    n_pad = 1 << (d_state - 1).bit_length() if backend == "gpu" else _round_up(d_state, 8)
-    length_pad, d_pad = _round_up(length, block_t), _round_up(d_inner, block_d)
+    n_pad = 1 << (d_state - 1).bit_length() if backend == "gpu" else round_up(d_state, 8)
+    length_pad, d_pad = round_up(length, block_t), round_up(d_inner, block_d)
 
     def pad(t, sizes, value=0.0):
         return jnp.pad(t, [(0, s - n) for n, s in zip(t.shape, sizes)], constant_values=value)

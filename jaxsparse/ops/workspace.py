@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.segments import check_segment_ids, document_starts
+from jaxsparse.ops.sizes import round_up
 
 
 def read_slots(queries_BKD, state_BMD):
@@ -76,7 +77,7 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segmen
     if queries_BLD.shape != x_BLD.shape or init_MD.shape[-1] != d:
         raise ValueError(f"x {x_BLD.shape}, queries {queries_BLD.shape} and slots "
                          f"{init_MD.shape} must agree on the width")
-    padded = -(-length // chunk) * chunk
+    padded = round_up(length, chunk)
     pad = [(0, 0), (0, padded - length), (0, 0)]
     by_chunk = lambda t: jnp.pad(t, pad).reshape(b, -1, chunk, t.shape[-1]).swapaxes(0, 1)  # noqa: E731
     keys, values = by_chunk(x_BLD @ weights["wk"]), by_chunk(x_BLD @ weights["wv"])

@@ -24,15 +24,12 @@ import numpy as np
 from jaxsparse.ops.attention.lanes import cached_lane_schedule
 from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
 from jaxsparse.ops.masks import Mask, MultiHeadMask, cached_block_table
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+from jaxsparse.ops.sizes import round_up
 
 
 def pick_block(length: int, preferred: int) -> int:
     """The preferred block, shrunk (to a multiple of 8) for short sequences."""
-    return max(8, min(preferred, _round_up(length, 8)))
+    return max(8, min(preferred, round_up(length, 8)))
 
 
 def _pad_to(x, axis: int, size: int):

@@ -21,6 +21,7 @@ from jaxsparse.ops.attention.blocksparse import blocksparse_attention
 from jaxsparse.ops.masks import (PARTIAL, AndMask, CausalMask, ChunkedCausalMask, FixedMask,
                                  FullMask, GlobalTokensMask, LocalMask, Mask, MultiHeadMask, OrMask,
                                  StridedMask, cached_block_table)
+from jaxsparse.ops.sizes import round_up
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_tpu import LANES, block_sparse_attention_tpu
 
@@ -86,13 +87,13 @@ def _kernel_attention(q, k, v, mask, q_seg, kv_seg, scale, soft_cap, interpret, 
     groups = q_heads // kv_heads
     if backend == "tpu":  # Mosaic tiles: (8, 128)-aligned blocks, lane-dense head dim
         bq = bk = 128
-        d_pad = -(-head_dim // LANES) * LANES
+        d_pad = round_up(head_dim, LANES)
         kernel = block_sparse_attention_tpu
     else:
         bq, bk = _block(q_len, block_q), _block(kv_len, block_kv)
         d_pad = max(16, 1 << (head_dim - 1).bit_length())
         kernel = block_sparse_attention
-    s_pad, t_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
+    s_pad, t_pad = round_up(q_len, bq), round_up(kv_len, bk)
     # [B, S, H, D] -> [B, H, S, D], padded to whole blocks and the kernel's head dim
     to_kernel = lambda x, length: jnp.transpose(_pad(_pad(x, 1, length), 3, d_pad), (0, 2, 1, 3))  # noqa: E731
     qt, kt, vt = to_kernel(q, s_pad), to_kernel(k, t_pad), to_kernel(v, t_pad)

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.ops.sizes import ceil_div, round_up
+
 GMM_IMPLEMENTATIONS = (None, "dense", "ragged_dot", "tiles", "native", "pallas",
                        "pallas_interpret")
 # Tiles (rows, contraction, output columns): Triton wants powers of two; Mosaic wants the
@@ -89,10 +91,10 @@ def _tile_layout(group_sizes, m: int, num_groups: int, tile: int):
     """Every group padded to whole tiles: ``(num_tiles, dest, tile_group)`` — the padded row
     of each of the ``m`` rows (``num_tiles * tile`` for rows past the groups) and each tile's
     group."""
-    num_tiles = -(-m // tile) + num_groups  # sum_e ceil(size_e / tile) <= m / tile + E
+    num_tiles = ceil_div(m, tile) + num_groups  # sum_e ceil(size_e / tile) <= m / tile + E
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
-    padded = -(-sizes // tile) * tile
+    padded = round_up(sizes, tile)
     padded_starts = jnp.cumsum(padded) - padded
     groups = row_groups(sizes, m)
     g = jnp.minimum(groups, num_groups - 1)
@@ -179,17 +181,13 @@ def _native_or_tiles(lhs, rhs, group_sizes, tile, *, required: bool):
         default=lambda lhs, rhs, sizes: _tiles(lhs, rhs, sizes, tile))
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def kernel_grouped_matmul(lhs, rhs, group_sizes, *, backend: str, interpret: bool):
     from pallas_kernels.grouped_matmul import gmm, gmm_config
 
     m, k = lhs.shape
     n = rhs.shape[2]
     tm, tk, tn = GPU_TILES if backend == "gpu" else TPU_TILES
-    m_pad, k_pad, n_pad = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    m_pad, k_pad, n_pad = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     lhs_p = jnp.pad(lhs, ((0, m_pad - m), (0, k_pad - k)))  # padded rows lie past every group
     rhs_p = jnp.pad(rhs, ((0, 0), (0, k_pad - k), (0, n_pad - n)))
     cfg = gmm_config(backend=backend, interpret=interpret, tm=tm, tk=tk, tn=tn)
