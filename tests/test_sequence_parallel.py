@@ -45,13 +45,35 @@ masks = {"causal": CausalMask(), "window": LocalMask(9, 0), "window_bidirectiona
          "bigbird": BigBirdMask(7, 1, 1, 1, 3),
          "per_head": MultiHeadMask((CausalMask(), LocalMask(3, 0), LocalMask(9, 2), CausalMask()))}
 for name, mask in masks.items():
-    out["attention " + name] = compare(
-        lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=mask),
-        lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="xla"), (q, k, v))
-out["attention causal+segments"] = compare(
-    lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask(), segment_ids=split(segments)),
-    lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segments,
-                                          implementation="xla"), (q, k, v))
+    for layout in ("contiguous", "zigzag"):
+        out[f"attention {name} {layout}"] = compare(
+            lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=mask, layout=layout),
+            lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="xla"),
+            (q, k, v))
+for layout in ("contiguous", "zigzag"):
+    out[f"attention causal+segments {layout}"] = compare(
+        lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask(), layout=layout,
+                                       segment_ids=split(segments)),
+        lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segments,
+                                              implementation="xla"), (q, k, v))
+# fewer keys than queries (a causal mask with an offset: the first 8 rows attend nothing),
+# shards of odd length (no halves) and shards in four parts of 4 (part_tokens=4)
+kv_short = (normal(B, 48, Hk, D), normal(B, 48, Hk, D))
+for layout in ("contiguous", "zigzag"):
+    out[f"attention S!=T {layout}"] = compare(
+        lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask(-8), layout=layout),
+        lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(-8), implementation="xla"),
+        (q, *kv_short))
+out["attention odd shards contiguous"] = compare(
+    lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask()),
+    lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(), implementation="xla"),
+    (q[:, :52], k[:, :52], v[:, :52]))
+for layout in ("contiguous", "zigzag"):
+    out[f"attention four parts {layout}"] = compare(
+        lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=masks["per_head"], layout=layout,
+                                       part_tokens=4),
+        lambda q, k, v: dot_product_attention(q, k, v, mask=masks["per_head"], implementation="xla"),
+        (normal(B, 64, Hq, D), normal(B, 64, Hk, D), normal(B, 64, Hk, D)))
 
 L, W = 52, 6
 delta, Bd, Cd, U = normal(B, L, W), normal(B, L, W), normal(B, L, W), normal(B, L, W)
@@ -113,7 +135,10 @@ for chunk in (None, 4):
 errors = {}
 for bad in (lambda: ring_attention(q[:, :50], k[:, :50], v[:, :50], mesh=mesh, mask=CausalMask()),
             lambda: diagonal_ssm_sequence_parallel(delta[:, :50], Bd[:, :50], Cd[:, :50], U[:, :50],
-                                                   log_lambda, Dd, mesh=mesh)):
+                                                   log_lambda, Dd, mesh=mesh),
+            lambda: ring_attention(q[:, :52], k[:, :52], v[:, :52], mesh=mesh, layout="zigzag"),
+            lambda: ring_attention(q, k, v, mesh=mesh, layout="striped"),
+            lambda: ring_attention(q, k, v, mesh=mesh, part_tokens=0)):
     try:
         bad()
     except ValueError as err:
@@ -128,17 +153,46 @@ def sharded_ops():
     return run_python(OPS, devices=8)
 
 
-ATTENTION_CASES = ["causal", "window", "window_bidirectional", "chunked", "longformer", "bigbird",
-                   "per_head", "causal+segments"]
+MASKS = ["causal", "window", "window_bidirectional", "chunked", "longformer", "bigbird",
+         "per_head", "causal+segments", "S!=T", "four parts"]
+ATTENTION_CASES = [f"{mask} {layout}" for mask in MASKS for layout in ("contiguous", "zigzag")]
 
 
-@pytest.mark.parametrize("mask", ATTENTION_CASES)
-def test_ring_attention_equals_single_device(sharded_ops, mask):
+@pytest.mark.parametrize("case", ATTENTION_CASES + ["odd shards contiguous"])
+def test_ring_attention_equals_single_device(sharded_ops, case):
     """Queries, keys and values split 4 ways along the sequence (and 2 ways along the batch):
-    the ring exchange gives the single-device attention, forward and gradients (float32)."""
-    result = sharded_ops["attention " + mask]
+    the ring exchange gives the single-device attention, forward and gradients (float32), in
+    the contiguous and the zig-zag layout, with every mask, packed documents, fewer keys than
+    queries (rows with nothing to attend to), shards of odd length (worked whole) and shards
+    in four parts."""
+    result = sharded_ops["attention " + case]
     assert result["grad_scale"] > 1e-3  # the gradients compared are not trivially zero
     assert result["value"] < 1e-5 and result["grad"] < 1e-5, result
+
+
+def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():
+    """The critical path (part pairs, slowest device per step) of a causal ring over n devices
+    in halves: contiguous 3 + 4(n-1) (the last device works whole chunk pairs at every step),
+    zig-zag 3 + 2(n-1) (every device two of its four pairs); ``layout=None`` takes zig-zag for
+    causal masks and stays contiguous for a sliding window, full attention (a tie) and shards
+    that do not halve."""
+    from jaxsparse.ops.attention.ring import choose_layout, critical_path, held_part, split_parts
+    from jaxsparse.ops.masks import CausalMask, LocalMask
+
+    for n in (2, 4, 8):
+        length = 64 * n
+        assert critical_path(CausalMask(), length, length, n, "contiguous", 2) == 3 + 4 * (n - 1)
+        assert critical_path(CausalMask(), length, length, n, "zigzag", 2) == 3 + 2 * (n - 1)
+        assert choose_layout(CausalMask(), length, length, n) == "zigzag"
+        assert choose_layout(LocalMask(16, 0), length, length, n) == "contiguous"
+        assert choose_layout(None, length, length, n) == "contiguous"
+        # every part of the sequence is held by exactly one device, in either layout
+        for layout in ("contiguous", "zigzag"):
+            held = sorted(held_part(layout, n, 4, d, p) for d in range(n) for p in range(4))
+            assert held == list(range(4 * n)), layout
+    assert [held_part("zigzag", 4, 2, 1, p) for p in range(2)] == [1, 6]  # halves i, 2n-1-i
+    assert choose_layout(CausalMask(), 4 * 13, 4 * 13, 4) == "contiguous"  # shards of 13
+    assert split_parts(13, 13) == 1 and split_parts(14, 14) == 2 and split_parts(4096, 4096) == 4
 
 
 @pytest.mark.parametrize("scan", ["diagonal ssm", "diagonal ssm+segments", "mamba1 scan", "mamba2 ssd chunk=None",
@@ -158,6 +212,10 @@ def test_sequence_parallel_ops_name_lengths_that_do_not_split(sharded_ops):
     errors = sharded_ops["errors"]
     assert "query length S=50 must be divisible by mesh axis 'sequence' of size 4" in errors["0"]
     assert "length 50 must be divisible by mesh axis 'sequence' of size 4" in errors["1"]
+    assert ("query length S=52 must be divisible by twice the size of mesh axis 'sequence' (8) "
+            "for layout='zigzag'") in errors["2"]
+    assert "layout='striped': expected one of (None, 'contiguous', 'zigzag')" in errors["3"]
+    assert "part_tokens=0: expected a positive integer" in errors["4"]
 
 
 PRESETS_VS_SINGLE = r"""

@@ -1,28 +1,51 @@
 """Context-parallel (ring) attention: queries, keys and values split along the sequence.
 
-Each of the ``n`` devices on the mesh axis holds one contiguous chunk of the sequence. Keys
-and values travel around the ring (``ppermute`` to the next device) for ``n`` steps; at every
-step a device scores its own queries against the key/value chunk it holds and folds the
-result into a running (max, sum, output) online softmax, so no device ever holds more than
-two chunks of keys and values (Liu et al. 2023, "Ring Attention with Blockwise
-Transformers"; the online softmax of Milakov & Gimelshein 2018).
+Each of the ``n`` devices on the mesh axis holds one chunk of the sequence. Keys and values
+travel around the ring (``ppermute`` to the next device) for ``n`` steps; at every step a
+device scores its own queries against the key/value chunk it holds and folds the result into a
+running (max, sum, output) online softmax, so no device ever holds more than two chunks of keys
+and values (Liu et al. 2023, "Ring Attention with Blockwise Transformers"; the online softmax
+of Milakov & Gimelshein 2018).
 
-Masks are evaluated from global positions (``Mask.allowed`` on ``chunk * index + offset``),
+Masks are evaluated from global positions (``Mask.allowed`` on the positions a device holds),
 so causal, sliding-window, chunked, strided, global-token and per-head masks all work, and
-segment ids travel with their keys. A step whose chunk pair is entirely masked (the future,
-under a causal mask; far away, under a window) skips its matmuls with ``lax.cond``. The
-causal load imbalance this leaves (the last device works ``n`` steps, the first one) is what
-striped/zig-zag layouts fix; they reorder tokens, which this version does not.
+segment ids travel with their keys. Every chunk is worked in two halves (when its length is
+even): a pair of query and key halves that the mask leaves entirely empty skips its matmuls
+with ``lax.cond``.
+
+Layouts. ``"contiguous"``: device ``i`` holds chunk ``i``. Under a causal mask that is
+unbalanced: at every step after the first some device holds keys from its past and works a
+whole chunk pair while the others idle, so the ring takes ``n`` chunk pairs of time for
+``n(n+1)/2`` pairs of work. ``"zigzag"`` (the load-balanced layout of Llama 3's context
+parallelism and of ring-flash-attention): the sequence is cut into ``2n`` halves and device
+``i`` holds halves ``i`` and ``2n-1-i``, one early and one late, so at every step after the
+first each device works exactly two of its four half pairs: about ``(n+1)/2`` chunk pairs of
+time. The op takes and returns contiguous shards either way: two ``ppermute`` of each input
+half (even and odd halves are each a permutation of the devices) move the halves into the
+zig-zag order, and two move the output back. ``layout=None`` picks the layout whose critical
+path (the per-step maximum over devices of non-empty half pairs, summed over steps, from the
+mask's block table) is shorter, contiguous on a tie: zig-zag for causal masks, contiguous for
+sliding windows, whose work is already local.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
-from jaxsparse.ops.masks import Mask, MultiHeadMask
+from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
+
+RING_LAYOUTS = (None, "contiguous", "zigzag")
+# Each shard's queries and keys are worked in parts of about this many tokens: an empty pair of
+# parts is skipped, and a pair's logits ([B, H, part, part] floats) stay small. At most
+# MAX_PARTS per shard: every pair is unrolled into the ring step.
+PART_TARGET = 512
+MAX_PARTS = 4
 
 
 def _allowed(mask, q_len, kv_len, q_pos, kv_pos):
@@ -37,16 +60,127 @@ def _allowed(mask, q_len, kv_len, q_pos, kv_pos):
                             (q_pos.size, kv_pos.size))[None]
 
 
+def split_parts(q_chunk: int, kv_chunk: int, part_tokens: int = PART_TARGET) -> int:
+    """Parts per shard: halves where the chunks split evenly (so that an empty pair of halves
+    is skipped and zig-zag can serve), then halved again while a part is longer than
+    ``part_tokens``, up to ``MAX_PARTS``."""
+    parts = 1
+    while (parts < MAX_PARTS and q_chunk % (2 * parts) == 0 and kv_chunk % (2 * parts) == 0
+           and (parts == 1 or max(q_chunk, kv_chunk) > part_tokens * parts)):
+        parts *= 2
+    return parts
+
+
+def held_part(layout: str, n: int, parts: int, device, p: int):
+    """Index (among the sequence's ``n * parts`` parts) of the ``p``-th part that ``device``
+    holds; ``device`` may be traced. Zig-zag: the first ``parts/2`` come from half ``device``
+    of ``2n``, the rest from half ``2n-1-device``."""
+    if layout == "contiguous":
+        return device * parts + p
+    per_half = parts // 2
+    half = device if p < per_half else 2 * n - 1 - device
+    return half * per_half + p % per_half
+
+
+def _zigzag_device(half: int, n: int) -> int:
+    return half if half < n else 2 * n - 1 - half
+
+
+def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> int:
+    """The ring's time in part pairs: per step, the most non-empty (query part, key part)
+    pairs any device works (the ring waits for the slowest), summed over the ``n`` steps.
+    Ignores segment ids."""
+    if mask is None:
+        nonempty = np.ones((n * parts, n * parts), bool)
+    else:
+        table = cached_block_table(mask, q_len, kv_len, q_len // (n * parts), kv_len // (n * parts))
+        nonempty = (table.kind != EMPTY).any(axis=0)
+    held = [[held_part(layout, n, parts, i, p) for p in range(parts)] for i in range(n)]
+    return sum(max(int(nonempty[np.ix_(held[i], held[(i - step) % n])].sum()) for i in range(n))
+               for step in range(n))
+
+
+def choose_layout(mask, q_len: int, kv_len: int, n: int, part_tokens: int = PART_TARGET) -> str:
+    """Zig-zag where it shortens the ring's critical path, contiguous otherwise (and where the
+    shards do not split into halves)."""
+    if n == 1 or q_len % (2 * n) or kv_len % (2 * n):
+        return "contiguous"
+    parts = split_parts(q_len // n, kv_len // n, part_tokens)
+    zigzag = critical_path(mask, q_len, kv_len, n, "zigzag", parts)
+    contiguous = critical_path(mask, q_len, kv_len, n, "contiguous", parts)
+    return "zigzag" if zigzag < contiguous else "contiguous"
+
+
+def _to_zigzag(t, index, n: int, axis: str):
+    """``t [B, chunk, ...]``, device ``index``'s contiguous chunk -> its zig-zag halves."""
+    half = t.shape[1] // 2
+    even = [(i, _zigzag_device(2 * i, n)) for i in range(n)]  # half 2i, from device i
+    odd = [(i, _zigzag_device(2 * i + 1, n)) for i in range(n)]
+    got_even = jax.lax.ppermute(t[:, :half], axis, even)
+    got_odd = jax.lax.ppermute(t[:, half:], axis, odd)
+    # device j holds halves j and 2n-1-j, of opposite parity: j's parity says which comes first
+    first_is_even = index % 2 == 0
+    return jnp.concatenate([jnp.where(first_is_even, got_even, got_odd),
+                            jnp.where(first_is_even, got_odd, got_even)], axis=1)
+
+
+def _from_zigzag(t, index, n: int, axis: str):
+    """The inverse of :func:`_to_zigzag`: each half goes back to its contiguous device."""
+    half = t.shape[1] // 2
+    first, second = t[:, :half], t[:, half:]
+    first_is_even = index % 2 == 0
+    even_half = jnp.where(first_is_even, first, second)
+    odd_half = jnp.where(first_is_even, second, first)
+    even = [(_zigzag_device(2 * i, n), i) for i in range(n)]
+    odd = [(_zigzag_device(2 * i + 1, n), i) for i in range(n)]
+    return jnp.concatenate([jax.lax.ppermute(even_half, axis, even),
+                            jax.lax.ppermute(odd_half, axis, odd)], axis=1)
+
+
+def _check_inputs(q, k, v, mask, n, axis, layout):
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q{q.shape}, k{k.shape}, v{v.shape}: expected q [B, S, Hq, D] and "
+                         "k, v [B, T, Hkv, D]")
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
+    if layout not in RING_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {RING_LAYOUTS}")
+    for name, length in (("query length S", q_len), ("key length T", kv_len)):
+        if length % n:
+            raise ValueError(f"ring attention: {name}={length} must be divisible by mesh axis "
+                             f"{axis!r} of size {n}")
+        if layout == "zigzag" and length % (2 * n):
+            raise ValueError(f"ring attention: {name}={length} must be divisible by twice the "
+                             f"size of mesh axis {axis!r} ({2 * n}) for layout='zigzag' (every "
+                             "shard holds two halves)")
+    if isinstance(mask, Mask):
+        mask.check_size(q_len, kv_len)
+        if mask.num_heads is not None and mask.num_heads != q_heads:
+            raise ValueError(f"mask is a MultiHeadMask of {mask.num_heads} heads; q has {q_heads}")
+    elif mask is not None:
+        raise ValueError(f"ring attention needs a lazy Mask object (got {type(mask).__name__}): "
+                         "it evaluates the mask at global positions on each shard")
+
+
 def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | None = None,
                    segment_ids=None, scale: float | None = None,
-                   logits_soft_cap: float | None = None):
+                   logits_soft_cap: float | None = None, layout: str | None = None,
+                   part_tokens: int = PART_TARGET):
     """``dot_product_attention`` with the sequence split over mesh axis ``axis``.
 
     Args:
       q: ``[B, S, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (``Hq % Hkv == 0``); ``S`` and ``T`` must
-        be divisible by the axis size (the shards hold equal chunks).
+        be divisible by the axis size (the shards hold equal chunks), and by twice it for
+        ``layout="zigzag"``.
       mask: a lazy :class:`Mask` (or ``MultiHeadMask``) over global positions, or None.
       segment_ids: ``[B, S]`` integers (needs ``S == T``) or a ``(q, kv)`` pair.
+      layout: ``"contiguous"``, ``"zigzag"`` or None (the one with the shorter critical path
+        for this mask; see the module docstring). Inputs and output are contiguous shards
+        whatever the layout.
+      part_tokens: the length of the parts each shard's queries and keys are worked in (at
+        most ``MAX_PARTS`` per shard, fewer where the shard does not split evenly).
       Other axes of ``mesh`` stay under the compiler's automatic sharding.
 
     Returns ``[B, S, Hq, D]`` in ``q.dtype``, equal to the single-device result; rows with
@@ -55,24 +189,13 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     n = mesh.shape.get(axis)
     if n is None:
         raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
+    _check_inputs(q, k, v, mask, n, axis, layout)
+    if not isinstance(part_tokens, int) or part_tokens < 1:
+        raise ValueError(f"part_tokens={part_tokens!r}: expected a positive integer")
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q{q.shape}, k{k.shape}, v{v.shape}: expected q [B, S, Hq, D] and "
-                         "k, v [B, T, Hkv, D]")
-    if q_heads % kv_heads:
-        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
-    for name, length in (("query length S", q_len), ("key length T", kv_len)):
-        if length % n:
-            raise ValueError(f"ring attention: {name}={length} must be divisible by mesh axis "
-                             f"{axis!r} of size {n}")
-    if isinstance(mask, Mask):
-        mask.check_size(q_len, kv_len)
-        if mask.num_heads is not None and mask.num_heads != q_heads:
-            raise ValueError(f"mask is a MultiHeadMask of {mask.num_heads} heads; q has {q_heads}")
-    elif mask is not None:
-        raise ValueError(f"ring attention needs a lazy Mask object (got {type(mask).__name__}): "
-                         "it evaluates the mask at global positions on each shard")
+    if layout is None:
+        layout = choose_layout(mask, q_len, kv_len, n, part_tokens)
     if segment_ids is None:
         q_seg = kv_seg = jnp.zeros((batch, q_len), jnp.int32)
         if kv_len != q_len:
@@ -86,9 +209,15 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     scale = head_dim**-0.5 if scale is None else scale
     groups = q_heads // kv_heads
     q_chunk, kv_chunk = q_len // n, kv_len // n
+    parts = split_parts(q_chunk, kv_chunk, part_tokens)
+    q_part, kv_part = q_chunk // parts, kv_chunk // parts
+
+    def positions(device, part_len, p):
+        """Global positions of part ``p`` of the chunk ``device`` holds."""
+        return held_part(layout, n, parts, device, p) * part_len + jnp.arange(part_len)
 
     def block(carry, q_g, k_c, v_c, allowed):
-        """Fold one key/value chunk into the running online softmax."""
+        """Fold one key/value part into the running online softmax of one query part."""
         peak, denom, acc = carry
         logits = jnp.einsum("bshgd,bthd->bhgst", q_g, k_c, preferred_element_type=jnp.float32)
         logits = soft_cap(logits * scale, logits_soft_cap)
@@ -101,39 +230,54 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
             "bhgst,bthd->bhgsd", weights, v_c.astype(jnp.float32))
         return new_peak, denom, acc
 
-    block = jax.checkpoint(block)  # keep one chunk's logits alive at a time in the backward
+    block = jax.checkpoint(block)  # keep one part pair's logits alive at a time in the backward
 
     def local(q_c, k_c, v_c, q_seg_c, kv_seg_c):
         index = jax.lax.axis_index(axis)
-        q_pos = index * q_chunk + jnp.arange(q_chunk)
-        q_g = q_c.reshape(batch, q_chunk, kv_heads, groups, head_dim)
-        shape = (batch, kv_heads, groups, q_chunk)
+        if layout == "zigzag":
+            zig = functools.partial(_to_zigzag, index=index, n=n, axis=axis)
+            q_c, k_c, v_c, q_seg_c, kv_seg_c = map(zig, (q_c, k_c, v_c, q_seg_c, kv_seg_c))
+        q_g = q_c.reshape(batch, parts, q_part, kv_heads, groups, head_dim)
+        q_pos = [positions(index, q_part, p) for p in range(parts)]
+        shape = (batch, kv_heads, groups, q_part)
         carry = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
                  jnp.zeros(shape + (head_dim,), jnp.float32))
         # the running statistics differ per shard: say so, or both branches of the cond
         # below would disagree on their type
         carry = jax.tree.map(lambda t: jax.lax.pcast(t, axis, to="varying"), carry)
+        carries = [carry] * parts
         ring = [(i, (i + 1) % n) for i in range(n)]
 
         def step(state, s):
-            carry, k_c, v_c, kv_seg_c = state
+            carries, k_c, v_c, kv_seg_c = state
             source = (index - s) % n  # the shard whose keys this device holds at step s
-            kv_pos = source * kv_chunk + jnp.arange(kv_chunk)
-            allowed = _allowed(mask, q_len, kv_len, q_pos, kv_pos)  # [H or 1, Sq, Tc]
-            allowed = allowed.reshape(-1, 1, q_chunk, kv_chunk) if allowed.shape[0] == 1 else \
-                allowed.reshape(kv_heads, groups, q_chunk, kv_chunk)
-            same = q_seg_c[:, :, None] == kv_seg_c[:, None, :]  # [B, Sq, Tc]
-            allowed = allowed[None] & same[:, None, None]  # [B, Hkv|1, G|1, Sq, Tc]
-            carry = jax.lax.cond(jnp.any(allowed), lambda c: block(c, q_g, k_c, v_c, allowed),
-                                 lambda c: c, carry)
+            carries = list(carries)
+            for qp in range(parts):
+                for kp in range(parts):
+                    kv_slice = slice(kp * kv_part, (kp + 1) * kv_part)
+                    allowed = _allowed(mask, q_len, kv_len, q_pos[qp],
+                                       positions(source, kv_part, kp))  # [H or 1, Sq, Tc]
+                    allowed = (allowed.reshape(-1, 1, q_part, kv_part) if allowed.shape[0] == 1
+                               else allowed.reshape(kv_heads, groups, q_part, kv_part))
+                    same = (q_seg_c[:, qp * q_part:(qp + 1) * q_part, None]
+                            == kv_seg_c[:, None, kv_slice])  # [B, Sq, Tc]
+                    allowed = allowed[None] & same[:, None, None]  # [B, Hkv|1, G|1, Sq, Tc]
+                    carries[qp] = jax.lax.cond(
+                        jnp.any(allowed),
+                        lambda c, qp=qp, kv_slice=kv_slice, allowed=allowed: block(
+                            c, q_g[:, qp], k_c[:, kv_slice], v_c[:, kv_slice], allowed),
+                        lambda c: c, carries[qp])
             k_c, v_c, kv_seg_c = (jax.lax.ppermute(t, axis, ring) for t in (k_c, v_c, kv_seg_c))
-            return (carry, k_c, v_c, kv_seg_c), None
+            return (tuple(carries), k_c, v_c, kv_seg_c), None
 
-        (carry, *_), _ = jax.lax.scan(step, (carry, k_c, v_c, kv_seg_c), jnp.arange(n))
-        _, denom, acc = carry
-        out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # [B, Hkv, G, Sq, D]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, q_chunk, q_heads, head_dim)
-        return out.astype(q_c.dtype)
+        (carries, *_), _ = jax.lax.scan(step, (tuple(carries), k_c, v_c, kv_seg_c),
+                                        jnp.arange(n))
+        outs = []
+        for _, denom, acc in carries:
+            out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # [B, Hkv, G, Sq, D]
+            outs.append(out.transpose(0, 3, 1, 2, 4).reshape(batch, q_part, q_heads, head_dim))
+        out = jnp.concatenate(outs, axis=1).astype(q_c.dtype)
+        return _from_zigzag(out, index, n, axis) if layout == "zigzag" else out
 
     seq = P(None, axis, None, None)
     with jax.named_scope("ring_attention"):  # findable in profiles and HLO metadata
@@ -142,4 +286,4 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
                              out_specs=seq, axis_names={axis})(q, k, v, q_seg, kv_seg)
 
 
-__all__ = ["ring_attention"]
+__all__ = ["RING_LAYOUTS", "choose_layout", "critical_path", "ring_attention"]

@@ -1,0 +1,135 @@
+"""Context-parallel attention: the ring's contiguous and zig-zag layouts against gathered K/V.
+
+The sequence split over mesh axis ``sequence`` (``--devices`` emulated CPU devices unless the
+host has that many); forward, and forward + backward (gradients of q, k, v), float32. Paths,
+timed in the same run for each mask:
+  gathered K/V     the compiler's own partitioning of the dense masked attention
+                   (``implementation="xla"``) on sequence-sharded inputs: keys and values
+                   all-gathered onto every device (the peer)
+  ring contiguous  ``ring_attention(layout="contiguous")``: device i holds chunk i
+  ring zigzag      ``ring_attention(layout="zigzag")``: device i holds halves i and 2n-1-i
+  ring auto        ``layout=None``: the layout with the shorter critical path
+Columns: times, speed-up over the peer, and the ring's critical path in part pairs (per step,
+the most non-empty query/key part pairs any device works, summed over steps) beside the
+work of all devices together. Emulated CPU devices share the host's cores (and XLA:CPU
+spreads one device's ops over them), so CPU times follow the total work more than the critical
+path; on a real mesh each device has its own chip and the ring waits for the slowest, so the
+critical path is what the wall time follows.
+
+    jaxsparse bench ring [--devices 4] [--length 8192] [--heads 4] [--head-dim 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+COLUMNS = ["mask", "path", "layout", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd",
+           "critical_path", "total_pairs"]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=4, help="size of the sequence axis")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--window", type=int, default=512, help="the sliding-window mask's width")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS))
+    return parser.parse_args(argv)
+
+
+def schedule(mask, args, layout):
+    """(critical path, all devices' work) in part pairs for ``layout`` ("gathered": none)."""
+    from jaxsparse.ops.attention.ring import critical_path, split_parts
+    from jaxsparse.ops.masks import EMPTY, cached_block_table
+
+    n, length = args.devices, args.length
+    parts = split_parts(length // n, length // n)
+    table = cached_block_table(mask, length, length, length // (n * parts), length // (n * parts))
+    total = int((table.kind != EMPTY).any(axis=0).sum())
+    return critical_path(mask, length, length, n, layout, parts), total
+
+
+def measure(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from jaxsparse.bench import time_fn
+    from jaxsparse.ops.attention import dot_product_attention
+    from jaxsparse.ops.attention.ring import choose_layout, ring_attention
+    from jaxsparse.ops.masks import CausalMask, LocalMask
+
+    n, length = args.devices, args.length
+    if length % (2 * n):
+        raise SystemExit(f"--length {length}: must be divisible by twice --devices ({2 * n})")
+    mesh = Mesh(np.array(jax.devices()[:n]), ("sequence",))
+    keys = jax.random.split(jax.random.key(0), 3)
+    shape = (args.batch, length, args.heads, args.head_dim)
+    q, k, v = (jax.device_put(jax.random.normal(key, shape), NamedSharding(mesh, P(None, "sequence")))
+               for key in keys)
+    masks = {"causal": CausalMask(), f"window {args.window}": LocalMask(args.window, 0)}
+    rows = []
+    for mask_name, mask in masks.items():
+        paths = {"gathered K/V": (lambda q, k, v, mask=mask: dot_product_attention(
+                     q, k, v, mask=mask, implementation="xla"), "")}
+        for layout in ("contiguous", "zigzag", None):
+            paths[f"ring {layout or 'auto'}"] = (
+                lambda q, k, v, mask=mask, layout=layout: ring_attention(
+                    q, k, v, mesh=mesh, mask=mask, layout=layout),
+                layout or choose_layout(mask, length, length, n))
+        peer = None
+        for name, (attend, layout) in paths.items():
+            forward = jax.jit(attend)
+            both = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v)),
+                                    argnums=(0, 1, 2)))
+            row = {"mask": mask_name, "path": name, "layout": layout,
+                   "fwd_ms": time_fn(forward, q, k, v, warmup=1, repeats=args.repeats).median_s * 1e3,
+                   "fwd_bwd_ms": time_fn(both, q, k, v, warmup=1, repeats=args.repeats).median_s * 1e3}
+            if layout:
+                row["critical_path"], row["total_pairs"] = schedule(mask, args, layout)
+            peer = peer or row["fwd_bwd_ms"]
+            row["speedup_fwd_bwd"] = peer / row["fwd_bwd_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse(argv if argv is not None else sys.argv[1:])
+    import jax
+
+    if len(jax.devices()) < args.devices:  # the device count is fixed when JAX starts
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
+        argv = sys.argv[1:] if argv is None else argv
+        proc = subprocess.run([sys.executable, __file__, *argv], env=env)
+        if proc.returncode:
+            raise SystemExit(proc.returncode)
+        return
+    from jaxsparse.bench import markdown_table, write_results
+
+    rows = measure(args)
+    notes = (f"Attention with the sequence split over {args.devices} devices (mesh sequence="
+             f"{args.devices}), batch {args.batch}, {args.length} tokens, {args.heads} heads of "
+             f"{args.head_dim}, float32, {jax.default_backend()}; median of {args.repeats}. "
+             "critical_path: the ring's time in part pairs (the slowest device per step); "
+             "total_pairs: all devices' work. Emulated CPU devices share the host's cores, so "
+             "CPU times follow the total work; a real mesh follows the critical path.")
+    formats = {"fwd_ms": "{:.0f}", "fwd_bwd_ms": "{:.0f}", "speedup_fwd_bwd": "{:.2f}"}
+    write_results("ring", rows, COLUMNS, args.out, notes, formats)
+    print(markdown_table(rows, COLUMNS, formats))
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
