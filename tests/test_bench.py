@@ -72,6 +72,23 @@ def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_p
     assert rows[0]["speedup_vs_buffers"] == 1 and all(r["ms"] > 0 for r in rows)
 
 
+def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path):
+    """Re-runs itself on 4 emulated devices; for each mask the peer comes first, auto picks
+    zig-zag under the causal mask and contiguous under the window, and the critical paths are
+    the schedule's: causal in halves 3 + 4*3 contiguous, 3 + 2*3 zig-zag, of 36 pairs."""
+    assert main(["bench", "ring", "--length", "64", "--heads", "2", "--head-dim", "8",
+                 "--window", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = {(r["mask"], r["path"]): r
+            for r in json.loads((tmp_path / "ring.json").read_text())["rows"]}
+    assert list(rows)[0] == ("causal", "gathered K/V") and len(rows) == 8
+    assert rows["causal", "ring auto"]["layout"] == "zigzag"
+    assert rows["window 8", "ring auto"]["layout"] == "contiguous"
+    assert rows["causal", "ring contiguous"]["critical_path"] == 15
+    assert rows["causal", "ring zigzag"]["critical_path"] == 9
+    assert rows["causal", "ring zigzag"]["total_pairs"] == 36
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows.values())
+
+
 def test_ssm_benchmark_times_every_implementation_against_the_recurrence(tmp_path):
     """Mamba-1 (one document per row and packed) and Mamba-2 rows, forward and forward +
     backward; on CPU each includes the native kernel (the CPU default), and the first row of

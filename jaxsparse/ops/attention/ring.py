@@ -9,9 +9,12 @@ of Milakov & Gimelshein 2018).
 
 Masks are evaluated from global positions (``Mask.allowed`` on the positions a device holds),
 so causal, sliding-window, chunked, strided, global-token and per-head masks all work, and
-segment ids travel with their keys. Every chunk is worked in two halves (when its length is
-even): a pair of query and key halves that the mask leaves entirely empty skips its matmuls
-with ``lax.cond``.
+segment ids travel with their keys. Inside a step the device's queries and the keys it holds
+are worked in parts of about ``PART_TARGET`` tokens (an even number of parts where the chunk
+lengths are even), a scan over query parts around a scan over key parts: a pair of parts that
+the mask leaves entirely empty skips its matmuls with ``lax.cond``, and with the folds
+checkpointed only one pair's logits are alive at a time, forward and backward, however long
+the chunks (FlashAttention's tiling, at the XLA level).
 
 Layouts. ``"contiguous"``: device ``i`` holds chunk ``i``. Under a causal mask that is
 unbalanced: at every step after the first some device holds keys from its past and works a
@@ -23,7 +26,7 @@ first each device works exactly two of its four half pairs: about ``(n+1)/2`` ch
 time. The op takes and returns contiguous shards either way: two ``ppermute`` of each input
 half (even and odd halves are each a permutation of the devices) move the halves into the
 zig-zag order, and two move the output back. ``layout=None`` picks the layout whose critical
-path (the per-step maximum over devices of non-empty half pairs, summed over steps, from the
+path (the per-step maximum over devices of non-empty part pairs, summed over steps, from the
 mask's block table) is shorter, contiguous on a tie: zig-zag for causal masks, contiguous for
 sliding windows, whose work is already local.
 """
@@ -31,6 +34,7 @@ sliding windows, whose work is already local.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +45,10 @@ from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
 from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
 
 RING_LAYOUTS = (None, "contiguous", "zigzag")
-# Each shard's queries and keys are worked in parts of about this many tokens: an empty pair of
-# parts is skipped, and a pair's logits ([B, H, part, part] floats) stay small. At most
-# MAX_PARTS per shard: every pair is unrolled into the ring step.
+# Each shard's queries and keys are worked in parts of at most about this many tokens: an empty
+# pair of parts is skipped, and only one pair's logits ([B, H, part, part] floats) are alive
+# at a time, forward and backward, however long the shard.
 PART_TARGET = 512
-MAX_PARTS = 4
 
 
 def _allowed(mask, q_len, kv_len, q_pos, kv_pos):
@@ -61,24 +64,28 @@ def _allowed(mask, q_len, kv_len, q_pos, kv_pos):
 
 
 def split_parts(q_chunk: int, kv_chunk: int, part_tokens: int = PART_TARGET) -> int:
-    """Parts per shard: halves where the chunks split evenly (so that an empty pair of halves
-    is skipped and zig-zag can serve), then halved again while a part is longer than
-    ``part_tokens``, up to ``MAX_PARTS``."""
-    parts = 1
-    while (parts < MAX_PARTS and q_chunk % (2 * parts) == 0 and kv_chunk % (2 * parts) == 0
-           and (parts == 1 or max(q_chunk, kv_chunk) > part_tokens * parts)):
-        parts *= 2
-    return parts
+    """Parts per shard: a common divisor of both shard lengths, even where both are even (so
+    that halves, and zig-zag, work), whose longer part is nearest ``part_tokens`` on a log
+    scale (the finer on a tie): a length with few divisors gets a few long parts rather than
+    thousands of tiny ones."""
+    common = math.gcd(q_chunk, kv_chunk)
+    divisors = {d for i in range(1, math.isqrt(common) + 1) if common % i == 0
+                for d in (i, common // i)}
+    if common % 2 == 0:
+        divisors = {d for d in divisors if d % 2 == 0}
+    longest = max(q_chunk, kv_chunk)
+    return min(divisors, key=lambda d: (abs(math.log(longest / d / part_tokens)), -d))
 
 
-def held_part(layout: str, n: int, parts: int, device, p: int):
+def held_part(layout: str, n: int, parts: int, device, p):
     """Index (among the sequence's ``n * parts`` parts) of the ``p``-th part that ``device``
-    holds; ``device`` may be traced. Zig-zag: the first ``parts/2`` come from half ``device``
-    of ``2n``, the rest from half ``2n-1-device``."""
+    holds; ``device`` and ``p`` may be arrays or traced. Zig-zag: the first ``parts/2`` come
+    from half ``device`` of ``2n``, the rest from half ``2n-1-device``."""
     if layout == "contiguous":
         return device * parts + p
     per_half = parts // 2
-    half = device if p < per_half else 2 * n - 1 - device
+    late = p >= per_half
+    half = device + late * (2 * n - 1 - 2 * device)
     return half * per_half + p % per_half
 
 
@@ -179,8 +186,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
       layout: ``"contiguous"``, ``"zigzag"`` or None (the one with the shorter critical path
         for this mask; see the module docstring). Inputs and output are contiguous shards
         whatever the layout.
-      part_tokens: the length of the parts each shard's queries and keys are worked in (at
-        most ``MAX_PARTS`` per shard, fewer where the shard does not split evenly).
+      part_tokens: the longest part each shard's queries and keys are worked in (see
+        :func:`split_parts`; shard lengths with few divisors can leave longer parts).
       Other axes of ``mesh`` stay under the compiler's automatic sharding.
 
     Returns ``[B, S, Hq, D]`` in ``q.dtype``, equal to the single-device result; rows with
@@ -212,14 +219,24 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     parts = split_parts(q_chunk, kv_chunk, part_tokens)
     q_part, kv_part = q_chunk // parts, kv_chunk // parts
 
-    def positions(device, part_len, p):
-        """Global positions of part ``p`` of the chunk ``device`` holds."""
-        return held_part(layout, n, parts, device, p) * part_len + jnp.arange(part_len)
+    def positions(device, part_len):
+        """Global positions ``[parts, part_len]`` of the parts of the chunk ``device`` holds."""
+        first = held_part(layout, n, parts, device, jnp.arange(parts)) * part_len
+        return first[:, None] + jnp.arange(part_len)[None, :]
 
-    def block(carry, q_g, k_c, v_c, allowed):
+    def allowed_pairs(q_pos, kv_pos, q_seg, kv_seg):
+        """Boolean ``[B, Hkv|1, G|1, Sq, Tc]``: the mask at global positions, within documents."""
+        allowed = _allowed(mask, q_len, kv_len, q_pos, kv_pos)  # [H or 1, Sq, Tc]
+        allowed = (allowed.reshape(-1, 1, q_part, kv_part) if allowed.shape[0] == 1
+                   else allowed.reshape(kv_heads, groups, q_part, kv_part))
+        same = q_seg[:, :, None] == kv_seg[:, None, :]  # [B, Sq, Tc]
+        return allowed[None] & same[:, None, None]
+
+    @jax.checkpoint  # the backward recomputes a part pair's logits instead of keeping them all
+    def fold(carry, q_g, k_p, v_p, allowed):
         """Fold one key/value part into the running online softmax of one query part."""
         peak, denom, acc = carry
-        logits = jnp.einsum("bshgd,bthd->bhgst", q_g, k_c, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bshgd,bthd->bhgst", q_g, k_p, preferred_element_type=jnp.float32)
         logits = soft_cap(logits * scale, logits_soft_cap)
         logits = jnp.where(allowed, logits, MASK_VALUE)
         new_peak = jnp.maximum(peak, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
@@ -227,56 +244,55 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
         correction = jnp.exp(peak - new_peak)
         denom = denom * correction + jnp.sum(weights, axis=-1)
         acc = acc * correction[..., None] + jnp.einsum(
-            "bhgst,bthd->bhgsd", weights, v_c.astype(jnp.float32))
+            "bhgst,bthd->bhgsd", weights, v_p.astype(jnp.float32))
         return new_peak, denom, acc
 
-    block = jax.checkpoint(block)  # keep one part pair's logits alive at a time in the backward
+    def split_parts_of(t, part_len):  # [B, chunk, ...] -> [parts, B, part_len, ...]
+        return jnp.moveaxis(t.reshape(t.shape[0], parts, part_len, *t.shape[2:]), 1, 0)
 
     def local(q_c, k_c, v_c, q_seg_c, kv_seg_c):
         index = jax.lax.axis_index(axis)
         if layout == "zigzag":
             zig = functools.partial(_to_zigzag, index=index, n=n, axis=axis)
             q_c, k_c, v_c, q_seg_c, kv_seg_c = map(zig, (q_c, k_c, v_c, q_seg_c, kv_seg_c))
-        q_g = q_c.reshape(batch, parts, q_part, kv_heads, groups, head_dim)
-        q_pos = [positions(index, q_part, p) for p in range(parts)]
-        shape = (batch, kv_heads, groups, q_part)
-        carry = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-                 jnp.zeros(shape + (head_dim,), jnp.float32))
+        q_parts = split_parts_of(q_c.reshape(batch, q_chunk, kv_heads, groups, head_dim), q_part)
+        q_seg_parts, q_pos = split_parts_of(q_seg_c, q_part), positions(index, q_part)
+        shape = (parts, batch, kv_heads, groups, q_part)
+        carries = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+                   jnp.zeros(shape + (head_dim,), jnp.float32))
         # the running statistics differ per shard: say so, or both branches of the cond
         # below would disagree on their type
-        carry = jax.tree.map(lambda t: jax.lax.pcast(t, axis, to="varying"), carry)
-        carries = [carry] * parts
+        carries = jax.tree.map(lambda t: jax.lax.pcast(t, axis, to="varying"), carries)
         ring = [(i, (i + 1) % n) for i in range(n)]
 
         def step(state, s):
             carries, k_c, v_c, kv_seg_c = state
             source = (index - s) % n  # the shard whose keys this device holds at step s
-            carries = list(carries)
-            for qp in range(parts):
-                for kp in range(parts):
-                    kv_slice = slice(kp * kv_part, (kp + 1) * kv_part)
-                    allowed = _allowed(mask, q_len, kv_len, q_pos[qp],
-                                       positions(source, kv_part, kp))  # [H or 1, Sq, Tc]
-                    allowed = (allowed.reshape(-1, 1, q_part, kv_part) if allowed.shape[0] == 1
-                               else allowed.reshape(kv_heads, groups, q_part, kv_part))
-                    same = (q_seg_c[:, qp * q_part:(qp + 1) * q_part, None]
-                            == kv_seg_c[:, None, kv_slice])  # [B, Sq, Tc]
-                    allowed = allowed[None] & same[:, None, None]  # [B, Hkv|1, G|1, Sq, Tc]
-                    carries[qp] = jax.lax.cond(
-                        jnp.any(allowed),
-                        lambda c, qp=qp, kv_slice=kv_slice, allowed=allowed: block(
-                            c, q_g[:, qp], k_c[:, kv_slice], v_c[:, kv_slice], allowed),
-                        lambda c: c, carries[qp])
-            k_c, v_c, kv_seg_c = (jax.lax.ppermute(t, axis, ring) for t in (k_c, v_c, kv_seg_c))
-            return (tuple(carries), k_c, v_c, kv_seg_c), None
+            kv_parts = (split_parts_of(k_c, kv_part), split_parts_of(v_c, kv_part),
+                        positions(source, kv_part), split_parts_of(kv_seg_c, kv_part))
 
-        (carries, *_), _ = jax.lax.scan(step, (tuple(carries), k_c, v_c, kv_seg_c),
-                                        jnp.arange(n))
-        outs = []
-        for _, denom, acc in carries:
-            out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # [B, Hkv, G, Sq, D]
-            outs.append(out.transpose(0, 3, 1, 2, 4).reshape(batch, q_part, q_heads, head_dim))
-        out = jnp.concatenate(outs, axis=1).astype(q_c.dtype)
+            @jax.checkpoint  # keep one carry per query part, not one per part pair
+            def one_query_part(carry, q_g, q_pos_p, q_seg_p):
+                def visit(carry, kv):
+                    k_p, v_p, kv_pos_p, kv_seg_p = kv
+                    allowed = allowed_pairs(q_pos_p, kv_pos_p, q_seg_p, kv_seg_p)
+                    carry = jax.lax.cond(jnp.any(allowed),
+                                         lambda c: fold(c, q_g, k_p, v_p, allowed),
+                                         lambda c: c, carry)
+                    return carry, None
+
+                return jax.lax.scan(visit, carry, kv_parts)[0]
+
+            _, carries = jax.lax.scan(lambda _, xs: (None, one_query_part(*xs)), None,
+                                      (carries, q_parts, q_pos, q_seg_parts))
+            k_c, v_c, kv_seg_c = (jax.lax.ppermute(t, axis, ring) for t in (k_c, v_c, kv_seg_c))
+            return (carries, k_c, v_c, kv_seg_c), None
+
+        (carries, *_), _ = jax.lax.scan(step, (carries, k_c, v_c, kv_seg_c), jnp.arange(n))
+        _, denom, acc = carries
+        out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # [P, B, Hkv, G, Sq, D]
+        out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, q_chunk, q_heads, head_dim)
+        out = out.astype(q_c.dtype)
         return _from_zigzag(out, index, n, axis) if layout == "zigzag" else out
 
     seq = P(None, axis, None, None)
