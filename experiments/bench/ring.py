@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -106,17 +104,11 @@ def measure(args) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse(argv if argv is not None else sys.argv[1:])
-    import jax
+    from jaxsparse.bench import markdown_table, rerun_on_emulated_devices, write_results
 
-    if len(jax.devices()) < args.devices:  # the device count is fixed when JAX starts
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
-        argv = sys.argv[1:] if argv is None else argv
-        proc = subprocess.run([sys.executable, __file__, *argv], env=env)
-        if proc.returncode:
-            raise SystemExit(proc.returncode)
+    if rerun_on_emulated_devices(__file__, argv, args.devices):
         return
-    from jaxsparse.bench import markdown_table, write_results
+    import jax
 
     rows = measure(args)
     notes = (f"Attention with the sequence split over {args.devices} devices (mesh sequence="

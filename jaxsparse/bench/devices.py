@@ -1,0 +1,25 @@
+"""Benchmarks that need a mesh: re-run the script on emulated CPU devices when the host has
+too few (the device count is fixed when JAX starts, so it takes a fresh interpreter)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def rerun_on_emulated_devices(script: str, argv: list[str] | None, devices: int) -> bool:
+    """If JAX sees fewer than ``devices`` devices, run ``script`` with ``argv`` (None: this
+    process's arguments) in a fresh interpreter on that many emulated CPU devices and return
+    True (its failure exits with its status); return False when there are enough devices."""
+    import jax
+
+    if len(jax.devices()) >= devices:
+        return False
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    argv = sys.argv[1:] if argv is None else argv
+    proc = subprocess.run([sys.executable, script, *argv], env=env)
+    if proc.returncode:
+        raise SystemExit(proc.returncode)
+    return True
