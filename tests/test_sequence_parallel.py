@@ -146,7 +146,9 @@ for bad in (lambda: ring_attention(q[:, :50], k[:, :50], v[:, :50], mesh=mesh, m
                                                    log_lambda, Dd, mesh=mesh),
             lambda: ring_attention(q[:, :52], k[:, :52], v[:, :52], mesh=mesh, layout="zigzag"),
             lambda: ring_attention(q, k, v, mesh=mesh, layout="striped"),
-            lambda: ring_attention(q, k, v, mesh=mesh, part_tokens=0)):
+            lambda: ring_attention(q, k, v, mesh=mesh, part_tokens=0),
+            lambda: ring_attention(q, k, v, mesh=mesh, segment_ids=segments[:, :40]),
+            lambda: ring_attention(q, k, v, mesh=mesh, segment_ids=segments.astype(jnp.float32))):
     try:
         bad()
     except ValueError as err:
@@ -227,7 +229,7 @@ def test_ssm_scans_pass_chunk_states_across_shards(sharded_ops, scan):
     assert result["value"] < 1e-5 and result["grad"] < 1e-5, result
 
 
-def test_sequence_parallel_ops_name_lengths_that_do_not_split(sharded_ops):
+def test_sequence_parallel_ops_name_bad_lengths_layouts_and_segments(sharded_ops):
     errors = sharded_ops["errors"]
     assert "query length S=50 must be divisible by mesh axis 'sequence' of size 4" in errors["0"]
     assert "length 50 must be divisible by mesh axis 'sequence' of size 4" in errors["1"]
@@ -235,6 +237,8 @@ def test_sequence_parallel_ops_name_lengths_that_do_not_split(sharded_ops):
             "for layout='zigzag'") in errors["2"]
     assert "layout='striped': expected one of (None, 'contiguous', 'zigzag')" in errors["3"]
     assert "part_tokens=0: expected a positive integer" in errors["4"]
+    assert "q segment_ids must have shape (2, 56), got (2, 40)" in errors["5"]
+    assert "q segment_ids must be integers, got dtype float32" in errors["6"]
 
 
 PRESETS_VS_SINGLE = r"""

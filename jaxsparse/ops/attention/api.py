@@ -47,7 +47,9 @@ def _check_shapes(q, k, v):
         raise ValueError(f"sequence lengths must be >= 1; got S={q.shape[1]}, T={k.shape[1]}")
 
 
-def _segments(segment_ids, batch, q_len, kv_len):
+def attention_segments(segment_ids, batch, q_len, kv_len):
+    """``(q_segment_ids [B, S], kv_segment_ids [B, T])`` from one ``[B, S]`` array (needs
+    ``S == T``) or a pair, checked for shape and integer dtype; ``(None, None)`` for None."""
     if segment_ids is None:
         return None, None
     if isinstance(segment_ids, tuple | list):
@@ -161,7 +163,7 @@ def dot_product_attention(
             raise ValueError(f"mask is a MultiHeadMask of {mask.num_heads} heads; q has {q_heads}")
     elif mask is not None:
         mask = _array_mask(mask, batch, q_heads, q_len, kv_len)
-    q_seg, kv_seg = _segments(segment_ids, batch, q_len, kv_len)
+    q_seg, kv_seg = attention_segments(segment_ids, batch, q_len, kv_len)
 
     if implementation is None:
         implementation, mask = _choose(mask, batch, q_heads, q_len, kv_len)

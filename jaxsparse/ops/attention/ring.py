@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxsparse.ops.attention.api import attention_segments
 from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
 from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
 
@@ -203,16 +204,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if layout is None:
         layout = choose_layout(mask, q_len, kv_len, n, part_tokens)
-    if segment_ids is None:
-        q_seg = kv_seg = jnp.zeros((batch, q_len), jnp.int32)
-        if kv_len != q_len:
-            kv_seg = jnp.zeros((batch, kv_len), jnp.int32)
-    elif isinstance(segment_ids, tuple | list):
-        q_seg, kv_seg = segment_ids
-    else:
-        if q_len != kv_len:
-            raise ValueError("a single segment_ids array needs S == T; pass a (q, kv) pair")
-        q_seg = kv_seg = segment_ids
+    q_seg, kv_seg = attention_segments(segment_ids, batch, q_len, kv_len)
+    if segment_ids is None:  # one document: the same-segment test passes everywhere
+        q_seg, kv_seg = jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32)
     scale = head_dim**-0.5 if scale is None else scale
     groups = q_heads // kv_heads
     q_chunk, kv_chunk = q_len // n, kv_len // n
