@@ -74,6 +74,18 @@ for layout in ("contiguous", "zigzag"):
                                        part_tokens=4),
         lambda q, k, v: dot_product_attention(q, k, v, mask=masks["per_head"], implementation="xla"),
         (normal(B, 64, Hq, D), normal(B, 64, Hk, D), normal(B, 64, Hk, D)))
+out["attention soft cap zigzag"] = compare(
+    lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask(), layout="zigzag",
+                                   logits_soft_cap=2.0, scale=0.5),
+    lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(), logits_soft_cap=2.0,
+                                          scale=0.5, implementation="xla"), (q, k, v))
+# bfloat16 inputs against the float32 reference on the same (rounded) values
+bf16 = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+out["attention bf16 zigzag"] = compare(
+    lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask(), layout="zigzag"),
+    lambda q, k, v: dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                          v.astype(jnp.float32), mask=CausalMask(),
+                                          implementation="xla"), bf16)
 
 # memory: a 16k-token causal ring on 4 devices, forward and backward, compiled only
 long_mesh = Mesh(np.array(jax.devices()[:4]), ("sequence",))
@@ -168,16 +180,23 @@ MASKS = ["causal", "window", "window_bidirectional", "chunked", "longformer", "b
 ATTENTION_CASES = [f"{mask} {layout}" for mask in MASKS for layout in ("contiguous", "zigzag")]
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES + ["odd shards contiguous"])
+@pytest.mark.parametrize("case", ATTENTION_CASES + ["odd shards contiguous", "soft cap zigzag"])
 def test_ring_attention_equals_single_device(sharded_ops, case):
     """Queries, keys and values split 4 ways along the sequence (and 2 ways along the batch):
     the ring exchange gives the single-device attention, forward and gradients (float32), in
     the contiguous and the zig-zag layout, with every mask, packed documents, fewer keys than
     queries (rows with nothing to attend to), shards of odd length (worked whole) and shards
-    in four parts."""
+    in four parts, with a logit soft cap and a custom scale."""
     result = sharded_ops["attention " + case]
     assert result["grad_scale"] > 1e-3  # the gradients compared are not trivially zero
     assert result["value"] < 1e-5 and result["grad"] < 1e-5, result
+
+
+def test_ring_attention_in_bfloat16_accumulates_in_float32(sharded_ops):
+    """bfloat16 q, k, v (zig-zag, causal): values and gradients within a few bfloat16 roundings
+    (eps 2^-8 of the largest entry) of the float32 reference on the same rounded inputs."""
+    result, eps = sharded_ops["attention bf16 zigzag"], 2.0**-8
+    assert result["value"] < 2 * eps and result["grad"] < 4 * eps, result
 
 
 def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():

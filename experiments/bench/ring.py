@@ -17,6 +17,7 @@ path; on a real mesh each device has its own chip and the ring waits for the slo
 critical path is what the wall time follows.
 
     jaxsparse bench ring [--devices 4] [--length 8192] [--heads 4] [--head-dim 64]
+                         [--window 512] [--part-tokens 512]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def parse(argv):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--window", type=int, default=512, help="the sliding-window mask's width")
+    parser.add_argument("--part-tokens", type=int, default=512,
+                        help="ring_attention's part length (tune it per backend)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
@@ -50,7 +53,7 @@ def schedule(mask, args, layout):
     from jaxsparse.ops.masks import EMPTY, cached_block_table
 
     n, length = args.devices, args.length
-    parts = split_parts(length // n, length // n)
+    parts = split_parts(length // n, length // n, args.part_tokens)
     table = cached_block_table(mask, length, length, length // (n * parts), length // (n * parts))
     total = int((table.kind != EMPTY).any(axis=0).sum())
     return critical_path(mask, length, length, n, layout, parts), total
@@ -83,8 +86,8 @@ def measure(args) -> list[dict]:
         for layout in ("contiguous", "zigzag", None):
             paths[f"ring {layout or 'auto'}"] = (
                 lambda q, k, v, mask=mask, layout=layout: ring_attention(
-                    q, k, v, mesh=mesh, mask=mask, layout=layout),
-                layout or choose_layout(mask, length, length, n))
+                    q, k, v, mesh=mesh, mask=mask, layout=layout, part_tokens=args.part_tokens),
+                layout or choose_layout(mask, length, length, n, args.part_tokens))
         peer = None
         for name, (attend, layout) in paths.items():
             forward = jax.jit(attend)
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
     rows = measure(args)
     notes = (f"Attention with the sequence split over {args.devices} devices (mesh sequence="
              f"{args.devices}), batch {args.batch}, {args.length} tokens, {args.heads} heads of "
-             f"{args.head_dim}, float32, {jax.default_backend()}; median of {args.repeats}. "
+             f"{args.head_dim}, float32, {jax.default_backend()}, parts of {args.part_tokens} "
+             f"tokens; median of {args.repeats}. "
              "critical_path: the ring's time in part pairs (the slowest device per step); "
              "total_pairs: all devices' work. Emulated CPU devices share the host's cores, so "
              "CPU times follow the total work; a real mesh follows the critical path.")
