@@ -76,8 +76,8 @@ def measure(args) -> list[dict]:
     mesh = Mesh(np.array(jax.devices()[:n]), ("sequence",))
     keys = jax.random.split(jax.random.key(0), 3)
     shape = (args.batch, length, args.heads, args.head_dim)
-    q, k, v = (jax.device_put(jax.random.normal(key, shape), NamedSharding(mesh, P(None, "sequence")))
-               for key in keys)
+    split = NamedSharding(mesh, P(None, "sequence"))
+    q, k, v = (jax.device_put(jax.random.normal(key, shape), split) for key in keys)
     masks = {"causal": CausalMask(), f"window {args.window}": LocalMask(args.window, 0)}
     rows = []
     for mask_name, mask in masks.items():
@@ -93,9 +93,11 @@ def measure(args) -> list[dict]:
             forward = jax.jit(attend)
             both = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v)),
                                     argnums=(0, 1, 2)))
-            row = {"mask": mask_name, "path": name, "layout": layout,
-                   "fwd_ms": time_fn(forward, q, k, v, warmup=1, repeats=args.repeats).median_s * 1e3,
-                   "fwd_bwd_ms": time_fn(both, q, k, v, warmup=1, repeats=args.repeats).median_s * 1e3}
+            def ms(fn):
+                return time_fn(fn, q, k, v, warmup=1, repeats=args.repeats).median_s * 1e3
+
+            row = {"mask": mask_name, "path": name, "layout": layout, "fwd_ms": ms(forward),
+                   "fwd_bwd_ms": ms(both)}
             if layout:
                 row["critical_path"], row["total_pairs"] = schedule(mask, args, layout)
             peer = peer or row["fwd_bwd_ms"]

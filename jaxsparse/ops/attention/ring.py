@@ -296,4 +296,5 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
                              out_specs=seq, axis_names={axis})(q, k, v, q_seg, kv_seg)
 
 
-__all__ = ["RING_LAYOUTS", "choose_layout", "critical_path", "ring_attention"]
+__all__ = ["PART_TARGET", "RING_LAYOUTS", "choose_layout", "critical_path", "held_part",
+           "ring_attention", "split_parts"]
