@@ -75,7 +75,8 @@ def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_p
 def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path):
     """Re-runs itself on 4 emulated devices; for each mask the peer comes first, auto picks
     zig-zag under the causal mask and contiguous under the window, and the critical paths are
-    the schedule's: causal in halves 3 + 4*3 contiguous, 3 + 2*3 zig-zag, of 36 pairs."""
+    the schedule's: causal in halves 3 + 4*3 contiguous, 3 + 2*3 zig-zag, of 36 pairs; the
+    heat maps of work per step and device are drawn."""
     assert main(["bench", "ring", "--length", "64", "--heads", "2", "--head-dim", "8",
                  "--window", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = {(r["mask"], r["path"]): r
@@ -87,6 +88,7 @@ def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path):
     assert rows["causal", "ring zigzag"]["critical_path"] == 9
     assert rows["causal", "ring zigzag"]["total_pairs"] == 36
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows.values())
+    assert (tmp_path / "ring.png").stat().st_size > 10_000  # the work-per-step heat maps
 
 
 def test_ssm_benchmark_times_every_implementation_against_the_recurrence(tmp_path):

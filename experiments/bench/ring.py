@@ -11,7 +11,7 @@ timed in the same run for each mask:
   ring auto        ``layout=None``: the layout with the shorter critical path
 Columns: times, speed-up over the peer, and the ring's critical path in part pairs (per step,
 the most non-empty query/key part pairs any device works, summed over steps) beside the
-work of all devices together. Emulated CPU devices share the host's cores (and XLA:CPU
+work of all devices together; ``ring.png`` maps each layout's work per step and device. Emulated CPU devices share the host's cores (and XLA:CPU
 spreads one device's ops over them), so CPU times follow the total work more than the critical
 path; on a real mesh each device has its own chip and the ring waits for the slowest, so the
 critical path is what the wall time follows.
@@ -48,15 +48,39 @@ def parse(argv):
 
 
 def schedule(mask, args, layout):
-    """(critical path, all devices' work) in part pairs for ``layout`` ("gathered": none)."""
-    from jaxsparse.ops.attention.ring import critical_path, split_parts
+    """``(work [step, device] in part pairs, all devices' work)`` of the ring in ``layout``."""
+    from jaxsparse.ops.attention.ring import ring_work, split_parts
     from jaxsparse.ops.masks import EMPTY, cached_block_table
 
     n, length = args.devices, args.length
     parts = split_parts(length // n, length // n, args.part_tokens)
     table = cached_block_table(mask, length, length, length // (n * parts), length // (n * parts))
-    total = int((table.kind != EMPTY).any(axis=0).sum())
-    return critical_path(mask, length, length, n, layout, parts), total
+    return (ring_work(mask, length, length, n, layout, parts),
+            int((table.kind != EMPTY).any(axis=0).sum()))
+
+
+def plot(work: dict, path: Path) -> None:
+    """One heat map per (mask, layout): part pairs worked per ring step and device, the
+    critical path (the per-step maximum, summed) in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = list(dict.fromkeys(m for m, _ in work))
+    layouts = list(dict.fromkeys(layout for _, layout in work))
+    fig, axes = plt.subplots(len(masks), len(layouts), squeeze=False, constrained_layout=True,
+                             figsize=(3.2 * len(layouts), 2.8 * len(masks)))
+    top = max(int(w.max()) for w in work.values())
+    for (mask, layout), w in work.items():
+        ax = axes[masks.index(mask)][layouts.index(layout)]
+        image = ax.imshow(w, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        ax.set_title(f"{mask}, {layout}: critical path {int(w.max(axis=1).sum())}", fontsize=9)
+        ax.set_xlabel("device")
+        ax.set_ylabel("ring step")
+    fig.colorbar(image, ax=axes, label="part pairs worked")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def measure(args) -> list[dict]:
@@ -79,7 +103,7 @@ def measure(args) -> list[dict]:
     split = NamedSharding(mesh, P(None, "sequence"))
     q, k, v = (jax.device_put(jax.random.normal(key, shape), split) for key in keys)
     masks = {"causal": CausalMask(), f"window {args.window}": LocalMask(args.window, 0)}
-    rows = []
+    rows, works = [], {}
     for mask_name, mask in masks.items():
         paths = {"gathered K/V": (lambda q, k, v, mask=mask: dot_product_attention(
                      q, k, v, mask=mask, implementation="xla"), "")}
@@ -99,12 +123,15 @@ def measure(args) -> list[dict]:
             row = {"mask": mask_name, "path": name, "layout": layout, "fwd_ms": ms(forward),
                    "fwd_bwd_ms": ms(both)}
             if layout:
-                row["critical_path"], row["total_pairs"] = schedule(mask, args, layout)
+                work, row["total_pairs"] = schedule(mask, args, layout)
+                row["critical_path"] = int(work.max(axis=1).sum())
+                if not name.endswith("auto"):
+                    works[mask_name, layout] = work
             peer = peer or row["fwd_bwd_ms"]
             row["speedup_fwd_bwd"] = peer / row["fwd_bwd_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return rows
+    return rows, works
 
 
 def main(argv=None) -> None:
@@ -115,7 +142,7 @@ def main(argv=None) -> None:
         return
     import jax
 
-    rows = measure(args)
+    rows, works = measure(args)
     notes = (f"Attention with the sequence split over {args.devices} devices (mesh sequence="
              f"{args.devices}), batch {args.batch}, {args.length} tokens, {args.heads} heads of "
              f"{args.head_dim}, float32, {jax.default_backend()}, parts of {args.part_tokens} "
@@ -125,6 +152,7 @@ def main(argv=None) -> None:
              "CPU times follow the total work; a real mesh follows the critical path.")
     formats = {"fwd_ms": "{:.0f}", "fwd_bwd_ms": "{:.0f}", "speedup_fwd_bwd": "{:.2f}"}
     write_results("ring", rows, COLUMNS, args.out, notes, formats)
+    plot(works, Path(args.out) / "ring.png")
     print(markdown_table(rows, COLUMNS, formats))
     print(json.dumps({"rows": rows}))
 

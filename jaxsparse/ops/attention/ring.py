@@ -94,18 +94,23 @@ def _zigzag_device(half: int, n: int) -> int:
     return half if half < n else 2 * n - 1 - half
 
 
-def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> int:
-    """The ring's time in part pairs: per step, the most non-empty (query part, key part)
-    pairs any device works (the ring waits for the slowest), summed over the ``n`` steps.
-    Ignores segment ids."""
+def ring_work(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> np.ndarray:
+    """``[step, device]``: how many non-empty (query part, key part) pairs each device works
+    at each of the ring's ``n`` steps (from the mask's block table; segment ids ignored)."""
     if mask is None:
         nonempty = np.ones((n * parts, n * parts), bool)
     else:
         table = cached_block_table(mask, q_len, kv_len, q_len // (n * parts), kv_len // (n * parts))
         nonempty = (table.kind != EMPTY).any(axis=0)
     held = [[held_part(layout, n, parts, i, p) for p in range(parts)] for i in range(n)]
-    return sum(max(int(nonempty[np.ix_(held[i], held[(i - step) % n])].sum()) for i in range(n))
-               for step in range(n))
+    return np.array([[nonempty[np.ix_(held[i], held[(i - step) % n])].sum() for i in range(n)]
+                     for step in range(n)], np.int64)
+
+
+def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> int:
+    """The ring's time in part pairs: per step, the most pairs any device works (the ring
+    waits for the slowest), summed over the steps (:func:`ring_work`)."""
+    return int(ring_work(mask, q_len, kv_len, n, layout, parts).max(axis=1).sum())
 
 
 def choose_layout(mask, q_len: int, kv_len: int, n: int, part_tokens: int = PART_TARGET) -> str:
@@ -297,4 +302,4 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
 
 
 __all__ = ["PART_TARGET", "RING_LAYOUTS", "choose_layout", "critical_path", "held_part",
-           "ring_attention", "split_parts"]
+           "ring_attention", "ring_work", "split_parts"]
