@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -86,3 +88,29 @@ for impl in ("xla", "xla_blocksparse"):
     for _ in range(3):
         jax.block_until_ready(f(q, k, v))
     print(f"{impl:16s} {(time.perf_counter() - start) / 3 * 1e3:7.1f} ms")
+
+# %% [markdown]
+# ## Across devices: the ring's schedule
+# With the sequence split over a mesh axis (`mesh.sequence > 1`), attention layers run
+# `ring_attention`: key/value shards travel around the devices while each device folds them
+# into its queries' online softmax, one pair of ~512-token parts at a time, skipping pairs the
+# mask leaves empty. The ring waits for its slowest device at every step. Under a causal mask
+# contiguous shards leave that to the device with the latest tokens; the zig-zag layout
+# (device i holds halves i and 2n-1-i) gives every device the same work. `ring_work` counts
+# the part pairs each device works per step — from the mask's block table, no devices needed.
+
+# %%
+from jaxsparse.ops.attention.ring import choose_layout, ring_work, split_parts
+
+devices, length = 8, 32768
+parts = split_parts(length // devices, length // devices)
+fig, axes = plt.subplots(2, 2, figsize=(8, 6), constrained_layout=True)
+for row, (name, mask) in enumerate({"causal": parse_mask_spec("causal"),
+                                     "window 1024": parse_mask_spec("local:1024")}.items()):
+    for col, layout in enumerate(("contiguous", "zigzag")):
+        work = ring_work(mask, length, length, devices, layout, parts)
+        axes[row, col].imshow(work, vmin=0, vmax=parts * parts, aspect="auto")
+        axes[row, col].set_title(f"{name}, {layout}: critical path {work.max(axis=1).sum()}")
+        axes[row, col].set_xlabel("device"), axes[row, col].set_ylabel("ring step")
+    print(f"{name}: layout=None picks {choose_layout(mask, length, length, devices)}")
+plt.show()
