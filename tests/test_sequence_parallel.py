@@ -229,6 +229,32 @@ def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():
     assert [split_parts(2062, 2062), split_parts(12, 18, part_tokens=4)] == [2, 6]
 
 
+def test_ring_work_counts_the_non_empty_part_pairs_each_device_holds():
+    """``ring_work`` (vectorised over devices) against a count from the dense mask: at step s
+    device d holds the keys of device (d - s) mod n; a pair of its query and key parts counts
+    when the mask allows any entry in it. Both layouts, a BigBird mask with random blocks
+    and a per-head mask, 4 devices in 4 parts each."""
+    from jaxsparse.ops.attention.ring import held_part, ring_work
+    from jaxsparse.ops.masks import BigBirdMask, CausalMask, LocalMask, MultiHeadMask
+
+    n, parts, length = 4, 4, 96
+    part = length // (n * parts)
+    for mask in (BigBirdMask(6, 1, 1, 2, 5), MultiHeadMask((CausalMask(), LocalMask(4, 0)))):
+        dense = np.asarray(mask.to_dense(length, length)).reshape(-1, length, length).any(0)
+        for layout in ("contiguous", "zigzag"):
+            expected = np.zeros((n, n), np.int64)
+            for step in range(n):
+                for d in range(n):
+                    for qp in range(parts):
+                        for kp in range(parts):
+                            qi = held_part(layout, n, parts, d, qp)
+                            ki = held_part(layout, n, parts, (d - step) % n, kp)
+                            expected[step, d] += dense[qi * part:(qi + 1) * part,
+                                                       ki * part:(ki + 1) * part].any()
+            np.testing.assert_array_equal(ring_work(mask, length, length, n, layout, parts),
+                                          expected, err_msg=f"{mask} {layout}")
+
+
 def test_ring_memory_holds_one_part_pair_of_logits_not_a_chunk_pair(sharded_ops):
     """A 16k-token causal ring on 4 devices (shards of 4096), forward and backward: the
     compiled temporaries stay below half the logits of one shard pair for a single head

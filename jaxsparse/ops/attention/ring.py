@@ -102,9 +102,11 @@ def ring_work(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) ->
     else:
         table = cached_block_table(mask, q_len, kv_len, q_len // (n * parts), kv_len // (n * parts))
         nonempty = (table.kind != EMPTY).any(axis=0)
-    held = [[held_part(layout, n, parts, i, p) for p in range(parts)] for i in range(n)]
-    return np.array([[nonempty[np.ix_(held[i], held[(i - step) % n])].sum() for i in range(n)]
-                     for step in range(n)], np.int64)
+    devices = np.arange(n)
+    held = held_part(layout, n, parts, devices[:, None], np.arange(parts)[None, :])  # [n, P]
+    work = [nonempty[held[:, :, None], held[(devices - step) % n][:, None, :]].sum(axis=(1, 2))
+            for step in range(n)]
+    return np.stack(work).astype(np.int64)
 
 
 def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> int:
@@ -113,6 +115,7 @@ def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int
     return int(ring_work(mask, q_len, kv_len, n, layout, parts).max(axis=1).sum())
 
 
+@functools.lru_cache(maxsize=256)  # every attention layer of a model asks the same question
 def choose_layout(mask, q_len: int, kv_len: int, n: int, part_tokens: int = PART_TARGET) -> str:
     """Zig-zag where it shortens the ring's critical path, contiguous otherwise (and where the
     shards do not split into halves)."""
