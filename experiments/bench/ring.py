@@ -48,15 +48,12 @@ def parse(argv):
 
 
 def schedule(mask, args, layout):
-    """``(work [step, device] in part pairs, all devices' work)`` of the ring in ``layout``."""
+    """Part pairs worked ``[step, device]`` by the ring in ``layout``."""
     from jaxsparse.ops.attention.ring import ring_work, split_parts
-    from jaxsparse.ops.masks import EMPTY, cached_block_table
 
     n, length = args.devices, args.length
     parts = split_parts(length // n, length // n, args.part_tokens)
-    table = cached_block_table(mask, length, length, length // (n * parts), length // (n * parts))
-    return (ring_work(mask, length, length, n, layout, parts),
-            int((table.kind != EMPTY).any(axis=0).sum()))
+    return ring_work(mask, length, length, n, layout, parts)
 
 
 def plot(work: dict, path: Path) -> None:
@@ -123,8 +120,10 @@ def measure(args) -> list[dict]:
             row = {"mask": mask_name, "path": name, "layout": layout, "fwd_ms": ms(forward),
                    "fwd_bwd_ms": ms(both)}
             if layout:
-                work, row["total_pairs"] = schedule(mask, args, layout)
-                row["critical_path"] = int(work.max(axis=1).sum())
+                work = schedule(mask, args, layout)
+                # every non-empty pair is worked once, by one device at one step
+                row["critical_path"], row["total_pairs"] = (int(work.max(axis=1).sum()),
+                                                            int(work.sum()))
                 if not name.endswith("auto"):
                     works[mask_name, layout] = work
             peer = peer or row["fwd_bwd_ms"]
