@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.ops.attention.lanes import cached_lane_schedule
-from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
+from jaxsparse.ops.attention.online_softmax import SoftmaxState, empty_state, finish, fold_block
+from jaxsparse.ops.attention.reference import soft_cap
 from jaxsparse.ops.masks import Mask, MultiHeadMask, cached_block_table
 from jaxsparse.ops.sizes import round_up
 
@@ -147,26 +148,16 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
         segs = seg_blocks(q_seg, kv_seg)
 
         def step(carry, step_xs):
-            m_all, l_all, acc_all = carry  # [B, Hq, P, G, bq(, D)]
             slot, q_idx, idx, ok = step_xs  # [Hq, P] each
-            m_prev, l_prev, acc = select(m_all, slot), select(l_all, slot), select(acc_all, slot)
             _, _, v_t, logits, allowed = tile(q_blk, k_blk, v_blk, *segs, q_idx, idx, ok)
-            logits = jnp.where(allowed, logits, MASK_VALUE)
-            m_new = jnp.maximum(m_prev, jnp.max(logits, axis=-1))
-            correction = jnp.exp(m_prev - m_new)
-            p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)
-            l_new = l_prev * correction + jnp.sum(p, axis=-1)
-            acc = acc * correction[..., None] + jnp.einsum(
-                "bhnqk,bhnkd->bhnqd", p, v_t.astype(jnp.float32),
-                precision=jax.lax.Precision.HIGHEST)
-            return (put(m_all, m_new, slot), put(l_all, l_new, slot), put(acc_all, acc, slot)), None
+            state = fold_block(
+                SoftmaxState(*(select(t, slot) for t in carry)), logits, allowed,
+                lambda p: jnp.einsum("bhnqk,bhnkd->bhnqd", p, v_t.astype(jnp.float32),
+                                     precision=jax.lax.Precision.HIGHEST))
+            return SoftmaxState(*(put(t, new, slot) for t, new in zip(carry, state))), None
 
-        shape = (batch, q_heads, lanes, g, bq)
-        init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros(shape + (head_dim,), jnp.float32))
-        (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, xs)
-        out = acc / jnp.where(l_fin == 0.0, 1.0, l_fin)[..., None]  # empty rows stay 0
-        lse = jnp.where(l_fin > 0.0, m_fin + jnp.log(jnp.where(l_fin > 0.0, l_fin, 1.0)), 0.0)
+        state, _ = jax.lax.scan(step, empty_state((batch, q_heads, lanes, g, bq), head_dim), xs)
+        out, lse = finish(state)  # [B, Hq, P, G, bq(, D)]
         return from_q_blocks(from_lanes(out)).astype(q.dtype), lse
 
     def backward(q, k, v, q_seg, kv_seg, out, lse, d_out):

@@ -42,7 +42,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsparse.ops.attention.api import attention_segments
-from jaxsparse.ops.attention.reference import MASK_VALUE, soft_cap
+from jaxsparse.ops.attention.online_softmax import empty_state, finish, fold_block
+from jaxsparse.ops.attention.reference import soft_cap
 from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
 
 RING_LAYOUTS = (None, "contiguous", "zigzag")
@@ -237,17 +238,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     @jax.checkpoint  # the backward recomputes a part pair's logits instead of keeping them all
     def fold(carry, q_g, k_p, v_p, allowed):
         """Fold one key/value part into the running online softmax of one query part."""
-        peak, denom, acc = carry
         logits = jnp.einsum("bshgd,bthd->bhgst", q_g, k_p, preferred_element_type=jnp.float32)
-        logits = soft_cap(logits * scale, logits_soft_cap)
-        logits = jnp.where(allowed, logits, MASK_VALUE)
-        new_peak = jnp.maximum(peak, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
-        weights = jnp.where(allowed, jnp.exp(logits - new_peak[..., None]), 0.0)
-        correction = jnp.exp(peak - new_peak)
-        denom = denom * correction + jnp.sum(weights, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "bhgst,bthd->bhgsd", weights, v_p.astype(jnp.float32))
-        return new_peak, denom, acc
+        return fold_block(carry, soft_cap(logits * scale, logits_soft_cap), allowed,
+                          lambda w: jnp.einsum("bhgst,bthd->bhgsd", w, v_p.astype(jnp.float32)))
 
     def split_parts_of(t, part_len):  # [B, chunk, ...] -> [parts, B, part_len, ...]
         return jnp.moveaxis(t.reshape(t.shape[0], parts, part_len, *t.shape[2:]), 1, 0)
@@ -260,8 +253,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
         q_parts = split_parts_of(q_c.reshape(batch, q_chunk, kv_heads, groups, head_dim), q_part)
         q_seg_parts, q_pos = split_parts_of(q_seg_c, q_part), positions(index, q_part)
         shape = (parts, batch, kv_heads, groups, q_part)
-        carries = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-                   jnp.zeros(shape + (head_dim,), jnp.float32))
+        carries = empty_state(shape, head_dim)
         # the running statistics differ per shard: say so, or both branches of the cond
         # below would disagree on their type
         carries = jax.tree.map(lambda t: jax.lax.pcast(t, axis, to="varying"), carries)
@@ -291,8 +283,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
             return (carries, k_c, v_c, kv_seg_c), None
 
         (carries, *_), _ = jax.lax.scan(step, (carries, k_c, v_c, kv_seg_c), jnp.arange(n))
-        _, denom, acc = carries
-        out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # [P, B, Hkv, G, Sq, D]
+        out, _ = finish(carries)  # [P, B, Hkv, G, Sq, D]
         out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, q_chunk, q_heads, head_dim)
         out = out.astype(q_c.dtype)
         return _from_zigzag(out, index, n, axis) if layout == "zigzag" else out
