@@ -94,11 +94,32 @@ def test_bf16_inputs_are_close_to_the_float32_reference():
     (dict(logits_soft_cap=-1.0), "logits_soft_cap=-1.0"),
     (dict(mask=jnp.ones((3, 3), jnp.int32)), "boolean array"),
     (dict(mask=jnp.ones((5, 5), bool)), "does not broadcast"),
+    (dict(mask="loca:3"), "unknown mask spec 'loca:3'"),
+    (dict(mask={"causal": True}), r"mask=\{'causal': True\}: expected a Mask, a mask spec"),
+    (dict(scale=0.0), r"scale=0.0: must be a finite number > 0"),
+    (dict(scale="0.1"), r"scale='0.1': expected a real number > 0"),
 ])
 def test_bad_arguments_are_named(kwargs, fragment):
     q = k = v = rand(0, 1, 4, 2, 8)
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises((ValueError, TypeError), match=fragment):
         dot_product_attention(q, k, v, **kwargs)
+
+
+def test_mask_spec_strings_and_traced_scales_are_accepted():
+    q, k, v = rand(3, 1, 9, 2, 8), rand(4, 1, 9, 2, 8), rand(5, 1, 9, 2, 8)
+    np.testing.assert_array_equal(
+        dot_product_attention(q, k, v, mask="local:3"),
+        dot_product_attention(q, k, v, mask=LocalMask(2, 0) & CausalMask()))
+    temperature = jax.jit(lambda s: dot_product_attention(q, k, v, mask="causal", scale=s))
+    np.testing.assert_allclose(temperature(jnp.float32(0.2)),
+                               dot_product_attention(q, k, v, mask=CausalMask(), scale=0.2),
+                               atol=1e-6)
+
+
+def test_integer_inputs_are_refused_not_truncated():
+    q = jnp.ones((1, 4, 2, 8), jnp.int32)
+    with pytest.raises(ValueError, match="q has dtype int32; attention needs floating-point"):
+        dot_product_attention(q, rand(0, 1, 4, 2, 8), rand(1, 1, 4, 2, 8))
 
 
 def test_bad_shapes_are_named():
@@ -235,3 +256,26 @@ def test_decode_attention_with_a_sliding_window_ring_buffer():
     ring_v = jnp.zeros((B, W, H, D)).at[:, slots].set(v[:, T - W:])
     out = decode_attention(q[:, -1:], ring_k, ring_v, jnp.array([T]), window=W)
     np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_decode_arguments_are_named():
+    q, cache = rand(0, 2, 1, 4, 8), rand(1, 2, 6, 2, 8)
+    cases = [
+        (dict(lengths=jnp.array([7, 3])), r"lengths=\[7, 3\]: each must be in \[1, 6\]"),
+        (dict(lengths=jnp.array([0, 3])), r"lengths=\[0, 3\]: each must be in \[1, 6\]"),
+        (dict(lengths=jnp.array([3, 3, 3])), r"lengths of shape \(3,\) .* \[batch=2\]"),
+        (dict(lengths=jnp.array([3.0, 3.0])), "dtype float32: expected integers"),
+        (dict(lengths=3, window=0), r"window=0: must be in \[1, 6\]"),
+        (dict(lengths=3, mask=jnp.ones((6, 6), bool)), "expected a Mask, a mask spec string"),
+    ]
+    for kwargs, fragment in cases:
+        with pytest.raises((ValueError, TypeError), match=fragment):
+            decode_attention(q, cache, cache, **kwargs)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple.*k_cache"):
+        decode_attention(q, rand(2, 2, 6, 3, 8), rand(3, 2, 6, 3, 8), 3)
+    # a ring buffer holds more positions than slots; a scalar length serves the whole batch
+    ring = decode_attention(q, cache, cache, 20, window=6)
+    assert ring.shape == q.shape and bool(jnp.all(jnp.isfinite(ring)))
+    np.testing.assert_array_equal(decode_attention(q, cache, cache, 4, mask="local:2"),
+                                  decode_attention(q, cache, cache, jnp.array([4, 4]),
+                                                   mask=LocalMask(1, 0)))

@@ -134,3 +134,16 @@ def test_bad_ssm_config_is_named():
         build("mamba2", "model.ssm_head_dim=48")
     with pytest.raises(ConfigError, match="model.ssm_impl='fast'"):
         build("mamba", "model.ssm_impl=fast")
+
+
+def test_bad_block_sizes_and_input_widths_are_named():
+    from jaxsparse.nn import Attention, Mamba, Mamba2
+
+    with pytest.raises(ValueError, match="d_state=0: each must be an integer >= 1"):
+        Mamba(16, d_state=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="groups=0"):
+        Mamba2(16, head_dim=8, groups=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="n_heads=3, n_kv_heads=2"):
+        Attention(16, 3, 2, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"input of shape \(1, 8, 15\) must end in .*\(16,\)"):
+        Mamba(16, rngs=nnx.Rngs(0))(jnp.zeros((1, 8, 15)))

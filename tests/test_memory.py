@@ -102,6 +102,10 @@ def test_bad_memory_settings_are_refused():
         ProductKeyMemory(16, rngs=nnx.Rngs(0), n_keys=8, knn=9)
     with pytest.raises(ValueError, match=r"query \(2, 3, 8\): last dims must be"):
         product_key_topk(jnp.ones((2, 3, 8)), jnp.ones((2, 4, 2)), jnp.ones((2, 4, 2)), 2)
+    with pytest.raises(ValueError, match=r"scores \(1, 2\), slots \(1, 3\) int32"):
+        memory_read(jnp.zeros((1, 2)), jnp.array([[0, 1, 1]]), jnp.eye(2))
+    with pytest.raises(ValueError, match=r"slots \(1, 2\) float32"):
+        memory_read(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.eye(2))
     np.testing.assert_allclose(memory_read(jnp.zeros((1, 2)), jnp.array([[0, 1]]),
                                            jnp.eye(2)), [0.5, 0.5])
 

@@ -60,6 +60,10 @@ def test_generate_greedy_equals_argmax_rollout(model):
     np.testing.assert_array_equal(out, seq[:, 5:])
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=64"):
         generate(model, prompt, 100)
+    with pytest.raises(ValueError, match="temperature=-0.5: must be a finite number >= 0"):
+        generate(model, prompt, 2, temperature=-0.5)
+    with pytest.raises(ValueError, match=r"top_k=257: must be an int in \[0, vocab_size=256\]"):
+        generate(model, prompt, 2, top_k=257)
 
 
 def test_every_parameter_carries_logical_axes(model):

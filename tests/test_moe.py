@@ -230,6 +230,14 @@ def test_bad_inputs_name_the_argument():
         expert_capacity(10, 4, 2, 0)
     with pytest.raises(ValueError, match="leaks the future"):
         MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), router="expert_choice")
+    with pytest.raises(ValueError, match=r"probs \(8, 4\), expert_index \(7, 2\)"):
+        load_balancing_loss(jnp.zeros((8, 4)), jnp.zeros((7, 2), jnp.int32))
+    with pytest.raises(ValueError, match="steps=0: each must be >= 1"):
+        linear_k_schedule(3, k_start=1, k_end=2, steps=0)
+    with pytest.raises(ValueError, match="num_experts=0"):
+        MoE(8, 16, 0, 1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"MoE input of shape \(1, 4, 7\): expected .*d_model=8"):
+        MoE(8, 16, 4, 2, rngs=nnx.Rngs(0))(jnp.zeros((1, 4, 7)))
     with pytest.raises(ValueError, match="sum to the 5 rows of lhs; got sum 7"):
         grouped_matmul(jnp.ones((5, 2)), jnp.ones((2, 2, 3)), jnp.array([4, 3]))
     with pytest.raises(ConfigError, match="model.moe_router='expert_choice'"):

@@ -251,6 +251,22 @@ def test_bad_inputs_name_the_argument():
         ssd(**(args2 | {"A": jnp.full((2, 2), -1.0)}), chunk_size=4)
     with pytest.raises(ValueError, match="chunk_size=-3"):
         ssd(**args2, chunk_size=-3)
+    with pytest.raises(ValueError, match=r"dt_bias must be \[d_inner=4\], got \(3,\)"):
+        selective_scan(**(args | {"dt_bias": jnp.zeros(3)}))
+    with pytest.raises(ValueError, match=r"dt_bias must be \[heads=2\]"):
+        ssd(**args2, chunk_size=4, dt_bias=jnp.zeros(4))
+    with pytest.raises(ValueError, match="x has dtype int32; the scan needs floating-point"):
+        selective_scan(**(args | {"x": args["x"].astype(jnp.int32)}))
+
+
+def test_rotary_positions_must_match_the_sequence():
+    from jaxsparse.ops.rotary import apply_rotary
+
+    x = jnp.ones((2, 8, 1, 4))
+    with pytest.raises(ValueError, match=r"positions of shape \(2, 7\): expected .* \(2, 8\)"):
+        apply_rotary(x, jnp.zeros((2, 7), jnp.int32))
+    shared = apply_rotary(x, jnp.arange(8)[None])  # one row of positions serves the batch
+    np.testing.assert_array_equal(shared, apply_rotary(x, jnp.tile(jnp.arange(8)[None], (2, 1))))
 
 
 def test_an_empty_sequence_leaves_the_initial_state_in_every_implementation():

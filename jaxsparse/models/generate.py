@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,13 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt must be a non-empty [batch, length] array, got {prompt_BP.shape}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0: greedy)")
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if not isinstance(top_k, int) or top_k < 0 or (vocab is not None and top_k > vocab):
+        raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={vocab}] "
+                         "(0: the full distribution)")
     limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     if limit is not None and prompt_BP.shape[1] + max_new_tokens > limit:
         raise ValueError(

@@ -29,6 +29,10 @@ class Attention(nnx.Module):
                  mask: Mask = CausalMask(), implementation: str | None = None,
                  dtype=jnp.float32, param_dtype=jnp.float32, linear=Linear):
         # ``linear``: the projections' class (``Linear``'s constructor), e.g. MonarchLinear.
+        if min(d_model, n_heads, n_kv_heads, head_dim) < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads}, n_kv_heads={n_kv_heads}, head_dim={head_dim}, "
+                             f"d_model={d_model}: each must be >= 1, and n_heads a multiple of "
+                             "n_kv_heads")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
         self.k_proj = linear(d_model, (n_kv_heads, head_dim),

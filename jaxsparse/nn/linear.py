@@ -42,6 +42,9 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in, n_out = len(self.in_shape), len(self.out_shape)
+        if x.shape[x.ndim - n_in:] != self.in_shape:
+            raise ValueError(f"Linear{self.in_shape} -> {self.out_shape}: input of shape "
+                             f"{x.shape} must end in the input shape {self.in_shape}")
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         kernel = self.kernel[...].astype(self.dtype)
         return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))

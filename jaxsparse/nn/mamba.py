@@ -24,6 +24,13 @@ from jaxsparse.ops.ssm import (selective_scan, selective_scan_sequence_parallel,
 from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 
+def _check_sizes(**sizes: int) -> None:
+    bad = {name: size for name, size in sizes.items() if not isinstance(size, int) or size < 1}
+    if bad:
+        raise ValueError(", ".join(f"{name}={size!r}" for name, size in bad.items())
+                         + ": each must be an integer >= 1")
+
+
 def _dt_bias(rng, size, dt_min=1e-3, dt_max=0.1, floor=1e-4):
     """Bias whose softplus is log-uniform in [dt_min, dt_max]: dt + log(-expm1(-dt))."""
     u = jax.random.uniform(rng, (size,))
@@ -46,6 +53,8 @@ class Mamba(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: int | None = None, rngs: nnx.Rngs, out_init_scale: float = 1.0,
                  implementation: str | None = None, chunk_size: int = 64):
+        _check_sizes(d_model=d_model, d_state=d_state, expand=expand, d_conv=d_conv,
+                     dt_rank=1 if dt_rank is None else dt_rank, chunk_size=chunk_size)
         d_inner = expand * d_model
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -110,6 +119,8 @@ class Mamba2(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 64, expand: int = 2, d_conv: int = 4,
                  head_dim: int = 64, groups: int = 1, chunk_size: int = 64, rngs: nnx.Rngs,
                  out_init_scale: float = 1.0):
+        _check_sizes(d_model=d_model, d_state=d_state, expand=expand, d_conv=d_conv,
+                     head_dim=head_dim, groups=groups, chunk_size=chunk_size)
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"expand * d_model = {d_inner} must be a multiple of ssm_head_dim={head_dim}")

@@ -59,6 +59,11 @@ class MoE(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if router not in ROUTERS:
             raise ValueError(f"router={router!r}: allowed {ROUTERS}")
+        if num_experts < 1 or d_model < 1 or d_ff < 1:
+            raise ValueError(f"num_experts={num_experts}, d_model={d_model}, d_ff={d_ff}: "
+                             "each must be >= 1")
+        if k_schedule_steps < 1:
+            raise ValueError(f"k_schedule_steps={k_schedule_steps}: must be >= 1")
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k}: must be in [1, num_experts={num_experts}]")
         if k_end is not None and not k <= k_end <= num_experts:
@@ -133,6 +138,10 @@ class MoE(nnx.Module):
         of each token's own document (:meth:`chunk_router_inputs`); token-level routing is
         per token already. (A capacity limit still counts every token of the batch, as it
         counts every row.)"""
+        d_model = self.w_gate.shape[1]
+        if x_BLD.ndim != 3 or x_BLD.shape[-1] != d_model:
+            raise ValueError(f"MoE input of shape {x_BLD.shape}: expected [batch, length, "
+                             f"d_model={d_model}]")
         if self.chunk and router_inputs is None and (x_BLD.shape[1] % self.chunk
                                                      or segment_ids is not None):
             # pad: lengths need not divide; documents: per-token pools

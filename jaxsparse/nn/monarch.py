@@ -55,6 +55,9 @@ class MonarchLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
+        if x.shape[x.ndim - n_in:] != self.in_shape:
+            raise ValueError(f"MonarchLinear{self.in_shape} -> {self.out_shape}: input of shape "
+                             f"{x.shape} must end in the input shape {self.in_shape}")
         lead = x.shape[: x.ndim - n_in]
         flat = x.reshape(*lead, math.prod(self.in_shape)).astype(self.dtype)
         w1, w2 = self.w1[...].astype(self.dtype), self.w2[...].astype(self.dtype)

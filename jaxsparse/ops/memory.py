@@ -63,6 +63,11 @@ def memory_read(scores_HK, slots_HK, values_NV, *, implementation: str | None = 
     if implementation not in MEMORY_READ_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed "
                          f"{MEMORY_READ_IMPLEMENTATIONS}")
+    if (scores_HK.shape != slots_HK.shape or scores_HK.ndim < 2 or values_NV.ndim != 2
+            or not jnp.issubdtype(slots_HK.dtype, jnp.integer)):
+        raise ValueError(f"scores {scores_HK.shape}, slots {slots_HK.shape} {slots_HK.dtype}, "
+                         f"values {values_NV.shape}: expected scores and integer slots of one "
+                         "shape [..., heads, knn] and values [slots, value_dim]")
     weights = jax.nn.softmax(scores_HK, axis=-1).astype(values_NV.dtype)
     lead = weights.shape[:-2]
     if implementation == "scan" or (implementation is None and jax.default_backend() != "cpu"):

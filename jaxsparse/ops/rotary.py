@@ -14,6 +14,10 @@ def apply_rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10_0
     head_dim = x_BLHD.shape[-1]
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
+    if positions_BL.ndim != 2 or positions_BL.shape[1] != x_BLHD.shape[1] or (
+            positions_BL.shape[0] not in (1, x_BLHD.shape[0])):
+        raise ValueError(f"positions of shape {positions_BL.shape}: expected [batch, length] = "
+                         f"{x_BLHD.shape[:2]} (or batch 1, shared by every row)")
     half = head_dim // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, L, D/2]

@@ -40,12 +40,20 @@ def _check_negative(name, A):
                          f"{float(values.max()):.3g}")
 
 
+def _check_dt_bias_and_dtypes(dt_bias, size: int, size_name: str, **arrays) -> None:
+    if dt_bias is not None and dt_bias.shape != (size,):
+        raise ValueError(f"dt_bias must be [{size_name}={size}], got {dt_bias.shape}")
+    for name, arr in arrays.items():
+        if not jnp.issubdtype(arr.dtype, jnp.floating):  # y would come back truncated
+            raise ValueError(f"{name} has dtype {arr.dtype}; the scan needs floating-point inputs")
+
+
 def _check_chunk(chunk_size):
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size={chunk_size!r}: must be a positive int")
 
 
-def _check_scan_shapes(x, dt, A, B, C, D, z):
+def _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias):
     if x.ndim != 3:
         raise ValueError(f"x must be [batch, length, d_inner], got shape {x.shape}")
     batch, length, d_inner = x.shape
@@ -66,6 +74,7 @@ def _check_scan_shapes(x, dt, A, B, C, D, z):
         raise ValueError(f"D must be [d_inner={d_inner}], got {D.shape}")
     if z is not None and z.shape != x.shape:
         raise ValueError(f"z must have x's shape {x.shape}, got {z.shape}")
+    _check_dt_bias_and_dtypes(dt_bias, d_inner, "d_inner", x=x, dt=dt, A=A, B=B, C=C)
     _check_negative("A", A)
 
 
@@ -251,7 +260,7 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     if implementation not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {SCAN_IMPLEMENTATIONS}")
     _check_chunk(chunk_size)
-    _check_scan_shapes(x, dt, A, B, C, D, z)
+    _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias)
     batch, _, d_inner = x.shape
     d_state = A.shape[1]
     if initial_state is None:
@@ -350,7 +359,7 @@ def segsum(x):
     return jnp.where(np.tril(np.ones((T, T), bool)), summed, -jnp.inf)
 
 
-def _check_ssd_shapes(x, dt, A, B, C, D):
+def _check_ssd_shapes(x, dt, A, B, C, D, dt_bias):
     if x.ndim != 4:
         raise ValueError(f"x must be [batch, length, heads, head_dim], got {x.shape}")
     batch, length, heads, _ = x.shape
@@ -367,6 +376,7 @@ def _check_ssd_shapes(x, dt, A, B, C, D):
                          f"{B.shape}, {C.shape}")
     if D is not None and D.shape != (heads,):
         raise ValueError(f"D must be [heads={heads}], got {D.shape}")
+    _check_dt_bias_and_dtypes(dt_bias, heads, "heads", x=x, dt=dt, A=A, B=B, C=C)
     _check_negative("A", A)
 
 
@@ -405,7 +415,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
     _check_chunk(chunk_size)
     if chunk_size is None:
         raise ValueError("chunk_size is required for ssd")
-    _check_ssd_shapes(x, dt, A, B, C, D)
+    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias)
     batch, length, heads, head_dim = x.shape
     groups, d_state = B.shape[2:]
     per_group = heads // groups
@@ -498,7 +508,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
                   initial_state=None, return_final_state=False, segment_ids=None):
     """The Mamba-2 recurrence one step at a time (``lax.scan``): the reference for :func:`ssd`
     (``segment_ids`` as there)."""
-    _check_ssd_shapes(x, dt, A, B, C, D)
+    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias)
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[3]
     dt, a, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
@@ -537,7 +547,7 @@ def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
     """
     from jaxsparse.ops.native import selective_scan as native
 
-    _check_ssd_shapes(x, dt, A, B, C, D)
+    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias)
     if not native.available():
         raise RuntimeError("ssd_native: the C++ selective-scan kernel could not be built "
                            "(see the warning above); use ssd_reference")

@@ -6,12 +6,16 @@ with ``Hq % Hkv == 0`` (multi-head, grouped-query and multi-query attention).
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.ops.attention.blocksparse import blocksparse_attention
 from jaxsparse.ops.attention.reference import xla_attention
+from jaxsparse.ops.mask_specs import parse_mask_spec
 from jaxsparse.ops.masks import FullMask, Mask, MultiHeadMask
 
 IMPLEMENTATIONS = (None, "xla", "xla_blocksparse", "pallas", "pallas_interpret")
@@ -29,22 +33,55 @@ _BLOCKSPARSE_MIN_LOGITS = 1 << 20
 _ONE_TILE = 128
 
 
-def _check_shapes(q, k, v):
+def check_attention_inputs(q, k, v, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """Shapes ``q [B, S, Hq, D]``, ``k, v [B, T, Hkv, D]`` with ``Hq % Hkv == 0`` and floating
+    dtypes, or a ``ValueError`` in the caller's argument ``names``."""
+    nq, nk, nv = names
+    got = f"got {nq}{q.shape}, {nk}{k.shape}, {nv}{v.shape}"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be [batch, seq, heads, head_dim]; got q{q.shape}, k{k.shape}, v{v.shape}")
+        raise ValueError(f"{nq}, {nk}, {nv} must be [batch, seq, heads, head_dim]; {got}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k{k.shape}, v{v.shape}")
+        raise ValueError(f"{nk} and {nv} must have the same shape; {got}")
     if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q{q.shape} and k{k.shape} must have the same batch size (dim 0)")
+        raise ValueError(f"{nq} and {nk} must have the same batch size (dim 0); {got}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head dims differ: q has {q.shape[3]}, k and v have {k.shape[3]}; "
-                         "they must be equal")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(
-            f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+        raise ValueError(f"head dims differ: {nq} has {q.shape[3]}, {nk} and {nv} have "
+                         f"{k.shape[3]}; they must be equal")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
+                         f"({k.shape[2]}); {got}")
     if q.shape[1] < 1 or k.shape[1] < 1:
-        raise ValueError(f"sequence lengths must be >= 1; got S={q.shape[1]}, T={k.shape[1]}")
+        raise ValueError(f"sequence lengths must be >= 1; {got}")
+    for name, x in zip(names, (q, k, v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # an integer output would be truncated
+            raise ValueError(f"{name} has dtype {x.dtype}; attention needs floating-point "
+                             "inputs (e.g. float32, bfloat16)")
+
+
+def check_logit_options(scale, logits_soft_cap) -> None:
+    """``scale`` is None, a finite real number > 0, or a scalar floating array (possibly traced,
+    e.g. a learnt temperature); ``logits_soft_cap`` None or > 0; else an error naming them."""
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap={logits_soft_cap}: must be > 0")
+    if scale is None:
+        return
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale={scale!r}: must be a finite number > 0 (or None: head_dim**-0.5)")
+        return
+    if (isinstance(scale, jax.Array | np.ndarray) and scale.shape == ()
+            and jnp.issubdtype(scale.dtype, jnp.floating)):
+        return
+    raise TypeError(f"scale={scale!r}: expected a real number > 0, a scalar floating array, "
+                    "or None (head_dim**-0.5)")
+
+
+def lazy_mask(mask, num_heads: int):
+    """A mask spec string (``"causal"``, ``"local:256"``, …; see ``jaxsparse.ops.mask_specs``)
+    as its lazy :class:`Mask`; anything else unchanged."""
+    if isinstance(mask, str):
+        return parse_mask_spec(mask, num_heads)
+    return mask
 
 
 def attention_segments(segment_ids, batch, q_len, kv_len):
@@ -85,6 +122,9 @@ def _dense_allowed(mask, q_seg, kv_seg, batch, heads, q_len, kv_len):
 
 
 def _array_mask(mask, batch, heads, q_len, kv_len):
+    if not isinstance(mask, jax.Array | np.ndarray):
+        raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string (e.g. 'causal', "
+                        "'local:256'), a boolean array broadcastable to [B, H, S, T], or None")
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be a Mask object or a boolean array, got dtype {mask.dtype}")
@@ -133,7 +173,8 @@ def dot_product_attention(
       q: ``[B, S, Hq, D]`` queries. k, v: ``[B, T, Hkv, D]``; ``Hq`` a multiple of ``Hkv``.
         Any ``S, T >= 1`` and any head dim; implementations pad internally.
       mask: a lazy :class:`~jaxsparse.ops.masks.Mask` (a ``MultiHeadMask`` needs ``Hq``
-        heads), or a boolean array broadcastable to ``[B, Hq, S, T]`` (``[S, T]`` and
+        heads), a mask spec string such as ``"causal"`` or ``"local:256"``
+        (:mod:`~jaxsparse.ops.mask_specs`), or a boolean array broadcastable to ``[B, Hq, S, T]`` (``[S, T]`` and
         ``[B, S, T]`` are accepted), True = may attend.
       segment_ids: integer ``[B, S]`` (needs ``S == T``) or a pair ``([B, S], [B, T])``; tokens
         attend only within their segment (packed documents). ANDed with ``mask``.
@@ -151,12 +192,12 @@ def dot_product_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation={implementation!r} is not available; allowed: {IMPLEMENTATIONS}")
-    _check_shapes(q, k, v)
-    if logits_soft_cap is not None and logits_soft_cap <= 0:
-        raise ValueError(f"logits_soft_cap={logits_soft_cap}: must be > 0")
+    check_attention_inputs(q, k, v)
+    check_logit_options(scale, logits_soft_cap)
     batch, q_len, q_heads, head_dim = q.shape
     kv_len = k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
+    mask = lazy_mask(mask, q_heads)
     if isinstance(mask, Mask):
         mask.check_size(q_len, kv_len)
         if mask.num_heads is not None and mask.num_heads != q_heads:

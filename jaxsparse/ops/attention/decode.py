@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxsparse.ops.attention.api import (check_attention_inputs, check_logit_options,
+                                         lazy_mask)
 from jaxsparse.ops.attention.reference import xla_attention
 from jaxsparse.ops.masks import Mask, MultiHeadMask
+
+
+def _checked_lengths(lengths, batch: int, new: int, slots: int | None):
+    """``lengths`` as int32 ``[batch]`` (a scalar is broadcast). Concrete values are checked:
+    at least the ``new`` query tokens, and at most ``slots`` without a ring buffer (positions
+    past the cache would silently be missing); traced values cannot be checked here."""
+    lengths = jnp.asarray(lengths)
+    if lengths.ndim > 1 or lengths.size not in (1, batch) or not jnp.issubdtype(
+            lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths of shape {lengths.shape} and dtype {lengths.dtype}: expected "
+                         f"integers of shape [batch={batch}] or a scalar")
+    lengths = jnp.broadcast_to(lengths.astype(jnp.int32).reshape(-1), (batch,))
+    if not isinstance(lengths, jax.core.Tracer):
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < new or (slots is not None and high > slots):
+            allowed = f"in [{new}, {slots}] (the cache has {slots} slots)" if slots else f">= {new}"
+            raise ValueError(f"lengths={np.asarray(lengths).tolist()}: each must be {allowed}; "
+                             f"a length counts the {new} new tokens")
+    return lengths
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
@@ -20,11 +43,16 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
     is applied on top of causality; masks whose pattern depends on the sequence length
     (BigBird) are evaluated for a sequence of ``C`` positions.
     """
+    check_attention_inputs(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    check_logit_options(scale, logits_soft_cap)
     batch, new, q_heads, head_dim = q.shape
     slots = k_cache.shape[1]
-    lengths = jnp.asarray(lengths, jnp.int32).reshape(batch)
-    if window is not None and window > slots:
-        raise ValueError(f"window={window} exceeds the {slots} cache slots")
+    if window is not None and not 1 <= window <= slots:
+        raise ValueError(f"window={window}: must be in [1, {slots}] (the cache slots)")
+    lengths = _checked_lengths(lengths, batch, new, None if window is not None else slots)
+    mask = lazy_mask(mask, q_heads)
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string or None")
     q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
     slot = jnp.arange(slots)[None, :]
     if window is None:

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxsparse.ops.attention.api import attention_segments
+from jaxsparse.ops.attention.api import (attention_segments, check_attention_inputs,
+                                         check_logit_options, lazy_mask)
 from jaxsparse.ops.attention.online_softmax import empty_state, finish, fold_block
 from jaxsparse.ops.attention.reference import soft_cap
 from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
@@ -155,13 +156,9 @@ def _from_zigzag(t, index, n: int, axis: str):
 
 
 def _check_inputs(q, k, v, mask, n, axis, layout):
-    batch, q_len, q_heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q{q.shape}, k{k.shape}, v{v.shape}: expected q [B, S, Hq, D] and "
-                         "k, v [B, T, Hkv, D]")
-    if q_heads % kv_heads:
-        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
+    check_attention_inputs(q, k, v)
+    _, q_len, q_heads, _ = q.shape
+    kv_len = k.shape[1]
     if layout not in RING_LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {RING_LAYOUTS}")
     for name, length in (("query length S", q_len), ("key length T", kv_len)):
@@ -191,7 +188,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
       q: ``[B, S, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (``Hq % Hkv == 0``); ``S`` and ``T`` must
         be divisible by the axis size (the shards hold equal chunks), and by twice it for
         ``layout="zigzag"``.
-      mask: a lazy :class:`Mask` (or ``MultiHeadMask``) over global positions, or None.
+      mask: a lazy :class:`Mask` (or ``MultiHeadMask``) over global positions, a mask spec
+        string (``"causal"``, ``"local:256"``, …), or None.
       segment_ids: ``[B, S]`` integers (needs ``S == T``) or a ``(q, kv)`` pair.
       layout: ``"contiguous"``, ``"zigzag"`` or None (the one with the shorter critical path
         for this mask; see the module docstring). Inputs and output are contiguous shards
@@ -206,7 +204,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     n = mesh.shape.get(axis)
     if n is None:
         raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
+    mask = lazy_mask(mask, q.shape[2] if q.ndim == 4 else None)
     _check_inputs(q, k, v, mask, n, axis, layout)
+    check_logit_options(scale, logits_soft_cap)
     if not isinstance(part_tokens, int) or part_tokens < 1:
         raise ValueError(f"part_tokens={part_tokens!r}: expected a positive integer")
     batch, q_len, q_heads, head_dim = q.shape

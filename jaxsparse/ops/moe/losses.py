@@ -20,7 +20,16 @@ def expert_fractions(expert_index: jax.Array, num_experts: int, weights=None) ->
 def load_balancing_loss(probs: jax.Array, expert_index: jax.Array, weights=None) -> jax.Array:
     """Switch Transformer load-balancing loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021,
     eq. 4), with P_i the mean router probability of expert i. Exactly 1.0 when routing is
-    perfectly balanced, larger otherwise; the gradient flows through P."""
+    perfectly balanced, larger otherwise; the gradient flows through P.
+
+    ``probs [T, E]``, ``expert_index [T, k]`` (integers), ``weights`` None or ``[T, k]``."""
+    if (probs.ndim != 2 or expert_index.ndim != 2 or expert_index.shape[0] != probs.shape[0]
+            or not jnp.issubdtype(expert_index.dtype, jnp.integer)
+            or (weights is not None and weights.shape != expert_index.shape)):
+        raise ValueError(f"probs {probs.shape}, expert_index {expert_index.shape} "
+                         f"{expert_index.dtype}, weights "
+                         f"{None if weights is None else weights.shape}: expected probs [T, E], "
+                         "integer expert_index [T, k] and weights None or [T, k]")
     f = expert_fractions(expert_index, probs.shape[-1], weights)
     return balance_from_statistics(f, probs.astype(jnp.float32).mean(axis=0))
 

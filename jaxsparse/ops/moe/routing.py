@@ -80,6 +80,8 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoice:
 def linear_k_schedule(step, *, k_start: int, k_end: int, steps: int):
     """SMoE-Dropout (Chen et al. 2023): k grows linearly from ``k_start`` to ``k_end`` over
     ``steps`` training steps (an int32 scalar; traced inside a jitted step)."""
+    if steps < 1 or min(k_start, k_end) < 1:
+        raise ValueError(f"k_start={k_start}, k_end={k_end}, steps={steps}: each must be >= 1")
     frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
     return jnp.round(k_start + frac * (k_end - k_start)).astype(jnp.int32)
 
