@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from jaxsparse.config import ConfigError
+from jaxsparse.errors import NonFiniteTraining
 
 
 def _cmd_train(args) -> int:
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteTraining as err:  # the run's own failure, not the command line's
+        print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

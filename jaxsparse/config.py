@@ -194,6 +194,13 @@ class TrainConfig:
     # Each chunk's [batch, chunk, vocab] logits are recomputed in the backward pass instead of
     # keeping [batch, length, vocab] alive: the largest activation of a large-vocabulary model.
     loss_chunk: int = 0
+    # A step whose loss or gradient is not finite is never applied (the state stays as it
+    # was, so no checkpoint ever holds NaN); then "stop" ends the run with an error naming the
+    # step, "skip" goes on with the next batch (logged).
+    nonfinite: str = "stop"
+
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -576,6 +583,8 @@ def validate(cfg: Config) -> Config:
     _check(d.seq_len <= m.max_seq_len,
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(t.loss_chunk >= 0, f"train.loss_chunk={t.loss_chunk}: must be >= 0 (0: no chunks)")
+    _check(t.nonfinite in NONFINITE_POLICIES,
+           f"train.nonfinite={t.nonfinite!r}: allowed {NONFINITE_POLICIES}")
     _check(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 
 from jaxsparse.cli import main
-from jaxsparse.config import ConfigError
+from jaxsparse.config import ConfigError, validate
 from jaxsparse.train import load, train
 from jaxsparse.train.checkpoint import CheckpointMismatch
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, TINY, tiny_config
 
 
 def _snapshot(directory):
@@ -336,3 +337,33 @@ def test_plot_draws_train_and_eval_metrics_and_marks_curriculum_stages(tmp_path,
     (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]))
     with pytest.raises(FileNotFoundError, match="no train or eval records"):
         plot_run(tmp_path)
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree)
+               if np.issubdtype(np.asarray(leaf).dtype, np.floating))
+
+
+def test_a_diverging_run_stops_and_leaves_a_finite_checkpoint(tmp_path, capsys):
+    """lr 1e30: the first update sends the weights to ~1e30 and the next gradients overflow.
+    The bad update is not applied, the run stops with exit status 1 and a message naming the
+    step, and the checkpoint it leaves can be resumed from."""
+    overrides = [*TINY, "train.steps=12", "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
+    code = main(["train", "--config", "transformer_tiny", "--workdir", str(tmp_path),
+                 *[arg for o in overrides for arg in ("--set", o)]])
+    err = capsys.readouterr().err
+    assert code == 1 and "train.nonfinite='stop'" in err and "Traceback" not in err
+    saved = int(re.search(r"the checkpoint of step (\d+)", err).group(1))
+    assert saved < 12
+    cfg, _, state = load(tmp_path)
+    assert int(state["step"]) == saved and _all_finite(state)
+
+
+def test_skip_policy_steps_over_nonfinite_updates(tmp_path):
+    cfg = tiny_config("train.steps=6", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
+                      "train.nonfinite=skip")
+    result = train(cfg, tmp_path, sample=False, quiet=True)
+    assert result.step == 6 and result.skipped_steps  # every step after the first overflows
+    assert 0 not in result.skipped_steps and _all_finite(result.state)
+    with pytest.raises(ConfigError, match="train.nonfinite='ignore'"):
+        validate(tiny_config("train.nonfinite=ignore"))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxsparse.config import Config, ConfigError, MeshConfig, diff, from_json, to_json, validate
 from jaxsparse.data import Shard, make_stream
+from jaxsparse.errors import NonFiniteTraining
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import get_preset, make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
@@ -35,6 +36,7 @@ class TrainResult:
     losses: dict[int, float]  # train loss of every step run by this call, by step index
     eval_metrics: dict[str, float]
     stopped_early: bool  # stopped by SIGTERM or should_stop
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite, not applied
     sample: str | None = None
     state: dict | None = None  # the final train state (sharded as trained)
 
@@ -171,6 +173,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
+    skipped: list[int] = []  # steps whose update was not applied (non-finite loss or gradient)
+    stop_on_nonfinite = cfg.train.nonfinite == "stop"
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     stopped = False
     step = start
@@ -188,13 +192,21 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         rate = (pending[-1][0] + 1 - last_step) * tokens_per_step / max(now - last_time, 1e-9)
         last_time, last_step = now, pending[-1][0] + 1
         bar.update(pending[-1][0] + 1 - bar.n)
+        bad = []
         for (s, _), m in zip(pending, fetched):
             losses[s] = float(m["loss"])
+            if m["nonfinite"]:
+                bad.append(s)
+                bar.write(f"step {s + 1}: loss {float(m['loss']):.4g}, gradient norm "
+                          f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
+        skipped.extend(bad)
         s, m = pending[-1][0], fetched[-1]
-        values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate}
+        values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate,
+                                                         "skipped_steps": len(skipped)}
         writer.write(s + 1, "train", values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
         pending.clear()
+        return bad
 
     def run_eval():
         metrics = evaluate(setup, eval_step, state, stream, cfg)
@@ -226,18 +238,23 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 bar.update(1)
             pending.append((step, metrics))
             step += 1
+            # the step that has just finished (a ready scalar: no extra wait)
+            finished_bad = len(pending) > 1 and bool(pending[-2][1]["nonfinite"])
             if len(stage_list) > 1 and step < cfg.train.steps and \
                     stage_at(curriculum, step) != stage_at(curriculum, step - 1):
                 flush_logs()
                 log_stage(step)
             last = step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or last:
+            if step % cfg.train.log_every == 0 or last or (finished_bad and stop_on_nonfinite):
                 flush_logs()
-            if step % cfg.train.eval_every == 0 or last:
+            diverged = stop_on_nonfinite and bool(skipped)
+            if (step % cfg.train.eval_every == 0 or last) and not diverged:
                 eval_metrics = run_eval()
             interrupted = flag.signal is not None or (should_stop is not None and should_stop(step))
-            if step % cfg.train.checkpoint_every == 0 or last or interrupted:
-                ckpt.save(step, state, cfg, force=True)
+            if step % cfg.train.checkpoint_every == 0 or last or interrupted or diverged:
+                ckpt.save(step, state, cfg, force=True)  # finite: bad updates are never applied
+            if diverged:
+                break
             if interrupted and not last:
                 stopped = True
                 flush_logs()
@@ -245,6 +262,16 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 bar.write(f"stopping at step {step} after {why}; checkpoint saved")
                 break
     flush_logs()
+    if stop_on_nonfinite and skipped:
+        bar.close()
+        ckpt.close()
+        writer.close()
+        raise NonFiniteTraining(
+            f"step {skipped[0] + 1}: the loss or gradient was not finite, so the run stopped "
+            f"(train.nonfinite='stop'). That update was not applied: the checkpoint of step {step} "
+            f"in {workdir / 'checkpoints'} holds finite weights. Resume from it with a lower "
+            "optimizer.lr (or longer optimizer.warmup_steps, a smaller optimizer.grad_clip), or "
+            "set train.nonfinite=skip to step over such batches.")
     if not eval_metrics and not stopped:
         eval_metrics = run_eval()  # resumed a finished run: its final numbers, not an empty dict
     bar.close()
@@ -256,7 +283,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if primary and not stopped:
         (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
     return TrainResult(step=step, losses=losses, eval_metrics=eval_metrics, stopped_early=stopped,
-                       sample=text, state=state)
+                       sample=text, state=state, skipped_steps=skipped)
 
 
 def _init_from(setup: TrainSetup, cfg: Config, source: str):

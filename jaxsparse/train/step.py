@@ -92,13 +92,21 @@ def make_train_step(setup: TrainSetup):
         grads, out = jax.grad(loss_fn, has_aux=True)(state["params"], state["rest"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": out["loss"], "aux_loss": out["aux_loss"], "accuracy": out["accuracy"],
-            "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]), **out["layer_stats"],
+            "grad_norm": grad_norm, "lr": schedule(state["step"]), **out["layer_stats"],
         }
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                     "rest": out["rest"] if out["rest"] else state["rest"]}
-        return new_state, metrics
+        updated = {"params": params, "opt_state": opt_state,
+                   "rest": out["rest"] if out["rest"] else state["rest"]}
+        # A non-finite loss or gradient would poison every parameter (clipping scales by
+        # 1/inf = 0, and inf * 0 is NaN): keep the state as it was instead, and say so. With
+        # finite gradients the optimiser's update is finite, so the state stays finite.
+        finite = jnp.isfinite(out["loss"] + out["aux_loss"]) & jnp.isfinite(grad_norm)
+        metrics["nonfinite"] = (~finite).astype(jnp.float32)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                            {name: state[name] for name in updated})
+        return {"step": state["step"] + 1, **kept}, metrics
 
     def traced(state, batch):
         with activation_sharding(setup.mesh, setup.rules):
