@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -542,6 +543,8 @@ def validate(cfg: Config) -> Config:
         _check(value >= 1, f"{key}={value}: must be >= 1")
     _check(m.n_heads % m.n_kv_heads == 0,
            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    _check(m.head_dim is None or m.head_dim >= 1,
+           f"model.head_dim={m.head_dim}: must be >= 1 (or None: d_model // n_heads)")
     _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
            "set model.head_dim explicitly")
@@ -585,7 +588,7 @@ def validate(cfg: Config) -> Config:
     _check(t.loss_chunk >= 0, f"train.loss_chunk={t.loss_chunk}: must be >= 0 (0: no chunks)")
     _check(t.nonfinite in NONFINITE_POLICIES,
            f"train.nonfinite={t.nonfinite!r}: allowed {NONFINITE_POLICIES}")
-    _check(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")
+    _check(0 < o.lr < math.inf, f"optimizer.lr={o.lr}: must be a finite number > 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2=({o.b1}, {o.b2}): must be in [0, 1)")
@@ -595,6 +598,13 @@ def validate(cfg: Config) -> Config:
     _validate_mesh(m, d, mesh)
     _check(e.temperature >= 0, f"eval.temperature={e.temperature}: must be >= 0")
     _check(e.top_k >= 0, f"eval.top_k={e.top_k}: must be >= 0")
+    _check(e.sample_tokens >= 0, f"eval.sample_tokens={e.sample_tokens}: must be >= 0 (0: no "
+           "sample at the end of training)")
+    prompt_bytes = len(e.sample_prompt.encode())
+    _check(e.sample_tokens == 0 or 1 <= prompt_bytes < m.max_seq_len,
+           f"eval.sample_prompt={e.sample_prompt!r} is {prompt_bytes} bytes: the end-of-training "
+           f"sample needs 1 to model.max_seq_len - 1 = {m.max_seq_len - 1} (or "
+           "eval.sample_tokens=0: no sample)")
     return cfg
 
 

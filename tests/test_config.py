@@ -60,6 +60,12 @@ def test_wrong_types_name_the_key(item, fragment):
     (["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio=2.0"),
     (["data.packed_documents=true", "data.task=mqar", "model.vocab_size=64"],
      "data.packed_documents=True needs data.task='text'"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf: must be a finite number > 0"),
+    (["model.head_dim=0"], "model.head_dim=0: must be >= 1"),
+    (["eval.sample_tokens=-1"], "eval.sample_tokens=-1: must be >= 0"),
+    (["model.max_seq_len=64", "data.seq_len=64", "eval.sample_prompt=" + "x" * 64],
+     "is 64 bytes: the end-of-training sample needs 1 to model.max_seq_len - 1 = 63"),
+    (["train.nonfinite=ignore"], "train.nonfinite='ignore': allowed"),
 ])
 def test_impossible_values_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

@@ -90,6 +90,18 @@ def test_tied_embeddings_have_no_separate_head():
 def test_bad_tokens_are_refused(model):
     with pytest.raises(ValueError, match="integer"):
         model(jnp.zeros((2, 3), jnp.float32))
+    # out of range, the embedding gather would return NaN rows (checked where values are known)
+    with pytest.raises(ValueError, match=r"tokens range over \[0, 256\]; the vocabulary is \[0, 256\)"):
+        model(jnp.array([[0, 256]], jnp.int32))
+
+
+def test_zero_sizes_and_wrong_widths_are_named():
+    from jaxsparse.nn import RMSNorm, SwiGLU
+
+    with pytest.raises(ValueError, match=r"Linear\(16,\) -> \(0,\): every size must be >= 1"):
+        SwiGLU(16, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"RMSNorm\(16,\): input of shape \(2, 15\)"):
+        RMSNorm(16)(jnp.ones((2, 15)))
 
 
 def test_count_params_without_allocation():

@@ -9,15 +9,30 @@ from flax import nnx
 from jaxsparse.parallel import constrain
 
 
+def _check_token_ids(tokens, vocab_size: int) -> None:
+    """Integer tokens in ``[0, vocab_size)``; values are checked where they are concrete (an
+    eager call, e.g. in a notebook): out of range, the gather would return NaN rows."""
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"tokens range over [{low}, {high}]; the vocabulary is "
+                             f"[0, {vocab_size})")
+
+
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, init_std: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
+        if vocab_size < 1 or d_model < 1:
+            raise ValueError(f"vocab_size={vocab_size}, d_model={d_model}: each must be >= 1")
         table = init_std * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
         self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
         self.dtype = dtype
         self.vocab_size = vocab_size
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        _check_token_ids(tokens_BL, self.vocab_size)
         # Gather from a table whose model dim is whole (FSDP gathers it, as for any layer):
         # with the table split over fsdp and the tokens too, the compiler would otherwise
         # build the global [batch·length, d_model] lookup and all-reduce it.

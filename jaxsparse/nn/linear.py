@@ -32,6 +32,8 @@ class Linear(nnx.Module):
         self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
         self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         shape = self.in_shape + self.out_shape
+        if min(shape, default=0) < 1:
+            raise ValueError(f"Linear{self.in_shape} -> {self.out_shape}: every size must be >= 1")
         if len(logical_axes) != len(shape):
             raise ValueError(f"logical_axes {logical_axes} must name each of the dims {shape}")
         fan_in = math.prod(self.in_shape)

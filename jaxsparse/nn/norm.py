@@ -10,8 +10,13 @@ from jaxsparse.ops.normalization import rms_norm
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        if dim < 1:
+            raise ValueError(f"RMSNorm dim={dim}: must be >= 1")
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
         self.eps = eps
 
     def __call__(self, x):
+        if x.shape[-1:] != self.scale.shape:
+            raise ValueError(f"RMSNorm{self.scale.shape}: input of shape {x.shape} must end in "
+                             f"{self.scale.shape[0]}")
         return rms_norm(x, self.scale[...], self.eps)

@@ -278,7 +278,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     ckpt.close()
     writer.close()
     text = None
-    if sample and not stopped and cfg.data.task == "text":
+    if sample and not stopped and cfg.data.task == "text" and cfg.eval.sample_tokens:
         text = sample_text(setup, state, cfg)
     if primary and not stopped:
         (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
