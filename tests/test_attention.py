@@ -110,6 +110,12 @@ def test_mask_spec_strings_and_traced_scales_are_accepted():
     np.testing.assert_array_equal(
         dot_product_attention(q, k, v, mask="local:3"),
         dot_product_attention(q, k, v, mask=LocalMask(2, 0) & CausalMask()))
+    from flax import nnx
+
+    from jaxsparse.nn import Attention
+
+    layer = Attention(16, 4, 2, 8, rngs=nnx.Rngs(0), mask="heads:local:4*2;causal*2")
+    assert layer.mask == MultiHeadMask((LocalMask(3, 0) & CausalMask(),) * 2 + (CausalMask(),) * 2)
     temperature = jax.jit(lambda s: dot_product_attention(q, k, v, mask="causal", scale=s))
     np.testing.assert_allclose(temperature(jnp.float32(0.2)),
                                dot_product_attention(q, k, v, mask=CausalMask(), scale=0.2),

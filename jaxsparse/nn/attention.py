@@ -9,6 +9,7 @@ from flax import nnx
 from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
+from jaxsparse.ops.attention.api import lazy_mask
 from jaxsparse.ops.masks import CausalMask, Mask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.attention.ring import ring_attention
@@ -26,7 +27,7 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  rngs: nnx.Rngs, rope_theta: float = 10_000.0, out_init_scale: float = 1.0,
-                 mask: Mask = CausalMask(), implementation: str | None = None,
+                 mask: Mask | str = CausalMask(), implementation: str | None = None,
                  dtype=jnp.float32, param_dtype=jnp.float32, linear=Linear):
         # ``linear``: the projections' class (``Linear``'s constructor), e.g. MonarchLinear.
         if min(d_model, n_heads, n_kv_heads, head_dim) < 1 or n_heads % n_kv_heads:
@@ -44,7 +45,9 @@ class Attention(nnx.Module):
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.rope_theta = rope_theta
         self.implementation = implementation
-        self.mask = mask  # lazy and hashable: a static part of the module
+        # lazy and hashable: a static part of the module (a spec string such as "local:256"
+        # is parsed once here, so per-head masks are recognised as such below)
+        self.mask = lazy_mask(mask, n_heads)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
