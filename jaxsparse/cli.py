@@ -54,7 +54,14 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from jaxsparse.train import load, sample_text
 
+    if not args.temperature >= 0:  # NaN too
+        raise ConfigError(f"--temperature={args.temperature}: must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k={args.top_k}: must be >= 0 (0: the full distribution)")
     cfg, setup, state = load(args.workdir)
+    if args.top_k > cfg.model.vocab_size:
+        raise ConfigError(f"--top-k={args.top_k}: must be at most model.vocab_size="
+                          f"{cfg.model.vocab_size}")
     if cfg.data.task != "text":
         raise ConfigError(f"generate works on byte-level text models; this run has data.task={cfg.data.task!r}")
     import dataclasses

@@ -63,6 +63,10 @@ class Checkpointer:
 
     def restore(self, abstract_state, step: int | None = None):
         step = self.latest_step() if step is None else step
+        saved = sorted(self.manager.all_steps())
+        if step not in saved:
+            raise FileNotFoundError(f"{self.directory} holds no checkpoint of step {step}; "
+                                    f"saved steps: {saved or 'none'}")
         try:
             out = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
