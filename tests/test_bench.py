@@ -130,6 +130,9 @@ def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert row["speedup"] > 0 and row["max_abs_err"] < 1e-5 and 0 < row["density"] <= 1
     tables = json.loads((tmp_path / "attention_block_tables.json").read_text())["rows"]
     assert {r["mask"] for r in tables} == {"causal", "window 512", "bigbird 128"}
+    captured = capsys.readouterr()
+    assert "attention: 100%" in captured.err  # a progress bar on stderr, not in the tables
+    assert "100%" not in captured.out
 
 
 def test_routing_benchmark_times_split_windows_at_the_cost_of_one_probe(tmp_path):

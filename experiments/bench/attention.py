@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.bench import markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.mask_specs import parse_mask_spec
 
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     rows = [bench_attention(s, p, args.heads, args.head_dim, args.repeats)
-            for s in args.lengths for p in args.patterns]
+            for s, p in cases([(s, p) for s in args.lengths for p in args.patterns], "attention")]
     columns = ["S", "pattern", "density", "ours_ms", "peer_ms", "speedup", "ideal_ratio",
                "fraction_of_ideal", "ours_peak_mb", "peer_peak_mb", "max_abs_err"]
     notes = (f"xla_blocksparse vs jax.nn.dot_product_attention with the dense mask; batch 1, "

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import CausalMask, LocalMask
 
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         raise SystemExit("attention_gpu needs a CUDA device; this process sees "
                          f"{jax.default_backend()!r}")
     rows = []
-    for length in args.lengths:
+    for length in cases(args.lengths, "attention_gpu"):
         shape = (args.batch, length, args.heads, args.head_dim)
         q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
         ours = fwd_bwd(lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(),

@@ -50,7 +50,7 @@ def measure(args) -> list[dict]:
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from jaxsparse.bench import time_fn
+    from jaxsparse.bench import cases, time_fn
     from jaxsparse.dryrun import collective_summary
     from jaxsparse.nn import MoE
     from jaxsparse.parallel import PRESETS, activation_sharding
@@ -65,7 +65,7 @@ def measure(args) -> list[dict]:
     paths = {"worst-case buffers": args.experts / args.k, "ours: ragged": None,
              "capacity 1.25": 1.25}
     rows, reference = [], None
-    for name, capacity_factor in paths.items():
+    for name, capacity_factor in cases(paths.items(), "expert_parallel"):
         moe = MoE(args.d, args.hidden, args.experts, args.k, rngs=nnx.Rngs(0),
                   capacity_factor=capacity_factor)
         moe.eval()

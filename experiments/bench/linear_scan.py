@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.diagonal_ssm import linear_scan
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
                              "width, each >= 1")
     bandwidth = copy_bandwidth()
     rows = []
-    for shape in shapes:
+    for shape in cases(shapes, "linear_scan"):
         rows += rows_for(shape, args.repeats, backward=False)
         if args.backward:
             rows += rows_for(shape, args.repeats, backward=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.moe import (capacity_dispatch, dropless_dispatch, expert_capacity,
                                grouped_matmul, slot_positions, swiglu_experts, top_k_routing)
 
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     rows = []
-    for E in args.experts:
+    for E in cases(args.experts, "moe"):
         new = bench(E, args.k, args.tokens, args.d, args.hidden, args.repeats, args.backward)
         rows += new
         print(markdown_table(new, ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"]), flush=True)

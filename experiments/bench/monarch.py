@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import markdown_table, matmul_peak_flops, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, matmul_peak_flops, time_fn, write_results
 from jaxsparse.ops.monarch import (dense_flops, monarch_bytes, monarch_flops, monarch_matmul,
                                    monarch_shapes)
 
@@ -46,7 +46,7 @@ def run(widths, tokens: int, repeats: int) -> list[dict]:
     print(f"{jax.default_backend()}: matmul peak {peak / 1e9:.0f} GFLOP/s, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
-    for d in widths:
+    for d in cases(widths, "monarch"):
         keys = jax.random.split(jax.random.key(d), 5)
         x = jax.random.normal(keys[0], (tokens, d), dtype)
         w = (jax.random.normal(keys[1], (d, d)) / d**0.5).astype(dtype)

@@ -86,7 +86,7 @@ def measure(args) -> list[dict]:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from jaxsparse.bench import time_fn
+    from jaxsparse.bench import cases, time_fn
     from jaxsparse.ops.attention import dot_product_attention
     from jaxsparse.ops.attention.ring import choose_layout, ring_attention
     from jaxsparse.ops.masks import CausalMask, LocalMask
@@ -101,7 +101,7 @@ def measure(args) -> list[dict]:
     q, k, v = (jax.device_put(jax.random.normal(key, shape), split) for key in keys)
     masks = {"causal": CausalMask(), f"window {args.window}": LocalMask(args.window, 0)}
     rows, works = [], {}
-    for mask_name, mask in masks.items():
+    for mask_name, mask in cases(masks.items(), "ring"):
         paths = {"gathered K/V": (lambda q, k, v, mask=mask: dot_product_attention(
                      q, k, v, mask=mask, implementation="xla"), "")}
         for layout in ("contiguous", "zigzag", None):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.bench import markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import CausalMask
 from jaxsparse.ops.routing import causal_routing_attention, init_centroids
@@ -45,7 +45,7 @@ def _routing(centroids, window, probes):
 
 def run(lengths, repeats, probes=(1,), split=False):
     rows = []
-    for length in lengths:
+    for length in cases(lengths, "routing"):
         clusters = int(round(math.sqrt(length)))
         window = length // clusters
         keys = jax.random.split(jax.random.key(length), 4)

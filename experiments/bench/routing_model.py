@@ -17,7 +17,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from jaxsparse.bench import markdown_table, write_results
+from jaxsparse.bench import cases, markdown_table, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
@@ -34,7 +34,7 @@ def run(lengths, tokens: int, repeats: int, probes: int = 4) -> list[dict]:
     study = _load("routing_study", HERE.parent / "routing" / "study.py")
     train_step = _load("train_step_bench", HERE / "train_step.py")
     rows = []
-    for length in lengths:
+    for length in cases(lengths, "routing_model"):
         batch = max(tokens // length, 1)
         window = max(study.paper_layout(length)[1] // probes, 1)
         shared = (study.QUIET + ["model.n_kv_heads=4"]

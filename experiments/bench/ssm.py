@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.ssm import selective_scan, ssd, ssd_native, ssd_reference
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
     rows = []
-    for length in args.lengths:
+    for length in cases(args.lengths, "ssm"):
         for documents in [None] + ([args.packed] if args.packed else []):
             rows += mamba1_rows(length, args.batch, args.d_inner, args.d_state, args.repeats,
                                 args.chunk, backward=False, documents=documents)

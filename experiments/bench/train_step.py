@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 
 from jaxsparse import configs
-from jaxsparse.bench import markdown_table, matmul_peak_flops, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, matmul_peak_flops, time_fn, write_results
 from jaxsparse.bench.timing import compiled_flops
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import make_stream
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
 
     peak = matmul_peak_flops(1024)
     rows = []
-    for name in args.configs:
+    for name in cases(args.configs, "train_step"):
         row = bench_config(name, args.set, args.repeats)
         row["peak_matmul_gflops"] = peak / 1e9
         row["ratio_to_matmul_peak"] = row["achieved_gflops"] * 1e9 / peak
