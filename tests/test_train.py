@@ -365,9 +365,10 @@ def test_a_diverging_run_stops_and_leaves_a_finite_checkpoint(tmp_path, capsys):
     assert int(state["step"]) == saved and _all_finite(state)
 
 
-def test_skip_policy_steps_over_nonfinite_updates(tmp_path):
+def test_skip_policy_steps_over_nonfinite_updates(tmp_path, capsys):
     cfg = tiny_config("train.steps=6", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
                       "train.nonfinite=skip")
     result = train(cfg, tmp_path, sample=False, quiet=True)
     assert result.step == 6 and result.skipped_steps  # every step after the first overflows
     assert 0 not in result.skipped_steps and _all_finite(result.state)
+    assert capsys.readouterr().out == ""  # quiet: no eval or skipped-step lines either

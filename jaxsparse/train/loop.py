@@ -182,6 +182,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                disable=not (primary and cfg.train.progress and not quiet), dynamic_ncols=True,
                file=sys.stdout)
     last_time, last_step = time.perf_counter(), start
+    # lines between bar updates: from one process only (a pod's hosts would all print them),
+    # and not at all when the caller asked for quiet
+    say = bar.write if primary and not quiet else (lambda *a: None)
 
     def flush_logs():
         nonlocal last_time, last_step
@@ -197,7 +200,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             losses[s] = float(m["loss"])
             if m["nonfinite"]:
                 bad.append(s)
-                bar.write(f"step {s + 1}: loss {float(m['loss']):.4g}, gradient norm "
+                say(f"step {s + 1}: loss {float(m['loss']):.4g}, gradient norm "
                           f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
         skipped.extend(bad)
         s, m = pending[-1][0], fetched[-1]
@@ -211,7 +214,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     def run_eval():
         metrics = evaluate(setup, eval_step, state, stream, cfg)
         writer.write(step, "eval", metrics)
-        bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+        say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
     curriculum = cfg.model.hydra_curriculum if cfg.model.name == "hydra" else ""
@@ -221,7 +224,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         index = stage_at(curriculum, at_step)
         first, components = stage_list[index]
         writer.write(at_step, "curriculum", {"stage": index, "first_step": first})
-        bar.write(f"step {at_step}: curriculum stage {index} of {len(stage_list) - 1}: "
+        say(f"step {at_step}: curriculum stage {index} of {len(stage_list) - 1}: "
                   f"{', '.join(components)}")
 
     if len(stage_list) > 1:
@@ -259,7 +262,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 stopped = True
                 flush_logs()
                 why = flag.name if flag.signal is not None else "a stop request"
-                bar.write(f"stopping at step {step} after {why}; checkpoint saved")
+                say(f"stopping at step {step} after {why}; checkpoint saved")
                 break
     flush_logs()
     if stop_on_nonfinite and skipped:
