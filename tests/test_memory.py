@@ -5,7 +5,6 @@ scored in full, and the values train with their own optimiser."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 

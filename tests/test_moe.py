@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_config
-from jaxsparse.config import ConfigError, apply_overrides, validate
+from jaxsparse.config import ConfigError, validate
 from jaxsparse.nn import MoE
 from jaxsparse.ops.moe.grouped import kernel_grouped_matmul
 from jaxsparse.nn.intermediates import run_capturing

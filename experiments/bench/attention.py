@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
 from jaxsparse.ops.attention import dot_product_attention

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.parallel import constrain
 
 
@@ -14,8 +15,9 @@ def _check_token_ids(tokens, vocab_size: int) -> None:
     eager call, e.g. in a notebook): out of range, the gather would return NaN rows."""
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
-    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+    values = concrete_values(tokens)
+    if values is not None and values.size:
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(f"tokens range over [{low}, {high}]; the vocabulary is "
                              f"[0, {vocab_size})")

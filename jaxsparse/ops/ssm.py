@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.segments import (check_segment_ids, document_starts, keep_factor,
                                      shard_documents, shard_keeps_state, with_document_starts)
 from jaxsparse.ops.sizes import ceil_div, round_up
@@ -25,16 +26,8 @@ SCAN_IMPLEMENTATIONS = (None, "sequential", "associative", "chunked", "native", 
 # --- argument checks ------------------------------------------------------------------------
 
 
-def _concrete(x):
-    """``x`` as numpy if it holds concrete values, else None (inside jit)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _check_negative(name, A):
-    values = _concrete(A)
+    values = concrete_values(A)
     if values is not None and not np.all(values < 0):
         raise ValueError(f"{name} must be strictly negative (A = -exp(A_log)); got max "
                          f"{float(values.max()):.3g}")

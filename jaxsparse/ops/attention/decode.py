@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsparse.ops.attention.api import (check_attention_inputs, check_logit_options,
                                          lazy_mask)
 from jaxsparse.ops.attention.reference import xla_attention
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.masks import Mask, MultiHeadMask
 
 
@@ -22,11 +21,12 @@ def _checked_lengths(lengths, batch: int, new: int, slots: int | None):
         raise ValueError(f"lengths of shape {lengths.shape} and dtype {lengths.dtype}: expected "
                          f"integers of shape [batch={batch}] or a scalar")
     lengths = jnp.broadcast_to(lengths.astype(jnp.int32).reshape(-1), (batch,))
-    if not isinstance(lengths, jax.core.Tracer):
-        low, high = int(lengths.min()), int(lengths.max())
+    values = concrete_values(lengths)
+    if values is not None:
+        low, high = int(values.min()), int(values.max())
         if low < new or (slots is not None and high > slots):
             allowed = f"in [{new}, {slots}] (the cache has {slots} slots)" if slots else f">= {new}"
-            raise ValueError(f"lengths={np.asarray(lengths).tolist()}: each must be {allowed}; "
+            raise ValueError(f"lengths={values.tolist()}: each must be {allowed}; "
                              f"a length counts the {new} new tokens")
     return lengths
 
