@@ -195,21 +195,18 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         rate = (pending[-1][0] + 1 - last_step) * tokens_per_step / max(now - last_time, 1e-9)
         last_time, last_step = now, pending[-1][0] + 1
         bar.update(pending[-1][0] + 1 - bar.n)
-        bad = []
         for (s, _), m in zip(pending, fetched):
             losses[s] = float(m["loss"])
             if m["nonfinite"]:
-                bad.append(s)
+                skipped.append(s)
                 say(f"step {s + 1}: loss {float(m['loss']):.4g}, gradient norm "
-                          f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
-        skipped.extend(bad)
+                    f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
         s, m = pending[-1][0], fetched[-1]
         values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate,
                                                          "skipped_steps": len(skipped)}
         writer.write(s + 1, "train", values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
         pending.clear()
-        return bad
 
     def run_eval():
         metrics = evaluate(setup, eval_step, state, stream, cfg)
@@ -225,7 +222,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         first, components = stage_list[index]
         writer.write(at_step, "curriculum", {"stage": index, "first_step": first})
         say(f"step {at_step}: curriculum stage {index} of {len(stage_list) - 1}: "
-                  f"{', '.join(components)}")
+            f"{', '.join(components)}")
 
     if len(stage_list) > 1:
         log_stage(start)  # also after a resume: the stage the run continues in

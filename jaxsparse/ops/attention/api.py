@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxsparse.ops.attention.blocksparse import blocksparse_attention
 from jaxsparse.ops.attention.reference import xla_attention
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.mask_specs import parse_mask_spec
 from jaxsparse.ops.masks import FullMask, Mask, MultiHeadMask
 
@@ -58,22 +59,26 @@ def check_attention_inputs(q, k, v, names: tuple[str, str, str] = ("q", "k", "v"
                              "inputs (e.g. float32, bfloat16)")
 
 
-def check_logit_options(scale, logits_soft_cap) -> None:
-    """``scale`` is None, a finite real number > 0, or a scalar floating array (possibly traced,
-    e.g. a learnt temperature); ``logits_soft_cap`` None or > 0; else an error naming them."""
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap={logits_soft_cap}: must be > 0")
-    if scale is None:
-        return
-    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale={scale!r}: must be a finite number > 0 (or None: head_dim**-0.5)")
-        return
-    if (isinstance(scale, jax.Array | np.ndarray) and scale.shape == ()
-            and jnp.issubdtype(scale.dtype, jnp.floating)):
-        return
-    raise TypeError(f"scale={scale!r}: expected a real number > 0, a scalar floating array, "
-                    "or None (head_dim**-0.5)")
+def static_logit_options(scale, logits_soft_cap) -> tuple[float | None, float | None]:
+    """``(scale, logits_soft_cap)`` as Python floats (or None), each finite and > 0, else an
+    error naming it. Both are compiled into the kernels, so they must be known when tracing: a
+    learnt temperature belongs in ``q`` (scale the queries), not here."""
+    return _static_positive("scale", scale), _static_positive("logits_soft_cap", logits_soft_cap)
+
+
+def _static_positive(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | jax.Array | np.ndarray):
+        raise TypeError(f"{name}={value!r}: expected a real number > 0 or None")
+    concrete = concrete_values(value)
+    if concrete is None or concrete.shape != ():
+        raise TypeError(f"{name} must be a static real number (it is compiled into the "
+                        f"kernels); got {value!r}. To learn a temperature, scale q instead.")
+    value = float(concrete)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r}: must be a finite number > 0 (or None)")
+    return value
 
 
 def lazy_mask(mask, num_heads: int):
@@ -193,7 +198,7 @@ def dot_product_attention(
         raise ValueError(
             f"implementation={implementation!r} is not available; allowed: {IMPLEMENTATIONS}")
     check_attention_inputs(q, k, v)
-    check_logit_options(scale, logits_soft_cap)
+    scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     batch, q_len, q_heads, head_dim = q.shape
     kv_len = k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxsparse.ops.attention.api import (check_attention_inputs, check_logit_options,
-                                         lazy_mask)
+from jaxsparse.ops.attention.api import (check_attention_inputs, lazy_mask,
+                                         static_logit_options)
 from jaxsparse.ops.attention.reference import xla_attention
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.masks import Mask, MultiHeadMask
@@ -44,7 +44,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
     (BigBird) are evaluated for a sequence of ``C`` positions.
     """
     check_attention_inputs(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
-    check_logit_options(scale, logits_soft_cap)
+    scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     batch, new, q_heads, head_dim = q.shape
     slots = k_cache.shape[1]
     if window is not None and not 1 <= window <= slots:

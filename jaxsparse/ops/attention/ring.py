@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsparse.ops.attention.api import (attention_segments, check_attention_inputs,
-                                         check_logit_options, lazy_mask)
+                                         lazy_mask, static_logit_options)
 from jaxsparse.ops.attention.online_softmax import empty_state, finish, fold_block
 from jaxsparse.ops.attention.reference import soft_cap
 from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
@@ -206,7 +206,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
         raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
     mask = lazy_mask(mask, q.shape[2] if q.ndim == 4 else None)
     _check_inputs(q, k, v, mask, n, axis, layout)
-    check_logit_options(scale, logits_soft_cap)
+    scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     if not isinstance(part_tokens, int) or part_tokens < 1:
         raise ValueError(f"part_tokens={part_tokens!r}: expected a positive integer")
     batch, q_len, q_heads, head_dim = q.shape
