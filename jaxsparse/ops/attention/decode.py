@@ -31,7 +31,7 @@ def _checked_lengths(lengths, batch: int, new: int, slots: int | None):
     return lengths
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
+def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = None,
                      scale: float | None = None, logits_soft_cap: float | None = None,
                      window: int | None = None):
     """Queries ``q [B, L, Hq, D]`` at positions ``lengths - L ... lengths - 1`` attend to
@@ -39,7 +39,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | None = None,
 
     With ``window`` set, the cache is a ring buffer of ``C`` slots (slot = position mod C)
     holding the last ``C`` positions; keys further than ``window - 1`` behind a query are
-    masked. ``mask`` (a lazy mask over absolute positions, per head for a ``MultiHeadMask``)
+    masked. ``mask`` (a lazy mask over absolute positions, per head for a ``MultiHeadMask``,
+    or its spec string)
     is applied on top of causality; masks whose pattern depends on the sequence length
     (BigBird) are evaluated for a sequence of ``C`` positions.
     """
