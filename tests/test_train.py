@@ -353,7 +353,7 @@ def _all_finite(tree) -> bool:
 def test_a_diverging_run_stops_and_leaves_a_finite_checkpoint(tmp_path, capsys):
     """lr 1e30: the first update sends the weights to ~1e30 and the next gradients overflow.
     The bad update is not applied, the run stops with exit status 1 and a message naming the
-    step, and the checkpoint it leaves can be resumed from."""
+    step, and the checkpoint it names restores with every array finite."""
     overrides = [*TINY, "train.steps=12", "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
     code = main(["train", "--config", "transformer_tiny", "--workdir", str(tmp_path),
                  *[arg for o in overrides for arg in ("--set", o)]])

@@ -238,14 +238,15 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 bar.update(1)
             pending.append((step, metrics))
             step += 1
-            # the step that has just finished (a ready scalar: no extra wait)
-            finished_bad = len(pending) > 1 and bool(pending[-2][1]["nonfinite"])
+            # stop policy: the step that has just finished (a ready scalar, no extra wait)
+            finished_bad = (stop_on_nonfinite and len(pending) > 1
+                            and bool(pending[-2][1]["nonfinite"]))
             if len(stage_list) > 1 and step < cfg.train.steps and \
                     stage_at(curriculum, step) != stage_at(curriculum, step - 1):
                 flush_logs()
                 log_stage(step)
             last = step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or last or (finished_bad and stop_on_nonfinite):
+            if step % cfg.train.log_every == 0 or last or finished_bad:
                 flush_logs()
             diverged = stop_on_nonfinite and bool(skipped)
             if (step % cfg.train.eval_every == 0 or last) and not diverged:

@@ -155,10 +155,12 @@ def _from_zigzag(t, index, n: int, axis: str):
                             jax.lax.ppermute(odd_half, axis, odd)], axis=1)
 
 
-def _check_inputs(q, k, v, mask, n, axis, layout):
+def _checked_mask(q, k, v, mask, n, axis, layout):
+    """The checked inputs' mask as a lazy :class:`Mask` (spec strings parsed) or None."""
     check_attention_inputs(q, k, v)
     _, q_len, q_heads, _ = q.shape
     kv_len = k.shape[1]
+    mask = lazy_mask(mask, q_heads)
     if layout not in RING_LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {RING_LAYOUTS}")
     for name, length in (("query length S", q_len), ("key length T", kv_len)):
@@ -176,6 +178,7 @@ def _check_inputs(q, k, v, mask, n, axis, layout):
     elif mask is not None:
         raise ValueError(f"ring attention needs a lazy Mask object (got {type(mask).__name__}): "
                          "it evaluates the mask at global positions on each shard")
+    return mask
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | None = None,
@@ -204,8 +207,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     n = mesh.shape.get(axis)
     if n is None:
         raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
-    mask = lazy_mask(mask, q.shape[2] if q.ndim == 4 else None)
-    _check_inputs(q, k, v, mask, n, axis, layout)
+    mask = _checked_mask(q, k, v, mask, n, axis, layout)
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     if not isinstance(part_tokens, int) or part_tokens < 1:
         raise ValueError(f"part_tokens={part_tokens!r}: expected a positive integer")
