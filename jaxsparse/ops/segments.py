@@ -34,7 +34,8 @@ def document_starts(segment_ids):
     """bool ``[batch, length]``: True where the id differs from the previous token's. Position 0
     is never a start: an ``initial_state`` passed by the caller belongs to the first document."""
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)  # from the ids: `changed` is empty at length 1
+    return jnp.concatenate([first, changed], axis=1)
 
 
 def keep_factor(segment_ids, batch: int, length: int):
