@@ -85,6 +85,16 @@ def test_bf16_inputs_are_close_to_the_float32_reference():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("implementation", ["xla_blocksparse", "pallas_interpret"])
+def test_no_mask_means_full_attention_on_every_path(implementation):
+    """``mask=None`` with an explicit implementation is attention over every key (it once
+    raised "needs a lazy Mask object" on the block-sparse path while the default accepted it)."""
+    q, k, v = rand(15, 1, 37, 2, 8), rand(16, 1, 21, 1, 8), rand(17, 1, 21, 1, 8)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, implementation=implementation),
+                               dot_product_attention(q, k, v, implementation="xla"),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(implementation="cudnn"), "implementation='cudnn' is not available"),
     (dict(implementation="xla_blocksparse", mask=jnp.ones((4, 4), bool)), "needs a lazy Mask"),

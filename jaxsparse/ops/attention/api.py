@@ -214,6 +214,7 @@ def dot_product_attention(
     if implementation is None:
         implementation, mask = _choose(mask, batch, q_heads, q_len, kv_len)
     if implementation == "xla_blocksparse":
+        mask = FullMask() if mask is None else mask  # None means no mask on every path
         if not isinstance(mask, Mask):
             raise ValueError("implementation='xla_blocksparse' needs a lazy Mask object as mask "
                              f"(got {type(mask).__name__}); use 'xla' for array masks")
