@@ -13,7 +13,9 @@ os.environ.setdefault("JAXSPARSE_CACHE", os.path.join(tempfile.gettempdir(), "ja
 # 177 s. The directory is made here, before jax is imported (JAX reads these variables at
 # import), in the process that pytest starts first: xdist workers and the tests' subprocesses
 # inherit it, so they share it; it is removed when the run ends (_OWN_COMPILATION_CACHE), so
-# every run starts cold, as CI does, and the suite's timings stay honest.
+# every run starts cold, as CI does, and the suite's timings stay honest. (Without a size limit
+# JAX writes entries unlocked; one read while another process is still writing it fails to
+# decompress, and JAX warns and compiles afresh: never a wrong executable.)
 _OWN_COMPILATION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="jaxsparse-test-xla-cache-")
