@@ -34,7 +34,8 @@ def document_starts(segment_ids):
     """bool ``[batch, length]``: True where the id differs from the previous token's. Position 0
     is never a start: an ``initial_state`` passed by the caller belongs to the first document."""
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)  # from the ids: `changed` is empty at length 1
+    # the first column sliced from the ids, not from `changed`: that is empty at length 1
+    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
     return jnp.concatenate([first, changed], axis=1)
 
 
