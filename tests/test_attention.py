@@ -235,16 +235,16 @@ def test_bf16_error_is_within_the_bf16_reference_error(implementation):
 def test_default_implementation_picks_blocksparse_from_a_million_logits_beyond_one_tile():
     from jaxsparse.ops.attention.api import _choose
 
-    assert _choose(CausalMask(), 1, 4, 128, 128) == ("xla", CausalMask())
-    assert _choose(CausalMask(), 64, 4, 64, 64) == ("xla", CausalMask())  # one 128-tile
-    assert _choose(CausalMask(), 16, 4, 129, 129) == ("xla_blocksparse", CausalMask())
+    assert _choose(CausalMask(), 1, 4, 128, 128) == "xla"
+    assert _choose(CausalMask(), 64, 4, 64, 64) == "xla"  # one 128-tile
+    assert _choose(CausalMask(), 16, 4, 129, 129) == "xla_blocksparse"
     window = LocalMask(255, 0) & CausalMask()
-    assert _choose(window, 1, 1, 8192, 8192) == ("xla_blocksparse", window)
-    assert _choose(FullMask(), 1, 4, 1024, 1024) == ("xla_blocksparse", FullMask())
-    assert _choose(None, 1, 4, 1024, 1024) == ("xla_blocksparse", FullMask())
-    assert _choose(None, 1, 4, 128, 128) == ("xla", None)
+    assert _choose(window, 1, 1, 8192, 8192) == "xla_blocksparse"
+    assert _choose(FullMask(), 1, 4, 1024, 1024) == "xla_blocksparse"
+    assert _choose(None, 1, 4, 1024, 1024) == "xla_blocksparse"
+    assert _choose(None, 1, 4, 128, 128) == "xla"
     dense = jnp.ones((4, 4), bool)
-    assert _choose(dense, 1, 1, 8192, 8192) == ("xla", dense)
+    assert _choose(dense, 1, 1, 8192, 8192) == "xla"
 
 
 def test_default_path_on_a_long_unmasked_batch_equals_the_reference():

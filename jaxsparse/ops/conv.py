@@ -41,9 +41,7 @@ def _window_sum_within_documents(full_BND, w_KD, segment_ids_BL):
     first document."""
     width, length = w_KD.shape[0], segment_ids_BL.shape[1]
     runs = document_index(segment_ids_BL)
-    # the state's run is 0, the first document's (sized by width: a slice of `runs` is shorter
-    # than the state when length < width - 1)
-    ids = jnp.concatenate([jnp.zeros((runs.shape[0], width - 1), runs.dtype), runs], 1)
+    ids = jnp.pad(runs, ((0, 0), (width - 1, 0)))  # the state's inputs: run 0, the first document
     y = 0
     for k in range(width):
         same = (ids[:, k:k + length] == runs)[..., None]

@@ -146,19 +146,19 @@ def _array_mask(mask, batch, heads, q_len, kv_len):
 
 
 def _choose(mask, batch: int, heads: int, q_len: int, kv_len: int):
-    """Best available on this backend, as ``(implementation, mask)``; only speed depends on the
-    choice, never results (``mask=None`` becomes ``FullMask()`` for the block-sparse path)."""
+    """The best implementation available on this backend for ``mask``; only speed depends on
+    the choice, never results."""
     if jax.default_backend() in ("gpu", "tpu") and (mask is None or isinstance(mask, Mask)):
         from jaxsparse.ops.attention.pallas import kernel_can_serve
 
         if mask is None or kernel_can_serve(mask):
-            return "pallas", mask
+            return "pallas"
     if mask is not None and not isinstance(mask, Mask):
-        return "xla", mask  # an explicit boolean array: only the dense path takes it
+        return "xla"  # an explicit boolean array: only the dense path takes it
     if (batch * heads * q_len * kv_len < _BLOCKSPARSE_MIN_LOGITS
             or max(q_len, kv_len) <= _ONE_TILE):
-        return "xla", mask
-    return "xla_blocksparse", FullMask() if mask is None else mask
+        return "xla"
+    return "xla_blocksparse"
 
 
 def dot_product_attention(
@@ -212,7 +212,7 @@ def dot_product_attention(
     q_seg, kv_seg = attention_segments(segment_ids, batch, q_len, kv_len)
 
     if implementation is None:
-        implementation, mask = _choose(mask, batch, q_heads, q_len, kv_len)
+        implementation = _choose(mask, batch, q_heads, q_len, kv_len)
     if implementation == "xla_blocksparse":
         mask = FullMask() if mask is None else mask  # None means no mask on every path
         if not isinstance(mask, Mask):
