@@ -348,8 +348,53 @@ def _validate_moe(m: ModelConfig) -> None:
            f"model.moe_k_end={m.moe_k_end}: must be in [model.moe_k={m.moe_k}, "
            f"model.moe_experts={m.moe_experts}]")
     _check(m.moe_chunk >= 0, f"model.moe_chunk={m.moe_chunk}: must be >= 0")
+    _check(m.moe_d_ff is None or m.moe_d_ff >= 1,
+           f"model.moe_d_ff={m.moe_d_ff}: must be >= 1, or None (model.d_ff)")
+    _check(m.moe_shared_experts >= 0,
+           f"model.moe_shared_experts={m.moe_shared_experts}: must be >= 0")
+    _check(m.moe_k_schedule_steps >= 1,
+           f"model.moe_k_schedule_steps={m.moe_k_schedule_steps}: must be >= 1")
+    for key in ("moe_aux_weight", "moe_z_weight"):
+        _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
+    _check(0 <= m.moe_jitter < 1, f"model.moe_jitter={m.moe_jitter}: must be in [0, 1) (router "
+           "inputs are scaled by a factor drawn from [1 - jitter, 1 + jitter])")
+    from jaxsparse.ops.moe.grouped import GMM_IMPLEMENTATIONS
+
+    _check(m.moe_grouped_impl in GMM_IMPLEMENTATIONS,
+           f"model.moe_grouped_impl={m.moe_grouped_impl!r}: allowed {GMM_IMPLEMENTATIONS}")
     _check(m.moe_eval_k is None or 1 <= m.moe_eval_k <= m.moe_experts,
            f"model.moe_eval_k={m.moe_eval_k}: must be in [1, model.moe_experts={m.moe_experts}]")
+
+
+def mamba2_heads(m: ModelConfig) -> int:
+    """Mamba-2's SSM heads: ``expand * d_model / ssm_head_dim``."""
+    return m.expand * m.d_model // m.ssm_head_dim
+
+
+def _validate_ssm(m: ModelConfig) -> None:
+    from jaxsparse.ops.ssm import SCAN_IMPLEMENTATIONS
+
+    _check(m.ssm_impl in SCAN_IMPLEMENTATIONS,
+           f"model.ssm_impl={m.ssm_impl!r}: allowed {SCAN_IMPLEMENTATIONS}")
+    if m.name == "hydra" and m.hydra_ssm_width is None:
+        _check(m.expand >= 1, f"model.expand={m.expand}: must be >= 1 (the SSM's width is "
+                              "expand * d_model unless model.hydra_ssm_width is set)")
+    if m.name not in ("mamba", "mamba2"):
+        return
+    sizes = ["d_state", "expand", "d_conv", "ssm_chunk"]
+    sizes += ["ssm_head_dim", "ssm_groups"] if m.name == "mamba2" else []
+    for key in sizes:
+        _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)}: must be >= 1")
+    _check(m.dt_rank is None or m.dt_rank >= 1,
+           f"model.dt_rank={m.dt_rank}: must be >= 1, or None (ceil(d_model / 16))")
+    if m.name == "mamba2":
+        inner = m.expand * m.d_model
+        _check(inner % m.ssm_head_dim == 0,
+               f"model.ssm_head_dim={m.ssm_head_dim} must divide model.expand * model.d_model "
+               f"= {inner}")
+        _check(mamba2_heads(m) % m.ssm_groups == 0,
+               f"model.ssm_groups={m.ssm_groups} must divide the {mamba2_heads(m)} SSM heads "
+               "(model.expand * model.d_model / model.ssm_head_dim)")
 
 
 MONARCH_TARGETS = ("mlp", "attention")
@@ -456,7 +501,7 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
     _check(all(0 <= i < m.n_layers for i in layers),
            f"model.pkm_layers={m.pkm_layers!r}: indices must be in [0, model.n_layers={m.n_layers})")
     if layers:
-        n_keys = int(round(m.pkm_slots ** 0.5))
+        n_keys = int(round(max(m.pkm_slots, 0) ** 0.5))
         _check(m.pkm_slots >= 1 and n_keys * n_keys == m.pkm_slots,
                f"model.pkm_slots={m.pkm_slots}: must be a perfect square (n_keys² slots; "
                f"e.g. {max(n_keys, 1) ** 2} or {(n_keys + 1) ** 2})")
@@ -515,10 +560,36 @@ def _validate_mesh(m: ModelConfig, d: DataConfig, mesh: MeshConfig) -> None:
             _check(heads % mesh.tensor == 0,
                    f"mesh.tensor={mesh.tensor} must divide {key}={heads}: tensor parallelism "
                    "splits attention heads")
+    if mesh.tensor not in (1, -1) and m.name == "mamba2":
+        # Mamba-2's heads and B/C groups are split over the tensor axis; an uneven split
+        # reaches the native kernel's partitioning rule, which JAX cannot hand an uneven one
+        for key, size in (("SSM heads (model.expand * model.d_model / model.ssm_head_dim)",
+                           mamba2_heads(m)), ("model.ssm_groups", m.ssm_groups)):
+            _check(size == 1 or size % mesh.tensor == 0,
+                   f"mesh.tensor={mesh.tensor} must divide the {size} {key}")
     if mesh.sequence not in (1, -1):
         _check(d.seq_len % mesh.sequence == 0,
                f"mesh.sequence={mesh.sequence} must divide data.seq_len={d.seq_len}: sequence "
                "parallelism gives every shard the same number of positions")
+
+
+def _validate_synthetic_sizes(m: ModelConfig, d: DataConfig) -> None:
+    """The bounds of the non-MQAR synthetic generators (MQAR's are checked with key names in
+    :func:`validate`), before anything is built."""
+    from jaxsparse.data import synthetic
+
+    checks = {
+        "selective_copying": lambda: synthetic.check_selective_copying(
+            d.seq_len, m.vocab_size, d.num_tokens_to_copy),
+        "induction_heads": lambda: synthetic.check_induction_heads(
+            d.seq_len, m.vocab_size, d.induction_prefix),
+        "multi_hop": lambda: synthetic.check_multi_hop(d.seq_len, m.vocab_size, d.hops, d.chains),
+    }
+    if d.task in checks:
+        try:
+            checks[d.task]()
+        except ValueError as err:  # the generator's parameters are data.* and model.vocab_size
+            raise ConfigError(f"data.task={d.task!r}: {err}") from None
 
 
 def validate(cfg: Config) -> Config:
@@ -528,6 +599,8 @@ def validate(cfg: Config) -> Config:
         for name, annotation in _field_types(type(sub)).items():
             value = getattr(sub, name)
             _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{section}.{name}={value!r}: must be a finite number")
 
     m, d, o, mesh, t, e = cfg.model, cfg.data, cfg.optimizer, cfg.mesh, cfg.train, cfg.eval
     for key, value in [
@@ -552,7 +625,17 @@ def validate(cfg: Config) -> Config:
            f"model.head_dim={m.resolved_head_dim}: rotary embeddings need an even head dim")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: allowed {DTYPES}")
     _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: allowed {DTYPES}")
+    _check(m.param_dtype != "float16",
+           "model.param_dtype='float16': the optimiser's moments would be float16 too, where "
+           "g² underflows and optimizer.eps rounds to 0 (0/0 updates); keep parameters in "
+           "float32 or bfloat16 and compute in float16 with model.dtype='float16'")
     _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
+    _check(0 < m.norm_eps < 1, f"model.norm_eps={m.norm_eps}: must be in (0, 1)")
+    from jaxsparse.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
+    _check(m.attention_impl in ATTENTION_IMPLEMENTATIONS,
+           f"model.attention_impl={m.attention_impl!r}: allowed {ATTENTION_IMPLEMENTATIONS}")
+    _validate_ssm(m)
     _validate_moe(m)
     _validate_monarch(m)
     _validate_routing(m)
@@ -579,6 +662,9 @@ def validate(cfg: Config) -> Config:
         _check(d.seq_len >= mqar_min_seq_len(n),
                f"data.seq_len={d.seq_len} too short for data.num_kv_pairs={n}: MQAR needs "
                f">= 4 * num_kv_pairs - 1 = {mqar_min_seq_len(n)}")
+    _validate_synthetic_sizes(m, d)
+    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        _check(0 <= seed < 2 ** 63, f"{key}={seed}: must be in [0, 2**63)")
     if m.name == "routing_transformer":
         _check(m.routing_clusters <= d.seq_len,
                f"model.routing_clusters={m.routing_clusters} exceeds data.seq_len={d.seq_len}: "
@@ -592,12 +678,16 @@ def validate(cfg: Config) -> Config:
     _check(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps}: must be >= 0")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2=({o.b1}, {o.b2}): must be in [0, 1)")
+    _check(o.eps > 0, f"optimizer.eps={o.eps}: must be > 0 (Adam divides by sqrt(v) + eps, and "
+                      "v is 0 where a gradient is 0)")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     _check(o.grad_clip > 0, f"optimizer.grad_clip={o.grad_clip}: must be > 0")
     _check(o.memory_values_lr > 0, f"optimizer.memory_values_lr={o.memory_values_lr}: must be > 0")
     _validate_mesh(m, d, mesh)
     _check(e.temperature >= 0, f"eval.temperature={e.temperature}: must be >= 0")
-    _check(e.top_k >= 0, f"eval.top_k={e.top_k}: must be >= 0")
+    _check(0 <= e.top_k <= m.vocab_size,
+           f"eval.top_k={e.top_k}: must be in [0, model.vocab_size={m.vocab_size}] (0: the "
+           "full distribution)")
     _check(e.sample_tokens >= 0, f"eval.sample_tokens={e.sample_tokens}: must be >= 0 (0: no "
            "sample at the end of training)")
     prompt_bytes = len(e.sample_prompt.encode())

@@ -365,6 +365,26 @@ def test_a_diverging_run_stops_and_leaves_a_finite_checkpoint(tmp_path, capsys):
     assert int(state["step"]) == saved and _all_finite(state)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr itself
+def test_a_nonfinite_update_from_finite_gradients_is_not_applied(tmp_path, capsys):
+    """optimizer.lr=1e39 is a finite Python number but infinite in float32: the first step's
+    loss and gradient are finite and its update is not. The guard looks at the updated state
+    too, so no step is applied, the message says it was the update (not the gradient), and
+    the checkpoint it names holds finite weights."""
+    overrides = [*TINY, "train.steps=6", "optimizer.lr=1e39", "optimizer.warmup_steps=0"]
+    code = main(["train", "--config", "transformer_tiny", "--workdir", str(tmp_path),
+                 *[arg for o in overrides for arg in ("--set", o)]])
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert "step 1: the loss and gradient were finite but the optimiser's update was not" \
+        in captured.err and "optimizer.eps" in captured.err
+    assert "step 1: loss" in captured.out and "are finite, but the optimiser's update is not" \
+        in captured.out
+    saved = int(re.search(r"the checkpoint of step (\d+)", captured.err).group(1))
+    cfg, _, state = load(tmp_path)
+    assert int(state["step"]) == saved and _all_finite(state)
+
+
 def test_skip_policy_steps_over_nonfinite_updates(tmp_path, capsys):
     cfg = tiny_config("train.steps=6", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
                       "train.nonfinite=skip")

@@ -74,6 +74,20 @@ def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
     return _shift(seq, answer)
 
 
+def check_selective_copying(seq_len: int, vocab_size: int, num_tokens_to_copy: int) -> None:
+    """Raise ``ValueError`` for sizes :func:`selective_copying` cannot draw from."""
+    n = num_tokens_to_copy
+    if n < 1:
+        raise ValueError(f"selective_copying: num_tokens_to_copy={n} must be >= 1 (the tokens "
+                         "to copy are the only targets)")
+    if seq_len < 2 * n:
+        raise ValueError(
+            f"selective_copying: seq_len={seq_len} too short for num_tokens_to_copy={n} "
+            f"(need >= {2 * n})")
+    if vocab_size < 3:
+        raise ValueError(f"selective_copying: vocab_size={vocab_size} must be >= 3")
+
+
 def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
                       num_tokens_to_copy: int) -> dict[str, np.ndarray]:
     """Selective copying (Gu & Dao 2023, Mamba, section 4.1.1).
@@ -81,14 +95,9 @@ def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, vocab_
     ``num_tokens_to_copy`` data tokens sit at random positions among blanks (0); after a
     separator (1) the model must emit the data tokens in order.
     """
+    check_selective_copying(seq_len, vocab_size, num_tokens_to_copy)
     n = num_tokens_to_copy
     region = seq_len - n
-    if region < n:
-        raise ValueError(
-            f"selective_copying: seq_len={seq_len} too short for num_tokens_to_copy={n} "
-            f"(need >= {2 * n})")
-    if vocab_size < 3:
-        raise ValueError(f"selective_copying: vocab_size={vocab_size} must be >= 3")
     data = rng.integers(2, vocab_size, size=(batch, n))
     seq = np.zeros((batch, seq_len + 1), np.int64)
     for b in range(batch):
@@ -100,14 +109,22 @@ def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, vocab_
     return _shift(seq, answer)
 
 
+def check_induction_heads(seq_len: int, vocab_size: int, prefix_len: int) -> None:
+    """Raise ``ValueError`` for sizes :func:`induction_heads` cannot draw from."""
+    if prefix_len < 1:
+        raise ValueError(f"induction_heads: prefix_len={prefix_len} must be >= 1")
+    if seq_len + 1 < 2 * prefix_len:
+        raise ValueError(f"induction_heads: seq_len={seq_len} too short for prefix_len="
+                         f"{prefix_len} (need >= {2 * prefix_len - 1})")
+    if vocab_size < 2:
+        raise ValueError(f"induction_heads: vocab_size={vocab_size} must be >= 2")
+
+
 def induction_heads(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
                     prefix_len: int) -> dict[str, np.ndarray]:
     """Repeated random prefix (Olsson et al. 2022): tokens after the first repetition are
     predictable only by finding the previous occurrence and copying its successor."""
-    if seq_len + 1 < 2 * prefix_len:
-        raise ValueError(f"induction_heads: seq_len={seq_len} must be >= {2 * prefix_len - 1}")
-    if vocab_size < 2:
-        raise ValueError(f"induction_heads: vocab_size={vocab_size} must be >= 2")
+    check_induction_heads(seq_len, vocab_size, prefix_len)
     prefix = rng.integers(1, vocab_size, size=(batch, prefix_len))
     reps = -(-(seq_len + 1) // prefix_len)
     seq = np.tile(prefix, (1, reps))[:, :seq_len + 1]
@@ -117,6 +134,19 @@ def induction_heads(rng: np.random.Generator, batch: int, seq_len: int, vocab_si
 
 
 QUERY = 1  # multi-hop: the token that opens a query
+
+
+def check_multi_hop(seq_len: int, vocab_size: int, hops: int, chains: int) -> None:
+    """Raise ``ValueError`` for sizes :func:`multi_hop` cannot draw from."""
+    if hops < 1 or chains < 1:
+        raise ValueError(f"multi_hop: hops={hops} and chains={chains} must be >= 1")
+    n_names = hops * chains
+    if vocab_size // 2 - 2 < n_names:
+        raise ValueError(f"multi_hop: vocab_size={vocab_size} too small for hops·chains="
+                         f"{n_names} distinct variables (need >= {2 * (n_names + 2)})")
+    if seq_len + 1 < 2 * n_names + 3 * chains:
+        raise ValueError(f"multi_hop: seq_len={seq_len} too short for hops={hops}, chains="
+                         f"{chains} (need >= {2 * n_names + 3 * chains - 1})")
 
 
 def multi_hop(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
@@ -131,17 +161,10 @@ def multi_hop(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: in
     the one before (``hops = 1`` is plain associative recall). Variables are drawn from
     ``[2, vocab/2)`` (distinct within an example), values from ``[vocab/2, vocab)``.
     """
+    check_multi_hop(seq_len, vocab_size, hops, chains)
     n_names = hops * chains
     half = vocab_size // 2
-    if hops < 1 or chains < 1:
-        raise ValueError(f"multi_hop: hops={hops} and chains={chains} must be >= 1")
-    if half - 2 < n_names:
-        raise ValueError(f"multi_hop: vocab_size={vocab_size} too small for hops·chains="
-                         f"{n_names} distinct variables (need >= {2 * (n_names + 2)})")
     statements = 2 * n_names
-    if seq_len + 1 < statements + 3 * chains:
-        raise ValueError(f"multi_hop: seq_len={seq_len} too short for hops={hops}, chains="
-                         f"{chains} (need >= {statements + 3 * chains - 1})")
     seq = np.zeros((batch, seq_len + 1), np.int64)
     answer = np.zeros_like(seq, dtype=bool)
     slots = (seq_len + 1 - statements) // 3

@@ -174,6 +174,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
     skipped: list[int] = []  # steps whose update was not applied (non-finite loss or gradient)
+    bad_updates: set[int] = set()  # ... of which the loss and gradient were finite, the update not
     stop_on_nonfinite = cfg.train.nonfinite == "stop"
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     stopped = False
@@ -199,8 +200,14 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             losses[s] = float(m["loss"])
             if m["nonfinite"]:
                 skipped.append(s)
-                say(f"step {s + 1}: loss {float(m['loss']):.4g}, gradient norm "
-                    f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
+                if m["nonfinite_update"]:
+                    bad_updates.add(s)
+                    say(f"step {s + 1}: loss {float(m['loss']):.4g} and gradient norm "
+                        f"{float(m['grad_norm']):.4g} are finite, but the optimiser's update "
+                        "is not; it was not applied")
+                else:
+                    say(f"step {s + 1}: loss {float(m['loss']):.4g}, gradient norm "
+                        f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
         s, m = pending[-1][0], fetched[-1]
         values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate,
                                                          "skipped_steps": len(skipped)}
@@ -267,12 +274,20 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         bar.close()
         ckpt.close()
         writer.close()
+        if skipped[0] in bad_updates:
+            what = ("the loss and gradient were finite but the optimiser's update was not")
+            advice = ("Check optimizer.eps (Adam divides by sqrt(v) + eps, 0/0 where a gradient "
+                      "is zero), optimizer.weight_decay and model.param_dtype (float16 "
+                      "parameters overflow), or lower optimizer.lr")
+        else:
+            what = "the loss or gradient was not finite"
+            advice = ("Resume from it with a lower optimizer.lr (or longer "
+                      "optimizer.warmup_steps, a smaller optimizer.grad_clip), or set "
+                      "train.nonfinite=skip to step over such batches")
         raise NonFiniteTraining(
-            f"step {skipped[0] + 1}: the loss or gradient was not finite, so the run stopped "
-            f"(train.nonfinite='stop'). That update was not applied: the checkpoint of step {step} "
-            f"in {workdir / 'checkpoints'} holds finite weights. Resume from it with a lower "
-            "optimizer.lr (or longer optimizer.warmup_steps, a smaller optimizer.grad_clip), or "
-            "set train.nonfinite=skip to step over such batches.")
+            f"step {skipped[0] + 1}: {what}, so the run stopped (train.nonfinite='stop'). "
+            f"That update was not applied: the checkpoint of step {step} in "
+            f"{workdir / 'checkpoints'} holds finite weights. {advice}.")
     if not eval_metrics and not stopped:
         eval_metrics = run_eval()  # resumed a finished run: its final numbers, not an empty dict
     bar.close()

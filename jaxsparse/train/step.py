@@ -61,6 +61,14 @@ def chunked_token_stats(model, x_BLD, targets, mask, chunk: int):
     return total[0], total[1], total[2]
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point entry of ``tree`` is finite (integer leaves such as
+    optimiser step counts are skipped)."""
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def model_kwargs(batch) -> dict:
     """What the model takes from a batch besides the tokens: ``segment_ids`` for packed
     documents (``data.packed_documents``)."""
@@ -100,11 +108,15 @@ def make_train_step(setup: TrainSetup):
         updated = {"params": params, "opt_state": opt_state,
                    "rest": out["rest"] if out["rest"] else state["rest"]}
         # A non-finite loss or gradient would poison every parameter (clipping scales by
-        # 1/inf = 0, and inf * 0 is NaN): keep the state as it was instead, and say so. With
-        # finite gradients the optimiser's update is finite, so the state stays finite.
-        finite = jnp.isfinite(out["loss"] + out["aux_loss"]) & jnp.isfinite(grad_norm)
-        metrics["nonfinite"] = (~finite).astype(jnp.float32)
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+        # 1/inf = 0, and inf * 0 is NaN); and finite gradients can still give a non-finite
+        # update (optimizer.eps = 0 divides 0 by 0 where a gradient is zero; float16
+        # parameters overflow). Either way keep the state as it was, and say which it was.
+        finite_grads = jnp.isfinite(out["loss"] + out["aux_loss"]) & jnp.isfinite(grad_norm)
+        finite_update = all_finite(params) & all_finite(opt_state)
+        applied = finite_grads & finite_update
+        metrics["nonfinite"] = (~applied).astype(jnp.float32)
+        metrics["nonfinite_update"] = (finite_grads & ~finite_update).astype(jnp.float32)
+        kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), updated,
                             {name: state[name] for name in updated})
         return {"step": state["step"] + 1, **kept}, metrics
 
