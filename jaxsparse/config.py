@@ -413,6 +413,8 @@ def _validate_monarch(m: ModelConfig) -> None:
            f"model.monarch={m.monarch!r}: a comma-separated subset of {MONARCH_TARGETS}, or ''")
     _check(m.monarch_impl in MONARCH_IMPLEMENTATIONS,
            f"model.monarch_impl={m.monarch_impl!r}: allowed {MONARCH_IMPLEMENTATIONS}")
+    if targets and m.monarch_impl in ("pallas", "pallas_interpret"):
+        _check_monarch_kernel_shapes(m, targets)
     if not targets or m.monarch_blocks is None:
         return
     shapes = []
@@ -425,6 +427,32 @@ def _validate_monarch(m: ModelConfig) -> None:
     _check(m.monarch_blocks in allowed,
            f"model.monarch_blocks={m.monarch_blocks} cannot split the {sorted(targets)} "
            f"projections of widths {shapes}; valid: {allowed} (or None)")
+
+
+def _check_monarch_kernel_shapes(m: ModelConfig, targets: set[str]) -> None:
+    """``monarch_impl="pallas"`` needs a GPU or TPU kernel that takes every Monarch
+    projection's factors (``"pallas_interpret"`` the GPU kernel): refused here, naming the
+    key, instead of at the first trace."""
+    import numpy as np
+
+    from jaxsparse.ops.monarch import kernel_constraints, monarch_shapes
+
+    d, attn, kv = m.d_model, m.n_heads * m.resolved_head_dim, m.n_kv_heads * m.resolved_head_dim
+    maps = [(d, m.d_ff), (m.d_ff, d)] if "mlp" in targets else []
+    maps += [(d, attn), (d, kv), (attn, d)] if "attention" in targets else []
+    backends = ("gpu",) if m.monarch_impl == "pallas_interpret" else ("gpu", "tpu")
+    for n_in, n_out in maps:
+        try:
+            w1, w2 = (np.empty(shape, np.float32) for shape in
+                      monarch_shapes(n_in, n_out, m.monarch_blocks))
+        except ValueError:
+            return  # the block count itself is refused below, naming model.monarch_blocks
+        reasons = [kernel_constraints(backend, w1, w2) for backend in backends]
+        if all(reasons):
+            raise ConfigError(
+                f"model.monarch_impl={m.monarch_impl!r}: no kernel takes the {n_in} -> {n_out} "
+                f"projection's factors {w1.shape}, {w2.shape}: {'; '.join(reasons)}; use "
+                "model.monarch_impl=None or 'xla', or other widths/model.monarch_blocks")
 
 
 def _validate_routing(m: ModelConfig) -> None:
@@ -635,6 +663,13 @@ def validate(cfg: Config) -> Config:
 
     _check(m.attention_impl in ATTENTION_IMPLEMENTATIONS,
            f"model.attention_impl={m.attention_impl!r}: allowed {ATTENTION_IMPLEMENTATIONS}")
+    if m.name == "transformer":  # the other models take no mask spec
+        from jaxsparse.ops.mask_specs import parse_mask_spec
+
+        try:
+            parse_mask_spec(m.attention_mask, m.n_heads)
+        except ValueError as err:
+            raise ConfigError(f"model.attention_mask={m.attention_mask!r}: {err}") from None
     _validate_ssm(m)
     _validate_moe(m)
     _validate_monarch(m)

@@ -68,6 +68,9 @@ def test_wrong_types_name_the_key(item, fragment):
     (["optimizer.eps=0"], "optimizer.eps=0.0: must be > 0"),
     (["model.param_dtype=float16"], "model.param_dtype='float16': the optimiser's moments"),
     (["model.attention_impl=bogus"], "model.attention_impl='bogus': allowed"),
+    (["model.attention_mask=heads:local:4;local:8"],
+     "model.attention_mask='heads:local:4;local:8': mask spec 'heads:local:4;local:8' gives 2 "
+     "heads; the model has 4"),
     (["eval.top_k=257"], "eval.top_k=257: must be in [0, model.vocab_size=256]"),
     (["data.seed=-1"], "data.seed=-1: must be in [0, 2**63)"),
     (["train.seed=99999999999999999999"], "train.seed=99999999999999999999: must be in"),
@@ -98,6 +101,8 @@ def test_wrong_types_name_the_key(item, fragment):
     (["data.task=induction_heads", "data.induction_prefix=100"],
      "seq_len=128 too short for prefix_len=100 (need >= 199)"),
     (["data.task=multi_hop", "data.hops=-1"], "multi_hop: hops=-1 and chains=4 must be >= 1"),
+    (["model.monarch=mlp", "model.monarch_impl=pallas_interpret"],
+     "model.monarch_impl='pallas_interpret': no kernel takes the 128 -> 384 projection's factors"),
     (["model.head_dim=0"], "model.head_dim=0: must be >= 1"),
     (["eval.sample_tokens=-1"], "eval.sample_tokens=-1: must be >= 0"),
     (["model.max_seq_len=64", "data.seq_len=64", "eval.sample_prompt=" + "x" * 64],
