@@ -66,6 +66,20 @@ def test_generate_greedy_equals_argmax_rollout(model):
         generate(model, prompt, 2, top_k=257)
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-300, 1e-30])
+def test_a_tiny_temperature_samples_the_argmax(temperature):
+    """logits / 1e-45 alone overflows to inf - inf = NaN inside the softmax and samples
+    garbage; the limit of a vanishing temperature is greedy decoding."""
+    from jaxsparse.models.generate import sample_logits
+
+    logits = jax.random.normal(jax.random.key(7), (16, 256)) * 5
+    for seed in range(3):
+        picked = sample_logits(logits, jax.random.key(seed), temperature, 0)
+        np.testing.assert_array_equal(picked, jnp.argmax(logits, axis=-1))
+        picked = sample_logits(logits, jax.random.key(seed), temperature, 5)
+        np.testing.assert_array_equal(picked, jnp.argmax(logits, axis=-1))
+
+
 def test_every_parameter_carries_logical_axes(model):
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("logical_axes")

@@ -7,14 +7,20 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
 def sample_logits(logits_BV, rng, temperature: float, top_k: int):
-    """Greedy when ``temperature == 0``; else softmax sampling, optionally from the top k."""
-    if temperature == 0:
+    """Greedy when ``temperature == 0``; else softmax sampling, optionally from the top k.
+
+    The logits are shifted by their maximum before the division, so a tiny temperature sends
+    the others to -inf and sampling becomes greedy (``logits / 1e-45`` alone overflows to
+    inf - inf = NaN and samples garbage); one too small for float32 is greedy outright."""
+    if temperature < np.finfo(np.float32).smallest_subnormal:  # 0, or 0 in float32
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / temperature
+    logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = (logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)) / temperature
     if top_k:
         kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
