@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ def _cmd_train(args) -> int:
 
     cfg = configs.get(args.config)
     cfg = validate(apply_overrides(cfg, args.set or []))
-    if args.coordinator or args.num_processes or distributed.requested_by_environment():
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if any(flag is not None for flag in flags) or distributed.requested_by_environment():
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     workdir = Path(args.workdir or Path("runs") / cfg.name)
     result = train(cfg, workdir)
@@ -54,10 +56,19 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from jaxsparse.train import load, sample_text
 
-    if not args.temperature >= 0:  # NaN too
-        raise ConfigError(f"--temperature={args.temperature}: must be >= 0 (0: greedy)")
+    if not 0 <= args.temperature < math.inf:  # NaN too
+        raise ConfigError(f"--temperature={args.temperature}: must be a finite number >= 0 "
+                          "(0: greedy)")
     if args.top_k < 0:
         raise ConfigError(f"--top-k={args.top_k}: must be >= 0 (0: the full distribution)")
+    if not 0 <= args.seed < 2 ** 32:  # JAX keys take 32-bit seeds; a larger one would wrap
+        raise ConfigError(f"--seed={args.seed}: must be in [0, 2**32)")
+    try:
+        prompt_bytes = len(args.prompt.encode())
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
+        raise ConfigError(f"--prompt={args.prompt!r} is not valid UTF-8 text") from None
+    if prompt_bytes == 0:
+        raise ConfigError("--prompt='': give at least one character to continue")
     cfg, setup, state = load(args.workdir)
     if args.top_k > cfg.model.vocab_size:
         raise ConfigError(f"--top-k={args.top_k}: must be at most model.vocab_size="
@@ -68,7 +79,11 @@ def _cmd_generate(args) -> int:
 
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
         cfg.eval, temperature=args.temperature, top_k=args.top_k))
-    limit = cfg.model.max_seq_len - len(args.prompt.encode())
+    limit = cfg.model.max_seq_len - prompt_bytes
+    if limit < 1:
+        raise ConfigError(f"--prompt is {prompt_bytes} bytes: this model reads at most "
+                          f"model.max_seq_len={cfg.model.max_seq_len} tokens, prompt and "
+                          "continuation together; give a shorter prompt")
     if args.max_new_tokens < 1 or args.max_new_tokens > limit:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be in [1, {limit}] "
                           f"(model.max_seq_len={cfg.model.max_seq_len} minus the prompt)")
@@ -86,7 +101,7 @@ def _cmd_plot(args) -> int:
 def _cmd_configs(args) -> int:
     from jaxsparse import configs
 
-    if args.sharding:
+    if args.sharding is not None:
         from jaxsparse.parallel.rules import PRESETS, describe
 
         if args.sharding not in PRESETS:
@@ -123,7 +138,7 @@ def _cmd_dryrun(args) -> int:
     from jaxsparse.dryrun import format_report, mesh_overrides, run_emulated
 
     overrides, devices = list(args.set or []), args.devices
-    if args.mesh:
+    if args.mesh is not None:
         mesh, devices = mesh_overrides(args.mesh)
         if args.devices is not None and args.devices != devices:
             raise ConfigError(f"--devices {args.devices} disagrees with --mesh {args.mesh!r}, "
@@ -131,7 +146,8 @@ def _cmd_dryrun(args) -> int:
         overrides = mesh + overrides
     if args.preset:
         overrides.append(f"mesh.preset={args.preset}")
-    report = run_emulated(args.config, devices or 64, overrides, not args.no_compile)
+    report = run_emulated(args.config, 64 if devices is None else devices, overrides,
+                          not args.no_compile)
     print(format_report(report))
     return 0
 

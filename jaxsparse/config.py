@@ -699,7 +699,9 @@ def validate(cfg: Config) -> Config:
                f">= 4 * num_kv_pairs - 1 = {mqar_min_seq_len(n)}")
     _validate_synthetic_sizes(m, d)
     for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
-        _check(0 <= seed < 2 ** 63, f"{key}={seed}: must be in [0, 2**63)")
+        # JAX keys take 32-bit seeds (without x64 a larger one is truncated: 2**32 would
+        # silently repeat seed 0)
+        _check(0 <= seed < 2 ** 32, f"{key}={seed}: must be in [0, 2**32)")
     if m.name == "routing_transformer":
         _check(m.routing_clusters <= d.seq_len,
                f"model.routing_clusters={m.routing_clusters} exceeds data.seq_len={d.seq_len}: "
@@ -759,7 +761,14 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def from_json(text: str) -> Config:
-    return from_dict(json.loads(text))
+    try:
+        raw = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"not a config: invalid JSON ({err})") from None
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(s, {}), dict) for s in SECTIONS):
+        raise ConfigError("not a config: expected a JSON object of sections "
+                          f"({', '.join(SECTIONS)}), each an object of keys")
+    return from_dict(raw)
 
 
 def diff(a: Config, b: Config, sections: tuple[str, ...] = SECTIONS) -> list[str]:

@@ -92,12 +92,18 @@ def mesh_overrides(spec: str) -> tuple[list[str], int]:
     from jaxsparse.config import ConfigError, MESH_AXES
 
     sizes = dict.fromkeys(MESH_AXES, 1)
+    named = set()
     for item in filter(None, (part.strip() for part in spec.split(","))):
         axis, _, value = item.partition("=")
         if axis not in sizes or not value.isdigit() or int(value) < 1:
             raise ConfigError(f"--mesh {spec!r}: {item!r} must be AXIS=SIZE with AXIS one of "
                               f"{', '.join(MESH_AXES)} and SIZE >= 1")
+        if axis in named:
+            raise ConfigError(f"--mesh {spec!r} names the {axis} axis twice")
+        named.add(axis)
         sizes[axis] = int(value)
+    if not named:
+        raise ConfigError(f"--mesh {spec!r} names no axis; e.g. --mesh data=16,fsdp=16")
     return [f"mesh.{axis}={size}" for axis, size in sizes.items()], math.prod(sizes.values())
 
 
@@ -143,17 +149,24 @@ def dry_run(cfg: Config, *, compile: bool = True) -> dict:
     return report
 
 
+MAX_EMULATED_DEVICES = 4096  # 256 compile in minutes here; 100,000 never came back
+
+
 def run_emulated(config: str, devices: int, overrides: list[str], compile: bool) -> dict:
     """:func:`dry_run` in a fresh interpreter with ``devices`` emulated CPU devices (the device
     count is fixed when JAX starts, so it cannot be changed in this process)."""
     import json
 
     from jaxsparse import configs
-    from jaxsparse.config import apply_overrides, validate
-    from jaxsparse.parallel import mesh_shape
+    from jaxsparse.config import ConfigError, apply_overrides, validate
+    from jaxsparse.parallel import check_batch_split, mesh_shape
 
     # bad input fails here, with the config's own message, not in the child's traceback
-    mesh_shape(validate(apply_overrides(configs.get(config), overrides)).mesh, devices)
+    if not 1 <= devices <= MAX_EMULATED_DEVICES:
+        raise ConfigError(f"{devices} emulated devices: must be in [1, {MAX_EMULATED_DEVICES}] "
+                          "(all emulated on this one host)")
+    cfg = validate(apply_overrides(configs.get(config), overrides))
+    check_batch_split(cfg, mesh_shape(cfg.mesh, devices))
     code = (
         "import json, sys; from jaxsparse import configs; from jaxsparse.config import "
         "apply_overrides, validate; from jaxsparse.dryrun import dry_run; "

@@ -72,7 +72,8 @@ def test_wrong_types_name_the_key(item, fragment):
      "model.attention_mask='heads:local:4;local:8': mask spec 'heads:local:4;local:8' gives 2 "
      "heads; the model has 4"),
     (["eval.top_k=257"], "eval.top_k=257: must be in [0, model.vocab_size=256]"),
-    (["data.seed=-1"], "data.seed=-1: must be in [0, 2**63)"),
+    (["data.seed=-1"], "data.seed=-1: must be in [0, 2**32)"),
+    (["train.seed=4294967296"], "train.seed=4294967296: must be in [0, 2**32)"),
     (["train.seed=99999999999999999999"], "train.seed=99999999999999999999: must be in"),
     (["model.moe_experts=4", "model.moe_capacity_factor=inf"],
      "model.moe_capacity_factor=inf: must be a finite number"),

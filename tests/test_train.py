@@ -115,7 +115,7 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys):
     assert main(["generate", "--workdir", str(workdir), "--max-new-tokens", "1000"]) == 2
     assert "--max-new-tokens=1000" in capsys.readouterr().err
     assert main(["generate", "--workdir", str(workdir), "--temperature", "-1"]) == 2
-    assert "--temperature=-1.0: must be >= 0" in capsys.readouterr().err
+    assert "--temperature=-1.0: must be a finite number >= 0" in capsys.readouterr().err
     assert main(["generate", "--workdir", str(workdir), "--top-k", "300"]) == 2
     assert "--top-k=300: must be at most model.vocab_size=256" in capsys.readouterr().err
     assert main(["eval", "--workdir", str(workdir), "--step", "7"]) == 2

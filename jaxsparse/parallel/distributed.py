@@ -11,6 +11,8 @@ import os
 
 import jax
 
+from jaxsparse.config import ConfigError
+
 _initialized = False
 ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -30,7 +32,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
+    _check_flags(coordinator_address, num_processes, process_id)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    except ValueError as err:  # e.g. no coordinator and no cluster that names one
+        raise ConfigError(f"multi-process start-up (coordinator {coordinator_address!r}, "
+                          f"{num_processes} processes, process id {process_id}): "
+                          f"{str(err).rstrip('.')}; pass "
+                          "--coordinator HOST:PORT --num-processes N --process-id I (or "
+                          f"{', '.join(ENVIRONMENT)})") from None
     _initialized = True
+
+
+def _check_flags(coordinator_address, num_processes, process_id) -> None:
+    """What JAX would otherwise refuse with an IndexError or a bare assertion."""
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"coordinator address {coordinator_address!r}: must be HOST:PORT, "
+                              "e.g. 10.0.0.1:1234")
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"number of processes {num_processes}: must be >= 1")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        raise ConfigError(f"process id {process_id}: must be in [0, number of processes"
+                          + (f" = {num_processes})" if num_processes else ")"))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxsparse.config import ConfigError, MeshConfig
+from jaxsparse.config import Config, ConfigError, MeshConfig
 
 # Outermost to innermost: neighbouring devices (the fastest links) share the tensor axis, then
 # the sequence axis (its ring exchange talks only to neighbours).
@@ -30,6 +30,23 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
             "set one axis to -1 to absorb the rest"
         )
     return sizes
+
+
+def check_batch_split(cfg: Config, sizes: dict[str, int], processes: int = 1) -> None:
+    """Refuse a global batch that the data-parallel axes of ``sizes`` (the preset's ``batch``
+    rule) or the ``processes`` cannot split evenly."""
+    from jaxsparse.parallel.rules import get_preset
+
+    batch_axes = dict(get_preset(cfg.mesh.preset).rules)["batch"]
+    dp = int(np.prod([sizes.get(axis, 1) for axis in batch_axes]))
+    if cfg.data.batch_size % dp:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
+            f"{dp} (mesh " + " x ".join(f"{a}={sizes.get(a)}" for a in batch_axes)
+            + f", preset {cfg.mesh.preset!r}); use a multiple of {dp}")
+    if cfg.data.batch_size % processes:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+                          f"{processes} processes")
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:

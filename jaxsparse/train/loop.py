@@ -20,7 +20,7 @@ from jaxsparse.config import Config, ConfigError, MeshConfig, diff, from_json, t
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import NonFiniteTraining
 from jaxsparse.models.curriculum import stage_at, stages
-from jaxsparse.parallel import get_preset, make_mesh, mesh_shape
+from jaxsparse.parallel import check_batch_split, make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import STRUCTURAL, CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
@@ -41,30 +41,28 @@ class TrainResult:
     state: dict | None = None  # the final train state (sharded as trained)
 
 
+def read_config(path: Path) -> Config:
+    """A workdir's ``config.json``, or a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
+    try:
+        return from_json(path.read_text())
+    except (ConfigError, TypeError, UnicodeDecodeError) as err:  # TypeError: a key's value
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def check_workdir(cfg: Config, workdir: Path) -> None:
     """Refuse a workdir whose saved config describes a different model (before writing)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is a file, not a directory")
     saved = workdir / "config.json"
     if saved.exists():
-        previous = from_json(saved.read_text())
+        previous = read_config(saved)
         mismatch = diff(previous, cfg, STRUCTURAL)
         if mismatch and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
             raise CheckpointMismatch(
                 f"workdir {workdir} holds checkpoints of a different model; refusing to resume "
                 "or overwrite them. Differences (saved -> requested):\n  " + "\n  ".join(mismatch))
-
-
-def _check_batch(cfg: Config, mesh) -> None:
-    sizes = dict(mesh.shape)
-    batch_axes = dict(get_preset(cfg.mesh.preset).rules)["batch"]
-    dp = int(np.prod([sizes.get(axis, 1) for axis in batch_axes]))
-    if cfg.data.batch_size % dp:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
-            f"{dp} (mesh " + " x ".join(f"{a}={sizes.get(a)}" for a in batch_axes)
-            + f", preset {cfg.mesh.preset!r}); use a multiple of {dp}")
-    if cfg.data.batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
-                          f"{jax.process_count()} processes")
 
 
 def evaluate(setup: TrainSetup, eval_step, state, stream, cfg: Config) -> dict[str, float]:
@@ -143,7 +141,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
 
     mesh_shape(cfg.mesh, jax.device_count())  # raises a ConfigError naming the mesh
     mesh = make_mesh(cfg.mesh)
-    _check_batch(cfg, mesh)
+    check_batch_split(cfg, dict(mesh.shape), jax.process_count())
     check_workdir(cfg, workdir)
     stream = make_stream(cfg, Shard(jax.process_index(), jax.process_count()))
     setup = TrainSetup(cfg, mesh)
@@ -155,6 +153,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if start is not None:
         state = ckpt.restore(setup.abstract_state, start)
         log(f"resumed from {workdir}/checkpoints step {start}")
+        if start >= cfg.train.steps:
+            log(f"the run is already at step {start} >= train.steps={cfg.train.steps}: "
+                "nothing to train (raise train.steps to continue it)")
     elif cfg.train.init_from:
         state = _init_from(setup, cfg, cfg.train.init_from)
         start = 0
@@ -336,7 +337,7 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json; is it a jaxsparse workdir?")
-    cfg = from_json(config_path.read_text())
+    cfg = read_config(config_path)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
     latest = ckpt.latest_step() if step is None else step
     if latest is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -14,6 +15,9 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        if self.enabled and self.path.is_file() and not _ends_with_newline(self.path):
+            with self.path.open("a") as f:  # a run killed mid-write left half a record:
+                f.write("\n")  # end it, so the next record starts a line of its own
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -35,14 +39,34 @@ class MetricWriter:
             self._tb.close()
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.seek(0, 2) == 0:
+            return True  # empty
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """All records; for a step logged twice (a resumed run redoing steps) the last one wins."""
+    """All records; for a step logged twice (a resumed run redoing steps) the last one wins.
+
+    Lines that are not a record (half a line from a run killed mid-write) are skipped with a
+    warning naming them, so one torn line does not hide the rest of a run."""
     path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
         return []
     latest: dict[tuple[str, int], dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    torn = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            latest[(record["split"], record["step"])] = record
+            latest[(record["split"], int(record["step"]))] = record
+        except (ValueError, TypeError, KeyError):
+            torn.append(number)
+    if torn:
+        warnings.warn(f"{path}: skipped {len(torn)} line(s) that are not metric records "
+                      f"(line {', '.join(map(str, torn[:5]))}{', ...' if len(torn) > 5 else ''})",
+                      stacklevel=2)
     return sorted(latest.values(), key=lambda r: (r["split"], r["step"]))

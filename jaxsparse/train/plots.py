@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxsparse.config import ConfigError
 from jaxsparse.train.metrics import read_metrics
 
 # the splits drawn as curves, each in one colour on every panel
@@ -35,6 +36,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     workdir = Path(workdir)
+    out = _output_path(workdir, out)
     records = read_metrics(workdir)
     curves = [r for r in records if r["split"] in CURVES]
     if not curves:
@@ -64,7 +66,26 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(str(workdir.name))
-    out = Path(out) if out is not None else workdir / "metrics.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return out
+
+
+def _output_path(workdir: Path, out) -> Path:
+    """``out`` as matplotlib will write it: a directory gets ``metrics.png`` inside, a name
+    without a suffix gets ``.png`` (what matplotlib appends, so the path returned is the file
+    written); a suffix matplotlib cannot write is refused."""
+    if out is None:
+        return workdir / "metrics.png"
+    out = Path(out)
+    if out.is_dir():
+        return out / "metrics.png"
+    if not out.suffix:
+        return out.with_suffix(".png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"out={str(out)!r}: matplotlib cannot write {out.suffix!r} files; "
+                          f"use one of {', '.join('.' + f for f in sorted(formats))}")
     return out

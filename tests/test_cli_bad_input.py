@@ -1,0 +1,125 @@
+"""Bad command-line input and damaged workdirs give one line naming what is wrong (exit status
+2), never a traceback; a torn metrics file loses no later record. None of these compiles a
+model: every check runs before anything is built."""
+
+import json
+import warnings
+
+import pytest
+
+from jaxsparse.cli import main
+from jaxsparse.config import ConfigError, from_json, to_json, Config
+from jaxsparse.train.metrics import MetricWriter, read_metrics
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "invalid JSON"),
+    ("{'model': ", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object of sections"),
+    ('{"model": 3}', "expected a JSON object of sections"),
+])
+def test_a_damaged_config_json_is_named(tmp_path, capsys, text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        from_json(text)
+    (tmp_path / "config.json").write_text(text)
+    code, err = run_cli(capsys, "eval", "--workdir", str(tmp_path))
+    assert code == 2 and f"{tmp_path}/config.json: not a config" in err and fragment in err
+
+
+def test_a_config_json_that_is_a_directory_or_a_workdir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run" / "config.json").mkdir(parents=True)
+    code, err = run_cli(capsys, "eval", "--workdir", str(tmp_path / "run"))
+    assert code == 2 and "config.json is not a file" in err
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(capsys, "train", "--workdir", str(tmp_path / "afile"))
+    assert code == 2 and "is a file, not a directory" in err
+    assert from_json(to_json(Config())) == Config()  # the round trip still holds
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt", ""], "--prompt='': give at least one character"),
+    (["--prompt", "ab\udcff"], "is not valid UTF-8 text"),  # undecodable bytes of argv
+    (["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0"),
+    (["--seed", "4294967296"], "--seed=4294967296: must be in [0, 2**32)"),  # would repeat 0
+    (["--seed", "-1"], "--seed=-1: must be in [0, 2**32)"),
+])
+def test_generate_checks_its_flags_before_loading(tmp_path, capsys, argv, fragment):
+    code, err = run_cli(capsys, "generate", "--workdir", str(tmp_path / "missing"), *argv)
+    assert code == 2 and fragment in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--mesh", "data=2,data=2"], "names the data axis twice"),
+    (["--mesh", ""], "names no axis"),
+    (["--devices", "0"], "0 emulated devices: must be in [1, 4096]"),
+    (["--mesh", "data=100000"], "100000 emulated devices: must be in [1, 4096]"),
+    # 3 devices cannot split transformer_tiny's batch of 32: refused, not "compiled"
+    (["--config", "transformer_tiny", "--mesh", "data=3"],
+     "data.batch_size=32 is not divisible by the data-parallel size 3"),
+])
+def test_dryrun_refuses_meshes_it_cannot_emulate_or_split(capsys, argv, fragment):
+    code, err = run_cli(capsys, "dryrun", *argv)
+    assert code == 2 and fragment in err
+
+
+def test_configs_refuses_an_empty_sharding_name(capsys):
+    code, err = run_cli(capsys, "configs", "--sharding", "")
+    assert code == 2 and "--sharding '' is not a sharding preset" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--coordinator", "notaport"], "coordinator address 'notaport': must be HOST:PORT"),
+    (["--num-processes", "0"], "number of processes 0: must be >= 1"),
+    (["--coordinator", "localhost:1", "--num-processes", "1", "--process-id", "5"],
+     "process id 5: must be in [0, number of processes = 1)"),
+])
+def test_multi_process_flags_are_checked(tmp_path, capsys, argv, fragment):
+    code, err = run_cli(capsys, "train", "--workdir", str(tmp_path), *argv)
+    assert code == 2 and fragment in err
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_torn_metrics_line_loses_no_later_record(tmp_path):
+    """A run killed mid-write leaves half a line; the resumed run's writer ends it first (its
+    records used to be glued onto it and lost), and readers skip it with a warning."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "split": "train", "loss": 2.0}) + "\n"
+                    + '{"step": 2, "split": "tr')
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write(3, "train", {"loss": 1.5})
+    writer.close()
+    with pytest.warns(UserWarning, match=r"skipped 1 line\(s\) that are not metric records \(line 2\)"):
+        records = read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0), (3, 1.5)]
+    with open(path, "a") as f:  # records that are JSON but not records
+        f.write("[1, 2]\n" + json.dumps({"split": "train"}) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped 3 line\(s\) .*\(line 2, 4, 5\)"):
+        assert len(read_metrics(tmp_path)) == 2
+
+
+def test_plot_output_paths(tmp_path, capsys):
+    lines = [{"step": s, "split": "train", "loss": 3.0 - s / 10} for s in range(1, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    (tmp_path / "into").mkdir()
+    for out, written in [("into", "into/metrics.png"), ("curves", "curves.png"),
+                         ("curves.svg", "curves.svg")]:
+        code = main(["plot", str(tmp_path), "--out", str(tmp_path / out)])
+        printed = capsys.readouterr().out.strip()
+        assert code == 0 and printed == str(tmp_path / written)  # the file actually written
+        assert (tmp_path / written).stat().st_size > 0
+    code, err = run_cli(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "x.xyz"))
+    assert code == 2 and "matplotlib cannot write '.xyz' files" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean file reads without warnings
+        assert len(read_metrics(tmp_path)) == 3
