@@ -157,3 +157,15 @@ def test_routing_model_benchmark_times_full_local_and_split_routing_steps(tmp_pa
     assert "4 probes, window 4 per probe" in rows[2]["model"]
     assert all(r["batch"] == 2 and r["step_ms"] > 0 for r in rows)
     assert rows[0]["speedup_vs_full"] == 1.0
+
+
+@pytest.mark.parametrize("name, argv, fragment", [
+    ("ssm", ["--lengths", "-4"], "argument --lengths: -4 must be >= 1"),  # was an MLIR error
+    ("attention", ["--heads", "0"], "argument --heads: 0 must be >= 1"),
+    ("train_step", ["--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+    ("linear_scan", ["--shapes", "8xabcx4"], "'8xabcx4': sizes must be integers >= 1"),
+])
+def test_bench_flags_refuse_sizes_below_one(capsys, name, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", name, *argv])
+    assert exit_.value.code == 2 and fragment in capsys.readouterr().err

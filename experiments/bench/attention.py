@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.mask_specs import parse_mask_spec
 
@@ -78,12 +79,12 @@ def bench_tables(lengths) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384])
+    parser.add_argument("--lengths", type=positive_int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--table-lengths", type=int, nargs="*", default=[1 << 16, 1 << 18, 1 << 20])
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--table-lengths", type=positive_int, nargs="*", default=[1 << 16, 1 << 18, 1 << 20])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="attention", help="results file stem")
     args = parser.parse_args(argv)

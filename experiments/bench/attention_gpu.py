@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import CausalMask, LocalMask
 
@@ -33,11 +34,11 @@ def causal_flops(length, heads, head_dim, batch, density=0.5):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--heads", type=positive_int, default=16)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":

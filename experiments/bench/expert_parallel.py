@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxsparse.bench.arguments import positive_int
+
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COLUMNS = ["path", "ms", "speedup_vs_buffers", "exchanged_rows_compiled", "rows_sent",
            "rows_received_max"]
@@ -32,13 +34,13 @@ COLUMNS = ["path", "ms", "speedup_vs_buffers", "exchanged_rows_compiled", "rows_
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=4, help="size of the expert axis")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per device")
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--devices", type=positive_int, default=4, help="size of the expert axis")
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--k", type=positive_int, default=2)
+    parser.add_argument("--tokens", type=positive_int, default=2048, help="tokens per device")
+    parser.add_argument("--d", type=positive_int, default=256)
+    parser.add_argument("--hidden", type=positive_int, default=512)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
 

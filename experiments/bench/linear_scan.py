@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int, size_tuple
 from jaxsparse.ops.diagonal_ssm import linear_scan
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -62,18 +63,17 @@ def rows_for(shape, repeats, backward):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["8x4096x512", "1x65536x256"],
+    parser.add_argument("--shapes", nargs="+", type=size_tuple, default=[(8, 4096, 512), (1, 65536, 256)],
                         help="batch x length x width")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
     parser.add_argument("--name", default="linear_scan", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+    shapes = args.shapes
     for s in shapes:
-        if len(s) != 3 or min(s) < 1:
-            raise SystemExit(f"--shapes: {'x'.join(map(str, s))!r} must be batch x length x "
-                             "width, each >= 1")
+        if len(s) != 3:
+            parser.error(f"--shapes: {'x'.join(map(str, s))!r} must be batch x length x width")
     bandwidth = copy_bandwidth()
     rows = []
     for shape in cases(shapes, "linear_scan"):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.moe import (capacity_dispatch, dropless_dispatch, expert_capacity,
                                grouped_matmul, slot_positions, swiglu_experts, top_k_routing)
 
@@ -116,12 +117,12 @@ def grouped_matmul_rows(E, tokens, k, d, hidden, repeats):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 16, 64])
+    parser.add_argument("--k", type=positive_int, default=2)
+    parser.add_argument("--tokens", type=positive_int, default=4096)
+    parser.add_argument("--d", type=positive_int, default=256)
+    parser.add_argument("--hidden", type=positive_int, default=512)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (d input, d expert weights)")
     parser.add_argument("--name", default=None, help="results file stem (default moe or "

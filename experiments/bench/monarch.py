@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, matmul_peak_flops, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.monarch import (dense_flops, monarch_bytes, monarch_flops, monarch_matmul,
                                    monarch_shapes)
 
@@ -85,9 +86,9 @@ def run(widths, tokens: int, repeats: int) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d", type=int, nargs="+", default=[1024, 4096, 8192])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--d", type=positive_int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--tokens", type=positive_int, default=4096)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--name", default="monarch", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     args = parser.parse_args(argv)

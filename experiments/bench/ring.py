@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxsparse.bench.arguments import positive_int
+
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COLUMNS = ["mask", "path", "layout", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd",
            "critical_path", "total_pairs"]
@@ -34,15 +36,15 @@ COLUMNS = ["mask", "path", "layout", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd",
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=4, help="size of the sequence axis")
-    parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--window", type=int, default=512, help="the sliding-window mask's width")
-    parser.add_argument("--part-tokens", type=int, default=512,
+    parser.add_argument("--devices", type=positive_int, default=4, help="size of the sequence axis")
+    parser.add_argument("--length", type=positive_int, default=8192)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--window", type=positive_int, default=512, help="the sliding-window mask's width")
+    parser.add_argument("--part-tokens", type=positive_int, default=512,
                         help="ring_attention's part length (tune it per backend)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import CausalMask
 from jaxsparse.ops.routing import causal_routing_attention, init_centroids
@@ -100,13 +101,13 @@ def plot(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--probes", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--probes", type=positive_int, nargs="+", default=[1, 2],
                         help="clusters each routing query reads (one row per value)")
     parser.add_argument("--split", action="store_true",
                         help="also time each P > 1 with windows of w / P keys (P · w/P = w keys "
                              "per query, the cost of one probe)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--name", default="routing")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)

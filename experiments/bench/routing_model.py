@@ -18,6 +18,7 @@ import importlib.util
 from pathlib import Path
 
 from jaxsparse.bench import cases, markdown_table, write_results
+from jaxsparse.bench.arguments import positive_int
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
@@ -56,11 +57,11 @@ def run(lengths, tokens: int, repeats: int, probes: int = 4) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
-    parser.add_argument("--tokens", type=int, default=16384,
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--tokens", type=positive_int, default=16384,
                         help="tokens per training step (batch = tokens // length, at least 1)")
-    parser.add_argument("--probes", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--probes", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--name", default="routing_model")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.ssm import selective_scan, ssd, ssd_native, ssd_reference
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -123,19 +124,19 @@ def mamba2_rows(length, heads, head_dim, d_state, repeats, chunk, backward):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
-    parser.add_argument("--batch", type=int, default=1, help="Mamba-1 batch")
-    parser.add_argument("--d-inner", type=int, default=256)
-    parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--ssd-state", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 8192, 65536])
+    parser.add_argument("--batch", type=positive_int, default=1, help="Mamba-1 batch")
+    parser.add_argument("--d-inner", type=positive_int, default=256)
+    parser.add_argument("--d-state", type=positive_int, default=16)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--ssd-state", type=positive_int, default=64)
+    parser.add_argument("--chunk", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--backward", action="store_true",
                         help="also time forward + backward")
     parser.add_argument("--skip-ssd", action="store_true", help="Mamba-1 rows only")
-    parser.add_argument("--packed", type=int, default=None, metavar="K",
+    parser.add_argument("--packed", type=positive_int, default=None, metavar="K",
                         help="also time Mamba-1 on packed documents, K per row on average")
     parser.add_argument("--name", default="ssm", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))

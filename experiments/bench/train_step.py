@@ -15,6 +15,7 @@ import jax
 
 from jaxsparse import configs
 from jaxsparse.bench import cases, markdown_table, matmul_peak_flops, time_fn, write_results
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.bench.timing import compiled_flops
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import make_stream
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["transformer_tiny", "transformer_small"])
     parser.add_argument("--set", action="append", default=[], help="override for every config")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 

@@ -1,0 +1,27 @@
+"""Argument types for the benchmark scripts' command lines: a size of 0 or less (a length,
+a head count, repeats) is refused by argparse with the flag's name, instead of failing deep
+inside XLA (``--lengths -4`` was an MLIR "invalid tensor dimension size")."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for a flag that takes a size: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def size_tuple(text: str) -> tuple[int, ...]:
+    """``type=`` for an ``AxBxC`` shape of positive integers."""
+    parts = text.split("x")
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be integers >= 1 joined by "
+                                         "'x', e.g. 8x4096x512")
+    return tuple(int(part) for part in parts)
