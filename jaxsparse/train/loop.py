@@ -276,10 +276,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         ckpt.close()
         writer.close()
         if skipped[0] in bad_updates:
-            what = ("the loss and gradient were finite but the optimiser's update was not")
-            advice = ("Check optimizer.eps (Adam divides by sqrt(v) + eps, 0/0 where a gradient "
-                      "is zero), optimizer.weight_decay and model.param_dtype (float16 "
-                      "parameters overflow), or lower optimizer.lr")
+            what = "the loss and gradient were finite but the optimiser's update was not"
+            advice = ("Check optimizer.lr and optimizer.eps for values float32 cannot hold (an "
+                      "eps that rounds to 0 gives 0/0 where a gradient is zero; an lr above "
+                      "~3e38 is inf) and optimizer.weight_decay")
         else:
             what = "the loss or gradient was not finite"
             advice = ("Resume from it with a lower optimizer.lr (or longer "
