@@ -102,6 +102,36 @@ def test_causal_and_cached_decoding_equals_the_forward_pass(kind):
     np.testing.assert_array_equal(greedy, seq[:, 4:])
 
 
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_bfloat16_compute_and_parameters_reach_the_mixers(kind):
+    """``model.dtype``/``model.param_dtype`` = bfloat16: the projections, the convolution and
+    the norms hold bfloat16 weights and the mixer computes in bfloat16 (both were float32 whatever
+    the config said); A_log, D and the dt bias stay float32 (an lr-sized step would round away in
+    bfloat16). Logits match a float32 model holding the same rounded weights within bfloat16
+    error, and cached decoding still equals the forward pass."""
+    model = build(kind, "model.dtype=bfloat16", "model.param_dtype=bfloat16")
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        recurrence = path[-1] in ("A_log", "D", "dt_bias")
+        assert var[...].dtype == (jnp.float32 if recurrence else jnp.bfloat16), path
+    mixed, _ = model.blocks[0].mixer(jax.random.normal(jax.random.key(0), (2, 9, 32)))
+    assert mixed.dtype == jnp.bfloat16  # the float32 residual stream is cast at the projection
+
+    reference = build(kind)  # float32 everywhere, given the bfloat16 model's weights
+    nnx.update(reference, jax.tree.map(lambda a: a.astype(jnp.float32),
+                                       nnx.state(model, nnx.Param)))
+    a = tokens(3)
+    out, want = model(a), reference(a)
+    np.testing.assert_allclose(out, want, atol=2e-2 * float(jnp.max(jnp.abs(want))))
+    cache = model.init_cache(2, 32)
+    first, cache = model.decode(a[:, :10], cache)
+    steps = [first]
+    for t in range(10, a.shape[1]):
+        logits, cache = model.decode(a[:, t:t + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), out,
+                               atol=2e-2 * float(jnp.max(jnp.abs(want))))
+
+
 @pytest.mark.parametrize("impl", ["associative", "chunked"])
 def test_mamba1_scan_implementations_give_the_same_model(impl):
     ref = build("mamba")(tokens(2))

@@ -16,7 +16,7 @@ from jaxsparse.parallel import constrain
 
 class _MixerBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, mixer: nnx.Module):
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
         self.mixer = mixer
 
     def init_cache(self, batch, max_len, dtype):
@@ -34,6 +34,11 @@ def _out_scale(cfg):
     return 1.0 / cfg.n_layers  # out_proj rescaled by 1/sqrt(n_layers) (GPT-2 / Mamba)
 
 
+def _precision(cfg):
+    """The mixer's compute and parameter dtypes (``model.dtype``, ``model.param_dtype``)."""
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
 class Mamba1Block(_MixerBlock):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         if cfg.ssm_impl not in SCAN_IMPLEMENTATIONS:
@@ -41,7 +46,7 @@ class Mamba1Block(_MixerBlock):
         super().__init__(cfg, Mamba(cfg.d_model, d_state=cfg.d_state, expand=cfg.expand,
                                     d_conv=cfg.d_conv, dt_rank=cfg.dt_rank, rngs=rngs,
                                     out_init_scale=_out_scale(cfg), implementation=cfg.ssm_impl,
-                                    chunk_size=cfg.ssm_chunk))
+                                    chunk_size=cfg.ssm_chunk, **_precision(cfg)))
 
 
 class Mamba2Block(_MixerBlock):
@@ -49,7 +54,8 @@ class Mamba2Block(_MixerBlock):
         try:
             mixer = Mamba2(cfg.d_model, d_state=cfg.d_state, expand=cfg.expand, d_conv=cfg.d_conv,
                            head_dim=cfg.ssm_head_dim, groups=cfg.ssm_groups,
-                           chunk_size=cfg.ssm_chunk, rngs=rngs, out_init_scale=_out_scale(cfg))
+                           chunk_size=cfg.ssm_chunk, rngs=rngs, out_init_scale=_out_scale(cfg),
+                           **_precision(cfg))
         except ValueError as err:
             raise ConfigError(f"model (mamba2): {err}") from None
         super().__init__(cfg, mixer)

@@ -45,4 +45,6 @@ class Embed(nnx.Module):
         """Logits against the embedding table (weight tying, Press & Wolf 2017)."""
         table = self.embedding[...].astype(self.dtype)
         scale = x_BLD.shape[-1] ** -0.5  # keeps initial logits O(1) with unit-variance rows
-        return jnp.einsum("bld,vd->blv", x_BLD * scale, table)
+        # in the compute dtype: a float32 residual stream (the SSM models keep one) would
+        # otherwise promote the whole vocabulary matmul to float32
+        return jnp.einsum("bld,vd->blv", (x_BLD * scale).astype(self.dtype), table)

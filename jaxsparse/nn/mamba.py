@@ -5,6 +5,13 @@ with S4D-real ``A_log = log(1..N)`` (Mamba-1) or ``-A ~ U(1, 16)`` per head (Mam
 dt initialised log-uniform in [1e-3, 0.1] (floored at 1e-4) through an inverse-softplus
 bias; A_log, D and the dt bias carry ``weight_decay=False``. Both blocks follow the decode
 cache protocol of :class:`jaxsparse.nn.Attention` (``init_cache``; ``cache=``/``cache_index=``).
+
+Precision: projections, the convolution and the gate norm hold ``param_dtype`` weights and
+compute in ``dtype`` (bfloat16 on accelerators); the recurrence's own parameters (A_log, D,
+the dt bias) stay float32 whatever ``param_dtype`` says, as state-spaces/mamba keeps A_log
+and D in fp32. They are O(1) numbers (A_log = log 1..N, D = 1, bias ≈ −4..−7), where
+bfloat16's spacing is 2⁻⁷..2⁻⁵: an optimiser step of lr ≈ 1e-3 would round away and they
+would never train. The scans accumulate their state in float32 (:mod:`jaxsparse.ops.ssm`).
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ def _dt_bias(rng, size, dt_min=1e-3, dt_max=0.1, floor=1e-4):
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
-def _conv_params(rngs, width, channels):
+def _conv_params(rngs, width, channels, param_dtype):
     bound = 1.0 / math.sqrt(width)  # PyTorch Conv1d default: fan_in = width for depthwise
-    w = jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound)
-    b = jax.random.uniform(rngs.params(), (channels,), minval=-bound, maxval=bound)
+    w = jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound)
+    b = jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound, bound)
     return (nnx.Param(w, logical_axes=("conv", "mlp")),
             nnx.Param(b, logical_axes=("mlp",), weight_decay=False))
 
@@ -52,19 +59,22 @@ class Mamba(nnx.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: int | None = None, rngs: nnx.Rngs, out_init_scale: float = 1.0,
-                 implementation: str | None = None, chunk_size: int = 64):
+                 implementation: str | None = None, chunk_size: int = 64,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         _check_sizes(d_model=d_model, d_state=d_state, expand=expand, d_conv=d_conv,
                      dt_rank=1 if dt_rank is None else dt_rank, chunk_size=chunk_size)
         d_inner = expand * d_model
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
-        self.in_proj = Linear(d_model, 2 * d_inner, logical_axes=("embed", "mlp"), rngs=rngs)
-        self.conv_w, self.conv_b = _conv_params(rngs, d_conv, d_inner)
+        self.dtype = dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = Linear(d_model, 2 * d_inner, logical_axes=("embed", "mlp"), **kw)
+        self.conv_w, self.conv_b = _conv_params(rngs, d_conv, d_inner, param_dtype)
         self.x_proj = Linear(d_inner, self.dt_rank + 2 * d_state, logical_axes=("mlp", None),
-                             rngs=rngs)
+                             **kw)
         bound = self.dt_rank ** -0.5
         self.dt_proj = nnx.Param(jax.random.uniform(rngs.params(), (self.dt_rank, d_inner),
-                                                    minval=-bound, maxval=bound),
+                                                    param_dtype, -bound, bound),
                                  logical_axes=(None, "mlp"))
         self.dt_bias = nnx.Param(_dt_bias(rngs.params(), d_inner), logical_axes=("mlp",),
                                  weight_decay=False)
@@ -72,8 +82,8 @@ class Mamba(nnx.Module):
                                          (d_inner, d_state)))
         self.A_log = nnx.Param(a_log, logical_axes=("mlp", None), weight_decay=False)
         self.D = nnx.Param(jnp.ones((d_inner,)), logical_axes=("mlp",), weight_decay=False)
-        self.out_proj = Linear(d_inner, d_model, logical_axes=("mlp", "embed"), rngs=rngs,
-                               init_scale=out_init_scale)
+        self.out_proj = Linear(d_inner, d_model, logical_axes=("mlp", "embed"),
+                               init_scale=out_init_scale, **kw)
         self.implementation, self.chunk_size = implementation, chunk_size
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
@@ -91,7 +101,7 @@ class Mamba(nnx.Module):
                                                 segment_ids=segment_ids)
         x = jax.nn.silu(x)
         dt_raw, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], -1)
-        dt = dt_raw @ self.dt_proj[...].astype(dt_raw.dtype)
+        dt = dt_raw @ self.dt_proj[...].astype(self.dtype)
         args = (x, dt, -jnp.exp(self.A_log[...]), B[:, :, None, :], C[:, :, None, :])
         kwargs = dict(D=self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
                       implementation=self.implementation, chunk_size=self.chunk_size)
@@ -118,7 +128,7 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 64, expand: int = 2, d_conv: int = 4,
                  head_dim: int = 64, groups: int = 1, chunk_size: int = 64, rngs: nnx.Rngs,
-                 out_init_scale: float = 1.0):
+                 out_init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32):
         _check_sizes(d_model=d_model, d_state=d_state, expand=expand, d_conv=d_conv,
                      head_dim=head_dim, groups=groups, chunk_size=chunk_size)
         d_inner = expand * d_model
@@ -130,17 +140,18 @@ class Mamba2(nnx.Module):
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.head_dim, self.groups, self.chunk_size = head_dim, groups, chunk_size
         self.conv_dim = d_inner + 2 * groups * d_state
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = Linear(d_model, d_inner + self.conv_dim + self.heads,
-                              logical_axes=("embed", "mlp"), rngs=rngs)
-        self.conv_w, self.conv_b = _conv_params(rngs, d_conv, self.conv_dim)
+                              logical_axes=("embed", "mlp"), **kw)
+        self.conv_w, self.conv_b = _conv_params(rngs, d_conv, self.conv_dim, param_dtype)
         self.dt_bias = nnx.Param(_dt_bias(rngs.params(), self.heads), logical_axes=(None,),
                                  weight_decay=False)
         a = jax.random.uniform(rngs.params(), (self.heads,), minval=1.0, maxval=16.0)
         self.A_log = nnx.Param(jnp.log(a), logical_axes=(None,), weight_decay=False)
         self.D = nnx.Param(jnp.ones((self.heads,)), logical_axes=(None,), weight_decay=False)
-        self.norm_scale = nnx.Param(jnp.ones((d_inner,)), logical_axes=("mlp",))
-        self.out_proj = Linear(d_inner, d_model, logical_axes=("mlp", "embed"), rngs=rngs,
-                               init_scale=out_init_scale)
+        self.norm_scale = nnx.Param(jnp.ones((d_inner,), param_dtype), logical_axes=("mlp",))
+        self.out_proj = Linear(d_inner, d_model, logical_axes=("mlp", "embed"),
+                               init_scale=out_init_scale, **kw)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         del max_len
