@@ -11,6 +11,7 @@ import json
 import math
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 from jaxsparse.config import ConfigError
@@ -225,8 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_config_warnings(command: str):
+    """A ``warnings.showwarning`` that prints settings without effect as the command's own
+    warning (no source file and line: the config is the user's, not ours)."""
+    from jaxsparse.config_usage import UnreadKeyWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnreadKeyWarning):
+            print(f"jaxsparse {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the default printer afterwards
+        warnings.showwarning = _print_config_warnings(args.command)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:

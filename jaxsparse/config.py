@@ -14,6 +14,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -621,7 +622,9 @@ def _validate_synthetic_sizes(m: ModelConfig, d: DataConfig) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Check types and impossible values; returns ``cfg`` unchanged so calls can chain."""
+    """Check types and impossible values; returns ``cfg`` unchanged so calls can chain.
+    Keys set away from their defaults that this model or data task never reads are reported
+    as one :class:`jaxsparse.config_usage.UnreadKeyWarning` (:mod:`jaxsparse.config_usage`)."""
     for section in SECTIONS:
         sub = getattr(cfg, section)
         for name, annotation in _field_types(type(sub)).items():
@@ -732,6 +735,11 @@ def validate(cfg: Config) -> Config:
            f"eval.sample_prompt={e.sample_prompt!r} is {prompt_bytes} bytes: the end-of-training "
            f"sample needs 1 to model.max_seq_len - 1 = {m.max_seq_len - 1} (or "
            "eval.sample_tokens=0: no sample)")
+    from jaxsparse.config_usage import UnreadKeyWarning, describe, unread_keys
+
+    unread = unread_keys(cfg)
+    if unread:  # legal, but almost always a mistake: said once per distinct message
+        warnings.warn(describe(unread, cfg), UnreadKeyWarning, stacklevel=2)
     return cfg
 
 

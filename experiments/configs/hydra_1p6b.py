@@ -15,7 +15,7 @@ def get_config() -> Config:
         name="hydra_1p6b",
         model=ModelConfig(
             name="hydra", vocab_size=32_000, d_model=2048, n_layers=24, n_heads=16,
-            n_kv_heads=16, d_ff=5504, max_seq_len=8192, expand=1, tie_embeddings=True,
+            n_kv_heads=16, max_seq_len=8192, expand=1, tie_embeddings=True,
             dtype="bfloat16", remat=True, hydra_ssm_conv=4, hydra_sga_every=3, hydra_window=256,
             hydra_max_global=512,
             hydra_curriculum="sga:2000,moe:4000,memory:6000",

@@ -12,7 +12,7 @@ def get_config() -> Config:
     return Config(
         name="hydra_29m",
         model=ModelConfig(
-            name="hydra", d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, d_ff=512,
+            name="hydra", d_model=384, n_layers=8, n_heads=6, n_kv_heads=6,
             max_seq_len=8192, expand=1, hydra_ssm_conv=4, hydra_sga_every=3, hydra_window=256,
             hydra_max_global=512, hydra_curriculum="sga:500,moe:1000,memory:1500",
             moe_experts=4, moe_k=1, moe_every=1, moe_chunk=64, moe_d_ff=512,

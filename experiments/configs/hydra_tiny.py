@@ -27,7 +27,7 @@ def get_config() -> Config:
     return Config(
         name="hydra_tiny",
         model=ModelConfig(
-            name="hydra", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
+            name="hydra", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
             expand=1, hydra_ssm_conv=4, hydra_sga_every=3, hydra_window=32, hydra_max_global=32,
             hydra_curriculum="sga:100,memory:200",
             moe_experts=4, moe_k=1, moe_every=1, moe_chunk=16, moe_d_ff=256,

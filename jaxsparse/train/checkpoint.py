@@ -14,11 +14,8 @@ import jax
 import orbax.checkpoint as ocp
 
 import jaxsparse
-from jaxsparse.config import Config, ConfigError, diff, from_dict, to_dict
-
-# Sections that fix the shapes/structure of the train state; others (steps, data, eval)
-# may change between a run and its continuation.
-STRUCTURAL = ("model",)
+from jaxsparse.config import Config, ConfigError, from_dict, to_dict
+from jaxsparse.config_usage import model_differences
 
 
 class CheckpointMismatch(ConfigError):
@@ -47,7 +44,7 @@ class Checkpointer:
         saved = self.saved_config()
         if saved is None:
             return
-        mismatch = diff(saved, cfg, STRUCTURAL)
+        mismatch = model_differences(saved, cfg)  # data, train, eval may change on resuming
         if mismatch:
             raise CheckpointMismatch(
                 f"{self.directory} holds checkpoints (latest step {self.latest_step()}) of a "

@@ -16,13 +16,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxsparse.config import Config, ConfigError, MeshConfig, diff, from_json, to_json, validate
+from jaxsparse.config import Config, ConfigError, MeshConfig, from_json, to_json, validate
+from jaxsparse.config_usage import model_differences
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import NonFiniteTraining
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import check_batch_split, make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
-from jaxsparse.train.checkpoint import STRUCTURAL, CheckpointMismatch, Checkpointer
+from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
 from jaxsparse.train.state import TrainSetup, count_params
 from jaxsparse.train.step import make_eval_step, make_train_step
@@ -58,7 +59,7 @@ def check_workdir(cfg: Config, workdir: Path) -> None:
     saved = workdir / "config.json"
     if saved.exists():
         previous = read_config(saved)
-        mismatch = diff(previous, cfg, STRUCTURAL)
+        mismatch = model_differences(previous, cfg)
         if mismatch and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
             raise CheckpointMismatch(
                 f"workdir {workdir} holds checkpoints of a different model; refusing to resume "
