@@ -38,7 +38,11 @@ def names() -> list[str]:
 def _load_file(path: Path) -> Config:
     spec = importlib.util.spec_from_file_location(f"jaxsparse_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:  # the file's own mistake: where it is, not importlib's frames
+        raise ConfigError(f"config file {path}, line {err.lineno}: {err.msg}: "
+                          f"{(err.text or '').strip()!r}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     cfg = module.get_config()

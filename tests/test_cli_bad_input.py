@@ -123,3 +123,17 @@ def test_plot_output_paths(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean file reads without warnings
         assert len(read_metrics(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("from jaxsparse.config import Config\ndef get_config(:\n    return Config()\n",
+     "line 2: invalid syntax: 'def get_config(:'"),
+    ("X = 1\n", "has no get_config() function"),
+    ("def get_config():\n    return {'model': {}}\n", "get_config() returned dict, not a Config"),
+])
+def test_a_broken_config_file_is_named(tmp_path, capsys, source, fragment):
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    code, err = run_cli(capsys, "dryrun", "--config", str(path))
+    assert code == 2 and err.startswith("jaxsparse dryrun: error: ") and str(path) in err
+    assert fragment in err
