@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,31 @@ def test_incompatible_workdir_is_refused_and_left_intact(tmp_path):
               sample=False, quiet=True)
     assert "model.d_model: 32 -> 48" in str(err.value)
     assert _snapshot(tmp_path) == before
+
+
+def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, capfd):
+    """A checkpoint whose array data was lost (a deleted chunk directory): one message naming
+    the step and the earlier one to resume from — not orbax's hundreds of "Event loop is
+    closed" tracebacks — and once it is moved aside the run resumes from the earlier step."""
+    workdir = tmp_path / "run"
+    train(tiny_config("train.steps=2", "train.checkpoint_every=1"), workdir, sample=False,
+          quiet=True)
+    for data in (workdir / "checkpoints" / "2" / "state").glob("d"):
+        shutil.rmtree(data)
+    capfd.readouterr()
+    code = main(["train", "--config", "transformer_tiny", "--workdir", str(workdir),
+                 *[f"--set={item}" for item in TINY], "--set=train.steps=3",
+                 "--set=train.checkpoint_every=1"])
+    err = capfd.readouterr().err
+    assert code == 2 and "Event loop is closed" not in err and "Traceback" not in err, err
+    assert (f"jaxsparse train: error: checkpoint {workdir}/checkpoints/2 is damaged or "
+            "incomplete: NOT_FOUND") in err
+    assert (f"move {workdir}/checkpoints/2 aside to resume from step 1 (saved steps: [1, 2])"
+            in err)
+    shutil.move(workdir / "checkpoints" / "2", tmp_path / "damaged")
+    result = train(tiny_config("train.steps=3", "train.checkpoint_every=1"), workdir,
+                   sample=False, quiet=True)
+    assert result.step == 3 and list(result.losses) == [1, 2]
 
 
 def test_compatible_change_resumes(tmp_path):

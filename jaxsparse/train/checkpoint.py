@@ -8,6 +8,8 @@ of differing keys instead of a shape error deep inside orbax — and nothing is 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +22,40 @@ from jaxsparse.config_usage import model_differences
 
 class CheckpointMismatch(ConfigError):
     """The workdir holds checkpoints of a different model."""
+
+
+class CheckpointDamaged(CheckpointMismatch):
+    """A checkpoint holds the right arrays but some of their data cannot be read."""
+
+
+# tensorstore status codes of data that is not there or not intact
+_UNREADABLE = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_callbacks():
+    """When a restore fails, orbax closes its event loop while tensorstore's other reads are
+    in flight; each of them then reports ``RuntimeError: Event loop is closed`` as an
+    unraisable exception (hundreds of tracebacks around the one error that matters). Only
+    that exception is dropped: during a restore, and after a failed one for good (the last
+    callbacks arrive after the manager has closed)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    yield  # an exception propagates from here and leaves the filter in place
+    sys.unraisablehook = previous
+
+
+def _first_line(err: Exception, limit: int = 300) -> str:
+    """An error's first line, cut short: tensorstore appends its whole JSON spec."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split(" [tensorstore_spec")[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class Checkpointer:
@@ -64,15 +100,34 @@ class Checkpointer:
         if step not in saved:
             raise FileNotFoundError(f"{self.directory} holds no checkpoint of step {step}; "
                                     f"saved steps: {saved or 'none'}")
-        try:
-            out = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        except (ValueError, KeyError, TypeError) as err:
-            self._name_differences(abstract_state, step)
-            raise CheckpointMismatch(
-                f"checkpoint {self.directory}/{step} does not match the train state of the "
-                f"current code/config: {err}") from err
+        with _quiet_closed_loop_callbacks():
+            try:
+                out = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            except (ValueError, KeyError, TypeError) as err:
+                try:
+                    self._name_differences(abstract_state, step)  # another model's state?
+                    self._name_unreadable(step, saved, err)  # the same tree, data missing?
+                    raise CheckpointMismatch(
+                        f"checkpoint {self.directory}/{step} does not match the train state of "
+                        f"the current code/config: {_first_line(err)}") from err
+                finally:
+                    self.close()  # waits for the reads still in flight, inside the filter
         return out["state"]
+
+    def _name_unreadable(self, step: int, saved: list[int], err: Exception) -> None:
+        """After a failed restore of a checkpoint with the right arrays: its data cannot be
+        read (a file deleted or truncated, a disk error). Name the step and the way back."""
+        text = str(err)
+        if not any(code in text for code in _UNREADABLE):
+            return
+        earlier = [s for s in saved if s < step]
+        way_back = (f"move {self.directory / str(step)} aside to resume from step {earlier[-1]} "
+                    f"(saved steps: {saved})" if earlier else
+                    "no earlier checkpoint is kept here; use another --workdir")
+        raise CheckpointDamaged(
+            f"checkpoint {self.directory}/{step} is damaged or incomplete: "
+            f"{_first_line(err)}; {way_back}")
 
     def _name_differences(self, abstract_state, step: int) -> None:
         """After a failed restore: name the arrays the current model needs that the checkpoint
