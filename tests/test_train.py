@@ -60,15 +60,30 @@ def test_incompatible_workdir_is_refused_and_left_intact(tmp_path):
     assert _snapshot(tmp_path) == before
 
 
-def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, capfd):
-    """A checkpoint whose array data was lost (a deleted chunk directory): one message naming
-    the step and the earlier one to resume from — not orbax's hundreds of "Event loop is
-    closed" tracebacks — and once it is moved aside the run resumes from the earlier step."""
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two") / "run"
     train(tiny_config("train.steps=2", "train.checkpoint_every=1"), workdir, sample=False,
           quiet=True)
-    for data in (workdir / "checkpoints" / "2" / "state").glob("d"):
-        shutil.rmtree(data)
+    return workdir
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("state/d", "NOT_FOUND"),  # the arrays' data files
+    ("state/manifest.ocdbt", "NOT_FOUND"),
+    ("state/_METADATA", "its state holds no readable array metadata"),
+    ("state", "Item \"state\" was not found"),
+    ("meta", "Item \"meta\" was not found"),  # the saved config
+])
+def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_path, capfd,
+                                                         damage, reason):
+    """A checkpoint with a file or item lost: one message naming the step and the earlier one
+    to resume from — not a KeyError traceback, another-model advice, or orbax's hundreds of
+    "Event loop is closed" tracebacks — and once it is moved aside the run resumes from there."""
+    workdir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, workdir)
+    target = workdir / "checkpoints" / "2" / damage
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
     capfd.readouterr()
     code = main(["train", "--config", "transformer_tiny", "--workdir", str(workdir),
                  *[f"--set={item}" for item in TINY], "--set=train.steps=3",
@@ -76,7 +91,7 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, capfd):
     err = capfd.readouterr().err
     assert code == 2 and "Event loop is closed" not in err and "Traceback" not in err, err
     assert (f"jaxsparse train: error: checkpoint {workdir}/checkpoints/2 is damaged or "
-            "incomplete: NOT_FOUND") in err
+            f"incomplete: ") in err and reason in err, err
     assert (f"move {workdir}/checkpoints/2 aside to resume from step 1 (saved steps: [1, 2])"
             in err)
     shutil.move(workdir / "checkpoints" / "2", tmp_path / "damaged")

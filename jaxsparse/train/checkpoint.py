@@ -73,8 +73,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return from_dict(meta["meta"]["config"])
+        try:
+            meta = self.manager.restore(step,
+                                        args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return from_dict(meta["meta"]["config"])
+        except (KeyError, FileNotFoundError, ValueError, TypeError) as err:
+            raise self._damaged(step, err) from None
 
     def check_compatible(self, cfg: Config) -> None:
         saved = self.saved_config()
@@ -107,7 +111,7 @@ class Checkpointer:
             except (ValueError, KeyError, TypeError) as err:
                 try:
                     self._name_differences(abstract_state, step)  # another model's state?
-                    self._name_unreadable(step, saved, err)  # the same tree, data missing?
+                    self._name_unreadable(step, err)  # the same tree, data missing?
                     raise CheckpointMismatch(
                         f"checkpoint {self.directory}/{step} does not match the train state of "
                         f"the current code/config: {_first_line(err)}") from err
@@ -115,19 +119,24 @@ class Checkpointer:
                     self.close()  # waits for the reads still in flight, inside the filter
         return out["state"]
 
-    def _name_unreadable(self, step: int, saved: list[int], err: Exception) -> None:
+    def _name_unreadable(self, step: int, err: Exception) -> None:
         """After a failed restore of a checkpoint with the right arrays: its data cannot be
-        read (a file deleted or truncated, a disk error). Name the step and the way back."""
+        read (a file deleted or truncated, a disk error, an item missing)."""
         text = str(err)
-        if not any(code in text for code in _UNREADABLE):
-            return
+        if any(code in text for code in _UNREADABLE) or "was not found in the checkpoint" in text:
+            raise self._damaged(step, err)
+
+    def _damaged(self, step: int, reason) -> CheckpointDamaged:
+        """The error for a checkpoint that cannot be read, naming the way back: the step
+        before it, if one is kept."""
+        saved = sorted(self.manager.all_steps())
         earlier = [s for s in saved if s < step]
         way_back = (f"move {self.directory / str(step)} aside to resume from step {earlier[-1]} "
                     f"(saved steps: {saved})" if earlier else
                     "no earlier checkpoint is kept here; use another --workdir")
-        raise CheckpointDamaged(
-            f"checkpoint {self.directory}/{step} is damaged or incomplete: "
-            f"{_first_line(err)}; {way_back}")
+        why = _first_line(reason) if isinstance(reason, Exception) else reason
+        return CheckpointDamaged(
+            f"checkpoint {self.directory}/{step} is damaged or incomplete: {why}; {way_back}")
 
     def _name_differences(self, abstract_state, step: int) -> None:
         """After a failed restore: name the arrays the current model needs that the checkpoint
@@ -148,6 +157,8 @@ class Checkpointer:
             return {"/".join(name(k) for k in path) for path, _ in leaves}
 
         want, have = paths(abstract_state), paths(saved)
+        if not have:  # no array metadata at all: the item's own metadata file is gone
+            raise self._damaged(step, "its state holds no readable array metadata")
         missing, extra = sorted(want - have), sorted(have - want)
         if missing or extra:
             def show(names):
