@@ -58,7 +58,7 @@ TASK_KEYS: dict[str, frozenset[str]] = {
 }
 
 # eval keys that only the end-of-training text sample reads
-_SAMPLE_KEYS = ("sample_prompt", "sample_tokens", "temperature", "top_k")
+_SAMPLE_KEYS = ("sample_tokens", "sample_prompt", "temperature", "top_k")
 
 
 def _readers(key: str) -> str:
@@ -128,8 +128,12 @@ def unread_keys(cfg: Config) -> dict[str, str]:
     if not pkm:
         unread["optimizer.memory_values_lr"] = "no product-key memory (Hydra's model.pkm_layers)"
     if cfg.data.task != "text":
-        for key in _SAMPLE_KEYS:
+        # sample_tokens=0 says "no sample", which is what happens: not worth a warning
+        for key in _SAMPLE_KEYS if cfg.eval.sample_tokens else _SAMPLE_KEYS[1:]:
             unread[f"eval.{key}"] = "the end-of-training sample is drawn for data.task='text' only"
+    elif cfg.eval.sample_tokens == 0:  # `jaxsparse generate` takes its own flags
+        for key in ("sample_prompt", "temperature", "top_k"):
+            unread[f"eval.{key}"] = "eval.sample_tokens=0: no sample is drawn"
     defaults = Config()
     return {key: reason for key, reason in unread.items()
             if _value(cfg, key) != _value(defaults, key)}

@@ -141,9 +141,13 @@ def test_every_named_config_sets_only_keys_it_reads():
     (["model.monarch_blocks=4"], "\n  model.monarch_blocks=4: model.monarch='' builds no Monarch"),
     (["data.num_kv_pairs=4"],
      "\n  data.num_kv_pairs=4: read by data.task='mqar' only; data.task='text' ignores it"),
+    (["data.task=mqar", "eval.sample_tokens=50"],
+     "\n  eval.sample_tokens=50: the end-of-training sample is drawn for data.task='text' only"),
     (["data.task=mqar", "eval.temperature=0.5"],
      "\n  eval.temperature=0.5: the end-of-training sample is drawn for data.task='text' only"),
     (["optimizer.memory_values_lr=0.01"], "\n  optimizer.memory_values_lr=0.01: no product-key"),
+    (["eval.sample_tokens=0", "eval.top_k=5"],
+     "\n  eval.top_k=5: eval.sample_tokens=0: no sample is drawn"),
 ])
 def test_settings_without_effect_are_reported_by_name(overrides, expected):
     cfg = apply_overrides(configs.get("transformer_tiny"), overrides)
@@ -165,7 +169,8 @@ def test_defaults_and_read_keys_are_not_reported():
         validate(Config())
         validate(apply_overrides(configs.get("transformer_tiny"),
                                  ["model.moe_experts=4", "model.moe_k=1", "data.task=mqar",
-                                  "data.num_kv_pairs=4", "data.seq_len=64"]))
+                                  "data.num_kv_pairs=4", "data.seq_len=64",
+                                  "eval.sample_tokens=0"]))  # "no sample" is what happens
 
 
 def test_resuming_compares_only_what_makes_another_model():
