@@ -134,6 +134,9 @@ def unread_keys(cfg: Config) -> dict[str, str]:
     elif cfg.eval.sample_tokens == 0:  # `jaxsparse generate` takes its own flags
         for key in ("sample_prompt", "temperature", "top_k"):
             unread[f"eval.{key}"] = "eval.sample_tokens=0: no sample is drawn"
+    if cfg.train.loss_chunk >= cfg.data.seq_len:
+        unread["train.loss_chunk"] = (f"not below data.seq_len={cfg.data.seq_len}: the loss "
+                                      "is computed in one piece, as with 0")
     defaults = Config()
     return {key: reason for key, reason in unread.items()
             if _value(cfg, key) != _value(defaults, key)}

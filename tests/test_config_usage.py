@@ -146,6 +146,8 @@ def test_every_named_config_sets_only_keys_it_reads():
     (["data.task=mqar", "eval.temperature=0.5"],
      "\n  eval.temperature=0.5: the end-of-training sample is drawn for data.task='text' only"),
     (["optimizer.memory_values_lr=0.01"], "\n  optimizer.memory_values_lr=0.01: no product-key"),
+    (["train.loss_chunk=128"], "\n  train.loss_chunk=128: not below data.seq_len=128: the "
+                               "loss is computed in one piece"),
     (["eval.sample_tokens=0", "eval.top_k=5"],
      "\n  eval.top_k=5: eval.sample_tokens=0: no sample is drawn"),
 ])
