@@ -738,8 +738,10 @@ def validate(cfg: Config) -> Config:
     from jaxsparse.config_usage import UnreadKeyWarning, describe, unread_keys
 
     unread = unread_keys(cfg)
-    if unread:  # legal, but almost always a mistake: said once per distinct message
-        warnings.warn(describe(unread, cfg), UnreadKeyWarning, stacklevel=2)
+    if unread:  # legal, but almost always a mistake
+        # from this line always (no stacklevel): Python's registry then says each distinct
+        # message once, though a run validates its config at several places
+        warnings.warn(describe(unread, cfg), UnreadKeyWarning)
     return cfg
 
 

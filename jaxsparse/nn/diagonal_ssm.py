@@ -49,7 +49,7 @@ class DiagonalSSM(nnx.Module):
                                init_scale=out_init_scale, **kw)
         u = jax.random.uniform(rngs.params(), (width,), jnp.float32)
         log_lambda = -u * math.log(max_half_life)  # λ in [1/max_half_life, 1]
-        # float32 whatever param_dtype says: O(1) values where bfloat16's spacing (2⁻⁷..2⁻⁶)
+        # float32 whatever param_dtype says: O(1) values where bfloat16's spacing (2⁻⁷..2⁻⁵)
         # would round an lr ≈ 1e-3 step away (as for Mamba's A_log and D, jaxsparse.nn.mamba)
         self.log_lambda = nnx.Param(log_lambda, logical_axes=("mlp",), weight_decay=False)
         self.D = nnx.Param(jnp.ones((width,), jnp.float32), logical_axes=("mlp",),

@@ -9,7 +9,7 @@ cache protocol of :class:`jaxsparse.nn.Attention` (``init_cache``; ``cache=``/``
 Precision: projections, the convolution and the gate norm hold ``param_dtype`` weights and
 compute in ``dtype`` (bfloat16 on accelerators); the recurrence's own parameters (A_log, D,
 the dt bias) stay float32 whatever ``param_dtype`` says, as state-spaces/mamba keeps A_log
-and D in fp32. They are O(1) numbers (A_log = log 1..N, D = 1, bias ≈ −4..−7), where
+and D in fp32. They are O(1) numbers (A_log = log 1..N, D = 1, bias ≈ −7..−2), where
 bfloat16's spacing is 2⁻⁷..2⁻⁵: an optimiser step of lr ≈ 1e-3 would round away and they
 would never train. The scans accumulate their state in float32 (:mod:`jaxsparse.ops.ssm`).
 """
