@@ -95,6 +95,31 @@ def test_untied_head_and_bf16_compute():
     assert m.lm_head.kernel[...].dtype == jnp.float32  # parameters stay float32
 
 
+# parameters kept in float32 whatever model.param_dtype says: the recurrences' O(1) values,
+# where bfloat16's spacing would round an optimiser step away (jaxsparse.nn.mamba)
+FLOAT32_ALWAYS = {"A_log", "D", "dt_bias", "log_lambda"}
+
+
+@pytest.mark.parametrize("name", ["transformer_tiny", "transformer_sparse_tiny", "moe_tiny",
+                                  "monarch_tiny", "routing_tiny", "mamba_tiny", "mamba2_tiny",
+                                  "hydra_tiny"])
+def test_param_dtype_reaches_every_parameter_of_every_family(name):
+    """model.param_dtype=bfloat16 gives bfloat16 parameters everywhere but the recurrences'
+    own (the Mamba mixers once stayed float32 whatever the config said)."""
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+
+    cfg = apply_overrides(configs.get(name), ["model.param_dtype=bfloat16",
+                                              "model.dtype=bfloat16"])
+    model = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(0)))
+    seen = set()
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        expected = jnp.float32 if path[-1] in FLOAT32_ALWAYS else jnp.bfloat16
+        assert var.get_value().dtype == expected, (name, path)
+        seen.add(var.get_value().dtype)
+    assert jnp.dtype(jnp.bfloat16) in seen
+
+
 def test_tied_embeddings_have_no_separate_head():
     m = models.build(tiny_config("model.tie_embeddings=true").model, nnx.Rngs(2))
     assert not hasattr(m, "lm_head")
