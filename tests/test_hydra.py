@@ -20,7 +20,8 @@ from jaxsparse.ops.diagonal_ssm import diagonal_ssm, diagonal_ssm_reference, lin
 
 from helpers import TINY, run_python
 
-SMALL = TINY + [
+# TINY without its d_ff: every feed-forward layer here is MoE, of width moe_d_ff
+SMALL = [o for o in TINY if not o.startswith("model.d_ff=")] + [
     "model.name=hydra", "model.n_layers=3", "model.expand=1", "model.hydra_window=4",
     "model.hydra_max_global=3", "model.moe_experts=4", "model.moe_k=2", "model.moe_every=1",
     "model.moe_chunk=4", "model.moe_d_ff=32", "model.pkm_layers=1", "model.pkm_slots=64",

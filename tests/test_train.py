@@ -342,7 +342,7 @@ def _recall_config(mask: str, steps: int):
                        "data.seq_len=16", "data.batch_size=64", f"train.steps={steps}",
                        "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=2",
                        "model.d_ff=128", "optimizer.lr=1e-3", "optimizer.warmup_steps=20",
-                       "optimizer.weight_decay=0.0", "eval.batches=4",
+                       "optimizer.weight_decay=0.0", "eval.batches=4", "eval.sample_tokens=0",
                        f"model.attention_mask={mask}", "train.log_every=50")
 
 
