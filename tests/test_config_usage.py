@@ -214,8 +214,11 @@ def test_a_run_resumes_with_remat_and_an_unread_key_changed(tmp_path):
 def test_the_cli_prints_them_as_its_own_warning(capsys):
     from jaxsparse.cli import main
 
-    assert main(["dryrun", "--config", "transformer_tiny", "--devices", "1", "--set",
-                 "model.moe_k=1", "--set", "data.batch_size=2", "--set", "data.seq_len=16"]) == 0
+    with warnings.catch_warnings():  # as outside pytest, which makes this warning an error
+        warnings.simplefilter("default", UnreadKeyWarning)
+        assert main(["dryrun", "--config", "transformer_tiny", "--devices", "1", "--set",
+                     "model.moe_k=1", "--set", "data.batch_size=2", "--set",
+                     "data.seq_len=16"]) == 0
     err = capsys.readouterr().err
     assert ("jaxsparse dryrun: warning: these settings have no effect on this run:\n"
             "  model.moe_k=1: model.moe_experts=0 builds no MoE layer\n") in err
