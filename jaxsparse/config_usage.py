@@ -81,12 +81,17 @@ def unread_model_keys(m: ModelConfig) -> dict[str, str]:
             if key in reads:
                 unread.setdefault(key, reason)
 
-    if m.moe_experts == 0:
-        off(_MOE - {"moe_experts"}, "model.moe_experts=0 builds no MoE layer")
-    every_layer_moe = m.moe_experts > 0 and m.moe_every == 1
+    # which feed-forward layers are MoE: the builders' own rule
+    from jaxsparse.models.transformer import uses_moe
+
+    moe_layers = sum(uses_moe(m, layer) for layer in range(m.n_layers))
+    if moe_layers == 0:
+        off(_MOE - {"moe_experts"}, f"no layer is MoE (model.moe_experts={m.moe_experts}, "
+                                    f"model.moe_every={m.moe_every}, {m.n_layers} layers)")
+    every_layer_moe = moe_layers == m.n_layers
     if every_layer_moe and m.moe_d_ff is not None:
-        off({"d_ff"}, "every feed-forward layer is MoE (model.moe_every=1) and the experts' "
-                      "width is model.moe_d_ff")
+        off({"d_ff"}, "every feed-forward layer is MoE and the experts' width is "
+                      "model.moe_d_ff")
     targets = monarch_targets(m)
     if not targets:
         off({"monarch_blocks", "monarch_impl"}, "model.monarch='' builds no Monarch layer")
@@ -94,8 +99,7 @@ def unread_model_keys(m: ModelConfig) -> dict[str, str]:
         unread["monarch"] = (f"only the Transformer's attention has Monarch projections; "
                              f"model.name={m.name!r} reads just 'mlp'")
     elif targets == {"mlp"} and every_layer_moe and "monarch" in reads:
-        unread["monarch"] = ("every feed-forward layer is MoE (model.moe_every=1) and experts "
-                             "stay dense")
+        unread["monarch"] = "every feed-forward layer is MoE and experts stay dense"
     if m.name == "routing_transformer" and m.routing_skip_first == 0:
         off({"attention_impl"}, "model.routing_skip_first=0: no layer uses dense attention")
     if not m.pkm_layers.strip():

@@ -2,14 +2,17 @@
 builders, forward passes, decoding and data streams really read; the warning; resuming."""
 
 import dataclasses
+import os
 import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+import jaxsparse
 from jaxsparse import configs, models
 from jaxsparse.config import Config, apply_overrides, validate
 from jaxsparse.config_usage import (HOW_KEYS, MODEL_KEYS, TASK_KEYS, UnreadKeyWarning,
@@ -49,6 +52,9 @@ MODEL_CASES = {
 }
 
 
+PACKAGE = str(Path(jaxsparse.__file__).parent) + os.sep  # the code whose reads count
+
+
 def _recording(instance, reads: set[str]):
     """A copy of the frozen config dataclass ``instance`` that adds to ``reads`` each field
     jaxsparse's own code asks it for (not the dataclass's generated hash/eq/repr, which read
@@ -58,7 +64,7 @@ def _recording(instance, reads: set[str]):
 
     class Recording(cls):
         def __getattribute__(self, name):
-            if name in names and "/jaxsparse/" in sys._getframe(1).f_code.co_filename:
+            if name in names and sys._getframe(1).f_code.co_filename.startswith(PACKAGE):
                 reads.add(name)
             return object.__getattribute__(self, name)
 
@@ -138,7 +144,10 @@ def test_every_named_config_sets_only_keys_it_reads():
     (["model.routing_clusters=16"],
      "\n  model.routing_clusters=16: read by routing_transformer only; "
      "model.name='transformer' ignores it"),
-    (["model.moe_k=1"], "\n  model.moe_k=1: model.moe_experts=0 builds no MoE layer"),
+    (["model.moe_k=1"], "\n  model.moe_k=1: no layer is MoE (model.moe_experts=0, "
+                        "model.moe_every=2, 4 layers)"),
+    (["model.moe_experts=4", "model.moe_every=5", "model.moe_k=1"],
+     "\n  model.moe_k=1: no layer is MoE (model.moe_experts=4, model.moe_every=5, 4 layers)"),
     (["model.name=mamba2", "model.ssm_impl=chunked", "model.ssm_head_dim=32"],
      "\n  model.ssm_impl='chunked': read by mamba only; model.name='mamba2' ignores it"),
     (["model.name=mamba", "model.attention_mask=local:64"],
@@ -221,5 +230,6 @@ def test_the_cli_prints_them_as_its_own_warning(capsys):
                      "data.seq_len=16"]) == 0
     err = capsys.readouterr().err
     assert ("jaxsparse dryrun: warning: these settings have no effect on this run:\n"
-            "  model.moe_k=1: model.moe_experts=0 builds no MoE layer\n") in err
+            "  model.moe_k=1: no layer is MoE (model.moe_experts=0, model.moe_every=2, 4 "
+            "layers)\n") in err
     assert "config_usage.py" not in err and "dryrun.py" not in err  # no source location
