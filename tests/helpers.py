@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from jaxsparse import configs
 from jaxsparse.config import apply_overrides
@@ -70,3 +71,40 @@ def sharded_gradient_check(loss, params, state, x, mesh, rules, x_spec):
     err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
               for a, b in zip(jax.tree.leaves(grad(*sharded)), jax.tree.leaves(want)))
     return {kind: v["bytes"] for kind, v in collectives.items()}, err
+
+
+class Matmul(NamedTuple):
+    dtypes: tuple[str, str]  # of the two operands
+    flops: int
+    enclosing: tuple[str, ...]  # primitives around it, outermost first ("scan", "checkpoint")
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def matmuls(fn, *args) -> list[Matmul]:
+    """Every matmul (``dot_general``) in the jaxpr of ``fn(*args)``, nested ones included
+    (scan and map bodies, remat, custom_vjp, shard_map), as :class:`Matmul` records; FLOPs
+    count every iteration of an enclosing scan."""
+    import jax
+    import numpy as np
+
+    found = []
+
+    def walk(jaxpr, enclosing, repeats):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval
+                flops = (2 * np.prod(eqn.outvars[0].aval.shape)
+                         * np.prod([lhs.shape[i] for i in lhs_contracting]) * repeats)
+                found.append(Matmul(tuple(str(v.aval.dtype) for v in eqn.invars), int(flops),
+                                    enclosing, tuple(v.aval.shape for v in eqn.invars)))
+            inner_repeats = repeats * eqn.params.get("length", 1) if eqn.primitive.name == "scan" \
+                else repeats
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner, enclosing + (eqn.primitive.name,), inner_repeats)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, (), 1)
+    return found

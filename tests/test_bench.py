@@ -124,6 +124,17 @@ def test_linear_scan_benchmark_times_every_implementation_against_lax_scan(tmp_p
     assert "--shapes: '2x50' must be batch x length x width" in capsys.readouterr().err
 
 
+def test_hydra_precision_benchmark_times_bfloat16_against_float32_inputs(tmp_path):
+    assert main(["bench", "hydra_precision", "--lengths", "40", "--batch", "1", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "hydra_precision.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["sga blocked fwd+bwd", "sga dense fwd+bwd",
+                                       "workspace fwd+bwd"]
+    for r in rows:
+        assert r["bf16_ms"] > 0 and r["f32_ms"] > 0
+        assert r["speedup_vs_f32"] == pytest.approx(r["f32_ms"] / r["bf16_ms"])
+
+
 def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert main(["bench", "attention", "--lengths", "256", "--patterns", "window 256",
                  "--heads", "1", "--head-dim", "8", "--repeats", "1", "--table-lengths", "4096",

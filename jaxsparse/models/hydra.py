@@ -139,7 +139,8 @@ class HydraLM(LanguageModel):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.workspace = (WorkspaceMemory(cfg.d_model, cfg.workspace_slots, cfg.workspace_chunk,
-                                          rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
+                                          rngs=rngs, dtype=jnp.dtype(cfg.dtype),
+                                          param_dtype=jnp.dtype(cfg.param_dtype))
                           if cfg.workspace_slots else None)
         self.curriculum_step = CurriculumStep(jnp.zeros((), jnp.int32))
         self.deterministic = False  # Module.eval() sets it: no curriculum step counting

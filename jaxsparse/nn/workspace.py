@@ -22,7 +22,7 @@ class WorkspaceMemory(nnx.Module):
     """
 
     def __init__(self, d_model: int, slots: int, chunk: int, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         if slots < 1 or chunk < 1:
             raise ValueError(f"slots={slots} and chunk={chunk} must be >= 1")
         d = d_model
@@ -37,13 +37,17 @@ class WorkspaceMemory(nnx.Module):
         # gate bias +1: a fresh workspace mostly keeps its slots (σ(1) ≈ 0.73)
         self.bg = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=("embed",))
         self.slots, self.chunk, self.d_model = slots, chunk, d
+        self.dtype = dtype  # of the per-token work: key/value projections and reads
 
     def weights(self):
         # Whole matrices (FSDP gathers them, as for any layer). Left split over fsdp, the
         # projection of the whole sequence's keys and values (x [B, L, D] @ wk, with the batch
         # split over fsdp too) was compiled as an exchange of activations: on a 3-block
         # hydra_1p6b, fsdp=8, 58 GiB of collectives per device and step instead of 9.
-        return {name: constrain(variable[...], (None,) * variable.ndim).astype(jnp.float32)
+        # Wk, Wv project every token: the compute dtype. Wq and the gate act on the slot state,
+        # the float32 recurrence (ops.workspace, "Precision").
+        return {name: constrain(variable[...], (None,) * variable.ndim).astype(
+                    self.dtype if name in ("wk", "wv") else jnp.float32)
                 for name in ("wq", "wk", "wv", "wg", "bg")
                 for variable in (getattr(self, name),)}
 
@@ -52,7 +56,7 @@ class WorkspaceMemory(nnx.Module):
         (:func:`~jaxsparse.ops.workspace.workspace_memory`)."""
         # the chunk recurrence runs over the whole length: under sequence parallelism gather
         # x once here, not the keys and the values that are projected from it
-        x = constrain(x_BLD.astype(jnp.float32), ("batch", None, "embed"))
+        x = constrain(x_BLD.astype(self.dtype), ("batch", None, "embed"))
         reads, _ = workspace_memory(x, x, self.init_slots[...].astype(jnp.float32),
                                     self.weights(), chunk=self.chunk, segment_ids=segment_ids)
         return reads.astype(x_BLD.dtype)
@@ -60,7 +64,7 @@ class WorkspaceMemory(nnx.Module):
     def init_cache(self, batch: int):
         state = jnp.broadcast_to(self.init_slots[...].astype(jnp.float32)[None],
                                  (batch, self.slots, self.d_model))
-        return {"state": state, "buffer": jnp.zeros((batch, self.chunk, self.d_model), jnp.float32)}
+        return {"state": state, "buffer": jnp.zeros((batch, self.chunk, self.d_model), self.dtype)}
 
     def decode(self, x_BLD, cache, cache_index):
         """Tokens at positions ``cache_index ..``, one at a time: read, buffer, and rewrite the
@@ -79,7 +83,7 @@ class WorkspaceMemory(nnx.Module):
             return (state, buffer), read[:, 0]
 
         positions = cache_index + jnp.arange(x_BLD.shape[1])
-        xs = x_BLD.astype(jnp.float32).swapaxes(0, 1)[:, :, None, :]
+        xs = x_BLD.astype(self.dtype).swapaxes(0, 1)[:, :, None, :]
         (state, buffer), reads = jax.lax.scan(step, (cache["state"], cache["buffer"]),
                                               (xs, positions))
         return reads.swapaxes(0, 1).astype(x_BLD.dtype), {"state": state, "buffer": buffer}

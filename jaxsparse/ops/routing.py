@@ -60,6 +60,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_first_position
 from jaxsparse.ops.sizes import round_up
 from jaxsparse.ops.softmax import masked_softmax
@@ -188,9 +189,10 @@ def _gather_keys(x_BLHD, pos_BLHW):
 
 
 def _attend(q, keys, values, valid, scale):
-    logits = jnp.einsum("blhd,blhwd->blhw", q.astype(jnp.float32), keys.astype(jnp.float32))
+    # matmuls in the inputs' dtype, accumulated in float32; the softmax in float32
+    logits = matmul_f32("blhd,blhwd->blhw", q, keys)
     weights = masked_softmax(logits * scale, valid, axis=-1)
-    return jnp.einsum("blhw,blhwd->blhd", weights, values.astype(jnp.float32))
+    return weighted_sum("blhw,blhwd->blhd", weights, values)
 
 
 def _attend_in_chunks(q, keys, values, key_pos, valid, scale, chunk):
@@ -309,7 +311,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool 
         return jax.vmap(jax.vmap(lambda x, m: x[m], in_axes=(1, 0)))(x_BLHD, members)
 
     qc, kc, vc = pick(q, q_members), pick(keys, k_members), pick(v, k_members)  # [B, H, C, w, D]
-    logits = jnp.einsum("bhcid,bhcjd->bhcij", qc.astype(jnp.float32), kc.astype(jnp.float32))
+    logits = matmul_f32("bhcid,bhcjd->bhcij", qc, kc)
     allowed = jnp.ones(logits.shape, bool)
     if causal:
         allowed &= k_members[..., None, :] <= q_members[..., :, None]
@@ -317,7 +319,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool 
         self_key = k_members[..., None, :] == q_members[..., :, None]
         allowed &= ~self_key | ~jnp.any(allowed & ~self_key, axis=-1, keepdims=True)
     weights = masked_softmax(logits * _scale(scale, q.shape[-1]), allowed, axis=-1)
-    out_c = jnp.einsum("bhcij,bhcjd->bhcid", weights, vc.astype(jnp.float32))
+    out_c = weighted_sum("bhcij,bhcjd->bhcid", weights, vc)
     b, _, h, d = q.shape
     flat = q_members.reshape(b, h, -1)
     total = jax.vmap(jax.vmap(lambda o, m: jnp.zeros((length, d)).at[m].add(o)))(
@@ -440,7 +442,7 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
         is_self = (kv_pos == q_pos[:, :, None])[..., None]
         others = jnp.any(valid & ~is_self, axis=2, keepdims=True)
         valid = valid & ~(is_self & others)
-    logits = jnp.einsum("bnhd,bshd->bnsh", q.astype(jnp.float32), k_cache.astype(jnp.float32))
+    logits = matmul_f32("bnhd,bshd->bnsh", q, k_cache)
     weights = masked_softmax(logits * _scale(scale, dim), valid, axis=2)
-    out = jnp.einsum("bnsh,bshd->bnhd", weights, v_cache.astype(jnp.float32))
+    out = weighted_sum("bnsh,bshd->bnhd", weights, v_cache)
     return out.astype(q.dtype)

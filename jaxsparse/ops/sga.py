@@ -15,6 +15,10 @@ Packed documents (``segment_ids``): a query reads only keys of its own document 
 equal ids it is in, :mod:`jaxsparse.ops.segments`). Its window is cut at the document's first
 token, and since its global keys are the most recent candidates, dropping those before the
 document's start leaves exactly the ``G`` most recent candidates of the document.
+
+Precision: the matmuls take ``q, k, v`` in their own dtype (bfloat16 under a bfloat16 model)
+and accumulate in float32, the softmax and the controller's log-sigmoid bias are float32
+(:mod:`jaxsparse.ops.mixed_precision`); the result has ``q``'s dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_first_position
 from jaxsparse.ops.softmax import masked_softmax
 
@@ -102,21 +107,21 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
     def one_block(i):
         t0 = starts[i]
         tq = t0 + jnp.arange(block, dtype=jnp.int32)                 # query positions
-        q_blk = jax.lax.dynamic_slice_in_dim(q, t0, block, axis=1).astype(jnp.float32)
-        k_loc = jax.lax.dynamic_slice_in_dim(k_local, t0, span, axis=1).astype(jnp.float32)
-        v_loc = jax.lax.dynamic_slice_in_dim(v_local, t0, span, axis=1).astype(jnp.float32)
+        q_blk = jax.lax.dynamic_slice_in_dim(q, t0, block, axis=1)
+        k_loc = jax.lax.dynamic_slice_in_dim(k_local, t0, span, axis=1)
+        v_loc = jax.lax.dynamic_slice_in_dim(v_local, t0, span, axis=1)
         j = t0 - window + 1 + jnp.arange(span, dtype=jnp.int32)      # local key positions
         local_ok = (j[None, :] >= 0) & (j[None, :] <= tq[:, None]) & (j[None, :] > tq[:, None] - window)
         local_ok = jnp.broadcast_to(local_ok[None], (b, block, span))
         if first is not None:  # packed documents: keys from the query's document only
             first_q = jax.lax.dynamic_slice_in_dim(first, t0, block, axis=1)  # [B, bq]
             local_ok = local_ok & (j[None, None, :] >= first_q[:, :, None])
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_loc) * scale
+        logits = matmul_f32("bqhd,bkhd->bhqk", q_blk, k_loc) * scale
         masks, values = [jnp.broadcast_to(local_ok[:, None], logits.shape)], [v_loc]
         parts = [logits]
         if g_count:
             pos, ok = g_pos[:, i], g_valid[:, i]                     # [B, G + bq]
-            rows = lambda x: jax.vmap(lambda xb, pb: xb[pb])(x, pos).astype(jnp.float32)  # noqa: E731
+            rows = lambda x: jax.vmap(lambda xb, pb: xb[pb])(x, pos)  # noqa: E731
             k_g, v_g = rows(k), rows(v)                              # [B, G + bq, H, D]
             have_q = jax.lax.dynamic_slice_in_dim(have, t0, block, axis=1)  # [B, bq]
             r = jnp.take_along_axis(rank, pos, axis=1)               # rank of each candidate
@@ -125,11 +130,11 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
             if first is not None:
                 glob_ok = glob_ok & (pos[:, None, :] >= first_q[:, :, None])
             bias = jnp.take_along_axis(log_sig, pos, axis=1)[:, None, None, :]
-            parts.append(jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_g) * scale + bias)
+            parts.append(matmul_f32("bqhd,bkhd->bhqk", q_blk, k_g) * scale + bias)
             masks.append(jnp.broadcast_to(glob_ok[:, None], parts[-1].shape))
             values.append(v_g)
         weights = masked_softmax(jnp.concatenate(parts, -1), jnp.concatenate(masks, -1))
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.concatenate(values, axis=1))
+        return weighted_sum("bhqk,bkhd->bqhd", weights, jnp.concatenate(values, axis=1))
 
     out = jax.lax.map(one_block, jnp.arange(nblocks))                # [nblocks, B, bq, H, D]
     out = jnp.moveaxis(out, 0, 1).reshape(b, padded, heads, dim)[:, :length]
@@ -174,11 +179,10 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     positions, valid, biases = key_sets(scores, length, window, max_global, first)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys, values = _gather(k, positions), _gather(v, positions)      # [B, L, H, K, D]
-    logits = jnp.einsum("blhd,blhkd->blhk", q.astype(jnp.float32), keys.astype(jnp.float32))
-    logits = logits * scale + biases[:, :, None, :]
+    logits = matmul_f32("blhd,blhkd->blhk", q, keys) * scale + biases[:, :, None, :]
     mask = valid[:, :, None, :]
     weights = masked_softmax(logits, mask, axis=-1)
-    out = jnp.einsum("blhk,blhkd->blhd", weights, values.astype(jnp.float32))
+    out = weighted_sum("blhk,blhkd->blhd", weights, values)
     return out.astype(q.dtype)
 
 
@@ -205,9 +209,8 @@ def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_g
     bias = jnp.where(glob, jax.nn.log_sigmoid(scores_cache.astype(jnp.float32))[:, None, :], 0.0)
     scale = dim ** -0.5 if scale is None else scale
     # heads before queries in the logits: with [B, n, H, S] XLA:CPU's backward ran 2.4x slower
-    logits = jnp.einsum("bnhd,bshd->bhns", q.astype(jnp.float32), k_cache.astype(jnp.float32))
-    logits = logits * scale + bias[:, None, :, :]
+    logits = matmul_f32("bnhd,bshd->bhns", q, k_cache) * scale + bias[:, None, :, :]
     mask = (local | glob)[:, None, :, :]
     weights = masked_softmax(logits, mask, axis=-1)
-    out = jnp.einsum("bhns,bshd->bnhd", weights, v_cache.astype(jnp.float32))
+    out = weighted_sum("bhns,bshd->bnhd", weights, v_cache)
     return out.astype(q.dtype)

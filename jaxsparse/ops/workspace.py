@@ -21,6 +21,12 @@ only the tokens of the document still open at the chunk's end. So no document re
 tokens. Chunks stay aligned to absolute positions: a document that starts mid-chunk gets its
 first update at the next chunk boundary, after fewer than ``K`` of its tokens (alone at the
 start of a row it would get it after ``K``); it reads only itself either way.
+
+Precision: the slot state and its recurrence (``Wq``, the gate) are float32 — it is carried
+across every chunk of the sequence, where bfloat16 rounding would compound. The work that scales
+with the sequence, projecting every token's key and value and every token's read of the slots,
+runs in the dtype of ``x`` and of ``Wk``/``Wv`` (bfloat16 under a bfloat16 model), the reads
+accumulating in float32 (:mod:`jaxsparse.ops.mixed_precision`).
 """
 
 from __future__ import annotations
@@ -28,15 +34,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_starts
 from jaxsparse.ops.sizes import round_up
 
 
 def read_slots(queries_BKD, state_BMD):
-    """Each query attends over the slots: ``[B, K, D]``."""
-    scale = queries_BKD.shape[-1] ** -0.5
-    logits = jnp.einsum("bkd,bmd->bkm", queries_BKD, state_BMD) * scale
-    return jnp.einsum("bkm,bmd->bkd", jax.nn.softmax(logits, axis=-1), state_BMD)
+    """Each query attends over the slots: ``[B, K, D]`` float32, computed in the queries' dtype."""
+    slots = state_BMD.astype(queries_BKD.dtype)
+    logits = matmul_f32("bkd,bmd->bkm", queries_BKD, slots) * queries_BKD.shape[-1] ** -0.5
+    return weighted_sum("bkm,bmd->bkd", jax.nn.softmax(logits, axis=-1), slots)
 
 
 def workspace_update(state_BMD, chunk_BKD, weights, valid_BK=None):
@@ -49,6 +56,9 @@ def workspace_update(state_BMD, chunk_BKD, weights, valid_BK=None):
 
 def update_from_keys(state_BMD, keys_BKE, values_BKE, weights, valid_BK=None):
     """:func:`workspace_update` given the chunk's projected keys and values."""
+    # the recurrence runs in the state's dtype (float32 under a bfloat16 model): one chunk's
+    # keys and values are cast, rather than mixed-dtype matmuls left for XLA to upcast
+    keys_BKE, values_BKE = (t.astype(state_BMD.dtype) for t in (keys_BKE, values_BKE))
     q = jnp.einsum("bmd,de->bme", state_BMD, weights["wq"])
     logits = jnp.einsum("bme,bke->bmk", q, keys_BKE) * q.shape[-1] ** -0.5
     if valid_BK is not None:
@@ -63,7 +73,7 @@ def update_from_keys(state_BMD, keys_BKE, values_BKE, weights, valid_BK=None):
 
 
 def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segment_ids=None):
-    """Reads ``[B, L, D]``: token ``t`` of chunk ``c`` reads ``S_c`` with its query, and the
+    """Reads ``[B, L, D]`` (float32): token ``t`` of chunk ``c`` reads ``S_c`` with its query, and the
     final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads;
     ``segment_ids [B, L]``: packed documents (see the module docstring).
 
@@ -84,7 +94,7 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segmen
     # only a ragged last chunk has padding to mask: without one, no masking ops in the scan
     valid = (None if padded == length else jnp.broadcast_to(
         (jnp.arange(padded) < length).reshape(-1, 1, chunk), (padded // chunk, b, chunk)))
-    state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(x_BLD.dtype)
+    state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(jnp.float32)
     documents = None
     if segment_ids is not None:
         documents = _chunk_documents(check_segment_ids(segment_ids, b, length), padded, chunk)

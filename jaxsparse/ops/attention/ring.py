@@ -46,6 +46,7 @@ from jaxsparse.ops.attention.api import (attention_segments, check_attention_inp
 from jaxsparse.ops.attention.online_softmax import empty_state, finish, fold_block
 from jaxsparse.ops.attention.reference import soft_cap
 from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
+from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 
 RING_LAYOUTS = (None, "contiguous", "zigzag")
 # Each shard's queries and keys are worked in parts of at most about this many tokens: an empty
@@ -240,9 +241,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     @jax.checkpoint  # the backward recomputes a part pair's logits instead of keeping them all
     def fold(carry, q_g, k_p, v_p, allowed):
         """Fold one key/value part into the running online softmax of one query part."""
-        logits = jnp.einsum("bshgd,bthd->bhgst", q_g, k_p, preferred_element_type=jnp.float32)
+        logits = matmul_f32("bshgd,bthd->bhgst", q_g, k_p)
         return fold_block(carry, soft_cap(logits * scale, logits_soft_cap), allowed,
-                          lambda w: jnp.einsum("bhgst,bthd->bhgsd", w, v_p.astype(jnp.float32)))
+                          lambda w: weighted_sum("bhgst,bthd->bhgsd", w, v_p))
 
     def split_parts_of(t, part_len):  # [B, chunk, ...] -> [parts, B, part_len, ...]
         return jnp.moveaxis(t.reshape(t.shape[0], parts, part_len, *t.shape[2:]), 1, 0)

@@ -1,0 +1,208 @@
+"""bfloat16 compute in the attention-style XLA ops (Hydra's sparse global attention and
+workspace, routing attention): matmuls take bfloat16 operands and accumulate in float32,
+forward and backward, and stay within bfloat16 error of float32 on the same rounded inputs;
+float32 inputs give exactly the plain float32 computation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import matmuls
+from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
+
+BF16 = ("bfloat16", "bfloat16")
+EPS = 2.0**-8  # bfloat16's relative spacing
+
+
+def normal(key, *shapes, dtype=jnp.float32):
+    return [jax.random.normal(k, s).astype(dtype)
+            for k, s in zip(jax.random.split(jax.random.key(key), len(shapes)), shapes)]
+
+
+def operand_dtypes(fn, *args, leave_out=()):
+    """The operand dtypes of ``fn``'s matmuls, but those with an operand of a shape in
+    ``leave_out``."""
+    return {m.dtypes for m in matmuls(fn, *args) if not set(m.shapes) & set(leave_out)}
+
+
+def relative_error(got, want):
+    got, want = (np.asarray(jnp.asarray(x, jnp.float32)) for x in (got, want))
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def sum_of_sines(fn):  # a loss whose cotangent differs per entry
+    return lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)))
+
+
+EQUATION = "bqhd,bkhd->bhqk"
+SHAPES = ((3, 5, 2, 7), (3, 9, 2, 7))  # odd sizes, a batch and a head axis
+
+
+def test_float32_matmul_and_its_gradients_are_the_plain_einsum():
+    a, b = normal(0, *SHAPES)
+    plain = functools.partial(jnp.einsum, EQUATION, precision=jax.lax.Precision.HIGHEST)
+    ours = functools.partial(matmul_f32, EQUATION)
+    np.testing.assert_allclose(ours(a, b), plain(a, b), rtol=1e-6, atol=1e-6)
+    got = jax.grad(sum_of_sines(ours), (0, 1))(a, b)
+    want = jax.grad(sum_of_sines(plain), (0, 1))(a, b)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_operands_stay_bfloat16_forward_and_backward():
+    """The products of bfloat16 numbers are exact in float32: the result is the float32
+    einsum of the same values. The gradients are bfloat16 (the operands' dtype) within
+    bfloat16 rounding of the exact ones, and no matmul, forward or backward, is float32."""
+    a, b = normal(1, *SHAPES, dtype=jnp.bfloat16)
+    wide = [x.astype(jnp.float32) for x in (a, b)]
+    plain = functools.partial(jnp.einsum, EQUATION, precision=jax.lax.Precision.HIGHEST)
+    ours = functools.partial(matmul_f32, EQUATION)
+    out = ours(a, b)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, plain(*wide), rtol=1e-6, atol=1e-5)
+    got = jax.grad(sum_of_sines(ours), (0, 1))(a, b)
+    want = jax.grad(sum_of_sines(plain), (0, 1))(*wide)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        assert relative_error(g, w) < 4 * EPS
+    assert operand_dtypes(jax.value_and_grad(sum_of_sines(ours), (0, 1)), a, b) == {BF16}
+
+
+def test_weighted_sum_rounds_the_weights_to_the_values_dtype():
+    """Softmax probabilities (float32) times bfloat16 values: the probabilities are rounded to
+    bfloat16 for the matmul, as flash attention does; their gradient stays float32."""
+    logits, v = normal(2, (3, 2, 5, 9), (3, 9, 2, 7))
+    w, v = jax.nn.softmax(logits, axis=-1), v.astype(jnp.bfloat16)
+    ours = functools.partial(weighted_sum, "bhqk,bkhd->bqhd")
+    want = jnp.einsum("bhqk,bkhd->bqhd", w.astype(jnp.bfloat16).astype(jnp.float32),
+                      v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(ours(w, v), want, rtol=1e-6, atol=1e-6)
+    dw, dv = jax.grad(sum_of_sines(ours), (0, 1))(w, v)
+    assert (dw.dtype, dv.dtype) == (jnp.float32, jnp.bfloat16)
+    assert operand_dtypes(jax.value_and_grad(sum_of_sines(ours), (0, 1)), w, v) == {BF16}
+
+
+def _sga(impl):
+    from jaxsparse.ops.sga import sparse_global_attention
+
+    return lambda q, k, v, scores: sparse_global_attention(
+        q, k, v, scores, window=6, max_global=4, implementation=impl, block=8)
+
+
+def _sga_decode(q, k, v, scores):
+    from jaxsparse.ops.sga import sga_decode
+
+    lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return sga_decode(q, k, v, scores, lengths, window=6, max_global=4)
+
+
+def _routing_centroids(q):
+    from jaxsparse.ops.routing import init_centroids
+
+    return init_centroids(jax.random.key(7), q.shape[2], 4, q.shape[3])
+
+
+def _routing(q, k, v, scores):
+    from jaxsparse.ops.routing import causal_routing_attention
+
+    return causal_routing_attention(q, k, v, _routing_centroids(q), window=5, query_chunk=16)[0]
+
+
+def _routing_balanced(q, k, v, scores):
+    from jaxsparse.ops.routing import balanced_routing_attention
+
+    return balanced_routing_attention(q, k, v, _routing_centroids(q), window=8, causal=True)[0]
+
+
+def _routing_decode(q, k, v, scores):
+    from jaxsparse.ops.routing import assign, causal_routing_decode, routing_units
+
+    centroids = _routing_centroids(q)
+    clusters = assign(routing_units(k), centroids)
+    lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return causal_routing_decode(q, k, v, clusters, lengths, centroids, window=5)
+
+
+ATTENTION = {"sga gather": _sga("gather"), "sga dense": _sga("dense"),
+             "sga blocked": _sga("blocked"), "sga decode": _sga_decode,
+             "routing causal": _routing, "routing top-w": _routing_balanced,
+             "routing decode": _routing_decode}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_attention_ops_compute_bfloat16_inputs_in_bfloat16(name):
+    """bfloat16 q, k, v: every matmul of the forward and backward pass has bfloat16 operands
+    (before, each op upcast its inputs and ran float32 matmuls) — but routing's k-means
+    assignment (unit vectors against the float32 centroids ``[H, C, D]``, no gradient); values
+    and gradients are within bfloat16 error of the float32 op on the same rounded inputs."""
+    attend = ATTENTION[name]
+    q, k, v, scores = normal(3, *[(2, 37, 2, 8)] * 3, (2, 37))   # several blocks and chunks
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    wide = [x.astype(jnp.float32) for x in (q, k, v)]
+    out = attend(q, k, v, scores)
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, attend(*wide, scores)) < 4 * EPS
+    loss = sum_of_sines(lambda q, k, v: attend(q, k, v, scores))
+    grads, grads_wide = jax.grad(loss, (0, 1, 2))(q, k, v), jax.grad(loss, (0, 1, 2))(*wide)
+    for g, w in zip(grads, grads_wide):
+        assert g.dtype == jnp.bfloat16 and relative_error(g, w) < 8 * EPS
+    clustering = [_routing_centroids(q).shape] if name.startswith("routing") else []
+    assert operand_dtypes(jax.value_and_grad(loss, (0, 1, 2)), q, k, v,
+                          leave_out=clustering) == {BF16}
+
+
+def test_workspace_projects_and_reads_in_bfloat16_around_a_float32_recurrence():
+    """A bfloat16 workspace: outside the slot recurrence (the scan) — projecting every token's
+    key and value, every token's read of the slots, and their gradients — all matmuls take
+    bfloat16 operands (all were float32); the recurrence itself is float32; the reads are
+    within bfloat16 error of a float32 workspace holding the same weights."""
+    from jaxsparse.nn.workspace import WorkspaceMemory
+
+    low = WorkspaceMemory(8, 3, 5, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    wide = WorkspaceMemory(8, 3, 5, rngs=nnx.Rngs(0))
+    nnx.update(wide, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(low, nnx.Param)))
+    (x,) = normal(4, (2, 23, 8))
+    out = low(x)
+    assert out.dtype == jnp.float32  # the input's dtype
+    assert relative_error(out, wide(x)) < 4 * EPS
+    graph, params = nnx.split(low)
+    loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graph, p)(x)))  # noqa: E731
+    found = matmuls(jax.value_and_grad(loss, (0, 1)), params, x)
+    outside = {m.dtypes for m in found if "scan" not in m.enclosing}
+    inside = {m.dtypes for m in found if "scan" in m.enclosing}
+    assert outside == {BF16} and inside == {("float32", "float32")}
+    cache = low.init_cache(2)
+    steps, cache = low.decode(x[:, :7], cache, 0)
+    rest, _ = low.decode(x[:, 7:], cache, 7)
+    np.testing.assert_allclose(jnp.concatenate([steps, rest], 1), out, atol=4 * EPS)
+
+
+def test_bfloat16_hydra_runs_almost_all_its_matmul_work_in_bfloat16():
+    """hydra_tiny with ``model.dtype=bfloat16``: counted in FLOPs over a training step
+    (forward and backward, every scan iteration), at least 90% of the matmul work has
+    bfloat16 operands — 87% before the SGA and the workspace computed in bfloat16, 95% after;
+    what stays float32 is the recurrence of the workspace slots, the product-key scores and
+    the MoE router."""
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+    from jaxsparse.models.registry import build
+
+    cfg = apply_overrides(configs.get("hydra_tiny"), [
+        "model.dtype=bfloat16", "model.param_dtype=bfloat16", "data.seq_len=64"])
+    model = build(cfg.model, nnx.Rngs(0))
+    model.eval()
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jnp.zeros((2, 64), jnp.int32)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graph, p, rest)(tokens).astype(jnp.float32))
+
+    work = {}
+    for m in matmuls(jax.grad(loss), params):
+        work[m.dtypes] = work.get(m.dtypes, 0) + m.flops
+    assert work[BF16] / sum(work.values()) >= 0.9, work
