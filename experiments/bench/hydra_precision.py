@@ -48,15 +48,15 @@ def sga_cases(batch: int, length: int, impl: str):
 
 
 def workspace_cases(batch: int, length: int):
+    """((bfloat16 forward+backward, float32 peer), bfloat16 args, float32 args): the same
+    bfloat16 weights, computed in bfloat16 or (the peer) cast to float32 with the input."""
     x = jax.random.normal(jax.random.key(length), (batch, length, WIDTH))
     fns = []
     for dtype in (jnp.bfloat16, jnp.float32):
-        module = WorkspaceMemory(WIDTH, 16, 64, rngs=nnx.Rngs(0), dtype=dtype,
-                                 param_dtype=jnp.bfloat16)
-        graph, params = nnx.split(module)
-        fns.append(_grad_of_sum(lambda p, x, g=graph: nnx.merge(g, p)(x), (0, 1)))
-    low_args = [nnx.state(module), x.astype(jnp.bfloat16)]
-    return fns, low_args, [nnx.state(module), x]
+        graph, weights = nnx.split(WorkspaceMemory(WIDTH, 16, 64, rngs=nnx.Rngs(0), dtype=dtype,
+                                                   param_dtype=jnp.bfloat16))
+        fns.append(_grad_of_sum(lambda w, x, g=graph: nnx.merge(g, w)(x), (0, 1)))
+    return fns, [weights, x.astype(jnp.bfloat16)], [weights, x]
 
 
 def main(argv=None) -> None:

@@ -73,8 +73,8 @@ def update_from_keys(state_BMD, keys_BKE, values_BKE, weights, valid_BK=None):
 
 
 def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segment_ids=None):
-    """Reads ``[B, L, D]`` (float32): token ``t`` of chunk ``c`` reads ``S_c`` with its query, and the
-    final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads;
+    """Reads ``[B, L, D]`` (float32): token ``t`` of chunk ``c`` reads ``S_c`` with its query,
+    and the final state ``[B, M, D]``. ``x`` feeds the updates, ``queries`` the reads;
     ``segment_ids [B, L]``: packed documents (see the module docstring).
 
     Only the slot recurrence is sequential: the chunks' keys and values are projected for the
