@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One short run on a lent GPU machine (jax with CUDA preinstalled): the kernel tests on the
 # device, then the GPU attention, selective-scan, MoE and Monarch benchmarks, Hydra's bfloat16
-# SGA and workspace against float32 inputs, and Hydra's long-context throughput; prints the
-# result tables last. Every step has its own time limit (seconds, summing to under 11 minutes)
+# SGA (blocked, on the attention core, dense) and workspace against float32 inputs, and Hydra's
+# long-context throughput; prints the result tables last. Every step has its own time limit (seconds, summing to under 11 minutes)
 # so that one slow compile or hang cannot spend the whole device budget: what finished is
 # still printed at the end.
 set -uo pipefail
@@ -22,13 +22,13 @@ timeout 45 python -m jaxsparse.cli bench linear_scan --shapes 8x4096x1024 1x6553
 timeout 50 python -m jaxsparse.cli bench moe --experts 8 64 --repeats 5 --out "$OUT_DIR" > /tmp/moe_gpu.txt 2>&1
 timeout 70 python -m jaxsparse.cli bench monarch --d 1024 4096 8192 --repeats 5 --name monarch_gpu \
   --out "$OUT_DIR" > /tmp/monarch_gpu.txt 2>&1
-timeout 50 python -m jaxsparse.cli bench hydra_precision --lengths 4096 8192 --repeats 3 --name hydra_precision_gpu \
+timeout 70 python -m jaxsparse.cli bench hydra_precision --lengths 4096 8192 --repeats 3 --name hydra_precision_gpu \
   --out "$OUT_DIR" > /tmp/hydra_precision_gpu.txt 2>&1
 timeout 80 python experiments/hydra/study.py throughput --lengths 1024,2048,4096,8192 --repeats 5 \
   --out "$OUT_DIR/hydra_gpu" > /tmp/hydra_gpu.txt 2>&1
 tail -30 /tmp/attention_gpu.txt
 tail -8 /tmp/hydra_gpu.txt
-tail -8 /tmp/hydra_precision_gpu.txt
+tail -10 /tmp/hydra_precision_gpu.txt
 tail -16 /tmp/monarch_gpu.txt
 tail -20 /tmp/moe_gpu.txt
 tail -40 /tmp/ssm_gpu.txt

@@ -103,6 +103,7 @@ class ModelConfig:
     hydra_ssm_width: int | None = None  # channels of the diagonal SSM; None: expand * d_model
     hydra_ssm_conv: int = 0  # causal depthwise conv width on the SSM's input; 0: none
     hydra_scan_impl: str | None = None  # the SSM's scan (ops.diagonal_ssm.linear_scan)
+    hydra_sga_impl: str | None = None  # SGA's algorithm (ops.sga); None: by sequence length
     hydra_gate_init: float = 0.1  # LayerScale-style branch gates start here
     hydra_curriculum: str = ""  # "component:start_step,..." (jaxsparse.models.curriculum)
     # product-key memory (jaxsparse.nn.ProductKeyMemory), Hydra layers listed in pkm_layers
@@ -521,6 +522,10 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
 
     _check(m.hydra_scan_impl in DIAGONAL_SCAN_IMPLEMENTATIONS,
            f"model.hydra_scan_impl={m.hydra_scan_impl!r}: allowed {DIAGONAL_SCAN_IMPLEMENTATIONS}")
+    from jaxsparse.ops.sga import SGA_IMPLEMENTATIONS
+
+    _check(m.hydra_sga_impl in SGA_IMPLEMENTATIONS,
+           f"model.hydra_sga_impl={m.hydra_sga_impl!r}: allowed {SGA_IMPLEMENTATIONS}")
     _check(m.hydra_gate_init > 0, f"model.hydra_gate_init={m.hydra_gate_init}: must be > 0")
     try:
         parse_curriculum(m.hydra_curriculum)

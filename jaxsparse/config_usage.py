@@ -160,7 +160,7 @@ def describe(unread: dict[str, str], cfg: Config) -> str:
 # model keys that choose how the model is computed, not what it is (the train state is the
 # same): a run may resume with others, e.g. remat switched on after running out of memory
 HOW_KEYS = frozenset({"remat", "dtype", "attention_impl", "ssm_impl", "moe_grouped_impl",
-                      "monarch_impl", "hydra_scan_impl"})
+                      "monarch_impl", "hydra_scan_impl", "hydra_sga_impl"})
 
 
 def model_differences(saved: Config, requested: Config) -> list[str]:

@@ -25,23 +25,28 @@ class KernelConfig:
 
 
 def flash_vjp(forward, backward):
-    """``attention(q, k, v, q_seg, kv_seg, tables, cfg)`` with a FlashAttention backward.
+    """``attention(q, k, v, q_seg, kv_seg, tables, cfg) -> (out, lse)`` with a FlashAttention
+    backward.
 
     ``forward(...) -> (out, lse)``; ``backward(q, k, v, q_seg, kv_seg, tables, out, lse, do,
-    cfg) -> (dq, dk, dv)``. Segment ids and block tables get no cotangent.
+    dlse, cfg) -> (dq, dk, dv)``. Segment ids and block tables get no cotangent. ``dlse`` is the
+    log-sum-exp's cotangent (zeros when the caller uses only ``out``): since
+    d lse_i / d s_ij = p_ij, it enters the backward as ``delta_i - dlse_i`` in
+    ``dS = P ⊙ (dP - delta)``.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
     def attention(q, k, v, q_seg, kv_seg, tables, cfg):
-        return forward(q, k, v, q_seg, kv_seg, tables, cfg)[0]
+        return forward(q, k, v, q_seg, kv_seg, tables, cfg)
 
     def attention_fwd(q, k, v, q_seg, kv_seg, tables, cfg):
         out, lse = forward(q, k, v, q_seg, kv_seg, tables, cfg)
-        return out, (q, k, v, q_seg, kv_seg, tables, out, lse)
+        return (out, lse), (q, k, v, q_seg, kv_seg, tables, out, lse)
 
-    def attention_bwd(cfg, residuals, do):
+    def attention_bwd(cfg, residuals, cotangents):
         q, k, v, q_seg, kv_seg, tables, out, lse = residuals
-        dq, dk, dv = backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg)
+        do, dlse = cotangents
+        dq, dk, dv = backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, dlse, cfg)
         return (dq, dk, dv, *jax.tree.map(lambda x: None, (q_seg, kv_seg, tables)))
 
     attention.defvjp(attention_fwd, attention_bwd)

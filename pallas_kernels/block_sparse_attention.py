@@ -225,13 +225,13 @@ def _kernel_args(cfg):
     return cfg.pick("scale", "soft_cap", "mask_fn", "block_q", "block_kv", "kv_len", "has_blocks")
 
 
-def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
+def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, dlse, cfg):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len_padded = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     has_segments = q_seg is not None
     segs = (q_seg, kv_seg) if has_segments else ()
-    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse
     args = _kernel_args(cfg)
 
     q_spec, kv_spec, row_spec, seg_specs = _specs(cfg.block_q, cfg.block_kv, q_len,
@@ -271,7 +271,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, 
                            block_q: int, block_kv: int, scale: float,
                            soft_cap: float | None = None, mask_fn: Callable | None = None,
                            partial_blocks=None, kv_partial=None, q_partial=None,
-                           q_segment_ids=None, kv_segment_ids=None, interpret: bool = False):
+                           q_segment_ids=None, kv_segment_ids=None, interpret: bool = False,
+                           return_lse: bool = False):
     """Attention over the tiles a block table lists; differentiable in q, k, v.
 
     Args:
@@ -284,6 +285,8 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, 
         tiles, for masks without a closed form; ``kv_partial [S/block_q, W]`` and
         ``q_partial [T/block_kv, W']`` give each listed tile's block (-1: a full tile).
       q_segment_ids, kv_segment_ids: optional int32 ``[B, S]``, ``[B, T]``.
+      return_lse: also return each row's log-sum-exp ``[B, Hq, S]`` float32 (0 for rows with
+        nothing to attend to), differentiable too.
     """
     has_blocks = partial_blocks is not None
     if not has_blocks:  # placeholders keep one kernel signature; never read
@@ -294,4 +297,5 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, 
                   kv_len=int(kv_len), interpret=bool(interpret), has_blocks=has_blocks)
     tables = tuple(jnp.asarray(t, jnp.int32) for t in (
         kv_indices, kv_counts, kv_partial, q_indices, q_counts, q_partial, partial_blocks))
-    return _attention(q, k, v, q_segment_ids, kv_segment_ids, tables, cfg)
+    out, lse = _attention(q, k, v, q_segment_ids, kv_segment_ids, tables, cfg)
+    return (out, lse) if return_lse else out

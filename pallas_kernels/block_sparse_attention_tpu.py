@@ -220,13 +220,14 @@ def _forward(q, k, v, q_seg, kv_seg, tables, cfg):
                  "block_sparse_attention_fwd_tpu")(idx, cnt, pidx, blocks, q, k, v, *segs)
 
 
-def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, cfg):
+def _backward(q, k, v, q_seg, kv_seg, tables, out, lse, do, dlse, cfg):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len_padded = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     bq, bk = cfg.block_q, cfg.block_kv
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-    delta = jnp.broadcast_to(delta, lse.shape)
+    # lse is broadcast over the lanes: a row's cotangent is the sum of its lanes'
+    delta = jnp.broadcast_to(delta - jnp.sum(dlse, axis=-1, keepdims=True), lse.shape)
     segs = _segment_inputs(q_seg, kv_seg)
 
     # dQ: walk each q-block's kv list
@@ -282,7 +283,8 @@ def block_sparse_attention_tpu(q, k, v, kv_indices, kv_counts, q_indices, q_coun
                                kv_len: int, block_q: int, block_kv: int, scale: float,
                                soft_cap: float | None = None, mask_fn: Callable | None = None,
                                partial_blocks=None, kv_partial=None, q_partial=None,
-                               q_segment_ids=None, kv_segment_ids=None, interpret: bool = False):
+                               q_segment_ids=None, kv_segment_ids=None, interpret: bool = False,
+                               return_lse: bool = False):
     """Same arguments and result as the GPU kernel's ``block_sparse_attention``."""
     if block_q % 8 or block_kv % LANES or q.shape[-1] % LANES:
         raise ValueError(f"TPU tiles need block_q % 8 == 0 and block_kv, head_dim multiples of "
@@ -299,4 +301,5 @@ def block_sparse_attention_tpu(q, k, v, kv_indices, kv_counts, q_indices, q_coun
                   has_segments=q_segment_ids is not None, has_blocks=has_blocks)
     tables = tuple(jnp.asarray(t, jnp.int32) for t in (
         kv_indices, kv_counts, kv_partial, q_indices, q_counts, q_partial, partial_blocks))
-    return _attention(q, k, v, q_segment_ids, kv_segment_ids, tables, cfg)
+    out, lse = _attention(q, k, v, q_segment_ids, kv_segment_ids, tables, cfg)
+    return (out, lse[..., 0]) if return_lse else out

@@ -128,11 +128,13 @@ def test_hydra_precision_benchmark_times_bfloat16_against_float32_inputs(tmp_pat
     assert main(["bench", "hydra_precision", "--lengths", "40", "--batch", "1", "--repeats", "1",
                  "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "hydra_precision.json").read_text())["rows"]
-    assert [r["op"] for r in rows] == ["sga blocked fwd+bwd", "sga dense fwd+bwd",
-                                       "workspace fwd+bwd"]
+    assert [r["op"] for r in rows] == ["sga blocked fwd+bwd", "sga core fwd+bwd",
+                                       "sga dense fwd+bwd", "workspace fwd+bwd"]
     for r in rows:
         assert r["bf16_ms"] > 0 and r["f32_ms"] > 0
         assert r["speedup_vs_f32"] == pytest.approx(r["f32_ms"] / r["bf16_ms"])
+    assert rows[0]["speedup_vs_blocked"] == 1 and "speedup_vs_blocked" not in rows[-1]
+    assert rows[1]["speedup_vs_blocked"] == pytest.approx(rows[0]["bf16_ms"] / rows[1]["bf16_ms"])
 
 
 def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):

@@ -272,10 +272,39 @@ def test_curriculum_survives_an_interrupted_run(tmp_path):
     ("model.workspace_layers=3",
      r"model.workspace_layers='3': indices must be in \[0, model.n_layers=3\)"),
     ("model.workspace_layers=x", r"model.workspace_layers='x': comma-separated layer indices"),
+    ("model.hydra_sga_impl=flash", r"model.hydra_sga_impl='flash': allowed \(None, 'gather', "
+                                   r"'dense', 'blocked', 'core'\)"),
 ])
 def test_impossible_hydra_configs_are_refused_before_compiling(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(small_config(override))
+
+
+def test_every_sga_implementation_gives_the_model_the_same_logits_and_gradients():
+    """``model.hydra_sga_impl``: the window on the attention core merged with the global keys
+    (``core``) and the masked L×L logits (``dense``) give the logits and parameter gradients of
+    ``blocked`` (the automatic choice at this length, several query blocks)."""
+    x = tokens(4, length=140)
+    results = {}
+    for impl in ("blocked", "core", "dense"):
+        model = models.build(small_config("model.max_seq_len=140", "data.seq_len=140",
+                                          f"model.hydra_sga_impl={impl}").model, nnx.Rngs(2))
+        model.eval()  # no curriculum step counting inside the traced loss
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+        @jax.jit
+        def logits_and_grads(p, graph=graph, rest=rest):
+            def loss(p):
+                return jnp.mean(jnp.sin(nnx.merge(graph, p, rest)(x)))
+            return nnx.merge(graph, p, rest)(x), jax.grad(loss)(p)
+
+        results[impl] = logits_and_grads(params)
+    want_logits, want_grads = results["blocked"]
+    for impl in ("core", "dense"):
+        logits, grads = results[impl]
+        np.testing.assert_allclose(logits, want_logits, atol=2e-5, rtol=2e-5, err_msg=impl)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-4, err_msg=impl)
 
 
 def test_jaxsparse_configs_prints_the_hydra_accounting(capsys):
@@ -311,10 +340,13 @@ def run(devices, *mesh):
 
 single, single_metrics = run(jax.devices()[:1])
 state, metrics = run(jax.devices(), "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")
+# SGA's window on the attention core, run per device on its rows and heads (heads_local)
+_, core_metrics = run(jax.devices(), "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                      "model.hydra_sga_impl=core")
 diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                      single["params"], state["params"])
 gate = state["params"]["blocks"][0]["ffn"]["w_gate"]
-print(json.dumps({"single": single_metrics, "sharded": metrics,
+print(json.dumps({"single": single_metrics, "sharded": metrics, "core": core_metrics,
                   "max_param_diff": max(jax.tree.leaves(diffs)),
                   "expert_spec": str(gate.sharding.spec),
                   "curriculum_step": int(state["rest"]["curriculum_step"])}))
@@ -322,12 +354,16 @@ print(json.dumps({"single": single_metrics, "sharded": metrics,
 
 
 def test_hydra_trains_on_8_devices_with_data_fsdp_and_expert_sharding_like_on_one():
+    """Also with SGA on the attention core (``hydra_sga_impl=core``) under tensor parallelism:
+    the same losses as one device."""
     from helpers import run_python
 
     out = run_python(HYDRA_PARALLEL, devices=8)
     for key in ("loss", "aux_loss"):
-        np.testing.assert_allclose([m[key] for m in out["sharded"]],
-                                   [m[key] for m in out["single"]], rtol=2e-5, err_msg=key)
+        for run in ("sharded", "core"):
+            np.testing.assert_allclose([m[key] for m in out[run]],
+                                       [m[key] for m in out["single"]], rtol=2e-5,
+                                       err_msg=f"{run} {key}")
     assert out["max_param_diff"] < 1e-5
     assert "expert" in out["expert_spec"]  # experts really are split
     assert out["curriculum_step"] == 2  # the stage switch at step 1 happened on the mesh too

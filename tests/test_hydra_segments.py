@@ -42,7 +42,7 @@ def test_diagonal_ssm_with_segment_ids_equals_separate_documents(implementation)
         args, ("delta", "B", "C", "U", "log_lambda", "D", "initial_state"), 2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["gather", "dense", "blocked"])
+@pytest.mark.parametrize("implementation", ["gather", "dense", "blocked", "core"])
 def test_sparse_global_attention_with_segment_ids_equals_separate_documents(implementation):
     """Window 3 and 2 global tokens over documents of 1 to 15 tokens: cut windows, globals of
     the document only (the longest document has candidates beyond its window); ``blocked``

@@ -35,7 +35,7 @@ def brute_force(q, k, v, scores, window, max_global):
     return out
 
 
-IMPLEMENTATIONS = ["gather", "dense", "blocked"]
+IMPLEMENTATIONS = ["gather", "dense", "blocked", "core"]
 
 
 CASES = [(50, 6, 4), (1, 3, 2), (33, 1, 8), (40, 8, 0)]
@@ -94,6 +94,28 @@ def test_controller_scores_get_a_gradient_through_the_global_logits(impl):
     selected_old = (scores > 0) & (jnp.arange(40)[None] < 36)
     assert float(jnp.abs(jnp.where(selected_old, grad, 0.0)).max()) > 0
     assert float(jnp.abs(jnp.where(scores > 0, 0.0, grad)).max()) == 0.0  # non-candidates: none
+
+
+@pytest.mark.parametrize("max_global", [0, 5])
+def test_core_merges_window_and_globals_into_the_one_softmax_with_its_gradients(max_global):
+    """``core``: the window through ``dot_product_attention`` and the global keys apart, merged
+    by their log-sum-exps, give the values and the gradients (q, k, v and the controller's
+    scores, which reach it through the global logits' bias) of ``gather``, which puts all of a
+    query's keys in one softmax."""
+    q, k, v, scores = inputs(jax.random.key(6), length=45)
+
+    def run(impl):
+        def attend(q, k, v, s):
+            return sparse_global_attention(q, k, v, s, window=6, max_global=max_global,
+                                           implementation=impl, block=8)
+        loss = lambda *a: jnp.sum(jnp.sin(attend(*a)))  # noqa: E731
+        return jax.jit(lambda *a: (attend(*a), jax.grad(loss, (0, 1, 2, 3))(*a)))(q, k, v, scores)
+
+    (out, grads), (want, want_grads) = run("core"), run("gather")
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    for name, g, w in zip(("q", "k", "v", "scores"), grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=name)
+    assert (float(jnp.abs(grads[3]).max()) > 0) == (max_global > 0)
 
 
 def test_bad_sga_input_is_refused():

@@ -3,9 +3,12 @@ operands, float32 accumulation) against the same op on float32 inputs — what b
 before they kept bfloat16 operands (they upcast q, k, v and the workspace input) — forward and
 backward, in one run.
 
-Rows: ``sga blocked`` / ``sga dense`` (``sparse_global_attention``, window ``w``, ``G`` global
-tokens, GQA heads already repeated) and ``workspace`` (``WorkspaceMemory``, 16 slots, chunks of
-64). ``speedup_vs_f32`` > 1 is the gain of keeping bfloat16 operands; on CPU expect about 1.
+Rows: ``sga blocked`` / ``sga core`` / ``sga dense`` (``sparse_global_attention``, window
+``w``, ``G`` global tokens, GQA heads already repeated) and ``workspace`` (``WorkspaceMemory``,
+16 slots, chunks of 64). ``speedup_vs_f32`` > 1 is the gain of keeping bfloat16 operands; on
+CPU expect about 1. ``speedup_vs_blocked`` compares the SGA implementations in bfloat16 (the
+automatic choice at long lengths is ``blocked``; ``core`` runs the window on the attention
+core — the Pallas kernel on GPU/TPU — and is chosen only by ``model.hydra_sga_impl``).
 
     jaxsparse bench hydra_precision [--lengths 4096 8192] [--batch 2]
 """
@@ -70,7 +73,7 @@ def main(argv=None) -> None:
     rows = []
     for length in cases(args.lengths, "hydra_precision"):
         runs = {}
-        for impl in ("blocked", "dense"):
+        for impl in ("blocked", "core", "dense"):
             fn, low, wide = sga_cases(args.batch, length, impl)
             runs[f"sga {impl}"] = ((fn, low), (fn, wide))
         (fn_low, fn_wide), low, wide = workspace_cases(args.batch, length)
@@ -81,7 +84,12 @@ def main(argv=None) -> None:
             rows.append({"op": op + " fwd+bwd", "length": length, "batch": args.batch,
                          "bf16_ms": ours * 1e3, "f32_ms": f32 * 1e3,
                          "speedup_vs_f32": f32 / ours})
-    columns = ["op", "length", "batch", "bf16_ms", "f32_ms", "speedup_vs_f32"]
+        blocked = rows[-len(runs)]["bf16_ms"]
+        for row in rows[-len(runs):]:
+            if row["op"].startswith("sga"):
+                row["speedup_vs_blocked"] = blocked / row["bf16_ms"]
+    columns = ["op", "length", "batch", "bf16_ms", "f32_ms", "speedup_vs_f32",
+               "speedup_vs_blocked"]
     notes = (f"{jax.default_backend()}; SGA: {HEADS} heads of {HEAD_DIM}, window {WINDOW}, "
              f"{GLOBAL} global tokens; workspace: width {WIDTH}, 16 slots, chunks of 64. Peer: "
              "the same op on float32 inputs (the float32 matmuls both ops ran before keeping "

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.segments import refuse_while_decoding
@@ -19,7 +20,8 @@ class SparseGlobalAttention(nnx.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  window: int, max_global: int, rngs: nnx.Rngs, rope_theta: float = 10_000.0,
-                 out_init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32):
+                 out_init_scale: float = 1.0, implementation: str | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
         self.k_proj = Linear(d_model, (n_kv_heads, head_dim),
@@ -33,6 +35,7 @@ class SparseGlobalAttention(nnx.Module):
                                  dtype=jnp.float32, param_dtype=param_dtype)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window, self.max_global, self.rope_theta = window, max_global, rope_theta
+        self.implementation = implementation  # of the full pass (ops.sga.SGA_IMPLEMENTATIONS)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
@@ -54,9 +57,20 @@ class SparseGlobalAttention(nnx.Module):
         v = self.v_proj(x_BLD)
         score = self.scores(x_BLD)
         if cache is None:
-            out = sparse_global_attention(q, self._heads(k), self._heads(v), score,
-                                          window=self.window, max_global=self.max_global,
-                                          segment_ids=segment_ids)
+            def attend(q, k, v, score, *segments):
+                return sparse_global_attention(q, k, v, score, window=self.window,
+                                               max_global=self.max_global,
+                                               implementation=self.implementation,
+                                               segment_ids=segments[0] if segments else None)
+
+            qkv, rows = (q, self._heads(k), self._heads(v)), (score,) + (
+                () if segment_ids is None else (segment_ids,))
+            if self.implementation == "core":
+                # a kernel the compiler cannot partition: run it on each device's rows and
+                # heads, as the attention layer does (nn.batch_local.heads_local)
+                out = heads_local(attend, qkv, rows)
+            else:
+                out = attend(*qkv, *rows)
             return self.o_proj(out), None
         start = (0, cache_index, 0, 0)
         new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),

@@ -26,6 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.attention.api import dot_product_attention
+from jaxsparse.ops.attention.reference import row_logsumexp
+from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_first_position
 from jaxsparse.ops.softmax import masked_softmax
@@ -72,17 +75,21 @@ def key_sets(scores_BL, length: int, window: int, max_global: int, first_BL=None
     return positions, valid, biases
 
 
-SGA_IMPLEMENTATIONS = (None, "gather", "dense", "blocked")
+SGA_IMPLEMENTATIONS = (None, "gather", "dense", "blocked", "core")
 
 
 def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block: int,
-             first=None):
+             first=None, with_local: bool = True):
     """Query blocks of ``block`` tokens share their keys: the contiguous span of the block's
     local windows (``window + block - 1`` keys, a slice) and the ``max_global + block``
     most recent candidates before the last query's window, which contain every query's own
     ``max_global``; per-query masks pick each query's exact set. Memory per block is
     ``O(block · (window + max_global + 2·block))``, each block is rematerialised in the
-    backward pass, and the work is dense matmuls."""
+    backward pass, and the work is dense matmuls.
+
+    ``with_local=False`` (needs ``max_global > 0``): the attention over the global keys only,
+    returned as ``(out [B, L, H, D] float32, lse [B, L, H], any [B, L, H])`` — each row's
+    log-sum-exp and whether it had a global key at all — for merging with the window's."""
     b, length, heads, dim = q.shape
     nblocks = -(-length // block)
     padded = nblocks * block
@@ -116,9 +123,11 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
         if first is not None:  # packed documents: keys from the query's document only
             first_q = jax.lax.dynamic_slice_in_dim(first, t0, block, axis=1)  # [B, bq]
             local_ok = local_ok & (j[None, None, :] >= first_q[:, :, None])
-        logits = matmul_f32("bqhd,bkhd->bhqk", q_blk, k_loc) * scale
-        masks, values = [jnp.broadcast_to(local_ok[:, None], logits.shape)], [v_loc]
-        parts = [logits]
+        parts, masks, values = [], [], []
+        if with_local:
+            parts.append(matmul_f32("bqhd,bkhd->bhqk", q_blk, k_loc) * scale)
+            masks.append(jnp.broadcast_to(local_ok[:, None], parts[-1].shape))
+            values.append(v_loc)
         if g_count:
             pos, ok = g_pos[:, i], g_valid[:, i]                     # [B, G + bq]
             rows = lambda x: jax.vmap(lambda xb, pb: xb[pb])(x, pos)  # noqa: E731
@@ -133,11 +142,41 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
             parts.append(matmul_f32("bqhd,bkhd->bhqk", q_blk, k_g) * scale + bias)
             masks.append(jnp.broadcast_to(glob_ok[:, None], parts[-1].shape))
             values.append(v_g)
-        weights = masked_softmax(jnp.concatenate(parts, -1), jnp.concatenate(masks, -1))
-        return weighted_sum("bhqk,bkhd->bqhd", weights, jnp.concatenate(values, axis=1))
+        logits, allowed = jnp.concatenate(parts, -1), jnp.concatenate(masks, -1)
+        out = weighted_sum("bhqk,bkhd->bqhd", masked_softmax(logits, allowed),
+                           jnp.concatenate(values, axis=1))
+        if with_local:
+            return out
+        row = lambda x: jnp.moveaxis(x, 1, 2)  # noqa: E731  [B, H, bq] -> [B, bq, H]
+        return out, row(row_logsumexp(logits, allowed)), row(jnp.any(allowed, axis=-1))
 
-    out = jax.lax.map(one_block, jnp.arange(nblocks))                # [nblocks, B, bq, H, D]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, heads, dim)[:, :length]
+    def unblock(x):  # [nblocks, B, bq, ...] -> [B, L, ...]
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(b, padded, *x.shape[3:])[:, :length]
+
+    if not with_local:
+        return tuple(map(unblock, jax.lax.map(one_block, jnp.arange(nblocks))))
+    return unblock(jax.lax.map(one_block, jnp.arange(nblocks))).astype(q.dtype)
+
+
+def _core(q, k, v, scores, window: int, max_global: int, scale: float, block: int,
+          segment_ids=None, first=None):
+    """The window through the library's block-sparse attention (the Pallas kernel on GPU and
+    TPU, the block-skipping XLA path on CPU: a ``LocalMask`` is a static band of tiles), the
+    global keys — data-dependent, so no static mask can list them — as query blocks against
+    their gathered candidates, and the two softmaxes merged by their log-sum-exps. A query's
+    window always holds its own position, so the window's part is never empty."""
+    out_local, lse_local = dot_product_attention(
+        q, k, v, mask=LocalMask(window - 1, 0), segment_ids=segment_ids, scale=scale,
+        return_lse=True)
+    if not max_global:
+        return out_local
+    out_global, lse_global, has_global = _blocked(q, k, v, scores, window, max_global, scale,
+                                                  block, first, with_local=False)
+    peak = jnp.maximum(lse_local, jnp.where(has_global, lse_global, lse_local))
+    w_local = jnp.exp(lse_local - peak)[..., None]
+    w_global = jnp.where(has_global, jnp.exp(lse_global - peak), 0.0)[..., None]
+    out = (w_local * out_local.astype(jnp.float32) + w_global * out_global) / (w_local + w_global)
     return out.astype(q.dtype)
 
 
@@ -153,8 +192,10 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     ``[B, L, H, w+G, D]`` intermediate); ``"dense"`` masks the full ``L × L`` logits
     (``O(L²)``, plain matmuls: on CPU ~10× faster than the gathers and their scatter-add
     gradients at ``L = 128``); ``"blocked"`` runs query blocks of ``block`` tokens against
-    shared key spans (``O(L·(w+G+2·block))`` matmuls, memory bounded per block). ``None``
-    picks dense while ``L ≤ 2·(w+G)`` (at most twice the sparse work) and blocked beyond."""
+    shared key spans (``O(L·(w+G+2·block))`` matmuls, memory bounded per block); ``"core"``
+    runs the window on the block-sparse attention core (Pallas on GPU/TPU) and only the global
+    keys in query blocks, merging the two by log-sum-exp. ``None`` picks dense while
+    ``L ≤ 2·(w+G)`` (at most twice the sparse work) and blocked beyond."""
     if implementation not in SGA_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -172,6 +213,10 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     if implementation == "blocked":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _blocked(q, k, v, scores, window, max_global, scale, min(block, length), first)
+    if implementation == "core":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return _core(q, k, v, scores, window, max_global, scale, min(block, length),
+                     segment_ids, first)
     if implementation == "dense":
         lengths = jnp.full((q.shape[0],), length, jnp.int32)
         return sga_decode(q, k, v, scores, lengths, window=window, max_global=max_global,

@@ -171,7 +171,8 @@ def dot_product_attention(
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     implementation: str | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T * scale [soft-capped] [masked]) v, per head, with GQA.
 
     Args:
@@ -189,10 +190,13 @@ def dot_product_attention(
         ``"xla_blocksparse"`` (visits only non-empty tiles of a lazy mask), ``"pallas"`` (the
         block-sparse flash kernel on CUDA) or ``"pallas_interpret"`` (the same kernel in
         interpret mode, for CPU tests).
+      return_lse: also return each row's log-sum-exp of its (scaled, soft-capped) allowed
+        logits, ``[B, S, Hq]`` float32 and differentiable — what merging this attention with
+        another over a disjoint key set needs (``out = Σ_parts exp(lse_p - lse) out_p``).
 
     Returns:
-      ``[B, S, Hq, D]`` in ``q.dtype``. Rows with nothing to attend to are zero, and so are
-      their gradients.
+      ``[B, S, Hq, D]`` in ``q.dtype`` (with ``return_lse``, the pair ``(out, lse)``). Rows
+      with nothing to attend to are zero, and so are their gradients; their ``lse`` is 0.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -219,12 +223,14 @@ def dot_product_attention(
             raise ValueError("implementation='xla_blocksparse' needs a lazy Mask object as mask "
                              f"(got {type(mask).__name__}); use 'xla' for array masks")
         return blocksparse_attention(q, k, v, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                     scale=scale, logits_soft_cap=logits_soft_cap)
+                                     scale=scale, logits_soft_cap=logits_soft_cap,
+                                     return_lse=return_lse)
     if implementation in ("pallas", "pallas_interpret"):
         from jaxsparse.ops.attention.pallas import pallas_attention
 
         return pallas_attention(q, k, v, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                 scale=scale, logits_soft_cap=logits_soft_cap,
-                                interpret=implementation == "pallas_interpret")
+                                interpret=implementation == "pallas_interpret",
+                                return_lse=return_lse)
     allowed = _dense_allowed(mask, q_seg, kv_seg, batch, q_heads, q_len, kv_len)
-    return xla_attention(q, k, v, allowed, scale, logits_soft_cap)
+    return xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse)

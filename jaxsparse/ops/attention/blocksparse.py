@@ -41,8 +41,10 @@ def _pad_to(x, axis: int, size: int):
 
 def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment_ids=None,
                           scale: float, logits_soft_cap=None, block_q: int = 128,
-                          block_kv: int = 128, blocks_per_lane: int | None = None):
-    """Same contract as the dense reference, for a lazy ``mask`` (required).
+                          block_kv: int = 128, blocks_per_lane: int | None = None,
+                          return_lse: bool = False):
+    """Same contract as the dense reference, for a lazy ``mask`` (required); ``return_lse``
+    also returns each row's log-sum-exp ``[B, S, Hq]`` (0 on rows with nothing to attend to).
 
     ``blocks_per_lane`` forces the lane packing (tests); by default it is chosen from the
     block table (:func:`~jaxsparse.ops.attention.lanes.choose_blocks_per_lane`)."""
@@ -160,15 +162,17 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
         out, lse = finish(state)  # [B, Hq, P, G, bq(, D)]
         return from_q_blocks(from_lanes(out)).astype(q.dtype), lse
 
-    def backward(q, k, v, q_seg, kv_seg, out, lse, d_out):
+    def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
         """FlashAttention-2's backward (Dao 2023) over the same tiles: each visited tile's
         probabilities are recomputed from the saved log-sum-exp; dQ accumulates per lane,
         dK and dV are scatter-added into their kv-block (GQA heads and lanes sharing a block
-        add up)."""
+        add up). The log-sum-exp's cotangent ``d_lse [B, S, Hq]`` enters as ``delta - d_lse``
+        (d lse_i / d s_ij = p_ij)."""
         q_blk, k_blk, v_blk = q_blocks(q), kv_blocks(k), kv_blocks(v)
         segs = seg_blocks(q_seg, kv_seg)
         do_blk = q_blocks(d_out.astype(jnp.float32))
         delta = jnp.sum(do_blk * q_blocks(out.astype(jnp.float32)), axis=-1)  # [B, Hq, nq, bq]
+        delta = delta - q_blocks(d_lse)
         do_lanes, delta_lanes = to_lanes(do_blk), to_lanes(delta)
 
         def step(carry, step_xs):
@@ -203,16 +207,22 @@ def blocksparse_attention(q, k, v, *, mask: Mask, q_segment_ids=None, kv_segment
 
         return dq, unblock(dk, k), unblock(dv, v)
 
+    def rows(lse_lanes):  # [B, Hq, P, G, bq] -> [B, S, Hq]
+        return from_q_blocks(from_lanes(lse_lanes))
+
     @jax.custom_vjp
     def attend(q, k, v, q_seg, kv_seg):
-        return forward(q, k, v, q_seg, kv_seg)[0]
+        out, lse = forward(q, k, v, q_seg, kv_seg)
+        return out, rows(lse)
 
     def attend_fwd(q, k, v, q_seg, kv_seg):
         out, lse = forward(q, k, v, q_seg, kv_seg)
-        return out, (q, k, v, q_seg, kv_seg, out, lse)
+        return (out, rows(lse)), (q, k, v, q_seg, kv_seg, out, lse)
 
-    def attend_bwd(residuals, d_out):
-        return (*backward(*residuals, d_out), None, None)
+    def attend_bwd(residuals, cotangents):
+        d_out, d_lse = cotangents
+        return (*backward(*residuals, d_out, d_lse), None, None)
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return attend(q, k, v, q_segment_ids, kv_segment_ids)
+    out, lse = attend(q, k, v, q_segment_ids, kv_segment_ids)
+    return (out, lse) if return_lse else out

@@ -82,6 +82,7 @@ def _pad(x, axis, size):
 
 def _kernel_attention(q, k, v, mask, q_seg, kv_seg, scale, soft_cap, interpret, block_q,
                       block_kv, backend="gpu"):
+    """``(out [B, S, Hq, D], lse [B, S, Hq])`` from the kernel of ``backend``."""
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = q_heads // kv_heads
@@ -112,31 +113,36 @@ def _kernel_attention(q, k, v, mask, q_seg, kv_seg, scale, soft_cap, interpret, 
             q_part, k_part, v_part, table.kv_indices[0], table.kv_counts[0], table.q_indices[0],
             table.q_counts[0], kv_len=kv_len, block_q=bq, block_kv=bk, scale=scale,
             soft_cap=soft_cap, q_segment_ids=q_seg, kv_segment_ids=kv_seg, interpret=interpret,
-            **mask_args)
+            return_lse=True, **mask_args)
 
     if isinstance(mask, MultiHeadMask):
         parts = [run(m, qt[:, h:h + 1], kt[:, h // groups:h // groups + 1],
                      vt[:, h // groups:h // groups + 1]) for h, m in enumerate(mask.masks)]
-        out = jnp.concatenate(parts, axis=1)
+        out, lse = (jnp.concatenate(p, axis=1) for p in zip(*parts))
     else:
-        out = run(mask if mask is not None else FullMask(), qt, kt, vt)
-    return jnp.transpose(out, (0, 2, 1, 3))[:, :q_len, :, :head_dim]
+        out, lse = run(mask if mask is not None else FullMask(), qt, kt, vt)
+    return (jnp.transpose(out, (0, 2, 1, 3))[:, :q_len, :, :head_dim],
+            jnp.transpose(lse, (0, 2, 1))[:, :q_len])
 
 
 def pallas_attention(q, k, v, *, mask, q_segment_ids, kv_segment_ids, scale, logits_soft_cap,
-                     interpret: bool, block_q: int = 64, block_kv: int = 64):
+                     interpret: bool, block_q: int = 64, block_kv: int = 64,
+                     return_lse: bool = False):
     mask = FullMask() if mask is None else mask
     if not isinstance(mask, Mask):
         raise ValueError("implementation='pallas' needs a lazy Mask object (or None), not an "
                          "array; use 'xla' for array masks")
-    kernel = lambda interp, backend="gpu": _kernel_attention(  # noqa: E731
-        q, k, v, mask, q_segment_ids, kv_segment_ids, scale, logits_soft_cap, interp, block_q,
-        block_kv, backend)
+    def kernel(interp, backend="gpu"):
+        out, lse = _kernel_attention(q, k, v, mask, q_segment_ids, kv_segment_ids, scale,
+                                     logits_soft_cap, interp, block_q, block_kv, backend)
+        return (out, lse) if return_lse else out
+
     if interpret:
         return kernel(True)
     fallback = lambda: blocksparse_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,  # noqa: E731
                                              kv_segment_ids=kv_segment_ids, scale=scale,
-                                             logits_soft_cap=logits_soft_cap)
+                                             logits_soft_cap=logits_soft_cap,
+                                             return_lse=return_lse)
     # Chosen by the platform being lowered for, so CUDA lowering works from a CPU host.
     return jax.lax.platform_dependent(cuda=lambda: kernel(False), tpu=lambda: kernel(False, "tpu"),
                                       default=fallback)

@@ -16,8 +16,9 @@ def soft_cap(logits, cap):
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-def xla_attention(q, k, v, allowed, scale, logits_soft_cap):
+def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = False):
     """``allowed``: boolean broadcastable to ``[B, Hq, S, T]`` or None. Masked rows give 0.
+    ``return_lse``: also each row's log-sum-exp ``[B, S, Hq]`` float32 (0 on masked rows).
 
     GQA: the ``G = Hq / Hkv`` query heads sharing a key/value head are stacked as ``G·S`` rows
     of one matmul per (batch, kv head), so K and V are never repeated (a 5-d einsum with the
@@ -39,4 +40,18 @@ def xla_attention(q, k, v, allowed, scale, logits_soft_cap):
     out = jnp.einsum("bhmt,bthd->bhmd", probs.reshape(batch, kv_heads, groups * q_len, kv_len),
                      v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+    out = out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+    if not return_lse:
+        return out
+    return out, row_logsumexp(logits, allowed).transpose(0, 3, 1, 2).reshape(batch, q_len, q_heads)
+
+
+def row_logsumexp(logits, allowed):
+    """log Σ exp over the allowed entries of each row, 0 on rows with none; masked entries
+    become MASK_VALUE (exp gives exactly 0 beside any allowed one) so that no -inf reaches the
+    gradient."""
+    if allowed is None:
+        return jax.nn.logsumexp(logits, axis=-1)
+    allowed = jnp.broadcast_to(allowed, logits.shape)
+    lse = jax.nn.logsumexp(jnp.where(allowed, logits, MASK_VALUE), axis=-1)
+    return jnp.where(jnp.any(allowed, axis=-1), lse, 0.0)
