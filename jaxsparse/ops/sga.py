@@ -18,7 +18,9 @@ document's start leaves exactly the ``G`` most recent candidates of the document
 
 Precision: the matmuls take ``q, k, v`` in their own dtype (bfloat16 under a bfloat16 model)
 and accumulate in float32, the softmax and the controller's log-sigmoid bias are float32
-(:mod:`jaxsparse.ops.mixed_precision`); the result has ``q``'s dtype.
+(:mod:`jaxsparse.ops.mixed_precision`); the result has ``q``'s dtype. The ``core`` path's
+window computes as the attention core does (the Pallas kernels likewise take bfloat16
+operands; the CPU paths compute in float32).
 """
 
 from __future__ import annotations
