@@ -116,3 +116,33 @@ def test_kernels_with_log_sum_exp_lower_for_cuda_and_tpu(platform, tpu_lowering_
 
     assert _custom_calls(attend, platform, (q, k, v)) == 1
     assert _custom_calls(jax.grad(loss, (0, 1, 2)), platform, (q, k, v)) == 3  # fwd, dQ, dK/dV
+
+
+def test_attentions_over_disjoint_keys_merge_into_the_attention_over_all():
+    """``merge_finished``: a causal attention split into its last 5 keys and the keys before
+    (empty for the first 5 rows, flagged so) gives the causal attention, values and
+    gradients; rows empty in every part stay zero."""
+    from jaxsparse.ops.attention.online_softmax import merge_finished
+
+    S = 23
+    q, k, v = rand(5, 2, S, 2, 8), rand(6, 2, S, 2, 8), rand(7, 2, S, 2, 8)
+    recent, older = LocalMask(4, 0), CausalMask(-5)
+    older_seen = jnp.asarray(older.to_dense(S, S).any(-1))[None, :, None]  # [1, S, 1]
+
+    def merged(q, k, v):
+        parts = [dot_product_attention(q, k, v, mask=m, implementation="xla_blocksparse",
+                                       return_lse=True) for m in (recent, older)]
+        return merge_finished([(*parts[0], None), (*parts[1], older_seen)])
+
+    def whole(q, k, v):
+        return dot_product_attention(q, k, v, mask=CausalMask(), implementation="xla")
+
+    assert not bool(older_seen.all())  # the first rows have no older key
+    np.testing.assert_allclose(jax.jit(merged)(q, k, v), whole(q, k, v), atol=2e-5, rtol=2e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    got = jax.jit(jax.grad(loss(merged), (0, 1, 2)))(q, k, v)
+    for g, want in zip(got, jax.jit(jax.grad(loss(whole), (0, 1, 2)))(q, k, v)):
+        np.testing.assert_allclose(g, want, atol=1e-4, rtol=1e-4)
+    nothing = jnp.zeros((2, S, 2), bool)
+    zeros = merge_finished([(v, jnp.zeros((2, S, 2)), nothing), (v, jnp.ones((2, S, 2)), nothing)])
+    assert not jnp.any(zeros)

@@ -72,7 +72,7 @@ class HydraBlock(nnx.Module):
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
             window=cfg.hydra_window, max_global=cfg.hydra_max_global, rope_theta=cfg.rope_theta,
             out_init_scale=out_scale, implementation=cfg.hydra_sga_impl, **kw)
-                    if uses_sga(cfg, layer) else None)
+            if uses_sga(cfg, layer) else None)
         self.ffn = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
         self.pkm = (ProductKeyMemory(cfg.d_model, n_keys=math.isqrt(cfg.pkm_slots),
                                      heads=cfg.pkm_heads, k_dim=cfg.pkm_k_dim, knn=cfg.pkm_knn, **kw)

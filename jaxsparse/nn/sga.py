@@ -57,14 +57,14 @@ class SparseGlobalAttention(nnx.Module):
         v = self.v_proj(x_BLD)
         score = self.scores(x_BLD)
         if cache is None:
-            def attend(q, k, v, score, *segments):
+            def attend(q, k, v, score, segment_ids=None):
                 return sparse_global_attention(q, k, v, score, window=self.window,
                                                max_global=self.max_global,
                                                implementation=self.implementation,
-                                               segment_ids=segments[0] if segments else None)
+                                               segment_ids=segment_ids)
 
-            qkv, rows = (q, self._heads(k), self._heads(v)), (score,) + (
-                () if segment_ids is None else (segment_ids,))
+            qkv = (q, self._heads(k), self._heads(v))
+            rows = (score,) if segment_ids is None else (score, segment_ids)
             if self.implementation == "core":
                 # a kernel the compiler cannot partition: run it on each device's rows and
                 # heads, as the attention layer does (nn.batch_local.heads_local)

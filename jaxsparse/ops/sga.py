@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.attention.api import dot_product_attention
+from jaxsparse.ops.attention.online_softmax import merge_finished
 from jaxsparse.ops.attention.reference import row_logsumexp
 from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
@@ -173,13 +174,9 @@ def _core(q, k, v, scores, window: int, max_global: int, scale: float, block: in
         return_lse=True)
     if not max_global:
         return out_local
-    out_global, lse_global, has_global = _blocked(q, k, v, scores, window, max_global, scale,
-                                                  block, first, with_local=False)
-    peak = jnp.maximum(lse_local, jnp.where(has_global, lse_global, lse_local))
-    w_local = jnp.exp(lse_local - peak)[..., None]
-    w_global = jnp.where(has_global, jnp.exp(lse_global - peak), 0.0)[..., None]
-    out = (w_local * out_local.astype(jnp.float32) + w_global * out_global) / (w_local + w_global)
-    return out.astype(q.dtype)
+    global_part = _blocked(q, k, v, scores, window, max_global, scale, block, first,
+                           with_local=False)
+    return merge_finished([(out_local, lse_local, None), global_part]).astype(q.dtype)
 
 
 def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,

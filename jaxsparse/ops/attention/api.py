@@ -192,7 +192,8 @@ def dot_product_attention(
         interpret mode, for CPU tests).
       return_lse: also return each row's log-sum-exp of its (scaled, soft-capped) allowed
         logits, ``[B, S, Hq]`` float32 and differentiable — what merging this attention with
-        another over a disjoint key set needs (``out = Σ_parts exp(lse_p - lse) out_p``).
+        another over a disjoint key set needs (``out = Σ_parts exp(lse_p - lse) out_p``,
+        :func:`~jaxsparse.ops.attention.online_softmax.merge_finished`).
 
     Returns:
       ``[B, S, Hq, D]`` in ``q.dtype`` (with ``return_lse``, the pair ``(out, lse)``). Rows

@@ -55,4 +55,24 @@ def finish(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
     return state.acc / denom[..., None], jnp.where(seen, state.peak + jnp.log(denom), 0.0)
 
 
-__all__ = ["SoftmaxState", "empty_state", "finish", "fold_block"]
+def merge_finished(parts) -> jax.Array:
+    """One softmax over disjoint key sets that were attended to apart: ``parts`` is a list of
+    ``(out [..., rows, head_dim], lse [..., rows], nonempty [..., rows] or None)`` — each
+    part's output and row log-sum-exp as :func:`finish` or
+    ``dot_product_attention(..., return_lse=True)`` give them, and which rows saw a key at
+    all (``None``: every row) — merged as ``Σ_p exp(lse_p - lse) out_p``, ``lse`` the
+    log-sum-exp over the parts. float32; a row empty in every part gets zeros."""
+    # an empty part's lse (0 by convention) must weigh nothing: MASK_VALUE for the peak, and
+    # its weight set to 0, not left to underflow (a row empty everywhere has peak MASK_VALUE)
+    lses = [lse if nonempty is None else jnp.where(nonempty, lse, MASK_VALUE)
+            for _, lse, nonempty in parts]
+    # the peak only keeps exp() in range; its gradient cancels exactly
+    peak = jax.lax.stop_gradient(jnp.max(jnp.stack(lses), axis=0))
+    weights = [jnp.exp(lse - peak) if nonempty is None
+               else jnp.where(nonempty, jnp.exp(lse - peak), 0.0)
+               for lse, (_, _, nonempty) in zip(lses, parts)]
+    total = sum(w[..., None] * out.astype(jnp.float32) for w, (out, _, _) in zip(weights, parts))
+    return total / jnp.maximum(sum(weights), 1e-30)[..., None]
+
+
+__all__ = ["SoftmaxState", "empty_state", "finish", "fold_block", "merge_finished"]
