@@ -137,6 +137,17 @@ def test_hydra_precision_benchmark_times_bfloat16_against_float32_inputs(tmp_pat
     assert rows[1]["speedup_vs_blocked"] == pytest.approx(rows[0]["bf16_ms"] / rows[1]["bf16_ms"])
 
 
+def test_sga_gqa_benchmark_times_grouped_heads_against_repeated_ones(tmp_path):
+    assert main(["bench", "sga_gqa", "--lengths", "40", "--batch", "1", "--heads", "4",
+                 "--kv-heads", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "sga_gqa.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["blocked fwd+bwd", "core fwd+bwd", "dense fwd+bwd",
+                                       "decode step"]
+    for r in rows:
+        assert r["gqa_ms"] > 0 and r["repeat_ms"] > 0
+        assert r["speedup_vs_repeat"] == pytest.approx(r["repeat_ms"] / r["gqa_ms"])
+
+
 def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert main(["bench", "attention", "--lengths", "256", "--patterns", "window 256",
                  "--heads", "1", "--head-dim", "8", "--repeats", "1", "--table-lengths", "4096",

@@ -69,8 +69,10 @@ def test_global_selection_is_causal_safe(impl):
             np.testing.assert_array_equal(changed[:, :t + 1], base[:, :t + 1])
 
 
-def test_cached_decoding_equals_the_full_pass():
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_cached_decoding_equals_the_full_pass(kv_heads):
     q, k, v, scores = inputs(jax.random.key(2), length=45)
+    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]  # kv_heads=1: MQA, a cache of one head
     full = sparse_global_attention(q, k, v, scores, window=5, max_global=3)
     slots = 64
     decode = jax.jit(functools.partial(sga_decode, window=5, max_global=3))
@@ -118,6 +120,34 @@ def test_core_merges_window_and_globals_into_the_one_softmax_with_its_gradients(
     assert (float(jnp.abs(grads[3]).max()) > 0) == (max_global > 0)
 
 
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.slow) if i == "gather" else i
+                                  for i in IMPLEMENTATIONS])  # the gathers: ~9 s
+def test_gqa_reads_each_key_value_head_for_its_query_heads_without_repeating_them(impl):
+    """``H = 3·Hkv`` query heads (odd length, several blocks): the values and the gradients of
+    q, k, v and the scores equal the same attention on K/V repeated per query head (what
+    the layer did before)."""
+    b, length, heads, kv_heads, dim = 2, 37, 6, 2, 8
+    ks = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(ks[0], (b, length, heads, dim))
+    k, v = (jax.random.normal(kk, (b, length, kv_heads, dim)) for kk in ks[1:3])
+    scores = jax.random.normal(ks[3], (b, length))
+    repeat = functools.partial(jnp.repeat, repeats=heads // kv_heads, axis=2)
+    np.testing.assert_allclose(
+        sparse_global_attention(q, k, v, scores, window=5, max_global=4, implementation=impl,
+                                block=8),
+        brute_force(q, repeat(k), repeat(v), scores, 5, 4), atol=2e-5)
+
+    def loss(q, k, v, s, expand=lambda x: x):
+        out = sparse_global_attention(q, expand(k), expand(v), s, window=5, max_global=4,
+                                      implementation=impl, block=8)
+        return jnp.sum(jnp.sin(out))
+
+    grads = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, scores)
+    want = jax.grad(functools.partial(loss, expand=repeat), (0, 1, 2, 3))(q, k, v, scores)
+    for name, g, w in zip(("q", "k", "v", "scores"), grads, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=name)
+
+
 def test_bad_sga_input_is_refused():
     q, k, v, scores = inputs(jax.random.key(4), length=10)
     with pytest.raises(ValueError, match=r"scores \(2, 9\): must be \[B, L\]"):
@@ -126,3 +156,50 @@ def test_bad_sga_input_is_refused():
         sparse_global_attention(q, k, v, scores, window=0, max_global=2)
     with pytest.raises(ValueError, match="implementation='flash'"):
         sparse_global_attention(q, k, v, scores, window=2, max_global=2, implementation="flash")
+    with pytest.raises(ValueError, match="window=2.5: must be an integer >= 1"):
+        sparse_global_attention(q, k, v, scores, window=2.5, max_global=2)
+    with pytest.raises(ValueError, match="block=0: must be an integer >= 1"):
+        sparse_global_attention(q, k, v, scores, window=2, max_global=2, block=0)
+    with pytest.raises(ValueError, match="scale=0.0: must be a finite number > 0"):
+        sparse_global_attention(q, k, v, scores, window=2, max_global=2, scale=0.0)
+    with pytest.raises(ValueError, match="q has dtype int32; attention needs floating-point"):
+        sparse_global_attention(q.astype(jnp.int32), k, v, scores, window=2, max_global=2)
+    with pytest.raises(ValueError, match=r"query heads \(2\) must be a multiple of key/value "
+                                         r"heads \(3\)"):
+        sparse_global_attention(q, *(jnp.concatenate([x, x[:, :, :1]], 2) for x in (k, v)),
+                                scores, window=2, max_global=2)
+
+
+def test_bad_decode_input_is_refused():
+    q, k, v, scores = inputs(jax.random.key(5), length=6)
+    one = q[:, -1:]
+    decode = functools.partial(sga_decode, one, k, v, scores)
+    with pytest.raises(ValueError, match="window=0: must be an integer >= 1"):
+        decode(4, window=0, max_global=1)
+    with pytest.raises(ValueError, match="max_global=-1: must be an integer >= 0"):
+        decode(4, window=2, max_global=-1)
+    # a length past the cache's 6 slots would read positions that are not there; 0 has no
+    # room for the new token
+    for lengths in (9, 0):
+        with pytest.raises(ValueError, match=rf"lengths=\[{lengths}, {lengths}\]: each must be "
+                                             r"in \[1, 6\]"):
+            decode(lengths, window=2, max_global=1)
+    with pytest.raises(ValueError, match=r"scores_cache \(2, 5\): must be \[B, S\] = \(2, 6\)"):
+        sga_decode(one, k, v, scores[:, :5], 4, window=2, max_global=1)
+    with pytest.raises(ValueError, match="k_cache and v_cache must have the same shape"):
+        sga_decode(one, k, v[:, :5], scores, 4, window=2, max_global=1)
+
+
+def test_the_layer_refuses_options_that_cannot_work_when_built():
+    from flax import nnx
+
+    from jaxsparse.nn.sga import SparseGlobalAttention
+    build = functools.partial(SparseGlobalAttention, 8, 4, 2, 4, rngs=nnx.Rngs(0), window=4,
+                              max_global=2)
+    build()  # the valid baseline
+    for bad, match in ((dict(window=0), "window=0"), (dict(max_global=-1), "max_global=-1"),
+                       (dict(implementation="flash"), "implementation='flash'")):
+        with pytest.raises(ValueError, match=match):
+            build(**bad)
+    with pytest.raises(ValueError, match="n_heads a multiple of n_kv_heads"):
+        SparseGlobalAttention(8, 4, 3, 4, rngs=nnx.Rngs(0), window=4, max_global=2)

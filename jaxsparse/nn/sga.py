@@ -11,7 +11,8 @@ from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.segments import refuse_while_decoding
-from jaxsparse.ops.sga import sga_decode, sparse_global_attention
+from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
+                               sparse_global_attention)
 
 
 class SparseGlobalAttention(nnx.Module):
@@ -22,6 +23,13 @@ class SparseGlobalAttention(nnx.Module):
                  window: int, max_global: int, rngs: nnx.Rngs, rope_theta: float = 10_000.0,
                  out_init_scale: float = 1.0, implementation: str | None = None,
                  dtype=jnp.float32, param_dtype=jnp.float32):
+        if min(d_model, n_heads, n_kv_heads, head_dim) < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads}, n_kv_heads={n_kv_heads}, head_dim={head_dim}, "
+                             f"d_model={d_model}: each must be >= 1, and n_heads a multiple of "
+                             "n_kv_heads")
+        check_sga_options(window, max_global)
+        if implementation not in SGA_IMPLEMENTATIONS:
+            raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
         self.k_proj = Linear(d_model, (n_kv_heads, head_dim),
@@ -45,9 +53,6 @@ class SparseGlobalAttention(nnx.Module):
     def scores(self, x_BLD):
         return self.controller(x_BLD)[..., 0]
 
-    def _heads(self, t):  # GQA: each key/value head serves n_heads / n_kv_heads query heads
-        return jnp.repeat(t, self.n_heads // self.n_kv_heads, axis=2)
-
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
         """``segment_ids [B, L]`` (packed documents, no ``cache``): each query reads keys of
         its own document only."""
@@ -63,7 +68,7 @@ class SparseGlobalAttention(nnx.Module):
                                                implementation=self.implementation,
                                                segment_ids=segment_ids)
 
-            qkv = (q, self._heads(k), self._heads(v))
+            qkv = (q, k, v)  # GQA: k, v keep their n_kv_heads (never repeated)
             rows = (score,) if segment_ids is None else (score, segment_ids)
             if self.implementation == "core":
                 # a kernel the compiler cannot partition: run it on each device's rows and
@@ -77,6 +82,6 @@ class SparseGlobalAttention(nnx.Module):
                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
                "score": jax.lax.dynamic_update_slice(cache["score"], score, (0, cache_index))}
         lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
-        out = sga_decode(q, self._heads(new["k"]), self._heads(new["v"]), new["score"], lengths,
+        out = sga_decode(q, new["k"], new["v"], new["score"], lengths,
                          window=self.window, max_global=self.max_global)
         return self.o_proj(out), new

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxsparse.ops.attention.api import dot_product_attention
+from jaxsparse.ops.attention.api import (check_attention_inputs, dot_product_attention,
+                                         static_logit_options)
+from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.attention.online_softmax import merge_finished
 from jaxsparse.ops.attention.reference import row_logsumexp
 from jaxsparse.ops.masks import LocalMask
@@ -58,6 +61,52 @@ def _gather(x_BLHD, pos_BLK):
     return jax.vmap(lambda x, p: x[p], in_axes=(0, 0))(x_BLHD, pos_BLK).transpose(0, 1, 3, 2, 4)
 
 
+def _attend(q, parts, scale: float, with_lse: bool = False):
+    """One masked softmax attention of ``q [B, n, H, D]`` over the keys of all ``parts``, each
+    ``(keys, values [B, K, Hkv, D], allowed [B, n, K] bool, bias)`` with a float32 logit
+    ``bias`` broadcastable to ``[B, n, K]`` or None; float32 ``[B, n, H, D]``, and with
+    ``with_lse`` each row's log-sum-exp and whether it had any key (``[B, n, H]``).
+
+    GQA (``H`` a multiple of ``Hkv``): the ``G = H / Hkv`` query heads of a key/value head
+    are stacked as ``G·n`` rows of one matmul per (batch, key/value head), as the attention
+    core's reference does, so K and V (and a decode cache) are never repeated per query head;
+    the masks and biases meet the logits in a ``[B, Hkv, G, n, K]`` view.
+
+    Layouts, timed on XLA:CPU: heads before queries in the logits (the backward of
+    ``[B, n, H, K]`` ran 2.4× slower); each part its own logits matmul, concatenated; and
+    without GQA no 5-d view at all (with a unit group axis, a hydra_29m-shaped training step
+    of the blocked path ran 0.7× as fast)."""
+    b, n, heads, dim = q.shape
+    kv_heads = parts[0][0].shape[2]
+    groups = heads // kv_heads
+    rows = q.reshape(b, n, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(b, kv_heads, groups * n, dim)                 # [B, Hkv, G·n, D]
+    if groups > 1:
+        view = lambda x: x.reshape(b, kv_heads, groups, n, x.shape[-1])  # noqa: E731
+        per_query = lambda x: x[:, None, None]                          # noqa: E731
+    else:
+        view = lambda x: x                                              # noqa: E731
+        per_query = lambda x: x[:, None]                                # noqa: E731
+    logits, masks = [], []
+    for keys, _, allowed, bias in parts:
+        part = view(matmul_f32("bhmd,bkhd->bhmk", rows, keys) * scale)
+        logits.append(part if bias is None else part + per_query(bias))
+        masks.append(per_query(allowed))
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)  # noqa: E731
+    logits, mask = cat(logits), cat(masks)
+    probs = masked_softmax(logits, mask).reshape(b, kv_heads, groups * n, -1)
+    values = parts[0][1] if len(parts) == 1 else jnp.concatenate([p[1] for p in parts], axis=1)
+    out = weighted_sum("bhmk,bkhd->bhmd", probs, values)              # [B, Hkv, G·n, D]
+    out = out.reshape(b, kv_heads, groups, n, dim).transpose(0, 3, 1, 2, 4)
+    out = out.reshape(b, n, heads, dim)
+    if not with_lse:
+        return out
+    lse = row_logsumexp(logits, mask).reshape(b, kv_heads, groups, n)
+    lse = lse.transpose(0, 3, 1, 2).reshape(b, n, heads)
+    nonempty = jnp.any(cat([p[2] for p in parts]), axis=-1)             # [B, n]
+    return out, lse, jnp.broadcast_to(nonempty[:, :, None], (b, n, heads))
+
+
 def key_sets(scores_BL, length: int, window: int, max_global: int, first_BL=None):
     """The local and global key positions of every query, with validity and logit biases;
     ``first_BL``: the first position of each query's document (packed documents)."""
@@ -76,6 +125,14 @@ def key_sets(scores_BL, length: int, window: int, max_global: int, first_BL=None
         valid = valid & (positions >= first_BL[:, :, None])
     biases = jnp.concatenate([jnp.zeros(local.shape, jnp.float32), bias], axis=-1)
     return positions, valid, biases
+
+
+def check_sga_options(window, max_global, block=1):
+    """The integer options of SGA: ``window >= 1``, ``max_global >= 0``, ``block >= 1``."""
+    for name, value, low in (("window", window, 1), ("max_global", max_global, 0),
+                             ("block", block, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
 
 
 SGA_IMPLEMENTATIONS = (None, "gather", "dense", "blocked", "core")
@@ -126,32 +183,21 @@ def _blocked(q, k, v, scores, window: int, max_global: int, scale: float, block:
         if first is not None:  # packed documents: keys from the query's document only
             first_q = jax.lax.dynamic_slice_in_dim(first, t0, block, axis=1)  # [B, bq]
             local_ok = local_ok & (j[None, None, :] >= first_q[:, :, None])
-        parts, masks, values = [], [], []
+        parts = []
         if with_local:
-            parts.append(matmul_f32("bqhd,bkhd->bhqk", q_blk, k_loc) * scale)
-            masks.append(jnp.broadcast_to(local_ok[:, None], parts[-1].shape))
-            values.append(v_loc)
+            parts.append((k_loc, v_loc, local_ok, None))
         if g_count:
             pos, ok = g_pos[:, i], g_valid[:, i]                     # [B, G + bq]
             rows = lambda x: jax.vmap(lambda xb, pb: xb[pb])(x, pos)  # noqa: E731
-            k_g, v_g = rows(k), rows(v)                              # [B, G + bq, H, D]
             have_q = jax.lax.dynamic_slice_in_dim(have, t0, block, axis=1)  # [B, bq]
             r = jnp.take_along_axis(rank, pos, axis=1)               # rank of each candidate
             glob_ok = (ok[:, None, :] & (pos[:, None, :] <= tq[None, :, None] - window)
                        & (r[:, None, :] > have_q[:, :, None] - max_global))  # [B, bq, G + bq]
             if first is not None:
                 glob_ok = glob_ok & (pos[:, None, :] >= first_q[:, :, None])
-            bias = jnp.take_along_axis(log_sig, pos, axis=1)[:, None, None, :]
-            parts.append(matmul_f32("bqhd,bkhd->bhqk", q_blk, k_g) * scale + bias)
-            masks.append(jnp.broadcast_to(glob_ok[:, None], parts[-1].shape))
-            values.append(v_g)
-        logits, allowed = jnp.concatenate(parts, -1), jnp.concatenate(masks, -1)
-        out = weighted_sum("bhqk,bkhd->bqhd", masked_softmax(logits, allowed),
-                           jnp.concatenate(values, axis=1))
-        if with_local:
-            return out
-        row = lambda x: jnp.moveaxis(x, 1, 2)  # noqa: E731  [B, H, bq] -> [B, bq, H]
-        return out, row(row_logsumexp(logits, allowed)), row(jnp.any(allowed, axis=-1))
+            bias = jnp.take_along_axis(log_sig, pos, axis=1)[:, None, :]
+            parts.append((rows(k), rows(v), glob_ok, bias))          # keys [B, G + bq, Hkv, D]
+        return _attend(q_blk, parts, scale, with_lse=not with_local)
 
     def unblock(x):  # [nblocks, B, bq, ...] -> [B, L, ...]
         x = jnp.moveaxis(x, 0, 1)
@@ -182,13 +228,14 @@ def _core(q, k, v, scores, window: int, max_global: int, scale: float, block: in
 def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
                             scale: float | None = None, implementation: str | None = None,
                             block: int = 128, segment_ids=None):
-    """``q, k, v [B, L, H, D]``, controller ``scores [B, L]`` (a token is a global candidate
-    when its score is > 0) -> ``[B, L, H, D]``: one softmax over the ``window`` most recent
+    """``q [B, L, H, D]``, ``k, v [B, L, Hkv, D]`` (``H`` a multiple of ``Hkv``: GQA, never
+    repeating K/V), controller ``scores [B, L]`` (a token is a global candidate when its
+    score is > 0) -> ``[B, L, H, D]``: one softmax over the ``window`` most recent
     keys and the ``max_global`` most recent candidates before that window; with
     ``segment_ids [B, L]`` (packed documents) only those of the query's own document.
 
     ``"gather"`` gathers each query's ``window + max_global`` keys (``O(L·(w+G))``, but a
-    ``[B, L, H, w+G, D]`` intermediate); ``"dense"`` masks the full ``L × L`` logits
+    ``[B, L, Hkv, w+G, D]`` intermediate); ``"dense"`` masks the full ``L × L`` logits
     (``O(L²)``, plain matmuls: on CPU ~10× faster than the gathers and their scatter-add
     gradients at ``L = 128``); ``"blocked"`` runs query blocks of ``block`` tokens against
     shared key spans (``O(L·(w+G+2·block))`` matmuls, memory bounded per block); ``"core"``
@@ -197,23 +244,21 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     ``L ≤ 2·(w+G)`` (at most twice the sparse work) and blocked beyond."""
     if implementation not in SGA_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
+    check_attention_inputs(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k, v {k.shape} must have q's length {q.shape[1]} (self-attention)")
     if scores.shape != q.shape[:2]:
         raise ValueError(f"scores {scores.shape}: must be [B, L] = {q.shape[:2]}")
-    if window < 1 or max_global < 0:
-        raise ValueError(f"window={window} must be >= 1 and max_global={max_global} >= 0")
+    check_sga_options(window, max_global, block)
+    scale = static_logit_options(scale, None)[0] or q.shape[-1] ** -0.5
     length = q.shape[1]
     first = (None if segment_ids is None else document_first_position(
         check_segment_ids(segment_ids, *q.shape[:2])))
     if implementation is None:
         implementation = "dense" if length <= 2 * (window + max_global) else "blocked"
     if implementation == "blocked":
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _blocked(q, k, v, scores, window, max_global, scale, min(block, length), first)
     if implementation == "core":
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _core(q, k, v, scores, window, max_global, scale, min(block, length),
                      segment_ids, first)
     if implementation == "dense":
@@ -221,25 +266,36 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
         return sga_decode(q, k, v, scores, lengths, window=window, max_global=max_global,
                           scale=scale, first_positions=first)
     positions, valid, biases = key_sets(scores, length, window, max_global, first)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    keys, values = _gather(k, positions), _gather(v, positions)      # [B, L, H, K, D]
-    logits = matmul_f32("blhd,blhkd->blhk", q, keys) * scale + biases[:, :, None, :]
-    mask = valid[:, :, None, :]
-    weights = masked_softmax(logits, mask, axis=-1)
-    out = weighted_sum("blhk,blhkd->blhd", weights, values)
-    return out.astype(q.dtype)
+    keys, values = _gather(k, positions), _gather(v, positions)      # [B, L, Hkv, K, D]
+    b, heads, kv_heads = q.shape[0], q.shape[2], k.shape[2]
+    q_grouped = q.reshape(b, length, kv_heads, heads // kv_heads, -1)  # [B, L, Hkv, G, D]
+    logits = matmul_f32("blhgd,blhkd->blhgk", q_grouped, keys) * scale
+    logits = logits + biases[:, :, None, None, :]
+    weights = masked_softmax(logits, valid[:, :, None, None, :], axis=-1)
+    out = weighted_sum("blhgk,blhkd->blhgd", weights, values)
+    return out.reshape(q.shape).astype(q.dtype)
 
 
 def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_global: int,
                scale: float | None = None, first_positions=None):
     """Queries ``q [B, n, H, D]`` at positions ``lengths - n .. lengths - 1`` against caches
-    ``[B, S, H, D]`` and controller scores ``[B, S]`` holding positions ``0 .. lengths - 1``:
-    the same key sets as :func:`sparse_global_attention`, as masks over the cache.
-    ``first_positions [B, S]`` (packed documents): the first position of the document of every
-    cache position; a query reads no key before its own document's first position."""
+    ``[B, S, Hkv, D]`` (GQA: each read once for its ``H / Hkv`` query heads) and controller
+    scores ``[B, S]`` holding positions ``0 .. lengths - 1``: the same key sets as
+    :func:`sparse_global_attention`, as masks over the cache. ``first_positions [B, S]``
+    (packed documents): the first position of the document of every cache position; a query
+    reads no key before its own document's first position."""
+    check_attention_inputs(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    check_sga_options(window, max_global)
     batch, new, _, dim = q.shape
     slots = k_cache.shape[1]
-    q_pos = jnp.asarray(lengths, jnp.int32).reshape(batch, 1) - new + jnp.arange(new)[None, :]
+    if scores_cache.shape != (batch, slots):
+        raise ValueError(f"scores_cache {scores_cache.shape}: must be [B, S] = {(batch, slots)}, "
+                         "one controller score per cache slot")
+    if first_positions is not None and first_positions.shape != (batch, slots):
+        raise ValueError(f"first_positions {first_positions.shape}: must be [B, S] = "
+                         f"{(batch, slots)}")
+    lengths = checked_cache_lengths(lengths, batch, new, slots)
+    q_pos = lengths.reshape(batch, 1) - new + jnp.arange(new)[None, :]
     j = jnp.arange(slots)[None, None, :]
     t = q_pos[:, :, None]
     local = (j <= t) & (j > t - window)                               # [B, n, S]
@@ -251,10 +307,5 @@ def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_g
     newer = jnp.cumsum(candidate[..., ::-1], axis=-1)[..., ::-1] - candidate
     glob = candidate & (newer < max_global)
     bias = jnp.where(glob, jax.nn.log_sigmoid(scores_cache.astype(jnp.float32))[:, None, :], 0.0)
-    scale = dim ** -0.5 if scale is None else scale
-    # heads before queries in the logits: with [B, n, H, S] XLA:CPU's backward ran 2.4x slower
-    logits = matmul_f32("bnhd,bshd->bhns", q, k_cache) * scale + bias[:, None, :, :]
-    mask = (local | glob)[:, None, :, :]
-    weights = masked_softmax(logits, mask, axis=-1)
-    out = weighted_sum("bhns,bshd->bnhd", weights, v_cache)
-    return out.astype(q.dtype)
+    scale = static_logit_options(scale, None)[0] or dim ** -0.5
+    return _attend(q, [(k_cache, v_cache, local | glob, bias)], scale).astype(q.dtype)

@@ -53,6 +53,8 @@ def check_attention_inputs(q, k, v, names: tuple[str, str, str] = ("q", "k", "v"
                          f"({k.shape[2]}); {got}")
     if q.shape[1] < 1 or k.shape[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1; {got}")
+    if q.shape[3] < 1:
+        raise ValueError(f"head_dim must be >= 1; {got}")
     for name, x in zip(names, (q, k, v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):  # an integer output would be truncated
             raise ValueError(f"{name} has dtype {x.dtype}; attention needs floating-point "

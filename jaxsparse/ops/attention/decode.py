@@ -11,7 +11,7 @@ from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.masks import Mask, MultiHeadMask
 
 
-def _checked_lengths(lengths, batch: int, new: int, slots: int | None):
+def checked_cache_lengths(lengths, batch: int, new: int, slots: int | None):
     """``lengths`` as int32 ``[batch]`` (a scalar is broadcast). Concrete values are checked:
     at least the ``new`` query tokens, and at most ``slots`` without a ring buffer (positions
     past the cache would silently be missing); traced values cannot be checked here."""
@@ -50,7 +50,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     slots = k_cache.shape[1]
     if window is not None and not 1 <= window <= slots:
         raise ValueError(f"window={window}: must be in [1, {slots}] (the cache slots)")
-    lengths = _checked_lengths(lengths, batch, new, None if window is not None else slots)
+    lengths = checked_cache_lengths(lengths, batch, new, None if window is not None else slots)
     mask = lazy_mask(mask, q_heads)
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string or None")
