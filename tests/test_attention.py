@@ -109,6 +109,11 @@ def test_no_mask_means_full_attention_on_every_path(implementation):
     (dict(scale=0.0), r"scale=0.0: must be a finite number > 0"),
     (dict(scale="0.1"), r"scale='0.1': expected a real number > 0"),
     (dict(logits_soft_cap=float("nan")), r"logits_soft_cap=nan: must be a finite number > 0"),
+    (dict(mask=jnp.ones((4,), bool)), r"mask of shape \(4,\): a boolean array mask must be "
+                                       r"\[S, T\], \[B, S, T\] or \[B, H, S, T\]"),
+    (dict(mask=jnp.ones((1, 1, 1, 4, 4), bool)), r"mask of shape \(1, 1, 1, 4, 4\)"),
+    (dict(mask="causal:3"), "mask spec 'causal:3': 'causal' takes no arguments"),
+    (dict(mask=5), r"mask=5: expected a Mask"),
 ])
 def test_bad_arguments_are_named(kwargs, fragment):
     q = k = v = rand(0, 1, 4, 2, 8)
@@ -149,6 +154,8 @@ def test_bad_shapes_are_named():
         dot_product_attention(rand(0, 1, 4, 2, 8), rand(1, 1, 4, 2, 4), rand(2, 1, 4, 2, 4))
     with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
         dot_product_attention(rand(0, 4, 3, 8), rand(1, 4, 2, 8), rand(2, 4, 2, 8))
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):  # not a division by zero
+        dot_product_attention(*(jnp.ones((1, 4, 2, 0)),) * 3)
 
 
 def test_masks_render_and_combine():
@@ -285,7 +292,8 @@ def test_bad_decode_arguments_are_named():
         (dict(lengths=jnp.array([0, 3])), r"lengths=\[0, 3\]: each must be in \[1, 6\]"),
         (dict(lengths=jnp.array([3, 3, 3])), r"lengths of shape \(3,\) .* \[batch=2\]"),
         (dict(lengths=jnp.array([3.0, 3.0])), "dtype float32: expected integers"),
-        (dict(lengths=3, window=0), r"window=0: must be in \[1, 6\]"),
+        (dict(lengths=3, window=0), r"window=0: must be an integer in \[1, 6\]"),
+        (dict(lengths=3, window=2.5), r"window=2.5: must be an integer in \[1, 6\]"),
         (dict(lengths=3, mask=jnp.ones((6, 6), bool)), "expected a Mask, a mask spec string"),
     ]
     for kwargs, fragment in cases:

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from jaxsparse.ops.masks import (EMPTY, FULL, PARTIAL, BigBirdMask, BlockMask, CausalMask,
                                  ChunkedCausalMask, FixedMask, FullMask, GlobalTokensMask,
                                  LocalMask, MultiHeadMask, StridedMask)
+from jaxsparse.ops.mask_specs import parse_mask_spec
 
 
 def grid(rows):
@@ -210,6 +211,15 @@ def test_sparse_bigbird_table_matches_dense():
 def test_bad_mask_arguments_are_named():
     with pytest.raises(ValueError, match="left=-1"):
         LocalMask(-1, 0)
+    with pytest.raises(ValueError, match="left='3': must be an integer >= 0 or None"):
+        LocalMask("3", 0)
+    with pytest.raises(ValueError, match="num_or_indices=2.5: expected a count"):
+        GlobalTokensMask(2.5)
+    # a count or positions read from numpy arrays are the same mask as Python ints
+    assert GlobalTokensMask(np.int64(2)) == GlobalTokensMask(2)
+    assert GlobalTokensMask(np.array([0, 3])) == GlobalTokensMask((0, 3))
+    with pytest.raises(TypeError, match="mask spec 5: expected a string"):
+        parse_mask_spec(5)
     with pytest.raises(ValueError, match="chunk=0"):
         ChunkedCausalMask(0)
     with pytest.raises(ValueError, match=r"FixedMask\(block=4, c=5\)"):

@@ -143,6 +143,38 @@ def test_zero_sizes_and_wrong_widths_are_named():
         RMSNorm(16)(jnp.ones((2, 15)))
 
 
+
+def test_layer_options_and_inputs_that_cannot_work_are_named():
+    """Refused when the layer is built (options) or called (inputs), never a NaN or a
+    truncated integer result."""
+    from jaxsparse.nn import Attention, Linear, RMSNorm
+    from jaxsparse.ops.normalization import rms_norm
+    from jaxsparse.ops.rotary import apply_rotary
+
+    with pytest.raises(ValueError, match=r"eps=-1.0: must be a finite number >= 0"):
+        RMSNorm(4, eps=-1.0)  # a negative eps can take the root of a negative number
+    with pytest.raises(ValueError, match="x has dtype int32; RMSNorm needs floating-point"):
+        rms_norm(jnp.arange(8).reshape(2, 4), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"scale of shape \(3,\): must be \[4\]"):
+        rms_norm(jnp.ones((2, 4)), jnp.ones(3))
+    x, positions = jnp.ones((1, 3, 2, 4)), jnp.arange(3)[None]
+    with pytest.raises(ValueError, match="x has dtype int32; rotary embeddings need floating"):
+        apply_rotary(x.astype(jnp.int32), positions)
+    with pytest.raises(ValueError, match=r"theta=0: must be a finite number > 0"):
+        apply_rotary(x, positions, theta=0)
+    with pytest.raises(ValueError, match=r"x of shape \(3, 2, 4\): expected \[batch, length"):
+        apply_rotary(x[0], positions)
+    build = dict(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"rope_theta=0.0: must be a finite number > 0"):
+        Attention(8, 2, 2, 4, rope_theta=0.0, **build)
+    with pytest.raises(ValueError, match="implementation='flash' is not available"):
+        Attention(8, 2, 2, 4, implementation="flash", **build)
+    with pytest.raises(ValueError, match=r"in_shape=4.0: expected an int or a sequence of ints"):
+        Linear(4.0, 4, logical_axes=("embed", "mlp"), **build)
+    assert Linear(np.int64(4), (2, 3), logical_axes=("embed", "heads", "kv"),
+                  **build).in_shape == (4,)
+
+
 def test_count_params_without_allocation():
     cfg = tiny_config().model
     built = models.build(cfg, nnx.Rngs(0))

@@ -268,6 +268,10 @@ def test_inconsistent_factors_and_inputs_are_refused():
         monarch_matmul(jnp.ones((2, 64)), w1, w2, implementation="fast")
     with pytest.raises(ValueError, match=r"matrix must be 2-D"):
         project_to_monarch(jnp.ones((4, 4, 4)), 2)
+    with pytest.raises(ValueError, match=r"w1 \(0, 2, 2\) .* every dimension must be >= 1"):
+        monarch_matmul(jnp.ones((2, 0)), jnp.ones((0, 2, 2)), jnp.ones((0, 2, 2)))
+    with pytest.raises(ValueError, match=r"nblocks=2.0: must be an integer"):
+        monarch_shapes(8, 8, 2.0)
 
 
 def test_pallas_refuses_blocks_no_kernel_can_take():

@@ -65,10 +65,12 @@ def test_programs_lowered_for_accelerators_do_not_call_the_cpu_kernel(platform):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"k=11: must be in \[1, 10\]"):
+    with pytest.raises(ValueError, match=r"k=11: must be an integer in \[1, 10\]"):
         top_k(jnp.ones((2, 10)), 11)
     with pytest.raises(ValueError, match=r"k=0"):
         top_k(jnp.ones((2, 10)), 0)
+    with pytest.raises(ValueError, match=r"k=2.0: must be an integer"):
+        top_k(jnp.ones((2, 10)), 2.0)
     with pytest.raises(ValueError, match="implementation='fast'"):
         top_k(jnp.ones((2, 10)), 1, implementation="fast")
     with pytest.raises(ValueError, match=r"float32; got bfloat16"):

@@ -9,9 +9,9 @@ from flax import nnx
 from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
-from jaxsparse.ops.attention.api import lazy_mask
+from jaxsparse.ops.attention.api import IMPLEMENTATIONS, lazy_mask
 from jaxsparse.ops.masks import CausalMask, Mask
-from jaxsparse.ops.rotary import apply_rotary
+from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.attention.ring import ring_attention
 from jaxsparse.parallel import constrain, current_mesh, sequence_axis_size
 
@@ -34,6 +34,10 @@ class Attention(nnx.Module):
             raise ValueError(f"n_heads={n_heads}, n_kv_heads={n_kv_heads}, head_dim={head_dim}, "
                              f"d_model={d_model}: each must be >= 1, and n_heads a multiple of "
                              "n_kv_heads")
+        check_rope_theta(rope_theta, "rope_theta")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation={implementation!r} is not available; allowed: "
+                             f"{IMPLEMENTATIONS}")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = linear(d_model, (n_heads, head_dim), logical_axes=("embed", "heads", "kv"), **kw)
         self.k_proj = linear(d_model, (n_kv_heads, head_dim),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -29,8 +30,8 @@ class Linear(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     ):
-        self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
-        self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        self.in_shape = _as_shape("in_shape", in_shape)
+        self.out_shape = _as_shape("out_shape", out_shape)
         shape = self.in_shape + self.out_shape
         if min(shape, default=0) < 1:
             raise ValueError(f"Linear{self.in_shape} -> {self.out_shape}: every size must be >= 1")
@@ -50,3 +51,16 @@ class Linear(nnx.Module):
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         kernel = self.kernel[...].astype(self.dtype)
         return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
+
+
+def _as_shape(name: str, value) -> tuple[int, ...]:
+    """An int or a sequence of ints as a tuple of Python ints, else an error naming ``name``."""
+    dims = (value,) if isinstance(value, int | np.integer) else value
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        dims = None
+    if dims is None or not all(isinstance(d, int | np.integer) and not isinstance(d, bool)
+                               for d in dims):
+        raise ValueError(f"{name}={value!r}: expected an int or a sequence of ints")
+    return tuple(int(d) for d in dims)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.rotary import apply_rotary
+from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
                                sparse_global_attention)
@@ -28,6 +28,7 @@ class SparseGlobalAttention(nnx.Module):
                              f"d_model={d_model}: each must be >= 1, and n_heads a multiple of "
                              "n_kv_heads")
         check_sga_options(window, max_global)
+        check_rope_theta(rope_theta, "rope_theta")
         if implementation not in SGA_IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

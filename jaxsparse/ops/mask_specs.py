@@ -40,10 +40,13 @@ def _ints(spec: str, text: str, count: tuple[int, ...]) -> list[int]:
 
 def parse_mask_spec(spec: str, num_heads: int | None = None) -> Mask:
     """The causal :class:`Mask` described by ``spec`` (see the module docstring)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"mask spec {spec!r}: expected a string such as 'causal' or 'local:256'")
     spec = spec.strip()
     kind, _, args = spec.partition(":")
     causal = CausalMask()
-    if kind == "causal" and not args:
+    if kind == "causal":
+        _require(not args, spec, "'causal' takes no arguments")
         return causal
     if kind == "local":
         (w,) = _ints(spec, args, (1,))

@@ -316,8 +316,9 @@ class LocalMask(Mask):
     def __post_init__(self):
         for name in ("left", "right"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"LocalMask {name}={value}: must be >= 0 or None")
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, int | np.integer) or value < 0):
+                raise ValueError(f"LocalMask {name}={value!r}: must be an integer >= 0 or None")
 
     def allowed(self, q_idx, kv_idx):
         ok = True
@@ -423,9 +424,14 @@ class GlobalTokensMask(Mask):
 
     def __post_init__(self):
         value = self.num_or_indices
-        if isinstance(value, list | np.ndarray):
+        if isinstance(value, np.integer):  # a count read from a numpy array
+            object.__setattr__(self, "num_or_indices", int(value))
+        elif isinstance(value, list | range | np.ndarray):
             object.__setattr__(self, "num_or_indices", tuple(int(v) for v in value))
-            value = self.num_or_indices
+        elif not isinstance(value, int | tuple) or isinstance(value, bool):
+            raise ValueError(f"GlobalTokensMask num_or_indices={value!r}: expected a count "
+                             "(int) or a sequence of positions")
+        value = self.num_or_indices
         if isinstance(value, int):
             if value < 0:
                 raise ValueError(f"GlobalTokensMask num_or_indices={value}: must be >= 0")

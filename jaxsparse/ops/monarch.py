@@ -60,8 +60,10 @@ def monarch_shapes(n_in: int, n_out: int, nblocks: int | None = None):
     in the reference MonarchLinear). Raises ``ValueError`` listing the block counts that work.
     """
     for name, value in (("n_in", n_in), ("n_out", n_out)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive int")
+    if nblocks is not None and (isinstance(nblocks, bool) or not isinstance(nblocks, (int, np.integer))):
+        raise ValueError(f"nblocks={nblocks!r}: must be an integer (or None for the default)")
     b = default_nblocks(n_in, n_out) if nblocks is None else nblocks
     allowed = valid_nblocks(n_in, n_out)
     if b not in allowed:
@@ -76,6 +78,8 @@ def check_factors(w1, w2) -> tuple[int, int, int, int]:
     """Validate ``w1 [b, q, p]``, ``w2 [b, s, q]``; returns ``(b, p, q, s)``."""
     if w1.ndim != 3 or w2.ndim != 3:
         raise ValueError(f"w1 must be [b, q, p] and w2 [b, s, q]; got w1 {w1.shape}, w2 {w2.shape}")
+    if 0 in w1.shape or 0 in w2.shape:
+        raise ValueError(f"w1 {w1.shape} and w2 {w2.shape}: every dimension must be >= 1")
     b, q, p = w1.shape
     b2, s, q2 = w2.shape
     if b2 != b or q2 != q:

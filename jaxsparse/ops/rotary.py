@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+
+
+def check_rope_theta(theta, name: str = "theta") -> None:
+    """The rotary base: a finite real number > 0 (``theta ** (-2i/D)`` is NaN or infinite
+    otherwise)."""
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not (
+            math.isfinite(theta) and theta > 0):
+        raise ValueError(f"{name}={theta!r}: must be a finite number > 0 (e.g. 10000)")
 
 
 def apply_rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10_000.0) -> jax.Array:
@@ -11,6 +22,11 @@ def apply_rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10_0
 
     Computed in float32 and cast back, so that long positions keep their precision in bf16.
     """
+    if x_BLHD.ndim != 4:
+        raise ValueError(f"x of shape {x_BLHD.shape}: expected [batch, length, heads, head_dim]")
+    if not jnp.issubdtype(x_BLHD.dtype, jnp.floating):  # the rotation would be truncated
+        raise ValueError(f"x has dtype {x_BLHD.dtype}; rotary embeddings need floating point")
+    check_rope_theta(theta)
     head_dim = x_BLHD.shape[-1]
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")

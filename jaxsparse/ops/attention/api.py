@@ -135,6 +135,9 @@ def _array_mask(mask, batch, heads, q_len, kv_len):
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be a Mask object or a boolean array, got dtype {mask.dtype}")
+    if mask.ndim not in (2, 3, 4):
+        raise ValueError(f"mask of shape {mask.shape}: a boolean array mask must be [S, T], "
+                         "[B, S, T] or [B, H, S, T] (size-1 dimensions broadcast)")
     if mask.ndim == 2:
         mask = mask[None, None]
     elif mask.ndim == 3:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.attention.api import (check_attention_inputs, lazy_mask,
                                          static_logit_options)
@@ -48,8 +49,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     batch, new, q_heads, head_dim = q.shape
     slots = k_cache.shape[1]
-    if window is not None and not 1 <= window <= slots:
-        raise ValueError(f"window={window}: must be in [1, {slots}] (the cache slots)")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int | np.integer)
+                               or not 1 <= window <= slots):
+        raise ValueError(f"window={window!r}: must be an integer in [1, {slots}] (the cache "
+                         "slots)")
     lengths = checked_cache_lengths(lengths, batch, new, None if window is not None else slots)
     mask = lazy_mask(mask, q_heads)
     if mask is not None and not isinstance(mask, Mask):
