@@ -55,7 +55,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from jaxsparse.train import load, sample_text
+    from jaxsparse.train import load, sample_bytes
 
     if not 0 <= args.temperature < math.inf:  # NaN too
         raise ConfigError(f"--temperature={args.temperature}: must be a finite number >= 0 "
@@ -85,11 +85,30 @@ def _cmd_generate(args) -> int:
         raise ConfigError(f"--prompt is {prompt_bytes} bytes: this model reads at most "
                           f"model.max_seq_len={cfg.model.max_seq_len} tokens, prompt and "
                           "continuation together; give a shorter prompt")
+    if args.max_new_tokens is None:  # the default: as many as fit, at most 200
+        args.max_new_tokens = min(200, limit)
     if args.max_new_tokens < 1 or args.max_new_tokens > limit:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be in [1, {limit}] "
                           f"(model.max_seq_len={cfg.model.max_seq_len} minus the prompt)")
-    print(sample_text(setup, state, cfg, args.prompt, args.max_new_tokens, args.seed))
+    _write_sample(sample_bytes(setup, state, cfg, args.prompt, args.max_new_tokens, args.seed))
     return 0
+
+
+def _write_sample(sample: bytes) -> None:
+    """The sampled bytes as they are when stdout is a pipe or a file (a byte-level model's
+    output, recoverable exactly); on a terminal (or a notebook's stream) as text, with bytes
+    that are not valid UTF-8 and control characters other than newlines and tabs escaped
+    (``\\x1b``), in whatever encoding the terminal has."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None and not sys.stdout.isatty():
+        buffer.write(sample + b"\n")
+        buffer.flush()
+        return
+    text = sample.decode("utf-8", errors="backslashreplace")
+    text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, errors="backslashreplace").decode(encoding), flush=True)
 
 
 def _cmd_plot(args) -> int:
@@ -190,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained workdir")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="bytes to generate (default: 200, or as many as model.max_seq_len leaves)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -252,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteTraining as err:  # the run's own failure, not the command line's

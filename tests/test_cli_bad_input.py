@@ -108,6 +108,14 @@ def test_a_torn_metrics_line_loses_no_later_record(tmp_path):
         assert len(read_metrics(tmp_path)) == 2
 
 
+def test_eval_and_generate_of_a_workdir_without_checkpoints_leave_it_as_it_was(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(to_json(Config()))
+    for command in ("eval", "generate"):
+        code, err = run_cli(capsys, command, "--workdir", str(tmp_path))
+        assert code == 2 and f"{tmp_path}/checkpoints holds no checkpoint" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # nothing created
+
+
 def test_plot_output_paths(tmp_path, capsys):
     lines = [{"step": s, "split": "train", "loss": 3.0 - s / 10} for s in range(1, 4)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
@@ -118,8 +126,15 @@ def test_plot_output_paths(tmp_path, capsys):
         printed = capsys.readouterr().out.strip()
         assert code == 0 and printed == str(tmp_path / written)  # the file actually written
         assert (tmp_path / written).stat().st_size > 0
+    # a trailing slash names a directory to create, not "new.png"
+    code = main(["plot", str(tmp_path), "--out", str(tmp_path / "new") + "/"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "new/metrics.png")
     code, err = run_cli(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "x.xyz"))
     assert code == 2 and "matplotlib cannot write '.xyz' files" in err
+    code, err = run_cli(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "curves.svg/x.png"))
+    assert code == 2 and "Not a directory" in err  # a file where a directory should be
+    code, err = run_cli(capsys, "plot", str(tmp_path / "missing"))
+    assert code == 2 and f"workdir {tmp_path / 'missing'} is not a directory" in err
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean file reads without warnings
         assert len(read_metrics(tmp_path)) == 3

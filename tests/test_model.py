@@ -64,6 +64,40 @@ def test_generate_greedy_equals_argmax_rollout(model):
         generate(model, prompt, 2, temperature=-0.5)
     with pytest.raises(ValueError, match=r"top_k=257: must be an int in \[0, vocab_size=256\]"):
         generate(model, prompt, 2, top_k=257)
+    with pytest.raises(ValueError, match="temperature=True: must be a finite number"):
+        generate(model, prompt, 2, temperature=True)
+
+
+def test_top_k_sampling_draws_from_exactly_k_tokens_even_when_tied():
+    """Tokens 1, 2 and 3 tie for the second-highest logit: top-2 keeps token 0 and the first
+    of them (index order, as ``lax.top_k``); a threshold at the k-th value kept all four."""
+    from jaxsparse.models.generate import sample_logits
+
+    logits = jnp.tile(jnp.array([[2.0, 1.0, 1.0, 1.0, 0.0]]), (512, 1))
+    picked = np.asarray(sample_logits(logits, jax.random.key(0), 1.0, 2))
+    assert set(picked.tolist()) == {0, 1}
+    # traced k and temperature (what generate compiles once) pick the same tokens
+    traced = jax.jit(sample_logits)(logits, jax.random.key(0), jnp.float32(1.0), jnp.int32(2))
+    np.testing.assert_array_equal(traced, picked)
+    greedy = jax.jit(sample_logits)(logits, jax.random.key(0), jnp.float32(0.0), jnp.int32(2))
+    np.testing.assert_array_equal(greedy, np.zeros(512))
+
+
+def test_generate_compiles_once_for_every_temperature_and_top_k(model):
+    """Sweeping the sampling temperature or k (as one does in a notebook) reuses the compiled
+    program; only the mode (greedy, full distribution, top-k) is part of it."""
+    from jaxsparse.models.generate import _generate
+
+    prompt = tokens(5, batch=1, length=4)
+    generate(model, prompt, 3, temperature=0.7, top_k=5)
+    before = _generate._cache_size()
+    for temperature, top_k in ((0.9, 5), (np.float32(1.3), np.int64(9)), (2.0, 1)):
+        out = generate(model, prompt, 3, temperature=temperature, top_k=top_k)
+        assert out.shape == (1, 3)
+    assert _generate._cache_size() == before
+    # top_k=1 is greedy whatever the temperature
+    np.testing.assert_array_equal(generate(model, prompt, 3, temperature=5.0, top_k=1),
+                                  generate(model, prompt, 3, temperature=0.0))
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-300, 1e-30])

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from jaxsparse.cli import main
 from jaxsparse.config import ConfigError
 from jaxsparse.train import load, train
 from jaxsparse.train.checkpoint import CheckpointMismatch
+from jaxsparse.train.loop import LN2
 
 from helpers import ROOT, TINY, tiny_config
 
@@ -131,28 +133,47 @@ def test_tiny_batch_is_overfitted(tmp_path):
     assert result.losses[59] < 0.1, result.losses[59]
 
 
-def test_cli_train_eval_generate_plot(tmp_path, capsys):
+def test_cli_train_eval_generate_plot(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     # the CLI plumbing, on the cheap Transformer (the default config's training is covered by
-    # the Hydra tests)
+    # the Hydra tests), on a corpus named relative to the current directory
     args = ["train", "--config", "transformer_tiny", "--workdir", str(workdir)]
-    from helpers import TINY
+    from helpers import TINY, short_documents
 
-    for item in TINY + ["train.steps=3", "train.eval_every=3"]:
+    (tmp_path / "corpus").mkdir()
+    short_documents(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    for item in TINY + ["train.steps=3", "train.eval_every=3", "data.path=corpus/*.txt",
+                        "data.cache_dir=corpus/cache"]:
         args += ["--set", item]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "final eval" in out and "bits_per_byte" in out and "sample" in out
+    final = json.loads(out.split("final eval: ")[1].splitlines()[0])
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"]["d_model"] == 32 and saved["train"]["steps"] == 3
+    # saved absolute: eval from another directory reads the files the run trained on (a
+    # relative glob would match another directory's corpus/, or nothing)
+    assert saved["data"]["path"] == f"{tmp_path}/corpus/*.txt"
+    assert saved["data"]["cache_dir"] == f"{tmp_path}/corpus/cache"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "eval"} <= {r["split"] for r in records}  # (+ "curriculum" for Hydra)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert train_records[-1]["bits_per_byte"] == pytest.approx(train_records[-1]["loss"] / LN2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["eval", "--workdir", str(workdir)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["step"] == 3 and evaluated["bits_per_byte"] > 0
+    assert evaluated["step"] == 3
+    assert evaluated["bits_per_byte"] == pytest.approx(final["bits_per_byte"], abs=1e-4)
+    # stdout a pipe or file: the sampled bytes as they are (valid UTF-8 or not), then "\n"
+    piped = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", piped)
     assert main(["generate", "--workdir", str(workdir), "--prompt", "import ",
                  "--max-new-tokens", "10"]) == 0
-    assert capsys.readouterr().out.startswith("import ")
+    written = piped.buffer.getvalue()
+    monkeypatch.undo()
+    assert written.startswith(b"import ") and len(written) == len(b"import ") + 10 + 1
     assert main(["generate", "--workdir", str(workdir), "--max-new-tokens", "1000"]) == 2
     assert "--max-new-tokens=1000" in capsys.readouterr().err
     assert main(["generate", "--workdir", str(workdir), "--temperature", "-1"]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -52,6 +53,22 @@ def read_config(path: Path) -> Config:
         raise ConfigError(f"{path}: {err}") from None
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its file paths (``data.path``'s glob, ``data.cache_dir``,
+    ``train.init_from``) resolved against the current directory: the workdir's
+    ``config.json`` then names the same files when ``eval`` or a resumed run starts from
+    another directory (a relative glob would silently match other files there)."""
+    def absolute(path):
+        if path is None or "://" in path:  # unset, or a URL (gs://...) that names itself
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+
+    data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path),
+                               cache_dir=absolute(cfg.data.cache_dir))
+    train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from))
+    return dataclasses.replace(cfg, data=data, train=train)
+
+
 def check_workdir(cfg: Config, workdir: Path) -> None:
     """Refuse a workdir whose saved config describes a different model (before writing)."""
     if workdir.exists() and not workdir.is_dir():
@@ -79,18 +96,28 @@ def evaluate(setup: TrainSetup, eval_step, state, stream, cfg: Config) -> dict[s
     return metrics
 
 
-def sample_text(setup: TrainSetup, state, cfg: Config, prompt: str | None = None,
-                max_new_tokens: int | None = None, seed: int = 0) -> str:
+def sample_bytes(setup: TrainSetup, state, cfg: Config, prompt: str | None = None,
+                 max_new_tokens: int | None = None, seed: int = 0) -> bytes:
+    """The prompt's UTF-8 bytes followed by the model's continuation, as the bytes it
+    sampled (a byte-level model may emit any byte, valid UTF-8 or not); the continuation is
+    cut to fit ``model.max_seq_len``."""
     from jaxsparse.models.generate import generate
 
-    prompt = cfg.eval.sample_prompt if prompt is None else prompt
+    prompt = (cfg.eval.sample_prompt if prompt is None else prompt).encode()
     max_new = cfg.eval.sample_tokens if max_new_tokens is None else max_new_tokens
-    max_new = min(max_new, cfg.model.max_seq_len - len(prompt.encode()))
+    max_new = min(max_new, cfg.model.max_seq_len - len(prompt))
     model = setup.model(state["params"], state["rest"])
-    tokens = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
+    tokens = np.frombuffer(prompt, np.uint8).astype(np.int32)[None]
     out = generate(model, tokens, max_new, rng=jax.random.key(seed),
                    temperature=cfg.eval.temperature, top_k=cfg.eval.top_k)
-    return prompt + bytes(np.asarray(out[0]).astype(np.uint8)).decode("utf-8", errors="replace")
+    return prompt + bytes(np.asarray(out[0]).astype(np.uint8))
+
+
+def sample_text(setup: TrainSetup, state, cfg: Config, prompt: str | None = None,
+                max_new_tokens: int | None = None, seed: int = 0) -> str:
+    """:func:`sample_bytes` as text, each byte that is not valid UTF-8 shown as U+FFFD."""
+    return sample_bytes(setup, state, cfg, prompt, max_new_tokens, seed).decode(
+        "utf-8", errors="replace")
 
 
 class _StopFlag:
@@ -134,6 +161,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     way SIGTERM does: a checkpoint is written at the current step and the call returns.
     """
     validate(cfg)
+    cfg = with_absolute_paths(cfg)
     if cfg.train.distributed:
         distributed.initialize()
     workdir = Path(workdir).resolve()
@@ -213,6 +241,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         s, m = pending[-1][0], fetched[-1]
         values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate,
                                                          "skipped_steps": len(skipped)}
+        if cfg.data.task == "text":  # beside eval's, on the same panel of `jaxsparse plot`
+            values["bits_per_byte"] = values["loss"] / LN2
         writer.write(s + 1, "train", values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
         pending.clear()
@@ -339,6 +369,8 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     if not config_path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json; is it a jaxsparse workdir?")
     cfg = read_config(config_path)
+    if not (workdir / "checkpoints").is_dir():  # (the Checkpointer would create it: a reader)
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
     latest = ckpt.latest_step() if step is None else step
     if latest is None:

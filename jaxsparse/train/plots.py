@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from jaxsparse.config import ConfigError
@@ -36,6 +37,8 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} is not a directory")
     out = _output_path(workdir, out)
     records = read_metrics(workdir)
     curves = [r for r in records if r["split"] in CURVES]
@@ -77,8 +80,10 @@ def _output_path(workdir: Path, out) -> Path:
     written); a suffix matplotlib cannot write is refused."""
     if out is None:
         return workdir / "metrics.png"
+    meant_as_directory = str(out).endswith(("/", os.sep))
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() or meant_as_directory:  # "new/": a directory to create, not "new.png"
+        out.mkdir(parents=True, exist_ok=True)
         return out / "metrics.png"
     if not out.suffix:
         return out.with_suffix(".png")
