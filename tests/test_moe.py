@@ -15,9 +15,11 @@ from jaxsparse.config import ConfigError, validate
 from jaxsparse.nn import MoE
 from jaxsparse.ops.moe.grouped import kernel_grouped_matmul
 from jaxsparse.nn.intermediates import run_capturing
-from jaxsparse.ops.moe import (expert_capacity, expert_choice_routing, grouped_matmul,
-                               linear_k_schedule, load_balancing_loss, router_z_loss,
-                               slot_positions, top_k_routing)
+from jaxsparse.ops.moe import (capacity_dispatch, chunk_pool, dropless_dispatch,
+                               expert_capacity, expert_choice_capacity, expert_choice_dispatch,
+                               expert_choice_routing, grouped_matmul, linear_k_schedule,
+                               load_balancing_loss, pack, router_z_loss, slot_positions,
+                               swiglu_experts, top_k_routing)
 
 
 def test_load_balancing_loss_is_one_at_perfect_balance_and_larger_otherwise():
@@ -246,6 +248,63 @@ def test_bad_inputs_name_the_argument():
         validate(tiny_config("model.moe_experts=4", "model.moe_k=5"))
     with pytest.raises(ConfigError, match="model.moe_capacity_factor=-1.0"):
         validate(tiny_config("model.moe_experts=4", "model.moe_capacity_factor=-1.0"))
+
+
+def test_bad_dispatch_and_kernel_arguments_name_the_argument_and_value():
+    logits, x = jnp.zeros((6, 4)), jnp.ones((6, 8))
+    token_choice, expert_choice = top_k_routing(logits, 2), expert_choice_routing(logits, 3)
+    same = lambda buffers: buffers  # noqa: E731
+    other_tokens = r"x_TD of shape \(5, 8\): expected \[tokens=6, d\]"
+    lhs, rhs, sizes = jnp.ones((2, 3)), jnp.ones((2, 3, 4)), jnp.array([1, 1])
+    cases = [
+        (lambda: expert_choice_dispatch(x[:5], expert_choice, same), other_tokens),
+        (lambda: capacity_dispatch(x[:5], token_choice, same, 4), other_tokens),
+        (lambda: dropless_dispatch(x[:5], token_choice, lambda rows, n: rows), other_tokens),
+        (lambda: capacity_dispatch(x[None], token_choice, same, 4), r"x_TD of shape \(1, 6, 8\)"),
+        (lambda: grouped_matmul(lhs.astype(jnp.int32), rhs, sizes, implementation="dense"),
+         "lhs has dtype int32; needs floating point"),
+        (lambda: grouped_matmul(lhs, rhs.astype(jnp.int32), sizes, implementation="tiles"),
+         "rhs has dtype int32; needs floating point"),
+        (lambda: grouped_matmul(lhs, rhs, sizes, implementation="tiles", tile=0),
+         r"tile=0: must be an integer >= 1"),
+        (lambda: grouped_matmul(lhs, rhs, sizes, implementation="tiles", tile=-4), "tile=-4"),
+        (lambda: load_balancing_loss(jnp.full((1, 4), 0.25), jnp.array([[0, 4]])),
+         r"expert_index holds values in \[0, 4\]: must be in \[0, num_experts=4\)"),
+        (lambda: expert_capacity(8, 0, 2, 1.0), "num_experts=0: must be an integer >= 1"),
+        (lambda: expert_capacity(-1, 4, 2, 1.0), "num_tokens=-1: must be an integer >= 0"),
+        (lambda: expert_capacity(8, 4, 2, float("inf")), "capacity_factor=inf: must be a finite"),
+        (lambda: expert_choice_capacity(8, 0, 1.0), "num_experts=0: must be an integer >= 1"),
+        (lambda: pack(x, token_choice, 0), "capacity=0: must be an integer >= 1"),
+        (lambda: pack(x, token_choice, 2.5), "capacity=2.5: must be an integer >= 1"),
+        (lambda: capacity_dispatch(x, token_choice, same, -1), "capacity=-1"),
+        (lambda: swiglu_experts(jnp.ones((2, 3, 4)), jnp.ones((2, 5, 6)), jnp.ones((2, 5, 6)),
+                                jnp.ones((2, 6, 4))),
+         r"swiglu_experts needs x_ECD \[E, C, D\].*; got \(2, 3, 4\), \(2, 5, 6\)"),
+        (lambda: chunk_pool(x[None], 1.5, causal=True), "chunk=1.5: must be an integer"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert top_k_routing(logits, np.int64(2)).expert_index.shape == (6, 2)  # numpy ints are ints
+    no_tokens = top_k_routing(logits[:0], 2)  # an empty batch gets capacity 0 and no buffers
+    assert pack(x[:0], no_tokens, expert_capacity(0, 4, 2, 1.0))[0].shape == (4, 0, 8)
+
+
+def test_bad_moe_options_are_refused_when_the_layer_is_built():
+    cases = [(dict(jitter=3.0), r"jitter=3.0: must be in \[0, 1\)"),
+             (dict(jitter=-1), r"jitter=-1: must be in \[0, 1\)"),
+             (dict(chunk=2.5), "chunk=2.5: must be an integer >= 0"),
+             (dict(chunk=-2), "chunk=-2: must be an integer >= 0"),
+             (dict(k=2.0), r"k=2.0: must be an integer in \[1, num_experts=4\]"),
+             (dict(grouped_impl="megablox"), "grouped_impl='megablox': allowed"),
+             (dict(capacity_factor=float("inf")), "capacity_factor=inf: must be a finite")]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            MoE(8, 16, 4, **{"k": 2, **options}, rngs=nnx.Rngs(0))
+    moe = MoE(8, 16, 4, np.int64(2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="MoE input has dtype int32; needs floating point"):
+        moe(jnp.ones((1, 4, 8), jnp.int32))
+    assert moe(jnp.ones((0, 4, 8))).shape == (0, 4, 8)  # an empty batch (dropless)
 
 
 @pytest.mark.parametrize("extra", [

@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxsparse.nn.batch_local import row_split
@@ -26,12 +27,12 @@ from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh
-from jaxsparse.ops.moe import (TokenChoice, balance_from_statistics, capacity_dispatch,
-                               chunk_pool, chunk_pool_within_documents, dropless_dispatch,
-                               expert_capacity, expert_choice_capacity, expert_choice_dispatch,
-                               expert_choice_routing, expert_fractions, grouped_matmul,
-                               linear_k_schedule, router_z_loss, swiglu_experts, top_k_routing,
-                               unchunk)
+from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_statistics,
+                               capacity_dispatch, chunk_pool, chunk_pool_within_documents,
+                               dropless_dispatch, expert_capacity, expert_choice_capacity,
+                               expert_choice_dispatch, expert_choice_routing, expert_fractions,
+                               grouped_matmul, linear_k_schedule, router_z_loss, swiglu_experts,
+                               top_k_routing, unchunk)
 from jaxsparse.ops.sizes import round_up
 
 ROUTERS = ("top_k", "expert_choice", "random")
@@ -40,6 +41,13 @@ ROUTERS = ("top_k", "expert_choice", "random")
 class RouterStep(nnx.Variable):
     """Training steps seen by a layer (drives the SMoE-Dropout k schedule and the jitter
     noise); not a parameter, carried in the train state."""
+
+
+def _check_int(name: str, value, low: int, high: float = math.inf, allowed: str = "") -> None:
+    """Integer options are Python or numpy integers (not bool, not float) in [low, high]."""
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or not low <= value <= high):
+        raise ValueError(f"{name}={value!r}: must be an integer {allowed or f'>= {low}'}")
 
 
 def _expert_weights(rngs, shape, fan_in, logical_axes, scale, param_dtype):
@@ -59,19 +67,23 @@ class MoE(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if router not in ROUTERS:
             raise ValueError(f"router={router!r}: allowed {ROUTERS}")
-        if num_experts < 1 or d_model < 1 or d_ff < 1:
-            raise ValueError(f"num_experts={num_experts}, d_model={d_model}, d_ff={d_ff}: "
-                             "each must be >= 1")
-        if k_schedule_steps < 1:
-            raise ValueError(f"k_schedule_steps={k_schedule_steps}: must be >= 1")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k={k}: must be in [1, num_experts={num_experts}]")
-        if k_end is not None and not k <= k_end <= num_experts:
-            raise ValueError(f"k_end={k_end}: must be in [k={k}, num_experts={num_experts}]")
-        if eval_k is not None and not 1 <= eval_k <= num_experts:
-            raise ValueError(f"eval_k={eval_k}: must be in [1, num_experts={num_experts}]")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0, or None (dropless)")
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff),
+                            ("k_schedule_steps", k_schedule_steps)):
+            _check_int(name, value, 1)
+        _check_int("k", k, 1, num_experts, f"in [1, num_experts={num_experts}]")
+        if k_end is not None:
+            _check_int("k_end", k_end, k, num_experts, f"in [k={k}, num_experts={num_experts}]")
+        if eval_k is not None:
+            _check_int("eval_k", eval_k, 1, num_experts, f"in [1, num_experts={num_experts}]")
+        _check_int("chunk", chunk, 0, allowed=">= 0 (0: token-level routing)")
+        _check_int("shared_experts", shared_experts, 0)
+        if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+            raise ValueError(f"capacity_factor={capacity_factor!r}: must be a finite number > 0, "
+                             "or None (dropless)")
+        if not 0 <= jitter < 1:  # a factor from [1 - jitter, 1 + jitter] must stay positive
+            raise ValueError(f"jitter={jitter!r}: must be in [0, 1)")
+        if grouped_impl not in GMM_IMPLEMENTATIONS:
+            raise ValueError(f"grouped_impl={grouped_impl!r}: allowed {GMM_IMPLEMENTATIONS}")
         if router == "expert_choice" and causal:
             raise ValueError("router='expert_choice' lets each expert pick among all tokens of "
                              "the batch, later ones included, so it leaks the future; it cannot "
@@ -142,6 +154,8 @@ class MoE(nnx.Module):
         if x_BLD.ndim != 3 or x_BLD.shape[-1] != d_model:
             raise ValueError(f"MoE input of shape {x_BLD.shape}: expected [batch, length, "
                              f"d_model={d_model}]")
+        if not jnp.issubdtype(x_BLD.dtype, jnp.floating):
+            raise ValueError(f"MoE input has dtype {x_BLD.dtype}; needs floating point")
         if self.chunk and router_inputs is None and (x_BLD.shape[1] % self.chunk
                                                      or segment_ids is not None):
             # pad: lengths need not divide; documents: per-token pools

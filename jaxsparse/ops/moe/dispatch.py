@@ -13,15 +13,35 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.moe.routing import ExpertChoice, TokenChoice
+from jaxsparse.ops.moe.routing import ExpertChoice, TokenChoice, _is_int
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def _check_capacity_factor(capacity_factor) -> None:
+    if not 0 < capacity_factor < math.inf:  # also refuses nan
+        raise ValueError(f"capacity_factor={capacity_factor!r}: must be a finite number > 0")
+
+
+def _check_routed_tokens(x_TD, tokens: int) -> None:
+    """``x_TD`` must be the ``[tokens, d]`` rows the routing was computed for: a mismatch
+    would silently gather clamped rows or scatter out of range."""
+    if x_TD.ndim != 2 or x_TD.shape[0] != tokens:
+        raise ValueError(f"x_TD of shape {x_TD.shape}: expected [tokens={tokens}, d], the "
+                         "tokens the routing was computed for")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float,
                     minimum: int = 4) -> int:
     """Slots per expert: ``round(capacity_factor * tokens * k / E)``, at least ``minimum``
     (capped at the token count). With factor 1 the slots equal the assignments."""
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0 (or None: dropless)")
+    _check_int("num_tokens", num_tokens, 0)
+    _check_int("num_experts", num_experts, 1)
+    _check_int("k", k, 1)
+    _check_capacity_factor(capacity_factor)
     slots = max(int(round(capacity_factor * num_tokens * k / num_experts)), minimum)
     return min(slots, num_tokens * k)
 
@@ -43,6 +63,12 @@ def slot_positions(choice: TokenChoice, num_experts: int) -> jax.Array:
 def swiglu_experts(x_ECD, gate, up, down):
     """Every expert's SwiGLU on its buffer: ``[E, C, D]`` with weights ``[E, D, H]``,
     ``[E, D, H]``, ``[E, H, D]``."""
+    shapes = tuple(a.shape for a in (x_ECD, gate, up, down))
+    if (any(len(shape) != 3 for shape in shapes) or len({shape[0] for shape in shapes}) != 1
+            or not shapes[0][2] == shapes[1][1] == shapes[2][1] == shapes[3][2]
+            or not shapes[1][2] == shapes[2][2] == shapes[3][1]):
+        raise ValueError(f"swiglu_experts needs x_ECD [E, C, D], gate [E, D, H], up [E, D, H], "
+                         f"down [E, H, D]; got {', '.join(map(str, shapes))}")
     hidden = jax.nn.silu(jnp.einsum("ecd,edh->ech", x_ECD, gate)) * jnp.einsum("ecd,edh->ech", x_ECD, up)
     return jnp.einsum("ech,ehd->ecd", hidden, down)
 
@@ -50,7 +76,9 @@ def swiglu_experts(x_ECD, gate, up, down):
 def pack(x_TD, choice: TokenChoice, capacity: int):
     """Per-expert buffers ``[E, C, D]`` filled by priority slot; ``(buffers, slot, kept)``
     where dropped assignments have ``slot == C`` (out of range)."""
+    _check_routed_tokens(x_TD, choice.expert_index.shape[0])
     tokens, d = x_TD.shape
+    _check_int("capacity", capacity, 1 if tokens else 0)
     num_experts = choice.probs.shape[-1]
     position = slot_positions(choice, num_experts)
     kept = (position >= 0) & (position < capacity)
@@ -82,6 +110,7 @@ def dropless_dispatch(x_TD, choice: TokenChoice, grouped, *, skip_unweighted: bo
     ``skip_unweighted`` choices of zero weight (SMoE-Dropout's k schedule) sort last, outside
     every group, and ``grouped`` must give zeros for rows past ``sum(group_sizes)`` (as
     :func:`grouped_matmul` does under jit); expert parallelism then does not send them."""
+    _check_routed_tokens(x_TD, choice.expert_index.shape[0])
     tokens, d = x_TD.shape
     num_experts = choice.probs.shape[-1]
     k = choice.expert_index.shape[1]
@@ -92,12 +121,14 @@ def dropless_dispatch(x_TD, choice: TokenChoice, grouped, *, skip_unweighted: bo
     group_sizes = jnp.bincount(flat_expert, length=num_experts + 1)[:num_experts]
     group_sizes = group_sizes.astype(jnp.int32)
     out_rows = grouped(rows, group_sizes)
-    unsorted = jnp.zeros_like(out_rows).at[order].set(out_rows).reshape(tokens, k, -1)
+    unsorted = jnp.zeros_like(out_rows).at[order].set(out_rows)
+    unsorted = unsorted.reshape(tokens, k, out_rows.shape[-1])  # explicit width: T may be 0
     return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
 
 
 def expert_choice_dispatch(x_TD, choice: ExpertChoice, experts):
     """Expert-choice MoE: gather each expert's tokens, run, scatter-add back weighted."""
+    _check_routed_tokens(x_TD, choice.probs.shape[0])
     out = experts(x_TD[choice.token_index])  # [E, C, D]
     weighted = out * choice.weights[..., None].astype(out.dtype)
     return jnp.zeros_like(x_TD, dtype=out.dtype).at[choice.token_index].add(weighted)
@@ -106,6 +137,7 @@ def expert_choice_dispatch(x_TD, choice: ExpertChoice, experts):
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """Tokens per expert for expert choice: ``capacity_factor * T / E`` (factor 2: each token
     is processed twice on average, like top-2)."""
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r}: must be > 0")
+    _check_int("num_tokens", num_tokens, 0)
+    _check_int("num_experts", num_experts, 1)
+    _check_capacity_factor(capacity_factor)
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts)))

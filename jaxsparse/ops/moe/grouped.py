@@ -55,6 +55,9 @@ def _check(lhs, rhs, group_sizes):
         raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups, rhs has {rhs.shape[0]}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
+    for name, x in (("lhs", lhs), ("rhs", rhs)):  # integer products would be truncated
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} has dtype {x.dtype}; needs floating point")
     try:
         sizes = np.asarray(group_sizes)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -156,7 +159,9 @@ _tiles_vjp.defvjp(_tiles_fwd, _tiles_bwd)
 
 
 def _tiles(lhs, rhs, group_sizes, tile):
-    return _tiles_vjp(lhs, rhs, group_sizes, tile or default_tile(lhs.shape[0], rhs.shape[0]))
+    if tile is None:
+        tile = default_tile(lhs.shape[0], rhs.shape[0])
+    return _tiles_vjp(lhs, rhs, group_sizes, tile)
 
 
 def _native_or_tiles(lhs, rhs, group_sizes, tile, *, required: bool):
@@ -199,10 +204,14 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
     """``[m, n]``: each group's rows of ``lhs`` times that group's ``rhs``; see the module doc.
 
     ``None`` picks ``"native"`` on a CPU-only host for float32 (``"tiles"`` for other dtypes
-    or where the C++ kernel cannot be built) and ``"ragged_dot"`` elsewhere.
+    or where the C++ kernel cannot be built) and ``"ragged_dot"`` elsewhere. ``tile``: rows
+    per tile of ``"tiles"`` (None: :func:`default_tile`).
     """
     if implementation not in GMM_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {GMM_IMPLEMENTATIONS}")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer))
+                             or tile < 1):
+        raise ValueError(f"tile={tile!r}: must be an integer >= 1, or None (default_tile)")
     _check(lhs, rhs, group_sizes)
     if lhs.shape[0] == 0:  # no rows (an empty batch): nothing for a kernel to tile
         return _dense(lhs, rhs, group_sizes)

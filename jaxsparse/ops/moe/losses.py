@@ -5,11 +5,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.concrete import concrete_values
+
+
+def _check_expert_index(expert_index, num_experts: int) -> None:
+    """Concrete indices must name an expert: one outside ``[0, E)`` one-hot encodes to zeros
+    and silently drops out of the statistics (traced ones are checked by their router)."""
+    values = concrete_values(expert_index)
+    if values is not None and values.size and not 0 <= values.min() <= values.max() < num_experts:
+        raise ValueError(f"expert_index holds values in [{values.min()}, {values.max()}]: must be "
+                         f"in [0, num_experts={num_experts})")
+
 
 def expert_fractions(expert_index: jax.Array, num_experts: int, weights=None) -> jax.Array:
     """f_i: the fraction of routing assignments that go to expert i, counting each token once
     per chosen expert and dividing by k, so the fractions sum to 1. Choices with zero weight
     (switched off by a dynamic k) are not counted."""
+    _check_expert_index(expert_index, num_experts)
     one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)  # [T, k, E]
     if weights is not None:
         one_hot = one_hot * (weights > 0)[..., None]

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.segments import check_segment_ids, document_index
 
@@ -35,8 +36,13 @@ class ExpertChoice(NamedTuple):
     logits: jax.Array
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer (not bool, not float)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_k(k: int, num_experts: int, name: str = "k") -> None:
-    if not isinstance(k, int) or not 1 <= k <= num_experts:
+    if not _is_int(k) or not 1 <= k <= num_experts:
         raise ValueError(f"{name}={k!r}: must be an int in [1, num_experts={num_experts}]")
 
 
@@ -69,7 +75,7 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoice:
     if logits.ndim != 2:
         raise ValueError(f"logits must be [tokens, experts], got shape {logits.shape}")
     tokens = logits.shape[0]
-    if not isinstance(capacity, int) or not 1 <= capacity <= tokens:
+    if not _is_int(capacity) or not 1 <= capacity <= tokens:
         raise ValueError(f"capacity={capacity!r}: must be an int in [1, tokens={tokens}]")
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -93,9 +99,12 @@ def chunk_pool(x_BLD: jax.Array, chunk: int, *, causal: bool) -> jax.Array:
     Non-causal: the chunk's mean. Causal: the mean of the *previous* chunk (zeros for the
     first), so no token's experts depend on tokens after it.
     """
+    if x_BLD.ndim != 3:
+        raise ValueError(f"x_BLD must be [batch, length, d], got shape {x_BLD.shape}")
     batch, length, d = x_BLD.shape
-    if chunk < 1 or length % chunk:
-        raise ValueError(f"chunk={chunk}: must be >= 1 and divide the sequence length {length}")
+    if not _is_int(chunk) or chunk < 1 or length % chunk:
+        raise ValueError(f"chunk={chunk!r}: must be an integer >= 1 and divide the sequence "
+                         f"length {length}")
     means = x_BLD.reshape(batch, length // chunk, chunk, d).mean(axis=2)
     if causal:
         means = jnp.pad(means[:, :-1], ((0, 0), (1, 0), (0, 0)))
@@ -111,9 +120,11 @@ def chunk_pool_within_documents(x_BLD: jax.Array, segment_ids: jax.Array, chunk:
     one document per row it is :func:`chunk_pool` repeated per token. Any length (the last
     chunk is padded; padding joins no document). Cost ``O(L · chunk · D)``, like one more
     projection of width ``chunk``."""
+    if x_BLD.ndim != 3:
+        raise ValueError(f"x_BLD must be [batch, length, d], got shape {x_BLD.shape}")
     batch, length, d = x_BLD.shape
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk}: must be >= 1")
+    if not _is_int(chunk) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
     runs = document_index(check_segment_ids(segment_ids, batch, length))
     n = -(-length // chunk)
     pad = n * chunk - length
