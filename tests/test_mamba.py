@@ -177,3 +177,17 @@ def test_bad_block_sizes_and_input_widths_are_named():
         Attention(16, 3, 2, 8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"input of shape \(1, 8, 15\) must end in .*\(16,\)"):
         Mamba(16, rngs=nnx.Rngs(0))(jnp.zeros((1, 8, 15)))
+    for block in (Mamba(16, rngs=nnx.Rngs(0)), Mamba2(16, head_dim=8, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError,
+                           match=r"x must be \[batch, length, d_model\]; got \(8, 16\)"):
+            block(jnp.zeros((8, 16)))
+
+
+def test_bad_convolution_inputs_are_named():
+    x, w = jnp.ones((1, 6, 8)), jnp.ones((4, 8))
+    with pytest.raises(ValueError, match=r"x must be \[batch, length, channels\]; got \(6, 8\)"):
+        causal_depthwise_conv1d(x[0], w)
+    with pytest.raises(ValueError, match=r"w must be \[width >= 1, channels=8\], got \(0, 8\)"):
+        causal_depthwise_conv1d(x, w[:0])
+    with pytest.raises(ValueError, match=r"b must be \[channels=8\], got \(7,\)"):
+        causal_depthwise_conv1d(x, w, jnp.ones(7))

@@ -109,6 +109,23 @@ def test_bad_memory_settings_are_refused():
                                            jnp.eye(2)), [0.5, 0.5])
 
 
+def test_sub_key_tables_of_different_shapes_and_non_integer_knn_are_refused():
+    # a second table of 6 keys beside one of 4 gave slot indices past the 16-row table
+    query, keys = jnp.ones((5, 2, 6)), jnp.ones((2, 4, 3))
+    for other in (jnp.ones((2, 6, 3)), jnp.ones((2, 4, 4)), jnp.ones((3, 4, 3))):
+        with pytest.raises(ValueError, match=rf"subkeys2 \({other.shape[0]}, {other.shape[1]}, "
+                                             r"\d\) must match subkeys1 \(2, 4, 3\)"):
+            product_key_topk(query, keys, other, 2)
+    with pytest.raises(ValueError, match=r"subkeys1 \(4, 3\): must be \[heads, n_keys"):
+        product_key_topk(query, keys[0], keys[0], 2)
+    with pytest.raises(ValueError, match=r"knn=2.0: must be an integer in \[1, n_keys=4\]"):
+        product_key_topk(query, keys, keys, 2.0)
+    for option in ({"knn": 2.0}, {"heads": 0}, {"n_keys": True}):
+        name, value = next(iter(option.items()))
+        with pytest.raises(ValueError, match=rf"{name}={value}: must be an integer >= 1"):
+            ProductKeyMemory(8, rngs=nnx.Rngs(0), **({"n_keys": 4, "k_dim": 4} | option))
+
+
 @pytest.mark.parametrize("lead,heads,knn,slots,dim", [((2, 7), 2, 4, 50, 6), ((3,), 1, 1, 5, 3),
                                                       ((1, 1, 5), 3, 8, 64, 1)])
 def test_memory_read_equals_gathering_every_row(lead, heads, knn, slots, dim):

@@ -259,6 +259,29 @@ def test_bad_inputs_name_the_argument():
         selective_scan(**(args | {"x": args["x"].astype(jnp.int32)}))
 
 
+def test_every_mamba2_form_refuses_a_transposed_initial_state_and_zero_groups():
+    # ssd_native reshaped a [batch, head_dim, heads, d_state] state silently (a wrong answer).
+    # numpy inputs: the checks come first, so nothing is compiled
+    def inputs(groups):
+        return dict(x=np.ones((1, 5, 4, 2), np.float32), dt=np.ones((1, 5, 4), np.float32),
+                    A=-np.ones(4, np.float32), B=np.ones((1, 5, groups, 3), np.float32),
+                    C=np.ones((1, 5, groups, 3), np.float32))
+
+    swapped = inputs(1) | {"initial_state": np.zeros((1, 2, 4, 3), np.float32)}
+    message = (r"initial_state must be \[batch, heads, head_dim, d_state\]=\(1, 4, 2, 3\), "
+               r"got \(1, 2, 4, 3\)")
+    for run in (lambda a: ssd(**a, chunk_size=2), lambda a: ssd_reference(**a),
+                lambda a: ssd_native(**a)):
+        with pytest.raises(ValueError, match=message):
+            run(swapped)
+    with pytest.raises(ValueError, match=r"groups \(>= 1\) divide heads=4; got \(1, 5, 0, 3\)"):
+        ssd(**inputs(0), chunk_size=2)
+    mamba1 = inputs(0) | {"x": np.ones((1, 5, 4), np.float32), "dt": np.ones((1, 5, 4), np.float32),
+                          "A": -np.ones((4, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"B, C \(1, 5, 0, 3\): groups=0, must be >= 1"):
+        selective_scan(**mamba1)
+
+
 def test_rotary_positions_must_match_the_sequence():
     from jaxsparse.ops.rotary import apply_rotary
 

@@ -1,6 +1,8 @@
 """Workspace memory (Hydra): chunk-causal reads, the gated slot update written out by hand,
 prefixes that give the same reads as the whole sequence, gradients and bad input."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +122,36 @@ def test_bad_workspace_input_is_refused():
         workspace_memory(x, queries, init, w, chunk=0)
     with pytest.raises(ValueError, match="must agree on the width"):
         workspace_memory(x, queries[..., :4], init, w, chunk=4)
+    with pytest.raises(ValueError, match="chunk=2.5: must be an integer >= 1"):
+        workspace_memory(x, queries, init, w, chunk=2.5)
+    with pytest.raises(ValueError, match=r"x must be \[batch, length, d\]; got \(23, 8\)"):
+        workspace_memory(x[0], queries[0], init, w, chunk=4)
+    for slots in (init[0], init[None]):
+        message = r"init_MD .* \[slots, d=8\]; got " + re.escape(str(slots.shape))
+        with pytest.raises(ValueError, match=message):
+            workspace_memory(x, queries, slots, w, chunk=4)
+    with pytest.raises(ValueError, match=r"weights lack \['wg'\]"):
+        workspace_memory(x, queries, init, {k: v for k, v in w.items() if k != "wg"}, chunk=4)
+    with pytest.raises(ValueError, match=r"weights\['wk'\] has shape \(8, 9\); must be \(8, 8\)"):
+        workspace_memory(x, queries, init, w | {"wk": jnp.ones((8, 9))}, chunk=4)
+    with pytest.raises(ValueError, match=r"weights\['wq'\] has shape \(8,\)"):
+        workspace_update(jnp.ones((2, 4, 8)), x, w | {"wq": jnp.ones(8)})
+
+
+def test_bad_workspace_module_options_and_inputs_are_refused():
+    from flax import nnx
+
+    from jaxsparse.nn.workspace import WorkspaceMemory
+
+    for options, message in (((0, 2, 2), "d_model=0"), ((8, 2, 2.5), "chunk=2.5"),
+                             ((8, True, 2), "slots=True")):
+        with pytest.raises(ValueError, match=f"{message}: must be an integer >= 1"):
+            WorkspaceMemory(*options, rngs=nnx.Rngs(0))
+    ws = WorkspaceMemory(8, 2, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x must be \[batch, length, d_model=8\]; got \(6, 8\)"):
+        ws(jnp.ones((6, 8)))
+    with pytest.raises(ValueError, match=r"d_model=8\]; got \(1, 3, 7\)"):
+        ws.decode(jnp.ones((1, 3, 7)), ws.init_cache(1), 0)
 
 
 def test_fsdp_moves_the_weights_not_the_activations():

@@ -5,6 +5,7 @@ recurrent decode state."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,10 @@ class DiagonalSSM(nnx.Module):
                  out_init_scale: float = 1.0, implementation: str | None = None,
                  conv_width: int = 0, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if isinstance(max_half_life, bool) or not (
+                isinstance(max_half_life, numbers.Real) and 0 < max_half_life < math.inf):
+            raise ValueError(f"max_half_life={max_half_life!r}: must be a finite number > 0 "
+                             "(tokens)")
         if conv_width < 0:
             raise ValueError(f"conv_width={conv_width}: must be >= 0 (0: no convolution)")
         self.conv_width, self.d_model = conv_width, d_model

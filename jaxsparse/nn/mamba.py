@@ -32,10 +32,16 @@ from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 
 def _check_sizes(**sizes: int) -> None:
-    bad = {name: size for name, size in sizes.items() if not isinstance(size, int) or size < 1}
+    bad = {name: size for name, size in sizes.items()
+           if isinstance(size, bool) or not isinstance(size, int) or size < 1}
     if bad:
         raise ValueError(", ".join(f"{name}={size!r}" for name, size in bad.items())
                          + ": each must be an integer >= 1")
+
+
+def _check_input(x_BLD) -> None:
+    if x_BLD.ndim != 3:  # its width is checked by the in-projection
+        raise ValueError(f"x must be [batch, length, d_model]; got {x_BLD.shape}")
 
 
 def _dt_bias(rng, size, dt_min=1e-3, dt_max=0.1, floor=1e-4):
@@ -93,6 +99,7 @@ class Mamba(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index  # order is carried by the recurrence
+        _check_input(x_BLD)
         parallel = _sequence_parallel(x_BLD, cache)
         xz = self.in_proj(x_BLD)
         x, z = jnp.split(xz, 2, axis=-1)
@@ -160,6 +167,7 @@ class Mamba2(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index
+        _check_input(x_BLD)
         parallel = _sequence_parallel(x_BLD, cache)
         batch, length, _ = x_BLD.shape
         z, xbc, dt = jnp.split(self.in_proj(x_BLD), [self.d_inner, self.d_inner + self.conv_dim], -1)

@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
@@ -28,6 +29,10 @@ class ProductKeyMemory(nnx.Module):
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, n_keys: int = 512, heads: int = 4,
                  k_dim: int = 256, knn: int = 32, dtype=jnp.float32, param_dtype=jnp.float32):
+        for name, value in (("d_model", d_model), ("n_keys", n_keys), ("heads", heads),
+                            ("k_dim", k_dim), ("knn", knn)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
         if k_dim % 2:
             raise ValueError(f"k_dim={k_dim}: must be even (two halves of the product key)")
         if not 1 <= knn <= n_keys:

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
@@ -23,8 +24,9 @@ class WorkspaceMemory(nnx.Module):
 
     def __init__(self, d_model: int, slots: int, chunk: int, *, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
-        if slots < 1 or chunk < 1:
-            raise ValueError(f"slots={slots} and chunk={chunk} must be >= 1")
+        for name, value in (("d_model", d_model), ("slots", slots), ("chunk", chunk)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
         d = d_model
 
         def matrix(shape, fan_in):
@@ -51,9 +53,15 @@ class WorkspaceMemory(nnx.Module):
                 for name in ("wq", "wk", "wv", "wg", "bg")
                 for variable in (getattr(self, name),)}
 
+    def _check_input(self, x_BLD):
+        if x_BLD.ndim != 3 or x_BLD.shape[2] != self.d_model:
+            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got "
+                             f"{x_BLD.shape}")
+
     def __call__(self, x_BLD, segment_ids=None):
         """``segment_ids [B, L]``: packed documents; the slots restart at every document start
         (:func:`~jaxsparse.ops.workspace.workspace_memory`)."""
+        self._check_input(x_BLD)
         # the chunk recurrence runs over the whole length: under sequence parallelism gather
         # x once here, not the keys and the values that are projected from it
         x = constrain(x_BLD.astype(self.dtype), ("batch", None, "embed"))
@@ -69,6 +77,7 @@ class WorkspaceMemory(nnx.Module):
     def decode(self, x_BLD, cache, cache_index):
         """Tokens at positions ``cache_index ..``, one at a time: read, buffer, and rewrite the
         slots whenever a chunk completes."""
+        self._check_input(x_BLD)
         weights = self.weights()
 
         def step(carry, inputs):

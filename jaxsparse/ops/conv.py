@@ -16,10 +16,14 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
     earlier document read zeros, as at the start of a sequence; the state (the inputs before
     ``x``) belongs to the first document. Returns ``(y [B, L, D], new_state [B, K-1, D])``.
     """
-    width = w_KD.shape[0]
+    if x_BLD.ndim != 3:
+        raise ValueError(f"x must be [batch, length, channels]; got {x_BLD.shape}")
     batch, length, channels = x_BLD.shape
-    if w_KD.shape != (width, channels):
-        raise ValueError(f"w must be [width, channels={channels}], got {w_KD.shape}")
+    if w_KD.ndim != 2 or w_KD.shape[0] < 1 or w_KD.shape[1] != channels:
+        raise ValueError(f"w must be [width >= 1, channels={channels}], got {w_KD.shape}")
+    width = w_KD.shape[0]
+    if b_D is not None and b_D.shape != (channels,):
+        raise ValueError(f"b must be [channels={channels}], got {b_D.shape}")
     if state_BKD is None:
         state_BKD = jnp.zeros((batch, width - 1, channels), x_BLD.dtype)
     if state_BKD.shape != (batch, width - 1, channels):

@@ -119,12 +119,26 @@ def decay_from(delta, log_lambda):
     return jnp.exp(-jax.nn.softplus(delta) * jnp.exp(log_lambda))
 
 
+def _check_diagonal_ssm_shapes(delta, B, C, U, log_lambda, D):
+    """Refuse what would broadcast silently (a size-1 axis) or fail deep inside the scan."""
+    if U.ndim != 3:
+        raise ValueError(f"U must be [batch, length, width]; got {U.shape}")
+    for name, arr in (("delta", delta), ("B", B), ("C", C)):
+        if arr.shape != U.shape:
+            raise ValueError(f"{name} must have U's shape [batch, length, width]={U.shape}; "
+                             f"got {arr.shape}")
+    for name, arr in (("log_lambda", log_lambda), ("D", D)):
+        if arr.shape != (U.shape[2],):
+            raise ValueError(f"{name} must be [width={U.shape[2]}]; got {arr.shape}")
+
+
 def diagonal_ssm(delta, B, C, U, log_lambda, D, *, initial_state=None, implementation=None,
                  segment_ids=None):
     """The recurrence above for ``Δ, B, C, U [batch, length, width]`` and per-channel
     ``log_lambda, D [width]``, in float32: ``(y [B, L, W], final state [B, W])``.
     ``segment_ids [batch, length]`` (packed documents): the state restarts from zero where a
     document starts (:mod:`jaxsparse.ops.segments`)."""
+    _check_diagonal_ssm_shapes(delta, B, C, U, log_lambda, D)
     f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
     decay = decay_from(f32(delta), f32(log_lambda)[None, None, :])
     if segment_ids is not None:
@@ -153,6 +167,8 @@ def diagonal_ssm_sequence_parallel(delta, B, C, U, log_lambda, D, *, mesh, axis=
     its chunk, and chunk states pass between shards (:mod:`jaxsparse.ops.sequence_scan`).
     ``segment_ids``: packed documents, as in :func:`diagonal_ssm`."""
     from jaxsparse.ops.sequence_scan import scan_across_shards
+
+    _check_diagonal_ssm_shapes(delta, B, C, U, log_lambda, D)
 
     def run(seq, shared, initial):
         ids, initial = shard_documents(seq, initial)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.topk import top_k
 
@@ -26,12 +27,18 @@ def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int, *,
     top-k selections go through :func:`jaxsparse.ops.topk.top_k` (a C++ kernel on CPU, where
     XLA's sort-based top-k was most of the layer's time).
     """
+    if subkeys1_HND.ndim != 3:
+        raise ValueError(f"subkeys1 {subkeys1_HND.shape}: must be [heads, n_keys, sub-key dim]")
+    if subkeys2_HND.shape != subkeys1_HND.shape:  # slot i·n + j assumes one n for both tables
+        raise ValueError(f"subkeys2 {subkeys2_HND.shape} must match subkeys1 "
+                         f"{subkeys1_HND.shape}")
     heads, n, half = subkeys1_HND.shape
     if query_HK.shape[-2:] != (heads, 2 * half):
         raise ValueError(f"query {query_HK.shape}: last dims must be (heads={heads}, "
                          f"2·sub-key dim={2 * half})")
-    if not 1 <= knn <= n:
-        raise ValueError(f"knn={knn}: must be in [1, n_keys={n}] (top-k is taken per half)")
+    if isinstance(knn, bool) or not isinstance(knn, int | np.integer) or not 1 <= knn <= n:
+        raise ValueError(f"knn={knn!r}: must be an integer in [1, n_keys={n}] (top-k is taken "
+                         "per half)")
     q1, q2 = query_HK[..., :half].astype(jnp.float32), query_HK[..., half:].astype(jnp.float32)
     s1 = jnp.einsum("...hd,hnd->...hn", q1, subkeys1_HND.astype(jnp.float32))
     s2 = jnp.einsum("...hd,hnd->...hn", q2, subkeys2_HND.astype(jnp.float32))

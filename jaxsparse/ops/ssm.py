@@ -61,6 +61,8 @@ def _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias):
                              f"d_state={d_state}], got {arr.shape}")
     if B.shape != C.shape:
         raise ValueError(f"B and C must have the same shape, got {B.shape} and {C.shape}")
+    if B.shape[2] < 1:
+        raise ValueError(f"B, C {B.shape}: groups={B.shape[2]}, must be >= 1")
     if d_inner % B.shape[2]:
         raise ValueError(f"d_inner={d_inner} must be a multiple of the groups={B.shape[2]}")
     if D is not None and D.shape != (d_inner,):
@@ -352,7 +354,8 @@ def segsum(x):
     return jnp.where(np.tril(np.ones((T, T), bool)), summed, -jnp.inf)
 
 
-def _check_ssd_shapes(x, dt, A, B, C, D, dt_bias):
+def _check_ssd_shapes(x, dt, A, B, C, D, dt_bias, initial_state):
+    """The argument checks of :func:`ssd`, :func:`ssd_reference` and :func:`ssd_native`."""
     if x.ndim != 4:
         raise ValueError(f"x must be [batch, length, heads, head_dim], got {x.shape}")
     batch, length, heads, _ = x.shape
@@ -364,11 +367,15 @@ def _check_ssd_shapes(x, dt, A, B, C, D, dt_bias):
         if arr.ndim != 4 or arr.shape[:2] != (batch, length):
             raise ValueError(f"{name} must be [batch={batch}, length={length}, groups, d_state], "
                              f"got {arr.shape}")
-    if B.shape != C.shape or heads % B.shape[2]:
-        raise ValueError(f"B, C must agree and their groups divide heads={heads}; got "
+    if B.shape != C.shape or B.shape[2] < 1 or heads % B.shape[2]:
+        raise ValueError(f"B, C must agree and their groups (>= 1) divide heads={heads}; got "
                          f"{B.shape}, {C.shape}")
     if D is not None and D.shape != (heads,):
         raise ValueError(f"D must be [heads={heads}], got {D.shape}")
+    state_shape = (batch, heads, x.shape[3], B.shape[3])
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(f"initial_state must be [batch, heads, head_dim, d_state]={state_shape}, "
+                         f"got {initial_state.shape}")
     _check_dt_bias_and_dtypes(dt_bias, heads, "heads", x=x, dt=dt, A=A, B=B, C=C)
     _check_negative("A", A)
 
@@ -408,13 +415,11 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, D=None, dt_bias=None, dt_softplus=Fa
     _check_chunk(chunk_size)
     if chunk_size is None:
         raise ValueError("chunk_size is required for ssd")
-    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias)
+    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias, initial_state)
     batch, length, heads, head_dim = x.shape
     groups, d_state = B.shape[2:]
     per_group = heads // groups
     state_shape = (batch, heads, head_dim, d_state)
-    if initial_state is not None and initial_state.shape != state_shape:
-        raise ValueError(f"initial_state must be {state_shape}, got {initial_state.shape}")
     dt = _final_dt(dt, dt_bias, dt_softplus)  # [b, l, h]
     a = dt * A.astype(jnp.float32)[None, None, :]  # log decay per step
     if segment_ids is not None:
@@ -501,7 +506,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False,
                   initial_state=None, return_final_state=False, segment_ids=None):
     """The Mamba-2 recurrence one step at a time (``lax.scan``): the reference for :func:`ssd`
     (``segment_ids`` as there)."""
-    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias)
+    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias, initial_state)
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[3]
     dt, a, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
@@ -540,7 +545,7 @@ def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
     """
     from jaxsparse.ops.native import selective_scan as native
 
-    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias)
+    _check_ssd_shapes(x, dt, A, B, C, D, dt_bias, initial_state)
     if not native.available():
         raise RuntimeError("ssd_native: the C++ selective-scan kernel could not be built "
                            "(see the warning above); use ssd_reference")

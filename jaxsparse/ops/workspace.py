@@ -33,10 +33,30 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_starts
 from jaxsparse.ops.sizes import round_up
+
+
+WEIGHT_NAMES = ("wq", "wk", "wv", "wg", "bg")
+
+
+def check_weights(weights, width: int) -> None:
+    """``weights`` holds ``wq, wk [d, e]``, ``wv [d, d]``, ``wg [2d, d]`` and ``bg [d]`` for
+    slots of width ``d``."""
+    missing = [name for name in WEIGHT_NAMES if name not in weights]
+    if missing:
+        raise ValueError(f"weights lack {missing}: need {list(WEIGHT_NAMES)}")
+    wq = weights["wq"]
+    if wq.ndim != 2 or wq.shape[0] != width:
+        raise ValueError(f"weights['wq'] has shape {wq.shape}; must be [d={width}, key dim]")
+    expected = {"wk": wq.shape, "wv": (width, width), "wg": (2 * width, width), "bg": (width,)}
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
+            raise ValueError(f"weights[{name!r}] has shape {weights[name].shape}; must be "
+                             f"{shape} (slot width d={width}, key dim {wq.shape[1]})")
 
 
 def read_slots(queries_BKD, state_BMD):
@@ -49,6 +69,11 @@ def read_slots(queries_BKD, state_BMD):
 def workspace_update(state_BMD, chunk_BKD, weights, valid_BK=None):
     """One chunk's gated rewrite of the slots; ``valid_BK`` leaves padding tokens out (a chunk
     with no valid token leaves the state unchanged)."""
+    if (state_BMD.ndim != 3 or chunk_BKD.ndim != 3 or chunk_BKD.shape[0] != state_BMD.shape[0]
+            or chunk_BKD.shape[2] != state_BMD.shape[2]):
+        raise ValueError(f"state {state_BMD.shape} and chunk {chunk_BKD.shape}: must be "
+                         "[batch, slots, d] and [batch, chunk, d]")
+    check_weights(weights, state_BMD.shape[2])
     keys = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wk"])
     values = jnp.einsum("bkd,de->bke", chunk_BKD, weights["wv"])
     return update_from_keys(state_BMD, keys, values, weights, valid_BK)
@@ -81,12 +106,18 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segmen
     whole sequence at once before the scan, and the reads of every chunk are one batched
     attention over the stacked states after it (inside a ``lax.scan`` each of these was a
     small per-chunk matmul, in the backward pass too)."""
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk}: must be >= 1")
+    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
+    if x_BLD.ndim != 3:
+        raise ValueError(f"x must be [batch, length, d]; got {x_BLD.shape}")
     b, length, d = x_BLD.shape
-    if queries_BLD.shape != x_BLD.shape or init_MD.shape[-1] != d:
-        raise ValueError(f"x {x_BLD.shape}, queries {queries_BLD.shape} and slots "
-                         f"{init_MD.shape} must agree on the width")
+    if queries_BLD.shape != x_BLD.shape:
+        raise ValueError(f"x {x_BLD.shape} and queries {queries_BLD.shape} must agree on the "
+                         "width (one shape)")
+    if init_MD.ndim != 2 or init_MD.shape[1] != d:
+        raise ValueError(f"init_MD (the initial slots) must be [slots, d={d}]; got "
+                         f"{init_MD.shape}")
+    check_weights(weights, d)
     padded = round_up(length, chunk)
     pad = [(0, 0), (0, padded - length), (0, 0)]
     by_chunk = lambda t: jnp.pad(t, pad).reshape(b, -1, chunk, t.shape[-1]).swapaxes(0, 1)  # noqa: E731
