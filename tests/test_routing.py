@@ -18,9 +18,9 @@ from jaxsparse.nn import RoutingAttention
 from jaxsparse.nn.intermediates import run_capturing
 from jaxsparse.nn.routing import Centroids, routing_statistics
 from jaxsparse.ops.routing import (assign, balanced_clusters, balanced_routing_attention,
-                                   causal_routing_attention, commitment_loss, ema_centroids,
-                                   ema_mean, init_centroids, normalize, routing_windows,
-                                   shared_keys)
+                                   causal_routing_attention, causal_routing_decode,
+                                   commitment_loss, ema_centroids, ema_mean, init_centroids,
+                                   normalize, routing_units, routing_windows, shared_keys)
 from jaxsparse.train.loop import train
 
 ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routing_heads=2",
@@ -244,6 +244,83 @@ def test_bad_routing_configs_and_inputs_are_refused():
         causal_routing_attention(q, k, v, jnp.ones((3, 4, 16)), window=4)
 
 
+def test_bad_routing_options_and_inputs_are_refused_before_any_work():
+    q, k, v = qkv(jax.random.key(0), b=1, length=6, heads=2, dim=4)
+    centroids = init_centroids(jax.random.key(1), 2, 3, 4)
+
+    def attend(**kw):
+        return causal_routing_attention(q, k, v, centroids, **{"window": 2, **kw})[0]
+
+    for kw, message in [(dict(window=2.5), r"window=2.5: must be an integer >= 1"),
+                        (dict(window=0), r"window=0: must be an integer >= 1"),
+                        (dict(query_chunk=0), r"query_chunk=0: must be an integer >= 1"),
+                        (dict(query_chunk=-1), r"query_chunk=-1: must be an integer >= 1"),
+                        (dict(scale=float("nan")), r"scale=nan: must be a finite number > 0"),
+                        (dict(scale=0.0), r"scale=0.0: must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=message):
+            attend(**kw)
+    ints = [x.astype(jnp.int32) for x in (q, k, v)]
+    for op in (causal_routing_attention, balanced_routing_attention):
+        with pytest.raises(ValueError, match=r"q has dtype int32; routing attention needs "
+                                             r"floating-point inputs"):
+            op(*ints, centroids, window=2)
+    with pytest.raises(ValueError, match=r"scale=nan: must be a finite number > 0"):
+        balanced_routing_attention(q, k, v, centroids, window=2, scale=float("nan"))
+    # a traced scale (a learnt temperature under jit) cannot be checked, and still works
+    traced, static = jax.jit(lambda s: (attend(scale=s), attend(scale=0.5)))(0.5)
+    np.testing.assert_allclose(traced, static, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"decay=1.0: must be in \[0, 1\)"):  # would divide by 0
+        ema_mean(jnp.zeros((2, 4)), jnp.zeros((), jnp.int32), k, decay=1.0)
+
+
+def test_bad_routing_decode_inputs_are_refused():
+    q, k, v = qkv(jax.random.key(0), b=1, length=6, heads=2, dim=4)
+    centroids = init_centroids(jax.random.key(1), 2, 3, 4)
+    clusters = assign(routing_units(k), centroids)                     # [1, 6, 2]
+    good = dict(q=q[:, :1], k_cache=k, v_cache=v, k_clusters_cache=clusters, lengths=3,
+                centroids=centroids, window=2)
+    two = dict(k_cache=jnp.concatenate([k, k]), v_cache=jnp.concatenate([v, v]),
+               k_clusters_cache=jnp.concatenate([clusters, clusters]))
+    wide = init_centroids(jax.random.key(1), 2, 3, 5)
+    for kw, message in [
+            (dict(k_clusters_cache=clusters[:, :5]),
+             r"k_clusters_cache must be integers \[B=1, S=6, H=2\].*got int32\[1, 5, 2\]"),
+            (dict(k_clusters_cache=clusters + 3),
+             r"k_clusters_cache holds cluster ids in \[\d, \d\]: each must be in \[-1, "
+             r"num_clusters=3\)"),
+            (two, r"q and k_cache must have the same batch size"),
+            (dict(k_cache=k[:, :, :1], v_cache=v[:, :, :1]), r"k_cache has 1 heads and q has 2"),
+            (dict(k_cache=jnp.zeros((1, 6, 2, 5)), v_cache=jnp.zeros((1, 6, 2, 5))),
+             r"head dims differ: q has 4, k_cache and v_cache have 5"),
+            (dict(centroids=wide), r"centroids must be \[H=2, C, D=4\], got \(2, 3, 5\)"),
+            (dict(window=0), r"window=0: must be an integer >= 1"),
+            (dict(lengths=0), r"lengths=\[0\]: each must be in \[1, 6\]"),
+            (dict(lengths=7), r"lengths=\[7\]: each must be in \[1, 6\]"),
+            (dict(lengths=3.0), r"lengths of shape \(\) and dtype float32: expected integers"),
+            (dict(scale=float("nan")), r"scale=nan: must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=message):
+            causal_routing_decode(**{**good, **kw})
+
+
+def test_bad_routing_layer_options_are_refused_when_built_and_decoding_past_the_cache():
+    def layer(**kw):  # the sizes of the layers below: nothing new to compile
+        options = dict(routing_heads=1, num_clusters=4, window=3, local_window=4)
+        return RoutingAttention(32, 2, 8, rngs=nnx.Rngs(0), **{**options, **kw})
+
+    for kw, message in [(dict(window=2.5), r"window=2.5: must be an integer >= 1"),
+                        (dict(local_window=0), r"local_window=0: must be an integer >= 1"),
+                        (dict(center=True, center_decay=1.0),
+                         r"center_decay=1.0: must be in \[0, 1\)")]:
+        with pytest.raises(ValueError, match=message):
+            layer(**kw)
+    routing_only = layer(routing_heads=2)  # all heads routing: the overflow was silent here
+    routing_only.eval()
+    x = jax.random.normal(jax.random.key(2), (1, 2, 32))
+    with pytest.raises(ValueError, match=r"lengths=\[5\]: each must be in \[2, 4\]"):
+        routing_only(x, jnp.arange(3, 5)[None], cache=routing_only.init_cache(1, 4),
+                     cache_index=3)
+
+
 def test_restoring_a_checkpoint_without_centroids_names_them(tmp_path):
     from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
     from jaxsparse.train.state import TrainSetup
@@ -311,7 +388,7 @@ def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
     want, _ = causal_routing_attention(q, k, v, fresh.centroids[...], window=3,
                                        shared_qk=shared_qk)
     np.testing.assert_allclose(out, fresh.o_proj(want), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"dense_steps=-1: must be >= 0"):
+    with pytest.raises(ValueError, match=r"dense_steps=-1: must be an integer >= 0"):
         RoutingAttention(32, 2, 8, rngs=nnx.Rngs(3), routing_heads=2, num_clusters=4, window=3,
                          local_window=4, dense_steps=-1)
     with pytest.raises(ConfigError, match=r"model.routing_dense_steps=-5: must be >= 0"):

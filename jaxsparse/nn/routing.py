@@ -10,11 +10,13 @@ from flax import nnx
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
+from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.masks import CausalMask, LocalMask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,
-                                   commitment_loss, ema_centroids, ema_mean, init_centroids,
-                                   routing_units, routing_windows, shared_keys)
+                                   check_integer_option, commitment_loss, ema_centroids,
+                                   ema_mean, init_centroids, routing_units, routing_windows,
+                                   shared_keys)
 from jaxsparse.ops.segments import refuse_while_decoding
 
 
@@ -109,15 +111,15 @@ class RoutingAttention(nnx.Module):
         if not 1 <= routing_heads <= n_heads:
             raise ValueError(f"routing_heads={routing_heads}: must be in [1, n_heads={n_heads}]")
         for name, value in (("num_clusters", num_clusters), ("window", window),
-                            ("local_window", local_window)):
-            if value < 1:
-                raise ValueError(f"{name}={value}: must be >= 1")
-        if not 1 <= probes <= num_clusters:
+                            ("local_window", local_window), ("probes", probes)):
+            check_integer_option(name, value)
+        if not probes <= num_clusters:
             raise ValueError(f"probes={probes}: must be in [1, num_clusters={num_clusters}]")
-        if dense_steps < 0:
-            raise ValueError(f"dense_steps={dense_steps}: must be >= 0")
+        check_integer_option("dense_steps", dense_steps, low=0)
         if not 0 < decay < 1:
             raise ValueError(f"decay={decay}: must be in (0, 1)")
+        if not 0 <= center_decay < 1:  # at 1 the running mean's bias correction divides by 0
+            raise ValueError(f"center_decay={center_decay}: must be in [0, 1)")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         heads = ("embed", "heads", "kv")
         self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=heads, **kw)
@@ -159,6 +161,9 @@ class RoutingAttention(nnx.Module):
         windows keep to each query's document. (The centroids and the running mean are
         statistics of the whole batch, as before: they change no output of this call.)"""
         refuse_while_decoding(segment_ids, cache)
+        if cache is not None:  # before writing: a concrete overflow would be clamped silently
+            batch, new = x_BLD.shape[:2]
+            lengths = checked_cache_lengths(cache_index + new, batch, new, cache["k"].shape[1])
         q, k, v = self._project(x_BLD)
         nl = self.n_local
         q_loc = apply_rotary(q[:, :, :nl], positions_BL, self.rope_theta)
@@ -187,7 +192,8 @@ class RoutingAttention(nnx.Module):
             new_cache = None
         else:
             local, routed, new_cache = self._decode(q_loc, k_loc, q_rt, k_rt, v, centroids,
-                                                    cache, cache_index, q_center, k_center)
+                                                    cache, cache_index, lengths, q_center,
+                                                    k_center)
         out = jnp.concatenate([local.astype(routed.dtype), routed], axis=2) if nl else routed
         return self.o_proj(out), new_cache
 
@@ -235,8 +241,8 @@ class RoutingAttention(nnx.Module):
             self.route_mean[...], self.route_mean_count[...] = ema_mean(
                 self.route_mean[...], self.route_mean_count[...], k_rt, self.center_decay)
 
-    def _decode(self, q_loc, k_loc, q_rt, k_rt, v, centroids, cache, cache_index, q_center,
-                k_center):
+    def _decode(self, q_loc, k_loc, q_rt, k_rt, v, centroids, cache, cache_index, lengths,
+                q_center, k_center):
         nl = self.n_local
         k_keys = shared_keys(k_rt) if self.shared_qk else k_rt
         k_new = jnp.concatenate([k_loc, k_keys], axis=2) if nl else k_keys
@@ -245,7 +251,6 @@ class RoutingAttention(nnx.Module):
         v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
         clusters = assign(routing_units(k_rt, k_center), centroids)
         c_all = jax.lax.dynamic_update_slice(cache["k_clusters"], clusters, (0, cache_index, 0))
-        lengths = jnp.full((q_rt.shape[0],), cache_index + q_rt.shape[1], jnp.int32)
         local = decode_attention(q_loc, k_all[:, :, :nl], v_all[:, :, :nl], lengths,
                                  mask=LocalMask(self.local_window - 1, 0)) if nl else None
         routed = causal_routing_decode(q_rt, k_all[:, :, nl:], v_all[:, :, nl:], c_all, lengths,

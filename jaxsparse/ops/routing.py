@@ -59,7 +59,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxsparse.ops.attention.api import check_attention_inputs
+from jaxsparse.ops.attention.decode import checked_cache_lengths
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_first_position
 from jaxsparse.ops.sizes import round_up
@@ -114,20 +118,35 @@ def assign_top(x_BLHD, centroids_HCD, probes: int):
     return jax.lax.top_k(_similarity(x_BLHD, centroids_HCD), probes)[1].astype(jnp.int32)
 
 
+def check_integer_option(name: str, value, low: int = 1) -> None:
+    """An integer option (a Python or numpy integer, not a bool) of at least ``low``, else a
+    ``ValueError`` naming it: a float such as ``2.5`` would otherwise fail deep inside a trace."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
 def _check(q, k, v, centroids, window):
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, {k.shape}, "
                          f"{v.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # an integer output would be truncated
+            raise ValueError(f"{name} has dtype {x.dtype}; routing attention needs "
+                             "floating-point inputs (e.g. float32, bfloat16)")
     _, length, heads, dim = q.shape
-    if centroids.ndim != 3 or centroids.shape[0] != heads or centroids.shape[2] != dim:
-        raise ValueError(f"centroids must be [H={heads}, C, D={dim}], got {centroids.shape}")
-    if not 1 <= window:
-        raise ValueError(f"window={window}: must be >= 1")
+    _check_centroids(centroids, heads, dim)
+    check_integer_option("window", window)
     return length, centroids.shape[1]
 
 
+def _check_centroids(centroids, heads, dim):
+    if centroids.ndim != 3 or centroids.shape[0] != heads or centroids.shape[2] != dim:
+        raise ValueError(f"centroids must be [H={heads}, C, D={dim}], got {centroids.shape}")
+
+
 def _check_probes(probes, num_clusters):
-    if not 1 <= probes <= num_clusters:
+    if (isinstance(probes, bool) or not isinstance(probes, (int, np.integer))
+            or not 1 <= probes <= num_clusters):
         raise ValueError(f"probes={probes}: must be in [1, num_clusters={num_clusters}] (a query "
                          f"reads the windows of its `probes` most similar clusters)")
 
@@ -139,7 +158,18 @@ def _check_center(center, shape_BLHD, name):
 
 
 def _scale(scale, dim):
-    return dim ** -0.5 if scale is None else scale
+    """The logit scale (default ``1/√D``). A concrete one must be a finite number > 0 (NaN or 0
+    would silently give NaN or flat attention); a traced one (a learnt temperature under
+    ``jit``) cannot be checked here and is used as it is."""
+    if scale is None:
+        return dim ** -0.5
+    value = concrete_values(scale)
+    if value is None:  # traced
+        return scale
+    if (isinstance(scale, bool) or value.shape != () or value.dtype.kind not in "iuf"
+            or not (np.isfinite(value) and value > 0)):
+        raise ValueError(f"scale={scale!r}: must be a finite number > 0 (or None)")
+    return scale
 
 
 def _keys(q, k, shared_qk, q_center=None, k_center=None):
@@ -236,10 +266,12 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     """
     _, num_clusters = _check(q, k, v, centroids, window)
     _check_probes(probes, num_clusters)
+    check_integer_option("query_chunk", query_chunk)
+    scale = _scale(scale, q.shape[-1])
     keys, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
     cq, ck, key_pos, valid = _route(qn, kn, centroids, window, shared_qk, probes,
                                     _first_positions(segment_ids, q.shape[:2]))
-    out = _attend_in_chunks(q, keys, v, key_pos, valid, _scale(scale, q.shape[-1]), query_chunk)
+    out = _attend_in_chunks(q, keys, v, key_pos, valid, scale, query_chunk)
     routing = {"q_unit": qn, "k_unit": kn, "q_clusters": cq, "k_clusters": ck,
                "keys_read": jnp.sum(valid, axis=-1, dtype=jnp.int32)}
     return out.astype(q.dtype), routing
@@ -303,6 +335,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool 
     if window > length:
         raise ValueError(f"window={window} exceeds the length {length}: a cluster cannot hold "
                          f"more members than there are tokens")
+    scale = _scale(scale, q.shape[-1])
     keys, qn, kn = _keys(q, k, shared_qk)
     q_members = balanced_clusters(qn, centroids, window)           # [B, H, C, w]
     k_members = q_members if shared_qk else balanced_clusters(kn, centroids, window)
@@ -318,7 +351,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool 
     if shared_qk:
         self_key = k_members[..., None, :] == q_members[..., :, None]
         allowed &= ~self_key | ~jnp.any(allowed & ~self_key, axis=-1, keepdims=True)
-    weights = masked_softmax(logits * _scale(scale, q.shape[-1]), allowed, axis=-1)
+    weights = masked_softmax(logits * scale, allowed, axis=-1)
     out_c = weighted_sum("bhcij,bhcjd->bhcid", weights, vc)
     b, _, h, d = q.shape
     flat = q_members.reshape(b, h, -1)
@@ -387,7 +420,11 @@ def ema_mean(mean_HD, count, x_BLHD, decay: float, mask=None):
     The mean is bias-corrected (as Adam's moments) so that it is the plain batch mean after the
     first step and a ``decay``-weighted mean of all batches seen later, instead of being pulled
     towards its zero initialisation for the first ``1 / (1 - decay)`` steps. ``mask [B, L]``
-    leaves out padding. No gradient flows through it."""
+    leaves out padding. No gradient flows through it. ``decay`` must be in ``[0, 1)``: at 1 the
+    bias correction divides by ``1 - 1 = 0`` (checked when concrete)."""
+    value = concrete_values(decay)
+    if value is not None and not (value.shape == () and 0 <= value < 1):
+        raise ValueError(f"decay={decay!r}: must be in [0, 1)")
     x = x_BLHD.astype(jnp.float32)
     if mask is None:
         batch_mean = jnp.mean(x, axis=(0, 1))
@@ -424,13 +461,16 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
     ``0 .. lengths - 1``: the same key sets as :func:`causal_routing_attention` (the ``w`` most
     recent keys of the query's cluster), found by counting instead of sorting. ``q_center``:
     as in :func:`causal_routing_attention` (the cached key clusters were assigned with it);
-    ``probes`` likewise."""
+    ``probes`` likewise. Cluster ids in the cache are in ``[-1, C)`` (``-1``: an empty slot)."""
+    _check_decode(q, k_cache, v_cache, k_clusters_cache, centroids, window)
     batch, new, heads, dim = q.shape
     slots = k_cache.shape[1]
+    lengths = checked_cache_lengths(lengths, batch, new, slots)
     _check_center(q_center, q.shape, "q_center")
     _check_probes(probes, centroids.shape[1])
+    scale = _scale(scale, dim)
     cq = assign_top(routing_units(q, q_center), centroids, probes)  # [B, n, H, P]
-    q_pos = jnp.asarray(lengths, jnp.int32).reshape(batch, 1) - new + jnp.arange(new)[None, :]
+    q_pos = lengths.reshape(batch, 1) - new + jnp.arange(new)[None, :]
     kv_pos = jnp.arange(slots)[None, None, :]
     past = (kv_pos <= q_pos[:, :, None])[..., None]                 # [B, n, S, 1]
     valid = jnp.zeros((batch, new, slots, heads), bool)
@@ -443,6 +483,31 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
         others = jnp.any(valid & ~is_self, axis=2, keepdims=True)
         valid = valid & ~(is_self & others)
     logits = matmul_f32("bnhd,bshd->bnsh", q, k_cache)
-    weights = masked_softmax(logits * _scale(scale, dim), valid, axis=2)
+    weights = masked_softmax(logits * scale, valid, axis=2)
     out = weighted_sum("bnsh,bshd->bnhd", weights, v_cache)
     return out.astype(q.dtype)
+
+
+def _check_decode(q, k_cache, v_cache, k_clusters_cache, centroids, window):
+    """Shapes of :func:`causal_routing_decode`'s arguments against ``q`` and the caches, and
+    (when concrete) the cached cluster ids against the centroids."""
+    check_attention_inputs(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    batch, _, heads, dim = q.shape
+    slots = k_cache.shape[1]
+    if k_cache.shape[2] != heads:
+        raise ValueError(f"k_cache has {k_cache.shape[2]} heads and q has {heads}: routing "
+                         f"decodes every head against its own keys; got q{q.shape}, "
+                         f"k_cache{k_cache.shape}")
+    if (k_clusters_cache.shape != (batch, slots, heads)
+            or not jnp.issubdtype(k_clusters_cache.dtype, jnp.integer)):
+        raise ValueError(f"k_clusters_cache must be integers [B={batch}, S={slots}, H={heads}] "
+                         f"(the cluster of every cached key), got {k_clusters_cache.dtype}"
+                         f"{list(k_clusters_cache.shape)}")
+    _check_centroids(centroids, heads, dim)
+    check_integer_option("window", window)
+    ids = concrete_values(k_clusters_cache)
+    num_clusters = centroids.shape[1]
+    if ids is not None and ids.size and not -1 <= ids.min() <= ids.max() < num_clusters:
+        raise ValueError(f"k_clusters_cache holds cluster ids in [{ids.min()}, {ids.max()}]: "
+                         f"each must be in [-1, num_clusters={num_clusters}) (-1: an empty "
+                         "slot)")
