@@ -76,6 +76,10 @@ def two_checkpoints(tmp_path_factory):
     ("state/_METADATA", "its state holds no readable array metadata"),
     ("state", "Item \"state\" was not found"),
     ("meta", "Item \"meta\" was not found"),  # the saved config
+    # the arrays' data itself: orbax wraps tensorstore's error in a plain Exception (the
+    # files lost, or cut short as by a full disk)
+    ("state/ocdbt.process_0/d/*", "Error reading"),
+    ("truncate state/ocdbt.process_0/d/*", "Error reading"),
 ])
 def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_path, capfd,
                                                          damage, reason):
@@ -84,14 +88,23 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_pa
     "Event loop is closed" tracebacks — and once it is moved aside the run resumes from there."""
     workdir = tmp_path / "run"
     shutil.copytree(two_checkpoints, workdir)
-    target = workdir / "checkpoints" / "2" / damage
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    step_dir = workdir / "checkpoints" / "2"
+    if damage.startswith("truncate "):
+        for path in step_dir.glob(damage.split()[1]):
+            os.truncate(path, 10)
+    elif "*" in damage:
+        for path in step_dir.glob(damage):
+            path.unlink()
+    else:
+        target = step_dir / damage
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
     capfd.readouterr()
     code = main(["train", "--config", "transformer_tiny", "--workdir", str(workdir),
                  *[f"--set={item}" for item in TINY], "--set=train.steps=3",
                  "--set=train.checkpoint_every=1"])
     err = capfd.readouterr().err
     assert code == 2 and "Event loop is closed" not in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err  # not every failed read of the step
     assert (f"jaxsparse train: error: checkpoint {workdir}/checkpoints/2 is damaged or "
             f"incomplete: ") in err and reason in err, err
     assert (f"move {workdir}/checkpoints/2 aside to resume from step 1 (saved steps: [1, 2])"
@@ -425,6 +438,24 @@ def test_a_diverging_run_stops_and_leaves_a_finite_checkpoint(tmp_path, capsys):
     assert saved < 12
     cfg, _, state = load(tmp_path)
     assert int(state["step"]) == saved and _all_finite(state)
+
+
+def test_a_diverging_resumed_run_leaves_the_good_checkpoint_it_resumed_from(tmp_path, capsys):
+    """With keep_checkpoints=1, saving the state at the stop would evict the last good
+    checkpoint for weights the updates before the bad one may already have ruined (lr 1e30:
+    finite, useless): the good checkpoint stays, unchanged, and the message names it."""
+    good = tiny_config("train.steps=3", "train.checkpoint_every=3", "train.keep_checkpoints=1")
+    before = train(good, tmp_path, sample=False, quiet=True).state
+    overrides = [*TINY, "train.steps=12", "train.checkpoint_every=3", "train.keep_checkpoints=1",
+                 "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
+    code = main(["train", "--config", "transformer_tiny", "--workdir", str(tmp_path),
+                 *[arg for o in overrides for arg in ("--set", o)]])
+    err = capsys.readouterr().err
+    assert code == 1 and "the checkpoint of step 3" in err and "is left as it was" in err
+    _, _, state = load(tmp_path)
+    assert int(state["step"]) == 3
+    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr itself

@@ -30,20 +30,49 @@ class CheckpointDamaged(CheckpointMismatch):
 
 # tensorstore status codes of data that is not there or not intact
 _UNREADABLE = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+_FAILED_READ = "Encountered error while reading array index"  # orbax's wrapper of the above
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The error ``err`` was raised from, through every level (tensorstore's own message, e.g.
+    ``DATA_LOSS: ...``, under orbax's generic wrapper)."""
+    seen = {id(err)}
+    while (err.__cause__ or err.__context__) is not None:
+        inner = err.__cause__ or err.__context__
+        if id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+def _unreadable(err: BaseException) -> bool:
+    """Whether ``err`` or an error it was raised from says that stored data could not be read."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if any(code in text for code in _UNREADABLE) or "was not found in the checkpoint" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @contextlib.contextmanager
 def _quiet_closed_loop_callbacks():
     """When a restore fails, orbax closes its event loop while tensorstore's other reads are
     in flight; each of them then reports ``RuntimeError: Event loop is closed`` as an
-    unraisable exception (hundreds of tracebacks around the one error that matters). Only
-    that exception is dropped: during a restore, and after a failed one for good (the last
-    callbacks arrive after the manager has closed)."""
+    unraisable exception (hundreds of tracebacks around the one error that matters); with a
+    damaged data file, every other read of it reports its own failure as its coroutine is
+    collected. Only those exceptions are dropped: during a restore, and after a failed one for
+    good (the last callbacks arrive after the manager has closed)."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        sibling_read = str(error).startswith(_FAILED_READ)
+        if not (closed_loop or sibling_read):
             previous(unraisable)
 
     sys.unraisablehook = hook
@@ -108,7 +137,12 @@ class Checkpointer:
             try:
                 out = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-            except (ValueError, KeyError, TypeError) as err:
+            except Exception as err:  # noqa: BLE001 — named below, or raised as it came
+                # orbax wraps tensorstore's read errors (a data file deleted or truncated) in
+                # a plain Exception; the tree mismatches it reports are Value/Key/TypeErrors
+                if not isinstance(err, ValueError | KeyError | TypeError) and not _unreadable(err):
+                    self.close()
+                    raise
                 try:
                     self._name_differences(abstract_state, step)  # another model's state?
                     self._name_unreadable(step, err)  # the same tree, data missing?
@@ -122,8 +156,7 @@ class Checkpointer:
     def _name_unreadable(self, step: int, err: Exception) -> None:
         """After a failed restore of a checkpoint with the right arrays: its data cannot be
         read (a file deleted or truncated, a disk error, an item missing)."""
-        text = str(err)
-        if any(code in text for code in _UNREADABLE) or "was not found in the checkpoint" in text:
+        if _unreadable(err):
             raise self._damaged(step, err)
 
     def _damaged(self, step: int, reason) -> CheckpointDamaged:
@@ -134,7 +167,7 @@ class Checkpointer:
         way_back = (f"move {self.directory / str(step)} aside to resume from step {earlier[-1]} "
                     f"(saved steps: {saved})" if earlier else
                     "no earlier checkpoint is kept here; use another --workdir")
-        why = _first_line(reason) if isinstance(reason, Exception) else reason
+        why = _first_line(_innermost(reason)) if isinstance(reason, Exception) else reason
         return CheckpointDamaged(
             f"checkpoint {self.directory}/{step} is damaged or incomplete: {why}; {way_back}")
 

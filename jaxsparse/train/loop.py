@@ -291,9 +291,14 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             if (step % cfg.train.eval_every == 0 or last) and not diverged:
                 eval_metrics = run_eval()
             interrupted = flag.signal is not None or (should_stop is not None and should_stop(step))
-            if step % cfg.train.checkpoint_every == 0 or last or interrupted or diverged:
-                ckpt.save(step, state, cfg, force=True)  # finite: bad updates are never applied
+            if (step % cfg.train.checkpoint_every == 0 or last or interrupted) and not diverged:
+                ckpt.save(step, state, cfg, force=True)
             if diverged:
+                # The state at the stop is finite (bad updates are never applied), but the
+                # updates before the bad one may already have harmed it, and saving it would
+                # evict the oldest good checkpoint: it is saved only when there is none.
+                if ckpt.latest_step() is None:
+                    ckpt.save(step, state, cfg, force=True)
                 break
             if interrupted and not last:
                 stopped = True
@@ -303,6 +308,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 break
     flush_logs()
     if stop_on_nonfinite and skipped:
+        kept = ckpt.latest_step()
         bar.close()
         ckpt.close()
         writer.close()
@@ -316,10 +322,14 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             advice = ("Resume from it with a lower optimizer.lr (or longer "
                       "optimizer.warmup_steps, a smaller optimizer.grad_clip), or set "
                       "train.nonfinite=skip to step over such batches")
+        where = (f"the checkpoint of step {kept} in {workdir / 'checkpoints'}, the latest one, "
+                 "is left as it was (the state at the stop is not saved over it)"
+                 if kept < step else
+                 f"the checkpoint of step {kept} in {workdir / 'checkpoints'} (none was written "
+                 "before) holds the finite weights at the stop")
         raise NonFiniteTraining(
             f"step {skipped[0] + 1}: {what}, so the run stopped (train.nonfinite='stop'). "
-            f"That update was not applied: the checkpoint of step {step} in "
-            f"{workdir / 'checkpoints'} holds finite weights. {advice}.")
+            f"That update was not applied; {where}. {advice}.")
     if not eval_metrics and not stopped:
         eval_metrics = run_eval()  # resumed a finished run: its final numbers, not an empty dict
     bar.close()
