@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -16,7 +17,9 @@ from jaxsparse.cli import main
 from jaxsparse.config import ConfigError
 from jaxsparse.train import load, train
 from jaxsparse.train.checkpoint import CheckpointMismatch
+from jaxsparse.parallel import make_mesh
 from jaxsparse.train.loop import LN2
+from jaxsparse.train.state import TrainSetup
 
 from helpers import ROOT, TINY, tiny_config
 
@@ -115,11 +118,51 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_pa
     assert result.step == 3 and list(result.losses) == [1, 2]
 
 
+def test_init_from_keeps_the_learned_routing_statistics_and_restarts_the_counters(tmp_path):
+    """Routing attention's k-means centroids and key mean are learned, though not parameters:
+    a run started from another's weights keeps them (it evaluated 4.591 instead of the
+    source's 4.580 with fresh ones); the warm-up counter restarts with the new run."""
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+    from jaxsparse.train.loop import _init_from
+
+    small = ["model.d_model=32", "model.n_layers=3", "data.seq_len=64", "data.batch_size=4",
+             "train.progress=false", "train.tensorboard=false", "eval.batches=1",
+             "train.eval_every=1000", "train.checkpoint_every=1000"]
+    source_cfg = apply_overrides(configs.get("routing_tiny"),
+                                 small + ["train.steps=3", "model.routing_dense_steps=2"])
+    source = train(source_cfg, tmp_path / "source", sample=False, quiet=True).state
+    cfg = apply_overrides(source_cfg, [f"train.init_from={tmp_path / 'source'}"])
+    started = _init_from(TrainSetup(cfg, make_mesh(cfg.mesh)), cfg, str(tmp_path / "source"))
+    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)  # noqa: E731
+                         for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    got, want = flat(started["rest"]), flat(source["rest"])
+    kept = [k for k in want if "centroids" in k or "route_mean" in k]
+    assert kept and all(np.array_equal(got[k], want[k]) for k in kept)
+    steps = [k for k in want if k.endswith("['step']")]
+    assert steps and all(int(want[k]) > 0 and int(got[k]) == 0 for k in steps), \
+        [(k, want[k], got[k]) for k in steps]
+    assert int(started["step"]) == 0
+
+
 def test_compatible_change_resumes(tmp_path):
+    """Settings outside the model may change on resuming; one that moves the learning rate at
+    the resumed step (the schedule is rebuilt from train.steps and optimizer.*) is said."""
+    from jaxsparse.train.loop import ScheduleChangeWarning
+
     train(tiny_config("train.steps=2"), tmp_path, sample=False, quiet=True)
-    result = train(tiny_config("train.steps=3", "eval.batches=2"), tmp_path, sample=False,
-                   quiet=True)
+    with pytest.warns(ScheduleChangeWarning, match=r"resuming at step 2 on another "
+                      r"learning-rate schedule \(train.steps 2 -> 3\): the learning rate there "
+                      r"moves from 0.0003 to 0.003"):
+        result = train(tiny_config("train.steps=3", "eval.batches=2"), tmp_path, sample=False,
+                       quiet=True)
     assert result.step == 3 and list(result.losses) == [2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleChangeWarning)  # the same schedule: no warning
+        train(tiny_config("train.steps=4", "optimizer.lr=0.003"), tmp_path / "b", sample=False,
+              quiet=True, should_stop=lambda step: step == 2)
+        train(tiny_config("train.steps=4", "optimizer.lr=0.003"), tmp_path / "b", sample=False,
+              quiet=True)
 
 
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from jaxsparse.parallel import check_batch_split, make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
-from jaxsparse.train.state import TrainSetup, count_params
+from jaxsparse.train.optim import lr_schedule
+from jaxsparse.train.state import TrainSetup, count_params, learned_statistics
 from jaxsparse.train.step import make_eval_step, make_train_step
 
 LN2 = math.log(2.0)
@@ -67,6 +69,32 @@ def with_absolute_paths(cfg: Config) -> Config:
                                cache_dir=absolute(cfg.data.cache_dir))
     train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from))
     return dataclasses.replace(cfg, data=data, train=train)
+
+
+class ScheduleChangeWarning(UserWarning):
+    """A resumed run whose learning-rate schedule differs at the step it resumes from."""
+
+
+def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> None:
+    """The schedule is rebuilt from the current ``train.steps`` and ``optimizer`` settings and
+    applied at the checkpoint's step: extending a finished 500-step run to 1000 steps raises
+    its learning rate from the end of one cosine decay to the middle of another (6× at the
+    README's defaults). Allowed — it may be meant — but said, with both values."""
+    if saved is None:
+        return
+    before = float(lr_schedule(saved.optimizer, saved.train.steps)(step))
+    after = float(lr_schedule(cfg.optimizer, cfg.train.steps)(step))
+    if math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-30):
+        return
+    changed = [f"train.steps {saved.train.steps} -> {cfg.train.steps}"] * (
+        saved.train.steps != cfg.train.steps)
+    changed += [f"optimizer.{key} {getattr(saved.optimizer, key)} -> "
+                f"{getattr(cfg.optimizer, key)}" for key in saved.optimizer.__dataclass_fields__
+                if getattr(saved.optimizer, key) != getattr(cfg.optimizer, key)]
+    warnings.warn(
+        f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "
+        f"the learning rate there moves from {before:.3g} to {after:.3g}. To continue the "
+        "saved schedule instead, resume with its settings", ScheduleChangeWarning, stacklevel=3)
 
 
 def check_workdir(cfg: Config, workdir: Path) -> None:
@@ -182,6 +210,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if start is not None:
         state = ckpt.restore(setup.abstract_state, start)
         log(f"resumed from {workdir}/checkpoints step {start}")
+        warn_if_the_schedule_moved(ckpt.saved_config(start), cfg, start)
         if start >= cfg.train.steps:
             log(f"the run is already at step {start} >= train.steps={cfg.train.steps}: "
                 "nothing to train (raise train.steps to continue it)")
@@ -345,7 +374,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
 
 
 def _init_from(setup: TrainSetup, cfg: Config, source: str):
-    """The state of ``setup`` holding the latest weights of the run in ``source``."""
+    """The state of ``setup`` holding the latest weights of the run in ``source`` and its
+    learned statistics (routing centroids; :func:`~jaxsparse.train.state.learned_statistics`);
+    step, optimiser state and schedule counters start afresh."""
     from flax import nnx
 
     from jaxsparse.sparsify import convert_params
@@ -358,7 +389,7 @@ def _init_from(setup: TrainSetup, cfg: Config, source: str):
     model = convert_params(model, source_cfg.model, cfg.model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     try:
-        return setup.init_with_params(params)
+        return setup.init_with_params(params, learned_statistics(model))
     except ValueError as err:
         raise ConfigError(f"train.init_from={source!r}: {err}") from None
 

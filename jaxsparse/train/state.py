@@ -76,6 +76,25 @@ def optimizer_groups(abstract_params: nnx.State):
                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def learned_statistics(model: nnx.Module) -> dict:
+    """The part of a model's non-parameter state that training learned — routing attention's
+    k-means centroids and the running mean of its keys — as a pure dict: what a run started
+    from another's weights (``train.init_from``) keeps besides the parameters. Counters of
+    schedules (the Hydra curriculum's step, MoE router and routing warm-up steps) are not
+    among them: they restart with the new run's step 0."""
+    from jaxsparse.nn.routing import Centroids, RoutingMean
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Any(Centroids, RoutingMean)))
+
+
+def _overlay(base: dict, extra: dict) -> dict:
+    """``base`` (a nested pure dict) with the leaves of ``extra`` put in at their paths."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _overlay(base[key], value) if isinstance(value, dict) else value
+    return merged
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """Everything derived from a config and a mesh: structure, shardings, optimiser."""
@@ -116,20 +135,22 @@ class TrainSetup:
         """Initialise directly into the shards (no host ever holds the full model)."""
         return jax.jit(self._init, out_shardings=self.state_shardings)()
 
-    def init_with_params(self, params):
+    def init_with_params(self, params, statistics=None):
         """A fresh state (step 0, new optimiser state) around given parameters, which must
-        have this config's structure and shapes."""
+        have this config's structure and shapes, and the learned ``statistics`` (a part of
+        ``rest`` with its paths, see :func:`learned_statistics`) in place of fresh ones."""
         expected = jax.tree.map(lambda a: (a.shape, a.dtype), self.abstract_state["params"])
         got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
         if expected != got:
             raise ValueError(f"parameters do not match the model of config {self.cfg.name!r}: "
                              f"expected {expected}, got {got}")
 
-        def init(params):
+        def init(params, statistics):
             state = self._init()
-            return state | {"params": params, "opt_state": self.tx.init(params)}
+            rest = _overlay(state["rest"], statistics or {})
+            return state | {"params": params, "opt_state": self.tx.init(params), "rest": rest}
 
-        return jax.jit(init, out_shardings=self.state_shardings)(params)
+        return jax.jit(init, out_shardings=self.state_shardings)(params, statistics)
 
     def model(self, params, rest=None):
         """An NNX model holding ``params`` (pure dict); usable inside or outside jit."""
