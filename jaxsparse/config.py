@@ -688,6 +688,10 @@ def validate(cfg: Config) -> Config:
            f"data.mqar_filler={d.mqar_filler!r}: allowed {MQAR_FILLERS}")
     _check(d.path is None or d.task == "text",
            f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
+    for key, path in (("data.path", d.path), ("data.cache_dir", d.cache_dir),
+                      ("train.init_from", cfg.train.init_from)):
+        # an empty path would resolve to the current directory
+        _check(path is None or path.strip(), f"{key}={path!r}: give a path, or leave it unset")
     if d.packed_documents:
         _check(d.task == "text", f"data.packed_documents=True needs data.task='text' (got "
                                  f"{d.task!r}: synthetic examples are one document each)")

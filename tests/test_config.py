@@ -109,6 +109,8 @@ def test_wrong_types_name_the_key(item, fragment):
     (["model.max_seq_len=64", "data.seq_len=64", "eval.sample_prompt=" + "x" * 64],
      "is 64 bytes: the end-of-training sample needs 1 to model.max_seq_len - 1 = 63"),
     (["train.nonfinite=ignore"], "train.nonfinite='ignore': allowed"),
+    (["train.init_from="], "train.init_from='': give a path, or leave it unset"),
+    (["data.path= "], "data.path=' ': give a path, or leave it unset"),
 ])
 def test_impossible_values_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
