@@ -247,14 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_config_warnings(command: str):
-    """A ``warnings.showwarning`` that prints settings without effect as the command's own
-    warning (no source file and line: the config is the user's, not ours)."""
+    """A ``warnings.showwarning`` that prints warnings about the user's settings (without
+    effect, or moving a resumed run's schedule) as the command's own (no source file and
+    line: the config is the user's, not ours)."""
     from jaxsparse.config_usage import UnreadKeyWarning
+    from jaxsparse.errors import ScheduleChangeWarning
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UnreadKeyWarning):
+        if issubclass(category, UnreadKeyWarning | ScheduleChangeWarning):
             print(f"jaxsparse {command}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
@@ -278,6 +280,9 @@ def _run(args) -> int:
     except NonFiniteTraining as err:  # the run's own failure, not the command line's
         print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside training's own handling (e.g. during the sample)
+        print(f"jaxsparse {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

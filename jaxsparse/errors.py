@@ -1,5 +1,10 @@
-"""Errors a run can end with, importable without JAX (the command line catches them)."""
+"""Errors a run can end with and warnings it can give, importable without JAX (the command
+line catches and prints them)."""
 
 
 class NonFiniteTraining(RuntimeError):
     """A training step's loss or gradient was not finite, and ``train.nonfinite="stop"``."""
+
+
+class ScheduleChangeWarning(UserWarning):
+    """A resumed run whose learning-rate schedule differs at the step it resumes from."""

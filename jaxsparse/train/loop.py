@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from jaxsparse.config import Config, ConfigError, MeshConfig, from_json, to_json, validate
 from jaxsparse.config_usage import model_differences
 from jaxsparse.data import Shard, make_stream
-from jaxsparse.errors import NonFiniteTraining
+from jaxsparse.errors import NonFiniteTraining, ScheduleChangeWarning
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import check_batch_split, make_mesh, mesh_shape
 from jaxsparse.parallel import distributed
@@ -69,10 +69,6 @@ def with_absolute_paths(cfg: Config) -> Config:
                                cache_dir=absolute(cfg.data.cache_dir))
     train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from))
     return dataclasses.replace(cfg, data=data, train=train)
-
-
-class ScheduleChangeWarning(UserWarning):
-    """A resumed run whose learning-rate schedule differs at the step it resumes from."""
 
 
 def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> None:
@@ -365,10 +361,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     ckpt.close()
     writer.close()
     text = None
+    if primary and not stopped:  # before the sample: an interrupt there loses nothing
+        (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
     if sample and not stopped and cfg.data.task == "text" and cfg.eval.sample_tokens:
         text = sample_text(setup, state, cfg)
-    if primary and not stopped:
-        (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
     return TrainResult(step=step, losses=losses, eval_metrics=eval_metrics, stopped_early=stopped,
                        sample=text, state=state, skipped_steps=skipped)
 
