@@ -152,3 +152,17 @@ def test_a_broken_config_file_is_named(tmp_path, capsys, source, fragment):
     code, err = run_cli(capsys, "dryrun", "--config", str(path))
     assert code == 2 and err.startswith("jaxsparse dryrun: error: ") and str(path) in err
     assert fragment in err
+
+
+def test_an_interrupt_outside_training_is_one_line_and_status_130(capsys):
+    """Ctrl-C during the end-of-training sample, an eval or a generation (training's own loop
+    saves and exits cleanly instead): no KeyboardInterrupt traceback."""
+    import argparse
+
+    from jaxsparse.cli import _run
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert _run(argparse.Namespace(command="generate", func=interrupted)) == 130
+    assert capsys.readouterr().err == "jaxsparse generate: interrupted\n"
