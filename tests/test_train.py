@@ -527,4 +527,12 @@ def test_skip_policy_steps_over_nonfinite_updates(tmp_path, capsys):
     result = train(cfg, tmp_path, sample=False, quiet=True)
     assert result.step == 6 and result.skipped_steps  # every step after the first overflows
     assert 0 not in result.skipped_steps and _all_finite(result.state)
+    # the lr logged is the one applied: the optimiser's schedule does not advance on the
+    # skipped steps (it logged the loop's step's rate, falling from 9.4e29 to 1.6e29)
+    from jaxsparse.train.optim import lr_schedule
+
+    applied = float(lr_schedule(cfg.optimizer, cfg.train.steps)(1))
+    records = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    logged = [r["lr"] for r in records if r["split"] == "train" and r["step"] > 1]
+    assert logged and all(lr == pytest.approx(applied, rel=1e-6) for lr in logged), logged
     assert capsys.readouterr().out == ""  # quiet: no eval or skipped-step lines either

@@ -362,7 +362,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     writer.close()
     text = None
     if primary and not stopped:  # before the sample: an interrupt there loses nothing
-        (workdir / "final_metrics.json").write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
+        (workdir / "final_metrics.json").write_text(
+            json.dumps({"step": step, **eval_metrics}, indent=2))
     if sample and not stopped and cfg.data.task == "text" and cfg.eval.sample_tokens:
         text = sample_text(setup, state, cfg)
     return TrainResult(step=step, losses=losses, eval_metrics=eval_metrics, stopped_early=stopped,

@@ -75,6 +75,16 @@ def model_kwargs(batch) -> dict:
     return {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
 
 
+def schedule_count(opt_state, default):
+    """The step count the optimiser evaluates its learning-rate schedule at (optax's
+    ``ScaleByScheduleState.count``): the train step, less the steps skipped as non-finite
+    (``train.nonfinite=skip`` keeps the optimiser state of a skipped step, count included), so
+    the logged ``lr`` is the one applied; ``default`` where the optimiser has no schedule."""
+    counts = [count for path, count in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+              if any(getattr(key, "tuple_name", None) == "ScaleByScheduleState" for key in path)]
+    return counts[0] if counts else default
+
+
 def make_train_step(setup: TrainSetup):
     tx = setup.tx
     schedule = lr_schedule(setup.cfg.optimizer, setup.cfg.train.steps)
@@ -103,7 +113,9 @@ def make_train_step(setup: TrainSetup):
         grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": out["loss"], "aux_loss": out["aux_loss"], "accuracy": out["accuracy"],
-            "grad_norm": grad_norm, "lr": schedule(state["step"]), **out["layer_stats"],
+            "grad_norm": grad_norm,
+            "lr": schedule(schedule_count(state["opt_state"], state["step"])),
+            **out["layer_stats"],
         }
         updated = {"params": params, "opt_state": opt_state,
                    "rest": out["rest"] if out["rest"] else state["rest"]}
