@@ -198,6 +198,10 @@ def test_layer_options_and_inputs_that_cannot_work_are_named():
         apply_rotary(x, positions, theta=0)
     with pytest.raises(ValueError, match=r"x of shape \(3, 2, 4\): expected \[batch, length"):
         apply_rotary(x[0], positions)
+    # a jax scalar is a number too, and a traced one (a learnt base or eps) cannot be checked
+    np.testing.assert_array_equal(apply_rotary(x, positions, jnp.float32(500.0)),
+                                  jax.jit(lambda t: apply_rotary(x, positions, t))(500.0))
+    assert np.isfinite(jax.grad(lambda e: rms_norm(x, jnp.ones(4), e).sum())(1e-6))
     build = dict(rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"rope_theta=0.0: must be a finite number > 0"):
         Attention(8, 2, 2, 4, rope_theta=0.0, **build)

@@ -598,7 +598,7 @@ def test_bad_probe_counts_are_refused():
     with pytest.raises(ConfigError, match=r"model.routing_probes=0"):
         validate(tiny_config(*ROUTING, "model.routing_probes=0"))
     q, k, v = qkv(jax.random.key(0), length=16)
-    with pytest.raises(ValueError, match=r"probes=5: must be in \[1, num_clusters=4\]"):
+    with pytest.raises(ValueError, match=r"probes=5: must be an integer in \[1, num_clusters=4\]"):
         causal_routing_attention(q, k, v, init_centroids(jax.random.key(1), 2, 4, 16), window=4,
                                  probes=5)
     with pytest.raises(ValueError, match=r"probes=0"):

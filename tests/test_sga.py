@@ -162,6 +162,9 @@ def test_bad_sga_input_is_refused():
         sparse_global_attention(q, k, v, scores, window=2, max_global=2, block=0)
     with pytest.raises(ValueError, match="scale=0.0: must be a finite number > 0"):
         sparse_global_attention(q, k, v, scores, window=2, max_global=2, scale=0.0)
+    # a traced scale (a learnt temperature) is taken by the XLA paths, unchecked
+    assert np.isfinite(jax.grad(lambda s: sparse_global_attention(
+        q, k, v, scores, window=2, max_global=2, scale=s).sum())(0.3))
     with pytest.raises(ValueError, match="q has dtype int32; attention needs floating-point"):
         sparse_global_attention(q.astype(jnp.int32), k, v, scores, window=2, max_global=2)
     with pytest.raises(ValueError, match=r"query heads \(2\) must be a multiple of key/value "

@@ -486,11 +486,12 @@ def test_a_diverging_run_stops_and_leaves_a_finite_checkpoint(tmp_path, capsys):
 def test_a_diverging_resumed_run_leaves_the_good_checkpoint_it_resumed_from(tmp_path, capsys):
     """With keep_checkpoints=1, saving the state at the stop would evict the last good
     checkpoint for weights the updates before the bad one may already have ruined (lr 1e30:
-    finite, useless): the good checkpoint stays, unchanged, and the message names it."""
+    finite, useless): the good checkpoint stays, unchanged, and the message names it — also
+    when the bad step is not yet logged as the next checkpoint falls due (logs every 100)."""
     good = tiny_config("train.steps=3", "train.checkpoint_every=3", "train.keep_checkpoints=1")
     before = train(good, tmp_path, sample=False, quiet=True).state
-    overrides = [*TINY, "train.steps=12", "train.checkpoint_every=3", "train.keep_checkpoints=1",
-                 "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
+    overrides = [*TINY, "train.steps=12", "train.checkpoint_every=5", "train.keep_checkpoints=1",
+                 "train.log_every=100", "optimizer.lr=1e30", "optimizer.warmup_steps=0"]
     code = main(["train", "--config", "transformer_tiny", "--workdir", str(tmp_path),
                  *[arg for o in overrides for arg in ("--set", o)]])
     err = capsys.readouterr().err

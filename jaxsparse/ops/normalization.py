@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.concrete import concrete_values
+
 
 def check_eps(eps) -> None:
-    """RMSNorm's epsilon: a finite real number >= 0 (a negative one can make the root NaN)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (
-            math.isfinite(eps) and eps >= 0):
+    """RMSNorm's epsilon: a finite real number >= 0 (a negative one can make the root NaN); a
+    traced one cannot be checked here."""
+    value = concrete_values(eps)
+    if value is None:  # traced
+        return
+    if (isinstance(eps, bool) or value.shape != ()
+            or value.dtype.kind not in "iuf" or not (math.isfinite(value) and value >= 0)):
         raise ValueError(f"eps={eps!r}: must be a finite number >= 0 (e.g. 1e-6)")
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.ops.concrete import concrete_values
+
 
 def check_rope_theta(theta, name: str = "theta") -> None:
     """The rotary base: a finite real number > 0 (``theta ** (-2i/D)`` is NaN or infinite
-    otherwise)."""
-    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not (
-            math.isfinite(theta) and theta > 0):
+    otherwise); a traced one cannot be checked here."""
+    value = concrete_values(theta)
+    if value is None:  # traced
+        return
+    if (isinstance(theta, bool) or value.shape != ()
+            or value.dtype.kind not in "iuf" or not (math.isfinite(value) and value > 0)):
         raise ValueError(f"{name}={theta!r}: must be a finite number > 0 (e.g. 10000)")
 
 

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.ops.attention.api import check_attention_inputs
+from jaxsparse.ops.attention.api import check_attention_inputs, logit_scale
 from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
@@ -147,29 +147,15 @@ def _check_centroids(centroids, heads, dim):
 def _check_probes(probes, num_clusters):
     if (isinstance(probes, bool) or not isinstance(probes, (int, np.integer))
             or not 1 <= probes <= num_clusters):
-        raise ValueError(f"probes={probes}: must be in [1, num_clusters={num_clusters}] (a query "
-                         f"reads the windows of its `probes` most similar clusters)")
+        raise ValueError(f"probes={probes!r}: must be an integer in [1, num_clusters="
+                         f"{num_clusters}] (a query reads the windows of its `probes` most "
+                         "similar clusters)")
 
 
 def _check_center(center, shape_BLHD, name):
     if center is not None and center.shape != tuple(shape_BLHD[2:]):
         raise ValueError(f"{name} must be [H={shape_BLHD[2]}, D={shape_BLHD[3]}] (the routed "
                          f"vectors' heads and width), got {center.shape}")
-
-
-def _scale(scale, dim):
-    """The logit scale (default ``1/√D``). A concrete one must be a finite number > 0 (NaN or 0
-    would silently give NaN or flat attention); a traced one (a learnt temperature under
-    ``jit``) cannot be checked here and is used as it is."""
-    if scale is None:
-        return dim ** -0.5
-    value = concrete_values(scale)
-    if value is None:  # traced
-        return scale
-    if (isinstance(scale, bool) or value.shape != () or value.dtype.kind not in "iuf"
-            or not (np.isfinite(value) and value > 0)):
-        raise ValueError(f"scale={scale!r}: must be a finite number > 0 (or None)")
-    return scale
 
 
 def _keys(q, k, shared_qk, q_center=None, k_center=None):
@@ -267,7 +253,7 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     _, num_clusters = _check(q, k, v, centroids, window)
     _check_probes(probes, num_clusters)
     check_integer_option("query_chunk", query_chunk)
-    scale = _scale(scale, q.shape[-1])
+    scale = logit_scale(scale, q.shape[-1])
     keys, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
     cq, ck, key_pos, valid = _route(qn, kn, centroids, window, shared_qk, probes,
                                     _first_positions(segment_ids, q.shape[:2]))
@@ -335,7 +321,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, causal: bool 
     if window > length:
         raise ValueError(f"window={window} exceeds the length {length}: a cluster cannot hold "
                          f"more members than there are tokens")
-    scale = _scale(scale, q.shape[-1])
+    scale = logit_scale(scale, q.shape[-1])
     keys, qn, kn = _keys(q, k, shared_qk)
     q_members = balanced_clusters(qn, centroids, window)           # [B, H, C, w]
     k_members = q_members if shared_qk else balanced_clusters(kn, centroids, window)
@@ -468,7 +454,7 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
     lengths = checked_cache_lengths(lengths, batch, new, slots)
     _check_center(q_center, q.shape, "q_center")
     _check_probes(probes, centroids.shape[1])
-    scale = _scale(scale, dim)
+    scale = logit_scale(scale, dim)
     cq = assign_top(routing_units(q, q_center), centroids, probes)  # [B, n, H, P]
     q_pos = lengths.reshape(batch, 1) - new + jnp.arange(new)[None, :]
     kv_pos = jnp.arange(slots)[None, None, :]

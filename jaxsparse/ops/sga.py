@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.ops.attention.api import (check_attention_inputs, dot_product_attention,
-                                         static_logit_options)
+                                         logit_scale)
 from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.attention.online_softmax import merge_finished
 from jaxsparse.ops.attention.reference import row_logsumexp
@@ -250,7 +250,7 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     if scores.shape != q.shape[:2]:
         raise ValueError(f"scores {scores.shape}: must be [B, L] = {q.shape[:2]}")
     check_sga_options(window, max_global, block)
-    scale = static_logit_options(scale, None)[0] or q.shape[-1] ** -0.5
+    scale = logit_scale(scale, q.shape[-1])  # core: static (the attention core checks it)
     length = q.shape[1]
     first = (None if segment_ids is None else document_first_position(
         check_segment_ids(segment_ids, *q.shape[:2])))
@@ -307,5 +307,5 @@ def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_g
     newer = jnp.cumsum(candidate[..., ::-1], axis=-1)[..., ::-1] - candidate
     glob = candidate & (newer < max_global)
     bias = jnp.where(glob, jax.nn.log_sigmoid(scores_cache.astype(jnp.float32))[:, None, :], 0.0)
-    scale = static_logit_options(scale, None)[0] or dim ** -0.5
+    scale = logit_scale(scale, dim)
     return _attend(q, [(k_cache, v_cache, local | glob, bias)], scale).astype(q.dtype)

@@ -292,6 +292,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         log_stage(start)  # also after a resume: the stage the run continues in
     if start == 0:
         eval_metrics = run_eval()  # the starting point of the curves
+    saved_at_stop = False
     with _StopFlag() as flag:
         while step < cfg.train.steps:
             batch = setup.global_batch(stream.batch(step))
@@ -316,13 +317,19 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             if (step % cfg.train.eval_every == 0 or last) and not diverged:
                 eval_metrics = run_eval()
             interrupted = flag.signal is not None or (should_stop is not None and should_stop(step))
-            if (step % cfg.train.checkpoint_every == 0 or last or interrupted) and not diverged:
+            due = step % cfg.train.checkpoint_every == 0 or last or interrupted
+            if due and stop_on_nonfinite and not diverged:
+                # a bad step not yet logged (or still in flight) must not be saved over the
+                # rotation either; the save waits for the state anyway
+                diverged = any(bool(m["nonfinite"]) for _, m in pending)
+            if due and not diverged:
                 ckpt.save(step, state, cfg, force=True)
             if diverged:
                 # The state at the stop is finite (bad updates are never applied), but the
                 # updates before the bad one may already have harmed it, and saving it would
                 # evict the oldest good checkpoint: it is saved only when there is none.
-                if ckpt.latest_step() is None:
+                saved_at_stop = ckpt.latest_step() is None
+                if saved_at_stop:
                     ckpt.save(step, state, cfg, force=True)
                 break
             if interrupted and not last:
@@ -347,11 +354,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             advice = ("Resume from it with a lower optimizer.lr (or longer "
                       "optimizer.warmup_steps, a smaller optimizer.grad_clip), or set "
                       "train.nonfinite=skip to step over such batches")
-        where = (f"the checkpoint of step {kept} in {workdir / 'checkpoints'}, the latest one, "
-                 "is left as it was (the state at the stop is not saved over it)"
-                 if kept < step else
-                 f"the checkpoint of step {kept} in {workdir / 'checkpoints'} (none was written "
-                 "before) holds the finite weights at the stop")
+        where = (f"the checkpoint of step {kept} in {workdir / 'checkpoints'} (none was written "
+                 "before) holds the finite weights at the stop" if saved_at_stop else
+                 f"the checkpoint of step {kept} in {workdir / 'checkpoints'}, the latest one, "
+                 "is left as it was (the state at the stop is not saved over it)")
         raise NonFiniteTraining(
             f"step {skipped[0] + 1}: {what}, so the run stopped (train.nonfinite='stop'). "
             f"That update was not applied; {where}. {advice}.")

@@ -68,6 +68,22 @@ def static_logit_options(scale, logits_soft_cap) -> tuple[float | None, float | 
     return _static_positive("scale", scale), _static_positive("logits_soft_cap", logits_soft_cap)
 
 
+def logit_scale(scale, head_dim: int):
+    """``scale``, or ``1/√head_dim`` for None, for the ops that may take a traced one (a learnt
+    temperature under ``jit``: the XLA paths of routing and sparse global attention); a
+    concrete one must be a finite real number > 0 (NaN or 0 would give NaN or flat
+    attention), a traced one cannot be checked here."""
+    if scale is None:
+        return head_dim ** -0.5
+    value = concrete_values(scale)
+    if value is None:  # traced
+        return scale
+    if (isinstance(scale, bool) or value.shape != () or value.dtype.kind not in "iuf"
+            or not (np.isfinite(value) and value > 0)):
+        raise ValueError(f"scale={scale!r}: must be a finite number > 0 (or None)")
+    return scale
+
+
 def _static_positive(name: str, value) -> float | None:
     if value is None:
         return None
