@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from jaxsparse.ops.checks import is_integer
 
 
 class Linear(nnx.Module):
@@ -55,12 +56,11 @@ class Linear(nnx.Module):
 
 def _as_shape(name: str, value) -> tuple[int, ...]:
     """An int or a sequence of ints as a tuple of Python ints, else an error naming ``name``."""
-    dims = (value,) if isinstance(value, int | np.integer) else value
+    dims = (value,) if is_integer(value) else value
     try:
         dims = tuple(dims)
     except TypeError:
         dims = None
-    if dims is None or not all(isinstance(d, int | np.integer) and not isinstance(d, bool)
-                               for d in dims):
+    if dims is None or not all(is_integer(d) for d in dims):
         raise ValueError(f"{name}={value!r}: expected an int or a sequence of ints")
     return tuple(int(d) for d in dims)

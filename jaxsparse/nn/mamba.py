@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.normalization import rms_norm
@@ -33,7 +34,7 @@ from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 def _check_sizes(**sizes: int) -> None:
     bad = {name: size for name, size in sizes.items()
-           if isinstance(size, bool) or not isinstance(size, int) or size < 1}
+           if not is_integer(size) or size < 1}
     if bad:
         raise ValueError(", ".join(f"{name}={size!r}" for name, size in bad.items())
                          + ": each must be an integer >= 1")

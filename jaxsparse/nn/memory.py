@@ -6,9 +6,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.nn.linear import Linear
 from jaxsparse.parallel import constrain
 from jaxsparse.ops.memory import memory_read, product_key_topk
@@ -31,7 +31,7 @@ class ProductKeyMemory(nnx.Module):
                  k_dim: int = 256, knn: int = 32, dtype=jnp.float32, param_dtype=jnp.float32):
         for name, value in (("d_model", d_model), ("n_keys", n_keys), ("heads", heads),
                             ("k_dim", k_dim), ("knn", knn)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
         if k_dim % 2:
             raise ValueError(f"k_dim={k_dim}: must be even (two halves of the product key)")

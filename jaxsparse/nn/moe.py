@@ -18,7 +18,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxsparse.nn.batch_local import row_split
@@ -27,6 +26,7 @@ from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.parallel import current_mesh
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_statistics,
                                capacity_dispatch, chunk_pool, chunk_pool_within_documents,
                                dropless_dispatch, expert_capacity, expert_choice_capacity,
@@ -41,13 +41,6 @@ ROUTERS = ("top_k", "expert_choice", "random")
 class RouterStep(nnx.Variable):
     """Training steps seen by a layer (drives the SMoE-Dropout k schedule and the jitter
     noise); not a parameter, carried in the train state."""
-
-
-def _check_int(name: str, value, low: int, high: float = math.inf, allowed: str = "") -> None:
-    """Integer options are Python or numpy integers (not bool, not float) in [low, high]."""
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-            or not low <= value <= high):
-        raise ValueError(f"{name}={value!r}: must be an integer {allowed or f'>= {low}'}")
 
 
 def _expert_weights(rngs, shape, fan_in, logical_axes, scale, param_dtype):
@@ -69,14 +62,14 @@ class MoE(nnx.Module):
             raise ValueError(f"router={router!r}: allowed {ROUTERS}")
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff),
                             ("k_schedule_steps", k_schedule_steps)):
-            _check_int(name, value, 1)
-        _check_int("k", k, 1, num_experts, f"in [1, num_experts={num_experts}]")
+            check_integer(name, value, 1)
+        check_integer("k", k, 1, num_experts, f"in [1, num_experts={num_experts}]")
         if k_end is not None:
-            _check_int("k_end", k_end, k, num_experts, f"in [k={k}, num_experts={num_experts}]")
+            check_integer("k_end", k_end, k, num_experts, f"in [k={k}, num_experts={num_experts}]")
         if eval_k is not None:
-            _check_int("eval_k", eval_k, 1, num_experts, f"in [1, num_experts={num_experts}]")
-        _check_int("chunk", chunk, 0, allowed=">= 0 (0: token-level routing)")
-        _check_int("shared_experts", shared_experts, 0)
+            check_integer("eval_k", eval_k, 1, num_experts, f"in [1, num_experts={num_experts}]")
+        check_integer("chunk", chunk, 0, allowed=">= 0 (0: token-level routing)")
+        check_integer("shared_experts", shared_experts, 0)
         if capacity_factor is not None and not 0 < capacity_factor < math.inf:
             raise ValueError(f"capacity_factor={capacity_factor!r}: must be a finite number > 0, "
                              "or None (dropless)")

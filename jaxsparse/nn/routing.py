@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
@@ -14,9 +15,8 @@ from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.masks import CausalMask, LocalMask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,
-                                   check_integer_option, commitment_loss, ema_centroids,
-                                   ema_mean, init_centroids, routing_units, routing_windows,
-                                   shared_keys)
+                                   commitment_loss, ema_centroids, ema_mean, init_centroids,
+                                   routing_units, routing_windows, shared_keys)
 from jaxsparse.ops.segments import refuse_while_decoding
 
 
@@ -112,10 +112,10 @@ class RoutingAttention(nnx.Module):
             raise ValueError(f"routing_heads={routing_heads}: must be in [1, n_heads={n_heads}]")
         for name, value in (("num_clusters", num_clusters), ("window", window),
                             ("local_window", local_window), ("probes", probes)):
-            check_integer_option(name, value)
+            check_integer(name, value)
         if not probes <= num_clusters:
             raise ValueError(f"probes={probes}: must be in [1, num_clusters={num_clusters}]")
-        check_integer_option("dense_steps", dense_steps, low=0)
+        check_integer("dense_steps", dense_steps, low=0)
         if not 0 < decay < 1:
             raise ValueError(f"decay={decay}: must be in (0, 1)")
         if not 0 <= center_decay < 1:  # at 1 the running mean's bias correction divides by 0

@@ -7,9 +7,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
 from jaxsparse.parallel import constrain
 
@@ -25,7 +25,7 @@ class WorkspaceMemory(nnx.Module):
     def __init__(self, d_model: int, slots: int, chunk: int, *, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         for name, value in (("d_model", d_model), ("slots", slots), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
         d = d_model
 

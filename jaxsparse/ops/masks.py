@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxsparse.ops.checks import is_integer
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
@@ -316,8 +318,7 @@ class LocalMask(Mask):
     def __post_init__(self):
         for name in ("left", "right"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(
-                    value, int | np.integer) or value < 0):
+            if value is not None and (not is_integer(value) or value < 0):
                 raise ValueError(f"LocalMask {name}={value!r}: must be an integer >= 0 or None")
 
     def allowed(self, q_idx, kv_idx):

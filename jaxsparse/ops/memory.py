@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.topk import top_k
 
 
@@ -36,7 +36,7 @@ def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int, *,
     if query_HK.shape[-2:] != (heads, 2 * half):
         raise ValueError(f"query {query_HK.shape}: last dims must be (heads={heads}, "
                          f"2·sub-key dim={2 * half})")
-    if isinstance(knn, bool) or not isinstance(knn, int | np.integer) or not 1 <= knn <= n:
+    if not is_integer(knn) or not 1 <= knn <= n:
         raise ValueError(f"knn={knn!r}: must be an integer in [1, n_keys={n}] (top-k is taken "
                          "per half)")
     q1, q2 = query_HK[..., :half].astype(jnp.float32), query_HK[..., half:].astype(jnp.float32)

@@ -30,7 +30,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxsparse.ops.checks import is_integer
 
 MONARCH_IMPLEMENTATIONS = (None, "xla", "native", "pallas", "pallas_interpret")
 
@@ -60,10 +61,9 @@ def monarch_shapes(n_in: int, n_out: int, nblocks: int | None = None):
     in the reference MonarchLinear). Raises ``ValueError`` listing the block counts that work.
     """
     for name, value in (("n_in", n_in), ("n_out", n_out)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive int")
-    if nblocks is not None and (isinstance(nblocks, bool)
-                                or not isinstance(nblocks, (int, np.integer))):
+    if nblocks is not None and not is_integer(nblocks):
         raise ValueError(f"nblocks={nblocks!r}: must be an integer (or None for the default)")
     b = default_nblocks(n_in, n_out) if nblocks is None else nblocks
     allowed = valid_nblocks(n_in, n_out)

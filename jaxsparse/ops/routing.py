@@ -59,8 +59,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxsparse.ops.checks import check_integer, is_integer
 from jaxsparse.ops.attention.api import check_attention_inputs, logit_scale
 from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.concrete import concrete_values
@@ -118,13 +118,6 @@ def assign_top(x_BLHD, centroids_HCD, probes: int):
     return jax.lax.top_k(_similarity(x_BLHD, centroids_HCD), probes)[1].astype(jnp.int32)
 
 
-def check_integer_option(name: str, value, low: int = 1) -> None:
-    """An integer option (a Python or numpy integer, not a bool) of at least ``low``, else a
-    ``ValueError`` naming it: a float such as ``2.5`` would otherwise fail deep inside a trace."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
-
-
 def _check(q, k, v, centroids, window):
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, {k.shape}, "
@@ -135,7 +128,7 @@ def _check(q, k, v, centroids, window):
                              "floating-point inputs (e.g. float32, bfloat16)")
     _, length, heads, dim = q.shape
     _check_centroids(centroids, heads, dim)
-    check_integer_option("window", window)
+    check_integer("window", window)
     return length, centroids.shape[1]
 
 
@@ -145,8 +138,7 @@ def _check_centroids(centroids, heads, dim):
 
 
 def _check_probes(probes, num_clusters):
-    if (isinstance(probes, bool) or not isinstance(probes, (int, np.integer))
-            or not 1 <= probes <= num_clusters):
+    if not is_integer(probes) or not 1 <= probes <= num_clusters:
         raise ValueError(f"probes={probes!r}: must be an integer in [1, num_clusters="
                          f"{num_clusters}] (a query reads the windows of its `probes` most "
                          "similar clusters)")
@@ -252,7 +244,7 @@ def causal_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool
     """
     _, num_clusters = _check(q, k, v, centroids, window)
     _check_probes(probes, num_clusters)
-    check_integer_option("query_chunk", query_chunk)
+    check_integer("query_chunk", query_chunk)
     scale = logit_scale(scale, q.shape[-1])
     keys, qn, kn = _keys(q, k, shared_qk, q_center, k_center)
     cq, ck, key_pos, valid = _route(qn, kn, centroids, window, shared_qk, probes,
@@ -490,7 +482,7 @@ def _check_decode(q, k_cache, v_cache, k_clusters_cache, centroids, window):
                          f"(the cluster of every cached key), got {k_clusters_cache.dtype}"
                          f"{list(k_clusters_cache.shape)}")
     _check_centroids(centroids, heads, dim)
-    check_integer_option("window", window)
+    check_integer("window", window)
     ids = concrete_values(k_clusters_cache)
     num_clusters = centroids.shape[1]
     if ids is not None and ids.size and not -1 <= ids.min() <= ids.max() < num_clusters:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.attention.api import (check_attention_inputs, dot_product_attention,
                                          logit_scale)
 from jaxsparse.ops.attention.decode import checked_cache_lengths
@@ -131,8 +131,7 @@ def check_sga_options(window, max_global, block=1):
     """The integer options of SGA: ``window >= 1``, ``max_global >= 0``, ``block >= 1``."""
     for name, value, low in (("window", window, 1), ("max_global", max_global, 0),
                              ("block", block, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+        check_integer(name, value, low)
 
 
 SGA_IMPLEMENTATIONS = (None, "gather", "dense", "blocked", "core")

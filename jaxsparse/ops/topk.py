@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jaxsparse.ops.checks import is_integer
 
 TOP_K_IMPLEMENTATIONS = (None, "xla", "native")
 
@@ -17,8 +17,7 @@ def top_k(x, k: int, *, implementation: str | None = None):
     gradients reach the chosen entries as with ``lax.top_k``."""
     if implementation not in TOP_K_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {TOP_K_IMPLEMENTATIONS}")
-    if x.ndim < 1 or isinstance(k, bool) or not isinstance(k, int | np.integer) or not (
-            1 <= k <= x.shape[-1]):
+    if x.ndim < 1 or not is_integer(k) or not 1 <= k <= x.shape[-1]:
         raise ValueError(f"k={k!r}: must be an integer in [1, {x.shape[-1] if x.ndim else 0}] "
                          f"(the last axis of x {x.shape})")
     if implementation == "xla":

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_starts
 from jaxsparse.ops.sizes import round_up
@@ -106,7 +106,7 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segmen
     whole sequence at once before the scan, and the reads of every chunk are one batched
     attention over the stacked states after it (inside a ``lax.scan`` each of these was a
     small per-chunk matmul, in the backward pass too)."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+    if not is_integer(chunk) or chunk < 1:
         raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
     if x_BLD.ndim != 3:
         raise ValueError(f"x must be [batch, length, d]; got {x_BLD.shape}")

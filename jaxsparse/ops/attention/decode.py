@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.attention.api import (check_attention_inputs, lazy_mask,
                                          static_logit_options)
 from jaxsparse.ops.attention.reference import xla_attention
@@ -49,8 +50,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     batch, new, q_heads, head_dim = q.shape
     slots = k_cache.shape[1]
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int | np.integer)
-                               or not 1 <= window <= slots):
+    if window is not None and (not is_integer(window) or not 1 <= window <= slots):
         raise ValueError(f"window={window!r}: must be an integer in [1, {slots}] (the cache "
                          "slots)")
     lengths = checked_cache_lengths(lengths, batch, new, None if window is not None else slots)

@@ -13,12 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.moe.routing import ExpertChoice, TokenChoice, _is_int
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+from jaxsparse.ops.checks import check_integer
+from jaxsparse.ops.moe.routing import ExpertChoice, TokenChoice
 
 
 def _check_capacity_factor(capacity_factor) -> None:
@@ -38,9 +34,9 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
                     minimum: int = 4) -> int:
     """Slots per expert: ``round(capacity_factor * tokens * k / E)``, at least ``minimum``
     (capped at the token count). With factor 1 the slots equal the assignments."""
-    _check_int("num_tokens", num_tokens, 0)
-    _check_int("num_experts", num_experts, 1)
-    _check_int("k", k, 1)
+    check_integer("num_tokens", num_tokens, 0)
+    check_integer("num_experts", num_experts, 1)
+    check_integer("k", k, 1)
     _check_capacity_factor(capacity_factor)
     slots = max(int(round(capacity_factor * num_tokens * k / num_experts)), minimum)
     return min(slots, num_tokens * k)
@@ -78,7 +74,7 @@ def pack(x_TD, choice: TokenChoice, capacity: int):
     where dropped assignments have ``slot == C`` (out of range)."""
     _check_routed_tokens(x_TD, choice.expert_index.shape[0])
     tokens, d = x_TD.shape
-    _check_int("capacity", capacity, 1 if tokens else 0)
+    check_integer("capacity", capacity, 1 if tokens else 0)
     num_experts = choice.probs.shape[-1]
     position = slot_positions(choice, num_experts)
     kept = (position >= 0) & (position < capacity)
@@ -137,7 +133,7 @@ def expert_choice_dispatch(x_TD, choice: ExpertChoice, experts):
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """Tokens per expert for expert choice: ``capacity_factor * T / E`` (factor 2: each token
     is processed twice on average, like top-2)."""
-    _check_int("num_tokens", num_tokens, 0)
-    _check_int("num_experts", num_experts, 1)
+    check_integer("num_tokens", num_tokens, 0)
+    check_integer("num_experts", num_experts, 1)
     _check_capacity_factor(capacity_factor)
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts)))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.sizes import ceil_div, round_up
 
 GMM_IMPLEMENTATIONS = (None, "dense", "ragged_dot", "tiles", "native", "pallas",
@@ -209,8 +210,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
     """
     if implementation not in GMM_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {GMM_IMPLEMENTATIONS}")
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer))
-                             or tile < 1):
+    if tile is not None and (not is_integer(tile) or tile < 1):
         raise ValueError(f"tile={tile!r}: must be an integer >= 1, or None (default_tile)")
     _check(lhs, rhs, group_sizes)
     if lhs.shape[0] == 0:  # no rows (an empty batch): nothing for a kernel to tile

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.segments import check_segment_ids, document_index
 
 
@@ -36,13 +36,8 @@ class ExpertChoice(NamedTuple):
     logits: jax.Array
 
 
-def _is_int(value) -> bool:
-    """A Python or numpy integer (not bool, not float)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_k(k: int, num_experts: int, name: str = "k") -> None:
-    if not _is_int(k) or not 1 <= k <= num_experts:
+    if not is_integer(k) or not 1 <= k <= num_experts:
         raise ValueError(f"{name}={k!r}: must be an int in [1, num_experts={num_experts}]")
 
 
@@ -75,7 +70,7 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoice:
     if logits.ndim != 2:
         raise ValueError(f"logits must be [tokens, experts], got shape {logits.shape}")
     tokens = logits.shape[0]
-    if not _is_int(capacity) or not 1 <= capacity <= tokens:
+    if not is_integer(capacity) or not 1 <= capacity <= tokens:
         raise ValueError(f"capacity={capacity!r}: must be an int in [1, tokens={tokens}]")
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -102,7 +97,7 @@ def chunk_pool(x_BLD: jax.Array, chunk: int, *, causal: bool) -> jax.Array:
     if x_BLD.ndim != 3:
         raise ValueError(f"x_BLD must be [batch, length, d], got shape {x_BLD.shape}")
     batch, length, d = x_BLD.shape
-    if not _is_int(chunk) or chunk < 1 or length % chunk:
+    if not is_integer(chunk) or chunk < 1 or length % chunk:
         raise ValueError(f"chunk={chunk!r}: must be an integer >= 1 and divide the sequence "
                          f"length {length}")
     means = x_BLD.reshape(batch, length // chunk, chunk, d).mean(axis=2)
@@ -123,7 +118,7 @@ def chunk_pool_within_documents(x_BLD: jax.Array, segment_ids: jax.Array, chunk:
     if x_BLD.ndim != 3:
         raise ValueError(f"x_BLD must be [batch, length, d], got shape {x_BLD.shape}")
     batch, length, d = x_BLD.shape
-    if not _is_int(chunk) or chunk < 1:
+    if not is_integer(chunk) or chunk < 1:
         raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
     runs = document_index(check_segment_ids(segment_ids, batch, length))
     n = -(-length // chunk)
