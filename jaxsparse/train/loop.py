@@ -76,7 +76,7 @@ def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> 
     applied at the checkpoint's step: extending a finished 500-step run to 1000 steps raises
     its learning rate from the end of one cosine decay to the middle of another (6× at the
     README's defaults). Allowed — it may be meant — but said, with both values."""
-    if saved is None:
+    if saved is None or step >= cfg.train.steps:  # nothing left to train on either schedule
         return
     before = float(lr_schedule(saved.optimizer, saved.train.steps)(step))
     after = float(lr_schedule(cfg.optimizer, cfg.train.steps)(step))
@@ -85,7 +85,7 @@ def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> 
     changed = [f"train.steps {saved.train.steps} -> {cfg.train.steps}"] * (
         saved.train.steps != cfg.train.steps)
     changed += [f"optimizer.{key} {getattr(saved.optimizer, key)} -> "
-                f"{getattr(cfg.optimizer, key)}" for key in saved.optimizer.__dataclass_fields__
+                f"{getattr(cfg.optimizer, key)}" for key in ("lr", "warmup_steps", "min_lr_ratio")
                 if getattr(saved.optimizer, key) != getattr(cfg.optimizer, key)]
     warnings.warn(
         f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "

@@ -39,12 +39,12 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} is not a directory")
-    out = _output_path(workdir, out)
     records = read_metrics(workdir)
     curves = [r for r in records if r["split"] in CURVES]
     if not curves:
         raise FileNotFoundError(f"{workdir}/metrics.jsonl has no train or eval records; "
                                 "nothing to plot")
+    out = _output_path(workdir, out)  # (after: it may create the output directory)
     keys = panel_keys(curves)
     starts = stage_starts(records)
     cols = min(3, len(keys))
