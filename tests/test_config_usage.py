@@ -209,6 +209,8 @@ def test_resuming_compares_only_what_makes_another_model():
     assert "model.routing_clusters: 8 -> 3" in model_differences(saved, routing)
 
 
+# the rerun extends train.steps on purpose, which moves the learning rate it resumes at
+@pytest.mark.filterwarnings("ignore::jaxsparse.errors.ScheduleChangeWarning")
 def test_a_run_resumes_with_remat_and_an_unread_key_changed(tmp_path):
     from helpers import tiny_config
     from jaxsparse.train import train

@@ -73,6 +73,8 @@ def two_checkpoints(tmp_path_factory):
     return workdir
 
 
+# the rerun extends train.steps on purpose, which moves the learning rate it resumes at
+@pytest.mark.filterwarnings("ignore::jaxsparse.errors.ScheduleChangeWarning")
 @pytest.mark.parametrize("damage, reason", [
     ("state/d", "NOT_FOUND"),  # the arrays' data files
     ("state/manifest.ocdbt", "NOT_FOUND"),
@@ -244,6 +246,8 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
 
 
+# the rerun extends train.steps on purpose, which moves the learning rate it resumes at
+@pytest.mark.filterwarnings("ignore::jaxsparse.errors.ScheduleChangeWarning")
 @pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"),
                                        (signal.SIGINT, "Ctrl-C (SIGINT)")], ids=["TERM", "INT"])
 def test_a_signal_saves_and_a_rerun_resumes(tmp_path, sig, name):
