@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 
 from jaxsparse.cli import main
 from jaxsparse.config import ConfigError
+from jaxsparse.errors import ScheduleChangeWarning
 from jaxsparse.train import load, train
 from jaxsparse.train.checkpoint import CheckpointMismatch
 from jaxsparse.parallel import make_mesh
@@ -541,3 +543,11 @@ def test_skip_policy_steps_over_nonfinite_updates(tmp_path, capsys):
     logged = [r["lr"] for r in records if r["split"] == "train" and r["step"] > 1]
     assert logged and all(lr == pytest.approx(applied, rel=1e-6) for lr in logged), logged
     assert capsys.readouterr().out == ""  # quiet: no eval or skipped-step lines either
+    # the logged count is the run's, across a resume (kept by the optimiser's schedule count)
+    with pytest.warns(ScheduleChangeWarning):  # train.steps extended on purpose
+        resumed = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=9)),
+                        tmp_path, sample=False, quiet=True)
+    assert resumed.skipped_steps == [6, 7, 8]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert last["step"] == 9 and last["skipped_steps"] == len(result.skipped_steps) + 3 == 8

@@ -29,7 +29,7 @@ from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
 from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup, count_params, learned_statistics
-from jaxsparse.train.step import make_eval_step, make_train_step
+from jaxsparse.train.step import make_eval_step, make_train_step, schedule_count
 
 LN2 = math.log(2.0)
 
@@ -40,7 +40,7 @@ class TrainResult:
     losses: dict[int, float]  # train loss of every step run by this call, by step index
     eval_metrics: dict[str, float]
     stopped_early: bool  # stopped by SIGTERM or should_stop
-    skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite, not applied
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)  # this call's, not applied
     sample: str | None = None
     state: dict | None = None  # the final train state (sharded as trained)
 
@@ -217,6 +217,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     else:
         state = setup.init()
         start = 0
+    # steps skipped before this call (train.nonfinite=skip): the optimiser's schedule count
+    # does not advance on them, so they survive a resume in the checkpoint itself
+    skipped_before = start - int(schedule_count(state["opt_state"], start))
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(to_json(cfg))
@@ -265,7 +268,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                         f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
         s, m = pending[-1][0], fetched[-1]
         values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate,
-                                                         "skipped_steps": len(skipped)}
+                                                         "skipped_steps": skipped_before + len(skipped)}
         if cfg.data.task == "text":  # beside eval's, on the same panel of `jaxsparse plot`
             values["bits_per_byte"] = values["loss"] / LN2
         writer.write(s + 1, "train", values)
