@@ -272,6 +272,15 @@ def test_decode_attention_equals_the_last_rows_of_full_attention():
     cache_v = jnp.zeros((B, 32, Hkv, D)).at[:, :T].set(v)
     out = decode_attention(q[:, -3:], cache_k, cache_v, jnp.array([T, T]))
     np.testing.assert_allclose(out, full[:, -3:], atol=1e-5, rtol=1e-5)
+    # the layers' layout, [B, Hkv, C, D]; also with one key/value head (MQA: taken as the
+    # same array in the other layout)
+    for kv_heads in (Hkv, 1):
+        cache_k, cache_v = cache_k[:, :, :kv_heads], cache_v[:, :, :kv_heads]
+        full = dot_product_attention(q, k[:, :, :kv_heads], v[:, :, :kv_heads],
+                                     mask=CausalMask())
+        out = decode_attention(q[:, -3:], cache_k.swapaxes(1, 2), cache_v.swapaxes(1, 2),
+                               jnp.array([T, T]), heads_first=True)
+        np.testing.assert_allclose(out, full[:, -3:], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_attention_with_a_sliding_window_ring_buffer():
@@ -282,6 +291,9 @@ def test_decode_attention_with_a_sliding_window_ring_buffer():
     ring_k = jnp.zeros((B, W, H, D)).at[:, slots].set(k[:, T - W:])
     ring_v = jnp.zeros((B, W, H, D)).at[:, slots].set(v[:, T - W:])
     out = decode_attention(q[:, -1:], ring_k, ring_v, jnp.array([T]), window=W)
+    np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)
+    out = decode_attention(q[:, -1:], ring_k.swapaxes(1, 2), ring_v.swapaxes(1, 2),
+                           jnp.array([T]), window=W, heads_first=True)
     np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
@@ -295,12 +307,18 @@ def test_bad_decode_arguments_are_named():
         (dict(lengths=3, window=0), r"window=0: must be an integer in \[1, 6\]"),
         (dict(lengths=3, window=2.5), r"window=2.5: must be an integer in \[1, 6\]"),
         (dict(lengths=3, mask=jnp.ones((6, 6), bool)), "expected a Mask, a mask spec string"),
+        (dict(lengths=3, heads_first=1), "heads_first=1: must be True or False"),
     ]
     for kwargs, fragment in cases:
         with pytest.raises((ValueError, TypeError), match=fragment):
             decode_attention(q, cache, cache, **kwargs)
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple.*k_cache"):
         decode_attention(q, rand(2, 2, 6, 3, 8), rand(3, 2, 6, 3, 8), 3)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple.*"
+                       r"k_cache.swapaxes\(1, 2\)\(2, 6, 3, 8\)"):  # named in [B, C, H, D]
+        decode_attention(q, rand(2, 2, 3, 6, 8), rand(3, 2, 3, 6, 8), 3, heads_first=True)
+    with pytest.raises(ValueError, match=r"lengths=\[7, 7\]: each must be in \[1, 6\]"):
+        decode_attention(q, cache.swapaxes(1, 2), cache.swapaxes(1, 2), 7, heads_first=True)
     # a ring buffer holds more positions than slots; a scalar length serves the whole batch
     ring = decode_attention(q, cache, cache, 20, window=6)
     assert ring.shape == q.shape and bool(jnp.all(jnp.isfinite(ring)))

@@ -54,7 +54,8 @@ class Attention(nnx.Module):
         self.mask = lazy_mask(mask, n_heads)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
-        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        # heads first: a decode step reads each head's slots contiguously (decode_attention)
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
@@ -82,10 +83,11 @@ class Attention(nnx.Module):
             out = heads_local(attend, (q, k, v), segments, split_heads=not per_head_mask)
             new_cache = None
         else:
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            start = (0, 0, cache_index, 0)
+            k_all, v_all = (jax.lax.dynamic_update_slice(
+                cache[name], new.swapaxes(1, 2).astype(cache[name].dtype), start)
+                for name, new in (("k", k), ("v", v)))
             lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
-            out = decode_attention(q, k_all, v_all, lengths, mask=self.mask)
+            out = decode_attention(q, k_all, v_all, lengths, mask=self.mask, heads_first=True)
             new_cache = {"k": k_all, "v": v_all}
         return self.o_proj(out), new_cache

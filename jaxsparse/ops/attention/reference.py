@@ -16,19 +16,23 @@ def soft_cap(logits, cap):
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = False):
+def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = False,
+                  kv_heads_first: bool = False):
     """``allowed``: boolean broadcastable to ``[B, Hq, S, T]`` or None. Masked rows give 0.
     ``return_lse``: also each row's log-sum-exp ``[B, S, Hq]`` float32 (0 on masked rows).
+    ``kv_heads_first``: ``k, v`` are ``[B, Hkv, T, D]`` instead of ``[B, T, Hkv, D]`` (a
+    decode cache's layout: see ``decode_attention``).
 
     GQA: the ``G = Hq / Hkv`` query heads sharing a key/value head are stacked as ``G·S`` rows
     of one matmul per (batch, kv head), so K and V are never repeated (a 5-d einsum with the
     group as its own axis ran ~3x slower through XLA:CPU's backward)."""
     batch, q_len, q_heads, head_dim = q.shape
-    kv_heads, kv_len = k.shape[2], k.shape[1]
+    kv_heads, kv_len = (k.shape[1], k.shape[2]) if kv_heads_first else (k.shape[2], k.shape[1])
+    kv = "bhtd" if kv_heads_first else "bthd"
     groups = q_heads // kv_heads
     rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     rows = rows.reshape(batch, kv_heads, groups * q_len, head_dim)     # [B, Hkv, G·S, D]
-    logits = jnp.einsum("bhmd,bthd->bhmt", rows, k, preferred_element_type=jnp.float32,
+    logits = jnp.einsum(f"bhmd,{kv}->bhmt", rows, k, preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST)
     logits = soft_cap(logits * scale, logits_soft_cap)
     logits = logits.reshape(batch, kv_heads, groups, q_len, kv_len)
@@ -37,7 +41,7 @@ def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = F
         allowed = jnp.broadcast_to(allowed, (allowed.shape[0], q_heads, q_len, kv_len))
         allowed = allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
     probs = masked_softmax(logits, allowed)                            # empty rows: zeros
-    out = jnp.einsum("bhmt,bthd->bhmd", probs.reshape(batch, kv_heads, groups * q_len, kv_len),
+    out = jnp.einsum(f"bhmt,{kv}->bhmd", probs.reshape(batch, kv_heads, groups * q_len, kv_len),
                      v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     out = out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
