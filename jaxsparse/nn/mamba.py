@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.ops.checks import is_integer
 from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.conv import causal_depthwise_conv1d
-from jaxsparse.ops.normalization import rms_norm
 from jaxsparse.ops.native.selective_scan import available as native_scan_available
+from jaxsparse.ops.normalization import rms_norm
 from jaxsparse.ops.ssm import (selective_scan, selective_scan_sequence_parallel, ssd,
                                ssd_native, ssd_reference, ssd_sequence_parallel)
 from jaxsparse.parallel import current_mesh, sequence_axis_size

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.ops.checks import is_integer
 from jaxsparse.nn.linear import Linear
-from jaxsparse.parallel import constrain
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.memory import memory_read, product_key_topk
+from jaxsparse.parallel import constrain
 
 # Parameters tagged with this optimiser group are trained by their own optimiser (the paper
 # trains the values with a separate, larger learning rate; see jaxsparse.train.optim).

@@ -25,7 +25,6 @@ from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
-from jaxsparse.parallel import current_mesh
 from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_statistics,
                                capacity_dispatch, chunk_pool, chunk_pool_within_documents,
@@ -34,6 +33,7 @@ from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_st
                                grouped_matmul, linear_k_schedule, router_z_loss, swiglu_experts,
                                top_k_routing, unchunk)
 from jaxsparse.ops.sizes import round_up
+from jaxsparse.parallel import current_mesh
 
 ROUTERS = ("top_k", "expert_choice", "random")
 

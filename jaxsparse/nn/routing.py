@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.ops.checks import check_integer
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
 from jaxsparse.ops.attention.decode import checked_cache_lengths
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.masks import CausalMask, LocalMask
 from jaxsparse.ops.rotary import apply_rotary
 from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,

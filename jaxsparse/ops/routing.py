@@ -60,9 +60,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.checks import check_integer, is_integer
 from jaxsparse.ops.attention.api import check_attention_inputs, logit_scale
 from jaxsparse.ops.attention.decode import checked_cache_lengths
+from jaxsparse.ops.checks import check_integer, is_integer
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_first_position

@@ -28,12 +28,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.attention.api import (check_attention_inputs, dot_product_attention,
                                          logit_scale)
 from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.attention.online_softmax import merge_finished
 from jaxsparse.ops.attention.reference import row_logsumexp
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 from jaxsparse.ops.segments import check_segment_ids, document_first_position

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.attention.api import (check_attention_inputs, lazy_mask,
                                          static_logit_options)
 from jaxsparse.ops.attention.reference import xla_attention
+from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.masks import Mask, MultiHeadMask
 
