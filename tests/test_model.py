@@ -68,6 +68,40 @@ def test_generate_greedy_equals_argmax_rollout(model):
         generate(model, prompt, 2, temperature=True)
 
 
+def _greedy_rollout(model, prompt, new_tokens, total=16):
+    forward = nnx.jit(lambda m, x: m(x))  # one compile: every call has the padded length
+    seq = jnp.zeros((prompt.shape[0], total), jnp.int32).at[:, :prompt.shape[1]].set(prompt)
+    for t in range(prompt.shape[1], prompt.shape[1] + new_tokens):
+        seq = seq.at[:, t].set(jnp.argmax(forward(model, seq)[:, t - 1], -1).astype(jnp.int32))
+    return seq[:, prompt.shape[1]:prompt.shape[1] + new_tokens]
+
+
+def test_prompts_of_one_bucket_share_a_compiled_program(model):
+    """Whole buckets of the prompt run in one pass, the rest token by token: prompts of 9, 10
+    and 11 tokens (bucket 4: 8 in one pass, then 1-3 one by one) compile once, and each
+    greedy continuation equals the argmax rollout of the full forward pass. Sampled
+    continuations equal those of prompt_bucket=1 (the whole prompt in one pass) drawn with
+    the same key: the new tokens use the same random numbers however the prompt was fed."""
+    from jaxsparse.models.generate import _generate
+
+    prompt = tokens(6, batch=2, length=11)
+    compiled = None
+    for length in (9, 10, 11):
+        out = generate(model, prompt[:, :length], 5, temperature=0.0, prompt_bucket=4)
+        compiled = _generate._cache_size() if compiled is None else compiled
+        np.testing.assert_array_equal(out, _greedy_rollout(model, prompt[:, :length], 5))
+    assert _generate._cache_size() == compiled
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(
+        generate(model, prompt, 5, rng=key, temperature=1.5, prompt_bucket=4),
+        generate(model, prompt, 5, rng=key, temperature=1.5, prompt_bucket=1))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"prompt_bucket={bad!r}: must be an int >= 1"):
+            generate(model, prompt, 2, prompt_bucket=bad)
+    with pytest.raises(ValueError, match="max_new_tokens=2.0: must be an int >= 1"):
+        generate(model, prompt, 2.0)
+
+
 def test_top_k_sampling_draws_from_exactly_k_tokens_even_when_tied():
     """Tokens 1, 2 and 3 tie for the second-highest logit: top-2 keeps token 0 and the first
     of them (index order, as ``lax.top_k``); a threshold at the k-th value kept all four."""

@@ -44,42 +44,65 @@ def sample_logits(logits_BV, rng, temperature, top_k):
     return jnp.where(temperature < _GREEDY_BELOW, greedy, sampled)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "filtered"))
-def _generate(graphdef, state, prompt_BP, rng, temperature, top_k, *, max_new_tokens, greedy,
-              filtered):
-    """One compiled program per model, prompt length, token count and sampling mode (greedy,
-    full distribution or top-k); the temperature and k are traced, so sweeping them does not
-    compile again."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "capacity",
+                                             "max_new_tokens", "greedy", "filtered"))
+def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, top_k, *,
+              prefill, capacity, max_new_tokens, greedy, filtered):
+    """One compiled program per model, prompt bucket, token count and sampling mode (greedy,
+    full distribution or top-k). ``prompt_BP`` (``prefill`` tokens, a whole number of
+    buckets, maybe none) is run in one pass; the rest of the prompt, ``tail_BT[:, :tail_len]``
+    (padded to a bucket, ``tail_len`` traced), is fed token by token through the loop that
+    then samples, so every prompt length of a bucket shares the program. The temperature and
+    k are traced too: sweeping them does not compile again."""
     model = nnx.merge(graphdef, state)
-    model.eval()  # inference behaviour (e.g. MoE layers sow nothing inside the scan below)
-    batch, prompt_len = prompt_BP.shape
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model.decode(prompt_BP, cache)
+    model.eval()  # inference behaviour (e.g. MoE layers sow nothing inside the loop below)
+    batch = prompt_BP.shape[0]
+    cache = model.init_cache(batch, capacity)
+    if prefill:
+        logits, cache = model.decode(prompt_BP, cache)
+    else:  # nothing prefilled: the tail holds the whole prompt, at least one token
+        logits, cache = model.decode(tail_BT[:, :1], cache)
     rngs = jax.random.split(rng, max_new_tokens)
     temperature = 0.0 if greedy else temperature
     top_k = top_k if filtered else 0
+    out_BN = jnp.zeros((batch, max_new_tokens), jnp.int32)
 
-    def sample(logits_BV, rng_t):
-        return sample_logits(logits_BV, rng_t, temperature, top_k)
+    def sample(i, logits_BV):  # the i-th new token
+        return sample_logits(logits_BV, rngs[i], temperature, top_k)
 
-    first = sample(logits[:, -1], rngs[0])
-
-    def step(carry, rng_t):
-        token_B, cache = carry
+    def step(i, carry):
+        # consume the i-th token after the prefill: the prompt's tail, then the sampled ones
+        cache, last_logits, out_BN = carry
+        new = jnp.maximum(i - tail_len, 0)
+        sampled = sample(new, last_logits)
+        out_BN = jnp.where(i >= tail_len, out_BN.at[:, new].set(sampled), out_BN)
+        token_B = jnp.where(i < tail_len, tail_BT[:, jnp.minimum(i, tail_BT.shape[1] - 1)],
+                            sampled)
         logits, cache = model.decode(token_B[:, None], cache)
-        nxt = sample(logits[:, -1], rng_t)
-        return (nxt, cache), token_B
+        return cache, logits[:, -1], out_BN
 
-    # Each step emits the token it consumed; the final carry holds the last sampled token.
-    (last, _), tokens = jax.lax.scan(step, (first, cache), rngs[1:])
-    return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+    # the last new token is sampled after the loop: nothing has to read it
+    _, last_logits, out_BN = jax.lax.fori_loop(0 if prefill else 1,
+                                               tail_len + max_new_tokens - 1, step,
+                                               (cache, logits[:, -1], out_BN))
+    return out_BN.at[:, -1].set(sample(max_new_tokens - 1, last_logits))
 
 
 def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rng=None,
-             temperature: float = 1.0, top_k: int = 0) -> jax.Array:
-    """Return ``[B, max_new_tokens]`` sampled continuations of the int prompt ``[B, P]``."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+             temperature: float = 1.0, top_k: int = 0, prompt_bucket: int = 64) -> jax.Array:
+    """Return ``[B, max_new_tokens]`` sampled continuations of the int prompt ``[B, P]``.
+
+    The prompt's first ``P - P % prompt_bucket`` tokens are run in one pass and the rest one
+    by one, as the sampled tokens are: prompts whose lengths lie in one bucket share a
+    compiled program (a notebook trying prompts compiles once per bucket, not per length),
+    for at most ``prompt_bucket - 1`` single-token steps. ``prompt_bucket=1`` runs every prompt
+    in one pass."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
+    if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, numbers.Integral) \
+            or prompt_bucket < 1:
+        raise ValueError(f"prompt_bucket={prompt_bucket!r}: must be an int >= 1")
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt must be a non-empty [batch, length] array, got {prompt_BP.shape}")
@@ -98,7 +121,16 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
             f"model.max_seq_len={limit}"
         )
     rng = jax.random.key(0) if rng is None else rng
+    length, bucket = prompt_BP.shape[1], int(prompt_bucket)
+    prefill = length - length % bucket
+    tail_BT = jnp.zeros((prompt_BP.shape[0], bucket), jnp.int32)
+    tail_BT = tail_BT.at[:, :length - prefill].set(prompt_BP[:, prefill:])
+    # room for the longest prompt of the bucket, never past what the model reads
+    capacity = prefill + bucket - 1 + int(max_new_tokens)
+    capacity = capacity if limit is None else min(capacity, limit)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_BP, rng, jnp.float32(temperature),
-                     jnp.int32(top_k), max_new_tokens=int(max_new_tokens),
+    return _generate(graphdef, state, prompt_BP[:, :prefill], tail_BT,
+                     jnp.int32(length - prefill), rng, jnp.float32(temperature),
+                     jnp.int32(top_k), prefill=prefill, capacity=capacity,
+                     max_new_tokens=int(max_new_tokens),
                      greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0)
