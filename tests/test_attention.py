@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxsparse.ops.attention import decode_attention, dot_product_attention
+from jaxsparse.ops.attention import decode_attention, dot_product_attention, window_cache_decode
 from jaxsparse.ops.masks import (BigBirdMask, CausalMask, ChunkedCausalMask, FullMask,
                                  GlobalTokensMask, LocalMask, MultiHeadMask, StridedMask)
 
@@ -295,6 +295,47 @@ def test_decode_attention_with_a_sliding_window_ring_buffer():
     out = decode_attention(q[:, -1:], ring_k.swapaxes(1, 2), ring_v.swapaxes(1, 2),
                            jnp.array([T]), window=W, heads_first=True)
     np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [
+    LocalMask(7, 0), ChunkedCausalMask(8), LocalMask(3, 0) & CausalMask(),
+    MultiHeadMask((LocalMask(2, 0), LocalMask(7, 0), LocalMask(5, 0), ChunkedCausalMask(6)))],
+    ids=["window", "chunked", "narrower", "per_head"])
+def test_window_cache_decoding_equals_full_attention(mask):
+    """A ring buffer of 8 slots, fed a prompt of 3, one token, a chunk of 9 (longer than the
+    ring), single tokens wrapping around it and a last chunk of 16: every output equals full
+    attention under the mask (GQA, head dim 5), and the ring keeps only 8 positions."""
+    B, T, Hq, Hkv, D, W = 2, 31, 4, 2, 5, 8
+    q, k, v = rand(60, B, T, Hq, D), rand(61, B, T, Hkv, D), rand(62, B, T, Hkv, D)
+    full = dot_product_attention(q, k, v, mask=mask & CausalMask(), implementation="xla")
+    k_ring = v_ring = jnp.zeros((B, Hkv, W, D))
+    step = jax.jit(window_cache_decode, static_argnames="mask")
+    outs = []
+    for start, stop in [(0, 3), (3, 4), (4, 13), (13, 14), (14, 15), (15, 31)]:
+        out, k_ring, v_ring = step(q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                                   k_ring, v_ring, jnp.int32(start), mask=mask)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
+    assert k_ring.shape == (B, Hkv, W, D)
+    # the ring holds the last 8 positions, each in its slot (position mod 8)
+    np.testing.assert_array_equal(k_ring[:, :, np.arange(T - W, T) % W], k[:, T - W:].swapaxes(1, 2))
+
+
+def test_bad_window_cache_arguments_are_named():
+    q, k, ring = rand(0, 2, 1, 4, 8), rand(1, 2, 1, 2, 8), rand(2, 2, 2, 6, 8)
+    cases = [
+        (dict(mask=CausalMask()), r"reads back without bound: a window cache of 6 slots"),
+        (dict(mask="local:7"), r"reads back 7: a window cache of 6 slots"),
+        (dict(mask=LocalMask(2, 0), index=jnp.array([3, 3])), r"index of shape \(2,\)"),
+        (dict(mask=LocalMask(2, 0), index=-1), r"lengths=\[0, 0\]: each must be >= 1"),
+        (dict(mask=LocalMask(2, 0), k_cache=rand(3, 2, 2, 6, 4)), r"k_cache\(2, 2, 6, 4\)"),
+        (dict(mask=None), "expected a Mask or a mask spec string"),
+    ]
+    for kwargs, fragment in cases:
+        args = dict(k_cache=ring, v_cache=ring, index=3) | kwargs
+        with pytest.raises((ValueError, TypeError), match=fragment):
+            window_cache_decode(q, k, k, args.pop("k_cache"), args.pop("v_cache"),
+                                args.pop("index"), **args)
 
 
 def test_bad_decode_arguments_are_named():

@@ -245,3 +245,22 @@ def test_causal_table_for_a_million_tokens_is_built_from_tile_rules():
     assert table.kv_indices.shape == (1, 8192, 8192)
     assert table.kv_counts[0, 100] == 101 and table.kind[0, 100, 100] == PARTIAL
     assert elapsed < 15.0, f"1M-token causal block table took {elapsed:.2f}s"
+
+
+def test_lookback_bounds_how_far_back_a_query_reads():
+    """``lookback`` is the exact reach of every mask that has one (checked densely: no query
+    reads further back, and some query reads that far), min under ``&``, max under ``|`` and
+    across heads, None where reads are unbounded or the pattern depends on the length."""
+    bounded = {LocalMask(7, 0): 8, LocalMask(3, 2) & CausalMask(): 4, ChunkedCausalMask(5): 5,
+               LocalMask(3, 0) | LocalMask(9, 2): 10, GlobalTokensMask(2) & LocalMask(3, 0): 4,
+               MultiHeadMask((LocalMask(3, 0), ChunkedCausalMask(6))): 6}
+    for mask, reach in bounded.items():
+        assert mask.lookback() == reach, mask
+        dense = (mask & CausalMask()).to_dense(40, 40)
+        dense = dense if dense.ndim == 3 else dense[None]
+        distance = np.arange(40)[:, None] - np.arange(40)[None, :]
+        assert distance[np.any(dense, axis=0)].max() == reach - 1, mask
+    for mask in (CausalMask(), FullMask(), LocalMask(None, 0), GlobalTokensMask(2) | LocalMask(3, 0),
+                 BigBirdMask(4, 1, 1, 1) & LocalMask(3, 0), StridedMask(4),
+                 MultiHeadMask((LocalMask(3, 0), CausalMask()))):
+        assert mask.lookback() is None, mask

@@ -255,11 +255,16 @@ def test_count_params_without_allocation():
 
 
 SPARSE_SPECS = ["heads:local:4;local:8;causal;longformer:3,2", "bigbird:4,3,1,1,7", "strided:5",
-                "chunked:6", "fixed:8,2"]
+                "chunked:6", "fixed:8,2", "heads:local:4;local:8;chunked:6;local:1"]
+# masks that read at most this many recent positions decode from a ring buffer of that size
+WINDOW_CACHE_SLOTS = {"chunked:6": 6, "heads:local:4;local:8;chunked:6;local:1": 8}
 
 
 @pytest.mark.parametrize("spec", SPARSE_SPECS)
 def test_sparse_masks_stay_causal_and_decode_matches_forward(spec):
+    """Decoding a prompt of 11 tokens, then 3, then one at a time equals the full pass; with
+    a bounded mask (a window, chunks) from a ring buffer of that many slots, which the
+    prompt overruns and the later tokens wrap around."""
     cfg = tiny_config(f"model.attention_mask={spec}").model
     m = models.build(cfg, nnx.Rngs(3))
     a = tokens(7, length=24)
@@ -269,12 +274,16 @@ def test_sparse_masks_stay_causal_and_decode_matches_forward(spec):
     np.testing.assert_allclose(forward(m, a)[:, :13], forward(m, b)[:, :13], atol=1e-5)
     full = forward(m, a)
     cache = m.init_cache(2, 40)  # a longer cache than the sequence: patterns must not shift
+    slots = {leaf.shape[2] for leaf in jax.tree.leaves(cache) if leaf.ndim == 4}
+    assert slots == {WINDOW_CACHE_SLOTS.get(spec, 40)}
     first, cache = decode(m, a[:, :11], cache)
+    second, cache = decode(m, a[:, 11:14], cache)
     rest = []
-    for t in range(11, 24):
+    for t in range(14, 24):
         logits, cache = decode(m, a[:, t:t + 1], cache)
         rest.append(logits)
-    np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(jnp.concatenate([first, second] + rest, axis=1), full, atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_sparse_mask_changes_the_model():

@@ -8,7 +8,8 @@ from flax import nnx
 
 from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.attention import decode_attention, dot_product_attention
+from jaxsparse.ops.attention import (decode_attention, dot_product_attention,
+                                     window_cache_decode)
 from jaxsparse.ops.attention.api import IMPLEMENTATIONS, lazy_mask
 from jaxsparse.ops.masks import CausalMask, Mask
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
@@ -52,10 +53,14 @@ class Attention(nnx.Module):
         # lazy and hashable: a static part of the module (a spec string such as "local:256"
         # is parsed once here, so per-head masks are recognised as such below)
         self.mask = lazy_mask(mask, n_heads)
+        # a mask that reads at most this many recent positions decodes from a ring buffer of
+        # that many slots (ops.attention.window_cache_decode) instead of a cache of max_len
+        self.cache_window = None if self.mask is None else self.mask.lookback()
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
         # heads first: a decode step reads each head's slots contiguously (decode_attention)
-        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        slots = max_len if self.cache_window is None else min(max_len, self.cache_window)
+        shape = (batch, self.n_kv_heads, slots, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
@@ -82,6 +87,10 @@ class Attention(nnx.Module):
             segments = () if segment_ids is None else (segment_ids,)
             out = heads_local(attend, (q, k, v), segments, split_heads=not per_head_mask)
             new_cache = None
+        elif cache["k"].shape[2] == self.cache_window:
+            out, k_all, v_all = window_cache_decode(q, k, v, cache["k"], cache["v"], cache_index,
+                                                    mask=self.mask)
+            new_cache = {"k": k_all, "v": v_all}
         else:
             start = (0, 0, cache_index, 0)
             k_all, v_all = (jax.lax.dynamic_update_slice(

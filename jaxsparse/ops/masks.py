@@ -193,6 +193,19 @@ class Mask:
         when there is no closed form (tiles are then evaluated element by element)."""
         return None
 
+    def lookback(self) -> int | None:
+        """The most recent positions, its own included, that a query may read at most — a
+        bound ``i - j < lookback`` holding at every sequence length, so that a decoder's
+        key/value cache need keep only that many (a sliding-window ring buffer). None when
+        reads reach back without bound, or when the pattern depends on the sequence length
+        (BigBird, explicit block layouts: evaluated for a cache's length, not the text's)."""
+        return None
+
+    @property
+    def length_free(self) -> bool:
+        """Whether ``allowed`` is the same function of the positions at every length."""
+        return type(self).allowed_fn is Mask.allowed_fn
+
     def check_size(self, q_len: int, kv_len: int) -> None:
         """Raise ValueError if this mask cannot serve a ``(q_len, kv_len)`` problem."""
         if q_len < 1 or kv_len < 1:
@@ -329,6 +342,9 @@ class LocalMask(Mask):
             ok = ok & (kv_idx <= q_idx + self.right)
         return ok if not isinstance(ok, bool) else FullMask().allowed(q_idx, kv_idx)
 
+    def lookback(self) -> int | None:
+        return None if self.left is None else self.left + 1
+
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         left = np.inf if self.left is None else self.left
         right = np.inf if self.right is None else self.right
@@ -349,6 +365,9 @@ class ChunkedCausalMask(Mask):
 
     def allowed(self, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx // self.chunk == q_idx // self.chunk)
+
+    def lookback(self) -> int:
+        return self.chunk
 
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         c = self.chunk
@@ -657,6 +676,10 @@ class _Combined(Mask):
         self.left.check_size(q_len, kv_len)
         self.right.check_size(q_len, kv_len)
 
+    @property
+    def length_free(self) -> bool:
+        return self.left.length_free and self.right.length_free
+
     def allowed(self, q_idx, kv_idx):
         return self._op(self.left.allowed(q_idx, kv_idx), self.right.allowed(q_idx, kv_idx))
 
@@ -684,6 +707,10 @@ class AndMask(_Combined):
     def _op(a, b):
         return a & b
 
+    def lookback(self) -> int | None:
+        bounds = [m.lookback() for m in (self.left, self.right) if m.lookback() is not None]
+        return min(bounds) if bounds and self.length_free else None
+
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         (a_any, a_all, a_und), (b_any, b_all, b_und) = self._sides(qs, qe, ks, ke, q_len, kv_len)
         any_, all_ = a_any & b_any, a_all & b_all
@@ -698,6 +725,10 @@ class OrMask(_Combined):
     @staticmethod
     def _op(a, b):
         return a | b
+
+    def lookback(self) -> int | None:
+        bounds = [self.left.lookback(), self.right.lookback()]
+        return None if None in bounds else max(bounds)
 
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         (a_any, a_all, a_und), (b_any, b_all, b_und) = self._sides(qs, qe, ks, ke, q_len, kv_len)
@@ -734,6 +765,10 @@ class MultiHeadMask(Mask):
 
     def head_mask(self, head: int) -> Mask:
         return self.masks[head]
+
+    def lookback(self) -> int | None:
+        bounds = [m.lookback() for m in self.masks]
+        return None if None in bounds else max(bounds)
 
     def to_dense(self, q_len, kv_len) -> np.ndarray:
         """Boolean ``[heads, q_len, kv_len]``."""

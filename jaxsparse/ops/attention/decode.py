@@ -34,6 +34,34 @@ def checked_cache_lengths(lengths, batch: int, new: int, slots: int | None):
     return lengths
 
 
+def ring_positions(lengths, slots: int):
+    """``[B, slots]``: the position each slot of a ring buffer holds (slot = position mod
+    slots) after ``lengths [B]`` positions were written — the newest that maps to it,
+    negative for a slot never written."""
+    last = lengths[:, None] - 1
+    return last - ((last - jnp.arange(slots)[None, :]) % slots)
+
+
+def allowed_at(q_pos, kv_pos, mask: Mask | None, window: int | None, mask_len: int):
+    """Which of the keys at ``kv_pos [B, T]`` (negative: an empty slot) each query at
+    ``q_pos [B, L]`` may read: causal, within ``window`` when given, and allowed by ``mask``
+    (evaluated on absolute positions; length-dependent patterns for ``mask_len`` positions).
+    Booleans ``[B, 1 or heads, L, T]``."""
+    kq, kk = q_pos[:, :, None], kv_pos[:, None, :]
+    allowed = (kk <= kq) & (kk >= 0)
+    if window is not None:
+        allowed = allowed & (kk > kq - window)
+    allowed = allowed[:, None]
+    if isinstance(mask, MultiHeadMask):
+        shape = (q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1])
+        per_head = [jnp.broadcast_to(m.allowed_fn(mask_len, mask_len)(kq, kk), shape)
+                    for m in mask.masks]
+        allowed = allowed & jnp.stack(per_head, axis=1)
+    elif mask is not None:
+        allowed = allowed & mask.allowed_fn(mask_len, mask_len)(kq, kk)[:, None]
+    return allowed
+
+
 def _seq_first(cache):
     """The shape and dtype of ``cache.swapaxes(1, 2)`` (nothing is moved)."""
     shape = tuple(cache.shape)
@@ -78,27 +106,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     mask = lazy_mask(mask, q_heads)
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string or None")
+    if isinstance(mask, MultiHeadMask) and mask.num_heads != q_heads:
+        raise ValueError(f"mask has {mask.num_heads} heads; q has {q_heads}")
     q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
     slot = jnp.arange(slots)[None, :]
     if window is None:
         kv_pos = jnp.broadcast_to(slot, (batch, slots))
     else:
-        # the newest position written to each slot, given `lengths` positions so far
-        last = lengths[:, None] - 1
-        kv_pos = last - ((last - slot) % slots)
-    kq, kk = q_pos[:, :, None], kv_pos[:, None, :]
-    allowed = (kk <= kq) & (kk >= 0)
-    if window is not None:
-        allowed = allowed & (kk > kq - window)
-    allowed = allowed[:, None]  # [B, 1, L, C]
-    if isinstance(mask, MultiHeadMask):
-        if mask.num_heads != q_heads:
-            raise ValueError(f"mask has {mask.num_heads} heads; q has {q_heads}")
-        per_head = [jnp.broadcast_to(m.allowed_fn(slots, slots)(kq, kk), (batch, new, slots))
-                    for m in mask.masks]
-        allowed = allowed & jnp.stack(per_head, axis=1)
-    elif mask is not None:
-        allowed = allowed & mask.allowed_fn(slots, slots)(kq, kk)[:, None]
+        kv_pos = ring_positions(lengths, slots)
+    allowed = allowed_at(q_pos, kv_pos, mask, window, slots)
     scale = head_dim**-0.5 if scale is None else scale
     if heads_first and k_cache.shape[1] == 1:
         # one key/value head: both layouts are the same array, and XLA:CPU compiled the
@@ -109,4 +125,67 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
                          scale, logits_soft_cap, kv_heads_first=heads_first)
 
 
-__all__ = ["decode_attention"]
+
+
+def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
+                        mask: Mask | str | None = None, scale: float | None = None,
+                        logits_soft_cap: float | None = None):
+    """Decode ``L`` new tokens at positions ``index .. index + L - 1`` against a
+    sliding-window cache: ring buffers ``k_cache, v_cache [B, Hkv, W, D]`` (heads first)
+    holding the last ``W`` positions before ``index``, for a ``mask`` that reads at most the
+    ``W`` most recent positions (``mask.lookback() <= W``: a causal window, chunked causal
+    attention, per-head windows). Memory and time per token grow with ``W``, not with the
+    length decoded. ``q [B, L, Hq, D]``, ``k_new, v_new [B, L, Hkv, D]``; returns
+    ``(out [B, L, Hq, D], k_cache, v_cache)`` with the new keys and values kept.
+
+    One token (generation) is written first, over the position ``W`` behind it that it no
+    longer reads, and attended as ``decode_attention``'s ring buffer. Several (a prompt) read
+    the cache as it was and their own keys side by side — written first, they would overwrite
+    keys the earliest of them still reads — and then only the last ``W`` are kept."""
+    check_attention_inputs(q, k_new, v_new, names=("q", "k_new", "v_new"))
+    scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
+    batch, new, q_heads, head_dim = q.shape
+    kv_heads = k_new.shape[2]
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape or \
+            k_cache.shape[:2] != (batch, kv_heads) or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache{tuple(k_cache.shape)} and v_cache{tuple(v_cache.shape)} must "
+                         f"both be [batch={batch}, kv_heads={kv_heads}, slots, "
+                         f"head_dim={head_dim}]")
+    slots = k_cache.shape[2]
+    mask = lazy_mask(mask, q_heads)
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask={mask!r:.80}: expected a Mask or a mask spec string")
+    if isinstance(mask, MultiHeadMask) and mask.num_heads != q_heads:
+        raise ValueError(f"mask has {mask.num_heads} heads; q has {q_heads}")
+    if mask.lookback() is None or mask.lookback() > slots:
+        raise ValueError(f"mask={mask!r:.80} reads back {mask.lookback() or 'without bound'}: "
+                         f"a window cache of {slots} slots serves masks that read at most the "
+                         f"{slots} most recent positions (Mask.lookback)")
+    index = jnp.asarray(index)
+    if index.ndim != 0 or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"index of shape {index.shape} and dtype {index.dtype}: expected an "
+                         "integer scalar (the position of the first new token)")
+    lengths = checked_cache_lengths(index + new, batch, new, None)
+    k_new, v_new = (x.swapaxes(1, 2).astype(k_cache.dtype) for x in (k_new, v_new))
+    if new == 1:
+        at = (0, 0, index.astype(jnp.int32) % slots, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, at)
+        out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, scale=scale,
+                               logits_soft_cap=logits_soft_cap, window=slots, heads_first=True)
+        return out, k_cache, v_cache
+    q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
+    kv_pos = jnp.concatenate([ring_positions(lengths - new, slots), q_pos], axis=1)
+    allowed = allowed_at(q_pos, kv_pos, mask, slots, slots)
+    keys, values = (jnp.concatenate([c, x], axis=2).astype(q.dtype)
+                    for c, x in ((k_cache, k_new), (v_cache, v_new)))
+    scale = head_dim**-0.5 if scale is None else scale
+    out = xla_attention(q, keys, values, allowed, scale, logits_soft_cap, kv_heads_first=True)
+    keep = min(new, slots)  # the last `keep` new positions, each into its slot
+    kept = (index.astype(jnp.int32) + new - keep + jnp.arange(keep)) % slots
+    k_cache = k_cache.at[:, :, kept].set(k_new[:, :, new - keep:])
+    v_cache = v_cache.at[:, :, kept].set(v_new[:, :, new - keep:])
+    return out, k_cache, v_cache
+
+
+__all__ = ["decode_attention", "window_cache_decode"]
