@@ -15,7 +15,6 @@ the MoE all-to-alls are 144 GiB per device and step as compiled here, 72 GiB in 
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 import jax
 
 from jaxsparse.config import Config
+from jaxsparse.parallel.emulated import emulated_devices_env
 
 
 def _per_device_bytes(tree) -> int:
@@ -172,8 +172,7 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
         "apply_overrides, validate; from jaxsparse.dryrun import dry_run; "
         f"cfg = validate(apply_overrides(configs.get({config!r}), {overrides!r})); "
         f"print(json.dumps(dry_run(cfg, compile={compile!r})))")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = emulated_devices_env(devices)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"dry run failed:\n{proc.stderr[-4000:]}")

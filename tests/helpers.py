@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from jaxsparse import configs
 from jaxsparse.config import apply_overrides
+from jaxsparse.parallel.emulated import emulated_devices_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,9 +39,7 @@ def short_documents(directory: Path, count: int = 200) -> list[str]:
 def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 600):
     """Run ``code`` in a fresh interpreter with ``devices`` emulated CPU devices; the last
     stdout line must be JSON, which is returned."""
-    full_env = dict(os.environ)
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    full_env["JAX_PLATFORMS"] = "cpu"
+    full_env = emulated_devices_env(devices)
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + str(ROOT / "tests")
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

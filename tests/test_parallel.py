@@ -11,6 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 
 from jaxsparse.parallel import logical_to_spec
+from jaxsparse.parallel.emulated import emulated_devices_env
 
 from helpers import ROOT, run_python
 
@@ -185,8 +186,7 @@ def _free_port():
 
 def _launch(command: list[str], processes: int, env: dict) -> list[subprocess.Popen]:
     """``processes`` local processes of one jax.distributed job (one CPU device each, gloo)."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(emulated_devices_env(1), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                JAX_NUM_PROCESSES=str(processes), **env)
     return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -360,3 +360,13 @@ def test_checkpoint_written_on_8_devices_restores_onto_4_devices_and_back(tmp_pa
     assert len(ours.files) == len(theirs.files) > 10
     for name in ours.files:
         np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_emulated_devices_env_keeps_other_xla_flags_and_replaces_the_count():
+    env = emulated_devices_env(8, {"XLA_FLAGS": "--xla_dump_to=/tmp/d "
+                                                "--xla_force_host_platform_device_count=2",
+                                   "JAX_PLATFORMS": "cuda", "HOME": "/h"})
+    assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/d",
+                                        "--xla_force_host_platform_device_count=8"]
+    assert env["JAX_PLATFORMS"] == "cpu" and env["HOME"] == "/h"
+    assert emulated_devices_env(1, {})["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"

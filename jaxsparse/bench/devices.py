@@ -3,9 +3,10 @@ too few (the device count is fixed when JAX starts, so it takes a fresh interpre
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+
+from jaxsparse.parallel.emulated import emulated_devices_env
 
 
 def rerun_on_emulated_devices(script: str, argv: list[str] | None, devices: int) -> bool:
@@ -16,8 +17,7 @@ def rerun_on_emulated_devices(script: str, argv: list[str] | None, devices: int)
 
     if len(jax.devices()) >= devices:
         return False
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = emulated_devices_env(devices)
     argv = sys.argv[1:] if argv is None else argv
     proc = subprocess.run([sys.executable, script, *argv], env=env)
     if proc.returncode:
