@@ -327,7 +327,7 @@ def test_bad_window_cache_arguments_are_named():
         (dict(mask=CausalMask()), r"reads back without bound: a window cache of 6 slots"),
         (dict(mask="local:7"), r"reads back 7: a window cache of 6 slots"),
         (dict(mask=LocalMask(2, 0), index=jnp.array([3, 3])), r"index of shape \(2,\)"),
-        (dict(mask=LocalMask(2, 0), index=-1), r"lengths=\[0, 0\]: each must be >= 1"),
+        (dict(mask=LocalMask(2, 0), index=-1), r"index=-1: must be >= 0"),
         (dict(mask=LocalMask(2, 0), k_cache=rand(3, 2, 2, 6, 4)), r"k_cache\(2, 2, 6, 4\)"),
         (dict(mask=None), "expected a Mask or a mask spec string"),
     ]

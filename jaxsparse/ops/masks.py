@@ -728,7 +728,7 @@ class OrMask(_Combined):
 
     def lookback(self) -> int | None:
         bounds = [self.left.lookback(), self.right.lookback()]
-        return None if None in bounds else max(bounds)
+        return None if None in bounds or not self.length_free else max(bounds)
 
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         (a_any, a_all, a_und), (b_any, b_all, b_und) = self._sides(qs, qe, ks, ke, q_len, kv_len)

@@ -79,7 +79,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     ``heads_first=True``: the caches are ``[B, Hkv, C, D]``, the layout the layers keep. A
     step reads every slot of the cache, and in that layout each head's slots lie together;
     from ``[B, C, Hkv, D]`` XLA:CPU copied the whole cache into it at every step (a decode
-    loop at batch 4, 4k slots, 8 key/value heads of 64 took 7.5x as long;
+    loop at batch 4, 4k slots, 8 key/value heads of 64 took ~7x as long;
     ``jaxsparse bench decode``).
 
     With ``window`` set, the cache is a ring buffer of ``C`` slots (slot = position mod C)
@@ -118,13 +118,11 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     scale = head_dim**-0.5 if scale is None else scale
     if heads_first and k_cache.shape[1] == 1:
         # one key/value head: both layouts are the same array, and XLA:CPU compiled the
-        # sequence-first form's loop 1.3-1.5x faster (experiments/results/decode.md)
+        # sequence-first form's decode loop 1.3-1.5x faster (bench decode, 1 kv head)
         k_cache, v_cache = (c.reshape(batch, slots, 1, head_dim) for c in (k_cache, v_cache))
         heads_first = False
     return xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed,
                          scale, logits_soft_cap, kv_heads_first=heads_first)
-
-
 
 
 def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
@@ -165,6 +163,10 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     if index.ndim != 0 or not jnp.issubdtype(index.dtype, jnp.integer):
         raise ValueError(f"index of shape {index.shape} and dtype {index.dtype}: expected an "
                          "integer scalar (the position of the first new token)")
+    first = concrete_values(index)
+    if first is not None and first < 0:
+        raise ValueError(f"index={int(first)}: must be >= 0 (the position of the first new "
+                         "token)")
     lengths = checked_cache_lengths(index + new, batch, new, None)
     k_new, v_new = (x.swapaxes(1, 2).astype(k_cache.dtype) for x in (k_new, v_new))
     if new == 1:
