@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_interleaved, write_results
 from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.attention import decode_attention, window_cache_decode
 from jaxsparse.ops.masks import LocalMask
@@ -82,16 +82,6 @@ def inputs(batch, heads, kv_heads, steps, cache_shape):
     return q, k_new, v_new, k_cache, v_cache
 
 
-def timed_pair(ours, peer, steps, repeats):
-    """Milliseconds per step of ``(fn, args)`` pairs ours and peer, interleaved so that a slow
-    phase of the machine hits both alike; the better of two medians each."""
-    times = {"ours": [], "peer": []}
-    for name in ("ours", "peer", "ours", "peer"):
-        fn, fn_args = ours if name == "ours" else peer
-        times[name].append(time_fn(fn, *fn_args, warmup=1, repeats=repeats).median_s)
-    return [min(times[name]) / steps * 1e3 for name in ("ours", "peer")]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", nargs="+", type=positive_int, default=[1024, 4096],
@@ -128,7 +118,8 @@ def main(argv=None) -> None:
                        (decode_loop(full_cache_step(True, mask), first),
                         inputs(b, *shape, (b, kv_heads, slots, HEAD_DIM)))]
             for op, pair in (("layout", layouts), (f"window {w}", windows)):
-                ours, peer = timed_pair(*pair, args.steps, args.repeats)
+                ours, peer = (s / args.steps * 1e3
+                              for s in time_interleaved(*pair, repeats=args.repeats))
                 rows.append({"op": op, "cache": slots, "heads": args.heads, "kv_heads": kv_heads,
                              "batch": b, "ours_ms": ours, "peer_ms": peer,
                              "speedup": peer / ours})

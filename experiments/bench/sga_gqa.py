@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.bench import cases, markdown_table, time_fn, write_results
+from jaxsparse.bench import cases, markdown_table, time_interleaved, write_results
 from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.sga import sga_decode, sparse_global_attention
 
@@ -82,10 +82,8 @@ def main(argv=None) -> None:
                  for impl in ("blocked", "core", "dense")}
         pairs["decode step"] = decode_pair(args.batch, length, *shape[1:])
         for op, (ours, peer, fn_args) in pairs.items():
-            # interleaved, so that a slow phase of the machine hits both alike
-            times = [time_fn(fn, *fn_args, warmup=1, repeats=args.repeats).median_s
-                     for fn in (ours, peer, ours, peer)]
-            ours_s, peer_s = min(times[0::2]), min(times[1::2])
+            ours_s, peer_s = time_interleaved((ours, fn_args), (peer, fn_args),
+                                              repeats=args.repeats)
             rows.append({"op": op, "length": length, "batch": args.batch,
                          "gqa_ms": ours_s * 1e3, "repeat_ms": peer_s * 1e3,
                          "speedup_vs_repeat": peer_s / ours_s})

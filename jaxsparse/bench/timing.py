@@ -43,6 +43,14 @@ def time_fn(fn: Callable, *args, warmup: int = 2, repeats: int = 5) -> Timing:
     return Timing(statistics.median(times), min(times), tuple(times))
 
 
+def time_interleaved(ours, peer, *, warmup: int = 1, repeats: int = 5) -> tuple[float, float]:
+    """Seconds of ``ours`` and ``peer`` (each a ``(fn, args)`` pair), timed ours, peer, ours,
+    peer so that a slow phase of the machine hits both alike; the better of two medians each."""
+    times = [time_fn(fn, *args, warmup=warmup, repeats=repeats).median_s
+             for fn, args in (ours, peer, ours, peer)]
+    return min(times[0::2]), min(times[1::2])
+
+
 def matmul_peak_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
     """Achieved FLOP/s of an ``n x n`` by ``n x n`` matmul: the machine's practical peak."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
