@@ -101,6 +101,20 @@ def _sga_decode(q, k, v, scores):
     return sga_decode(q, k, v, scores, lengths, window=6, max_global=4)
 
 
+def _sga_rings(q, k, v, scores):
+    """A prompt of 30 tokens, then the rest one at a time from the rings."""
+    from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
+
+    rings = init_sga_rings(q.shape[0], 6, 4, k.shape[2], k.shape[3], k.dtype)
+    outs = []
+    for start, stop in [(0, 30)] + [(t, t + 1) for t in range(30, q.shape[1])]:
+        out, rings = sga_ring_decode(q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                                     scores[:, start:stop], rings, start, window=6,
+                                     max_global=4)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1)
+
+
 def _routing_centroids(q):
     from jaxsparse.ops.routing import init_centroids
 
@@ -130,6 +144,7 @@ def _routing_decode(q, k, v, scores):
 
 ATTENTION = {"sga gather": _sga("gather"), "sga dense": _sga("dense"),
              "sga blocked": _sga("blocked"), "sga decode": _sga_decode,
+             "sga ring decode": _sga_rings,
              "routing causal": _routing, "routing top-w": _routing_balanced,
              "routing decode": _routing_decode}
 

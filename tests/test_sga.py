@@ -1,5 +1,6 @@
 """Sparse global attention (Hydra's long-range path): exact against loops, causal-safe global
-token selection, cached decoding equal to the full pass, a learning signal for the controller."""
+token selection, cached decoding equal to the full pass (from a cache of every position and
+from the rings of window + max_global slots), a learning signal for the controller."""
 
 import functools
 
@@ -206,3 +207,124 @@ def test_the_layer_refuses_options_that_cannot_work_when_built():
             build(**bad)
     with pytest.raises(ValueError, match="n_heads a multiple of n_kv_heads"):
         SparseGlobalAttention(8, 4, 3, 4, rngs=nnx.Rngs(0), window=4, max_global=2)
+
+
+# ring decoding: (window, max_global, the sizes of the pieces fed in turn)
+RING_CASES = [
+    (5, 3, (10, 1, 20, 14)),        # a prompt, single tokens, prompts longer than the rings
+    (4, 0, (1,) * 13 + (9,)),       # no global tokens: the window ring alone
+    (1, 1, (7, 1, 1, 36)),          # one slot each
+    (6, 4, (1,) * 45),              # generation from the first token
+    (3, 7, (45,)),                  # one prompt: more new candidates than global slots
+]
+
+
+@pytest.mark.parametrize("window, max_global, sizes", RING_CASES)
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_ring_decoding_equals_the_full_pass(window, max_global, sizes, kv_heads):
+    """The two rings of window + max_global slots give the full pass's outputs for prompts
+    and single tokens: candidates move from the window ring to the global ring as they leave
+    the window, and only the most recent max_global are kept."""
+    from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
+
+    q, k, v, scores = inputs(jax.random.key(11), b=3, length=sum(sizes), heads=4)
+    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
+    scores = scores + 0.5  # about two thirds candidates: the global ring overflows
+    full = sparse_global_attention(q, k, v, scores, window=window, max_global=max_global)
+    rings = init_sga_rings(3, window, max_global, kv_heads, 8)
+    decode = jax.jit(functools.partial(sga_ring_decode, window=window, max_global=max_global))
+    pieces, start = [], 0
+    for size in sizes:
+        piece = slice(start, start + size)
+        out, rings = decode(q[:, piece], k[:, piece], v[:, piece], scores[:, piece], rings,
+                            start)
+        pieces.append(out)
+        start += size
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
+    candidates = np.sum(np.asarray(scores[:, :max(start - window, 0)]) > 0, axis=1)
+    np.testing.assert_array_equal(rings["global_count"], candidates if max_global else 0)
+
+
+def test_ring_decoding_gradients_equal_the_full_pass():
+    """Through a prompt (every input) and through a generated token (its query, key, value
+    and score)."""
+    from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
+
+    q, k, v, scores = inputs(jax.random.key(12), length=30, heads=4)
+    k, v = k[:, :, :2], v[:, :, :2]
+    weights = jax.random.normal(jax.random.key(13), q.shape)
+    options = dict(window=4, max_global=3)
+    full = lambda *a: jnp.sum(sparse_global_attention(*a, **options) * weights)  # noqa: E731
+    rings = init_sga_rings(2, 4, 3, 2, 8)
+    prompt = lambda *a: jnp.sum(sga_ring_decode(*a, rings, 0, **options)[0] * weights)  # noqa
+    for got, want in zip(jax.grad(prompt, range(4))(q, k, v, scores),
+                         jax.grad(full, range(4))(q, k, v, scores)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+    _, rings = sga_ring_decode(q[:, :-1], k[:, :-1], v[:, :-1], scores[:, :-1], rings, 0,
+                               **options)
+    last = lambda x: x[:, -1:]  # noqa: E731
+
+    def full_last(*new):  # the full pass with the last token's inputs replaced
+        args = [jnp.concatenate([x[:, :-1], n], axis=1) for x, n in zip((q, k, v, scores), new)]
+        return jnp.sum(last(sparse_global_attention(*args, **options)) * last(weights))
+
+    def token(*new):
+        return jnp.sum(sga_ring_decode(*new, rings, 29, **options)[0] * last(weights))
+
+    new = [last(x) for x in (q, k, v, scores)]
+    for got, want in zip(jax.grad(token, range(4))(*new), jax.grad(full_last, range(4))(*new)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_layer_decodes_from_rings_when_they_are_smaller_than_the_cache():
+    """``init_cache`` keeps window + max_global slots, whatever the length, when that is less
+    than ``max_len`` (a cache of every position otherwise); both decode like the full pass."""
+    from flax import nnx
+
+    from jaxsparse.nn.sga import SparseGlobalAttention
+    layer = SparseGlobalAttention(16, 4, 2, 8, rngs=nnx.Rngs(1), window=4, max_global=3)
+    x = jax.random.normal(jax.random.key(14), (2, 26, 16))
+    positions = jnp.broadcast_to(jnp.arange(26), (2, 26))
+    full, _ = layer(x, positions)
+    rings = layer.init_cache(2, 26)
+    assert rings["k"].shape == (2, 2, 4, 8) and rings["global_k"].shape == (2, 2, 3, 8)
+    assert jax.tree.map(jnp.shape, layer.init_cache(2, 100_000)) == \
+        jax.tree.map(jnp.shape, rings)
+    everything = layer.init_cache(2, 7)  # window + max_global = 7: no rings
+    assert set(everything) == {"k", "v", "score"} and everything["k"].shape == (2, 7, 2, 8)
+    decode = nnx.jit(lambda layer, x, positions, cache, index: layer(
+        x, positions, cache=cache, cache_index=index))
+    pieces = []
+    for start, stop in [(0, 9), (9, 10), (10, 11), (11, 20), (20, 26)]:
+        out, rings = decode(layer, x[:, start:stop], positions[:, start:stop], rings, start)
+        pieces.append(out)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
+    pieces = []
+    for start, stop in [(0, 6), (6, 7)]:
+        out, everything = decode(layer, x[:, start:stop], positions[:, start:stop], everything,
+                                 start)
+        pieces.append(out)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full[:, :7], atol=2e-5, rtol=2e-5)
+
+
+def test_bad_ring_decode_input_is_refused():
+    from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
+
+    q, k, v, scores = inputs(jax.random.key(15), length=3)
+    rings = init_sga_rings(2, 4, 2, 2, 8)
+    decode = functools.partial(sga_ring_decode, q, k, v)
+    with pytest.raises(ValueError, match=r"rings\['k'\] of shape \(2, 2, 5, 8\): expected "
+                                         r"\(2, 2, 4, 8\) \(batch=2, window=4, max_global=2"):
+        decode(scores, init_sga_rings(2, 5, 2, 2, 8), 0, window=4, max_global=2)
+    with pytest.raises(ValueError, match="rings with keys .'k', 'score', 'v'.: expected the "
+                                         "dict of init_sga_rings"):
+        decode(scores, {n: rings[n] for n in ("k", "v", "score")}, 0, window=4, max_global=2)
+    with pytest.raises(ValueError, match=r"score_new \(2, 2\): must be \[B, L\] = \(2, 3\)"):
+        decode(scores[:, :2], rings, 0, window=4, max_global=2)
+    with pytest.raises(ValueError, match="index=-1: must be >= 0"):
+        decode(scores, rings, -1, window=4, max_global=2)
+    with pytest.raises(ValueError, match="index of shape \\(2,\\)"):
+        decode(scores, rings, jnp.zeros(2, jnp.int32), window=4, max_global=2)
+    with pytest.raises(ValueError, match="max_global=-1: must be an integer >= 0"):
+        decode(scores, rings, 0, window=4, max_global=-1)

@@ -5,7 +5,11 @@
   they kept before;
 - ``window W``: a causal sliding window of ``W`` keys decoded from a ring buffer of ``W``
   slots (``window_cache_decode``, what a layer with a bounded mask keeps) against a cache of
-  all ``C`` positions under the same mask.
+  all ``C`` positions under the same mask;
+- ``sga W+G``: Hydra's sparse global attention (window ``W``, ``G`` global tokens) decoded
+  from its two ring buffers of ``W + G`` slots (``ops.sga_rings.sga_ring_decode``, what the
+  layer keeps when ``W + G`` is below the cache length) against a cache of all ``C``
+  positions (``ops.sga.sga_decode``, what it kept before).
 
 Each row times ``steps`` generated tokens as a ``lax.scan`` — as ``jaxsparse generate`` runs
 them: every step writes the new token's key and value into the cache (a loop carry) and
@@ -13,6 +17,7 @@ attends — and reports the time per step. ``speedup`` > 1 is our cache's gain. 
 ``--heads`` of 64 on each of ``--kv-heads`` (MHA, GQA, MQA); float32.
 
     jaxsparse bench decode [--cache 1024 4096] [--heads 8] [--kv-heads 8 2 1] [--window 256]
+                           [--max-global 512]
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from jaxsparse.bench import cases, markdown_table, time_interleaved, write_resul
 from jaxsparse.bench.arguments import positive_int
 from jaxsparse.ops.attention import decode_attention, window_cache_decode
 from jaxsparse.ops.masks import LocalMask
+from jaxsparse.ops.sga import sga_decode
+from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 HEAD_DIM = 64
@@ -34,17 +41,18 @@ HEAD_DIM = 64
 
 def decode_loop(attend_and_write, first: int):
     """A compiled scan of decode steps from position ``first``: ``attend_and_write(q, k_new,
-    v_new, k_cache, v_cache, position)`` returns the step's output and the new caches."""
+    v_new, score, cache, position)`` returns the step's output and the new cache (a pytree;
+    ``score``: the new token's controller score, read by the SGA steps only)."""
 
-    def run(q_NBHD, k_new_NBHD, v_new_NBHD, k_cache, v_cache):
+    def run(q_NBHD, k_new_NBHD, v_new_NBHD, score_NB, cache):
         def step(carry, inputs):
-            k_cache, v_cache, position = carry
-            q, k_new, v_new = (x[:, None] for x in inputs)  # [B, 1, H, D]
-            out, k_cache, v_cache = attend_and_write(q, k_new, v_new, k_cache, v_cache, position)
-            return (k_cache, v_cache, position + 1), out[:, 0]
+            cache, position = carry
+            q, k_new, v_new, score = (x[:, None] for x in inputs)  # [B, 1, ...]
+            out, cache = attend_and_write(q, k_new, v_new, score, cache, position)
+            return (cache, position + 1), out[:, 0]
 
-        carry = (k_cache, v_cache, jnp.int32(first))
-        return jax.lax.scan(step, carry, (q_NBHD, k_new_NBHD, v_new_NBHD))[1]
+        carry = (cache, jnp.int32(first))
+        return jax.lax.scan(step, carry, (q_NBHD, k_new_NBHD, v_new_NBHD, score_NB))[1]
 
     return jax.jit(run)
 
@@ -52,7 +60,8 @@ def decode_loop(attend_and_write, first: int):
 def full_cache_step(heads_first: bool, mask=None):
     """Write at the position's slot of a cache of every position, attend over all of it."""
 
-    def attend_and_write(q, k_new, v_new, k_cache, v_cache, position):
+    def attend_and_write(q, k_new, v_new, score, cache, position):
+        k_cache, v_cache = cache
         if heads_first:
             k_new, v_new = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)
             at = (0, 0, position, 0)
@@ -62,24 +71,71 @@ def full_cache_step(heads_first: bool, mask=None):
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, at)
         lengths = jnp.full((q.shape[0],), position + 1)
         out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, heads_first=heads_first)
-        return out, k_cache, v_cache
+        return out, (k_cache, v_cache)
 
     return attend_and_write
 
 
 def window_cache_step(mask):
-    def attend_and_write(q, k_new, v_new, k_cache, v_cache, position):
-        return window_cache_decode(q, k_new, v_new, k_cache, v_cache, position, mask=mask)
+    def attend_and_write(q, k_new, v_new, score, cache, position):
+        out, k_cache, v_cache = window_cache_decode(q, k_new, v_new, *cache, position, mask=mask)
+        return out, (k_cache, v_cache)
+
+    return attend_and_write
+
+
+def sga_rings_step(window: int, max_global: int):
+    def attend_and_write(q, k_new, v_new, score, rings, position):
+        return sga_ring_decode(q, k_new, v_new, score, rings, position, window=window,
+                               max_global=max_global)
+
+    return attend_and_write
+
+
+def sga_full_cache_step(window: int, max_global: int):
+    """What the SGA layer did before its rings: write at the position, read every slot."""
+
+    def attend_and_write(q, k_new, v_new, score, cache, position):
+        k_cache, v_cache, scores = cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, position, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, position, 0, 0))
+        scores = jax.lax.dynamic_update_slice(scores, score, (0, position))
+        lengths = jnp.full((q.shape[0],), position + 1)
+        out = sga_decode(q, k_cache, v_cache, scores, lengths, window=window,
+                         max_global=max_global)
+        return out, (k_cache, v_cache, scores)
 
     return attend_and_write
 
 
 def inputs(batch, heads, kv_heads, steps, cache_shape):
-    keys = jax.random.split(jax.random.key(sum(cache_shape) * 31 + kv_heads), 5)
+    """Per-step queries, new keys/values and scores, and a random cache of ``cache_shape``
+    (a pair of arrays of that shape)."""
+    keys = jax.random.split(jax.random.key(sum(cache_shape) * 31 + kv_heads), 6)
     q = jax.random.normal(keys[0], (steps, batch, heads, HEAD_DIM))
     k_new, v_new = (jax.random.normal(kk, (steps, batch, kv_heads, HEAD_DIM)) for kk in keys[1:3])
-    k_cache, v_cache = (jax.random.normal(kk, cache_shape) for kk in keys[3:])
-    return q, k_new, v_new, k_cache, v_cache
+    score = jax.random.normal(keys[3], (steps, batch))
+    cache = tuple(jax.random.normal(kk, cache_shape) for kk in keys[4:])
+    return q, k_new, v_new, score, cache
+
+
+def sga_inputs(batch, heads, kv_heads, steps, slots, window, max_global, rings: bool):
+    """As ``inputs``, with either full rings (every global slot holding a candidate) or a cache
+    of ``slots`` positions and their scores (about half of them candidates)."""
+    q, k_new, v_new, score, (k, v) = inputs(batch, heads, kv_heads, steps,
+                                            (batch, slots, kv_heads, HEAD_DIM))
+    scores = jax.random.normal(jax.random.key(slots), (batch, slots))
+    if not rings:
+        return q, k_new, v_new, score, (k, v, scores)
+    state = init_sga_rings(batch, window, max_global, kv_heads, HEAD_DIM)
+    heads_first = lambda x, start, stop: x[:, start:stop].swapaxes(1, 2)  # noqa: E731
+    state |= {"k": heads_first(k, 0, window), "v": heads_first(v, 0, window),
+              "score": scores[:, :window],
+              "global_k": heads_first(k, window, window + max_global),
+              "global_v": heads_first(v, window, window + max_global),
+              "global_score": jnp.abs(scores[:, window:window + max_global]) + 0.1,
+              "global_count": jnp.full((batch,), max_global, jnp.int32)}
+    return q, k_new, v_new, score, state
 
 
 def main(argv=None) -> None:
@@ -90,6 +146,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-heads", nargs="+", type=positive_int, default=[8, 2, 1])
     parser.add_argument("--window", type=positive_int, default=256,
                         help="the sliding window W of the ring-buffer rows")
+    parser.add_argument("--max-global", type=positive_int, default=512,
+                        help="the global tokens G of the SGA rows (their window: --window)")
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=32, help="tokens per timed loop")
     parser.add_argument("--repeats", type=positive_int, default=5)
@@ -102,7 +160,7 @@ def main(argv=None) -> None:
     for slots in args.cache:
         if slots < args.steps:
             parser.error(f"--cache {slots} must hold the --steps {args.steps} new tokens")
-    b, w = args.batch, args.window
+    b, w, g = args.batch, args.window, args.max_global
     mask = LocalMask(w - 1, 0)
     rows = []
     for slots in cases(args.cache, "decode"):
@@ -117,7 +175,13 @@ def main(argv=None) -> None:
                         inputs(b, *shape, (b, kv_heads, w, HEAD_DIM))),
                        (decode_loop(full_cache_step(True, mask), first),
                         inputs(b, *shape, (b, kv_heads, slots, HEAD_DIM)))]
-            for op, pair in (("layout", layouts), (f"window {w}", windows)):
+            pairs = [("layout", layouts), (f"window {w}", windows)]
+            if w + g < slots:  # the layer's rings are for caches longer than them
+                pairs.append((f"sga {w}+{g}", [
+                    (decode_loop(step(w, g), first),
+                     sga_inputs(b, *shape, slots, w, g, rings=step is sga_rings_step))
+                    for step in (sga_rings_step, sga_full_cache_step)]))
+            for op, pair in pairs:
                 ours, peer = (s / args.steps * 1e3
                               for s in time_interleaved(*pair, repeats=args.repeats))
                 rows.append({"op": op, "cache": slots, "heads": args.heads, "kv_heads": kv_heads,
@@ -128,8 +192,9 @@ def main(argv=None) -> None:
              f"generated token over a scan of {args.steps} decode steps (cache write + "
              "attention). layout: ours a [B, Hkv, C, D] cache, peer [B, C, Hkv, D]. window: "
              f"a causal window of {w} keys, ours a ring buffer of {w} slots, peer a "
-             "(heads-first) cache of all C positions. Same run, interleaved, the better of two "
-             "medians each.")
+             "(heads-first) cache of all C positions. sga: Hydra's sparse global attention "
+             f"(window {w}, {g} global tokens), ours its rings of {w}+{g} slots, peer a cache "
+             "of all C positions. Same run, interleaved, the better of two medians each.")
     write_results(args.name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
 

@@ -1,5 +1,7 @@
 """Sparse global attention layer (:mod:`jaxsparse.ops.sga`) with rotary positions, a linear
-controller scoring each token as a global candidate, and a key/value/score decode cache."""
+controller scoring each token as a global candidate, and a decode cache: ring buffers of the
+window and of the global candidates (``window + max_global`` slots) when that is smaller than
+a cache of every position."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
                                sparse_global_attention)
+from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
 
 
 class SparseGlobalAttention(nnx.Module):
@@ -47,6 +50,10 @@ class SparseGlobalAttention(nnx.Module):
         self.implementation = implementation  # of the full pass (ops.sga.SGA_IMPLEMENTATIONS)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        if self.window + self.max_global < max_len:
+            # a state of window + max_global slots, however long the sequence (ops.sga_rings)
+            return init_sga_rings(batch, self.window, self.max_global, self.n_kv_heads,
+                                  self.head_dim, dtype)
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "score": jnp.zeros((batch, max_len), jnp.float32)}
@@ -78,6 +85,10 @@ class SparseGlobalAttention(nnx.Module):
             else:
                 out = attend(*qkv, *rows)
             return self.o_proj(out), None
+        if "global_count" in cache:
+            out, new = sga_ring_decode(q, k, v, score, cache, cache_index, window=self.window,
+                                       max_global=self.max_global)
+            return self.o_proj(out), new
         start = (0, cache_index, 0, 0)
         new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
