@@ -36,8 +36,10 @@ def _cmd_train(args) -> int:
         return 0
     print("\nfinal eval: " + json.dumps({k: round(float(v), 4) for k, v in result.eval_metrics.items()}))
     if result.sample is not None:
+        # part of the run's log, on a terminal or not: control bytes escaped (an early model
+        # samples ESC and BEL as readily as letters)
         print(f"\nsample ({cfg.eval.sample_tokens} bytes, temperature {cfg.eval.temperature}):\n"
-              + "-" * 60 + f"\n{result.sample}\n" + "-" * 60)
+              + "-" * 60 + f"\n{_printable(result.sample)}\n" + "-" * 60)
     print(f"workdir: {workdir} (metrics.jsonl, tensorboard/, checkpoints/; `jaxsparse plot {workdir}`)")
     return 0
 
@@ -94,6 +96,11 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newlines and tabs escaped (``\\x1b``)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def _write_sample(sample: bytes) -> None:
     """The sampled bytes as they are when stdout is a pipe or a file (a byte-level model's
     output, recoverable exactly); on a terminal (or a notebook's stream) as text, with bytes
@@ -105,8 +112,7 @@ def _write_sample(sample: bytes) -> None:
         buffer.write(sample + b"\n")
         buffer.flush()
         return
-    text = sample.decode("utf-8", errors="backslashreplace")
-    text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    text = _printable(sample.decode("utf-8", errors="backslashreplace"))
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     print(text.encode(encoding, errors="backslashreplace").decode(encoding), flush=True)
 
@@ -155,6 +161,8 @@ def _cmd_configs(args) -> int:
 
 
 def _cmd_dryrun(args) -> int:
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
     from jaxsparse.dryrun import format_report, mesh_overrides, run_emulated
 
     overrides, devices = list(args.set or []), args.devices
@@ -166,8 +174,15 @@ def _cmd_dryrun(args) -> int:
         overrides = mesh + overrides
     if args.preset:
         overrides.append(f"mesh.preset={args.preset}")
-    report = run_emulated(args.config, 64 if devices is None else devices, overrides,
-                          not args.no_compile)
+    if devices is None:
+        # 64 emulated devices, or as many as split the config's batch (a bare
+        # `jaxsparse dryrun` of hydra_tiny's batch of 32 was refused)
+        batch = apply_overrides(configs.get(args.config), overrides).data.batch_size
+        devices = math.gcd(64, batch)
+        if devices < 64:
+            print(f"--devices {devices}: 64 emulated devices cannot split "
+                  f"data.batch_size={batch}")
+    report = run_emulated(args.config, devices, overrides, not args.no_compile)
     print(format_report(report))
     return 0
 
@@ -234,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "device count is their product")
     p.add_argument("--preset", help="sharding preset (jaxsparse configs --sharding NAME)")
     p.add_argument("--devices", type=int, help="emulated devices when --mesh is not given "
-                   "(default 64, with the config's own mesh)")
+                   "(default 64, or as many as split data.batch_size; with the config's own "
+                   "mesh)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-compile", action="store_true", help="lower only")
     p.set_defaults(func=_cmd_dryrun)

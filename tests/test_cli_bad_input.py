@@ -70,6 +70,15 @@ def test_dryrun_refuses_meshes_it_cannot_emulate_or_split(capsys, argv, fragment
     assert code == 2 and fragment in err
 
 
+def test_a_bare_dryrun_emulates_as_many_devices_as_split_the_batch(capsys):
+    """The default 64 emulated devices cannot split the default config's batch of 32: the bare
+    command was refused; it now emulates 32."""
+    assert main(["dryrun", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "--devices 32: 64 emulated devices cannot split data.batch_size=32" in out
+    assert "hydra_tiny: " in out and "on 32 emulated devices" in out
+
+
 def test_configs_refuses_an_empty_sharding_name(capsys):
     code, err = run_cli(capsys, "configs", "--sharding", "")
     assert code == 2 and "--sharding '' is not a sharding preset" in err
@@ -166,3 +175,18 @@ def test_an_interrupt_outside_training_is_one_line_and_status_130(capsys):
 
     assert _run(argparse.Namespace(command="generate", func=interrupted)) == 130
     assert capsys.readouterr().err == "jaxsparse generate: interrupted\n"
+
+
+def test_the_training_sample_is_printed_with_control_bytes_escaped(tmp_path, capsys,
+                                                                  monkeypatch):
+    """An early model samples ESC, BEL and carriage returns as readily as letters: printed raw,
+    they reached the terminal as escape sequences (``jaxsparse generate`` escaped them)."""
+    import jaxsparse.train as training
+    from jaxsparse.train import TrainResult
+
+    sample = "ok\x1b[2J\x07\r\tend\nline"
+    monkeypatch.setattr(training, "train", lambda cfg, workdir: TrainResult(
+        step=1, losses={}, eval_metrics={"loss": 1.0}, stopped_early=False, sample=sample))
+    assert main(["train", "--workdir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "ok\\x1b[2J\\x07\\r\tend\nline" in out and "\x1b" not in out and "\x07" not in out

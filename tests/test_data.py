@@ -1,3 +1,5 @@
+import zlib
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,23 @@ def test_default_corpus_is_split_by_file():
     assert set(splits["train"]).isdisjoint(splits["valid"])
     assert len(splits["train"]) + len(splits["valid"]) == len(files)
     assert 0.01 < len(splits["valid"]) / len(files) < 0.15
+
+
+def test_a_few_files_always_hold_one_out_and_a_single_file_warns(tmp_path):
+    """Three files none of whose hashes is 0 mod 20 (86% of three-file corpora): the
+    validation split used to fall back to the training files silently."""
+    files = [tmp_path / name for name in ("a.txt", "b.txt", "c.txt")]
+    hashes = [zlib.crc32(f.name.encode()) for f in files]
+    assert all(h % 20 for h in hashes)  # the case this test is about
+    held_out = files[hashes.index(min(hashes))]
+    for valid_every in (20, 1):  # no file hashes to validation; every file does
+        splits = corpus.split_files(tmp_path, files, valid_every)
+        assert splits["valid"] == [held_out]
+        assert splits["train"] == [f for f in files if f != held_out]
+    with pytest.warns(UserWarning, match="the corpus is a single file .*a.txt.*validation "
+                                         "metrics are measured on the training text"):
+        splits = corpus.split_files(tmp_path, files[:1], 20)
+    assert splits == {"train": files[:1], "valid": files[:1]}
 
 
 def test_user_glob_and_token_cache(tmp_path):

@@ -66,6 +66,13 @@ def test_generate_greedy_equals_argmax_rollout(model):
         generate(model, prompt, 2, top_k=257)
     with pytest.raises(ValueError, match="temperature=True: must be a finite number"):
         generate(model, prompt, 2, temperature=True)
+    # inside the compiled loop the embedding sees traced tokens and cannot check them: an id
+    # past the vocabulary sampled zeros, and float prompts were truncated without a word
+    with pytest.raises(ValueError, match=r"prompt tokens range over \[1, 300\]; the "
+                                         r"vocabulary is \[0, 256\)"):
+        generate(model, jnp.array([[300, 1]]), 2)
+    with pytest.raises(ValueError, match="prompt must hold integer token ids, got dtype float32"):
+        generate(model, jnp.array([[1.7, 2.2]]), 2)
 
 
 def _greedy_rollout(model, prompt, new_tokens, total=16):

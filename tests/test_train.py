@@ -87,6 +87,9 @@ def two_checkpoints(tmp_path_factory):
     # files lost, or cut short as by a full disk)
     ("state/ocdbt.process_0/d/*", "Error reading"),
     ("truncate state/ocdbt.process_0/d/*", "Error reading"),
+    # the array metadata emptied or cut short (was: "does not match the train state")
+    ("truncate state/_METADATA", "a metadata file does not parse as JSON"),
+    ("empty state/_METADATA", "a metadata file does not parse as JSON"),
 ])
 def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_path, capfd,
                                                          damage, reason):
@@ -96,9 +99,9 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_pa
     workdir = tmp_path / "run"
     shutil.copytree(two_checkpoints, workdir)
     step_dir = workdir / "checkpoints" / "2"
-    if damage.startswith("truncate "):
+    if damage.startswith(("truncate ", "empty ")):
         for path in step_dir.glob(damage.split()[1]):
-            os.truncate(path, 10)
+            os.truncate(path, 10 if damage.startswith("truncate ") else 0)
     elif "*" in damage:
         for path in step_dir.glob(damage):
             path.unlink()

@@ -1,7 +1,8 @@
-"""The default run: a small byte-level Transformer on the Python standard library's source.
+"""The dense baseline at CPU scale: a small byte-level Transformer on the Python standard
+library's source (the default run, `hydra_tiny`, is compared with it; README, "Hydra").
 
-Sized so that `jaxsparse train` finishes in a few minutes on two CPU cores and brings the
-validation bits per byte from ~8 (uniform over bytes) to well below 3.
+Sized so that `jaxsparse train --config transformer_tiny` finishes in a few minutes on two CPU
+cores and brings the validation bits per byte from ~8 (uniform over bytes) to well below 3.
 """
 
 from jaxsparse.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig

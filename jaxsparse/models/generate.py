@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsparse.ops.concrete import concrete_values
+
 
 # Below float32's smallest normal number (and at 0) sampling is greedy: XLA flushes subnormal
 # operands to zero, so dividing by a subnormal temperature would give 0/0 at the maximum.
@@ -103,9 +105,12 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, numbers.Integral) \
             or prompt_bucket < 1:
         raise ValueError(f"prompt_bucket={prompt_bucket!r}: must be an int >= 1")
-    prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+    prompt_BP = jnp.asarray(prompt_BP)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt must be a non-empty [batch, length] array, got {prompt_BP.shape}")
+    # checked here: inside the compiled loop the model's embedding sees traced tokens
+    if not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
+        raise ValueError(f"prompt must hold integer token ids, got dtype {prompt_BP.dtype}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0: greedy)")
@@ -114,6 +119,13 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
             vocab is not None and top_k > vocab):
         raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={vocab}] "
                          "(0: the full distribution)")
+    values = concrete_values(prompt_BP)
+    if vocab is not None and values is not None:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"prompt tokens range over [{low}, {high}]; the vocabulary is "
+                             f"[0, {vocab})")
+    prompt_BP = prompt_BP.astype(jnp.int32)
     limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     if limit is not None and prompt_BP.shape[1] + max_new_tokens > limit:
         raise ValueError(

@@ -9,6 +9,7 @@ of differing keys instead of a shape error deep inside orbax — and nothing is 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def _innermost(err: BaseException) -> BaseException:
     return err
 
 
+def _bad_json(err: BaseException) -> json.JSONDecodeError | None:
+    """The JSON error in ``err``'s chain, if any: a metadata file emptied or cut short."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, json.JSONDecodeError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _unreadable(err: BaseException) -> bool:
     """Whether ``err`` or an error it was raised from says that stored data could not be read."""
     seen = set()
@@ -53,6 +65,8 @@ def _unreadable(err: BaseException) -> bool:
         seen.add(id(err))
         text = str(err)
         if any(code in text for code in _UNREADABLE) or "was not found in the checkpoint" in text:
+            return True
+        if _bad_json(err) is not None:
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -156,6 +170,9 @@ class Checkpointer:
     def _name_unreadable(self, step: int, err: Exception) -> None:
         """After a failed restore of a checkpoint with the right arrays: its data cannot be
         read (a file deleted or truncated, a disk error, an item missing)."""
+        if _bad_json(err) is not None:
+            raise self._damaged(step, f"a metadata file does not parse as JSON "
+                                      f"({_bad_json(err)})")
         if _unreadable(err):
             raise self._damaged(step, err)
 
