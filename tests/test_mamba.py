@@ -191,3 +191,12 @@ def test_bad_convolution_inputs_are_named():
         causal_depthwise_conv1d(x, w[:0])
     with pytest.raises(ValueError, match=r"b must be \[channels=8\], got \(7,\)"):
         causal_depthwise_conv1d(x, w, jnp.ones(7))
+
+
+def test_integer_convolution_input_is_refused():
+    # the float weights were cast to x's integer dtype: 0.5 became 0, every output 0
+    with pytest.raises(ValueError, match="x has dtype int32; the convolution needs "
+                                         "floating-point inputs"):
+        causal_depthwise_conv1d(jnp.ones((1, 3, 1), jnp.int32), jnp.full((2, 1), 0.5))
+    y, _ = causal_depthwise_conv1d(jnp.ones((1, 3, 1)), jnp.full((2, 1), 0.5))
+    np.testing.assert_allclose(y[0, :, 0], [0.5, 1.0, 1.0])

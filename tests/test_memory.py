@@ -146,3 +146,35 @@ def test_memory_read_equals_gathering_every_row(lead, heads, knn, slots, dim):
     assert float(jnp.max(jnp.abs(ref[1]))) > 1e-3  # (one slot per head: a constant weight)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation,dtype", [(None, jnp.float32), (None, jnp.bfloat16),
+                                                   ("scan", jnp.float32), ("scan", jnp.bfloat16),
+                                                   ("native", jnp.float32)])
+def test_memory_read_of_an_empty_batch_is_empty(implementation, dtype):
+    # the scan path reshaped [0, heads, knn] with -1 and crashed (ZeroDivisionError)
+    out = memory_read(jnp.ones((0, 1, 2), dtype), jnp.zeros((0, 1, 2), jnp.int32),
+                      jnp.ones((9, 4), dtype), implementation=implementation)
+    assert out.shape == (0, 4) and out.dtype == dtype
+
+
+@pytest.mark.parametrize("implementation", [None, "scan", "native"])
+def test_memory_read_refuses_slots_outside_the_table(implementation):
+    # the scan wrapped -1 to the last row and read NaN for slot 9 of 9 rows
+    values, scores = jnp.arange(36.0).reshape(9, 4), jnp.zeros((2, 1, 2))
+    for bad, shown in ((-1, "-1"), (9, "9"), (12, "12")):
+        slots = jnp.array([[[0, 3]], [[bad, 1]]])
+        with pytest.raises(ValueError, match=rf"slots holds {shown}: must be in \[0, 9\) "
+                                             r"\(the rows of values \(9, 4\)\)"):
+            memory_read(scores, slots, values, implementation=implementation)
+    slots = jnp.array([[[0, 8]], [[4, 1]]])  # the edges are fine
+    np.testing.assert_allclose(memory_read(scores, slots, values, implementation=implementation),
+                               [[16.0, 17.0, 18.0, 19.0], [10.0, 11.0, 12.0, 13.0]])
+
+
+@pytest.mark.parametrize("implementation", [None, "scan", "native"])
+def test_memory_read_refuses_integer_values(implementation):
+    # float weights cast to int read 0 from every row
+    with pytest.raises(ValueError, match="values has dtype int32; memory_read needs floating"):
+        memory_read(jnp.zeros((1, 1, 2)), jnp.array([[[0, 1]]]), jnp.ones((9, 4), jnp.int32),
+                    implementation=implementation)

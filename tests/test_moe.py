@@ -19,7 +19,7 @@ from jaxsparse.ops.moe import (capacity_dispatch, chunk_pool, dropless_dispatch,
                                expert_capacity, expert_choice_capacity, expert_choice_dispatch,
                                expert_choice_routing, grouped_matmul, linear_k_schedule,
                                load_balancing_loss, pack, router_z_loss, slot_positions,
-                               swiglu_experts, top_k_routing)
+                               swiglu_experts, top_k_routing, unchunk, unpack)
 
 
 def test_load_balancing_loss_is_one_at_perfect_balance_and_larger_otherwise():
@@ -234,7 +234,7 @@ def test_bad_inputs_name_the_argument():
         MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), router="expert_choice")
     with pytest.raises(ValueError, match=r"probs \(8, 4\), expert_index \(7, 2\)"):
         load_balancing_loss(jnp.zeros((8, 4)), jnp.zeros((7, 2), jnp.int32))
-    with pytest.raises(ValueError, match="steps=0: each must be >= 1"):
+    with pytest.raises(ValueError, match="steps=0: each must be an integer >= 1"):
         linear_k_schedule(3, k_start=1, k_end=2, steps=0)
     with pytest.raises(ValueError, match="num_experts=0"):
         MoE(8, 16, 0, 1, rngs=nnx.Rngs(0))
@@ -344,3 +344,122 @@ def test_grouped_matmul_kernel_on_gpu_matches_the_reference():
         scale = float(jnp.abs(r.astype(jnp.float32)).max())
         np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32),
                                    atol=4e-2 * scale, rtol=4e-2)
+
+
+def _routed(tokens=7, experts=5, d=3):
+    logits = jax.random.normal(jax.random.key(0), (tokens, experts))
+    x = jax.random.normal(jax.random.key(1), (tokens, d))
+    return logits, x
+
+
+def test_an_expert_callback_of_the_wrong_shape_is_named():
+    # a buffer of fewer slots was gathered as zeros (dropped_fraction none the wiser), another
+    # width came back as a wrong-shaped output, and dropless failed deep inside a broadcast
+    logits, x = _routed()
+    token_choice, expert_choice = top_k_routing(logits, 2), expert_choice_routing(logits, 3)
+    cases = [
+        (lambda: capacity_dispatch(x, token_choice, lambda b: b[:, :1], 3),
+         r"the experts callback returned shape \(5, 1, 3\); expected \(5, 3, 3\)"),
+        (lambda: capacity_dispatch(x, token_choice, lambda b: b[..., :2], 3),
+         r"the experts callback returned shape \(5, 3, 2\); expected \(5, 3, 3\)"),
+        (lambda: capacity_dispatch(x, token_choice, lambda b: b.astype(jnp.int32), 3),
+         "the experts callback returned dtype int32; expected a floating-point dtype"),
+        (lambda: dropless_dispatch(x, token_choice, lambda rows, sizes: rows[:5]),
+         r"the grouped callback returned shape \(5, 3\); expected \(14, 3\)"),
+        (lambda: dropless_dispatch(x, token_choice, lambda rows, sizes: rows[:, :1]),
+         r"the grouped callback returned shape \(14, 1\); expected \(14, 3\)"),
+        (lambda: expert_choice_dispatch(x, expert_choice, lambda b: b[:, :2]),
+         r"the experts callback returned shape \(5, 2, 3\); expected \(5, 3, 3\)"),
+        (lambda: unpack(jnp.ones((4, 3, 3)), token_choice, *pack(x, token_choice, 3)[1:]),
+         r"out_ECD of shape \(4, 3, 3\): expected \[num_experts=5, capacity, d\]"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    same = lambda b: b  # noqa: E731
+    assert capacity_dispatch(x, token_choice, same, 3)[0].shape == (7, 3)
+    assert dropless_dispatch(x, token_choice, lambda rows, sizes: rows).shape == (7, 3)
+    assert expert_choice_dispatch(x, expert_choice, same).shape == (7, 3)
+
+
+def test_integer_activations_are_refused_by_every_dispatch():
+    # the float router weights were cast to the activations' int dtype: all zeros
+    logits, x = _routed()
+    x = jnp.ones(x.shape, jnp.int32)
+    token_choice, expert_choice = top_k_routing(logits, 2), expert_choice_routing(logits, 3)
+    same = lambda b: b  # noqa: E731
+    for call in (lambda: capacity_dispatch(x, token_choice, same, 3),
+                 lambda: dropless_dispatch(x, token_choice, lambda rows, sizes: rows),
+                 lambda: expert_choice_dispatch(x, expert_choice, same)):
+        with pytest.raises(ValueError, match="x_TD has dtype int32; MoE dispatch needs "
+                                             "floating-point inputs"):
+            call()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunk_pool_of_an_empty_sequence_is_empty(causal):
+    # causal pooling padded an empty [B, 0, D] into one chunk of zeros
+    assert chunk_pool(jnp.ones((2, 0, 3)), 2, causal=causal).shape == (2, 0, 3)
+    x = jnp.arange(12.0).reshape(1, 4, 3)
+    expected = [[[0, 0, 0], [1.5, 2.5, 3.5]]] if causal else [[[1.5, 2.5, 3.5], [7.5, 8.5, 9.5]]]
+    np.testing.assert_allclose(chunk_pool(x, 2, causal=causal), expected)
+
+
+def test_routing_hyper_parameters_are_checked():
+    logits, _ = _routed()
+    for active_k in (5, 3, 0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"active_k={active_k!r}: must be an integer in "
+                                             r"\[1, k=2\]"):
+            top_k_routing(logits, 2, active_k=active_k)
+    for active_k, message in ((jnp.int32(3), r"active_k=3: must be an integer in \[1, k=2\]"),
+                              (jnp.float32(1.0), r"active_k of shape \(\) and dtype float32"),
+                              (jnp.array([1, 2]), r"active_k of shape \(2,\) and dtype int32")):
+        with pytest.raises(ValueError, match=message):
+            top_k_routing(logits, 2, active_k=active_k)
+    one = top_k_routing(logits, 2, active_k=1).weights
+    np.testing.assert_allclose(one[:, 1], 0.0)
+    np.testing.assert_allclose(one[:, 0], 1.0, rtol=1e-6)
+    traced = jax.jit(lambda a: top_k_routing(logits, 2, active_k=a).weights)(jnp.int32(1))
+    np.testing.assert_allclose(traced, one)  # traced: no value check, same answer
+    for kwargs, message in ((dict(k_start=1.5, k_end=2, steps=2.5),
+                             "k_start=1.5, steps=2.5: each must be an integer >= 1"),
+                            (dict(k_start=True, k_end=2, steps=2),
+                             "k_start=True: each must be an integer >= 1"),
+                            (dict(k_start=1, k_end=2.0, steps=False),
+                             "k_end=2.0, steps=False: each must be an integer >= 1")):
+        with pytest.raises(ValueError, match=message):
+            linear_k_schedule(1, **kwargs)
+    for chunk in (-1, 0, 2.0, True):
+        with pytest.raises(ValueError, match=rf"chunk={chunk!r}: must be an integer >= 1"):
+            unchunk(jnp.ones((2, 4, 3)), chunk)
+    assert unchunk(jnp.ones((2, 4, 3)), 2).shape == (2, 8, 3)
+    for minimum in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"minimum={minimum!r}: must be an integer >= 1"):
+            expert_capacity(0, 4, 2, 1.0, minimum=minimum)
+    assert expert_capacity(0, 4, 2, 1.0, minimum=1) == 0  # (capped at the token count)
+    assert expert_capacity(3, 4, 1, 0.1, minimum=1) == 1
+
+
+def test_grouped_matmul_of_no_experts_is_refused_clearly():
+    # building the error message took the min of an empty group_sizes and crashed
+    from jaxsparse.ops.moe.grouped import GMM_IMPLEMENTATIONS
+
+    for impl in GMM_IMPLEMENTATIONS:
+        for m in (7, 0):
+            with pytest.raises(ValueError, match=r"rhs \(0, 5, 3\) and group_sizes \(0,\) "
+                                                 r"have E=0 groups: grouped_matmul needs at "
+                                                 r"least one expert"):
+                grouped_matmul(jnp.ones((m, 5)), jnp.ones((0, 5, 3)), jnp.zeros((0,), jnp.int32),
+                               implementation=impl)
+
+
+def test_grouped_matmul_with_an_empty_contraction_or_output_in_every_implementation():
+    # the Pallas kernel sliced a block wider than the zero-width operand (a deep TypeError)
+    from jaxsparse.ops.moe.grouped import GMM_IMPLEMENTATIONS
+
+    sizes = jnp.array([3, 4])
+    for impl in GMM_IMPLEMENTATIONS:
+        out = grouped_matmul(jnp.ones((7, 5)), jnp.ones((2, 5, 0)), sizes, implementation=impl)
+        assert out.shape == (7, 0) and out.dtype == jnp.float32, impl
+        out = grouped_matmul(jnp.ones((7, 0)), jnp.ones((2, 0, 3)), sizes, implementation=impl)
+        np.testing.assert_array_equal(out, np.zeros((7, 3)), err_msg=str(impl))

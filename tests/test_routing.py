@@ -633,3 +633,16 @@ def test_dead_centroids_are_reseeded_onto_the_worst_served_vectors(reseed):
     else:
         assert distinct == 1, served                                 # everything in one cluster
     np.testing.assert_allclose(jnp.linalg.norm(centroids, axis=-1), 1.0, atol=1e-5)
+
+
+def test_ema_centroids_refuses_a_decay_outside_zero_to_one():
+    # decay=nan returned NaN centroids, silently poisoning every later assignment
+    centroids = init_centroids(jax.random.key(0), 3, 4, 5)
+    units = normalize(jax.random.normal(jax.random.key(1), (2, 7, 3, 5)))
+    for decay in (float("nan"), -0.1, 1.5, float("inf")):
+        with pytest.raises(ValueError, match=rf"decay={decay!r}: must be in \[0, 1\]"):
+            ema_centroids(centroids, [units], [assign(units, centroids)], decay=decay)
+    for decay in (0.0, 0.9, 1.0):
+        out = ema_centroids(centroids, [units], [assign(units, centroids)], decay=decay)
+        assert bool(jnp.isfinite(out).all())
+    np.testing.assert_allclose(out, centroids, atol=1e-6)  # decay 1: nothing moves

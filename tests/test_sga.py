@@ -328,3 +328,15 @@ def test_bad_ring_decode_input_is_refused():
         decode(scores, rings, jnp.zeros(2, jnp.int32), window=4, max_global=2)
     with pytest.raises(ValueError, match="max_global=-1: must be an integer >= 0"):
         decode(scores, rings, 0, window=4, max_global=-1)
+
+
+@pytest.mark.parametrize("impl", [None] + IMPLEMENTATIONS)
+def test_an_empty_batch_gives_an_empty_result(impl):
+    # blocked divided by the zero batch (ZeroDivisionError), dense took the min of nothing
+    q, k, v, scores = inputs(jax.random.key(16), b=0, length=9)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        out = sparse_global_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scores,
+                                      window=2, max_global=1, implementation=impl)
+        assert out.shape == (0, 9, 2, 8) and out.dtype == dtype
+    with pytest.raises(ValueError, match="window=0"):  # still checked
+        sparse_global_attention(q, k, v, scores, window=0, max_global=1, implementation=impl)

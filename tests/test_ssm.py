@@ -1,6 +1,8 @@
 """Selective scans: every implementation against the lax.scan recurrence (values, final
 state, gradients of every input), SSD against its naive recurrence, decoding steps."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,3 +309,26 @@ def test_an_empty_sequence_leaves_the_initial_state_in_every_implementation():
         hs, final = linear_scan(empty, empty, h0, implementation=impl)
         assert hs.shape == (2, 0, 5), impl
         np.testing.assert_array_equal(final, h0, err_msg=str(impl))
+
+
+@pytest.mark.parametrize("chunk_size", [True, False, 2.0, np.float32(4)])
+def test_a_chunk_size_that_is_not_an_integer_is_refused(chunk_size):
+    # chunk_size=True passed isinstance(int) and ran as a chunk of 1
+    args = mamba1_inputs(0, 1, 5, 4, 2, 1)
+    message = re.escape(f"chunk_size={chunk_size!r}: must be an integer >= 1")
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**args, chunk_size=chunk_size, implementation="chunked")
+    with pytest.raises(ValueError, match=message):
+        ssd(**mamba2_inputs(0, 1, 5, 2, 3, 4, 1), chunk_size=chunk_size)
+    y = selective_scan(**args, chunk_size=np.int64(2), implementation="chunked")  # numpy ints
+    np.testing.assert_allclose(y, selective_scan(**args, implementation="sequential"),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", [None, "sequential", "associative", "chunked",
+                                            "native", "pallas_interpret"])
+def test_an_empty_batch_gives_an_empty_result(implementation):
+    # the Pallas kernel sliced a block of one batch row out of zero (a deep TypeError)
+    args = mamba1_inputs(0, 0, 5, 4, 3, 1)
+    y, final = selective_scan(**args, return_final_state=True, implementation=implementation)
+    assert y.shape == (0, 5, 4) and y.dtype == jnp.float32 and final.shape == (0, 4, 3)

@@ -220,3 +220,16 @@ print(json.dumps({"bytes": moved, "err": err,
     assert out["bytes"].get("all-gather", 0) <= out["x_rows_bytes"] + out["param_bytes"], out
     assert out["bytes"].get("all-reduce", 0) <= out["param_bytes"], out
     assert out["err"] < 1e-5, out
+
+
+@pytest.mark.parametrize("length,segmented", [(9, False), (9, True), (8, False), (0, False)])
+def test_an_empty_batch_gives_empty_reads_and_state(length, segmented):
+    # reshape(b, -1, ...) of a zero batch raised ZeroDivisionError
+    x, queries, init, w = setup(jax.random.key(5), b=0, length=length)
+    ids = jnp.zeros((0, length), jnp.int32) if segmented else None
+    reads, final = workspace_memory(x, queries, init, w, chunk=4, segment_ids=ids)
+    assert reads.shape == (0, length, 8) and final.shape == (0, 4, 8)
+    x, queries, _, _ = setup(jax.random.key(5), b=2, length=0)  # and an empty sequence
+    reads, final = workspace_memory(x, queries, init, w, chunk=4)
+    assert reads.shape == (2, 0, 8)
+    np.testing.assert_allclose(final, jnp.broadcast_to(init, (2, 4, 8)))

@@ -18,6 +18,9 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
     """
     if x_BLD.ndim != 3:
         raise ValueError(f"x must be [batch, length, channels]; got {x_BLD.shape}")
+    if not jnp.issubdtype(x_BLD.dtype, jnp.floating):  # the weights would be cast to integers
+        raise ValueError(f"x has dtype {x_BLD.dtype}; the convolution needs floating-point "
+                         "inputs (e.g. float32, bfloat16)")
     batch, length, channels = x_BLD.shape
     if w_KD.ndim != 2 or w_KD.shape[0] < 1 or w_KD.shape[1] != channels:
         raise ValueError(f"w must be [width >= 1, channels={channels}], got {w_KD.shape}")

@@ -44,7 +44,12 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
     128] 0.8 ms vs 1.3 ms for ``lax.scan``; [4, 2048, 512] 10 vs 33 ms; [1, 8192, 1024] 75 vs
     75 ms — there both are bound by this machine's ~3-8 GB/s memory bandwidth — forward alone
     23 vs 50 ms),
-    else ``"sequential"`` on CPU and ``"associative"`` elsewhere."""
+    else ``"sequential"`` on CPU and ``"associative"`` elsewhere.
+
+    Dtypes, the same for every implementation: ``decay``, ``inputs`` and ``initial`` may be
+    any floating-point dtypes (mixed too); the scan computes and carries its state in float32
+    and returns ``h`` and ``h_L`` in ``inputs``' dtype (``"native"`` itself takes float32
+    ``decay`` and ``inputs`` only)."""
     if implementation not in DIAGONAL_SCAN_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed "
                          f"{DIAGONAL_SCAN_IMPLEMENTATIONS}")
@@ -52,12 +57,17 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
         raise ValueError(f"decay {decay_BLD.shape} and inputs {inputs_BLD.shape} must share one "
                          "shape [batch, length, width]")
     if initial_BD is None:
-        initial_BD = jnp.zeros((inputs_BLD.shape[0], inputs_BLD.shape[2]), inputs_BLD.dtype)
+        initial_BD = jnp.zeros((inputs_BLD.shape[0], inputs_BLD.shape[2]), jnp.float32)
     elif initial_BD.shape != (inputs_BLD.shape[0], inputs_BLD.shape[2]):
         raise ValueError(f"initial state {initial_BD.shape}: must be [batch, width] = "
                          f"{(inputs_BLD.shape[0], inputs_BLD.shape[2])}")
+    for name, arr in (("decay", decay_BLD), ("inputs", inputs_BLD), ("initial", initial_BD)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):  # h would come back truncated
+            raise ValueError(f"{name} has dtype {arr.dtype}; the scan needs floating-point inputs")
+    dtype, f32 = inputs_BLD.dtype, lambda t: t.astype(jnp.float32)  # noqa: E731
+    initial_BD = f32(initial_BD)  # the carried state (lax.scan needs one dtype in and out)
     if inputs_BLD.shape[1] == 0:  # nothing to scan (every implementation): the initial state
-        return inputs_BLD, initial_BD
+        return inputs_BLD, initial_BD.astype(dtype)
     if implementation in (None, "native"):
         native = _native_or_none(decay_BLD, inputs_BLD, initial_BD,
                                  required=implementation == "native")
@@ -76,12 +86,13 @@ def linear_scan(decay_BLD, inputs_BLD, initial_BD=None, *, implementation=None):
             h = ab[0] * h + ab[1]
             return h, h
 
-        final, hs = jax.lax.scan(step, initial_BD, (decay_BLD.swapaxes(0, 1),
-                                                    inputs_BLD.swapaxes(0, 1)))
-        return hs.swapaxes(0, 1), final
+        final, hs = jax.lax.scan(step, initial_BD, (f32(decay_BLD).swapaxes(0, 1),
+                                                    f32(inputs_BLD).swapaxes(0, 1)))
+        return hs.swapaxes(0, 1).astype(dtype), final.astype(dtype)
+    decay_BLD, inputs_BLD = f32(decay_BLD), f32(inputs_BLD)
     inputs_BLD = inputs_BLD.at[:, 0].add(decay_BLD[:, 0] * initial_BD)  # fold h_0 into step 0
     _, hs = jax.lax.associative_scan(_combine, (decay_BLD, inputs_BLD), axis=1)
-    return hs, hs[:, -1]
+    return hs.astype(dtype), hs[:, -1].astype(dtype)
 
 
 def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
@@ -93,7 +104,7 @@ def _native_or_none(decay_BLD, inputs_BLD, initial_BD, *, required: bool):
     from jaxsparse.ops.native import linear_scan as native
     from jaxsparse.ops.native.partitioning import in_partly_manual_context
 
-    dtypes = {jnp.dtype(t.dtype) for t in (decay_BLD, inputs_BLD, initial_BD)}
+    dtypes = {jnp.dtype(t.dtype) for t in (decay_BLD, inputs_BLD)}  # (initial: float32)
     if dtypes != {jnp.dtype(jnp.float32)}:
         if required:
             raise ValueError(f"linear_scan(implementation='native') computes in float32; got "
@@ -135,7 +146,9 @@ def _check_diagonal_ssm_shapes(delta, B, C, U, log_lambda, D):
 def diagonal_ssm(delta, B, C, U, log_lambda, D, *, initial_state=None, implementation=None,
                  segment_ids=None):
     """The recurrence above for ``Δ, B, C, U [batch, length, width]`` and per-channel
-    ``log_lambda, D [width]``, in float32: ``(y [B, L, W], final state [B, W])``.
+    ``log_lambda, D [width]``, in float32 whatever the dtypes of the operands and of
+    ``initial_state [B, W]``, for every implementation: ``(y [B, L, W], final state [B, W])``,
+    both float32.
     ``segment_ids [batch, length]`` (packed documents): the state restarts from zero where a
     document starts (:mod:`jaxsparse.ops.segments`)."""
     _check_diagonal_ssm_shapes(delta, B, C, U, log_lambda, D)
@@ -143,6 +156,8 @@ def diagonal_ssm(delta, B, C, U, log_lambda, D, *, initial_state=None, implement
     decay = decay_from(f32(delta), f32(log_lambda)[None, None, :])
     if segment_ids is not None:
         decay = decay * keep_factor(segment_ids, *U.shape[:2])[..., None]
+    if initial_state is not None:
+        initial_state = f32(initial_state)
     states, final = linear_scan(decay, f32(B) * f32(U), initial_state,
                                 implementation=implementation)
     y = f32(C) * states + f32(D)[None, None, :] * f32(U)

@@ -11,10 +11,14 @@ top-k — by re-scoring the ``k²`` candidate pairs: ``O(n + k²)`` per query in
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.checks import is_integer
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.topk import top_k
 
 
@@ -66,7 +70,10 @@ def memory_read(scores_HK, slots_HK, values_NV, *, implementation: str | None = 
     (float32; the value gradient a deterministic scatter-add after a counting sort of the
     picks by slot): at 8k tokens of hydra_29m the PKM layer's forward + backward takes
     0.27 s instead of 4.0 s on 2 cores. ``None`` picks ``"native"`` on a CPU-only host for
-    float32 and the scan elsewhere."""
+    float32 and the scan elsewhere.
+
+    ``values`` must be floating point; concrete ``slots`` must lie in ``[0, values rows)``
+    (traced ones cannot be checked: out of range, the scan wraps or reads NaN)."""
     if implementation not in MEMORY_READ_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed "
                          f"{MEMORY_READ_IMPLEMENTATIONS}")
@@ -75,6 +82,10 @@ def memory_read(scores_HK, slots_HK, values_NV, *, implementation: str | None = 
         raise ValueError(f"scores {scores_HK.shape}, slots {slots_HK.shape} {slots_HK.dtype}, "
                          f"values {values_NV.shape}: expected scores and integer slots of one "
                          "shape [..., heads, knn] and values [slots, value_dim]")
+    if not jnp.issubdtype(values_NV.dtype, jnp.floating):  # the weights would be cast to zeros
+        raise ValueError(f"values has dtype {values_NV.dtype}; memory_read needs floating-point "
+                         "values (e.g. float32, bfloat16)")
+    _check_slots(slots_HK, values_NV.shape)
     weights = jax.nn.softmax(scores_HK, axis=-1).astype(values_NV.dtype)
     lead = weights.shape[:-2]
     if implementation == "scan" or (implementation is None and jax.default_backend() != "cpu"):
@@ -94,18 +105,33 @@ def memory_read(scores_HK, slots_HK, values_NV, *, implementation: str | None = 
 
     def bag(weights, slots, values):  # one bag of heads·knn picks per token
         picks = weights.shape[-2] * weights.shape[-1]
-        flat = native.native_embedding_bag(weights.reshape(-1, picks), slots.reshape(-1, picks),
-                                           values)
+        tokens = math.prod(lead)  # (not -1: a 0 in lead or picks)
+        flat = native.native_embedding_bag(weights.reshape(tokens, picks),
+                                           slots.reshape(tokens, picks), values)
         return flat.reshape(*lead, values.shape[-1])
 
     slots = slots_HK.astype(jnp.int32)
     return jax.lax.platform_dependent(weights, slots, values_NV, cpu=bag, default=_scan_read)
 
 
+def _check_slots(slots_HK, values_shape) -> None:
+    """Concrete slots must name a table row: the scan would wrap -1 to the last row and read
+    NaN past the end, the native kernel fail (traced slots come from a top-k in range)."""
+    values, rows = concrete_values(slots_HK), values_shape[0]
+    if values is None or not values.size:
+        return
+    bad = np.unique(values[(values < 0) | (values >= rows)])
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:8]) + (", …" if bad.size > 8 else "")
+        raise ValueError(f"slots holds {shown}: must be in [0, {rows}) (the rows of values "
+                         f"{values_shape})")
+
+
 def _scan_read(weights, slots_HK, values_NV):
     lead = weights.shape[:-2]
-    weights = jnp.moveaxis(weights.reshape(*lead, -1), -1, 0)  # [heads·knn, ...]
-    slots = jnp.moveaxis(slots_HK.reshape(*lead, -1), -1, 0)
+    picks = weights.shape[-2] * weights.shape[-1]  # (not -1: lead may hold a 0)
+    weights = jnp.moveaxis(weights.reshape(*lead, picks), -1, 0)  # [heads·knn, ...]
+    slots = jnp.moveaxis(slots_HK.reshape(*lead, picks), -1, 0)
 
     @jax.checkpoint  # the backward re-gathers the row instead of storing every one
     def weighted_row(weight, slot):

@@ -351,7 +351,11 @@ def ema_centroids(centroids_HCD, units, clusters, decay: float = 0.999, mask=Non
     of the unit vectors assigned to it (``units``: list of ``[B, L, H, D]``, ``clusters``: list
     of ``[B, L, H]``; ``mask [B, L]`` leaves out padding) and is renormalised; centroids with no
     member stay put — or, with ``reseed``, jump to the vectors that fit their own centroid
-    worst (:func:`reseed_dead`). No gradient flows through it."""
+    worst (:func:`reseed_dead`). No gradient flows through it. ``decay`` must be in
+    ``[0, 1]`` (checked when concrete: a NaN would make every centroid NaN)."""
+    value = concrete_values(decay)
+    if value is not None and not (value.shape == () and 0 <= value <= 1):
+        raise ValueError(f"decay={decay!r}: must be in [0, 1]")
     h, c, d = centroids_HCD.shape
     sums = jnp.zeros((h, c, d), jnp.float32)
     counts = jnp.zeros((h, c), jnp.float32)

@@ -267,6 +267,8 @@ def sparse_global_attention(q, k, v, scores, *, window: int, max_global: int,
     length = q.shape[1]
     first = (None if segment_ids is None else document_first_position(
         check_segment_ids(segment_ids, *q.shape[:2])))
+    if q.shape[0] == 0:  # an empty batch: nothing to attend (the paths divide by the size)
+        return jnp.zeros(q.shape, q.dtype)
     if implementation is None:
         implementation = "dense" if length <= 2 * (window + max_global) else "blocked"
     if implementation == "blocked":

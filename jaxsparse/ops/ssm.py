@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.segments import (check_segment_ids, document_starts, keep_factor,
                                      shard_documents, shard_keeps_state, with_document_starts)
@@ -42,8 +43,8 @@ def _check_dt_bias_and_dtypes(dt_bias, size: int, size_name: str, **arrays) -> N
 
 
 def _check_chunk(chunk_size):
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size={chunk_size!r}: must be a positive int")
+    if chunk_size is not None:  # (is_integer: True is a flag passed by mistake, not 1)
+        check_integer("chunk_size", chunk_size)
 
 
 def _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias):
@@ -268,6 +269,9 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     keep = keep_factor(segment_ids, batch, x.shape[1])
     if x.shape[1] == 0:  # nothing to scan (every implementation): the initial state
         return (x, h0) if return_final_state else x
+    if batch == 0:  # an empty batch (the kernels' blocks would be larger than the operands)
+        y = jnp.zeros(x.shape, x.dtype)
+        return (y, h0) if return_final_state else y
     if implementation in (None, "native"):
         # Default on CPU: the native kernel (experiments/results/ssm.md times it beside the
         # lax.scan recurrence and the chunked form); the chunked form on accelerators and

@@ -119,12 +119,13 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segmen
                          f"{init_MD.shape}")
     check_weights(weights, d)
     padded = round_up(length, chunk)
+    chunks = padded // chunk  # (explicit sizes, never -1: the batch or length may be 0)
     pad = [(0, 0), (0, padded - length), (0, 0)]
-    by_chunk = lambda t: jnp.pad(t, pad).reshape(b, -1, chunk, t.shape[-1]).swapaxes(0, 1)  # noqa: E731
+    by_chunk = lambda t: jnp.pad(t, pad).reshape(b, chunks, chunk, t.shape[-1]).swapaxes(0, 1)  # noqa: E731
     keys, values = by_chunk(x_BLD @ weights["wk"]), by_chunk(x_BLD @ weights["wv"])
     # only a ragged last chunk has padding to mask: without one, no masking ops in the scan
     valid = (None if padded == length else jnp.broadcast_to(
-        (jnp.arange(padded) < length).reshape(-1, 1, chunk), (padded // chunk, b, chunk)))
+        (jnp.arange(padded) < length).reshape(chunks, 1, chunk), (chunks, b, chunk)))
     state0 = jnp.broadcast_to(init_MD[None], (b, *init_MD.shape)).astype(jnp.float32)
     documents = None
     if segment_ids is not None:
@@ -138,7 +139,6 @@ def workspace_memory(x_BLD, queries_BLD, init_MD, weights, *, chunk: int, segmen
 
     restart = None if documents is None else documents["restart"]
     final, read_states = jax.lax.scan(step, state0, (keys, values, valid, restart))  # [C, B, M, D]
-    chunks = padded // chunk
     states = read_states.swapaxes(0, 1).reshape(b * chunks, *init_MD.shape)
     queries = jnp.pad(queries_BLD, pad).reshape(b * chunks, chunk, d)
     reads = read_slots(queries, states).reshape(b, padded, d)  # every chunk's reads at once

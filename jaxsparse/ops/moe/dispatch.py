@@ -30,13 +30,35 @@ def _check_routed_tokens(x_TD, tokens: int) -> None:
                          "tokens the routing was computed for")
 
 
+def _check_floating(x_TD) -> None:
+    """The router weights are cast to the activations' dtype: integer activations would
+    combine with weights truncated to 0."""
+    if not jnp.issubdtype(x_TD.dtype, jnp.floating):
+        raise ValueError(f"x_TD has dtype {x_TD.dtype}; MoE dispatch needs floating-point "
+                         "inputs (e.g. float32, bfloat16)")
+
+
+def _check_callback_output(name: str, out, expected: tuple) -> None:
+    """What an ``experts``/``grouped`` callback returned must have the shape it was given (a
+    buffer of another capacity or width would be gathered as zeros or combined into a
+    wrong-shaped output) and a floating dtype (the router weights are cast to it)."""
+    if tuple(out.shape) != tuple(expected):
+        raise ValueError(f"the {name} callback returned shape {tuple(out.shape)}; expected "
+                         f"{tuple(expected)}, the shape of the rows it was given")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"the {name} callback returned dtype {out.dtype}; expected a "
+                         "floating-point dtype (the router weights are cast to it)")
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float,
                     minimum: int = 4) -> int:
     """Slots per expert: ``round(capacity_factor * tokens * k / E)``, at least ``minimum``
-    (capped at the token count). With factor 1 the slots equal the assignments."""
+    (capped at the token count; ``minimum >= 1``, so tokens always get a slot). With factor 1
+    the slots equal the assignments."""
     check_integer("num_tokens", num_tokens, 0)
     check_integer("num_experts", num_experts, 1)
     check_integer("k", k, 1)
+    check_integer("minimum", minimum, 1)
     _check_capacity_factor(capacity_factor)
     slots = max(int(round(capacity_factor * num_tokens * k / num_experts)), minimum)
     return min(slots, num_tokens * k)
@@ -87,6 +109,12 @@ def pack(x_TD, choice: TokenChoice, capacity: int):
 
 def unpack(out_ECD, choice: TokenChoice, slot, kept):
     """Combine expert outputs back per token: ``(y [T, D], dropped_fraction)``."""
+    num_experts = choice.probs.shape[-1]
+    if out_ECD.ndim != 3 or out_ECD.shape[0] != num_experts:
+        raise ValueError(f"out_ECD of shape {out_ECD.shape}: expected [num_experts="
+                         f"{num_experts}, capacity, d], the buffers pack() returned")
+    if not jnp.issubdtype(out_ECD.dtype, jnp.floating):  # the weights would be cast to 0
+        raise ValueError(f"out_ECD has dtype {out_ECD.dtype}; needs floating point")
     gathered = out_ECD.at[choice.expert_index, slot].get(mode="fill", fill_value=0)  # [T, k, D]
     weights = jnp.where(kept, choice.weights, 0.0).astype(out_ECD.dtype)
     y = jnp.einsum("tk,tkd->td", weights, gathered)
@@ -95,9 +123,14 @@ def unpack(out_ECD, choice: TokenChoice, slot, kept):
 
 
 def capacity_dispatch(x_TD, choice: TokenChoice, experts, capacity: int):
-    """Token-choice MoE with fixed per-expert buffers. Returns ``(y [T, D], dropped_fraction)``."""
+    """Token-choice MoE with fixed per-expert buffers. Returns ``(y [T, D], dropped_fraction)``.
+    ``experts`` maps the ``[E, C, D]`` buffers to outputs of the same shape; ``x_TD`` must be
+    floating point."""
+    _check_floating(x_TD)
     buffers, slot, kept = pack(x_TD, choice, capacity)
-    return unpack(experts(buffers), choice, slot, kept)
+    out = experts(buffers)
+    _check_callback_output("experts", out, buffers.shape)
+    return unpack(out, choice, slot, kept)
 
 
 def dropless_dispatch(x_TD, choice: TokenChoice, grouped, *, skip_unweighted: bool = False):
@@ -105,8 +138,10 @@ def dropless_dispatch(x_TD, choice: TokenChoice, grouped, *, skip_unweighted: bo
     experts as grouped matmuls over the sorted rows, un-sort and combine. With
     ``skip_unweighted`` choices of zero weight (SMoE-Dropout's k schedule) sort last, outside
     every group, and ``grouped`` must give zeros for rows past ``sum(group_sizes)`` (as
-    :func:`grouped_matmul` does under jit); expert parallelism then does not send them."""
+    :func:`grouped_matmul` does under jit); expert parallelism then does not send them.
+    ``grouped`` returns rows of the shape it was given; ``x_TD`` must be floating point."""
     _check_routed_tokens(x_TD, choice.expert_index.shape[0])
+    _check_floating(x_TD)
     tokens, d = x_TD.shape
     num_experts = choice.probs.shape[-1]
     k = choice.expert_index.shape[1]
@@ -117,15 +152,21 @@ def dropless_dispatch(x_TD, choice: TokenChoice, grouped, *, skip_unweighted: bo
     group_sizes = jnp.bincount(flat_expert, length=num_experts + 1)[:num_experts]
     group_sizes = group_sizes.astype(jnp.int32)
     out_rows = grouped(rows, group_sizes)
+    _check_callback_output("grouped", out_rows, rows.shape)
     unsorted = jnp.zeros_like(out_rows).at[order].set(out_rows)
     unsorted = unsorted.reshape(tokens, k, out_rows.shape[-1])  # explicit width: T may be 0
     return jnp.einsum("tk,tkd->td", choice.weights.astype(unsorted.dtype), unsorted)
 
 
 def expert_choice_dispatch(x_TD, choice: ExpertChoice, experts):
-    """Expert-choice MoE: gather each expert's tokens, run, scatter-add back weighted."""
+    """Expert-choice MoE: gather each expert's tokens, run, scatter-add back weighted.
+    ``experts`` maps the ``[E, C, D]`` buffers to outputs of the same shape; ``x_TD`` must be
+    floating point."""
     _check_routed_tokens(x_TD, choice.probs.shape[0])
-    out = experts(x_TD[choice.token_index])  # [E, C, D]
+    _check_floating(x_TD)
+    buffers = x_TD[choice.token_index]
+    out = experts(buffers)  # [E, C, D]
+    _check_callback_output("experts", out, buffers.shape)
     weighted = out * choice.weights[..., None].astype(out.dtype)
     return jnp.zeros_like(x_TD, dtype=out.dtype).at[choice.token_index].add(weighted)
 

@@ -54,6 +54,9 @@ def _check(lhs, rhs, group_sizes):
         raise ValueError(f"lhs [m, k={lhs.shape[1]}] and rhs [E, k={rhs.shape[1]}, n] disagree on k")
     if group_sizes.shape[0] != rhs.shape[0]:
         raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups, rhs has {rhs.shape[0]}")
+    if rhs.shape[0] < 1:  # no group to put a row in (and nothing to take a min over below)
+        raise ValueError(f"rhs {rhs.shape} and group_sizes {group_sizes.shape} have E=0 groups: "
+                         "grouped_matmul needs at least one expert (E >= 1)")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
     for name, x in (("lhs", lhs), ("rhs", rhs)):  # integer products would be truncated
@@ -213,8 +216,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
     if tile is not None and (not is_integer(tile) or tile < 1):
         raise ValueError(f"tile={tile!r}: must be an integer >= 1, or None (default_tile)")
     _check(lhs, rhs, group_sizes)
-    if lhs.shape[0] == 0:  # no rows (an empty batch): nothing for a kernel to tile
-        return _dense(lhs, rhs, group_sizes)
+    if 0 in (lhs.shape[0], lhs.shape[1], rhs.shape[2]):  # no rows (an empty batch), no
+        return _dense(lhs, rhs, group_sizes)  # contraction or no columns: nothing to tile
     if implementation is None and jax.default_backend() != "cpu":
         implementation = "ragged_dot"
     if implementation in (None, "native"):

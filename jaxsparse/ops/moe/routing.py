@@ -12,7 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.checks import is_integer
+from jaxsparse.ops.checks import check_integer, is_integer
+from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.segments import check_segment_ids, document_index
 
 
@@ -46,13 +47,16 @@ def top_k_routing(logits: jax.Array, k: int, *, renormalize: bool = True,
     """Softmax over experts, then each token's ``k`` most probable experts.
 
     ``renormalize`` rescales the k weights to sum to 1 (Mixtral, most top-2 models); without
-    it they are the raw probabilities (Switch). ``active_k`` (a traced int <= k) keeps only
-    the first ``active_k`` choices, zeroing the others' weights, so k can change during
-    training without recompiling (SMoE-Dropout's schedule).
+    it they are the raw probabilities (Switch). ``active_k`` (an integer scalar in ``[1, k]``,
+    possibly traced; its value is checked when concrete) keeps only the first ``active_k``
+    choices, zeroing the others' weights, so k can change during training without
+    recompiling (SMoE-Dropout's schedule).
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be [tokens, experts], got shape {logits.shape}")
     _check_k(k, logits.shape[1])
+    if active_k is not None:
+        _check_active_k(active_k, k)
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, index = jax.lax.top_k(probs, k)
@@ -61,6 +65,20 @@ def top_k_routing(logits: jax.Array, k: int, *, renormalize: bool = True,
     if renormalize:
         weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-9)
     return TokenChoice(index.astype(jnp.int32), weights, probs, logits)
+
+
+def _check_active_k(active_k, k: int) -> None:
+    """An integer scalar in ``[1, k]``: 0 or less zeroes every weight, more than ``k`` is
+    silently ``k``, a fraction compares as one, a bool is a flag passed by mistake."""
+    if hasattr(active_k, "dtype"):  # an array, maybe traced: its shape and dtype are known
+        if jnp.shape(active_k) != () or not jnp.issubdtype(active_k.dtype, jnp.integer):
+            raise ValueError(f"active_k of shape {jnp.shape(active_k)} and dtype "
+                             f"{active_k.dtype}: must be an integer scalar in [1, k={k}]")
+    elif not is_integer(active_k):
+        raise ValueError(f"active_k={active_k!r}: must be an integer in [1, k={k}]")
+    value = concrete_values(active_k)
+    if value is not None and not 1 <= value <= k:
+        raise ValueError(f"active_k={value.item()!r}: must be an integer in [1, k={k}]")
 
 
 def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoice:
@@ -81,8 +99,12 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoice:
 def linear_k_schedule(step, *, k_start: int, k_end: int, steps: int):
     """SMoE-Dropout (Chen et al. 2023): k grows linearly from ``k_start`` to ``k_end`` over
     ``steps`` training steps (an int32 scalar; traced inside a jitted step)."""
-    if steps < 1 or min(k_start, k_end) < 1:
-        raise ValueError(f"k_start={k_start}, k_end={k_end}, steps={steps}: each must be >= 1")
+    bad = {name: value for name, value in (("k_start", k_start), ("k_end", k_end),
+                                           ("steps", steps))
+           if not is_integer(value) or value < 1}
+    if bad:
+        raise ValueError(", ".join(f"{name}={value!r}" for name, value in bad.items())
+                         + ": each must be an integer >= 1")
     frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
     return jnp.round(k_start + frac * (k_end - k_start)).astype(jnp.int32)
 
@@ -101,8 +123,8 @@ def chunk_pool(x_BLD: jax.Array, chunk: int, *, causal: bool) -> jax.Array:
         raise ValueError(f"chunk={chunk!r}: must be an integer >= 1 and divide the sequence "
                          f"length {length}")
     means = x_BLD.reshape(batch, length // chunk, chunk, d).mean(axis=2)
-    if causal:
-        means = jnp.pad(means[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    if causal:  # shift by one chunk (pad, then drop the last: also right for length 0)
+        means = jnp.pad(means, ((0, 0), (1, 0), (0, 0)))[:, :-1]
     return means
 
 
@@ -139,4 +161,7 @@ def chunk_pool_within_documents(x_BLD: jax.Array, segment_ids: jax.Array, chunk:
 
 def unchunk(values: jax.Array, chunk: int) -> jax.Array:
     """Repeat per-chunk routing values ``[B, L/chunk, ...]`` for every token: ``[B, L, ...]``."""
+    check_integer("chunk", chunk)
+    if values.ndim < 2:
+        raise ValueError(f"values of shape {values.shape}: must be [batch, chunks, ...]")
     return jnp.repeat(values, chunk, axis=1)
