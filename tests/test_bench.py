@@ -199,10 +199,12 @@ def test_bench_flags_refuse_sizes_below_one(capsys, name, argv, fragment):
 
 def test_decode_benchmark_times_our_caches_against_the_alternatives(tmp_path):
     assert main(["bench", "decode", "--cache", "24", "--heads", "4", "--kv-heads", "2",
-                 "--window", "5", "--batch", "1", "--steps", "3", "--repeats", "1",
-                 "--out", str(tmp_path)]) == 0
+                 "--window", "5", "--max-global", "3", "--batch", "1", "--steps", "3",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert [(r["op"], r["kv_heads"]) for r in rows] == [("layout", 2), ("window 5", 2)]
+    # batch 1: the squeezed cache row too; the SGA rings (5 + 3 slots) are below the cache's 24
+    assert [(r["op"], r["kv_heads"]) for r in rows] == [
+        ("layout", 2), ("window 5", 2), ("squeezed", 2), ("sga 5+3", 2)]
     for r in rows:
         assert r["ours_ms"] > 0 and r["peer_ms"] > 0
         assert r["speedup"] == pytest.approx(r["peer_ms"] / r["ours_ms"])

@@ -293,6 +293,29 @@ def test_sparse_masks_stay_causal_and_decode_matches_forward(spec):
                                rtol=1e-4)
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.n_kv_heads=1"],
+                                       ["model.attention_mask=local:5"]])
+def test_one_sequence_decodes_from_caches_without_size_one_axes(overrides):
+    """At batch 1 (and with one key/value head) the layers keep their caches without size-1
+    axes — XLA:CPU copied a cache with one several times a step (nn.cache_layout) — and
+    decoding still equals the full pass, from a full cache and from a ring buffer."""
+    m = models.build(tiny_config(*overrides).model, nnx.Rngs(4))
+    x = tokens(9, batch=1, length=17)
+    full = nnx.jit(lambda m, x: m(x))(m, x)
+    cache = m.init_cache(1, 24)
+    kv_heads = m.cfg.n_kv_heads
+    slots = 5 if "local" in str(overrides) else 24
+    expected = tuple(n for n in (kv_heads, slots, 8) if n != 1)  # head_dim 32 / 4 heads
+    assert {leaf.shape for leaf in jax.tree.leaves(cache["layers"])} == {expected}
+    decode = nnx.jit(lambda m, x, c: m.decode(x, c))
+    parts = []
+    for start, stop in [(0, 7), (7, 8), (8, 9), (9, 17)]:
+        logits, cache = decode(m, x[:, start:stop], cache)
+        parts.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, atol=1e-4, rtol=1e-4)
+    assert {leaf.shape for leaf in jax.tree.leaves(cache["layers"])} == {expected}
+
+
 def test_sparse_mask_changes_the_model():
     dense = models.build(tiny_config().model, nnx.Rngs(3))
     sparse = models.build(tiny_config("model.attention_mask=local:2").model, nnx.Rngs(3))

@@ -340,3 +340,28 @@ def test_an_empty_batch_gives_an_empty_result(impl):
         assert out.shape == (0, 9, 2, 8) and out.dtype == dtype
     with pytest.raises(ValueError, match="window=0"):  # still checked
         sparse_global_attention(q, k, v, scores, window=0, max_global=1, implementation=impl)
+
+
+@pytest.mark.parametrize("max_len", [26, 7])  # rings; a cache of every position
+def test_the_layer_keeps_one_sequence_without_size_one_axes(max_len):
+    """Batch 1 and one key/value head: the caches are kept without size-1 axes (XLA:CPU
+    copied a cache with one several times a step; nn.cache_layout) and decode as before."""
+    from flax import nnx
+
+    from jaxsparse.nn.sga import SparseGlobalAttention
+    layer = SparseGlobalAttention(16, 4, 1, 8, rngs=nnx.Rngs(2), window=4, max_global=3)
+    x = jax.random.normal(jax.random.key(16), (1, 20, 16))
+    positions = jnp.arange(20)[None]
+    full, _ = layer(x, positions)
+    cache = layer.init_cache(1, max_len)
+    for name in ("k", "v", "global_k", "global_v")[:4 if max_len > 7 else 2]:
+        assert 1 not in cache[name].shape, (name, cache[name].shape)  # (scores are small)
+    decode = nnx.jit(lambda layer, x, positions, cache, index: layer(
+        x, positions, cache=cache, cache_index=index))
+    pieces = []
+    for start, stop in ([(0, 9), (9, 10), (10, 11), (11, 20)] if max_len > 7 else
+                        [(0, 5), (5, 6), (6, 7)]):
+        out, cache = decode(layer, x[:, start:stop], positions[:, start:stop], cache, start)
+        pieces.append(out)
+    got = jnp.concatenate(pieces, 1)
+    np.testing.assert_allclose(got, full[:, :got.shape[1]], atol=2e-5, rtol=2e-5)

@@ -6,6 +6,9 @@
 - ``window W``: a causal sliding window of ``W`` keys decoded from a ring buffer of ``W``
   slots (``window_cache_decode``, what a layer with a bounded mask keeps) against a cache of
   all ``C`` positions under the same mask;
+- ``squeezed`` (at batch 1 or with one key/value head): the heads-first cache kept without
+  its size-1 axes, as the layers keep it (``nn.cache_layout``), against the same cache with
+  them — XLA:CPU copied that one several times a step;
 - ``sga W+G``: Hydra's sparse global attention (window ``W``, ``G`` global tokens) decoded
   from its two ring buffers of ``W + G`` slots (``ops.sga_rings.sga_ring_decode``, what the
   layer keeps when ``W + G`` is below the cache length) against a cache of all ``C``
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_interleaved, write_results
 from jaxsparse.bench.arguments import positive_int
+from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.ops.attention import decode_attention, window_cache_decode
 from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.sga import sga_decode
@@ -76,18 +80,43 @@ def full_cache_step(heads_first: bool, mask=None):
     return attend_and_write
 
 
-def window_cache_step(mask):
+def squeezed_cache_step():
+    """``full_cache_step(True)`` on a cache kept without its size-1 axes (batch 1, one
+    key/value head), as the layers keep it (``nn.cache_layout``): a full-rank view for the
+    write and the attention, stored back squeezed."""
+    inner = full_cache_step(True)
+
     def attend_and_write(q, k_new, v_new, score, cache, position):
-        out, k_cache, v_cache = window_cache_decode(q, k_new, v_new, *cache, position, mask=mask)
-        return out, (k_cache, v_cache)
+        batch, _, kv_heads, dim = k_new.shape
+        views = tuple(viewed(c, batch, kv_heads, None, dim) for c in cache)
+        out, (k_cache, v_cache) = inner(q, k_new, v_new, score, views, position)
+        return out, (stored(k_cache), stored(v_cache))
+
+    return attend_and_write
+
+
+def window_cache_step(mask):
+    """The ring buffer as the layers keep it: without size-1 axes (``nn.cache_layout``)."""
+
+    def attend_and_write(q, k_new, v_new, score, cache, position):
+        batch, _, kv_heads, dim = k_new.shape
+        views = (viewed(c, batch, kv_heads, None, dim) for c in cache)
+        out, k_cache, v_cache = window_cache_decode(q, k_new, v_new, *views, position, mask=mask)
+        return out, (stored(k_cache), stored(v_cache))
 
     return attend_and_write
 
 
 def sga_rings_step(window: int, max_global: int):
+    """The rings as the SGA layer keeps them: keys and values without size-1 axes."""
+
     def attend_and_write(q, k_new, v_new, score, rings, position):
-        return sga_ring_decode(q, k_new, v_new, score, rings, position, window=window,
-                               max_global=max_global)
+        batch, _, kv_heads, dim = k_new.shape
+        rings = {name: viewed(x, batch, kv_heads, None, dim) if name.endswith(("k", "v"))
+                 else x for name, x in rings.items()}
+        out, rings = sga_ring_decode(q, k_new, v_new, score, rings, position, window=window,
+                                     max_global=max_global)
+        return out, {name: stored(x) if x.ndim == 4 else x for name, x in rings.items()}
 
     return attend_and_write
 
@@ -117,6 +146,15 @@ def inputs(batch, heads, kv_heads, steps, cache_shape):
     score = jax.random.normal(keys[3], (steps, batch))
     cache = tuple(jax.random.normal(kk, cache_shape) for kk in keys[4:])
     return q, k_new, v_new, score, cache
+
+
+def stored_cache(args):
+    """``inputs``' arguments with the cache's keys and values (a pair, or SGA rings) kept as
+    the layers keep them: without size-1 axes."""
+    *per_step, cache = args
+    if isinstance(cache, tuple):
+        return (*per_step, tuple(stored(c) for c in cache))
+    return (*per_step, {name: stored(x) if x.ndim == 4 else x for name, x in cache.items()})
 
 
 def sga_inputs(batch, heads, kv_heads, steps, slots, window, max_global, rings: bool):
@@ -172,15 +210,24 @@ def main(argv=None) -> None:
                                else (b, slots, kv_heads, HEAD_DIM)))
                        for heads_first in (True, False)]
             windows = [(decode_loop(window_cache_step(mask), first),
-                        inputs(b, *shape, (b, kv_heads, w, HEAD_DIM))),
+                        stored_cache(inputs(b, *shape, (b, kv_heads, w, HEAD_DIM)))),
                        (decode_loop(full_cache_step(True, mask), first),
                         inputs(b, *shape, (b, kv_heads, slots, HEAD_DIM)))]
             pairs = [("layout", layouts), (f"window {w}", windows)]
+            if b == 1 or kv_heads == 1:  # a cache with a size-1 axis: kept squeezed or not
+                cache_shape = (b, kv_heads, slots, HEAD_DIM)
+                q, k_new, v_new, score, cache = inputs(b, *shape, cache_shape)
+                pairs.append(("squeezed", [
+                    (decode_loop(squeezed_cache_step(), first),
+                     (q, k_new, v_new, score, tuple(stored(c) for c in cache))),
+                    (decode_loop(full_cache_step(True), first),
+                     (q, k_new, v_new, score, cache))]))
             if w + g < slots:  # the layer's rings are for caches longer than them
                 pairs.append((f"sga {w}+{g}", [
-                    (decode_loop(step(w, g), first),
-                     sga_inputs(b, *shape, slots, w, g, rings=step is sga_rings_step))
-                    for step in (sga_rings_step, sga_full_cache_step)]))
+                    (decode_loop(sga_rings_step(w, g), first),
+                     stored_cache(sga_inputs(b, *shape, slots, w, g, rings=True))),
+                    (decode_loop(sga_full_cache_step(w, g), first),
+                     sga_inputs(b, *shape, slots, w, g, rings=False))]))
             for op, pair in pairs:
                 ours, peer = (s / args.steps * 1e3
                               for s in time_interleaved(*pair, repeats=args.repeats))
@@ -192,7 +239,8 @@ def main(argv=None) -> None:
              f"generated token over a scan of {args.steps} decode steps (cache write + "
              "attention). layout: ours a [B, Hkv, C, D] cache, peer [B, C, Hkv, D]. window: "
              f"a causal window of {w} keys, ours a ring buffer of {w} slots, peer a "
-             "(heads-first) cache of all C positions. sga: Hydra's sparse global attention "
+             "(heads-first) cache of all C positions. squeezed: ours the heads-first cache "
+             "kept without size-1 axes, peer with them. sga: Hydra's sparse global attention "
              f"(window {w}, {g} global tokens), ours its rings of {w}+{g} slots, peer a cache "
              "of all C positions. Same run, interleaved, the better of two medians each.")
     write_results(args.name, rows, columns, args.out, notes)

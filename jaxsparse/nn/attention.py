@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.batch_local import heads_local
+from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import (decode_attention, dot_product_attention,
                                      window_cache_decode)
@@ -61,7 +62,8 @@ class Attention(nnx.Module):
         # heads first: a decode step reads each head's slots contiguously (decode_attention)
         slots = max_len if self.cache_window is None else min(max_len, self.cache_window)
         shape = (batch, self.n_kv_heads, slots, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        # kept without size-1 axes (batch 1, one kv head): see nn.cache_layout
+        return {"k": stored(jnp.zeros(shape, dtype)), "v": stored(jnp.zeros(shape, dtype))}
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
         q = apply_rotary(self.q_proj(x_BLD), positions_BL, self.rope_theta)
@@ -87,16 +89,19 @@ class Attention(nnx.Module):
             segments = () if segment_ids is None else (segment_ids,)
             out = heads_local(attend, (q, k, v), segments, split_heads=not per_head_mask)
             new_cache = None
-        elif cache["k"].shape[2] == self.cache_window:
-            out, k_all, v_all = window_cache_decode(q, k, v, cache["k"], cache["v"], cache_index,
-                                                    mask=self.mask)
-            new_cache = {"k": k_all, "v": v_all}
         else:
-            start = (0, 0, cache_index, 0)
-            k_all, v_all = (jax.lax.dynamic_update_slice(
-                cache[name], new.swapaxes(1, 2).astype(cache[name].dtype), start)
-                for name, new in (("k", k), ("v", v)))
-            lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
-            out = decode_attention(q, k_all, v_all, lengths, mask=self.mask, heads_first=True)
-            new_cache = {"k": k_all, "v": v_all}
+            k_cache, v_cache = (viewed(cache[name], x_BLD.shape[0], self.n_kv_heads, None,
+                                       self.head_dim) for name in ("k", "v"))
+            if k_cache.shape[2] == self.cache_window:
+                out, k_all, v_all = window_cache_decode(q, k, v, k_cache, v_cache, cache_index,
+                                                        mask=self.mask)
+            else:
+                start = (0, 0, cache_index, 0)
+                k_all, v_all = (jax.lax.dynamic_update_slice(
+                    old, new.swapaxes(1, 2).astype(old.dtype), start)
+                    for old, new in ((k_cache, k), (v_cache, v)))
+                lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
+                out = decode_attention(q, k_all, v_all, lengths, mask=self.mask,
+                                       heads_first=True)
+            new_cache = {"k": stored(k_all), "v": stored(v_all)}
         return self.o_proj(out), new_cache

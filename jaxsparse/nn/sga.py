@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.batch_local import heads_local
+from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.segments import refuse_while_decoding
@@ -50,12 +51,14 @@ class SparseGlobalAttention(nnx.Module):
         self.implementation = implementation  # of the full pass (ops.sga.SGA_IMPLEMENTATIONS)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        # keys and values kept without size-1 axes (batch 1, one kv head): nn.cache_layout
         if self.window + self.max_global < max_len:
             # a state of window + max_global slots, however long the sequence (ops.sga_rings)
-            return init_sga_rings(batch, self.window, self.max_global, self.n_kv_heads,
-                                  self.head_dim, dtype)
+            rings = init_sga_rings(batch, self.window, self.max_global, self.n_kv_heads,
+                                   self.head_dim, dtype)
+            return {name: stored(x) if x.ndim == 4 else x for name, x in rings.items()}
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        return {"k": stored(jnp.zeros(shape, dtype)), "v": stored(jnp.zeros(shape, dtype)),
                 "score": jnp.zeros((batch, max_len), jnp.float32)}
 
     def scores(self, x_BLD):
@@ -85,15 +88,22 @@ class SparseGlobalAttention(nnx.Module):
             else:
                 out = attend(*qkv, *rows)
             return self.o_proj(out), None
+        batch, heads, dim = x_BLD.shape[0], self.n_kv_heads, self.head_dim
         if "global_count" in cache:
-            out, new = sga_ring_decode(q, k, v, score, cache, cache_index, window=self.window,
-                                       max_global=self.max_global)
-            return self.o_proj(out), new
+            rings = dict(cache)
+            for name in ("k", "v", "global_k", "global_v"):
+                rings[name] = viewed(cache[name], batch, heads, None, dim)
+            out, rings = sga_ring_decode(q, k, v, score, rings, cache_index, window=self.window,
+                                         max_global=self.max_global)
+            return self.o_proj(out), {name: stored(x) if x.ndim == 4 else x
+                                      for name, x in rings.items()}
         start = (0, cache_index, 0, 0)
-        new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-               "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
+        k_cache, v_cache = (viewed(cache[name], batch, None, heads, dim) for name in ("k", "v"))
+        new = {"k": jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),
+               "v": jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start),
                "score": jax.lax.dynamic_update_slice(cache["score"], score, (0, cache_index))}
-        lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
+        lengths = jnp.full((batch,), cache_index + x_BLD.shape[1], jnp.int32)
         out = sga_decode(q, new["k"], new["v"], new["score"], lengths,
                          window=self.window, max_global=self.max_global)
-        return self.o_proj(out), new
+        return self.o_proj(out), {"k": stored(new["k"]), "v": stored(new["v"]),
+                                  "score": new["score"]}

@@ -1,0 +1,35 @@
+"""How the layers keep their key/value decode caches between steps: without size-1 axes.
+
+A decode loop carries the caches from step to step (``lax.scan``, ``fori_loop``), and a step
+writes a slot (``dynamic_update_slice``) and then reads every slot in a matmul. When a cache
+has an axis of size 1 — batch 1 (one sequence, the usual generation) or one key/value head —
+XLA:CPU drops that axis for the matmul, and its fusion pass then computes the write twice,
+once in the carried shape and once in the matmul's, copying the whole cache two or three
+times a step: at batch 1, 8 key/value heads of 64 and 4k slots, a step of write and read took
+0.77-1.07 ms instead of 0.09 ms (0.12-0.13 ms instead of 0.02 ms with one head). Kept without
+those axes, the carried buffer already has the matmul's shape; the layers hand the ops a
+full-rank view of it (a reshape: no data moves), and XLA folds the two reshapes away.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+
+def stored(cache: jax.Array) -> jax.Array:
+    """``cache`` as a layer keeps it: its axes of size 1 dropped."""
+    return cache.reshape(tuple(n for n in cache.shape if n != 1))
+
+
+def viewed(cache: jax.Array, *leading: int) -> jax.Array:
+    """The full-rank view of a stored cache whose axes are ``leading`` and then one more,
+    the number of slots, worked out from its size: ``viewed(k, batch, heads, None, head_dim)``
+    gives ``[batch, heads, slots, head_dim]`` (``None`` marks the slots axis)."""
+    known = math.prod(n for n in leading if n is not None)
+    slots = cache.size // known if known else 0
+    return cache.reshape(tuple(slots if n is None else n for n in leading))
+
+
+__all__ = ["stored", "viewed"]
