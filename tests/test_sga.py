@@ -1,6 +1,6 @@
 """Sparse global attention (Hydra's long-range path): exact against loops, causal-safe global
 token selection, cached decoding equal to the full pass (from a cache of every position and
-from the rings of window + max_global slots), a learning signal for the controller."""
+from the rings of window + max_global + 1 slots), a learning signal for the controller."""
 
 import functools
 
@@ -222,7 +222,7 @@ RING_CASES = [
 @pytest.mark.parametrize("window, max_global, sizes", RING_CASES)
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_ring_decoding_equals_the_full_pass(window, max_global, sizes, kv_heads):
-    """The two rings of window + max_global slots give the full pass's outputs for prompts
+    """The two rings of window + max_global + 1 slots give the full pass's outputs for prompts
     and single tokens: candidates move from the window ring to the global ring as they leave
     the window, and only the most recent max_global are kept."""
     from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
@@ -278,7 +278,7 @@ def test_ring_decoding_gradients_equal_the_full_pass():
 
 
 def test_the_layer_decodes_from_rings_when_they_are_smaller_than_the_cache():
-    """``init_cache`` keeps window + max_global slots, whatever the length, when that is less
+    """``init_cache`` keeps window + max_global + 1 slots, whatever the length, when that is less
     than ``max_len`` (a cache of every position otherwise); both decode like the full pass."""
     from flax import nnx
 
@@ -288,10 +288,10 @@ def test_the_layer_decodes_from_rings_when_they_are_smaller_than_the_cache():
     positions = jnp.broadcast_to(jnp.arange(26), (2, 26))
     full, _ = layer(x, positions)
     rings = layer.init_cache(2, 26)
-    assert rings["k"].shape == (2, 2, 4, 8) and rings["global_k"].shape == (2, 2, 3, 8)
+    assert rings["k"].shape == (2, 2, 4, 8) and rings["global_k"].shape == (2, 2, 4, 8)
     assert jax.tree.map(jnp.shape, layer.init_cache(2, 100_000)) == \
         jax.tree.map(jnp.shape, rings)
-    everything = layer.init_cache(2, 7)  # window + max_global = 7: no rings
+    everything = layer.init_cache(2, 7)  # window + max_global + 1 = 8 slots: no rings
     assert set(everything) == {"k", "v", "score"} and everything["k"].shape == (2, 7, 2, 8)
     decode = nnx.jit(lambda layer, x, positions, cache, index: layer(
         x, positions, cache=cache, cache_index=index))

@@ -169,9 +169,9 @@ def sga_inputs(batch, heads, kv_heads, steps, slots, window, max_global, rings: 
     heads_first = lambda x, start, stop: x[:, start:stop].swapaxes(1, 2)  # noqa: E731
     state |= {"k": heads_first(k, 0, window), "v": heads_first(v, 0, window),
               "score": scores[:, :window],
-              "global_k": heads_first(k, window, window + max_global),
-              "global_v": heads_first(v, window, window + max_global),
-              "global_score": jnp.abs(scores[:, window:window + max_global]) + 0.1,
+              "global_k": heads_first(k, window, window + max_global + 1),
+              "global_v": heads_first(v, window, window + max_global + 1),
+              "global_score": jnp.abs(scores[:, window:window + max_global + 1]) + 0.1,
               "global_count": jnp.full((batch,), max_global, jnp.int32)}
     return q, k_new, v_new, score, state
 
@@ -222,7 +222,7 @@ def main(argv=None) -> None:
                      (q, k_new, v_new, score, tuple(stored(c) for c in cache))),
                     (decode_loop(full_cache_step(True), first),
                      (q, k_new, v_new, score, cache))]))
-            if w + g < slots:  # the layer's rings are for caches longer than them
+            if w + g + 1 < slots:  # the layer's rings are for caches longer than them
                 pairs.append((f"sga {w}+{g}", [
                     (decode_loop(sga_rings_step(w, g), first),
                      stored_cache(sga_inputs(b, *shape, slots, w, g, rings=True))),
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
              f"a causal window of {w} keys, ours a ring buffer of {w} slots, peer a "
              "(heads-first) cache of all C positions. squeezed: ours the heads-first cache "
              "kept without size-1 axes, peer with them. sga: Hydra's sparse global attention "
-             f"(window {w}, {g} global tokens), ours its rings of {w}+{g} slots, peer a cache "
+             f"(window {w}, {g} global tokens), ours its rings of {w}+{g}+1 slots, peer a cache "
              "of all C positions. Same run, interleaved, the better of two medians each.")
     write_results(args.name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))

@@ -1,6 +1,6 @@
 """Sparse global attention layer (:mod:`jaxsparse.ops.sga`) with rotary positions, a linear
 controller scoring each token as a global candidate, and a decode cache: ring buffers of the
-window and of the global candidates (``window + max_global`` slots) when that is smaller than
+window and of the global candidates (``window + max_global + 1`` slots) when that is smaller than
 a cache of every position."""
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class SparseGlobalAttention(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         # keys and values kept without size-1 axes (batch 1, one kv head): nn.cache_layout
-        if self.window + self.max_global < max_len:
-            # a state of window + max_global slots, however long the sequence (ops.sga_rings)
+        if self.window + self.max_global + 1 < max_len:
+            # a state of window + max_global + 1 slots, whatever the length (ops.sga_rings)
             rings = init_sga_rings(batch, self.window, self.max_global, self.n_kv_heads,
                                    self.head_dim, dtype)
             return {name: stored(x) if x.ndim == 4 else x for name, x in rings.items()}
