@@ -7,8 +7,9 @@
   slots (``window_cache_decode``, what a layer with a bounded mask keeps) against a cache of
   all ``C`` positions under the same mask;
 - ``squeezed`` (at batch 1 or with one key/value head): the heads-first cache kept without
-  its size-1 axes, as the layers keep it (``nn.cache_layout``), against the same cache with
-  them — XLA:CPU copied that one several times a step;
+  its size-1 axes (``nn.cache_layout``) against the same cache with them — XLA:CPU copied
+  that one several times a step at batch 1 with several key/value heads, what the attention
+  layers now keep squeezed (with one key/value head the 4-d cache was faster: they keep it);
 - ``sga W+G``: Hydra's sparse global attention (window ``W``, ``G`` global tokens) decoded
   from its two ring buffers of ``W + G`` slots (``ops.sga_rings.sga_ring_decode``, what the
   layer keeps when ``W + G`` is below the cache length) against a cache of all ``C``
@@ -96,13 +97,15 @@ def squeezed_cache_step():
 
 
 def window_cache_step(mask):
-    """The ring buffer as the layers keep it: without size-1 axes (``nn.cache_layout``)."""
+    """The ring buffer as the attention layers keep it: without a size-1 batch axis, but with
+    one key/value head (``nn.Attention._keep``)."""
 
     def attend_and_write(q, k_new, v_new, score, cache, position):
         batch, _, kv_heads, dim = k_new.shape
         views = (viewed(c, batch, kv_heads, None, dim) for c in cache)
         out, k_cache, v_cache = window_cache_decode(q, k_new, v_new, *views, position, mask=mask)
-        return out, (stored(k_cache), stored(v_cache))
+        keep = stored if kv_heads > 1 else (lambda c: c)  # noqa: E731
+        return out, (keep(k_cache), keep(v_cache))
 
     return attend_and_write
 
@@ -209,8 +212,9 @@ def main(argv=None) -> None:
                         inputs(b, *shape, (b, kv_heads, slots, HEAD_DIM) if heads_first
                                else (b, slots, kv_heads, HEAD_DIM)))
                        for heads_first in (True, False)]
+            ring = inputs(b, *shape, (b, kv_heads, w, HEAD_DIM))
             windows = [(decode_loop(window_cache_step(mask), first),
-                        stored_cache(inputs(b, *shape, (b, kv_heads, w, HEAD_DIM)))),
+                        stored_cache(ring) if kv_heads > 1 else ring),
                        (decode_loop(full_cache_step(True, mask), first),
                         inputs(b, *shape, (b, kv_heads, slots, HEAD_DIM)))]
             pairs = [("layout", layouts), (f"window {w}", windows)]

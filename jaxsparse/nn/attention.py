@@ -62,8 +62,13 @@ class Attention(nnx.Module):
         # heads first: a decode step reads each head's slots contiguously (decode_attention)
         slots = max_len if self.cache_window is None else min(max_len, self.cache_window)
         shape = (batch, self.n_kv_heads, slots, self.head_dim)
-        # kept without size-1 axes (batch 1, one kv head): see nn.cache_layout
-        return {"k": stored(jnp.zeros(shape, dtype)), "v": stored(jnp.zeros(shape, dtype))}
+        return {"k": self._keep(jnp.zeros(shape, dtype)), "v": self._keep(jnp.zeros(shape, dtype))}
+
+    def _keep(self, cache):
+        """The cache as kept between steps: without a size-1 batch axis (nn.cache_layout),
+        except with one key/value head, where the dense reference reads the cache sequence
+        first and the 4-d cache decoded faster (bench decode: squeezed 0.75-0.89x)."""
+        return stored(cache) if self.n_kv_heads > 1 else cache
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
         q = apply_rotary(self.q_proj(x_BLD), positions_BL, self.rope_theta)
@@ -103,5 +108,5 @@ class Attention(nnx.Module):
                 lengths = jnp.full((x_BLD.shape[0],), cache_index + x_BLD.shape[1], jnp.int32)
                 out = decode_attention(q, k_all, v_all, lengths, mask=self.mask,
                                        heads_first=True)
-            new_cache = {"k": stored(k_all), "v": stored(v_all)}
+            new_cache = {"k": self._keep(k_all), "v": self._keep(v_all)}
         return self.o_proj(out), new_cache
