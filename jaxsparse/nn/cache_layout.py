@@ -9,6 +9,13 @@ times a step: at batch 1, 8 key/value heads of 64 and 4k slots, a step of write 
 0.77-1.07 ms instead of 0.09 ms (0.12-0.13 ms instead of 0.02 ms with one head). Kept without
 those axes, the carried buffer already has the matmul's shape; the layers hand the ops a
 full-rank view of it (a reshape: no data moves), and XLA folds the two reshapes away.
+
+Where it is used: the attention layers' heads-first caches and ring buffers with several
+key/value heads, and the SGA layer's rings. Not for one key/value head in the attention layer
+(the dense reference reads that cache sequence first, and the 4-d cache decoded faster:
+squeezed 0.75-0.89x, ``jaxsparse bench decode``) nor for sequence-first caches (the SGA's
+cache of every position squeezed: 18 vs 8-10 ms a token in hydra_29m at batch 1 after 4k
+tokens; routing attention's: 1.14 vs 0.51 ms in routing_tiny after 1k).
 """
 
 from __future__ import annotations
