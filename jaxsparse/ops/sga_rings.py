@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.attention.api import check_attention_inputs, logit_scale
-from jaxsparse.ops.concrete import concrete_values
+from jaxsparse.ops.attention.decode import checked_first_position
 from jaxsparse.ops.sga import _attend, check_sga_options
 
 
@@ -106,15 +106,7 @@ def sga_ring_decode(q, k_new, v_new, score_new, rings, index, *, window: int, ma
         raise ValueError(f"score_new {tuple(score_new.shape)}: must be [B, L] = {(batch, new)}, "
                          "one controller score per new token")
     _check_rings(rings, batch, kv_heads, dim, window, max_global)
-    index = jnp.asarray(index)
-    if index.ndim != 0 or not jnp.issubdtype(index.dtype, jnp.integer):
-        raise ValueError(f"index of shape {index.shape} and dtype {index.dtype}: expected an "
-                         "integer scalar (the position of the first new token)")
-    first = concrete_values(index)
-    if first is not None and first < 0:
-        raise ValueError(f"index={int(first)}: must be >= 0 (the position of the first new "
-                         "token)")
-    index = index.astype(jnp.int32)
+    index = checked_first_position(index)
     dtype = rings["k"].dtype
     k_new, v_new = (x.swapaxes(1, 2).astype(dtype) for x in (k_new, v_new))  # heads first
     score_new = score_new.astype(jnp.float32)

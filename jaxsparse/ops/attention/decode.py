@@ -34,6 +34,20 @@ def checked_cache_lengths(lengths, batch: int, new: int, slots: int | None):
     return lengths
 
 
+def checked_first_position(index):
+    """``index`` (the position of the first new token, where a ring buffer's caller keeps no
+    lengths) as an int32 scalar: an integer scalar, >= 0 where it is concrete."""
+    index = jnp.asarray(index)
+    if index.ndim != 0 or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"index of shape {index.shape} and dtype {index.dtype}: expected an "
+                         "integer scalar (the position of the first new token)")
+    first = concrete_values(index)
+    if first is not None and first < 0:
+        raise ValueError(f"index={int(first)}: must be >= 0 (the position of the first new "
+                         "token)")
+    return index.astype(jnp.int32)
+
+
 def ring_positions(lengths, slots: int):
     """``[B, slots]``: the position each slot of a ring buffer holds (slot = position mod
     slots) after ``lengths [B]`` positions were written — the newest that maps to it,
@@ -154,18 +168,11 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
         raise ValueError(f"mask={mask!r:.80} reads back {mask.lookback() or 'without bound'}: "
                          f"a window cache of {slots} slots serves masks that read at most the "
                          f"{slots} most recent positions (Mask.lookback)")
-    index = jnp.asarray(index)
-    if index.ndim != 0 or not jnp.issubdtype(index.dtype, jnp.integer):
-        raise ValueError(f"index of shape {index.shape} and dtype {index.dtype}: expected an "
-                         "integer scalar (the position of the first new token)")
-    first = concrete_values(index)
-    if first is not None and first < 0:
-        raise ValueError(f"index={int(first)}: must be >= 0 (the position of the first new "
-                         "token)")
+    index = checked_first_position(index)
     lengths = checked_cache_lengths(index + new, batch, new, None)
     k_new, v_new = (x.swapaxes(1, 2).astype(k_cache.dtype) for x in (k_new, v_new))
     if new == 1:
-        at = (0, 0, index.astype(jnp.int32) % slots, 0)
+        at = (0, 0, index % slots, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, at)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, at)
         out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, scale=scale,
@@ -179,7 +186,7 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     scale = head_dim**-0.5 if scale is None else scale
     out = xla_attention(q, keys, values, allowed, scale, logits_soft_cap, kv_heads_first=True)
     keep = min(new, slots)  # the last `keep` new positions, each into its slot
-    kept = (index.astype(jnp.int32) + new - keep + jnp.arange(keep)) % slots
+    kept = (index + new - keep + jnp.arange(keep)) % slots
     k_cache = k_cache.at[:, :, kept].set(k_new[:, :, new - keep:])
     v_cache = v_cache.at[:, :, kept].set(v_new[:, :, new - keep:])
     return out, k_cache, v_cache
