@@ -3,6 +3,8 @@ equal to gathering every row (values and gradients of scores and table, repeated
 slots, widths around its 16-float vectors), bitwise repeatable, the CPU default for float32
 only, absent from accelerator programs, and refusing slots outside the table."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,9 +90,13 @@ def test_bad_requests_are_named():
         memory_read(scores, chosen, values.astype(jnp.bfloat16), implementation="native")
     with pytest.raises(ValueError, match="implementation='fast'"):
         memory_read(scores, chosen, values, implementation="fast")
+    bad = chosen.at[0, 0, 0].set(10)
+    # concrete slots are checked before any kernel runs; traced ones by the kernel itself
+    with pytest.raises(ValueError, match=r"slots holds 10: must be in \[0, 10\)"):
+        memory_read(scores, bad, values, implementation="native")
     with pytest.raises(Exception, match=r"slot index 10 outside the table's 10 rows"):
-        jax.block_until_ready(memory_read(scores, chosen.at[0, 0, 0].set(10), values,
-                                          implementation="native"))
+        jax.block_until_ready(jax.jit(functools.partial(memory_read, implementation="native"))(
+            scores, bad, values))
 
 
 def test_without_the_kernel_the_default_falls_back_and_explicit_native_errors():
