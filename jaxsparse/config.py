@@ -555,56 +555,51 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
            f"[0, model.n_layers={m.n_layers})")
 
 
-def _validate_expert_axis(m: ModelConfig, mesh: MeshConfig) -> None:
-    if mesh.expert in (1, -1):
-        return
-    _check(m.moe_experts > 0, f"mesh.expert={mesh.expert} needs MoE layers (model.moe_experts > 0)")
-    _check(m.moe_experts % mesh.expert == 0,
-           f"mesh.expert={mesh.expert} must divide model.moe_experts={m.moe_experts}")
-
-
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 ATTENTION_MODELS = ("transformer", "routing_transformer", "hydra")
 
 
-def _validate_mesh(m: ModelConfig, d: DataConfig, mesh: MeshConfig) -> None:
+def check_mesh_sizes(m: ModelConfig, d: DataConfig, preset_name: str,
+                     sizes: dict[str, int]) -> None:
+    """Refuse mesh axis ``sizes`` that the sharding preset or the model cannot use. Run twice
+    on one code path: by :func:`validate` on the configured sizes, where a -1 axis is not
+    known yet and passes, and by :func:`jaxsparse.parallel.mesh.check_mesh` on the sizes
+    resolved for the devices."""
     from jaxsparse.parallel.rules import PRESETS
 
-    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
-    for axis, size in sizes.items():
-        _check(size >= 1 or size == -1, f"mesh.{axis}={size}: must be >= 1, or -1 for 'the rest'")
-    _check(list(sizes.values()).count(-1) <= 1,
-           f"mesh: at most one axis may be -1, got {sizes}")
-    _check(mesh.preset in PRESETS,
-           f"mesh.preset={mesh.preset!r}: allowed {', '.join(PRESETS)}")
-    preset = PRESETS[mesh.preset]
+    _check(preset_name in PRESETS, f"mesh.preset={preset_name!r}: allowed {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
     for axis, size in sizes.items():
         _check(size == 1 or axis in preset.axes,
-               f"mesh.{axis}={size}: sharding preset {mesh.preset!r} does not use the {axis} "
+               f"mesh.{axis}={size}: sharding preset {preset_name!r} does not use the {axis} "
                f"axis (it uses {', '.join(preset.axes)}); set mesh.{axis}=1 or pick a preset "
                "that uses it (`jaxsparse configs --sharding NAME` shows one)")
-    if "expert" in preset.axes and mesh.preset != "full":
+    if "expert" in preset.axes and preset_name != "full":
         _check(m.moe_experts > 0,
-               f"mesh.preset={mesh.preset!r} splits MoE experts over the expert axis, but this "
+               f"mesh.preset={preset_name!r} splits MoE experts over the expert axis, but this "
                f"{m.name} model has no MoE layers (model.moe_experts=0); use a preset without "
                "expert parallelism")
-    _validate_expert_axis(m, mesh)
-    if mesh.tensor not in (1, -1) and m.name in ATTENTION_MODELS:
+    # a -1 axis (in validate, before the device count is known) passes as 1
+    expert, sequence, tensor = (max(sizes[axis], 1) for axis in ("expert", "sequence", "tensor"))
+    if expert > 1:
+        _check(m.moe_experts > 0, f"mesh.expert={expert} needs MoE layers (model.moe_experts > 0)")
+        _check(m.moe_experts % expert == 0,
+               f"mesh.expert={expert} must divide model.moe_experts={m.moe_experts}")
+    if tensor > 1 and m.name in ATTENTION_MODELS:
         for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
-            _check(heads % mesh.tensor == 0,
-                   f"mesh.tensor={mesh.tensor} must divide {key}={heads}: tensor parallelism "
+            _check(heads % tensor == 0,
+                   f"mesh.tensor={tensor} must divide {key}={heads}: tensor parallelism "
                    "splits attention heads")
-    if mesh.tensor not in (1, -1) and m.name == "mamba2":
+    if tensor > 1 and m.name == "mamba2":
         # Mamba-2's heads and B/C groups are split over the tensor axis; an uneven split
         # reaches the native kernel's partitioning rule, which JAX cannot hand an uneven one
         for key, size in (("SSM heads (model.expand * model.d_model / model.ssm_head_dim)",
                            mamba2_heads(m)), ("model.ssm_groups", m.ssm_groups)):
-            _check(size == 1 or size % mesh.tensor == 0,
-                   f"mesh.tensor={mesh.tensor} must divide the {size} {key}")
-    if mesh.sequence not in (1, -1):
-        _check(d.seq_len % mesh.sequence == 0,
-               f"mesh.sequence={mesh.sequence} must divide data.seq_len={d.seq_len}: sequence "
-               "parallelism gives every shard the same number of positions")
+            _check(size == 1 or size % tensor == 0,
+                   f"mesh.tensor={tensor} must divide the {size} {key}")
+    _check(d.seq_len % sequence == 0,
+           f"mesh.sequence={sequence} must divide data.seq_len={d.seq_len}: sequence "
+           "parallelism gives every shard the same number of positions")
 
 
 def _validate_synthetic_sizes(m: ModelConfig, d: DataConfig) -> None:
@@ -732,7 +727,9 @@ def validate(cfg: Config) -> Config:
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     _check(o.grad_clip > 0, f"optimizer.grad_clip={o.grad_clip}: must be > 0")
     _check(o.memory_values_lr > 0, f"optimizer.memory_values_lr={o.memory_values_lr}: must be > 0")
-    _validate_mesh(m, d, mesh)
+    from jaxsparse.parallel.mesh import axis_sizes
+
+    check_mesh_sizes(m, d, mesh.preset, axis_sizes(mesh))
     _check(e.temperature >= 0, f"eval.temperature={e.temperature}: must be >= 0")
     _check(0 <= e.top_k <= m.vocab_size,
            f"eval.top_k={e.top_k}: must be in [0, model.vocab_size={m.vocab_size}] (0: the "

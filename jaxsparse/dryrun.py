@@ -111,10 +111,12 @@ def dry_run(cfg: Config, *, compile: bool = True) -> dict:
     """Build the abstract train state of ``cfg`` on the current devices' mesh and lower (and
     optionally compile) one training step. Nothing of the model's size is allocated."""
     from jaxsparse.models import count_params
-    from jaxsparse.parallel import make_mesh
+    from jaxsparse.parallel import check_batch_split, make_mesh
+    from jaxsparse.parallel.mesh import check_mesh
     from jaxsparse.train.state import TrainSetup
     from jaxsparse.train.step import make_train_step
 
+    check_batch_split(cfg, check_mesh(cfg, jax.device_count()))  # by name, not in XLA
     mesh = make_mesh(cfg.mesh)
     setup = TrainSetup(cfg, mesh)
     state = setup.abstract_state
@@ -159,14 +161,15 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
 
     from jaxsparse import configs
     from jaxsparse.config import ConfigError, apply_overrides, validate
-    from jaxsparse.parallel import check_batch_split, mesh_shape
+    from jaxsparse.parallel import check_batch_split
+    from jaxsparse.parallel.mesh import check_mesh
 
     # bad input fails here, with the config's own message, not in the child's traceback
     if not 1 <= devices <= MAX_EMULATED_DEVICES:
         raise ConfigError(f"{devices} emulated devices: must be in [1, {MAX_EMULATED_DEVICES}] "
                           "(all emulated on this one host)")
     cfg = validate(apply_overrides(configs.get(config), overrides))
-    check_batch_split(cfg, mesh_shape(cfg.mesh, devices))
+    check_batch_split(cfg, check_mesh(cfg, devices))
     code = (
         "import json, sys; from jaxsparse import configs; from jaxsparse.config import "
         "apply_overrides, validate; from jaxsparse.dryrun import dry_run; "

@@ -370,3 +370,85 @@ def test_emulated_devices_env_keeps_other_xla_flags_and_replaces_the_count():
                                         "--xla_force_host_platform_device_count=8"]
     assert env["JAX_PLATFORMS"] == "cpu" and env["HOME"] == "/h"
     assert emulated_devices_env(1, {})["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+
+
+@pytest.mark.parametrize("mesh, fragment", [
+    (dict(data=-1, fsdp=-1), "mesh: at most one axis may be -1"),
+    (dict(data=-2, fsdp=-4), "mesh.data=-2: must be >= 1, or -1 for 'the rest'"),
+    (dict(data=0), "mesh.data=0: must be >= 1, or -1 for 'the rest'"),
+    (dict(data=2.0, fsdp=4), "mesh.data=2.0: must be an integer (>= 1, or -1 for 'the rest'), "
+                             "not float"),
+    (dict(data=-1, tensor=True), "mesh.tensor=True: must be an integer"),
+])
+def test_mesh_shape_and_make_mesh_refuse_bad_axis_sizes_by_name(mesh, fragment):
+    """The public helpers check what validate() checks: a MeshConfig built in Python (never
+    validated) gets the same ConfigError, not a silent product of 64 or a numpy error."""
+    import jax
+
+    from jaxsparse.config import ConfigError, MeshConfig
+    from jaxsparse.parallel import make_mesh, mesh_shape
+
+    with pytest.raises(ConfigError) as err:
+        mesh_shape(MeshConfig(**mesh), 8)
+    assert fragment in str(err.value)
+    with pytest.raises(ConfigError, match="mesh"):
+        make_mesh(MeshConfig(**mesh), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("config, overrides, devices, fragment", [
+    ("mamba2_tiny", ["mesh.tensor=-1", "model.d_model=32"], 4,
+     "mesh.tensor=4 must divide the 2 SSM heads"),
+    ("moe_tiny", ["mesh.expert=-1", "model.moe_experts=4"], 8,
+     "mesh.expert=8 must divide model.moe_experts=4"),
+    ("transformer_tiny", ["mesh.expert=-1"], 4, "mesh.expert=4 needs MoE layers"),
+    ("transformer_tiny", ["mesh.sequence=-1"], 3, "mesh.sequence=3 must divide data.seq_len=128"),
+    ("transformer_tiny", ["mesh.tensor=-1", "model.n_kv_heads=2"], 4,
+     "mesh.tensor=4 must divide model.n_kv_heads=2"),
+    ("transformer_tiny", ["mesh.preset=fsdp", "mesh.fsdp=-1"], 3,
+     "data.batch_size=32 is not divisible by the data-parallel size 3"),
+])
+def test_a_minus_one_axis_gets_the_config_checks_once_resolved(config, overrides, devices,
+                                                               fragment):
+    """validate() cannot know the size of a -1 axis; check_mesh runs the very same checks on
+    the size it resolves to (train, load and the dry run call it before building anything),
+    naming the -1 it came from."""
+    from jaxsparse import configs
+    from jaxsparse.config import ConfigError, apply_overrides, validate
+    from jaxsparse.parallel import check_batch_split
+    from jaxsparse.parallel.mesh import check_mesh
+
+    cfg = validate(apply_overrides(configs.get(config), ["mesh.data=1", *overrides]))
+    with pytest.raises(ConfigError) as err:
+        check_batch_split(cfg, check_mesh(cfg, devices))
+    assert fragment in str(err.value)
+    if "data.batch_size" not in fragment:
+        assert "=-1 is " in str(err.value) and f"the rest of {devices} devices" in str(err.value)
+    # the same axes resolved to sizes that fit are accepted
+    assert check_mesh(cfg, 1) == dict.fromkeys(("data", "fsdp", "expert", "sequence", "tensor"), 1)
+
+
+MINUS_ONE_EXPERT_AXIS = r"""
+import json, os, jax
+from helpers import TINY
+from jaxsparse import configs
+from jaxsparse.config import ConfigError, apply_overrides
+from jaxsparse.train import train
+workdir = os.environ["WORKDIR"]
+cfg = apply_overrides(configs.get("moe_tiny"), TINY + ["model.moe_experts=4", "mesh.data=1",
+                                                       "mesh.expert=-1"])
+try:
+    train(cfg, workdir, sample=False, quiet=True)
+    error = None
+except ConfigError as err:
+    error = str(err)
+print(json.dumps({"error": error, "workdir_exists": os.path.exists(workdir)}))
+"""
+
+
+def test_train_refuses_a_minus_one_expert_axis_the_experts_cannot_split_before_the_workdir(
+        tmp_path):
+    """8 devices, 4 experts, mesh.expert=-1: refused by name before config.json and
+    checkpoints/ are written (it was a ValueError from the MoE layer after)."""
+    out = run_python(MINUS_ONE_EXPERT_AXIS, devices=8, env={"WORKDIR": str(tmp_path / "run")})
+    assert "mesh.expert=8 must divide model.moe_experts=4" in out["error"]
+    assert not out["workdir_exists"]

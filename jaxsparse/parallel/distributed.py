@@ -29,9 +29,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+        num_processes = _environment_int("JAX_NUM_PROCESSES", 1)
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
+        process_id = _environment_int("JAX_PROCESS_ID", 0, below=num_processes)
     _check_flags(coordinator_address, num_processes, process_id)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -44,6 +44,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                           "--coordinator HOST:PORT --num-processes N --process-id I (or "
                           f"{', '.join(ENVIRONMENT)})") from None
     _initialized = True
+
+
+def _environment_int(name: str, minimum: int, below: int | None = None) -> int:
+    """The integer in environment variable ``name``, or a ConfigError naming the variable
+    (int() alone would end the command in a traceback)."""
+    text = os.environ[name]
+    allowed = f"an integer >= {minimum}" + (
+        "" if below is None else f" and < the number of processes ({below})")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (below is not None and value >= below):
+        raise ConfigError(f"{name}={text!r}: must be {allowed}")
+    return value
 
 
 def _check_flags(coordinator_address, num_processes, process_id) -> None:

@@ -6,16 +6,35 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxsparse.config import Config, ConfigError, MeshConfig
+from jaxsparse.config import Config, ConfigError, MeshConfig, check_mesh_sizes
 
 # Outermost to innermost: neighbouring devices (the fastest links) share the tensor axis, then
 # the sequence axis (its ring exchange talks only to neighbours).
 AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
+def axis_sizes(mesh_cfg: MeshConfig) -> dict[str, int]:
+    """The configured size of every axis, each an integer >= 1 or -1 ("the rest"), at most one
+    -1; anything else is a ConfigError naming the axis."""
+    sizes = {}
+    for axis in AXES:
+        size = getattr(mesh_cfg, axis)
+        # bool is an int to Python, and a float or a string would fail later in numpy
+        if isinstance(size, bool) or not isinstance(size, int | np.integer):
+            raise ConfigError(f"mesh.{axis}={size!r}: must be an integer (>= 1, or -1 for "
+                              f"'the rest'), not {type(size).__name__}")
+        if size < 1 and size != -1:
+            raise ConfigError(f"mesh.{axis}={size}: must be >= 1, or -1 for 'the rest'")
+        sizes[axis] = int(size)
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+    return sizes
+
+
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Resolve the ``-1`` axis and check that the sizes multiply to ``num_devices``."""
-    sizes = {axis: getattr(mesh_cfg, axis) for axis in AXES}
+    """Check the axis sizes (:func:`axis_sizes`), resolve the ``-1`` axis and check that the
+    sizes multiply to ``num_devices``."""
+    sizes = axis_sizes(mesh_cfg)
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     if -1 in sizes.values():
         if num_devices % fixed:
@@ -29,6 +48,22 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
             f"mesh {sizes} needs {fixed} devices but {num_devices} are available; "
             "set one axis to -1 to absorb the rest"
         )
+    return sizes
+
+
+def check_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
+    """:func:`mesh_shape` of ``cfg.mesh`` on ``num_devices``, then the config's mesh checks
+    (:func:`jaxsparse.config.check_mesh_sizes`) on the resolved sizes: ``validate`` cannot
+    check the size of a ``-1`` axis, which is only known here."""
+    sizes = mesh_shape(cfg.mesh, num_devices)
+    try:
+        check_mesh_sizes(cfg.model, cfg.data, cfg.mesh.preset, sizes)
+    except ConfigError as err:
+        rest = [a for a in AXES if getattr(cfg.mesh, a) == -1]
+        if not rest:
+            raise
+        raise ConfigError(f"{err}; here mesh.{rest[0]}=-1 is {sizes[rest[0]]}, the rest of "
+                          f"{num_devices} devices") from None
     return sizes
 
 

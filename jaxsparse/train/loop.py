@@ -23,7 +23,8 @@ from jaxsparse.config_usage import model_differences
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import NonFiniteTraining, ScheduleChangeWarning
 from jaxsparse.models.curriculum import stage_at, stages
-from jaxsparse.parallel import check_batch_split, make_mesh, mesh_shape
+from jaxsparse.parallel import check_batch_split, make_mesh
+from jaxsparse.parallel.mesh import check_mesh
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
@@ -192,9 +193,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     primary = jax.process_index() == 0
     log = (lambda *a: None) if quiet or not primary else (lambda *a: print(*a, flush=True))
 
-    mesh_shape(cfg.mesh, jax.device_count())  # raises a ConfigError naming the mesh
+    # a ConfigError naming the mesh, before the workdir is touched
+    check_batch_split(cfg, check_mesh(cfg, jax.device_count()), jax.process_count())
     mesh = make_mesh(cfg.mesh)
-    check_batch_split(cfg, dict(mesh.shape), jax.process_count())
     check_workdir(cfg, workdir)
     stream = make_stream(cfg, Shard(jax.process_index(), jax.process_count()))
     setup = TrainSetup(cfg, mesh)
@@ -426,7 +427,7 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
         mesh, devices = MeshConfig(), jax.devices()[:1]
     devices = jax.devices() if devices is None else devices
     cfg = validate(dataclasses.replace(cfg, mesh=mesh))
-    mesh_shape(cfg.mesh, len(devices))  # raises a ConfigError naming the mesh
+    check_mesh(cfg, len(devices))  # raises a ConfigError naming the mesh
     setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
     state = ckpt.restore(setup.abstract_state, latest)
     ckpt.close()
