@@ -30,13 +30,21 @@ def stored(cache: jax.Array) -> jax.Array:
     return cache.reshape(tuple(n for n in cache.shape if n != 1))
 
 
-def viewed(cache: jax.Array, *leading: int) -> jax.Array:
-    """The full-rank view of a stored cache whose axes are ``leading`` and then one more,
-    the number of slots, worked out from its size: ``viewed(k, batch, heads, None, head_dim)``
-    gives ``[batch, heads, slots, head_dim]`` (``None`` marks the slots axis)."""
+def viewed(cache: jax.Array, *leading: int | None, name: str = "cache") -> jax.Array:
+    """The full-rank view of a stored cache whose axes are ``leading``, ``None`` marking the
+    slots axis, whose size is worked out from the cache's: ``viewed(k, batch, heads, None,
+    head_dim)`` gives ``[batch, heads, slots, head_dim]``. A cache of any other shape (one
+    made for another batch size, say) is refused by ``name``: reshaped, it would silently
+    mix rows and slots."""
     known = math.prod(n for n in leading if n is not None)
     slots = cache.size // known if known else 0
-    return cache.reshape(tuple(slots if n is None else n for n in leading))
+    full = tuple(slots if n is None else n for n in leading)
+    if tuple(cache.shape) not in (full, tuple(n for n in full if n != 1)):
+        axes = ", ".join("slots" if n is None else str(n) for n in leading)
+        raise ValueError(f"{name} of shape {tuple(cache.shape)}: expected [{axes}] (maybe "
+                         "without its size-1 axes), the layout init_cache gives for this "
+                         "input; was the cache made for another batch size?")
+    return cache.reshape(full)
 
 
 __all__ = ["stored", "viewed"]

@@ -8,10 +8,23 @@ import numpy as np
 
 from jaxsparse.ops.attention.api import (check_attention_inputs, lazy_mask,
                                          static_logit_options)
+from jaxsparse.ops.attention.decode_blocks import KEY_BLOCK, written_blocks_attention
 from jaxsparse.ops.attention.reference import xla_attention
 from jaxsparse.ops.checks import is_integer
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.masks import Mask, MultiHeadMask
+
+
+# A cache of at least this many slots (and no ring buffer) is read only as far as it is
+# written while that is at most half of it; smaller caches are read whole (with 1000 slots,
+# 300 written, the blocks took ~1.9x the dense pass: too few keys to skip).
+READ_WRITTEN_FROM_SLOTS = 8 * KEY_BLOCK
+
+
+def reads_written_part(slots: int) -> bool:
+    """Whether ``decode_attention`` may read a cache of ``slots`` positions (no ring buffer)
+    only as far as it is written."""
+    return slots >= READ_WRITTEN_FROM_SLOTS
 
 
 def checked_cache_lengths(lengths, batch: int, new: int, slots: int | None):
@@ -86,7 +99,8 @@ def _seq_first(cache):
 
 def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = None,
                      scale: float | None = None, logits_soft_cap: float | None = None,
-                     window: int | None = None, heads_first: bool = False):
+                     window: int | None = None, heads_first: bool = False,
+                     written_only: bool | None = None):
     """Queries ``q [B, L, Hq, D]`` at positions ``lengths - L ... lengths - 1`` attend to
     cache slots ``[B, C, Hkv, D]`` holding positions ``0 .. lengths - 1``.
 
@@ -102,9 +116,19 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     or its spec string)
     is applied on top of causality; masks whose pattern depends on the sequence length
     (BigBird) are evaluated for a sequence of ``C`` positions.
+
+    Without ``window``, a cache of at least ``READ_WRITTEN_FROM_SLOTS`` slots that is at most
+    half written is read only as far as it is written, a block of keys at a time
+    (``decode_blocks``): a long cache decoding a short context does not pay for its empty
+    slots. The choice is made on the values of ``lengths`` (by ``lax.cond`` when traced);
+    ``written_only=True`` or ``False`` makes it instead (True: not with ``window``).
     """
     if not isinstance(heads_first, bool):
         raise ValueError(f"heads_first={heads_first!r}: must be True or False")
+    if written_only not in (None, True, False) or (written_only and window is not None):
+        raise ValueError(f"written_only={written_only!r}: must be None (decide by the lengths), "
+                         "True or False; True reads a cache of positions 0.., not a ring "
+                         "buffer (window)")
     if heads_first:  # checked in the [B, C, Hkv, D] order the messages speak of
         check_attention_inputs(q, _seq_first(k_cache), _seq_first(v_cache),
                                names=("q", "k_cache.swapaxes(1, 2)", "v_cache.swapaxes(1, 2)"))
@@ -123,15 +147,76 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     if isinstance(mask, MultiHeadMask) and mask.num_heads != q_heads:
         raise ValueError(f"mask has {mask.num_heads} heads; q has {q_heads}")
     q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
-    slot = jnp.arange(slots)[None, :]
-    if window is None:
-        kv_pos = jnp.broadcast_to(slot, (batch, slots))
-    else:
-        kv_pos = ring_positions(lengths, slots)
-    allowed = allowed_at(q_pos, kv_pos, mask, window, slots)
     scale = head_dim**-0.5 if scale is None else scale
-    return xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed,
-                         scale, logits_soft_cap, kv_heads_first=heads_first)
+    k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+
+    def every_slot():
+        slot = jnp.arange(slots)[None, :]
+        if window is None:
+            kv_pos = jnp.broadcast_to(slot, (batch, slots))
+        else:
+            kv_pos = ring_positions(lengths, slots)
+        allowed = allowed_at(q_pos, kv_pos, mask, window, slots)
+        return xla_attention(q, k_cache, v_cache, allowed, scale, logits_soft_cap,
+                             kv_heads_first=heads_first)
+
+    if written_only is False or (written_only is None and (
+            window is not None or not reads_written_part(slots))):
+        return every_slot()
+
+    def written_slots():
+        return written_blocks_attention(
+            q, k_cache, v_cache, q_pos, lambda q_pos, kv_pos: allowed_at(
+                q_pos, kv_pos, mask, None, slots), scale, logits_soft_cap,
+            kv_heads_first=heads_first)
+
+    if written_only:
+        return written_slots()
+    # reading block by block pays while at most half the cache is written (decode_blocks)
+    mostly_empty = 2 * jnp.max(lengths) <= slots
+    known = concrete_values(mostly_empty)
+    if known is not None:
+        return written_slots() if known else every_slot()
+    return jax.lax.cond(mostly_empty, written_slots, every_slot)
+
+
+def _checked_heads_first_caches(k_cache, v_cache, k_new) -> int:
+    """The slot count of heads-first caches ``[B, Hkv, slots, D]`` that must match the new
+    keys ``k_new [B, L, Hkv, D]``; a clear error otherwise."""
+    batch, _, kv_heads, head_dim = k_new.shape
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape or \
+            k_cache.shape[:2] != (batch, kv_heads) or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache{tuple(k_cache.shape)} and v_cache{tuple(v_cache.shape)} must "
+                         f"both be [batch={batch}, kv_heads={kv_heads}, slots, "
+                         f"head_dim={head_dim}]")
+    return k_cache.shape[2]
+
+
+def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
+                      mask: Mask | str | None = None, scale: float | None = None,
+                      logits_soft_cap: float | None = None):
+    """Decode ``L`` new tokens at positions ``index .. index + L - 1`` against a cache of
+    every position: ``k_cache, v_cache [B, Hkv, C, D]`` (heads first, slot = position)
+    holding positions ``0 .. index - 1``. The new keys and values are written into their
+    slots, then the queries read every slot up to their own position (causal, and ``mask``
+    on top, as ``decode_attention``). ``q [B, L, Hq, D]``, ``k_new, v_new [B, L, Hkv, D]``;
+    returns ``(out [B, L, Hq, D], k_cache, v_cache)``.
+
+    A concrete ``index`` is checked against the ``C`` slots; a traced one cannot be, and
+    positions past the cache would be clamped by ``dynamic_update_slice`` — the caller sizes
+    the cache (``generate`` allocates the prompt plus the new tokens)."""
+    check_attention_inputs(q, k_new, v_new, names=("q", "k_new", "v_new"))
+    new = q.shape[1]
+    slots = _checked_heads_first_caches(k_cache, v_cache, k_new)
+    index = checked_first_position(index)
+    lengths = checked_cache_lengths(index + new, q.shape[0], new, slots)
+    at = (0, 0, index, 0)
+    k_cache, v_cache = (jax.lax.dynamic_update_slice(cache, x.swapaxes(1, 2).astype(cache.dtype),
+                                                     at)
+                        for cache, x in ((k_cache, k_new), (v_cache, v_new)))
+    out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, scale=scale,
+                           logits_soft_cap=logits_soft_cap, heads_first=True)
+    return out, k_cache, v_cache
 
 
 def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
@@ -152,13 +237,7 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     check_attention_inputs(q, k_new, v_new, names=("q", "k_new", "v_new"))
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     batch, new, q_heads, head_dim = q.shape
-    kv_heads = k_new.shape[2]
-    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape or \
-            k_cache.shape[:2] != (batch, kv_heads) or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache{tuple(k_cache.shape)} and v_cache{tuple(v_cache.shape)} must "
-                         f"both be [batch={batch}, kv_heads={kv_heads}, slots, "
-                         f"head_dim={head_dim}]")
-    slots = k_cache.shape[2]
+    slots = _checked_heads_first_caches(k_cache, v_cache, k_new)
     mask = lazy_mask(mask, q_heads)
     if not isinstance(mask, Mask):
         raise TypeError(f"mask={mask!r:.80}: expected a Mask or a mask spec string")
@@ -192,4 +271,4 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     return out, k_cache, v_cache
 
 
-__all__ = ["decode_attention", "window_cache_decode"]
+__all__ = ["decode_attention", "full_cache_decode", "window_cache_decode"]

@@ -1,0 +1,158 @@
+"""Decoding from a cache of every position: the written part read block by block
+(``ops.attention.decode_blocks``) against the dense read of every slot, ``full_cache_decode``,
+and the attention layer's cache and mask handling around it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsparse.nn import Attention
+from jaxsparse.ops.attention import decode_attention, dot_product_attention, full_cache_decode
+from jaxsparse.ops.attention.decode import READ_WRITTEN_FROM_SLOTS, allowed_at
+from jaxsparse.ops.attention.decode_blocks import written_blocks_attention
+from jaxsparse.ops.masks import (BigBirdMask, CausalMask, FullMask, LocalMask, MultiHeadMask,
+                                 StridedMask)
+
+
+def rand(key, *shape):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def last_rows_of_full_attention(q, k_cache, v_cache, lengths, mask=None, cap=None):
+    """Each sequence's new rows of full causal attention over its first ``length`` keys
+    (``k_cache [B, Hkv, C, D]``), one sequence at a time: the reference."""
+    new = q.shape[1]
+    rows = []
+    for b, length in enumerate(np.asarray(lengths)):
+        keys, values = (c[b:b + 1, :, :length].swapaxes(1, 2) for c in (k_cache, v_cache))
+        queries = jnp.zeros((1, length) + q.shape[2:]).at[:, length - new:].set(q[b:b + 1])
+        full = mask & CausalMask() if mask is not None else CausalMask()
+        rows.append(dot_product_attention(queries, keys, values, mask=full, logits_soft_cap=cap,
+                                          implementation="xla")[:, length - new:])
+    return jnp.concatenate(rows)
+
+
+@pytest.mark.parametrize("lengths", [(3, 9), (700, 1033), (1100, 1040), (2100, 2050)],
+                         ids=["few", "under_half", "just_over_half", "full"])
+@pytest.mark.parametrize("heads_first", [True, False], ids=["heads_first", "seq_first"])
+def test_reading_the_written_part_equals_reading_every_slot(lengths, heads_first):
+    """A cache of 2100 slots (not a whole number of 256-key blocks), GQA, three new tokens,
+    per-sequence lengths on either side of half the cache: eager (the read chosen from the
+    values), under jit (lax.cond), and each read forced, all equal full attention."""
+    B, C, L, Hq, Hkv, D = 2, 2100, 3, 4, 2, 16
+    assert C >= READ_WRITTEN_FROM_SLOTS
+    q, k, v = rand(1, B, L, Hq, D), rand(2, B, Hkv, C, D), rand(3, B, Hkv, C, D)
+    lengths = jnp.array(lengths)
+    expected = last_rows_of_full_attention(q, k, v, lengths)
+    layout = (lambda c: c) if heads_first else (lambda c: c.swapaxes(1, 2))
+
+    def attend(lengths, written_only=None):
+        return decode_attention(q, layout(k), layout(v), lengths, heads_first=heads_first,
+                                written_only=written_only)
+
+    for out in (attend(lengths), jax.jit(attend)(lengths), attend(lengths, True),
+                attend(lengths, False)):
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask", [None, LocalMask(5, 0), StridedMask(7),
+                                  BigBirdMask(8, 1, 1, 1, seed=3),
+                                  MultiHeadMask((LocalMask(3, 0), CausalMask(),
+                                                 StridedMask(5), LocalMask(9, 0)))],
+                         ids=["causal", "local", "strided", "bigbird", "per_head"])
+def test_written_blocks_equal_full_attention_with_masks_soft_cap_and_odd_sizes(mask):
+    """Blocks of 8 over a cache of 37 slots (the last block overlaps the one before), GQA,
+    head dim 5, a soft cap, one sequence with nothing written past its third slot."""
+    B, C, L, Hq, Hkv, D = 2, 37, 2, 4, 2, 5
+    q, k, v = rand(4, B, L, Hq, D), rand(5, B, Hkv, C, D), rand(6, B, Hkv, C, D)
+    lengths = jnp.array([3, 37])
+    q_pos = lengths[:, None] - L + jnp.arange(L)[None, :]
+    out = written_blocks_attention(
+        q, k, v, q_pos, lambda q_pos, kv_pos: allowed_at(q_pos, kv_pos, mask, None, C),
+        D**-0.5, 2.0, kv_heads_first=True, block=8)
+    np.testing.assert_allclose(out, last_rows_of_full_attention(q, k, v, lengths, mask, 2.0),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_flow_through_the_written_read_under_jit():
+    """The block loop is a scan that skips unwritten blocks, not a loop with a traced trip
+    count: reverse mode works, and agrees with the dense read's gradient."""
+    B, C, Hq, Hkv, D = 1, 2048, 2, 1, 8
+    q, k, v = rand(7, B, 1, Hq, D), rand(8, B, Hkv, C, D), rand(9, B, Hkv, C, D)
+
+    def loss(q, k, lengths, written_only):
+        out = decode_attention(q, k, v, lengths, heads_first=True, written_only=written_only)
+        return jnp.sum(jnp.sin(out))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+    lengths = jnp.array([300])
+    written, every = grad(q, k, lengths, None), grad(q, k, lengths, False)
+    for a, b in zip(written, every):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(written[1][:, :, 300:])).max() == 0  # unwritten slots: no gradient
+
+
+def test_full_cache_decode_writes_and_attends():
+    """A prompt of 5 then single tokens through ``full_cache_decode`` equal full attention;
+    the cache holds each key in its position's slot."""
+    B, T, C, Hq, Hkv, D = 2, 9, 12, 4, 2, 8
+    q, k, v = rand(10, B, T, Hq, D), rand(11, B, T, Hkv, D), rand(12, B, T, Hkv, D)
+    full = dot_product_attention(q, k, v, mask=CausalMask(), implementation="xla")
+    k_cache = v_cache = jnp.zeros((B, Hkv, C, D))
+    step = jax.jit(full_cache_decode)
+    outs = []
+    for start, stop in [(0, 5), (5, 6), (6, 7), (7, 9)]:
+        out, k_cache, v_cache = step(q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                                     k_cache, v_cache, jnp.int32(start))
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(k_cache[:, :, :T], k.swapaxes(1, 2))
+
+
+def test_bad_full_cache_and_written_only_arguments_are_named():
+    q, k, cache = rand(0, 2, 3, 4, 8), rand(1, 2, 3, 2, 8), jnp.zeros((2, 2, 6, 8))
+    with pytest.raises(ValueError, match=r"lengths=\[7, 7\]: each must be in \[3, 6\]"):
+        full_cache_decode(q, k, k, cache, cache, 4)
+    with pytest.raises(ValueError, match="index=-1: must be >= 0"):
+        full_cache_decode(q, k, k, cache, cache, -1)
+    with pytest.raises(ValueError, match=r"k_cache\(2, 2, 6, 4\) and v_cache"):
+        full_cache_decode(q, k, k, jnp.zeros((2, 2, 6, 4)), cache, 0)
+    with pytest.raises(ValueError, match="written_only='yes': must be None"):
+        decode_attention(q, cache, cache, 3, heads_first=True, written_only="yes")
+    with pytest.raises(ValueError, match="written_only=True: .* not a ring buffer"):
+        decode_attention(q, cache, cache, 3, heads_first=True, window=4, written_only=True)
+
+
+@pytest.mark.parametrize("cache_batch", [1, 3, 4])
+def test_a_cache_made_for_another_batch_size_is_refused(cache_batch):
+    """Reshaped by its size, a batch-4 cache would have read as 2 sequences of 32 slots."""
+    layer = Attention(16, 2, 2, 8, rngs=nnx.Rngs(0))
+    x, positions = rand(13, 2, 1, 16), jnp.zeros((2, 1), jnp.int32)
+    layer(x, positions, cache=layer.init_cache(2, 16), cache_index=0)  # the right batch works
+    with pytest.raises(ValueError, match=r"cache\['k'\] of shape .*: expected \[2, 2, slots, 8\]"
+                       r".*another batch size"):
+        layer(x, positions, cache=layer.init_cache(cache_batch, 16), cache_index=0)
+
+
+@pytest.mark.parametrize("mask", [None, FullMask(), LocalMask(2, 2), "local:3"],
+                         ids=["none", "full", "two_sided_window", "spec"])
+def test_the_attention_layer_is_causal_whatever_its_mask(mask):
+    """A mask that reads ahead is applied on top of causality, as decoding applies it: later
+    tokens never change earlier outputs, and decoding token by token equals the full pass."""
+    layer = Attention(16, 2, 1, 8, rngs=nnx.Rngs(0), mask=mask)
+    x, positions = rand(14, 1, 12, 16), jnp.arange(12)[None]
+    y, _ = layer(x, positions)
+    changed, _ = layer(x.at[:, 6:].set(0.0), positions)
+    np.testing.assert_array_equal(y[:, :6], changed[:, :6])
+    cache, outs = layer.init_cache(1, 12), []
+    for i in range(12):
+        out, cache = layer(x[:, i:i + 1], positions[:, i:i + 1], cache=cache, cache_index=i)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_of_the_wrong_type_is_named():
+    with pytest.raises(TypeError, match="mask=5: expected a Mask, a mask spec string"):
+        Attention(16, 2, 1, 8, rngs=nnx.Rngs(0), mask=5)
