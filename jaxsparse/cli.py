@@ -162,7 +162,7 @@ def _cmd_configs(args) -> int:
 
 def _cmd_dryrun(args) -> int:
     from jaxsparse import configs
-    from jaxsparse.config import apply_overrides
+    from jaxsparse.config import MESH_AXES, apply_overrides, validate
     from jaxsparse.dryrun import format_report, mesh_overrides, run_emulated
 
     overrides, devices = list(args.set or []), args.devices
@@ -175,13 +175,18 @@ def _cmd_dryrun(args) -> int:
     if args.preset:
         overrides.append(f"mesh.preset={args.preset}")
     if devices is None:
-        # 64 emulated devices, or as many as split the config's batch (a bare
-        # `jaxsparse dryrun` of hydra_tiny's batch of 32 was refused)
-        batch = apply_overrides(configs.get(args.config), overrides).data.batch_size
-        devices = math.gcd(64, batch)
-        if devices < 64:
-            print(f"--devices {devices}: 64 emulated devices cannot split "
-                  f"data.batch_size={batch}")
+        # validated first: a bad config is the error, not the device count chosen for it
+        cfg = validate(apply_overrides(configs.get(args.config), overrides))
+        sizes = [getattr(cfg.mesh, axis) for axis in MESH_AXES]
+        if -1 not in sizes:  # the mesh names its device count
+            devices = math.prod(sizes)
+        else:
+            # 64 emulated devices, or as many as split the config's batch (a bare
+            # `jaxsparse dryrun` of hydra_tiny's batch of 32 was refused)
+            devices = math.gcd(64, cfg.data.batch_size)
+            if devices < 64:
+                print(f"--devices {devices}: 64 emulated devices cannot split "
+                      f"data.batch_size={cfg.data.batch_size}")
     report = run_emulated(args.config, devices, overrides, not args.no_compile)
     print(format_report(report))
     return 0
@@ -249,15 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "device count is their product")
     p.add_argument("--preset", help="sharding preset (jaxsparse configs --sharding NAME)")
     p.add_argument("--devices", type=int, help="emulated devices when --mesh is not given "
-                   "(default 64, or as many as split data.batch_size; with the config's own "
-                   "mesh)")
+                   "(default: the product of the config's mesh sizes, or with a -1 axis 64, "
+                   "or as many as split data.batch_size)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-compile", action="store_true", help="lower only")
     p.set_defaults(func=_cmd_dryrun)
 
-    p = sub.add_parser("bench", help="run experiments/bench/NAME.py")
-    p.add_argument("name")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    names = sorted(f.stem for f in bench_dir().glob("*.py") if not f.stem.startswith("_"))
+    p = sub.add_parser("bench", help="run experiments/bench/NAME.py",
+                       description="Run experiments/bench/NAME.py with ARGS (jaxsparse bench "
+                       "NAME --help lists its flags).")
+    p.add_argument("name", metavar="NAME", help="one of: " + ", ".join(names))
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the benchmark's own flags")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,10 +1,20 @@
+import ast
 import json
 
 import jax.numpy as jnp
 import pytest
 
 from jaxsparse.bench import markdown_table, matmul_peak_flops, time_fn, write_results
-from jaxsparse.cli import main
+from jaxsparse.bench.arguments import description
+from jaxsparse.cli import bench_dir, main
+
+BENCH_NAMES = sorted(p.stem for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def assert_only_tables(out: str) -> None:
+    """stdout holds only markdown tables (README): progress lines go to stderr."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines and all(line.startswith("|") for line in lines), out
 
 
 def test_time_fn_waits_for_results_and_reports_median():
@@ -43,7 +53,10 @@ def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):
                  "--set", "data.batch_size=4", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
     assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["ratio_to_matmul_peak"]
-    assert "ratio_to_matmul_peak" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ratio_to_matmul_peak" in captured.out
+    assert_only_tables(captured.out)
+    assert "wrote " in captured.err
     assert main(["bench", "nope"]) == 2
 
 
@@ -58,7 +71,7 @@ def test_moe_benchmark_times_every_path_forward_and_backward(tmp_path):
         assert rows[0]["speedup_vs_dense"] == 1 and all(r["ms"] > 0 for r in rows)
 
 
-def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_path):
+def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_path, capfd):
     """Re-runs itself on 4 emulated devices; the rows each path exchanges are the expected
     sizes: E x T per device and exchange for the buffers, T x k routed for the ragged path."""
     tokens, experts, k = 64, 8, 2
@@ -70,9 +83,10 @@ def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_p
     assert rows[1]["rows_sent"] == tokens * k
     assert rows[1]["rows_received_max"] >= tokens * k  # the busiest device: at least the mean
     assert rows[0]["speedup_vs_buffers"] == 1 and all(r["ms"] > 0 for r in rows)
+    assert_only_tables(capfd.readouterr().out)  # the child process's stdout too
 
 
-def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path):
+def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path, capfd):
     """Re-runs itself on 4 emulated devices; for each mask the peer comes first, auto picks
     zig-zag under the causal mask and contiguous under the window, and the critical paths are
     the schedule's: causal in halves 3 + 4*3 contiguous, 3 + 2*3 zig-zag, of 36 pairs; the
@@ -89,6 +103,9 @@ def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path):
     assert rows["causal", "ring zigzag"]["total_pairs"] == 36
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows.values())
     assert (tmp_path / "ring.png").stat().st_size > 10_000  # the work-per-step heat maps
+    captured = capfd.readouterr()
+    assert_only_tables(captured.out)  # the per-row JSON lines are progress, on stderr
+    assert '"mask": "causal"' in captured.err
 
 
 def test_ssm_benchmark_times_every_implementation_against_the_recurrence(tmp_path):
@@ -161,7 +178,7 @@ def test_attention_benchmark_runs_through_the_cli(tmp_path, capsys):
     assert "100%" not in captured.out
 
 
-def test_routing_benchmark_times_split_windows_at_the_cost_of_one_probe(tmp_path):
+def test_routing_benchmark_times_split_windows_at_the_cost_of_one_probe(tmp_path, capsys):
     """``--split``: P windows of w/P keys read as many keys per query as one probe of w."""
     assert main(["bench", "routing", "--lengths", "256", "--probes", "1", "4", "--split",
                  "--repeats", "1", "--out", str(tmp_path)]) == 0
@@ -170,9 +187,12 @@ def test_routing_benchmark_times_split_windows_at_the_cost_of_one_probe(tmp_path
     assert rows["routing (4 probes)"]["keys_per_query"] == 64
     assert rows["routing (4 probes of w/4)"]["keys_per_query"] == 16
     assert all(r["fwd_bwd_ms"] > 0 for r in rows.values())
+    captured = capsys.readouterr()
+    assert_only_tables(captured.out)
+    assert "L=   256 routing" in captured.err
 
 
-def test_routing_model_benchmark_times_full_local_and_split_routing_steps(tmp_path):
+def test_routing_model_benchmark_times_full_local_and_split_routing_steps(tmp_path, capsys):
     """Whole training steps of the routing study's model, full attention as the peer; the
     routing model reads 4 probes of w/4 keys (w = 256 // 16 = 16)."""
     assert main(["bench", "routing_model", "--lengths", "256", "--tokens", "512", "--repeats", "1",
@@ -183,6 +203,7 @@ def test_routing_model_benchmark_times_full_local_and_split_routing_steps(tmp_pa
     assert "4 probes, window 4 per probe" in rows[2]["model"]
     assert all(r["batch"] == 2 and r["step_ms"] > 0 for r in rows)
     assert rows[0]["speedup_vs_full"] == 1.0
+    assert_only_tables(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name, argv, fragment", [
@@ -208,3 +229,24 @@ def test_decode_benchmark_times_our_caches_against_the_alternatives(tmp_path):
     for r in rows:
         assert r["ours_ms"] > 0 and r["peer_ms"] > 0
         assert r["speedup"] == pytest.approx(r["peer_ms"] / r["ours_ms"])
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ssm" in BENCH_NAMES and "one of: " + ", ".join(BENCH_NAMES) in out
+
+
+@pytest.mark.parametrize("name", BENCH_NAMES)
+def test_bench_help_describes_the_benchmark_in_full_sentences(capsys, name):
+    """``jaxsparse bench NAME --help``: the docstring's whole first paragraph, not its first
+    line (which cut sentences mid-way: "...(our", "...in one run:")."""
+    doc = ast.get_docstring(ast.parse((bench_dir() / f"{name}.py").read_text()))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", name, "--help"])
+    assert exit_.value.code == 0
+    summary = description(doc)
+    assert summary.endswith(".")
+    assert summary in " ".join(capsys.readouterr().out.split())

@@ -64,10 +64,37 @@ def test_generate_checks_its_flags_before_loading(tmp_path, capsys, argv, fragme
     # 3 devices cannot split transformer_tiny's batch of 32: refused, not "compiled"
     (["--config", "transformer_tiny", "--mesh", "data=3"],
      "data.batch_size=32 is not divisible by the data-parallel size 3"),
+    # a -1 axis gets the same checks once resolved (these ended in XLA or the MoE layer)
+    (["--config", "mamba2_tiny", "--devices", "4", "--set", "mesh.data=1", "--set",
+      "mesh.tensor=-1", "--set", "model.d_model=32"], "mesh.tensor=4 must divide the 2 SSM heads"),
+    (["--config", "moe_tiny", "--devices", "16", "--set", "mesh.data=1", "--set",
+      "mesh.expert=-1"], "mesh.expert=16 must divide model.moe_experts=8"),
+    # the mesh's own device count (4), not the 32 that split the batch
+    (["--config", "transformer_tiny", "--set", "mesh.data=2", "--set", "mesh.fsdp=2",
+      "--set", "data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel "
+                                     "size 4"),
 ])
 def test_dryrun_refuses_meshes_it_cannot_emulate_or_split(capsys, argv, fragment):
     code, err = run_cli(capsys, "dryrun", *argv)
     assert code == 2 and fragment in err
+
+
+def test_dryrun_prints_no_device_note_before_an_unrelated_error(capsys):
+    """The bare dryrun's note (--devices 32: 64 emulated devices cannot split ...) came before
+    any config error; the config is now validated before a device count is chosen."""
+    code = main(["dryrun", "--preset", "bogus"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "mesh.preset='bogus': allowed" in err and "Traceback" not in err
+    assert out == ""
+
+
+def test_dryrun_of_a_mesh_without_minus_one_emulates_its_own_device_count(capsys):
+    """mesh.data=4 names 4 devices: the default is 4, not the 32 that split the batch (that
+    was refused: the mesh needs 4 devices but 32 are available)."""
+    assert main(["dryrun", "--config", "transformer_tiny", "--set", "mesh.data=4",
+                 "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "--devices" not in out and "on 4 emulated devices" in out
 
 
 def test_a_bare_dryrun_emulates_as_many_devices_as_split_the_batch(capsys):
@@ -93,6 +120,22 @@ def test_configs_refuses_an_empty_sharding_name(capsys):
 def test_multi_process_flags_are_checked(tmp_path, capsys, argv, fragment):
     code, err = run_cli(capsys, "train", "--workdir", str(tmp_path), *argv)
     assert code == 2 and fragment in err
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two': must be an integer >= 1"),
+    ({"JAX_NUM_PROCESSES": "0"}, "JAX_NUM_PROCESSES='0': must be an integer >= 1"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "first"},
+     "JAX_PROCESS_ID='first': must be an integer >= 0 and < the number of processes (2)"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "JAX_PROCESS_ID='2': must be an integer >= 0 and < the number of processes (2)"),
+])
+def test_multi_process_environment_is_checked(tmp_path, capsys, monkeypatch, env, fragment):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = run_cli(capsys, "train", "--workdir", str(tmp_path / "run"))
+    assert code == 2 and fragment in err
+    assert not (tmp_path / "run").exists()
 
 
 def _records(path):

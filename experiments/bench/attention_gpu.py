@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import CausalMask, LocalMask
 
@@ -33,7 +33,7 @@ def causal_flops(length, heads, head_dim, batch, density=0.5):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--heads", type=positive_int, default=16)
     parser.add_argument("--head-dim", type=positive_int, default=128)

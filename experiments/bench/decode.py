@@ -7,9 +7,15 @@
   slots (``window_cache_decode``, what a layer with a bounded mask keeps) against a cache of
   all ``C`` positions under the same mask;
 - ``squeezed`` (at batch 1 or with one key/value head): the heads-first cache kept without
-  its size-1 axes (``nn.cache_layout``) against the same cache with them — XLA:CPU copied
-  that one several times a step at batch 1 with several key/value heads, what the attention
-  layers now keep squeezed (with one key/value head the 4-d cache was faster: they keep it);
+  its size-1 axes (``nn.cache_layout``) against the same cache with them, both reading every
+  slot — XLA:CPU copied the 4-d one several times a step at batch 1 with several key/value
+  heads; the attention layers keep it squeezed where they read every slot (with one
+  key/value head the 4-d cache was faster: they keep it);
+- ``written 1/8``: decoding from position ``C/8`` of a cache of at least
+  ``READ_WRITTEN_FROM_SLOTS`` positions, ours reading only the written slots
+  (``decode_attention``'s choice: block by block while at most half is written, the cache
+  kept 4-d as the layers keep it then) against reading every slot as before (at batch 1 with
+  several key/value heads from the squeezed cache the layers kept);
 - ``sga W+G``: Hydra's sparse global attention (window ``W``, ``G`` global tokens) decoded
   from its two ring buffers of ``W + G`` slots (``ops.sga_rings.sga_ring_decode``, what the
   layer keeps when ``W + G`` is below the cache length) against a cache of all ``C``
@@ -33,9 +39,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_interleaved, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.ops.attention import decode_attention, window_cache_decode
+from jaxsparse.ops.attention.decode import reads_written_part
 from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.sga import sga_decode
 from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
@@ -62,8 +69,9 @@ def decode_loop(attend_and_write, first: int):
     return jax.jit(run)
 
 
-def full_cache_step(heads_first: bool, mask=None):
-    """Write at the position's slot of a cache of every position, attend over all of it."""
+def full_cache_step(heads_first: bool, mask=None, written_only: bool | None = None):
+    """Write at the position's slot of a cache of every position and attend
+    (``decode_attention``'s ``written_only``: None lets it choose how much to read)."""
 
     def attend_and_write(q, k_new, v_new, score, cache, position):
         k_cache, v_cache = cache
@@ -75,17 +83,18 @@ def full_cache_step(heads_first: bool, mask=None):
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, at)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, at)
         lengths = jnp.full((q.shape[0],), position + 1)
-        out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, heads_first=heads_first)
+        out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, heads_first=heads_first,
+                               written_only=written_only)
         return out, (k_cache, v_cache)
 
     return attend_and_write
 
 
-def squeezed_cache_step():
-    """``full_cache_step(True)`` on a cache kept without its size-1 axes (batch 1, one
-    key/value head), as the layers keep it (``nn.cache_layout``): a full-rank view for the
-    write and the attention, stored back squeezed."""
-    inner = full_cache_step(True)
+def squeezed_cache_step(written_only: bool | None = None):
+    """``full_cache_step(True, written_only=...)`` on a cache kept without its size-1 axes
+    (batch 1, one key/value head), as the layers keep it (``nn.cache_layout``): a full-rank
+    view for the write and the attention, stored back squeezed."""
+    inner = full_cache_step(True, written_only=written_only)
 
     def attend_and_write(q, k_new, v_new, score, cache, position):
         batch, _, kv_heads, dim = k_new.shape
@@ -180,7 +189,7 @@ def sga_inputs(batch, heads, kv_heads, steps, slots, window, max_global, rings: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--cache", nargs="+", type=positive_int, default=[1024, 4096],
                         help="cache positions C (the full cache's slots)")
     parser.add_argument("--heads", type=positive_int, default=8)
@@ -222,10 +231,21 @@ def main(argv=None) -> None:
                 cache_shape = (b, kv_heads, slots, HEAD_DIM)
                 q, k_new, v_new, score, cache = inputs(b, *shape, cache_shape)
                 pairs.append(("squeezed", [
-                    (decode_loop(squeezed_cache_step(), first),
+                    (decode_loop(squeezed_cache_step(written_only=False), first),
                      (q, k_new, v_new, score, tuple(stored(c) for c in cache))),
-                    (decode_loop(full_cache_step(True), first),
+                    (decode_loop(full_cache_step(True, written_only=False), first),
                      (q, k_new, v_new, score, cache))]))
+            if reads_written_part(slots):  # from position C/8: 1/8 to 1/8 + steps/C written
+                early = slots // 8
+                q, k_new, v_new, score, cache = inputs(b, *shape, (b, kv_heads, slots, HEAD_DIM))
+                before = (decode_loop(squeezed_cache_step(written_only=False), early),
+                          (q, k_new, v_new, score, tuple(stored(c) for c in cache))) \
+                    if b == 1 and kv_heads > 1 else \
+                    (decode_loop(full_cache_step(True, written_only=False), early),
+                     (q, k_new, v_new, score, cache))
+                pairs.append(("written 1/8", [
+                    (decode_loop(full_cache_step(True), early), (q, k_new, v_new, score, cache)),
+                    before]))
             if w + g + 1 < slots:  # the layer's rings are for caches longer than them
                 pairs.append((f"sga {w}+{g}", [
                     (decode_loop(sga_rings_step(w, g), first),
@@ -244,7 +264,10 @@ def main(argv=None) -> None:
              "attention). layout: ours a [B, Hkv, C, D] cache, peer [B, C, Hkv, D]. window: "
              f"a causal window of {w} keys, ours a ring buffer of {w} slots, peer a "
              "(heads-first) cache of all C positions. squeezed: ours the heads-first cache "
-             "kept without size-1 axes, peer with them. sga: Hydra's sparse global attention "
+             "kept without size-1 axes, peer with them, both reading every slot. written 1/8: "
+             "decoding from position C/8, ours reading only the written slots (a 4-d cache), "
+             "peer every slot (squeezed at batch 1 with several kv heads, as the layers kept "
+             "it). sga: Hydra's sparse global attention "
              f"(window {w}, {g} global tokens), ours its rings of {w}+{g}+1 slots, peer a cache "
              "of all C positions. Same run, interleaved, the better of two medians each.")
     write_results(args.name, rows, columns, args.out, notes)

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COLUMNS = ["path", "ms", "speedup_vs_buffers", "exchanged_rows_compiled", "rows_sent",
@@ -33,7 +33,7 @@ COLUMNS = ["path", "ms", "speedup_vs_buffers", "exchanged_rows_compiled", "rows_
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--devices", type=positive_int, default=4, help="size of the expert axis")
     parser.add_argument("--experts", type=positive_int, default=8)
     parser.add_argument("--k", type=positive_int, default=2)
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
              "worst case) and as routed (what a ragged all-to-all moves on TPU/GPU).")
     write_results("expert_parallel", rows, COLUMNS, args.out, notes)
     print(markdown_table(rows, COLUMNS))
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.nn.workspace import WorkspaceMemory
 from jaxsparse.ops.sga import sparse_global_attention
 
@@ -63,7 +63,7 @@ def workspace_cases(batch: int, length: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--lengths", nargs="+", type=positive_int, default=[4096, 8192])
     parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=5)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int, size_tuple
+from jaxsparse.bench.arguments import description, positive_int, size_tuple
 from jaxsparse.ops.diagonal_ssm import linear_scan
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -62,7 +62,7 @@ def rows_for(shape, repeats, backward):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--shapes", nargs="+", type=size_tuple, default=[(8, 4096, 512), (1, 65536, 256)],
                         help="batch x length x width")
     parser.add_argument("--repeats", type=positive_int, default=5)

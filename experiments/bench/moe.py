@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.ops.moe import (capacity_dispatch, dropless_dispatch, expert_capacity,
                                grouped_matmul, slot_positions, swiglu_experts, top_k_routing)
 
@@ -116,7 +116,7 @@ def grouped_matmul_rows(E, tokens, k, d, hidden, repeats):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--k", type=positive_int, default=2)
     parser.add_argument("--tokens", type=positive_int, default=4096)

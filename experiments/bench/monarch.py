@@ -15,13 +15,15 @@ gradients for a given output cotangent), against the dense layer's forward and `
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
 from jaxsparse.bench import cases, markdown_table, matmul_peak_flops, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.ops.monarch import (dense_flops, monarch_bytes, monarch_flops, monarch_matmul,
                                    monarch_shapes)
 
@@ -45,7 +47,7 @@ def run(widths, tokens: int, repeats: int) -> list[dict]:
     size = jnp.dtype(dtype).itemsize
     peak, bandwidth = matmul_peak_flops(2048, dtype), copy_bandwidth(dtype)
     print(f"{jax.default_backend()}: matmul peak {peak / 1e9:.0f} GFLOP/s, copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+          f"{bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
     rows = []
     for d in cases(widths, "monarch"):
         keys = jax.random.split(jax.random.key(d), 5)
@@ -77,15 +79,16 @@ def run(widths, tokens: int, repeats: int) -> list[dict]:
                        "roofline_ratio": d_bound / m_bound,
                        "monarch_gflops": work * m_flops / t / 1e9}
                 rows.append(row)
-                print(f"d={d:5d} {mode:16s} {impl:8s} dense {dense_t * 1e3:8.1f} ms  monarch "
-                      f"{t * 1e3:7.1f} ms  {row['speedup']:5.1f}x  (FLOP ratio "
-                      f"{row['flop_ratio']:.0f}x, forward roofline {row['roofline_ratio']:.1f}x)",
-                      flush=True)
+                # progress on stderr (through the bar), so stdout holds only the table
+                tqdm.write(f"d={d:5d} {mode:16s} {impl:8s} dense {dense_t * 1e3:8.1f} ms  "
+                           f"monarch {t * 1e3:7.1f} ms  {row['speedup']:5.1f}x  (FLOP ratio "
+                           f"{row['flop_ratio']:.0f}x, forward roofline "
+                           f"{row['roofline_ratio']:.1f}x)", file=sys.stderr)
     return rows, {"matmul_peak_gflops": peak / 1e9, "copy_gbps": bandwidth / 1e9}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--d", type=positive_int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--tokens", type=positive_int, default=4096)
     parser.add_argument("--repeats", type=positive_int, default=5)

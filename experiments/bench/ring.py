@@ -27,7 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-from jaxsparse.bench.arguments import positive_int
+from tqdm.auto import tqdm
+
+from jaxsparse.bench.arguments import description, positive_int
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COLUMNS = ["mask", "path", "layout", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd",
@@ -35,7 +37,7 @@ COLUMNS = ["mask", "path", "layout", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd",
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--devices", type=positive_int, default=4, help="size of the sequence axis")
     parser.add_argument("--length", type=positive_int, default=8192)
     parser.add_argument("--batch", type=positive_int, default=1)
@@ -131,7 +133,7 @@ def measure(args) -> list[dict]:
             peer = peer or row["fwd_bwd_ms"]
             row["speedup_fwd_bwd"] = peer / row["fwd_bwd_ms"]
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            tqdm.write(json.dumps(row), file=sys.stderr)  # progress: stdout holds the table
     return rows, works
 
 
@@ -155,7 +157,7 @@ def main(argv=None) -> None:
     write_results("ring", rows, COLUMNS, args.out, notes, formats)
     plot(works, Path(args.out) / "ring.png")
     print(markdown_table(rows, COLUMNS, formats))
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import CausalMask
 from jaxsparse.ops.routing import causal_routing_attention, init_centroids
@@ -74,7 +76,9 @@ def run(lengths, repeats, probes=(1,), split=False):
             rows.append({"length": length, "clusters": clusters, "window": window, "path": name,
                          "keys_per_query": keys_per_query.get(name, ""),
                          "fwd_bwd_ms": t * 1e3, "speedup_vs_dense": dense / t})
-            print(f"L={length:6d} {name:30s} {t * 1e3:9.1f} ms  {dense / t:5.2f}x", flush=True)
+            # progress on stderr (through the bar), so stdout holds only the table
+            tqdm.write(f"L={length:6d} {name:30s} {t * 1e3:9.1f} ms  {dense / t:5.2f}x",
+                       file=sys.stderr)
     return rows
 
 
@@ -100,7 +104,7 @@ def plot(rows, path: Path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--probes", type=positive_int, nargs="+", default=[1, 2],
                         help="clusters each routing query reads (one row per value)")

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from jaxsparse.bench import cases, markdown_table, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
@@ -50,13 +53,14 @@ def run(lengths, tokens: int, repeats: int, probes: int = 4) -> list[dict]:
         for label, ms in times.items():
             rows.append({"length": length, "batch": batch, "model": label, "step_ms": ms,
                          "speedup_vs_full": full / ms})
-            print(f"L={length:6d} B={batch:3d} {label[:60]:60s} {ms:9.1f} ms  {full / ms:5.2f}x",
-                  flush=True)
+            # progress on stderr (through the bar), so stdout holds only the table
+            tqdm.write(f"L={length:6d} B={batch:3d} {label[:60]:60s} {ms:9.1f} ms  "
+                       f"{full / ms:5.2f}x", file=sys.stderr)
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096, 8192, 16384])
     parser.add_argument("--tokens", type=positive_int, default=16384,
                         help="tokens per training step (batch = tokens // length, at least 1)")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_interleaved, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.ops.sga import sga_decode, sparse_global_attention
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -62,7 +62,7 @@ def decode_pair(batch, length, heads, kv_heads, dtype):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--lengths", nargs="+", type=positive_int, default=[1024, 4096])
     parser.add_argument("--heads", type=positive_int, default=8)
     parser.add_argument("--kv-heads", type=positive_int, default=2)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.bench import cases, markdown_table, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.ops.ssm import selective_scan, ssd, ssd_native, ssd_reference
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -123,7 +123,7 @@ def mamba2_rows(length, heads, head_dim, d_state, repeats, chunk, backward):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 8192, 65536])
     parser.add_argument("--batch", type=positive_int, default=1, help="Mamba-1 batch")
     parser.add_argument("--d-inner", type=positive_int, default=256)

@@ -9,13 +9,14 @@ dense float32 matmul timed in the same run (the machine's practical peak, i.e. M
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import jax
 
 from jaxsparse import configs
 from jaxsparse.bench import cases, markdown_table, matmul_peak_flops, time_fn, write_results
-from jaxsparse.bench.arguments import positive_int
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.bench.timing import compiled_flops
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import make_stream
@@ -50,7 +51,7 @@ def bench_config(name: str, overrides: list[str], repeats: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--configs", nargs="+", default=["transformer_tiny", "transformer_small"])
     parser.add_argument("--set", action="append", default=[], help="override for every config")
     parser.add_argument("--repeats", type=positive_int, default=5)
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
              f"Backend {jax.default_backend()}, {jax.device_count()} device(s).")
     json_path, md_path = write_results("train_step", rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
-    print(f"\nwrote {json_path} and {md_path}")
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,17 @@ inside XLA (``--lengths -4`` was an MLIR "invalid tensor dimension size")."""
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
+
+
+def description(doc: str | None) -> str:
+    """``description=`` for a benchmark script's parser: its docstring's first paragraph (up
+    to the first blank line) on one line -- its first line alone cut wrapped sentences
+    mid-way. A paragraph that introduces a list (ends with ``:``) ends with a full stop."""
+    paragraph = re.split(r"\n\s*\n", inspect.cleandoc(doc or ""), maxsplit=1)[0]
+    text = " ".join(paragraph.split())
+    return text[:-1] + "." if text.endswith(":") else text
 
 
 def positive_int(text: str) -> int:

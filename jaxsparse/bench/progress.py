@@ -12,7 +12,6 @@ T = TypeVar("T")
 
 
 def cases(items: Iterable[T], desc: str) -> Iterator[T]:
-    """``items`` one by one behind a tqdm bar on stderr: stdout keeps only the tables and the
-    JSON lines that other processes parse."""
+    """``items`` one by one behind a tqdm bar on stderr: stdout keeps only the tables."""
     return iter(tqdm(list(items), desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True,
                      leave=False))
