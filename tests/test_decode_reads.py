@@ -156,3 +156,11 @@ def test_the_attention_layer_is_causal_whatever_its_mask(mask):
 def test_a_mask_of_the_wrong_type_is_named():
     with pytest.raises(TypeError, match="mask=5: expected a Mask, a mask spec string"):
         Attention(16, 2, 1, 8, rngs=nnx.Rngs(0), mask=5)
+
+
+def test_attention_cache_requests_are_checked():
+    layer = Attention(16, 2, 2, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dtype='int32': a decode cache must have a floating"):
+        layer.init_cache(2, 16, jnp.int32)
+    with pytest.raises(ValueError, match="max_len=0: must be an integer >= 1"):
+        layer.init_cache(2, 0)

@@ -254,6 +254,67 @@ def test_layer_options_and_inputs_that_cannot_work_are_named():
                   **build).in_shape == (4,)
 
 
+def test_init_cache_refuses_sizes_and_dtypes_that_cannot_work(model):
+    """Checked once for every architecture: a negative or float size failed deep inside JAX,
+    batch 0 at the first decode step (numpy's "zero-size array to reduction"), and an integer
+    or bool cache silently truncated keys and values."""
+    for args, message in [((2, -4), "max_len=-4: must be an integer >= 1"),
+                          ((2, 0), "max_len=0"), ((2, 2.5), "max_len=2.5"),
+                          ((-1, 8), "batch=-1: must be an integer >= 1"), ((0, 8), "batch=0"),
+                          ((True, 8), "batch=True"),
+                          ((2, 8, jnp.int32), "dtype='int32': a decode cache must have a "
+                                              r"floating-point dtype \(e.g. float32, bfloat16\)"),
+                          ((2, 8, jnp.bool_), "dtype='bool'")]:
+        with pytest.raises(ValueError, match=message):
+            model.init_cache(*args)
+    assert model.init_cache(np.int64(2), 8, jnp.bfloat16)["index"].shape == ()
+
+
+def test_generate_names_an_empty_batch_a_bad_rng_and_takes_array_temperatures(model):
+    prompt = tokens(7, batch=1, length=5)
+    with pytest.raises(ValueError, match=r"prompt must be a non-empty \[batch, length\] array "
+                                         r"\(each >= 1\), got \(0, 5\)"):
+        generate(model, jnp.zeros((0, 5), jnp.int32), 3)
+    with pytest.raises(ValueError, match=r"rng=0: expected one PRNG key, e.g. jax.random.key"):
+        generate(model, prompt, 3, rng=0)
+    with pytest.raises(ValueError, match=r"temperature=Array\(nan, dtype=float32\): must be a "
+                                         r"finite number >= 0"):
+        generate(model, prompt, 3, temperature=jnp.float32(float("nan")))
+    rng = jax.random.key(3)
+    expected = generate(model, prompt, 3, temperature=0.5, rng=rng)
+    for temperature in (jnp.float32(0.5), np.float32(0.5)):  # a JAX array was refused
+        np.testing.assert_array_equal(
+            generate(model, prompt, 3, temperature=temperature, rng=rng), expected)
+    assert generate(model, prompt, 3, rng=jax.random.PRNGKey(3)).shape == (1, 3)  # raw keys too
+
+
+def test_layer_sizes_and_scales_are_checked_when_built():
+    """Floats and bools as sizes failed deep inside JAX or built a layer of size 1; a negative
+    init scale gave "math domain error", a NaN one NaN weights; an unknown implementation
+    failed only at the first call."""
+    from jaxsparse.nn import Embed, Linear, Mamba, MonarchLinear, RMSNorm
+
+    build = dict(rngs=nnx.Rngs(0))
+    for make, message in [
+            (lambda: RMSNorm(2.5), "dim=2.5: must be an integer >= 1"),
+            (lambda: RMSNorm(True), "dim=True: must be an integer >= 1"),
+            (lambda: Embed(2.5, 4, **build), "vocab_size=2.5: must be an integer >= 1"),
+            (lambda: Embed(True, 4, **build), "vocab_size=True"),
+            (lambda: Embed(4, 4, init_std=float("nan"), **build), "init_std=nan: must be a "
+                                                                  "finite number >= 0"),
+            (lambda: Linear(4, 4, logical_axes=("a", "b"), init_scale=-1.0, **build),
+             "init_scale=-1.0: must be a finite number >= 0"),
+            (lambda: Linear(4, 4, logical_axes=("a", "b"), init_scale=float("nan"), **build),
+             "init_scale=nan"),
+            (lambda: MonarchLinear(2.5, 16, **build), "in_shape=2.5: expected an int or a "
+                                                      "sequence of ints"),
+            (lambda: MonarchLinear(16, 16, init_scale=float("nan"), **build), "init_scale=nan"),
+            (lambda: Mamba(16, implementation="bogus", **build), "implementation='bogus': "
+                                                                 "allowed")]:
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
 def test_count_params_without_allocation():
     cfg = tiny_config().model
     built = models.build(cfg, nnx.Rngs(0))

@@ -307,6 +307,31 @@ def test_bad_moe_options_are_refused_when_the_layer_is_built():
     assert moe(jnp.ones((0, 4, 8))).shape == (0, 4, 8)  # an empty batch (dropless)
 
 
+def test_loss_weights_are_checked_when_built_and_decode_inputs_when_decoding():
+    """A NaN loss weight was accepted (and poisons the loss); a cache of another batch failed in
+    the scan's carry, and a negative index shifted the chunk boundaries silently."""
+    for options, message in [(dict(aux_weight=float("nan")), "aux_weight=nan: must be a finite "
+                                                             "number >= 0"),
+                             (dict(aux_weight=-1.0), "aux_weight=-1.0"),
+                             (dict(z_weight=float("inf")), "z_weight=inf")]:
+        with pytest.raises(ValueError, match=message):
+            MoE(8, 16, 4, 1, **options, rngs=nnx.Rngs(0))
+    moe = MoE(8, 16, 4, 1, chunk=2, rngs=nnx.Rngs(0))
+    moe.eval()
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    moe.decode(x, moe.init_cache(2), 0)  # the valid baseline
+    with pytest.raises(ValueError, match="batch=0: must be an integer >= 1"):
+        moe.init_cache(0)
+    for batch in (1, 3):
+        with pytest.raises(ValueError, match=rf"cache\['sum'\] of shape \({batch}, 8\): made "
+                                             r"for another batch size than the input's 2"):
+            moe.decode(x, moe.init_cache(batch), 0)
+    for index, message in [(-3, "cache_index: index=-3: must be >= 0"),
+                           (1.5, r"cache_index: index of shape \(\) and dtype float32")]:
+        with pytest.raises(ValueError, match=message):
+            moe.decode(x, moe.init_cache(2), index)
+
+
 @pytest.mark.parametrize("extra", [
     pytest.param([], id="dropless"),
     pytest.param(["model.moe_capacity_factor=1.0", "model.moe_jitter=0.01"], id="capacity",

@@ -321,6 +321,39 @@ def test_bad_routing_layer_options_are_refused_when_built_and_decoding_past_the_
                      cache_index=3)
 
 
+def test_routing_layer_options_are_checked_when_built_and_decode_inputs_when_decoding():
+    """Options that failed at the first call (rope_theta=0), deep inside JAX (routing_heads=1.5)
+    or never (commitment=nan); decode inputs that failed inside dynamic_update_slice or with
+    "NoneType + int"."""
+    def layer(**kw):  # the sizes of the layers above: nothing new to compile
+        options = dict(routing_heads=1, num_clusters=4, window=3, local_window=4)
+        return RoutingAttention(32, 2, 8, rngs=nnx.Rngs(0), **{**options, **kw})
+
+    for kw, message in [(dict(routing_heads=1.5), r"routing_heads=1.5: must be an integer in "
+                                                  r"\[1, n_heads=2\]"),
+                        (dict(rope_theta=0.0), "rope_theta=0.0: must be a finite number > 0"),
+                        (dict(commitment=float("nan")), "commitment=nan: must be a finite "
+                                                        "number >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            layer(**kw)
+    attention = layer()
+    attention.eval()
+    with pytest.raises(ValueError, match="dtype='int32': a decode cache must have a floating"):
+        attention.init_cache(1, 4, jnp.int32)
+    x = jax.random.normal(jax.random.key(2), (2, 1, 32))
+    positions = jnp.zeros((2, 1), jnp.int32)
+    cache = attention.init_cache(2, 4)
+    attention(x, positions, cache=cache, cache_index=0)  # the valid baseline
+    for index, message in [(1.0, r"cache_index: index of shape \(\) and dtype float32"),
+                           (jnp.array([0, 0]), r"cache_index: index of shape \(2,\)"),
+                           (None, "cache_index=None: decoding with a cache needs")]:
+        with pytest.raises(ValueError, match=message):
+            attention(x, positions, cache=cache, cache_index=index)
+    with pytest.raises(ValueError, match=r"cache\['k'\] of shape \(1, 4, 2, 8\): made for "
+                                         r"another batch size than the input's 2"):
+        attention(x, positions, cache=attention.init_cache(1, 4), cache_index=0)
+
+
 def test_restoring_a_checkpoint_without_centroids_names_them(tmp_path):
     from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
     from jaxsparse.train.state import TrainSetup

@@ -368,3 +368,34 @@ def test_the_layer_keeps_one_sequence_without_size_one_axes(max_len):
         pieces.append(out)
     got = jnp.concatenate(pieces, 1)
     np.testing.assert_allclose(got, full[:, :got.shape[1]], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("max_len", [12, 7])  # rings (4 + 2 + 1 < 12); a cache of every position
+def test_the_layer_refuses_bad_caches_and_decode_inputs(max_len):
+    """An integer cache truncated the rings' keys and values (decoding went 1.8 off); a bad
+    index or a cache of another batch size failed inside dynamic_update_slice."""
+    from flax import nnx
+
+    from jaxsparse.nn.sga import SparseGlobalAttention
+    layer = SparseGlobalAttention(16, 2, 1, 8, window=4, max_global=2, rngs=nnx.Rngs(0))
+    for args, message in [((2, max_len, jnp.int32), "dtype='int32': a decode cache must have "
+                                                    "a floating-point dtype"),
+                          ((2, max_len, jnp.bool_), "dtype='bool'"),
+                          ((0, max_len), "batch=0: must be an integer >= 1"),
+                          ((2, 2.5), "max_len=2.5: must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            layer.init_cache(*args)
+    x = jax.random.normal(jax.random.key(17), (2, 3, 16))
+    positions = jnp.broadcast_to(jnp.arange(3), (2, 3))
+    cache = layer.init_cache(2, max_len)
+    layer(x, positions, cache=cache, cache_index=0)  # the valid baseline
+    for index, message in [(1.0, r"cache_index: index of shape \(\) and dtype float32"),
+                           (jnp.array([0, 0]), r"cache_index: index of shape \(2,\)"),
+                           (None, "cache_index=None: decoding with a cache needs"),
+                           (-1, "cache_index: index=-1: must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            layer(x, positions, cache=cache, cache_index=index)
+    for batch in (1, 3):
+        with pytest.raises(ValueError, match=rf"cache\['.*'\] of shape \({batch}, .*made for "
+                                             r"another batch size than the input's 2"):
+            layer(x, positions, cache=layer.init_cache(batch, max_len), cache_index=0)

@@ -152,6 +152,19 @@ def test_bad_workspace_module_options_and_inputs_are_refused():
         ws(jnp.ones((6, 8)))
     with pytest.raises(ValueError, match=r"d_model=8\]; got \(1, 3, 7\)"):
         ws.decode(jnp.ones((1, 3, 7)), ws.init_cache(1), 0)
+    # each failed inside dynamic_update_slice, or (a negative index) shifted the chunks silently
+    x = jnp.ones((2, 3, 8))
+    ws.decode(x, ws.init_cache(2), 0)  # the valid baseline
+    with pytest.raises(ValueError, match="batch=0: must be an integer >= 1"):
+        ws.init_cache(0)
+    with pytest.raises(ValueError, match=r"cache\['state'\] of shape \(1, 2, 8\): made for "
+                                         r"another batch size than the input's 2"):
+        ws.decode(x, ws.init_cache(1), 0)
+    for index, message in [(-3, "cache_index: index=-3: must be >= 0"),
+                           (1.5, r"cache_index: index of shape \(\) and dtype float32"),
+                           (None, "cache_index=None")]:
+        with pytest.raises(ValueError, match=message):
+            ws.decode(x, ws.init_cache(2), index)
 
 
 def test_fsdp_moves_the_weights_not_the_activations():

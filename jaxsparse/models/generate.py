@@ -106,14 +106,13 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
             or prompt_bucket < 1:
         raise ValueError(f"prompt_bucket={prompt_bucket!r}: must be an int >= 1")
     prompt_BP = jnp.asarray(prompt_BP)
-    if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
-        raise ValueError(f"prompt must be a non-empty [batch, length] array, got {prompt_BP.shape}")
+    if prompt_BP.ndim != 2 or min(prompt_BP.shape) < 1:  # an empty batch fails in numpy's min
+        raise ValueError(f"prompt must be a non-empty [batch, length] array (each >= 1), got "
+                         f"{prompt_BP.shape}")
     # checked here: inside the compiled loop the model's embedding sees traced tokens
     if not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
         raise ValueError(f"prompt must hold integer token ids, got dtype {prompt_BP.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-            math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0: greedy)")
+    temperature = _checked_temperature(temperature)
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0 or (
             vocab is not None and top_k > vocab):
@@ -132,7 +131,7 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
             f"prompt length {prompt_BP.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
             f"model.max_seq_len={limit}"
         )
-    rng = jax.random.key(0) if rng is None else rng
+    rng = _checked_rng(rng)
     length, bucket = prompt_BP.shape[1], int(prompt_bucket)
     prefill = length - length % bucket
     tail_BT = jnp.zeros((prompt_BP.shape[0], bucket), jnp.int32)
@@ -146,3 +145,28 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
                      jnp.int32(top_k), prefill=prefill, capacity=capacity,
                      max_new_tokens=int(max_new_tokens),
                      greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0)
+
+
+def _checked_temperature(temperature) -> float:
+    """``temperature`` as a Python float: a Python, numpy or (concrete) JAX real scalar,
+    finite and >= 0, else an error naming it."""
+    value = None if isinstance(temperature, bool) else concrete_values(temperature)
+    if value is None or value.shape != () or value.dtype.kind not in "iuf" or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
+                         "(0: greedy): a Python, numpy or concrete JAX real scalar")
+    return float(value)
+
+
+def _checked_rng(rng):
+    """``rng``: one PRNG key, typed (``jax.random.key``) or a raw uint32 pair
+    (``jax.random.PRNGKey``); None gives ``jax.random.key(0)``. Anything else (a seed such
+    as ``0``) would fail inside JAX's key handling without naming the argument."""
+    if rng is None:
+        return jax.random.key(0)
+    dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = dtype == np.uint32 and tuple(shape or ()) == (2,)
+    if not (typed or raw):
+        raise ValueError(f"rng={rng!r}: expected one PRNG key, e.g. jax.random.key(0)")
+    return rng

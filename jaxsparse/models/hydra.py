@@ -158,7 +158,8 @@ class HydraLM(LanguageModel):
 
     def routing_trace(self, tokens_BL):
         """What the sparse parts choose for ``tokens``, per block: ``experts`` (the first
-        expert of every token, ``[B·L]``), ``router_probs`` (per routing decision) and
+        expert of every token, ``[B·L]``), ``router_probs`` (per routing decision: per chunk
+        with chunk-level routing, per token when the length is not a multiple of it) and
         ``pkm_slots`` (``[B, L, heads, knn]``, None without a memory). For inspection and
         the studies; jit it (``nnx.jit``) for speed."""
         positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
@@ -168,7 +169,11 @@ class HydraLM(LanguageModel):
         for block in self.blocks:
             h = block.norm(x)
             if isinstance(block.ffn, MoE):
-                choice, routed = block.ffn.route(h)
+                # as MoE.__call__ routes a length that is not a multiple of the chunk: by
+                # per-token router inputs from the padded chunks (route alone needs whole ones)
+                inputs = (block.ffn.chunk_router_inputs(h)
+                          if block.ffn.chunk and h.shape[1] % block.ffn.chunk else None)
+                choice, routed = block.ffn.route(h, router_inputs=inputs)
                 trace["experts"].append(choice.expert_index[:, 0])
                 trace["router_probs"].append(routed.probs)
             trace["pkm_slots"].append(block.pkm.lookup(h)[1] if block.pkm is not None else None)
@@ -176,8 +181,7 @@ class HydraLM(LanguageModel):
         return trace
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
-        max_len = self.cfg.max_seq_len if max_len is None else max_len
-        dtype = jnp.dtype(self.cfg.dtype) if dtype is None else dtype
+        max_len, dtype = self._cache_arguments(batch, max_len, dtype)
         return {"index": jnp.zeros((), jnp.int32),
                 "layers": [b.init_cache(batch, max_len, dtype, self.workspace) for b in self.blocks]}
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.nn import Embed, Linear, RMSNorm
+from jaxsparse.ops.checks import check_cache_request
 from jaxsparse.parallel import constrain
 
 
@@ -75,12 +76,19 @@ class LanguageModel(nnx.Module):
         return {}
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
-        max_len = self.cfg.max_seq_len if max_len is None else max_len
-        dtype = jnp.dtype(self.cfg.dtype) if dtype is None else dtype
+        max_len, dtype = self._cache_arguments(batch, max_len, dtype)
         return {
             "index": jnp.zeros((), jnp.int32),
             "layers": [block.init_cache(batch, max_len, dtype) for block in self.blocks],
         }
+
+    def _cache_arguments(self, batch, max_len, dtype):
+        """``(max_len, dtype)`` of ``init_cache`` with the defaults filled in, checked here once
+        for every architecture (``ops.checks.check_cache_request``)."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        dtype = jnp.dtype(self.cfg.dtype) if dtype is None else dtype
+        check_cache_request(batch, max_len, dtype)
+        return max_len, dtype
 
     def decode(self, tokens_BL: jax.Array, cache):
         """Run ``tokens`` after the ``cache["index"]`` positions already cached."""

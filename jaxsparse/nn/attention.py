@@ -14,6 +14,7 @@ from jaxsparse.ops.attention import (dot_product_attention, full_cache_decode,
                                      window_cache_decode)
 from jaxsparse.ops.attention.api import IMPLEMENTATIONS, lazy_mask
 from jaxsparse.ops.attention.decode import reads_written_part
+from jaxsparse.ops.checks import check_cache_request
 from jaxsparse.ops.masks import CausalMask, Mask
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.attention.ring import ring_attention
@@ -81,6 +82,7 @@ class Attention(nnx.Module):
         self.cache_window = None if self.mask is None else self.mask.lookback()
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+        check_cache_request(batch, max_len, dtype)  # an integer cache would truncate keys
         # heads first: a decode step reads each head's slots contiguously (decode_attention)
         slots = max_len if self.cache_window is None else min(max_len, self.cache_window)
         shape = (batch, self.n_kv_heads, slots, self.head_dim)

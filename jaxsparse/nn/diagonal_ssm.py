@@ -13,7 +13,9 @@ from flax import nnx
 
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.conv import causal_depthwise_conv1d
-from jaxsparse.ops.diagonal_ssm import decay_from, diagonal_ssm, diagonal_ssm_sequence_parallel
+from jaxsparse.ops.checks import check_cache_request, check_integer
+from jaxsparse.ops.diagonal_ssm import (DIAGONAL_SCAN_IMPLEMENTATIONS, decay_from, diagonal_ssm,
+                                        diagonal_ssm_sequence_parallel)
 from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec, sequence_axis_size
 
 
@@ -39,8 +41,12 @@ class DiagonalSSM(nnx.Module):
                 isinstance(max_half_life, numbers.Real) and 0 < max_half_life < math.inf):
             raise ValueError(f"max_half_life={max_half_life!r}: must be a finite number > 0 "
                              "(tokens)")
-        if conv_width < 0:
-            raise ValueError(f"conv_width={conv_width}: must be >= 0 (0: no convolution)")
+        # an integer, not a bool (True would build a 1-tap convolution) nor a float
+        check_integer("conv_width", conv_width, 0, allowed=">= 0 (0: no convolution)")
+        # checked here, not at the first call (as for the other layers' implementations)
+        if implementation not in DIAGONAL_SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"implementation={implementation!r}: allowed "
+                             f"{DIAGONAL_SCAN_IMPLEMENTATIONS}")
         self.conv_width, self.d_model = conv_width, d_model
         if conv_width:
             bound = 1.0 / math.sqrt(conv_width)  # PyTorch's Conv1d default (fan-in = width)
@@ -62,6 +68,7 @@ class DiagonalSSM(nnx.Module):
         self.width, self.implementation = width, implementation
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        check_cache_request(batch, max_len, dtype)
         cache = {"state": jnp.zeros((batch, self.width), jnp.float32)}
         if self.conv_width:
             cache["conv"] = jnp.zeros((batch, self.conv_width - 1, self.d_model), dtype)

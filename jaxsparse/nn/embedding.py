@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.ops.checks import check_integer, check_nonnegative
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.parallel import constrain
 
@@ -26,8 +27,10 @@ def _check_token_ids(tokens, vocab_size: int) -> None:
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, init_std: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
-        if vocab_size < 1 or d_model < 1:
-            raise ValueError(f"vocab_size={vocab_size}, d_model={d_model}: each must be >= 1")
+        # integers, not floats (failing inside JAX) nor bools (a vocabulary of one token)
+        check_integer("vocab_size", vocab_size)
+        check_integer("d_model", d_model)
+        check_nonnegative("init_std", init_std)
         table = init_std * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
         self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
         self.dtype = dtype

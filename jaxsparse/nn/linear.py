@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.ops.checks import is_integer
+from jaxsparse.ops.checks import check_nonnegative, is_integer
 
 
 class Linear(nnx.Module):
@@ -36,6 +36,7 @@ class Linear(nnx.Module):
         shape = self.in_shape + self.out_shape
         if min(shape, default=0) < 1:
             raise ValueError(f"Linear{self.in_shape} -> {self.out_shape}: every size must be >= 1")
+        check_nonnegative("init_scale", init_scale)  # a variance factor
         if len(logical_axes) != len(shape):
             raise ValueError(f"logical_axes {logical_axes} must name each of the dims {shape}")
         fan_in = math.prod(self.in_shape)

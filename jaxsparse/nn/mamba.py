@@ -23,12 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.checks import is_integer
+from jaxsparse.ops.checks import check_cache_request, is_integer
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.native.selective_scan import available as native_scan_available
 from jaxsparse.ops.normalization import rms_norm
-from jaxsparse.ops.ssm import (selective_scan, selective_scan_sequence_parallel, ssd,
-                               ssd_native, ssd_reference, ssd_sequence_parallel)
+from jaxsparse.ops.ssm import (SCAN_IMPLEMENTATIONS, selective_scan,
+                               selective_scan_sequence_parallel, ssd, ssd_native, ssd_reference,
+                               ssd_sequence_parallel)
 from jaxsparse.parallel import current_mesh, sequence_axis_size
 
 
@@ -70,6 +71,8 @@ class Mamba(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32):
         _check_sizes(d_model=d_model, d_state=d_state, expand=expand, d_conv=d_conv,
                      dt_rank=1 if dt_rank is None else dt_rank, chunk_size=chunk_size)
+        if implementation not in SCAN_IMPLEMENTATIONS:  # at build, not at the first call
+            raise ValueError(f"implementation={implementation!r}: allowed {SCAN_IMPLEMENTATIONS}")
         d_inner = expand * d_model
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -94,6 +97,7 @@ class Mamba(nnx.Module):
         self.implementation, self.chunk_size = implementation, chunk_size
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        check_cache_request(batch, max_len, dtype)
         del max_len  # a recurrent state does not grow with the sequence
         return {"conv": jnp.zeros((batch, self.d_conv - 1, self.d_inner), dtype),
                 "ssm": jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32)}
@@ -162,6 +166,7 @@ class Mamba2(nnx.Module):
                                init_scale=out_init_scale, **kw)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        check_cache_request(batch, max_len, dtype)
         del max_len
         return {"conv": jnp.zeros((batch, self.d_conv - 1, self.conv_dim), dtype),
                 "ssm": jnp.zeros((batch, self.heads, self.head_dim, self.d_state), jnp.float32)}

@@ -25,7 +25,8 @@ from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
-from jaxsparse.ops.checks import check_integer
+from jaxsparse.ops.checks import (check_cache_request, check_integer, check_nonnegative,
+                                  checked_decode_cache)
 from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_statistics,
                                capacity_dispatch, chunk_pool, chunk_pool_within_documents,
                                dropless_dispatch, expert_capacity, expert_choice_capacity,
@@ -75,6 +76,8 @@ class MoE(nnx.Module):
                              "or None (dropless)")
         if not 0 <= jitter < 1:  # a factor from [1 - jitter, 1 + jitter] must stay positive
             raise ValueError(f"jitter={jitter!r}: must be in [0, 1)")
+        check_nonnegative("aux_weight", aux_weight)  # loss weights: NaN would poison the loss
+        check_nonnegative("z_weight", z_weight)
         if grouped_impl not in GMM_IMPLEMENTATIONS:
             raise ValueError(f"grouped_impl={grouped_impl!r}: allowed {GMM_IMPLEMENTATIONS}")
         if router == "expert_choice" and causal:
@@ -220,6 +223,7 @@ class MoE(nnx.Module):
     def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
         """Decode state of chunk-level routing: the running sum of the current chunk's router
         inputs and the mean of the last complete chunk; empty for token-level routing."""
+        check_cache_request(batch)  # max_len and dtype: unused, the state is float32 sums
         if not self.chunk:
             return {}
         d = self.router.kernel.shape[0]
@@ -231,6 +235,8 @@ class MoE(nnx.Module):
             return self(x_BLD), cache
         if not self.causal:
             raise ValueError("non-causal chunk routing cannot decode token by token")
+        # the index places the chunk boundaries: a negative one would shift them silently
+        cache_index = checked_decode_cache(cache, cache_index, x_BLD.shape[0], ("sum", "prev"))
 
         def step(carry, inputs):
             total, prev = carry

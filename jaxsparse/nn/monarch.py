@@ -12,11 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.ops.monarch import MONARCH_IMPLEMENTATIONS, monarch_matmul, monarch_shapes
+from jaxsparse.nn.linear import _as_shape
 from jaxsparse.nn.mlp import SwiGLU
-
-
-def _shape(dims) -> tuple[int, ...]:
-    return (dims,) if isinstance(dims, int) else tuple(dims)
+from jaxsparse.ops.checks import check_nonnegative
 
 
 class MonarchLinear(nnx.Module):
@@ -34,7 +32,10 @@ class MonarchLinear(nnx.Module):
                  rngs: nnx.Rngs, nblocks: int | None = None, use_bias: bool = False,
                  init_scale: float = 1.0, logical_axes: Sequence[str | None] | None = None,
                  implementation: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.in_shape, self.out_shape = _shape(in_shape), _shape(out_shape)
+        # checked as Linear checks them: MonarchLinear replaces it
+        self.in_shape = _as_shape("in_shape", in_shape)
+        self.out_shape = _as_shape("out_shape", out_shape)
+        check_nonnegative("init_scale", init_scale)
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         if implementation not in MONARCH_IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}: allowed {MONARCH_IMPLEMENTATIONS}")

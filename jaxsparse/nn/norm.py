@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.normalization import check_eps, rms_norm
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
-        if dim < 1:
-            raise ValueError(f"RMSNorm dim={dim}: must be >= 1")
+        check_integer("dim", dim)  # not a float (fails inside JAX) nor a bool (dim 1)
         check_eps(eps)
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
         self.eps = eps

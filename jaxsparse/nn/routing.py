@@ -11,9 +11,10 @@ from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention import decode_attention, dot_product_attention
 from jaxsparse.ops.attention.decode import checked_cache_lengths
-from jaxsparse.ops.checks import check_cache_request, check_integer, checked_decode_cache
+from jaxsparse.ops.checks import (check_cache_request, check_integer, check_nonnegative,
+                                  checked_decode_cache)
 from jaxsparse.ops.masks import CausalMask, LocalMask
-from jaxsparse.ops.rotary import apply_rotary
+from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,
                                    commitment_loss, ema_centroids, ema_mean, init_centroids,
                                    routing_units, routing_windows, shared_keys)
@@ -108,8 +109,8 @@ class RoutingAttention(nnx.Module):
                  rope_theta: float = 10_000.0,
                  out_init_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32):
-        if not 1 <= routing_heads <= n_heads:
-            raise ValueError(f"routing_heads={routing_heads}: must be in [1, n_heads={n_heads}]")
+        check_integer("n_heads", n_heads)
+        check_integer("routing_heads", routing_heads, 1, n_heads, f"in [1, n_heads={n_heads}]")
         for name, value in (("num_clusters", num_clusters), ("window", window),
                             ("local_window", local_window), ("probes", probes)):
             check_integer(name, value)
@@ -120,6 +121,8 @@ class RoutingAttention(nnx.Module):
             raise ValueError(f"decay={decay}: must be in (0, 1)")
         if not 0 <= center_decay < 1:  # at 1 the running mean's bias correction divides by 0
             raise ValueError(f"center_decay={center_decay}: must be in [0, 1)")
+        check_nonnegative("commitment", commitment)  # a loss weight
+        check_rope_theta(rope_theta, "rope_theta")  # at build, not at the first call
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         heads = ("embed", "heads", "kv")
         self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=heads, **kw)
@@ -164,6 +167,9 @@ class RoutingAttention(nnx.Module):
         refuse_while_decoding(segment_ids, cache)
         if cache is not None:  # before writing: a concrete overflow would be clamped silently
             batch, new = x_BLD.shape[:2]
+            # a bad index or batch would fail inside dynamic_update_slice
+            cache_index = checked_decode_cache(cache, cache_index, batch,
+                                               ("k", "v", "k_clusters"))
             lengths = checked_cache_lengths(cache_index + new, batch, new, cache["k"].shape[1])
         q, k, v = self._project(x_BLD)
         nl = self.n_local

@@ -5,6 +5,8 @@ a cache of every position."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +14,7 @@ from flax import nnx
 from jaxsparse.nn.batch_local import heads_local
 from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.checks import check_cache_request, checked_decode_cache
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
@@ -51,6 +54,7 @@ class SparseGlobalAttention(nnx.Module):
         self.implementation = implementation  # of the full pass (ops.sga.SGA_IMPLEMENTATIONS)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        check_cache_request(batch, max_len, dtype)  # an integer ring would truncate keys
         if self.window + self.max_global + 1 < max_len:
             # a state of window + max_global + 1 slots, whatever the length (ops.sga_rings)
             rings = init_sga_rings(batch, self.window, self.max_global, self.n_kv_heads,
@@ -91,7 +95,13 @@ class SparseGlobalAttention(nnx.Module):
                 out = attend(*qkv, *rows)
             return self.o_proj(out), None
         batch, heads, dim = x_BLD.shape[0], self.n_kv_heads, self.head_dim
-        if "global_count" in cache:
+        ring_cache = isinstance(cache, Mapping) and "global_count" in cache
+        # a bad index or batch would fail inside dynamic_update_slice (the rings' keys and
+        # values may have lost a size-1 batch axis: their unsqueezed arrays are checked)
+        cache_index = checked_decode_cache(cache, cache_index, batch,
+                                           ("score", "global_count") if ring_cache else
+                                           ("k", "v", "score"))
+        if ring_cache:
             rings = dict(cache)
             for name in ("k", "v", "global_k", "global_v"):
                 rings[name] = viewed(cache[name], batch, heads, None, dim)

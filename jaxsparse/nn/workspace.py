@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.ops.checks import is_integer
+from jaxsparse.ops.checks import check_cache_request, checked_decode_cache, is_integer
 from jaxsparse.ops.workspace import read_slots, workspace_memory, workspace_update
 from jaxsparse.parallel import constrain
 
@@ -70,6 +70,7 @@ class WorkspaceMemory(nnx.Module):
         return reads.astype(x_BLD.dtype)
 
     def init_cache(self, batch: int):
+        check_cache_request(batch)
         state = jnp.broadcast_to(self.init_slots[...].astype(jnp.float32)[None],
                                  (batch, self.slots, self.d_model))
         return {"state": state, "buffer": jnp.zeros((batch, self.chunk, self.d_model), self.dtype)}
@@ -78,6 +79,9 @@ class WorkspaceMemory(nnx.Module):
         """Tokens at positions ``cache_index ..``, one at a time: read, buffer, and rewrite the
         slots whenever a chunk completes."""
         self._check_input(x_BLD)
+        # the index places the chunk boundaries: a negative one would shift them silently
+        cache_index = checked_decode_cache(cache, cache_index, x_BLD.shape[0],
+                                           ("state", "buffer"))
         weights = self.weights()
 
         def step(carry, inputs):
