@@ -11,7 +11,10 @@ those axes, the carried buffer already has the matmul's shape; the layers hand t
 full-rank view of it (a reshape: no data moves), and XLA folds the two reshapes away.
 
 Where it is used: the attention layers' heads-first caches and ring buffers with several
-key/value heads, and the SGA layer's rings. Not for one key/value head in the attention layer
+key/value heads, and the SGA layer's rings. Not for an attention cache that
+``decode_attention`` reads only as far as it is written (at least ``READ_WRITTEN_FROM_SLOTS``
+slots): that read sits in a ``lax.cond``, where the 4-d cache is not copied and a squeezed one
+was (``Attention._keep``). Not for one key/value head in the attention layer
 (the dense reference reads that cache sequence first, and the 4-d cache decoded faster:
 squeezed 0.75-0.89x, ``jaxsparse bench decode``) nor for sequence-first caches (the SGA's
 cache of every position squeezed: 18 vs 8-10 ms a token in hydra_29m at batch 1 after 4k
