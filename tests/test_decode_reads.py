@@ -76,6 +76,14 @@ def test_written_blocks_equal_full_attention_with_masks_soft_cap_and_odd_sizes(m
                                atol=2e-5, rtol=2e-5)
 
 
+def test_a_cache_shorter_than_a_block_can_be_read_written_only():
+    q, k, v = rand(15, 1, 1, 2, 8), rand(16, 1, 2, 6, 8), rand(17, 1, 2, 6, 8)
+    lengths = jnp.array([4])
+    np.testing.assert_allclose(
+        decode_attention(q, k, v, lengths, heads_first=True, written_only=True),
+        last_rows_of_full_attention(q, k, v, lengths), atol=2e-5, rtol=2e-5)
+
+
 def test_gradients_flow_through_the_written_read_under_jit():
     """The block loop is a scan that skips unwritten blocks, not a loop with a traced trip
     count: reverse mode works, and agrees with the dense read's gradient."""
@@ -119,8 +127,9 @@ def test_bad_full_cache_and_written_only_arguments_are_named():
         full_cache_decode(q, k, k, cache, cache, -1)
     with pytest.raises(ValueError, match=r"k_cache\(2, 2, 6, 4\) and v_cache"):
         full_cache_decode(q, k, k, jnp.zeros((2, 2, 6, 4)), cache, 0)
-    with pytest.raises(ValueError, match="written_only='yes': must be None"):
-        decode_attention(q, cache, cache, 3, heads_first=True, written_only="yes")
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match=f"written_only={bad!r}: must be None"):
+            decode_attention(q, cache, cache, 3, heads_first=True, written_only=bad)
     with pytest.raises(ValueError, match="written_only=True: .* not a ring buffer"):
         decode_attention(q, cache, cache, 3, heads_first=True, window=4, written_only=True)
 

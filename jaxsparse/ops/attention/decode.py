@@ -105,7 +105,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     cache slots ``[B, C, Hkv, D]`` holding positions ``0 .. lengths - 1``.
 
     ``heads_first=True``: the caches are ``[B, Hkv, C, D]``, the layout the layers keep. A
-    step reads every slot of the cache, and in that layout each head's slots lie together;
+    step reads the cache head by head, and in that layout each head's slots lie together;
     from ``[B, C, Hkv, D]`` XLA:CPU copied the whole cache into it at every step (a decode
     loop at batch 4, 4k slots, 8 key/value heads of 64 took ~7x as long;
     ``jaxsparse bench decode``).
@@ -113,9 +113,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     With ``window`` set, the cache is a ring buffer of ``C`` slots (slot = position mod C)
     holding the last ``C`` positions; keys further than ``window - 1`` behind a query are
     masked. ``mask`` (a lazy mask over absolute positions, per head for a ``MultiHeadMask``,
-    or its spec string)
-    is applied on top of causality; masks whose pattern depends on the sequence length
-    (BigBird) are evaluated for a sequence of ``C`` positions.
+    or its spec string) is applied on top of causality; masks whose pattern depends on the
+    sequence length (BigBird) are evaluated for a sequence of ``C`` positions.
 
     Without ``window``, a cache of at least ``READ_WRITTEN_FROM_SLOTS`` slots that is at most
     half written is read only as far as it is written, a block of keys at a time
@@ -125,7 +124,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     """
     if not isinstance(heads_first, bool):
         raise ValueError(f"heads_first={heads_first!r}: must be True or False")
-    if written_only not in (None, True, False) or (written_only and window is not None):
+    if not (written_only is None or isinstance(written_only, bool)) or (
+            written_only and window is not None):
         raise ValueError(f"written_only={written_only!r}: must be None (decide by the lengths), "
                          "True or False; True reads a cache of positions 0.., not a ring "
                          "buffer (window)")

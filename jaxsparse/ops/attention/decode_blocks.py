@@ -26,13 +26,15 @@ def written_blocks_attention(q, k, v, q_pos, allowed_fn, scale, logits_soft_cap,
                              kv_heads_first: bool, block: int = KEY_BLOCK):
     """Queries ``q [B, L, Hq, D]`` at positions ``q_pos [B, L]`` over the cache slots
     ``0 .. max(q_pos)`` of ``k, v`` (``[B, Hkv, C, D]`` if ``kv_heads_first`` else
-    ``[B, C, Hkv, D]``, slot = position, ``C >= block``). ``allowed_fn(q_pos, kv_pos)``
-    gives the allowed keys ``[B, 1 or Hq, L, T]`` for the key positions ``kv_pos [B, T]``.
-    Returns ``[B, L, Hq, D]`` in ``q.dtype``; rows with nothing allowed give zeros."""
+    ``[B, C, Hkv, D]``, slot = position; blocks of at most ``C`` keys).
+    ``allowed_fn(q_pos, kv_pos)`` gives the allowed keys ``[B, 1 or Hq, L, T]`` for the key
+    positions ``kv_pos [B, T]``. Returns ``[B, L, Hq, D]`` in ``q.dtype``; rows with nothing
+    allowed give zeros."""
     batch, q_len, q_heads, head_dim = q.shape
     seq_axis = 2 if kv_heads_first else 1
     kv_heads, slots = k.shape[3 - seq_axis], k.shape[seq_axis]
     groups = q_heads // kv_heads
+    block = min(block, slots)
     kv = "bhtd" if kv_heads_first else "bthd"
     # the G query heads of each key/value head as G·L rows of one matmul (xla_attention)
     rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
