@@ -89,6 +89,14 @@ def test_to_monarch_projects_and_to_dense_inverts_exactly():
     np.testing.assert_allclose(again(tokens), sparse(tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_monarch_linear_refuses_logical_axes_of_the_wrong_length():
+    """As Linear does: the bias and to_dense's dense layer take their axis names from them."""
+    with pytest.raises(ValueError, match=r"logical_axes \('embed',\) must name each of the "
+                       r"dims \(16, 32\)"):
+        MonarchLinear(16, 32, rngs=nnx.Rngs(0), use_bias=True, logical_axes=("embed",))
+    MonarchLinear(16, 32, rngs=nnx.Rngs(0), use_bias=True, logical_axes=("embed", "mlp"))
+
+
 def test_to_monarch_refuses_an_unknown_selection():
     model = build(tiny_config().model, nnx.Rngs(0))
     with pytest.raises(ValueError, match="which='ffn'"):

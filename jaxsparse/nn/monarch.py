@@ -36,6 +36,11 @@ class MonarchLinear(nnx.Module):
         self.in_shape = _as_shape("in_shape", in_shape)
         self.out_shape = _as_shape("out_shape", out_shape)
         check_nonnegative("init_scale", init_scale)
+        dims = self.in_shape + self.out_shape
+        # the bias and the dense layer of to_dense take their axis names from it
+        if logical_axes is not None and len(logical_axes) != len(dims):
+            raise ValueError(f"logical_axes {tuple(logical_axes)} must name each of the dims "
+                             f"{dims}")
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         if implementation not in MONARCH_IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}: allowed {MONARCH_IMPLEMENTATIONS}")
