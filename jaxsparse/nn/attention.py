@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxsparse.nn.batch_local import heads_local
@@ -15,34 +14,15 @@ from jaxsparse.ops.attention import (dot_product_attention, full_cache_decode,
 from jaxsparse.ops.attention.api import IMPLEMENTATIONS, lazy_mask
 from jaxsparse.ops.attention.decode import reads_written_part
 from jaxsparse.ops.checks import check_cache_request
-from jaxsparse.ops.masks import CausalMask, Mask
+from jaxsparse.ops.masks import CausalMask, Mask, made_causal
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.attention.ring import ring_attention
 from jaxsparse.parallel import constrain, current_mesh, sequence_axis_size
 
 
-def causal_mask(mask) -> Mask:
-    """``mask`` (a lazy Mask, or None for plain causal attention) as the layer applies it:
-    on top of causality, as decoding does. A mask that lets a query read a later key (a
-    window reaching right, global tokens, a random block) is combined with ``CausalMask()``;
-    a causal one is kept as it is, so the ops still see e.g. a plain ``CausalMask``."""
-    if mask is None:
-        return CausalMask()
-    if not isinstance(mask, Mask):
-        raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string (e.g. "
-                        "'local:256') or None")
-    # whether it reads ahead is seen on a short sequence: every mask here that reads ahead
-    # at some length already does so within 256 positions (windows, globals, random blocks)
-    dense = mask.to_dense(_CAUSALITY_PROBE, _CAUSALITY_PROBE)
-    return mask & CausalMask() if np.triu(dense, 1).any() else mask
-
-
-_CAUSALITY_PROBE = 256
-
-
 class Attention(nnx.Module):
     """Causal multi-head attention; ``n_heads % n_kv_heads == 0`` gives MHA, GQA or MQA.
-    ``mask`` (a Mask, a spec string or None) restricts it further (``causal_mask``).
+    ``mask`` (a Mask, a spec string or None) restricts it further (``ops.masks.made_causal``).
 
     Decode-cache protocol (shared by every sequence mixer, attention or recurrent):
     ``init_cache(batch, max_len, dtype)`` returns a pytree, and calling the layer with
@@ -76,7 +56,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
         # lazy and hashable: a static part of the module (a spec string such as "local:256"
         # is parsed once here, so per-head masks are recognised as such below)
-        self.mask = causal_mask(lazy_mask(mask, n_heads))
+        self.mask = made_causal(lazy_mask(mask, n_heads))
         # a mask that reads at most this many recent positions decodes from a ring buffer of
         # that many slots (ops.attention.window_cache_decode) instead of a cache of max_len
         self.cache_window = self.mask.lookback()

@@ -799,3 +799,23 @@ class MultiHeadMask(Mask):
 def _same_heads(mask: MultiHeadMask, others: Sequence[Mask]):
     if len(others) != mask.num_heads:
         raise ValueError(f"cannot combine MultiHeadMasks of {mask.num_heads} and {len(others)} heads")
+
+
+def made_causal(mask: Mask | None) -> Mask:
+    """``mask`` (a lazy Mask, or None for plain causal attention) as a causal decoder layer
+    (``nn.Attention``) applies it: on top of causality, as decoding does. A mask that lets a
+    query read a later key (a window reaching right, global tokens, a random block) is
+    combined with ``CausalMask()``; a causal one is kept as it is, so the ops still see e.g.
+    a plain ``CausalMask``."""
+    if mask is None:
+        return CausalMask()
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string (e.g. "
+                        "'local:256') or None")
+    # whether it reads ahead is seen on a short sequence: every mask here that reads ahead
+    # at some length already does so within 256 positions (windows, globals, random blocks)
+    dense = mask.to_dense(_CAUSALITY_PROBE, _CAUSALITY_PROBE)
+    return mask & CausalMask() if np.triu(dense, 1).any() else mask
+
+
+_CAUSALITY_PROBE = 256

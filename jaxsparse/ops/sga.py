@@ -33,7 +33,8 @@ from jaxsparse.ops.attention.api import (check_attention_inputs, dot_product_att
                                          logit_scale)
 from jaxsparse.ops.attention.decode import checked_cache_lengths
 from jaxsparse.ops.attention.online_softmax import merge_finished
-from jaxsparse.ops.attention.reference import row_logsumexp
+from jaxsparse.ops.attention.reference import (grouped_query_rows, row_logsumexp,
+                                               ungrouped_rows)
 from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
@@ -84,8 +85,7 @@ def _attend(q, parts, scale: float, with_lse: bool = False, kv_heads_first: bool
     kv_heads = parts[0][0].shape[1 if kv_heads_first else 2]
     kv = "bhkd" if kv_heads_first else "bkhd"
     groups = heads // kv_heads
-    rows = q.reshape(b, n, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
-    rows = rows.reshape(b, kv_heads, groups * n, dim)                 # [B, Hkv, G·n, D]
+    rows = grouped_query_rows(q, kv_heads)                            # [B, Hkv, G·n, D]
     if groups > 1:
         view = lambda x: x.reshape(b, kv_heads, groups, n, x.shape[-1])  # noqa: E731
         per_query = lambda x: x[:, None, None]                          # noqa: E731
@@ -111,8 +111,7 @@ def _attend(q, parts, scale: float, with_lse: bool = False, kv_heads_first: bool
         values = parts[0][1] if len(parts) == 1 else jnp.concatenate([p[1] for p in parts],
                                                                      axis=1)
         out = weighted_sum(f"bhmk,{kv}->bhmd", probs, values)         # [B, Hkv, G·n, D]
-    out = out.reshape(b, kv_heads, groups, n, dim).transpose(0, 3, 1, 2, 4)
-    out = out.reshape(b, n, heads, dim)
+    out = ungrouped_rows(out, n)
     if not with_lse:
         return out
     lse = row_logsumexp(logits, mask).reshape(b, kv_heads, groups, n)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.attention import online_softmax
-from jaxsparse.ops.attention.reference import soft_cap
+from jaxsparse.ops.attention.reference import (grouped_query_rows, soft_cap,
+                                               ungrouped_rows)
 
 # Keys per block: 256 took ~0.1x the dense time with 100 of 4096 slots written (batch 4,
 # 8 heads of 64, float32, XLA:CPU); 512 and 1024 lost more to the copy of each block.
@@ -36,9 +37,7 @@ def written_blocks_attention(q, k, v, q_pos, allowed_fn, scale, logits_soft_cap,
     groups = q_heads // kv_heads
     block = min(block, slots)
     kv = "bhtd" if kv_heads_first else "bthd"
-    # the G query heads of each key/value head as G·L rows of one matmul (xla_attention)
-    rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    rows = rows.reshape(batch, kv_heads, groups * q_len, head_dim)
+    rows = grouped_query_rows(q, kv_heads)  # [B, Hkv, G·L, D], as xla_attention
     read = jnp.max(q_pos) + 1  # slots 0 .. read - 1 hold every key a query may read
 
     def fold(i, state):
@@ -69,5 +68,4 @@ def written_blocks_attention(q, k, v, q_pos, allowed_fn, scale, logits_soft_cap,
     state = online_softmax.empty_state((batch, kv_heads, groups * q_len), head_dim)
     state, _ = jax.lax.scan(fold_if_read, state, jnp.arange(-(-slots // block)))
     out, _ = online_softmax.finish(state)
-    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+    return ungrouped_rows(out, q_len).astype(q.dtype)

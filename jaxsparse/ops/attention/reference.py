@@ -16,6 +16,24 @@ def soft_cap(logits, cap):
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
+def grouped_query_rows(q, kv_heads: int):
+    """``q [B, S, Hq, D]`` as ``[B, Hkv, G·S, D]``: the ``G = Hq / Hkv`` query heads sharing a
+    key/value head stacked as the rows of one matmul per (batch, kv head), so K and V are
+    never repeated."""
+    batch, q_len, q_heads, head_dim = q.shape
+    groups = q_heads // kv_heads
+    rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    return rows.reshape(batch, kv_heads, groups * q_len, head_dim)
+
+
+def ungrouped_rows(out, q_len: int):
+    """The inverse of :func:`grouped_query_rows`: ``[B, Hkv, G·S, D]`` as ``[B, S, Hq, D]``."""
+    batch, kv_heads, rows, head_dim = out.shape
+    groups = rows // q_len
+    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, kv_heads * groups, head_dim)
+
+
 def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = False,
                   kv_heads_first: bool = False):
     """``allowed``: boolean broadcastable to ``[B, Hq, S, T]`` or None. Masked rows give 0.
@@ -35,8 +53,7 @@ def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = F
     kv_heads, kv_len = (k.shape[1], k.shape[2]) if kv_heads_first else (k.shape[2], k.shape[1])
     kv = "bhtd" if kv_heads_first else "bthd"
     groups = q_heads // kv_heads
-    rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    rows = rows.reshape(batch, kv_heads, groups * q_len, head_dim)     # [B, Hkv, G·S, D]
+    rows = grouped_query_rows(q, kv_heads)                              # [B, Hkv, G·S, D]
     logits = jnp.einsum(f"bhmd,{kv}->bhmt", rows, k, preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST)
     logits = soft_cap(logits * scale, logits_soft_cap)
@@ -48,8 +65,7 @@ def xla_attention(q, k, v, allowed, scale, logits_soft_cap, return_lse: bool = F
     probs = masked_softmax(logits, allowed)                            # empty rows: zeros
     out = jnp.einsum(f"bhmt,{kv}->bhmd", probs.reshape(batch, kv_heads, groups * q_len, kv_len),
                      v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-    out = out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+    out = ungrouped_rows(out, q_len).astype(q.dtype)
     if not return_lse:
         return out
     return out, row_logsumexp(logits, allowed).transpose(0, 3, 1, 2).reshape(batch, q_len, q_heads)
