@@ -142,11 +142,25 @@ def _routing_decode(q, k, v, scores):
     return causal_routing_decode(q, k, v, clusters, lengths, centroids, window=5)
 
 
+def _routing_rings(q, k, v, scores):
+    """A prompt of 20 tokens, then the rest one at a time from the per-cluster rings."""
+    from jaxsparse.ops.routing_rings import init_routing_rings, routing_ring_decode
+
+    centroids = _routing_centroids(q)
+    rings = init_routing_rings(q.shape[0], q.shape[2], 4, 5, q.shape[3], k.dtype)
+    outs = []
+    for start, stop in [(0, 20)] + [(t, t + 1) for t in range(20, q.shape[1])]:
+        out, rings = routing_ring_decode(q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                                         rings, centroids)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1)
+
+
 ATTENTION = {"sga gather": _sga("gather"), "sga dense": _sga("dense"),
              "sga blocked": _sga("blocked"), "sga decode": _sga_decode,
              "sga ring decode": _sga_rings,
              "routing causal": _routing, "routing top-w": _routing_balanced,
-             "routing decode": _routing_decode}
+             "routing decode": _routing_decode, "routing ring decode": _routing_rings}
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))

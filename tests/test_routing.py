@@ -313,12 +313,11 @@ def test_bad_routing_layer_options_are_refused_when_built_and_decoding_past_the_
                          r"center_decay=1.0: must be in \[0, 1\)")]:
         with pytest.raises(ValueError, match=message):
             layer(**kw)
-    routing_only = layer(routing_heads=2)  # all heads routing: the overflow was silent here
-    routing_only.eval()
+    short_cache = layer(local_window=8)  # local heads keep every position of a shorter cache
+    short_cache.eval()
     x = jax.random.normal(jax.random.key(2), (1, 2, 32))
     with pytest.raises(ValueError, match=r"lengths=\[5\]: each must be in \[2, 4\]"):
-        routing_only(x, jnp.arange(3, 5)[None], cache=routing_only.init_cache(1, 4),
-                     cache_index=3)
+        short_cache(x, jnp.arange(3, 5)[None], cache=short_cache.init_cache(1, 4), cache_index=3)
 
 
 def test_routing_layer_options_are_checked_when_built_and_decode_inputs_when_decoding():
@@ -349,7 +348,7 @@ def test_routing_layer_options_are_checked_when_built_and_decode_inputs_when_dec
                            (None, "cache_index=None: decoding with a cache needs")]:
         with pytest.raises(ValueError, match=message):
             attention(x, positions, cache=cache, cache_index=index)
-    with pytest.raises(ValueError, match=r"cache\['k'\] of shape \(1, 4, 2, 8\): made for "
+    with pytest.raises(ValueError, match=r"cache\['k'\] of shape \(1, 1, 4, 8\): made for "
                                          r"another batch size than the input's 2"):
         attention(x, positions, cache=attention.init_cache(1, 4), cache_index=0)
 

@@ -19,7 +19,12 @@
 - ``sga W+G``: Hydra's sparse global attention (window ``W``, ``G`` global tokens) decoded
   from its two ring buffers of ``W + G`` slots (``ops.sga_rings.sga_ring_decode``, what the
   layer keeps when ``W + G`` is below the cache length) against a cache of all ``C``
-  positions (``ops.sga.sga_decode``, what it kept before).
+  positions (``ops.sga.sga_decode``, what it kept before);
+- ``routing K×w`` (routing heads: one key/value head per query head): causal routing
+  attention (``K`` clusters, the ``w`` most recent keys of the query's cluster) decoded from
+  per-cluster rings of ``K · w`` slots (``ops.routing_rings.routing_ring_decode``, what
+  ``nn.RoutingAttention`` keeps) against a cache of all ``C`` positions and their clusters
+  (``ops.routing.causal_routing_decode``, what it kept before).
 
 Each row times ``steps`` generated tokens as a ``lax.scan`` — as ``jaxsparse generate`` runs
 them: every step writes the new token's key and value into the cache (a loop carry) and
@@ -27,7 +32,7 @@ attends — and reports the time per step. ``speedup`` > 1 is our cache's gain. 
 ``--heads`` of 64 on each of ``--kv-heads`` (MHA, GQA, MQA); float32.
 
     jaxsparse bench decode [--cache 1024 4096] [--heads 8] [--kv-heads 8 2 1] [--window 256]
-                           [--max-global 512]
+                           [--max-global 512] [--clusters 32] [--routing-window 32]
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.ops.attention import decode_attention, window_cache_decode
 from jaxsparse.ops.attention.decode import reads_written_part
 from jaxsparse.ops.masks import LocalMask
+from jaxsparse.ops.routing import assign, causal_routing_decode, init_centroids, routing_units
+from jaxsparse.ops.routing_rings import init_routing_rings, routing_ring_decode
 from jaxsparse.ops.sga import sga_decode
 from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
 
@@ -149,6 +156,51 @@ def sga_full_cache_step(window: int, max_global: int):
     return attend_and_write
 
 
+def routing_rings_step(centroids):
+    """The routing heads' per-cluster rings, as ``nn.RoutingAttention`` keeps them."""
+
+    def attend_and_write(q, k_new, v_new, score, rings, position):
+        return routing_ring_decode(q, k_new, v_new, rings, centroids)
+
+    return attend_and_write
+
+
+def routing_full_cache_step(centroids, window: int):
+    """What the routing layer did before its rings: write the key, its value and its cluster
+    at the position, then count the window of the query's cluster over every slot."""
+
+    def attend_and_write(q, k_new, v_new, score, cache, position):
+        k_cache, v_cache, clusters = cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, position, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, position, 0, 0))
+        new_clusters = assign(routing_units(k_new), centroids)
+        clusters = jax.lax.dynamic_update_slice(clusters, new_clusters, (0, position, 0))
+        lengths = jnp.full((q.shape[0],), position + 1)
+        out = causal_routing_decode(q, k_cache, v_cache, clusters, lengths, centroids,
+                                    window=window)
+        return out, (k_cache, v_cache, clusters)
+
+    return attend_and_write
+
+
+def routing_inputs(batch, heads, steps, slots, centroids, window: int, rings: bool):
+    """As ``inputs`` (one key/value head per query head), with either full rings (every
+    cluster has seen more than ``window`` keys) or a cache of ``slots`` positions and the
+    clusters of its keys."""
+    q, k_new, v_new, score, (k, v) = inputs(batch, heads, heads, steps,
+                                            (batch, slots, heads, HEAD_DIM))
+    clusters = assign(routing_units(k), centroids)
+    if not rings:
+        return q, k_new, v_new, score, (k, v, clusters)
+    num_clusters = centroids.shape[1]
+    state = init_routing_rings(batch, heads, num_clusters, window, HEAD_DIM)
+    ring = k[:, :num_clusters * window].reshape(batch, num_clusters, window, heads, HEAD_DIM)
+    state |= {"k": jnp.moveaxis(ring, 3, 1), "v": jnp.moveaxis(
+        v[:, :num_clusters * window].reshape(ring.shape), 3, 1),
+        "count": jnp.full((batch, heads, num_clusters), slots // num_clusters, jnp.int32)}
+    return q, k_new, v_new, score, state
+
+
 def inputs(batch, heads, kv_heads, steps, cache_shape):
     """Per-step queries, new keys/values and scores, and a random cache of ``cache_shape``
     (a pair of arrays of that shape)."""
@@ -198,6 +250,10 @@ def main(argv=None) -> None:
                         help="the sliding window W of the ring-buffer rows")
     parser.add_argument("--max-global", type=positive_int, default=512,
                         help="the global tokens G of the SGA rows (their window: --window)")
+    parser.add_argument("--clusters", type=positive_int, default=32,
+                        help="k-means clusters K of the routing rows (~sqrt of the length)")
+    parser.add_argument("--routing-window", type=positive_int, default=32,
+                        help="keys w a routing query reads (~length / clusters)")
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=32, help="tokens per timed loop")
     parser.add_argument("--repeats", type=positive_int, default=5)
@@ -252,6 +308,15 @@ def main(argv=None) -> None:
                      stored_cache(sga_inputs(b, *shape, slots, w, g, rings=True))),
                     (decode_loop(sga_full_cache_step(w, g), first),
                      sga_inputs(b, *shape, slots, w, g, rings=False))]))
+            clusters, rw = args.clusters, args.routing_window
+            if kv_heads == args.heads and clusters * rw <= slots:  # routing heads: MHA
+                centroids = init_centroids(jax.random.key(slots), args.heads, clusters,
+                                           HEAD_DIM)
+                pairs.append((f"routing {clusters}x{rw}", [
+                    (decode_loop(routing_rings_step(centroids), first),
+                     routing_inputs(b, args.heads, args.steps, slots, centroids, rw, True)),
+                    (decode_loop(routing_full_cache_step(centroids, rw), first),
+                     routing_inputs(b, args.heads, args.steps, slots, centroids, rw, False))]))
             for op, pair in pairs:
                 ours, peer = (s / args.steps * 1e3
                               for s in time_interleaved(*pair, repeats=args.repeats))
@@ -269,7 +334,11 @@ def main(argv=None) -> None:
              "peer every slot (squeezed at batch 1 with several kv heads, as the layers kept "
              "it). sga: Hydra's sparse global attention "
              f"(window {w}, {g} global tokens), ours its rings of {w}+{g}+1 slots, peer a cache "
-             "of all C positions. Same run, interleaved, the better of two medians each.")
+             "of all C positions. routing: causal routing attention "
+             f"({args.clusters} clusters of window {args.routing_window}, one kv head per "
+             f"head), ours per-cluster rings of {args.clusters}x{args.routing_window} slots, "
+             "peer a cache of all C positions and their clusters. Same run, interleaved, the "
+             "better of two medians each.")
     write_results(args.name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
 

@@ -9,15 +9,15 @@ from flax import nnx
 
 from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.attention import decode_attention, dot_product_attention
-from jaxsparse.ops.attention.decode import checked_cache_lengths
+from jaxsparse.ops.attention import (dot_product_attention, full_cache_decode,
+                                     window_cache_decode)
 from jaxsparse.ops.checks import (check_cache_request, check_integer, check_nonnegative,
                                   checked_decode_cache)
 from jaxsparse.ops.masks import CausalMask, LocalMask
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
-from jaxsparse.ops.routing import (assign, causal_routing_attention, causal_routing_decode,
-                                   commitment_loss, ema_centroids, ema_mean, init_centroids,
-                                   routing_units, routing_windows, shared_keys)
+from jaxsparse.ops.routing import (causal_routing_attention, commitment_loss, ema_centroids,
+                                   ema_mean, init_centroids, routing_windows, shared_keys)
+from jaxsparse.ops.routing_rings import init_routing_rings, routing_ring_decode
 from jaxsparse.ops.segments import refuse_while_decoding
 
 
@@ -149,11 +149,19 @@ class RoutingAttention(nnx.Module):
         self.deterministic = False
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+        """The decode state: the local heads' keys and values ``k, v [B, local heads, slots,
+        D]`` (a ring of ``local_window`` slots, or ``max_len`` when fewer) and the routing
+        heads' per-cluster rings ``routed_k, routed_v [B, routing heads, C, window, D]`` and
+        ``routed_count [B, routing heads, C]`` (:mod:`jaxsparse.ops.routing_rings`): its size
+        does not grow with the context beyond ``local_window``."""
         check_cache_request(batch, max_len, dtype)
-        heads = self.n_local + self.centroids.shape[0]
-        shape = (batch, max_len, heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "k_clusters": jnp.full((batch, max_len, self.centroids.shape[0]), -1, jnp.int32)}
+        heads, clusters, _ = self.centroids.shape
+        rings = init_routing_rings(batch, heads, clusters, self.window, self.head_dim, dtype)
+        cache = {f"routed_{name}": ring for name, ring in rings.items()}
+        if self.n_local:
+            shape = (batch, self.n_local, min(max_len, self.local_window), self.head_dim)
+            cache |= {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return cache
 
     def _project(self, x_BLD):
         q = self.q_proj(x_BLD)
@@ -165,12 +173,10 @@ class RoutingAttention(nnx.Module):
         windows keep to each query's document. (The centroids and the running mean are
         statistics of the whole batch, as before: they change no output of this call.)"""
         refuse_while_decoding(segment_ids, cache)
-        if cache is not None:  # before writing: a concrete overflow would be clamped silently
-            batch, new = x_BLD.shape[:2]
-            # a bad index or batch would fail inside dynamic_update_slice
-            cache_index = checked_decode_cache(cache, cache_index, batch,
-                                               ("k", "v", "k_clusters"))
-            lengths = checked_cache_lengths(cache_index + new, batch, new, cache["k"].shape[1])
+        if cache is not None:  # a bad index or batch would fail inside the cache updates
+            local = ("k", "v") if self.n_local else ()
+            cache_index = checked_decode_cache(cache, cache_index, x_BLD.shape[0],
+                                               local + ROUTED_CACHE)
         q, k, v = self._project(x_BLD)
         nl = self.n_local
         q_loc = apply_rotary(q[:, :, :nl], positions_BL, self.rope_theta)
@@ -199,8 +205,7 @@ class RoutingAttention(nnx.Module):
             new_cache = None
         else:
             local, routed, new_cache = self._decode(q_loc, k_loc, q_rt, k_rt, v, centroids,
-                                                    cache, cache_index, lengths, q_center,
-                                                    k_center)
+                                                    cache, cache_index, q_center, k_center)
         out = jnp.concatenate([local.astype(routed.dtype), routed], axis=2) if nl else routed
         return self.o_proj(out), new_cache
 
@@ -248,22 +253,25 @@ class RoutingAttention(nnx.Module):
             self.route_mean[...], self.route_mean_count[...] = ema_mean(
                 self.route_mean[...], self.route_mean_count[...], k_rt, self.center_decay)
 
-    def _decode(self, q_loc, k_loc, q_rt, k_rt, v, centroids, cache, cache_index, lengths,
-                q_center, k_center):
+    def _decode(self, q_loc, k_loc, q_rt, k_rt, v, centroids, cache, cache_index, q_center,
+                k_center):
         nl = self.n_local
-        k_keys = shared_keys(k_rt) if self.shared_qk else k_rt
-        k_new = jnp.concatenate([k_loc, k_keys], axis=2) if nl else k_keys
-        start = (0, cache_index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), start)
-        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        clusters = assign(routing_units(k_rt, k_center), centroids)
-        c_all = jax.lax.dynamic_update_slice(cache["k_clusters"], clusters, (0, cache_index, 0))
-        # every slot: reading only the written ones decoded slower here (routing_tiny after
-        # 256 of 4096 positions: 0.82-0.94x), the local heads' keys being a slice of the cache
-        local = decode_attention(q_loc, k_all[:, :, :nl], v_all[:, :, :nl], lengths,
-                                 mask=LocalMask(self.local_window - 1, 0),
-                                 written_only=False) if nl else None
-        routed = causal_routing_decode(q_rt, k_all[:, :, nl:], v_all[:, :, nl:], c_all, lengths,
-                                       centroids, window=self.window, shared_qk=self.shared_qk,
-                                       q_center=q_center, probes=self.probes)
-        return local, routed, {"k": k_all, "v": v_all, "k_clusters": c_all}
+        rings = {name: cache[f"routed_{name}"] for name in ("k", "v", "count")}
+        routed, rings = routing_ring_decode(q_rt, k_rt, v[:, :, nl:], rings, centroids,
+                                            shared_qk=self.shared_qk, q_center=q_center,
+                                            k_center=k_center, probes=self.probes)
+        new_cache = {f"routed_{name}": ring for name, ring in rings.items()}
+        if not nl:
+            return None, routed, new_cache
+        k_cache, v_cache = cache["k"], cache["v"]
+        # a ring of local_window slots, or every position when the cache is shorter
+        decode = window_cache_decode if k_cache.shape[2] == self.local_window else \
+            full_cache_decode
+        local, new_cache["k"], new_cache["v"] = decode(
+            q_loc, k_loc, v[:, :, :nl], k_cache, v_cache, cache_index,
+            mask=LocalMask(self.local_window - 1, 0))
+        return local, routed, new_cache
+
+
+# the routing heads' decode state (ops.routing_rings), "routed_" + its names
+ROUTED_CACHE = ("routed_k", "routed_v", "routed_count")

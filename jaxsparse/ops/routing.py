@@ -443,7 +443,9 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
     ``0 .. lengths - 1``: the same key sets as :func:`causal_routing_attention` (the ``w`` most
     recent keys of the query's cluster), found by counting instead of sorting. ``q_center``:
     as in :func:`causal_routing_attention` (the cached key clusters were assigned with it);
-    ``probes`` likewise. Cluster ids in the cache are in ``[-1, C)`` (``-1``: an empty slot)."""
+    ``probes`` likewise. Cluster ids in the cache are in ``[-1, C)`` (``-1``: an empty slot).
+    Its time and memory grow with the cache; :mod:`jaxsparse.ops.routing_rings` decodes the
+    same key sets from a state of fixed size (what ``nn.RoutingAttention`` keeps)."""
     _check_decode(q, k_cache, v_cache, k_clusters_cache, centroids, window)
     batch, new, heads, dim = q.shape
     slots = k_cache.shape[1]
