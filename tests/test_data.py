@@ -1,4 +1,6 @@
+import re
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +84,70 @@ def test_a_few_files_always_hold_one_out_and_a_single_file_warns(tmp_path):
                                          "metrics are measured on the training text"):
         splits = corpus.split_files(tmp_path, files[:1], 20)
     assert splits == {"train": files[:1], "valid": files[:1]}
+
+
+def test_split_does_not_move_when_a_file_is_added_outside_the_matched_ones(tmp_path):
+    """Hashes are taken relative to the glob's literal prefix (here ``tmp_path``), not to the
+    common parent of today's files (``tmp_path/a``, which became ``tmp_path`` once ``b/``
+    held a file: every hash moved, and validation files went to training)."""
+    (tmp_path / "a").mkdir()
+    for i in range(60):
+        (tmp_path / "a" / f"f{i}.txt").write_text(f"t {i}\n")
+    pattern = f"{tmp_path}/**/*.txt"
+
+    def split():
+        root, files = corpus.corpus_files(pattern)
+        assert root == tmp_path.resolve()
+        return corpus.split_files(root, files, 20)
+
+    before = split()
+    assert len(before["valid"]) > 1  # held out by hash, not by the fallback
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "new.txt").write_text("x\n")
+    after = split()
+    assert set(before["valid"]) <= set(after["valid"])
+    assert set(before["train"]) <= set(after["train"])
+    assert corpus.literal_prefix("/data/a/**/*.txt") == corpus.literal_prefix("/data/a/f?.txt")
+    assert corpus.literal_prefix("/data/a/b.txt") == corpus.literal_prefix("/data/a/*") \
+        == Path("/data/a")
+    assert corpus.literal_prefix("*.txt") == Path(".")
+
+
+def test_a_cache_dir_that_is_a_file_is_a_config_error_naming_it(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text " * 10)
+    (tmp_path / "a_file").write_text("")
+    corpus_glob, file = f"data.path={tmp_path}/*.txt", re.escape(str(tmp_path / "a_file"))
+    with pytest.raises(ConfigError, match=rf"data.cache_dir='{file}' is a file, not a directory"):
+        make_stream(tiny_config(corpus_glob, f"data.cache_dir={tmp_path}/a_file"))
+    # a parent that is a file: the OSError of mkdir, with the key it came from
+    with pytest.raises(ConfigError, match=rf"data.cache_dir='{file}/cache': cannot write the "
+                                          "token cache there: .*Not a directory"):
+        make_stream(tiny_config(corpus_glob, f"data.cache_dir={tmp_path}/a_file/cache"))
+
+
+@pytest.mark.filterwarnings("ignore:the corpus is a single file:UserWarning")
+def test_every_window_start_is_drawn_and_one_window_is_enough(tmp_path):
+    """Training windows of seq_len + 1 bytes start anywhere in [0, N - seq_len - 1], the last
+    start included (its final target is the corpus's final byte), and a split of exactly
+    seq_len + 1 bytes holds one window. (Both were one byte short.)"""
+    cache = f"data.cache_dir={tmp_path}/cache"
+    text = bytes(range(65, 65 + 33))  # + its NUL: N = 34 = seq_len + 2, two window starts
+    (tmp_path / "two.txt").write_bytes(text)
+    stream = make_stream(tiny_config(f"data.path={tmp_path}/two.txt", cache))
+    batches = [stream.batch(step) for step in range(20)]
+    assert {int(b["inputs"][row, 0]) - 65 for b in batches for row in range(8)} == {0, 1}
+    assert 0 in {int(b["targets"][row, -1]) for b in batches for row in range(8)}  # the NUL
+    (tmp_path / "one.txt").write_bytes(text[:32])  # + its NUL: N = 33 = seq_len + 1
+    one = make_stream(tiny_config(f"data.path={tmp_path}/one.txt", cache))
+    for batch in (one.batch(0), one.eval_batch(0, 1)):
+        np.testing.assert_array_equal(batch["inputs"][0], list(text[:32]))
+        assert batch["targets"][0, -1] == 0
+    (tmp_path / "short.txt").write_bytes(text[:31])  # + its NUL: N = 32, no whole window
+    with pytest.raises(ConfigError, match=r"the train split holds 32 bytes, fewer than "
+                                          r"data.seq_len\+1=33; use more text or a shorter "
+                                          "data.seq_len"):
+        make_stream(tiny_config(f"data.path={tmp_path}/short.txt", cache))
 
 
 def test_user_glob_and_token_cache(tmp_path):

@@ -90,6 +90,8 @@ def two_checkpoints(tmp_path_factory):
     # the array metadata emptied or cut short (was: "does not match the train state")
     ("truncate state/_METADATA", "a metadata file does not parse as JSON"),
     ("empty state/_METADATA", "a metadata file does not parse as JSON"),
+    # the saved config emptied (was: the reason "0", json's internal StopIteration(0))
+    ("empty meta/metadata", "a metadata file does not parse as JSON (Expecting value"),
 ])
 def test_a_damaged_checkpoint_is_named_with_the_way_back(two_checkpoints, tmp_path, capfd,
                                                          damage, reason):
@@ -170,6 +172,36 @@ def test_compatible_change_resumes(tmp_path):
               quiet=True, should_stop=lambda step: step == 2)
         train(tiny_config("train.steps=4", "optimizer.lr=0.003"), tmp_path / "b", sample=False,
               quiet=True)
+
+
+def test_resuming_on_other_data_settings_is_said_and_a_rerun_keeps_config_json(tmp_path):
+    """The batches are drawn from the current data.* settings: a resume on others goes on with
+    other batches (its losses are not an uninterrupted run's), which is said as a moved
+    schedule is, each key with both values. A rerun that trains nothing leaves config.json,
+    the record of the settings its checkpoints were trained with, as it was."""
+    from jaxsparse.train.loop import DataChangeWarning, warn_if_the_data_moved
+
+    cfg = tiny_config("train.steps=4")
+    train(cfg, tmp_path, should_stop=lambda step: step == 2, sample=False, quiet=True)
+    with pytest.warns(DataChangeWarning, match=r"resuming at step 2 with other data settings "
+                      r"\(data.batch_size 8 -> 16; data.seed 0 -> 7\): the batches differ"):
+        train(tiny_config("train.steps=4", "data.seed=7", "data.batch_size=16"), tmp_path,
+              sample=False, quiet=True)
+    recorded = (tmp_path / "config.json").read_text()
+    assert json.loads(recorded)["data"]["seed"] == 7  # it trained on them: recorded
+    # nothing to train: only what moves the evaluation is said (text's eval windows are
+    # evenly spaced, whatever the seed)
+    with pytest.warns(DataChangeWarning, match=r"evaluating the checkpoint of step 4 with other "
+                      r"data settings \(data.batch_size 16 -> 8\) than it was trained with"):
+        again = train(tiny_config("train.steps=4", "data.seed=9"), tmp_path, sample=False,
+                      quiet=True)
+    assert again.step == 4 and not again.losses
+    assert (tmp_path / "config.json").read_text() == recorded
+    # where the tokens are cached, and keys the task does not read, move no batch
+    elsewhere = dataclasses.replace(cfg.data, cache_dir="/elsewhere", num_kv_pairs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataChangeWarning)
+        warn_if_the_data_moved(cfg, dataclasses.replace(cfg, data=elsewhere), 2)
 
 
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):
@@ -554,3 +586,61 @@ def test_skip_policy_steps_over_nonfinite_updates(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["split"] == "train"][-1]
     assert last["step"] == 9 and last["skipped_steps"] == len(result.skipped_steps) + 3 == 8
+
+
+def _hydra_with_curriculum_and_moe(*extra):
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+
+    # TINY without its d_ff: every feed-forward layer is MoE, of width moe_d_ff
+    return apply_overrides(configs.get("transformer_tiny"), [
+        *[o for o in TINY if not o.startswith("model.d_ff=")], "model.name=hydra",
+        "model.n_layers=2", "model.expand=1", "model.hydra_window=4", "model.hydra_max_global=3",
+        "model.hydra_sga_every=2", "model.hydra_curriculum=sga:2", "model.moe_experts=2",
+        "model.moe_k=1", "model.moe_every=1", "model.moe_chunk=4", "model.moe_d_ff=32",
+        "model.pkm_layers=", "model.workspace_slots=0", "model.workspace_layers=", *extra])
+
+
+def _routing_with_warm_up(*extra):
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+
+    return apply_overrides(configs.get("routing_tiny"), [
+        "model.d_model=32", "model.n_layers=3", "data.seq_len=64", "data.batch_size=4",
+        "train.progress=false", "train.tensorboard=false", "eval.batches=1",
+        "train.eval_every=1000", "train.checkpoint_every=1000", "model.routing_dense_steps=2",
+        *extra])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr itself
+@pytest.mark.parametrize("make_config", [_hydra_with_curriculum_and_moe, _routing_with_warm_up],
+                         ids=["hydra", "routing"])
+def test_skipped_steps_advance_the_schedule_counters_and_revert_the_rest(tmp_path, make_config):
+    """train.nonfinite=skip with every update non-finite (lr 1e39): the schedule counters in
+    ``rest`` (Hydra's curriculum step, the MoE routers' and routing attention's warm-up steps)
+    move on with state["step"], so the curriculum stage the loop logs at step 2 is the
+    model's; the parameters and learned statistics (routing centroids, key mean) stay as they
+    were. (The counters used to be reverted with the rest: the model ran 4 steps behind its
+    logs, SGA never on.)"""
+    from jaxsparse.models.curriculum import stage_at
+
+    cfg = make_config("train.steps=4", "train.nonfinite=skip", "optimizer.lr=1e39",
+                      "optimizer.warmup_steps=0")
+    result = train(cfg, tmp_path, sample=False, quiet=True)
+    assert result.skipped_steps == [0, 1, 2, 3] and int(result.state["step"]) == 4
+    initial = TrainSetup(cfg, make_mesh(cfg.mesh)).init()
+    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)  # noqa: E731
+                         for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    got, start = flat(result.state["rest"]), flat(initial["rest"])
+    counters = [k for k in got if k.endswith(("['step']", "['curriculum_step']"))]
+    assert counters and {k: int(got[k]) for k in counters} == {k: 4 for k in counters}
+    others = [k for k in got if k not in counters]  # routing's centroids, MoE's noise keys
+    assert others and [k for k in others if not np.array_equal(got[k], start[k])] == []
+    for k, v in flat(result.state["params"]).items():
+        np.testing.assert_array_equal(v, flat(initial["params"])[k], err_msg=k)
+    if cfg.model.name == "hydra":
+        records = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        logged = {r["step"]: r["stage"] for r in records if r["split"] == "curriculum"}
+        assert logged == {0: 0, 2: 1}
+        model_step = int(got["['curriculum_step']"])
+        assert stage_at(cfg.model.hydra_curriculum, model_step) == logged[2]

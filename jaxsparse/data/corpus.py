@@ -1,7 +1,8 @@
 """Text corpora: the running interpreter's standard library (default) or a user's glob.
 
 Files are listed in sorted order and split into train/validation *by file* with a stable
-hash of the path relative to the corpus root, so the split does not move when files are
+hash of the path relative to the corpus root (the standard library's directory, or the
+directory a glob names before its first wildcard), so the split does not move when files are
 added elsewhere.
 """
 
@@ -41,13 +42,27 @@ def glob_files(pattern: str) -> list[Path]:
     return files
 
 
+def literal_prefix(pattern: str) -> Path:
+    """The directory ``pattern`` names before its first wildcard component (``/data/a`` of
+    ``/data/a/**/*.txt``; ``.`` of ``*.txt``), or a literal path's own directory.
+
+    Split hashes are taken relative to it rather than to the common parent of the files
+    matched today: that parent moves when a file is added outside it (``/data/a`` becomes
+    ``/data`` once ``/data/b/new.txt`` exists), and every file's hash, so the split, with it."""
+    pattern = os.path.expanduser(pattern)
+    parts = Path(pattern).parts
+    for i, part in enumerate(parts):
+        if glob.has_magic(part):
+            return Path(*parts[:i]) if i else Path(".")
+    return Path(pattern).parent
+
+
 def corpus_files(path: str | None) -> tuple[Path, list[Path]]:
-    """``(root, files)``: root is what split hashes are taken relative to."""
+    """``(root, files)``: root is what split hashes are taken relative to (it depends on the
+    pattern alone, never on which files it matches)."""
     if path is None:
         return stdlib_root(), stdlib_files()
-    files = glob_files(path)
-    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
-    return root, files
+    return literal_prefix(path).resolve(), glob_files(path)
 
 
 def split_files(root: Path, files: list[Path], valid_every: int) -> dict[str, list[Path]]:

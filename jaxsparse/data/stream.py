@@ -51,10 +51,10 @@ class TextStream:
         self.packed_documents = d.packed_documents
         self.num_files = {k: len(v) for k, v in splits.items()}
         for name, arr in (("train", self.train), ("valid", self.valid)):
-            if arr.shape[0] < self.seq_len + 2:
+            if arr.shape[0] < self.seq_len + 1:  # one window: seq_len inputs + the last target
                 raise ConfigError(
-                    f"the {name} split holds {arr.shape[0]} bytes, fewer than data.seq_len+2="
-                    f"{self.seq_len + 2}; use more text or a shorter data.seq_len")
+                    f"the {name} split holds {arr.shape[0]} bytes, fewer than data.seq_len+1="
+                    f"{self.seq_len + 1}; use more text or a shorter data.seq_len")
 
     def _windows(self, arr, offsets):
         w = store.read_windows(arr, offsets[self.shard.rows(len(offsets))], self.seq_len + 1)
@@ -66,7 +66,8 @@ class TextStream:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        offsets = rng.integers(0, self.train.shape[0] - self.seq_len - 1, size=self.batch_size)
+        # a window of seq_len + 1 bytes may start at 0 .. N - seq_len - 1 (the bound is exclusive)
+        offsets = rng.integers(0, self.train.shape[0] - self.seq_len, size=self.batch_size)
         return self._windows(self.train, offsets)
 
     def eval_batch(self, index: int, num_batches: int) -> dict[str, np.ndarray]:

@@ -58,6 +58,14 @@ def _bad_json(err: BaseException) -> json.JSONDecodeError | None:
     return None
 
 
+def _damage_reason(err: BaseException) -> BaseException | str:
+    """What to report of an error reading a checkpoint: a JSON error in its chain is named as
+    such, since the innermost error under it is json's internal ``StopIteration(0)`` (an
+    emptied file), which would read as the reason "0"."""
+    bad = _bad_json(err)
+    return f"a metadata file does not parse as JSON ({bad})" if bad is not None else err
+
+
 def _unreadable(err: BaseException) -> bool:
     """Whether ``err`` or an error it was raised from says that stored data could not be read."""
     seen = set()
@@ -121,7 +129,7 @@ class Checkpointer:
                                         args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             return from_dict(meta["meta"]["config"])
         except (KeyError, FileNotFoundError, ValueError, TypeError) as err:
-            raise self._damaged(step, err) from None
+            raise self._damaged(step, _damage_reason(err)) from None
 
     def check_compatible(self, cfg: Config) -> None:
         saved = self.saved_config()
@@ -170,11 +178,8 @@ class Checkpointer:
     def _name_unreadable(self, step: int, err: Exception) -> None:
         """After a failed restore of a checkpoint with the right arrays: its data cannot be
         read (a file deleted or truncated, a disk error, an item missing)."""
-        if _bad_json(err) is not None:
-            raise self._damaged(step, f"a metadata file does not parse as JSON "
-                                      f"({_bad_json(err)})")
         if _unreadable(err):
-            raise self._damaged(step, err)
+            raise self._damaged(step, _damage_reason(err))
 
     def _damaged(self, step: int, reason) -> CheckpointDamaged:
         """The error for a checkpoint that cannot be read, naming the way back: the step

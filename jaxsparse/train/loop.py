@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxsparse.config import Config, ConfigError, MeshConfig, from_json, to_json, validate
-from jaxsparse.config_usage import model_differences
+from jaxsparse.config_usage import model_differences, unread_data_keys
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import NonFiniteTraining, ScheduleChangeWarning
 from jaxsparse.models.curriculum import stage_at, stages
@@ -92,6 +92,44 @@ def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> 
         f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "
         f"the learning rate there moves from {before:.3g} to {after:.3g}. To continue the "
         "saved schedule instead, resume with its settings", ScheduleChangeWarning, stacklevel=3)
+
+
+class DataChangeWarning(ScheduleChangeWarning):
+    """A resumed run whose data settings differ from the saved run's, so its batches do.
+
+    A kind of ScheduleChangeWarning (both say that a resume does not continue the saved run as
+    it was), so the command line prints it as one of its own, as it prints the schedule's."""
+
+
+def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None:
+    """The batches are drawn from the current ``data`` settings: a resume with another seed,
+    batch size, window length, corpus glob or split gives other batches (and validation
+    windows) than the saved run's, so its losses are not those an uninterrupted run would
+    give, and its eval curve is measured on other text from there on. Allowed — it may be
+    meant — but said, each key with both values. ``data.cache_dir`` only says where the
+    tokens are cached, and keys that neither run's task reads move nothing."""
+    if saved is None:
+        return
+    ignored = {"data.cache_dir"} | (set(unread_data_keys(saved.data))
+                                    & set(unread_data_keys(cfg.data)))
+    if step >= cfg.train.steps and saved.data.task == cfg.data.task == "text":
+        ignored.add("data.seed")  # nothing is trained, and text's eval windows are not drawn
+    changed = [f"data.{field.name} {getattr(saved.data, field.name)!r} -> "
+               f"{getattr(cfg.data, field.name)!r}" for field in dataclasses.fields(cfg.data)
+               if f"data.{field.name}" not in ignored
+               and getattr(saved.data, field.name) != getattr(cfg.data, field.name)]
+    if not changed:
+        return
+    if step < cfg.train.steps:
+        what = (f"resuming at step {step} with other data settings ({'; '.join(changed)}): the "
+                "batches differ from the saved run's, so the losses and eval metrics from here "
+                "on are not those an uninterrupted run would give. To continue on the saved "
+                "data, resume with its settings")
+    else:
+        what = (f"evaluating the checkpoint of step {step} with other data settings "
+                f"({'; '.join(changed)}) than it was trained with: the eval metrics are not "
+                "comparable with the saved run's")
+    warnings.warn(what, DataChangeWarning, stacklevel=3)
 
 
 def check_workdir(cfg: Config, workdir: Path) -> None:
@@ -204,10 +242,13 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     ckpt.check_compatible(cfg)
 
     start = ckpt.latest_step()
+    saved = None  # the config of the checkpoint resumed from
     if start is not None:
         state = ckpt.restore(setup.abstract_state, start)
         log(f"resumed from {workdir}/checkpoints step {start}")
-        warn_if_the_schedule_moved(ckpt.saved_config(start), cfg, start)
+        saved = ckpt.saved_config(start)
+        warn_if_the_schedule_moved(saved, cfg, start)
+        warn_if_the_data_moved(saved, cfg, start)
         if start >= cfg.train.steps:
             log(f"the run is already at step {start} >= train.steps={cfg.train.steps}: "
                 "nothing to train (raise train.steps to continue it)")
@@ -223,7 +264,13 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     skipped_before = start - int(schedule_count(state["opt_state"], start))
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(to_json(cfg))
+        # config.json describes the run its checkpoints come from: a rerun that trains nothing
+        # (it only evaluates) leaves it alone, or restores it from the checkpoint if it is gone
+        config_path = workdir / "config.json"
+        if start < cfg.train.steps or saved is None:
+            config_path.write_text(to_json(cfg))
+        elif not config_path.exists():
+            config_path.write_text(to_json(saved))
     log(f"config {cfg.name}: {count_params(state['params']):,} parameters, mesh "
         f"{dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
 

@@ -87,6 +87,22 @@ def learned_statistics(model: nnx.Module) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Any(Centroids, RoutingMean)))
 
 
+def schedule_counters(abstract_rest: nnx.State) -> dict:
+    """Which leaves of the non-parameter state count training steps for a schedule — the
+    Hydra curriculum's step, MoE router steps (the k schedule and jitter noise), routing
+    attention's dense warm-up step — as a pure dict of bools shaped like ``state["rest"]``.
+    (The MoE router's noise key is a ``RouterStep`` too; training never changes it.)"""
+    from jaxsparse.models.hydra import CurriculumStep
+    from jaxsparse.nn.moe import RouterStep
+    from jaxsparse.nn.routing import RoutingStep
+
+    def one(variable):
+        return isinstance(variable, CurriculumStep | RouterStep | RoutingStep)
+
+    return nnx.to_pure_dict(jax.tree.map(one, abstract_rest,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def _overlay(base: dict, extra: dict) -> dict:
     """``base`` (a nested pure dict) with the leaves of ``extra`` put in at their paths."""
     merged = dict(base)

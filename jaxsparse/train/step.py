@@ -10,7 +10,7 @@ from flax import nnx
 from jaxsparse.nn.intermediates import run_capturing
 from jaxsparse.parallel import activation_sharding
 from jaxsparse.train.optim import lr_schedule
-from jaxsparse.train.state import TrainSetup
+from jaxsparse.train.state import TrainSetup, schedule_counters
 
 
 def _aux_losses(sown: dict[str, list[jax.Array]]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -89,6 +89,7 @@ def make_train_step(setup: TrainSetup):
     tx = setup.tx
     schedule = lr_schedule(setup.cfg.optimizer, setup.cfg.train.steps)
     chunk = setup.cfg.train.loss_chunk
+    counters = schedule_counters(setup.rest_template)
 
     def loss_fn(params, rest, batch):
         model = setup.model(params, rest)
@@ -133,6 +134,15 @@ def make_train_step(setup: TrainSetup):
         metrics["nonfinite_update"] = (finite_grads & ~finite_update).astype(jnp.float32)
         kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), updated,
                             {name: state[name] for name in updated})
+        # ... except the schedule counters in ``rest`` (curriculum, router and routing steps):
+        # they advance with state["step"] on a skipped step too. Schedules are set in the
+        # run's steps, which the loop logs and checkpoints by (the curriculum stage it
+        # reports, its plot markers, the stage re-logged on a resume), and a skipped step
+        # still uses up its batch; reverting them would leave the model k steps behind its
+        # logs after k skips. The optimiser's count stays with the applied updates instead:
+        # its lr is the one logged, and the gap to state["step"] counts the skipped steps.
+        kept["rest"] = jax.tree.map(lambda counter, new, old: new if counter else old,
+                                    counters, updated["rest"], kept["rest"])
         return {"step": state["step"] + 1, **kept}, metrics
 
     def traced(state, batch):
