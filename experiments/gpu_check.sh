@@ -19,7 +19,8 @@ timeout 120 python -m jaxsparse.cli bench ssm --lengths 1024 8192 --batch 8 --d-
   --packed 8 --repeats 5 --name ssm_gpu --out "$OUT_DIR" > /tmp/ssm_gpu.txt 2>&1
 timeout 45 python -m jaxsparse.cli bench linear_scan --shapes 8x4096x1024 1x65536x512 --backward \
   --repeats 5 --name linear_scan_gpu --out "$OUT_DIR" > /tmp/linear_scan_gpu.txt 2>&1
-timeout 50 python -m jaxsparse.cli bench moe --experts 8 64 --repeats 5 --out "$OUT_DIR" > /tmp/moe_gpu.txt 2>&1
+timeout 50 python -m jaxsparse.cli bench moe --experts 8 64 --repeats 5 --name moe_gpu \
+  --out "$OUT_DIR" > /tmp/moe_gpu.txt 2>&1
 timeout 70 python -m jaxsparse.cli bench monarch --d 1024 4096 8192 --repeats 5 --name monarch_gpu \
   --out "$OUT_DIR" > /tmp/monarch_gpu.txt 2>&1
 timeout 70 python -m jaxsparse.cli bench hydra_precision --lengths 4096 8192 --repeats 3 --name hydra_precision_gpu \

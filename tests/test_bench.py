@@ -48,11 +48,16 @@ def test_write_results_json_and_markdown(tmp_path):
 
 
 def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):
+    overrides = ["model.d_model=32", "model.d_ff=64", "data.seq_len=16", "data.batch_size=4"]
     assert main(["bench", "train_step", "--configs", "transformer_tiny", "--repeats", "1",
-                 "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "data.seq_len=16",
-                 "--set", "data.batch_size=4", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+                 *(arg for o in overrides for arg in ("--set", o)), "--name", "tiny_step",
+                 "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "tiny_step.json").read_text())
+    rows = results["rows"]
     assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["ratio_to_matmul_peak"]
+    # the table says which settings it measured (README compares two --set runs)
+    assert "Overrides: " + " ".join(overrides) in results["notes"]
+    assert not (tmp_path / "train_step.json").exists()
     captured = capsys.readouterr()
     assert "ratio_to_matmul_peak" in captured.out
     assert_only_tables(captured.out)
@@ -87,15 +92,22 @@ def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_p
 
 
 def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path, capfd):
-    """Re-runs itself on 4 emulated devices; for each mask the peer comes first, auto picks
-    zig-zag under the causal mask and contiguous under the window, and the critical paths are
-    the schedule's: causal in halves 3 + 4*3 contiguous, 3 + 2*3 zig-zag, of 36 pairs; the
-    heat maps of work per step and device are drawn."""
+    """Re-runs itself on 4 emulated devices; for each mask the two gathered peers (dense, and
+    block-sparse: it skips empty tiles as the ring skips empty pairs) come first and every row
+    has its speed-up over each, auto picks zig-zag under the causal mask and contiguous under
+    the window, and the critical paths are the schedule's: causal in halves 3 + 4*3
+    contiguous, 3 + 2*3 zig-zag, of 36 pairs; the heat maps of work per step and device are
+    drawn."""
     assert main(["bench", "ring", "--length", "64", "--heads", "2", "--head-dim", "8",
                  "--window", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = {(r["mask"], r["path"]): r
             for r in json.loads((tmp_path / "ring.json").read_text())["rows"]}
-    assert list(rows)[0] == ("causal", "gathered K/V") and len(rows) == 8
+    assert list(rows)[:2] == [("causal", "gathered K/V"), ("causal", "gathered K/V, block-sparse")]
+    assert len(rows) == 10
+    for (mask, _), r in rows.items():
+        dense, sparse = rows[mask, "gathered K/V"], rows[mask, "gathered K/V, block-sparse"]
+        assert r["speedup_fwd_bwd"] == pytest.approx(dense["fwd_bwd_ms"] / r["fwd_bwd_ms"])
+        assert r["speedup_vs_blocksparse"] == pytest.approx(sparse["fwd_bwd_ms"] / r["fwd_bwd_ms"])
     assert rows["causal", "ring auto"]["layout"] == "zigzag"
     assert rows["window 8", "ring auto"]["layout"] == "contiguous"
     assert rows["causal", "ring contiguous"]["critical_path"] == 15
@@ -106,6 +118,33 @@ def test_ring_benchmark_times_both_layouts_against_gathered_keys(tmp_path, capfd
     captured = capfd.readouterr()
     assert_only_tables(captured.out)  # the per-row JSON lines are progress, on stderr
     assert '"mask": "causal"' in captured.err
+
+
+def test_monarch_training_pass_keeps_the_forward_on_both_sides():
+    """The forward+backward pass returns the forward output, so XLA keeps the forward product:
+    3 products' FLOPs on the dense side and on Monarch's einsum form (a bare VJP compiled to
+    2 dense products and 2.5 Monarch ones, and the two sides timed different passes)."""
+    import importlib.util
+
+    import jax
+
+    from jaxsparse.bench.timing import compiled_flops
+    from jaxsparse.ops.monarch import monarch_matmul, monarch_shapes
+
+    spec = importlib.util.spec_from_file_location("monarch_bench", bench_dir() / "monarch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    transform, work = bench.PASSES["forward+backward"]
+    tokens, d = 16, 64
+    x, w, ct = jnp.ones((tokens, d)), jnp.ones((d, d)), jnp.ones((tokens, d))
+    w1, w2 = (jnp.ones(shape) for shape in monarch_shapes(d, d))
+
+    def product(x, w1, w2):
+        return monarch_matmul(x, w1, w2, implementation="xla")
+
+    for f, args in ((jnp.dot, (x, w)), (product, (x, w1, w2))):
+        forward = compiled_flops(jax.jit(f), *args)
+        assert compiled_flops(jax.jit(transform(f, ct)), *args) == pytest.approx(work * forward)
 
 
 def test_ssm_benchmark_times_every_implementation_against_the_recurrence(tmp_path):

@@ -61,3 +61,26 @@ def test_eval_note_counts_answers_and_names_the_seeds(study):
     assert f"{16 * study.BATCH * study.EVAL_BATCHES} answers" in note
     assert "mean of 3 seeds (0, 1, 2" in note
     assert "seed 5." in study.eval_note(4, [5])
+
+
+def test_routing_study_measures_expert_usage_on_validation_text(study):
+    """The routing study's held-out batch is validation-split text (it was drawn with
+    ``stream.batch`` at a far-off step: training text), and mixed_batch reverses the second
+    half of the rows of the batch it gets and labels their domain."""
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+    from jaxsparse.data import make_stream
+
+    stream = make_stream(apply_overrides(configs.get("hydra_tiny"), ["data.batch_size=4"]))
+    batch, domain = study.held_out_batch(stream)
+    valid = np.asarray(stream.valid).tobytes()
+    python = batch["inputs"][domain == 0].astype(np.uint8)
+    assert len(python) == 2 and all(row.tobytes() in valid for row in python)
+
+    seq = np.arange(4 * 6, dtype=np.int32).reshape(4, 6)
+    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
+    mixed, domain = study.mixed_batch(batch)
+    assert domain.tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(mixed["inputs"][:2], seq[:2, :-1])
+    np.testing.assert_array_equal(mixed["inputs"][2:], seq[2:, ::-1][:, :-1])
+    np.testing.assert_array_equal(mixed["targets"][2:], seq[2:, ::-1][:, 1:])

@@ -5,13 +5,18 @@ host has that many); forward, and forward + backward (gradients of q, k, v), flo
 timed in the same run for each mask:
   gathered K/V     the compiler's own partitioning of the dense masked attention
                    (``implementation="xla"``) on sequence-sharded inputs: keys and values
-                   all-gathered onto every device (the peer)
+                   all-gathered onto every device; it computes every tile, masked or not
+  gathered K/V, block-sparse
+                   the same gathered keys and values through ``implementation=
+                   "xla_blocksparse"``, which skips the mask's empty tiles as the ring skips
+                   empty part pairs: the peer that separates ring-vs-gather from tile skipping
   ring contiguous  ``ring_attention(layout="contiguous")``: device i holds chunk i
   ring zigzag      ``ring_attention(layout="zigzag")``: device i holds halves i and 2n-1-i
   ring auto        ``layout=None``: the layout with the shorter critical path
-Columns: times, speed-up over the peer, and the ring's critical path in part pairs (per step,
-the most non-empty query/key part pairs any device works, summed over steps) beside the
-work of all devices together; ``ring.png`` maps each layout's work per step and device. Emulated CPU devices share the host's cores (and XLA:CPU
+Columns: times, the forward + backward speed-up over each gathered peer, and the ring's
+critical path in part pairs (per step, the most non-empty query/key part pairs any device
+works, summed over steps) beside the work of all devices together; ``ring.png`` maps each
+layout's work per step and device. Emulated CPU devices share the host's cores (and XLA:CPU
 spreads one device's ops over them), so CPU times follow the total work more than the critical
 path; on a real mesh each device has its own chip and the ring waits for the slowest, so the
 critical path is what the wall time follows.
@@ -32,8 +37,11 @@ from tqdm.auto import tqdm
 from jaxsparse.bench.arguments import description, positive_int
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+DENSE_PEER, SPARSE_PEER = "gathered K/V", "gathered K/V, block-sparse"
+# speedup_fwd_bwd is over the dense peer (the column older results have), speedup_vs_blocksparse
+# over the block-sparse one: a window's speed-up over the dense peer is mostly tile skipping.
 COLUMNS = ["mask", "path", "layout", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd",
-           "critical_path", "total_pairs"]
+           "speedup_vs_blocksparse", "critical_path", "total_pairs"]
 
 
 def parse(argv):
@@ -106,14 +114,15 @@ def measure(args) -> list[dict]:
     masks = {"causal": CausalMask(), f"window {args.window}": LocalMask(args.window, 0)}
     rows, works = [], {}
     for mask_name, mask in cases(masks.items(), "ring"):
-        paths = {"gathered K/V": (lambda q, k, v, mask=mask: dot_product_attention(
-                     q, k, v, mask=mask, implementation="xla"), "")}
+        paths = {peer: (lambda q, k, v, mask=mask, impl=impl: dot_product_attention(
+                     q, k, v, mask=mask, implementation=impl), "")
+                 for peer, impl in ((DENSE_PEER, "xla"), (SPARSE_PEER, "xla_blocksparse"))}
         for layout in ("contiguous", "zigzag", None):
             paths[f"ring {layout or 'auto'}"] = (
                 lambda q, k, v, mask=mask, layout=layout: ring_attention(
                     q, k, v, mesh=mesh, mask=mask, layout=layout, part_tokens=args.part_tokens),
                 layout or choose_layout(mask, length, length, n, args.part_tokens))
-        peer = None
+        mask_rows = []
         for name, (attend, layout) in paths.items():
             forward = jax.jit(attend)
             both = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v)),
@@ -130,10 +139,13 @@ def measure(args) -> list[dict]:
                                                             int(work.sum()))
                 if not name.endswith("auto"):
                     works[mask_name, layout] = work
-            peer = peer or row["fwd_bwd_ms"]
-            row["speedup_fwd_bwd"] = peer / row["fwd_bwd_ms"]
-            rows.append(row)
+            mask_rows.append(row)
             tqdm.write(json.dumps(row), file=sys.stderr)  # progress: stdout holds the table
+        peer_ms = {r["path"]: r["fwd_bwd_ms"] for r in mask_rows}
+        for row in mask_rows:
+            row["speedup_fwd_bwd"] = peer_ms[DENSE_PEER] / row["fwd_bwd_ms"]
+            row["speedup_vs_blocksparse"] = peer_ms[SPARSE_PEER] / row["fwd_bwd_ms"]
+        rows += mask_rows
     return rows, works
 
 
@@ -150,10 +162,13 @@ def main(argv=None) -> None:
              f"{args.devices}), batch {args.batch}, {args.length} tokens, {args.heads} heads of "
              f"{args.head_dim}, float32, {jax.default_backend()}, parts of {args.part_tokens} "
              f"tokens; median of {args.repeats}. "
-             "critical_path: the ring's time in part pairs (the slowest device per step); "
+             f"speedup_fwd_bwd: {DENSE_PEER} (dense, every tile) / this path, forward + "
+             f"backward; speedup_vs_blocksparse: {SPARSE_PEER} (empty tiles skipped) / this "
+             "path. critical_path: the ring's time in part pairs (the slowest device per step); "
              "total_pairs: all devices' work. Emulated CPU devices share the host's cores, so "
              "CPU times follow the total work; a real mesh follows the critical path.")
-    formats = {"fwd_ms": "{:.0f}", "fwd_bwd_ms": "{:.0f}", "speedup_fwd_bwd": "{:.2f}"}
+    formats = {"fwd_ms": "{:.0f}", "fwd_bwd_ms": "{:.0f}", "speedup_fwd_bwd": "{:.2f}",
+               "speedup_vs_blocksparse": "{:.2f}"}
     write_results("ring", rows, COLUMNS, args.out, notes, formats)
     plot(works, Path(args.out) / "ring.png")
     print(markdown_table(rows, COLUMNS, formats))

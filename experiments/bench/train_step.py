@@ -4,6 +4,10 @@ Reports tokens/s, XLA-counted FLOPs per step, achieved FLOP/s, and the ratio to 
 dense float32 matmul timed in the same run (the machine's practical peak, i.e. MFU).
 
     jaxsparse bench train_step [--configs transformer_tiny transformer_small] [--repeats 5]
+                               [--set KEY=VALUE ...] [--name train_step]
+
+The ``--set`` overrides are written into the results' notes; give runs that compare settings
+(``--set model.monarch_impl=...``) a ``--name`` each, or each overwrites ``train_step``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="+", default=["transformer_tiny", "transformer_small"])
     parser.add_argument("--set", action="append", default=[], help="override for every config")
     parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--name", default="train_step", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -67,9 +72,13 @@ def main(argv=None) -> None:
         rows.append(row)
     columns = ["config", "params", "tokens_per_step", "step_ms", "tokens_per_s", "gflop_per_step",
                "achieved_gflops", "peak_matmul_gflops", "ratio_to_matmul_peak"]
+    # The overrides are part of what was measured (a Monarch kernel, a batch size): without
+    # them the table cannot say which setting it holds.
+    overrides = " ".join(args.set) or "none (the configs as registered)"
     notes = (f"Peer: 1024x1024 float32 jnp.dot in the same run ({peak / 1e9:.1f} GFLOP/s). "
-             f"Backend {jax.default_backend()}, {jax.device_count()} device(s).")
-    json_path, md_path = write_results("train_step", rows, columns, args.out, notes)
+             f"Backend {jax.default_backend()}, {jax.device_count()} device(s). Overrides: "
+             f"{overrides}.")
+    json_path, md_path = write_results(args.name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
+from jaxsparse.bench.arguments import description
 from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
 from jaxsparse.train.loop import train
@@ -258,16 +259,22 @@ def study_throughput(args, out: Path) -> None:
 # --- 2. expert routing by domain -----------------------------------------------------------------
 
 
-def mixed_batch(stream, step: int) -> tuple[dict, np.ndarray]:
-    """Half the rows Python source, half the same kind of bytes reversed (another "language"
-    with the same byte frequencies): experts can only tell them apart from context."""
-    batch = stream.batch(step)
+def mixed_batch(batch: dict) -> tuple[dict, np.ndarray]:
+    """``batch`` of Python source with half its rows byte-reversed (another "language" with the
+    same byte frequencies: experts can only tell them apart from context), and each row's
+    domain (0 Python, 1 reversed)."""
     seq = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
     half = len(seq) // 2
     seq[half:] = seq[half:, ::-1]
     domain = np.zeros(len(seq), np.int32)
     domain[half:] = 1
     return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": np.ones_like(seq[:, 1:], np.float32)}, domain
+
+
+def held_out_batch(stream) -> tuple[dict, np.ndarray]:
+    """A mixed batch of validation-split windows (``stream.batch`` draws from the train split
+    at any step, so a far-off step was still training text)."""
+    return mixed_batch(stream.eval_batch(0, 1))
 
 
 def expert_choices(model, tokens):
@@ -296,12 +303,12 @@ def study_routing(args, out: Path) -> None:
     stream = make_stream(cfg, Shard(0, 1))
     losses = []
     for i in tqdm(range(args.steps), desc="routing study"):
-        batch, _ = mixed_batch(stream, i)
+        batch, _ = mixed_batch(stream.batch(i))
         state, metrics = step(state, setup.global_batch(batch))
         losses.append(float(metrics["loss"]))
     model = setup.model(state["params"], state["rest"])
     model.eval()
-    batch, domain = mixed_batch(stream, 10**6)
+    batch, domain = held_out_batch(stream)
     choices, entropies = expert_choices(model, jnp.asarray(batch["inputs"]))
     experts = cfg.model.moe_experts
     rows = []
@@ -318,8 +325,9 @@ def study_routing(args, out: Path) -> None:
     notes = (f"hydra_tiny ({count_params(cfg.model):,} parameters) trained {args.steps} steps on "
              "a 50/50 mix of Python source and byte-reversed Python source; expert usage per "
              "domain (fraction of tokens per expert, chunk-level top-1 routing) on a held-out "
-             "mixed batch. usage_overlap = sum_e min(p_python, p_reversed): 1 is identical "
-             f"usage, 0 disjoint experts. Final train loss {np.mean(losses[-20:]):.3f}.")
+             "mixed batch (validation-split windows, half of them reversed). usage_overlap = "
+             "sum_e min(p_python, p_reversed): 1 is identical usage, 0 disjoint experts. Final "
+             f"train loss {np.mean(losses[-20:]):.3f}.")
     write_results("routing", rows, ["block", "python", "reversed", "usage_overlap",
                                     "router_entropy", "max_entropy"], out, notes)
     import matplotlib
@@ -405,7 +413,7 @@ STUDIES = {"throughput": study_throughput, "routing": study_routing, "pkm": stud
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seq-len", type=int, default=None)

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
+from jaxsparse.bench.arguments import description
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import make_stream
 from jaxsparse.models import count_params
@@ -69,6 +70,13 @@ def eval_with_k(workdir: Path, ks) -> list[float]:
     return losses
 
 
+def median_tokens_per_s(train_rows: list[dict]) -> float:
+    """Median training throughput of a run's logged windows. The first includes compilation,
+    so it is dropped when there is another (a run that logs one window has only that one: the
+    median of none was NaN)."""
+    return float(np.median([r["tokens_per_sec"] for r in train_rows[1:] or train_rows]))
+
+
 def run(name, overrides, out: Path, steps: int):
     cfg = apply_overrides(configs.get(name), QUIET + [f"train.steps={steps}"] + overrides)
     workdir = out / "runs" / (name + ("_" + "_".join(o.split("=")[1] for o in overrides) if overrides else ""))
@@ -79,7 +87,7 @@ def run(name, overrides, out: Path, steps: int):
         "model": cfg.name + (" " + " ".join(overrides) if overrides else ""),
         "params": count_params(cfg.model), "active_params": active_params(cfg),
         "steps": result.step, "valid_bpb": result.eval_metrics["bits_per_byte"],
-        "tokens_per_s": float(np.median([r["tokens_per_sec"] for r in train_rows[1:]])),
+        "tokens_per_s": median_tokens_per_s(train_rows),
         "minutes": (time.perf_counter() - start) / 60}
 
 
@@ -106,7 +114,7 @@ def plot(loads, ks, slim, path: Path):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
+from jaxsparse.bench.arguments import description
 from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
 from jaxsparse.train.loop import train
@@ -41,6 +42,13 @@ def eval_curve(workdir: Path) -> tuple[list[float], list[float]]:
     return [r["time"] - start for r in rows], [r["bits_per_byte"] for r in rows]
 
 
+def median_tokens_per_s(train_rows: list[dict]) -> float:
+    """Median training throughput of a run's logged windows. The first includes compilation,
+    so it is dropped when there is another (a run that logs one window has only that one: the
+    median of none was NaN)."""
+    return float(np.median([r["tokens_per_sec"] for r in train_rows[1:] or train_rows]))
+
+
 def run(cfg, workdir: Path) -> dict:
     """Train (or resume; a finished run is not repeated) and summarise one run."""
     result = train(cfg, workdir, sample=False)
@@ -50,7 +58,7 @@ def run(cfg, workdir: Path) -> dict:
     start = min(r["time"] for r in records)
     return {"run": workdir.name, "params": count_params(cfg.model), "steps": result.step,
             "valid_bpb": final["bits_per_byte"],
-            "tokens_per_s": float(np.median([r["tokens_per_sec"] for r in train_rows[1:]])),
+            "tokens_per_s": median_tokens_per_s(train_rows),
             "minutes": (train_rows[-1]["time"] - start) / 60}  # from the logs: resume-proof
 
 
@@ -73,7 +81,7 @@ def plot(curves: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--finetune", type=int, default=100)
     parser.add_argument("--out", default=str(RESULTS))

@@ -20,6 +20,9 @@ routing`` to keep the full/local rows already there and ``--set train.seed=N`` f
 initialisations (a row and run directory of their own). MQAR rows also get
 ``accuracy_1024_answers``: the final model on 32 validation batches (``probe.py``).
 ``--no-center``, ``--no-key-centroids`` and ``--no-reseed`` give the plain k-means of the paper.
+A variant whose run directory holds a run with other settings (another ``--steps``, say) is
+refused before anything trains: resuming it would change its schedule midway. ``--fresh``
+retrains it from step 0, or use another ``--out``.
 """
 
 from __future__ import annotations
@@ -27,19 +30,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.config import apply_overrides
+from jaxsparse.bench.arguments import description
+from jaxsparse.config import apply_overrides, diff
 from jaxsparse.models import count_params
-from jaxsparse.train.loop import train
+from jaxsparse.train.loop import read_config, train, with_absolute_paths
 from jaxsparse.train.metrics import read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
+# How the notes this script writes end; notes that end otherwise were written by hand.
+NOTES_TAIL = ("ms_per_step is the median training step time on this CPU (train_minutes = steps "
+              "x ms_per_step, evaluation excluded). Rows of earlier runs in the same directory "
+              "are kept (a variant run again replaces its row).")
 
 
 def paper_layout(seq_len: int) -> tuple[int, int]:
@@ -100,7 +109,7 @@ def task_overrides(task: str, seq_len: int, steps: int, batch: int, pairs: int,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--task", choices=("text", "mqar"), default="text")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seq-len", type=int, default=None)
@@ -138,6 +147,10 @@ def main(argv=None) -> None:
                         help="mqar: validation batches the final model answers for the "
                              "accuracy_<N>_answers column (32 of 8 sequences x 4 pairs: N = "
                              "1024); 0: none")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain the variants run now from step 0 (their run directories "
+                             "are deleted first); needed to rerun a variant with other settings "
+                             "in the same results directory")
     parser.add_argument("--out", default=None,
                         help="results directory (default results/<task>); rows already there "
                              "are kept")
@@ -153,6 +166,7 @@ def main(argv=None) -> None:
     chosen = set(filter(None, args.only.split(",")))
     name = f"routing_{args.task}"
     rows = previous_rows(out / f"{name}.json")
+    planned = []
     for label, (run, extra) in variants(seq_len, args.local, args.decay, not args.separate_qk,
                                         args.dense_steps, args.center,
                                         args.key_centroids, args.probes, args.reseed,
@@ -162,7 +176,13 @@ def main(argv=None) -> None:
         if seed != "0":  # one row and run directory per initialisation
             label, run = f"{label}, seed {seed}", f"{run}_seed{seed}"
         cfg = apply_overrides(configs.get("transformer_tiny"), shared + extra)
-        workdir = out / "runs" / run
+        planned.append((label, run, cfg, out / "runs" / run))
+    # All variants are checked before any trains, so a refusal costs no training time.
+    for _, _, cfg, workdir in planned:
+        if args.fresh and workdir.exists():
+            shutil.rmtree(workdir)
+        refuse_other_settings(cfg, workdir)
+    for label, run, cfg, workdir in planned:
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)
         result = train(cfg, workdir, sample=False)
         step_times = [r for r in read_metrics(workdir) if r["split"] == "train"]
@@ -184,12 +204,15 @@ def main(argv=None) -> None:
     task = (f"{args.task} ({args.pairs} pairs, vocabulary {args.vocab})" if args.task == "mqar"
             else args.task)
     extra = f", overrides {' '.join(args.set)}" if args.set else ""
-    notes = (f"{task}, length {seq_len}, {args.steps} steps of {batch} sequences{extra}; eval "
-             f"{metric}; ms_per_step is the median training step time on this "
-             "CPU (train_minutes = steps x ms_per_step, evaluation excluded). Rows of earlier "
-             "runs in the same directory are kept (a variant run again replaces its row).")
-    # A directory whose table carries hand-written notes (the commands of its rows) keeps them.
-    notes = previous_notes(out / f"{name}.json") or notes
+    settings = f"{task}, length {seq_len}, {args.steps} steps of {batch} sequences{extra}"
+    notes = f"{settings}; eval {metric}; {NOTES_TAIL}"
+    # A directory whose table carries hand-written notes (the commands of its rows) keeps them;
+    # the script's own notes are written afresh, so they describe this run's settings.
+    kept = hand_written_notes(out / f"{name}.json", metric)
+    if kept:
+        print(f"kept the hand-written notes of {out / name}.json: check that they cover this "
+              f"run ({settings})")
+    notes = kept or notes
     answer_columns = sorted({c for r in rows for c in r if c.startswith("accuracy_")})
     write_results(name, rows, ["model", "params", "steps", metric, *answer_columns,
                                "ms_per_step", "train_minutes"], out, notes)
@@ -204,8 +227,28 @@ def previous_rows(path: Path) -> list[dict]:
     return [r for r in json.loads(path.read_text())["rows"] if "run" in r]
 
 
-def previous_notes(path: Path) -> str | None:
-    return json.loads(path.read_text()).get("notes") if path.exists() else None
+def hand_written_notes(path: Path, metric: str) -> str | None:
+    """The notes of an earlier table in ``path`` if someone wrote them by hand, else None.
+    The script's own notes (they end ``; eval <metric>; NOTES_TAIL``) are not kept: kept, they
+    went on describing the first run's settings after reruns with others."""
+    notes = json.loads(path.read_text()).get("notes") if path.exists() else None
+    if not notes or notes.endswith(f"; eval {metric}; {NOTES_TAIL}"):
+        return None
+    return notes
+
+
+def refuse_other_settings(cfg, workdir: Path) -> None:
+    """Stop if ``workdir`` holds a run saved with settings other than ``cfg``. ``train`` would
+    resume it on the new ones (another ``--steps`` is another learning-rate schedule from the
+    saved step on, said only by a warning), and the row would describe neither run."""
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    changes = diff(read_config(saved), with_absolute_paths(cfg))
+    if changes:
+        raise SystemExit(f"{workdir} holds a run trained with other settings (saved -> now):\n  "
+                         + "\n  ".join(changes) + "\nRerun with --fresh to retrain it there, or "
+                         "give another --out.")
 
 
 def plot(curves, metric, path: Path, title: str) -> None:

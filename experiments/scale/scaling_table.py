@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxsparse import configs
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.dryrun import run_emulated
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -133,6 +135,34 @@ def markdown(rows: list[dict]) -> str:
 PRESETS = ("data", "fsdp", "fsdp_tp", "fsdp_tp_ep", "fsdp_tp_sp")
 
 
+def model_list(text: str) -> list[str]:
+    """``type=`` of ``--models``: comma-separated config names (or config files, as
+    ``configs.get`` takes), each one that exists (a typo used to become an error row in the
+    results and exit 0)."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in configs.names()
+               and not (name.endswith(".py") and Path(name).is_file())]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown config(s) {', '.join(map(repr, unknown))}; "
+                                         f"named configs: {', '.join(configs.names())}")
+    return names
+
+
+def size_list(text: str) -> list[int]:
+    """``type=`` of ``--sizes``: comma-separated device counts, each >= 1."""
+    return [positive_int(size) for size in text.split(",")]
+
+
+def preset_list(text: str) -> list[str]:
+    """``type=`` of ``--presets``: comma-separated names of PRESETS (a typo matched nothing)."""
+    presets = text.split(",")
+    unknown = [preset for preset in presets if preset not in PRESETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {', '.join(map(repr, unknown))}; "
+                                         f"choose from {', '.join(PRESETS)}")
+    return presets
+
+
 def load_rows(out: Path) -> list[dict]:
     path = out.with_suffix(".json")
     return json.loads(path.read_text()) if path.exists() else []
@@ -146,42 +176,49 @@ def table_order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="hydra_1p6b,transformer_1p3b")
-    parser.add_argument("--sizes", default="8,64,256")
-    parser.add_argument("--presets", default=",".join(PRESETS))
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--models", type=model_list, default="hydra_1p6b,transformer_1p3b",
+                        help="comma-separated config names")
+    parser.add_argument("--sizes", type=size_list, default="8,64,256",
+                        help="comma-separated device counts")
+    parser.add_argument("--presets", type=preset_list, default=",".join(PRESETS),
+                        help=f"comma-separated sharding presets, of {', '.join(PRESETS)}")
     parser.add_argument("--out", default=str(RESULTS / "scaling"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     jobs = []
-    for model in args.models.split(","):
+    for model in args.models:
         depths = (3, 6) if model.startswith("hydra") else (2, 4)
-        for devices in map(int, args.sizes.split(",")):
-            for preset in args.presets.split(","):
+        for devices in args.sizes:
+            for preset in args.presets:
                 mesh = meshes(preset, devices, model)
                 if mesh is not None and math.prod(mesh.values()) == devices:
                     jobs.append((model, devices, preset, mesh, depths))
+    if not jobs:  # e.g. fsdp_tp_ep for the dense baseline, or too few devices for a preset
+        raise SystemExit("no preset applies to these models and sizes; nothing to run")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows not rerun now stay in the table: `--models hydra_1p6b --presets fsdp_tp` refreshes
     # those rows after a change without recompiling the others.
     rerun = {(model, devices, preset) for model, devices, preset, _, _ in jobs}
-    kept = [r for r in load_rows(out) if (r["model"], r["devices"], r["preset"]) not in rerun]
-    rows, done = [], [r for r in table_order(kept) if "error" not in r]
+    # Failures (an error row of an older version's file among them) stay out of the results:
+    # later runs kept them, and the table README cites would hold them.
+    kept = [r for r in load_rows(out) if (r["model"], r["devices"], r["preset"]) not in rerun
+            and "error" not in r]
+    rows, failed = [], []
     for model, devices, preset, mesh, depths in tqdm(jobs, desc="dry runs", unit="config"):
         try:
             rows.append(one(model, devices, preset, mesh, depths))
-        except Exception as err:  # noqa: BLE001 — record the failure, keep the table going
-            rows.append({"model": model, "devices": devices, "preset": preset, "mesh": mesh,
-                         "error": str(err)[-500:]})
+        except Exception as err:  # noqa: BLE001 — report the failure, keep the table going
+            failed.append(f"FAILED {model} {devices} {preset}: {str(err)[-500:]}")
+            continue
         table = table_order(kept + rows)
-        done = [r for r in table if "error" not in r]
         out.with_suffix(".json").write_text(json.dumps(table, indent=1))
-        out.with_suffix(".md").write_text(markdown(done) + "\n")
-    print(markdown(done))
-    for r in rows:
-        if "error" in r:
-            print(f"FAILED {r['model']} {r['devices']} {r['preset']}: {r['error']}")
+        out.with_suffix(".md").write_text(markdown(table) + "\n")
+    print(markdown(table_order(kept + rows)))
+    if failed:
+        print("\n".join(failed), file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
