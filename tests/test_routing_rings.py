@@ -23,7 +23,7 @@ def inputs(batch=2, length=37, heads=3, dim=5, clusters=4, seed=1):
 
 
 # compiled once per piece length: one token at a time op by op took minutes
-decode_jit = jax.jit(routing_ring_decode, static_argnames=("shared_qk", "probes"))
+decode_jit = jax.jit(routing_ring_decode, static_argnames=("shared_qk", "probes", "query_chunk"))
 
 
 def decoded(q, k, v, centroids, pieces, window, **options):
@@ -61,6 +61,14 @@ def test_ring_decoding_equals_routing_attention_over_the_whole_sequence(name, pi
     full, _ = causal_routing_attention(q, k, v, centroids, window=window, **options)
     out, _ = decoded(q, k, v, centroids, pieces, window, **options)
     np.testing.assert_allclose(out, full, atol=2e-6, rtol=2e-6)
+
+
+def test_a_prompt_read_in_query_chunks_equals_one_read_whole():
+    """Prompts of 13 and 16 tokens in chunks of 4 queries (the last one partial)."""
+    q, k, v, centroids, _ = inputs()
+    whole, _ = decoded(q, k, v, centroids, MIXED, 3, shared_qk=True, probes=2)
+    chunked, _ = decoded(q, k, v, centroids, MIXED, 3, shared_qk=True, probes=2, query_chunk=4)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
 def test_ring_decoding_gradients_equal_those_of_routing_attention():

@@ -10,18 +10,16 @@ of every position (:func:`jaxsparse.ops.routing.causal_routing_decode`) keeps th
 context and reads and counts over all of it at every token.
 
 Slot ``i mod w`` of cluster ``c`` holds the ``i``-th key routed to ``c`` (``count[c]`` keys so
-far), so the slot ``r`` places behind the newest is filled when ``r < count[c]``. A query in a
-block of new tokens reads
+far), so the slot ``r`` places behind the newest is filled when ``r < count[c]``.
 
-- ring slots of its clusters that are fewer than ``w`` keys of that cluster behind it: their
-  rank behind the newest plus the new same-cluster keys at or before the query, below ``w``;
-- new keys at or before it of its clusters with fewer than ``w`` same-cluster new keys after
-  them up to it;
-
-and the ring takes the last ``w`` new keys of each cluster afterwards. One token reads its
-clusters' slots and itself; a prompt reads the rings and its own keys side by side (time and
-memory ``O(n · (C·w + n))`` for ``n`` new tokens per head, against ``O(n · context)`` for the
-cache of every position).
+- **One token** (generation) is written first, then reads the filled slots of the ``P``
+  clusters it probes: ``P · w`` keys, its own among them.
+- **A block of new tokens** (a prompt) is read before it is written: a query reads, per probed
+  cluster, the new keys of that cluster at or before it in its window (the sorted windows of
+  ``causal_routing_attention``) and the ring slots fewer than ``w`` keys behind it — their rank
+  behind the newest slot plus the new keys of the cluster in the query's window, below ``w``.
+  Time and memory ``O(n · P · w)`` for ``n`` new tokens, queries a chunk at a time. Each
+  cluster's ring then takes its last ``w`` new keys.
 """
 
 from __future__ import annotations
@@ -31,9 +29,8 @@ import jax.numpy as jnp
 
 from jaxsparse.ops.attention.api import logit_scale
 from jaxsparse.ops.checks import check_integer
-from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
-from jaxsparse.ops.routing import _check, _check_probes, _keys, assign, assign_top
-from jaxsparse.ops.softmax import masked_softmax
+from jaxsparse.ops.routing import (_attend, _attend_in_chunks, _check, _check_probes, _keys,
+                                   assign, assign_top, cluster_windows)
 
 
 def init_routing_rings(batch: int, heads: int, num_clusters: int, window: int, head_dim: int,
@@ -70,13 +67,14 @@ def _check_rings(rings, batch: int, heads: int, num_clusters: int, head_dim: int
 
 def routing_ring_decode(q, k, v, rings, centroids, *, shared_qk: bool = False,
                         scale: float | None = None, q_center=None, k_center=None,
-                        probes: int = 1):
+                        probes: int = 1, query_chunk: int = 512):
     """Decode ``n`` new tokens ``q, k, v [B, n, H, D]`` that follow the tokens ``rings`` has
     seen: the same outputs as :func:`jaxsparse.ops.routing.causal_routing_attention` over the
     whole sequence gives these tokens (arguments as there; the ring window is the ``w`` of
     ``init_routing_rings``). Returns ``(out [B, n, H, D], rings)`` with the new keys kept."""
     _, num_clusters = _check(q, k if not shared_qk else q, v, centroids, 1)
     _check_probes(probes, num_clusters)
+    check_integer("query_chunk", query_chunk)
     batch, new, heads, dim = q.shape
     window = _check_rings(rings, batch, heads, num_clusters, dim)
     scale = logit_scale(scale, dim)
@@ -87,77 +85,71 @@ def routing_ring_decode(q, k, v, rings, centroids, *, shared_qk: bool = False,
         # written first, then read: a step that read the rings before writing them made XLA
         # copy them whole (it could not order the read before the in-place write)
         rings = _pushed(rings, keys, v, k_clusters, num_clusters, window)
-        ring_k, ring_v, ring_valid, ring_own = _ring_part(rings, q_clusters, k_clusters,
-                                                          window, written=True)
-        keys, v = keys[:, :0], v[:, :0]
-        new_valid = new_own = jnp.zeros((batch, 1, heads, 0), bool)
+        out = _one_token(q, rings, q_clusters, k_clusters, window, shared_qk, scale)
     else:
-        ring_k, ring_v, ring_valid, ring_own = _ring_part(rings, q_clusters, k_clusters,
-                                                          window, written=False)
-        new_valid = _new_keys_read(q_clusters, k_clusters, window)
-        new_own = jnp.broadcast_to(jnp.eye(new, dtype=bool).reshape(1, new, 1, new),
-                                   new_valid.shape)
+        out = _block(q, keys, v, rings, q_clusters, k_clusters, window, shared_qk, scale,
+                     query_chunk)
         rings = _pushed(rings, keys, v, k_clusters, num_clusters, window)
-    if shared_qk:  # the token's own key only when it reads nothing else (Reformer's rule)
-        others = jnp.any(ring_valid & ~ring_own, axis=(-2, -1))[..., None] | \
-            jnp.any(new_valid & ~new_own, axis=-1, keepdims=True)           # [B, n, H, 1]
-        ring_valid = ring_valid & ~(ring_own & others[..., None])
-        new_valid = new_valid & ~(new_own & others)
-    ring_logits = matmul_f32("bnhd,bhgwd->bnhgw", q, ring_k)
-    new_logits = matmul_f32("bnhd,bmhd->bnhm", q, keys)
-    read = ring_k.shape[2] * window
-    logits = jnp.concatenate([ring_logits.reshape(batch, new, heads, read), new_logits], -1)
-    valid = jnp.concatenate([ring_valid.reshape(batch, new, heads, read), new_valid], -1)
-    weights = masked_softmax(logits * scale, valid, axis=-1)
-    ring_weights = weights[..., :read].reshape(ring_logits.shape)
-    out = (weighted_sum("bnhgw,bhgwd->bnhd", ring_weights, ring_v)
-           + weighted_sum("bnhm,bmhd->bnhd", weights[..., read:], v))
     return out.astype(q.dtype), rings
 
 
-def _ring_part(rings, q_clusters, k_clusters, window: int, written: bool):
-    """The ring slots the new queries may read: ``(keys, values [B, H, G, w, D], valid, own
-    [B, n, H, G, w])``, ``own`` marking the query's own key. Of the ``G = P`` clusters the
-    query probes when it is one token (it reads ``P · w`` slots, not ``C · w``), of all
-    ``G = C`` clusters for several (their probes differ). A slot is valid when it is filled,
-    in a probed cluster, and fewer than ``w`` keys of its cluster lie between it and the query
-    (module docstring). ``written``: the rings already hold the new token (one token), whose
-    key is then the newest slot of its cluster; else they hold none of the new keys."""
+def _behind(count, window: int):
+    """For each slot of a ring whose cluster has seen ``count`` keys (``[..., 1]``), how many
+    keys of the cluster are newer, ``[..., w]``; the slot is filled when that is < count."""
+    slot = jnp.arange(window, dtype=jnp.int32).reshape((1,) * (count.ndim - 1) + (window,))
+    return jnp.mod(count - 1 - slot, window)
+
+
+def _one_token(q, rings, q_clusters, k_clusters, window: int, shared_qk: bool, scale):
+    """One token, already written: it reads the filled slots of the ``P`` clusters it probes
+    (``P · w`` slots, not ``C · w``); its own key is the newest slot of its cluster."""
+    batch, _, heads, probes = q_clusters.shape
+    chosen = q_clusters[:, 0]                                               # [B, H, P]
+    ring_k, ring_v = (jnp.take_along_axis(rings[name], chosen[..., None, None], axis=2)
+                      .reshape(batch, 1, heads, probes * window, -1)
+                      for name in ("k", "v"))                               # [B, 1, H, P·w, D]
+    count = jnp.take_along_axis(rings["count"], chosen, axis=-1)[..., None]  # [B, H, P, 1]
+    behind = _behind(count, window)                                         # [B, H, P, w]
+    valid = (behind < count).reshape(batch, 1, heads, probes * window)
+    if shared_qk:  # its own key only when it has nothing else (Reformer's rule)
+        own = ((chosen == k_clusters[:, 0, :, None])[..., None] & (behind == 0))
+        own = own.reshape(valid.shape)
+        valid = valid & ~(own & jnp.any(valid & ~own, axis=-1, keepdims=True))
+    return _attend(q, ring_k, ring_v, valid, scale)
+
+
+def _block(q, keys, values, rings, q_clusters, k_clusters, window: int, shared_qk: bool, scale,
+           query_chunk: int):
+    """Several tokens, read before they are written: each query reads, per probed cluster,
+    that cluster's new keys at or before it in its window (the sorted windows of
+    ``causal_routing_attention``) and the ring slots fewer than ``w`` keys behind it — time
+    and memory ``O(n · P · w)``, queries ``query_chunk`` at a time."""
     batch, new, heads, probes = q_clusters.shape
-    count = rings["count"]                                                  # [B, H, C]
-    if new == 1:
-        chosen = q_clusters[:, 0]                                           # [B, H, P]
-        ring_k, ring_v = (jnp.take_along_axis(rings[name], chosen[..., None, None], axis=2)
-                          for name in ("k", "v"))
-        count = jnp.take_along_axis(count, chosen, axis=-1)
-    else:
-        chosen = jnp.broadcast_to(jnp.arange(count.shape[-1], dtype=jnp.int32), count.shape)
-        ring_k, ring_v = rings["k"], rings["v"]
-    chosen = chosen[:, None]                                                # [B, 1, H, G]
-    probed = jnp.any(q_clusters[..., None, :] == chosen[..., None], axis=-1)  # [B, n, H, G]
-    own_cluster = k_clusters[..., None] == chosen                           # [B, n, H, G]
-    # new keys of each chosen cluster at or before the query that the rings do not count
-    new_before = jnp.zeros_like(probed, jnp.int32) if written else \
-        jnp.cumsum(own_cluster, axis=1, dtype=jnp.int32)
-    count = count[:, None, :, :, None]                                      # [B, 1, H, G, 1]
-    slot = jnp.arange(window, dtype=jnp.int32).reshape(1, 1, 1, 1, window)
-    behind = jnp.mod(count - 1 - slot, window)          # keys of the cluster newer than the slot
-    valid = probed[..., None] & (behind < count) & (behind + new_before[..., None] < window)
-    own = own_cluster[..., None] & (behind == 0) if written else jnp.zeros_like(valid)
-    return ring_k, ring_v, valid, own
-
-
-def _new_keys_read(q_clusters, k_clusters, window: int):
-    """``[B, n, H, n]``: the new keys each new query reads (module docstring)."""
-    new = k_clusters.shape[1]
-    causal = jnp.tril(jnp.ones((new, new), bool)).reshape(1, new, 1, new)
-    keys_in = k_clusters.swapaxes(1, 2)[:, None]                            # [B, 1, H, n]
-    valid = jnp.zeros((k_clusters.shape[0], new, k_clusters.shape[2], new), bool)
-    for p in range(q_clusters.shape[-1]):  # a key is in one cluster: the windows are disjoint
-        same = (keys_in == q_clusters[..., p:p + 1]) & causal                # [B, n, H, n]
-        after = jnp.cumsum(same[..., ::-1], axis=-1)[..., ::-1] - same       # same, up to query
-        valid = valid | (same & (after < window))
-    return valid
+    num_clusters = rings["count"].shape[-1]
+    new_pos, new_valid = cluster_windows(q_clusters, k_clusters, window)   # [B, n, H, P·w]
+    # the cluster's new keys in the query's window: newer than every ring slot
+    in_window = jnp.sum(new_valid.reshape(batch, new, heads, probes, window), axis=-1)
+    count = jnp.take_along_axis(rings["count"][:, None], q_clusters, axis=-1)  # [B, n, H, P]
+    behind = _behind(count[..., None], window)                              # [B, n, H, P, w]
+    ring_valid = (behind < count[..., None]) & (behind + in_window[..., None] < window)
+    ring_valid = ring_valid.reshape(new_valid.shape)
+    if shared_qk:  # its own key only when it has nothing else (Reformer's rule)
+        own = new_pos == jnp.arange(new, dtype=jnp.int32).reshape(1, new, 1, 1)
+        others = jnp.any(ring_valid, axis=-1, keepdims=True) | \
+            jnp.any(new_valid & ~own, axis=-1, keepdims=True)
+        new_valid = new_valid & ~(own & others)
+    # the rings' slots and the new keys as one sequence of keys: slot c·w + s of the rings,
+    # then the new key j at C·w + j
+    flat = num_clusters * window
+    ring_slots = (q_clusters[..., None] * window
+                  + jnp.arange(window, dtype=jnp.int32).reshape(1, 1, 1, 1, window))
+    positions = jnp.concatenate([ring_slots.reshape(new_pos.shape), flat + new_pos], axis=-1)
+    as_sequence = lambda ring: jnp.moveaxis(  # noqa: E731  [B, H, C, w, D] -> [B, C·w, H, D]
+        ring.reshape(batch, heads, flat, -1), 1, 2)
+    all_keys = jnp.concatenate([as_sequence(rings["k"]).astype(keys.dtype), keys], axis=1)
+    all_values = jnp.concatenate([as_sequence(rings["v"]).astype(values.dtype), values], axis=1)
+    valid = jnp.concatenate([ring_valid, new_valid], axis=-1)
+    return _attend_in_chunks(q, all_keys, all_values, positions, valid, scale, query_chunk)
 
 
 def _pushed(rings, keys, values, k_clusters, num_clusters: int, window: int):
