@@ -258,12 +258,15 @@ def test_bench_flags_refuse_sizes_below_one(capsys, name, argv, fragment):
 
 
 def test_decode_benchmark_times_our_caches_against_the_alternatives(tmp_path):
-    assert main(["bench", "decode", "--cache", "24", "--heads", "4", "--kv-heads", "2",
-                 "--window", "5", "--max-global", "3", "--batch", "1", "--steps", "3",
+    assert main(["bench", "decode", "--cache", "24", "--heads", "4", "--kv-heads", "4", "2",
+                 "--window", "5", "--max-global", "3", "--clusters", "3",
+                 "--routing-window", "4", "--batch", "1", "--steps", "3",
                  "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    # batch 1: the squeezed cache row too; the SGA rings (5 + 3 slots) are below the cache's 24
+    # batch 1: the squeezed cache row too; the SGA rings (5 + 3 slots) are below the cache's
+    # 24; routing heads (3 x 4 ring slots) have one key/value head per query head
     assert [(r["op"], r["kv_heads"]) for r in rows] == [
+        ("layout", 4), ("window 5", 4), ("squeezed", 4), ("sga 5+3", 4), ("routing 3x4", 4),
         ("layout", 2), ("window 5", 2), ("squeezed", 2), ("sga 5+3", 2)]
     for r in rows:
         assert r["ours_ms"] > 0 and r["peer_ms"] > 0
