@@ -276,12 +276,12 @@ def _print_config_warnings(command: str):
     effect, or moving a resumed run's schedule) as the command's own (no source file and
     line: the config is the user's, not ours)."""
     from jaxsparse.config_usage import UnreadKeyWarning
-    from jaxsparse.errors import ScheduleChangeWarning
+    from jaxsparse.errors import DataChangeWarning, ScheduleChangeWarning
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UnreadKeyWarning | ScheduleChangeWarning):
+        if issubclass(category, UnreadKeyWarning | ScheduleChangeWarning | DataChangeWarning):
             print(f"jaxsparse {command}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

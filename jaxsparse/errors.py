@@ -8,3 +8,8 @@ class NonFiniteTraining(RuntimeError):
 
 class ScheduleChangeWarning(UserWarning):
     """A resumed run whose learning-rate schedule differs at the step it resumes from."""
+
+
+class DataChangeWarning(UserWarning):
+    """A resumed (or re-evaluated) run whose data settings differ from the saved run's, so its
+    batches and validation windows do."""

@@ -179,7 +179,8 @@ def test_resuming_on_other_data_settings_is_said_and_a_rerun_keeps_config_json(t
     other batches (its losses are not an uninterrupted run's), which is said as a moved
     schedule is, each key with both values. A rerun that trains nothing leaves config.json,
     the record of the settings its checkpoints were trained with, as it was."""
-    from jaxsparse.train.loop import DataChangeWarning, warn_if_the_data_moved
+    from jaxsparse.errors import DataChangeWarning
+    from jaxsparse.train.loop import warn_if_the_data_moved
 
     cfg = tiny_config("train.steps=4")
     train(cfg, tmp_path, should_stop=lambda step: step == 2, sample=False, quiet=True)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from jaxsparse.config import Config, ConfigError, MeshConfig, from_json, to_json, validate
 from jaxsparse.config_usage import model_differences, unread_data_keys
 from jaxsparse.data import Shard, make_stream
-from jaxsparse.errors import NonFiniteTraining, ScheduleChangeWarning
+from jaxsparse.errors import DataChangeWarning, NonFiniteTraining, ScheduleChangeWarning
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import check_batch_split, make_mesh
 from jaxsparse.parallel.mesh import check_mesh
@@ -92,13 +92,6 @@ def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> 
         f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "
         f"the learning rate there moves from {before:.3g} to {after:.3g}. To continue the "
         "saved schedule instead, resume with its settings", ScheduleChangeWarning, stacklevel=3)
-
-
-class DataChangeWarning(ScheduleChangeWarning):
-    """A resumed run whose data settings differ from the saved run's, so its batches do.
-
-    A kind of ScheduleChangeWarning (both say that a resume does not continue the saved run as
-    it was), so the command line prints it as one of its own, as it prints the schedule's."""
 
 
 def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None:
