@@ -41,6 +41,12 @@ jax.config.update("jax_numpy_dtype_promotion", "standard")
 
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# the property tests draw the same examples on every run: a failure seen once comes back
+# (in CI too), instead of a new random draw each time (print_blob: how to replay one)
+settings.register_profile("derandomized", derandomize=True, print_blob=True)
+settings.load_profile("derandomized")
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 read equals a dense softmax read, gradients are sparse in the values, large tables never get
 scored in full, and the values train with their own optimiser."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,11 +128,13 @@ def test_sub_key_tables_of_different_shapes_and_non_integer_knn_are_refused():
             ProductKeyMemory(8, rngs=nnx.Rngs(0), **({"n_keys": 4, "k_dim": 4} | option))
 
 
+@pytest.mark.parametrize("implementation", [None, "scan", "native"])
 @pytest.mark.parametrize("lead,heads,knn,slots,dim", [((2, 7), 2, 4, 50, 6), ((3,), 1, 1, 5, 3),
                                                       ((1, 1, 5), 3, 8, 64, 1)])
-def test_memory_read_equals_gathering_every_row(lead, heads, knn, slots, dim):
+def test_memory_read_equals_gathering_every_row(lead, heads, knn, slots, dim, implementation):
     """The row-at-a-time read (no [..., heads, knn, V] block) equals gather-then-sum, values
-    and gradients, including slots chosen by several heads of one token."""
+    and gradients, including slots chosen by several heads of one token — each implementation
+    (the scan is the GPU/TPU default, only the native kernel the CPU one)."""
     from jaxsparse.ops.memory import memory_read_reference
 
     keys = jax.random.split(jax.random.key(len(lead) + knn), 4)
@@ -139,13 +143,39 @@ def test_memory_read_equals_gathering_every_row(lead, heads, knn, slots, dim):
     values = jax.random.normal(keys[2], (slots, dim))
     probe = jax.random.normal(keys[3], lead + (dim,))
     loss = lambda read: lambda s, v: jnp.sum(jnp.sin(read(s, chosen, v)) * probe)  # noqa: E731
-    np.testing.assert_allclose(memory_read(scores, chosen, values),
+    read = functools.partial(memory_read, implementation=implementation)
+    np.testing.assert_allclose(read(scores, chosen, values),
                                memory_read_reference(scores, chosen, values), rtol=1e-5, atol=1e-6)
-    ours = jax.grad(loss(memory_read), argnums=(0, 1))(scores, values)
+    ours = jax.grad(loss(read), argnums=(0, 1))(scores, values)
     ref = jax.grad(loss(memory_read_reference), argnums=(0, 1))(scores, values)
     assert float(jnp.max(jnp.abs(ref[1]))) > 1e-3  # (one slot per head: a constant weight)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_scan_read_is_within_bfloat16_error_of_the_float32_read():
+    """The scan read of bfloat16 scores and values (the CPU default for bfloat16) against the
+    float32 reference on the same rounded inputs: values and gradients to a few bfloat16
+    spacings (2^-8), relative to the largest entry."""
+    from jaxsparse.ops.memory import memory_read_reference
+
+    keys = jax.random.split(jax.random.key(11), 4)
+    scores = jax.random.normal(keys[0], (3, 5, 2, 4)).astype(jnp.bfloat16)
+    chosen = jax.random.randint(keys[1], (3, 5, 2, 4), 0, 40)
+    values = jax.random.normal(keys[2], (40, 16)).astype(jnp.bfloat16)
+    probe = jax.random.normal(keys[3], (3, 5, 16))
+    loss = lambda read: lambda s, v: jnp.sum(  # noqa: E731
+        jnp.sin(read(s, chosen, v).astype(jnp.float32)) * probe)
+    scan = functools.partial(memory_read, implementation="scan")
+    wide = [x.astype(jnp.float32) for x in (scores, values)]
+    out = scan(scores, chosen, values)
+    assert out.dtype == jnp.bfloat16
+    pairs = [(out, memory_read_reference(wide[0], chosen, wide[1]))]
+    pairs += list(zip(jax.grad(loss(scan), (0, 1))(scores, values),
+                      jax.grad(loss(memory_read_reference), (0, 1))(*wide)))
+    for got, want in pairs:
+        got, want = np.asarray(got, np.float32), np.asarray(want)
+        assert np.max(np.abs(got - want)) <= 8 * 2.0**-8 * np.max(np.abs(want))
 
 
 @pytest.mark.parametrize("implementation,dtype", [(None, jnp.float32), (None, jnp.bfloat16),
