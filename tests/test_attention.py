@@ -301,17 +301,29 @@ def test_decode_attention_with_a_sliding_window_ring_buffer():
     LocalMask(7, 0), ChunkedCausalMask(8), LocalMask(3, 0) & CausalMask(),
     MultiHeadMask((LocalMask(2, 0), LocalMask(7, 0), LocalMask(5, 0), ChunkedCausalMask(6)))],
     ids=["window", "chunked", "narrower", "per_head"])
-def test_window_cache_decoding_equals_full_attention(mask):
+@pytest.mark.parametrize("prompt_chunk", [None, 4], ids=["whole_prompts", "prompt_chunks"])
+def test_window_cache_decoding_equals_full_attention(mask, prompt_chunk, monkeypatch):
     """A ring buffer of 8 slots, fed a prompt of 3, one token, a chunk of 9 (longer than the
     ring), single tokens wrapping around it and a last chunk of 16: every output equals full
-    attention under the mask (GQA, head dim 5), and the ring keeps only 8 positions."""
+    attention under the mask (GQA, head dim 5), and the ring keeps only 8 positions. With
+    prompts read 4 queries at a time (``PROMPT_CHUNK``, 256 by default): a first prompt of 9
+    (the ring still empty), then 1, 3 and 18 tokens."""
+    import jaxsparse.ops.attention.decode as decode
+
+    pieces = [(0, 3), (3, 4), (4, 13), (13, 14), (14, 15), (15, 31)]
+    if prompt_chunk:
+        monkeypatch.setattr(decode, "PROMPT_CHUNK", prompt_chunk)
+        pieces = [(0, 9), (9, 10), (10, 13), (13, 31)]
     B, T, Hq, Hkv, D, W = 2, 31, 4, 2, 5, 8
     q, k, v = rand(60, B, T, Hq, D), rand(61, B, T, Hkv, D), rand(62, B, T, Hkv, D)
     full = dot_product_attention(q, k, v, mask=mask & CausalMask(), implementation="xla")
     k_ring = v_ring = jnp.zeros((B, Hkv, W, D))
-    step = jax.jit(window_cache_decode, static_argnames="mask")
+    # a function of its own: a jit of window_cache_decode itself would reuse the other
+    # variant's compilations, traced with the other PROMPT_CHUNK
+    step = jax.jit(lambda *args, mask: window_cache_decode(*args, mask=mask),
+                   static_argnames="mask")
     outs = []
-    for start, stop in [(0, 3), (3, 4), (4, 13), (13, 14), (14, 15), (15, 31)]:
+    for start, stop in pieces:
         out, k_ring, v_ring = step(q[:, start:stop], k[:, start:stop], v[:, start:stop],
                                    k_ring, v_ring, jnp.int32(start), mask=mask)
         outs.append(out)

@@ -219,6 +219,41 @@ def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     return out, k_cache, v_cache
 
 
+# A prompt longer than this is read by a window cache's layer in chunks of this many queries
+# (each against the W keys before the chunk and its own): every query reading the ring and all
+# the new keys took O(L · (W + L)) time and memory, O(L²) for a long prompt.
+PROMPT_CHUNK = 256
+
+
+def _prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale, logits_soft_cap):
+    """``window_cache_decode``'s attention for a long prompt: ``q [B, L, Hq, D]`` at positions
+    ``index ..`` against the ring ``k_cache, v_cache [B, Hkv, W, D]`` (the ``W`` positions
+    before ``index``) and the new ``k_new, v_new [B, Hkv, L, D]``. The ring is put in position
+    order before the new keys, so the keys a chunk of queries may read (the mask looks back at
+    most ``W``) are one contiguous run: the ``W`` before the chunk and the chunk's own."""
+    batch, new, q_heads, head_dim = q.shape
+    slots, chunk = k_cache.shape[2], PROMPT_CHUNK
+    by_position = (index + jnp.arange(slots)) % slots  # the slots of index - W .. index - 1
+    padded = -(-new // chunk) * chunk
+    keys, values = (jnp.pad(jnp.concatenate([jnp.take(c, by_position, axis=2), x], axis=2),
+                            ((0, 0), (0, 0), (0, padded - new), (0, 0))).astype(q.dtype)
+                    for c, x in ((k_cache, k_new), (v_cache, v_new)))  # [B, Hkv, W + L', D]
+    queries = jnp.pad(q, ((0, 0), (0, padded - new), (0, 0), (0, 0)))
+
+    def one(start):
+        q_pos = jnp.broadcast_to(index + start + jnp.arange(chunk), (batch, chunk))
+        kv_pos = jnp.broadcast_to(index - slots + start + jnp.arange(slots + chunk),
+                                  (batch, slots + chunk))
+        allowed = allowed_at(q_pos, kv_pos, mask, slots, slots)  # slots before 0: negative
+        return xla_attention(jax.lax.dynamic_slice_in_dim(queries, start, chunk, axis=1),
+                             jax.lax.dynamic_slice_in_dim(keys, start, slots + chunk, axis=2),
+                             jax.lax.dynamic_slice_in_dim(values, start, slots + chunk, axis=2),
+                             allowed, scale, logits_soft_cap, kv_heads_first=True)
+
+    out = jax.lax.map(one, jnp.arange(0, padded, chunk))         # [chunks, B, chunk, Hq, D]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, q_heads, head_dim)[:, :new]
+
+
 def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
                         mask: Mask | str | None = None, scale: float | None = None,
                         logits_soft_cap: float | None = None):
@@ -233,7 +268,9 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     One token (generation) is written first, over the position ``W`` behind it that it no
     longer reads, and attended as ``decode_attention``'s ring buffer. Several (a prompt) read
     the cache as it was and their own keys side by side — written first, they would overwrite
-    keys the earliest of them still reads — and then only the last ``W`` are kept."""
+    keys the earliest of them still reads — and then only the last ``W`` are kept. A prompt
+    longer than ``PROMPT_CHUNK`` is read that many queries at a time, each chunk against the
+    ``W`` positions before it and its own keys: ``O(L · (W + chunk))``, not ``O(L · (W + L))``."""
     check_attention_inputs(q, k_new, v_new, names=("q", "k_new", "v_new"))
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     batch, new, q_heads, head_dim = q.shape
@@ -257,13 +294,18 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
         out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, scale=scale,
                                logits_soft_cap=logits_soft_cap, window=slots, heads_first=True)
         return out, k_cache, v_cache
-    q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
-    kv_pos = jnp.concatenate([ring_positions(lengths - new, slots), q_pos], axis=1)
-    allowed = allowed_at(q_pos, kv_pos, mask, slots, slots)
-    keys, values = (jnp.concatenate([c, x], axis=2).astype(q.dtype)
-                    for c, x in ((k_cache, k_new), (v_cache, v_new)))
     scale = head_dim**-0.5 if scale is None else scale
-    out = xla_attention(q, keys, values, allowed, scale, logits_soft_cap, kv_heads_first=True)
+    if new > PROMPT_CHUNK:
+        out = _prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale,
+                                logits_soft_cap)
+    else:
+        q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
+        kv_pos = jnp.concatenate([ring_positions(lengths - new, slots), q_pos], axis=1)
+        allowed = allowed_at(q_pos, kv_pos, mask, slots, slots)
+        keys, values = (jnp.concatenate([c, x], axis=2).astype(q.dtype)
+                        for c, x in ((k_cache, k_new), (v_cache, v_new)))
+        out = xla_attention(q, keys, values, allowed, scale, logits_soft_cap,
+                            kv_heads_first=True)
     keep = min(new, slots)  # the last `keep` new positions, each into its slot
     kept = (index + new - keep + jnp.arange(keep)) % slots
     k_cache = k_cache.at[:, :, kept].set(k_new[:, :, new - keep:])
