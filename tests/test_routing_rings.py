@@ -121,7 +121,9 @@ def test_bad_ring_decode_inputs_are_refused():
             (dict(centroids=centroids[:, :2]), r"rings\['k'\] of shape \(2, 3, 4, 3, 5\): "
                                                r"expected \(2, 3, 2, 3, 5\)"),
             (dict(k=k[:, :3]), r"q, k, v must share one shape"),
-            (dict(probes=5), r"probes=5: must be an integer in \[1, num_clusters=4\]")]:
+            (dict(probes=5), r"probes=5: must be an integer in \[1, num_clusters=4\]"),
+            (dict(q=q[:, :0], k=k[:, :0], v=v[:, :0]),
+             r"q\(2, 0, 3, 5\) holds no new token: decode at least one")]:
         with pytest.raises(ValueError, match=message):
             routing_ring_decode(**{**good, **kw})
     with pytest.raises(ValueError, match="window=0: must be an integer >= 1"):

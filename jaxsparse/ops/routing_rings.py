@@ -76,6 +76,8 @@ def routing_ring_decode(q, k, v, rings, centroids, *, shared_qk: bool = False,
     _check_probes(probes, num_clusters)
     check_integer("query_chunk", query_chunk)
     batch, new, heads, dim = q.shape
+    if new < 1:
+        raise ValueError(f"q{tuple(q.shape)} holds no new token: decode at least one")
     window = _check_rings(rings, batch, heads, num_clusters, dim)
     scale = logit_scale(scale, dim)
     keys, q_units, k_units = _keys(q, k, shared_qk, q_center, k_center)
