@@ -102,16 +102,29 @@ def test_gradients_flow_through_the_written_read_under_jit():
     assert np.abs(np.asarray(written[1][:, :, 300:])).max() == 0  # unwritten slots: no gradient
 
 
-def test_full_cache_decode_writes_and_attends():
+@pytest.mark.parametrize("prompt_chunk", [None, 4], ids=["whole_prompts", "prompt_chunks"])
+def test_full_cache_decode_writes_and_attends(prompt_chunk, monkeypatch):
     """A prompt of 5 then single tokens through ``full_cache_decode`` equal full attention;
-    the cache holds each key in its position's slot."""
-    B, T, C, Hq, Hkv, D = 2, 9, 12, 4, 2, 8
+    the cache holds each key in its position's slot. With prompts read 4 queries at a time
+    (``PROMPT_CHUNK``, 256 by default; under a strided mask): prompts of 9 (two runs of 4 and
+    one query), 8 (two runs) and 4 (one, read whole), single tokens between."""
+    import jaxsparse.ops.attention.decode as decode
+
+    B, T, C, Hq, Hkv, D = 2, 23, 24, 4, 2, 8
+    pieces, mask = [(0, 5), (5, 6), (6, 7), (7, 9)], None
+    if prompt_chunk:
+        monkeypatch.setattr(decode, "PROMPT_CHUNK", prompt_chunk)
+        pieces, mask = [(0, 9), (9, 10), (10, 18), (18, 19), (19, 23)], StridedMask(3)
+    T = pieces[-1][1]
     q, k, v = rand(10, B, T, Hq, D), rand(11, B, T, Hkv, D), rand(12, B, T, Hkv, D)
-    full = dot_product_attention(q, k, v, mask=CausalMask(), implementation="xla")
+    full = dot_product_attention(q, k, v, mask=CausalMask() if mask is None
+                                 else mask & CausalMask(), implementation="xla")
     k_cache = v_cache = jnp.zeros((B, Hkv, C, D))
-    step = jax.jit(full_cache_decode)
+    # a function of its own: a jit of full_cache_decode itself would reuse the other
+    # variant's compilations, traced with the other PROMPT_CHUNK
+    step = jax.jit(lambda *args: full_cache_decode(*args, mask=mask))
     outs = []
-    for start, stop in [(0, 5), (5, 6), (6, 7), (7, 9)]:
+    for start, stop in pieces:
         out, k_cache, v_cache = step(q[:, start:stop], k[:, start:stop], v[:, start:stop],
                                      k_cache, v_cache, jnp.int32(start))
         outs.append(out)

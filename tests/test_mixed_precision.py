@@ -106,11 +106,11 @@ def _sga_rings(q, k, v, scores):
     from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
 
     rings = init_sga_rings(q.shape[0], 6, 4, k.shape[2], k.shape[3], k.dtype)
+    step = jax.jit(sga_ring_decode, static_argnames=("window", "max_global"))  # op by op: slow
     outs = []
     for start, stop in [(0, 30)] + [(t, t + 1) for t in range(30, q.shape[1])]:
-        out, rings = sga_ring_decode(q[:, start:stop], k[:, start:stop], v[:, start:stop],
-                                     scores[:, start:stop], rings, start, window=6,
-                                     max_global=4)
+        out, rings = step(q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                          scores[:, start:stop], rings, jnp.int32(start), window=6, max_global=4)
         outs.append(out)
     return jnp.concatenate(outs, axis=1)
 
@@ -143,15 +143,16 @@ def _routing_decode(q, k, v, scores):
 
 
 def _routing_rings(q, k, v, scores):
-    """A prompt of 20 tokens, then the rest one at a time from the per-cluster rings."""
+    """A prompt of 29 tokens, then the rest one at a time from the per-cluster rings."""
     from jaxsparse.ops.routing_rings import init_routing_rings, routing_ring_decode
 
     centroids = _routing_centroids(q)
     rings = init_routing_rings(q.shape[0], q.shape[2], 4, 5, q.shape[3], k.dtype)
+    step = jax.jit(routing_ring_decode)  # op by op, the 8 steps took most of a minute
     outs = []
-    for start, stop in [(0, 20)] + [(t, t + 1) for t in range(20, q.shape[1])]:
-        out, rings = routing_ring_decode(q[:, start:stop], k[:, start:stop], v[:, start:stop],
-                                         rings, centroids)
+    for start, stop in [(0, 29)] + [(t, t + 1) for t in range(29, q.shape[1])]:
+        out, rings = step(q[:, start:stop], k[:, start:stop], v[:, start:stop], rings,
+                          centroids)
         outs.append(out)
     return jnp.concatenate(outs, axis=1)
 

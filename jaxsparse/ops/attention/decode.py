@@ -200,7 +200,8 @@ def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     holding positions ``0 .. index - 1``. The new keys and values are written into their
     slots, then the queries read every slot up to their own position (causal, and ``mask``
     on top, as ``decode_attention``). ``q [B, L, Hq, D]``, ``k_new, v_new [B, L, Hkv, D]``;
-    returns ``(out [B, L, Hq, D], k_cache, v_cache)``.
+    returns ``(out [B, L, Hq, D], k_cache, v_cache)``. A prompt longer than ``PROMPT_CHUNK``
+    is read that many queries at a time (``O(PROMPT_CHUNK · C)`` memory, not ``O(L · C)``).
 
     A concrete ``index`` is checked against the ``C`` slots; a traced one cannot be, and
     positions past the cache would be clamped by ``dynamic_update_slice`` — the caller sizes
@@ -214,15 +215,35 @@ def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     k_cache, v_cache = (jax.lax.dynamic_update_slice(cache, x.swapaxes(1, 2).astype(cache.dtype),
                                                      at)
                         for cache, x in ((k_cache, k_new), (v_cache, v_new)))
-    out = decode_attention(q, k_cache, v_cache, lengths, mask=mask, scale=scale,
-                           logits_soft_cap=logits_soft_cap, heads_first=True)
+    out = _queries_in_chunks(
+        lambda q, lengths: decode_attention(q, k_cache, v_cache, lengths, mask=mask, scale=scale,
+                                            logits_soft_cap=logits_soft_cap, heads_first=True),
+        q, lengths)
     return out, k_cache, v_cache
 
 
-# A prompt longer than this is read by a window cache's layer in chunks of this many queries
-# (each against the W keys before the chunk and its own): every query reading the ring and all
-# the new keys took O(L · (W + L)) time and memory, O(L²) for a long prompt.
+# A prompt longer than this is read in chunks of this many queries: by a cache of every
+# position, each chunk against the slots up to its last query (reading them all at once took
+# O(L · C) memory), by a window cache each against the W keys before the chunk and its own
+# (every query reading the ring and all the new keys took O(L · (W + L)) time and memory).
 PROMPT_CHUNK = 256
+
+
+def _queries_in_chunks(attend, q, lengths):
+    """``attend(q, lengths)`` for the new queries ``q [B, L, Hq, D]`` ending at ``lengths``,
+    ``PROMPT_CHUNK`` queries at a time (the last run of fewer by itself)."""
+    batch, new = q.shape[:2]
+    full, rest = divmod(new, PROMPT_CHUNK)
+    if full <= 1 and not (full and rest):
+        return attend(q, lengths)
+    first = lengths - new                                               # [B]
+    runs = q[:, :full * PROMPT_CHUNK].reshape(batch, full, PROMPT_CHUNK, *q.shape[2:])
+    ends = first[None, :] + PROMPT_CHUNK * jnp.arange(1, full + 1)[:, None]   # [runs, B]
+    out = jax.lax.map(lambda run: attend(*run), (runs.swapaxes(0, 1), ends))
+    out = out.swapaxes(0, 1).reshape(batch, full * PROMPT_CHUNK, *q.shape[2:])
+    if rest:
+        out = jnp.concatenate([out, attend(q[:, full * PROMPT_CHUNK:], lengths)], axis=1)
+    return out
 
 
 def _prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale, logits_soft_cap):
