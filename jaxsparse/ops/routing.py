@@ -118,7 +118,8 @@ def assign_top(x_BLHD, centroids_HCD, probes: int):
     return jax.lax.top_k(_similarity(x_BLHD, centroids_HCD), probes)[1].astype(jnp.int32)
 
 
-def _check(q, k, v, centroids, window):
+def _check(q, k, v, centroids, window=None):
+    """``(length, num_clusters)`` after checking the inputs (``window`` too, when given)."""
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one shape [B, L, H, D]; got {q.shape}, {k.shape}, "
                          f"{v.shape}")
@@ -128,7 +129,8 @@ def _check(q, k, v, centroids, window):
                              "floating-point inputs (e.g. float32, bfloat16)")
     _, length, heads, dim = q.shape
     _check_centroids(centroids, heads, dim)
-    check_integer("window", window)
+    if window is not None:
+        check_integer("window", window)
     return length, centroids.shape[1]
 
 

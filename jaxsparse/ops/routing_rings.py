@@ -72,7 +72,7 @@ def routing_ring_decode(q, k, v, rings, centroids, *, shared_qk: bool = False,
     seen: the same outputs as :func:`jaxsparse.ops.routing.causal_routing_attention` over the
     whole sequence gives these tokens (arguments as there; the ring window is the ``w`` of
     ``init_routing_rings``). Returns ``(out [B, n, H, D], rings)`` with the new keys kept."""
-    _, num_clusters = _check(q, k if not shared_qk else q, v, centroids, 1)
+    _, num_clusters = _check(q, k if not shared_qk else q, v, centroids)
     _check_probes(probes, num_clusters)
     check_integer("query_chunk", query_chunk)
     batch, new, heads, dim = q.shape

@@ -246,7 +246,8 @@ def _queries_in_chunks(attend, q, lengths):
     return out
 
 
-def _prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale, logits_soft_cap):
+def _window_prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale,
+                             logits_soft_cap):
     """``window_cache_decode``'s attention for a long prompt: ``q [B, L, Hq, D]`` at positions
     ``index ..`` against the ring ``k_cache, v_cache [B, Hkv, W, D]`` (the ``W`` positions
     before ``index``) and the new ``k_new, v_new [B, Hkv, L, D]``. The ring is put in position
@@ -317,8 +318,8 @@ def window_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
         return out, k_cache, v_cache
     scale = head_dim**-0.5 if scale is None else scale
     if new > PROMPT_CHUNK:
-        out = _prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale,
-                                logits_soft_cap)
+        out = _window_prompt_in_chunks(q, k_new, v_new, k_cache, v_cache, index, mask, scale,
+                                       logits_soft_cap)
     else:
         q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
         kv_pos = jnp.concatenate([ring_positions(lengths - new, slots), q_pos], axis=1)
