@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _checks
 from pallas_kernels._flash_vjp import KernelConfig, flash_vjp
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp() and its gradient stay NaN-free
@@ -287,7 +288,19 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, q_indices, q_counts, 
       q_segment_ids, kv_segment_ids: optional int32 ``[B, S]``, ``[B, T]``.
       return_lse: also return each row's log-sum-exp ``[B, Hq, S]`` float32 (0 for rows with
         nothing to attend to), differentiable too.
+
+    Raises ``ValueError`` for operands the kernel would silently read past (S or T not whole
+    blocks, tables of another size, ``Hq % Hkv != 0``) and for tiles Triton cannot take
+    (``block_q``, ``block_kv`` and ``D`` powers of two >= 16, as ``tl.dot`` needs).
     """
+    where = "block_sparse_attention"
+    _checks.attention_operands(
+        where, q, k, v, kv_indices, kv_counts, q_indices, q_counts, kv_len=kv_len,
+        block_q=block_q, block_kv=block_kv, partial_blocks=partial_blocks, kv_partial=kv_partial,
+        q_partial=q_partial, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    _checks.power_of_two(where, "block_q", block_q, 16)
+    _checks.power_of_two(where, "block_kv", block_kv, 16)
+    _checks.power_of_two(where, "head_dim (q.shape[3])", q.shape[3], 16)
     has_blocks = partial_blocks is not None
     if not has_blocks:  # placeholders keep one kernel signature; never read
         partial_blocks = jnp.zeros((1, 1, 1), jnp.int32)

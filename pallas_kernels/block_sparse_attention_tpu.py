@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _checks
 from pallas_kernels._flash_vjp import KernelConfig, flash_vjp
 
 LANES = 128
@@ -285,7 +286,14 @@ def block_sparse_attention_tpu(q, k, v, kv_indices, kv_counts, q_indices, q_coun
                                partial_blocks=None, kv_partial=None, q_partial=None,
                                q_segment_ids=None, kv_segment_ids=None, interpret: bool = False,
                                return_lse: bool = False):
-    """Same arguments and result as the GPU kernel's ``block_sparse_attention``."""
+    """Same arguments and result as the GPU kernel's ``block_sparse_attention``; tiles need
+    ``block_q % 8 == 0`` and ``block_kv``, ``head_dim`` multiples of 128. Raises
+    ``ValueError`` for operands that are not whole blocks or tables of another size."""
+    _checks.attention_operands(
+        "block_sparse_attention_tpu", q, k, v, kv_indices, kv_counts, q_indices, q_counts,
+        kv_len=kv_len, block_q=block_q, block_kv=block_kv, partial_blocks=partial_blocks,
+        kv_partial=kv_partial, q_partial=q_partial, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids)
     if block_q % 8 or block_kv % LANES or q.shape[-1] % LANES:
         raise ValueError(f"TPU tiles need block_q % 8 == 0 and block_kv, head_dim multiples of "
                          f"{LANES}; got block_q={block_q}, block_kv={block_kv}, "

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _checks
 from pallas_kernels._flash_vjp import KernelConfig
 
 f32 = jnp.float32
@@ -133,14 +134,54 @@ def _kernels(cfg):
     return _gpu_gmm, _gpu_tgmm
 
 
+def check_tgmm(lhs, dout, group_sizes, cfg, where: str = "tgmm") -> None:
+    """``tgmm(lhs [m, k], dout [m, n], group_sizes [E])`` on whole tiles."""
+    _checks.ndim(where, "lhs", lhs, 2, "[m, k]")
+    _checks.ndim(where, "dout", dout, 2, "[m, n]")
+    _checks.ndim(where, "group_sizes", group_sizes, 1, "[E]")
+    if dout.shape[0] != lhs.shape[0]:
+        raise ValueError(f"{where}: lhs.shape={tuple(lhs.shape)} and dout.shape="
+                         f"{tuple(dout.shape)} disagree on m")
+    _checks.multiple(where, "lhs.shape[0] (m)", lhs.shape[0], "tm", cfg.tm)
+    _checks.multiple(where, "lhs.shape[1] (k)", lhs.shape[1], "tk", cfg.tk)
+    _checks.multiple(where, "dout.shape[1] (n)", dout.shape[1], "tn", cfg.tn)
+
+
+def check_gmm(lhs, rhs, group_sizes, cfg, where: str = "gmm") -> None:
+    """``gmm(lhs [m, k], rhs [E, k, n], group_sizes [E])`` on whole tiles."""
+    _checks.ndim(where, "lhs", lhs, 2, "[m, k]")
+    _checks.ndim(where, "rhs", rhs, 3, "[E, k, n]")
+    _checks.ndim(where, "group_sizes", group_sizes, 1, "[E]")
+    (m, k), (num_groups, k_rhs, n) = lhs.shape, rhs.shape
+    if k_rhs != k:
+        raise ValueError(f"{where}: lhs.shape={tuple(lhs.shape)} and rhs.shape="
+                         f"{tuple(rhs.shape)} disagree on k")
+    if num_groups < 1 or group_sizes.shape[0] != num_groups:
+        raise ValueError(f"{where}: group_sizes.shape={tuple(group_sizes.shape)} must be "
+                         f"[E]=[{num_groups}], E >= 1")
+    _checks.multiple(where, "lhs.shape[0] (m)", m, "tm", cfg.tm)
+    _checks.multiple(where, "lhs.shape[1] (k)", k, "tk", cfg.tk)
+    _checks.multiple(where, "rhs.shape[2] (n)", n, "tn", cfg.tn)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gmm(lhs, rhs, group_sizes, cfg: KernelConfig):
-    """Padded operands: ``m % tm == 0``, ``k % tk == 0``, ``n % tn == 0``."""
+def _gmm(lhs, rhs, group_sizes, cfg: KernelConfig):
     return _kernels(cfg)[0](lhs, rhs, group_sizes, cfg)
 
 
+def gmm(lhs, rhs, group_sizes, cfg: KernelConfig):
+    """``[m, n]``: each group's rows of ``lhs [m, k]`` times its ``rhs [E, k, n]``;
+    differentiable in ``lhs`` and ``rhs``.
+
+    Padded operands: ``m % tm == 0``, ``k % tk == 0``, ``n % tn == 0`` (rows past the groups
+    give zeros); anything else raises ``ValueError`` instead of reading past the last tile.
+    """
+    check_gmm(lhs, rhs, group_sizes, cfg)
+    return _gmm(lhs, rhs, group_sizes, cfg)
+
+
 def _gmm_fwd(lhs, rhs, group_sizes, cfg):
-    return gmm(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
+    return _gmm(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
 
 
 def _gmm_bwd(cfg, residuals, dout):
@@ -153,9 +194,20 @@ def _gmm_bwd(cfg, residuals, dout):
     return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
 
 
-gmm.defvjp(_gmm_fwd, _gmm_bwd)
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm_config(*, backend: str, interpret: bool, tm: int, tk: int, tn: int) -> KernelConfig:
+    """Tiles: Triton (``"gpu"``) takes powers of two >= 16; Mosaic (``"tpu"``) ``tm`` a
+    multiple of 8 and ``tk``, ``tn`` multiples of 128."""
+    where = f"gmm_config(backend={backend!r})"
+    _checks.backend(where, backend)
+    for name, value in (("tm", tm), ("tk", tk), ("tn", tn)):
+        _checks.positive_int(where, name, value)
+        if backend == "gpu":
+            _checks.power_of_two(where, name, value, 16)
+    if backend == "tpu" and (tm % 8 or tk % 128 or tn % 128):
+        raise ValueError(f"{where}: TPU tiles need tm % 8 == 0 and tk, tn multiples of 128; "
+                         f"got tm={tm}, tk={tk}, tn={tn}")
     return KernelConfig(backend=backend, interpret=bool(interpret), tm=int(tm), tk=int(tk),
                         tn=int(tn))

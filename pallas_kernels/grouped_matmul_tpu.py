@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.grouped_matmul import tile_groups
+from pallas_kernels.grouped_matmul import check_gmm, check_tgmm, tile_groups
 
 f32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))
@@ -73,6 +73,7 @@ def _accumulating_kernel(tile_ref, group_ref, count_ref, starts_ref, ends_ref, l
 
 
 def gmm(lhs, rhs, group_sizes, cfg):
+    check_gmm(lhs, rhs, group_sizes, cfg, "grouped_matmul_tpu.gmm")
     m, k = lhs.shape
     num_groups, _, n = rhs.shape
     tile, group, count, starts, ends = visits(group_sizes, m // cfg.tm, cfg.tm)
@@ -93,6 +94,7 @@ def gmm(lhs, rhs, group_sizes, cfg):
 
 
 def tgmm(lhs, dout, group_sizes, cfg):
+    check_tgmm(lhs, dout, group_sizes, cfg, "grouped_matmul_tpu.tgmm")
     m, k = lhs.shape
     n = dout.shape[1]
     num_groups = group_sizes.shape[0]

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _checks
 from pallas_kernels._flash_vjp import KernelConfig
 
 f32 = jnp.float32
@@ -61,8 +62,21 @@ def _gpu_scan(a, b, h0, cfg):
     )(a, b, h0)
 
 
+def check_operands(a, b, h0, cfg, where: str = "linear_scan.scan") -> None:
+    """``a, b [batch, L, d]``, ``h0 [batch, 1, d]`` with ``L % block_t == 0`` and
+    ``d % block_d == 0`` (else the last block reads past the arrays)."""
+    _checks.ndim(where, "a", a, 3, "[batch, L, d]")
+    _checks.shape(where, "b", b, a.shape)
+    batch, length, d = a.shape
+    _checks.shape(where, "h0", h0, (batch, 1, d))
+    _checks.multiple(where, "a.shape[1] (L)", length, "block_t", cfg.block_t)
+    _checks.multiple(where, "a.shape[2] (d)", d, "block_d", cfg.block_d)
+
+
 def scan(a, b, h0, cfg):
-    """The kernel chosen by ``cfg.backend`` (no VJP; see :func:`with_reverse_scan_vjp`)."""
+    """The kernel chosen by ``cfg.backend`` (no VJP; see :func:`with_reverse_scan_vjp`) on
+    padded float32 operands (the module docstring); other shapes raise ``ValueError``."""
+    check_operands(a, b, h0, cfg)
     if cfg.backend == "tpu":
         from pallas_kernels import linear_scan_tpu
 
@@ -99,5 +113,17 @@ def with_reverse_scan_vjp(scan_fn):
 
 def linear_scan_config(*, backend: str, interpret: bool, block_t: int, block_d: int,
                        num_warps: int = 4) -> KernelConfig:
+    """``block_t`` steps unrolled per block, ``block_d`` channels per program: a power of two
+    on GPU (a Triton block); on TPU hardware ``block_t % 8 == 0`` and ``block_d % 128 == 0``
+    (interpret mode takes any)."""
+    where = f"linear_scan_config(backend={backend!r})"
+    _checks.backend(where, backend)
+    for name, value in (("block_t", block_t), ("block_d", block_d), ("num_warps", num_warps)):
+        _checks.positive_int(where, name, value)
+    if backend == "gpu":
+        _checks.power_of_two(where, "block_d", block_d)
+    elif not interpret and (block_t % 8 or block_d % 128):
+        raise ValueError(f"{where}: TPU tiles need block_t % 8 == 0 and block_d % 128 == 0; "
+                         f"got block_t={block_t}, block_d={block_d}")
     return KernelConfig(backend=backend, interpret=bool(interpret), block_t=int(block_t),
                         block_d=int(block_d), num_warps=int(num_warps))

@@ -39,6 +39,9 @@ def _kernel(a_ref, b_ref, h0_ref, h_ref, hl_ref, h_scr, *, block_t, num_blocks):
 
 
 def scan(a, b, h0, cfg):
+    from pallas_kernels.linear_scan import check_operands
+
+    check_operands(a, b, h0, cfg, "linear_scan_tpu.scan")
     batch, length, d = a.shape
     bt, bd = cfg.block_t, cfg.block_d
     num_blocks = length // bt

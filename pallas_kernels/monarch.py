@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _checks
 from pallas_kernels._flash_vjp import KernelConfig
 
 f32 = jnp.float32
@@ -39,6 +40,17 @@ def _dot(a, b, dims):
 
 def monarch_config(*, backend: str, interpret: bool, nblocks: int, block_tokens: int
                    ) -> KernelConfig:
+    """``block_tokens`` per program: a power of two >= 16 on GPU (a ``tl.dot`` operand), a
+    multiple of 128 on TPU (tokens lie on lanes)."""
+    where = f"monarch_config(backend={backend!r})"
+    _checks.backend(where, backend)
+    _checks.positive_int(where, "nblocks", nblocks)
+    _checks.positive_int(where, "block_tokens", block_tokens)
+    if backend == "gpu":
+        _checks.power_of_two(where, "block_tokens", block_tokens, 16)
+    elif block_tokens % 128:
+        raise ValueError(f"{where}: block_tokens={block_tokens} must be a multiple of 128 "
+                         "(TPU lanes)")
     return KernelConfig(backend=backend, interpret=bool(interpret), nblocks=int(nblocks),
                         block_tokens=int(block_tokens))
 
@@ -113,6 +125,38 @@ def _gpu_call(kernel, cfg, ins, out_shape, name, grid=None, in_specs=None, out_s
         interpret=cfg.interpret, name=name)(*ins)
 
 
+def check_operands(x, w1, w2, cfg, where: str = "monarch", tokens_multiple: bool = False
+                   ) -> None:
+    """``x [T, n]``, ``w1 [b, q, p]``, ``w2 [b, s, q]`` with ``b = cfg.nblocks``, ``n = b·p``,
+    ``q`` a multiple of ``b``, one dtype; on GPU ``p, q, s`` powers of two >= 16 (``tl.dot``),
+    on TPU multiples of 8 with ``n``, ``m`` multiples of 128 (the in-VMEM transposes).
+    ``tokens_multiple``: ``T`` must be whole tiles of ``block_tokens`` (the raw kernels)."""
+    _checks.ndim(where, "x", x, 2, "[tokens, n]")
+    _checks.ndim(where, "w1", w1, 3, "[b, q, p]")
+    _checks.ndim(where, "w2", w2, 3, "[b, s, q]")
+    b, q, p = w1.shape
+    s = w2.shape[1]
+    if b != cfg.nblocks:
+        raise ValueError(f"{where}: w1.shape={tuple(w1.shape)} has b={b} blocks, the config "
+                         f"nblocks={cfg.nblocks}")
+    _checks.shape(where, "w2", w2, (b, s, q))
+    _checks.shape(where, "x", x, (x.shape[0], b * p))
+    _checks.multiple(where, "q (w1.shape[1])", q, "b", b)
+    if not x.dtype == w1.dtype == w2.dtype:
+        raise ValueError(f"{where}: x, w1 and w2 must share one dtype; got {x.dtype}, "
+                         f"{w1.dtype}, {w2.dtype}")
+    if tokens_multiple:
+        _checks.multiple(where, "x.shape[0] (tokens)", x.shape[0], "block_tokens",
+                         cfg.block_tokens)
+    dims = dict(p=p, q=q, s=s)
+    if cfg.backend == "gpu":
+        for name, value in dims.items():
+            _checks.power_of_two(where, name, value, 16)
+    elif any(v % 8 for v in dims.values()) or (b * p) % 128 or (b * s) % 128:
+        raise ValueError(f"{where}: the TPU kernel needs p, q, s multiples of 8 and n=b·p, "
+                         f"m=b·s multiples of 128; got b={b}, {dims}")
+
+
 def _sizes(x, w1, w2):
     b, q, p = w1.shape
     return dict(b=b, p=p, q=q, s=w2.shape[1])
@@ -181,7 +225,10 @@ def differentiable_monarch(cfg: KernelConfig, split_rows=None):
     ``"rows_last"`` (tokens on the last axis: the TPU kernel's transposed intermediate),
     ``"whole"`` (the weights) and ``"row_sum"`` (the weight gradients, sums over the rows), so
     a caller can hand the calls a sharding rule that keeps each device on its own tokens
-    (padding then happens per device; this package depends on JAX alone)."""
+    (padding then happens per device; this package depends on JAX alone).
+
+    Factors the kernel cannot tile, or ``x``, ``w1``, ``w2`` of different dtypes, raise
+    ``ValueError`` (:func:`check_operands`)."""
     forward_kernel, backward_kernel = _backend(cfg)
     bt = cfg.block_tokens
     h_axis = 1 if cfg.backend == "tpu" else 0  # the saved intermediate's token axis
@@ -208,7 +255,7 @@ def differentiable_monarch(cfg: KernelConfig, split_rows=None):
                               ("rows", "row_sum", "row_sum"))
 
     @jax.custom_vjp
-    def monarch(x, w1, w2):
+    def _monarch(x, w1, w2):
         return forward(x, w1, w2)[0]
 
     def monarch_fwd(x, w1, w2):
@@ -220,5 +267,10 @@ def differentiable_monarch(cfg: KernelConfig, split_rows=None):
         dx, dw1, dw2 = backward(x, w1, w2, h, dy.astype(x.dtype))
         return dx.astype(x.dtype), dw1.astype(w1.dtype), dw2.astype(w2.dtype)
 
-    monarch.defvjp(monarch_fwd, monarch_bwd)
+    _monarch.defvjp(monarch_fwd, monarch_bwd)
+
+    def monarch(x, w1, w2):
+        check_operands(x, w1, w2, cfg)
+        return _monarch(x, w1, w2)
+
     return monarch

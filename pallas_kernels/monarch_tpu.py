@@ -90,6 +90,9 @@ def _whole(arr):
 
 
 def forward(x, w1, w2, cfg):
+    from pallas_kernels.monarch import check_operands
+
+    check_operands(x, w1, w2, cfg, "monarch_tpu.forward", tokens_multiple=True)
     b, q, p = w1.shape
     s = w2.shape[1]
     tokens, n = x.shape
@@ -109,6 +112,9 @@ def forward(x, w1, w2, cfg):
 
 
 def backward(x, w1, w2, ht, dy, cfg):
+    from pallas_kernels.monarch import check_operands
+
+    check_operands(x, w1, w2, cfg, "monarch_tpu.backward", tokens_multiple=True)
     b, q, p = w1.shape
     s = w2.shape[1]
     tokens, n = x.shape

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _checks
 from pallas_kernels._flash_vjp import KernelConfig
 from pallas_kernels._scan_math import (backward_out_shapes, backward_step, forward_out_shapes,
                                        forward_step, split_keep)
@@ -171,12 +172,41 @@ def _sum_channel_blocks(dBt, cfg):
     return dBt[:, :real].reshape(batch, cfg.groups, per_group_blocks, n, length).sum(axis=2)
 
 
+def check_operands(x, dt, At, Bt, Ct, h0, kt, cfg, where: str = "selective_scan") -> None:
+    """The kernel-side layout of the module docstring, padded to whole blocks: ``L`` a
+    multiple of ``block_t``, ``d`` of ``block_d``, channel blocks inside one group; on GPU
+    ``N`` a power of two (Triton loads), on TPU ``x`` in float32."""
+    _checks.ndim(where, "x", x, 3, "[b, L, d]")
+    batch, length, d = x.shape
+    _checks.ndim(where, "At", At, 2, "[N, d]")
+    n = At.shape[0]
+    _checks.shape(where, "dt", dt, x.shape)
+    _checks.shape(where, "At", At, (n, d))
+    for name, arr in (("Bt", Bt), ("Ct", Ct)):
+        _checks.shape(where, name, arr, (batch, cfg.groups, n, length))
+    _checks.shape(where, "h0", h0, (batch, n, d))
+    if kt is not None:
+        _checks.shape(where, "kt", kt, (batch, 1, length))
+    _checks.multiple(where, "x.shape[1] (L)", length, "block_t", cfg.block_t)
+    _checks.multiple(where, "x.shape[2] (d)", d, "block_d", cfg.block_d)
+    if cfg.groups > 1:
+        _checks.multiple(where, "per_group", cfg.per_group, "block_d", cfg.block_d)
+        if cfg.groups * cfg.per_group > d:
+            raise ValueError(f"{where}: groups·per_group={cfg.groups}·{cfg.per_group} channels "
+                             f"exceed x.shape[2]={d}")
+    if cfg.backend == "gpu":
+        _checks.power_of_two(where, "d_state N (At.shape[0])", n)
+    elif x.dtype != jnp.float32:
+        raise ValueError(f"{where}: the TPU kernel takes x in float32, got {x.dtype}")
+
+
 @functools.cache
 def differentiable_scan(cfg: KernelConfig, has_keep: bool, split_rows=None):
     """``scan(x, dt, At, Bt, Ct, h0, kt) -> (y [b, L, d] float32, final state [b, N, d])`` with
     the kernels' backward as its VJP (see the module docstring); ``kt`` is None unless
     ``has_keep`` (then the float32 reset factor ``[b, 1, L]``, 0 where a packed document
-    starts).
+    starts). Operands outside that layout (not padded to whole blocks, say) raise
+    ``ValueError`` (:func:`check_operands`).
 
     ``split_rows(kernel, operand_kinds, result_kinds)``, if given, wraps the forward and the
     backward kernel call, each ``kernel(*operands) -> tuple``, before use; a kind is ``"rows"``
@@ -203,7 +233,7 @@ def differentiable_scan(cfg: KernelConfig, has_keep: bool, split_rows=None):
         return (kt,) if has_keep else ()
 
     @jax.custom_vjp
-    def scan(x, dt, At, Bt, Ct, h0, kt):
+    def _scan(x, dt, At, Bt, Ct, h0, kt):
         y, h_last, _ = forward(x, dt, At, Bt, Ct, h0, *keep_operand(kt))
         return y, h_last
 
@@ -221,12 +251,31 @@ def differentiable_scan(cfg: KernelConfig, has_keep: bool, split_rows=None):
                 _sum_channel_blocks(dBt, cfg).astype(Bt.dtype),
                 _sum_channel_blocks(dCt, cfg).astype(Ct.dtype), dh0, dkt)
 
-    scan.defvjp(scan_fwd, scan_bwd)
+    _scan.defvjp(scan_fwd, scan_bwd)
+
+    def scan(x, dt, At, Bt, Ct, h0, kt):
+        keep_operand(kt)  # kt given iff the scan was built for it
+        check_operands(x, dt, At, Bt, Ct, h0, kt, cfg)
+        return _scan(x, dt, At, Bt, Ct, h0, kt)
+
     return scan
 
 
 def scan_config(*, backend: str, interpret: bool, groups: int, per_group: int, block_t: int,
                 block_d: int, num_warps: int = 1) -> KernelConfig:
+    """``groups`` of ``per_group`` channels; ``block_t`` steps and ``block_d`` channels per
+    block: ``block_d`` a power of two on GPU, and on TPU hardware ``block_t`` and ``block_d``
+    multiples of 128 (interpret mode takes any)."""
+    where = f"scan_config(backend={backend!r})"
+    _checks.backend(where, backend)
+    for name, value in (("groups", groups), ("per_group", per_group), ("block_t", block_t),
+                        ("block_d", block_d), ("num_warps", num_warps)):
+        _checks.positive_int(where, name, value)
+    if backend == "gpu":
+        _checks.power_of_two(where, "block_d", block_d)
+    elif not interpret and (block_t % 128 or block_d % 128):
+        raise ValueError(f"{where}: TPU tiles need block_t and block_d multiples of 128; got "
+                         f"block_t={block_t}, block_d={block_d}")
     return KernelConfig(backend=backend, interpret=bool(interpret), groups=int(groups),
                         per_group=int(per_group), block_t=int(block_t), block_d=int(block_d),
                         num_warps=int(num_warps))

@@ -139,6 +139,9 @@ def _params():
 
 
 def forward(x, dt, At, Bt, Ct, h0, kt, cfg):
+    from pallas_kernels.selective_scan import check_operands
+
+    check_operands(x, dt, At, Bt, Ct, h0, kt, cfg, "selective_scan_tpu.forward")
     batch, length, d = x.shape
     n = At.shape[0]
     num_blocks = length // cfg.block_t

@@ -61,10 +61,17 @@ def kernel_linear_scan(a, b, h0, *, backend: str, interpret: bool, block_t: int 
                        block_d: int | None = None):
     """``h_t = a_t h_{t−1} + b_t`` through the kernels for ``a, b [batch, L, d]``, ``h0
     [batch, d]``: ``(h [batch, L, d], final [batch, d])`` in ``b``'s dtype, computed in
-    float32."""
+    float32. An empty batch, width or length returns at once (the initial state as the final
+    one): the kernels' blocks would be larger than the operands."""
+    if backend not in BLOCK_T:
+        raise ValueError(f"kernel_linear_scan: backend={backend!r} must be one of "
+                         f"{tuple(BLOCK_T)}")
+    if b.size == 0:
+        return jnp.zeros(b.shape, b.dtype), h0.astype(b.dtype)
     f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-    fn = _differentiable_scan(backend, bool(interpret), block_t or BLOCK_T[backend],
-                              block_d or BLOCK_D[backend])
+    fn = _differentiable_scan(backend, bool(interpret),
+                              BLOCK_T[backend] if block_t is None else block_t,
+                              BLOCK_D[backend] if block_d is None else block_d)
     hs, final = fn(f32(a), f32(b), f32(h0))
     return hs.astype(b.dtype), final.astype(b.dtype)
 

@@ -160,6 +160,10 @@ def project_to_monarch(matrix, nblocks: int | None = None):
 
 
 def _check_input(x, w1, w2):
+    for name, arr in (("x", x), ("w1", w1), ("w2", w2)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):  # the kernels would truncate
+            raise ValueError(f"{name} has dtype {arr.dtype}; monarch_matmul needs floating-point "
+                             "x, w1 and w2")
     b, p, q, s = check_factors(w1, w2)
     if x.ndim < 1 or x.shape[-1] != b * p:
         raise ValueError(f"x {x.shape}: last dim must be n = b·p = {b}·{p} = {b * p} "
@@ -167,19 +171,31 @@ def _check_input(x, w1, w2):
     return b, p, q, s
 
 
-def _precision(x):
-    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def compute_dtype(x, w1, w2):
+    """The dtype every implementation computes in and returns: ``result_type(x, w1, w2)``."""
+    return jnp.result_type(x.dtype, w1.dtype, w2.dtype)
+
+
+def _common_dtype(x, w1, w2):
+    dtype = compute_dtype(x, w1, w2)
+    return x.astype(dtype), w1.astype(dtype), w2.astype(dtype)
 
 
 def monarch_reference(x, w1, w2):
-    """The XLA reference, written step by step: ``y = x @ Mᵀ`` for ``x [..., n]``."""
+    """The XLA reference, written step by step: ``y = x @ Mᵀ`` for ``x [..., n]``, in
+    ``result_type(x, w1, w2)``."""
     b, p, q, s = _check_input(x, w1, w2)
     lead = x.shape[:-1]
-    dtype = jnp.result_type(x.dtype, w1.dtype)
-    x_KP = x.astype(dtype).reshape(*lead, b, p)
-    hidden_KQ = jnp.einsum("...kp,kqp->...kq", x_KP, w1.astype(dtype), precision=_precision(x))
+    x, w1, w2 = _common_dtype(x, w1, w2)
+    precision = _precision(x.dtype)
+    x_KP = x.reshape(*lead, b, p)
+    hidden_KQ = jnp.einsum("...kp,kqp->...kq", x_KP, w1, precision=precision)
     hidden_RL = hidden_KQ.reshape(*lead, q, b)  # i = k·q + j read as (r, l): i = r·b + l
-    out_LS = jnp.einsum("...rl,lsr->...ls", hidden_RL, w2.astype(dtype), precision=_precision(x))
+    out_LS = jnp.einsum("...rl,lsr->...ls", hidden_RL, w2, precision=precision)
     return jnp.swapaxes(out_LS, -1, -2).reshape(*lead, b * s)  # outputs in (s, l) order
 
 
@@ -203,8 +219,8 @@ def kernel_constraints(backend: str, w1, w2) -> str | None:
 def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: int | None = None):
     """The Pallas kernel on ``x [..., n]``: tokens padded to whole tiles (on each device of a
     mesh, behind the native kernel's row rule: every token is its own row, the weights are
-    whole and their gradients summed over the devices' rows), weights in the compute dtype
-    (``x``'s)."""
+    whole and their gradients summed over the devices' rows), ``x`` and both weights cast to
+    the compute dtype ``result_type(x, w1, w2)``, the result's dtype too."""
     from jaxsparse.ops.native.partitioning import split_over_rows
     from pallas_kernels.monarch import differentiable_monarch, monarch_config
 
@@ -214,10 +230,11 @@ def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: in
         raise ValueError(f"monarch_matmul(implementation='pallas'): {why} (w1 {w1.shape}, "
                          f"w2 {w2.shape}); use implementation='xla'")
     lead, n = x.shape[:-1], x.shape[-1]
-    bt = block_tokens or (128 if backend == "tpu" else 32)
+    bt = (128 if backend == "tpu" else 32) if block_tokens is None else block_tokens
     cfg = monarch_config(backend=backend, interpret=interpret, nblocks=b, block_tokens=bt)
     monarch = differentiable_monarch(cfg, split_rows=split_over_rows)
-    out = monarch(x.reshape(-1, n), w1.astype(x.dtype), w2.astype(x.dtype))
+    x, w1, w2 = _common_dtype(x, w1, w2)
+    out = monarch(x.reshape(-1, n), w1, w2)
     return out.reshape(*lead, b * s)
 
 
@@ -232,9 +249,13 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
     :mod:`pallas_kernels.monarch`, Triton or Mosaic by the lowering platform; XLA elsewhere,
     or on a platform whose kernel cannot take the block sizes), ``"pallas_interpret"`` (the GPU
     kernel in interpret mode, for tests). ``None`` picks ``"native"`` on a CPU-only host when
-    lowering for CPU with float32 operands (if the kernel builds: it needs a C++ compiler on
+    lowering for CPU with a float32 compute dtype (if the kernel builds: it needs a C++ compiler on
     first use) and XLA otherwise. Differentiable in every implementation (the native kernels
     have their own backward: dx, dw1 and dw2 in one pass over token tiles).
+
+    Dtypes: ``x``, ``w1`` and ``w2`` must be floating point (else ``ValueError``); every
+    implementation computes in and returns ``jnp.result_type(x, w1, w2)`` (bfloat16 ``x``
+    with float32 weights gives float32). ``"native"`` serves float32 results only.
 
     Why a C++ kernel on CPU: XLA runs the einsum form as five passes over the activation (a
     transpose, a batched GEMM with a contraction of only ``p`` terms, the permutation, the
@@ -267,11 +288,15 @@ def _native_or_xla(x, w1, w2, *, required: bool):
     """
     from jaxsparse.ops.native import monarch as native
 
-    if not native.supports(x, w1, w2):
+    # The kernel serves a float32 result: bfloat16 x with float32 weights is cast up first,
+    # as every implementation computes in result_type(x, w1, w2).
+    cast = _common_dtype(x, w1, w2)
+    if not native.supports(*cast):
         if required:
             raise ValueError(f"monarch_matmul(implementation='native') computes in float32; got "
                              f"x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype} (use 'xla')")
         return monarch_reference(x, w1, w2)
+    x, w1, w2 = cast
     if not required and jax.default_backend() != "cpu":
         # An accelerator host: don't build a CPU kernel for the odd program jitted for its CPU.
         return monarch_reference(x, w1, w2)

@@ -269,7 +269,9 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     keep = keep_factor(segment_ids, batch, x.shape[1])
     if x.shape[1] == 0:  # nothing to scan (every implementation): the initial state
         return (x, h0) if return_final_state else x
-    if batch == 0:  # an empty batch (the kernels' blocks would be larger than the operands)
+    if batch == 0 or d_inner == 0:
+        # an empty batch or no channels: nothing to scan, the final state is the initial one
+        # (the kernels' blocks would be larger than the operands)
         y = jnp.zeros(x.shape, x.dtype)
         return (y, h0) if return_final_state else y
     if implementation in (None, "native"):

@@ -132,6 +132,16 @@ def pallas_attention(q, k, v, *, mask, q_segment_ids, kv_segment_ids, scale, log
     if not isinstance(mask, Mask):
         raise ValueError("implementation='pallas' needs a lazy Mask object (or None), not an "
                          "array; use 'xla' for array masks")
+    fallback = lambda: blocksparse_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,  # noqa: E731
+                                             kv_segment_ids=kv_segment_ids, scale=scale,
+                                             logits_soft_cap=logits_soft_cap,
+                                             return_lse=return_lse)
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        # An empty batch or no query heads: nothing to compute, and the kernels' blocks would
+        # be larger than the operands. The XLA path returns the empty out (and lse) and
+        # gradients, as on every other implementation.
+        return fallback()
+
     def kernel(interp, backend="gpu"):
         out, lse = _kernel_attention(q, k, v, mask, q_segment_ids, kv_segment_ids, scale,
                                      logits_soft_cap, interp, block_q, block_kv, backend)
@@ -139,10 +149,6 @@ def pallas_attention(q, k, v, *, mask, q_segment_ids, kv_segment_ids, scale, log
 
     if interpret:
         return kernel(True)
-    fallback = lambda: blocksparse_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,  # noqa: E731
-                                             kv_segment_ids=kv_segment_ids, scale=scale,
-                                             logits_soft_cap=logits_soft_cap,
-                                             return_lse=return_lse)
     # Chosen by the platform being lowered for, so CUDA lowering works from a CPU host.
     return jax.lax.platform_dependent(cuda=lambda: kernel(False), tpu=lambda: kernel(False, "tpu"),
                                       default=fallback)
