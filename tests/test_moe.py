@@ -143,6 +143,18 @@ def test_random_router_is_fixed_and_its_k_grows():
     assert int(moe.step[...]) == 3
 
 
+def test_grouped_matmul_returns_lhs_dtype_on_every_implementation():
+    """bfloat16 rows against float32 weights: every implementation gives bfloat16 (ragged_dot
+    gave float32, its operands' promoted type)."""
+    lhs = jnp.ones((10, 8), jnp.bfloat16)
+    rhs = jnp.ones((2, 8, 16), jnp.float32)
+    sizes = jnp.array([4, 6], jnp.int32)
+    for impl in (None, "dense", "ragged_dot", "tiles", "pallas_interpret"):  # native: f32 only
+        out = grouped_matmul(lhs, rhs, sizes, implementation=impl)
+        assert out.dtype == jnp.bfloat16, impl
+        np.testing.assert_array_equal(out.astype(jnp.float32), 8.0)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_grouped_matmul_implementations_agree(dtype):
     rng = np.random.default_rng(0)

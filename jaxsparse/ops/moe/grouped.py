@@ -205,7 +205,8 @@ def kernel_grouped_matmul(lhs, rhs, group_sizes, *, backend: str, interpret: boo
 
 def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
                    tile: int | None = None):
-    """``[m, n]``: each group's rows of ``lhs`` times that group's ``rhs``; see the module doc.
+    """``[m, n]`` in ``lhs``'s dtype: each group's rows of ``lhs`` times that group's ``rhs``;
+    see the module doc.
 
     ``None`` picks ``"native"`` on a CPU-only host for float32 (``"tiles"`` for other dtypes
     or where the C++ kernel cannot be built) and ``"ragged_dot"`` elsewhere. ``tile``: rows
@@ -224,8 +225,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
         return _native_or_tiles(lhs, rhs, group_sizes, tile, required=implementation == "native")
     if implementation == "dense":
         return _dense(lhs, rhs, group_sizes)
-    if implementation == "ragged_dot":
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    if implementation == "ragged_dot":  # in lhs's dtype, as every other implementation
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32)).astype(lhs.dtype)
     if implementation == "pallas_interpret":
         return kernel_grouped_matmul(lhs, rhs, group_sizes, backend="gpu", interpret=True)
     if implementation == "pallas":
