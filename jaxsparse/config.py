@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config key, value or combination that cannot be used."""
 
 
+class SampleLengthWarning(UserWarning):
+    """``eval.sample_tokens`` asks for more bytes than ``model.max_seq_len`` leaves after the
+    prompt: the end-of-training sample is cut short."""
+
+
 # --- sections -------------------------------------------------------------------------------
 
 
@@ -422,9 +427,11 @@ def _validate_monarch(m: ModelConfig) -> None:
     shapes = []
     if "mlp" in targets:
         shapes.append((m.d_model, m.d_ff))
-    if "attention" in targets:
+    if "attention" in targets and m.name == "transformer":  # the only Monarch attention
         shapes += [(m.d_model, m.n_heads * m.resolved_head_dim),
                    (m.d_model, m.n_kv_heads * m.resolved_head_dim)]
+    if not shapes:
+        return
     allowed = sorted(set.intersection(*(set(valid_nblocks(a, b)) for a, b in shapes)))
     _check(m.monarch_blocks in allowed,
            f"model.monarch_blocks={m.monarch_blocks} cannot split the {sorted(targets)} "
@@ -439,9 +446,11 @@ def _check_monarch_kernel_shapes(m: ModelConfig, targets: set[str]) -> None:
 
     from jaxsparse.ops.monarch import kernel_constraints, monarch_shapes
 
-    d, attn, kv = m.d_model, m.n_heads * m.resolved_head_dim, m.n_kv_heads * m.resolved_head_dim
+    d = m.d_model
     maps = [(d, m.d_ff), (m.d_ff, d)] if "mlp" in targets else []
-    maps += [(d, attn), (d, kv), (attn, d)] if "attention" in targets else []
+    if "attention" in targets and m.name == "transformer":  # the only Monarch attention
+        attn, kv = m.n_heads * m.resolved_head_dim, m.n_kv_heads * m.resolved_head_dim
+        maps += [(d, attn), (d, kv), (attn, d)]
     backends = ("gpu",) if m.monarch_impl == "pallas_interpret" else ("gpu", "tpu")
     for n_in, n_out in maps:
         try:
@@ -633,11 +642,27 @@ def validate(cfg: Config) -> Config:
             _check(not isinstance(value, float) or math.isfinite(value),
                    f"{section}.{name}={value!r}: must be a finite number")
 
+    _check(isinstance(cfg.name, str) and cfg.name.strip() != "" and cfg.name not in (".", "..")
+           and "/" not in cfg.name and "\\" not in cfg.name,
+           f"name={cfg.name!r}: expected a non-empty string without '/' (it names the run's "
+           "default workdir, runs/<name>)")
     m, d, o, mesh, t, e = cfg.model, cfg.data, cfg.optimizer, cfg.mesh, cfg.train, cfg.eval
+    from jaxsparse.models.registry import names as model_names
+
+    known = model_names()
+    if m.name not in known:
+        close = difflib.get_close_matches(m.name, known, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"model.name={m.name!r} is not a registered model.{hint} "
+                          f"Known: {', '.join(known)}")
+    from jaxsparse.config_usage import MODEL_KEYS
+
+    # heads, head_dim and rotary embeddings mean something only to models with attention
+    # (a user-registered model, unknown to config_usage, is checked as one)
+    attention = "n_heads" in MODEL_KEYS.get(m.name, {"n_heads"})
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
-        ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
-        ("model.n_kv_heads", m.n_kv_heads), ("model.d_ff", m.d_ff),
+        ("model.n_layers", m.n_layers), ("model.d_ff", m.d_ff),
         ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
         ("data.batch_size", d.batch_size), ("data.valid_every", d.valid_every),
         ("train.steps", t.steps), ("train.log_every", t.log_every),
@@ -645,22 +670,25 @@ def validate(cfg: Config) -> Config:
         ("train.keep_checkpoints", t.keep_checkpoints), ("eval.batches", e.batches),
     ]:
         _check(value >= 1, f"{key}={value}: must be >= 1")
-    _check(m.n_heads % m.n_kv_heads == 0,
-           f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
-    _check(m.head_dim is None or m.head_dim >= 1,
-           f"model.head_dim={m.head_dim}: must be >= 1 (or None: d_model // n_heads)")
-    _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
-           f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-           "set model.head_dim explicitly")
-    _check(m.resolved_head_dim % 2 == 0,
-           f"model.head_dim={m.resolved_head_dim}: rotary embeddings need an even head dim")
+    if attention:
+        for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
+            _check(value >= 1, f"{key}={value}: must be >= 1")
+        _check(m.n_heads % m.n_kv_heads == 0,
+               f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+        _check(m.head_dim is None or m.head_dim >= 1,
+               f"model.head_dim={m.head_dim}: must be >= 1 (or None: d_model // n_heads)")
+        _check(m.head_dim is not None or m.d_model % m.n_heads == 0,
+               f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+               "set model.head_dim explicitly")
+        _check(m.resolved_head_dim % 2 == 0,
+               f"model.head_dim={m.resolved_head_dim}: rotary embeddings need an even head dim")
+        _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: allowed {DTYPES}")
     _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: allowed {DTYPES}")
     _check(m.param_dtype != "float16",
            "model.param_dtype='float16': the optimiser's moments would be float16 too, where "
            "g² underflows and optimizer.eps rounds to 0 (0/0 updates); keep parameters in "
            "float32 or bfloat16 and compute in float16 with model.dtype='float16'")
-    _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
     _check(0 < m.norm_eps < 1, f"model.norm_eps={m.norm_eps}: must be in (0, 1)")
     from jaxsparse.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
@@ -741,6 +769,12 @@ def validate(cfg: Config) -> Config:
            f"eval.sample_prompt={e.sample_prompt!r} is {prompt_bytes} bytes: the end-of-training "
            f"sample needs 1 to model.max_seq_len - 1 = {m.max_seq_len - 1} (or "
            "eval.sample_tokens=0: no sample)")
+    room = m.max_seq_len - prompt_bytes
+    if d.task == "text" and e.sample_tokens > room:
+        warnings.warn(f"eval.sample_tokens={e.sample_tokens}: the end-of-training sample will "
+                      f"have {room} bytes after the {prompt_bytes}-byte eval.sample_prompt, "
+                      f"as many as model.max_seq_len={m.max_seq_len} leaves; set "
+                      f"eval.sample_tokens <= {room}", SampleLengthWarning)
     from jaxsparse.config_usage import UnreadKeyWarning, describe, unread_keys
 
     unread = unread_keys(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sysconfig
+import traceback
 from pathlib import Path
 
 from jaxsparse.config import Config, ConfigError, validate
@@ -35,7 +36,17 @@ def names() -> list[str]:
     return sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
 
 
+def _where(path: Path, err: BaseException) -> str:
+    """``config file PATH, line N`` of the innermost frame of ``err`` in the file itself."""
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__)
+             if Path(frame.filename) == path]
+    return f"config file {path}" + (f", line {lines[-1]}" if lines else "")
+
+
 def _load_file(path: Path) -> Config:
+    """The validated config of the file at ``path``; any mistake in it (a syntax error, an
+    exception in its code, a missing ``get_config``, a value ``validate`` refuses) is a
+    ConfigError naming the file."""
     spec = importlib.util.spec_from_file_location(f"jaxsparse_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -43,12 +54,21 @@ def _load_file(path: Path) -> Config:
     except SyntaxError as err:  # the file's own mistake: where it is, not importlib's frames
         raise ConfigError(f"config file {path}, line {err.lineno}: {err.msg}: "
                           f"{(err.text or '').strip()!r}") from None
+    except Exception as err:  # e.g. an import or a name that fails when the file runs
+        raise ConfigError(f"{_where(path, err)}: {type(err).__name__}: {err}") from err
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as err:
+        raise ConfigError(f"{_where(path, err)}: get_config() raised {type(err).__name__}: "
+                          f"{err}") from err
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a Config")
-    return validate(cfg)
+    try:
+        return validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
 
 
 def get(name: str) -> Config:

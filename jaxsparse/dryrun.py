@@ -152,6 +152,51 @@ def dry_run(cfg: Config, *, compile: bool = True) -> dict:
 
 
 MAX_EMULATED_DEVICES = 4096  # 256 compile in minutes here; 100,000 never came back
+DEFAULT_EMULATED_DEVICES = 64
+
+
+def default_device_count(cfg: Config) -> tuple[int, str | None]:
+    """The emulated device count for ``cfg`` when ``--devices`` is not given, and a note
+    saying why it is not what the mesh asks for (``None`` when it is): the product of the
+    mesh sizes; with a ``-1`` axis, 64 devices, or fewer where the config refuses 64 once the
+    axis is resolved (the batch split over the data-parallel axes, heads over the tensor axis,
+    experts over the expert axis, ...: the checks the dry run itself makes): the largest count
+    ``other axes * r`` with ``r`` dividing ``64 // other axes`` that passes them. Where none
+    does, a ConfigError asks for ``--devices``."""
+    from jaxsparse.config import ConfigError
+    from jaxsparse.parallel import check_batch_split
+    from jaxsparse.parallel.mesh import axis_sizes, check_mesh
+
+    sizes = axis_sizes(cfg.mesh)
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if not rest:  # the mesh names its device count
+        return math.prod(sizes.values()), None
+    rest = rest[0]
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    top = DEFAULT_EMULATED_DEVICES // fixed
+    first_error = None
+    for r in (r for r in range(top, 0, -1) if top % r == 0):
+        devices = fixed * r
+        try:
+            check_batch_split(cfg, check_mesh(cfg, devices))
+        except ConfigError as err:
+            first_error = first_error or err
+            continue
+        if devices == DEFAULT_EMULATED_DEVICES:
+            return devices, None
+        if first_error is None:  # 64 is not a multiple of the other axes' product
+            why = f"cannot hold the mesh's other axes ({fixed} devices)"
+        elif str(first_error).startswith("data.batch_size="):
+            why = f"cannot split data.batch_size={cfg.data.batch_size}"
+        else:
+            why = f"are refused: {first_error}"
+        return devices, (f"--devices {devices}: {DEFAULT_EMULATED_DEVICES} emulated devices "
+                         f"{why}; mesh.{rest}=-1 resolves to {r}")
+    detail = f": {first_error}" if first_error is not None else ""
+    raise ConfigError(
+        f"mesh.{rest}=-1: no emulated device count up to {DEFAULT_EMULATED_DEVICES} suits "
+        f"this config{detail}; give the device count with --devices N (or the mesh with "
+        "--mesh AXIS=SIZE,...)")
 
 
 def run_emulated(config: str, devices: int, overrides: list[str], compile: bool) -> dict:
@@ -170,16 +215,25 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
                           "(all emulated on this one host)")
     cfg = validate(apply_overrides(configs.get(config), overrides))
     check_batch_split(cfg, check_mesh(cfg, devices))
+    # a ConfigError in the child (a check only the built model makes) comes back as one line
+    # of JSON and is raised here as itself: the command prints it, no traceback
     code = (
         "import json, sys; from jaxsparse import configs; from jaxsparse.config import "
-        "apply_overrides, validate; from jaxsparse.dryrun import dry_run; "
-        f"cfg = validate(apply_overrides(configs.get({config!r}), {overrides!r})); "
-        f"print(json.dumps(dry_run(cfg, compile={compile!r})))")
+        "ConfigError, apply_overrides, validate; from jaxsparse.dryrun import dry_run\n"
+        "try:\n"
+        f"    cfg = validate(apply_overrides(configs.get({config!r}), {overrides!r}))\n"
+        f"    report = dry_run(cfg, compile={compile!r})\n"
+        "except ConfigError as err:\n"
+        "    print(json.dumps({'config_error': str(err)})); sys.exit(0)\n"
+        "print(json.dumps(report))")
     env = emulated_devices_env(devices)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"dry run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "config_error" in report:
+        raise ConfigError(report["config_error"])
+    return report
 
 
 def format_report(report: dict) -> str:

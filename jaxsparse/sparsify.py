@@ -16,22 +16,37 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.config import ConfigError, ModelConfig, monarch_targets
-from jaxsparse.nn import Attention, Linear, MonarchLinear, SwiGLU
+from jaxsparse.config import Config, ConfigError, ModelConfig, monarch_targets
+from jaxsparse.nn import Attention, Linear, MoE, MonarchLinear, SwiGLU
 from jaxsparse.ops.monarch import monarch_to_dense, project_to_monarch
 
 KINDS = ("mlp", "attention")
 Which = str | Callable[[tuple, nnx.Module], bool]
 
 
-def _kind(parent) -> str | None:
-    """"mlp" for a dense feed-forward's projections, "attention" for q/k/v/o; routers, expert
-    weights, embeddings and the output head have no kind and are never converted."""
+def _kind(model, path: tuple) -> str | None:
+    """The kind of the projection at ``path`` by the model builders' own rule
+    (``jaxsparse.models.transformer.feed_forward`` / ``attention_layer``): "mlp" for a block's
+    dense feed-forward, "attention" for q/k/v/o of the Transformer's attention. Everything
+    inside a MoE layer (routed and shared experts alike: "MoE experts stay dense"), the dense
+    local attention of a routing transformer's lower layers, routers, embeddings and the output
+    head have no kind and are never converted."""
+    parent = _walk(model, path[:-1])
+    if any(isinstance(_walk(model, path[:i]), MoE) for i in range(len(path) - 1)):
+        return None
     if isinstance(parent, SwiGLU):
         return "mlp"
-    if isinstance(parent, Attention):
+    if isinstance(parent, Attention) and _attention_converts(model):
         return "attention"
     return None
+
+
+def _attention_converts(model) -> bool:
+    """Whether the builder gives this model's :class:`Attention` layers Monarch projections:
+    only the Transformer's (``models.transformer.attention_layer``); a model without a config
+    (built by hand) is taken as it is."""
+    cfg = getattr(model, "cfg", None)
+    return not isinstance(cfg, ModelConfig) or cfg.name == "transformer"
 
 
 def _selector(which: Which) -> Callable[[tuple, nnx.Module, str | None], bool]:
@@ -56,7 +71,7 @@ def _replace(model, cls, which: Which, convert) -> nnx.Module:
     select = _selector(which)
     targets = [(path, module) for path, module in nnx.iter_modules(model)
                if isinstance(module, cls) and path
-               and select(path, module, _kind(_walk(model, path[:-1])))]
+               and select(path, module, _kind(model, path))]
     for path, module in targets:
         setattr(_walk(model, path[:-1]), path[-1], convert(module))
     return model
@@ -112,17 +127,27 @@ def to_dense(model: nnx.Module, which: Which = "all") -> nnx.Module:
 def convert_params(model: nnx.Module, source: ModelConfig, target: ModelConfig) -> nnx.Module:
     """``model`` (built from ``source``) converted to the projections ``target`` asks for:
     dense layers that ``target.monarch`` names become Monarch, Monarch layers it does not name
-    become dense. Every other setting must agree."""
-    ignore = {"monarch", "monarch_blocks", "monarch_impl"}
-    for field in ModelConfig.__dataclass_fields__:
-        if field not in ignore and getattr(source, field) != getattr(target, field):
-            raise ConfigError(
-                f"train.init_from: model.{field} differs ({getattr(source, field)!r} in the "
-                f"source run, {getattr(target, field)!r} here); only model.monarch* may change")
+    become dense (and Monarch layers in both are re-blocked where ``model.monarch_blocks``
+    differs). Every other setting must agree, except those that resuming a run may change too
+    (:func:`jaxsparse.config_usage.model_differences`: keys that only choose how the model is
+    computed, and keys neither model reads)."""
+    from jaxsparse.config_usage import HOW_KEYS, model_differences
+
+    free = {"model.monarch", "model.monarch_blocks"}
+    keys = [line.split(":", 1)[0].removeprefix("model.") for line in
+            model_differences(Config(model=source), Config(model=target))]
+    differences = [f"model.{key} differs ({getattr(source, key)!r} in the source run, "
+                   f"{getattr(target, key)!r} here)" for key in keys if f"model.{key}" not in free]
+    if differences:
+        raise ConfigError(
+            "train.init_from: " + "; ".join(differences) + "; only model.monarch, "
+            "model.monarch_blocks and the keys that choose how the model is computed ("
+            + ", ".join(f"model.{key}" for key in sorted(HOW_KEYS)) + ") may change")
     have, want = monarch_targets(source), monarch_targets(target)
-    if want - have:
-        model = to_monarch(model, ",".join(sorted(want - have)), nblocks=target.monarch_blocks,
-                           implementation=target.monarch_impl)
-    if have - want:
-        model = to_dense(model, ",".join(sorted(have - want)))
+    reblock = have & want if source.monarch_blocks != target.monarch_blocks else set()
+    if (have - want) | reblock:
+        model = to_dense(model, ",".join(sorted((have - want) | reblock)))
+    if (want - have) | reblock:
+        model = to_monarch(model, ",".join(sorted((want - have) | reblock)),
+                           nblocks=target.monarch_blocks, implementation=target.monarch_impl)
     return model

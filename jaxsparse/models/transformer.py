@@ -130,8 +130,9 @@ class RoutingTransformer(Transformer):
 
 
 def projection_flops_per_token(cfg: ModelConfig) -> int:
-    """FLOPs per token of the blocks' projections (attention q/k/v/o and feed-forward; for MoE
-    layers the ``k`` routed experts plus shared ones), Monarch where ``model.monarch`` says so.
+    """FLOPs per token of the blocks' projections (attention q/k/v/o, no k in a routing layer
+    with ``routing_shared_qk``, and feed-forward; for MoE layers the ``k`` routed experts plus
+    shared ones), Monarch where the builder makes them Monarch (``model.monarch``).
     Attention scores and the output head are left out: they do not change with Monarch."""
     from jaxsparse.ops.monarch import dense_flops, monarch_flops
 
@@ -143,10 +144,17 @@ def projection_flops_per_token(cfg: ModelConfig) -> int:
         return dense_flops(1, n_in, n_out)
 
     d, hd = cfg.d_model, cfg.resolved_head_dim
-    attn = (2 * proj("attention", d, cfg.n_heads * hd) + 2 * proj("attention", d, cfg.n_kv_heads * hd))
+    # the builder's attention_layer: Monarch q/k/v/o in the Transformer only; a routing
+    # transformer's local layers are dense Attention and its routing layers (from
+    # routing_skip_first up) dense RoutingAttention, without a key projection when shared_qk
+    kind = "attention" if cfg.name == "transformer" else None
+    q_or_o, k_or_v = proj(kind, d, cfg.n_heads * hd), proj(kind, d, cfg.n_kv_heads * hd)
     total = 0
     for layer in range(cfg.n_layers):
-        total += attn
+        if cfg.name == "routing_transformer" and layer >= cfg.routing_skip_first:
+            total += (3 if cfg.routing_shared_qk else 4) * q_or_o  # n_heads keys and values
+        else:
+            total += 2 * q_or_o + 2 * k_or_v
         if uses_moe(cfg, layer):
             experts = cfg.moe_k + cfg.moe_shared_experts
             total += experts * 3 * dense_flops(1, d, cfg.moe_d_ff or cfg.d_ff)
