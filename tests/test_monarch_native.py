@@ -59,6 +59,24 @@ def test_kernel_equals_the_reference_forward_and_gradients(lead, b, p, q, s):
         assert rel_err(g, w) < 1e-5, (name, rel_err(g, w))  # float32: a few ulps of the sums
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 50])
+def test_weight_gradients_summed_in_chunks_of_any_length(monkeypatch, chunk):
+    """The backward sums the weight gradients over chunks of tokens (hundreds by default):
+    chunks of 1, 7 and 50 tokens, cutting the token tiles anywhere, give the reference's
+    gradients."""
+    from jaxsparse.ops.native import monarch as native
+
+    monkeypatch.setattr(native, "WEIGHT_GRAD_CHUNK_TOKENS", chunk)
+    b, p, q, s = 4, 20, 48, 83
+    w1, w2 = factors(jax.random.key(chunk), b, p, q, s)
+    x = jax.random.normal(jax.random.key(1), (197, b * p))
+    ct = jax.random.normal(jax.random.key(2), (197, b * s))
+    grads = {impl: jax.vjp(jax.jit(lambda *a, impl=impl: monarch_matmul(*a, implementation=impl)),
+                           x, w1, w2)[1](ct) for impl in ("native", "xla")}
+    for name, g, w in zip(("dx", "dw1", "dw2"), grads["native"], grads["xla"]):
+        assert rel_err(g, w) < 1e-5, (name, rel_err(g, w))
+
+
 def _hlo(fn, *args, platform=None):
     traced = jax.jit(fn).trace(*args)
     lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse.ops.native import register
 from jaxsparse.ops.native.partitioning import ROW_SUM, ROWS, WHOLE, split_over_rows
 
 _FORWARD, _RESIDUAL, _BACKWARD = ("jaxsparse_monarch_f32", "jaxsparse_monarch_residual_f32",
                                   "jaxsparse_monarch_backward_f32")
+# Tokens whose weight gradients the backward sums in one go (0: the kernel sizes the chunk,
+# about 16 MiB of buffers). Read when a backward is traced; tests set a few tokens so that
+# chunk edges fall inside the token tiles.
+WEIGHT_GRAD_CHUNK_TOKENS = 0
 
 
 def available() -> bool:
@@ -48,7 +53,7 @@ _FORWARD_ROWS = {residual: split_over_rows(_forward_call(residual), (ROWS, WHOLE
 def _backward_call(rows, hidden, dy, w1, w2):
     outs = (_f32(*rows.shape), _f32(*w1.shape), _f32(*w2.shape))
     return tuple(jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="sequential")(
-        rows, hidden, dy, w1, w2))
+        rows, hidden, dy, w1, w2, chunk_tokens=np.int64(WEIGHT_GRAD_CHUNK_TOKENS)))
 
 
 _BACKWARD_ROWS = split_over_rows(_backward_call, (ROWS, ROWS, ROWS, WHOLE, WHOLE),
@@ -71,7 +76,8 @@ def native_monarch(x, w1, w2):
 
     Forward: one pass over token tiles (``monarch_cpu.cc``). Under differentiation the forward
     also writes the first factor's output (the one residual the backward needs, as in XLA's
-    VJP), and the backward kernel computes dx, dw1 and dw2 in one pass over the tiles.
+    VJP), and the backward kernel computes dx, dw1 and dw2 in one pass: dx tile by tile, the
+    weight gradients summed over chunks of many tiles at a time.
     """
     (y,) = _forward(_rows(x), w1, w2, residual=False)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -54,18 +54,24 @@ void monarch_tile(const Shape& sh, const float* x, const float* w1t, const float
   }
 }
 
-// The backward of tokens [t0, t0 + rows), given dy and the forward's x and hidden:
+// The backward's two halves, given dy and the forward's x and hidden:
 //   g_lr[t, l·q + r]  = Σ_s' dy[t, s'·b + l] · w2[l, s', r]     (gradient of hidden, (l, r) order)
 //   g[t, r·b + l]     = g_lr[t, l·q + r]                         (the permutation, in cache)
 //   dx[t, k·p + p']   = Σ_j g[t, k·q + j] · w1[k, j, p']
 //   dw1[k, j, p']    += Σ_t g[t, k·q + j] · x[t, k·p + p']
 //   dw2[l, s', r]    += Σ_t dy[t, s'·b + l] · hidden[t, r·b + l]  (hidden read in (l, r) order)
-// The weight gradients accumulate into the caller's dw1, dw2 (one pair per tile group).
-void monarch_tile_backward(const Shape& sh, const float* x, const float* hidden, const float* dy,
-                           const float* w1, const float* w2, float* dx, float* dw1, float* dw2,
-                           int64_t t0, int64_t rows, float* g_lr, float* g, float* h_lr) {
+// The input gradient goes tile by tile (a few tokens, in L2), leaving each tile's g and hidden
+// in (l, r) order in chunk buffers; the weight gradients are then summed over the whole chunk
+// at once (chunk_tokens). Summed tile by tile, large weights' gradients were read and written
+// once per few tokens: at d = 8192 (b = 64) 16 MB of accumulators per 6 tokens, which made
+// the backward memory bound.
+
+// Tokens [t0, t0 + rows) of dx; their g and h_lr rows are written to g, h_lr (row 0 = t0).
+void monarch_tile_input_grad(const Shape& sh, const float* hidden, const float* dy,
+                             const float* w1, const float* w2, float* dx, int64_t t0,
+                             int64_t rows, float* g_lr, float* g, float* h_lr) {
   const int64_t n = sh.b * sh.p, mid = sh.b * sh.q, m = sh.b * sh.s;
-  const float *xt = x + t0 * n, *ht = hidden + t0 * mid, *dyt = dy + t0 * m;
+  const float *ht = hidden + t0 * mid, *dyt = dy + t0 * m;
   float* dxt = dx + t0 * n;
   for (int64_t l = 0; l < sh.b; ++l)
     gemm(dyt + l, m, sh.b, w2 + l * sh.s * sh.q, sh.q, sh.s, g_lr + l * sh.q, mid, rows, sh.q);
@@ -75,11 +81,19 @@ void monarch_tile_backward(const Shape& sh, const float* x, const float* hidden,
         g[t * mid + r * sh.b + l] = g_lr[t * mid + l * sh.q + r];
         h_lr[t * mid + l * sh.q + r] = ht[t * mid + r * sh.b + l];
       }
-  for (int64_t k = 0; k < sh.b; ++k) {
+  for (int64_t k = 0; k < sh.b; ++k)
     gemm(g + k * sh.q, mid, 1, w1 + k * sh.q * sh.p, sh.p, sh.q, dxt + k * sh.p, n, rows, sh.p);
+}
+
+// dw1, dw2 += the sums over tokens [t0, t0 + rows), from their g and h_lr rows.
+void monarch_chunk_weight_grads(const Shape& sh, const float* x, const float* dy,
+                                const float* g, const float* h_lr, int64_t t0, int64_t rows,
+                                float* dw1, float* dw2) {
+  const int64_t n = sh.b * sh.p, mid = sh.b * sh.q, m = sh.b * sh.s;
+  const float *xt = x + t0 * n, *dyt = dy + t0 * m;
+  for (int64_t k = 0; k < sh.b; ++k)
     gemm<true>(g + k * sh.q, 1, mid, xt + k * sh.p, n, rows, dw1 + k * sh.q * sh.p, sh.p, sh.q,
                sh.p);
-  }
   for (int64_t l = 0; l < sh.b; ++l)
     gemm<true>(dyt + l, sh.b, m, h_lr + l * sh.q, mid, rows, dw2 + l * sh.s * sh.q, sh.q, sh.s,
                sh.q);
@@ -89,6 +103,21 @@ void monarch_tile_backward(const Shape& sh, const float* x, const float* hidden,
 int64_t tile_tokens(const Shape& sh) {
   const int64_t per_token = (sh.b * sh.q + sh.b * sh.s) * sizeof(float);
   return std::clamp<int64_t>((512 << 10) / per_token / 6 * 6, 6, 96);
+}
+
+// Tokens per weight-gradient chunk of the backward: `requested` where positive (tests ask for
+// a few tokens, to cross chunk edges). Weights of up to 4 MiB (d <= 4096 at b = 64): one
+// tile — their gradients stay in cache, and so do the tile's g and h_lr. Larger ones: a
+// multiple of the tile whose g and h_lr buffers take about 16 MiB (252 tokens at d = 8192),
+// so that the accumulators are read and written once per chunk instead of once per few
+// tokens (measured at d = 8192, 4096 tokens: forward + backward 1182 -> 674 ms; at d = 4096
+// chunks of 504 tokens were 10% slower than tiles, the buffers' round trip through memory).
+int64_t chunk_tokens(const Shape& sh, int64_t tile, int64_t requested) {
+  if (requested > 0) return requested;
+  const int64_t weight_bytes = (sh.b * sh.q * sh.p + sh.b * sh.s * sh.q) * sizeof(float);
+  if (weight_bytes <= (4 << 20)) return tile;
+  const int64_t per_token = 2 * sh.b * sh.q * sizeof(float);
+  return std::max<int64_t>((16 << 20) / per_token / tile, 1) * tile;
 }
 
 // Runs task(group, first_tile, end_tile) over `groups` contiguous groups of tiles. The grouping
@@ -150,12 +179,13 @@ ffi::Error MonarchResidualF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return forward(pool, x, w1t, w2t, y->typed_data(), hidden->typed_data());
 }
 
-// dx, dw1, dw2 from x [T, b·p], hidden [T, b·q], dy [T, b·s], w1 [b, q, p], w2 [b, s, q].
+// dx, dw1, dw2 from x [T, b·p], hidden [T, b·q], dy [T, b·s], w1 [b, q, p], w2 [b, s, q];
+// chunk_tokens: see chunk_tokens() (0: the kernel's choice).
 ffi::Error MonarchBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::F32> dy,
                               ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> w2,
                               ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw1,
-                              ffi::ResultBuffer<ffi::F32> dw2) {
+                              ffi::ResultBuffer<ffi::F32> dw2, int64_t requested_chunk) {
   const auto d1 = w1.dimensions(), d2 = w2.dimensions(), xd = x.dimensions();
   if (d1.size() != 3 || d2.size() != 3 || xd.size() != 2) return shape_error();
   const Shape sh{xd[0], d1[0], d1[2], d1[1], d2[1]};
@@ -173,14 +203,20 @@ ffi::Error MonarchBackwardF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float *xp = x.typed_data(), *hp = hidden.typed_data(), *dyp = dy.typed_data();
   const float *w1p = w1.typed_data(), *w2p = w2.typed_data();
   float* dxp = dx->typed_data();
+  const int64_t chunk = chunk_tokens(sh, tile, requested_chunk);
   parallel_groups(pool, num_tiles, groups, [&](int64_t gi, int64_t first, int64_t end) {
-    const int64_t mid = sh.b * sh.q;
-    std::vector<float> g_lr(tile * mid), g(tile * mid), h_lr(tile * mid);
+    const int64_t mid = sh.b * sh.q, begin = first * tile, stop = std::min(end * tile, sh.tokens);
+    std::vector<float> g_lr(tile * mid), g(std::min(chunk, stop - begin) * mid),
+        h_lr(std::min(chunk, stop - begin) * mid);
     float* acc1 = partial.data() + gi * (w1_size + w2_size);
-    for (int64_t i = first; i < end; ++i) {
-      const int64_t t0 = i * tile;
-      monarch_tile_backward(sh, xp, hp, dyp, w1p, w2p, dxp, acc1, acc1 + w1_size, t0,
-                            std::min(tile, sh.tokens - t0), g_lr.data(), g.data(), h_lr.data());
+    for (int64_t c0 = begin; c0 < stop; c0 += chunk) {
+      const int64_t chunk_rows = std::min(chunk, stop - c0);
+      for (int64_t t0 = c0; t0 < c0 + chunk_rows; t0 += tile)
+        monarch_tile_input_grad(sh, hp, dyp, w1p, w2p, dxp, t0,
+                                std::min(tile, c0 + chunk_rows - t0), g_lr.data(),
+                                g.data() + (t0 - c0) * mid, h_lr.data() + (t0 - c0) * mid);
+      monarch_chunk_weight_grads(sh, xp, dyp, g.data(), h_lr.data(), c0, chunk_rows, acc1,
+                                 acc1 + w1_size);
     }
   });
   for (int64_t gi = 0; gi < groups; ++gi) {  // in group order: the same sums on every run
@@ -222,4 +258,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsparseMonarchBackwardF32, MonarchBackwardF32,
                                   .Arg<F32Buffer>()
                                   .Ret<F32Buffer>()
                                   .Ret<F32Buffer>()
-                                  .Ret<F32Buffer>());
+                                  .Ret<F32Buffer>()
+                                  .Attr<int64_t>("chunk_tokens"));
