@@ -230,29 +230,65 @@ def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():
 
 
 def test_ring_work_counts_the_non_empty_part_pairs_each_device_holds():
-    """``ring_work`` (vectorised over devices) against a count from the dense mask: at step s
-    device d holds the keys of device (d - s) mod n; a pair of its query and key parts counts
-    when the mask allows any entry in it. Both layouts, a BigBird mask with random blocks
+    """``ring_pair_kinds`` and ``ring_work`` (vectorised over devices) against the dense mask:
+    at step s device d holds the keys of device (d - s) mod n; a pair of its query and key
+    parts is empty when the mask allows no entry in it for any head, full when it allows every
+    entry for every head, partial otherwise. Both layouts, a BigBird mask with random blocks
     and a per-head mask, 4 devices in 4 parts each."""
-    from jaxsparse.ops.attention.ring import held_part, ring_work
-    from jaxsparse.ops.masks import BigBirdMask, CausalMask, LocalMask, MultiHeadMask
+    from jaxsparse.ops.attention.ring import held_part, ring_pair_kinds, ring_work
+    from jaxsparse.ops.masks import (EMPTY, FULL, PARTIAL, BigBirdMask, CausalMask, LocalMask,
+                                     MultiHeadMask)
 
     n, parts, length = 4, 4, 96
     part = length // (n * parts)
+    seen = set()
     for mask in (BigBirdMask(6, 1, 1, 2, 5), MultiHeadMask((CausalMask(), LocalMask(4, 0)))):
-        dense = np.asarray(mask.to_dense(length, length)).reshape(-1, length, length).any(0)
+        dense = np.asarray(mask.to_dense(length, length)).reshape(-1, length, length)
         for layout in ("contiguous", "zigzag"):
-            expected = np.zeros((n, n), np.int64)
+            expected = np.zeros((n, n, parts, parts), np.int8)
             for step in range(n):
                 for d in range(n):
                     for qp in range(parts):
                         for kp in range(parts):
                             qi = held_part(layout, n, parts, d, qp)
                             ki = held_part(layout, n, parts, (d - step) % n, kp)
-                            expected[step, d] += dense[qi * part:(qi + 1) * part,
-                                                       ki * part:(ki + 1) * part].any()
+                            tile = dense[:, qi * part:(qi + 1) * part, ki * part:(ki + 1) * part]
+                            expected[step, d, qp, kp] = (FULL if tile.all() else
+                                                         PARTIAL if tile.any() else EMPTY)
+            kinds = ring_pair_kinds(mask, length, length, n, layout, parts)
+            np.testing.assert_array_equal(kinds, expected, err_msg=f"{mask} {layout}")
+            seen |= set(np.unique(kinds).tolist())
             np.testing.assert_array_equal(ring_work(mask, length, length, n, layout, parts),
-                                          expected, err_msg=f"{mask} {layout}")
+                                          (expected != EMPTY).sum(axis=(2, 3)),
+                                          err_msg=f"{mask} {layout}")
+    assert seen == {EMPTY, PARTIAL, FULL}  # every kind was compared
+
+
+def test_steps_without_work_are_left_out_of_the_ring():
+    """A causal window narrower than a shard needs the ring's first two steps (own keys and the
+    previous shard's), a two-sided one the next shard's too (step n - 1), a causal mask every
+    step; the steps in between are neither computed nor communicated."""
+    from jaxsparse.ops.attention.ring import live_steps, ring_pair_kinds, step_run
+    from jaxsparse.ops.masks import CausalMask, LocalMask
+
+    n, parts, length = 8, 2, 256  # shards of 32
+    def live(mask, layout):
+        return live_steps(ring_pair_kinds(mask, length, length, n, layout, parts))
+    assert live(LocalMask(20, 0), "contiguous") == [0, 1]
+    assert live(LocalMask(20, 20), "contiguous") == [0, 1, n - 1]
+    # zig-zag halves of 16: a late half (2n-1-i) reads halves held by devices i + 1, i + 2
+    assert live(LocalMask(10, 0), "zigzag") == [0, 1, n - 1]
+    assert live(LocalMask(20, 0), "zigzag") == [0, 1, 2, n - 2, n - 1]
+    assert live(LocalMask(40, 0), "contiguous") == [0, 1, 2]
+    assert live(CausalMask(), "zigzag") == list(range(n))
+    assert live(CausalMask(-length), "contiguous") == []
+    # the ring runs one scan over the shortest run of steps (mod n) holding the live ones
+    assert [step_run(live(LocalMask(20, 0), "contiguous"), n),
+            step_run(live(LocalMask(20, 20), "contiguous"), n),
+            step_run(live(LocalMask(20, 0), "zigzag"), n),
+            step_run(live(CausalMask(), "zigzag"), n),
+            step_run([], n), step_run([3], n), step_run([1, 5], n)] == [
+        (0, 2), (n - 1, 3), (n - 2, 5), (0, n), (0, 0), (3, 1), (1, 5)]
 
 
 def test_ring_memory_holds_one_part_pair_of_logits_not_a_chunk_pair(sharded_ops):

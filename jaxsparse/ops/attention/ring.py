@@ -11,10 +11,14 @@ Masks are evaluated from global positions (``Mask.allowed`` on the positions a d
 so causal, sliding-window, chunked, strided, global-token and per-head masks all work, and
 segment ids travel with their keys. Inside a step the device's queries and the keys it holds
 are worked in parts of about ``PART_TARGET`` tokens (an even number of parts where the chunk
-lengths are even), a scan over query parts around a scan over key parts: a pair of parts that
-the mask leaves entirely empty skips its matmuls with ``lax.cond``, and with the folds
+lengths are even), a scan over query parts around a scan over key parts, and with the folds
 checkpointed only one pair's logits are alive at a time, forward and backward, however long
-the chunks (FlashAttention's tiling, at the XLA level).
+the chunks (FlashAttention's tiling, at the XLA level). Which part pairs each device works at
+each step is known from the mask's block table before tracing (:func:`ring_pair_kinds`): a
+pair the mask leaves empty (or packed documents do) skips its matmuls, a pair it leaves full
+folds without evaluating the mask, and a step at which no device has work — the far shards of
+a sliding window — is left out of the ring with its exchange: a causal window over ``n``
+devices takes 2 steps, not ``n``.
 
 Layouts. ``"contiguous"``: device ``i`` holds chunk ``i``. Under a causal mask that is
 unbalanced: at every step after the first some device holds keys from its past and works a
@@ -45,7 +49,8 @@ from jaxsparse.ops.attention.api import (attention_segments, check_attention_inp
                                          lazy_mask, static_logit_options)
 from jaxsparse.ops.attention.online_softmax import empty_state, finish, fold_block
 from jaxsparse.ops.attention.reference import soft_cap
-from jaxsparse.ops.masks import EMPTY, Mask, MultiHeadMask, cached_block_table
+from jaxsparse.ops.masks import (EMPTY, FULL, PARTIAL, Mask, MultiHeadMask,
+                                 cached_block_table)
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
 
 RING_LAYOUTS = (None, "contiguous", "zigzag")
@@ -97,19 +102,46 @@ def _zigzag_device(half: int, n: int) -> int:
     return half if half < n else 2 * n - 1 - half
 
 
+def ring_pair_kinds(mask, q_len: int, kv_len: int, n: int, layout: str,
+                    parts: int) -> np.ndarray:
+    """int8 ``[step, device, query part, key part]``: whether the pair is ``EMPTY`` (skipped),
+    ``FULL`` (every entry allowed for every head: no mask to evaluate) or ``PARTIAL``, for the
+    part pairs each device works at each of the ring's ``n`` steps (from the mask's block table;
+    segment ids are not known here)."""
+    if mask is None:
+        kinds = np.full((n * parts, n * parts), FULL, np.int8)
+    else:
+        table = cached_block_table(mask, q_len, kv_len, q_len // (n * parts), kv_len // (n * parts))
+        kinds = np.where((table.kind == EMPTY).all(axis=0), EMPTY,
+                         np.where((table.kind == FULL).all(axis=0), FULL, PARTIAL)).astype(np.int8)
+    devices = np.arange(n)
+    held = held_part(layout, n, parts, devices[:, None], np.arange(parts)[None, :])  # [n, P]
+    return np.stack([kinds[held[:, :, None], held[(devices - step) % n][:, None, :]]
+                     for step in range(n)])
+
+
 def ring_work(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> np.ndarray:
     """``[step, device]``: how many non-empty (query part, key part) pairs each device works
     at each of the ring's ``n`` steps (from the mask's block table; segment ids ignored)."""
-    if mask is None:
-        nonempty = np.ones((n * parts, n * parts), bool)
-    else:
-        table = cached_block_table(mask, q_len, kv_len, q_len // (n * parts), kv_len // (n * parts))
-        nonempty = (table.kind != EMPTY).any(axis=0)
-    devices = np.arange(n)
-    held = held_part(layout, n, parts, devices[:, None], np.arange(parts)[None, :])  # [n, P]
-    work = [nonempty[held[:, :, None], held[(devices - step) % n][:, None, :]].sum(axis=(1, 2))
-            for step in range(n)]
-    return np.stack(work).astype(np.int64)
+    kinds = ring_pair_kinds(mask, q_len, kv_len, n, layout, parts)
+    return (kinds != EMPTY).sum(axis=(2, 3)).astype(np.int64)
+
+
+def step_run(steps: list[int], n: int) -> tuple[int, int]:
+    """``(first, count)``: the shortest run of consecutive ring steps (mod ``n``) that holds
+    every step in ``steps`` — it starts after the widest gap between them. A causal window:
+    ``(0, 2)``; a two-sided one: ``(n - 1, 3)``; a causal mask: ``(0, n)``."""
+    if not steps:
+        return 0, 0
+    gap, last = max(((steps[(i + 1) % len(steps)] - steps[i]) % n or n, i)
+                    for i in range(len(steps)))
+    return steps[(last + 1) % len(steps)], n - gap + 1
+
+
+def live_steps(kinds: np.ndarray) -> list[int]:
+    """The ring steps at which some device has a non-empty part pair (``kinds`` of
+    :func:`ring_pair_kinds`); the others are neither computed nor communicated."""
+    return [step for step in range(kinds.shape[0]) if (kinds[step] != EMPTY).any()]
 
 
 def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> int:
@@ -217,7 +249,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     if layout is None:
         layout = choose_layout(mask, q_len, kv_len, n, part_tokens)
     q_seg, kv_seg = attention_segments(segment_ids, batch, q_len, kv_len)
-    if segment_ids is None:  # one document: the same-segment test passes everywhere
+    if segment_ids is None:  # one document: no same-document test (zeros fill the arguments)
         q_seg, kv_seg = jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32)
     scale = head_dim**-0.5 if scale is None else scale
     groups = q_heads // kv_heads
@@ -230,13 +262,18 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
         first = held_part(layout, n, parts, device, jnp.arange(parts)) * part_len
         return first[:, None] + jnp.arange(part_len)[None, :]
 
-    def allowed_pairs(q_pos, kv_pos, q_seg, kv_seg):
-        """Boolean ``[B, Hkv|1, G|1, Sq, Tc]``: the mask at global positions, within documents."""
-        allowed = _allowed(mask, q_len, kv_len, q_pos, kv_pos)  # [H or 1, Sq, Tc]
-        allowed = (allowed.reshape(-1, 1, q_part, kv_part) if allowed.shape[0] == 1
-                   else allowed.reshape(kv_heads, groups, q_part, kv_part))
-        same = q_seg[:, :, None] == kv_seg[:, None, :]  # [B, Sq, Tc]
-        return allowed[None] & same[:, None, None]
+    def allowed_pairs(kind, q_pos, kv_pos, q_seg, kv_seg):
+        """Boolean ``[B, Hkv|1, G|1, Sq, Tc]`` (or a scalar): the mask at global positions,
+        within documents. A ``FULL`` pair evaluates no mask; without segment ids, no
+        same-document test."""
+        allowed = jnp.ones((), bool)
+        if kind == PARTIAL:
+            allowed = _allowed(mask, q_len, kv_len, q_pos, kv_pos)  # [H or 1, Sq, Tc]
+            allowed = (allowed.reshape(-1, 1, q_part, kv_part) if allowed.shape[0] == 1
+                       else allowed.reshape(kv_heads, groups, q_part, kv_part))[None]
+        if segment_ids is not None:
+            allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
+        return allowed
 
     @jax.checkpoint  # the backward recomputes a part pair's logits instead of keeping them all
     def fold(carry, q_g, k_p, v_p, allowed):
@@ -248,6 +285,12 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     def split_parts_of(t, part_len):  # [B, chunk, ...] -> [parts, B, part_len, ...]
         return jnp.moveaxis(t.reshape(t.shape[0], parts, part_len, *t.shape[2:]), 1, 0)
 
+    # which part pairs each device works at each step, known before tracing: empty pairs are
+    # skipped without evaluating the mask, full ones fold without it, and steps at which no
+    # device has work (a sliding window's far shards) are neither computed nor communicated
+    kinds = ring_pair_kinds(mask, q_len, kv_len, n, layout, parts)
+    first, count = step_run(live_steps(kinds), n)
+
     def local(q_c, k_c, v_c, q_seg_c, kv_seg_c):
         index = jax.lax.axis_index(axis)
         if layout == "zigzag":
@@ -257,35 +300,56 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
         q_seg_parts, q_pos = split_parts_of(q_seg_c, q_part), positions(index, q_part)
         shape = (parts, batch, kv_heads, groups, q_part)
         carries = empty_state(shape, head_dim)
-        # the running statistics differ per shard: say so, or both branches of the cond
+        # the running statistics differ per shard: say so, or the branches of the switch
         # below would disagree on their type
         carries = jax.tree.map(lambda t: jax.lax.pcast(t, axis, to="varying"), carries)
-        ring = [(i, (i + 1) % n) for i in range(n)]
 
-        def step(state, s):
-            carries, k_c, v_c, kv_seg_c = state
-            source = (index - s) % n  # the shard whose keys this device holds at step s
+        def attend_held(carries, k_c, v_c, kv_seg_c, step, step_kinds):
+            """Fold the keys held at ``step`` (device ``index - step``'s) into every query
+            part; ``step_kinds [n, P, P]`` as :func:`ring_pair_kinds` gives that step."""
+            source = (index - step) % n
+            pair_kinds = jnp.asarray(step_kinds)[index]                    # [P(q), P(kv)]
             kv_parts = (split_parts_of(k_c, kv_part), split_parts_of(v_c, kv_part),
                         positions(source, kv_part), split_parts_of(kv_seg_c, kv_part))
 
             @jax.checkpoint  # keep one carry per query part, not one per part pair
-            def one_query_part(carry, q_g, q_pos_p, q_seg_p):
+            def one_query_part(carry, q_g, q_pos_p, q_seg_p, row_kinds):
                 def visit(carry, kv):
-                    k_p, v_p, kv_pos_p, kv_seg_p = kv
-                    allowed = allowed_pairs(q_pos_p, kv_pos_p, q_seg_p, kv_seg_p)
-                    carry = jax.lax.cond(jnp.any(allowed),
-                                         lambda c: fold(c, q_g, k_p, v_p, allowed),
-                                         lambda c: c, carry)
-                    return carry, None
+                    k_p, v_p, kv_pos_p, kv_seg_p, kind = kv
 
-                return jax.lax.scan(visit, carry, kv_parts)[0]
+                    def folded(static_kind):
+                        return lambda c: fold(c, q_g, k_p, v_p, allowed_pairs(
+                            static_kind, q_pos_p, kv_pos_p, q_seg_p, kv_seg_p))
+
+                    kind = kind.astype(jnp.int32)
+                    if segment_ids is not None:  # documents can empty a pair the mask keeps
+                        same = q_seg_p[:, :, None] == kv_seg_p[:, None, :]
+                        kind = jnp.where(jnp.any(same), kind, EMPTY)
+                    branches = [lambda c: c, folded(PARTIAL), folded(FULL)]  # by kind: 0, 1, 2
+                    return jax.lax.switch(kind, branches, carry), None
+
+                return jax.lax.scan(visit, carry, (*kv_parts, row_kinds))[0]
 
             _, carries = jax.lax.scan(lambda _, xs: (None, one_query_part(*xs)), None,
-                                      (carries, q_parts, q_pos, q_seg_parts))
-            k_c, v_c, kv_seg_c = (jax.lax.ppermute(t, axis, ring) for t in (k_c, v_c, kv_seg_c))
-            return (carries, k_c, v_c, kv_seg_c), None
+                                      (carries, q_parts, q_pos, q_seg_parts, pair_kinds))
+            return carries
 
-        (carries, *_), _ = jax.lax.scan(step, (carries, k_c, v_c, kv_seg_c), jnp.arange(n))
+        def shift(t, by):  # device i's t goes to device i + by: the keys held advance `by` steps
+            return jax.lax.ppermute(t, axis, [(i, (i + by) % n) for i in range(n)])
+
+        # one scan over the run of steps that holds every live one (mod n: a two-sided window
+        # visits the next shard's keys, step n - 1, first), one neighbour exchange per step
+        # (the last one unused; a loop of steps would compile every step apart)
+        def step(state, xs):
+            carries, k_c, v_c, kv_seg_c = state
+            carries = attend_held(carries, k_c, v_c, kv_seg_c, *xs)
+            return (carries, *(shift(t, 1) for t in (k_c, v_c, kv_seg_c))), None
+
+        if first:  # start from the keys `first` devices back
+            k_c, v_c, kv_seg_c = (shift(t, first) for t in (k_c, v_c, kv_seg_c))
+        run = (first + np.arange(count)) % n
+        (carries, *_), _ = jax.lax.scan(step, (carries, k_c, v_c, kv_seg_c),
+                                        (jnp.asarray(run), kinds[run]))
         out, _ = finish(carries)  # [P, B, Hkv, G, Sq, D]
         out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, q_chunk, q_heads, head_dim)
         out = out.astype(q_c.dtype)
@@ -299,4 +363,4 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
 
 
 __all__ = ["PART_TARGET", "RING_LAYOUTS", "choose_layout", "critical_path", "held_part",
-           "ring_attention", "ring_work", "split_parts"]
+           "live_steps", "ring_attention", "ring_pair_kinds", "ring_work", "split_parts", "step_run"]
