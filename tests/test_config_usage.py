@@ -22,7 +22,7 @@ from jaxsparse.data import make_stream
 from helpers import short_documents
 
 SMALL = ["model.d_model=32", "model.n_layers=4", "model.max_seq_len=64", "data.seq_len=32",
-         "data.batch_size=2"]
+         "data.batch_size=2", "eval.sample_tokens=16"]  # a sample that fits max_seq_len
 
 # each model with its optional parts on, and with them off or replaced (the gates)
 MODEL_CASES = {
@@ -121,8 +121,9 @@ def test_every_key_a_model_claims_is_read_by_one_of_its_cases(model_reads):
 def test_data_streams_read_only_their_task_keys(task, tmp_path):
     overrides = [f"data.task={task}", "data.seq_len=64", "model.max_seq_len=64",
                  "data.batch_size=2"]
-    if task == "text":
-        overrides += short_documents(tmp_path) + ["data.packed_documents=true"]
+    if task == "text":  # with a sample that fits max_seq_len
+        overrides += short_documents(tmp_path) + ["data.packed_documents=true",
+                                                  "eval.sample_tokens=16"]
     cfg = validate(apply_overrides(configs.get("transformer_tiny"), overrides))
     reads: set[str] = set()
     stream = make_stream(dataclasses.replace(cfg, data=_recording(cfg.data, reads)))
