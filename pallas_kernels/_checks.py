@@ -52,6 +52,18 @@ def power_of_two(where: str, name: str, value: int, minimum: int = 1) -> None:
                          "(Triton block shapes)")
 
 
+def scan_tiles(where: str, backend: str, interpret: bool, block_t: int, block_d: int,
+               tpu_block_t: int) -> None:
+    """A scan kernel's tiles: ``block_d`` a power of two on GPU (a Triton block); on TPU
+    hardware ``block_t`` a multiple of ``tpu_block_t`` and ``block_d`` of 128 (interpret mode
+    takes any)."""
+    if backend == "gpu":
+        power_of_two(where, "block_d", block_d)
+    elif not interpret and (block_t % tpu_block_t or block_d % 128):
+        raise ValueError(f"{where}: TPU tiles need block_t % {tpu_block_t} == 0 and "
+                         f"block_d % 128 == 0; got block_t={block_t}, block_d={block_d}")
+
+
 def attention_operands(where: str, q, k, v, kv_indices, kv_counts, q_indices, q_counts, *,
                        kv_len, block_q, block_kv, partial_blocks, kv_partial, q_partial,
                        q_segment_ids, kv_segment_ids) -> None:

@@ -120,10 +120,6 @@ def linear_scan_config(*, backend: str, interpret: bool, block_t: int, block_d: 
     _checks.backend(where, backend)
     for name, value in (("block_t", block_t), ("block_d", block_d), ("num_warps", num_warps)):
         _checks.positive_int(where, name, value)
-    if backend == "gpu":
-        _checks.power_of_two(where, "block_d", block_d)
-    elif not interpret and (block_t % 8 or block_d % 128):
-        raise ValueError(f"{where}: TPU tiles need block_t % 8 == 0 and block_d % 128 == 0; "
-                         f"got block_t={block_t}, block_d={block_d}")
+    _checks.scan_tiles(where, backend, interpret, block_t, block_d, tpu_block_t=8)
     return KernelConfig(backend=backend, interpret=bool(interpret), block_t=int(block_t),
                         block_d=int(block_d), num_warps=int(num_warps))

@@ -271,11 +271,7 @@ def scan_config(*, backend: str, interpret: bool, groups: int, per_group: int, b
     for name, value in (("groups", groups), ("per_group", per_group), ("block_t", block_t),
                         ("block_d", block_d), ("num_warps", num_warps)):
         _checks.positive_int(where, name, value)
-    if backend == "gpu":
-        _checks.power_of_two(where, "block_d", block_d)
-    elif not interpret and (block_t % 128 or block_d % 128):
-        raise ValueError(f"{where}: TPU tiles need block_t and block_d multiples of 128; got "
-                         f"block_t={block_t}, block_d={block_d}")
+    _checks.scan_tiles(where, backend, interpret, block_t, block_d, tpu_block_t=128)
     return KernelConfig(backend=backend, interpret=bool(interpret), groups=int(groups),
                         per_group=int(per_group), block_t=int(block_t), block_d=int(block_d),
                         num_warps=int(num_warps))
