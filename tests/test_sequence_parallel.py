@@ -223,9 +223,9 @@ def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():
             assert held == list(range(4 * n)), layout
     assert [held_part("zigzag", 4, 2, 1, p) for p in range(2)] == [1, 6]  # halves i, 2n-1-i
     assert choose_layout(CausalMask(), 4 * 13, 4 * 13, 4) == "contiguous"  # shards of 13
-    # parts of about 512 tokens, even where the shards are; few long parts where a shard
+    # parts of about 256 tokens, even where the shards are; few long parts where a shard
     # length has few divisors (2 x 1031), never thousands of tiny ones
-    assert [split_parts(13, 13), split_parts(14, 14), split_parts(4096, 4096)] == [1, 2, 8]
+    assert [split_parts(13, 13), split_parts(14, 14), split_parts(4096, 4096)] == [1, 2, 16]
     assert [split_parts(2062, 2062), split_parts(12, 18, part_tokens=4)] == [2, 6]
 
 
