@@ -125,6 +125,23 @@ def _gpu_call(kernel, cfg, ins, out_shape, name, grid=None, in_specs=None, out_s
         interpret=cfg.interpret, name=name)(*ins)
 
 
+def tile_constraints(backend: str, b: int, p: int, q: int, s: int) -> str | None:
+    """Why the ``backend`` kernel cannot tile factors of ``b`` blocks ``p -> q -> s``, or None
+    if it can: Triton blocks are powers of two and ``tl.dot`` needs every dim >= 16; Mosaic
+    needs multiples of 8, with ``n = b·p`` and ``m = b·s`` multiples of 128 (the in-VMEM
+    transposes)."""
+    dims = dict(p=p, q=q, s=s)
+    if backend == "gpu":
+        bad = {k: v for k, v in dims.items() if v < 16 or v & (v - 1)}
+        return f"the GPU kernel needs p, q, s powers of two >= 16, got {bad}" if bad else None
+    bad = {k: v for k, v in dims.items() if v % 8}
+    if bad:
+        return f"the TPU kernel needs p, q, s multiples of 8, got {bad}"
+    if (b * p) % 128 or (b * s) % 128:
+        return f"the TPU kernel needs n={b * p} and m={b * s} multiples of 128"
+    return None
+
+
 def check_operands(x, w1, w2, cfg, where: str = "monarch", tokens_multiple: bool = False
                    ) -> None:
     """``x [T, n]``, ``w1 [b, q, p]``, ``w2 [b, s, q]`` with ``b = cfg.nblocks``, ``n = b·p``,
@@ -148,13 +165,9 @@ def check_operands(x, w1, w2, cfg, where: str = "monarch", tokens_multiple: bool
     if tokens_multiple:
         _checks.multiple(where, "x.shape[0] (tokens)", x.shape[0], "block_tokens",
                          cfg.block_tokens)
-    dims = dict(p=p, q=q, s=s)
-    if cfg.backend == "gpu":
-        for name, value in dims.items():
-            _checks.power_of_two(where, name, value, 16)
-    elif any(v % 8 for v in dims.values()) or (b * p) % 128 or (b * s) % 128:
-        raise ValueError(f"{where}: the TPU kernel needs p, q, s multiples of 8 and n=b·p, "
-                         f"m=b·s multiples of 128; got b={b}, {dims}")
+    why = tile_constraints(cfg.backend, b, p, q, s)
+    if why:
+        raise ValueError(f"{where}: {why}")
 
 
 def _sizes(x, w1, w2):

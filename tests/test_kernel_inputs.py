@@ -249,7 +249,8 @@ def test_monarch_kernels_reject_operands_they_cannot_take():
     with pytest.raises(ValueError, match=r"x.shape=\(5, 48\) must be \(5, 32\)"):
         monarch(rand(3, 5, 48), w1, w2)
     w1_bad, w2_bad = rand(1, 2, 16, 24), rand(2, 2, 16, 16)
-    with pytest.raises(ValueError, match=r"p=24 must be a power of two >= 16"):
+    with pytest.raises(ValueError,
+                       match=r"GPU kernel needs p, q, s powers of two >= 16, got \{'p': 24\}"):
         monarch(rand(3, 5, 48), w1_bad, w2_bad)
     with pytest.raises(ValueError, match=r"block_tokens=24 must be a power of two >= 16"):
         monarch_config(backend="gpu", interpret=True, nblocks=2, block_tokens=24)

@@ -200,20 +200,11 @@ def monarch_reference(x, w1, w2):
 
 
 def kernel_constraints(backend: str, w1, w2) -> str | None:
-    """Why the ``backend`` kernel cannot take these factors, or None if it can."""
-    b, p, q, s = check_factors(w1, w2)
-    if backend == "gpu":
-        # Triton blocks are powers of two, and tl.dot needs every dim >= 16.
-        bad = {k: v for k, v in dict(p=p, q=q, s=s).items() if v < 16 or v & (v - 1)}
-        if bad:
-            return f"the GPU kernel needs p, q, s powers of two >= 16, got {bad}"
-    else:
-        bad = {k: v for k, v in dict(p=p, q=q, s=s).items() if v % 8}
-        if bad:
-            return f"the TPU kernel needs p, q, s multiples of 8, got {bad}"
-        if (b * p) % 128 or (b * s) % 128:
-            return f"the TPU kernel needs n={b * p} and m={b * s} multiples of 128"
-    return None
+    """Why the ``backend`` kernel cannot take these factors, or None if it can (the kernel
+    package's own tile rules)."""
+    from pallas_kernels.monarch import tile_constraints
+
+    return tile_constraints(backend, *check_factors(w1, w2))
 
 
 def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: int | None = None):
