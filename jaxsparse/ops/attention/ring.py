@@ -9,36 +9,31 @@ of Milakov & Gimelshein 2018).
 
 Masks are evaluated from global positions (``Mask.allowed`` on the positions a device holds),
 so causal, sliding-window, chunked, strided, global-token and per-head masks all work, and
-segment ids travel with their keys. Inside a step the device's queries and the keys it holds
-are worked in parts of about ``PART_TARGET`` tokens (an even number of parts where the chunk
-lengths are even), a scan over query parts around a scan over key parts, and with the folds
-checkpointed only one pair's logits are alive at a time, forward and backward, however long
-the chunks (FlashAttention's tiling, at the XLA level). Which part pairs each device works at
-each step is known from the mask's block table before tracing (:func:`ring_pair_kinds`): a
-pair the mask leaves empty (or packed documents do) skips its matmuls, a pair it leaves full
-folds without evaluating the mask, and a step at which no device has work — the far shards of
-a sliding window — is left out of the ring with its exchange: a causal window over ``n``
-devices takes 2 steps, not ``n``.
+segment ids travel with their keys. Each shard's queries and keys are cut into parts of about
+``PART_TARGET`` tokens, and which part pairs each device works at each step is known from the
+mask's block table before tracing (:mod:`~jaxsparse.ops.attention.ring_plan`): a device visits
+only its non-empty pairs, in one scan per step, so only one pair's logits are alive at a time
+(FlashAttention's tiling, at the XLA level); a pair the mask leaves full folds without
+evaluating the mask, one that packed documents empty skips its matmuls, and a step at which no
+device has work — the far shards of a sliding window — is left out of the ring with its
+exchange: a causal window over ``n`` devices takes 2 steps, not ``n``.
 
-Layouts. ``"contiguous"``: device ``i`` holds chunk ``i``. Under a causal mask that is
-unbalanced: at every step after the first some device holds keys from its past and works a
-whole chunk pair while the others idle, so the ring takes ``n`` chunk pairs of time for
-``n(n+1)/2`` pairs of work. ``"zigzag"`` (the load-balanced layout of Llama 3's context
-parallelism and of ring-flash-attention): the sequence is cut into ``2n`` halves and device
-``i`` holds halves ``i`` and ``2n-1-i``, one early and one late, so at every step after the
-first each device works exactly two of its four half pairs: about ``(n+1)/2`` chunk pairs of
-time. The op takes and returns contiguous shards either way: two ``ppermute`` of each input
-half (even and odd halves are each a permutation of the devices) move the halves into the
-zig-zag order, and two move the output back. ``layout=None`` picks the layout whose critical
-path (the per-step maximum over devices of non-empty part pairs, summed over steps, from the
-mask's block table) is shorter, contiguous on a tie: zig-zag for causal masks, contiguous for
-sliding windows, whose work is already local.
+The gradient is written out (``custom_vjp``), as ring-flash-attention and FlashAttention-2's
+backward (Dao 2023) do: the forward keeps each row's log-sum-exp, and the backward runs the
+ring once more over the same pairs, recomputing each pair's probabilities from it; the keys'
+gradients travel around the ring with their keys and one exchange at the end takes them home.
+Autodiff of the forward instead recomputed every pair twice under nested checkpoints and
+carried the cotangents of the whole online-softmax state.
+
+The layouts (``"contiguous"``, load-balancing ``"zigzag"``) are described in
+:mod:`~jaxsparse.ops.attention.ring_plan`; the op takes and returns contiguous shards either
+way: two ``ppermute`` of each input half (even and odd halves are each a permutation of the
+devices) move the halves into the zig-zag order, and two move the output back.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -49,17 +44,11 @@ from jaxsparse.ops.attention.api import (attention_segments, check_attention_inp
                                          lazy_mask, static_logit_options)
 from jaxsparse.ops.attention.online_softmax import empty_state, finish, fold_block
 from jaxsparse.ops.attention.reference import soft_cap
-from jaxsparse.ops.masks import (EMPTY, FULL, PARTIAL, Mask, MultiHeadMask,
-                                 cached_block_table)
-from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
-
-RING_LAYOUTS = (None, "contiguous", "zigzag")
-# Each shard's queries and keys are worked in parts of at most about this many tokens: an empty
-# pair of parts is skipped, and only one pair's logits ([B, H, part, part] floats) are alive
-# at a time, forward and backward, however long the shard. 256 rather than 512: on 4 emulated
-# CPU devices, 8k tokens, forward + backward took 1835 against 2390 ms causal (zig-zag) and 490
-# against 681 ms under a 512-token window (jaxsparse bench ring --part-tokens, same host).
-PART_TARGET = 256
+from jaxsparse.ops.attention.ring_plan import (PART_TARGET, RING_LAYOUTS, choose_layout,
+                                               critical_path, held_part, live_steps,
+                                               ring_pair_kinds, ring_pair_lists, ring_work,
+                                               split_parts, step_run)
+from jaxsparse.ops.masks import EMPTY, FULL, PARTIAL, Mask, MultiHeadMask
 
 
 def _allowed(mask, q_len, kv_len, q_pos, kv_pos):
@@ -74,94 +63,9 @@ def _allowed(mask, q_len, kv_len, q_pos, kv_pos):
                             (q_pos.size, kv_pos.size))[None]
 
 
-def split_parts(q_chunk: int, kv_chunk: int, part_tokens: int = PART_TARGET) -> int:
-    """Parts per shard: a common divisor of both shard lengths, even where both are even (so
-    that halves, and zig-zag, work), whose longer part is nearest ``part_tokens`` on a log
-    scale (the finer on a tie): a length with few divisors gets a few long parts rather than
-    thousands of tiny ones."""
-    common = math.gcd(q_chunk, kv_chunk)
-    divisors = {d for i in range(1, math.isqrt(common) + 1) if common % i == 0
-                for d in (i, common // i)}
-    if common % 2 == 0:
-        divisors = {d for d in divisors if d % 2 == 0}
-    longest = max(q_chunk, kv_chunk)
-    return min(divisors, key=lambda d: (abs(math.log(longest / d / part_tokens)), -d))
-
-
-def held_part(layout: str, n: int, parts: int, device, p):
-    """Index (among the sequence's ``n * parts`` parts) of the ``p``-th part that ``device``
-    holds; ``device`` and ``p`` may be arrays or traced. Zig-zag: the first ``parts/2`` come
-    from half ``device`` of ``2n``, the rest from half ``2n-1-device``."""
-    if layout == "contiguous":
-        return device * parts + p
-    per_half = parts // 2
-    late = p >= per_half
-    half = device + late * (2 * n - 1 - 2 * device)
-    return half * per_half + p % per_half
-
-
 def _zigzag_device(half: int, n: int) -> int:
+    """The device holding half ``half`` of ``2n`` in the zig-zag layout."""
     return half if half < n else 2 * n - 1 - half
-
-
-def ring_pair_kinds(mask, q_len: int, kv_len: int, n: int, layout: str,
-                    parts: int) -> np.ndarray:
-    """int8 ``[step, device, query part, key part]``: whether the pair is ``EMPTY`` (skipped),
-    ``FULL`` (every entry allowed for every head: no mask to evaluate) or ``PARTIAL``, for the
-    part pairs each device works at each of the ring's ``n`` steps (from the mask's block table;
-    segment ids are not known here)."""
-    if mask is None:
-        kinds = np.full((n * parts, n * parts), FULL, np.int8)
-    else:
-        table = cached_block_table(mask, q_len, kv_len, q_len // (n * parts), kv_len // (n * parts))
-        kinds = np.where((table.kind == EMPTY).all(axis=0), EMPTY,
-                         np.where((table.kind == FULL).all(axis=0), FULL, PARTIAL)).astype(np.int8)
-    devices = np.arange(n)
-    held = held_part(layout, n, parts, devices[:, None], np.arange(parts)[None, :])  # [n, P]
-    return np.stack([kinds[held[:, :, None], held[(devices - step) % n][:, None, :]]
-                     for step in range(n)])
-
-
-def ring_work(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> np.ndarray:
-    """``[step, device]``: how many non-empty (query part, key part) pairs each device works
-    at each of the ring's ``n`` steps (from the mask's block table; segment ids ignored)."""
-    kinds = ring_pair_kinds(mask, q_len, kv_len, n, layout, parts)
-    return (kinds != EMPTY).sum(axis=(2, 3)).astype(np.int64)
-
-
-def step_run(steps: list[int], n: int) -> tuple[int, int]:
-    """``(first, count)``: the shortest run of consecutive ring steps (mod ``n``) that holds
-    every step in ``steps`` — it starts after the widest gap between them. A causal window:
-    ``(0, 2)``; a two-sided one: ``(n - 1, 3)``; a causal mask: ``(0, n)``."""
-    if not steps:
-        return 0, 0
-    gap, last = max(((steps[(i + 1) % len(steps)] - steps[i]) % n or n, i)
-                    for i in range(len(steps)))
-    return steps[(last + 1) % len(steps)], n - gap + 1
-
-
-def live_steps(kinds: np.ndarray) -> list[int]:
-    """The ring steps at which some device has a non-empty part pair (``kinds`` of
-    :func:`ring_pair_kinds`); the others are neither computed nor communicated."""
-    return [step for step in range(kinds.shape[0]) if (kinds[step] != EMPTY).any()]
-
-
-def critical_path(mask, q_len: int, kv_len: int, n: int, layout: str, parts: int) -> int:
-    """The ring's time in part pairs: per step, the most pairs any device works (the ring
-    waits for the slowest), summed over the steps (:func:`ring_work`)."""
-    return int(ring_work(mask, q_len, kv_len, n, layout, parts).max(axis=1).sum())
-
-
-@functools.lru_cache(maxsize=256)  # every attention layer of a model asks the same question
-def choose_layout(mask, q_len: int, kv_len: int, n: int, part_tokens: int = PART_TARGET) -> str:
-    """Zig-zag where it shortens the ring's critical path, contiguous otherwise (and where the
-    shards do not split into halves)."""
-    if n == 1 or q_len % (2 * n) or kv_len % (2 * n):
-        return "contiguous"
-    parts = split_parts(q_len // n, kv_len // n, part_tokens)
-    zigzag = critical_path(mask, q_len, kv_len, n, "zigzag", parts)
-    contiguous = critical_path(mask, q_len, kv_len, n, "contiguous", parts)
-    return "zigzag" if zigzag < contiguous else "contiguous"
 
 
 def _to_zigzag(t, index, n: int, axis: str):
@@ -216,6 +120,234 @@ def _checked_mask(q, k, v, mask, n, axis, layout):
     return mask
 
 
+def _matmul(equation: str, a, b, dtype):
+    """``einsum`` on operands cast to ``dtype``, accumulated in float32 (flash attention's
+    mixed precision: bfloat16 operands run at full rate, the softmax sees float32)."""
+    return jnp.einsum(equation, a.astype(dtype), b.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _parts(t, parts: int):
+    """``[B, chunk, ...]`` -> ``[parts, B, chunk / parts, ...]``."""
+    return jnp.moveaxis(t.reshape(t.shape[0], parts, t.shape[1] // parts, *t.shape[2:]), 1, 0)
+
+
+def _unparts(t):
+    """The inverse of :func:`_parts`."""
+    t = jnp.moveaxis(t, 0, 1)
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+
+
+def _rows_to_parts(t, parts: int, kv_heads: int):
+    """Per-row statistics ``[B, chunk, Hq]`` -> ``[parts, B, Hkv, G, chunk / parts]``."""
+    t = _parts(t, parts)                                   # [P, B, part, Hq]
+    t = t.reshape(*t.shape[:3], kv_heads, t.shape[3] // kv_heads)
+    return jnp.moveaxis(t, 2, 4)
+
+
+def _parts_to_rows(t):
+    """The inverse of :func:`_rows_to_parts`."""
+    t = jnp.moveaxis(t, 4, 2)                              # [P, B, part, Hkv, G]
+    return _unparts(t.reshape(*t.shape[:3], -1))
+
+
+class _Ring:
+    """One ring's static plan and its per-shard forward and backward (run under ``shard_map``
+    over ``axis``; each method sees one device's contiguous chunks)."""
+
+    def __init__(self, *, mask, q_len, kv_len, n, axis, layout, parts, kv_heads, groups,
+                 scale, logits_soft_cap, has_segments):
+        self.mask, self.q_len, self.kv_len, self.n, self.axis = mask, q_len, kv_len, n, axis
+        self.layout, self.parts, self.kv_heads, self.groups = layout, parts, kv_heads, groups
+        self.scale, self.cap, self.has_segments = scale, logits_soft_cap, has_segments
+        self.q_part, self.kv_part = q_len // n // parts, kv_len // n // parts
+        kinds = ring_pair_kinds(mask, q_len, kv_len, n, layout, parts)
+        self.first, self.count = step_run(live_steps(kinds), n)
+        # the steps taken, in order: the shortest run (mod n) holding every live one (a
+        # two-sided window visits the next shard's keys, step n - 1, first)
+        self.run = (self.first + np.arange(self.count)) % n
+        self.pairs = ring_pair_lists(kinds, self.run)      # 3 x [steps, n, L], numpy
+
+    # -- layout -------------------------------------------------------------------------
+    def positions(self, device, part_len):
+        """Global positions ``[parts, part_len]`` of the parts of the chunk ``device`` holds."""
+        first = held_part(self.layout, self.n, self.parts, device, jnp.arange(self.parts))
+        return first[:, None] * part_len + jnp.arange(part_len)[None, :]
+
+    def to_work(self, index, *ts):
+        if self.layout != "zigzag":
+            return ts
+        return tuple(_to_zigzag(t, index=index, n=self.n, axis=self.axis) for t in ts)
+
+    def from_work(self, index, *ts):
+        if self.layout != "zigzag":
+            return ts
+        return tuple(_from_zigzag(t, index=index, n=self.n, axis=self.axis) for t in ts)
+
+    def shift(self, t, by: int):
+        """Device ``i``'s ``t`` goes to device ``i + by``."""
+        if by % self.n == 0:
+            return t
+        return jax.lax.ppermute(t, self.axis, [(i, (i + by) % self.n) for i in range(self.n)])
+
+    def varying(self, t):
+        """Mark a value made on every shard alike (zeros) as differing per shard, as the
+        branches of a switch and the carries of a scan must agree on it."""
+        return jax.tree.map(lambda x: jax.lax.pcast(x, self.axis, to="varying"), t)
+
+    # -- one part pair ----------------------------------------------------------------------
+    def kind_in_documents(self, kind, q_seg, kv_seg):
+        """Packed documents can empty a pair the mask keeps: then it is skipped."""
+        kind = kind.astype(jnp.int32)
+        if not self.has_segments:
+            return kind
+        return jnp.where(jnp.any(q_seg[:, :, None] == kv_seg[:, None, :]), kind, EMPTY)
+
+    def allowed(self, kind, q_pos, kv_pos, q_seg, kv_seg):
+        """Boolean ``[B|1, Hkv|1, G|1, Sq, Tc]`` (or a scalar): the mask at global positions,
+        within documents. A ``FULL`` pair evaluates no mask."""
+        allowed = jnp.ones((), bool)
+        if kind == PARTIAL:
+            allowed = _allowed(self.mask, self.q_len, self.kv_len, q_pos, kv_pos)
+            allowed = (allowed.reshape(-1, 1, self.q_part, self.kv_part) if allowed.shape[0] == 1
+                       else allowed.reshape(self.kv_heads, self.groups, self.q_part,
+                                            self.kv_part))[None]
+        if self.has_segments:
+            allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
+        return allowed
+
+    def capped_logits(self, q_i, k_j):
+        """``[B, Hkv, G, Sq, Tc]`` float32: scaled, soft-capped."""
+        logits = _matmul("bshgd,bthd->bhgst", q_i, k_j, jnp.promote_types(q_i.dtype, k_j.dtype))
+        return soft_cap(logits * self.scale, self.cap)
+
+    # -- the ring ---------------------------------------------------------------------------
+    def steps(self, body, carry, keys, index):
+        """Run ``body(carry, keys, kv_pos, pairs) -> carry`` at every step of the run, with
+        ``keys`` (a tuple of part-major arrays, plus any gradients travelling with them) moved
+        one device on after each step; returns the final carry and keys."""
+        keys = tuple(self.shift(t, self.first) for t in keys)  # start `first` devices back
+
+        def step(state, xs):
+            carry, keys = state
+            ring_step, pairs = xs
+            source = (index - ring_step) % self.n
+            kv_pos = self.positions(source, self.kv_part)
+            carry, keys = body(carry, keys, kv_pos, tuple(p[index] for p in pairs))
+            return (carry, tuple(self.shift(t, 1) for t in keys)), None
+
+        # one scan (a loop of steps would compile every step apart); the last exchange is
+        # unused by the forward, and the backward's last one is folded into the way home
+        (carry, keys), _ = jax.lax.scan(step, (carry, keys), (jnp.asarray(self.run), self.pairs))
+        return carry, keys
+
+    def forward_shard(self, q_c, k_c, v_c, q_seg_c, kv_seg_c):
+        """``(out [B, chunk, Hq, D] contiguous, lse [B, chunk, Hq] in the working layout)``."""
+        index = jax.lax.axis_index(self.axis)
+        q_c, k_c, v_c, q_seg_c, kv_seg_c = self.to_work(index, q_c, k_c, v_c, q_seg_c, kv_seg_c)
+        batch, q_chunk, q_heads, head_dim = q_c.shape
+        q_parts = _parts(q_c.reshape(batch, q_chunk, self.kv_heads, self.groups, head_dim),
+                         self.parts)                              # [P, B, Sq, Hkv, G, D]
+        q_segs, q_pos = _parts(q_seg_c, self.parts), self.positions(index, self.q_part)
+        keys = tuple(_parts(t, self.parts) for t in (k_c, v_c, kv_seg_c))
+        state = self.varying(empty_state((self.parts, batch, self.kv_heads, self.groups,
+                                          self.q_part), head_dim))
+
+        def body(state, keys, kv_pos, pairs):
+            k_parts, v_parts, kv_segs = keys
+
+            def visit(state, pair):
+                i, j, kind = pair
+                q_i, q_pos_i, q_seg_i = q_parts[i], q_pos[i], q_segs[i]
+                k_j, v_j, kv_pos_j, kv_seg_j = k_parts[j], v_parts[j], kv_pos[j], kv_segs[j]
+
+                def fold_as(static_kind):
+                    def fold(row_state):
+                        allowed = self.allowed(static_kind, q_pos_i, kv_pos_j, q_seg_i, kv_seg_j)
+                        return fold_block(row_state, self.capped_logits(q_i, k_j), allowed,
+                                          lambda w: _matmul("bhgst,bthd->bhgsd", w, v_j, v_j.dtype))
+                    return fold
+
+                row = jax.tree.map(lambda t: t[i], state)
+                row = jax.lax.switch(self.kind_in_documents(kind, q_seg_i, kv_seg_j),
+                                     [lambda r: r, fold_as(PARTIAL), fold_as(FULL)], row)
+                return jax.tree.map(lambda t, r: jax.lax.dynamic_update_index_in_dim(t, r, i, 0),
+                                    state, row), None
+
+            return jax.lax.scan(visit, state, pairs)[0], keys
+
+        state, _ = self.steps(body, state, keys, index)
+        out, lse = finish(state)                                  # [P, B, Hkv, G, Sq(, D)]
+        out = _unparts(jnp.moveaxis(out, 4, 2).reshape(self.parts, batch, self.q_part, q_heads,
+                                                      head_dim)).astype(q_c.dtype)
+        (out,) = self.from_work(index, out)
+        return out, _parts_to_rows(lse)
+
+    def backward_shard(self, q_c, k_c, v_c, q_seg_c, kv_seg_c, d_out_c, delta_c, lse_w):
+        """``(dq, dk, dv)`` contiguous, from the forward's ``lse`` (working layout) and
+        ``delta = rowsum(d_out * out) [B, chunk, Hq]`` (contiguous)."""
+        index = jax.lax.axis_index(self.axis)
+        q_c, k_c, v_c, q_seg_c, kv_seg_c, d_out_c, delta_c = self.to_work(
+            index, q_c, k_c, v_c, q_seg_c, kv_seg_c, d_out_c, delta_c)
+        batch, q_chunk, q_heads, head_dim = q_c.shape
+        grouped = (batch, q_chunk, self.kv_heads, self.groups, head_dim)
+        q_parts = _parts(q_c.reshape(grouped), self.parts)        # [P, B, Sq, Hkv, G, D]
+        do_parts = _parts(d_out_c.reshape(grouped), self.parts)
+        lse, delta = (_rows_to_parts(t, self.parts, self.kv_heads) for t in (lse_w, delta_c))
+        q_segs, q_pos = _parts(q_seg_c, self.parts), self.positions(index, self.q_part)
+        keys = tuple(_parts(t, self.parts) for t in (k_c, v_c, kv_seg_c))
+        qk_dtype = jnp.promote_types(q_c.dtype, k_c.dtype)
+        ov_dtype = jnp.promote_types(d_out_c.dtype, v_c.dtype)
+        d_q = self.varying(jnp.zeros(q_parts.shape, jnp.float32))
+        d_kv = self.varying(jnp.zeros(keys[0].shape, jnp.float32))
+        row_zeros = self.varying(jnp.zeros(q_parts.shape[1:], jnp.float32))
+        key_zeros = self.varying(jnp.zeros(keys[0].shape[1:], jnp.float32))
+
+        def body(d_q, keys, kv_pos, pairs):
+            k_parts, v_parts, kv_segs, d_k, d_v = keys
+
+            def visit(grads, pair):
+                d_q, d_k, d_v = grads
+                i, j, kind = pair
+                q_i, do_i, lse_i, delta_i = q_parts[i], do_parts[i], lse[i], delta[i]
+                q_pos_i, q_seg_i = q_pos[i], q_segs[i]
+                k_j, v_j, kv_pos_j, kv_seg_j = k_parts[j], v_parts[j], kv_pos[j], kv_segs[j]
+
+                def grads_as(static_kind):
+                    def pair_grads():
+                        capped = self.capped_logits(q_i, k_j)        # [B, Hkv, G, Sq, Tc]
+                        allowed = self.allowed(static_kind, q_pos_i, kv_pos_j, q_seg_i, kv_seg_j)
+                        p = jnp.where(allowed, jnp.exp(capped - lse_i[..., None]), 0.0)
+                        dv_j = _matmul("bhgst,bshgd->bthd", p, do_i, ov_dtype)
+                        dp = _matmul("bshgd,bthd->bhgst", do_i, v_j, ov_dtype)
+                        ds = p * (dp - delta_i[..., None])
+                        if self.cap is not None:  # d(cap·tanh(s/cap))/ds = 1 - tanh²
+                            ds = ds * (1.0 - jnp.square(capped / self.cap))
+                        ds = ds * self.scale
+                        return (_matmul("bhgst,bthd->bshgd", ds, k_j, qk_dtype),
+                                _matmul("bhgst,bshgd->bthd", ds, q_i, qk_dtype), dv_j)
+                    return pair_grads
+
+                dq_i, dk_j, dv_j = jax.lax.switch(
+                    self.kind_in_documents(kind, q_seg_i, kv_seg_j),
+                    [lambda: (row_zeros, key_zeros, key_zeros), grads_as(PARTIAL), grads_as(FULL)])
+
+                def add(t, g, at):
+                    return jax.lax.dynamic_update_index_in_dim(t, t[at] + g, at, 0)
+
+                return (add(d_q, dq_i, i), add(d_k, dk_j, j), add(d_v, dv_j, j)), None
+
+            (d_q, d_k, d_v), _ = jax.lax.scan(visit, (d_q, d_k, d_v), pairs)
+            return d_q, (k_parts, v_parts, kv_segs, d_k, d_v)
+
+        d_q, (*_, d_k, d_v) = self.steps(body, d_q, (*keys, d_kv, d_kv), index)
+        # the keys' gradients sit `first + count` devices past their owner: send them home
+        d_k, d_v = (self.shift(t, -(self.first + self.count)) for t in (d_k, d_v))
+        d_q = _unparts(d_q).reshape(batch, q_chunk, q_heads, head_dim).astype(q_c.dtype)
+        d_k, d_v = _unparts(d_k).astype(k_c.dtype), _unparts(d_v).astype(v_c.dtype)
+        return self.from_work(index, d_q, d_k, d_v)
+
+
 def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | None = None,
                    segment_ids=None, scale: float | None = None,
                    logits_soft_cap: float | None = None, layout: str | None = None,
@@ -230,14 +362,14 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
         string (``"causal"``, ``"local:256"``, …), or None.
       segment_ids: ``[B, S]`` integers (needs ``S == T``) or a ``(q, kv)`` pair.
       layout: ``"contiguous"``, ``"zigzag"`` or None (the one with the shorter critical path
-        for this mask; see the module docstring). Inputs and output are contiguous shards
-        whatever the layout.
+        for this mask; see :mod:`~jaxsparse.ops.attention.ring_plan`). Inputs and output are
+        contiguous shards whatever the layout.
       part_tokens: the longest part each shard's queries and keys are worked in (see
         :func:`split_parts`; shard lengths with few divisors can leave longer parts).
       Other axes of ``mesh`` stay under the compiler's automatic sharding.
 
     Returns ``[B, S, Hq, D]`` in ``q.dtype``, equal to the single-device result; rows with
-    nothing to attend to are zero.
+    nothing to attend to are zero. Differentiable (reverse mode) in ``q``, ``k`` and ``v``.
     """
     n = mesh.shape.get(axis)
     if n is None:
@@ -253,116 +385,36 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     q_seg, kv_seg = attention_segments(segment_ids, batch, q_len, kv_len)
     if segment_ids is None:  # one document: no same-document test (zeros fill the arguments)
         q_seg, kv_seg = jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32)
-    scale = head_dim**-0.5 if scale is None else scale
-    groups = q_heads // kv_heads
-    q_chunk, kv_chunk = q_len // n, kv_len // n
-    parts = split_parts(q_chunk, kv_chunk, part_tokens)
-    q_part, kv_part = q_chunk // parts, kv_chunk // parts
+    ring = _Ring(mask=mask, q_len=q_len, kv_len=kv_len, n=n, axis=axis, layout=layout,
+                 parts=split_parts(q_len // n, kv_len // n, part_tokens), kv_heads=kv_heads,
+                 groups=q_heads // kv_heads, scale=head_dim**-0.5 if scale is None else scale,
+                 logits_soft_cap=logits_soft_cap, has_segments=segment_ids is not None)
 
-    def positions(device, part_len):
-        """Global positions ``[parts, part_len]`` of the parts of the chunk ``device`` holds."""
-        first = held_part(layout, n, parts, device, jnp.arange(parts)) * part_len
-        return first[:, None] + jnp.arange(part_len)[None, :]
+    seq, ids, rows = P(None, axis, None, None), P(None, axis), P(None, axis, None)
+    shard = functools.partial(jax.shard_map, mesh=mesh, axis_names={axis})
+    forward = shard(ring.forward_shard, in_specs=(seq, seq, seq, ids, ids), out_specs=(seq, rows))
+    backward = shard(ring.backward_shard, in_specs=(seq, seq, seq, ids, ids, seq, rows, rows),
+                     out_specs=(seq, seq, seq))
 
-    def allowed_pairs(kind, q_pos, kv_pos, q_seg, kv_seg):
-        """Boolean ``[B, Hkv|1, G|1, Sq, Tc]`` (or a scalar): the mask at global positions,
-        within documents. A ``FULL`` pair evaluates no mask; without segment ids, no
-        same-document test."""
-        allowed = jnp.ones((), bool)
-        if kind == PARTIAL:
-            allowed = _allowed(mask, q_len, kv_len, q_pos, kv_pos)  # [H or 1, Sq, Tc]
-            allowed = (allowed.reshape(-1, 1, q_part, kv_part) if allowed.shape[0] == 1
-                       else allowed.reshape(kv_heads, groups, q_part, kv_part))[None]
-        if segment_ids is not None:
-            allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-        return allowed
+    @jax.custom_vjp
+    def attend(q, k, v, q_seg, kv_seg):
+        return forward(q, k, v, q_seg, kv_seg)[0]
 
-    @jax.checkpoint  # the backward recomputes a part pair's logits instead of keeping them all
-    def fold(carry, q_g, k_p, v_p, allowed):
-        """Fold one key/value part into the running online softmax of one query part."""
-        logits = matmul_f32("bshgd,bthd->bhgst", q_g, k_p)
-        return fold_block(carry, soft_cap(logits * scale, logits_soft_cap), allowed,
-                          lambda w: weighted_sum("bhgst,bthd->bhgsd", w, v_p))
+    def attend_fwd(q, k, v, q_seg, kv_seg):
+        out, lse = forward(q, k, v, q_seg, kv_seg)
+        return out, (q, k, v, q_seg, kv_seg, out, lse)
 
-    def split_parts_of(t, part_len):  # [B, chunk, ...] -> [parts, B, part_len, ...]
-        return jnp.moveaxis(t.reshape(t.shape[0], parts, part_len, *t.shape[2:]), 1, 0)
+    def attend_bwd(residuals, d_out):
+        q, k, v, q_seg, kv_seg, out, lse = residuals
+        # FlashAttention-2's D_i = rowsum(dO_i * O_i): d softmax needs it once per row
+        delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        return (*backward(q, k, v, q_seg, kv_seg, d_out, delta, lse), None, None)
 
-    # which part pairs each device works at each step, known before tracing: empty pairs are
-    # skipped without evaluating the mask, full ones fold without it, and steps at which no
-    # device has work (a sliding window's far shards) are neither computed nor communicated
-    kinds = ring_pair_kinds(mask, q_len, kv_len, n, layout, parts)
-    first, count = step_run(live_steps(kinds), n)
-
-    def local(q_c, k_c, v_c, q_seg_c, kv_seg_c):
-        index = jax.lax.axis_index(axis)
-        if layout == "zigzag":
-            zig = functools.partial(_to_zigzag, index=index, n=n, axis=axis)
-            q_c, k_c, v_c, q_seg_c, kv_seg_c = map(zig, (q_c, k_c, v_c, q_seg_c, kv_seg_c))
-        q_parts = split_parts_of(q_c.reshape(batch, q_chunk, kv_heads, groups, head_dim), q_part)
-        q_seg_parts, q_pos = split_parts_of(q_seg_c, q_part), positions(index, q_part)
-        shape = (parts, batch, kv_heads, groups, q_part)
-        carries = empty_state(shape, head_dim)
-        # the running statistics differ per shard: say so, or the branches of the switch
-        # below would disagree on their type
-        carries = jax.tree.map(lambda t: jax.lax.pcast(t, axis, to="varying"), carries)
-
-        def attend_held(carries, k_c, v_c, kv_seg_c, step, step_kinds):
-            """Fold the keys held at ``step`` (device ``index - step``'s) into every query
-            part; ``step_kinds [n, P, P]`` as :func:`ring_pair_kinds` gives that step."""
-            source = (index - step) % n
-            pair_kinds = jnp.asarray(step_kinds)[index]                    # [P(q), P(kv)]
-            kv_parts = (split_parts_of(k_c, kv_part), split_parts_of(v_c, kv_part),
-                        positions(source, kv_part), split_parts_of(kv_seg_c, kv_part))
-
-            @jax.checkpoint  # keep one carry per query part, not one per part pair
-            def one_query_part(carry, q_g, q_pos_p, q_seg_p, row_kinds):
-                def visit(carry, kv):
-                    k_p, v_p, kv_pos_p, kv_seg_p, kind = kv
-
-                    def folded(static_kind):
-                        return lambda c: fold(c, q_g, k_p, v_p, allowed_pairs(
-                            static_kind, q_pos_p, kv_pos_p, q_seg_p, kv_seg_p))
-
-                    kind = kind.astype(jnp.int32)
-                    if segment_ids is not None:  # documents can empty a pair the mask keeps
-                        same = q_seg_p[:, :, None] == kv_seg_p[:, None, :]
-                        kind = jnp.where(jnp.any(same), kind, EMPTY)
-                    branches = [lambda c: c, folded(PARTIAL), folded(FULL)]  # by kind: 0, 1, 2
-                    return jax.lax.switch(kind, branches, carry), None
-
-                return jax.lax.scan(visit, carry, (*kv_parts, row_kinds))[0]
-
-            _, carries = jax.lax.scan(lambda _, xs: (None, one_query_part(*xs)), None,
-                                      (carries, q_parts, q_pos, q_seg_parts, pair_kinds))
-            return carries
-
-        def shift(t, by):  # device i's t goes to device i + by: the keys held advance `by` steps
-            return jax.lax.ppermute(t, axis, [(i, (i + by) % n) for i in range(n)])
-
-        # one scan over the run of steps that holds every live one (mod n: a two-sided window
-        # visits the next shard's keys, step n - 1, first), one neighbour exchange per step
-        # (the last one unused; a loop of steps would compile every step apart)
-        def step(state, xs):
-            carries, k_c, v_c, kv_seg_c = state
-            carries = attend_held(carries, k_c, v_c, kv_seg_c, *xs)
-            return (carries, *(shift(t, 1) for t in (k_c, v_c, kv_seg_c))), None
-
-        if first:  # start from the keys `first` devices back
-            k_c, v_c, kv_seg_c = (shift(t, first) for t in (k_c, v_c, kv_seg_c))
-        run = (first + np.arange(count)) % n
-        (carries, *_), _ = jax.lax.scan(step, (carries, k_c, v_c, kv_seg_c),
-                                        (jnp.asarray(run), kinds[run]))
-        out, _ = finish(carries)  # [P, B, Hkv, G, Sq, D]
-        out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, q_chunk, q_heads, head_dim)
-        out = out.astype(q_c.dtype)
-        return _from_zigzag(out, index, n, axis) if layout == "zigzag" else out
-
-    seq = P(None, axis, None, None)
+    attend.defvjp(attend_fwd, attend_bwd)
     with jax.named_scope("ring_attention"):  # findable in profiles and HLO metadata
-        return jax.shard_map(local, mesh=mesh,
-                             in_specs=(seq, seq, seq, P(None, axis), P(None, axis)),
-                             out_specs=seq, axis_names={axis})(q, k, v, q_seg, kv_seg)
+        return attend(q, k, v, q_seg, kv_seg)
 
 
 __all__ = ["PART_TARGET", "RING_LAYOUTS", "choose_layout", "critical_path", "held_part",
-           "live_steps", "ring_attention", "ring_pair_kinds", "ring_work", "split_parts", "step_run"]
+           "live_steps", "ring_attention", "ring_pair_kinds", "ring_pair_lists", "ring_work",
+           "split_parts", "step_run"]
