@@ -511,7 +511,7 @@ def workspace_layer_indices(m: ModelConfig) -> set[int]:
     return _layer_indices(m, "workspace_layers") or set(range(m.n_layers))
 
 
-def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
+def _validate_hydra(m: ModelConfig) -> None:
     if m.name != "hydra":
         return
     from jaxsparse.models.curriculum import parse_curriculum
@@ -519,9 +519,8 @@ def _validate_hydra(m: ModelConfig, d: "DataConfig") -> None:
     _check(m.hydra_sga_every >= 1,
            f"model.hydra_sga_every={m.hydra_sga_every}: must be >= 1 (SGA in every n-th block)")
     _check(m.hydra_window >= 1, f"model.hydra_window={m.hydra_window}: must be >= 1")
-    _check(0 <= m.hydra_max_global <= d.seq_len,
-           f"model.hydra_max_global={m.hydra_max_global}: the global-token budget must be in "
-           f"[0, data.seq_len={d.seq_len}]")
+    _check(m.hydra_max_global >= 0,
+           f"model.hydra_max_global={m.hydra_max_global}: the global-token budget must be >= 0")
     _check(m.hydra_ssm_width is None or m.hydra_ssm_width >= 1,
            f"model.hydra_ssm_width={m.hydra_ssm_width}: must be >= 1, or None")
     _check(m.hydra_ssm_conv >= 0,
@@ -630,23 +629,58 @@ def _validate_synthetic_sizes(m: ModelConfig, d: DataConfig) -> None:
             raise ConfigError(f"data.task={d.task!r}: {err}") from None
 
 
-def validate(cfg: Config) -> Config:
-    """Check types and impossible values; returns ``cfg`` unchanged so calls can chain.
-    Keys set away from their defaults that this model or data task never reads are reported
-    as one :class:`jaxsparse.config_usage.UnreadKeyWarning` (:mod:`jaxsparse.config_usage`)."""
-    for section in SECTIONS:
-        sub = getattr(cfg, section)
-        for name, annotation in _field_types(type(sub)).items():
-            value = getattr(sub, name)
-            _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
-            _check(not isinstance(value, float) or math.isfinite(value),
-                   f"{section}.{name}={value!r}: must be a finite number")
+def validate_data(m: ModelConfig, d: DataConfig) -> None:
+    """The checks of the data section (with the model keys the data task depends on):
+    :func:`validate` runs them, and so does :func:`jaxsparse.data.make_stream` on the keys its
+    task reads, so a stream built from an unchecked config gets the same errors."""
+    for name, annotation in _field_types(DataConfig).items():
+        value = getattr(d, name)
+        _check(_matches(value, annotation), f"data.{name}={value!r}: expected {annotation}")
+    for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
+                       ("data.valid_every", d.valid_every)):
+        _check(value >= 1, f"{key}={value}: must be >= 1")
+    _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
+    _check(d.mqar_filler in MQAR_FILLERS,
+           f"data.mqar_filler={d.mqar_filler!r}: allowed {MQAR_FILLERS}")
+    _check(d.path is None or d.task == "text",
+           f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
+    for key, path in (("data.path", d.path), ("data.cache_dir", d.cache_dir)):
+        # an empty path would resolve to the current directory
+        _check(path is None or path.strip(), f"{key}={path!r}: give a path, or leave it unset")
+    if d.packed_documents:
+        _check(d.task == "text", f"data.packed_documents=True needs data.task='text' (got "
+                                 f"{d.task!r}: synthetic examples are one document each)")
+    if d.task == "text":
+        _check(m.vocab_size >= 256,
+               f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")
+    if d.task == "mqar":  # the generator's own bounds, checked before anything is built
+        from jaxsparse.data.synthetic import mqar_min_seq_len, mqar_min_vocab
 
-    _check(isinstance(cfg.name, str) and cfg.name.strip() != "" and cfg.name not in (".", "..")
-           and "/" not in cfg.name and "\\" not in cfg.name,
-           f"name={cfg.name!r}: expected a non-empty string without '/' (it names the run's "
-           "default workdir, runs/<name>)")
-    m, d, o, mesh, t, e = cfg.model, cfg.data, cfg.optimizer, cfg.mesh, cfg.train, cfg.eval
+        n = d.num_kv_pairs
+        _check(n >= 1, f"data.num_kv_pairs={n}: must be >= 1")
+        _check(m.vocab_size >= mqar_min_vocab(n),
+               f"model.vocab_size={m.vocab_size} too small for data.num_kv_pairs={n}: MQAR "
+               f"needs >= 2 * num_kv_pairs + 2 = {mqar_min_vocab(n)}")
+        _check(d.seq_len >= mqar_min_seq_len(n),
+               f"data.seq_len={d.seq_len} too short for data.num_kv_pairs={n}: MQAR needs "
+               f">= 4 * num_kv_pairs - 1 = {mqar_min_seq_len(n)}")
+    _validate_synthetic_sizes(m, d)
+    # JAX keys take 32-bit seeds (without x64 a larger one is truncated)
+    _check(0 <= d.seed < 2 ** 32, f"data.seed={d.seed}: must be in [0, 2**32)")
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """The checks of :func:`validate` that need the model section only (types, sizes, dtypes,
+    implementations, each family's options); returns ``m`` unchanged. The model builder
+    (:func:`jaxsparse.models.build`) runs them too, so a model built straight from a
+    ``ModelConfig`` is refused with the same :class:`ConfigError`, naming ``model.<key>``,
+    its value and what is allowed, instead of failing (or silently building something else)
+    deep inside a layer."""
+    for name, annotation in _field_types(ModelConfig).items():
+        value = getattr(m, name)
+        _check(_matches(value, annotation), f"model.{name}={value!r}: expected {annotation}")
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"model.{name}={value!r}: must be a finite number")
     from jaxsparse.models.registry import names as model_names
 
     known = model_names()
@@ -660,16 +694,8 @@ def validate(cfg: Config) -> Config:
     # heads, head_dim and rotary embeddings mean something only to models with attention
     # (a user-registered model, unknown to config_usage, is checked as one)
     attention = "n_heads" in MODEL_KEYS.get(m.name, {"n_heads"})
-    for key, value in [
-        ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
-        ("model.n_layers", m.n_layers), ("model.d_ff", m.d_ff),
-        ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
-        ("data.batch_size", d.batch_size), ("data.valid_every", d.valid_every),
-        ("train.steps", t.steps), ("train.log_every", t.log_every),
-        ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
-        ("train.keep_checkpoints", t.keep_checkpoints), ("eval.batches", e.batches),
-    ]:
-        _check(value >= 1, f"{key}={value}: must be >= 1")
+    for key in ("vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len"):
+        _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)}: must be >= 1")
     if attention:
         for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
             _check(value >= 1, f"{key}={value}: must be >= 1")
@@ -705,38 +731,45 @@ def validate(cfg: Config) -> Config:
     _validate_moe(m)
     _validate_monarch(m)
     _validate_routing(m)
-    _validate_hydra(m, d)
-    _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
-    _check(d.mqar_filler in MQAR_FILLERS,
-           f"data.mqar_filler={d.mqar_filler!r}: allowed {MQAR_FILLERS}")
-    _check(d.path is None or d.task == "text",
-           f"data.path={d.path!r} is only read when data.task='text' (got {d.task!r})")
-    for key, path in (("data.path", d.path), ("data.cache_dir", d.cache_dir),
-                      ("train.init_from", cfg.train.init_from)):
-        # an empty path would resolve to the current directory
-        _check(path is None or path.strip(), f"{key}={path!r}: give a path, or leave it unset")
-    if d.packed_documents:
-        _check(d.task == "text", f"data.packed_documents=True needs data.task='text' (got "
-                                 f"{d.task!r}: synthetic examples are one document each)")
-    if d.task == "text":
-        _check(m.vocab_size >= 256,
-               f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")
-    if d.task == "mqar":  # the generator's own bounds, checked before anything is built
-        from jaxsparse.data.synthetic import mqar_min_seq_len, mqar_min_vocab
+    _validate_hydra(m)
+    return m
 
-        n = d.num_kv_pairs
-        _check(n >= 1, f"data.num_kv_pairs={n}: must be >= 1")
-        _check(m.vocab_size >= mqar_min_vocab(n),
-               f"model.vocab_size={m.vocab_size} too small for data.num_kv_pairs={n}: MQAR "
-               f"needs >= 2 * num_kv_pairs + 2 = {mqar_min_vocab(n)}")
-        _check(d.seq_len >= mqar_min_seq_len(n),
-               f"data.seq_len={d.seq_len} too short for data.num_kv_pairs={n}: MQAR needs "
-               f">= 4 * num_kv_pairs - 1 = {mqar_min_seq_len(n)}")
-    _validate_synthetic_sizes(m, d)
-    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
-        # JAX keys take 32-bit seeds (without x64 a larger one is truncated: 2**32 would
-        # silently repeat seed 0)
-        _check(0 <= seed < 2 ** 32, f"{key}={seed}: must be in [0, 2**32)")
+
+def validate(cfg: Config) -> Config:
+    """Check types and impossible values; returns ``cfg`` unchanged so calls can chain.
+    Keys set away from their defaults that this model or data task never reads are reported
+    as one :class:`jaxsparse.config_usage.UnreadKeyWarning` (:mod:`jaxsparse.config_usage`)."""
+    for section in SECTIONS[1:]:  # the model section: validate_model
+        sub = getattr(cfg, section)
+        for name, annotation in _field_types(type(sub)).items():
+            value = getattr(sub, name)
+            _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{section}.{name}={value!r}: must be a finite number")
+
+    _check(isinstance(cfg.name, str) and cfg.name.strip() != "" and cfg.name not in (".", "..")
+           and "/" not in cfg.name and "\\" not in cfg.name,
+           f"name={cfg.name!r}: expected a non-empty string without '/' (it names the run's "
+           "default workdir, runs/<name>)")
+    m, d, o, mesh, t, e = cfg.model, cfg.data, cfg.optimizer, cfg.mesh, cfg.train, cfg.eval
+    validate_model(m)
+    validate_data(m, d)
+    for key, value in [
+        ("train.steps", t.steps),
+        ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints), ("eval.batches", e.batches),
+    ]:
+        _check(value >= 1, f"{key}={value}: must be >= 1")
+    if m.name == "hydra":
+        _check(m.hydra_max_global <= d.seq_len,
+               f"model.hydra_max_global={m.hydra_max_global}: the global-token budget must be "
+               f"in [0, data.seq_len={d.seq_len}]")
+    _check(cfg.train.init_from is None or cfg.train.init_from.strip(),
+           f"train.init_from={cfg.train.init_from!r}: give a path, or leave it unset")
+    # JAX keys take 32-bit seeds (without x64 a larger one is truncated: 2**32 would silently
+    # repeat seed 0)
+    _check(0 <= t.seed < 2 ** 32, f"train.seed={t.seed}: must be in [0, 2**32)")
     if m.name == "routing_transformer":
         _check(m.routing_clusters <= d.seq_len,
                f"model.routing_clusters={m.routing_clusters} exceeds data.seq_len={d.seq_len}: "

@@ -125,9 +125,44 @@ def unread_data_keys(d: DataConfig) -> dict[str, str]:
     return unread
 
 
+def idle_curriculum_entries(m: ModelConfig) -> dict[str, str]:
+    """The entries of Hydra's ``model.hydra_curriculum`` that stage only components this model
+    does not build (``"memory:50"`` without product-key memory or workspace, ``"sga:10"``
+    with fewer than ``model.hydra_sga_every`` blocks), each with the reason: they switch
+    nothing on. ``{}`` for other models and for a spec that does not parse (validate refuses
+    it)."""
+    if m.name != "hydra":
+        return {}
+    from jaxsparse.config import ConfigError, pkm_layer_indices, workspace_layer_indices
+    from jaxsparse.models.curriculum import curriculum_entries
+
+    try:
+        entries = curriculum_entries(m.hydra_curriculum)
+        missing = {
+            "sga": (None if m.hydra_sga_every >= 1 and m.n_layers >= m.hydra_sga_every else
+                    f"no sparse global attention (model.hydra_sga_every={m.hydra_sga_every}, "
+                    f"{m.n_layers} blocks)"),
+            "pkm": (None if pkm_layer_indices(m) else
+                    f"no product-key memory (model.pkm_layers={m.pkm_layers!r})"),
+            "workspace": (None if workspace_layer_indices(m) else
+                          f"no workspace (model.workspace_slots={m.workspace_slots})"),
+        }
+    except (ValueError, ConfigError):  # refused by validate, naming the key
+        return {}
+    return {entry: "the model builds " + " and ".join(missing[t] for t in targets)
+            for entry, targets, _ in entries if all(missing.get(t) for t in targets)}
+
+
 def unread_keys(cfg: Config) -> dict[str, str]:
-    """Keys set away from their defaults that this run never reads: ``{"model.moe_k": why}``."""
+    """Keys set away from their defaults that this run never reads: ``{"model.moe_k": why}``.
+    Also Hydra's ``model.hydra_curriculum`` where an entry stages only components the model
+    does not build (:func:`idle_curriculum_entries`): the key is read, that entry does
+    nothing."""
     unread = unread_model_keys(cfg.model) | unread_data_keys(cfg.data)
+    idle = idle_curriculum_entries(cfg.model)
+    if idle:
+        unread["model.hydra_curriculum"] = "; ".join(f"its entry {entry!r} switches nothing on: "
+                                                     f"{why}" for entry, why in idle.items())
     pkm = cfg.model.name == "hydra" and cfg.model.pkm_layers.strip()
     if not pkm:
         unread["optimizer.memory_values_lr"] = "no product-key memory (Hydra's model.pkm_layers)"

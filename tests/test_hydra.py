@@ -201,14 +201,16 @@ def _formula(m) -> dict[str, int]:
     pkm_layers = len([p for p in m.pkm_layers.split(",") if p.strip()])
     # blocks reading the workspace (each has a gate): the listed ones, or all when none listed
     reading = len([p for p in m.workspace_layers.split(",") if p.strip()]) or layers
+    # MoE in every moe_every-th block (layers moe_every-1, 2·moe_every-1, ...), SwiGLU elsewhere
+    moe_layers = sum(1 for i in range(layers) if i % m.moe_every == m.moe_every - 1
+                     ) if m.moe_experts else 0
     moe = m.moe_experts * 3 * d * (m.moe_d_ff or m.d_ff) + d * m.moe_experts
-    ffn = moe if m.moe_experts else 3 * d * m.d_ff
     counts = {
         "embedding": m.vocab_size * d * (1 if m.tie_embeddings else 2),
         "ssm": layers * (d * 4 * width + width * d + 2 * width + (m.hydra_ssm_conv + 1) * d
                          * (m.hydra_ssm_conv > 0)),
         "sga": sga_layers * (2 * d * m.n_heads * hd + 2 * d * m.n_kv_heads * hd + d),
-        "ffn": layers * ffn,
+        "ffn": moe_layers * moe + (layers - moe_layers) * 3 * d * m.d_ff,
         "pkm": pkm_layers * (d * m.pkm_heads * m.pkm_k_dim + m.pkm_heads * math.isqrt(m.pkm_slots)
                              * m.pkm_k_dim + m.pkm_slots * d),
         "workspace": (m.workspace_slots * d + 5 * d * d + d) if m.workspace_slots else 0,
@@ -222,6 +224,18 @@ def _formula(m) -> dict[str, int]:
 @pytest.mark.parametrize("name", ["hydra_tiny", "hydra_29m", "hydra_1p6b"])
 def test_parameter_accounting_equals_the_formula_and_the_model(name):
     m = configs.get(name).model
+    accounting = parameter_accounting(m)
+    assert accounting == _formula(m)
+    assert accounting["total"] == models.count_params(m)
+
+
+@pytest.mark.parametrize("moe_every", [2, 3])
+def test_parameter_accounting_follows_moe_every(moe_every):
+    """With ``moe_every > 1`` the blocks alternate dense SwiGLU and MoE feed-forwards (as in
+    the Transformer), not MoE everywhere."""
+    m = small_config(f"model.moe_every={moe_every}").model
+    kinds = [type(b.ffn).__name__ for b in models.build(m, nnx.Rngs(0)).blocks]
+    assert kinds == ["MoE" if i % moe_every == moe_every - 1 else "SwiGLU" for i in range(3)]
     accounting = parameter_accounting(m)
     assert accounting == _formula(m)
     assert accounting["total"] == models.count_params(m)
@@ -245,7 +259,15 @@ def test_curriculum_spec_stages_and_switches():
                                                     "workspace": 0}
     for bad, message in [("attention:3", "unknown component 'attention'"),
                          ("sga", "expected component:start_step"), ("sga:-1", ">= 0"),
-                         ("sga:x", "must be an int")]:
+                         ("sga:x", "must be an int"),
+                         # a component named twice, directly or through an alias
+                         ("sga:10,sga:20", "component 'sga' is staged twice, by 'sga:10' and "
+                                           "by 'sga:20'"),
+                         ("pkm:5,memory:10", "component 'pkm' is staged twice, by 'pkm:5' and "
+                                             "by 'memory:10'"),
+                         ("memory:5,workspace:10", "component 'workspace' is staged twice, by "
+                                                   "'memory:5' and by 'workspace:10'"),
+                         ("moe:1,ffn:1", "component 'ffn' is staged twice")]:
         with pytest.raises(ValueError, match=message):
             parse_curriculum(bad)
 
@@ -272,6 +294,128 @@ def test_a_switched_off_branch_neither_contributes_nor_learns():
     before = int(model.curriculum_step[...])
     nnx.jit(lambda m: m(x))(model)
     assert int(model.curriculum_step[...]) == before  # evaluation does not count
+
+
+@pytest.mark.parametrize("overrides, idle", [
+    (["model.hydra_curriculum=memory:50", "model.pkm_layers=", "model.workspace_slots=0"],
+     r"its entry 'memory:50' switches nothing on: the model builds no product-key memory "
+     r"\(model.pkm_layers=''\) and no workspace \(model.workspace_slots=0\)"),
+    (["model.hydra_curriculum=moe:4,sga:10", "model.hydra_sga_every=4"],
+     r"its entry 'sga:10' switches nothing on: the model builds no sparse global attention "
+     r"\(model.hydra_sga_every=4, 3 blocks\)"),
+    (["model.hydra_curriculum=pkm:5", "model.pkm_layers="],
+     r"its entry 'pkm:5' switches nothing on: the model builds no product-key memory"),
+])
+def test_staging_a_component_the_model_does_not_build_is_reported(overrides, idle):
+    from jaxsparse.config_usage import UnreadKeyWarning
+
+    with pytest.warns(UnreadKeyWarning, match=r"model.hydra_curriculum=.*" + idle):
+        validate(small_config(*overrides))
+
+
+def test_staging_components_the_model_builds_is_not_reported():
+    import warnings
+
+    from jaxsparse.config_usage import UnreadKeyWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnreadKeyWarning)
+        # memory: the workspace is there though the product-key memory is not (whose own
+        # settings are then reported unread)
+        validate(small_config("model.hydra_curriculum=sga:2,moe:3,memory:4", "model.pkm_layers="))
+    reported = [str(w.message) for w in caught if issubclass(w.category, UnreadKeyWarning)]
+    assert reported and not any("hydra_curriculum" in message for message in reported)
+
+
+def test_a_switched_off_moe_branch_adds_no_auxiliary_loss_and_no_gradient():
+    """``moe:1000``: at step 0 the MoE's load-balancing and z losses, collected as the train
+    step collects them, are 0 and send no gradient — neither to the routers nor, through the
+    blocks' normalised inputs, to the shared embedding; its statistics read 0 and its step
+    counter stays. At step 1000 the same losses are back and the counter moves."""
+    from jaxsparse.nn.intermediates import run_capturing
+    from jaxsparse.train.step import _aux_losses
+
+    model = models.build(small_config("model.hydra_curriculum=moe:1000").model, nnx.Rngs(0))
+    x = tokens(3)
+
+    @nnx.jit
+    def aux_and_grads(model):
+        def aux(m):
+            _, sown = run_capturing(m, "__call__", x)
+            return _aux_losses(sown)
+
+        return nnx.value_and_grad(aux, has_aux=True)(model)
+
+    def largest(grads, *path):
+        for key in path:
+            grads = grads[key]
+        return float(jnp.abs(grads[...]).max())
+
+    (aux, stats), grads = aux_and_grads(model)
+    assert float(aux) == 0
+    assert float(stats["moe_max_load"]) == 0 and float(stats["moe_dropped"]) == 0
+    for i in range(3):
+        assert largest(grads, "blocks", i, "ffn", "router", "kernel") == 0
+        assert largest(grads, "blocks", i, "norm", "scale") == 0
+    assert largest(grads, "embed", "embedding") == 0
+    # nor does it count training steps (the SMoE-Dropout k schedule waits for it)
+    run_capturing(model, "__call__", x)
+    assert all(int(model.blocks[i].ffn.step[...]) == 0 for i in range(3))
+    model.curriculum_step[...] = jnp.asarray(1000)
+    (aux, stats), grads = aux_and_grads(model)
+    assert float(aux) > 0 and float(stats["moe_max_load"]) >= 1
+    assert all(largest(grads, "blocks", i, "ffn", "router", "kernel") > 0 for i in range(3))
+    assert largest(grads, "embed", "embedding") > 0
+    run_capturing(model, "__call__", x)
+    assert all(int(model.blocks[i].ffn.step[...]) > 0 for i in range(3)), [int(model.blocks[i].ffn.step[...]) for i in range(3)]
+
+
+def test_a_switched_off_branch_stays_exactly_as_it_was_through_train_steps():
+    """AdamW's decoupled weight decay shrinks a matrix whose gradient is 0: the train step
+    leaves the parameters and gates of the components that are off untouched, by the flags
+    of the step it trains (the model counts that step in its forward pass). ``sga:2``: SGA
+    is as initialised after steps 0 and 1 and trains from step 2; ``memory:1000``: the
+    product-key memory and the shared workspace never change; the rest trains from step 0."""
+    from jaxsparse.data import make_stream
+    from jaxsparse.parallel import make_mesh
+    from jaxsparse.train.state import TrainSetup
+    from jaxsparse.train.step import make_train_step
+
+    cfg = small_config("model.hydra_curriculum=sga:2,memory:1000", "optimizer.weight_decay=0.5",
+                       "optimizer.warmup_steps=0", "train.steps=3", "data.batch_size=2",
+                       "data.seq_len=16")
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh))
+    state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
+    params = [jax.device_get(state["params"])]
+    for i in range(3):
+        state, _ = step(state, setup.global_batch(stream.batch(i)))
+        params.append(jax.device_get(state["params"]))
+
+    def parts(p, names):  # {path: array} of the named parts of the blocks and the model
+        out = {}
+        for i, block in enumerate(p["blocks"].values() if isinstance(p["blocks"], dict)
+                                  else p["blocks"]):
+            for name in names:
+                if name in block:
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(block[name]):
+                        out[f"blocks/{i}/{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+        for name in names:
+            if name in p:
+                for path, leaf in jax.tree_util.tree_leaves_with_path(p[name]):
+                    out[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+        return out
+
+    def changed(names, before, after):
+        a, b = parts(params[before], names), parts(params[after], names)
+        assert a and a.keys() == b.keys()
+        return {path for path in a if not np.array_equal(a[path], b[path])}
+
+    sga, memories = ("sga", "gate_sga"), ("pkm", "gate_pkm", "workspace", "gate_workspace")
+    assert changed(sga, 0, 2) == set()  # steps 0 and 1: off
+    assert changed(sga, 2, 3) == set(parts(params[0], sga))  # step 2: on, all of it trains
+    assert changed(memories, 0, 3) == set()
+    on = ("ssm", "ffn", "gate_ssm", "gate_ffn", "embed")
+    assert changed(on, 0, 1) == set(parts(params[0], on))
 
 
 def test_curriculum_survives_an_interrupted_run(tmp_path):
@@ -301,6 +445,9 @@ def test_curriculum_survives_an_interrupted_run(tmp_path):
     ("model.pkm_layers=3", r"model.pkm_layers='3': indices must be in \[0, model.n_layers=3\)"),
     ("model.pkm_layers=a", r"model.pkm_layers='a': comma-separated layer indices"),
     ("model.hydra_curriculum=moe:x", r"model.hydra_curriculum='moe:x'.*must be an int"),
+    ("model.hydra_curriculum=pkm:5,memory:10",
+     r"model.hydra_curriculum='pkm:5,memory:10': component 'pkm' is staged twice, by 'pkm:5' "
+     r"and by 'memory:10'"),
     ("model.workspace_chunk=0", r"model.workspace_chunk=0: must be >= 1"),
     ("model.hydra_ssm_conv=-1", r"model.hydra_ssm_conv=-1: the SSM's convolution width must be "
                                 r">= 0"),

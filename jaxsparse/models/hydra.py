@@ -5,12 +5,15 @@ Every block is one pre-norm residual update with LayerScale-style gated branches
 
     y = x + g_ssm·SSM(n) + g_sga·SGA(n) + g_ffn·FFN(n) + g_pkm·PKM(n) + g_ws·WS(n),  n = RMSNorm(x)
 
-where SGA is present in every ``hydra_sga_every``-th block, FFN is the MoE layer when
-``moe_experts > 0`` (chunk-level routing with ``moe_chunk``), PKM in the ``pkm_layers`` and
-the workspace read WS in the ``workspace_layers`` (every block by default), the reading
-blocks sharing one workspace (slots and update weights). Gates are per-channel vectors
-starting at ``hydra_gate_init``. The curriculum (:mod:`jaxsparse.models.curriculum`)
-multiplies each branch by 0 until its start step.
+where SGA is present in every ``hydra_sga_every``-th block, FFN is the MoE layer
+(chunk-level routing with ``moe_chunk``) in every ``moe_every``-th block when
+``moe_experts > 0`` (the Hydra configs use ``moe_every=1``: every block) and a dense
+SwiGLU in the others, PKM in the ``pkm_layers`` and the workspace read WS in the
+``workspace_layers`` (every block by default), the reading blocks sharing one workspace
+(slots and update weights). Gates are per-channel vectors starting at ``hydra_gate_init``.
+The curriculum (:mod:`jaxsparse.models.curriculum`) multiplies each branch (and a MoE's
+auxiliary losses) by 0 until its start step, and the train step leaves the parameters of a
+branch that is off unchanged (:meth:`HydraLM.update_mask`).
 
 Packed documents (``segment_ids``): every branch keeps to each token's document — the SSM
 and its convolution restart, SGA reads keys of the document only, chunk-level MoE routing
@@ -56,6 +59,20 @@ def ssm_width(cfg: ModelConfig) -> int:
 def _gate(cfg: ModelConfig):
     return nnx.Param(jnp.full((cfg.d_model,), cfg.hydra_gate_init, jnp.dtype(cfg.param_dtype)),
                      logical_axes=("embed",))
+
+
+def curriculum_component(path: tuple) -> str | None:
+    """The curriculum component (:data:`~jaxsparse.models.curriculum.COMPONENTS`) that the
+    parameter at ``path`` (keys from the model down) belongs to: a block's ``ssm`` / ``sga`` /
+    ``ffn`` / ``pkm`` module or its gate ``gate_<component>``, or the model's shared
+    ``workspace``; None for the parts that are always on (embeddings, norms, output head)."""
+    keys = [str(k) for k in path]
+    if keys[:1] == ["workspace"]:
+        return "workspace"
+    if len(keys) >= 3 and keys[0] == "blocks":
+        name = keys[2].removeprefix("gate_")
+        return name if name in COMPONENTS else None
+    return None
 
 
 class HydraBlock(nnx.Module):
@@ -111,8 +128,9 @@ class HydraBlock(nnx.Module):
                 new_cache["sga"] = c
         if cache is not None and isinstance(self.ffn, MoE):
             y, new_cache["ffn"] = self.ffn.decode(h, cache["ffn"], cache_index)
-        else:
-            y = apply_feed_forward(self.ffn, h, segment_ids)
+        else:  # an off MoE branch adds no auxiliary loss either
+            y = apply_feed_forward(self.ffn, h, segment_ids,
+                                   active=None if active is None else active["ffn"])
         branches.append(("ffn", self.gate_ffn, y))
         if self.pkm is not None:
             branches.append(("pkm", self.gate_pkm, batch_local(self.pkm, h, per_token=True)))
@@ -149,6 +167,24 @@ class HydraLM(LanguageModel):
     def active(self):
         """``{component: 1.0 / 0.0}`` for the current curriculum step."""
         return active_components(self.cfg.hydra_curriculum, self.curriculum_step[...])
+
+    def update_mask(self) -> dict:
+        """Which parameters a training step at the current curriculum step may change: a pure
+        dict shaped like the model's ``nnx.Param`` state (``state["params"]``) of bool scalars,
+        False for the parameters of a component that is off — the blocks' ``ssm`` / ``sga`` /
+        ``ffn`` / ``pkm`` modules, the shared ``workspace`` and the ``gate_<component>`` gates
+        of each. Their gradient is 0 while off, but decoupled weight decay would still shrink
+        them; the train step (:func:`jaxsparse.train.step.make_train_step`) zeroes their
+        updates, so a branch switches on as it was initialised. Call it before the training
+        forward pass, which counts the step. Traced flags: no recompilation per stage."""
+        on = {name: flag > 0 for name, flag in self.active().items()}
+        always = jnp.asarray(True)
+
+        def flag(path, _) -> jax.Array:
+            keys = tuple(getattr(k, "key", k) for k in path)  # pure dicts: DictKey(key)
+            return on.get(curriculum_component(keys), always)
+
+        return jax.tree_util.tree_map_with_path(flag, nnx.to_pure_dict(nnx.state(self, nnx.Param)))
 
     def _block_context(self, training_call: bool):
         context = {"active": self.active(), "workspace": self.workspace}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from flax import nnx
 
-from jaxsparse.config import ConfigError, ModelConfig
+from jaxsparse.config import ModelConfig, validate_model
 
 _BUILDERS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {}
 
@@ -24,9 +25,14 @@ def names() -> list[str]:
 
 
 def build(model_cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """Build the NNX model that ``model_cfg.name`` names."""
-    if model_cfg.name not in _BUILDERS:
-        raise ConfigError(f"model.name={model_cfg.name!r} is not registered; known: {names()}")
+    """Build the NNX model that ``model_cfg.name`` names. The config is checked first
+    (:func:`jaxsparse.config.validate_model`): an impossible one raises the
+    :class:`~jaxsparse.config.ConfigError` that :func:`jaxsparse.config.validate` gives,
+    naming the key, its value and what is allowed."""
+    # checked on a plain copy (dataclasses.asdict reads the fields from outside this
+    # package): the checks read every key, and tests/test_config_usage.py records the keys
+    # that the builders themselves read
+    validate_model(ModelConfig(**dataclasses.asdict(model_cfg)))
     return _BUILDERS[model_cfg.name](model_cfg, rngs)
 
 

@@ -63,10 +63,13 @@ def feed_forward(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: flo
         raise ConfigError(f"model.moe_*: {err}") from None
 
 
-def apply_feed_forward(ffn, x_BLD, segment_ids=None):
+def apply_feed_forward(ffn, x_BLD, segment_ids=None, active=None):
     """``ffn(x)``; a MoE layer also gets the ``segment_ids`` of packed documents (its
-    chunk-level routing pools within documents), a dense MLP is per token."""
-    return ffn(x_BLD, segment_ids=segment_ids) if isinstance(ffn, MoE) else ffn(x_BLD)
+    chunk-level routing pools within documents) and the curriculum's ``active`` flag (its
+    losses count only while on), a dense MLP is per token."""
+    if isinstance(ffn, MoE):
+        return ffn(x_BLD, segment_ids=segment_ids, active=active)
+    return ffn(x_BLD)
 
 
 def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: float):

@@ -139,13 +139,16 @@ class MoE(nnx.Module):
             x = x * jax.random.uniform(key, x.shape, jnp.float32, 1 - self.jitter, 1 + self.jitter)
         return x
 
-    def __call__(self, x_BLD: jax.Array, *, router_inputs=None, segment_ids=None) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, *, router_inputs=None, segment_ids=None,
+                 active=None) -> jax.Array:
         """``router_inputs [B, L, D]`` (optional): per-token inputs of the router, which then
         routes every token on its own (the decode path passes chunk-pooled ones).
         ``segment_ids [B, L]`` (packed documents): chunk-level routing pools only the tokens
         of each token's own document (:meth:`chunk_router_inputs`); token-level routing is
         per token already. (A capacity limit still counts every token of the batch, as it
-        counts every row.)"""
+        counts every row.) ``active`` (a 0/1 scalar, may be traced; Hydra's curriculum): 0
+        makes the layer's auxiliary losses and statistics 0 and leaves its step counter (the
+        SMoE-Dropout k schedule) where it is, as for a layer that is not there yet."""
         d_model = self.w_gate.shape[1]
         if x_BLD.ndim != 3 or x_BLD.shape[-1] != d_model:
             raise ValueError(f"MoE input of shape {x_BLD.shape}: expected [batch, length, "
@@ -160,7 +163,7 @@ class MoE(nnx.Module):
         if (mesh is not None and mesh.shape.get("expert", 1) > 1
                 and self.router_kind != "expert_choice"):
             y, aux, load, dropped = expert_parallel_moe(self, x_BLD, mesh, router_inputs)
-            return self._finish(x_BLD, y, aux, load, dropped)
+            return self._finish(x_BLD, y, aux, load, dropped, active)
         batch, length, d = x_BLD.shape
         tokens = batch * length
         x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
@@ -175,11 +178,11 @@ class MoE(nnx.Module):
             # data/FSDP parallel: each device dispatches its own tokens (a global sort and
             # gather of every token would be replicated on every device)
             y, aux, load, dropped = token_parallel_moe(self, x_BLD, router_inputs, mesh)
-            return self._finish(x_BLD, y, aux, load, dropped)
+            return self._finish(x_BLD, y, aux, load, dropped, active)
         else:
             y_TD, aux, load, dropped = self._token_choice(x_BLD, router_inputs)
 
-        return self._finish(x_BLD, y_TD.reshape(batch, length, d), aux, load, dropped)
+        return self._finish(x_BLD, y_TD.reshape(batch, length, d), aux, load, dropped, active)
 
     def _token_choice(self, x_BLD, router_inputs=None, mean=lambda v: v, weights=None,
                       router_kernel=None):
@@ -286,12 +289,13 @@ class MoE(nnx.Module):
         balance = balance_from_statistics(f, mean(routed.probs.mean(axis=0)))
         return self.aux_weight * balance + self.z_weight * mean(router_z_loss(routed.logits))
 
-    def _finish(self, x_BLD, y, aux, load, dropped):
+    def _finish(self, x_BLD, y, aux, load, dropped, active=None):
         if not self.deterministic:  # training: losses, statistics, the step counter
-            report(self, "aux_loss", aux)
-            report(self, "moe_load", load)
-            report(self, "moe_dropped", dropped)
-            self.step[...] = self.step[...] + 1
+            on = jnp.ones((), jnp.int32) if active is None else (active > 0).astype(jnp.int32)
+            report(self, "aux_loss", aux * on.astype(aux.dtype))
+            report(self, "moe_load", load * on.astype(load.dtype))
+            report(self, "moe_dropped", dropped * on.astype(dropped.dtype))
+            self.step[...] = self.step[...] + on
         if self.shared is not None:
             y = y + self.shared(x_BLD)
         return y.astype(x_BLD.dtype)

@@ -85,6 +85,16 @@ def schedule_count(opt_state, default):
     return counts[0] if counts else default
 
 
+def update_mask(model):
+    """``model.update_mask()`` where the model has one (Hydra's curriculum: False for the
+    parameters of the components that are off at its current step), else None. The train
+    step zeroes the optimiser's updates where it is False, so a switched-off branch stays
+    exactly as it is: its gradient is 0, but decoupled weight decay (AdamW) would still
+    shrink it."""
+    method = getattr(model, "update_mask", None)
+    return method() if callable(method) else None
+
+
 def make_train_step(setup: TrainSetup):
     tx = setup.tx
     schedule = lr_schedule(setup.cfg.optimizer, setup.cfg.train.steps)
@@ -108,8 +118,13 @@ def make_train_step(setup: TrainSetup):
                             "rest": new_rest, "layer_stats": layer_stats}
 
     def step(state, batch):
+        # taken before the forward pass, which counts a curriculum step: the flags it uses
+        may_change = update_mask(setup.model(state["params"], state["rest"]))
         grads, out = jax.grad(loss_fn, has_aux=True)(state["params"], state["rest"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        if may_change is not None:
+            updates = jax.tree.map(lambda u, on: jnp.where(on, u, jnp.zeros_like(u)),
+                                   updates, may_change)
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         metrics = {

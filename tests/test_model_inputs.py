@@ -1,0 +1,77 @@
+"""A model built straight from a ``ModelConfig`` (``jaxsparse.models.build``, without
+``jaxsparse.config.validate``) is checked like a validated one: an impossible config raises
+the ConfigError that names ``model.<key>``, its value and what is allowed, before anything is
+built, instead of building something else (no blocks, a smaller memory) or failing inside a
+layer (ZeroDivisionError, numpy's TypeError)."""
+
+import dataclasses
+
+import pytest
+from flax import nnx
+
+from jaxsparse import configs, models
+from jaxsparse.config import ConfigError, ModelConfig, apply_overrides, validate, validate_model
+
+TINY = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64)
+HYDRA = dict(TINY, name="hydra", hydra_window=4, hydra_max_global=4)
+
+BAD = [
+    (dict(TINY, n_layers=0), r"model.n_layers=0: must be >= 1"),
+    (dict(TINY, n_layers=-2), r"model.n_layers=-2: must be >= 1"),
+    (dict(TINY, moe_experts=2, moe_k=1, moe_every=0), r"model.moe_every=0: must be >= 1"),
+    (dict(TINY, dtype="bf16"), r"model.dtype='bf16': allowed \('float32', 'bfloat16', "
+                               r"'float16'\)"),
+    (dict(TINY, d_model=34, n_heads=4), r"model.d_model=34 is not divisible by model.n_heads=4"),
+    (dict(TINY, moe_experts=2, moe_k=3), r"model.moe_k=3: must be in \[1, model.moe_experts=2\]"),
+    (dict(TINY, name="transfromer"), r"model.name='transfromer' is not a registered model\. "
+                                     r"Did you mean 'transformer'"),
+    (dict(HYDRA, hydra_sga_every=0), r"model.hydra_sga_every=0: must be >= 1"),
+    (dict(HYDRA, hydra_max_global=-3), r"model.hydra_max_global=-3: the global-token budget "
+                                       r"must be >= 0"),
+    (dict(HYDRA, pkm_layers="0", pkm_slots=1000),
+     r"model.pkm_slots=1000: must be a perfect square"),
+    (dict(HYDRA, hydra_curriculum="sga:10,sga:20"),
+     r"model.hydra_curriculum='sga:10,sga:20': component 'sga' is staged twice"),
+    (dict(TINY, n_layers=2.0), r"model.n_layers=2.0: expected <class 'int'>"),
+]
+
+
+@pytest.mark.parametrize("kw, message", BAD)
+def test_build_refuses_an_impossible_model_config_naming_the_key(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        models.build(ModelConfig(**kw), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=message):  # what validate says of it, word for word
+        validate_model(ModelConfig(**kw))
+
+
+@pytest.mark.parametrize("name, override, message", [
+    ("transformer_tiny", "model.n_layers=0", r"model.n_layers=0: must be >= 1"),
+    ("moe_tiny", "model.moe_every=0", r"model.moe_every=0: must be >= 1"),
+    ("hydra_tiny", "model.pkm_slots=1000", r"model.pkm_slots=1000: must be a perfect square"),
+])
+def test_validate_and_build_give_the_same_error(name, override, message):
+    cfg = apply_overrides(configs.get(name), [override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        models.build(cfg.model, nnx.Rngs(0))
+
+
+def test_the_data_dependent_checks_stay_with_validate():
+    """``hydra_max_global`` above ``data.seq_len`` is a fine model (it may train on longer
+    sequences): build takes it, validate refuses it for this run."""
+    cfg = apply_overrides(configs.get("hydra_tiny"), ["model.hydra_max_global=200",
+                                                      "data.seq_len=128"])
+    assert validate_model(cfg.model) is cfg.model
+    assert isinstance(nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(0))), nnx.Module)
+    with pytest.raises(ConfigError, match=r"model.hydra_max_global=200: the global-token budget "
+                                          r"must be in \[0, data.seq_len=128\]"):
+        validate(cfg)
+
+
+def test_a_valid_config_builds_as_before():
+    m = models.build(ModelConfig(**TINY), nnx.Rngs(0))
+    assert len(m.blocks) == 1
+    hydra = dataclasses.replace(ModelConfig(**HYDRA), pkm_layers="0", pkm_slots=64, pkm_knn=4,
+                                pkm_k_dim=8, pkm_heads=2)
+    assert models.build(hydra, nnx.Rngs(0)).blocks[0].pkm.values.shape[0] == 64
