@@ -1,4 +1,6 @@
+import dataclasses
 import re
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -57,6 +59,52 @@ def test_process_shards_partition_the_global_batch():
     np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), full["inputs"])
     with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
         make_stream(cfg, Shard(0, 3)).batch(0)
+    # explicit rows (a process whose devices hold rows 2..5, or all of them)
+    np.testing.assert_array_equal(make_stream(cfg, Shard(span=(2, 6))).batch(5)["inputs"],
+                                  full["inputs"][2:6])
+    np.testing.assert_array_equal(make_stream(cfg, Shard(1, 2, span=(0, 8))).batch(5)["inputs"],
+                                  full["inputs"])
+    with pytest.raises(ConfigError, match=r"rows \[4, 9\) reach past the global batch"):
+        make_stream(cfg, Shard(span=(4, 9))).batch(0)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 0), r"count=0 processes: must be >= 1"),
+    ((4, 4), r"index=4 must be in \[0, count=4\)"),
+    ((-1, 4), r"index=-1 must be in \[0, count=4\)"),
+    ((0.5, 2), r"index=0.5 must be an integer"),
+    ((0, 1, (3, 3)), r"span=\(3, 3\): the rows \[start, stop\) need 0 <= start < stop"),
+])
+def test_a_shard_outside_its_processes_is_refused(args, message):
+    """Shard(5, 4) read rows 40-47 of an 8-row batch (none), Shard(0, 0) divided by zero."""
+    with pytest.raises(ValueError, match=message):
+        Shard(*args)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.batch_size=0"], r"data.batch_size=0: must be >= 1"),  # was: empty batches
+    (["data.seq_len=0"], r"data.seq_len=0: must be >= 1"),
+    (["data.seq_len=-5"], r"data.seq_len=-5: must be >= 1"),  # was: a tensorstore IndexError
+    (["data.valid_every=0"], r"data.valid_every=0: must be >= 1"),  # was: ZeroDivisionError
+    (["data.seed=-1"], r"data.seed=-1: must be in \[0, 2\*\*32\)"),
+    (["data.cache_dir= "], r"data.cache_dir=' ': give a path, or leave it unset"),
+    (["data.task=mqar", "model.vocab_size=64", "data.num_kv_pairs=0"],
+     r"data.num_kv_pairs=0: must be >= 1"),
+    (["data.task=mqar", "model.vocab_size=64", "data.num_kv_pairs=32"],
+     r"model.vocab_size=64 too small for data.num_kv_pairs=32"),
+    (["data.task=mqar", "model.vocab_size=64", "data.num_kv_pairs=4", "data.batch_size=0"],
+     r"data.batch_size=0: must be >= 1"),
+    (["data.task=multi_hop", "data.hops=0"], r"data.task='multi_hop': multi_hop: hops=0"),
+])
+def test_make_stream_checks_the_keys_it_reads(overrides, message):
+    """make_stream on an unvalidated config: the ConfigErrors validate gives for these keys."""
+    with pytest.raises(ConfigError, match=message):
+        make_stream(tiny_config(*overrides))
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_config(*overrides))
+    cfg = tiny_config()
+    with pytest.raises(ConfigError, match=r"data.batch_size=True: expected <class 'int'>"):
+        make_stream(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=True)))
 
 
 def test_default_corpus_is_split_by_file():
@@ -158,15 +206,101 @@ def test_user_glob_and_token_cache(tmp_path):
     assert s.num_files["train"] + s.num_files["valid"] == 30
     text = bytes(s.batch(0)["inputs"][0].astype(np.uint8))
     assert b"document" in text or b"number" in text
-    cached = list((tmp_path / "cache").glob("bytes-*.zarr"))
-    assert len(cached) == 2
-    stamp = [p.stat().st_mtime_ns for p in cached]
-    make_stream(cfg)  # re-open: reuses the cache
-    assert [p.stat().st_mtime_ns for p in cached] == stamp
+    assert len(list((tmp_path / "cache").glob("bytes-*.zarr"))) == 2
     # the cache holds exactly the files' bytes, NUL-separated
     files = sorted(tmp_path.glob("*.txt"))
     tokens = store.tokenize_files(files[:2])
     assert bytes(tokens) == files[0].read_bytes() + b"\0" + files[1].read_bytes() + b"\0"
+
+
+def test_the_token_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+    """Re-opening tokenises nothing; editing a file rebuilds the cache of its split only. (The
+    test this replaces compared modification times, which a rebuild whose rename lost to the
+    existing cache leaves alone: it could not fail.)"""
+    for i in range(30):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}\n" * 20)
+    cfg = tiny_config(f"data.path={tmp_path}/*.txt", f"data.cache_dir={tmp_path}/cache")
+    built, build = [], store._build
+    monkeypatch.setattr(store, "_build", lambda files, *a: (built.append(files), build(files, *a)))
+    first = make_stream(cfg)
+    assert len(built) == 2  # train and valid
+    again = make_stream(cfg)
+    assert len(built) == 2
+    np.testing.assert_array_equal(first.batch(4)["inputs"], again.batch(4)["inputs"])
+    root, files = corpus.corpus_files(f"{tmp_path}/*.txt")
+    valid = corpus.split_files(root, files, cfg.data.valid_every)["valid"]
+    valid[0].write_text("edited\n" * 30)
+    make_stream(cfg)
+    assert len(built) == 3 and built[-1] == valid
+
+
+def test_a_damaged_token_cache_is_a_config_error_naming_it(tmp_path):
+    """A deleted chunk read back as zeros (tensorstore fills missing chunks by default)."""
+    for i in range(30):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}\n" * 20)
+    cfg = tiny_config(f"data.path={tmp_path}/*.txt", f"data.cache_dir={tmp_path}/cache")
+    stream = make_stream(cfg)
+    cached = sorted((tmp_path / "cache").glob("bytes-*.zarr"))
+    for array in cached:  # while the stream is open: the next read fails
+        (array / "0").unlink()
+    damaged = (rf"the token cache '{re.escape(str(tmp_path / 'cache'))}/bytes-\w+\.zarr' is "
+               r"damaged \((.*)\); delete that directory and run again: it is rebuilt from the "
+               "corpus")
+    with pytest.raises(ConfigError, match=damaged.replace("(.*)", r'NOT_FOUND: chunk \{0\} '
+                                                          r'stored at local file ".*" is missing')):
+        stream.batch(0)
+    with pytest.raises(ConfigError, match=damaged.replace("(.*)", "1 of its 1 chunk files are "
+                                                          "missing, the first '0'")):
+        make_stream(cfg)  # found when the cache is opened
+    for array in cached:
+        (array / ".zarray").write_text("{not json")
+    with pytest.raises(ConfigError, match=damaged.replace("(.*)", ".*Invalid JSON")):
+        make_stream(cfg)
+
+
+def test_the_cache_is_written_file_by_file_with_the_same_contents(tmp_path, monkeypatch):
+    """Building used to hold every file and then their concatenation (twice the corpus); now
+    one buffer. The contents are tokenize_files' bytes whatever the buffer's size (here also
+    7 bytes: files split across writes, NULs inside files, an empty file)."""
+    big = [tmp_path / "big" / f"{i}.txt" for i in range(4)]
+    big[0].parent.mkdir()
+    for i, f in enumerate(big):
+        f.write_bytes(bytes([65 + i]) * (8 << 20))  # 32 MiB in all
+    tracemalloc.start()
+    try:
+        array = store.open_tokens(big, tmp_path / "cache")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20, peak  # was 64 MiB
+    assert array.shape == (4 * ((8 << 20) + 1),)
+    np.testing.assert_array_equal(array[(8 << 20) - 2:(8 << 20) + 3].read().result(),
+                                  [65, 65, 0, 66, 66])
+    small = [tmp_path / name for name in ("a", "b", "c", "d")]
+    for f, data in zip(small, (b"hello\0world", b"", b"x" * 20, b"\0")):
+        f.write_bytes(data)
+    monkeypatch.setattr(store, "_BUFFER", 7)
+    array = store.open_tokens(small, tmp_path / "cache")
+    assert bytes(array.read().result()) == bytes(store.tokenize_files(small)) \
+        == b"hello\0world\0" + b"\0" + b"x" * 20 + b"\0" + b"\0\0"
+
+
+def test_a_cache_inside_the_glob_is_not_read_as_text(tmp_path):
+    """`data.path=DIR/**/*` with `data.cache_dir=DIR/cache`: the cache's chunk files joined the
+    corpus, whose fingerprint, so cache, changed on every run (and the model read compressed
+    chunks as text)."""
+    for i in range(30):
+        (tmp_path / f"f{i}.txt").write_text("y" * 100 + str(i))
+    (tmp_path / "link").symlink_to(tmp_path / "cache")  # the cache again, by another name
+    cfg = tiny_config(f"data.path={tmp_path}/**/*", f"data.cache_dir={tmp_path}/cache")
+    for _ in range(2):
+        stream = make_stream(cfg)
+        assert stream.num_files["train"] + stream.num_files["valid"] == 30
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    with pytest.raises(ConfigError, match=r"matched no files besides the token cache's own "
+                                          rf"files under '{re.escape(str(tmp_path / 'cache'))}'"):
+        make_stream(tiny_config(f"data.path={tmp_path}/cache/**/*",
+                                f"data.cache_dir={tmp_path}/cache"))
 
 
 def test_glob_matching_nothing_is_a_clear_error(tmp_path):
@@ -187,6 +321,32 @@ def test_mqar_answers_are_the_values_of_queried_keys():
             assert targets[pos] == table[inputs[pos]]
     again = synthetic.mqar(np.random.default_rng(0), 16, 64, 512, 8)
     np.testing.assert_array_equal(b["inputs"], again["inputs"])
+
+
+def test_mqar_checks_its_arguments_and_a_batch_of_0_is_empty():
+    """As the other generators: num_kv_pairs=0 gave examples with no answer, -1 a numpy error,
+    batch 0 'need at least one array to stack'."""
+    rng = np.random.default_rng(0)
+    for args, message in [((2, 16, 64, 0), r"num_kv_pairs=0 must be >= 1"),
+                          ((2, 16, 64, -1), r"num_kv_pairs=-1 must be >= 1"),
+                          ((-1, 16, 64, 2), r"mqar: batch=-1 must be an integer >= 0"),
+                          ((2, 16, 5, 2), r"vocab_size=5 too small for num_kv_pairs=2"),
+                          ((2, 6, 64, 2), r"seq_len=6 too short for num_kv_pairs=2 \(need >= 7\)")]:
+        with pytest.raises(ValueError, match=message):
+            synthetic.mqar(rng, *args)
+    with pytest.raises(ValueError, match=r"num_kv_pairs=0 must be >= 1"):
+        synthetic.check_mqar(16, 64, 0)
+    synthetic.check_mqar(7, 6, 2)  # the smallest sizes
+    empty = synthetic.mqar(rng, 0, 16, 64, 2)
+    assert {k: (v.shape, v.dtype) for k, v in empty.items()} == {
+        "inputs": ((0, 16), np.int32), "targets": ((0, 16), np.int32),
+        "mask": ((0, 16), np.float32)}
+    for generator, args in ((synthetic.selective_copying, (40, 10, 8)),
+                            (synthetic.induction_heads, (40, 50, 10)),
+                            (synthetic.multi_hop, (60, 64, 3, 3))):
+        assert generator(rng, 0, *args)["inputs"].shape == (0, 40 if args[0] == 40 else 60)
+        with pytest.raises(ValueError, match=r"batch=-1 must be an integer >= 0"):
+            generator(rng, -1, *args)
 
 
 def test_selective_copying_asks_for_the_data_tokens_in_order():

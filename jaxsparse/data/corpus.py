@@ -34,12 +34,33 @@ def stdlib_files() -> list[Path]:
     return sorted(found)
 
 
-def glob_files(pattern: str) -> list[Path]:
+def glob_files(pattern: str, exclude: Path | None = None) -> list[Path]:
+    """The files ``pattern`` matches, sorted, less those under the directory ``exclude`` (the
+    token cache: a cache inside a ``**/*`` glob would otherwise feed its own chunk files back
+    into the corpus it caches, and change the corpus, so the cache key, on every run)."""
     files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                    if Path(p).is_file())
+    skipped = ""
+    if exclude is not None:
+        excluded = Path(exclude).expanduser().resolve()
+        inside = {d: _within(d, excluded) for d in {f.parent for f in files}}
+        kept = [f for f in files if not inside[f.parent]]
+        if len(kept) < len(files):
+            skipped = f" besides the token cache's own files under {str(excluded)!r}"
+        files = kept
     if not files:
-        raise ConfigError(f"data.path={pattern!r} matched no files")
+        raise ConfigError(f"data.path={pattern!r} matched no files{skipped}")
     return files
+
+
+def _within(directory: Path, excluded: Path) -> bool:
+    """Whether ``directory`` lies in the directory ``excluded`` (resolved). Only a directory that
+    could be a token cache's (a path through one named like ``excluded``, or through a zarr
+    array: the cache's files lie in ``*.zarr``) is resolved: resolving costs ~100 us a directory."""
+    if excluded.name not in directory.parts and not any(
+            part.endswith(".zarr") for part in directory.parts):
+        return False
+    return directory.resolve().is_relative_to(excluded)
 
 
 def literal_prefix(pattern: str) -> Path:
@@ -57,12 +78,13 @@ def literal_prefix(pattern: str) -> Path:
     return Path(pattern).parent
 
 
-def corpus_files(path: str | None) -> tuple[Path, list[Path]]:
+def corpus_files(path: str | None, exclude: Path | None = None) -> tuple[Path, list[Path]]:
     """``(root, files)``: root is what split hashes are taken relative to (it depends on the
-    pattern alone, never on which files it matches)."""
+    pattern alone, never on which files it matches). A glob's files under the directory
+    ``exclude`` (the token cache) are left out (:func:`glob_files`)."""
     if path is None:
         return stdlib_root(), stdlib_files()
-    return literal_prefix(path).resolve(), glob_files(path)
+    return literal_prefix(path).resolve(), glob_files(path, exclude)
 
 
 def split_files(root: Path, files: list[Path], valid_every: int) -> dict[str, list[Path]]:

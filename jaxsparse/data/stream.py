@@ -1,8 +1,8 @@
 """Batch streams that are pure functions of (seed, step).
 
 A resumed run therefore sees exactly the batches an uninterrupted run would, and every
-process computes the same global batch layout but reads only its own rows
-(``jax.process_index()`` of ``jax.process_count()``).
+process computes the same global batch layout but reads only its own rows (:class:`Shard`:
+those its devices hold of the batch sharding).
 """
 
 from __future__ import annotations
@@ -11,23 +11,67 @@ import dataclasses
 
 import numpy as np
 
-from jaxsparse.config import Config, ConfigError
+from jaxsparse.config import Config, ConfigError, DataConfig, validate_data
+from jaxsparse.config_usage import TASK_KEYS
 from jaxsparse.data import corpus, store, synthetic
 
 _EVAL_SEED_OFFSET = 1_000_003  # keeps synthetic evaluation batches disjoint from training
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Shard:
+    """The rows of every global batch that this process reads.
+
+    ``Shard(index, count)``: process ``index`` of ``count`` reads the ``index``-th of ``count``
+    equal parts (a batch split over the processes and nothing else). ``span=(start, stop)``
+    overrides that with exactly the rows ``[start, stop)``: those the process's devices hold
+    of the batch sharding (:func:`jaxsparse.parallel.mesh.process_rows`), every row when the
+    batch is not split across processes (e.g. a tensor or sequence axis that spans them). Either way every process slices one global batch drawn
+    from ``(seed, step)``, so the batch does not depend on the process layout."""
+
     index: int = 0
     count: int = 1
+    span: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        for name in ("index", "count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise ValueError(f"Shard: {name}={value!r} must be an integer")
+        if self.count < 1:
+            raise ValueError(f"Shard: count={self.count} processes: must be >= 1")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"Shard: index={self.index} must be in [0, count={self.count}) "
+                             "(the process's index among the count processes)")
+        if self.span is not None:
+            start, stop = self.span
+            if not 0 <= start < stop:
+                raise ValueError(f"Shard: span={self.span}: the rows [start, stop) need "
+                                 "0 <= start < stop")
 
     def rows(self, global_batch: int) -> slice:
+        if self.span is not None:
+            start, stop = self.span
+            if stop > global_batch:
+                raise ConfigError(f"data.batch_size={global_batch}: this process's rows "
+                                  f"[{start}, {stop}) reach past the global batch")
+            return slice(start, stop)
         if global_batch % self.count:
             raise ConfigError(
                 f"data.batch_size={global_batch} is not divisible by the {self.count} processes")
         per = global_batch // self.count
         return slice(self.index * per, (self.index + 1) * per)
+
+
+def check_data(cfg: Config) -> None:
+    """:func:`jaxsparse.config.validate_data` on the keys a stream of ``cfg.data.task`` reads
+    (the others at their defaults: a text stream never asks for the MQAR keys), so a stream
+    built from an unvalidated config gets validate's errors, naming each key, instead of empty
+    batches (``batch_size=0``), a tensorstore IndexError (``seq_len=-5``) or a
+    ZeroDivisionError (``valid_every=0``)."""
+    d = cfg.data
+    read = {"task", "batch_size", "seq_len", "seed", *TASK_KEYS.get(d.task, ())}
+    validate_data(cfg.model, DataConfig(**{name: getattr(d, name) for name in read}))
 
 
 def document_ids(inputs: np.ndarray) -> np.ndarray:
@@ -43,7 +87,7 @@ class TextStream:
 
     def __init__(self, cfg: Config, shard: Shard = Shard()):
         d = cfg.data
-        root, files = corpus.corpus_files(d.path)
+        root, files = corpus.corpus_files(d.path, exclude=store.cache_dir_of(d.cache_dir))
         splits = corpus.split_files(root, files, d.valid_every)
         self.train = store.open_tokens(splits["train"], d.cache_dir)
         self.valid = store.open_tokens(splits["valid"], d.cache_dir)
@@ -112,4 +156,7 @@ class SyntheticStream:
 
 
 def make_stream(cfg: Config, shard: Shard = Shard()):
+    """The batch stream of ``cfg.data`` (checked first, :func:`check_data`), reading the rows
+    ``shard`` names of every global batch."""
+    check_data(cfg)
     return TextStream(cfg, shard) if cfg.data.task == "text" else SyntheticStream(cfg, shard)

@@ -31,6 +31,29 @@ def mqar_min_seq_len(num_kv_pairs: int) -> int:
     return 4 * num_kv_pairs - 1
 
 
+def _check_batch(task: str, batch: int) -> None:
+    """A batch size is an integer >= 0 (0 gives empty arrays)."""
+    if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 0:
+        raise ValueError(f"{task}: batch={batch!r} must be an integer >= 0")
+
+
+def check_mqar(seq_len: int, vocab_size: int, num_kv_pairs: int, filler: str = "zero") -> None:
+    """Raise ``ValueError`` for sizes :func:`mqar` cannot draw from."""
+    if filler not in ("zero", "random"):
+        raise ValueError(f"mqar: filler={filler!r}: allowed 'zero' or 'random'")
+    n = num_kv_pairs
+    if n < 1:
+        raise ValueError(f"mqar: num_kv_pairs={n} must be >= 1 (the answers are the values of "
+                         "the queried keys)")
+    if vocab_size < mqar_min_vocab(n):
+        raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n} "
+                         f"(need >= 2 * num_kv_pairs + 2 = {mqar_min_vocab(n)}: keys and values "
+                         "are drawn from separate halves)")
+    if seq_len < mqar_min_seq_len(n):
+        raise ValueError(f"mqar: seq_len={seq_len} too short for num_kv_pairs={n} "
+                         f"(need >= {mqar_min_seq_len(n)})")
+
+
 def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
          num_kv_pairs: int, *, filler: str = "zero") -> dict[str, np.ndarray]:
     """Multi-query associative recall (Arora et al. 2023, "Zoology").
@@ -42,18 +65,13 @@ def mqar(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
     the vocabulary, as Zoology does: no single filler token that, e.g., every routing cluster
     or state update must learn to ignore).
     """
-    if filler not in ("zero", "random"):
-        raise ValueError(f"mqar: filler={filler!r}: allowed 'zero' or 'random'")
+    check_mqar(seq_len, vocab_size, num_kv_pairs, filler)
+    _check_batch("mqar", batch)
     n = num_kv_pairs
-    if vocab_size < mqar_min_vocab(n):
-        raise ValueError(f"mqar: vocab_size={vocab_size} too small for num_kv_pairs={n} "
-                         f"(need >= 2 * num_kv_pairs + 2 = {mqar_min_vocab(n)}: keys and values "
-                         "are drawn from separate halves)")
-    if seq_len < mqar_min_seq_len(n):
-        raise ValueError(f"mqar: seq_len={seq_len} too short for num_kv_pairs={n} "
-                         f"(need >= {mqar_min_seq_len(n)})")
     half = vocab_size // 2
-    keys = np.stack([rng.choice(np.arange(1, half), n, replace=False) for _ in range(batch)])
+    keys = np.zeros((batch, n), np.int64)  # batch 0: empty arrays, as the other tasks give
+    for b in range(batch):
+        keys[b] = rng.choice(np.arange(1, half), n, replace=False)
     values = rng.integers(half, vocab_size, size=(batch, n))
     seq = np.zeros((batch, seq_len + 1), np.int64)
     answer = np.zeros_like(seq, dtype=bool)
@@ -96,6 +114,7 @@ def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, vocab_
     separator (1) the model must emit the data tokens in order.
     """
     check_selective_copying(seq_len, vocab_size, num_tokens_to_copy)
+    _check_batch("selective_copying", batch)
     n = num_tokens_to_copy
     region = seq_len - n
     data = rng.integers(2, vocab_size, size=(batch, n))
@@ -125,6 +144,7 @@ def induction_heads(rng: np.random.Generator, batch: int, seq_len: int, vocab_si
     """Repeated random prefix (Olsson et al. 2022): tokens after the first repetition are
     predictable only by finding the previous occurrence and copying its successor."""
     check_induction_heads(seq_len, vocab_size, prefix_len)
+    _check_batch("induction_heads", batch)
     prefix = rng.integers(1, vocab_size, size=(batch, prefix_len))
     reps = -(-(seq_len + 1) // prefix_len)
     seq = np.tile(prefix, (1, reps))[:, :seq_len + 1]
@@ -162,6 +182,7 @@ def multi_hop(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: in
     ``[2, vocab/2)`` (distinct within an example), values from ``[vocab/2, vocab)``.
     """
     check_multi_hop(seq_len, vocab_size, hops, chains)
+    _check_batch("multi_hop", batch)
     n_names = hops * chains
     half = vocab_size // 2
     statements = 2 * n_names

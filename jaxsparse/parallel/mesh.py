@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from jaxsparse.config import Config, ConfigError, MeshConfig, check_mesh_sizes
 
@@ -69,9 +69,15 @@ def check_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
 
 def check_batch_split(cfg: Config, sizes: dict[str, int], processes: int = 1) -> None:
     """Refuse a global batch that the data-parallel axes of ``sizes`` (the preset's ``batch``
-    rule) or the ``processes`` cannot split evenly."""
+    rule) cannot split evenly.
+
+    The processes need no check of their own: each reads the rows its devices hold
+    (:func:`process_rows`), a whole number of the data-parallel shards, or all of the batch
+    when it is not split across processes (a tensor or sequence axis spanning them), so any
+    number of processes works. ``processes`` is accepted for callers that pass it."""
     from jaxsparse.parallel.rules import get_preset
 
+    del processes
     batch_axes = dict(get_preset(cfg.mesh.preset).rules)["batch"]
     dp = int(np.prod([sizes.get(axis, 1) for axis in batch_axes]))
     if cfg.data.batch_size % dp:
@@ -79,9 +85,40 @@ def check_batch_split(cfg: Config, sizes: dict[str, int], processes: int = 1) ->
             f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
             f"{dp} (mesh " + " x ".join(f"{a}={sizes.get(a)}" for a in batch_axes)
             + f", preset {cfg.mesh.preset!r}); use a multiple of {dp}")
-    if cfg.data.batch_size % processes:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
-                          f"{processes} processes")
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...],
+                 devices=None) -> tuple[int, int]:
+    """``(start, stop)``: the rows (dimension 0) of an array of ``global_shape`` laid out by
+    ``sharding`` that ``devices`` (default: this process's devices in the sharding) hold, i.e.
+    the rows :func:`jax.make_array_from_process_local_data` expects this process to supply.
+    That is every row when the batch is not split across processes (a tensor or sequence axis
+    spans them), a part of them when it is.
+
+    Rows that are not one contiguous range (a mesh whose device order interleaves the
+    processes along its batch axes) are a ConfigError naming the mesh."""
+    devices = list(sharding.addressable_devices if devices is None else devices)
+    indices = sharding.devices_indices_map(tuple(global_shape))
+    held = np.zeros(global_shape[0], bool)
+    for device in devices:
+        held[indices[device][0]] = True
+    rows = np.flatnonzero(held)
+    mesh = getattr(sharding, "mesh", None)
+    where = (f"mesh {dict(mesh.shape)}, batch sharding {sharding.spec}" if mesh is not None
+             else f"sharding {sharding}")
+    if rows.size == 0:
+        raise ConfigError(f"the devices {devices} hold no rows of the global batch "
+                          f"({where})")
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    if rows.size != stop - start:
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+        parts = ", ".join(f"[{int(r[0])}, {int(r[-1]) + 1})" for r in runs)
+        raise ConfigError(
+            f"the devices of process {devices[0].process_index} hold rows {parts} of the "
+            f"{global_shape[0]}-row global batch, not one contiguous range ({where}): each "
+            "process reads one range of rows. Order the mesh's devices so that each process's "
+            "devices are neighbours along the batch axes (jax.devices() order does)")
+    return start, stop
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:

@@ -24,7 +24,7 @@ from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import DataChangeWarning, NonFiniteTraining, ScheduleChangeWarning
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import check_batch_split, make_mesh
-from jaxsparse.parallel.mesh import check_mesh
+from jaxsparse.parallel.mesh import check_mesh, process_rows
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
 from jaxsparse.train.metrics import MetricWriter
@@ -209,6 +209,15 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def process_stream(cfg: Config, setup: TrainSetup):
+    """This process's batch stream: of every global batch, the rows its devices hold of
+    ``setup.batch_sharding`` (:func:`jaxsparse.parallel.mesh.process_rows`), which is what
+    :meth:`TrainSetup.global_batch` assembles; all of them when the batch is not split across
+    processes (a tensor or sequence axis spanning them)."""
+    span = process_rows(setup.batch_sharding, (cfg.data.batch_size, cfg.data.seq_len))
+    return make_stream(cfg, Shard(jax.process_index(), jax.process_count(), span=span))
+
+
 def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool] | None = None,
           sample: bool = True, quiet: bool = False) -> TrainResult:
     """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint if there is one.
@@ -225,11 +234,11 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     log = (lambda *a: None) if quiet or not primary else (lambda *a: print(*a, flush=True))
 
     # a ConfigError naming the mesh, before the workdir is touched
-    check_batch_split(cfg, check_mesh(cfg, jax.device_count()), jax.process_count())
+    check_batch_split(cfg, check_mesh(cfg, jax.device_count()))
     mesh = make_mesh(cfg.mesh)
     check_workdir(cfg, workdir)
-    stream = make_stream(cfg, Shard(jax.process_index(), jax.process_count()))
     setup = TrainSetup(cfg, mesh)
+    stream = process_stream(cfg, setup)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)
     ckpt.check_compatible(cfg)
