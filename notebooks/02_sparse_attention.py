@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -93,8 +93,8 @@ for impl in ("xla", "xla_blocksparse"):
 # ## Across devices: the ring's schedule
 # With the sequence split over a mesh axis (`mesh.sequence > 1`), attention layers run
 # `ring_attention`: key/value shards travel around the devices while each device folds them
-# into its queries' online softmax, one pair of ~512-token parts at a time, skipping pairs the
-# mask leaves empty. The ring waits for its slowest device at every step. Under a causal mask
+# into its queries' online softmax, one pair of ~128-token parts at a time, visiting only the
+# pairs the mask leaves non-empty. The ring waits for its slowest device at every step. Under a causal mask
 # contiguous shards leave that to the device with the latest tokens; the zig-zag layout
 # (device i holds halves i and 2n-1-i) gives every device the same work. `ring_work` counts
 # the part pairs each device works per step — from the mask's block table, no devices needed.

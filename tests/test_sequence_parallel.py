@@ -223,9 +223,10 @@ def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():
             assert held == list(range(4 * n)), layout
     assert [held_part("zigzag", 4, 2, 1, p) for p in range(2)] == [1, 6]  # halves i, 2n-1-i
     assert choose_layout(CausalMask(), 4 * 13, 4 * 13, 4) == "contiguous"  # shards of 13
-    # parts of about 256 tokens, even where the shards are; few long parts where a shard
-    # length has few divisors (2 x 1031), never thousands of tiny ones
-    assert [split_parts(13, 13), split_parts(14, 14), split_parts(4096, 4096)] == [1, 2, 16]
+    # parts of about PART_TARGET = 128 tokens, even where the shards are; few long parts where
+    # a shard length has few divisors (2 x 1031), never thousands of tiny ones
+    assert [split_parts(13, 13), split_parts(14, 14), split_parts(4096, 4096)] == [1, 2, 32]
+    assert split_parts(4096, 4096, part_tokens=256) == 16
     assert [split_parts(2062, 2062), split_parts(12, 18, part_tokens=4)] == [2, 6]
 
 
@@ -264,6 +265,32 @@ def test_ring_work_counts_the_non_empty_part_pairs_each_device_holds():
     assert seen == {EMPTY, PARTIAL, FULL}  # every kind was compared
 
 
+def test_each_device_visits_exactly_its_live_part_pairs():
+    """``ring_pair_lists``: at every step taken, each device's list holds its non-empty
+    (query part, key part) pairs with their kinds, in row order, padded with EMPTY pairs to the
+    longest list; a step with no work anywhere still gets one (EMPTY) slot."""
+    from jaxsparse.ops.attention.ring import ring_pair_kinds, ring_pair_lists
+    from jaxsparse.ops.masks import EMPTY, BigBirdMask, CausalMask, LocalMask
+
+    n, parts, length = 4, 4, 128
+    for mask, layout in ((LocalMask(12, 3), "contiguous"), (CausalMask(), "zigzag"),
+                         (BigBirdMask(8, 1, 1, 1, 2), "contiguous")):
+        kinds = ring_pair_kinds(mask, length, length, n, layout, parts)
+        run = np.array([n - 1, 0, 1, 2])
+        q_part, kv_part, kind = ring_pair_lists(kinds, run)
+        width = max((kinds[s, d] != EMPTY).sum() for s in run for d in range(n))
+        assert q_part.shape == kv_part.shape == kind.shape == (len(run), n, width)
+        for t, step in enumerate(run):
+            for d in range(n):
+                live = [(i, j, kinds[step, d, i, j]) for i in range(parts) for j in range(parts)
+                        if kinds[step, d, i, j] != EMPTY]
+                listed = list(zip(q_part[t, d], kv_part[t, d], kind[t, d]))
+                assert listed[:len(live)] == live, (mask, layout, step, d)
+                assert listed[len(live):] == [(0, 0, EMPTY)] * (width - len(live))
+    empty = ring_pair_kinds(CausalMask(-length), length, length, n, "contiguous", parts)
+    assert [a.shape for a in ring_pair_lists(empty, np.array([0]))] == [(1, n, 1)] * 3
+
+
 def test_steps_without_work_are_left_out_of_the_ring():
     """A causal window narrower than a shard needs the ring's first two steps (own keys and the
     previous shard's), a two-sided one the next shard's too (step n - 1), a causal mask every
@@ -294,8 +321,9 @@ def test_steps_without_work_are_left_out_of_the_ring():
 def test_ring_memory_holds_one_part_pair_of_logits_not_a_chunk_pair(sharded_ops):
     """A 16k-token causal ring on 4 devices (shards of 4096), forward and backward: the
     compiled temporaries stay below half the logits of one shard pair for a single head
-    (32 MiB; 13 MiB here): the parts' logits are recomputed in the backward, one 512-token pair
-    at a time. Scoring whole shard pairs took 405 MiB, four unrolled parts per shard 117 MiB."""
+    (32 MiB; 3 MiB here): the backward recomputes each part pair's probabilities from the
+    saved log-sum-exp, one 128-token pair at a time. Scoring whole shard pairs took 405 MiB,
+    four unrolled parts per shard 117 MiB, autodiff through checkpointed folds 8 MiB."""
     temp = sharded_ops["long ring temp bytes"]
     assert temp < 4096 * 4096 * 4 / 2, temp
 

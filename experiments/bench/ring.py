@@ -22,7 +22,7 @@ path; on a real mesh each device has its own chip and the ring waits for the slo
 critical path is what the wall time follows.
 
     jaxsparse bench ring [--devices 4] [--length 8192] [--heads 4] [--head-dim 64]
-                         [--window 512] [--part-tokens 256]
+                         [--window 512] [--part-tokens 128]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse(argv):
     parser.add_argument("--heads", type=positive_int, default=4)
     parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--window", type=positive_int, default=512, help="the sliding-window mask's width")
-    parser.add_argument("--part-tokens", type=positive_int, default=256,
+    parser.add_argument("--part-tokens", type=positive_int, default=128,
                         help="ring_attention's part length (tune it per backend)")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", default=str(RESULTS))

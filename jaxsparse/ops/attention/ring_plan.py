@@ -25,10 +25,12 @@ from jaxsparse.ops.masks import EMPTY, FULL, PARTIAL, cached_block_table
 RING_LAYOUTS = (None, "contiguous", "zigzag")
 # Each shard's queries and keys are worked in parts of at most about this many tokens: an empty
 # pair of parts is skipped, and only one pair's logits ([B, H, part, part] floats) are alive
-# at a time, forward and backward, however long the shard. 256 rather than 512: on 4 emulated
-# CPU devices, 8k tokens, forward + backward took 1835 against 2390 ms causal (zig-zag) and 490
-# against 681 ms under a 512-token window (jaxsparse bench ring --part-tokens, same host).
-PART_TARGET = 256
+# at a time, forward and backward, however long the shard. Tuned on CPU (4 emulated devices,
+# 8k tokens, 4 heads of 64, forward + backward, one quiet run, the ring visiting live pairs
+# only): causal 1513 / 1335 / 1421 / 2014 ms and a 512-token window 289 / 268 / 313 / 560 ms
+# for parts of 64 / 128 / 256 / 512. Smaller parts waste less of a window's diagonal pairs;
+# below 128 the per-pair overhead wins. On GPU larger parts may pay (fewer loop steps).
+PART_TARGET = 128
 
 
 def split_parts(q_chunk: int, kv_chunk: int, part_tokens: int = PART_TARGET) -> int:
