@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -34,7 +36,7 @@ import jax
 
 import jaxsparse
 from jaxsparse import configs
-from jaxsparse.config import apply_overrides, to_json
+from jaxsparse.config import apply_overrides, to_json, validate
 
 print("jaxsparse", jaxsparse.__version__, "| jax", jax.__version__, "|", jax.devices())
 print("named configs:", configs.names())
@@ -42,15 +44,17 @@ print("named configs:", configs.names())
 # %% [markdown]
 # ## 1. A config
 # Named configs are frozen dataclasses; `apply_overrides` takes the same `section.key=value`
-# strings as `jaxsparse train --set`, and validates them.
+# strings as `jaxsparse train --set` and checks that each key exists and each value parses to
+# the key's type. Ranges and combinations (a batch size of 0, say) are checked by `validate`,
+# which `train` also runs first.
 
 # %%
-cfg = apply_overrides(configs.get("transformer_tiny"), [
+cfg = validate(apply_overrides(configs.get("transformer_tiny"), [
     "model.d_model=64", "model.n_layers=2", "model.d_ff=192", "data.seq_len=64",
     "data.batch_size=16", "train.steps=60", "train.eval_every=30", "train.log_every=10",
     "train.checkpoint_every=60", "eval.batches=2", "eval.sample_tokens=80",
     "optimizer.warmup_steps=10",
-])
+]))
 print(to_json(cfg)[:400], "...")
 
 # %% [markdown]

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,7 +17,7 @@
 # # Selective state-space models
 #
 # The Mamba recurrence `h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t`, `y_t = C_t h_t + D x_t`,
-# three ways to compute it, Mamba-2's chunked SSD against its recurrence, and a tiny
+# four ways to compute it, Mamba-2's chunked SSD against its recurrence, and a tiny
 # selective-copying run with a Mamba LM.
 
 # %%
@@ -37,8 +37,10 @@ from jaxsparse.train.metrics import read_metrics
 # %% [markdown]
 # ## One recurrence, four schedules
 # `sequential` is `lax.scan`; `associative` uses the operator
-# `(a_l, b_l) ∘ (a_r, b_r) = (a_r a_l, a_r b_l + b_r)`; `chunked` runs the associative form
-# inside chunks and carries the state across them, so memory stays bounded by the chunk;
+# `(a_l, b_l) ∘ (a_r, b_r) = (a_r a_l, a_r b_l + b_r)`; `chunked` splits the sequence into
+# chunks, steps through each chunk one time step at a time and carries the state across
+# chunks, rematerialising each chunk in the backward pass, so memory stays bounded by the
+# chunk;
 # `native` (the CPU default) is a C++ kernel that steps 16 channels at once with their state
 # in vector registers (compiled on first use, a few seconds).
 

@@ -48,8 +48,10 @@ def test_seeds_give_one_row_with_each_seed_mean_and_std_and_finished_runs_are_re
     again, _ = study.run_variants("check", tiny_variants(study, 4), "accuracy", tmp_path,
                                   seeds=(0, 3))
     assert again[0]["seed 3"] == row["seed 3"] and again[0]["minutes"] == 0
-    # Another config (more steps) and --fresh both train again.
-    with pytest.raises(AssertionError, match="retrained"):
+    # Another config (more steps) in the same directory is refused before anything trains
+    # (it was resumed on the new settings and labelled with them); --fresh trains again.
+    with pytest.raises(SystemExit, match=r"(?s)tiny_model holds a run trained with other "
+                                         r"settings.*train.steps: 4 -> 5.*--fresh"):
         study.run_variants("check", tiny_variants(study, 5), "accuracy", tmp_path, seeds=(0,))
     with pytest.raises(AssertionError, match="retrained"):
         study.run_variants("check", tiny_variants(study, 4), "accuracy", tmp_path, seeds=(3,),

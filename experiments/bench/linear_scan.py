@@ -9,7 +9,7 @@ kernel, the CPU default) or ``pallas`` (the Triton / Mosaic kernel). Reports tim
 ``h`` and the cotangent and writes two gradients), so a kernel at the copy bandwidth is as fast
 as the scan can go.
 
-    jaxsparse bench linear_scan [--shapes 8x4096x1024 1x65536x512] [--backward]
+    jaxsparse bench linear_scan [--shapes 8x4096x512 1x65536x256] [--backward]
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
+from jaxsparse.bench.arguments import positive_float, positive_int
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.models import count_params
@@ -28,6 +30,9 @@ from jaxsparse.train.state import TrainSetup
 from jaxsparse.train.step import make_eval_step, make_train_step
 
 from study import step_timing  # noqa: E402  (this folder's study script)
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: study_runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,10 +100,11 @@ def run_one(base, budget: float, workdir: Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=positive_float, default=10.0,
+                        help="wall-clock budget of each run (> 0)")
     parser.add_argument("--configs", default="hydra_tiny,transformer_tiny",
                         help="comma-separated config names or config file paths")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=positive_int, default=2,
                         help="runs per config; odd rounds reverse the order (A B, B A, ...), so a "
                              "machine that speeds up or slows down favours neither")
     parser.add_argument("--out", default=str(RESULTS))

@@ -14,7 +14,9 @@ trained once per seed (another initialisation and other training data) and the t
 each seed's accuracy, the mean and the standard deviation between seeds — one seed's spread is
 often larger than the gaps between variants. A run already finished in the results directory
 with exactly the same config is read back instead of retrained (``--fresh`` retrains), so
-adding seeds only trains the new ones. The committed results used
+adding seeds only trains the new ones; a run directory that holds a run with other settings
+(another ``--steps``, say) is refused before anything trains (``--fresh`` retrains it, or pass
+another ``--out``). The committed results used
 ``--vocab 64 --seeds 0 1 2`` (``--vocab 128`` for pkm, as 32 pairs need 66 tokens).
 """
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +36,15 @@ import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.bench.arguments import description
+from jaxsparse.bench.arguments import description, positive_int, positive_int_list
 from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
 from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: study_runs
+from study_runs import refuse_other_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
@@ -92,14 +99,24 @@ def run_variants(study: str, variants: dict[str, list[str]], metric: str, out: P
                  seeds=(0,), fresh: bool = False):
     """Train each variant once per seed (``train.seed`` and ``data.seed``: another
     initialisation and other training data); one table row per variant with each seed's
-    ``metric``, their mean and standard deviation, and the seed-mean eval curves."""
-    rows, curves = [], {}
+    ``metric``, their mean and standard deviation, and the seed-mean eval curves. A run
+    directory holding a run with other settings is refused before anything trains (unless
+    ``fresh``: then every run is retrained from step 0)."""
+    planned = {}  # (label, seed) -> (config, run directory)
     for label, overrides in variants.items():
-        per_seed, seed_curves, minutes = [], [], 0.0
         for seed in seeds:
             cfg = apply_overrides(configs.get("transformer_tiny"),
                                   overrides + [f"train.seed={seed}", f"data.seed={seed}"])
-            workdir = run_dir(out, study, label, seed)
+            planned[label, seed] = cfg, run_dir(out, study, label, seed)
+    if not fresh:
+        for cfg, workdir in planned.values():
+            if finished_run(cfg, workdir) is None:
+                refuse_other_settings(cfg, workdir, fresh_flag="--fresh")
+    rows, curves = [], {}
+    for label in variants:
+        per_seed, seed_curves, minutes = [], [], 0.0
+        for seed in seeds:
+            cfg, workdir = planned[label, seed]
             done = None if fresh else finished_run(cfg, workdir)
             if done is None:
                 if fresh and workdir.exists():
@@ -211,7 +228,7 @@ def study_throughput(args, out: Path) -> None:
                                                        "mesh.data=1"])
     dense = dense_match(hydra)
     rows = []
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in args.lengths:
         row = {"length": length}
         for label, cfg in (("hydra", hydra), ("transformer", dense)):
             cfg = apply_overrides(cfg, [f"data.seq_len={length}",
@@ -358,7 +375,7 @@ def mqar_levels(vocab: int, pairs: int) -> str:
 
 
 def study_pkm(args, out: Path) -> None:
-    seq_len = args.seq_len or 256
+    seq_len = 256 if args.seq_len is None else args.seq_len
     task = synthetic("mqar", seq_len, args.steps, "data.num_kv_pairs=32", vocab=args.vocab)
     variants = {"hydra + PKM": SMALL_HYDRA + task,
                 "hydra, no PKM": SMALL_HYDRA + task + ["model.pkm_layers="]}
@@ -372,7 +389,7 @@ def study_pkm(args, out: Path) -> None:
 
 
 def study_composition(args, out: Path) -> None:
-    seq_len = args.seq_len or 128
+    seq_len = 128 if args.seq_len is None else args.seq_len
     variants = {}
     for hops in (1, 2, 4):
         task = synthetic("multi_hop", seq_len, args.steps, f"data.hops={hops}", "data.chains=4",
@@ -392,7 +409,7 @@ def study_composition(args, out: Path) -> None:
 
 
 def study_ablations(args, out: Path) -> None:
-    seq_len = args.seq_len or 256
+    seq_len = 256 if args.seq_len is None else args.seq_len
     task = synthetic("mqar", seq_len, args.steps, "data.num_kv_pairs=16", vocab=args.vocab)
     variants = {"full": SMALL_HYDRA + task,
                 "- SGA": SMALL_HYDRA + task + ["model.hydra_sga_every=100"],
@@ -415,10 +432,13 @@ STUDIES = {"throughput": study_throughput, "routing": study_routing, "pkm": stud
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("study", choices=sorted(STUDIES))
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--lengths", default="1024,2048,4096,8192", help="throughput study")
-    parser.add_argument("--repeats", type=int, default=3, help="throughput study: timed steps")
+    parser.add_argument("--steps", type=positive_int, default=600)
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="pkm, ablations: default 256; composition: default 128")
+    parser.add_argument("--lengths", type=positive_int_list, default="1024,2048,4096,8192",
+                        help="throughput study: comma-separated sequence lengths")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="throughput study: timed steps")
     parser.add_argument("--vocab", type=int, default=256,
                         help="vocabulary of the synthetic studies (pkm, composition, ablations); "
                              "smaller vocabularies leave the MQAR plateau sooner (README)")

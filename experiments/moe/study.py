@@ -8,12 +8,17 @@
    loss should fall as k grows).
 
     python experiments/moe/study.py [--steps 500] [--out experiments/moe/results]
+
+Each run trains in ``<out>/runs/<run>`` and resumes a run it finds there; a run directory that
+holds a run with other settings (another ``--steps``, say) is refused before anything trains:
+pass another ``--out``, or delete it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.bench.arguments import description
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.config import apply_overrides
 from jaxsparse.data import make_stream
 from jaxsparse.models import count_params
@@ -32,6 +37,10 @@ from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
 from jaxsparse.train.state import TrainSetup
 from jaxsparse.train.step import make_eval_step
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: study_runs
+from study_runs import refuse_any_other_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
@@ -77,9 +86,15 @@ def median_tokens_per_s(train_rows: list[dict]) -> float:
     return float(np.median([r["tokens_per_sec"] for r in train_rows[1:] or train_rows]))
 
 
-def run(name, overrides, out: Path, steps: int):
+def plan(name, overrides, out: Path, steps: int):
+    """``(cfg, workdir)`` of one run of the study."""
     cfg = apply_overrides(configs.get(name), QUIET + [f"train.steps={steps}"] + overrides)
     workdir = out / "runs" / (name + ("_" + "_".join(o.split("=")[1] for o in overrides) if overrides else ""))
+    return cfg, workdir
+
+
+def run(name, overrides, out: Path, steps: int):
+    cfg, workdir = plan(name, overrides, out, steps)
     start = time.perf_counter()
     result = train(cfg, workdir, sample=False)
     train_rows = [r for r in read_metrics(workdir) if r["split"] == "train"]
@@ -115,16 +130,19 @@ def plot(loads, ks, slim, path: Path):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=positive_int, default=500)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows = []
-    for name, overrides in (("transformer_tiny", []), ("moe_tiny", [])):
-        rows.append(run(name, overrides, out, args.steps)[2])
-    loads = expert_loads(out / "runs" / "moe_tiny")
     smoe = ["model.moe_router=random", "model.moe_k_end=8",
             f"model.moe_k_schedule_steps={args.steps}"]
+    runs = (("transformer_tiny", []), ("moe_tiny", []), ("moe_tiny", smoe))
+    # Every run is checked before any trains, so a refusal costs no training time.
+    refuse_any_other_settings(plan(name, overrides, out, args.steps) for name, overrides in runs)
+    rows = []
+    for name, overrides in runs[:2]:
+        rows.append(run(name, overrides, out, args.steps)[2])
+    loads = expert_loads(out / "runs" / "moe_tiny")
     _, smoe_dir, smoe_row = run("moe_tiny", smoe, out, args.steps)
     rows.append(smoe_row)
     ks = list(range(1, 9))

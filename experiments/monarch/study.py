@@ -7,23 +7,32 @@
    fraction of the steps: how much of the gap to the dense model the fine-tune recovers.
 
     python experiments/monarch/study.py [--steps 500] [--finetune 100] [--out DIR]
+
+Each run trains in ``<out>/runs/<run>`` and resumes a run it finds there; a run directory that
+holds a run with other settings (another ``--steps``, say) is refused before anything trains:
+pass another ``--out``, or delete it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.bench.arguments import description
+from jaxsparse.bench.arguments import description, positive_int
 from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
 from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: study_runs
+from study_runs import refuse_any_other_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
@@ -82,20 +91,24 @@ def plot(curves: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--finetune", type=int, default=100)
+    parser.add_argument("--steps", type=positive_int, default=500)
+    parser.add_argument("--finetune", type=positive_int, default=100)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
     every = [f"train.steps={args.steps}", f"train.eval_every={max(args.steps // 10, 1)}"]
     dense_cfg = apply_overrides(configs.get("transformer_tiny"), QUIET + every)
     monarch_cfg = apply_overrides(configs.get("monarch_tiny"), QUIET + every)
-    rows = [run(dense_cfg, out / "runs" / "dense"), run(monarch_cfg, out / "runs" / "monarch")]
     finetune_cfg = apply_overrides(monarch_cfg, [
         f"train.steps={args.finetune}", f"train.eval_every={max(args.finetune // 5, 1)}",
         f"train.init_from={out / 'runs' / 'dense'}", "optimizer.warmup_steps=10",
         "optimizer.lr=1e-3"])
     finetune_dir = out / "runs" / "dense_to_monarch"
+    # Every run is checked before any trains, so a refusal costs no training time.
+    refuse_any_other_settings([(dense_cfg, out / "runs" / "dense"),
+                               (monarch_cfg, out / "runs" / "monarch"),
+                               (finetune_cfg, finetune_dir)])
+    rows = [run(dense_cfg, out / "runs" / "dense"), run(monarch_cfg, out / "runs" / "monarch")]
     rows.append(run(finetune_cfg, finetune_dir))
     _, converted = eval_curve(finetune_dir)
     dense_bpb, projected, tuned = rows[0]["valid_bpb"], converted[0], rows[2]["valid_bpb"]

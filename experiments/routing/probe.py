@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsparse.bench.arguments import positive_int
 from jaxsparse.data.stream import make_stream
 from jaxsparse.nn import RoutingAttention
 from jaxsparse.train.loop import load
@@ -112,8 +113,9 @@ def probe(workdir: str, batches: int = 4, probes: int | None = None) -> list[dic
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--probes", type=int, default=None,
+    parser.add_argument("--batches", type=positive_int, default=4,
+                        help="validation batches to run (each of the run's data.batch_size)")
+    parser.add_argument("--probes", type=positive_int, default=None,
                         help="clusters per routing query at evaluation (default: as trained)")
     args = parser.parse_args(argv)
     table = probe(args.workdir, args.batches, args.probes)

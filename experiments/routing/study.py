@@ -12,11 +12,13 @@ parameters (all multi-head, the same widths; only the attention pattern differs)
 
 The MQAR routing recipe level with full attention (``results/mqar_vocab32_probes/``, three
 seeds each): ``--task mqar --steps 1000 --batch 8 --pairs 4 --vocab 32 --set optimizer.lr=1e-3
---separate-qk --probes 4 --window 8 --routing-heads 4 --dense-steps 500`` — four windows of 8
-keys read as many keys as one probe of the paper's 32, so the layer costs one probe
-(``jaxsparse bench routing --split``); ``--window`` left at 32 scores the same and costs four.
-``--probes 2`` without the warm-up learns too, but varies widely between seeds. Add ``--only
-routing`` to keep the full/local rows already there and ``--set train.seed=N`` for other
+--separate-qk --probes 4 --window 8 --routing-heads 4 --dense-steps 500 --only routing --out
+experiments/routing/results/mqar_vocab32_probes`` (``--out`` names that table's directory: the
+default, ``results/mqar``, holds runs with other settings, which are refused; ``--only
+routing`` keeps the full/local rows already there). Four windows of 8 keys read as many keys
+as one probe of the paper's 32, so the layer costs one probe (``jaxsparse bench routing
+--split``); ``--window`` left at 32 scores the same and costs four. ``--probes 2`` without the
+warm-up learns too, but varies widely between seeds. ``--set train.seed=N`` trains other
 initialisations (a row and run directory of their own). MQAR rows also get
 ``accuracy_1024_answers``: the final model on 32 validation batches (``probe.py``).
 ``--no-center``, ``--no-key-centroids`` and ``--no-reseed`` give the plain k-means of the paper.
@@ -31,19 +33,25 @@ import argparse
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.bench.arguments import description
-from jaxsparse.config import apply_overrides, diff
+from jaxsparse.bench.arguments import description, non_negative_int, positive_int
+from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
-from jaxsparse.train.loop import read_config, train, with_absolute_paths
+from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: study_runs
+from study_runs import refuse_other_settings  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("full", "local", "routing")  # what --only picks from (each label's first word)
 QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 # How the notes this script writes end; notes that end otherwise were written by hand.
 NOTES_TAIL = ("ms_per_step is the median training step time on this CPU (train_minutes = steps "
@@ -66,7 +74,7 @@ def variants(seq_len: int, local: int, decay: float = 0.999, shared_qk: bool = T
     label and directory, so they sit beside earlier ones in the table. ``window``: keys per
     probe (default the paper's ``L / C``)."""
     clusters, default_window = paper_layout(seq_len)
-    window = window or default_window
+    window = default_window if window is None else window
     flag = lambda b: str(b).lower()  # noqa: E731
     routing = ["model.name=routing_transformer", f"model.routing_clusters={clusters}",
                f"model.routing_window={window}", f"model.routing_local_window={local}",
@@ -112,7 +120,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--task", choices=("text", "mqar"), default="text")
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="sequence length (default 128 for text, 1024 for mqar)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step (mqar)")
     parser.add_argument("--decay", type=float, default=0.999,
                         help="centroid EMA decay (the paper's 0.999 moves centroids over ~1000 "
@@ -132,7 +141,7 @@ def main(argv=None) -> None:
                         help="centroids follow the keys only (model.routing_key_centroids)")
     parser.add_argument("--probes", type=int, default=1,
                         help="clusters each routing query reads (model.routing_probes)")
-    parser.add_argument("--window", type=int, default=None,
+    parser.add_argument("--window", type=positive_int, default=None,
                         help="keys each routing query reads per probe (default L / C; "
                              "--probes P --window L/(C·P) reads as many keys as one probe)")
     parser.add_argument("--reseed", action=argparse.BooleanOptionalAction, default=True,
@@ -141,9 +150,10 @@ def main(argv=None) -> None:
                         help="routing heads of the routing layer (of 4; the rest stay local)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every variant (repeatable)")
-    parser.add_argument("--only", default="",
-                        help="comma-separated subset of variants to run: full, local, routing")
-    parser.add_argument("--answer-batches", type=int, default=32,
+    parser.add_argument("--only", type=variant_names, default=(),
+                        help="comma-separated subset of variants to run: "
+                             + ", ".join(VARIANTS))
+    parser.add_argument("--answer-batches", type=non_negative_int, default=32,
                         help="mqar: validation batches the final model answers for the "
                              "accuracy_<N>_answers column (32 of 8 sequences x 4 pairs: N = "
                              "1024); 0: none")
@@ -155,7 +165,8 @@ def main(argv=None) -> None:
                         help="results directory (default results/<task>); rows already there "
                              "are kept")
     args = parser.parse_args(argv)
-    seq_len = args.seq_len or (128 if args.task == "text" else 1024)
+    seq_len = args.seq_len if args.seq_len is not None else (128 if args.task == "text"
+                                                               else 1024)
     out = Path(args.out) if args.out else RESULTS / args.task
     seed = next((s.split("=", 1)[1] for s in args.set if s.startswith("train.seed=")), "0")
     metric = "bits_per_byte" if args.task == "text" else "accuracy"
@@ -163,7 +174,7 @@ def main(argv=None) -> None:
               + task_overrides(args.task, seq_len, args.steps, args.batch, args.pairs,
                                 args.vocab))
     shared += args.set
-    chosen = set(filter(None, args.only.split(",")))
+    chosen = set(args.only)
     name = f"routing_{args.task}"
     rows = previous_rows(out / f"{name}.json")
     planned = []
@@ -181,7 +192,7 @@ def main(argv=None) -> None:
     for _, _, cfg, workdir in planned:
         if args.fresh and workdir.exists():
             shutil.rmtree(workdir)
-        refuse_other_settings(cfg, workdir)
+        refuse_other_settings(cfg, workdir, fresh_flag="--fresh")
     for label, run, cfg, workdir in planned:
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)
         result = train(cfg, workdir, sample=False)
@@ -220,6 +231,21 @@ def main(argv=None) -> None:
     print(notes)
 
 
+def variant_names(text: str) -> tuple[str, ...]:
+    """``type=`` for ``--only``: comma-separated names of :data:`VARIANTS` (an unknown name
+    selected nothing, trained nothing and still rewrote the table)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(map(repr, unknown))}: choose from "
+            f"{', '.join(VARIANTS)} (comma-separated)")
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no variant: choose from "
+                                         f"{', '.join(VARIANTS)} (comma-separated)")
+    return names
+
+
 def previous_rows(path: Path) -> list[dict]:
     """Rows of an earlier run of this study (same output directory) that name their run."""
     if not path.exists():
@@ -235,20 +261,6 @@ def hand_written_notes(path: Path, metric: str) -> str | None:
     if not notes or notes.endswith(f"; eval {metric}; {NOTES_TAIL}"):
         return None
     return notes
-
-
-def refuse_other_settings(cfg, workdir: Path) -> None:
-    """Stop if ``workdir`` holds a run saved with settings other than ``cfg``. ``train`` would
-    resume it on the new ones (another ``--steps`` is another learning-rate schedule from the
-    saved step on, said only by a warning), and the row would describe neither run."""
-    saved = workdir / "config.json"
-    if not saved.exists():
-        return
-    changes = diff(read_config(saved), with_absolute_paths(cfg))
-    if changes:
-        raise SystemExit(f"{workdir} holds a run trained with other settings (saved -> now):\n  "
-                         + "\n  ".join(changes) + "\nRerun with --fresh to retrain it there, or "
-                         "give another --out.")
 
 
 def plot(curves, metric, path: Path, title: str) -> None:

@@ -5,7 +5,11 @@ Zoology sweeps length 64-512 with up to 64 key-value pairs and vocabulary 8192; 
 Mamba-2 and a dense causal Transformer. Accuracy counts the answers (the values after each
 queried key) only.
 
-    python experiments/ssm/mqar.py [--steps 1000] [--vocab 512] [--lr 3e-3] [--widths 64 128] [--out experiments/ssm/results]
+    python experiments/ssm/mqar.py [--steps 1000] [--vocab 512] [--lr 3e-3] [--widths 64 128]
+        [--models transformer mamba mamba2] [--out experiments/ssm/results/mqar]
+
+A run directory (``<out>/runs/<label>``) that holds a run with other settings is refused: pass
+another ``--out`` or delete it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import Run, run_study  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("transformer", "mamba", "mamba2")
 
 
 def runs_for(width: int, models) -> list[Run]:
@@ -43,7 +48,7 @@ def main(argv=None) -> None:
                         help="vocabulary size; 64 is learnt in a CPU budget, 512 is not (README)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--models", nargs="+", default=["transformer", "mamba", "mamba2"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--out", default=str(RESULTS / "mqar"))
     args = parser.parse_args(argv)
     shared = [

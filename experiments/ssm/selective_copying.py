@@ -5,7 +5,11 @@ selective S6 layer (Mamba) reaches 99.8%. Here: length 128 (112-token noisy regi
 separator and the 16 tokens to reproduce), vocabulary 16, the same 2-layer d_model 64 shape,
 a Mamba-1 LM beside a 2-layer dense causal Transformer baseline of the same width.
 
-    python experiments/ssm/selective_copying.py [--steps 1500] [--out experiments/ssm/results]
+    python experiments/ssm/selective_copying.py [--steps 1500] [--lr 2e-3]
+        [--models mamba transformer] [--out experiments/ssm/results/selective_copying]
+
+A run directory (``<out>/runs/<label>``) that holds a run with other settings is refused: pass
+another ``--out`` or delete it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import Run, run_study  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("mamba", "transformer")
 
 
 def main(argv=None) -> None:
@@ -27,7 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--models", nargs="+", default=["mamba", "transformer"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--out", default=str(RESULTS / "selective_copying"))
     args = parser.parse_args(argv)
     shared = [

@@ -1,5 +1,7 @@
 """Shared runner for the SSM studies: train a list of named configurations (each its own
 workdir, resumable), then write a results table (json + md) and an accuracy-vs-step plot.
+A workdir that holds a run with other settings is refused before anything trains (pass another
+``--out``, or delete it); a run with the same settings is read back or resumed.
 
 Accuracy is the evaluation accuracy on answer tokens only (the tasks' loss masks), on
 ``eval.batches`` held-out batches drawn from a separate stream.
@@ -7,6 +9,7 @@ Accuracy is the evaluation accuracy on answer tokens only (the tasks' loss masks
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +21,10 @@ from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
 from jaxsparse.train.loop import train
 from jaxsparse.train.metrics import read_metrics
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: study_runs
+from study_runs import refuse_any_other_settings  # noqa: E402
 
 COMMON = ["train.tensorboard=false", "eval.sample_tokens=0", "model.tie_embeddings=false"]
 BASES = {"transformer": "transformer_tiny", "mamba": "mamba_tiny", "mamba2": "mamba2_tiny"}
@@ -38,10 +45,13 @@ def run_study(name: str, runs: Sequence[Run], shared: Sequence[str], out_dir: st
               notes: str) -> list[dict]:
     out_dir = Path(out_dir)
     rows, curves = [], {}
-    for run in runs:
-        cfg = apply_overrides(configs.get(BASES[run.model]),
-                              COMMON + [f"model.name={run.model}"] + list(shared) + list(run.overrides))
-        workdir = out_dir / "runs" / run.label
+    planned = [(run, apply_overrides(configs.get(BASES[run.model]),
+                                     COMMON + [f"model.name={run.model}"] + list(shared)
+                                     + list(run.overrides)),
+                out_dir / "runs" / run.label) for run in runs]
+    # Every run is checked before any trains, so a refusal costs no training time.
+    refuse_any_other_settings((cfg, workdir) for _, cfg, workdir in planned)
+    for run, cfg, workdir in planned:
         print(f"== {run.label}: {count_params(cfg.model):,} parameters", flush=True)
         start = time.perf_counter()
         result = train(cfg, workdir, sample=False)

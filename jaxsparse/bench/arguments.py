@@ -1,4 +1,4 @@
-"""Argument types for the benchmark scripts' command lines: a size of 0 or less (a length,
+"""Argument types for the benchmark and study scripts' command lines: a size of 0 or less (a length,
 a head count, repeats) is refused by argparse with the flag's name, instead of failing deep
 inside XLA (``--lengths -4`` was an MLIR "invalid tensor dimension size")."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import re
 
 
@@ -36,3 +37,37 @@ def size_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be integers >= 1 joined by "
                                          "'x', e.g. 8x4096x512")
     return tuple(int(part) for part in parts)
+
+
+def non_negative_int(text: str) -> int:
+    """``type=`` for a count where 0 means none: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``type=`` for a duration or other amount that must be a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value:g} must be a finite number > 0")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """``type=`` for comma-separated sizes (``1024,2048``), each an integer >= 1."""
+    items = [item.strip() for item in text.split(",")]
+    values = []
+    for item in items:
+        try:
+            values.append(positive_int(item))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: item {err}") from None
+    return values
