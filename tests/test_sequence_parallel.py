@@ -88,6 +88,13 @@ out["attention bf16 zigzag"] = compare(
                                           v.astype(jnp.float32), mask=CausalMask(),
                                           implementation="xla"), bf16)
 
+# an empty batch: empty output and gradients, as on one device
+empty_q, empty_kv = jnp.zeros((0, S, Hq, D)), jnp.zeros((0, S, Hk, D))
+empty_ring = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask())
+out["attention batch 0 shapes"] = [list(t.shape) for t in (
+    empty_ring(empty_q, empty_kv, empty_kv),
+    *jax.grad(lambda *a: jnp.sum(empty_ring(*a)), (0, 1, 2))(empty_q, empty_kv, empty_kv))]
+
 # memory: a 16k-token causal ring on 4 devices, forward and backward, compiled only
 long_mesh = Mesh(np.array(jax.devices()[:4]), ("sequence",))
 long = jax.ShapeDtypeStruct((1, 16384, 1, 16), jnp.float32,
@@ -199,6 +206,13 @@ def test_ring_attention_in_bfloat16_accumulates_in_float32(sharded_ops):
     (eps 2^-8 of the largest entry) of the float32 reference on the same rounded inputs."""
     result, eps = sharded_ops["attention bf16 zigzag"], 2.0**-8
     assert result["value"] < 2 * eps and result["grad"] < 4 * eps, result
+
+
+def test_ring_attention_of_an_empty_batch_is_empty(sharded_ops):
+    """Batch 0: the output and the gradients of q, k, v have their inputs' shapes (the
+    backward's per-row statistics once failed to reshape a size-0 array)."""
+    assert sharded_ops["attention batch 0 shapes"] == [[0, 56, 4, 8], [0, 56, 4, 8],
+                                                        [0, 56, 2, 8], [0, 56, 2, 8]]
 
 
 def test_zigzag_halves_the_causal_ring_and_is_chosen_only_where_it_helps():

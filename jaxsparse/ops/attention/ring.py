@@ -14,9 +14,11 @@ segment ids travel with their keys. Each shard's queries and keys are cut into p
 mask's block table before tracing (:mod:`~jaxsparse.ops.attention.ring_plan`): a device visits
 only its non-empty pairs, in one scan per step, so only one pair's logits are alive at a time
 (FlashAttention's tiling, at the XLA level); a pair the mask leaves full folds without
-evaluating the mask, one that packed documents empty skips its matmuls, and a step at which no
-device has work — the far shards of a sliding window — is left out of the ring with its
-exchange: a causal window over ``n`` devices takes 2 steps, not ``n``.
+evaluating the mask, one that packed documents empty skips its matmuls, and the ring runs
+only the shortest run of consecutive steps (mod ``n``) that holds every step at which some
+device has work: the far shards of a sliding window are neither computed nor exchanged, so a
+causal window over ``n`` devices takes 2 steps, not ``n`` (an empty step inside the run, as
+a strided mask can leave, is still relayed).
 
 The gradient is written out (``custom_vjp``), as ring-flash-attention and FlashAttention-2's
 backward (Dao 2023) do: the forward keeps each row's log-sum-exp, and the backward runs the
@@ -148,7 +150,7 @@ def _rows_to_parts(t, parts: int, kv_heads: int):
 def _parts_to_rows(t):
     """The inverse of :func:`_rows_to_parts`."""
     t = jnp.moveaxis(t, 4, 2)                              # [P, B, part, Hkv, G]
-    return _unparts(t.reshape(*t.shape[:3], -1))
+    return _unparts(t.reshape(*t.shape[:3], t.shape[3] * t.shape[4]))  # not -1: batch 0
 
 
 class _Ring:
@@ -236,8 +238,11 @@ class _Ring:
             carry, keys = body(carry, keys, kv_pos, tuple(p[index] for p in pairs))
             return (carry, tuple(self.shift(t, 1) for t in keys)), None
 
-        # one scan (a loop of steps would compile every step apart); the last exchange is
-        # unused by the forward, and the backward's last one is folded into the way home
+        # one scan (a loop of steps would compile every step apart), one exchange per step:
+        # the last one is unused by the forward, and the backward's gradients travel one
+        # device further than their keys need before the way home (on a real mesh the
+        # exchange overlaps the step's compute; taking the last step out of the scan would
+        # save it at the cost of compiling the step twice)
         (carry, keys), _ = jax.lax.scan(step, (carry, keys), (jnp.asarray(self.run), self.pairs))
         return carry, keys
 
@@ -364,8 +369,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
       layout: ``"contiguous"``, ``"zigzag"`` or None (the one with the shorter critical path
         for this mask; see :mod:`~jaxsparse.ops.attention.ring_plan`). Inputs and output are
         contiguous shards whatever the layout.
-      part_tokens: the longest part each shard's queries and keys are worked in (see
-        :func:`split_parts`; shard lengths with few divisors can leave longer parts).
+      part_tokens: about how long the parts are that each shard's queries and keys are
+        worked in (:func:`split_parts` takes the divisor of the shard length nearest it on a
+        log scale; shard lengths with few divisors can leave longer parts).
       Other axes of ``mesh`` stay under the compiler's automatic sharding.
 
     Returns ``[B, S, Hq, D]`` in ``q.dtype``, equal to the single-device result; rows with

@@ -97,7 +97,8 @@ def step_run(steps: list[int], n: int) -> tuple[int, int]:
 
 def live_steps(kinds: np.ndarray) -> list[int]:
     """The ring steps at which some device has a non-empty part pair (``kinds`` of
-    :func:`ring_pair_kinds`); the others are neither computed nor communicated."""
+    :func:`ring_pair_kinds`). The ring runs the shortest run of steps holding them all
+    (:func:`step_run`); the steps outside it are neither computed nor communicated."""
     return [step for step in range(kinds.shape[0]) if (kinds[step] != EMPTY).any()]
 
 
