@@ -19,15 +19,19 @@ def description(doc: str | None) -> str:
     return text[:-1] + "." if text.endswith(":") else text
 
 
-def positive_int(text: str) -> int:
-    """``type=`` for a flag that takes a size: an integer >= 1."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for a flag that takes a size: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def size_tuple(text: str) -> tuple[int, ...]:
@@ -41,13 +45,7 @@ def size_tuple(text: str) -> tuple[int, ...]:
 
 def non_negative_int(text: str) -> int:
     """``type=`` for a count where 0 means none: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
