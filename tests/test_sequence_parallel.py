@@ -88,6 +88,27 @@ out["attention bf16 zigzag"] = compare(
                                           v.astype(jnp.float32), mask=CausalMask(),
                                           implementation="xla"), bf16)
 
+# exchanges (ppermute executions; a scan's body counts its length times) of a contiguous ring
+def exchanges(jaxpr, times=1):
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += times * (eqn.primitive.name == "ppermute")
+        inner_times = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        for sub in eqn.params.values():
+            for j in (sub if isinstance(sub, (list, tuple)) else [sub]):
+                inner = j if hasattr(j, "eqns") else getattr(j, "jaxpr", None)
+                if hasattr(inner, "eqns"):
+                    total += exchanges(inner, inner_times)
+    return total
+ones, ring_of_4 = jnp.ones((1, 64, 2, 8)), Mesh(np.array(jax.devices()[:4]), ("sequence",))
+out["exchanges"] = {}
+for name, mask in (("window", LocalMask(4, 0)), ("causal", CausalMask())):
+    ring = lambda q, k, v: ring_attention(q, k, v, mesh=ring_of_4, mask=mask, layout="contiguous")
+    out["exchanges"][name] = [
+        exchanges(jax.make_jaxpr(ring)(ones, ones, ones).jaxpr),
+        exchanges(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(ring(*a)), (0, 1, 2)))(
+            ones, ones, ones).jaxpr)]
+
 # an empty batch: empty output and gradients, as on one device
 empty_q, empty_kv = jnp.zeros((0, S, Hq, D)), jnp.zeros((0, S, Hk, D))
 empty_ring = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask())
@@ -206,6 +227,15 @@ def test_ring_attention_in_bfloat16_accumulates_in_float32(sharded_ops):
     (eps 2^-8 of the largest entry) of the float32 reference on the same rounded inputs."""
     result, eps = sharded_ops["attention bf16 zigzag"], 2.0**-8
     assert result["value"] < 2 * eps and result["grad"] < 4 * eps, result
+
+
+def test_the_ring_exchanges_nothing_after_its_last_step(sharded_ops):
+    """ppermutes executed (4 devices, contiguous): the forward moves keys, values and segment
+    ids (3 arrays) between consecutive steps only — a causal window's 2 steps once, a causal
+    ring's 4 steps 3 times; the backward moves those and the keys' two gradients (5 arrays)
+    the same way, then sends the gradients home (2 more, `first + count - 1` devices back).
+    Exchanging after the last step too took 6 / 18 and 12 / 32."""
+    assert sharded_ops["exchanges"] == {"window": [3, 3 + 5 + 2], "causal": [9, 9 + 15 + 2]}
 
 
 def test_ring_attention_of_an_empty_batch_is_empty(sharded_ops):

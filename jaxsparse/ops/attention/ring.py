@@ -225,26 +225,30 @@ class _Ring:
 
     # -- the ring ---------------------------------------------------------------------------
     def steps(self, body, carry, keys, index):
-        """Run ``body(carry, keys, kv_pos, pairs) -> carry`` at every step of the run, with
-        ``keys`` (a tuple of part-major arrays, plus any gradients travelling with them) moved
-        one device on after each step; returns the final carry and keys."""
+        """Run ``body(carry, keys, kv_pos, pairs) -> (carry, keys)`` at every step of the run,
+        with ``keys`` (a tuple of part-major arrays, plus any gradients travelling with them)
+        moved one device on between steps; returns the final carry and the keys of the last
+        step, which sit ``first + count - 1`` devices past their owner."""
         keys = tuple(self.shift(t, self.first) for t in keys)  # start `first` devices back
+        if not self.count:
+            return carry, keys
+
+        def attend(carry, keys, ring_step, pairs):
+            kv_pos = self.positions((index - ring_step) % self.n, self.kv_part)
+            return body(carry, keys, kv_pos, tuple(jnp.asarray(p)[index] for p in pairs))
 
         def step(state, xs):
-            carry, keys = state
-            ring_step, pairs = xs
-            source = (index - ring_step) % self.n
-            kv_pos = self.positions(source, self.kv_part)
-            carry, keys = body(carry, keys, kv_pos, tuple(p[index] for p in pairs))
+            carry, keys = attend(*state, *xs)
             return (carry, tuple(self.shift(t, 1) for t in keys)), None
 
-        # one scan (a loop of steps would compile every step apart), one exchange per step:
-        # the last one is unused by the forward, and the backward's gradients travel one
-        # device further than their keys need before the way home (on a real mesh the
-        # exchange overlaps the step's compute; taking the last step out of the scan would
-        # save it at the cost of compiling the step twice)
-        (carry, keys), _ = jax.lax.scan(step, (carry, keys), (jnp.asarray(self.run), self.pairs))
-        return carry, keys
+        # one scan over all steps but the last, each followed by an exchange (a loop of steps
+        # would compile every step apart); the last step, after which nothing needs to move
+        # on, runs outside it (the step compiles twice; a window's 2-step ring then exchanges
+        # its keys once, not twice)
+        run, pairs = jnp.asarray(self.run), self.pairs
+        (carry, keys), _ = jax.lax.scan(step, (carry, keys),
+                                        (run[:-1], tuple(p[:-1] for p in pairs)))
+        return attend(carry, keys, run[-1], tuple(p[-1] for p in pairs))
 
     def forward_shard(self, q_c, k_c, v_c, q_seg_c, kv_seg_c):
         """``(out [B, chunk, Hq, D] contiguous, lse [B, chunk, Hq] in the working layout)``."""
@@ -346,8 +350,8 @@ class _Ring:
             return d_q, (k_parts, v_parts, kv_segs, d_k, d_v)
 
         d_q, (*_, d_k, d_v) = self.steps(body, d_q, (*keys, d_kv, d_kv), index)
-        # the keys' gradients sit `first + count` devices past their owner: send them home
-        d_k, d_v = (self.shift(t, -(self.first + self.count)) for t in (d_k, d_v))
+        # the keys' gradients sit `first + count - 1` devices past their owner: send them home
+        d_k, d_v = (self.shift(t, -(self.first + self.count - 1)) for t in (d_k, d_v))
         d_q = _unparts(d_q).reshape(batch, q_chunk, q_heads, head_dim).astype(q_c.dtype)
         d_k, d_v = _unparts(d_k).astype(k_c.dtype), _unparts(d_v).astype(v_c.dtype)
         return self.from_work(index, d_q, d_k, d_v)
