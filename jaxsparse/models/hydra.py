@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.config import ModelConfig, pkm_layer_indices, workspace_layer_indices
-from jaxsparse.models.curriculum import COMPONENTS, active_components
+from jaxsparse.models.curriculum import COMPONENTS, active_components, parse_curriculum
 from jaxsparse.models.lm import LanguageModel
 from jaxsparse.models.transformer import apply_feed_forward, feed_forward
 from jaxsparse.nn.batch_local import batch_local
@@ -168,7 +168,7 @@ class HydraLM(LanguageModel):
         """``{component: 1.0 / 0.0}`` for the current curriculum step."""
         return active_components(self.cfg.hydra_curriculum, self.curriculum_step[...])
 
-    def update_mask(self) -> dict:
+    def update_mask(self) -> dict | None:
         """Which parameters a training step at the current curriculum step may change: a pure
         dict shaped like the model's ``nnx.Param`` state (``state["params"]``) of bool scalars,
         False for the parameters of a component that is off — the blocks' ``ssm`` / ``sga`` /
@@ -176,7 +176,10 @@ class HydraLM(LanguageModel):
         of each. Their gradient is 0 while off, but decoupled weight decay would still shrink
         them; the train step (:func:`jaxsparse.train.step.make_train_step`) zeroes their
         updates, so a branch switches on as it was initialised. Call it before the training
-        forward pass, which counts the step. Traced flags: no recompilation per stage."""
+        forward pass, which counts the step. Traced flags: no recompilation per stage. None
+        when the curriculum stages nothing (every component on from step 0): nothing to mask."""
+        if not any(parse_curriculum(self.cfg.hydra_curriculum).values()):
+            return None
         on = {name: flag > 0 for name, flag in self.active().items()}
         always = jnp.asarray(True)
 
