@@ -151,10 +151,15 @@ def test_routing_trace_reports_each_blocks_experts_and_memory_slots(hydra):
         assert experts.shape == (32,) and 0 <= int(experts.min()) and int(experts.max()) < 4
         np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     assert trace["pkm_slots"][0] is None and trace["pkm_slots"][1].shape == (2, 16, 2, 4)
-    # the slots are the block's own product-key lookup of its normalised input
-    h = hydra.blocks[0](hydra.embed(x), jnp.broadcast_to(jnp.arange(16), x.shape),
-                        active=hydra.active(), workspace=hydra.workspace)[0]
-    _, slots = hydra.blocks[1].pkm.lookup(hydra.blocks[1].norm(h))
+    # the slots are the block's own product-key lookup of its normalised input (compiled:
+    # a Hydra block dispatched op by op took 7 s)
+    @nnx.jit
+    def second_blocks_slots(model, x):
+        h = model.blocks[0](model.embed(x), jnp.broadcast_to(jnp.arange(16), x.shape),
+                            active=model.active(), workspace=model.workspace)[0]
+        return model.blocks[1].pkm.lookup(model.blocks[1].norm(h))[1]
+
+    slots = second_blocks_slots(hydra, x)
     np.testing.assert_array_equal(trace["pkm_slots"][1], slots)
 
 
@@ -509,7 +514,10 @@ from jaxsparse.data import make_stream
 from test_hydra import SMALL
 
 def run(devices, *mesh):
-    cfg = apply_overrides(configs.get("transformer_tiny"), SMALL + ["model.hydra_curriculum=sga:1"] + list(mesh))
+    # two blocks, the second with every branch (SGA, product-key memory, MoE; the workspace
+    # in both): a third block only added compile time
+    two_blocks = ["model.n_layers=2", "model.hydra_sga_every=2", "model.hydra_curriculum=sga:1"]
+    cfg = apply_overrides(configs.get("transformer_tiny"), SMALL + two_blocks + list(mesh))
     setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
     state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
     metrics = []
@@ -593,7 +601,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxsparse import models
 from jaxsparse.parallel import PRESETS, activation_sharding, param_shardings
 from test_hydra import small_config
-model = models.build(small_config().model, nnx.Rngs(0))
+# two blocks, the second with every branch: a third block only added compile time
+model = models.build(small_config("model.n_layers=2", "model.hydra_sga_every=2").model, nnx.Rngs(0))
 model.eval()  # the same computation, without the training-time counters
 graphdef, state, rest = nnx.split(model, nnx.Param, ...)
 params = nnx.to_pure_dict(state)
