@@ -39,15 +39,15 @@ def test_conv_window_sum_backward_equals_autodiff_of_the_plain_sum(width, length
     np.testing.assert_allclose(np.asarray(window_sum(full, w), np.float32),
                                np.asarray(window_sum_reference(full, w), np.float32), atol=tol)
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b).astype(jnp.float32)))  # noqa: E731
-    got = jax.grad(loss(window_sum), argnums=(0, 1))(full, w)
-    want = jax.grad(loss(window_sum_reference), argnums=(0, 1))(full, w)
+    got = jax.jit(jax.grad(loss(window_sum), argnums=(0, 1)))(full, w)
+    want = jax.jit(jax.grad(loss(window_sum_reference), argnums=(0, 1)))(full, w)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
                                    atol=tol * width * 3, rtol=tol)
     x, state = full[:, width - 1:], full[:, :width - 1]
-    d_state = jax.grad(lambda s: jnp.sum(jnp.sin(causal_depthwise_conv1d(
-        x, w, None, s)[0].astype(jnp.float32))))(state)
+    d_state = jax.jit(jax.grad(lambda s: jnp.sum(jnp.sin(causal_depthwise_conv1d(
+        x, w, None, s)[0].astype(jnp.float32)))))(state)
     np.testing.assert_allclose(np.asarray(d_state, np.float32),
                                np.asarray(want[0][:, :width - 1], np.float32), atol=tol * 3)
 
@@ -113,20 +113,22 @@ def test_bfloat16_compute_and_parameters_reach_the_mixers(kind):
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         recurrence = path[-1] in ("A_log", "D", "dt_bias")
         assert var[...].dtype == (jnp.float32 if recurrence else jnp.bfloat16), path
-    mixed, _ = model.blocks[0].mixer(jax.random.normal(jax.random.key(0), (2, 9, 32)))
+    forward = nnx.jit(lambda m, x: m(x))  # op by op these passes and steps took 7 s
+    decode = nnx.jit(lambda m, x, cache: m.decode(x, cache))
+    mixed, _ = forward(model.blocks[0].mixer, jax.random.normal(jax.random.key(0), (2, 9, 32)))
     assert mixed.dtype == jnp.bfloat16  # the float32 residual stream is cast at the projection
 
     reference = build(kind)  # float32 everywhere, given the bfloat16 model's weights
     nnx.update(reference, jax.tree.map(lambda a: a.astype(jnp.float32),
                                        nnx.state(model, nnx.Param)))
     a = tokens(3)
-    out, want = model(a), reference(a)
+    out, want = forward(model, a), forward(reference, a)
     np.testing.assert_allclose(out, want, atol=2e-2 * float(jnp.max(jnp.abs(want))))
     cache = model.init_cache(2, 32)
-    first, cache = model.decode(a[:, :10], cache)
+    first, cache = decode(model, a[:, :10], cache)
     steps = [first]
     for t in range(10, a.shape[1]):
-        logits, cache = model.decode(a[:, t:t + 1], cache)
+        logits, cache = decode(model, a[:, t:t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), out,
                                atol=2e-2 * float(jnp.max(jnp.abs(want))))
@@ -134,8 +136,9 @@ def test_bfloat16_compute_and_parameters_reach_the_mixers(kind):
 
 @pytest.mark.parametrize("impl", ["associative", "chunked"])
 def test_mamba1_scan_implementations_give_the_same_model(impl):
-    ref = build("mamba")(tokens(2))
-    out = build("mamba", f"model.ssm_impl={impl}", "model.ssm_chunk=5")(tokens(2))
+    forward = nnx.jit(lambda m, x: m(x))  # op by op a forward pass took ~1 s
+    ref = forward(build("mamba"), tokens(2))
+    out = forward(build("mamba", f"model.ssm_impl={impl}", "model.ssm_chunk=5"), tokens(2))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 

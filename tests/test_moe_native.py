@@ -151,7 +151,8 @@ def test_dropless_moe_layer_runs_the_kernel_and_matches_the_tiles_path():
         def loss(layer, x):
             return jnp.sum(jnp.sin(layer(x)))
 
-        value, grads = nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
+        # compiled: op by op both paths' gradients took 12 s, compiled 4 s
+        value, grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(layer, x)
         return value, grads, _hlo(lambda x: layer(x), x)
 
     value, grads, text = run(None)

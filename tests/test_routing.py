@@ -27,6 +27,11 @@ ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routin
            "model.routing_clusters=4", "model.routing_window=8", "model.routing_local_window=8",
            "model.routing_skip_first=1"]
 
+# compiled: op by op one call took 1-3 s
+routing_jit = jax.jit(causal_routing_attention,
+                      static_argnames=("window", "shared_qk", "probes", "query_chunk"))
+balanced_jit = jax.jit(balanced_routing_attention, static_argnames=("window", "causal"))
+
 
 def qkv(key, b=2, length=64, heads=2, dim=16):
     ks = jax.random.split(key, 3)
@@ -77,17 +82,17 @@ def test_causal_routing_equals_the_brute_force_definition(length, clusters, wind
     if centred:  # centres large enough to change most assignments
         cq, ck = jax.random.normal(jax.random.key(2), (2, 2, 16))
         centers = {"q_center": cq, "k_center": ck}
-    out, routing = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk,
-                                            probes=probes, **centers)
+    out, routing = routing_jit(q, k, v, centroids, window=window, shared_qk=shared_qk,
+                               probes=probes, **centers)
     np.testing.assert_allclose(out, brute_force(q, k, v, centroids, window, shared_qk,
                                                 probes=probes, **centers), atol=2e-5)
     assert routing["q_clusters"].shape == (2, length, 2)
-    key_pos, valid = routing_windows(q, k, centroids, window=window, shared_qk=shared_qk,
-                                     probes=probes, **centers)
+    key_pos, valid = jax.jit(routing_windows, static_argnames=("window", "shared_qk", "probes"))(
+        q, k, centroids, window=window, shared_qk=shared_qk, probes=probes, **centers)
     assert key_pos.shape == valid.shape == (2, length, 2, probes * window)
     np.testing.assert_array_equal(jnp.sum(valid, axis=-1), routing["keys_read"])
     if centred:
-        plain = causal_routing_attention(q, k, v, centroids, window=window, shared_qk=shared_qk)[1]
+        plain = routing_jit(q, k, v, centroids, window=window, shared_qk=shared_qk)[1]
         assert float(jnp.mean(plain["q_clusters"] != routing["q_clusters"])) > 0.3
 
 
@@ -132,8 +137,8 @@ def test_causal_routing_never_sees_the_future_but_top_w_balancing_does():
     # The paper's top-w clusters, masked by position inside each cluster, still leak: which
     # past tokens a centroid keeps depends on how similar the later tokens are to it.
     q2, k2, v2 = _perturb_after(40, [q, k, v], jax.random.key(99))
-    top_w = balanced_routing_attention(q, k, v, centroids, window=12, causal=True)[0]
-    top_w2 = balanced_routing_attention(q2, k2, v2, centroids, window=12, causal=True)[0]
+    top_w = balanced_jit(q, k, v, centroids, window=12, causal=True)[0]
+    top_w2 = balanced_jit(q2, k2, v2, centroids, window=12, causal=True)[0]
     assert float(jnp.abs(top_w[:, :41] - top_w2[:, :41]).max()) > 1e-3
 
 
@@ -145,7 +150,7 @@ def test_balanced_clusters_hold_exactly_w_distinct_members():
     for row in members.reshape(-1, 8):
         assert len(set(row.tolist())) == 8
     q, k, v = qkv(jax.random.key(7), length=64)
-    out, routing = balanced_routing_attention(q, k, v, centroids, window=8)
+    out, routing = balanced_jit(q, k, v, centroids, window=8)
     assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
 
 
@@ -159,8 +164,8 @@ def test_ema_reaches_the_fixed_point_on_static_data():
         centroids = step(centroids)
     cl = assign(x, centroids)
     for h in range(2):
-        for c in range(4):
-            chosen = np.asarray(x[:, :, h][np.asarray(cl[:, :, h]) == c])
+        for c in range(4):  # in numpy: jax's masked gathers compiled afresh for every (h, c)
+            chosen = np.asarray(x)[:, :, h][np.asarray(cl[:, :, h]) == c]
             if len(chosen):
                 mean = chosen.mean(0)
                 np.testing.assert_allclose(centroids[h, c], mean / np.linalg.norm(mean), atol=1e-4)
@@ -400,15 +405,15 @@ def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
     dense = layer.o_proj(jnp.nan_to_num(jnp.einsum("bhts,bshd->bthd", weights, v)))
 
     def routed():
-        out, _ = causal_routing_attention(q, k, v, layer.centroids[...], window=3,
-                                          shared_qk=shared_qk)
+        out, _ = routing_jit(q, k, v, layer.centroids[...], window=3, shared_qk=shared_qk)
         return layer.o_proj(out)
 
+    forward = nnx.jit(lambda layer, x, pos: layer(x, pos))  # op by op a call took ~1 s
     expected = [dense, dense, None]
     for call, want in enumerate(expected):
         before = layer.centroids[...]
         want = routed() if want is None else want
-        out, _ = layer(x, pos)
+        out, _ = forward(layer, x, pos)
         np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5, err_msg=f"call {call}")
         assert float(jnp.abs(layer.centroids[...] - before).max()) > 0  # EMA kept learning
         assert int(layer.step[...]) == call + 1
@@ -416,9 +421,8 @@ def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
     fresh = RoutingAttention(32, 2, 8, rngs=nnx.Rngs(3), routing_heads=2, num_clusters=4,
                              window=3, local_window=4, shared_qk=shared_qk, dense_steps=2)
     fresh.eval()
-    out, _ = fresh(x, pos)
-    want, _ = causal_routing_attention(q, k, v, fresh.centroids[...], window=3,
-                                       shared_qk=shared_qk)
+    out, _ = forward(fresh, x, pos)
+    want, _ = routing_jit(q, k, v, fresh.centroids[...], window=3, shared_qk=shared_qk)
     np.testing.assert_allclose(out, fresh.o_proj(want), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"dense_steps=-1: must be an integer >= 0"):
         RoutingAttention(32, 2, 8, rngs=nnx.Rngs(3), routing_heads=2, num_clusters=4, window=3,
@@ -435,8 +439,7 @@ def test_routing_statistics_count_empty_windows_fill_and_the_largest_cluster():
     np.testing.assert_allclose(stats["routing_fill"], (0 + 3 + 4 + 1) / 4 / 4)
     np.testing.assert_allclose(stats["routing_max_cluster"], 0.75 * 4)
     q, k, v = qkv(jax.random.key(5), length=40)
-    _, routing = causal_routing_attention(q, k, v, init_centroids(jax.random.key(6), 2, 5, 16),
-                                          window=6)
+    _, routing = routing_jit(q, k, v, init_centroids(jax.random.key(6), 2, 5, 16), window=6)
     brute = np.zeros(routing["keys_read"].shape, int)
     cq, ck = np.asarray(routing["q_clusters"]), np.asarray(routing["k_clusters"])
     for b, t, h in np.ndindex(*brute.shape):
@@ -525,12 +528,17 @@ def test_key_centroids_give_every_query_a_cluster_that_holds_keys(key_centroids)
     k = k.at[..., 0].set(-jnp.abs(k[..., 0]) - 0.5)                 # the other hemisphere
     v = jax.random.normal(jax.random.key(2), (4, 64, 2, 16))
     centroids = init_centroids(jax.random.key(3), 2, 8, 16)
-    for _ in range(20):
+
+    @jax.jit  # op by op the 20 steps took 3 s
+    def step(centroids):
         routing = causal_routing_attention(q, k, v, centroids, window=8)[1]
         units = [routing["k_unit"]] if key_centroids else [routing["q_unit"], routing["k_unit"]]
         clusters = ([routing["k_clusters"]] if key_centroids
                     else [routing["q_clusters"], routing["k_clusters"]])
-        centroids = ema_centroids(centroids, units, clusters, decay=0.5)
+        return ema_centroids(centroids, units, clusters, decay=0.5), routing
+
+    for _ in range(20):
+        centroids, routing = step(centroids)
     empty = float(jnp.mean(routing["keys_read"] == 0))
     if key_centroids:
         assert empty < 0.25, empty
@@ -545,9 +553,10 @@ def test_key_centroids_move_with_the_keys_only():
     pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
     before = layer.centroids[...]
     k = layer.k_proj(x)                                              # both heads route
-    run_capturing(layer, "__call__", x, pos)
+    nnx.jit(lambda layer: run_capturing(layer, "__call__", x, pos))(layer)
     units = normalize(k)              # the first call centres by the initial (zero) mean
-    expected = ema_centroids(before, [units], [assign(units, before)], decay=0.999)
+    ema = jax.jit(lambda c, u: ema_centroids(c, [u], [assign(u, c)], decay=0.999))
+    expected = ema(before, units)
     np.testing.assert_allclose(layer.centroids[...], expected, atol=1e-5)
     np.testing.assert_allclose(layer.route_mean[...], k.mean(axis=(0, 1)), atol=1e-5)
 
@@ -620,7 +629,8 @@ def test_multi_probe_routing_transformer_is_causal_and_decodes_like_its_forward_
                                                   ((0, 9), (9, 1), (10, 1), (11, 19)))
     one_probe = build(tiny_config(*ROUTING).model, nnx.Rngs(2))
     one_probe.eval()
-    assert float(jnp.abs(one_probe(tokens) - full).max()) > 1e-3    # the probes are read
+    one_probe_logits = jax.jit(one_probe.__call__)(tokens)
+    assert float(jnp.abs(one_probe_logits - full).max()) > 1e-3    # the probes are read
 
 
 def test_bad_probe_counts_are_refused():

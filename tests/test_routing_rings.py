@@ -24,6 +24,8 @@ def inputs(batch=2, length=37, heads=3, dim=5, clusters=4, seed=1):
 
 # compiled once per piece length: one token at a time op by op took minutes
 decode_jit = jax.jit(routing_ring_decode, static_argnames=("shared_qk", "probes", "query_chunk"))
+# and the whole-sequence attention they are checked against (op by op: 1-2 s a call)
+routing_jit = jax.jit(causal_routing_attention, static_argnames=("window", "shared_qk", "probes"))
 
 
 def decoded(q, k, v, centroids, pieces, window, **options):
@@ -58,7 +60,7 @@ def test_ring_decoding_equals_routing_attention_over_the_whole_sequence(name, pi
     q, k, v, centroids, (q_center, k_center) = inputs()
     options = dict(shared_qk=shared_qk, probes=probes, k_center=k_center if centred else None,
                    q_center=q_center if centred and shared_qk else None)
-    full, _ = causal_routing_attention(q, k, v, centroids, window=window, **options)
+    full, _ = routing_jit(q, k, v, centroids, window=window, **options)
     out, _ = decoded(q, k, v, centroids, pieces, window, **options)
     np.testing.assert_allclose(out, full, atol=2e-6, rtol=2e-6)
 
@@ -86,8 +88,9 @@ def test_ring_decoding_gradients_equal_those_of_routing_attention():
         return jnp.sum(causal_routing_attention(q, k, v, centroids, window=3, probes=2,
                                                 k_center=k_center)[0] * cotangent)
 
-    for got, want in zip(jax.grad(ring_loss, (0, 1, 2))(q, k, v),
-                         jax.grad(full_loss, (0, 1, 2))(q, k, v)):
+    # compiled, both: op by op these gradients took 4 s
+    for got, want in zip(jax.jit(jax.grad(ring_loss, (0, 1, 2)))(q, k, v),
+                         jax.jit(jax.grad(full_loss, (0, 1, 2)))(q, k, v)):
         assert float(jnp.max(jnp.abs(want))) > 0.1  # the check below is not vacuous
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
@@ -138,6 +141,11 @@ def _layer(**kw):
 
 
 @nnx.jit
+def _layer_forward(layer, x, positions):  # op by op a forward pass took 1-2 s
+    return layer(x, positions)
+
+
+@nnx.jit
 def _layer_step(layer, x, positions, cache, index):
     return layer(x, positions, cache=cache, cache_index=index)
 
@@ -158,7 +166,7 @@ def test_the_layer_decodes_past_its_max_len_from_a_fixed_size_state(routing_head
     layer = _layer(routing_heads=routing_heads)
     x = jax.random.normal(jax.random.key(2), (2, 30, 32))
     positions = jnp.arange(30)[None].repeat(2, 0)
-    full, _ = layer(x, positions)
+    full, _ = _layer_forward(layer, x, positions)
     cache = layer.init_cache(2, 6)
     out, new_cache = _decode_in_pieces(layer, x, cache, (0, 5, 6, 7, 19) + tuple(range(20, 31)))
     np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
@@ -170,7 +178,7 @@ def test_a_local_window_longer_than_the_cache_keeps_every_position_and_refuses_o
     x = jax.random.normal(jax.random.key(2), (1, 6, 32))
     cache = layer.init_cache(1, 6)
     assert cache["k"].shape == (1, 1, 6, 8)  # local heads: every position, not 8 slots
-    full, _ = layer(x, jnp.arange(6)[None])
+    full, _ = _layer_forward(layer, x, jnp.arange(6)[None])
     out, cache = _decode_in_pieces(layer, x, cache, (0, 4, 5, 6))
     np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"lengths=\[7\]: each must be in \[1, 6\]"):

@@ -38,6 +38,10 @@ def brute_force(q, k, v, scores, window, max_global):
 
 IMPLEMENTATIONS = ["gather", "dense", "blocked", "core"]
 
+# compiled: op by op one call of an implementation took 1-3 s
+sga_jit = jax.jit(sparse_global_attention,
+                  static_argnames=("window", "max_global", "implementation", "block"))
+
 
 CASES = [(50, 6, 4), (1, 3, 2), (33, 1, 8), (40, 8, 0)]
 
@@ -49,18 +53,18 @@ CASES = [(50, 6, 4), (1, 3, 2), (33, 1, 8), (40, 8, 0)]
     for impl in IMPLEMENTATIONS for case in CASES])
 def test_sga_equals_the_brute_force_definition(length, window, max_global, impl):
     q, k, v, scores = inputs(jax.random.key(length), length=length)
-    got = sparse_global_attention(q, k, v, scores, window=window, max_global=max_global,
-                                  implementation=impl, block=8)  # blocked: several blocks
+    got = sga_jit(q, k, v, scores, window=window, max_global=max_global,
+                  implementation=impl, block=8)  # blocked: several blocks
     np.testing.assert_allclose(got, brute_force(q, k, v, scores, window, max_global), atol=2e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_global_selection_is_causal_safe(impl):
     q, k, v, scores = inputs(jax.random.key(1), length=80)
-    base = sparse_global_attention(q, k, v, scores, window=8, max_global=6, implementation=impl)
+    base = sga_jit(q, k, v, scores, window=8, max_global=6, implementation=impl)
     for t in (0, 9, 40, 78):
         later = jnp.arange(80)[None, :, None, None] > t
-        changed = sparse_global_attention(
+        changed = sga_jit(
             jnp.where(later, q + 1, q), jnp.where(later, k - 2, k), jnp.where(later, v * 3, v),
             jnp.where(later[:, :, 0, 0], 10.0, scores), window=8, max_global=6,
             implementation=impl)
@@ -74,7 +78,7 @@ def test_global_selection_is_causal_safe(impl):
 def test_cached_decoding_equals_the_full_pass(kv_heads):
     q, k, v, scores = inputs(jax.random.key(2), length=45)
     k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]  # kv_heads=1: MQA, a cache of one head
-    full = sparse_global_attention(q, k, v, scores, window=5, max_global=3)
+    full = sga_jit(q, k, v, scores, window=5, max_global=3)
     slots = 64
     decode = jax.jit(functools.partial(sga_decode, window=5, max_global=3))
     pad = lambda x: jnp.pad(x, [(0, 0), (0, slots - 45)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
@@ -92,8 +96,8 @@ def test_cached_decoding_equals_the_full_pass(kv_heads):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_controller_scores_get_a_gradient_through_the_global_logits(impl):
     q, k, v, scores = inputs(jax.random.key(3), length=40)
-    grad = jax.grad(lambda s: jnp.sum(sparse_global_attention(
-        q, k, v, s, window=4, max_global=4, implementation=impl) ** 2))(scores)
+    grad = jax.jit(jax.grad(lambda s: jnp.sum(sparse_global_attention(
+        q, k, v, s, window=4, max_global=4, implementation=impl) ** 2)))(scores)
     selected_old = (scores > 0) & (jnp.arange(40)[None] < 36)
     assert float(jnp.abs(jnp.where(selected_old, grad, 0.0)).max()) > 0
     assert float(jnp.abs(jnp.where(scores > 0, 0.0, grad)).max()) == 0.0  # non-candidates: none
@@ -134,8 +138,7 @@ def test_gqa_equals_the_attention_on_key_value_heads_repeated_per_query_head(imp
     scores = jax.random.normal(ks[3], (b, length))
     repeat = functools.partial(jnp.repeat, repeats=heads // kv_heads, axis=2)
     np.testing.assert_allclose(
-        sparse_global_attention(q, k, v, scores, window=5, max_global=4, implementation=impl,
-                                block=8),
+        sga_jit(q, k, v, scores, window=5, max_global=4, implementation=impl, block=8),
         brute_force(q, repeat(k), repeat(v), scores, 5, 4), atol=2e-5)
 
     def loss(q, k, v, s, expand=lambda x: x):
@@ -230,7 +233,7 @@ def test_ring_decoding_equals_the_full_pass(window, max_global, sizes, kv_heads)
     q, k, v, scores = inputs(jax.random.key(11), b=3, length=sum(sizes), heads=4)
     k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
     scores = scores + 0.5  # about two thirds candidates: the global ring overflows
-    full = sparse_global_attention(q, k, v, scores, window=window, max_global=max_global)
+    full = sga_jit(q, k, v, scores, window=window, max_global=max_global)
     rings = init_sga_rings(3, window, max_global, kv_heads, 8)
     decode = jax.jit(functools.partial(sga_ring_decode, window=window, max_global=max_global))
     pieces, start = [], 0
@@ -257,8 +260,9 @@ def test_ring_decoding_gradients_equal_the_full_pass():
     full = lambda *a: jnp.sum(sparse_global_attention(*a, **options) * weights)  # noqa: E731
     rings = init_sga_rings(2, 4, 3, 2, 8)
     prompt = lambda *a: jnp.sum(sga_ring_decode(*a, rings, 0, **options)[0] * weights)  # noqa
-    for got, want in zip(jax.grad(prompt, range(4))(q, k, v, scores),
-                         jax.grad(full, range(4))(q, k, v, scores)):
+    # compiled, both: dispatched op by op these gradients took 15 s
+    for got, want in zip(jax.jit(jax.grad(prompt, range(4)))(q, k, v, scores),
+                         jax.jit(jax.grad(full, range(4)))(q, k, v, scores)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
     _, rings = sga_ring_decode(q[:, :-1], k[:, :-1], v[:, :-1], scores[:, :-1], rings, 0,
@@ -273,7 +277,8 @@ def test_ring_decoding_gradients_equal_the_full_pass():
         return jnp.sum(sga_ring_decode(*new, rings, 29, **options)[0] * last(weights))
 
     new = [last(x) for x in (q, k, v, scores)]
-    for got, want in zip(jax.grad(token, range(4))(*new), jax.grad(full_last, range(4))(*new)):
+    for got, want in zip(jax.jit(jax.grad(token, range(4)))(*new),
+                         jax.jit(jax.grad(full_last, range(4)))(*new)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -286,7 +291,7 @@ def test_the_layer_decodes_from_rings_when_they_are_smaller_than_the_cache():
     layer = SparseGlobalAttention(16, 4, 2, 8, rngs=nnx.Rngs(1), window=4, max_global=3)
     x = jax.random.normal(jax.random.key(14), (2, 26, 16))
     positions = jnp.broadcast_to(jnp.arange(26), (2, 26))
-    full, _ = layer(x, positions)
+    full, _ = nnx.jit(lambda layer, x, positions: layer(x, positions))(layer, x, positions)
     rings = layer.init_cache(2, 26)
     assert rings["k"].shape == (2, 2, 4, 8) and rings["global_k"].shape == (2, 2, 4, 8)
     assert jax.tree.map(jnp.shape, layer.init_cache(2, 100_000)) == \
@@ -352,7 +357,7 @@ def test_the_layer_keeps_one_sequence_without_size_one_axes(max_len):
     layer = SparseGlobalAttention(16, 4, 1, 8, rngs=nnx.Rngs(2), window=4, max_global=3)
     x = jax.random.normal(jax.random.key(16), (1, 20, 16))
     positions = jnp.arange(20)[None]
-    full, _ = layer(x, positions)
+    full, _ = nnx.jit(lambda layer, x, positions: layer(x, positions))(layer, x, positions)
     cache = layer.init_cache(1, max_len)
     if max_len > 7:  # the rings (a cache of every position, sequence first, stays 4-d)
         for name in ("k", "v", "global_k", "global_v"):
