@@ -213,8 +213,13 @@ def test_blocksparse_matches_reference_forward_and_gradients(mask, S, T, Hq, Hkv
     def run(impl):
         f = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, segment_ids=seg,  # noqa: E731
                                                   logits_soft_cap=20.0, implementation=impl)
-        out, vjp = jax.vjp(f, q, k, v)
-        return out, vjp(cotangent)
+
+        @jax.jit  # compiled: op by op the forward and backward took up to 5 s
+        def forward_and_backward(q, k, v, cotangent):
+            out, vjp = jax.vjp(f, q, k, v)
+            return out, vjp(cotangent)
+
+        return forward_and_backward(q, k, v, cotangent)
 
     ref, ref_grads = run("xla")
     out, grads = run("xla_blocksparse")
@@ -230,10 +235,12 @@ def test_bf16_error_is_within_the_bf16_reference_error(implementation):
     own error (the splash-attention practice), rather than with a fixed tolerance."""
     mask = LocalMask(63, 0) & CausalMask()
     q, k, v = rand(30, 1, 200, 4, 64), rand(31, 1, 200, 2, 64), rand(32, 1, 200, 2, 64)
-    exact = dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    # compiled: op by op these took ~2.5 s
+    attend = jax.jit(dot_product_attention, static_argnames=("mask", "implementation"))
+    exact = attend(q, k, v, mask=mask, implementation="xla")
     low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    ref_err = jnp.abs(dot_product_attention(*low, mask=mask, implementation="xla").astype(jnp.float32) - exact).max()
-    out = dot_product_attention(*low, mask=mask, implementation=implementation)
+    ref_err = jnp.abs(attend(*low, mask=mask, implementation="xla").astype(jnp.float32) - exact).max()
+    out = attend(*low, mask=mask, implementation=implementation)
     assert out.dtype == jnp.bfloat16
     err = jnp.abs(out.astype(jnp.float32) - exact).max()
     assert err <= 2 * ref_err + 1e-3, (float(err), float(ref_err))
@@ -267,33 +274,40 @@ def test_default_path_on_a_long_unmasked_batch_equals_the_reference():
 def test_decode_attention_equals_the_last_rows_of_full_attention():
     B, T, Hq, Hkv, D = 2, 23, 4, 2, 16
     q, k, v = rand(40, B, T, Hq, D), rand(41, B, T, Hkv, D), rand(42, B, T, Hkv, D)
-    full = dot_product_attention(q, k, v, mask=CausalMask())
+    # compiled (op by op these took ~3.5 s); the lengths stay concrete, so still checked
+    lengths = jnp.array([T, T])
+    causal = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask()))
+    decode = jax.jit(lambda q, k, v, heads_first=False: decode_attention(
+        q, k, v, lengths, heads_first=heads_first), static_argnames="heads_first")
+    full = causal(q, k, v)
     cache_k = jnp.zeros((B, 32, Hkv, D)).at[:, :T].set(k)
     cache_v = jnp.zeros((B, 32, Hkv, D)).at[:, :T].set(v)
-    out = decode_attention(q[:, -3:], cache_k, cache_v, jnp.array([T, T]))
+    out = decode(q[:, -3:], cache_k, cache_v)
     np.testing.assert_allclose(out, full[:, -3:], atol=1e-5, rtol=1e-5)
     # the layers' layout, [B, Hkv, C, D]; also with one key/value head (MQA: taken as the
     # same array in the other layout)
     for kv_heads in (Hkv, 1):
         cache_k, cache_v = cache_k[:, :, :kv_heads], cache_v[:, :, :kv_heads]
-        full = dot_product_attention(q, k[:, :, :kv_heads], v[:, :, :kv_heads],
-                                     mask=CausalMask())
-        out = decode_attention(q[:, -3:], cache_k.swapaxes(1, 2), cache_v.swapaxes(1, 2),
-                               jnp.array([T, T]), heads_first=True)
+        full = causal(q, k[:, :, :kv_heads], v[:, :, :kv_heads])
+        out = decode(q[:, -3:], cache_k.swapaxes(1, 2), cache_v.swapaxes(1, 2), heads_first=True)
         np.testing.assert_allclose(out, full[:, -3:], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_attention_with_a_sliding_window_ring_buffer():
     B, T, H, D, W = 1, 30, 2, 8, 8
     q, k, v = rand(50, B, T, H, D), rand(51, B, T, H, D), rand(52, B, T, H, D)
-    full = dot_product_attention(q, k, v, mask=LocalMask(W - 1, 0) & CausalMask())
+    # compiled (op by op these took ~3 s); the lengths stay concrete, so still checked
+    lengths = jnp.array([T])
+    decode = jax.jit(lambda q, k, v, heads_first=False: decode_attention(
+        q, k, v, lengths, window=W, heads_first=heads_first), static_argnames="heads_first")
+    full = jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, mask=LocalMask(W - 1, 0) & CausalMask()))(q, k, v)
     slots = np.arange(T - W, T) % W  # the ring holds the last W positions
     ring_k = jnp.zeros((B, W, H, D)).at[:, slots].set(k[:, T - W:])
     ring_v = jnp.zeros((B, W, H, D)).at[:, slots].set(v[:, T - W:])
-    out = decode_attention(q[:, -1:], ring_k, ring_v, jnp.array([T]), window=W)
+    out = decode(q[:, -1:], ring_k, ring_v)
     np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)
-    out = decode_attention(q[:, -1:], ring_k.swapaxes(1, 2), ring_v.swapaxes(1, 2),
-                           jnp.array([T]), window=W, heads_first=True)
+    out = decode(q[:, -1:], ring_k.swapaxes(1, 2), ring_v.swapaxes(1, 2), heads_first=True)
     np.testing.assert_allclose(out, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 

@@ -21,7 +21,7 @@ def tokens(seed, batch=2, length=24, vocab=256):
 
 
 def test_logits_shape_and_dtype(model):
-    logits = model(tokens(0))
+    logits = nnx.jit(lambda m, x: m(x))(model, tokens(0))  # op by op it took ~3.5 s
     assert logits.shape == (2, 24, 256) and logits.dtype == jnp.float32
     # at initialisation the prediction is close to uniform: loss ~ ln(256)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens(1)).mean()
@@ -32,7 +32,8 @@ def test_logits_shape_and_dtype(model):
 def test_causality_future_tokens_do_not_change_past_logits(model, t):
     a = tokens(2)
     b = a.at[:, t + 1:].set((a[:, t + 1:] + 17) % 256)
-    la, lb = model(a), model(b)
+    forward = nnx.jit(lambda m, x: m(x))  # one compile instead of op-by-op dispatch
+    la, lb = forward(model, a), forward(model, b)
     np.testing.assert_allclose(la[:, :t + 1], lb[:, :t + 1], atol=1e-5)
     assert not np.allclose(la[:, t + 1:], lb[:, t + 1:], atol=1e-3)
 
@@ -165,7 +166,7 @@ def test_untied_head_and_bf16_compute():
     cfg = tiny_config("model.dtype=bfloat16").model
     m = models.build(cfg, nnx.Rngs(1))
     assert hasattr(m, "lm_head")
-    out = m(tokens(5))
+    out = nnx.jit(lambda m, x: m(x))(m, tokens(5))  # op by op it took ~3.5 s
     assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
     assert m.lm_head.kernel[...].dtype == jnp.float32  # parameters stay float32
 
@@ -198,7 +199,7 @@ def test_param_dtype_reaches_every_parameter_of_every_family(name):
 def test_tied_embeddings_have_no_separate_head():
     m = models.build(tiny_config("model.tie_embeddings=true").model, nnx.Rngs(2))
     assert not hasattr(m, "lm_head")
-    assert m(tokens(6)).shape == (2, 24, 256)
+    assert nnx.jit(lambda m, x: m(x))(m, tokens(6)).shape == (2, 24, 256)  # one compile
 
 
 def test_bad_tokens_are_refused(model):
@@ -382,8 +383,10 @@ def test_sparse_mask_changes_the_model():
     dense = models.build(tiny_config().model, nnx.Rngs(3))
     sparse = models.build(tiny_config("model.attention_mask=local:2").model, nnx.Rngs(3))
     x = tokens(8, length=24)
-    np.testing.assert_allclose(dense(x)[:, :2], sparse(x)[:, :2], atol=1e-5)  # window covers all
-    assert not np.allclose(dense(x)[:, 5:], sparse(x)[:, 5:], atol=1e-3)
+    forward = nnx.jit(lambda m, x: m(x))  # one compile per model instead of op-by-op dispatch
+    np.testing.assert_allclose(forward(dense, x)[:, :2], forward(sparse, x)[:, :2],
+                               atol=1e-5)  # window covers all
+    assert not np.allclose(forward(dense, x)[:, 5:], forward(sparse, x)[:, 5:], atol=1e-3)
 
 
 @pytest.mark.parametrize("spec, fragment", [
