@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from helpers import forward_and_vjp
 from jaxsparse.ops.attention import decode_attention, dot_product_attention, window_cache_decode
 from jaxsparse.ops.masks import (BigBirdMask, CausalMask, ChunkedCausalMask, FullMask,
                                  GlobalTokensMask, LocalMask, MultiHeadMask, StridedMask)
@@ -213,13 +214,7 @@ def test_blocksparse_matches_reference_forward_and_gradients(mask, S, T, Hq, Hkv
     def run(impl):
         f = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, segment_ids=seg,  # noqa: E731
                                                   logits_soft_cap=20.0, implementation=impl)
-
-        @jax.jit  # compiled: op by op the forward and backward took up to 5 s
-        def forward_and_backward(q, k, v, cotangent):
-            out, vjp = jax.vjp(f, q, k, v)
-            return out, vjp(cotangent)
-
-        return forward_and_backward(q, k, v, cotangent)
+        return forward_and_vjp(f, (q, k, v), cotangent)  # compiled: op by op up to 5 s
 
     ref, ref_grads = run("xla")
     out, grads = run("xla_blocksparse")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import forward_and_vjp
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.attention.blocksparse import blocksparse_attention
 from jaxsparse.ops.attention.lanes import cached_lane_schedule, lane_schedule
@@ -102,12 +103,7 @@ def test_packed_lanes_equal_the_reference_forward_and_gradients(mask, S, T, Hq, 
         assert cached_lane_schedule(mask, S, T, 16, 16, Hq).blocks_per_lane > 1
 
     def run(f):
-        @jax.jit  # compiled: op by op the forward and backward took up to 5 s
-        def forward_and_backward(q, k, v, cotangent):
-            out, vjp = jax.vjp(f, q, k, v)
-            return out, vjp(cotangent)
-
-        return forward_and_backward(q, k, v, cotangent)
+        return forward_and_vjp(f, (q, k, v), cotangent)  # compiled: op by op up to 5 s
 
     ref, ref_grads = run(lambda q, k, v: dot_product_attention(
         q, k, v, mask=mask, segment_ids=seg, implementation="xla"))

@@ -1,7 +1,6 @@
 """Monarch matrices: the dense view, the optimal projection, every implementation of the product
 (forward and gradients, float32 and bfloat16), kernel lowering, counts and bad input."""
 
-import functools
 import re
 
 import jax
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import run_python
+from helpers import forward_and_vjp, run_python
 from jaxsparse.ops.monarch import (default_nblocks, kernel_monarch, monarch_flops,
                                    monarch_matmul, monarch_params, monarch_reference,
                                    monarch_shapes, monarch_to_dense, project_to_monarch,
@@ -118,10 +117,9 @@ CASES = [  # (tokens, n_in, n_out, nblocks): odd token counts, rectangular both 
 ]
 
 
-@functools.partial(jax.jit, static_argnums=0)  # compiled: op by op a case took 2-4 s
 def _vjp(fn, x, w1, w2, ct):
-    y, vjp = jax.vjp(fn, x, w1, w2)
-    return (y,) + vjp(ct)
+    y, grads = forward_and_vjp(fn, (x, w1, w2), ct)  # compiled: op by op a case took 2-4 s
+    return (y,) + grads
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

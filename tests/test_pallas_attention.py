@@ -2,7 +2,6 @@
 dense reference (forward and gradients), and lowering of all three kernels of each (forward,
 dQ, dK/dV) for CUDA and for TPU from this CPU host."""
 
-import functools
 import re
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import forward_and_vjp
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.masks import (BigBirdMask, CausalMask, ChunkedCausalMask, FixedMask,
                                  GlobalTokensMask, LocalMask, MultiHeadMask, StridedMask)
@@ -17,12 +17,6 @@ from jaxsparse.ops.masks import (BigBirdMask, CausalMask, ChunkedCausalMask, Fix
 
 def rand(seed, *shape, dtype=jnp.float32):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
-
-
-@functools.partial(jax.jit, static_argnums=0)  # compiled: op by op a case took 1.5-3 s
-def forward_and_backward(f, q, k, v, cotangent):
-    out, vjp = jax.vjp(f, q, k, v)
-    return out, vjp(cotangent)
 
 
 CASES = [
@@ -50,7 +44,7 @@ def test_interpret_kernel_matches_reference(mask, S, T, Hq, Hkv, D, segments, ca
     def run(impl):
         f = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, segment_ids=seg,  # noqa: E731
                                                   logits_soft_cap=cap, implementation=impl)
-        return forward_and_backward(f, q, k, v, cotangent)
+        return forward_and_vjp(f, (q, k, v), cotangent)
 
     ref, ref_grads = run("xla")
     out, grads = run("pallas_interpret")
@@ -103,8 +97,8 @@ def test_tpu_kernel_in_interpret_mode_matches_reference(mask, S, T, Hq, Hkv, D, 
                                                 logits_soft_cap=cap, implementation="xla")
     tpu = lambda q, k, v: _kernel_attention(q, k, v, mask, seg, seg, D**-0.5, cap,  # noqa: E731
                                             True, 128, 128, "tpu")[0]
-    (out, grads), (ref_out, ref_grads) = (forward_and_backward(tpu, q, k, v, cotangent),
-                                          forward_and_backward(ref, q, k, v, cotangent))
+    (out, grads), (ref_out, ref_grads) = (forward_and_vjp(tpu, (q, k, v), cotangent),
+                                          forward_and_vjp(ref, (q, k, v), cotangent))
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
     for name, g, g_ref in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
@@ -145,8 +139,8 @@ def test_layout_masks_ship_their_partial_tiles(mask, backend):
     kernel = lambda q, k, v: _kernel_attention(q, k, v, mask, None, None, D**-0.5, None,  # noqa: E731
                                                True, 64, 64, backend)[0]
     cotangent = rand(4, 1, S, 2, D)
-    (out, grads), (ref_out, ref_grads) = (forward_and_backward(kernel, q, k, v, cotangent),
-                                          forward_and_backward(ref, q, k, v, cotangent))
+    (out, grads), (ref_out, ref_grads) = (forward_and_vjp(kernel, (q, k, v), cotangent),
+                                          forward_and_vjp(ref, (q, k, v), cotangent))
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
     for g, g_ref in zip(grads, ref_grads):
         np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4)
