@@ -14,6 +14,7 @@ import jax
 
 from jaxsparse import configs
 from jaxsparse.config import apply_overrides
+from jaxsparse.ops.routing import causal_routing_attention
 from jaxsparse.parallel.emulated import emulated_devices_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,12 @@ def forward_and_vjp(fn, primals: tuple, cotangent):
     case. ``fn`` is static (a new lambda compiles afresh)."""
     out, vjp = jax.vjp(fn, *primals)
     return out, vjp(cotangent)
+
+
+# routing attention over the whole sequence, the reference of the routing and ring-decoding
+# tests, compiled: op by op one call took 1-3 s
+routing_jit = jax.jit(causal_routing_attention,
+                      static_argnames=("window", "shared_qk", "probes", "query_chunk"))
 
 
 def tiny_config(*overrides: str):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT, tiny_config
+from helpers import ROOT, routing_jit, tiny_config
 
 from jaxsparse import configs
 from jaxsparse.config import ConfigError, apply_overrides, validate
@@ -28,8 +28,6 @@ ROUTING = ["model.name=routing_transformer", "model.n_kv_heads=4", "model.routin
            "model.routing_skip_first=1"]
 
 # compiled: op by op one call took 1-3 s
-routing_jit = jax.jit(causal_routing_attention,
-                      static_argnames=("window", "shared_qk", "probes", "query_chunk"))
 balanced_jit = jax.jit(balanced_routing_attention, static_argnames=("window", "causal"))
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import routing_jit
 
 from jaxsparse.nn import RoutingAttention
 from jaxsparse.ops.routing import (assign, causal_routing_attention, init_centroids,
@@ -24,8 +25,6 @@ def inputs(batch=2, length=37, heads=3, dim=5, clusters=4, seed=1):
 
 # compiled once per piece length: one token at a time op by op took minutes
 decode_jit = jax.jit(routing_ring_decode, static_argnames=("shared_qk", "probes", "query_chunk"))
-# and the whole-sequence attention they are checked against (op by op: 1-2 s a call)
-routing_jit = jax.jit(causal_routing_attention, static_argnames=("window", "shared_qk", "probes"))
 
 
 def decoded(q, k, v, centroids, pieces, window, **options):
