@@ -29,10 +29,13 @@ f32 = jnp.float32
 
 def tile_groups(group_sizes, num_tiles: int, tm: int):
     """Per row tile, the first and last group it overlaps (last < first: a tile of no rows);
-    per group, its row range ``[starts, ends)``."""
+    per group, its row range ``[starts, ends)``, cut at the ``num_tiles * tm`` rows there are
+    (traced sizes may sum past them, as the other implementations allow: groups end with
+    the rows; uncut, the transposed kernel read tiles past the last and wrapped around)."""
+    rows = num_tiles * tm
     sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
+    ends = jnp.minimum(jnp.cumsum(sizes), rows)
+    starts = jnp.minimum(jnp.cumsum(sizes) - sizes, rows)
     total = ends[-1]
     tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tm
     tile_last_row = jnp.minimum(tile_start + tm, total) - 1

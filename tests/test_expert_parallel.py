@@ -159,12 +159,15 @@ rules = PRESETS["fsdp_tp_ep"].rules
 x = jax.random.normal(jax.random.key(1), (8, 20, 16))
 cases = {
     "top-2": (dict(k=2), x),
-    "top-1, 3 tokens per row": (dict(k=1), x[:, :3]),
+    # top-1 as in Switch, with the raw probability as the weight: renormalised it is 1, the
+    # router's gradient is rounding noise on both sides, and compared it failed on AVX2 hosts
+    "top-1, 3 tokens per row": (dict(k=1, renormalize=False), x[:, :3]),
     # every token's choices are experts 2 and 3, both on one device: each device sends that
     # device all its 2 x 20 assignments, the worst case the receive buffer is sized for
     "all tokens to one device": (dict(k=2, worst=True), jnp.abs(x) + 0.1),
     "chunk routing, length 20, chunk 8": (dict(k=2, chunk=8), x),
-    "k schedule (zero-weight choices)": (dict(k=1, k_end=3, k_schedule_steps=10), x),
+    "k schedule (zero-weight choices)": (dict(k=1, k_end=3, k_schedule_steps=10,
+                                              renormalize=False), x),
     "capacity 1.0 (drops)": (dict(k=2, capacity_factor=1.0), x),
     "bfloat16 (worst-case buffers on CPU)": (dict(k=2, dtype=jnp.bfloat16), x),
 }

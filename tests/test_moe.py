@@ -134,6 +134,28 @@ def test_statistics_reach_a_capture_and_are_dropped_outside_one():
     assert not jax.tree.leaves(nnx.state(moe, nnx.Intermediate))
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_eval_k_changes_eval_mode_only(capacity_factor):
+    """SMoE-Dropout trains with few experts and evaluates with more. ``eval_k`` must not touch
+    training — output, balance loss, loads and drops of a training call equal those of the
+    layer without it (it once routed every training token to eval_k experts, and sized the
+    capacity buffers for them) — and in eval mode the layer is the k=eval_k layer."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+    layer = lambda k, **kw: MoE(8, 16, 4, k, rngs=nnx.Rngs(0),  # noqa: E731 — same weights
+                                capacity_factor=capacity_factor, **kw)
+    slimmable, trained_k, eval_k = layer(1, eval_k=3), layer(1), layer(3)
+    y, sown = run_capturing(slimmable, "__call__", x)
+    y_want, sown_want = run_capturing(trained_k, "__call__", x)
+    np.testing.assert_allclose(y, y_want, rtol=1e-6, atol=1e-6)
+    for name in ("aux_loss", "moe_load", "moe_dropped"):
+        np.testing.assert_allclose(sown[name][0], sown_want[name][0], rtol=1e-6, err_msg=name)
+    if capacity_factor is not None:  # k=1 at factor 1 drops; with eval_k's buffers it did not
+        assert float(sown["moe_dropped"][0]) > 0
+    slimmable.eval(), eval_k.eval()
+    np.testing.assert_allclose(slimmable(x), eval_k(x), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(slimmable(x), y, atol=1e-3)
+
+
 def test_random_router_is_fixed_and_its_k_grows():
     moe = MoE(8, 16, 8, 2, rngs=nnx.Rngs(0), router="random", k_end=8, k_schedule_steps=10)
     assert not isinstance(moe.router.kernel, nnx.Param)  # not trained
@@ -218,6 +240,32 @@ def test_grouped_matmul_rows_past_the_groups_give_zeros_and_no_gradient(impl):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+def test_grouped_matmul_groups_past_the_rows_end_with_them_in_every_implementation():
+    """Traced sizes summing past the rows (64 here, one GPU tile; 130 > the TPU kernel's 128
+    padded rows too): every implementation cuts the groups at the last row, forward and both
+    gradients. The kernels' transposed pass read the tiles past the last (wrapping around, in
+    interpret mode) and gave d_rhs off by ~20."""
+    rng = np.random.default_rng(2)
+    lhs = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(3, 32, 64)), jnp.float32)
+    sizes = jnp.array([40, 60, 30], jnp.int32)
+
+    def loss(lhs, rhs, sizes, impl):
+        if impl == "tpu_interpret":
+            out = kernel_grouped_matmul(lhs, rhs, sizes, backend="tpu", interpret=True)
+        else:
+            out = grouped_matmul(lhs, rhs, sizes, implementation=impl)
+        return jnp.sum(jnp.sin(out)), out
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=3)
+    (_, ref), ref_grads = grad(lhs, rhs, sizes, "dense")
+    for impl in ("ragged_dot", "tiles", "pallas_interpret", "tpu_interpret"):
+        (_, out), grads = grad(lhs, rhs, sizes, impl)
+        for got, want in ((out, ref), *zip(grads, ref_grads)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
+                                       err_msg=impl)
+
+
 def _custom_calls(fn, args, platform):
     pattern = r"__gpu\$xla\.gpu\.triton" if platform == "cuda" else r"tpu_custom_call"
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
@@ -286,6 +334,8 @@ def test_bad_dispatch_and_kernel_arguments_name_the_argument_and_value():
         (lambda: expert_capacity(8, 0, 2, 1.0), "num_experts=0: must be an integer >= 1"),
         (lambda: expert_capacity(-1, 4, 2, 1.0), "num_tokens=-1: must be an integer >= 0"),
         (lambda: expert_capacity(8, 4, 2, float("inf")), "capacity_factor=inf: must be a finite"),
+        (lambda: expert_capacity(8, 4, 2, "1.25"), "capacity_factor='1.25': must be a finite"),
+        (lambda: expert_capacity(8, 4, 5, 1.0), r"k=5: must be an integer in \[1, num_experts=4\]"),
         (lambda: expert_choice_capacity(8, 0, 1.0), "num_experts=0: must be an integer >= 1"),
         (lambda: pack(x, token_choice, 0), "capacity=0: must be an integer >= 1"),
         (lambda: pack(x, token_choice, 2.5), "capacity=2.5: must be an integer >= 1"),
@@ -318,6 +368,27 @@ def test_bad_moe_options_are_refused_when_the_layer_is_built():
     with pytest.raises(ValueError, match="MoE input has dtype int32; needs floating point"):
         moe(jnp.ones((1, 4, 8), jnp.int32))
     assert moe(jnp.ones((0, 4, 8))).shape == (0, 4, 8)  # an empty batch (dropless)
+    with pytest.raises(ValueError, match="capacity_factor='1.0': must be a finite number > 0"):
+        MoE(8, 16, 4, 2, capacity_factor="1.0", rngs=nnx.Rngs(0))  # was a bare TypeError
+
+
+def test_moe_call_arguments_are_checked_and_an_empty_batch_passes_every_router():
+    """Router inputs of another shape were routed silently from the wrong tokens (transposed)
+    or failed inside an einsum; a non-scalar ``active`` failed deep in a trace; expert choice
+    on an empty batch raised a ZeroDivisionError."""
+    moe = MoE(8, 16, 4, 2, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 3, 8))
+    for router_inputs in (jnp.ones((3, 2, 8)), jnp.ones((2, 3, 5))):
+        with pytest.raises(ValueError, match=r"router_inputs of shape \(\d, \d, \d\): expected "
+                                             r"\(2, 3, 8\), one router input per token"):
+            moe(x, router_inputs=router_inputs)
+    with pytest.raises(ValueError, match=r"active of shape \(2,\): must be a scalar"):
+        moe(x, active=jnp.ones(2))
+    chooser = MoE(8, 16, 4, 2, router="expert_choice", causal=False, rngs=nnx.Rngs(0))
+    y, sown = run_capturing(chooser, "__call__", jnp.ones((0, 4, 8)))
+    assert y.shape == (0, 4, 8) and float(sown["aux_loss"][0]) == 0.0
+    list_sizes = grouped_matmul(jnp.ones((5, 8)), jnp.ones((2, 8, 3)), [2, 3], implementation="dense")
+    np.testing.assert_array_equal(list_sizes, 8.0)  # a list of sizes (an AttributeError before)
 
 
 def test_loss_weights_are_checked_when_built_and_decode_inputs_when_decoding():

@@ -70,7 +70,7 @@ def expert_parallel_moe(moe, x_BLD, mesh, router_inputs=None):
         if moe.capacity_factor is None:
             y, dropped = _dropless_dispatch(moe, x_TD, choice, n, experts), jnp.zeros(())
         else:
-            capacity = expert_capacity(x_TD.shape[0], num_experts, moe.k_max,
+            capacity = expert_capacity(x_TD.shape[0], num_experts, moe.capacity_k,
                                        moe.capacity_factor)
             y, dropped = _buffered_dispatch(x_TD, choice, n, experts, capacity)
         aux = moe.router_losses(routed, mean)

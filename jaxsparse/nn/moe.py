@@ -26,7 +26,7 @@ from jaxsparse.nn.intermediates import report
 from jaxsparse.nn.linear import Linear
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.ops.checks import (check_cache_request, check_integer, check_nonnegative,
-                                  checked_decode_cache)
+                                  checked_decode_cache, is_real)
 from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_statistics,
                                capacity_dispatch, chunk_pool, chunk_pool_within_documents,
                                dropless_dispatch, expert_capacity, expert_choice_capacity,
@@ -71,7 +71,8 @@ class MoE(nnx.Module):
             check_integer("eval_k", eval_k, 1, num_experts, f"in [1, num_experts={num_experts}]")
         check_integer("chunk", chunk, 0, allowed=">= 0 (0: token-level routing)")
         check_integer("shared_experts", shared_experts, 0)
-        if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+        if capacity_factor is not None and (not is_real(capacity_factor)
+                                            or not 0 < capacity_factor < math.inf):
             raise ValueError(f"capacity_factor={capacity_factor!r}: must be a finite number > 0, "
                              "or None (dropless)")
         if not 0 <= jitter < 1:  # a factor from [1 - jitter, 1 + jitter] must stay positive
@@ -125,12 +126,25 @@ class MoE(nnx.Module):
     # --- routing -------------------------------------------------------------------------
 
     def _active_k(self):
+        """How many of the ``k_max`` routed choices carry weight now (``None``: all). The
+        router always takes ``k_max`` choices, so that training (``k``, or the SMoE-Dropout
+        schedule from ``k`` to ``k_end``) and eval mode (``eval_k``) share one program shape;
+        the choices past the active ones get zero weight. Training never uses ``eval_k``."""
         if self.eval_k is not None and self.deterministic:
-            return self.eval_k
-        if self.k_end == self.k:
-            return None
-        return linear_k_schedule(self.step[...], k_start=self.k, k_end=self.k_end,
-                                 steps=self.k_schedule_steps)
+            active = self.eval_k
+        elif self.k_end != self.k:
+            return linear_k_schedule(self.step[...], k_start=self.k, k_end=self.k_end,
+                                     steps=self.k_schedule_steps)
+        else:
+            active = self.k
+        return None if active == self.k_max else active
+
+    @property
+    def capacity_k(self) -> int:
+        """The most choices per token that carry weight in the current mode, which the
+        capacity buffers are sized for: ``eval_k`` in eval mode when set, else ``k_end`` (the
+        schedule's last k; ``k`` without one)."""
+        return self.eval_k if self.eval_k is not None and self.deterministic else self.k_end
 
     def _router_input(self, x_BLD):
         x = x_BLD.astype(jnp.float32)
@@ -155,6 +169,13 @@ class MoE(nnx.Module):
                              f"d_model={d_model}]")
         if not jnp.issubdtype(x_BLD.dtype, jnp.floating):
             raise ValueError(f"MoE input has dtype {x_BLD.dtype}; needs floating point")
+        if router_inputs is not None and tuple(router_inputs.shape) != x_BLD.shape:
+            # transposed ones were routed silently from the wrong tokens
+            raise ValueError(f"router_inputs of shape {tuple(router_inputs.shape)}: expected "
+                             f"{tuple(x_BLD.shape)}, one router input per token of the input")
+        if active is not None and jnp.shape(active) != ():
+            raise ValueError(f"active of shape {jnp.shape(active)}: must be a scalar (0: the "
+                             "layer is off, as in Hydra's curriculum)")
         if self.chunk and router_inputs is None and (x_BLD.shape[1] % self.chunk
                                                      or segment_ids is not None):
             # pad: lengths need not divide; documents: per-token pools
@@ -168,12 +189,17 @@ class MoE(nnx.Module):
         tokens = batch * length
         x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
         if self.router_kind == "expert_choice":
-            logits = self.router(self._router_input(x_BLD)).reshape(tokens, -1)
-            capacity = expert_choice_capacity(tokens, self.num_experts, self.capacity_factor or self.k)
-            choice = expert_choice_routing(logits, capacity)
-            y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
+            logits = self.router(self._router_input(x_BLD)).reshape(tokens, self.num_experts)
+            if tokens:
+                capacity = expert_choice_capacity(tokens, self.num_experts,
+                                                  self.capacity_factor or self.k)
+                choice = expert_choice_routing(logits, capacity)
+                y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
+                aux = self.z_weight * router_z_loss(choice.logits)
+            else:  # an empty batch: no token for an expert to choose (as top-k gives)
+                y_TD, aux = x_TD, jnp.zeros(())
             load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
-            dropped, aux = jnp.zeros(()), self.z_weight * router_z_loss(choice.logits)
+            dropped = jnp.zeros(())
         elif mesh is not None and row_split(mesh, x_BLD.shape):
             # data/FSDP parallel: each device dispatches its own tokens (a global sort and
             # gather of every token would be replicated on every device)
@@ -199,7 +225,8 @@ class MoE(nnx.Module):
                                      lambda rows, sizes: self._grouped_experts(rows, sizes, weights))
             dropped = jnp.zeros(())
         else:
-            capacity = expert_capacity(tokens, self.num_experts, self.k_max, self.capacity_factor)
+            capacity = expert_capacity(tokens, self.num_experts, self.capacity_k,
+                                       self.capacity_factor)
             y_TD, dropped = capacity_dispatch(x_TD, choice,
                                               lambda x: self._buffered_experts(x, weights), capacity)
         load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)

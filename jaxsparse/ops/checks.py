@@ -16,6 +16,12 @@ def is_integer(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """A Python or numpy real number: not a bool (a flag passed by mistake), not a string or
+    ``None`` (which fail comparisons with a bare ``TypeError``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_integer(name: str, value, low: int = 1, high: float = math.inf,
                   allowed: str = "") -> None:
     """``value`` an integer in ``[low, high]``, else a ``ValueError`` naming ``name``, the value
@@ -28,8 +34,7 @@ def check_nonnegative(name: str, value) -> None:
     """``value`` a finite real number >= 0 (a weight or an initialisation scale: NaN would
     spread through the loss or the weights, a negative scale fails in ``sqrt`` or flips a
     loss into a reward), else a ``ValueError`` naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value >= 0):
+    if not is_real(value) or not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name}={value!r}: must be a finite number >= 0")
 
 

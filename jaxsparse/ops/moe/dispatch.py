@@ -13,12 +13,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.ops.checks import check_integer
+from jaxsparse.ops.checks import check_integer, is_real
 from jaxsparse.ops.moe.routing import ExpertChoice, TokenChoice
 
 
 def _check_capacity_factor(capacity_factor) -> None:
-    if not 0 < capacity_factor < math.inf:  # also refuses nan
+    if not is_real(capacity_factor) or not 0 < capacity_factor < math.inf:  # also nan
         raise ValueError(f"capacity_factor={capacity_factor!r}: must be a finite number > 0")
 
 
@@ -53,15 +53,17 @@ def _check_callback_output(name: str, out, expected: tuple) -> None:
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float,
                     minimum: int = 4) -> int:
     """Slots per expert: ``round(capacity_factor * tokens * k / E)``, at least ``minimum``
-    (capped at the token count; ``minimum >= 1``, so tokens always get a slot). With factor 1
-    the slots equal the assignments."""
+    (``minimum >= 1``, so tokens always get a slot) and at most the token count: a token's k
+    choices are distinct experts, so no expert can be given more. With factor 1 the slots
+    equal the assignments (MaxText's convention; flaxformer's ``cf * tokens / E`` leaves k
+    out, so its top-2 factor 1.25 is 0.625 here)."""
     check_integer("num_tokens", num_tokens, 0)
     check_integer("num_experts", num_experts, 1)
-    check_integer("k", k, 1)
+    check_integer("k", k, 1, num_experts, f"in [1, num_experts={num_experts}]")
     check_integer("minimum", minimum, 1)
     _check_capacity_factor(capacity_factor)
     slots = max(int(round(capacity_factor * num_tokens * k / num_experts)), minimum)
-    return min(slots, num_tokens * k)
+    return min(slots, num_tokens)
 
 
 def slot_positions(choice: TokenChoice, num_experts: int) -> jax.Array:

@@ -216,6 +216,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None,
         raise ValueError(f"implementation={implementation!r}: allowed {GMM_IMPLEMENTATIONS}")
     if tile is not None and (not is_integer(tile) or tile < 1):
         raise ValueError(f"tile={tile!r}: must be an integer >= 1, or None (default_tile)")
+    group_sizes = jnp.asarray(group_sizes)  # a list of ints failed with an AttributeError
     _check(lhs, rhs, group_sizes)
     if 0 in (lhs.shape[0], lhs.shape[1], rhs.shape[2]):  # no rows (an empty batch), no
         return _dense(lhs, rhs, group_sizes)  # contraction or no columns: nothing to tile
