@@ -102,6 +102,54 @@ def test_causal_and_cached_decoding_equals_the_forward_pass(kind):
     np.testing.assert_array_equal(greedy, seq[:, 4:])
 
 
+def test_mamba2_block_equals_its_definition_with_a_norm_per_group():
+    """Mamba-2 (Dao & Gu 2024; state-spaces/mamba's Mamba2) written out: in-projection to
+    (z, xBC, dt); causal convolution + SiLU over xBC; SSD with a scalar A per head (its naive
+    recurrence here); ``y * silu(z)`` RMS-normalised per group of heads (``group_size =
+    d_inner / ngroups``, eps 1e-5: it was normalised over all of d_inner); out-projection."""
+    from jaxsparse.nn import Mamba2
+    from jaxsparse.ops.ssm import ssd_reference
+
+    mixer = Mamba2(16, d_state=4, head_dim=8, groups=2, rngs=nnx.Rngs(0))  # 4 heads of 8
+    mixer.norm_scale[...] = jax.random.uniform(jax.random.key(2), (32,), minval=0.5, maxval=1.5)
+    x = jax.random.normal(jax.random.key(1), (2, 11, 16))
+
+    def definition(m, x):
+        z, xbc, dt = jnp.split(m.in_proj(x), [32, 32 + 48], axis=-1)
+        padded = jnp.pad(xbc, ((0, 0), (3, 0), (0, 0)))
+        conv = sum(m.conv_w[...][j][None, None] * padded[:, j:j + 11] for j in range(4))
+        conv = conv + m.conv_b[...][None, None]
+        xs, B, C = jnp.split(jax.nn.silu(conv), [32, 40], axis=-1)
+        y = ssd_reference(xs.reshape(2, 11, 4, 8), dt, -jnp.exp(m.A_log[...]),
+                          B.reshape(2, 11, 2, 4), C.reshape(2, 11, 2, 4), D=m.D[...],
+                          dt_bias=m.dt_bias[...], dt_softplus=True).reshape(2, 11, 32)
+        gated = (y * jax.nn.silu(z)).reshape(2, 11, 2, 16)  # two groups of two heads
+        normed = gated / jnp.sqrt(jnp.mean(gated ** 2, axis=-1, keepdims=True) + 1e-5)
+        return m.out_proj(normed.reshape(2, 11, 32) * m.norm_scale[...][None, None])
+
+    got, _ = nnx.jit(lambda m, x: m(x))(mixer, x)
+    np.testing.assert_allclose(got, nnx.jit(definition)(mixer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_a_scan_can_carry_the_decode_cache(kind):
+    """A bfloat16 block returned its convolution state in bfloat16 from a float32 cache (the
+    default of ``init_cache``), so a ``lax.scan`` decoding loop failed: carry types differ."""
+    mixer = build(kind, "model.dtype=bfloat16").blocks[0].mixer
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+
+    def step(cache, x_t):
+        y, cache = mixer(x_t[:, None], cache=cache)
+        return cache, y[:, 0]
+
+    cache = mixer.init_cache(2, 8)
+    final, ys = jax.jit(lambda c, x: jax.lax.scan(step, c, x.swapaxes(0, 1)))(cache, x)
+    assert jax.tree.map(lambda a: a.dtype, final) == jax.tree.map(lambda a: a.dtype, cache)
+    full, _ = mixer(x)
+    np.testing.assert_allclose(ys.swapaxes(0, 1).astype(jnp.float32), full.astype(jnp.float32),
+                               atol=3e-2 * float(jnp.max(jnp.abs(full.astype(jnp.float32)))))
+
+
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_bfloat16_compute_and_parameters_reach_the_mixers(kind):
     """``model.dtype``/``model.param_dtype`` = bfloat16: the projections, the convolution and

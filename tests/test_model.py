@@ -220,6 +220,21 @@ def test_zero_sizes_and_wrong_widths_are_named():
 
 
 
+def test_rms_norm_per_group_normalises_each_slice_on_its_own():
+    """``groups``: each equal slice of the last axis has its own statistics (Mamba-2's gated
+    norm), the scale stays per channel; one group is the plain norm."""
+    from jaxsparse.ops.normalization import rms_norm
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 12)) * jnp.array([1.0, 10.0, 0.1]).repeat(4)[None, None]
+    scale = jax.random.uniform(jax.random.key(1), (12,), minval=0.5, maxval=1.5)
+    slices = [rms_norm(x[..., 4 * g:4 * g + 4], scale[4 * g:4 * g + 4], 1e-5) for g in range(3)]
+    np.testing.assert_allclose(rms_norm(x, scale, 1e-5, groups=3), jnp.concatenate(slices, -1),
+                               rtol=1e-6, atol=1e-6)
+    mean_square = jnp.mean(x ** 2, axis=-1, keepdims=True)
+    np.testing.assert_allclose(rms_norm(x, scale), x / jnp.sqrt(mean_square + 1e-6) * scale[None, None],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_layer_options_and_inputs_that_cannot_work_are_named():
     """Refused when the layer is built (options) or called (inputs), never a NaN or a
     truncated integer result."""
@@ -233,6 +248,10 @@ def test_layer_options_and_inputs_that_cannot_work_are_named():
         rms_norm(jnp.arange(8).reshape(2, 4), jnp.ones(4))
     with pytest.raises(ValueError, match=r"scale of shape \(3,\): must be \[4\]"):
         rms_norm(jnp.ones((2, 4)), jnp.ones(3))
+    with pytest.raises(ValueError, match="groups=3 must divide x's last dimension 4"):
+        rms_norm(jnp.ones((2, 4)), jnp.ones(4), groups=3)
+    with pytest.raises(ValueError, match="groups=0: must be an integer >= 1"):
+        rms_norm(jnp.ones((2, 4)), jnp.ones(4), groups=0)
     x, positions = jnp.ones((1, 3, 2, 4)), jnp.arange(3)[None]
     with pytest.raises(ValueError, match="x has dtype int32; rotary embeddings need floating"):
         apply_rotary(x.astype(jnp.int32), positions)

@@ -124,8 +124,17 @@ class Mamba(nnx.Module):
             y, ssm_state = selective_scan(
                 *args, initial_state=None if cache is None else cache["ssm"],
                 return_final_state=True, segment_ids=segment_ids, **kwargs)
-        new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}
-        return self.out_proj(y), new_cache
+        return self.out_proj(y), _new_cache(cache, conv_state, ssm_state)
+
+
+def _new_cache(cache, conv_state, ssm_state):
+    """The decode state after a call, in the dtypes of the one given (the convolution's came
+    back in the activation dtype): a ``lax.scan`` or ``fori_loop`` that carries the cache
+    needs its types unchanged."""
+    if cache is None:
+        return None
+    return {"conv": conv_state.astype(cache["conv"].dtype),
+            "ssm": ssm_state.astype(cache["ssm"].dtype)}
 
 
 def _sequence_parallel(x_BLD, cache) -> bool:
@@ -136,7 +145,8 @@ def _sequence_parallel(x_BLD, cache) -> bool:
 
 class Mamba2(nnx.Module):
     """Mamba-2 block: one in-projection to (z, x, B, C, dt), causal conv + SiLU over (x, B, C),
-    SSD with a scalar A per head, gated RMSNorm ``norm(y * silu(z))``, out-projection."""
+    SSD with a scalar A per head, gated RMSNorm ``norm(y * silu(z))`` per group of heads,
+    out-projection."""
 
     def __init__(self, d_model: int, *, d_state: int = 64, expand: int = 2, d_conv: int = 4,
                  head_dim: int = 64, groups: int = 1, chunk_size: int = 64, rngs: nnx.Rngs,
@@ -207,6 +217,7 @@ class Mamba2(nnx.Module):
             y, ssm_state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size,
                                segment_ids=segment_ids, **kwargs)
         y = y.reshape(batch, length, self.d_inner)
-        y = rms_norm(y * jax.nn.silu(z), self.norm_scale[...])
-        new_cache = None if cache is None else {"conv": conv_state, "ssm": ssm_state}
-        return self.out_proj(y), new_cache
+        # state-spaces/mamba's RMSNormGated(norm_before_gate=False): statistics per group of
+        # heads (group_size = d_inner // ngroups), eps 1e-5
+        y = rms_norm(y * jax.nn.silu(z), self.norm_scale[...], 1e-5, groups=self.groups)
+        return self.out_proj(y), _new_cache(cache, conv_state, ssm_state)
