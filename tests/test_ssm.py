@@ -259,6 +259,27 @@ def test_bad_inputs_name_the_argument():
         ssd(**args2, chunk_size=4, dt_bias=jnp.zeros(4))
     with pytest.raises(ValueError, match="x has dtype int32; the scan needs floating-point"):
         selective_scan(**(args | {"x": args["x"].astype(jnp.int32)}))
+    # a plain float D or dt_bias failed with an AttributeError (.shape)
+    with pytest.raises(ValueError, match=r"D must be \[d_inner=4\], got \(\)"):
+        selective_scan(**(args | {"D": 1.0}))
+    with pytest.raises(ValueError, match=r"D must be \[heads=2\], got \(\)"):
+        ssd(**(args2 | {"D": 1.0}), chunk_size=4)
+    with pytest.raises(ValueError, match=r"dt_bias must be \[d_inner=4\], got \(\)"):
+        selective_scan(**(args | {"dt_bias": 0.5}))
+    # a decoding step names its own arguments, with the shapes the caller passed
+    state = jnp.zeros((1, 4, 2))
+    step = dict(state=state, x_t=args["x"][:, 0], dt_t=args["dt"][:, 0], A=args["A"],
+                B_t=args["B"][:, 0], C_t=args["C"][:, 0])
+    with pytest.raises(ValueError, match=r"B_t of shape \(1, 2\): must be \[batch=1, groups, "
+                                         r"d_state=2\]"):
+        selective_state_update(**(step | {"B_t": step["B_t"][:, 0]}))
+    with pytest.raises(ValueError, match=r"A of shape \(4, 3\): must be \[d_inner, d_state\]"
+                                         r"=\(4, 2\)"):
+        selective_state_update(**(step | {"A": -jnp.ones((4, 3))}))
+    with pytest.raises(ValueError, match=r"z_t of shape \(1, 3\): must be x_t's \(1, 4\)"):
+        selective_state_update(**step, z_t=jnp.ones((1, 3)))
+    y_t, _ = selective_state_update(**step)
+    assert y_t.shape == (1, 4)
 
 
 def test_every_mamba2_form_refuses_a_transposed_initial_state_and_zero_groups():

@@ -35,8 +35,8 @@ def _check_negative(name, A):
 
 
 def _check_dt_bias_and_dtypes(dt_bias, size: int, size_name: str, **arrays) -> None:
-    if dt_bias is not None and dt_bias.shape != (size,):
-        raise ValueError(f"dt_bias must be [{size_name}={size}], got {dt_bias.shape}")
+    if dt_bias is not None and jnp.shape(dt_bias) != (size,):  # (a float has no .shape)
+        raise ValueError(f"dt_bias must be [{size_name}={size}], got {jnp.shape(dt_bias)}")
     for name, arr in arrays.items():
         if not jnp.issubdtype(arr.dtype, jnp.floating):  # y would come back truncated
             raise ValueError(f"{name} has dtype {arr.dtype}; the scan needs floating-point inputs")
@@ -66,10 +66,10 @@ def _check_scan_shapes(x, dt, A, B, C, D, z, dt_bias):
         raise ValueError(f"B, C {B.shape}: groups={B.shape[2]}, must be >= 1")
     if d_inner % B.shape[2]:
         raise ValueError(f"d_inner={d_inner} must be a multiple of the groups={B.shape[2]}")
-    if D is not None and D.shape != (d_inner,):
-        raise ValueError(f"D must be [d_inner={d_inner}], got {D.shape}")
-    if z is not None and z.shape != x.shape:
-        raise ValueError(f"z must have x's shape {x.shape}, got {z.shape}")
+    if D is not None and jnp.shape(D) != (d_inner,):
+        raise ValueError(f"D must be [d_inner={d_inner}], got {jnp.shape(D)}")
+    if z is not None and jnp.shape(z) != x.shape:
+        raise ValueError(f"z must have x's shape {x.shape}, got {jnp.shape(z)}")
     _check_dt_bias_and_dtypes(dt_bias, d_inner, "d_inner", x=x, dt=dt, A=A, B=B, C=C)
     _check_negative("A", A)
 
@@ -252,6 +252,12 @@ def selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
 
     Returns:
       y ``[batch, length, d_inner]`` in x's dtype, and the final state if requested.
+
+    Differentiation: every implementation has reverse mode (``jax.grad``, ``jax.vjp``). The
+    kernels (``"native"`` — so the CPU default — ``"pallas"``, ``"pallas_interpret"``) define
+    their backward with ``jax.custom_vjp``, which JAX cannot differentiate forward: for
+    ``jax.jvp``, ``jax.jacfwd`` or forward-over-reverse Hessian products use ``"chunked"``,
+    ``"associative"`` or ``"sequential"``.
     """
     if implementation not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: allowed {SCAN_IMPLEMENTATIONS}")
@@ -339,6 +345,18 @@ def selective_state_update(state, x_t, dt_t, A, B_t, C_t, *, D=None, z_t=None, d
     if state.ndim != 3 or x_t.shape != state.shape[:2] or dt_t.shape != x_t.shape:
         raise ValueError(f"state must be [batch, d_inner, d_state] and x_t, dt_t [batch, d_inner];"
                          f" got {state.shape}, {x_t.shape}, {dt_t.shape}")
+    # named here, in the step's own terms: through selective_scan a 2-D B_t was reported as
+    # "B must be [batch, length=1, ...], got (2, 1, 5)", a shape the caller never passed
+    batch, d_inner, d_state = state.shape
+    if jnp.shape(A) != (d_inner, d_state):
+        raise ValueError(f"A of shape {jnp.shape(A)}: must be [d_inner, d_state]="
+                         f"{(d_inner, d_state)}, the state's")
+    for name, arr in (("B_t", B_t), ("C_t", C_t)):
+        if jnp.ndim(arr) != 3 or jnp.shape(arr)[0] != batch or jnp.shape(arr)[2] != d_state:
+            raise ValueError(f"{name} of shape {jnp.shape(arr)}: must be [batch={batch}, groups, "
+                             f"d_state={d_state}]")
+    if z_t is not None and jnp.shape(z_t) != x_t.shape:
+        raise ValueError(f"z_t of shape {jnp.shape(z_t)}: must be x_t's {x_t.shape}")
     y, new_state = selective_scan(
         x_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D=D,
         z=None if z_t is None else z_t[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
@@ -376,8 +394,8 @@ def _check_ssd_shapes(x, dt, A, B, C, D, dt_bias, initial_state):
     if B.shape != C.shape or B.shape[2] < 1 or heads % B.shape[2]:
         raise ValueError(f"B, C must agree and their groups (>= 1) divide heads={heads}; got "
                          f"{B.shape}, {C.shape}")
-    if D is not None and D.shape != (heads,):
-        raise ValueError(f"D must be [heads={heads}], got {D.shape}")
+    if D is not None and jnp.shape(D) != (heads,):
+        raise ValueError(f"D must be [heads={heads}], got {jnp.shape(D)}")
     state_shape = (batch, heads, x.shape[3], B.shape[3])
     if initial_state is not None and initial_state.shape != state_shape:
         raise ValueError(f"initial_state must be [batch, heads, head_dim, d_state]={state_shape}, "
@@ -547,7 +565,8 @@ def ssd_native(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
     so the kernel takes one exp per step for all N state entries rather than N of them
     (forward 4x faster than with ``A`` broadcast to ``[channels, N]``; bench numbers in
     ``experiments/results/ssm.md``). When lowering for an accelerator it is
-    :func:`ssd_reference`. Raises if the kernel cannot be built.
+    :func:`ssd_reference`. Raises if the kernel cannot be built. Reverse-mode only (a
+    ``custom_vjp``); for ``jax.jvp`` use :func:`ssd` or :func:`ssd_reference`.
     """
     from jaxsparse.ops.native import selective_scan as native
 
