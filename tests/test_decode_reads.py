@@ -12,8 +12,8 @@ from jaxsparse.nn import Attention
 from jaxsparse.ops.attention import decode_attention, dot_product_attention, full_cache_decode
 from jaxsparse.ops.attention.decode import READ_WRITTEN_FROM_SLOTS, allowed_at
 from jaxsparse.ops.attention.decode_blocks import written_blocks_attention
-from jaxsparse.ops.masks import (BigBirdMask, CausalMask, FullMask, LocalMask, MultiHeadMask,
-                                 StridedMask)
+from jaxsparse.ops.masks import (BigBirdMask, BlockMask, CausalMask, FullMask, GlobalTokensMask,
+                                 LocalMask, MultiHeadMask, StridedMask, made_causal)
 
 
 def rand(key, *shape):
@@ -139,7 +139,8 @@ def test_full_cache_decode_writes_and_attends(prompt_chunk, monkeypatch):
 
 def test_bad_full_cache_and_written_only_arguments_are_named():
     q, k, cache = rand(0, 2, 3, 4, 8), rand(1, 2, 3, 2, 8), jnp.zeros((2, 2, 6, 8))
-    with pytest.raises(ValueError, match=r"lengths=\[7, 7\]: each must be in \[3, 6\]"):
+    # (named as passed: the message spoke of lengths=[7, 7], which the caller never gave)
+    with pytest.raises(ValueError, match=r"index=4 with 3 new tokens needs index \+ 3 <= 6"):
         full_cache_decode(q, k, k, cache, cache, 4)
     with pytest.raises(ValueError, match="index=-1: must be >= 0"):
         full_cache_decode(q, k, k, cache, cache, -1)
@@ -182,6 +183,49 @@ def test_the_attention_layer_is_causal_whatever_its_mask(mask):
         out, cache = step(layer, x[:, i:i + 1], positions[:, i:i + 1], cache, i)
         outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [LocalMask(255, 0) | StridedMask(256), StridedMask(300),
+                                  GlobalTokensMask((300,)) | LocalMask(31, 0)],
+                         ids=["sparse_transformer_stride_256", "stride_300", "global_at_300"])
+def test_a_mask_that_reads_ahead_only_far_away_is_made_causal(mask):
+    """Whether a mask reads ahead was decided from a 256-position rendering, so these passed
+    unchanged and a decoder layer read the future (position 43 changed with token 299). It is
+    decided from the parameters now; causal masks are still kept as they are."""
+    causal = made_causal(mask)
+    dense, wanted = causal.to_dense(640, 640), mask.to_dense(640, 640)
+    assert np.triu(wanted, 1).any() and not np.triu(dense, 1).any()
+    np.testing.assert_array_equal(np.tril(dense), np.tril(wanted))
+    for kept in (CausalMask(), LocalMask(7, 0), CausalMask() & StridedMask(300),
+                 MultiHeadMask((LocalMask(3, 0), CausalMask()))):
+        assert made_causal(kept) is kept
+
+
+def test_the_attention_layer_does_not_read_far_ahead_with_a_stride_of_256():
+    layer = Attention(16, 2, 1, 8, rngs=nnx.Rngs(0), mask=LocalMask(255, 0) | StridedMask(256))
+    x, positions = rand(15, 1, 300, 16), jnp.arange(300)[None]
+    forward = nnx.jit(lambda layer, x: layer(x, positions)[0])
+    y, changed = forward(layer, x), forward(layer, x.at[:, 299].set(0.0))
+    np.testing.assert_array_equal(y[:, :299], changed[:, :299])
+
+
+def test_decoding_refuses_what_its_cache_cannot_serve():
+    """Each was a silent wrong answer or a misnamed error: several queries against a ring
+    buffer that no longer holds the keys the earlier ones read (errors of 0.6 and 0.5 for
+    the first two of three); an explicit layout smaller than the cache (clipped to its last
+    block); a length-dependent mask over a ring."""
+    q, cache = rand(20, 1, 3, 2, 8), rand(21, 1, 8, 1, 8)
+    with pytest.raises(ValueError, match=r"window=8 with 3 new queries needs window \+ 3 - 1 "
+                                         r"<= slots=8"):
+        decode_attention(q, cache, cache, 20, window=8)
+    assert decode_attention(q, cache, cache, 20, window=6).shape == q.shape  # 6 + 2 fits
+    eight_positions = BlockMask(np.tril(np.ones((2, 2), bool)), block_size=(4, 4))
+    long_cache = rand(22, 1, 16, 1, 8)
+    with pytest.raises(ValueError, match=r"covers at most \(8, 8\); cannot serve "
+                                         r"\(q_len, kv_len\)=\(16, 16\)"):
+        decode_attention(q[:, :1], long_cache, long_cache, 12, mask=eight_positions)
+    with pytest.raises(ValueError, match="depends on the sequence length; a ring buffer"):
+        decode_attention(q[:, :1], cache, cache, 20, mask=BigBirdMask(2), window=8)
 
 
 def test_a_mask_of_the_wrong_type_is_named():

@@ -1,5 +1,6 @@
 """Masks: definitions on hand-checked cases, algebra, and block tables against to_dense."""
 
+import re
 import time
 
 import numpy as np
@@ -228,8 +229,23 @@ def test_bad_mask_arguments_are_named():
         BlockMask(np.ones((2, 2), bool), (4, 4)).to_dense(9, 8)
     with pytest.raises(ValueError, match="2-D boolean"):
         BlockMask(np.ones((2, 2), int))
-    with pytest.raises(ValueError, match="block sizes must be >= 1"):
+    with pytest.raises(ValueError, match="block sizes must be integers >= 1"):
         CausalMask().block_table(8, 8, 0, 4)
+    # fractions gave patterns of no meaning (StridedMask(2.5)) or everything (FixedMask(4.5, 2))
+    for build, message in ((lambda: FixedMask(4.5, 2), "FixedMask block=4.5: must be an integer >= 1"),
+                           (lambda: StridedMask(2.5), "StridedMask stride=2.5: must be an integer"),
+                           (lambda: ChunkedCausalMask(2.5), "ChunkedCausalMask chunk=2.5"),
+                           (lambda: CausalMask(offset=1.5), "CausalMask offset=1.5: must be an integer"),
+                           (lambda: CausalMask(offset="1"), "CausalMask offset='1'"),
+                           (lambda: BigBirdMask(4.0), "BigBirdMask block=4.0: must be an integer"),
+                           (lambda: BigBirdMask(4, seed=0.5), "BigBirdMask seed=0.5"),
+                           (lambda: CausalMask().block_table(8, 8, 2.5, 4),
+                            "block sizes must be integers >= 1, got block_q=2.5"),
+                           (lambda: CausalMask().to_dense(8.0, 8), "mask sizes must be integers")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build()
+    assert GlobalTokensMask((np.int64(2), 5)) == GlobalTokensMask((2, 5))
+    assert CausalMask(offset=np.int64(-2)).to_dense(3, 3).sum() == 1
     with pytest.raises(ValueError, match="heads"):
         MultiHeadMask((CausalMask(),)) & MultiHeadMask((CausalMask(), CausalMask()))
 

@@ -193,6 +193,12 @@ class Mask:
         when there is no closed form (tiles are then evaluated element by element)."""
         return None
 
+    def is_causal(self) -> bool:
+        """Whether no query can read a later key, at any length — known from the parameters
+        (False where unknown: a decoder layer then adds ``CausalMask()``, which costs nothing
+        when the mask is causal anyway)."""
+        return False
+
     def lookback(self) -> int | None:
         """The most recent positions, its own included, that a query may read at most — a
         bound ``i - j < lookback`` holding at every sequence length, so that a decoder's
@@ -208,8 +214,9 @@ class Mask:
 
     def check_size(self, q_len: int, kv_len: int) -> None:
         """Raise ValueError if this mask cannot serve a ``(q_len, kv_len)`` problem."""
-        if q_len < 1 or kv_len < 1:
-            raise ValueError(f"mask sizes must be >= 1, got q_len={q_len}, kv_len={kv_len}")
+        if not (is_integer(q_len) and is_integer(kv_len)) or q_len < 1 or kv_len < 1:
+            raise ValueError(f"mask sizes must be integers >= 1, got q_len={q_len!r}, "
+                             f"kv_len={kv_len!r}")
 
     def to_dense(self, q_len: int, kv_len: int) -> np.ndarray:
         """Boolean ``[q_len, kv_len]`` array: True where query i may attend to key j."""
@@ -241,8 +248,7 @@ class Mask:
     def block_table(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockTable:
         """Tile classification and compact index lists (see :class:`BlockTable`)."""
         self.check_size(q_len, kv_len)
-        if block_q < 1 or block_kv < 1:
-            raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_kv={block_kv}")
+        _check_block_sizes(block_q, block_kv)
         kind = self._classify(q_len, kv_len, block_q, block_kv)[None]
         return _table_from_kinds(kind, q_len, kv_len, block_q, block_kv)
 
@@ -310,8 +316,14 @@ class CausalMask(Mask):
 
     offset: int = 0
 
+    def __post_init__(self):
+        _check_int_fields(self, ("offset", None))
+
     def allowed(self, q_idx, kv_idx):
         return kv_idx <= q_idx + self.offset
+
+    def is_causal(self) -> bool:
+        return self.offset <= 0
 
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         return ks <= qe - 1 + self.offset, ke - 1 <= qs + self.offset, False
@@ -345,6 +357,9 @@ class LocalMask(Mask):
     def lookback(self) -> int | None:
         return None if self.left is None else self.left + 1
 
+    def is_causal(self) -> bool:
+        return self.right == 0
+
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         left = np.inf if self.left is None else self.left
         right = np.inf if self.right is None else self.right
@@ -360,14 +375,16 @@ class ChunkedCausalMask(Mask):
     chunk: int
 
     def __post_init__(self):
-        if self.chunk < 1:
-            raise ValueError(f"ChunkedCausalMask chunk={self.chunk}: must be >= 1")
+        _check_int_fields(self, ("chunk", 1))
 
     def allowed(self, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx // self.chunk == q_idx // self.chunk)
 
     def lookback(self) -> int:
         return self.chunk
+
+    def is_causal(self) -> bool:
+        return True
 
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         c = self.chunk
@@ -389,8 +406,7 @@ class StridedMask(Mask):
     stride: int
 
     def __post_init__(self):
-        if self.stride < 1:
-            raise ValueError(f"StridedMask stride={self.stride}: must be >= 1")
+        _check_int_fields(self, ("stride", 1))
 
     def allowed(self, q_idx, kv_idx):
         return (q_idx - kv_idx) % self.stride == 0
@@ -412,7 +428,8 @@ class FixedMask(Mask):
     c: int
 
     def __post_init__(self):
-        if self.block < 1 or not 1 <= self.c <= self.block:
+        _check_int_fields(self, ("block", 1), ("c", 1))
+        if not self.c <= self.block:
             raise ValueError(f"FixedMask(block={self.block}, c={self.c}): need block >= 1 and "
                              "1 <= c <= block")
 
@@ -451,6 +468,8 @@ class GlobalTokensMask(Mask):
         elif not isinstance(value, int | tuple) or isinstance(value, bool):
             raise ValueError(f"GlobalTokensMask num_or_indices={value!r}: expected a count "
                              "(int) or a sequence of positions")
+        elif isinstance(value, tuple) and all(is_integer(v) for v in value):
+            object.__setattr__(self, "num_or_indices", tuple(int(v) for v in value))  # numpy ints
         value = self.num_or_indices
         if isinstance(value, int):
             if value < 0:
@@ -588,11 +607,10 @@ class BigBirdMask(Mask):
     causal: bool = False  # draw random blocks from earlier blocks only
 
     def __post_init__(self):
-        if self.block < 1:
-            raise ValueError(f"BigBirdMask block={self.block}: must be >= 1")
-        for name in ("window_blocks", "global_blocks", "random_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"BigBirdMask {name}={getattr(self, name)}: must be >= 0")
+        _check_int_fields(self, ("block", 1), ("window_blocks", 0), ("global_blocks", 0),
+                          ("random_blocks", 0), ("seed", None))
+        if not isinstance(self.causal, bool | np.bool_):
+            raise ValueError(f"BigBirdMask causal={self.causal!r}: must be True or False")
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 — frozen, hashable instances; bounded cache
     def layout(self, q_len: int, kv_len: int) -> np.ndarray:
@@ -711,6 +729,9 @@ class AndMask(_Combined):
         bounds = [m.lookback() for m in (self.left, self.right) if m.lookback() is not None]
         return min(bounds) if bounds and self.length_free else None
 
+    def is_causal(self) -> bool:
+        return self.left.is_causal() or self.right.is_causal()
+
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         (a_any, a_all, a_und), (b_any, b_all, b_und) = self._sides(qs, qe, ks, ke, q_len, kv_len)
         any_, all_ = a_any & b_any, a_all & b_all
@@ -729,6 +750,9 @@ class OrMask(_Combined):
     def lookback(self) -> int | None:
         bounds = [self.left.lookback(), self.right.lookback()]
         return None if None in bounds or not self.length_free else max(bounds)
+
+    def is_causal(self) -> bool:
+        return self.left.is_causal() and self.right.is_causal()
 
     def _tile_any_all(self, qs, qe, ks, ke, q_len, kv_len):
         (a_any, a_all, a_und), (b_any, b_all, b_und) = self._sides(qs, qe, ks, ke, q_len, kv_len)
@@ -770,12 +794,16 @@ class MultiHeadMask(Mask):
         bounds = [m.lookback() for m in self.masks]
         return None if None in bounds else max(bounds)
 
+    def is_causal(self) -> bool:
+        return all(m.is_causal() for m in self.masks)
+
     def to_dense(self, q_len, kv_len) -> np.ndarray:
         """Boolean ``[heads, q_len, kv_len]``."""
         return np.stack([m.to_dense(q_len, kv_len) for m in self.masks])
 
     def block_table(self, q_len, kv_len, block_q, block_kv) -> BlockTable:
         self.check_size(q_len, kv_len)
+        _check_block_sizes(block_q, block_kv)
         kinds = np.stack([m._classify(q_len, kv_len, block_q, block_kv) for m in self.masks])
         return _table_from_kinds(kinds, q_len, kv_len, block_q, block_kv)
 
@@ -796,6 +824,23 @@ class MultiHeadMask(Mask):
         return MultiHeadMask(tuple(other | m for m in self.masks))
 
 
+def _check_int_fields(mask: Mask, *fields: tuple[str, int | None]) -> None:
+    """Each named field an integer (at least the given minimum): a fraction gave patterns of
+    no meaning (``StridedMask(2.5)``) or everything (``FixedMask(4.5, 2)``), a string failed
+    inside numpy."""
+    for name, low in fields:
+        value = getattr(mask, name)
+        if not is_integer(value) or (low is not None and value < low):
+            allowed = "an integer" + ("" if low is None else f" >= {low}")
+            raise ValueError(f"{type(mask).__name__} {name}={value!r}: must be {allowed}")
+
+
+def _check_block_sizes(block_q, block_kv) -> None:
+    if not (is_integer(block_q) and is_integer(block_kv)) or block_q < 1 or block_kv < 1:
+        raise ValueError(f"block sizes must be integers >= 1, got block_q={block_q!r}, "
+                         f"block_kv={block_kv!r}")
+
+
 def _same_heads(mask: MultiHeadMask, others: Sequence[Mask]):
     if len(others) != mask.num_heads:
         raise ValueError(f"cannot combine MultiHeadMasks of {mask.num_heads} and {len(others)} heads")
@@ -805,17 +850,14 @@ def made_causal(mask: Mask | None) -> Mask:
     """``mask`` (a lazy Mask, or None for plain causal attention) as a causal decoder layer
     (``nn.Attention``) applies it: on top of causality, as decoding does. A mask that lets a
     query read a later key (a window reaching right, global tokens, a random block) is
-    combined with ``CausalMask()``; a causal one is kept as it is, so the ops still see e.g.
-    a plain ``CausalMask``."""
+    combined with ``CausalMask()``; one causal by construction (:meth:`Mask.is_causal`) is kept
+    as it is, so the ops still see e.g. a plain ``CausalMask``."""
     if mask is None:
         return CausalMask()
     if not isinstance(mask, Mask):
         raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string (e.g. "
                         "'local:256') or None")
-    # whether it reads ahead is seen on a short sequence: every mask here that reads ahead
-    # at some length already does so within 256 positions (windows, globals, random blocks)
-    dense = mask.to_dense(_CAUSALITY_PROBE, _CAUSALITY_PROBE)
-    return mask & CausalMask() if np.triu(dense, 1).any() else mask
-
-
-_CAUSALITY_PROBE = 256
+    # decided from the parameters, not from a rendering: a probe of 256 positions missed
+    # masks that read ahead only further (a stride of 256, global tokens past 256), and a
+    # decoder layer then read the future
+    return mask if mask.is_causal() else mask & CausalMask()

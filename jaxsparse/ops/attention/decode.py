@@ -140,12 +140,23 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
     if window is not None and (not is_integer(window) or not 1 <= window <= slots):
         raise ValueError(f"window={window!r}: must be an integer in [1, {slots}] (the cache "
                          "slots)")
+    if window is not None and window + new - 1 > slots:
+        # the earliest query reads window - 1 keys behind it, which the ring has overwritten
+        raise ValueError(f"window={window} with {new} new queries needs window + {new} - 1 <= "
+                         f"slots={slots}: the ring buffer no longer holds the keys the earlier "
+                         "queries read (window_cache_decode reads a prompt beside the cache)")
     lengths = checked_cache_lengths(lengths, batch, new, None if window is not None else slots)
     mask = lazy_mask(mask, q_heads)
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask={mask!r:.80}: expected a Mask, a mask spec string or None")
     if isinstance(mask, MultiHeadMask) and mask.num_heads != q_heads:
         raise ValueError(f"mask has {mask.num_heads} heads; q has {q_heads}")
+    if mask is not None and window is None:
+        mask.check_size(slots, slots)  # evaluated for C positions: a smaller layout was clipped
+    elif mask is not None and not mask.length_free:
+        raise ValueError(f"mask={mask!r:.80} depends on the sequence length; a ring buffer "
+                         "(window) holds positions past its slots, for which it has no length: "
+                         "use a cache of every position (no window)")
     q_pos = lengths[:, None] - new + jnp.arange(new)[None, :]  # [B, L]
     scale = head_dim**-0.5 if scale is None else scale
     k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
@@ -210,6 +221,10 @@ def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     new = q.shape[1]
     slots = _checked_heads_first_caches(k_cache, v_cache, k_new)
     index = checked_first_position(index)
+    first = concrete_values(index)
+    if first is not None and int(first) + new > slots:  # (named as the caller passed it)
+        raise ValueError(f"index={int(first)} with {new} new tokens needs index + {new} <= "
+                         f"{slots}, the cache's slots")
     lengths = checked_cache_lengths(index + new, q.shape[0], new, slots)
     at = (0, 0, index, 0)
     k_cache, v_cache = (jax.lax.dynamic_update_slice(cache, x.swapaxes(1, 2).astype(cache.dtype),
