@@ -49,6 +49,19 @@ def test_projecting_a_monarch_matrix_recovers_it(n_in, n_out, nblocks):
     np.testing.assert_allclose(monarch_to_dense(p1, p2), dense, atol=1e-4)
 
 
+def test_integer_and_half_precision_matrices_are_projected_in_float32():
+    """An integer matrix was projected with its singular values' roots truncated to integers
+    (recovery error 2.8 for an exactly-Monarch matrix of integers, no error raised); bfloat16
+    failed inside the SVD."""
+    w1 = jax.random.randint(jax.random.key(0), (4, 4, 4), -2, 3).astype(jnp.float32)
+    w2 = jax.random.randint(jax.random.key(1), (4, 4, 4), -2, 3).astype(jnp.float32)
+    dense = monarch_to_dense(w1, w2)  # small integers, exact in float32
+    for dtype in (jnp.int32, jnp.bfloat16):
+        p1, p2 = project_to_monarch(dense.astype(dtype))
+        assert p1.dtype == p2.dtype == jnp.float32, dtype
+        np.testing.assert_allclose(monarch_to_dense(p1, p2), dense, atol=1e-4, err_msg=str(dtype))
+
+
 @pytest.mark.parametrize("n_in,n_out,nblocks", SIZES[:9])
 def test_dense_matrix_times_x_equals_the_product(n_in, n_out, nblocks):
     w1, w2 = random_factors(jax.random.key(1), n_in, n_out, nblocks)

@@ -276,6 +276,32 @@ def test_bad_routing_options_and_inputs_are_refused_before_any_work():
         ema_mean(jnp.zeros((2, 4)), jnp.zeros((), jnp.int32), k, decay=1.0)
 
 
+def test_bad_centroid_learning_inputs_are_refused():
+    """A missing cluster list dropped its units from the k-means update (zip), an id out of
+    range moved no centroid (and was clamped to the last one in the loss), a mask of another
+    length failed inside a multiply."""
+    centroids = init_centroids(jax.random.key(0), 2, 4, 8)
+    unit = normalize(jax.random.normal(jax.random.key(1), (2, 5, 2, 8)))
+    cluster = assign(unit, centroids)
+    for call, message in [
+            (lambda: ema_centroids(centroids, [unit, unit], [cluster]),
+             "2 units and 1 clusters: each unit array needs its cluster ids"),
+            (lambda: ema_centroids(centroids, [unit], [cluster.at[0, 0, 0].set(4)]),
+             r"clusters\[0\] holds ids in \[0, 4\]: must be in \[0, 4\)"),
+            (lambda: commitment_loss(centroids, [unit], [cluster - 1]),
+             r"clusters\[0\] holds ids in \[-1, \d\]: must be in \[0, 4\)"),
+            (lambda: ema_centroids(centroids, [unit], [cluster], mask=jnp.ones((2, 6))),
+             r"mask of shape \(2, 6\): expected \[batch, length\]=\(2, 5\)"),
+            (lambda: commitment_loss(centroids, [unit[..., :4]], [cluster]),
+             r"units\[0\] of shape \(2, 5, 2, 4\): expected \[batch, length, heads=2, "
+             r"head_dim=8\]"),
+            (lambda: ema_centroids(centroids, [unit], [cluster[:, :4]]),
+             r"clusters\[0\] of shape \(2, 4, 2\) and dtype int32: expected integers of "
+             r"shape \(2, 5, 2\)")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_bad_routing_decode_inputs_are_refused():
     q, k, v = qkv(jax.random.key(0), b=1, length=6, heads=2, dim=4)
     centroids = init_centroids(jax.random.key(1), 2, 3, 4)

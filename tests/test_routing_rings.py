@@ -120,6 +120,9 @@ def test_bad_ring_decode_inputs_are_refused():
              r"rings\['v'\] of shape \(2, 3, 4, 2, 5\): expected \(2, 3, 4, 3, 5\)"),
             (dict(rings={**rings, "count": rings["count"].astype(jnp.float32)}),
              r"rings\['count'\] has dtype float32: expected integers"),
+            # integer rings truncated the keys written into them (errors of 1.5, silently)
+            (dict(rings={**rings, "v": rings["v"].astype(jnp.int32)}),
+             r"rings\['v'\] has dtype int32: expected a floating-point dtype"),
             (dict(centroids=centroids[:, :2]), r"rings\['k'\] of shape \(2, 3, 4, 3, 5\): "
                                                r"expected \(2, 3, 2, 3, 5\)"),
             (dict(k=k[:, :3]), r"q, k, v must share one shape"),
@@ -130,6 +133,8 @@ def test_bad_ring_decode_inputs_are_refused():
             routing_ring_decode(**{**good, **kw})
     with pytest.raises(ValueError, match="window=0: must be an integer >= 1"):
         init_routing_rings(2, 3, 4, 0, 5)
+    with pytest.raises(ValueError, match="dtype='bool': a decode cache must have a floating"):
+        init_routing_rings(2, 3, 4, 3, 5, dtype=jnp.bool_)
 
 
 def _layer(**kw):

@@ -138,11 +138,15 @@ def project_to_monarch(matrix, nblocks: int | None = None):
 
     Each of the ``b × b`` blocks (rows ``{s'·b + l}``, columns ``k·p ..``) is replaced by its
     best rank-``ρ`` approximation (truncated SVD); the singular values are split evenly between
-    the factors. Real or complex input. Returns ``(w1 [b, q, p], w2 [b, s, q])``.
+    the factors. Real or complex input; integer, boolean and half-precision matrices are
+    projected in float32 (the SVD takes nothing narrower, and in an integer dtype the
+    singular values' roots were truncated: a silently worse projection). Returns
+    ``(w1 [b, q, p], w2 [b, s, q])`` in that dtype.
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2:
         raise ValueError(f"matrix must be 2-D [m, n], got shape {matrix.shape}")
+    matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
     m, n = matrix.shape
     (b, q, p), (_, s, _) = monarch_shapes(n, m, nblocks)
     rho = q // b
@@ -241,8 +245,12 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
     or on a platform whose kernel cannot take the block sizes), ``"pallas_interpret"`` (the GPU
     kernel in interpret mode, for tests). ``None`` picks ``"native"`` on a CPU-only host when
     lowering for CPU with a float32 compute dtype (if the kernel builds: it needs a C++ compiler on
-    first use) and XLA otherwise. Differentiable in every implementation (the native kernels
-    have their own backward: dx, dw1 and dw2 in one pass over token tiles).
+    first use) and XLA otherwise. Every implementation takes reverse mode (``jax.grad``; the
+    native kernels have their own backward: dx, dw1 and dw2 in one pass over token tiles).
+    The kernels (``"native"`` — so the CPU default —, ``"pallas"``, ``"pallas_interpret"``)
+    define that backward with ``jax.custom_vjp``, which JAX cannot differentiate forward or
+    twice: for ``jax.jvp``, ``jax.jacfwd``, Hessian products or gradient penalties use
+    ``"xla"``.
 
     Dtypes: ``x``, ``w1`` and ``w2`` must be floating point (else ``ValueError``); every
     implementation computes in and returns ``jnp.result_type(x, w1, w2)`` (bfloat16 ``x``

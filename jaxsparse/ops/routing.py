@@ -358,6 +358,7 @@ def ema_centroids(centroids_HCD, units, clusters, decay: float = 0.999, mask=Non
     value = concrete_values(decay)
     if value is not None and not (value.shape == () and 0 <= value <= 1):
         raise ValueError(f"decay={decay!r}: must be in [0, 1]")
+    _check_routed_units(centroids_HCD, units, clusters, mask)
     h, c, d = centroids_HCD.shape
     sums = jnp.zeros((h, c, d), jnp.float32)
     counts = jnp.zeros((h, c), jnp.float32)
@@ -423,9 +424,37 @@ def ema_mean(mean_HD, count, x_BLHD, decay: float, mask=None):
     return jax.lax.stop_gradient(new), count
 
 
+def _check_routed_units(centroids_HCD, units, clusters, mask=None) -> None:
+    """``units`` (``[B, L, H, D]`` each) and their ``clusters`` (``[B, L, H]``, ids in
+    ``[0, C)`` where concrete) pair up one to one, and ``mask`` is ``[B, L]``: a missing
+    cluster list dropped its units from the update (zip), an id out of range moved no
+    centroid (or was clamped to the last in the loss), a mask of another length failed
+    inside a multiply."""
+    h, c, d = centroids_HCD.shape
+    if len(units) != len(clusters):
+        raise ValueError(f"{len(units)} units and {len(clusters)} clusters: each unit array "
+                         "needs its cluster ids")
+    for i, (unit, cluster) in enumerate(zip(units, clusters)):
+        if unit.ndim != 4 or unit.shape[2:] != (h, d):
+            raise ValueError(f"units[{i}] of shape {tuple(unit.shape)}: expected [batch, length, "
+                             f"heads={h}, head_dim={d}] (the centroids' heads and width)")
+        if tuple(cluster.shape) != tuple(unit.shape[:3]) or not jnp.issubdtype(cluster.dtype,
+                                                                             jnp.integer):
+            raise ValueError(f"clusters[{i}] of shape {tuple(cluster.shape)} and dtype "
+                             f"{cluster.dtype}: expected integers of shape {tuple(unit.shape[:3])}")
+        ids = concrete_values(cluster)
+        if ids is not None and ids.size and not (0 <= ids.min() and ids.max() < c):
+            raise ValueError(f"clusters[{i}] holds ids in [{ids.min()}, {ids.max()}]: must be in "
+                             f"[0, {c}) (the centroids)")
+        if mask is not None and tuple(jnp.shape(mask)) != tuple(unit.shape[:2]):
+            raise ValueError(f"mask of shape {tuple(jnp.shape(mask))}: expected [batch, length]="
+                             f"{tuple(unit.shape[:2])}, as units[{i}]")
+
+
 def commitment_loss(centroids_HCD, units, clusters):
     """Mean ``‖x̂ − μ_c(x)‖²`` over the routed vectors, the centroids held fixed: gradients
     reach the projections only."""
+    _check_routed_units(centroids_HCD, units, clusters)
     fixed = jax.lax.stop_gradient(centroids_HCD)
     total, count = 0.0, 0
     for unit, cluster in zip(units, clusters):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.attention.api import logit_scale
-from jaxsparse.ops.checks import check_integer
+from jaxsparse.ops.checks import check_cache_request, check_integer
 from jaxsparse.ops.routing import (_attend, _attend_in_chunks, _check, _check_probes, _keys,
                                    assign, assign_top, cluster_windows)
 
@@ -41,6 +41,7 @@ def init_routing_rings(batch: int, heads: int, num_clusters: int, window: int, h
     for name, value in (("batch", batch), ("heads", heads), ("num_clusters", num_clusters),
                         ("window", window), ("head_dim", head_dim)):
         check_integer(name, value)
+    check_cache_request(batch, dtype=dtype)  # integer rings truncated the keys (errors of 1.5)
     shape = (batch, heads, num_clusters, window, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "count": jnp.zeros(shape[:3], jnp.int32)}
@@ -62,6 +63,10 @@ def _check_rings(rings, batch: int, heads: int, num_clusters: int, head_dim: int
                              f"{num_clusters}, window, head_dim={head_dim}; init_routing_rings)")
     if not jnp.issubdtype(rings["count"].dtype, jnp.integer):
         raise ValueError(f"rings['count'] has dtype {rings['count'].dtype}: expected integers")
+    for name in ("k", "v"):  # keys written into integer rings were truncated silently
+        if not jnp.issubdtype(rings[name].dtype, jnp.floating):
+            raise ValueError(f"rings[{name!r}] has dtype {rings[name].dtype}: expected a "
+                             "floating-point dtype (init_routing_rings)")
     return window
 
 
