@@ -91,3 +91,22 @@ def test_linear_scan_refuses_integer_operands():
         with pytest.raises(ValueError, match=rf"{name} has dtype int32; the scan needs "
                                              "floating-point inputs"):
             linear_scan(*args)
+
+
+def test_a_scan_can_carry_the_decode_cache():
+    """A bfloat16 layer returned a float32 cache's convolution state in bfloat16 (the
+    convolution gave it back in the activation dtype), so a ``lax.scan`` decoding loop failed:
+    carry types differ. Every cache entry keeps its dtype now."""
+    layer = DiagonalSSM(16, 8, conv_width=4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(jnp.bfloat16)
+
+    def step(cache, x_t):
+        y, cache = layer(x_t[:, None], cache=cache)
+        return cache, y[:, 0]
+
+    cache = layer.init_cache(2, 8)  # float32
+    final, ys = jax.jit(lambda c, x: jax.lax.scan(step, c, x.swapaxes(0, 1)))(cache, x)
+    assert jax.tree.map(lambda a: a.dtype, final) == jax.tree.map(lambda a: a.dtype, cache)
+    full = layer(x)[0].astype(jnp.float32)
+    np.testing.assert_allclose(ys.swapaxes(0, 1).astype(jnp.float32), full,
+                               atol=3e-2 * float(jnp.max(jnp.abs(full))))

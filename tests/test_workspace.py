@@ -160,6 +160,14 @@ def test_bad_workspace_module_options_and_inputs_are_refused():
     with pytest.raises(ValueError, match=r"cache\['state'\] of shape \(1, 2, 8\): made for "
                                          r"another batch size than the input's 2"):
         ws.decode(x, ws.init_cache(1), 0)
+    # a cache made for another chunk size had its buffer writes clamped (reads off by 0.24)
+    other = WorkspaceMemory(8, 2, 3, rngs=nnx.Rngs(0)).init_cache(2)
+    with pytest.raises(ValueError, match=r"cache\['buffer'\] of shape \(2, 3, 8\): expected "
+                                         r"\(2, 2, 8\)"):
+        ws.decode(x, other, 0)
+    with pytest.raises(ValueError, match=r"cache\['state'\] of shape \(2, 5, 8\): expected "
+                                         r"\(2, 2, 8\)"):
+        ws.decode(x, WorkspaceMemory(8, 5, 2, rngs=nnx.Rngs(0)).init_cache(2), 0)
     for index, message in [(-3, "cache_index: index=-3: must be >= 0"),
                            (1.5, r"cache_index: index of shape \(\) and dtype float32"),
                            (None, "cache_index=None")]:

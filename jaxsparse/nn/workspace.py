@@ -82,6 +82,14 @@ class WorkspaceMemory(nnx.Module):
         # the index places the chunk boundaries: a negative one would shift them silently
         cache_index = checked_decode_cache(cache, cache_index, x_BLD.shape[0],
                                            ("state", "buffer"))
+        batch = x_BLD.shape[0]
+        for name, expected in (("state", (batch, self.slots, self.d_model)),
+                               ("buffer", (batch, self.chunk, self.d_model))):
+            # a buffer of another chunk size had its writes clamped (reads off by 0.24)
+            if tuple(cache[name].shape) != expected:
+                raise ValueError(f"cache[{name!r}] of shape {tuple(cache[name].shape)}: expected "
+                                 f"{expected} (batch, slots={self.slots} / chunk={self.chunk}, "
+                                 f"d_model; init_cache)")
         weights = self.weights()
 
         def step(carry, inputs):

@@ -14,7 +14,9 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
     ``state`` holds the last ``K - 1`` inputs before ``x`` (zeros at the start of a
     sequence). ``segment_ids`` (integer ``[B, L]``, packed documents): taps that reach into an
     earlier document read zeros, as at the start of a sequence; the state (the inputs before
-    ``x``) belongs to the first document. Returns ``(y [B, L, D], new_state [B, K-1, D])``.
+    ``x``) belongs to the first document. Returns ``(y [B, L, D], new_state [B, K-1, D])``,
+    the new state in the given state's dtype (x's without one): a decode loop carries it, and
+    a ``lax.scan`` carry must keep its type.
     """
     if x_BLD.ndim != 3:
         raise ValueError(f"x must be [batch, length, channels]; got {x_BLD.shape}")
@@ -29,6 +31,7 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
         raise ValueError(f"b must be [channels={channels}], got {b_D.shape}")
     if state_BKD is None:
         state_BKD = jnp.zeros((batch, width - 1, channels), x_BLD.dtype)
+    state_dtype = state_BKD.dtype
     if state_BKD.shape != (batch, width - 1, channels):
         raise ValueError(f"state must be {(batch, width - 1, channels)}, got {state_BKD.shape}")
     full = jnp.concatenate([state_BKD.astype(x_BLD.dtype), x_BLD], axis=1)
@@ -39,7 +42,7 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
                                          check_segment_ids(segment_ids, batch, length))
     if b_D is not None:
         y = y + b_D.astype(x_BLD.dtype)[None, None, :]
-    return y, full[:, length:]
+    return y, full[:, length:].astype(state_dtype)
 
 
 def _window_sum_within_documents(full_BND, w_KD, segment_ids_BL):
