@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as err:  # (a --workdir or --out that cannot be written)
         print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteTraining as err:  # the run's own failure, not the command line's

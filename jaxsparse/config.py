@@ -636,9 +636,11 @@ def validate_data(m: ModelConfig, d: DataConfig) -> None:
     for name, annotation in _field_types(DataConfig).items():
         value = getattr(d, name)
         _check(_matches(value, annotation), f"data.{name}={value!r}: expected {annotation}")
-    for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
-                       ("data.valid_every", d.valid_every)):
+    for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size)):
         _check(value >= 1, f"{key}={value}: must be >= 1")
+    # 1 would make every file validation: the split then held out a single file instead
+    _check(d.valid_every >= 2, f"data.valid_every={d.valid_every}: must be >= 2 (every n-th "
+                               "file is held out for validation)")
     _check(d.task in TASKS, f"data.task={d.task!r}: allowed {TASKS}")
     _check(d.mqar_filler in MQAR_FILLERS,
            f"data.mqar_filler={d.mqar_filler!r}: allowed {MQAR_FILLERS}")

@@ -187,6 +187,9 @@ def test_plot_output_paths(tmp_path, capsys):
     assert code == 2 and "Not a directory" in err  # a file where a directory should be
     code, err = run_cli(capsys, "plot", str(tmp_path / "missing"))
     assert code == 2 and f"workdir {tmp_path / 'missing'} is not a directory" in err
+    # a place no one may write (even root: sysfs) was a 30-line PermissionError traceback
+    code, err = run_cli(capsys, "plot", str(tmp_path), "--out", "/sys/jaxsparse-test.png")
+    assert code == 2 and "Traceback" not in err and "/sys/jaxsparse-test.png" in err, err
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean file reads without warnings
         assert len(read_metrics(tmp_path)) == 3

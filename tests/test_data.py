@@ -85,7 +85,9 @@ def test_a_shard_outside_its_processes_is_refused(args, message):
     (["data.batch_size=0"], r"data.batch_size=0: must be >= 1"),  # was: empty batches
     (["data.seq_len=0"], r"data.seq_len=0: must be >= 1"),
     (["data.seq_len=-5"], r"data.seq_len=-5: must be >= 1"),  # was: a tensorstore IndexError
-    (["data.valid_every=0"], r"data.valid_every=0: must be >= 1"),  # was: ZeroDivisionError
+    (["data.valid_every=0"], r"data.valid_every=0: must be >= 2"),  # was: ZeroDivisionError
+    # every file validation: the split held out one file instead, the opposite
+    (["data.valid_every=1"], r"data.valid_every=1: must be >= 2 \(every n-th file is held out"),
     (["data.seed=-1"], r"data.seed=-1: must be in \[0, 2\*\*32\)"),
     (["data.cache_dir= "], r"data.cache_dir=' ': give a path, or leave it unset"),
     (["data.task=mqar", "model.vocab_size=64", "data.num_kv_pairs=0"],

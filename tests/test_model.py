@@ -308,6 +308,19 @@ def test_generate_names_an_empty_batch_a_bad_rng_and_takes_array_temperatures(mo
     assert generate(model, prompt, 3, rng=jax.random.PRNGKey(3)).shape == (1, 3)  # raw keys too
 
 
+def test_generate_draws_only_ids_below_the_vocab_limit():
+    """A byte-level model with its vocabulary padded past 256 (the 1B-scale configs use 32000)
+    printed its samples with ids >= 256 wrapped modulo 256, bytes it never sampled; the text
+    sampler (``sample_bytes``) now asks for byte ids only."""
+    padded = models.build(tiny_config("model.vocab_size=512").model, nnx.Rngs(0))
+    prompt, rng = tokens(8, length=5), jax.random.key(1)
+    assert int(generate(padded, prompt, 32, rng=rng).max()) >= 256  # untrained: near uniform
+    assert int(generate(padded, prompt, 32, rng=rng, vocab_limit=256).max()) < 256
+    with pytest.raises(ValueError, match=r"vocab_limit=600: must be None or an int in \[1, "
+                                         r"vocab_size=512\]"):
+        generate(padded, prompt, 3, vocab_limit=600)
+
+
 def test_layer_sizes_and_scales_are_checked_when_built():
     """Floats and bools as sizes failed deep inside JAX or built a layer of size 1; a negative
     init scale gave "math domain error", a NaN one NaN weights; an unknown implementation

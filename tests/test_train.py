@@ -24,7 +24,7 @@ from jaxsparse.parallel import make_mesh
 from jaxsparse.train.loop import LN2
 from jaxsparse.train.state import TrainSetup
 
-from helpers import ROOT, TINY, tiny_config
+from helpers import ROOT, TINY, run_python, tiny_config
 
 
 def _snapshot(directory):
@@ -183,6 +183,30 @@ def test_init_from_keeps_the_learned_routing_statistics_and_restarts_the_counter
     assert steps and all(int(want[k]) > 0 and int(got[k]) == 0 for k in steps), \
         [(k, want[k], got[k]) for k in steps]
     assert int(started["step"]) == 0
+
+
+INIT_FROM_ON_FOUR_DEVICES = r"""
+import json, sys, jax, numpy as np
+from helpers import tiny_config
+from jaxsparse.parallel import make_mesh
+from jaxsparse.train import train
+from jaxsparse.train.loop import _init_from
+from jaxsparse.train.state import TrainSetup
+source = train(tiny_config("train.steps=2"), WORKDIR + "/source", sample=False, quiet=True).state
+cfg = tiny_config(f"train.init_from={WORKDIR}/source", "mesh.data=1", "mesh.fsdp=4")
+started = _init_from(TrainSetup(cfg, make_mesh(cfg.mesh)), cfg, WORKDIR + "/source")
+got, want = (jax.tree_util.tree_leaves(s["params"]) for s in (started, source))
+print(json.dumps({"equal": all(np.array_equal(a, b) for a, b in zip(got, want)),
+                  "devices": sorted({len(a.sharding.device_set) for a in got})}))
+"""
+
+
+def test_init_from_places_the_source_weights_on_this_runs_mesh(tmp_path):
+    """``load`` restores the source run onto one device; a run on a mesh of four refused the
+    weights ("incompatible devices for jitted computation"), so ``train.init_from`` worked on
+    one device only."""
+    out = run_python(INIT_FROM_ON_FOUR_DEVICES.replace("WORKDIR", repr(str(tmp_path))), devices=4)
+    assert out["equal"] and out["devices"] == [4], out
 
 
 def test_compatible_change_resumes(tmp_path):

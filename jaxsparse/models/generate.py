@@ -47,9 +47,10 @@ def sample_logits(logits_BV, rng, temperature, top_k):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "capacity",
-                                             "max_new_tokens", "greedy", "filtered"))
+                                             "max_new_tokens", "greedy", "filtered",
+                                             "vocab_limit"))
 def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, top_k, *,
-              prefill, capacity, max_new_tokens, greedy, filtered):
+              prefill, capacity, max_new_tokens, greedy, filtered, vocab_limit):
     """One compiled program per model, prompt bucket, token count and sampling mode (greedy,
     full distribution or top-k). ``prompt_BP`` (``prefill`` tokens, a whole number of
     buckets, maybe none) is run in one pass; the rest of the prompt, ``tail_BT[:, :tail_len]``
@@ -69,8 +70,8 @@ def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, t
     top_k = top_k if filtered else 0
     out_BN = jnp.zeros((batch, max_new_tokens), jnp.int32)
 
-    def sample(i, logits_BV):  # the i-th new token
-        return sample_logits(logits_BV, rngs[i], temperature, top_k)
+    def sample(i, logits_BV):  # the i-th new token (ids below vocab_limit: a prefix)
+        return sample_logits(logits_BV[:, :vocab_limit], rngs[i], temperature, top_k)
 
     def step(i, carry):
         # consume the i-th token after the prefill: the prompt's tail, then the sampled ones
@@ -91,14 +92,16 @@ def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, t
 
 
 def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rng=None,
-             temperature: float = 1.0, top_k: int = 0, prompt_bucket: int = 64) -> jax.Array:
+             temperature: float = 1.0, top_k: int = 0, prompt_bucket: int = 64,
+             vocab_limit: int | None = None) -> jax.Array:
     """Return ``[B, max_new_tokens]`` sampled continuations of the int prompt ``[B, P]``.
 
     The prompt's first ``P - P % prompt_bucket`` tokens are run in one pass and the rest one
     by one, as the sampled tokens are: prompts whose lengths lie in one bucket share a
     compiled program (a notebook trying prompts compiles once per bucket, not per length),
     for at most ``prompt_bucket - 1`` single-token steps. ``prompt_bucket=1`` runs every prompt
-    in one pass."""
+    in one pass. ``vocab_limit``: sample only ids below it (a byte-level model whose
+    vocabulary is padded past 256 must not emit ids no byte stands for)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
@@ -118,6 +121,10 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
             vocab is not None and top_k > vocab):
         raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={vocab}] "
                          "(0: the full distribution)")
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(
+            vocab_limit, numbers.Integral) or not 1 <= vocab_limit <= (vocab or vocab_limit)):
+        raise ValueError(f"vocab_limit={vocab_limit!r}: must be None or an int in [1, "
+                         f"vocab_size={vocab}]")
     values = concrete_values(prompt_BP)
     if vocab is not None and values is not None:
         low, high = int(values.min()), int(values.max())
@@ -144,7 +151,8 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
                      jnp.int32(length - prefill), rng, jnp.float32(temperature),
                      jnp.int32(top_k), prefill=prefill, capacity=capacity,
                      max_new_tokens=int(max_new_tokens),
-                     greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0)
+                     greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0,
+                     vocab_limit=None if vocab_limit is None else int(vocab_limit))
 
 
 def _checked_temperature(temperature) -> float:

@@ -164,8 +164,11 @@ def sample_bytes(setup: TrainSetup, state, cfg: Config, prompt: str | None = Non
     max_new = min(max_new, cfg.model.max_seq_len - len(prompt))
     model = setup.model(state["params"], state["rest"])
     tokens = np.frombuffer(prompt, np.uint8).astype(np.int32)[None]
+    # only byte ids: a vocabulary padded past 256 (the 1B-scale configs' 32000) printed
+    # its other ids wrapped modulo 256, bytes the model never sampled
     out = generate(model, tokens, max_new, rng=jax.random.key(seed),
-                   temperature=cfg.eval.temperature, top_k=cfg.eval.top_k)
+                   temperature=cfg.eval.temperature, top_k=min(cfg.eval.top_k, 256),
+                   vocab_limit=256)
     return prompt + bytes(np.asarray(out[0]).astype(np.uint8))
 
 

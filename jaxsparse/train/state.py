@@ -166,6 +166,10 @@ class TrainSetup:
             rest = _overlay(state["rest"], statistics or {})
             return state | {"params": params, "opt_state": self.tx.init(params), "rest": rest}
 
+        # placed on this mesh first: they may come from another (``load`` restores a source
+        # run onto one device), and jit refuses inputs on other devices than its outputs
+        params = jax.device_put(params, self.state_shardings["params"])
+        statistics = jax.device_put(statistics, NamedSharding(self.mesh, PartitionSpec()))
         return jax.jit(init, out_shardings=self.state_shardings)(params, statistics)
 
     def model(self, params, rest=None):
