@@ -185,5 +185,5 @@ def test_a_local_window_longer_than_the_cache_keeps_every_position_and_refuses_o
     full, _ = _layer_forward(layer, x, jnp.arange(6)[None])
     out, cache = _decode_in_pieces(layer, x, cache, (0, 4, 5, 6))
     np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"lengths=\[7\]: each must be in \[1, 6\]"):
+    with pytest.raises(ValueError, match=r"index=6 with 1 new tokens needs index \+ 1 <= 6"):
         layer(x[:, :1], jnp.full((1, 1), 6), cache=cache, cache_index=6)

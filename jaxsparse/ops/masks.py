@@ -781,6 +781,10 @@ class MultiHeadMask(Mask):
         for m in self.masks:
             m.check_size(q_len, kv_len)
 
+    @property
+    def length_free(self) -> bool:  # (its own allowed_fn only refuses: ask the heads)
+        return all(m.length_free for m in self.masks)
+
     def allowed(self, q_idx, kv_idx):
         raise TypeError("MultiHeadMask differs per head: use head_mask(h) or to_dense")
 
