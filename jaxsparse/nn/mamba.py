@@ -128,9 +128,10 @@ class Mamba(nnx.Module):
 
 
 def _new_cache(cache, conv_state, ssm_state):
-    """The decode state after a call, in the dtypes of the one given (the convolution's came
-    back in the activation dtype): a ``lax.scan`` or ``fori_loop`` that carries the cache
-    needs its types unchanged."""
+    """The decode state after a call, in the dtypes of the one given: a ``lax.scan`` or
+    ``fori_loop`` that carries the cache needs its types unchanged. The convolution keeps
+    its state's dtype itself (ops.conv); the scans return their state in float32, which a
+    caller's bfloat16 ``ssm`` cache would otherwise not get back."""
     if cache is None:
         return None
     return {"conv": conv_state.astype(cache["conv"].dtype),
