@@ -109,6 +109,24 @@ for name, mask in (("window", LocalMask(4, 0)), ("causal", CausalMask())):
         exchanges(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(ring(*a)), (0, 1, 2)))(
             ones, ones, ones).jaxpr)]
 
+# the precision of every matmul of a ring, forward and backward (part_tokens a numpy integer,
+# as a config read from numpy gives)
+def dot_precisions(jaxpr):
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(str(eqn.params["precision"]))
+        for sub in eqn.params.values():
+            for j in (sub if isinstance(sub, (list, tuple)) else [sub]):
+                inner = j if hasattr(j, "eqns") else getattr(j, "jaxpr", None)
+                if hasattr(inner, "eqns"):
+                    found |= dot_precisions(inner)
+    return found
+ring = lambda q, k, v: ring_attention(q, k, v, mesh=ring_of_4, mask=CausalMask(),
+                                      part_tokens=np.int64(4))
+out["ring dot precisions"] = sorted(dot_precisions(jax.make_jaxpr(
+    jax.grad(lambda *a: jnp.sum(ring(*a)), (0, 1, 2)))(ones, ones, ones).jaxpr))
+
 # an empty batch: empty output and gradients, as on one device
 empty_q, empty_kv = jnp.zeros((0, S, Hq, D)), jnp.zeros((0, S, Hk, D))
 empty_ring = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, mask=CausalMask())
@@ -191,7 +209,9 @@ for bad in (lambda: ring_attention(q[:, :50], k[:, :50], v[:, :50], mesh=mesh, m
             lambda: ring_attention(q, k, v, mesh=mesh, layout="striped"),
             lambda: ring_attention(q, k, v, mesh=mesh, part_tokens=0),
             lambda: ring_attention(q, k, v, mesh=mesh, segment_ids=segments[:, :40]),
-            lambda: ring_attention(q, k, v, mesh=mesh, segment_ids=segments.astype(jnp.float32))):
+            lambda: ring_attention(q, k, v, mesh=mesh, segment_ids=segments.astype(jnp.float32)),
+            lambda: ring_attention(q, k, v, mesh=None),
+            lambda: ring_attention(q, k, v, mesh=mesh, part_tokens=True)):
     try:
         bad()
     except ValueError as err:
@@ -393,9 +413,19 @@ def test_sequence_parallel_ops_name_bad_lengths_layouts_and_segments(sharded_ops
     assert ("query length S=52 must be divisible by twice the size of mesh axis 'sequence' (8) "
             "for layout='zigzag'") in errors["2"]
     assert "layout='striped': expected one of (None, 'contiguous', 'zigzag')" in errors["3"]
-    assert "part_tokens=0: expected a positive integer" in errors["4"]
+    assert "part_tokens=0: must be an integer >= 1" in errors["4"]
     assert "q segment_ids must have shape (2, 56), got (2, 40)" in errors["5"]
     assert "q segment_ids must be integers, got dtype float32" in errors["6"]
+    # mesh=None failed with an AttributeError; part_tokens=True was taken as 1
+    assert "mesh=None: ring attention needs a jax.sharding.Mesh" in errors["7"]
+    assert "part_tokens=True: must be an integer >= 1" in errors["8"]
+
+
+def test_every_ring_matmul_runs_at_the_highest_precision(sharded_ops):
+    """Forward and backward: at the default precision TPUs and TF32 GPUs round float32 operands,
+    and the ring drifted ~1e-3 from the single-device paths (which ask for HIGHEST); CPUs
+    ignore the setting, so this reads the program instead of its numbers."""
+    assert sharded_ops["ring dot precisions"] == ["(Precision.HIGHEST, Precision.HIGHEST)"]
 
 
 PRESETS_VS_SINGLE = r"""

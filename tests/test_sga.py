@@ -333,6 +333,20 @@ def test_bad_ring_decode_input_is_refused():
         decode(scores, rings, jnp.zeros(2, jnp.int32), window=4, max_global=2)
     with pytest.raises(ValueError, match="max_global=-1: must be an integer >= 0"):
         decode(scores, rings, 0, window=4, max_global=-1)
+    # integer rings truncated the keys written into them (errors of 1.6 against the full pass),
+    # a bfloat16 score ring rounded the scores that rank the candidates
+    for dtype in (jnp.int32, jnp.bool_):
+        with pytest.raises(ValueError, match=f"dtype='{jnp.dtype(dtype).name}': a decode cache "
+                                             "must have a floating-point dtype"):
+            init_sga_rings(2, 4, 2, 2, 8, dtype)
+    for name, dtype, allowed in (("global_v", jnp.int32, "a floating-point dtype"),
+                                 ("score", jnp.bfloat16, "float32"),
+                                 ("global_count", jnp.float32, "int32")):
+        with pytest.raises(ValueError, match=rf"rings\['{name}'\] has dtype "
+                                             rf"{jnp.dtype(dtype).name}: expected {allowed}"):
+            decode(scores, {**rings, name: rings[name].astype(dtype)}, 0, window=4, max_global=2)
+    with pytest.raises(ValueError, match="kv_heads=2.0: must be an integer >= 1"):
+        init_sga_rings(2, 4, 2, 2.0, 8)
 
 
 @pytest.mark.parametrize("impl", [None] + IMPLEMENTATIONS)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxsparse.ops.attention.api import check_attention_inputs, logit_scale
 from jaxsparse.ops.attention.decode import checked_first_position
+from jaxsparse.ops.checks import check_cache_request, check_integer
 from jaxsparse.ops.sga import _attend, check_sga_options
 
 
@@ -38,8 +39,13 @@ def init_sga_rings(batch: int, window: int, max_global: int, kv_heads: int, head
     window, D]``, ``score [B, window]``, the global ring ``global_k, global_v [B, Hkv, G, D]``,
     ``global_score [B, G]`` with ``G = max_global + 1`` slots (none without global tokens)
     and ``global_count [B]`` (int32).
-    Heads first, as the attention layers' caches: a step reads each head's slots together."""
+    Heads first, as the attention layers' caches: a step reads each head's slots together.
+    ``dtype`` (keys and values) must be floating point: an integer ring truncated the keys
+    written into it (errors of 1.6 against the full-sequence result)."""
     check_sga_options(window, max_global)
+    for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+        check_integer(name, value)
+    check_cache_request(batch, dtype=dtype)
     rings = {}
     for prefix, slots in (("", window), ("global_", _global_slots(max_global))):
         rings[prefix + "k"] = jnp.zeros((batch, kv_heads, slots, head_dim), dtype)
@@ -56,7 +62,9 @@ def _global_slots(max_global: int) -> int:
 
 def _check_rings(rings, batch: int, kv_heads: int, head_dim: int, window: int,
                  max_global: int):
-    expected = init_sga_rings(batch, window, max_global, kv_heads, head_dim)
+    # shapes and dtypes only: nothing is allocated at each decode step
+    expected = jax.eval_shape(
+        lambda: init_sga_rings(batch, window, max_global, kv_heads, head_dim))
     if not isinstance(rings, dict) or set(rings) != set(expected):
         keys = sorted(rings) if isinstance(rings, dict) else type(rings).__name__
         raise ValueError(f"rings with keys {keys}: expected the dict of init_sga_rings, keys "
@@ -66,6 +74,15 @@ def _check_rings(rings, batch: int, kv_heads: int, head_dim: int, window: int,
             raise ValueError(f"rings[{name!r}] of shape {tuple(rings[name].shape)}: expected "
                              f"{want.shape} (batch={batch}, window={window}, max_global="
                              f"{max_global}, kv_heads={kv_heads}, head_dim={head_dim})")
+        # keys and values: any float dtype (the cache's); scores exactly float32 (rounding
+        # them reorders the candidates), the count an integer
+        dtype = rings[name].dtype
+        floating = name in ("k", "v", "global_k", "global_v")
+        allowed = jnp.issubdtype(dtype, jnp.floating) if floating else dtype == want.dtype
+        if not allowed:
+            raise ValueError(f"rings[{name!r}] has dtype {dtype}: expected "
+                             f"{'a floating-point dtype' if floating else want.dtype} "
+                             "(init_sga_rings)")
 
 
 # the slot axis of each ring array: keys and values are heads first

@@ -50,6 +50,7 @@ from jaxsparse.ops.attention.ring_plan import (PART_TARGET, RING_LAYOUTS, choose
                                                critical_path, held_part, live_steps,
                                                ring_pair_kinds, ring_pair_lists, ring_work,
                                                split_parts, step_run)
+from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.masks import EMPTY, FULL, PARTIAL, Mask, MultiHeadMask
 
 
@@ -124,9 +125,12 @@ def _checked_mask(q, k, v, mask, n, axis, layout):
 
 def _matmul(equation: str, a, b, dtype):
     """``einsum`` on operands cast to ``dtype``, accumulated in float32 (flash attention's
-    mixed precision: bfloat16 operands run at full rate, the softmax sees float32)."""
+    mixed precision: bfloat16 operands run at full rate, the softmax sees float32). HIGHEST
+    precision, as the single-device paths (``reference``, ``blocksparse``): at the default,
+    TPUs and TF32 GPUs round float32 operands to bfloat16-like mantissas, and the ring would
+    drift ~1e-3 from the single-device result it promises (bfloat16 operands: no change)."""
     return jnp.einsum(equation, a.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 def _parts(t, parts: int):
@@ -381,13 +385,15 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     Returns ``[B, S, Hq, D]`` in ``q.dtype``, equal to the single-device result; rows with
     nothing to attend to are zero. Differentiable (reverse mode) in ``q``, ``k`` and ``v``.
     """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r}: ring attention needs a jax.sharding.Mesh with an axis "
+                         f"{axis!r} to split the sequence over")
     n = mesh.shape.get(axis)
     if n is None:
         raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
     mask = _checked_mask(q, k, v, mask, n, axis, layout)
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
-    if not isinstance(part_tokens, int) or part_tokens < 1:
-        raise ValueError(f"part_tokens={part_tokens!r}: expected a positive integer")
+    check_integer("part_tokens", part_tokens)
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if layout is None:
