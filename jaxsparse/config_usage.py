@@ -92,14 +92,13 @@ def unread_model_keys(m: ModelConfig) -> dict[str, str]:
     if every_layer_moe and m.moe_d_ff is not None:
         off({"d_ff"}, "every feed-forward layer is MoE and the experts' width is "
                       "model.moe_d_ff")
-    targets = monarch_targets(m)
-    if not targets:
+    if not monarch_targets(m):
         off({"monarch_blocks", "monarch_impl"}, "model.monarch='' builds no Monarch layer")
-    elif "attention" in targets and m.name != "transformer":
-        unread["monarch"] = (f"only the Transformer's attention has Monarch projections; "
-                             f"model.name={m.name!r} reads just 'mlp'")
-    elif targets == {"mlp"} and every_layer_moe and "monarch" in reads:
-        unread["monarch"] = "every feed-forward layer is MoE and experts stay dense"
+    elif not built_monarch_layers(m) and "monarch" in reads:
+        why = "; ".join(_monarch_parts_unbuilt(m).values())
+        unread["monarch"] = why
+        off({"monarch_blocks", "monarch_impl"}, f"model.monarch={m.monarch!r} builds no Monarch "
+                                                f"layer ({why})")
     if m.name == "routing_transformer" and m.routing_skip_first == 0:
         off({"attention_impl"}, "model.routing_skip_first=0: no layer uses dense attention")
     if not m.pkm_layers.strip():
@@ -110,6 +109,28 @@ def unread_model_keys(m: ModelConfig) -> dict[str, str]:
     if m.name == "hydra" and m.hydra_ssm_width is not None:
         off({"expand"}, f"model.hydra_ssm_width={m.hydra_ssm_width} sets the SSM's width")
     return {f"model.{key}": reason for key, reason in unread.items()}
+
+
+def _monarch_parts_unbuilt(m: ModelConfig) -> dict[str, str]:
+    """The parts of ``model.monarch`` that build no layer in this model, each with the reason."""
+    from jaxsparse.models.transformer import uses_moe
+
+    unbuilt = {}
+    targets = monarch_targets(m)
+    if "attention" in targets and m.name != "transformer":
+        unbuilt["attention"] = (f"only the Transformer's attention has Monarch projections; "
+                                f"model.name={m.name!r} reads just 'mlp'")
+    if "mlp" in targets and all(uses_moe(m, layer) for layer in range(m.n_layers)):
+        unbuilt["mlp"] = "every feed-forward layer is MoE and experts stay dense"
+    return unbuilt
+
+
+def built_monarch_layers(m: ModelConfig) -> frozenset[str]:
+    """The parts of ``model.monarch`` that build Monarch layers in this model: what the key
+    means to it (``'mlp,attention'`` and ``'mlp'`` build the same Hydra)."""
+    if m.name not in MODEL_KEYS or "monarch" not in MODEL_KEYS[m.name]:
+        return frozenset()
+    return frozenset(monarch_targets(m) - set(_monarch_parts_unbuilt(m)))
 
 
 def unread_data_keys(d: DataConfig) -> dict[str, str]:
@@ -159,6 +180,10 @@ def unread_keys(cfg: Config) -> dict[str, str]:
     does not build (:func:`idle_curriculum_entries`): the key is read, that entry does
     nothing."""
     unread = unread_model_keys(cfg.model) | unread_data_keys(cfg.data)
+    unbuilt = _monarch_parts_unbuilt(cfg.model)
+    if built_monarch_layers(cfg.model) and unbuilt:  # read, but a part of it builds nothing
+        unread["model.monarch"] = "; ".join(f"its part {part!r} builds nothing: {why}"
+                                            for part, why in unbuilt.items())
     idle = idle_curriculum_entries(cfg.model)
     if idle:
         unread["model.hydra_curriculum"] = "; ".join(f"its entry {entry!r} switches nothing on: "
@@ -204,5 +229,11 @@ def model_differences(saved: Config, requested: Config) -> list[str]:
     that neither model reads."""
     skip = set(unread_model_keys(saved.model)) & set(unread_model_keys(requested.model))
     skip |= {f"model.{key}" for key in HOW_KEYS}
+    if built_monarch_layers(saved.model) == built_monarch_layers(requested.model):
+        # the same Monarch layers: 'mlp,attention' -> 'mlp' on Hydra is no change, and
+        # 'attention' -> 'mlp,attention' (none -> Monarch MLPs) is not skipped as unread
+        skip.add("model.monarch")
+    else:
+        skip.discard("model.monarch")
     return [line for line in diff(saved, requested, ("model",))
             if line.split(":", 1)[0] not in skip]

@@ -177,10 +177,35 @@ def test_settings_without_effect_are_reported_by_name(overrides, expected):
 
 
 def test_monarch_attention_outside_the_transformer_is_reported():
-    cfg = apply_overrides(configs.get("hydra_tiny"), ["model.monarch=mlp,attention"])
-    with pytest.warns(UnreadKeyWarning, match=r"model.monarch='mlp,attention': only the "
+    """Hydra builds Monarch MLPs from 'mlp,attention': only the attention part is reported, and
+    the key is still read (a resume compares it); from 'attention' alone it builds none."""
+    cfg = apply_overrides(configs.get("hydra_tiny"),
+                          ["model.moe_experts=0", "model.monarch=mlp,attention"])
+    with pytest.warns(UnreadKeyWarning, match=r"model.monarch='mlp,attention': its part "
+                                              r"'attention' builds nothing: only the "
                                               r"Transformer's attention has Monarch"):
         validate(cfg)
+    assert "model.monarch" not in unread_model_keys(cfg.model)
+    only_attention = apply_overrides(configs.get("hydra_tiny"),
+                                     ["model.monarch=attention", "model.monarch_blocks=4"])
+    unread = unread_model_keys(only_attention.model)
+    assert unread["model.monarch"].startswith("only the Transformer's attention")
+    assert "builds no Monarch layer" in unread["model.monarch_blocks"]
+
+
+def test_resuming_compares_the_monarch_layers_a_model_builds():
+    """'attention' -> 'mlp,attention' turns Hydra's feed-forward layers into Monarch ones (was
+    skipped as unread on both sides: the resume ran on, then failed in the restore on missing
+    parameters); 'mlp,attention' -> 'mlp' builds the same Hydra (was refused)."""
+    hydra = configs.get("hydra_tiny")
+    none, both, mlp = (apply_overrides(hydra, ["model.moe_experts=0", f"model.monarch={value}"])
+                       for value in ("attention", "mlp,attention", "mlp"))
+    assert model_differences(none, both) == ["model.monarch: 'attention' -> 'mlp,attention'"]
+    assert model_differences(both, mlp) == []
+    # every feed-forward layer MoE: a Monarch MLP is built nowhere, so nothing differs
+    moe = [apply_overrides(hydra, ["model.moe_experts=4", "model.moe_every=1",
+                                   f"model.monarch={value}"]) for value in ("", "mlp")]
+    assert model_differences(*moe) == []
 
 
 def test_defaults_and_read_keys_are_not_reported():
