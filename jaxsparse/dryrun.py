@@ -1,7 +1,8 @@
 """Compile-only dry run: a config's training step on an emulated device mesh, without
 allocating its parameters. Reports per-device parameter and optimiser-state memory (from the
 shardings of the abstract train state) and, when compiled, XLA's memory analysis, the step's
-FLOPs per device (XLA's cost analysis) and the collectives in the compiled HLO.
+FLOPs per device (XLA's cost analysis) and the collectives the compiled HLO runs per step (a
+collective inside a loop counted once per trip).
 
 The numbers come from the CPU compiler: layouts, fusion and scheduling differ on TPU and GPU,
 so temporaries are an estimate of the same program, not the accelerator's exact footprint;
@@ -68,22 +69,82 @@ def _group_size(line: str) -> int | None:
     return None
 
 
-def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Count and result bytes per device of every collective op in compiled HLO text.
+_COMPUTATION_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_WHILE_BODY = re.compile(r" while\(.*\bbody=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# computations that run once per execution of the op naming them (a reducer's to_apply holds
+# no collectives and is left out)
+_CALLED = re.compile(r"\b(?:calls|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|\bbranch_computations=\{([^}]*)\}")
 
-    Collectives whose replica groups hold one device each move nothing and are left out
-    (``shard_map``'s transpose emits such all-reduces over mesh axes of size 1, and XLA:CPU
-    keeps them as copies). Bytes are those of the compiled types: bf16 collectives count as
-    the float32 that XLA:CPU widens them to (see the module docstring)."""
-    summary = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """HLO module text -> ({computation name: its lines}, the entry's name). Text without
+    computation headers (a few instructions) is one entry computation."""
+    computations, entry, current = {}, None, None
     for line in hlo_text.splitlines():
-        match = _COLLECTIVE_LINE.search(line)
-        if match is None or _group_size(line) == 1:
-            continue
-        result_type, name = match.groups()
-        summary[name]["count"] += 1
-        summary[name]["bytes"] += _type_bytes(result_type)
-    return {name: v for name, v in summary.items() if v["count"]}
+        if header := _COMPUTATION_HEADER.match(line):
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current is not None:
+            computations[current].append(line)
+    if entry is None:
+        return {"entry": hlo_text.splitlines()}, "entry"
+    return computations, entry
+
+
+def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Count and result bytes per device of the collective ops one execution of compiled HLO
+    text runs.
+
+    A collective inside a loop counts once per trip (XLA's ``known_trip_count`` of the while
+    loop: a ring's exchanges run once per step); in a loop whose trip count XLA does not know it
+    counts once, and the entry says how many such ops it holds (``"unknown_trips"``). A
+    collective in a conditional's branch counts as if its branch ran. Collectives whose replica
+    groups hold one device each move nothing and are left out (``shard_map``'s transpose emits
+    such all-reduces over mesh axes of size 1, and XLA:CPU keeps them as copies). Bytes are
+    those of the compiled types: bf16 collectives count as the float32 that XLA:CPU widens them
+    to (see the module docstring)."""
+    computations, entry = _computations(hlo_text)
+    totals: dict[str, dict[str, dict[str, int]]] = {}
+
+    def add(summary, name, count, size, unknown):
+        entry_ = summary.setdefault(name, {"count": 0, "bytes": 0, "unknown_trips": 0})
+        entry_["count"] += count
+        entry_["bytes"] += size
+        entry_["unknown_trips"] += unknown
+
+    def collectives_in(name: str) -> dict[str, dict[str, int]]:  # one execution of `name`
+        if name in totals:
+            return totals[name]
+        summary = totals[name] = {}
+        for line in computations.get(name, ()):
+            match = _COLLECTIVE_LINE.search(line)
+            if match is not None and _group_size(line) != 1:
+                result_type, kind = match.groups()
+                add(summary, kind, 1, _type_bytes(result_type), 0)
+            callees = []
+            if body := _WHILE_BODY.search(line):
+                trips = _TRIP_COUNT.search(line)
+                callees.append((body.group(1), int(trips.group(1)) if trips else None))
+            for single, branches in _CALLED.findall(line):
+                names = [single] if single else [b.strip().lstrip("%") for b in branches.split(",")]
+                callees += [(callee, 1) for callee in names if callee]
+            for callee, trips in callees:
+                for kind, v in collectives_in(callee).items():
+                    add(summary, kind, v["count"] * (trips or 1), v["bytes"] * (trips or 1),
+                        v["unknown_trips"] * (trips or 1) + (v["count"] if trips is None else 0))
+        return summary
+
+    ordered = {}
+    for kind in COLLECTIVES:  # the report's order
+        if kind in (found := collectives_in(entry)):
+            v = found[kind]
+            ordered[kind] = {"count": v["count"], "bytes": v["bytes"]}
+            if v["unknown_trips"]:
+                ordered[kind]["unknown_trips"] = v["unknown_trips"]
+    return ordered
 
 
 def mesh_overrides(spec: str) -> tuple[list[str], int]:
@@ -253,7 +314,9 @@ def format_report(report: dict) -> str:
                          f"{report['flops_per_device'] * report['devices']:.4g} in all "
                          "(loop bodies counted once)")
         collectives = report.get("collectives") or {}
-        lines.append("  collectives: " + (", ".join(
-            f"{name} x{v['count']} ({v['bytes'] / gib:.3f} GiB)" for name, v in collectives.items())
-            or "none"))
+        lines.append("  collectives per step: " + (", ".join(
+            f"{name} x{v['count']} ({v['bytes'] / gib:.3f} GiB"
+            + (f"; {v['unknown_trips']} in loops of unknown trip count, counted once"
+               if v.get("unknown_trips") else "") + ")"
+            for name, v in collectives.items()) or "none"))
     return "\n".join(lines)

@@ -101,6 +101,8 @@ def test_to_monarch_refuses_an_unknown_selection():
     model = build(tiny_config().model, nnx.Rngs(0))
     with pytest.raises(ValueError, match="which='ffn'"):
         sparsify.to_monarch(model, "ffn")
+    with pytest.raises(ValueError, match=r"which=\['mlp'\]: 'all', a comma-separated subset"):
+        sparsify.to_monarch(model, ["mlp"])  # was an AttributeError on .split
 
 
 def test_dense_to_monarch_fine_tuning_via_init_from(tmp_path):

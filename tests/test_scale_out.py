@@ -77,6 +77,56 @@ def test_mesh_flags_and_collective_parsing():
                                        "collective-permute": {"count": 1, "bytes": 16}}
 
 
+# a compiled module's shape (XLA:CPU, abridged): a ring's loop of 3 steps with an exchange and,
+# nested in it, a loop of 2 with an all-reduce; a loop of unknown length; a conditional
+LOOPS_HLO = """
+HloModule jit_f, entry_computation_layout={(f32[2]{0})->f32[2]{0}}
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  ROOT %add = f32[] add(%a, %b)
+}
+
+%inner_body (param: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %psum.7 = f32[2]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%sum
+}
+
+%ring_body (param.2: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %ppermute.3 = f32[2]{0} collective-permute(%y), channel_id=2, source_target_pairs={{0,1},{1,0}}
+  %while.20 = (s32[], f32[2]{0}) while(%t), condition=%cond, body=%inner_body, backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"2"}}
+}
+
+%open_body (param.3: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[8]{0} all-gather(%z), replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%branch_a (p: f32[2]) -> f32[2] {
+  %cp.9 = f32[2]{0} collective-permute(%p), source_target_pairs={{0,1}}
+}
+
+%branch_b (p: f32[2]) -> f32[2] {
+  ROOT %n = f32[2]{0} negate(%p)
+}
+
+ENTRY %main.8_spmd (param.5: f32[2]) -> f32[2] {
+  %while.22 = (s32[], f32[2]{0}) while(%tuple.14), condition=%cond.2, body=%ring_body, backend_config={"known_init_step":{"init":"0","step":"1"},"known_trip_count":{"n":"3"}}
+  %while.23 = (s32[], f32[8]{0}) while(%tuple.15), condition=%cond.3, body=%open_body
+  %c = f32[2]{0} conditional(%i, %a, %b), branch_computations={%branch_a, %branch_b}
+  %ar.1 = f32[2]{0} all-reduce(%c), replica_groups={{0,1,2,3}}, to_apply=%sum
+}
+"""
+
+
+def test_collectives_in_loops_count_once_per_trip():
+    """A ring's exchanges sit in a loop body: counted once per trip (3 exchanges, 3 x 2 nested
+    all-reduces and the one outside); they were counted once each, under-reporting the
+    sequence-parallel preset ~1.6x at 4 devices. A loop of unknown length counts its body once,
+    and says so."""
+    assert collective_summary(LOOPS_HLO) == {
+        "all-reduce": {"count": 7, "bytes": 7 * 8},
+        "all-gather": {"count": 1, "bytes": 32, "unknown_trips": 1},
+        "collective-permute": {"count": 3 + 1, "bytes": 4 * 8}}
+
+
 def test_dryrun_reports_memory_flops_and_the_collectives_of_each_preset():
     """Compile-only: FSDP halves the per-device parameter bytes of data parallelism on 2
     devices and brings all-gathers; the sequence preset exchanges K/V blocks around a ring
