@@ -10,7 +10,9 @@ The gradient of :func:`matmul_f32` is computed the same way: its float32 cotange
 the operands' dtype before the two backward matmuls, as FlashAttention-2's backward (Dao 2023)
 and JAX's Pallas flash attention do with ``dS``. Left to autodiff, those matmuls would take a
 float32 cotangent and a bfloat16 operand, which XLA runs by upcasting to a float32 matmul.
-With float32 operands all of this is an ordinary float32 matmul and its exact gradient.
+With float32 operands all of this is an ordinary float32 matmul and its exact gradient, and
+it is computed as one (no custom rule): forward-mode autodiff (``jax.jvp``, ``jax.hessian``)
+works there. The low-precision path is a ``custom_vjp``: reverse mode only.
 """
 
 from __future__ import annotations
@@ -45,14 +47,21 @@ def _backward(equation, compute_dtype, operands, g):
 _matmul.defvjp(_forward, _backward)
 
 
+def _mixed(equation: str, a, b, compute_dtype):
+    if jnp.dtype(compute_dtype).itemsize >= 4:  # float32: nothing to round, plain autodiff
+        return jnp.einsum(equation, a.astype(compute_dtype), b.astype(compute_dtype),
+                          preferred_element_type=jnp.float32)
+    return _matmul(equation, a, b, compute_dtype)
+
+
 def matmul_f32(equation: str, a, b):
     """``einsum(equation, a, b)`` on operands in their own dtype, accumulated and returned in
     float32; its backward matmuls run in the operands' dtype (see the module docstring)."""
-    return _matmul(equation, a, b, jnp.promote_types(a.dtype, b.dtype))
+    return _mixed(equation, a, b, jnp.promote_types(a.dtype, b.dtype))
 
 
 def weighted_sum(equation: str, weights, values):
     """Attention's ``weights @ values`` with the float32 weights (softmax probabilities) cast to
     the values' dtype, as flash attention does, and a float32 result; the weights' gradient
     is float32."""
-    return _matmul(equation, weights, values, values.dtype)
+    return _mixed(equation, weights, values, values.dtype)

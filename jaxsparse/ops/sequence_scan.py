@@ -70,10 +70,12 @@ def scan_across_shards(run: Callable, total_decay: Callable, sequence_args: dict
     # every shard while their carries differ per shard, which the manual-axis type check would
     # reject for every scan implementation; the final state is the same on all shards by
     # construction (computed from all-gathered values), so out_specs P() holds.
+    # under jit: differentiated op by op, a shard_map manual over `axis` only (check_vma=False)
+    # failed in JAX 0.10 on a mesh with other axes ("out_specs ... refers to 'data'")
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P()),
+                                    out_specs=(seq, P()), axis_names={axis}, check_vma=False))
     with jax.named_scope("scan_across_shards"):  # findable in profiles and HLO metadata
-        return jax.shard_map(local, mesh=mesh, in_specs=(seq, P(), P()), out_specs=(seq, P()),
-                             axis_names={axis}, check_vma=False)(sequence_args, shared_args,
-                                                                 initial_state)
+        return sharded(sequence_args, shared_args, initial_state)
 
 
 __all__ = ["scan_across_shards"]

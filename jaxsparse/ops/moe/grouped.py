@@ -2,7 +2,10 @@
 
 ``lhs [m, k]`` holds rows sorted by group, ``group_sizes [E]`` how many rows each group has
 (in order; they must sum to ``m``, checked when the sizes are concrete), ``rhs [E, k, n]``
-one matrix per group. Under jit, rows past ``sum(group_sizes)`` give zeros.
+one matrix per group. Under jit, rows past ``sum(group_sizes)`` give zeros; traced sizes that
+sum past ``m`` cannot be checked while tracing: the native kernel then fails when it runs
+("group_sizes must be >= 0 and sum to at most the rows of lhs"), the XLA paths use the first
+``m`` rows' worth of groups (sizes clipped in order).
 This is the expert computation of a dropless mixture-of-experts layer (MegaBlocks, Gale et al.
 2022; JAX's megablox ``gmm``).
 
