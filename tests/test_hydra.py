@@ -465,6 +465,9 @@ def test_impossible_hydra_configs_are_refused_before_compiling(override, message
         validate(small_config(override))
 
 
+# ~40 s on 2 cores: the default run checks every implementation against the others at the op
+# (tests/test_sga.py, values and gradients) and that the model reads the key (test_config_usage)
+@pytest.mark.slow
 def test_every_sga_implementation_gives_the_model_the_same_logits_and_gradients():
     """``model.hydra_sga_impl``: the window on the attention core merged with the global keys
     (``core``) and the masked L×L logits (``dense``) give the logits and parameter gradients of
