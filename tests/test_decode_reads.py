@@ -153,6 +153,33 @@ def test_bad_full_cache_and_written_only_arguments_are_named():
         decode_attention(q, cache, cache, 3, heads_first=True, window=4, written_only=True)
 
 
+@pytest.mark.parametrize("written_only", [None, True, False])
+def test_traced_positions_past_a_full_cache_give_nan_not_silent_reads(written_only):
+    """Under jit the index cannot be refused: the keys of positions past the cache were written
+    clamped over its last slots and read silently; the rows outside the cache are NaN now, the
+    others unchanged. The same for SGA's and routing's caches of every position."""
+    from jaxsparse.ops.routing import causal_routing_decode
+    from jaxsparse.ops.sga import sga_decode
+
+    q, k, cache = rand(0, 2, 3, 4, 8), rand(1, 2, 3, 2, 8), rand(2, 2, 2, 6, 8)
+    step = jax.jit(lambda i: full_cache_decode(q, k, k, cache, cache, i)[0])
+    assert np.isfinite(step(3)).all() and np.isnan(step(4)).all()
+    read = jax.jit(lambda lengths: decode_attention(q, cache, cache, lengths, heads_first=True,
+                                                    written_only=written_only))
+    out, inside = read(jnp.array([7, 6])), read(jnp.array([6, 6]))
+    assert np.isnan(out[0]).all() and not np.isnan(inside).any()
+    np.testing.assert_array_equal(out[1], inside[1])
+    seq_first = cache.swapaxes(1, 2)  # [B, S, Hkv, D]
+    sga = jax.jit(lambda lengths: sga_decode(q, seq_first, seq_first, rand(3, 2, 6), lengths,
+                                             window=2, max_global=2))
+    assert np.isnan(sga(jnp.array([3, 7]))[1]).all() and np.isfinite(sga(jnp.array([3, 6]))).all()
+    heads4 = rand(4, 2, 6, 4, 8)
+    routing = jax.jit(lambda lengths: causal_routing_decode(
+        q, heads4, heads4, jnp.zeros((2, 6, 4), jnp.int32), lengths, rand(5, 4, 2, 8), window=3))
+    assert np.isnan(routing(jnp.array([2, 6]))[0]).all()  # fewer than the 3 new tokens
+    assert np.isfinite(routing(jnp.array([3, 6]))).all()
+
+
 @pytest.mark.parametrize("cache_batch", [1, 3, 4])
 def test_a_cache_made_for_another_batch_size_is_refused(cache_batch):
     """Reshaped by its size, a batch-4 cache would have read as 2 sequences of 32 slots."""

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.ops.attention.api import check_attention_inputs, logit_scale
-from jaxsparse.ops.attention.decode import checked_cache_lengths
+from jaxsparse.ops.attention.decode import checked_cache_lengths, nan_past_the_cache
 from jaxsparse.ops.checks import check_integer, is_integer
 from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
@@ -500,7 +500,7 @@ def causal_routing_decode(q, k_cache, v_cache, k_clusters_cache, lengths, centro
     logits = matmul_f32("bnhd,bshd->bnsh", q, k_cache)
     weights = masked_softmax(logits * scale, valid, axis=2)
     out = weighted_sum("bnsh,bshd->bnhd", weights, v_cache)
-    return out.astype(q.dtype)
+    return nan_past_the_cache(out.astype(q.dtype), lengths, new, slots)
 
 
 def _check_decode(q, k_cache, v_cache, k_clusters_cache, centroids, window):

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxsparse.ops.attention.api import (check_attention_inputs, dot_product_attention,
                                          logit_scale)
-from jaxsparse.ops.attention.decode import checked_cache_lengths
+from jaxsparse.ops.attention.decode import checked_cache_lengths, nan_past_the_cache
 from jaxsparse.ops.attention.online_softmax import merge_finished
 from jaxsparse.ops.attention.reference import (grouped_query_rows, row_logsumexp,
                                                ungrouped_rows)
@@ -322,4 +322,5 @@ def sga_decode(q, k_cache, v_cache, scores_cache, lengths, *, window: int, max_g
     glob = candidate & (newer < max_global)
     bias = jnp.where(glob, jax.nn.log_sigmoid(scores_cache.astype(jnp.float32))[:, None, :], 0.0)
     scale = logit_scale(scale, dim)
-    return _attend(q, [(k_cache, v_cache, local | glob, bias)], scale).astype(q.dtype)
+    out = _attend(q, [(k_cache, v_cache, local | glob, bias)], scale).astype(q.dtype)
+    return nan_past_the_cache(out, lengths, new, slots)  # traced lengths past the cache

@@ -47,6 +47,18 @@ def checked_cache_lengths(lengths, batch: int, new: int, slots: int | None):
     return lengths
 
 
+def nan_past_the_cache(out, lengths, new: int, slots: int):
+    """``out [B, ...]`` with NaN in the rows whose traced ``lengths`` fall outside
+    ``[new, slots]`` (concrete ones were refused by :func:`checked_cache_lengths`). Under jit a
+    position past a cache of every position cannot raise: its keys were written clamped by
+    ``dynamic_update_slice`` over the last slots and its reads would be silently wrong; NaN
+    makes them loud, as JAX's ``mode="fill"`` does for gathers out of bounds."""
+    if concrete_values(lengths) is not None:
+        return out
+    outside = (lengths < new) | (lengths > slots)
+    return jnp.where(outside.reshape((-1,) + (1,) * (out.ndim - 1)), jnp.nan, out)
+
+
 def checked_first_position(index):
     """``index`` (the position of the first new token, where a ring buffer's caller keeps no
     lengths) as an int32 scalar: an integer scalar, >= 0 where it is concrete."""
@@ -173,7 +185,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
 
     if written_only is False or (written_only is None and (
             window is not None or not reads_written_part(slots))):
-        return every_slot()
+        out = every_slot()
+        return out if window is not None else nan_past_the_cache(out, lengths, new, slots)
 
     def written_slots():
         return written_blocks_attention(
@@ -182,13 +195,14 @@ def decode_attention(q, k_cache, v_cache, lengths, *, mask: Mask | str | None = 
             kv_heads_first=heads_first)
 
     if written_only:
-        return written_slots()
+        return nan_past_the_cache(written_slots(), lengths, new, slots)
     # reading block by block pays while at most half the cache is written (decode_blocks)
     mostly_empty = 2 * jnp.max(lengths) <= slots
     known = concrete_values(mostly_empty)
     if known is not None:
         return written_slots() if known else every_slot()
-    return jax.lax.cond(mostly_empty, written_slots, every_slot)
+    return nan_past_the_cache(jax.lax.cond(mostly_empty, written_slots, every_slot), lengths,
+                              new, slots)
 
 
 def _checked_heads_first_caches(k_cache, v_cache, k_new) -> int:
@@ -214,9 +228,10 @@ def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     returns ``(out [B, L, Hq, D], k_cache, v_cache)``. A prompt longer than ``PROMPT_CHUNK``
     is read that many queries at a time (``O(PROMPT_CHUNK · C)`` memory, not ``O(L · C)``).
 
-    A concrete ``index`` is checked against the ``C`` slots; a traced one cannot be, and
-    positions past the cache would be clamped by ``dynamic_update_slice`` — the caller sizes
-    the cache (``generate`` allocates the prompt plus the new tokens)."""
+    A concrete ``index`` is checked against the ``C`` slots; a traced one cannot be: positions
+    past the cache are written clamped by ``dynamic_update_slice`` and their outputs are NaN
+    (:func:`nan_past_the_cache`) — the caller sizes the cache (``generate`` allocates the
+    prompt plus the new tokens)."""
     check_attention_inputs(q, k_new, v_new, names=("q", "k_new", "v_new"))
     new = q.shape[1]
     slots = _checked_heads_first_caches(k_cache, v_cache, k_new)
