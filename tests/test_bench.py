@@ -74,6 +74,9 @@ def test_moe_benchmark_times_every_path_forward_and_backward(tmp_path):
             "dense all-experts", "one-hot einsums", "ragged_dot", "ours: capacity",
             "ours: dropless (tiles)", "ours: dropless (native)"]
         assert rows[0]["speedup_vs_dense"] == 1 and all(r["ms"] > 0 for r in rows)
+    # on GPU and TPU the last row is our Pallas kernel ("native" would run the tiles path again)
+    assert [_bench_module("moe").fast_kernel(b) for b in ("cpu", "gpu", "tpu")] == [
+        "native", "pallas", "pallas"]
 
 
 def test_expert_parallel_benchmark_times_ragged_against_worst_case_buffers(tmp_path, capfd):
@@ -145,6 +148,34 @@ def test_monarch_training_pass_keeps_the_forward_on_both_sides():
     for f, args in ((jnp.dot, (x, w)), (product, (x, w1, w2))):
         forward = compiled_flops(jax.jit(f), *args)
         assert compiled_flops(jax.jit(transform(f, ct)), *args) == pytest.approx(work * forward)
+
+
+def _bench_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", bench_dir() / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_attention_peer_computes_our_causal_attention():
+    """JAX's Pallas flash attention, the GPU table's second peer, called as the benchmark calls
+    it (interpret mode here): the same causal attention at the same softmax scale as ours,
+    forward and gradients, so its row times the same work (its sm_scale defaults to 1)."""
+    import jax
+
+    from jaxsparse.ops.attention import dot_product_attention
+
+    peer = _bench_module("attention_gpu").jax_pallas_flash
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 128, 2, 16)) for i in range(3))
+    ours = lambda q, k, v: dot_product_attention(q, k, v, mask="causal", implementation="xla")  # noqa: E731
+    interpreted = lambda q, k, v: peer(q, k, v, interpret=True)  # noqa: E731
+    assert jnp.max(jnp.abs(interpreted(q, k, v) - ours(q, k, v))) < 1e-5
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(interpreted), (0, 1, 2))(q, k, v),
+                         jax.grad(loss(ours), (0, 1, 2))(q, k, v)):
+        assert jnp.max(jnp.abs(got - want)) < 2e-5 * jnp.max(jnp.abs(want))
 
 
 def test_ssm_benchmark_times_every_implementation_against_the_recurrence(tmp_path):

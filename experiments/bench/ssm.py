@@ -142,6 +142,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
+    columns = ["op", "impl", "L", "ms", "tokens_per_s", "speedup_vs_lax_scan", "peak_mb",
+               "gb_per_s", "fraction_of_copy_bw"]
+    notes = (f"Mamba-1 batch {args.batch}, d_inner {args.d_inner}, N {args.d_state}; Mamba-2 "
+             f"batch 1, {args.heads} heads x {args.head_dim}, N {args.ssd_state}; float32, "
+             f"{'forward and forward+backward' if args.backward else 'forward only'}, "
+             f"{jax.default_backend()}. Peer: the lax.scan recurrence in the same run; copy "
+             f"bandwidth {bandwidth / 1e9:.1f} GB/s (x + 1 over 256 MiB).")
     rows = []
     for length in cases(args.lengths, "ssm"):
         for documents in [None] + ([args.packed] if args.packed else []):
@@ -156,16 +163,11 @@ def main(argv=None) -> None:
             if args.backward:
                 rows += mamba2_rows(length, args.heads, args.head_dim, args.ssd_state,
                                     args.repeats, args.chunk, backward=True)
-    for row in rows:
-        row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bandwidth
-    columns = ["op", "impl", "L", "ms", "tokens_per_s", "speedup_vs_lax_scan", "peak_mb",
-               "gb_per_s", "fraction_of_copy_bw"]
-    notes = (f"Mamba-1 batch {args.batch}, d_inner {args.d_inner}, N {args.d_state}; Mamba-2 "
-             f"batch 1, {args.heads} heads x {args.head_dim}, N {args.ssd_state}; float32, "
-             f"{'forward and forward+backward' if args.backward else 'forward only'}, "
-             f"{jax.default_backend()}. Peer: the lax.scan recurrence in the same run; copy "
-             f"bandwidth {bandwidth / 1e9:.1f} GB/s (x + 1 over 256 MiB).")
-    write_results(args.name, rows, columns, args.out, notes)
+        for row in rows:
+            row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bandwidth
+        # after every length: a later one that runs out of memory or time (a device run has a
+        # time limit) keeps the rows already measured
+        write_results(args.name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
 
 
