@@ -418,3 +418,10 @@ def test_the_layer_refuses_bad_caches_and_decode_inputs(max_len):
         with pytest.raises(ValueError, match=rf"cache\['.*'\] of shape \({batch}, .*made for "
                                              r"another batch size than the input's 2"):
             layer(x, positions, cache=layer.init_cache(batch, max_len), cache_index=0)
+    if max_len <= 7:  # a cache of every position: more new tokens than slots (rings have no end)
+        long = jax.random.normal(jax.random.key(18), (2, max_len + 2, 16))
+        # was a TypeError inside dynamic_update_slice
+        with pytest.raises(ValueError, match=rf"index=0 with {max_len + 2} new tokens needs "
+                                             rf"index \+ {max_len + 2} <= {max_len}"):
+            layer(long, jnp.broadcast_to(jnp.arange(max_len + 2), (2, max_len + 2)),
+                  cache=cache, cache_index=0)

@@ -105,6 +105,9 @@ class LanguageModel(nnx.Module):
 
 
 def _check_tokens(tokens):
+    if not hasattr(tokens, "ndim"):  # a list failed with AttributeError further in
+        raise ValueError(f"tokens must be an integer [batch, length] array, got "
+                         f"{type(tokens).__name__} (jnp.asarray it first)")
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer [batch, length] array, got {tokens.dtype}"
                          f"{list(tokens.shape)}")

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.conv import causal_depthwise_conv1d
-from jaxsparse.ops.checks import check_cache_request, check_integer
+from jaxsparse.ops.checks import check_cache_batch, check_cache_request, check_integer
 from jaxsparse.ops.diagonal_ssm import (DIAGONAL_SCAN_IMPLEMENTATIONS, decay_from, diagonal_ssm,
                                         diagonal_ssm_sequence_parallel)
 from jaxsparse.parallel import current_mesh, current_rules, logical_to_spec, sequence_axis_size
@@ -85,6 +85,8 @@ class DiagonalSSM(nnx.Module):
     def __call__(self, x_BLD, *, segment_ids=None, cache=None):
         """``segment_ids [B, L]``: packed documents; the convolution and the state restart at
         every document start (:mod:`jaxsparse.ops.segments`)."""
+        if cache is not None:
+            check_cache_batch(cache, x_BLD.shape[0], ("state",) + ("conv",) * bool(self.conv_width))
         # under a sequence-sharded mesh the convolution runs in the global view: XLA brings
         # each shard the last conv_width - 1 inputs of the previous one
         x_BLD, conv_state = self._convolve(x_BLD, cache, segment_ids)

@@ -13,7 +13,7 @@ from jaxsparse.parallel import constrain
 
 def _check_token_ids(tokens, vocab_size: int) -> None:
     """Integer tokens in ``[0, vocab_size)``; values are checked where they are concrete (an
-    eager call, e.g. in a notebook): out of range, the gather would return NaN rows."""
+    eager call, e.g. in a notebook); traced ones out of range embed as NaN rows (``Embed``)."""
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     values = concrete_values(tokens)
@@ -42,7 +42,10 @@ class Embed(nnx.Module):
         # with the table split over fsdp and the tokens too, the compiler would otherwise
         # build the global [batch·length, d_model] lookup and all-reduce it.
         table = constrain(self.embedding[...], ("vocab", None))
-        return jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
+        # traced ids out of range embed as NaN: loud, not silently another token's row (a
+        # negative id wrapped around to the end of the table, as numpy indexing does)
+        ids = jnp.where(tokens_BL < 0, self.vocab_size, tokens_BL)
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Logits against the embedding table (weight tying, Press & Wolf 2017)."""

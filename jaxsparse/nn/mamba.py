@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.nn.linear import Linear
-from jaxsparse.ops.checks import check_cache_request, is_integer
+from jaxsparse.ops.checks import check_cache_batch, check_cache_request, is_integer
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.native.selective_scan import available as native_scan_available
 from jaxsparse.ops.normalization import rms_norm
@@ -105,6 +105,8 @@ class Mamba(nnx.Module):
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index  # order is carried by the recurrence
         _check_input(x_BLD)
+        if cache is not None:  # another batch was reported as a wrong conv state
+            check_cache_batch(cache, x_BLD.shape[0], ("conv", "ssm"))
         parallel = _sequence_parallel(x_BLD, cache)
         xz = self.in_proj(x_BLD)
         x, z = jnp.split(xz, 2, axis=-1)
@@ -185,6 +187,8 @@ class Mamba2(nnx.Module):
     def __call__(self, x_BLD, positions_BL=None, *, segment_ids=None, cache=None, cache_index=None):
         del positions_BL, cache_index
         _check_input(x_BLD)
+        if cache is not None:
+            check_cache_batch(cache, x_BLD.shape[0], ("conv", "ssm"))
         parallel = _sequence_parallel(x_BLD, cache)
         batch, length, _ = x_BLD.shape
         z, xbc, dt = jnp.split(self.in_proj(x_BLD), [self.d_inner, self.d_inner + self.conv_dim], -1)

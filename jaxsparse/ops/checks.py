@@ -57,14 +57,10 @@ def check_cache_request(batch, max_len=None, dtype=None) -> None:
                              "(e.g. float32, bfloat16)")
 
 
-def checked_decode_cache(cache, cache_index, batch: int, keys: tuple[str, ...]):
-    """``cache_index`` as an int32 scalar after checking a layer's decode inputs: ``cache``
-    holds ``keys``, each made for ``batch`` rows (its first axis; another batch fails inside
-    ``dynamic_update_slice`` or a scan otherwise), and ``cache_index`` is an integer scalar,
-    >= 0 where concrete (``ops.attention.decode.checked_first_position``)."""
-    # imported here: that module imports this one
-    from jaxsparse.ops.attention.decode import checked_first_position
-
+def check_cache_batch(cache, batch: int, keys: tuple[str, ...]) -> None:
+    """``cache`` is the dict of a layer's ``init_cache`` holding ``keys``, each made for
+    ``batch`` rows (its first axis): another batch fails inside ``dynamic_update_slice`` or a
+    scan, or is reported as a wrong state shape, as if the cache and not the input were off."""
     for key in keys:
         if not isinstance(cache, Mapping) or key not in cache:
             found = sorted(cache) if isinstance(cache, Mapping) else type(cache).__name__
@@ -74,6 +70,17 @@ def checked_decode_cache(cache, cache_index, batch: int, keys: tuple[str, ...]):
         if not shape or shape[0] != batch:
             raise ValueError(f"cache[{key!r}] of shape {shape}: made for another batch size "
                              f"than the input's {batch} (init_cache(batch={batch}, ...))")
+
+
+def checked_decode_cache(cache, cache_index, batch: int, keys: tuple[str, ...]):
+    """``cache_index`` as an int32 scalar after checking a layer's decode inputs: ``cache``
+    holds ``keys``, each made for ``batch`` rows (its first axis; another batch fails inside
+    ``dynamic_update_slice`` or a scan otherwise), and ``cache_index`` is an integer scalar,
+    >= 0 where concrete (``ops.attention.decode.checked_first_position``)."""
+    # imported here: that module imports this one
+    from jaxsparse.ops.attention.decode import checked_first_position
+
+    check_cache_batch(cache, batch, keys)
     if cache_index is None:
         raise ValueError("cache_index=None: decoding with a cache needs the position of the "
                          "first new token")
