@@ -127,6 +127,27 @@ def batch_local(module, x_BLD, method: str = "__call__", *, per_token: bool = Fa
                          out_specs=split.spec, check_vma=False)(state, x_BLD, given)
 
 
+def rows_local(fn, *xs):
+    """``fn(*xs) -> [B, L, ...]`` for a function that is independent per row, of ``[B, L, ...]``
+    operands, with each device computing a share of whole rows (:func:`row_split`: the rows
+    over the batch and tensor axes, and each device's length slice traded for rows by one
+    all-to-all over the sequence axes). For per-row work that scans the length in blocks
+    (SGA's query blocks): left to the compiler on a length-split batch, every block's
+    ``dynamic_slice`` of the keys became an all-gather of the whole length, once per block
+    (a 3-block ``hydra_1p6b`` on fsdp2 × sequence2 × tensor2: 32 gathers of 2 GiB per
+    block and pass). Outside a mesh with a split: a plain call."""
+    mesh = current_mesh()
+    split = RowSplit() if mesh is None else row_split(mesh, xs[0].shape)
+    if not split:
+        return fn(*xs)
+
+    def local(*xs):
+        return split.gather(fn(*(split.scatter(x) for x in xs)))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(split.spec,) * len(xs),
+                         out_specs=split.spec, check_vma=False)(*xs)
+
+
 def heads_local(fn, xs_BLHD, xs_BL=(), *, split_heads: bool = True):
     """``fn(*xs_BLHD, *xs_BL) -> [B, L, H, D]`` for a layer that is independent per row and
     per head (attention), run inside ``jax.shard_map`` on each device's rows (the batch axes)

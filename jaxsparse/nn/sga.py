@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.nn.batch_local import heads_local
+from jaxsparse.nn.batch_local import heads_local, rows_local
 from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.checks import check_cache_request, checked_decode_cache
@@ -21,6 +21,7 @@ from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
                                sparse_global_attention)
 from jaxsparse.ops.sga_rings import init_sga_rings, sga_ring_decode
+from jaxsparse.parallel import sequence_axis_size
 
 
 class SparseGlobalAttention(nnx.Module):
@@ -92,6 +93,10 @@ class SparseGlobalAttention(nnx.Module):
                 # a kernel the compiler cannot partition: run it on each device's rows and
                 # heads, as the attention layer does (nn.batch_local.heads_local)
                 out = heads_local(attend, qkv, rows)
+            elif sequence_axis_size() > 1:
+                # the length is split: whole rows per device (one all-to-all each way), not
+                # an all-gather of the keys for every query block (nn.batch_local.rows_local)
+                out = rows_local(attend, *qkv, *rows)
             else:
                 out = attend(*qkv, *rows)
             return self.o_proj(out), None
