@@ -30,6 +30,10 @@ def product_key_topk(query_HK, subkeys1_HND, subkeys2_HND, knn: int, *,
     ``i·n + j`` pairs sub-key ``i`` of the first table with ``j`` of the second. The three
     top-k selections go through :func:`jaxsparse.ops.topk.top_k` (a C++ kernel on CPU, where
     XLA's sort-based top-k was most of the layer's time).
+
+    Ties: slots of equal score are ranked by their halves' ranks (first half first), not by
+    slot index as a top-k over all ``n²`` slots would; where exact ties meet at the ``k``-th
+    place the two can keep different (equally scored) slots.
     """
     if subkeys1_HND.ndim != 3:
         raise ValueError(f"subkeys1 {subkeys1_HND.shape}: must be [heads, n_keys, sub-key dim]")
