@@ -48,13 +48,16 @@ def test_write_results_json_and_markdown(tmp_path):
 
 
 def test_train_step_benchmark_runs_through_the_cli(tmp_path, capsys):
-    overrides = ["model.d_model=32", "model.d_ff=64", "data.seq_len=16", "data.batch_size=4"]
+    overrides = ["model.d_model=32", "model.d_ff=64", "data.seq_len=16", "data.batch_size=4",
+                 "model.dtype=bfloat16"]
     assert main(["bench", "train_step", "--configs", "transformer_tiny", "--repeats", "1",
                  *(arg for o in overrides for arg in ("--set", o)), "--name", "tiny_step",
                  "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "tiny_step.json").read_text())
     rows = results["rows"]
     assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["ratio_to_matmul_peak"]
+    # measured against a matmul in the model's compute dtype (was float32 whatever the model)
+    assert rows[0]["peak_dtype"] == "bfloat16" and "bfloat16" in results["notes"]
     # the table says which settings it measured (README compares two --set runs)
     assert "Overrides: " + " ".join(overrides) in results["notes"]
     assert not (tmp_path / "train_step.json").exists()
