@@ -195,3 +195,43 @@ def test_chunked_loss_equals_the_whole_sequence_loss(extra):
     np.testing.assert_allclose(out[1], out[0], rtol=2e-6)
     with pytest.raises(ConfigError, match="train.loss_chunk=-1: must be >= 0"):
         validate(tiny_config("train.loss_chunk=-1"))
+
+
+def test_under_sequence_parallelism_the_loss_chunks_stay_on_their_shards():
+    """fsdp2 × sequence2 (4 emulated devices), 32 positions in chunks of 6 (each shard's 16
+    padded to 18): the same loss, accuracy and gradient norm as the whole-sequence loss on the
+    same mesh; what the chunking gathers beyond the whole-sequence loss is the output head's
+    FSDP-split parameters (at most once per step and pass), no activations. A step over one
+    global chunk, which one shard holds, also gathered that chunk in every step of the
+    backward pass."""
+    from helpers import run_python
+
+    code = """
+import json, jax
+from helpers import tiny_config
+from jaxsparse.data import make_stream
+from jaxsparse.dryrun import collective_summary
+from jaxsparse.parallel import make_mesh
+from jaxsparse.train.state import TrainSetup
+from jaxsparse.train.step import make_train_step
+out = {}
+for chunk in (0, 6):
+    cfg = tiny_config(f"train.loss_chunk={chunk}", "mesh.preset=fsdp_tp_sp", "mesh.data=1",
+                      "mesh.fsdp=2", "mesh.sequence=2", "data.batch_size=4")
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh))
+    state, step, stream = setup.init(), make_train_step(setup), make_stream(cfg)
+    batch = setup.global_batch(stream.batch(0))
+    gathered = collective_summary(step.lower(state, batch).compile().as_text()).get(
+        "all-gather", {"bytes": 0})["bytes"]
+    state, metrics = step(state, batch)
+    out[chunk] = {"metrics": [float(metrics[k]) for k in ("loss", "accuracy", "grad_norm")],
+                  "gathered": gathered}
+m = cfg.model
+out["head_bytes"] = (m.d_model * m.vocab_size + m.d_model) * 4  # output head and final norm
+print(json.dumps(out))
+"""
+    out = run_python(code, devices=4)
+    np.testing.assert_allclose(out["6"]["metrics"], out["0"]["metrics"], rtol=2e-6)
+    steps = 3  # 16 positions per shard, padded to 18: 3 chunks of 6
+    extra = out["6"]["gathered"] - out["0"]["gathered"]
+    assert extra <= steps * 2 * out["head_bytes"], out  # was 8.2x the head's bytes

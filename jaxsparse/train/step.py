@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 
 from jaxsparse.nn.intermediates import run_capturing
-from jaxsparse.parallel import activation_sharding
+from jaxsparse.parallel import activation_sharding, sequence_axis_size
 from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup, schedule_counters
 
@@ -39,16 +39,26 @@ def masked_token_stats(logits, targets, mask):
 def chunked_token_stats(model, x_BLD, targets, mask, chunk: int):
     """:func:`masked_token_stats` of ``model.logits(x)``, ``chunk`` positions at a time: each
     chunk's logits are rematerialised in the backward pass, so ``[B, L, vocab]`` never exists
-    (the length is padded to a multiple of ``chunk`` with masked positions)."""
-    batch, length, _ = x_BLD.shape
-    pad = -length % chunk
-    if pad:
-        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
-        targets, mask = (jnp.pad(t, ((0, 0), (0, pad))) for t in (targets, mask))
-    n = (length + pad) // chunk
+    (the length is padded to a multiple of ``chunk`` with masked positions).
 
-    def split(t):  # [B, n·c, ...] -> [n, B, c, ...]
-        return jnp.moveaxis(t.reshape(batch, n, chunk, *t.shape[2:]), 1, 0)
+    Under sequence parallelism each shard's slice of the length is chunked on its own and a
+    step takes one chunk from every shard, so the chunks stay where their positions are: a
+    step over one global chunk held by one shard was an all-gather of it per step in the
+    backward pass (3-block ``hydra_1p6b``, fsdp2 × sequence2 × tensor2: 8 x 512 MiB)."""
+    batch, length, _ = x_BLD.shape
+    shards = sequence_axis_size()
+    shards = shards if length % shards == 0 else 1  # not split along the length otherwise
+    local = length // shards
+    pad = -local % chunk
+    n = (local + pad) // chunk
+
+    def split(t):  # [B, L, ...] -> [n, B, shards·chunk, ...]: step i, chunk i of every shard
+        rest = t.shape[2:]
+        t = t.reshape(batch, shards, local, *rest)
+        if pad:  # masked positions at the end of every shard's slice
+            t = jnp.pad(t, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * len(rest))
+        t = jnp.moveaxis(t.reshape(batch, shards, n, chunk, *rest), 2, 0)
+        return t.reshape(n, batch, shards * chunk, *rest)
 
     @jax.checkpoint
     def one(x_c, t_c, m_c):
