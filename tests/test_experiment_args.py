@@ -240,3 +240,42 @@ def test_ssm_studies_refuse_unknown_model_names(ssm, monkeypatch, capsys, tmp_pa
                    "--models", "invalid choice: 'mamba3'")
     assert_refused(selective_copying.main, ["--models", "transformr", "--out", str(tmp_path)],
                    capsys, "--models", "invalid choice: 'transformr'")
+
+
+def test_the_monarch_study_refuses_a_conversion_of_an_earlier_dense_run(load, tmp_path):
+    """The conversion run names the dense run's directory, not its weights: after the dense run
+    was deleted and retrained (another --steps), the old conversion was read back as finished
+    and the notes mixed the two models' scores."""
+    import os
+
+    study = load("monarch_study", "monarch/study.py")
+    dense, converted = tmp_path / "dense", tmp_path / "dense_to_monarch"
+    study.refuse_a_stale_conversion(dense, converted)  # nothing converted yet: fine
+    converted.mkdir()
+    (converted / "config.json").write_text("{}")
+    for retrained in (False, True):  # the dense run gone, then retrained after the conversion
+        if retrained:
+            dense.mkdir()
+            (dense / "config.json").write_text("{}")
+            os.utime(converted / "config.json", (1, 1))
+        with pytest.raises(SystemExit, match=f"{converted} was converted from an earlier dense "
+                                             "run"):
+            study.refuse_a_stale_conversion(dense, converted)
+    os.utime(dense / "config.json", (0, 0))  # converted from this dense run: read back
+    study.refuse_a_stale_conversion(dense, converted)
+
+
+def test_the_moe_study_counts_active_parameters_at_the_k_a_row_is_scored_at(load):
+    """SMoE-Dropout trains k from 2 to every expert and is scored at the end of the schedule:
+    all its parameters are active there (the table counted them at k=2, beside the dense
+    row's, as if the two used the same compute)."""
+    from jaxsparse import configs
+    from jaxsparse.config import apply_overrides
+    from jaxsparse.models import count_params
+
+    study = load("moe_study", "moe/study.py")
+    cfg = apply_overrides(configs.get("moe_tiny"), ["model.moe_experts=4", "model.moe_every=1",
+                                                    "model.moe_k=2", "model.moe_k_end=4"])
+    assert study.active_params(cfg) == count_params(cfg.model)
+    fixed = apply_overrides(cfg, ["model.moe_k_end=null"])
+    assert study.active_params(fixed) < count_params(cfg.model)

@@ -47,14 +47,17 @@ QUIET = ["train.tensorboard=false", "eval.sample_tokens=0"]
 
 
 def active_params(cfg) -> int:
-    """Parameters a token uses: all, minus the experts it is not routed to."""
+    """Parameters a token uses where the row is scored: all, minus the experts it is not
+    routed to, at the k of the final evaluation (``moe_eval_k``, else the end of a k schedule:
+    the SMoE-Dropout row trains to k=8 and is scored there, not at its starting k=2)."""
     m = cfg.model
     total = count_params(m)
     if not m.moe_experts:
         return total
+    k = m.moe_eval_k or m.moe_k_end or m.moe_k
     moe_layers = sum(1 for i in range(m.n_layers) if i % m.moe_every == m.moe_every - 1)
     per_expert = 3 * m.d_model * (m.moe_d_ff or m.d_ff)
-    return total - moe_layers * (m.moe_experts - m.moe_k) * per_expert
+    return total - moe_layers * (m.moe_experts - k) * per_expert
 
 
 def expert_loads(workdir: Path) -> np.ndarray:

@@ -89,6 +89,21 @@ def plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def refuse_a_stale_conversion(dense_dir: Path, finetune_dir: Path) -> None:
+    """The conversion run starts from the dense run's weights (``train.init_from`` names its
+    directory, not the weights), so its settings match whatever dense model is there now: a
+    conversion saved before the dense run was deleted and retrained (another ``--steps``) was
+    read back as finished, and the notes mixed the new dense score with the old conversion's."""
+    converted = finetune_dir / "config.json"
+    if not converted.exists():
+        return
+    dense = dense_dir / "config.json"
+    if not dense.exists() or dense.stat().st_mtime > converted.stat().st_mtime:
+        raise SystemExit(f"{finetune_dir} was converted from an earlier dense run than the one "
+                         f"in {dense_dir} (gone or retrained since). Nothing was trained: delete "
+                         f"{finetune_dir} to convert the current dense run.")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--steps", type=positive_int, default=500)
@@ -108,6 +123,7 @@ def main(argv=None) -> None:
     refuse_any_other_settings([(dense_cfg, out / "runs" / "dense"),
                                (monarch_cfg, out / "runs" / "monarch"),
                                (finetune_cfg, finetune_dir)])
+    refuse_a_stale_conversion(out / "runs" / "dense", finetune_dir)
     rows = [run(dense_cfg, out / "runs" / "dense"), run(monarch_cfg, out / "runs" / "monarch")]
     rows.append(run(finetune_cfg, finetune_dir))
     _, converted = eval_curve(finetune_dir)
