@@ -133,8 +133,10 @@ def collective_summary(hlo_text: str) -> dict[str, dict[str, int]]:
                 callees += [(callee, 1) for callee in names if callee]
             for callee, trips in callees:
                 for kind, v in collectives_in(callee).items():
+                    # in a loop of unknown length every one of them is counted once
+                    unknown = v["count"] if trips is None else v["unknown_trips"] * trips
                     add(summary, kind, v["count"] * (trips or 1), v["bytes"] * (trips or 1),
-                        v["unknown_trips"] * (trips or 1) + (v["count"] if trips is None else 0))
+                        unknown)
         return summary
 
     ordered = {}

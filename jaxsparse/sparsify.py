@@ -52,9 +52,8 @@ def _attention_converts(model) -> bool:
 def _selector(which: Which) -> Callable[[tuple, nnx.Module, str | None], bool]:
     if callable(which):
         return lambda path, module, kind: bool(which(path, module))
-    if not isinstance(which, str):  # a list failed with AttributeError on .split
-        kinds = None
-    else:
+    kinds = None  # a list was an AttributeError on .split
+    if isinstance(which, str):
         kinds = set(KINDS) if which == "all" else {w.strip() for w in which.split(",")}
     if kinds is None or not kinds <= set(KINDS):
         raise ValueError(f"which={which!r}: 'all', a comma-separated subset of {KINDS}, or a "

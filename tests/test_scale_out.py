@@ -78,7 +78,8 @@ def test_mesh_flags_and_collective_parsing():
 
 
 # a compiled module's shape (XLA:CPU, abridged): a ring's loop of 3 steps with an exchange and,
-# nested in it, a loop of 2 with an all-reduce; a loop of unknown length; a conditional
+# nested in it, a loop of 2 with an all-reduce; loops of unknown length, one in the other; a
+# conditional
 LOOPS_HLO = """
 HloModule jit_f, entry_computation_layout={(f32[2]{0})->f32[2]{0}}
 
@@ -95,8 +96,13 @@ HloModule jit_f, entry_computation_layout={(f32[2]{0})->f32[2]{0}}
   %while.20 = (s32[], f32[2]{0}) while(%t), condition=%cond, body=%inner_body, backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"2"}}
 }
 
+%inner_open (param.4: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag.2 = f32[8]{0} all-gather(%w), replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
 %open_body (param.3: (s32[], f32[8])) -> (s32[], f32[8]) {
   %ag = f32[8]{0} all-gather(%z), replica_groups={{0,1,2,3}}, dimensions={0}
+  %while.24 = (s32[], f32[8]{0}) while(%tuple.16), condition=%cond.4, body=%inner_open
 }
 
 %branch_a (p: f32[2]) -> f32[2] {
@@ -120,10 +126,11 @@ def test_collectives_in_loops_count_once_per_trip():
     """A ring's exchanges sit in a loop body: counted once per trip (3 exchanges, 3 x 2 nested
     all-reduces and the one outside); they were counted once each, under-reporting the
     sequence-parallel preset ~1.6x at 4 devices. A loop of unknown length counts its body once,
-    and says so."""
+    and says how many ops it counted so (nested in another such loop, each op still once: it
+    was counted twice)."""
     assert collective_summary(LOOPS_HLO) == {
         "all-reduce": {"count": 7, "bytes": 7 * 8},
-        "all-gather": {"count": 1, "bytes": 32, "unknown_trips": 1},
+        "all-gather": {"count": 2, "bytes": 64, "unknown_trips": 2},  # each op once
         "collective-permute": {"count": 3 + 1, "bytes": 4 * 8}}
 
 

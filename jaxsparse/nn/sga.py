@@ -14,8 +14,8 @@ from flax import nnx
 from jaxsparse.nn.batch_local import heads_local, rows_local
 from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.nn.linear import Linear
+from jaxsparse.ops.attention.decode import check_new_positions_fit
 from jaxsparse.ops.checks import check_cache_request, checked_decode_cache
-from jaxsparse.ops.concrete import concrete_values
 from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
@@ -115,10 +115,7 @@ class SparseGlobalAttention(nnx.Module):
                                          max_global=self.max_global)
             return self.o_proj(out), {name: stored(x) if x.ndim == 4 else x
                                       for name, x in rings.items()}
-        slots, first = cache["k"].shape[1], concrete_values(cache_index)
-        if first is not None and int(first) + x_BLD.shape[1] > slots:  # as full_cache_decode
-            raise ValueError(f"index={int(first)} with {x_BLD.shape[1]} new tokens needs index + "
-                             f"{x_BLD.shape[1]} <= {slots}, the cache's slots")
+        check_new_positions_fit(cache_index, x_BLD.shape[1], cache["k"].shape[1])
         start = (0, cache_index, 0, 0)
         new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),

@@ -59,6 +59,16 @@ def nan_past_the_cache(out, lengths, new: int, slots: int):
     return jnp.where(outside.reshape((-1,) + (1,) * (out.ndim - 1)), jnp.nan, out)
 
 
+def check_new_positions_fit(index, new: int, slots: int) -> None:
+    """``new`` tokens written from position ``index`` fit a cache of every position with
+    ``slots`` slots (where ``index`` is concrete; traced: :func:`nan_past_the_cache`).
+    Named as the caller passed it, the index, not the lengths it implies."""
+    first = concrete_values(index)
+    if first is not None and int(first) + new > slots:
+        raise ValueError(f"index={int(first)} with {new} new tokens needs index + {new} <= "
+                         f"{slots}, the cache's slots")
+
+
 def checked_first_position(index):
     """``index`` (the position of the first new token, where a ring buffer's caller keeps no
     lengths) as an int32 scalar: an integer scalar, >= 0 where it is concrete."""
@@ -236,10 +246,7 @@ def full_cache_decode(q, k_new, v_new, k_cache, v_cache, index, *,
     new = q.shape[1]
     slots = _checked_heads_first_caches(k_cache, v_cache, k_new)
     index = checked_first_position(index)
-    first = concrete_values(index)
-    if first is not None and int(first) + new > slots:  # (named as the caller passed it)
-        raise ValueError(f"index={int(first)} with {new} new tokens needs index + {new} <= "
-                         f"{slots}, the cache's slots")
+    check_new_positions_fit(index, new, slots)
     lengths = checked_cache_lengths(index + new, q.shape[0], new, slots)
     at = (0, 0, index, 0)
     k_cache, v_cache = (jax.lax.dynamic_update_slice(cache, x.swapaxes(1, 2).astype(cache.dtype),
