@@ -10,8 +10,10 @@ seconds."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -279,3 +281,36 @@ def test_the_moe_study_counts_active_parameters_at_the_k_a_row_is_scored_at(load
     assert study.active_params(cfg) == count_params(cfg.model)
     fixed = apply_overrides(cfg, ["model.moe_k_end=null"])
     assert study.active_params(fixed) < count_params(cfg.model)
+
+
+def test_an_ssm_study_call_on_a_subset_keeps_the_other_runs_rows(ssm, monkeypatch, tmp_path,
+                                                                    capsys):
+    """``--models mamba`` and then ``--models transformer`` make one table of both (the second
+    call rewrote it with the transformer's row alone); a row trained on other shared settings
+    (another ``--steps``) is dropped and named, not mixed in."""
+    study, mqar, _ = ssm
+
+    def finished_train(cfg, workdir, **kwargs):
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(to_json(with_absolute_paths(cfg)))
+        accuracy = {"transformer": 0.9, "mamba": 0.5, "mamba2": 0.7}[cfg.model.name]
+        record = {"split": "eval", "step": cfg.train.steps, "accuracy": accuracy, "loss": 1.0}
+        (workdir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        return SimpleNamespace(step=cfg.train.steps, eval_metrics=record)
+
+    monkeypatch.setattr(study, "train", finished_train)
+    out = tmp_path / "mqar"
+    common = ["--widths", "64", "--out", str(out)]
+
+    def table():
+        return {row["model"]: (row["steps"], row["eval_accuracy"])
+                for row in json.loads((out / "mqar.json").read_text())["rows"]}
+
+    mqar.main(["--steps", "4", "--models", "mamba"] + common)
+    mqar.main(["--steps", "4", "--models", "transformer"] + common)
+    assert table() == {"Mamba d64": (4, 0.5), "Transformer d64": (4, 0.9)}
+    capsys.readouterr()
+    mqar.main(["--steps", "5", "--models", "mamba2"] + common)
+    assert table() == {"Mamba-2 d64": (5, 0.7)}
+    assert "not kept from the earlier mqar table" in capsys.readouterr().out

@@ -3,12 +3,18 @@ workdir, resumable), then write a results table (json + md) and an accuracy-vs-s
 A workdir that holds a run with other settings is refused before anything trains (pass another
 ``--out``, or delete it); a run with the same settings is read back or resumed.
 
+The table is the study's, not the call's: a call that trains a subset (``--models mamba``)
+keeps the rows of the earlier table for the runs it did not train, where their saved settings
+agree with this call's shared ones (the same ``--steps``, length, ...); a row whose run was
+trained on other shared settings, or whose directory is gone, is dropped and named.
+
 Accuracy is the evaluation accuracy on answer tokens only (the tasks' loss masks), on
 ``eval.batches`` held-out batches drawn from a separate stream.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -17,9 +23,9 @@ from pathlib import Path
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.config import apply_overrides
+from jaxsparse.config import apply_overrides, diff
 from jaxsparse.models import count_params
-from jaxsparse.train.loop import train
+from jaxsparse.train.loop import read_config, train
 from jaxsparse.train.metrics import read_metrics
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
@@ -62,11 +68,37 @@ def run_study(name: str, runs: Sequence[Run], shared: Sequence[str], out_dir: st
                      "best_eval_accuracy": max(a for _, a in curve),
                      "eval_loss": result.eval_metrics["loss"],
                      "minutes": (time.perf_counter() - start) / 60})
+    kept, dropped = earlier_rows(name, out_dir, shared, {row["model"] for row in rows})
+    for row in kept:
+        curves[row["model"]] = eval_curve(out_dir / "runs" / row["model"])
+    if dropped:
+        print(f"not kept from the earlier {name} table (trained on other shared settings, or "
+              f"its run directory is gone): {', '.join(dropped)}", flush=True)
+    rows = kept + rows
     columns = ["model", "params", "steps", "eval_accuracy", "best_eval_accuracy", "eval_loss",
                "minutes"]
     write_results(name, rows, columns, out_dir, notes)
     plot_curves(curves, out_dir / f"{name}.png", title=name)
     return rows
+
+
+def earlier_rows(name: str, out_dir: Path, shared: Sequence[str],
+                 trained_now: set[str]) -> tuple[list[dict], list[str]]:
+    """``(kept, dropped)``: the rows of the table already in ``out_dir`` for runs this call did
+    not train. A row is kept when its run directory holds a saved config that the study's shared
+    overrides leave unchanged (it was trained on the same shared settings), else dropped."""
+    table = out_dir / f"{name}.json"
+    if not table.is_file():
+        return [], []
+    kept, dropped = [], []
+    for row in json.loads(table.read_text())["rows"]:
+        if row["model"] in trained_now:
+            continue
+        saved = out_dir / "runs" / row["model"] / "config.json"
+        same = saved.is_file() and not diff(cfg := read_config(saved),
+                                            apply_overrides(cfg, COMMON + list(shared)))
+        (kept if same else dropped).append(row if same else row["model"])
+    return kept, dropped
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
