@@ -283,13 +283,13 @@ def _print_config_warnings(command: str):
     line: the config is the user's, not ours)."""
     from jaxsparse.config import SampleLengthWarning
     from jaxsparse.config_usage import UnreadKeyWarning
-    from jaxsparse.errors import DataChangeWarning, ScheduleChangeWarning
+    from jaxsparse.errors import DataChangeWarning, OlderConfigWarning, ScheduleChangeWarning
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UnreadKeyWarning | ScheduleChangeWarning | DataChangeWarning
-                      | SampleLengthWarning):
+                      | SampleLengthWarning | OlderConfigWarning):
             print(f"jaxsparse {command}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

@@ -13,3 +13,8 @@ class ScheduleChangeWarning(UserWarning):
 class DataChangeWarning(UserWarning):
     """A resumed (or re-evaluated) run whose data settings differ from the saved run's, so its
     batches and validation windows do."""
+
+
+class OlderConfigWarning(UserWarning):
+    """A saved ``config.json`` that lacks settings this version has (it was written before they
+    existed): they are read as today's defaults, which need not be what the run trained with."""

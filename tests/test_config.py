@@ -1,5 +1,6 @@
 import dataclasses
 import re
+import warnings
 
 import pytest
 
@@ -157,3 +158,30 @@ def test_cli_configs_lists_parameter_counts(capsys):
     default = next(l for l in out.splitlines() if l.startswith(configs.DEFAULT + " "))
     assert "(default)" in default
     assert expected > 500_000  # the real model, not an empty shell
+
+
+def test_a_saved_config_older_than_a_setting_is_read_with_a_warning_naming_it(tmp_path):
+    """A workdir saved before a setting existed reads it as today's default: said, with the
+    default taken (a routing run saved before ``routing_reseed`` was read as reseeding)."""
+    import json
+
+    from jaxsparse.errors import OlderConfigWarning
+    from jaxsparse.train.loop import read_config
+
+    raw = json.loads(to_json(configs.get("routing_tiny")))
+    del raw["model"]["routing_reseed"], raw["train"]["nonfinite"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.warns(OlderConfigWarning) as caught:
+        cfg = read_config(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(path) in message
+    assert "model.routing_reseed=True" in message and "train.nonfinite='stop'" in message
+    assert "model.routing_window" not in message  # saved keys are not named
+    assert cfg.model.routing_reseed is True
+
+    path.write_text(to_json(configs.get("routing_tiny")))  # a config of this version: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_config(path)

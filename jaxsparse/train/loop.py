@@ -18,10 +18,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxsparse.config import Config, ConfigError, MeshConfig, from_json, to_json, validate
+from jaxsparse.config import (SECTIONS, Config, ConfigError, MeshConfig, from_json, to_json,
+                              validate)
 from jaxsparse.config_usage import model_differences, unread_data_keys
 from jaxsparse.data import Shard, make_stream
-from jaxsparse.errors import DataChangeWarning, NonFiniteTraining, ScheduleChangeWarning
+from jaxsparse.errors import (DataChangeWarning, NonFiniteTraining, OlderConfigWarning,
+                              ScheduleChangeWarning)
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import check_batch_split, make_mesh
 from jaxsparse.parallel.mesh import check_mesh, process_rows
@@ -47,13 +49,30 @@ class TrainResult:
 
 
 def read_config(path: Path) -> Config:
-    """A workdir's ``config.json``, or a ConfigError naming the file."""
+    """A workdir's ``config.json``, or a ConfigError naming the file. Settings the file lacks
+    (it was saved before they existed) are read as today's defaults, with an
+    :class:`OlderConfigWarning` naming each and the default taken."""
     if not path.is_file():
         raise ConfigError(f"{path} is not a file")
     try:
-        return from_json(path.read_text())
+        text = path.read_text()
+        cfg = from_json(text)
     except (ConfigError, TypeError, UnicodeDecodeError) as err:  # TypeError: a key's value
         raise ConfigError(f"{path}: {err}") from None
+    missing = settings_missing_from(json.loads(text), cfg)
+    if missing:
+        warnings.warn(f"{path} was saved before these settings existed; read as today's "
+                      f"defaults, which may not be what it trained with: {', '.join(missing)}",
+                      OlderConfigWarning, stacklevel=2)
+    return cfg
+
+
+def settings_missing_from(raw: dict, cfg: Config) -> list[str]:
+    """``section.key=default`` for every setting of ``cfg`` absent from its saved JSON."""
+    return [f"{section}.{field.name}={getattr(getattr(cfg, section), field.name)!r}"
+            for section in SECTIONS
+            for field in dataclasses.fields(getattr(cfg, section))
+            if field.name not in raw.get(section, {})]
 
 
 def with_absolute_paths(cfg: Config) -> Config:
