@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 import warnings
@@ -625,8 +626,17 @@ def _validate_synthetic_sizes(m: ModelConfig, d: DataConfig) -> None:
     if d.task in checks:
         try:
             checks[d.task]()
-        except ValueError as err:  # the generator's parameters are data.* and model.vocab_size
-            raise ConfigError(f"data.task={d.task!r}: {err}") from None
+        except ValueError as err:  # named by the generator's parameters: say the config keys
+            message = re.sub(r"(?<![\w.·])(\w+)=", lambda g: f"{GENERATOR_KEYS.get(g[1], g[1])}=",
+                             str(err))
+            raise ConfigError(f"data.task={d.task!r}: {message}") from None
+
+
+# The synthetic generators' parameters, by the config key each is read from.
+GENERATOR_KEYS = {"seq_len": "data.seq_len", "vocab_size": "model.vocab_size",
+                  "prefix_len": "data.induction_prefix",
+                  "num_tokens_to_copy": "data.num_tokens_to_copy", "hops": "data.hops",
+                  "chains": "data.chains"}
 
 
 def validate_data(m: ModelConfig, d: DataConfig) -> None:

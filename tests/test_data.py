@@ -96,7 +96,7 @@ def test_a_shard_outside_its_processes_is_refused(args, message):
      r"model.vocab_size=64 too small for data.num_kv_pairs=32"),
     (["data.task=mqar", "model.vocab_size=64", "data.num_kv_pairs=4", "data.batch_size=0"],
      r"data.batch_size=0: must be >= 1"),
-    (["data.task=multi_hop", "data.hops=0"], r"data.task='multi_hop': multi_hop: hops=0"),
+    (["data.task=multi_hop", "data.hops=0"], r"data.task='multi_hop': multi_hop: data.hops=0"),
 ])
 def test_make_stream_checks_the_keys_it_reads(overrides, message):
     """make_stream on an unvalidated config: the ConfigErrors validate gives for these keys."""
@@ -363,11 +363,33 @@ def test_selective_copying_asks_for_the_data_tokens_in_order():
         synthetic.selective_copying(np.random.default_rng(0), 1, 10, 10, 8)
 
 
-def test_induction_heads_repeat_the_prefix():
-    b = synthetic.induction_heads(np.random.default_rng(2), 3, 40, 50, 10)
-    seq = np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
-    np.testing.assert_array_equal(seq[:, 10:20], seq[:, :10])
-    assert b["mask"][:, :9].sum() == 0 and b["mask"][:, 9:].min() == 1
+def test_induction_heads_score_only_what_a_lookup_predicts_and_no_fixed_lag_does():
+    """Every scored target is the successor of the input token's previous occurrence (a unique
+    one: the prefix's tokens are distinct); the first target of the repeat, whose input has
+    not occurred before, is not scored; rows draw their own periods, so no copy at a fixed lag
+    is right on most rows (with one period for all rows, the lag-16 copy scored 100%)."""
+    rows, length, vocab, prefix = 200, 64, 256, 16
+    b = synthetic.induction_heads(np.random.default_rng(2), rows, length, vocab, prefix)
+    lookup_right, scored = 0, 0
+    lag_right = np.zeros(prefix + 1)
+    for inputs, targets, mask in zip(b["inputs"], b["targets"], b["mask"]):
+        first = int(np.argmax(mask))
+        assert mask[first:].min() == 1 and mask[:first].max(initial=0) == 0
+        assert len(set(inputs[:first].tolist())) == first  # one period of distinct tokens
+        assert prefix // 2 + 1 <= first <= prefix
+        for i in range(length):
+            seen = np.flatnonzero(inputs[:i] == inputs[i])
+            assert bool(mask[i]) == bool(len(seen))  # scored iff the token occurred before
+            if mask[i]:
+                scored += 1
+                lookup_right += targets[i] == inputs[seen[-1] + 1]
+                for lag in range(1, prefix + 1):
+                    lag_right[lag] += i + 1 - lag >= 0 and targets[i] == inputs[i + 1 - lag]
+    assert lookup_right == scored > 0
+    assert lag_right.max() / scored < 0.25, lag_right / scored
+    assert 0 < b["inputs"].min() and b["inputs"].max() < vocab
+    with pytest.raises(ValueError, match="vocab_size=10 too small for prefix_len=16"):
+        synthetic.induction_heads(np.random.default_rng(0), 1, 64, 10, 16)
 
 
 @pytest.mark.parametrize("hops", [1, 3])

@@ -130,26 +130,39 @@ def selective_copying(rng: np.random.Generator, batch: int, seq_len: int, vocab_
 
 def check_induction_heads(seq_len: int, vocab_size: int, prefix_len: int) -> None:
     """Raise ``ValueError`` for sizes :func:`induction_heads` cannot draw from."""
-    if prefix_len < 1:
-        raise ValueError(f"induction_heads: prefix_len={prefix_len} must be >= 1")
+    if prefix_len < 2:
+        raise ValueError(f"induction_heads: prefix_len={prefix_len} must be >= 2 (a period of "
+                         "one token is a constant sequence)")
     if seq_len + 1 < 2 * prefix_len:
         raise ValueError(f"induction_heads: seq_len={seq_len} too short for prefix_len="
-                         f"{prefix_len} (need >= {2 * prefix_len - 1})")
-    if vocab_size < 2:
-        raise ValueError(f"induction_heads: vocab_size={vocab_size} must be >= 2")
+                         f"{prefix_len} (need >= {2 * prefix_len - 1}: the longest prefix "
+                         "repeated once)")
+    if vocab_size < prefix_len + 1:
+        raise ValueError(f"induction_heads: vocab_size={vocab_size} too small for prefix_len="
+                         f"{prefix_len} (need >= {prefix_len + 1}: a prefix's "
+                         "tokens are distinct, so each has one successor to copy)")
 
 
 def induction_heads(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
                     prefix_len: int) -> dict[str, np.ndarray]:
-    """Repeated random prefix (Olsson et al. 2022): tokens after the first repetition are
-    predictable only by finding the previous occurrence and copying its successor."""
+    """A random prefix repeated to the end of the row (the repeated random tokens of Olsson et
+    al. 2022): a scored token is the successor of the current token's previous occurrence.
+
+    What keeps it a lookup, not a copy at a fixed lag: each row draws its own period, uniformly
+    from ``prefix_len // 2 + 1`` to ``prefix_len`` (a copy at any one lag is right on about one
+    row in ``prefix_len - prefix_len // 2``); the prefix's tokens are distinct (drawn without
+    replacement from ``1 .. vocab_size - 1``), so every token has exactly one successor; and the
+    first target of the repeat, whose input (the prefix's last token) has not occurred before,
+    is not scored."""
     check_induction_heads(seq_len, vocab_size, prefix_len)
     _check_batch("induction_heads", batch)
-    prefix = rng.integers(1, vocab_size, size=(batch, prefix_len))
-    reps = -(-(seq_len + 1) // prefix_len)
-    seq = np.tile(prefix, (1, reps))[:, :seq_len + 1]
+    periods = rng.integers(prefix_len // 2 + 1, prefix_len + 1, size=batch)
+    seq = np.zeros((batch, seq_len + 1), np.int64)
     answer = np.zeros_like(seq, dtype=bool)
-    answer[:, prefix_len:] = True
+    for b, period in enumerate(periods):
+        prefix = rng.choice(vocab_size - 1, size=period, replace=False) + 1
+        seq[b] = np.resize(prefix, seq_len + 1)  # repeats prefix to the length
+        answer[b, period + 1:] = True
     return _shift(seq, answer)
 
 
