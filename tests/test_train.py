@@ -24,7 +24,7 @@ from jaxsparse.parallel import make_mesh
 from jaxsparse.train.loop import LN2
 from jaxsparse.train.state import TrainSetup
 
-from helpers import ROOT, TINY, run_python, tiny_config
+from helpers import ROOT, TINY, run_python, short_documents, tiny_config
 
 
 def _snapshot(directory):
@@ -258,6 +258,29 @@ def test_resuming_on_other_data_settings_is_said_and_a_rerun_keeps_config_json(t
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataChangeWarning)
         warn_if_the_data_moved(cfg, dataclasses.replace(cfg, data=elsewhere), 2)
+
+
+def test_resuming_on_a_corpus_that_gained_files_is_said(tmp_path):
+    """The same data.* settings can match other text: files added under ``data.path`` draw
+    other windows from the resumed step on. The files and bytes of each split are saved with
+    the checkpoint and a change is said, with both; the same corpus says nothing."""
+    from jaxsparse.errors import DataChangeWarning
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    overrides = short_documents(corpus, count=60) + ["train.steps=4", "data.seq_len=16"]
+    train(tiny_config(*overrides), tmp_path / "run", should_stop=lambda step: step == 2,
+          sample=False, quiet=True)
+    for i in range(60, 90):
+        (corpus / f"doc{i:02d}.txt").write_text(f"f{i}:" + "cd " * (1 + i % 6))
+    with pytest.warns(DataChangeWarning, match=r"resuming at step 2 on other text: data.path="
+                      r".* now matches another corpus than the saved run's \(train \d+ files, "
+                      r"[\d,]+ bytes -> \d+ files"):
+        train(tiny_config(*overrides), tmp_path / "run", sample=False, quiet=True)
+    with warnings.catch_warnings():  # saved at step 4 with the 90 files: the same corpus
+        warnings.simplefilter("error", DataChangeWarning)
+        again = train(tiny_config(*overrides), tmp_path / "run", sample=False, quiet=True)
+    assert again.step == 4
 
 
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):

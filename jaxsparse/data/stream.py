@@ -94,6 +94,10 @@ class TextStream:
         self.seq_len, self.batch_size, self.seed, self.shard = d.seq_len, d.batch_size, d.seed, shard
         self.packed_documents = d.packed_documents
         self.num_files = {k: len(v) for k, v in splits.items()}
+        # what the glob matched, saved with every checkpoint: a resume on a corpus that gained
+        # or lost files (or bytes) draws other windows under the same settings, and says so
+        self.corpus = {name: {"files": self.num_files[name], "bytes": int(arr.shape[0])}
+                       for name, arr in (("train", self.train), ("valid", self.valid))}
         for name, arr in (("train", self.train), ("valid", self.valid)):
             if arr.shape[0] < self.seq_len + 1:  # one window: seq_len inputs + the last target
                 raise ConfigError(
@@ -128,6 +132,7 @@ class SyntheticStream:
         d = cfg.data
         self.cfg, self.shard = cfg, shard
         self.batch_size, self.seed = d.batch_size, d.seed
+        self.corpus = None  # drawn from the settings alone
         self._make(np.random.default_rng(0), 1)  # validate the task parameters up front
 
     def _make(self, rng, batch):

@@ -149,11 +149,22 @@ class Checkpointer:
         if step is None:
             return None
         try:
-            meta = self.manager.restore(step,
-                                        args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            return from_dict(meta["meta"]["config"])
+            return from_dict(self._meta(step)["config"])
         except (KeyError, FileNotFoundError, ValueError, TypeError) as err:
             raise self._damaged(step, _damage_reason(err)) from None
+
+    def saved_corpus(self, step: int) -> dict | None:
+        """What the text corpus held when ``step`` was saved (files and bytes per split,
+        :attr:`jaxsparse.data.stream.TextStream.corpus`); None for a synthetic task or a
+        checkpoint saved before this was recorded."""
+        try:
+            return self._meta(step).get("corpus")
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            raise self._damaged(step, _damage_reason(err)) from None
+
+    def _meta(self, step: int) -> dict:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return meta["meta"]
 
     def check_compatible(self, cfg: Config) -> None:
         saved = self.saved_config()
@@ -167,8 +178,11 @@ class Checkpointer:
                 "(saved -> requested):\n  " + "\n  ".join(mismatch)
                 + "\nUse another --workdir, or the saved settings.")
 
-    def save(self, step: int, state, cfg: Config, *, force: bool = False) -> bool:
+    def save(self, step: int, state, cfg: Config, *, corpus: dict | None = None,
+             force: bool = False) -> bool:
         meta = {"config": to_dict(cfg), "version": jaxsparse.__version__}
+        if corpus is not None:
+            meta["corpus"] = corpus
         return self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=force)

@@ -144,6 +144,31 @@ def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None
     warnings.warn(what, DataChangeWarning, stacklevel=3)
 
 
+def warn_if_the_corpus_moved(saved: dict | None, now: dict | None, cfg: Config,
+                             step: int) -> None:
+    """The same ``data`` settings can name other text: files added to (or removed from) what
+    ``data.path`` matches, or edited. The files and bytes of each split, saved with the
+    checkpoint, are compared with what the stream opened now; a difference is said as
+    :func:`warn_if_the_data_moved` says a changed setting (a same-size edit is not seen)."""
+    if saved is None or now is None or saved == now:
+        return
+    changed = "; ".join(
+        f"{split} {saved[split]['files']} files, {saved[split]['bytes']:,} bytes -> "
+        f"{now[split]['files']} files, {now[split]['bytes']:,} bytes"
+        for split in ("train", "valid") if saved.get(split) != now.get(split))
+    where = (f"data.path={cfg.data.path!r}" if cfg.data.path
+             else "the default corpus (data.path unset: this Python's standard library)")
+    if step < cfg.train.steps:
+        what = (f"resuming at step {step} on other text: {where} now matches another corpus "
+                f"than the saved run's ({changed}); the batches differ, so the losses and eval "
+                "metrics from here on are not those an uninterrupted run would give")
+    else:
+        what = (f"evaluating the checkpoint of step {step} on other text: {where} now matches "
+                f"another corpus than the one it was trained on ({changed}); the eval metrics "
+                "are not comparable with the saved run's")
+    warnings.warn(what, DataChangeWarning, stacklevel=3)
+
+
 def check_workdir(cfg: Config, workdir: Path) -> None:
     """Refuse a workdir whose saved config describes a different model (before writing)."""
     if workdir.exists() and not workdir.is_dir():
@@ -273,6 +298,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         saved = ckpt.saved_config(start)
         warn_if_the_schedule_moved(saved, cfg, start)
         warn_if_the_data_moved(saved, cfg, start)
+        warn_if_the_corpus_moved(ckpt.saved_corpus(start), stream.corpus, cfg, start)
         if start >= cfg.train.steps:
             log(f"the run is already at step {start} >= train.steps={cfg.train.steps}: "
                 "nothing to train (raise train.steps to continue it)")
@@ -398,14 +424,14 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 # rotation either; the save waits for the state anyway
                 diverged = any(bool(m["nonfinite"]) for _, m in pending)
             if due and not diverged:
-                ckpt.save(step, state, cfg, force=True)
+                ckpt.save(step, state, cfg, corpus=stream.corpus, force=True)
             if diverged:
                 # The state at the stop is finite (bad updates are never applied), but the
                 # updates before the bad one may already have harmed it, and saving it would
                 # evict the oldest good checkpoint: it is saved only when there is none.
                 saved_at_stop = ckpt.latest_step() is None
                 if saved_at_stop:
-                    ckpt.save(step, state, cfg, force=True)
+                    ckpt.save(step, state, cfg, corpus=stream.corpus, force=True)
                 break
             if interrupted and not last:
                 stopped = True
