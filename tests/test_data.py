@@ -215,6 +215,18 @@ def test_user_glob_and_token_cache(tmp_path):
     assert bytes(tokens) == files[0].read_bytes() + b"\0" + files[1].read_bytes() + b"\0"
 
 
+def test_a_window_outside_the_tokens_is_an_index_error_not_a_damaged_cache(tmp_path):
+    files = [tmp_path / "a.txt"]
+    files[0].write_text("x" * 100)
+    tokens = store.open_tokens(files, tmp_path / "cache")  # 101 tokens with the separator
+    edge = store.read_windows(tokens, np.array([0, 91]), 10)
+    assert edge.shape == (2, 10) and edge[1, -1] == 0  # the last window ends at the NUL
+    for start in (92, -1):
+        with pytest.raises(IndexError, match=rf"the window \[{start}, {start + 10}\) is outside "
+                                             r"the 101 tokens \(a start must be in \[0, 91\]\)"):
+            store.read_windows(tokens, np.array([0, start]), 10)
+
+
 def test_the_token_cache_is_built_once_and_reused(tmp_path, monkeypatch):
     """Re-opening tokenises nothing; editing a file rebuilds the cache of its split only. (The
     test this replaces compared modification times, which a rebuild whose rename lost to the

@@ -174,7 +174,14 @@ def _build(files: list[Path], cache_dir: Path, target: Path, setting: str) -> No
 
 
 def read_windows(store: ts.TensorStore, offsets: np.ndarray, length: int) -> np.ndarray:
-    """``[len(offsets), length]`` uint8 windows, read concurrently."""
+    """``[len(offsets), length]`` uint8 windows, read concurrently. A window reaching outside
+    the array is an IndexError naming it (tensorstore's own out-of-range error is a ValueError,
+    which would read as a damaged cache below)."""
+    size = store.shape[0]
+    for o in offsets:
+        if not 0 <= int(o) <= size - length:
+            raise IndexError(f"read_windows: the window [{int(o)}, {int(o) + length}) is outside "
+                             f"the {size} tokens (a start must be in [0, {size - length}])")
     futures = [store[int(o):int(o) + length].read() for o in offsets]
     if not futures:
         return np.zeros((0, length), np.uint8)
