@@ -193,7 +193,11 @@ def _gmm_bwd(cfg, residuals, dout):
                             tn=cfg.tk)  # d_lhs contracts over n and produces k
     d_lhs = gmm(dout.astype(lhs.dtype), jnp.swapaxes(rhs, 1, 2), group_sizes, transposed)
     d_rhs = _kernels(cfg)[1](lhs, dout.astype(lhs.dtype), group_sizes, cfg)
-    d_rhs = jnp.where((group_sizes > 0)[:, None, None], d_rhs, 0.0)  # groups no visit reached
+    # Groups with no rows are reached by no TPU visit, so their blocks are never written: zero
+    # them. "No rows" after the cut at the last row (tile_groups): a positive size that starts
+    # past the rows has none either (masking on size > 0 left such a block as leftover memory).
+    _, _, starts, ends = tile_groups(group_sizes, lhs.shape[0] // cfg.tm, cfg.tm)
+    d_rhs = jnp.where((ends > starts)[:, None, None], d_rhs, 0.0)
     return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
 
 

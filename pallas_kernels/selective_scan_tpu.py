@@ -122,8 +122,8 @@ def _specs(cfg, n, num_blocks, reverse):
     t = (lambda k: num_blocks - 1 - k) if reverse else (lambda k: k)
     if cfg.groups == 1:
         group = lambda c: 0  # noqa: E731
-    else:
-        group = lambda c: c * bd // cfg.per_group  # noqa: E731
+    else:  # channel blocks past groups·per_group are padding: they read the last group's B, C
+        group = lambda c: jnp.minimum(c * bd // cfg.per_group, cfg.groups - 1)  # noqa: E731
     return dict(
         tile=pl.BlockSpec((None, bt, bd), lambda b, c, k: (b, t(k), c)),
         col=pl.BlockSpec((None, None, n, bt), lambda b, c, k: (b, group(c), 0, t(k))),

@@ -216,6 +216,23 @@ def test_tpu_kernel_refuses_groups_that_split_a_lane_block():
                     interpret=True)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_padding_channel_blocks_read_an_existing_group(backend):
+    """Channel blocks past groups·per_group (padding) map to the last B/C group, never to group
+    ``groups``, which does not exist: interpret mode clamps an out-of-range block index (so the
+    scan tests cannot see it), a TPU reads past the array. The TPU kernel's map was unclamped."""
+    from pallas_kernels import selective_scan, selective_scan_tpu
+
+    cfg = selective_scan.scan_config(backend=backend, interpret=True, groups=2, per_group=128,
+                                     block_t=8, block_d=128)
+    if backend == "tpu":
+        col = selective_scan_tpu._specs(cfg, 4, 1, reverse=False)["col"].index_map
+        groups = [int(col(0, c, 0)[1]) for c in range(4)]  # 2 real channel blocks, 2 padding
+    else:
+        groups = [int(selective_scan._group_of(cfg)(c)) for c in range(4)]
+    assert groups == [0, 1, 1, 1]
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (run experiments/gpu_check.sh on one)")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @PACKED

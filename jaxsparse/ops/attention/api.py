@@ -209,8 +209,8 @@ def dot_product_attention(
       logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (Gemma-2 style).
       implementation: ``None`` (best available), ``"xla"`` (dense reference),
         ``"xla_blocksparse"`` (visits only non-empty tiles of a lazy mask), ``"pallas"`` (the
-        block-sparse flash kernel on CUDA) or ``"pallas_interpret"`` (the same kernel in
-        interpret mode, for CPU tests).
+        block-sparse flash kernel: Triton on CUDA, Mosaic on TPU) or ``"pallas_interpret"``
+        (the CUDA kernel in interpret mode, for CPU tests).
       return_lse: also return each row's log-sum-exp of its (scaled, soft-capped) allowed
         logits, ``[B, S, Hq]`` float32 and differentiable — what merging this attention with
         another over a disjoint key set needs (``out = Σ_parts exp(lse_p - lse) out_p``,
