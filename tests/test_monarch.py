@@ -291,3 +291,26 @@ def test_pallas_refuses_blocks_no_kernel_can_take():
     w1, w2 = random_factors(jax.random.key(0), 36, 36, 3)  # p = q = s = 12
     with pytest.raises(ValueError, match=r"GPU kernel needs p, q, s powers of two >= 16"):
         monarch_matmul(jnp.ones((2, 36)), w1, w2, implementation="pallas")
+
+
+def test_a_default_of_one_block_is_said_with_the_parameter_counts():
+    """15 -> 16 has no block count >= 2: the default b=1 is a dense factorisation of 465
+    parameters for a 240-parameter matrix, which a layer asked to be Monarch took silently."""
+    import warnings
+
+    from flax import nnx
+
+    from jaxsparse.nn.monarch import MonarchLinear
+    from jaxsparse.ops.monarch import DenseMonarchWarning, project_to_monarch
+
+    message = r"no Monarch block count >= 2 splits n_in=15 -> n_out=16 .* 465 parameters " \
+              r"against the dense matrix's 240"
+    with pytest.warns(DenseMonarchWarning, match=message):
+        MonarchLinear(15, 16, rngs=nnx.Rngs(0))
+    with pytest.warns(DenseMonarchWarning, match=r"n_in=16 -> n_out=15"):
+        project_to_monarch(jnp.ones((15, 16)))
+    with warnings.catch_warnings():  # chosen, or a real split: nothing to say
+        warnings.simplefilter("error", DenseMonarchWarning)
+        MonarchLinear(15, 16, rngs=nnx.Rngs(0), nblocks=1)
+        MonarchLinear(16, 64, rngs=nnx.Rngs(0))
+        MonarchLinear(1, 7, rngs=nnx.Rngs(0))

@@ -331,6 +331,22 @@ def test_bad_routing_decode_inputs_are_refused():
             causal_routing_decode(**{**good, **kw})
 
 
+def test_no_clusters_and_no_units_are_refused_naming_them():
+    """Zero clusters reached an argmax of an empty axis in the balanced attention; an empty
+    list of routed units a division by zero (the loss) or an empty concatenate (reseeding)."""
+    q = jax.random.normal(jax.random.key(0), (1, 7, 2, 4))
+    none = init_centroids(jax.random.key(1), 2, 3, 4)[:, :0]
+    for attend in (balanced_routing_attention, causal_routing_attention):
+        with pytest.raises(ValueError, match=r"centroids must be \[H=2, C, D=4\], got "
+                                             r"\(2, 0, 4\) \(C >= 1 clusters\)"):
+            attend(q, q, q, none, window=2)
+    centroids = init_centroids(jax.random.key(1), 2, 3, 4)
+    for update in (lambda: commitment_loss(centroids, [], []),
+                   lambda: ema_centroids(centroids, [], [], 0.9, reseed=True)):
+        with pytest.raises(ValueError, match=r"units=\[\]: at least one array of routed vectors"):
+            update()
+
+
 def test_bad_routing_layer_options_are_refused_when_built_and_decoding_past_the_cache():
     def layer(**kw):  # the sizes of the layers below: nothing new to compile
         options = dict(routing_heads=1, num_clusters=4, window=3, local_window=4)

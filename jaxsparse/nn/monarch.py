@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.ops.monarch import MONARCH_IMPLEMENTATIONS, monarch_matmul, monarch_shapes
+from jaxsparse.ops.monarch import (MONARCH_IMPLEMENTATIONS, monarch_matmul, monarch_shapes,
+                                   warn_if_one_block)
 from jaxsparse.nn.linear import _as_shape
 from jaxsparse.nn.mlp import SwiGLU
 from jaxsparse.ops.checks import check_nonnegative
@@ -45,6 +46,7 @@ class MonarchLinear(nnx.Module):
         if implementation not in MONARCH_IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}: allowed {MONARCH_IMPLEMENTATIONS}")
         s1, s2 = monarch_shapes(n_in, n_out, nblocks)
+        warn_if_one_block(n_in, n_out, nblocks)
         self.nblocks = s1[0]
         truncation = 0.87962566103423978  # std of a unit normal truncated at ±2
         w1 = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, s1, param_dtype)

@@ -54,6 +54,24 @@ def default_nblocks(n_in: int, n_out: int) -> int:
     return max(valid_nblocks(n_in, n_out))
 
 
+class DenseMonarchWarning(UserWarning):
+    """The default block count of a Monarch map is 1: no ``b >= 2`` splits its sizes, and one
+    block is a dense factorisation with more parameters than the dense matrix."""
+
+
+def warn_if_one_block(n_in: int, n_out: int, nblocks: int | None) -> None:
+    """Say so when the default block count (``nblocks=None``) of ``n_in -> n_out`` is 1 for
+    sizes above 1: a layer asked to be Monarch would silently be denser than dense."""
+    if nblocks is None and min(n_in, n_out) > 1 and default_nblocks(n_in, n_out) == 1:
+        import warnings
+
+        warnings.warn(f"no Monarch block count >= 2 splits n_in={n_in} -> n_out={n_out} (it must "
+                      "divide both, with min(n_in, n_out)/b a multiple of b): the default is "
+                      f"b=1, a dense factorisation with {monarch_params(n_in, n_out, 1):,} "
+                      f"parameters against the dense matrix's {n_in * n_out:,}",
+                      DenseMonarchWarning, stacklevel=3)
+
+
 def monarch_shapes(n_in: int, n_out: int, nblocks: int | None = None):
     """``(w1_shape, w2_shape)`` for a Monarch map from ``n_in`` to ``n_out`` features.
 
@@ -149,6 +167,7 @@ def project_to_monarch(matrix, nblocks: int | None = None):
     matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
     m, n = matrix.shape
     (b, q, p), (_, s, _) = monarch_shapes(n, m, nblocks)
+    warn_if_one_block(n, m, nblocks)
     rho = q // b
     blocks_LKSP = matrix.reshape(s, b, b, p).transpose(1, 2, 0, 3)
     u, sv, vh = jnp.linalg.svd(blocks_LKSP, full_matrices=False)  # [l, k, s, r], [l, k, r], ...

@@ -135,8 +135,10 @@ def _check(q, k, v, centroids, window=None):
 
 
 def _check_centroids(centroids, heads, dim):
-    if centroids.ndim != 3 or centroids.shape[0] != heads or centroids.shape[2] != dim:
-        raise ValueError(f"centroids must be [H={heads}, C, D={dim}], got {centroids.shape}")
+    if (centroids.ndim != 3 or centroids.shape[0] != heads or centroids.shape[2] != dim
+            or centroids.shape[1] < 1):
+        raise ValueError(f"centroids must be [H={heads}, C, D={dim}], got {centroids.shape} "
+                         "(C >= 1 clusters)")
 
 
 def _check_probes(probes, num_clusters):
@@ -431,6 +433,9 @@ def _check_routed_units(centroids_HCD, units, clusters, mask=None) -> None:
     centroid (or was clamped to the last in the loss), a mask of another length failed
     inside a multiply."""
     h, c, d = centroids_HCD.shape
+    if not units:
+        raise ValueError("units=[]: at least one array of routed vectors is needed (the update "
+                         "and the loss average over them)")
     if len(units) != len(clusters):
         raise ValueError(f"{len(units)} units and {len(clusters)} clusters: each unit array "
                          "needs its cluster ids")
