@@ -15,8 +15,11 @@ def _forward(logits, mask, axis):
     logits = jnp.where(mask, logits, NEG_INF)
     peak = jnp.max(logits, axis=axis, keepdims=True)
     weights = jnp.exp(logits - peak) * mask
-    # a row with an allowed entry sums to >= 1 (its peak contributes exp(0)); 0 only when empty
-    return weights / jnp.maximum(jnp.sum(weights, axis=axis, keepdims=True), 1e-30)
+    # a row with an allowed entry sums to >= 1 (its peak contributes exp(0)); 0 only when empty.
+    # An empty row divides by 1, not by a tiny floor: the division's second derivative has the
+    # divisor squared, and 1e-30 squared is 0 in float32 (NaN Hessian products on empty rows).
+    total = jnp.sum(weights, axis=axis, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -72,7 +72,9 @@ def merge_finished(parts) -> jax.Array:
                else jnp.where(nonempty, jnp.exp(lse - peak), 0.0)
                for lse, (_, _, nonempty) in zip(lses, parts)]
     total = sum(w[..., None] * out.astype(jnp.float32) for w, (out, _, _) in zip(weights, parts))
-    return total / jnp.maximum(sum(weights), 1e-30)[..., None]
+    denom = sum(weights)  # >= 1 where any part saw a key (the peak's part weighs exp(0))
+    # an empty row divides by 1: a floor of 1e-30 squares to 0 in the second derivative (NaN)
+    return total / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
 __all__ = ["SoftmaxState", "empty_state", "finish", "fold_block", "merge_finished"]
