@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -281,6 +282,56 @@ def test_resuming_on_a_corpus_that_gained_files_is_said(tmp_path):
         warnings.simplefilter("error", DataChangeWarning)
         again = train(tiny_config(*overrides), tmp_path / "run", sample=False, quiet=True)
     assert again.step == 4
+
+
+def tensorboard_steps(workdir: Path, tag: str = "train/loss") -> list[int]:
+    """The steps of ``tag`` as TensorBoard shows them: event files in order, and a file that
+    starts with a purge (a resumed run's ``SessionLog.START`` at step N) drops the earlier
+    files' events at steps >= N."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps: list[int] = []
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                steps = [s for s in steps if s < event.step]
+            for value in event.summary.value:
+                if value.tag == tag:
+                    steps.append(event.step)
+    return steps
+
+
+def test_tensorboard_keeps_every_step_to_the_checkpoint_after_a_kill_and_each_once(tmp_path):
+    """A run killed (no clean exit) 2 steps past its checkpoint at step 3 kept no event in
+    TensorBoard (tensorboardX buffers them up to 2 minutes): they are flushed at every
+    checkpoint. The resumed run logs steps 4.. again; TensorBoard drops the killed run's
+    events past the checkpoint, so each step shows once."""
+    overrides = TINY + ["train.steps=6", "train.checkpoint_every=3", "train.tensorboard=true",
+                        "train.async_checkpointing=false"]
+    run_python(f"""
+import json, os
+from jaxsparse import configs
+from jaxsparse.config import apply_overrides
+from jaxsparse.train.loop import train
+
+def kill(step):
+    if step == 5:
+        os._exit(0)  # as a SIGKILL would: no cleanup, no flush
+    return False
+
+print(json.dumps({{}}))
+train(apply_overrides(configs.get("transformer_tiny"), {overrides!r}), {str(tmp_path)!r},
+      should_stop=kill, sample=False, quiet=True)
+""")
+    assert tensorboard_steps(tmp_path) == [1, 2, 3]
+    train(tiny_config(*overrides[len(TINY):]), tmp_path, sample=False, quiet=True)
+    assert tensorboard_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):

@@ -325,7 +325,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         f"{dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
 
     train_step, eval_step = make_train_step(setup), make_eval_step(setup)
-    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
+    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard, resume_step=start)
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
@@ -424,6 +424,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 # rotation either; the save waits for the state anyway
                 diverged = any(bool(m["nonfinite"]) for _, m in pending)
             if due and not diverged:
+                writer.flush()  # what is logged up to a checkpoint survives a kill after it
                 ckpt.save(step, state, cfg, corpus=stream.corpus, force=True)
             if diverged:
                 # The state at the stop is finite (bad updates are never applied), but the

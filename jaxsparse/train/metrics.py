@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -11,7 +12,15 @@ import jax
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    """``resume_step``: the checkpoint step a resumed run continues from. TensorBoard is told to
+    drop the earlier run's events past it (they are logged again), and :meth:`flush` is called
+    at every checkpoint, so a run killed later keeps every event up to its checkpoint (events
+    still in tensorboardX's buffer were lost, and those flushed past it were shown twice)."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self._tb_dir = Path(workdir) / "tensorboard"
+        self._files = 0
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
@@ -19,9 +28,18 @@ class MetricWriter:
             with self.path.open("a") as f:  # a run killed mid-write left half a record:
                 f.write("\n")  # end it, so the next record starts a line of its own
         if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter
+            self._tb = self._open(purge_step=resume_step + 1 if resume_step else None)
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    def _open(self, purge_step=None):
+        """A tensorboardX writer on a file of its own. Its name is only ``[seconds].[host]``
+        by default: a writer opened in the same second as another (a quick resume, or
+        :meth:`flush`) wrote over that one's file; a process id and count keep each apart
+        (and in the order TensorBoard reads them)."""
+        from tensorboardX import SummaryWriter
+
+        self._files += 1
+        return SummaryWriter(str(self._tb_dir), purge_step=purge_step,
+                             filename_suffix=f".{os.getpid()}.{self._files:06d}")
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -33,6 +51,14 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
+
+    def flush(self) -> None:
+        """Write every TensorBoard event logged so far to disk (``metrics.jsonl`` is never
+        buffered). tensorboardX's own ``flush`` leaves the events still queued for its writer
+        thread; closing drains the queue, and the next events go to a new file."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self._open()
 
     def close(self) -> None:
         if self._tb is not None:
