@@ -54,10 +54,15 @@ def _cmd_eval(args) -> int:
     from jaxsparse.train import evaluate, load
     from jaxsparse.train.step import make_eval_step
 
+    from jaxsparse.train.loop import saved_corpus, warn_if_the_corpus_moved
+
     cfg, setup, state = load(args.workdir, args.step)
-    metrics = evaluate(setup, make_eval_step(setup), state, make_stream(cfg), cfg)
-    print(json.dumps({"step": int(state["step"]), **{k: float(v) for k, v in metrics.items()}},
-                     indent=2))
+    step, stream = int(state["step"]), make_stream(cfg)
+    # as a rerun of train says it: the same settings may match other text than was trained on
+    warn_if_the_corpus_moved(saved_corpus(args.workdir, step, cfg), stream.corpus, cfg, step,
+                             evaluating=True)
+    metrics = evaluate(setup, make_eval_step(setup), state, stream, cfg)
+    print(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}, indent=2))
     return 0
 
 

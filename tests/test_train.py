@@ -261,7 +261,7 @@ def test_resuming_on_other_data_settings_is_said_and_a_rerun_keeps_config_json(t
         warn_if_the_data_moved(cfg, dataclasses.replace(cfg, data=elsewhere), 2)
 
 
-def test_resuming_on_a_corpus_that_gained_files_is_said(tmp_path):
+def test_resuming_on_a_corpus_that_gained_files_is_said(tmp_path, capsys):
     """The same data.* settings can match other text: files added under ``data.path`` draw
     other windows from the resumed step on. The files and bytes of each split are saved with
     the checkpoint and a change is said, with both; the same corpus says nothing."""
@@ -282,6 +282,15 @@ def test_resuming_on_a_corpus_that_gained_files_is_said(tmp_path):
         warnings.simplefilter("error", DataChangeWarning)
         again = train(tiny_config(*overrides), tmp_path / "run", sample=False, quiet=True)
     assert again.step == 4
+    # `jaxsparse eval` says it as a rerun of train does (it reported other numbers silently)
+    (corpus / "doc90.txt").write_text("one more file")
+    from jaxsparse.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: evaluating the checkpoint of step 4 on other text" in err, err
+    assert re.search(r"(train|valid) \d+ files, [\d,]+ bytes -> \d+ files", err), err
 
 
 def tensorboard_steps(workdir: Path, tag: str = "train/loss") -> list[int]:

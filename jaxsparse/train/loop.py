@@ -144,8 +144,19 @@ def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None
     warnings.warn(what, DataChangeWarning, stacklevel=3)
 
 
+def saved_corpus(workdir: str | Path, step: int, cfg: Config) -> dict | None:
+    """What the text corpus held when the checkpoint of ``step`` in ``workdir`` (trained with
+    ``cfg``) was saved (:meth:`Checkpointer.saved_corpus`)."""
+    ckpt = Checkpointer(Path(workdir).resolve() / "checkpoints",
+                        keep=cfg.train.keep_checkpoints, async_save=False)
+    try:
+        return ckpt.saved_corpus(step)
+    finally:
+        ckpt.close()
+
+
 def warn_if_the_corpus_moved(saved: dict | None, now: dict | None, cfg: Config,
-                             step: int) -> None:
+                             step: int, *, evaluating: bool = False) -> None:
     """The same ``data`` settings can name other text: files added to (or removed from) what
     ``data.path`` matches, or edited. The files and bytes of each split, saved with the
     checkpoint, are compared with what the stream opened now; a difference is said as
@@ -158,7 +169,7 @@ def warn_if_the_corpus_moved(saved: dict | None, now: dict | None, cfg: Config,
         for split in ("train", "valid") if saved.get(split) != now.get(split))
     where = (f"data.path={cfg.data.path!r}" if cfg.data.path
              else "the default corpus (data.path unset: this Python's standard library)")
-    if step < cfg.train.steps:
+    if step < cfg.train.steps and not evaluating:
         what = (f"resuming at step {step} on other text: {where} now matches another corpus "
                 f"than the saved run's ({changed}); the batches differ, so the losses and eval "
                 "metrics from here on are not those an uninterrupted run would give")
