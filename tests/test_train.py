@@ -230,6 +230,31 @@ def test_compatible_change_resumes(tmp_path):
               quiet=True)
 
 
+def test_a_schedule_moved_past_the_resumed_step_and_other_optimiser_settings_are_said():
+    """Resumed inside the warm-up with another train.steps, the rate at the step is the same
+    and the decay after it is not; weight decay, betas, eps and clipping change every update.
+    Both were taken silently (only the rate at the resumed step was compared)."""
+    from jaxsparse.train.loop import warn_if_the_schedule_moved
+
+    saved = tiny_config("train.steps=100", "optimizer.warmup_steps=50")
+    with pytest.warns(ScheduleChangeWarning, match=r"resuming at step 10 on another learning-"
+                      r"rate schedule \(train.steps 100 -> 1000\): the learning rate there is "
+                      r"the same, but from step 5\d on it differs \([\d.e-]+ -> [\d.e-]+ at "
+                      r"step 5\d\)"):
+        warn_if_the_schedule_moved(saved, tiny_config("train.steps=1000",
+                                                      "optimizer.warmup_steps=50"), 10)
+    for key, value, shown in (("weight_decay", 0.0, "0.1 -> 0.0"), ("b2", 0.5, "0.95 -> 0.5"),
+                              ("grad_clip", 1e-3, "1.0 -> 0.001")):
+        with pytest.warns(ScheduleChangeWarning, match=rf"resuming at step 10 with other "
+                          rf"optimiser settings \(optimizer.{key} {shown}\): the updates"):
+            warn_if_the_schedule_moved(saved, tiny_config(
+                "train.steps=100", "optimizer.warmup_steps=50", f"optimizer.{key}={value}"), 10)
+    with warnings.catch_warnings():  # the same settings, or a schedule that differs only
+        warnings.simplefilter("error", ScheduleChangeWarning)  # before the resumed step
+        warn_if_the_schedule_moved(saved, saved, 10)
+        warn_if_the_schedule_moved(saved, dataclasses.replace(saved, name="renamed"), 10)
+
+
 def test_resuming_on_other_data_settings_is_said_and_a_rerun_keeps_config_json(tmp_path):
     """The batches are drawn from the current data.* settings: a resume on others goes on with
     other batches (its losses are not an uninterrupted run's), which is said as a moved

@@ -93,24 +93,46 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> None:
     """The schedule is rebuilt from the current ``train.steps`` and ``optimizer`` settings and
-    applied at the checkpoint's step: extending a finished 500-step run to 1000 steps raises
+    applied from the checkpoint's step: extending a finished 500-step run to 1000 steps raises
     its learning rate from the end of one cosine decay to the middle of another (6× at the
-    README's defaults). Allowed — it may be meant — but said, with both values."""
+    README's defaults). Allowed — it may be meant — but said, with both values: the rate at
+    the resumed step, or where it first differs later (a change inside the warm-up leaves the
+    rate at the step alone and moves the decay). So are the other optimiser settings (weight
+    decay, betas, eps, clipping), each with both values: every update from there on differs."""
     if saved is None or step >= cfg.train.steps:  # nothing left to train on either schedule
         return
-    before = float(lr_schedule(saved.optimizer, saved.train.steps)(step))
-    after = float(lr_schedule(cfg.optimizer, cfg.train.steps)(step))
-    if math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-30):
-        return
-    changed = [f"train.steps {saved.train.steps} -> {cfg.train.steps}"] * (
-        saved.train.steps != cfg.train.steps)
-    changed += [f"optimizer.{key} {getattr(saved.optimizer, key)} -> "
-                f"{getattr(cfg.optimizer, key)}" for key in ("lr", "warmup_steps", "min_lr_ratio")
-                if getattr(saved.optimizer, key) != getattr(cfg.optimizer, key)]
-    warnings.warn(
-        f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "
-        f"the learning rate there moves from {before:.3g} to {after:.3g}. To continue the "
-        "saved schedule instead, resume with its settings", ScheduleChangeWarning, stacklevel=3)
+    schedule_keys = ("lr", "warmup_steps", "min_lr_ratio")
+    before_at = lr_schedule(saved.optimizer, saved.train.steps)
+    after_at = lr_schedule(cfg.optimizer, cfg.train.steps)
+    # the resumed step, then the rest of the new run at ~256 points (and its last step)
+    checked = np.unique(np.r_[np.linspace(step, cfg.train.steps - 1, 256).astype(int),
+                              cfg.train.steps - 1])
+    moved = next(((int(at), float(before_at(at)), float(after_at(at))) for at in checked
+                  if not math.isclose(float(before_at(at)), float(after_at(at)), rel_tol=1e-6,
+                                      abs_tol=1e-30)), None)
+    if moved is not None:
+        changed = [f"train.steps {saved.train.steps} -> {cfg.train.steps}"] * (
+            saved.train.steps != cfg.train.steps)
+        changed += [f"optimizer.{key} {getattr(saved.optimizer, key)} -> "
+                    f"{getattr(cfg.optimizer, key)}" for key in schedule_keys
+                    if getattr(saved.optimizer, key) != getattr(cfg.optimizer, key)]
+        at, before, after = moved
+        how = (f"the learning rate there moves from {before:.3g} to {after:.3g}" if at == step
+               else f"the learning rate there is the same, but from step {at} on it differs "
+                    f"({before:.3g} -> {after:.3g} at step {at})")
+        warnings.warn(
+            f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "
+            f"{how}. To continue the saved schedule instead, resume with its settings",
+            ScheduleChangeWarning, stacklevel=3)
+    others = [f"optimizer.{f.name} {getattr(saved.optimizer, f.name)} -> "
+              f"{getattr(cfg.optimizer, f.name)}" for f in dataclasses.fields(cfg.optimizer)
+              if f.name not in schedule_keys
+              and getattr(saved.optimizer, f.name) != getattr(cfg.optimizer, f.name)]
+    if others:
+        warnings.warn(
+            f"resuming at step {step} with other optimiser settings ({'; '.join(others)}): the "
+            "updates from here on are not those an uninterrupted run would make. To continue "
+            "with the saved ones, resume with its settings", ScheduleChangeWarning, stacklevel=3)
 
 
 def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None:
