@@ -60,7 +60,7 @@ def bigbird_structure(mask: BigBirdMask, nq: int, nk: int) -> np.ndarray:
 
 @pytest.mark.parametrize("mask, q_len, kv_len", [
     (BigBirdMask(4, 3, 1, 2, seed=0), 64, 64),
-    (BigBirdMask(4, 4, 2, 3, seed=1), 60, 100),           # even window, S != T
+    (BigBirdMask(4, 5, 2, 3, seed=1), 60, 100),           # wide window, S != T
     (BigBirdMask(4, 3, 1, 3, seed=2), 100, 40),           # more rows than columns
     (BigBirdMask(4, 0, 0, 5, seed=3), 48, 48),            # no window, no globals
     (BigBirdMask(4, 3, 2, 9, seed=4), 40, 40),            # more random blocks than candidates
@@ -241,7 +241,16 @@ def test_bad_mask_arguments_are_named():
                            (lambda: BigBirdMask(4, seed=0.5), "BigBirdMask seed=0.5"),
                            (lambda: CausalMask().block_table(8, 8, 2.5, 4),
                             "block sizes must be integers >= 1, got block_q=2.5"),
-                           (lambda: CausalMask().to_dense(8.0, 8), "mask sizes must be integers")):
+                           (lambda: CausalMask().to_dense(8.0, 8), "mask sizes must be integers"),
+                           # a fraction or a flag as a block size failed inside numpy indexing
+                           (lambda: BlockMask(np.ones((2, 2), bool), (2.5, 4)),
+                            "BlockMask block_size=(2.5, 4): need one integer >= 1 or two"),
+                           (lambda: BlockMask(np.ones((2, 2), bool), (True, 4)),
+                            "BlockMask block_size=(True, 4)"),
+                           # centred on the row's block, an even window has no centre: W=2
+                           # gave the 3 blocks of W=3
+                           (lambda: BigBirdMask(1, window_blocks=2),
+                            "BigBirdMask window_blocks=2: must be odd")):
         with pytest.raises(ValueError, match=re.escape(message)):
             build()
     assert GlobalTokensMask((np.int64(2), 5)) == GlobalTokensMask((2, 5))

@@ -11,7 +11,7 @@ Every pattern is causal (these are decoder masks):
 ``fixed:B,C``                   Sparse Transformer fixed: own block of B, and the last C
                                 positions of every earlier block
 ``longformer:W,G``              window of W plus G global tokens at the start
-``bigbird:B,W,G,R[,SEED]``      BigBird over blocks of B: W window blocks, G global blocks,
+``bigbird:B,W,G,R[,SEED]``      BigBird over blocks of B: W (odd) window blocks, G global blocks,
                                 R random blocks (fixed by SEED, default 0)
 ``heads:SPEC*N;SPEC*N;...``     a different pattern per head (MoA-style); ``*N`` repeats
 ==============================  ===========================================================

@@ -544,13 +544,14 @@ class BlockMask(Mask):
             raise ValueError(f"BlockMask layout must be a 2-D boolean array, got "
                              f"{layout.dtype}{list(layout.shape)}")
         block = self.block_size
-        block = (block, block) if isinstance(block, int) else tuple(block)
-        if len(block) != 2 or min(block) < 1:
-            raise ValueError(f"BlockMask block_size={self.block_size}: need two sizes >= 1")
+        block = (block, block) if is_integer(block) else tuple(block)
+        if len(block) != 2 or not all(is_integer(b) and b >= 1 for b in block):
+            raise ValueError(f"BlockMask block_size={self.block_size!r}: need one integer >= 1 "
+                             "or two (query, key)")
         layout = layout.copy()
         layout.flags.writeable = False
         object.__setattr__(self, "layout", layout)
-        object.__setattr__(self, "block_size", block)
+        object.__setattr__(self, "block_size", tuple(int(b) for b in block))
 
     def __hash__(self):
         return hash((self.layout.shape, self.layout.tobytes(), self.block_size))
@@ -592,8 +593,8 @@ def _hash_uniform(seed: int, rows: np.ndarray, draw: int) -> np.ndarray:
 class BigBirdMask(Mask):
     """BigBird ITC pattern over blocks of ``block`` positions (Zaheer et al. 2020).
 
-    Each block row sees a window of ``window_blocks`` blocks centred on itself, the first
-    ``global_blocks`` blocks (which also see everything), and ``random_blocks`` further blocks
+    Each block row sees a window of ``window_blocks`` blocks (odd, or 0) centred on itself,
+    the first ``global_blocks`` blocks (which also see everything), and ``random_blocks`` further blocks
     drawn without replacement outside window and globals, fixed by ``seed`` and the row.
     With ``causal=True`` the random blocks come from earlier blocks only, so a row's pattern
     does not depend on the sequence length (a decoder's cache then sees what training saw).
@@ -609,6 +610,11 @@ class BigBirdMask(Mask):
     def __post_init__(self):
         _check_int_fields(self, ("block", 1), ("window_blocks", 0), ("global_blocks", 0),
                           ("random_blocks", 0), ("seed", None))
+        if self.window_blocks % 2 == 0 and self.window_blocks > 0:
+            # centred on the row's own block: an even count has no centre (2 was read as 3)
+            raise ValueError(f"BigBirdMask window_blocks={self.window_blocks}: must be odd (a "
+                             "window centred on the row's block: the block and (W-1)/2 on each "
+                             "side) or 0")
         if not isinstance(self.causal, bool | np.bool_):
             raise ValueError(f"BigBirdMask causal={self.causal!r}: must be True or False")
 
