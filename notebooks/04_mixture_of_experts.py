@@ -93,6 +93,7 @@ dropless = MoE(32, 64, 4, 2, rngs=nnx.Rngs(0))
 capacity = MoE(32, 64, 4, 2, rngs=nnx.Rngs(0), capacity_factor=4.0)
 dropless.eval(), capacity.eval()
 print("max difference:", float(jnp.abs(dropless(x) - capacity(x)).max()))
+assert jnp.allclose(dropless(x), capacity(x), atol=1e-5, rtol=1e-5)
 
 # %% [markdown]
 # ## Training a small MoE Transformer

@@ -92,6 +92,7 @@ axes[1].imshow(local, cmap="Greys")
 axes[1].set(title="local window of 8", xlabel="key")
 plt.show()
 print("no query reads a future key:", not np.triu(pattern, 1).any())
+assert not np.triu(pattern, 1).any()
 out, routing = causal_routing_attention(q, k, q, cents, window=window)
 print("cluster sizes among keys:", np.bincount(np.asarray(routing["k_clusters"]).ravel(), minlength=4))
 
