@@ -153,7 +153,9 @@ def main(argv=None) -> None:
     notes = (f"{args.steps} steps each on the default corpus (byte-level stdlib source); "
              f"validation bits per byte over the eval batches; tokens/s is the median training "
              f"throughput on this CPU. SMoE-Dropout evaluated with k = 1..8: "
-             + ", ".join(f"k={k}: {b:.3f}" for k, b in zip(ks, slim)) + " bits/byte.")
+             + ", ".join(f"k={k}: {b:.3f}" for k, b in zip(ks, slim)) + " bits/byte. "
+             "moe_tiny's expert loads (share of assignments on a validation batch), by layer: "
+             + "; ".join(" ".join(f"{share:.1%}" for share in layer) for layer in loads) + ".")
     write_results("moe_study", rows, ["model", "params", "active_params", "steps", "valid_bpb",
                                       "tokens_per_s", "minutes"], out, notes)
     plot(loads, ks, slim, out / "moe_study.png")
