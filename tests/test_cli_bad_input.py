@@ -160,6 +160,37 @@ def test_a_torn_metrics_line_loses_no_later_record(tmp_path):
         assert len(read_metrics(tmp_path)) == 2
 
 
+def test_a_restarted_run_drops_the_given_up_records_past_its_checkpoint(tmp_path):
+    """A run resumed from its checkpoint at step 4 gave up what an earlier run logged past it
+    (a divergence, a kill): those records are dropped, as TensorBoard's are. Kept, a diverged
+    run's record at a step the resumed run did not log again stayed in every plot (lr 6.7e29,
+    grad_norm NaN). A fresh start (step 0) keeps only the step-0 evaluation, which it reruns."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "split": "train", "loss": float(s)} for s in range(1, 8)]
+    lines += [{"step": 4, "split": "eval", "loss": 0.5}, {"step": 7, "split": "eval", "loss": 9.0}]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n" + "[torn]\n")
+    MetricWriter(tmp_path, tensorboard=False).close()  # no resume step: nothing dropped
+    assert len(path.read_text().splitlines()) == 10
+    writer = MetricWriter(tmp_path, tensorboard=False, resume_step=4)
+    writer.write(5, "train", {"loss": 0.25})
+    writer.close()
+    with pytest.warns(UserWarning, match="skipped 1 line"):  # the torn line is left as it was
+        records = read_metrics(tmp_path)
+    assert [(r["split"], r["step"], r["loss"]) for r in records] == [
+        ("eval", 4, 0.5), ("train", 1, 1.0), ("train", 2, 2.0), ("train", 3, 3.0),
+        ("train", 4, 4.0), ("train", 5, 0.25)]
+    MetricWriter(tmp_path, tensorboard=False, resume_step=0).close()
+    assert path.read_text() == "[torn]\n"  # every record was past step 0
+
+
+def test_plot_of_records_without_values_is_a_clear_error(tmp_path, capsys):
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write(1, "train", {})
+    writer.close()
+    code, err = run_cli(capsys, "plot", str(tmp_path))
+    assert code == 2 and "records without any metric values; nothing to plot" in err, err
+
+
 def test_eval_and_generate_of_a_workdir_without_checkpoints_leave_it_as_it_was(tmp_path, capsys):
     (tmp_path / "config.json").write_text(to_json(Config()))
     for command in ("eval", "generate"):

@@ -368,6 +368,34 @@ train(apply_overrides(configs.get("transformer_tiny"), {overrides!r}), {str(tmp_
     assert tensorboard_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
+def test_tensorboard_of_a_fresh_restart_shows_each_step_once(tmp_path):
+    """A run killed before its first checkpoint starts again from step 0: its events replace
+    the earlier ones (no purge was asked for at step 0, so steps showed twice)."""
+    from jaxsparse.train.metrics import MetricWriter
+
+    for steps in ((0, 25, 50), (0, 25, 50, 75)):
+        writer = MetricWriter(tmp_path, resume_step=0)
+        for step in steps:
+            writer.write(step, "train", {"loss": 1.0})
+        writer.close()
+    assert tensorboard_steps(tmp_path) == [0, 25, 50, 75]
+
+
+def test_tokens_per_second_leaves_out_compilation_and_evaluation(tmp_path):
+    """The first logged window of a run counted the train step's compilation and the step-0
+    evaluation (its rate read ~1% of the steady one), and every window after an evaluation
+    counted it: the clock restarts after the first step and after each evaluation."""
+    result = train(tiny_config("train.steps=12", "train.log_every=2", "train.eval_every=4"),
+                   tmp_path, sample=False, quiet=True)
+    assert result.step == 12
+    from jaxsparse.train.metrics import read_metrics
+
+    rates = [r["tokens_per_sec"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert len(rates) == 6
+    steady = float(np.median(rates[1:]))
+    assert min(rates) > 0.2 * steady, rates
+
+
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):
     cfg = tiny_config("train.steps=2")
     first = train(cfg, tmp_path, sample=False, quiet=True)

@@ -371,19 +371,31 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                disable=not (primary and cfg.train.progress and not quiet), dynamic_ncols=True,
                file=sys.stdout)
+    # tokens/s over the steps since the last log: the clock restarts after the first step
+    # (its compilation) and after every evaluation, which are not training throughput (the
+    # first window of every run read ~1% of the steady rate); a window of the first step
+    # alone reports that step, compilation included
     last_time, last_step = time.perf_counter(), start
+    first_step_seconds = last_rate = None
     # lines between bar updates: from one process only (a pod's hosts would all print them),
     # and not at all when the caller asked for quiet
     say = bar.write if primary and not quiet else (lambda *a: None)
 
     def flush_logs():
-        nonlocal last_time, last_step
+        nonlocal last_time, last_step, last_rate
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
         now = time.perf_counter()
-        rate = (pending[-1][0] + 1 - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-        last_time, last_step = now, pending[-1][0] + 1
+        steps_timed = pending[-1][0] + 1 - last_step
+        if steps_timed > 0:
+            rate = steps_timed * tokens_per_step / max(now - last_time, 1e-9)
+            last_time, last_step = now, pending[-1][0] + 1
+        elif last_rate is None:  # the first step alone: its time, compilation included
+            rate = tokens_per_step / max(first_step_seconds, 1e-9)
+        else:  # no step since the clock restarted (an evaluation just ran): the last rate
+            rate = last_rate
+        last_rate = rate
         bar.update(pending[-1][0] + 1 - bar.n)
         for (s, _), m in zip(pending, fetched):
             losses[s] = float(m["loss"])
@@ -407,9 +419,11 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         pending.clear()
 
     def run_eval():
+        nonlocal last_time, last_step
         metrics = evaluate(setup, eval_step, state, stream, cfg)
         writer.write(step, "eval", metrics)
         say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+        last_time, last_step = time.perf_counter(), step  # the evaluation is not training time
         return metrics
 
     curriculum = cfg.model.hydra_curriculum if cfg.model.name == "hydra" else ""
@@ -431,6 +445,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         while step < cfg.train.steps:
             batch = setup.global_batch(stream.batch(step))
             state, metrics = train_step(state, batch)
+            if first_step_seconds is None:  # compiled and run: the clock starts after it
+                jax.block_until_ready(metrics)
+                now = time.perf_counter()
+                first_step_seconds, last_time, last_step = now - last_time, now, step + 1
             if pending:
                 # Keep one step in flight: the bar then counts finished steps, not dispatches.
                 jax.block_until_ready(pending[-1][1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -11,24 +12,33 @@ from pathlib import Path
 import jax
 
 
+_EVENT_FILES = itertools.count(1)  # per process: writers in one second get distinct files
+
+
 class MetricWriter:
-    """``resume_step``: the checkpoint step a resumed run continues from. TensorBoard is told to
-    drop the earlier run's events past it (they are logged again), and :meth:`flush` is called
-    at every checkpoint, so a run killed later keeps every event up to its checkpoint (events
-    still in tensorboardX's buffer were lost, and those flushed past it were shown twice)."""
+    """``resume_step``: the step a run (re)starts from, its checkpoint's or 0. Records an
+    earlier run logged past it belong to a trajectory that was given up (a kill, a divergence
+    resumed with other settings): they are dropped from ``metrics.jsonl`` and TensorBoard is
+    told to drop its events (the step-0 evaluation of a fresh start is rerun, so from 0 there;
+    a resumed run's checkpoint step is kept). :meth:`flush` is called at every checkpoint, so a
+    run killed later keeps every event up to its checkpoint (events still in tensorboardX's
+    buffer were lost, those flushed past it shown twice, and the jsonl kept a diverged run's
+    record at a step the resumed run did not log again)."""
 
     def __init__(self, workdir: str | Path, *, tensorboard: bool = True,
                  resume_step: int | None = None):
         self._tb_dir = Path(workdir) / "tensorboard"
-        self._files = 0
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.enabled and self.path.is_file() and not _ends_with_newline(self.path):
             with self.path.open("a") as f:  # a run killed mid-write left half a record:
                 f.write("\n")  # end it, so the next record starts a line of its own
+        if self.enabled and resume_step is not None and self.path.is_file():
+            _drop_records_past(self.path, resume_step)
         if self.enabled and tensorboard:
-            self._tb = self._open(purge_step=resume_step + 1 if resume_step else None)
+            purge = None if resume_step is None else (resume_step + 1 if resume_step else 0)
+            self._tb = self._open(purge_step=purge)
 
     def _open(self, purge_step=None):
         """A tensorboardX writer on a file of its own. Its name is only ``[seconds].[host]``
@@ -37,9 +47,8 @@ class MetricWriter:
         (and in the order TensorBoard reads them)."""
         from tensorboardX import SummaryWriter
 
-        self._files += 1
         return SummaryWriter(str(self._tb_dir), purge_step=purge_step,
-                             filename_suffix=f".{os.getpid()}.{self._files:06d}")
+                             filename_suffix=f".{os.getpid()}.{next(_EVENT_FILES):06d}")
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -63,6 +72,24 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_records_past(path: Path, step: int) -> None:
+    """Rewrite ``path`` without the records of steps after ``step`` (atomically: a kill
+    leaves the old file or the new one). Lines that are not records are kept as they are."""
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        try:
+            past = int(json.loads(line)["step"]) > step
+        except (ValueError, TypeError, KeyError):
+            past = False
+        dropped += past
+        if not past:
+            kept.append(line)
+    if dropped:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, path)
 
 
 def _ends_with_newline(path: Path) -> bool:

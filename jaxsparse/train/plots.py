@@ -44,8 +44,11 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     if not curves:
         raise FileNotFoundError(f"{workdir}/metrics.jsonl has no train or eval records; "
                                 "nothing to plot")
-    out = _output_path(workdir, out)  # (after: it may create the output directory)
     keys = panel_keys(curves)
+    if not keys:  # records with a step and a split but no value (a ZeroDivisionError below)
+        raise FileNotFoundError(f"{workdir}/metrics.jsonl has train/eval records without any "
+                                "metric values; nothing to plot")
+    out = _output_path(workdir, out)  # (after: it may create the output directory)
     starts = stage_starts(records)
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
