@@ -38,7 +38,7 @@ from jaxsparse.ops.attention.reference import (grouped_query_rows, row_logsumexp
 from jaxsparse.ops.checks import check_integer
 from jaxsparse.ops.masks import LocalMask
 from jaxsparse.ops.mixed_precision import matmul_f32, weighted_sum
-from jaxsparse.ops.segments import check_segment_ids, document_first_position
+from jaxsparse.ops.segments import check_segment_ids, document_first_position, document_index
 from jaxsparse.ops.softmax import masked_softmax
 
 
@@ -227,9 +227,12 @@ def _core(q, k, v, scores, window: int, max_global: int, scale: float, block: in
     global keys — data-dependent, so no static mask can list them — as query blocks against
     their gathered candidates, and the two softmaxes merged by their log-sum-exps. A query's
     window always holds its own position, so the window's part is never empty."""
+    # The attention core reads equal ids as one document; here a document is a run of equal
+    # ids (ids may recur: [0, 0, 1, 1, 0, 0] is three), so it gets the runs' numbers: with the
+    # raw ids the third document's window read the first's keys.
+    runs = None if segment_ids is None else document_index(segment_ids)
     out_local, lse_local = dot_product_attention(
-        q, k, v, mask=LocalMask(window - 1, 0), segment_ids=segment_ids, scale=scale,
-        return_lse=True)
+        q, k, v, mask=LocalMask(window - 1, 0), segment_ids=runs, scale=scale, return_lse=True)
     if not max_global:
         return out_local
     global_part = _blocked(q, k, v, scores, window, max_global, scale, block, first,
