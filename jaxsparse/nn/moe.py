@@ -159,8 +159,8 @@ class MoE(nnx.Module):
         routes every token on its own (the decode path passes chunk-pooled ones).
         ``segment_ids [B, L]`` (packed documents): chunk-level routing pools only the tokens
         of each token's own document (:meth:`chunk_router_inputs`); token-level routing is
-        per token already. (A capacity limit still counts every token of the batch, as it
-        counts every row.) ``active`` (a 0/1 scalar, may be traced; Hydra's curriculum): 0
+        per token already. (A capacity limit still counts every token the layer is given, across
+        documents and rows: the batch on one device, each device's share on a mesh.) ``active`` (a 0/1 scalar, may be traced; Hydra's curriculum): 0
         makes the layer's auxiliary losses and statistics 0 and leaves its step counter (the
         SMoE-Dropout k schedule) where it is, as for a layer that is not there yet."""
         d_model = self.w_gate.shape[1]
