@@ -189,6 +189,12 @@ def test_a_cache_made_for_another_batch_size_is_refused(cache_batch):
     with pytest.raises(ValueError, match=r"cache\['k'\] of shape .*: expected \[2, 2, slots, 8\]"
                        r".*another batch size"):
         layer(x, positions, cache=layer.init_cache(cache_batch, 16), cache_index=0)
+    # a cache missing a part (or not a dict) was a bare KeyError 'v'
+    good = layer.init_cache(2, 16)
+    for bad, found in (({"k": good["k"]}, r"\['k'\]"), (good["k"], "ArrayImpl")):
+        with pytest.raises(ValueError, match=r"cache: expected the dict init_cache gives, with "
+                                             r"\['k', 'v'\]; got " + found):
+            layer(x, positions, cache=bad, cache_index=0)
 
 
 @pytest.mark.parametrize("mask", [None, FullMask(), LocalMask(2, 2), "local:3"],

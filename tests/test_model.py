@@ -51,6 +51,30 @@ def test_decode_with_cache_matches_full_forward(model):
     assert int(cache["index"]) == 20
 
 
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_a_transformer_with_chunk_routed_experts_decodes_as_it_runs(chunk):
+    """A Transformer block decoded its chunk-routed MoE as a plain call: each call's tokens were
+    routed from their own pooled inputs, not from the chunk before (logits off by 0.25 on this
+    model, and generate() sampled other tokens). The block now carries the MoE's decode state,
+    as Hydra's blocks do: every split of the sequence gives the full pass's logits."""
+    from jaxsparse.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
+                      max_seq_len=32, moe_experts=4, moe_k=2, moe_every=1, moe_chunk=chunk)
+    moe_model = models.build(cfg, nnx.Rngs(0))
+    moe_model.eval()
+    x = jax.random.randint(jax.random.key(1), (2, 7), 0, 32)
+    full = moe_model(x)
+    for split in ([1] * 7, [3, 4], [2, 2, 3]):
+        cache, parts, start = moe_model.init_cache(2, 16), [], 0
+        for size in split:
+            logits, cache = moe_model.decode(x[:, start:start + size], cache)
+            parts.append(logits)
+            start += size
+        np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, atol=1e-5, rtol=1e-5,
+                                   err_msg=str(split))
+
+
 def test_generate_greedy_equals_argmax_rollout(model):
     prompt = tokens(4, batch=1, length=5)
     out = generate(model, prompt, 6, temperature=0.0)

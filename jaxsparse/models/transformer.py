@@ -110,16 +110,32 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
 
+    def _routes_chunks(self) -> bool:
+        """A MoE feed-forward with chunk-level routing: its decode carries the current chunk's
+        running sum and the last chunk's mean between calls (Hydra's blocks do the same)."""
+        return isinstance(self.mlp, MoE) and bool(self.mlp.chunk)
+
     def init_cache(self, batch, max_len, dtype):
-        return self.attn.init_cache(batch, max_len, dtype)
+        attn = self.attn.init_cache(batch, max_len, dtype)
+        return {"attn": attn, "ffn": self.mlp.init_cache(batch)} if self._routes_chunks() else attn
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
-        mixed, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids=segment_ids,
-                                 cache=cache, cache_index=cache_index)
+        chunked = cache is not None and self._routes_chunks()
+        mixed, attn_cache = self.attn(self.attn_norm(x_BLD), positions_BL,
+                                      segment_ids=segment_ids,
+                                      cache=cache["attn"] if chunked else cache,
+                                      cache_index=cache_index)
         x_BLD = x_BLD + mixed.astype(x_BLD.dtype)
-        x_BLD = x_BLD + apply_feed_forward(self.mlp, self.mlp_norm(x_BLD),
-                                           segment_ids).astype(x_BLD.dtype)
-        return constrain(x_BLD, ("batch", "length", "embed")), cache
+        if chunked:  # routed from the chunk before, as in the full pass (it was routed from
+            # the tokens of this call alone: logits off by 0.25 on a tiny model)
+            ffn, ffn_cache = self.mlp.decode(self.mlp_norm(x_BLD), cache["ffn"], cache_index)
+            x_BLD = x_BLD + ffn.astype(x_BLD.dtype)
+            new_cache = {"attn": attn_cache, "ffn": ffn_cache}
+        else:
+            x_BLD = x_BLD + apply_feed_forward(self.mlp, self.mlp_norm(x_BLD),
+                                               segment_ids).astype(x_BLD.dtype)
+            new_cache = attn_cache
+        return constrain(x_BLD, ("batch", "length", "embed")), new_cache
 
 
 class Transformer(LanguageModel):

@@ -106,6 +106,10 @@ class Attention(nnx.Module):
             out = heads_local(attend, (q, k, v), segments, split_heads=not per_head_mask)
             new_cache = None
         else:
+            if not isinstance(cache, dict) or not {"k", "v"} <= set(cache):  # (a bare KeyError)
+                found = sorted(cache) if isinstance(cache, dict) else type(cache).__name__
+                raise ValueError(f"cache: expected the dict init_cache gives, with ['k', 'v']; "
+                                 f"got {found}")
             k_cache, v_cache = (viewed(cache[name], x_BLD.shape[0], self.n_kv_heads, None,
                                        self.head_dim, name=f"cache[{name!r}]")
                                 for name in ("k", "v"))
