@@ -143,6 +143,7 @@ def test_on_a_mesh_each_device_runs_the_kernel_on_its_own_tokens(backend):
     whole tile; values and gradients equal one device's XLA product."""
     out = run_python(f"""
 import json, jax, jax.numpy as jnp, numpy as np
+from helpers import worst
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxsparse.dryrun import collective_summary
 from jaxsparse.ops.monarch import kernel_monarch, monarch_reference
@@ -162,7 +163,7 @@ lowered = grad.lower(*args)
 got = grad(*args)
 print(json.dumps({{"collectives": sorted(collective_summary(lowered.compile().as_text())),
                   "rules": lowered.as_text().count("CustomSPMDPartitioning"),
-                  "err": max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+                  "err": worst(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
                              for g, w in zip(got, want))}}))
 """, devices=8)
     assert out["collectives"] in ([], ["all-reduce"]), out

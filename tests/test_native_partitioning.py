@@ -49,6 +49,7 @@ target = "monarch"
 
 RUN = """
 import json, jax, jax.numpy as jnp, numpy as np
+from helpers import worst
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxsparse.dryrun import collective_summary
 {case}
@@ -59,7 +60,7 @@ argnums = tuple(range(len(args)))
 grad = jax.jit(jax.value_and_grad(loss(fast), argnums=argnums))
 hlo = grad.lower(*placed).compile().as_text()
 got, want = grad(*placed), jax.value_and_grad(loss(ref), argnums=argnums)(*args)
-err = max(float(jnp.max(jnp.abs(g - w)) / (1 + jnp.max(jnp.abs(w))))
+err = worst(float(jnp.max(jnp.abs(g - w)) / (1 + jnp.max(jnp.abs(w))))
           for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 print(json.dumps({{"collectives": sorted(collective_summary(hlo)), "err": err,
                   "kernels": hlo.count("jaxsparse_" + target)}}))

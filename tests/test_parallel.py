@@ -311,6 +311,7 @@ print(json.dumps({"step": int(state["step"]), "spec": [str(a) for a in gate.shar
 
 RESTORE_ON_4 = r"""
 import json, os, dataclasses, jax, numpy as np
+from helpers import worst
 from helpers import tiny_config
 from jaxsparse.config import ConfigError, MeshConfig
 from jaxsparse.train import load, train
@@ -318,7 +319,7 @@ workdir = os.environ["WORKDIR"]
 _, setup, state = load(workdir, mesh=MeshConfig(data=2, tensor=2, preset="fsdp_tp"))
 saved = np.load(os.environ["DUMP"])
 leaves = jax.tree.leaves(state["params"])
-diff = max(float(np.max(np.abs(np.asarray(a) - saved[f"arr_{i}"]))) for i, a in enumerate(leaves))
+diff = worst(float(np.max(np.abs(np.asarray(a) - saved[f"arr_{i}"]))) for i, a in enumerate(leaves))
 gate = state["params"]["blocks"][0]["mlp"]["gate"]["kernel"]
 errors = []
 for mesh in (MeshConfig(data=1, tensor=3, preset="fsdp_tp"), MeshConfig(data=2, expert=2, preset="full"),
@@ -452,3 +453,16 @@ def test_train_refuses_a_minus_one_expert_axis_the_experts_cannot_split_before_t
     out = run_python(MINUS_ONE_EXPERT_AXIS, devices=8, env={"WORKDIR": str(tmp_path / "run")})
     assert "mesh.expert=8 must divide model.moe_experts=4" in out["error"]
     assert not out["workdir_exists"]
+
+
+def test_the_worst_gradient_error_is_nan_when_any_leaf_is_nan():
+    """The sharded-gradient checks took Python's ``max`` of per-leaf errors, which keeps a NaN
+    only when it comes first: a program whose second parameter's gradient was NaN reported
+    the first's error and passed."""
+    import math
+
+    from helpers import worst
+
+    assert max([1e-7, float("nan"), 2e-7]) == 2e-7  # what the checks did
+    assert math.isnan(worst([1e-7, float("nan"), 2e-7]))
+    assert worst(x for x in (1e-7, 3e-7, 2e-7)) == 3e-7
