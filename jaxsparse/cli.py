@@ -52,9 +52,8 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from jaxsparse.data import make_stream
     from jaxsparse.train import evaluate, load
-    from jaxsparse.train.step import make_eval_step
-
     from jaxsparse.train.loop import saved_corpus, warn_if_the_corpus_moved
+    from jaxsparse.train.step import make_eval_step
 
     cfg, setup, state = load(args.workdir, args.step)
     step, stream = int(state["step"]), make_stream(cfg)

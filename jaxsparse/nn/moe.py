@@ -4,8 +4,9 @@ Routers: ``"top_k"`` token choice, ``"expert_choice"`` (non-causal only), ``"ran
 fixed, untrained router whose k grows during training: SMoE-Dropout, Chen et al. 2023).
 ``capacity_factor=None`` is dropless (sorted rows, grouped matmuls); a number gives fixed
 per-expert buffers with priority dropping, sized from the tokens of each call (so decoding a
-few tokens at a time drops none, and its outputs can differ from the full pass's). ``chunk > 0`` routes chunks of that many
-consecutive tokens as one (from pooled representations; causally, from the previous chunk).
+few tokens at a time drops none, and its outputs can differ from the full pass's).
+``chunk > 0`` routes chunks of that many consecutive tokens as one (from pooled
+representations; causally, from the previous chunk).
 Auxiliary losses are reported as ``aux_loss`` (:func:`jaxsparse.nn.intermediates.report`; the
 training step collects them with ``nnx.capture`` and adds them to the loss); the
 per-expert load and the dropped fraction are sown as ``moe_load`` / ``moe_dropped`` for the
@@ -160,10 +161,11 @@ class MoE(nnx.Module):
         routes every token on its own (the decode path passes chunk-pooled ones).
         ``segment_ids [B, L]`` (packed documents): chunk-level routing pools only the tokens
         of each token's own document (:meth:`chunk_router_inputs`); token-level routing is
-        per token already. (A capacity limit still counts every token the layer is given, across
-        documents and rows: the batch on one device, each device's share on a mesh.) ``active`` (a 0/1 scalar, may be traced; Hydra's curriculum): 0
-        makes the layer's auxiliary losses and statistics 0 and leaves its step counter (the
-        SMoE-Dropout k schedule) where it is, as for a layer that is not there yet."""
+        per token already. (A capacity limit still counts every token the layer is given,
+        across documents and rows: the batch on one device, each device's share on a mesh.)
+        ``active`` (a 0/1 scalar, may be traced; Hydra's curriculum): 0 makes the layer's
+        auxiliary losses and statistics 0 and leaves its step counter (the SMoE-Dropout k
+        schedule) where it is, as for a layer that is not there yet."""
         d_model = self.w_gate.shape[1]
         if x_BLD.ndim != 3 or x_BLD.shape[-1] != d_model:
             raise ValueError(f"MoE input of shape {x_BLD.shape}: expected [batch, length, "

@@ -610,8 +610,9 @@ class BigBirdMask(Mask):
     """BigBird ITC pattern over blocks of ``block`` positions (Zaheer et al. 2020).
 
     Each block row sees a window of ``window_blocks`` blocks (odd, or 0) centred on itself,
-    the first ``global_blocks`` blocks (which also see everything), and ``random_blocks`` further blocks
-    drawn without replacement outside window and globals, fixed by ``seed`` and the row.
+    the first ``global_blocks`` blocks (which also see everything), and ``random_blocks``
+    further blocks drawn without replacement outside window and globals, fixed by ``seed``
+    and the row.
     With ``causal=True`` the random blocks come from earlier blocks only, so a row's pattern
     does not depend on the sequence length (a decoder's cache then sees what training saw).
     """
