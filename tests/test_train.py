@@ -239,8 +239,7 @@ def test_a_schedule_moved_past_the_resumed_step_and_other_optimiser_settings_are
     saved = tiny_config("train.steps=100", "optimizer.warmup_steps=50")
     with pytest.warns(ScheduleChangeWarning, match=r"resuming at step 10 on another learning-"
                       r"rate schedule \(train.steps 100 -> 1000\): the learning rate there is "
-                      r"the same, but from step 5\d on it differs \([\d.e-]+ -> [\d.e-]+ at "
-                      r"step 5\d\)"):
+                      r"the same, but not later \(at step \d+: [\d.e-]+ -> [\d.e-]+\)"):
         warn_if_the_schedule_moved(saved, tiny_config("train.steps=1000",
                                                       "optimizer.warmup_steps=50"), 10)
     for key, value, shown in (("weight_decay", 0.0, "0.1 -> 0.0"), ("b2", 0.5, "0.95 -> 0.5"),

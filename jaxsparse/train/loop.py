@@ -104,12 +104,18 @@ def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> 
     schedule_keys = ("lr", "warmup_steps", "min_lr_ratio")
     before_at = lr_schedule(saved.optimizer, saved.train.steps)
     after_at = lr_schedule(cfg.optimizer, cfg.train.steps)
-    # the resumed step, then the rest of the new run at ~256 points (and its last step)
-    checked = np.unique(np.r_[np.linspace(step, cfg.train.steps - 1, 256).astype(int),
-                              cfg.train.steps - 1])
-    moved = next(((int(at), float(before_at(at)), float(after_at(at))) for at in checked
-                  if not math.isclose(float(before_at(at)), float(after_at(at)), rel_tol=1e-6,
-                                      abs_tol=1e-30)), None)
+    # The resumed step, then the rest of the new run: both schedules are linear warm-ups and
+    # cosines, so their ends and 16 points between find where they part (each point is a JAX
+    # call of a few ms: a resume should not wait on hundreds)
+    ends = (saved.optimizer.warmup_steps, cfg.optimizer.warmup_steps, saved.train.steps - 1)
+    checked = sorted({step, cfg.train.steps - 1, *(int(at) for at in np.linspace(
+        step, cfg.train.steps - 1, 16)), *(at for at in ends if step <= at < cfg.train.steps)})
+    moved = None
+    for at in checked:
+        before, after = float(before_at(at)), float(after_at(at))
+        if not math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-30):
+            moved = (at, before, after)
+            break
     if moved is not None:
         changed = [f"train.steps {saved.train.steps} -> {cfg.train.steps}"] * (
             saved.train.steps != cfg.train.steps)
@@ -118,8 +124,8 @@ def warn_if_the_schedule_moved(saved: Config | None, cfg: Config, step: int) -> 
                     if getattr(saved.optimizer, key) != getattr(cfg.optimizer, key)]
         at, before, after = moved
         how = (f"the learning rate there moves from {before:.3g} to {after:.3g}" if at == step
-               else f"the learning rate there is the same, but from step {at} on it differs "
-                    f"({before:.3g} -> {after:.3g} at step {at})")
+               else f"the learning rate there is the same, but not later (at step {at}: "
+                    f"{before:.3g} -> {after:.3g})")
         warnings.warn(
             f"resuming at step {step} on another learning-rate schedule ({'; '.join(changed)}): "
             f"{how}. To continue the saved schedule instead, resume with its settings",
