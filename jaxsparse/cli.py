@@ -287,13 +287,14 @@ def _print_config_warnings(command: str):
     line: the config is the user's, not ours)."""
     from jaxsparse.config import SampleLengthWarning
     from jaxsparse.config_usage import UnreadKeyWarning
-    from jaxsparse.errors import DataChangeWarning, OlderConfigWarning, ScheduleChangeWarning
+    from jaxsparse.errors import (CorpusWarning, DataChangeWarning, OlderConfigWarning,
+                                  ScheduleChangeWarning)
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UnreadKeyWarning | ScheduleChangeWarning | DataChangeWarning
-                      | SampleLengthWarning | OlderConfigWarning):
+                      | SampleLengthWarning | OlderConfigWarning | CorpusWarning):
             print(f"jaxsparse {command}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

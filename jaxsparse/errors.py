@@ -18,3 +18,8 @@ class DataChangeWarning(UserWarning):
 class OlderConfigWarning(UserWarning):
     """A saved ``config.json`` that lacks settings this version has (it was written before they
     existed): they are read as today's defaults, which need not be what the run trained with."""
+
+
+class CorpusWarning(UserWarning):
+    """Something about the text corpus ``data.path`` matched that changes what the metrics
+    mean (a single file: validation reads the training text)."""

@@ -284,6 +284,11 @@ def test_routing_model_benchmark_times_full_local_and_split_routing_steps(tmp_pa
     ("attention", ["--heads", "0"], "argument --heads: 0 must be >= 1"),
     ("train_step", ["--repeats", "0"], "argument --repeats: 0 must be >= 1"),
     ("linear_scan", ["--shapes", "8xabcx4"], "'8xabcx4': sizes must be integers >= 1"),
+    # these reached the MoE layer as tracebacks naming its arguments
+    ("expert_parallel", ["--devices", "3", "--experts", "4"],
+     "--experts 4: must be divisible by --devices 3"),
+    ("expert_parallel", ["--devices", "2", "--experts", "4", "--k", "5"],
+     "--k 5: must be at most --experts 4"),
 ])
 def test_bench_flags_refuse_sizes_below_one(capsys, name, argv, fragment):
     with pytest.raises(SystemExit) as exit_:

@@ -267,3 +267,21 @@ def test_the_training_sample_is_printed_with_control_bytes_escaped(tmp_path, cap
     assert main(["train", "--workdir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "ok\\x1b[2J\\x07\\r\tend\nline" in out and "\x1b" not in out and "\x07" not in out
+
+
+def test_a_single_file_corpus_is_said_as_the_commands_own_warning(tmp_path, capsys):
+    """Like the other warnings about the user's settings, without a library file and source
+    line (it printed as a raw UserWarning from jaxsparse/data/stream.py)."""
+    from jaxsparse.cli import _print_config_warnings
+    from jaxsparse.data import corpus
+    from jaxsparse.errors import CorpusWarning
+
+    (tmp_path / "a.txt").write_text("text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _print_config_warnings("train")
+        corpus.split_files(tmp_path, [tmp_path / "a.txt"], 20)
+    err = capsys.readouterr().err
+    assert err.startswith("jaxsparse train: warning: the corpus is a single file"), err
+    assert "corpus.py" not in err and "stream.py" not in err
+    assert issubclass(CorpusWarning, UserWarning)

@@ -130,7 +130,9 @@ def test_a_few_files_always_hold_one_out_and_a_single_file_warns(tmp_path):
         splits = corpus.split_files(tmp_path, files, valid_every)
         assert splits["valid"] == [held_out]
         assert splits["train"] == [f for f in files if f != held_out]
-    with pytest.warns(UserWarning, match="the corpus is a single file .*a.txt.*validation "
+    from jaxsparse.errors import CorpusWarning
+
+    with pytest.warns(CorpusWarning, match="the corpus is a single file .*a.txt.*validation "
                                          "metrics are measured on the training text"):
         splits = corpus.split_files(tmp_path, files[:1], 20)
     assert splits == {"train": files[:1], "valid": files[:1]}

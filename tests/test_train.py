@@ -398,9 +398,15 @@ def test_tokens_per_second_leaves_out_compilation_and_evaluation(tmp_path):
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):
     cfg = tiny_config("train.steps=2")
     first = train(cfg, tmp_path, sample=False, quiet=True)
+    records = (tmp_path / "metrics.jsonl").read_text()
     again = train(cfg, tmp_path, sample=False, quiet=True)  # nothing left to train
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert again.step == 2 and final["loss"] == pytest.approx(first.eval_metrics["loss"])
+    # its evaluation is not recorded a second time (the step showed twice in the raw records)
+    assert (tmp_path / "metrics.jsonl").read_text() == records
+    # the result is read at a glance: the state stays out of its repr (193 KB of arrays)
+    assert len(repr(again)) < 2000 and "state=" not in repr(again)
+    assert all(type(v) is float for v in again.eval_metrics.values())
 
 
 def test_tiny_batch_is_overfitted(tmp_path):

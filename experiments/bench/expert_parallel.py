@@ -42,7 +42,15 @@ def parse(argv):
     parser.add_argument("--hidden", type=positive_int, default=512)
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", default=str(RESULTS))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # checked here, naming the flags (they reached the MoE layer as a traceback naming its
+    # arguments: "num_experts=4 must be divisible by mesh axis 'expert' of size 3")
+    if args.experts % args.devices:
+        parser.error(f"--experts {args.experts}: must be divisible by --devices {args.devices} "
+                     "(each device holds the same number of experts)")
+    if args.k > args.experts:
+        parser.error(f"--k {args.k}: must be at most --experts {args.experts}")
+    return args
 
 
 def measure(args) -> list[dict]:

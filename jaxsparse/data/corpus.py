@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 from jaxsparse.config import ConfigError
+from jaxsparse.errors import CorpusWarning
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -101,7 +102,8 @@ def split_files(root: Path, files: list[Path], valid_every: int) -> dict[str, li
     if len(files) == 1:
         warnings.warn(f"the corpus is a single file ({files[0]}): it cannot be split by file, "
                       "so the validation metrics are measured on the training text; give "
-                      "data.path a glob of several files to hold some out", stacklevel=2)
+                      "data.path a glob of several files to hold some out", CorpusWarning,
+                      stacklevel=2)
         return {"train": files, "valid": files}
     if not train or not valid:
         held_out = files[hashes.index(min(hashes))]

@@ -45,7 +45,9 @@ class TrainResult:
     stopped_early: bool  # stopped by SIGTERM or should_stop
     skipped_steps: list[int] = dataclasses.field(default_factory=list)  # this call's, not applied
     sample: str | None = None
-    state: dict | None = None  # the final train state (sharded as trained)
+    # the final train state (sharded as trained); left out of the repr, which printed every
+    # parameter and optimiser moment (193 KB for the tiniest model)
+    state: dict | None = dataclasses.field(default=None, repr=False)
 
 
 def read_config(path: Path) -> Config:
@@ -227,7 +229,7 @@ def evaluate(setup: TrainSetup, eval_step, state, stream, cfg: Config) -> dict[s
     for i in range(cfg.eval.batches):
         batch = setup.global_batch(stream.eval_batch(i, cfg.eval.batches))
         totals += np.array([float(x) for x in eval_step(state["params"], state["rest"], batch)])
-    ce, correct, count = totals
+    ce, correct, count = (float(total) for total in totals)  # Python floats, as annotated
     loss = ce / max(count, 1.0)
     metrics = {"loss": loss, "accuracy": correct / max(count, 1.0)}
     if cfg.data.task == "text":
@@ -257,9 +259,10 @@ def sample_bytes(setup: TrainSetup, state, cfg: Config, prompt: str | None = Non
 
 def sample_text(setup: TrainSetup, state, cfg: Config, prompt: str | None = None,
                 max_new_tokens: int | None = None, seed: int = 0) -> str:
-    """:func:`sample_bytes` as text, each byte that is not valid UTF-8 shown as U+FFFD."""
+    """:func:`sample_bytes` as text, each byte that is not valid UTF-8 escaped (``\\xNN``, as
+    ``jaxsparse generate`` shows it; U+FFFD hid which byte the model sampled)."""
     return sample_bytes(setup, state, cfg, prompt, max_new_tokens, seed).decode(
-        "utf-8", errors="replace")
+        "utf-8", errors="backslashreplace")
 
 
 class _StopFlag:
@@ -424,10 +427,11 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
         pending.clear()
 
-    def run_eval():
+    def run_eval(record: bool = True):
         nonlocal last_time, last_step
         metrics = evaluate(setup, eval_step, state, stream, cfg)
-        writer.write(step, "eval", metrics)
+        if record:
+            writer.write(step, "eval", metrics)
         say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
         last_time, last_step = time.perf_counter(), step  # the evaluation is not training time
         return metrics
@@ -521,7 +525,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             f"step {skipped[0] + 1}: {what}, so the run stopped (train.nonfinite='stop'). "
             f"That update was not applied; {where}. {advice}.")
     if not eval_metrics and not stopped:
-        eval_metrics = run_eval()  # resumed a finished run: its final numbers, not an empty dict
+        # resumed a finished run: its final numbers, not an empty dict; not recorded again (the
+        # run recorded its evaluation of this step: a second record showed the step twice)
+        eval_metrics = run_eval(record=False)
     bar.close()
     ckpt.close()
     writer.close()
