@@ -206,6 +206,11 @@ def bench_dir() -> Path:
 
 
 def _cmd_bench(args) -> int:
+    if not bench_dir().is_dir():  # a non-editable install: "available: " listed nothing
+        raise ConfigError(f"the benchmarks are scripts in a checkout's experiments/bench, not "
+                          f"installed with the package (looked in {bench_dir()}): run "
+                          "`jaxsparse bench` from an editable install of the repository "
+                          "(pip install -e .)")
     available = sorted(p.stem for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
     if args.name not in available:
         raise ConfigError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")

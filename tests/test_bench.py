@@ -331,3 +331,15 @@ def test_bench_help_describes_the_benchmark_in_full_sentences(capsys, name):
     summary = description(doc)
     assert summary.endswith(".")
     assert summary in " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_without_a_checkout_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
+    """A non-editable install has no experiments/bench beside the package: the command listed
+    "available: " and nothing."""
+    import jaxsparse.cli as cli
+
+    monkeypatch.setattr(cli, "bench_dir", lambda: tmp_path / "missing")
+    assert main(["bench", "ssm"]) == 2
+    err = capsys.readouterr().err
+    assert "the benchmarks are scripts in a checkout's experiments/bench" in err, err
+    assert "pip install -e ." in err and "Traceback" not in err
