@@ -160,18 +160,24 @@ def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None
                f"{getattr(cfg.data, field.name)!r}" for field in dataclasses.fields(cfg.data)
                if f"data.{field.name}" not in ignored
                and getattr(saved.data, field.name) != getattr(cfg.data, field.name)]
-    if not changed:
-        return
-    if step < cfg.train.steps:
-        what = (f"resuming at step {step} with other data settings ({'; '.join(changed)}): the "
-                "batches differ from the saved run's, so the losses and eval metrics from here "
-                "on are not those an uninterrupted run would give. To continue on the saved "
-                "data, resume with its settings")
+    if changed:
+        settings = f"with other data settings ({'; '.join(changed)})"
+        _say_data_changed(step, cfg, settings, f"{settings} than it was trained with")
+
+
+def _say_data_changed(step: int, cfg: Config, resuming: str, evaluating: str, *,
+                      only_evaluating: bool = False) -> None:
+    """One :class:`DataChangeWarning`: a run resuming at ``step`` draws other batches from
+    there on (``resuming`` says why), or the checkpoint of ``step`` is evaluated on other data
+    (``evaluating`` says why) — nothing left to train, or ``only_evaluating``."""
+    if step < cfg.train.steps and not only_evaluating:
+        what = (f"resuming at step {step} {resuming}: the batches differ from the saved run's, "
+                "so the losses and eval metrics from here on are not those an uninterrupted run "
+                "would give. To continue on the saved data, resume with its settings")
     else:
-        what = (f"evaluating the checkpoint of step {step} with other data settings "
-                f"({'; '.join(changed)}) than it was trained with: the eval metrics are not "
-                "comparable with the saved run's")
-    warnings.warn(what, DataChangeWarning, stacklevel=3)
+        what = (f"evaluating the checkpoint of step {step} {evaluating}: the eval metrics are "
+                "not comparable with the saved run's")
+    warnings.warn(what, DataChangeWarning, stacklevel=4)
 
 
 def saved_corpus(workdir: str | Path, step: int, cfg: Config) -> dict | None:
@@ -199,15 +205,11 @@ def warn_if_the_corpus_moved(saved: dict | None, now: dict | None, cfg: Config,
         for split in ("train", "valid") if saved.get(split) != now.get(split))
     where = (f"data.path={cfg.data.path!r}" if cfg.data.path
              else "the default corpus (data.path unset: this Python's standard library)")
-    if step < cfg.train.steps and not evaluating:
-        what = (f"resuming at step {step} on other text: {where} now matches another corpus "
-                f"than the saved run's ({changed}); the batches differ, so the losses and eval "
-                "metrics from here on are not those an uninterrupted run would give")
-    else:
-        what = (f"evaluating the checkpoint of step {step} on other text: {where} now matches "
-                f"another corpus than the one it was trained on ({changed}); the eval metrics "
-                "are not comparable with the saved run's")
-    warnings.warn(what, DataChangeWarning, stacklevel=3)
+    _say_data_changed(step, cfg,
+                      f"on other text: {where} now matches another corpus than the saved "
+                      f"run's ({changed})",
+                      f"on other text: {where} now matches another corpus than the one it was "
+                      f"trained on ({changed})", only_evaluating=evaluating)
 
 
 def check_workdir(cfg: Config, workdir: Path) -> None:
