@@ -147,3 +147,25 @@ def test_empty_rows_have_zero_hessian_products_not_nan():
 
     _, hvp = jax.jvp(jax.grad(merged), (out,), (normal(5, (2, 4)),))
     assert bool(jnp.all(jnp.isfinite(hvp))) and bool(jnp.all(hvp[1] == 0)), hvp
+
+
+def test_turning_the_native_kernels_off_takes_effect_after_they_have_run(monkeypatch):
+    """``JAXSPARSE_NATIVE`` was read once, inside the cache of the kernels' build: set to 0
+    after a kernel had run in the process, the defaults kept using it (the Hessian products
+    above then failed on the kernel, in any worker that had run a native test first)."""
+    from jaxsparse.ops.native import selective_scan as native
+
+    args = mamba1_inputs(0, 1, 8, 4, 3, 1)
+
+    def calls_the_kernel():
+        text = jax.jit(lambda x: selective_scan(x, args["dt"], args["A"], args["B"],
+                                                args["C"])).lower(args["x"]).as_text()
+        return "jaxsparse_selective_scan" in text
+
+    if not native.available():
+        pytest.fail("the native selective-scan kernel did not build on this host")
+    assert calls_the_kernel()
+    monkeypatch.setenv("JAXSPARSE_NATIVE", "0")
+    assert not calls_the_kernel()
+    monkeypatch.setenv("JAXSPARSE_NATIVE", "1")
+    assert calls_the_kernel()

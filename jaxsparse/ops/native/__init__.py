@@ -100,15 +100,19 @@ def build(source: str) -> Path:
     return target
 
 
-@functools.cache
 def register(source: str, symbols: tuple[tuple[str, str], ...]) -> bool:
     """Build ``source`` and register each ``(ffi_target, c_symbol)`` for the CPU platform.
 
     Returns False (after one warning naming the reason) when native kernels are disabled or
-    the build fails; callers then use their XLA path.
+    the build fails; callers then use their XLA path. ``JAXSPARSE_NATIVE`` is read at every
+    call, outside the cache of the build: cached with it, the first answer held for the
+    process (set to 0 after a kernel had run, the defaults kept using the kernels).
     """
-    if not native_enabled():
-        return False
+    return native_enabled() and _build_and_register(source, symbols)
+
+
+@functools.cache
+def _build_and_register(source: str, symbols: tuple[tuple[str, str], ...]) -> bool:
     try:
         library = ctypes.CDLL(str(build(source)))
     except (NativeBuildError, OSError) as err:
