@@ -42,6 +42,9 @@ def test_write_results_json_and_markdown(tmp_path):
     md = md_path.read_text()
     assert "| name | x |" in md and "| b | 123,456 |" in md
     assert markdown_table(rows, ["x"]).count("\n") == 3
+    # 1000 .. 9999 read as whole numbers, not in scientific notation ("6.52e+03")
+    assert markdown_table([{"x": 6523.4}, {"x": 999.44}], ["x"]).splitlines()[2:] == \
+        ["| 6,523 |", "| 999 |"]
     # a column's own format; a row without the column stays empty
     assert markdown_table([{"x": 1.86304}, {}], ["x"], {"x": "{:.4f}"}).splitlines()[2:] == \
         ["| 1.8630 |", "|  |"]

@@ -72,15 +72,16 @@ def compiled_flops(jitted, *args) -> float | None:
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str],
                    formats: dict[str, str] | None = None) -> str:
-    """Rows as a Markdown table; floats to 3 significant digits unless ``formats`` gives a
-    column its own format string (e.g. ``{"bits_per_byte": "{:.4f}"}``)."""
+    """Rows as a Markdown table; floats to 3 significant digits below 1000 and as whole
+    numbers with thousands separators from there (``6,520``, not ``6.52e+03``), unless
+    ``formats`` gives a column its own format string (e.g. ``{"bits_per_byte": "{:.4f}"}``)."""
     formats = formats or {}
 
     def fmt(v, column):
         if column in formats and v != "":
             return formats[column].format(v)
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:,.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
