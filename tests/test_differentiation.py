@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config
 from jaxsparse import models
 from jaxsparse.ops.attention import dot_product_attention
 from jaxsparse.ops.conv import causal_depthwise_conv1d
