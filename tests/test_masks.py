@@ -143,10 +143,11 @@ MASKS = [
 ]
 
 
-def test_chunked_causal_tiles_are_classified_a_few_rows_at_a_time(monkeypatch):
-    """The chunked rule's integer temporaries over the whole tile table took 4x causal's peak
-    memory (640 MiB against 160 at 512k tokens, 2.8 GB at a million): it runs a slice of rows
-    at a time. Exact with slices of one row, and no more memory than causal's table."""
+def test_tiles_are_classified_a_few_rows_at_a_time(monkeypatch):
+    """The tile rules' integer temporaries over the whole table took several times its memory
+    (ChunkedCausalMask: 640 MiB against causal's 160 at 512k tokens, 2.8 GB at a million):
+    they run on a slice of rows at a time. Every mask's table is exact with slices of one
+    row (evaluated tiles included), and chunked needs no more memory than causal."""
     import tracemalloc
 
     from jaxsparse.ops import masks
@@ -159,12 +160,11 @@ def test_chunked_causal_tiles_are_classified_a_few_rows_at_a_time(monkeypatch):
         return used
 
     assert peak(ChunkedCausalMask(1000), 1 << 19) < 1.2 * peak(CausalMask(), 1 << 19)
-    monkeypatch.setattr(masks, "_RULE_ELEMENTS", 1)
-    for mask, (q_len, kv_len) in ((ChunkedCausalMask(7), (45, 45)),
-                                  (ChunkedCausalMask(5) | LocalMask(2, 0), (37, 41))):
-        dense = mask.to_dense(q_len, kv_len)
-        np.testing.assert_array_equal(mask.block_table(q_len, kv_len, 4, 3).kind,
-                                      tile_kinds_from_dense(dense, 4, 3))
+    monkeypatch.setattr(masks, "_RULE_TILES", 1)
+    for mask in MASKS:
+        dense = mask.to_dense(37, 41)
+        np.testing.assert_array_equal(mask.block_table(37, 41, 4, 3).kind,
+                                      tile_kinds_from_dense(dense, 4, 3), err_msg=repr(mask))
 
 
 def tile_kinds_from_dense(dense, bq, bk):
