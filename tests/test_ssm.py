@@ -26,39 +26,6 @@ def mamba1_inputs(seed, batch, length, d_inner, d_state, groups, dtype=jnp.float
 DIFFERENTIABLE = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
-def mamba1_numpy(x, dt, A, B, C, D, z, dt_bias, initial_state):
-    """Mamba-1 written out in float64 numpy from the paper, one channel and step at a time,
-    sharing no code with the library: dt = softplus(dt + bias); h = exp(dt·A)·h + dt·B·x;
-    y = C·h + D·x; y *= silu(z); channel c reads B/C group c // (d_inner / groups)."""
-    x, dt, A, B, C, D, z, dt_bias, h0 = (np.asarray(a, np.float64) for a in
-                                          (x, dt, A, B, C, D, z, dt_bias, initial_state))
-    batch, length, d_inner = x.shape
-    per_group = d_inner // B.shape[2]
-    y, h = np.zeros_like(x), h0.copy()
-    for b in range(batch):
-        for c in range(d_inner):
-            g = c // per_group
-            for t in range(length):
-                delta = np.log1p(np.exp(dt[b, t, c] + dt_bias[c]))
-                h[b, c] = np.exp(delta * A[c]) * h[b, c] + delta * B[b, t, g] * x[b, t, c]
-                out = C[b, t, g] @ h[b, c] + D[c] * x[b, t, c]
-                y[b, t, c] = out * z[b, t, c] / (1 + np.exp(-z[b, t, c]))
-    return y, h
-
-
-@pytest.mark.parametrize("implementation", ["sequential", "associative", "chunked", "native"])
-def test_every_scan_equals_mamba1_written_out_in_numpy(implementation):
-    """The other scan tests compare the implementations with ``"sequential"``, which shares
-    its discretisation, readout and gate helpers with ``"associative"`` and the Pallas
-    kernels: a slip there would be in the reference too. This one is independent."""
-    args = mamba1_inputs(3, 2, 13, 6, 3, 2)
-    y, final = selective_scan(**args, return_final_state=True, chunk_size=4,
-                              implementation=implementation)
-    y_ref, final_ref = mamba1_numpy(**args)
-    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(final, final_ref, rtol=2e-5, atol=2e-5)
-
-
 # associative at L=1000 is slow on CPU and adds nothing the chunked L=1000 case and the
 # associative L=129 case do not already check
 @pytest.mark.parametrize("implementation, length, chunk", [
