@@ -60,13 +60,18 @@ def test_priority_dropping_matches_a_brute_force_count():
     np.testing.assert_allclose(float(dropped), dropped_brute / (T * k), rtol=1e-6)
 
 
+def _every_expert(moe, x_TD):
+    """``[T, E, D]``: every expert's SwiGLU on every token."""
+    gate, up, down = moe._weights()
+    hidden = jax.nn.silu(jnp.einsum("td,edh->teh", x_TD, gate)) * jnp.einsum("td,edh->teh", x_TD, up)
+    return jnp.einsum("teh,ehd->ted", hidden, down)
+
+
 def _dense_all_experts(moe, x_BLD):
     """Every expert on every token, combined with the routing weights (zero where unrouted)."""
     x = x_BLD.reshape(-1, x_BLD.shape[-1])
     choice = top_k_routing(moe.router(x.astype(jnp.float32)), moe.k)
-    gate, up, down = moe._weights()
-    hidden = jax.nn.silu(jnp.einsum("td,edh->teh", x, gate)) * jnp.einsum("td,edh->teh", x, up)
-    every = jnp.einsum("teh,ehd->ted", hidden, down)  # [T, E, D]
+    every = _every_expert(moe, x)
     combine = jnp.zeros(every.shape[:2]).at[jnp.arange(x.shape[0])[:, None], choice.expert_index].add(
         choice.weights)
     return jnp.einsum("te,ted->td", combine, every).reshape(x_BLD.shape)
@@ -118,10 +123,7 @@ def _dense_expert_choice(moe, x_BLD):
     taken = jnp.argsort(-jax.lax.stop_gradient(probs), axis=0)[:capacity]  # [C, E]
     combine = jnp.zeros_like(probs).at[taken, jnp.arange(moe.num_experts)].set(
         probs[taken, jnp.arange(moe.num_experts)])
-    gate, up, down = moe._weights()
-    hidden = jax.nn.silu(jnp.einsum("td,edh->teh", x, gate)) * jnp.einsum("td,edh->teh", x, up)
-    every = jnp.einsum("teh,ehd->ted", hidden, down)
-    return jnp.einsum("te,ted->td", combine, every).reshape(x_BLD.shape)
+    return jnp.einsum("te,ted->td", combine, _every_expert(moe, x)).reshape(x_BLD.shape)
 
 
 def test_expert_choice_layer_equals_its_brute_force_definition():
