@@ -79,10 +79,8 @@ def _drop_records_past(path: Path, step: int) -> None:
     leaves the old file or the new one). Lines that are not records are kept as they are."""
     kept, dropped = [], 0
     for line in path.read_text(errors="replace").splitlines(keepends=True):
-        try:
-            past = int(json.loads(line)["step"]) > step
-        except (ValueError, TypeError, KeyError):
-            past = False
+        parsed = _parse_record(line)
+        past = parsed is not None and parsed[1][1] > step
         dropped += past
         if not past:
             kept.append(line)
@@ -90,6 +88,16 @@ def _drop_records_past(path: Path, step: int) -> None:
         partial = path.with_name(path.name + ".partial")
         partial.write_text("".join(kept))
         os.replace(partial, path)
+
+
+def _parse_record(line: str) -> tuple[dict, tuple[str, int]] | None:
+    """``(record, (split, step))`` of a metrics line; None for a line that is not a record
+    (half a line from a run killed mid-write, JSON of another shape)."""
+    try:
+        record = json.loads(line)
+        return record, (record["split"], int(record["step"]))
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -113,11 +121,11 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            latest[(record["split"], int(record["step"]))] = record
-        except (ValueError, TypeError, KeyError):
+        parsed = _parse_record(line)
+        if parsed is None:
             torn.append(number)
+        else:
+            latest[parsed[1]] = parsed[0]
     if torn:
         warnings.warn(f"{path}: skipped {len(torn)} line(s) that are not metric records "
                       f"(line {', '.join(map(str, torn[:5]))}{', ...' if len(torn) > 5 else ''})",
