@@ -34,7 +34,7 @@ from flax import nnx
 from jaxsparse.config import ModelConfig, pkm_layer_indices, workspace_layer_indices
 from jaxsparse.models.curriculum import COMPONENTS, active_components, parse_curriculum
 from jaxsparse.models.lm import LanguageModel
-from jaxsparse.models.transformer import apply_feed_forward, feed_forward
+from jaxsparse.models.transformer import apply_feed_forward, decode_feed_forward, feed_forward
 from jaxsparse.nn.batch_local import batch_local
 from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
@@ -104,8 +104,7 @@ class HydraBlock(nnx.Module):
         cache = {"ssm": self.ssm.init_cache(batch, max_len, dtype)}
         if self.sga is not None:
             cache["sga"] = self.sga.init_cache(batch, max_len, dtype)
-        if isinstance(self.ffn, MoE):
-            cache["ffn"] = self.ffn.init_cache(batch)
+        cache["ffn"] = self.ffn.init_cache(batch) if isinstance(self.ffn, MoE) else {}
         if self.use_workspace:
             cache["workspace"] = workspace.init_cache(batch)
         return cache
@@ -126,8 +125,8 @@ class HydraBlock(nnx.Module):
             branches.append(("sga", self.gate_sga, y))
             if cache is not None:
                 new_cache["sga"] = c
-        if cache is not None and isinstance(self.ffn, MoE):
-            y, new_cache["ffn"] = self.ffn.decode(h, cache["ffn"], cache_index)
+        if cache is not None:
+            y, new_cache["ffn"] = decode_feed_forward(self.ffn, h, cache["ffn"], cache_index)
         else:  # an off MoE branch adds no auxiliary loss either
             y = apply_feed_forward(self.ffn, h, segment_ids,
                                    active=None if active is None else active["ffn"])

@@ -72,6 +72,16 @@ def apply_feed_forward(ffn, x_BLD, segment_ids=None, active=None):
     return ffn(x_BLD)
 
 
+def decode_feed_forward(ffn, x_BLD, cache, cache_index):
+    """``(y, cache)`` of the feed-forward while decoding: a MoE through its ``decode`` (chunk
+    routing carries the current chunk's running sum and the last chunk's mean between calls;
+    called plainly, each call's tokens were routed from their own pooled inputs), a dense MLP
+    per token with nothing cached. Hydra's and the Transformer's blocks both use it."""
+    if isinstance(ffn, MoE):
+        return ffn.decode(x_BLD, cache, cache_index)
+    return ffn(x_BLD), cache
+
+
 def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: float):
     """The sequence mixer of ``layer``: GQA attention with the configured mask, or in a routing
     transformer mixed local/routing heads above ``routing_skip_first`` and a causal local
@@ -110,31 +120,23 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = feed_forward(cfg, layer, rngs=rngs, out_scale=out_scale)
 
-    def _routes_chunks(self) -> bool:
-        """A MoE feed-forward with chunk-level routing: its decode carries the current chunk's
-        running sum and the last chunk's mean between calls (Hydra's blocks do the same)."""
-        return isinstance(self.mlp, MoE) and bool(self.mlp.chunk)
-
     def init_cache(self, batch, max_len, dtype):
-        attn = self.attn.init_cache(batch, max_len, dtype)
-        return {"attn": attn, "ffn": self.mlp.init_cache(batch)} if self._routes_chunks() else attn
+        return {"attn": self.attn.init_cache(batch, max_len, dtype),
+                "ffn": self.mlp.init_cache(batch) if isinstance(self.mlp, MoE) else {}}
 
     def __call__(self, x_BLD, positions_BL, *, segment_ids=None, cache=None, cache_index=None):
-        chunked = cache is not None and self._routes_chunks()
         mixed, attn_cache = self.attn(self.attn_norm(x_BLD), positions_BL,
                                       segment_ids=segment_ids,
-                                      cache=cache["attn"] if chunked else cache,
+                                      cache=None if cache is None else cache["attn"],
                                       cache_index=cache_index)
         x_BLD = x_BLD + mixed.astype(x_BLD.dtype)
-        if chunked:  # routed from the chunk before, as in the full pass (it was routed from
-            # the tokens of this call alone: logits off by 0.25 on a tiny model)
-            ffn, ffn_cache = self.mlp.decode(self.mlp_norm(x_BLD), cache["ffn"], cache_index)
-            x_BLD = x_BLD + ffn.astype(x_BLD.dtype)
-            new_cache = {"attn": attn_cache, "ffn": ffn_cache}
+        h = self.mlp_norm(x_BLD)
+        if cache is None:
+            y, new_cache = apply_feed_forward(self.mlp, h, segment_ids), None
         else:
-            x_BLD = x_BLD + apply_feed_forward(self.mlp, self.mlp_norm(x_BLD),
-                                               segment_ids).astype(x_BLD.dtype)
-            new_cache = attn_cache
+            y, ffn_cache = decode_feed_forward(self.mlp, h, cache["ffn"], cache_index)
+            new_cache = {"attn": attn_cache, "ffn": ffn_cache}
+        x_BLD = x_BLD + y.astype(x_BLD.dtype)
         return constrain(x_BLD, ("batch", "length", "embed")), new_cache
 
 
