@@ -290,16 +290,12 @@ def _print_config_warnings(command: str):
     """A ``warnings.showwarning`` that prints warnings about the user's settings (without
     effect, or moving a resumed run's schedule) as the command's own (no source file and
     line: the config is the user's, not ours)."""
-    from jaxsparse.config import SampleLengthWarning
-    from jaxsparse.config_usage import UnreadKeyWarning
-    from jaxsparse.errors import (CorpusWarning, DataChangeWarning, OlderConfigWarning,
-                                  ScheduleChangeWarning)
+    from jaxsparse.errors import SettingsWarning
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UnreadKeyWarning | ScheduleChangeWarning | DataChangeWarning
-                      | SampleLengthWarning | OlderConfigWarning | CorpusWarning):
+        if issubclass(category, SettingsWarning):
             print(f"jaxsparse {command}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

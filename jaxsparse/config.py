@@ -19,12 +19,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxsparse.errors import SettingsWarning
+
 
 class ConfigError(ValueError):
     """A config key, value or combination that cannot be used."""
 
 
-class SampleLengthWarning(UserWarning):
+class SampleLengthWarning(SettingsWarning):
     """``eval.sample_tokens`` asks for more bytes than ``model.max_seq_len`` leaves after the
     prompt: the end-of-training sample is cut short."""
 

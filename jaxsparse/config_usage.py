@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 
 from jaxsparse.config import Config, DataConfig, ModelConfig, diff, monarch_targets
+from jaxsparse.errors import SettingsWarning
 
 
-class UnreadKeyWarning(UserWarning):
+class UnreadKeyWarning(SettingsWarning):
     """Config keys set away from their defaults that this run's model or data task never reads."""
 
 
