@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsparse.nn import Mamba, Mamba2
+from jaxsparse.nn import DiagonalSSM, Mamba, Mamba2
 from jaxsparse.ops.conv import causal_depthwise_conv1d
 from jaxsparse.ops.ssm import selective_scan, ssd, ssd_native, ssd_reference
 
@@ -96,9 +96,10 @@ def test_conv_with_segment_ids_equals_separate_documents():
     for row, bounds in enumerate(BOUNDS):
         for doc, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             doc_state = state[row:row + 1] if doc == 0 else None
-            want, _ = causal_depthwise_conv1d(x[row:row + 1, lo:hi], w, None, doc_state)
+            want, want_state = causal_depthwise_conv1d(x[row:row + 1, lo:hi], w, None, doc_state)
             np.testing.assert_allclose(y[row:row + 1, lo:hi], want, atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(new_state, x[:, -3:])  # the cache: the last inputs
+        # the cache: the last document's own (its last inputs, zeros before its start)
+        np.testing.assert_array_equal(new_state[row:row + 1], want_state)
 
 
 @pytest.mark.parametrize("length", [1, 2, 3])
@@ -115,10 +116,14 @@ def test_conv_shorter_than_its_window_with_segment_ids(length):
     want, want_state = causal_depthwise_conv1d(x, w, None, state)
     assert y.shape == want.shape == x.shape
     np.testing.assert_allclose(y[0], want[0], atol=1e-6, rtol=1e-6)
-    np.testing.assert_array_equal(new_state, want_state)
+    np.testing.assert_array_equal(new_state[0], want_state[0])
     if length > 1:
         np.testing.assert_allclose(y[1, :-1], want[1, :-1], atol=1e-6, rtol=1e-6)
         np.testing.assert_allclose(y[1, -1], x[1, -1] * w[-1], atol=1e-6, rtol=1e-6)
+        # the carried state: the new document's one input, zeros before it
+        np.testing.assert_array_equal(new_state[1], jnp.zeros((3, 6)).at[-1].set(x[1, -1]))
+    else:
+        np.testing.assert_array_equal(new_state[1], want_state[1])
 
 
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
@@ -148,6 +153,26 @@ def test_mamba_blocks_with_segment_ids_equal_separate_documents(block):
                                  nnx.to_flat_state(nnx.state(want))):
         scale = float(jnp.abs(w[...]).max()) + 1e-6
         np.testing.assert_allclose(g[...], w[...], atol=1e-4 * scale, rtol=1e-4, err_msg=str(path))
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "diagonal"])
+def test_packed_documents_in_chunks_with_a_cache_equal_one_pass(block):
+    """A sequence of packed documents fed in chunks through the cache (a chunked prefill)
+    equals one pass: the carried convolution state holds only the last document's inputs,
+    as the carried scan state does (it once held the previous document's, which the next
+    chunk's first tokens then read)."""
+    rngs = nnx.Rngs(6)
+    layer = {"mamba": lambda: Mamba(16, d_state=4, rngs=rngs),
+             "mamba2": lambda: Mamba2(16, d_state=8, head_dim=8, chunk_size=8, rngs=rngs),
+             "diagonal": lambda: DiagonalSSM(16, 12, conv_width=4, rngs=rngs)}[block]()
+    x = jax.random.normal(jax.random.key(7), (len(BOUNDS), LENGTH, 16))
+    ids = segment_ids()
+    whole, _ = layer(x, segment_ids=ids)
+    cache, pieces = layer.init_cache(len(BOUNDS), LENGTH), []
+    for lo, hi in zip((0, 3, 7, 12, 26), (3, 7, 12, 26, LENGTH)):  # cuts inside documents
+        y, cache = layer(x[:, lo:hi], segment_ids=ids[:, lo:hi], cache=cache)
+        pieces.append(y)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), whole, atol=2e-5, rtol=2e-5)
 
 
 def test_bad_segment_ids_name_the_argument():

@@ -35,22 +35,25 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
     if state_BKD.shape != (batch, width - 1, channels):
         raise ValueError(f"state must be {(batch, width - 1, channels)}, got {state_BKD.shape}")
     full = jnp.concatenate([state_BKD.astype(x_BLD.dtype), x_BLD], axis=1)
+    new_state = full[:, length:]
     if segment_ids is None:
         y = window_sum(full, w_KD.astype(x_BLD.dtype))
     else:
-        y = _window_sum_within_documents(full, w_KD.astype(x_BLD.dtype),
-                                         check_segment_ids(segment_ids, batch, length))
+        runs = document_index(check_segment_ids(segment_ids, batch, length))
+        y = _window_sum_within_documents(full, w_KD.astype(x_BLD.dtype), runs)
+        # the state's inputs are run 0 (the first document), then one run index per input
+        state_runs = jnp.pad(runs, ((0, 0), (width - 1, 0)))[:, length:]
+        new_state = jnp.where((state_runs == runs[:, -1:])[..., None], new_state, 0)
     if b_D is not None:
         y = y + b_D.astype(x_BLD.dtype)[None, None, :]
-    return y, full[:, length:].astype(state_dtype)
+    return y, new_state.astype(state_dtype)
 
 
-def _window_sum_within_documents(full_BND, w_KD, segment_ids_BL):
+def _window_sum_within_documents(full_BND, w_KD, runs):
     """:func:`window_sum_reference` where tap ``k`` of output ``t`` counts only if its input is
-    in ``t``'s document (the same run of ids). The state's ``K - 1`` inputs belong to the
-    first document."""
-    width, length = w_KD.shape[0], segment_ids_BL.shape[1]
-    runs = document_index(segment_ids_BL)
+    in ``t``'s document (``runs [B, L]``: :func:`document_index` of the segment ids). The state's
+    ``K - 1`` inputs belong to the first document."""
+    width, length = w_KD.shape[0], runs.shape[1]
     ids = jnp.pad(runs, ((0, 0), (width - 1, 0)))  # the state's inputs: run 0, the first document
     y = 0
     for k in range(width):
