@@ -75,7 +75,11 @@ def _replace(model, cls, which: Which, convert) -> nnx.Module:
                if isinstance(module, cls) and path
                and select(path, module, _kind(model, path))]
     for path, module in targets:
-        setattr(_walk(model, path[:-1]), path[-1], convert(module))
+        parent, key = _walk(model, path[:-1]), path[-1]
+        if isinstance(key, int):  # an entry of an nnx.List (setattr needs a name)
+            parent[key] = convert(module)
+        else:
+            setattr(parent, key, convert(module))
     return model
 
 

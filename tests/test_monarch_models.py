@@ -39,6 +39,37 @@ def test_monarch_linear_is_linear_in_multi_dim_shapes_with_bias():
     assert layer.w1.size + layer.w2.size == monarch_params(64, 64, 4)
 
 
+def test_a_multi_dim_monarch_bias_is_not_weight_decayed():
+    """Biases are not decayed (train.state.decay_mask); a 2-D bias once was, taken by the
+    default rule for a matrix."""
+    from jaxsparse.train.state import decay_mask
+    layer = MonarchLinear(64, (4, 16), rngs=nnx.Rngs(0), nblocks=4, use_bias=True)
+    assert decay_mask(nnx.state(layer, nnx.Param)) == {"bias": False, "w1": True, "w2": True}
+
+
+def test_to_monarch_and_to_dense_replace_layers_held_in_a_list():
+    """A custom model's Linear layers in an nnx.List (setattr with an index once raised a
+    TypeError); the converted model computes what the dense one does."""
+
+    class Stack(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([Linear(16, 16, rngs=nnx.Rngs(i), logical_axes=(None, None))
+                                    for i in range(2)])
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Stack()
+    sparse = sparsify.to_monarch(model, lambda path, module: True, nblocks=4)
+    assert all(isinstance(layer, MonarchLinear) for layer in sparse.layers)
+    dense = sparsify.to_dense(sparse, lambda path, module: True)
+    assert all(isinstance(layer, Linear) for layer in dense.layers)
+    x = jax.random.normal(jax.random.key(0), (3, 16))
+    np.testing.assert_allclose(dense(x), sparse(x), atol=1e-5, rtol=1e-5)
+
+
 def test_monarch_swiglu_has_monarch_projections():
     mlp = MonarchSwiGLU(128, 384, rngs=nnx.Rngs(0), nblocks=4)
     assert isinstance(mlp, SwiGLU)

@@ -54,9 +54,11 @@ class MonarchLinear(nnx.Module):
         axes = ("monarch_blocks", None, None)
         self.w1 = nnx.Param(w1 * (math.sqrt(1.0 / s1[2]) / truncation), logical_axes=axes)
         self.w2 = nnx.Param(w2 * (math.sqrt(init_scale / s2[2]) / truncation), logical_axes=axes)
+        # a bias is not decayed: say so, as the default rule (matrices only) would take an
+        # out_shape of two or more dims for a matrix
         self.bias = nnx.Param(jnp.zeros(self.out_shape, param_dtype),
                               logical_axes=tuple(logical_axes[len(self.in_shape):])
-                              if logical_axes else None) if use_bias else None
+                              if logical_axes else None, weight_decay=False) if use_bias else None
         self.logical_axes = tuple(logical_axes) if logical_axes else None  # for to_dense
         self.implementation = implementation
         self.dtype = dtype
