@@ -20,12 +20,10 @@ from jaxsparse.errors import NonFiniteTraining
 
 def _cmd_train(args) -> int:
     from jaxsparse import configs
-    from jaxsparse.config import apply_overrides, validate
     from jaxsparse.parallel import distributed
     from jaxsparse.train import train
 
-    cfg = configs.get(args.config)
-    cfg = validate(apply_overrides(cfg, args.set or []))
+    cfg = configs.get(args.config, args.set or [])
     flags = (args.coordinator, args.num_processes, args.process_id)
     if any(flag is not None for flag in flags) or distributed.requested_by_environment():
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -176,7 +174,6 @@ def _cmd_configs(args) -> int:
 
 def _cmd_dryrun(args) -> int:
     from jaxsparse import configs
-    from jaxsparse.config import apply_overrides, validate
     from jaxsparse.dryrun import default_device_count, format_report, mesh_overrides, run_emulated
 
     overrides, devices = list(args.set or []), args.devices
@@ -190,7 +187,7 @@ def _cmd_dryrun(args) -> int:
         overrides.append(f"mesh.preset={args.preset}")
     if devices is None:
         # validated first: a bad config is the error, not the device count chosen for it
-        cfg = validate(apply_overrides(configs.get(args.config), overrides))
+        cfg = configs.get(args.config, overrides)
         # the mesh's own count; with a -1 axis 64, or as many as the config accepts (a bare
         # `jaxsparse dryrun` of hydra_tiny's batch of 32 was refused)
         devices, note = default_device_count(cfg)

@@ -31,6 +31,11 @@ class SampleLengthWarning(SettingsWarning):
     prompt: the end-of-training sample is cut short."""
 
 
+class ScheduleLengthWarning(SettingsWarning):
+    """A schedule longer than the run (``train.steps``): the warm-up is shortened, or a
+    component or phase it stages never starts."""
+
+
 # --- sections -------------------------------------------------------------------------------
 
 
@@ -162,6 +167,8 @@ class OptimizerConfig:
     """AdamW with linear warm-up, cosine decay to ``min_lr_ratio * lr`` and global-norm clipping."""
 
     lr: float = 3e-3
+    # at least train.steps: shortened to train.steps - 1 (the rate peaks at the last step;
+    # validate warns, ScheduleLengthWarning)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     b1: float = 0.9
@@ -338,6 +345,25 @@ def _matches(value: Any, annotation: Any) -> bool:
         if option is str and isinstance(value, str):
             return True
     return False
+
+
+# XLA's sizes and indices are 32-bit: a larger count fails deep in lowering (train.seed has
+# its own bound, 2**32)
+INT_LIMIT = 2 ** 31
+
+
+def _check_fields(section: str, sub: Any, cls: type) -> None:
+    """``sub`` is a ``cls`` (a config file's ``Config(model={...})`` was an AttributeError
+    later), each value of its annotated type, floats finite, ints within 32 bits."""
+    _check(isinstance(sub, cls), f"{section}={sub!r}: expected a {cls.__name__}")
+    for name, annotation in _field_types(cls).items():
+        value = getattr(sub, name)
+        _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"{section}.{name}={value!r}: must be a finite number")
+        _check(not isinstance(value, int) or f"{section}.{name}" == "train.seed"
+               or -INT_LIMIT < value < INT_LIMIT,
+               f"{section}.{name}={value}: must be below 2**31 in size")
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -645,9 +671,7 @@ def validate_data(m: ModelConfig, d: DataConfig) -> None:
     """The checks of the data section (with the model keys the data task depends on):
     :func:`validate` runs them, and so does :func:`jaxsparse.data.make_stream` on the keys its
     task reads, so a stream built from an unchecked config gets the same errors."""
-    for name, annotation in _field_types(DataConfig).items():
-        value = getattr(d, name)
-        _check(_matches(value, annotation), f"data.{name}={value!r}: expected {annotation}")
+    _check_fields("data", d, DataConfig)
     for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size)):
         _check(value >= 1, f"{key}={value}: must be >= 1")
     # 1 would make every file validation: the split then held out a single file instead
@@ -690,11 +714,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     ``ModelConfig`` is refused with the same :class:`ConfigError`, naming ``model.<key>``,
     its value and what is allowed, instead of failing (or silently building something else)
     deep inside a layer."""
-    for name, annotation in _field_types(ModelConfig).items():
-        value = getattr(m, name)
-        _check(_matches(value, annotation), f"model.{name}={value!r}: expected {annotation}")
-        _check(not isinstance(value, float) or math.isfinite(value),
-               f"model.{name}={value!r}: must be a finite number")
+    _check_fields("model", m, ModelConfig)
     from jaxsparse.models.registry import names as model_names
 
     known = model_names()
@@ -753,13 +773,9 @@ def validate(cfg: Config) -> Config:
     """Check types and impossible values; returns ``cfg`` unchanged so calls can chain.
     Keys set away from their defaults that this model or data task never reads are reported
     as one :class:`jaxsparse.config_usage.UnreadKeyWarning` (:mod:`jaxsparse.config_usage`)."""
-    for section in SECTIONS[1:]:  # the model section: validate_model
-        sub = getattr(cfg, section)
-        for name, annotation in _field_types(type(sub)).items():
-            value = getattr(sub, name)
-            _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
-            _check(not isinstance(value, float) or math.isfinite(value),
-                   f"{section}.{name}={value!r}: must be a finite number")
+    _check(isinstance(cfg, Config), f"expected a Config, got {type(cfg).__name__}")
+    for section in SECTIONS[2:]:  # model and data: validate_model, validate_data
+        _check_fields(section, getattr(cfg, section), type(getattr(Config(), section)))
 
     _check(isinstance(cfg.name, str) and cfg.name.strip() != "" and cfg.name not in (".", "..")
            and "/" not in cfg.name and "\\" not in cfg.name,
@@ -811,7 +827,10 @@ def validate(cfg: Config) -> Config:
            "full distribution)")
     _check(e.sample_tokens >= 0, f"eval.sample_tokens={e.sample_tokens}: must be >= 0 (0: no "
            "sample at the end of training)")
-    prompt_bytes = len(e.sample_prompt.encode())
+    try:
+        prompt_bytes = len(e.sample_prompt.encode())
+    except UnicodeEncodeError:  # undecodable bytes of a command line arrive as surrogates
+        raise ConfigError(f"eval.sample_prompt={e.sample_prompt!r}: not valid UTF-8 text") from None
     _check(e.sample_tokens == 0 or 1 <= prompt_bytes < m.max_seq_len,
            f"eval.sample_prompt={e.sample_prompt!r} is {prompt_bytes} bytes: the end-of-training "
            f"sample needs 1 to model.max_seq_len - 1 = {m.max_seq_len - 1} (or "
@@ -822,6 +841,8 @@ def validate(cfg: Config) -> Config:
                       f"have {room} bytes after the {prompt_bytes}-byte eval.sample_prompt, "
                       f"as many as model.max_seq_len={m.max_seq_len} leaves; set "
                       f"eval.sample_tokens <= {room}", SampleLengthWarning)
+    for message in _schedules_past_the_run(cfg):
+        warnings.warn(message, ScheduleLengthWarning)  # (no stacklevel: once per message)
     from jaxsparse.config_usage import UnreadKeyWarning, describe, unread_keys
 
     unread = unread_keys(cfg)
@@ -830,6 +851,37 @@ def validate(cfg: Config) -> Config:
         # message once, though a run validates its config at several places
         warnings.warn(describe(unread, cfg), UnreadKeyWarning)
     return cfg
+
+
+def _schedules_past_the_run(cfg: Config) -> list[str]:
+    """What of the schedules the run never reaches: legal (a short test of a long config),
+    but it trains something else than the settings say."""
+    m, o, steps = cfg.model, cfg.optimizer, cfg.train.steps
+    found = []
+    if o.warmup_steps >= steps > 1:
+        found.append(f"optimizer.warmup_steps={o.warmup_steps} >= train.steps={steps}: the "
+                     f"warm-up is shortened to {steps - 1} steps, so the rate peaks at the last "
+                     "step and never decays")
+    if m.name == "routing_transformer" and m.routing_dense_steps >= steps:
+        found.append(f"model.routing_dense_steps={m.routing_dense_steps} >= train.steps={steps}:"
+                     " the routing heads attend densely for the whole run")
+    if m.name == "hydra" and m.hydra_curriculum:
+        from jaxsparse.models.curriculum import curriculum_entries
+
+        late = [entry for entry, _, start in curriculum_entries(m.hydra_curriculum)
+                if start >= steps]
+        if late:
+            found.append(f"model.hydra_curriculum={m.hydra_curriculum!r}: {', '.join(late)} "
+                         f"start(s) at or after train.steps={steps}, so never in this run")
+    if m.moe_experts and m.moe_k_end is not None:
+        # ops.moe.routing.linear_k_schedule at the last step (round: half to even, as jnp.round)
+        grown = min((steps - 1) / m.moe_k_schedule_steps, 1.0) * (m.moe_k_end - m.moe_k)
+        last_k = round(m.moe_k + grown)
+        if last_k != m.moe_k_end:
+            found.append(f"model.moe_k_schedule_steps={m.moe_k_schedule_steps} with train.steps="
+                         f"{steps}: k reaches {last_k} at the last step, not "
+                         f"model.moe_k_end={m.moe_k_end}")
+    return found
 
 
 # --- JSON -----------------------------------------------------------------------------------
@@ -845,6 +897,13 @@ def to_json(cfg: Config) -> str:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Inverse of :func:`to_dict`; unknown keys (e.g. from a newer version) are an error."""
+    unknown = sorted(set(raw) - set(SECTIONS) - {"name"})
+    if unknown:  # a misspelled section would otherwise be read as all defaults
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+                 for key in unknown
+                 for close in [difflib.get_close_matches(key, SECTIONS, n=1)]]
+        raise ConfigError(f"unknown sections {', '.join(hints)}; valid: name, "
+                          f"{', '.join(SECTIONS)}")
     sections = {}
     for section in SECTIONS:
         cls = type(getattr(Config(), section))

@@ -14,7 +14,7 @@ import sysconfig
 import traceback
 from pathlib import Path
 
-from jaxsparse.config import Config, ConfigError, validate
+from jaxsparse.config import Config, ConfigError, apply_overrides, validate
 
 DEFAULT = "hydra_tiny"  # what `jaxsparse train` runs with no arguments
 
@@ -43,10 +43,12 @@ def _where(path: Path, err: BaseException) -> str:
     return f"config file {path}" + (f", line {lines[-1]}" if lines else "")
 
 
-def _load_file(path: Path) -> Config:
-    """The validated config of the file at ``path``; any mistake in it (a syntax error, an
-    exception in its code, a missing ``get_config``, a value ``validate`` refuses) is a
-    ConfigError naming the file."""
+def _load_file(path: Path, overrides) -> Config:
+    """The config of the file at ``path`` with ``overrides`` applied, validated once; any
+    mistake in it (a syntax error, an exception in its code, a missing ``get_config``, a value
+    ``validate`` refuses) is a ConfigError naming the file. Validated after the overrides: a
+    file's value that an override replaces is neither refused nor warned about (it is not
+    what runs)."""
     spec = importlib.util.spec_from_file_location(f"jaxsparse_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -62,25 +64,50 @@ def _load_file(path: Path) -> Config:
         cfg = module.get_config()
     except Exception as err:
         raise ConfigError(f"{_where(path, err)}: get_config() raised {type(err).__name__}: "
-                          f"{err}") from err
+                          f"{err}{_suggestion(err)}") from err
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a Config")
+    cfg = apply_overrides(cfg, list(overrides))  # a bad override names itself
     try:
         return validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"config file {path}: {err}") from None
 
 
-def get(name: str) -> Config:
-    """The named config ``name`` (or the config defined by the file at path ``name``)."""
+def _suggestion(err: Exception) -> str:
+    """``; did you mean 'd_model'?`` for a section built with a misspelled keyword
+    (``ModelConfig(dmodel=64)``), as ``--set`` suggests for its keys."""
+    import dataclasses
+    import difflib
+    import re
+
+    from jaxsparse.config import SECTIONS
+
+    found = re.search(r"^(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'",
+                      str(err)) if isinstance(err, TypeError) else None
+    if found is None:
+        return ""
+    classes = {type(getattr(Config(), section)).__name__: type(getattr(Config(), section))
+               for section in SECTIONS}
+    cls = classes.get(found.group(1))
+    if cls is None:
+        return ""
+    close = difflib.get_close_matches(found.group(2), [f.name for f in dataclasses.fields(cls)],
+                                      n=3)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def get(name: str, overrides=()) -> Config:
+    """The named config ``name`` (or the config defined by the file at path ``name``), with
+    the ``section.key=value`` strings ``overrides`` applied, validated."""
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"config file {name!r} does not exist")
-        return _load_file(path)
+        return _load_file(path, overrides)
     available = names()
     if name not in available:
         raise ConfigError(
             f"unknown config {name!r}; named configs in {config_dir()}: {', '.join(available) or 'none'}"
         )
-    return _load_file(config_dir() / f"{name}.py")
+    return _load_file(config_dir() / f"{name}.py", overrides)

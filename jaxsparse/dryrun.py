@@ -268,7 +268,7 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
     import json
 
     from jaxsparse import configs
-    from jaxsparse.config import ConfigError, apply_overrides, validate
+    from jaxsparse.config import ConfigError
     from jaxsparse.parallel import check_batch_split
     from jaxsparse.parallel.mesh import check_mesh
 
@@ -276,15 +276,15 @@ def run_emulated(config: str, devices: int, overrides: list[str], compile: bool)
     if not 1 <= devices <= MAX_EMULATED_DEVICES:
         raise ConfigError(f"{devices} emulated devices: must be in [1, {MAX_EMULATED_DEVICES}] "
                           "(all emulated on this one host)")
-    cfg = validate(apply_overrides(configs.get(config), overrides))
+    cfg = configs.get(config, overrides)
     check_batch_split(cfg, check_mesh(cfg, devices))
     # a ConfigError in the child (a check only the built model makes) comes back as one line
     # of JSON and is raised here as itself: the command prints it, no traceback
     code = (
         "import json, sys; from jaxsparse import configs; from jaxsparse.config import "
-        "ConfigError, apply_overrides, validate; from jaxsparse.dryrun import dry_run\n"
+        "ConfigError; from jaxsparse.dryrun import dry_run\n"
         "try:\n"
-        f"    cfg = validate(apply_overrides(configs.get({config!r}), {overrides!r}))\n"
+        f"    cfg = configs.get({config!r}, {overrides!r})\n"
         f"    report = dry_run(cfg, compile={compile!r})\n"
         "except ConfigError as err:\n"
         "    print(json.dumps({'config_error': str(err)})); sys.exit(0)\n"

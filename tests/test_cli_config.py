@@ -213,3 +213,44 @@ def test_configs_lists_the_others_beside_a_broken_file(tmp_path, capsys, monkeyp
     assert f"error: config file {tmp_path / 'bad.py'}: model.d_model=0: must be >= 1" in rows["bad"]
     assert "error: config file" in rows["crash"]
     assert "853,120" in rows["transformer_tiny"] and "error" not in rows["transformer_tiny"]
+
+
+def test_a_config_file_is_validated_after_the_command_lines_overrides(tmp_path, capsys):
+    """An override can repair what the file alone would be refused for, and the warnings
+    describe the model that runs, not the file's (both were checked before the overrides)."""
+    path = tmp_path / "long.py"
+    path.write_text("from jaxsparse.config import Config, DataConfig, ModelConfig\n"
+                    "def get_config():\n"
+                    "    return Config(name='long', model=ModelConfig(name='mamba', n_heads=8,\n"
+                    "                  max_seq_len=256), data=DataConfig(seq_len=512))\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: data.seq_len=512 exceeds "
+                                          "model.max_seq_len=256"):
+        configs.get(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mamba ignores n_heads; the transformer reads it
+        cfg = configs.get(str(path), ["model.max_seq_len=1024", "model.name=transformer"])
+    assert cfg.model.max_seq_len == 1024 and cfg.model.name == "transformer"
+
+
+def test_a_misspelled_keyword_in_a_config_file_gets_a_suggestion(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("from jaxsparse.config import Config, ModelConfig\n"
+                    "def get_config():\n"
+                    "    return Config(model=ModelConfig(dmodel=64))\n")
+    with pytest.raises(ConfigError, match=r"unexpected keyword argument 'dmodel'; did you mean "
+                                          r"'d_model'\?"):
+        configs.get(str(path))
+
+
+def test_a_config_section_that_is_not_its_dataclass_is_refused(tmp_path, capsys):
+    """Config(model={...}) from a config file was an AttributeError traceback."""
+    path = tmp_path / "dicts.py"
+    path.write_text("from jaxsparse.config import Config\n"
+                    "def get_config():\n"
+                    "    return Config(model={'d_model': 64})\n")
+    assert main(["dryrun", "--config", str(path), "--devices", "1", "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model={'d_model': 64}: expected a ModelConfig" in err
+    for section in ("data", "optimizer", "mesh", "train", "eval"):
+        with pytest.raises(ConfigError, match=rf"{section}={{}}: expected a \w+Config"):
+            validate(dataclasses.replace(Config(), **{section: {}}))

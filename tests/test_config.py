@@ -6,8 +6,8 @@ import pytest
 
 from jaxsparse import configs
 from jaxsparse.cli import main
-from jaxsparse.config import (Config, ConfigError, apply_overrides, from_json, to_json,
-                              valid_keys, validate)
+from jaxsparse.config import (Config, ConfigError, ScheduleLengthWarning, apply_overrides,
+                              from_json, to_json, valid_keys, validate)
 
 
 def test_every_named_config_is_valid_and_round_trips_through_json():
@@ -188,3 +188,49 @@ def test_a_saved_config_older_than_a_setting_is_read_with_a_warning_naming_it(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_config(path)
+
+
+def test_a_sample_prompt_that_is_not_utf8_is_a_config_error(capsys):
+    """Undecodable command-line bytes arrive as surrogates; validate's len(prompt.encode())
+    was an uncaught UnicodeEncodeError."""
+    cfg = apply_overrides(configs.get("transformer_tiny"), ["eval.sample_prompt=\udcffdef"])
+    with pytest.raises(ConfigError, match="eval.sample_prompt='\\\\udcffdef': not valid UTF-8"):
+        validate(cfg)
+    assert main(["dryrun", "--config", "transformer_tiny", "--devices", "1", "--no-compile",
+                 "--set", "eval.sample_prompt=\udcffdef"]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["data.batch_size", "model.d_ff", "train.steps", "mesh.data"])
+def test_integers_beyond_32_bits_are_refused_by_name(key):
+    """99999999999999999999 as a batch size crashed in MLIR lowering."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}=99999999999999999999: must be "
+                                          r"below 2\*\*31"):
+        validate(apply_overrides(configs.get("transformer_tiny"), [f"{key}=99999999999999999999"]))
+
+
+def test_an_unknown_section_in_a_saved_config_is_refused():
+    """A misspelled section was read as all defaults, contrary to from_dict's docstring."""
+    with pytest.raises(ConfigError, match=r"unknown sections 'modle' \(did you mean 'model'\?\)"):
+        from_json('{"modle": {"d_model": 3}}')
+
+
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("transformer_tiny", ["optimizer.warmup_steps=50"],
+     r"optimizer.warmup_steps=50 >= train.steps=10: the warm-up is shortened to 9 steps"),
+    ("routing_tiny", ["model.routing_dense_steps=10"],
+     r"model.routing_dense_steps=10 >= train.steps=10: the routing heads attend densely"),
+    ("hydra_tiny", ["model.hydra_curriculum=sga:4,moe:10"],
+     r"'sga:4,moe:10': moe:10 start\(s\) at or after train.steps=10"),
+    ("transformer_tiny", ["model.moe_experts=4", "model.moe_k=1", "model.moe_k_end=3",
+                          "model.moe_router=random", "model.moe_k_schedule_steps=30"],
+     r"k reaches 2 at the last step, not model.moe_k_end=3"),
+])
+def test_schedules_longer_than_the_run_are_warned_about(preset, overrides, message):
+    cfg = apply_overrides(configs.get(preset),
+                          ["train.steps=10", "optimizer.warmup_steps=2"] + overrides)
+    with pytest.warns(ScheduleLengthWarning, match=message):
+        validate(cfg)
+    with warnings.catch_warnings():  # the same schedules in a long enough run: silent
+        warnings.simplefilter("error", ScheduleLengthWarning)
+        validate(apply_overrides(cfg, ["train.steps=100"]))
