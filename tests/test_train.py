@@ -186,6 +186,26 @@ def test_init_from_keeps_the_learned_routing_statistics_and_restarts_the_counter
     assert int(started["step"]) == 0
 
 
+def test_init_from_keeps_a_random_routers_fixed_kernel(tmp_path):
+    """SMoE-Dropout's random router is not a parameter, but its experts were trained behind
+    it: a run started from those weights with another seed once drew a new router, sending
+    tokens to experts that never saw them."""
+    from jaxsparse.train.loop import _init_from
+
+    moe = ["model.moe_experts=4", "model.moe_k=1", "model.moe_k_end=2", "model.moe_every=1",
+           "model.moe_router=random", "model.moe_k_schedule_steps=1"]
+    source_cfg = tiny_config("train.steps=2", *moe)
+    source = train(source_cfg, tmp_path / "source", sample=False, quiet=True).state
+    cfg = tiny_config("train.seed=1", f"train.init_from={tmp_path / 'source'}", *moe)
+    started = _init_from(TrainSetup(cfg, make_mesh(cfg.mesh)), cfg, str(tmp_path / "source"))
+    fresh = TrainSetup(cfg, make_mesh(cfg.mesh)).init()
+    kernels = lambda state: [np.asarray(block["mlp"]["router"]["kernel"])  # noqa: E731
+                             for block in state["rest"]["blocks"].values()]
+    assert kernels(started) and all(
+        np.array_equal(a, b) for a, b in zip(kernels(started), kernels(source)))
+    assert not any(np.array_equal(a, b) for a, b in zip(kernels(fresh), kernels(source)))
+
+
 INIT_FROM_ON_FOUR_DEVICES = r"""
 import json, sys, jax, numpy as np
 from helpers import tiny_config

@@ -46,6 +46,12 @@ class RouterStep(nnx.Variable):
     noise); not a parameter, carried in the train state."""
 
 
+class FixedRouterKernel(nnx.Variable):
+    """The random router's kernel (``router="random"``, SMoE-Dropout): drawn at init and never
+    trained, but the experts learn behind it, so a run that starts from these weights
+    (``train.init_from``) keeps it (:func:`jaxsparse.train.state.learned_statistics`)."""
+
+
 def _expert_weights(rngs, shape, fan_in, logical_axes, scale, param_dtype):
     std = math.sqrt(scale / fan_in) / 0.87962566103423978
     w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype) * std
@@ -101,7 +107,7 @@ class MoE(nnx.Module):
         self.router = Linear(d_model, num_experts, logical_axes=("embed", None), rngs=rngs,
                              dtype=jnp.float32, param_dtype=param_dtype)
         if router == "random":  # a fixed random router: its kernel is not trained
-            self.router.kernel = nnx.Variable(self.router.kernel.get_value())
+            self.router.kernel = FixedRouterKernel(self.router.kernel.get_value())
         e, d, h = num_experts, d_model, d_ff
         self.w_gate = _expert_weights(rngs, (e, d, h), d, ("expert", "embed", "mlp"), 1.0, param_dtype)
         self.w_up = _expert_weights(rngs, (e, d, h), d, ("expert", "embed", "mlp"), 1.0, param_dtype)

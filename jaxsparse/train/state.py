@@ -77,14 +77,16 @@ def optimizer_groups(abstract_params: nnx.State):
 
 
 def learned_statistics(model: nnx.Module) -> dict:
-    """The part of a model's non-parameter state that training learned — routing attention's
-    k-means centroids and the running mean of its keys — as a pure dict: what a run started
-    from another's weights (``train.init_from``) keeps besides the parameters. Counters of
-    schedules (the Hydra curriculum's step, MoE router and routing warm-up steps) are not
-    among them: they restart with the new run's step 0."""
+    """The part of a model's non-parameter state its weights were trained with — routing
+    attention's k-means centroids and the running mean of its keys, a random MoE router's
+    fixed kernel — as a pure dict: what a run started from another's weights
+    (``train.init_from``) keeps besides the parameters. Counters of schedules (the Hydra
+    curriculum's step, MoE router and routing warm-up steps) are not among them: they restart
+    with the new run's step 0."""
+    from jaxsparse.nn.moe import FixedRouterKernel
     from jaxsparse.nn.routing import Centroids, RoutingMean
 
-    return nnx.to_pure_dict(nnx.state(model, nnx.Any(Centroids, RoutingMean)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Any(Centroids, RoutingMean, FixedRouterKernel)))
 
 
 def schedule_counters(abstract_rest: nnx.State) -> dict:
