@@ -4,6 +4,7 @@ expert choice, chunk-level routing causality, grouped matmuls, config errors, tr
 
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -405,7 +406,10 @@ def test_bad_moe_options_are_refused_when_the_layer_is_built():
              (dict(chunk=-2), "chunk=-2: must be an integer >= 0"),
              (dict(k=2.0), r"k=2.0: must be an integer in \[1, num_experts=4\]"),
              (dict(grouped_impl="megablox"), "grouped_impl='megablox': allowed"),
-             (dict(capacity_factor=float("inf")), "capacity_factor=inf: must be a finite")]
+             (dict(capacity_factor=float("inf")), "capacity_factor=inf: must be a finite"),
+             # NaN/inf built non-finite experts, -1 a math domain error
+             (dict(out_init_scale=float("nan")), "out_init_scale=nan: must be a finite number"),
+             (dict(out_init_scale=-1.0), "out_init_scale=-1.0: must be a finite number >= 0")]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             MoE(8, 16, 4, **{"k": 2, **options}, rngs=nnx.Rngs(0))
@@ -432,8 +436,80 @@ def test_moe_call_arguments_are_checked_and_an_empty_batch_passes_every_router()
     chooser = MoE(8, 16, 4, 2, router="expert_choice", causal=False, rngs=nnx.Rngs(0))
     y, sown = run_capturing(chooser, "__call__", jnp.ones((0, 4, 8)))
     assert y.shape == (0, 4, 8) and float(sown["aux_loss"][0]) == 0.0
+    # top-k on an empty batch: the statistics' means over no token were a NaN aux loss, and a
+    # capacity's dropped fraction was 1
+    for capacity_factor in (None, 1.0):
+        top_k = MoE(8, 16, 4, 2, capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
+        y, sown = run_capturing(top_k, "__call__", jnp.ones((0, 4, 8)))
+        assert y.shape == (0, 4, 8) and float(sown["aux_loss"][0]) == 0.0
+        assert float(sown["moe_dropped"][0]) == 0.0
     list_sizes = grouped_matmul(jnp.ones((5, 8)), jnp.ones((2, 8, 3)), [2, 3], implementation="dense")
     np.testing.assert_array_equal(list_sizes, 8.0)  # a list of sizes (an AttributeError before)
+
+
+def test_top_1_with_renormalised_gates_warns_that_the_router_learns_nothing_from_the_task():
+    """Renormalised, a single gate is p / p = 1: the task loss has no gradient for the router
+    (the Hydra presets trained so, their routers moved by the balance loss only). Switch
+    weights by the probability; so do the presets now."""
+    from jaxsparse.nn.moe import UntrainedRouterWarning
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+
+    def router_gradient(moe):
+        def task_loss(moe):
+            return jnp.sum(jnp.sin(moe(x)))
+        return nnx.grad(task_loss)(moe).router.kernel[...]
+
+    with pytest.warns(UntrainedRouterWarning, match="renormalize=True with k=1"):
+        renormalised = MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), aux_weight=0.0, z_weight=0.0)
+    renormalised.eval()
+    assert float(jnp.abs(router_gradient(renormalised)).max()) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedRouterWarning)
+        weighted = MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), renormalize=False, aux_weight=0.0,
+                       z_weight=0.0)
+        MoE(8, 16, 4, 2, rngs=nnx.Rngs(0))  # two gates share the weight: both learn
+        MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), router="random", k_end=2)  # fixed: nothing to learn
+        from jaxsparse import configs
+        from jaxsparse.models.registry import build
+        for preset in configs.names():
+            cfg = configs.get(preset)
+            if cfg.model.moe_experts and preset.endswith("tiny"):
+                build(cfg.model, nnx.Rngs(0))
+    weighted.eval()
+    assert float(jnp.abs(router_gradient(weighted)).max()) > 1e-2
+
+
+MOE_JITTER_ON_MESHES = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jaxsparse.nn import MoE
+from jaxsparse.parallel import PRESETS, activation_sharding
+x = jax.random.normal(jax.random.key(1), (4, 8, 16))
+x = x.at[1].set(x[0])  # two equal rows: their noise must differ, as on one device
+out = {}
+for name, axes, shape, preset in [("data", ("data",), (4,), "data"),
+                                  ("expert", ("data", "expert"), (2, 2), "fsdp_tp_ep")]:
+    for chunk in (0, 4):
+        moe = MoE(16, 24, 4, 2, rngs=nnx.Rngs(0), jitter=0.5, chunk=chunk)
+        one = nnx.clone(moe)(x)  # training mode: jittered
+        mesh = Mesh(np.array(jax.devices()).reshape(shape), axes)
+        with activation_sharding(mesh, PRESETS[preset].rules):
+            split = moe(x)
+        out[f"{name}, chunk {chunk}"] = {
+            "err": float(jnp.abs(split - one).max()),
+            "equal_rows_differ": float(jnp.abs(split[0] - split[1]).max())}
+print(json.dumps(out))
+"""
+
+
+def test_router_jitter_on_a_mesh_is_the_one_device_noise():
+    """Drawn inside each device's shard from the same key, the jitter was the same on every
+    device (two equal rows on two devices got equal noise); it is drawn for the whole batch."""
+    from helpers import run_python
+    for name, result in run_python(MOE_JITTER_ON_MESHES, devices=4).items():
+        assert result["err"] < 1e-5 and result["equal_rows_differ"] > 1e-3, (name, result)
 
 
 def test_loss_weights_are_checked_when_built_and_decode_inputs_when_decoding():

@@ -1,6 +1,7 @@
 """Hydra at CPU scale, the default of `jaxsparse train`: 4 blocks of diagonal SSM (after a
 width-4 causal convolution, as in Mamba) + a chunk-level MoE feed-forward (4 experts, top-1,
-routed per 16 tokens), sparse global attention in the third block (local window 32 + up to 32
+routed per 16 tokens, weighted by the router's probability as in Switch: renormalised, the one
+gate would be 1 and the router would learn from the balance loss only), sparse global attention in the third block (local window 32 + up to 32
 controller-picked global tokens), a 4,096-slot product-key memory in block 1 and an 8-slot
 workspace shared by blocks 1 and 3; the curriculum switches SGA on at step 100 and the
 memories at step 200.
@@ -30,7 +31,8 @@ def get_config() -> Config:
             name="hydra", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
             expand=1, hydra_ssm_conv=4, hydra_sga_every=3, hydra_window=32, hydra_max_global=32,
             hydra_curriculum="sga:100,memory:200",
-            moe_experts=4, moe_k=1, moe_every=1, moe_chunk=16, moe_d_ff=256,
+            moe_experts=4, moe_k=1, moe_renormalize=False, moe_every=1, moe_chunk=16,
+            moe_d_ff=256,
             pkm_layers="1", pkm_slots=4096, pkm_heads=2, pkm_k_dim=64, pkm_knn=16,
             workspace_slots=8, workspace_chunk=16, workspace_layers="1,3"),
         data=DataConfig(seq_len=128, batch_size=32),

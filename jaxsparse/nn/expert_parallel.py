@@ -54,6 +54,7 @@ def expert_parallel_moe(moe, x_BLD, mesh, router_inputs=None):
         raise ValueError(f"num_experts={num_experts} must be divisible by mesh axis "
                          f"'{AXIS}' of size {n}")
     split = _row_split(mesh, x_BLD)
+    router_inputs = moe.batch_router_inputs(x_BLD, router_inputs)
     gate, up, down = moe._weights()
     router_kernel = moe.router.kernel[...]
 
@@ -189,6 +190,7 @@ def token_parallel_moe(moe, x_BLD, router_inputs, mesh):
     per device, as under expert parallelism)."""
     split = row_split(mesh, x_BLD.shape)
     rows = split.spec
+    router_inputs = moe.batch_router_inputs(x_BLD, router_inputs)
 
     def mean(v):
         return jax.lax.pmean(v, split.axes)

@@ -17,11 +17,13 @@ is sown or counted and the router gets no jitter.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsparse.errors import SettingsWarning
 from jaxsparse.nn.batch_local import row_split
 from jaxsparse.nn.expert_parallel import expert_parallel_moe, token_parallel_moe
 from jaxsparse.nn.intermediates import report
@@ -44,6 +46,10 @@ ROUTERS = ("top_k", "expert_choice", "random")
 class RouterStep(nnx.Variable):
     """Training steps seen by a layer (drives the SMoE-Dropout k schedule and the jitter
     noise); not a parameter, carried in the train state."""
+
+
+class UntrainedRouterWarning(SettingsWarning):
+    """Settings under which the router gets no gradient from the task loss."""
 
 
 class FixedRouterKernel(nnx.Variable):
@@ -87,6 +93,12 @@ class MoE(nnx.Module):
             raise ValueError(f"jitter={jitter!r}: must be in [0, 1)")
         check_nonnegative("aux_weight", aux_weight)  # loss weights: NaN would poison the loss
         check_nonnegative("z_weight", z_weight)
+        check_nonnegative("out_init_scale", out_init_scale)  # (as SwiGLU's)
+        if router == "top_k" and renormalize and k == 1 and (k_end or 1) == 1:
+            warnings.warn("renormalize=True with k=1 (model.moe_renormalize, model.moe_k): the "
+                          "one gate is always 1, so the router learns only from the balance "
+                          "and z losses, nothing from the task; set renormalize=False to weight "
+                          "by the router's probability, as Switch does", UntrainedRouterWarning)
         if grouped_impl not in GMM_IMPLEMENTATIONS:
             raise ValueError(f"grouped_impl={grouped_impl!r}: allowed {GMM_IMPLEMENTATIONS}")
         if router == "expert_choice" and causal:
@@ -154,6 +166,16 @@ class MoE(nnx.Module):
         schedule's last k; ``k`` without one)."""
         return self.eval_k if self.eval_k is not None and self.deterministic else self.k_end
 
+    def batch_router_inputs(self, x_BLD, router_inputs=None):
+        """``router_inputs`` for a caller that splits the batch over devices: with jitter in
+        training, the router inputs with the noise drawn for the whole batch, as one device
+        draws it (drawn inside each shard, from the same key and the shard's shape, every
+        device's rows got the same noise); else ``router_inputs`` as given (None: the layer
+        computes them)."""
+        if router_inputs is not None or not self.jitter or self.deterministic:
+            return router_inputs
+        return self.chunk_router_inputs(x_BLD) if self.chunk else self._router_input(x_BLD)
+
     def _router_input(self, x_BLD):
         x = x_BLD.astype(jnp.float32)
         if self.jitter and not self.deterministic:  # Switch: multiplicative U[1-eps, 1+eps]
@@ -189,6 +211,12 @@ class MoE(nnx.Module):
                                                      or segment_ids is not None):
             # pad: lengths need not divide; documents: per-token pools
             router_inputs = self.chunk_router_inputs(x_BLD, segment_ids)
+        if x_BLD.shape[0] * x_BLD.shape[1] == 0:
+            # an empty batch: no token to route (the statistics' means over no token were
+            # NaN, and a capacity's dropped fraction 1)
+            load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
+            return self._finish(x_BLD, jnp.zeros(x_BLD.shape, self.dtype), jnp.zeros(()), load,
+                                jnp.zeros(()), active)
         mesh = current_mesh()
         if (mesh is not None and mesh.shape.get("expert", 1) > 1
                 and self.router_kind != "expert_choice"):
@@ -199,14 +227,11 @@ class MoE(nnx.Module):
         x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
         if self.router_kind == "expert_choice":
             logits = self.router(self._router_input(x_BLD)).reshape(tokens, self.num_experts)
-            if tokens:
-                capacity = expert_choice_capacity(tokens, self.num_experts,
-                                                  self.capacity_factor or self.k)
-                choice = expert_choice_routing(logits, capacity)
-                y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
-                aux = self.z_weight * router_z_loss(choice.logits)
-            else:  # an empty batch: no token for an expert to choose (as top-k gives)
-                y_TD, aux = x_TD, jnp.zeros(())
+            capacity = expert_choice_capacity(tokens, self.num_experts,
+                                              self.capacity_factor or self.k)
+            choice = expert_choice_routing(logits, capacity)
+            y_TD = expert_choice_dispatch(x_TD, choice, self._buffered_experts)
+            aux = self.z_weight * router_z_loss(choice.logits)
             load = jnp.full((self.num_experts,), 1.0 / self.num_experts)
             dropped = jnp.zeros(())
         elif mesh is not None and row_split(mesh, x_BLD.shape):

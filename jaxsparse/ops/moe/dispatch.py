@@ -120,8 +120,8 @@ def unpack(out_ECD, choice: TokenChoice, slot, kept):
     gathered = out_ECD.at[choice.expert_index, slot].get(mode="fill", fill_value=0)  # [T, k, D]
     weights = jnp.where(kept, choice.weights, 0.0).astype(out_ECD.dtype)
     y = jnp.einsum("tk,tkd->td", weights, gathered)
-    active = jnp.sum(choice.weights > 0)
-    return y, 1.0 - jnp.sum(kept) / jnp.maximum(active, 1)
+    active = jnp.sum(choice.weights > 0)  # none (an empty batch): nothing dropped
+    return y, jnp.where(active > 0, 1.0 - jnp.sum(kept) / jnp.maximum(active, 1), 0.0)
 
 
 def capacity_dispatch(x_TD, choice: TokenChoice, experts, capacity: int):
