@@ -36,6 +36,12 @@ class ScheduleLengthWarning(SettingsWarning):
     component or phase it stages never starts."""
 
 
+class CapacityWarning(SettingsWarning):
+    """``model.moe_capacity_factor`` set: which tokens drop depends on every token the layer
+    is given, later ones included, and decoding (which never fills a buffer) differs from the
+    full pass."""
+
+
 # --- sections -------------------------------------------------------------------------------
 
 
@@ -841,6 +847,12 @@ def validate(cfg: Config) -> Config:
                       f"have {room} bytes after the {prompt_bytes}-byte eval.sample_prompt, "
                       f"as many as model.max_seq_len={m.max_seq_len} leaves; set "
                       f"eval.sample_tokens <= {room}", SampleLengthWarning)
+    if m.moe_experts and m.moe_capacity_factor is not None:
+        warnings.warn(f"model.moe_capacity_factor={m.moe_capacity_factor}: every first choice "
+                      "takes a slot before any second one, so a later token can push an earlier "
+                      "token out of an expert: training is not strictly causal, and generation "
+                      "(which drops nothing) differs from the full pass; None (dropless) is "
+                      "exact", CapacityWarning)
     for message in _schedules_past_the_run(cfg):
         warnings.warn(message, ScheduleLengthWarning)  # (no stacklevel: once per message)
     from jaxsparse.config_usage import UnreadKeyWarning, describe, unread_keys

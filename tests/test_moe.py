@@ -160,6 +160,25 @@ def test_chunk_routing_is_causal():
     assert not np.allclose(changed[:, 12:], base[:, 12:])
 
 
+def test_token_routing_is_causal_dropless_and_not_with_a_capacity():
+    """Dropless, a token's output reads no later token. With a capacity, slots go to every
+    first choice before any second: a later token's first choice can push out an earlier
+    token's second, so outputs before a change move — the trade-off the README and the
+    config's CapacityWarning state (Switch, GShard and MaxText's dropping mode share it)."""
+    from jaxsparse.config import CapacityWarning, apply_overrides
+
+    with pytest.warns(CapacityWarning, match="training is not strictly causal"):
+        validate(apply_overrides(tiny_config(), ["model.moe_experts=4",
+                                                 "model.moe_capacity_factor=1.25"]))
+    x = jax.random.normal(jax.random.key(4), (1, 32, 8))
+    later = x.at[:, 20:].set(jax.random.normal(jax.random.key(5), (1, 12, 8)))
+    for capacity_factor, moves in ((None, False), (0.5, True)):
+        moe = MoE(8, 16, 4, 2, rngs=nnx.Rngs(3), capacity_factor=capacity_factor)
+        moe.eval()
+        moved = float(jnp.abs(moe(later)[:, :20] - moe(x)[:, :20]).max())
+        assert (moved > 1e-3) == moves, (capacity_factor, moved)
+
+
 def test_statistics_reach_a_capture_and_are_dropped_outside_one():
     """Training-mode calls report the balance loss and loads to ``nnx.capture`` (what the
     training step uses); called plainly, the layer stores nothing on itself and warns nothing."""

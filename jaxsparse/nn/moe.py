@@ -4,7 +4,9 @@ Routers: ``"top_k"`` token choice, ``"expert_choice"`` (non-causal only), ``"ran
 fixed, untrained router whose k grows during training: SMoE-Dropout, Chen et al. 2023).
 ``capacity_factor=None`` is dropless (sorted rows, grouped matmuls); a number gives fixed
 per-expert buffers with priority dropping, sized from the tokens of each call (so decoding a
-few tokens at a time drops none, and its outputs can differ from the full pass's).
+few tokens at a time drops none, and its outputs can differ from the full pass's; and as every
+first choice goes before any second, a later token can push an earlier one out: not strictly
+causal).
 ``chunk > 0`` routes chunks of that many consecutive tokens as one (from pooled
 representations; causally, from the previous chunk).
 Auxiliary losses are reported as ``aux_loss`` (:func:`jaxsparse.nn.intermediates.report`; the
