@@ -345,6 +345,34 @@ def test_generate_draws_only_ids_below_the_vocab_limit():
         generate(padded, prompt, 3, vocab_limit=600)
 
 
+@pytest.mark.parametrize("preset", ["transformer_tiny", "hydra_tiny"])
+def test_a_decode_chunk_longer_than_the_cache_is_named_under_jit(preset):
+    """Eagerly the index check named it; under jit (a traced index) the write failed inside
+    XLA's dynamic_update_slice. More new tokens than slots is known from the shapes."""
+    from jaxsparse import configs
+    model = models.build(configs.get(preset).model, nnx.Rngs(0))
+    model.eval()
+    cache = model.init_cache(2, 8)
+    with pytest.raises(ValueError, match=r"12 new tokens need index \+ 12 <= 8, the cache's "
+                                         r"slots: more than the cache holds"):
+        nnx.jit(lambda m, x, c: m.decode(x, c))(model, jnp.zeros((2, 12), jnp.int32), cache)
+
+
+def test_sampling_text_refuses_a_prompt_as_long_as_the_model_by_its_length():
+    """The continuation's cut made max_new_tokens 0 or negative, and generate named that."""
+    from jaxsparse.parallel import make_mesh
+    from jaxsparse.train.loop import sample_bytes
+    from jaxsparse.train.state import TrainSetup
+    cfg = tiny_config("model.max_seq_len=32", "data.seq_len=16")
+    setup = TrainSetup(cfg, make_mesh(cfg.mesh))
+    state = setup.init()
+    for prompt in ("x" * 32, "x" * 40, ""):
+        with pytest.raises(ValueError, match=rf"the prompt is {len(prompt)} bytes: sampling "
+                                             r"needs 1 to model.max_seq_len - 1 = 31"):
+            sample_bytes(setup, state, cfg, prompt=prompt, max_new_tokens=4)
+    assert len(sample_bytes(setup, state, cfg, prompt="x" * 30, max_new_tokens=4)) == 32
+
+
 def test_layer_sizes_and_scales_are_checked_when_built():
     """Floats and bools as sizes failed deep inside JAX or built a layer of size 1; a negative
     init scale gave "math domain error", a NaN one NaN weights; an unknown implementation

@@ -248,6 +248,9 @@ def sample_bytes(setup: TrainSetup, state, cfg: Config, prompt: str | None = Non
 
     prompt = (cfg.eval.sample_prompt if prompt is None else prompt).encode()
     max_new = cfg.eval.sample_tokens if max_new_tokens is None else max_new_tokens
+    if not 1 <= len(prompt) < cfg.model.max_seq_len:  # (the cut below would name max_new_tokens)
+        raise ValueError(f"the prompt is {len(prompt)} bytes: sampling needs 1 to "
+                         f"model.max_seq_len - 1 = {cfg.model.max_seq_len - 1}")
     max_new = min(max_new, cfg.model.max_seq_len - len(prompt))
     model = setup.model(state["params"], state["rest"])
     tokens = np.frombuffer(prompt, np.uint8).astype(np.int32)[None]

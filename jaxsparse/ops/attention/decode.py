@@ -62,11 +62,15 @@ def nan_past_the_cache(out, lengths, new: int, slots: int):
 def check_new_positions_fit(index, new: int, slots: int) -> None:
     """``new`` tokens written from position ``index`` fit a cache of every position with
     ``slots`` slots (where ``index`` is concrete; traced: :func:`nan_past_the_cache`).
-    Named as the caller passed it, the index, not the lengths it implies."""
+    Named as the caller passed it, the index, not the lengths it implies. More new tokens
+    than slots are refused whatever the index (under jit the write failed inside XLA)."""
     first = concrete_values(index)
     if first is not None and int(first) + new > slots:
         raise ValueError(f"index={int(first)} with {new} new tokens needs index + {new} <= "
                          f"{slots}, the cache's slots")
+    if new > slots:  # known from the shapes, whatever the (traced) index
+        raise ValueError(f"{new} new tokens need index + {new} <= {slots}, the cache's slots: "
+                         "more than the cache holds")
 
 
 def checked_first_position(index):
