@@ -592,3 +592,46 @@ def test_packed_documents_train_on_a_sequence_mesh_like_on_one_device(model):
     sharded, used_shards = result["sharded"]
     assert used_shards  # the scan really ran split over the sequence axis
     assert abs(sharded - result["single"]) < 1e-5 * result["single"], result
+
+
+def test_sequence_parallel_scans_check_their_arguments_on_the_whole_arrays():
+    """Inside the shards a bad initial state failed in the composition's broadcasting (a
+    TypeError naming no argument), inputs of two lengths were reported in the shards'
+    lengths, and mesh=None or a mesh without the axis was an AttributeError / KeyError.
+    (A one-device mesh: the checks run before any shard does.)"""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from jaxsparse.ops.diagonal_ssm import diagonal_ssm_sequence_parallel
+    from jaxsparse.ops.ssm import selective_scan_sequence_parallel, ssd_sequence_parallel
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("sequence",))
+    normal = lambda *shape: jax.random.normal(jax.random.key(len(shape)), shape)  # noqa: E731
+    d, lam, D = normal(2, 16, 3), normal(3), normal(3)
+    x, dt, A, Bs = normal(2, 16, 3), normal(2, 16, 3), -jnp.ones((3, 2)), normal(2, 16, 1, 2)
+    x2, dt2, Bs2 = normal(2, 16, 2, 4), normal(2, 16, 2), normal(2, 16, 1, 5)
+    cases = [
+        (lambda: diagonal_ssm_sequence_parallel(d, d, d, d, lam, D, mesh=mesh,
+                                                initial_state=normal(3, 3)),
+         r"initial_state of shape \(3, 3\): must be the scan's state, \(2, 3\)"),
+        (lambda: selective_scan_sequence_parallel(x, dt, A, Bs, Bs, mesh=mesh,
+                                                  initial_state=normal(3, 3, 2)),
+         r"initial_state of shape \(3, 3, 2\): must be the scan's state, \(2, 3, 2\)"),
+        (lambda: ssd_sequence_parallel(x2, dt2, -jnp.ones(2), Bs2, Bs2, mesh=mesh,
+                                       initial_state=normal(2, 2, 4)),
+         r"initial_state of shape \(2, 2, 4\): must be the scan's state, \(2, 2, 4, 5\)"),
+        (lambda: selective_scan_sequence_parallel(x, dt, A, Bs[:, :12], Bs[:, :12], mesh=mesh),
+         r"same batch and length; got \{'x': \(2, 16\), 'dt': \(2, 16\), 'B': \(2, 12\)"),
+        (lambda: ssd_sequence_parallel(x2, dt2, -jnp.ones(2), Bs2, Bs2, mesh=None),
+         "mesh=None: a sequence-parallel scan needs a jax.sharding.Mesh"),
+        (lambda: diagonal_ssm_sequence_parallel(d, d, d, d, lam, D,
+                                                mesh=Mesh(np.array(jax.devices()[:1]), ("data",))),
+         r"mesh \{'data': 1\} has no axis 'sequence'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    y, final = diagonal_ssm_sequence_parallel(d, d, d, d, lam, D, mesh=mesh,
+                                              initial_state=normal(2, 3))
+    assert y.shape == (2, 16, 3) and final.shape == (2, 3)

@@ -51,11 +51,29 @@ def scan_across_shards(run: Callable, total_decay: Callable, sequence_args: dict
 
     Returns ``(y [batch, length, ...], final_state)``, equal to the single-device scan.
     """
-    n = mesh.shape[axis]
-    for arg in jax.tree.leaves(sequence_args):
-        if arg.shape[1] % n:
-            raise ValueError(f"sequence-parallel scan: length {arg.shape[1]} must be divisible by "
-                             f"mesh axis {axis!r} of size {n}")
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r}: a sequence-parallel scan needs a jax.sharding.Mesh "
+                         f"with an axis {axis!r} to split the sequence over")
+    n = mesh.shape.get(axis)
+    if n is None:
+        raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
+    # checked on the whole arrays: inside the shards a mismatch was reported in the shards'
+    # lengths, and a bad initial state failed in the composition's broadcasting
+    leading = {name: tuple(jnp.shape(arg)[:2]) for name, arg in sequence_args.items()}
+    if len(set(leading.values())) > 1:
+        raise ValueError("sequence-parallel scan: every sequence input must be [batch, length, "
+                         f"...] with the same batch and length; got {leading}")
+    (batch, length), = set(leading.values())
+    if length % n:
+        raise ValueError(f"sequence-parallel scan: length {length} must be divisible by "
+                         f"mesh axis {axis!r} of size {n}")
+    if initial_state is not None:
+        shard = {name: jax.ShapeDtypeStruct((batch, length // n) + jnp.shape(arg)[2:], arg.dtype)
+                 for name, arg in sequence_args.items()}
+        state = jax.eval_shape(lambda seq, shared: run(seq, shared, None)[1], shard, shared_args)
+        if jnp.shape(initial_state) != state.shape:
+            raise ValueError(f"initial_state of shape {jnp.shape(initial_state)}: must be the "
+                             f"scan's state, {state.shape}")
 
     def local(sequence_args, shared_args, initial_state):
         _, final_from_zero = run(sequence_args, shared_args, None)
