@@ -242,3 +242,20 @@ print(json.dumps(out))
     steps = 3  # 16 positions per shard, padded to 18: 3 chunks of 6
     extra = out["6"]["gathered"] - out["0"]["gathered"]
     assert extra <= steps * 2 * out["head_bytes"], out  # was 8.2x the head's bytes
+
+
+def test_a_masked_positions_target_is_not_read():
+    """An ignore label (-100) at a masked position made the cross-entropy NaN, and NaN times
+    the 0 mask poisoned the summed loss and its gradient."""
+    import jax.numpy as jnp
+
+    from jaxsparse.train.step import masked_token_stats
+
+    logits = jax.random.normal(jax.random.key(0), (1, 3, 5))
+    mask = jnp.array([[1.0, 0.0, 0.0]])
+    stats = lambda targets: masked_token_stats(logits, targets, mask)  # noqa: E731
+    ignored, clean = stats(jnp.array([[1, -100, 7]])), stats(jnp.array([[1, 0, 0]]))
+    np.testing.assert_array_equal(np.array(ignored), np.array(clean))
+    assert np.isfinite(float(ignored[0]))
+    grad = jax.grad(lambda l: masked_token_stats(l, jnp.array([[1, -100, 7]]), mask)[0])(logits)
+    assert np.all(np.isfinite(np.asarray(grad))) and not np.any(np.asarray(grad)[0, 1:])

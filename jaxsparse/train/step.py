@@ -30,7 +30,10 @@ def _aux_losses(sown: dict[str, list[jax.Array]]) -> tuple[jax.Array, dict[str, 
 
 
 def masked_token_stats(logits, targets, mask):
-    """Summed cross-entropy, summed correct predictions and token count over ``mask``."""
+    """Summed cross-entropy, summed correct predictions and token count over ``mask``. A
+    masked position's target is not read (it may hold an ignore label such as -100, whose
+    NaN cross-entropy times a 0 mask was NaN)."""
+    targets = jnp.where(mask > 0, targets, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)
