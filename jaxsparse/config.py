@@ -36,6 +36,11 @@ class ScheduleLengthWarning(SettingsWarning):
     component or phase it stages never starts."""
 
 
+class PrecisionWarning(SettingsWarning):
+    """``model.param_dtype='bfloat16'``: no float32 master copy, so updates smaller than a
+    weight's bfloat16 spacing round away."""
+
+
 class CapacityWarning(SettingsWarning):
     """``model.moe_capacity_factor`` set: which tokens drop depends on every token the layer
     is given, later ones included, and decoding (which never fills a buffer) differs from the
@@ -754,7 +759,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _check(m.param_dtype != "float16",
            "model.param_dtype='float16': the optimiser's moments would be float16 too, where "
            "g² underflows and optimizer.eps rounds to 0 (0/0 updates); keep parameters in "
-           "float32 or bfloat16 and compute in float16 with model.dtype='float16'")
+           "float32 and compute in float16 with model.dtype='float16'")
     _check(0 < m.norm_eps < 1, f"model.norm_eps={m.norm_eps}: must be in (0, 1)")
     from jaxsparse.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
@@ -847,6 +852,12 @@ def validate(cfg: Config) -> Config:
                       f"have {room} bytes after the {prompt_bytes}-byte eval.sample_prompt, "
                       f"as many as model.max_seq_len={m.max_seq_len} leaves; set "
                       f"eval.sample_tokens <= {room}", SampleLengthWarning)
+    if m.param_dtype == "bfloat16":
+        warnings.warn("model.param_dtype='bfloat16': the parameters and AdamW's moments are "
+                      "bfloat16, with no float32 master copy, so an update below ~0.4% of a "
+                      "weight (its bfloat16 spacing) rounds away — weight decay's lr·wd "
+                      "(3e-4 at the defaults) does nothing; for bfloat16 speed keep float32 "
+                      "parameters and set model.dtype='bfloat16'", PrecisionWarning)
     if m.moe_experts and m.moe_capacity_factor is not None:
         warnings.warn(f"model.moe_capacity_factor={m.moe_capacity_factor}: every first choice "
                       "takes a slot before any second one, so a later token can push an earlier "

@@ -6,8 +6,8 @@ import pytest
 
 from jaxsparse import configs
 from jaxsparse.cli import main
-from jaxsparse.config import (Config, ConfigError, ScheduleLengthWarning, apply_overrides,
-                              from_json, to_json, valid_keys, validate)
+from jaxsparse.config import (Config, ConfigError, PrecisionWarning, ScheduleLengthWarning,
+                              apply_overrides, from_json, to_json, valid_keys, validate)
 
 
 def test_every_named_config_is_valid_and_round_trips_through_json():
@@ -234,3 +234,31 @@ def test_schedules_longer_than_the_run_are_warned_about(preset, overrides, messa
     with warnings.catch_warnings():  # the same schedules in a long enough run: silent
         warnings.simplefilter("error", ScheduleLengthWarning)
         validate(apply_overrides(cfg, ["train.steps=100"]))
+
+
+def test_bfloat16_parameters_are_warned_about_and_their_rounding_is_real():
+    """No float32 master copy: AdamW's decoupled decay (lr·wd·p, 3e-4 of p at lr 3e-3, wd
+    0.1) is below bfloat16's spacing, so a bfloat16 weight never shrinks."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxsparse.config import OptimizerConfig
+    from jaxsparse.train.optim import make_optimizer
+
+    with pytest.warns(PrecisionWarning, match="no float32 master copy"):
+        validate(apply_overrides(configs.get("transformer_tiny"), ["model.param_dtype=bfloat16"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        validate(apply_overrides(configs.get("transformer_tiny"), ["model.dtype=bfloat16"]))
+    tx = make_optimizer(OptimizerConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1), 100)
+    ends = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        p = {"w": jnp.full((2, 2), 0.05, dtype)}
+        state = tx.init(p)
+        for _ in range(20):
+            updates, state = tx.update(jax.tree.map(jnp.zeros_like, p), state, p)
+            p = optax.apply_updates(p, updates)
+        ends[dtype.__name__] = float(p["w"][0, 0])
+    assert ends["float32"] < 0.0499  # 20 steps of 3e-4 shrinkage
+    assert ends["bfloat16"] == float(jnp.bfloat16(0.05))  # not one of them taken
