@@ -266,8 +266,10 @@ def test_layer_options_and_inputs_that_cannot_work_are_named():
     from jaxsparse.ops.normalization import rms_norm
     from jaxsparse.ops.rotary import apply_rotary
 
-    with pytest.raises(ValueError, match=r"eps=-1.0: must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"eps=-1.0: must be a finite number > 0"):
         RMSNorm(4, eps=-1.0)  # a negative eps can take the root of a negative number
+    with pytest.raises(ValueError, match=r"eps=0: must be a finite number > 0"):
+        rms_norm(jnp.zeros((1, 4)), jnp.ones(4), eps=0)  # an all-zero row was 0/0 = NaN
     with pytest.raises(ValueError, match="x has dtype int32; RMSNorm needs floating-point"):
         rms_norm(jnp.arange(8).reshape(2, 4), jnp.ones(4))
     with pytest.raises(ValueError, match=r"scale of shape \(3,\): must be \[4\]"):

@@ -12,14 +12,14 @@ from jaxsparse.ops.concrete import concrete_values
 
 
 def check_eps(eps) -> None:
-    """RMSNorm's epsilon: a finite real number >= 0 (a negative one can make the root NaN); a
-    traced one cannot be checked here."""
+    """RMSNorm's epsilon: a finite real number > 0 (a negative one can make the root NaN, and
+    0 makes an all-zero row 0/0 = NaN); a traced one cannot be checked here."""
     value = concrete_values(eps)
     if value is None:  # traced
         return
     if (isinstance(eps, bool) or value.shape != ()
-            or value.dtype.kind not in "iuf" or not (math.isfinite(value) and value >= 0)):
-        raise ValueError(f"eps={eps!r}: must be a finite number >= 0 (e.g. 1e-6)")
+            or value.dtype.kind not in "iuf" or not (math.isfinite(value) and value > 0)):
+        raise ValueError(f"eps={eps!r}: must be a finite number > 0 (e.g. 1e-6)")
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6, *, groups: int = 1) -> jax.Array:
