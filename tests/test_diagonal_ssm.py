@@ -3,6 +3,7 @@ and options are named before anything broadcasts. Its numerics are tested in tes
 and test_linear_scan_native.py."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,17 @@ def test_arguments_that_would_broadcast_are_refused():
             diagonal_ssm(**(args | {name: bad}))
     with pytest.raises(ValueError, match=r"U must be \[batch, length, width\]; got \(5, 3\)"):
         diagonal_ssm(U[0], U[0], U[0], U[0], per_channel, per_channel)
+
+
+def test_the_layer_names_its_input_when_it_has_the_wrong_shape():
+    """The convolution named its weight ``w`` (with x's width as the layer's channels), and
+    the scan the projection's ``U``, shapes the caller never passed."""
+    for conv_width in (0, 3):
+        layer = DiagonalSSM(16, 8, rngs=nnx.Rngs(0), conv_width=conv_width)
+        for bad in (jnp.ones((2, 3, 12)), jnp.ones((3, 16))):
+            with pytest.raises(ValueError, match=r"x must be \[batch, length, d_model=16\]; "
+                                                 + re.escape(f"got {tuple(bad.shape)}")):
+                layer(bad)
 
 
 @pytest.mark.parametrize("max_half_life", [0.0, -4.0, math.inf, math.nan])

@@ -85,6 +85,10 @@ class DiagonalSSM(nnx.Module):
     def __call__(self, x_BLD, *, segment_ids=None, cache=None):
         """``segment_ids [B, L]``: packed documents; the convolution and the state restart at
         every document start (:mod:`jaxsparse.ops.segments`)."""
+        if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
+            # (the convolution or the scan named their own internal tensors otherwise)
+            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got "
+                             f"{x_BLD.shape}")
         if cache is not None:
             check_cache_batch(cache, x_BLD.shape[0], ("state",) + ("conv",) * bool(self.conv_width))
         # under a sequence-sharded mesh the convolution runs in the global view: XLA brings
