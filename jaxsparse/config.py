@@ -922,11 +922,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     """Inverse of :func:`to_dict`; unknown keys (e.g. from a newer version) are an error."""
     unknown = sorted(set(raw) - set(SECTIONS) - {"name"})
     if unknown:  # a misspelled section would otherwise be read as all defaults
-        hints = [f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
-                 for key in unknown
-                 for close in [difflib.get_close_matches(key, SECTIONS, n=1)]]
-        raise ConfigError(f"unknown sections {', '.join(hints)}; valid: name, "
-                          f"{', '.join(SECTIONS)}")
+        raise _unknown(unknown[0], ["name", *SECTIONS], "config section")
     sections = {}
     for section in SECTIONS:
         cls = type(getattr(Config(), section))

@@ -211,7 +211,7 @@ def test_integers_beyond_32_bits_are_refused_by_name(key):
 
 def test_an_unknown_section_in_a_saved_config_is_refused():
     """A misspelled section was read as all defaults, contrary to from_dict's docstring."""
-    with pytest.raises(ConfigError, match=r"unknown sections 'modle' \(did you mean 'model'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown config section 'modle'. Did you mean model\?"):
         from_json('{"modle": {"d_model": 3}}')
 
 
