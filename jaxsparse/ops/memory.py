@@ -90,7 +90,9 @@ def memory_read(scores_HK, slots_HK, values_NV, *, implementation: str | None = 
         raise ValueError(f"values has dtype {values_NV.dtype}; memory_read needs floating-point "
                          "values (e.g. float32, bfloat16)")
     _check_slots(slots_HK, values_NV.shape)
-    weights = jax.nn.softmax(scores_HK, axis=-1).astype(values_NV.dtype)
+    # float32 weights, and the scan sums the picks in float32 (a bfloat16 running sum of
+    # heads·knn rows rounded at every add: 8x one rounding at 4 heads x 32)
+    weights = jax.nn.softmax(scores_HK.astype(jnp.float32), axis=-1)
     lead = weights.shape[:-2]
     if implementation == "scan" or (implementation is None and jax.default_backend() != "cpu"):
         return _scan_read(weights, slots_HK, values_NV)
@@ -139,14 +141,14 @@ def _scan_read(weights, slots_HK, values_NV):
 
     @jax.checkpoint  # the backward re-gathers the row instead of storing every one
     def weighted_row(weight, slot):
-        return weight[..., None] * jnp.take(values_NV, slot, axis=0)
+        return weight[..., None] * jnp.take(values_NV, slot, axis=0).astype(jnp.float32)
 
     def add(total, step):
         return total + weighted_row(*step), None
 
-    total, _ = jax.lax.scan(add, jnp.zeros(lead + values_NV.shape[-1:], values_NV.dtype),
-                            (weights, slots))
-    return total
+    total, _ = jax.lax.scan(add, jnp.zeros(lead + values_NV.shape[-1:], jnp.float32),
+                            (weights.astype(jnp.float32), slots))
+    return total.astype(values_NV.dtype)
 
 
 def memory_read_reference(scores_HK, slots_HK, values_NV):
