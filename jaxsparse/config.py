@@ -699,6 +699,15 @@ def validate_data(m: ModelConfig, d: DataConfig) -> None:
     if d.packed_documents:
         _check(d.task == "text", f"data.packed_documents=True needs data.task='text' (got "
                                  f"{d.task!r}: synthetic examples are one document each)")
+        from jaxsparse.ops.mask_specs import GLOBAL_TOKEN_KINDS, spec_kinds
+
+        global_kinds = sorted(spec_kinds(m.attention_mask) & set(GLOBAL_TOKEN_KINDS))
+        _check(m.name != "transformer" or not global_kinds,
+               f"model.attention_mask={m.attention_mask!r} with data.packed_documents=True: "
+               f"the {'/'.join(global_kinds)} global tokens are each row's first positions, "
+               "which belong to its first document: every other document would attend through "
+               "the window alone; use a pattern without global tokens (local, strided, "
+               "chunked, fixed) or data.packed_documents=False")
     if d.task == "text":
         _check(m.vocab_size >= 256,
                f"model.vocab_size={m.vocab_size}: byte-level text needs at least 256")

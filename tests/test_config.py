@@ -262,3 +262,17 @@ def test_bfloat16_parameters_are_warned_about_and_their_rounding_is_real():
         ends[dtype.__name__] = float(p["w"][0, 0])
     assert ends["float32"] < 0.0499  # 20 steps of 3e-4 shrinkage
     assert ends["bfloat16"] == float(jnp.bfloat16(0.05))  # not one of them taken
+
+
+@pytest.mark.parametrize("spec", ["longformer:16,2", "bigbird:8,3,1,1",
+                                  "heads:local:8*2;longformer:8,1*2"])
+def test_global_token_masks_are_refused_with_packed_documents(spec):
+    """Their global tokens are each row's first positions: with packed documents only the
+    first document had any (document 1 of a packed row attended through the window alone,
+    1.7 off the same document run alone)."""
+    packed = ["data.packed_documents=true", f"model.attention_mask={spec}"]
+    with pytest.raises(ConfigError, match=r"global tokens are each row's first positions"):
+        validate(apply_overrides(configs.get("transformer_tiny"), packed))
+    validate(apply_overrides(configs.get("transformer_tiny"), packed[1:]))  # unpacked: fine
+    validate(apply_overrides(configs.get("transformer_tiny"),
+                             ["data.packed_documents=true", "model.attention_mask=strided:8"]))

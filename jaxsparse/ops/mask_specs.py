@@ -25,6 +25,20 @@ from jaxsparse.ops.masks import (BigBirdMask, CausalMask, ChunkedCausalMask, Fix
 KINDS = ("causal", "local", "chunked", "strided", "fixed", "longformer", "bigbird", "heads")
 
 
+# patterns with global tokens at a row's first positions: with packed documents (segment ids)
+# they belong to the row's first document, and every other document attends through the
+# window alone (block tables are static, document starts are data: they cannot follow them)
+GLOBAL_TOKEN_KINDS = ("longformer", "bigbird")
+
+
+def spec_kinds(spec: str) -> set[str]:
+    """The kinds of pattern ``spec`` uses (each head's for ``heads:``), from its text alone."""
+    kind, _, args = spec.strip().partition(":")
+    if kind != "heads":
+        return {kind}
+    return set().union(*(spec_kinds(part.partition("*")[0]) for part in args.split(";")))
+
+
 def _ints(spec: str, text: str, count: tuple[int, ...]) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")] if text else []

@@ -472,7 +472,9 @@ class FixedMask(Mask):
 @dataclasses.dataclass(frozen=True)
 class GlobalTokensMask(Mask):
     """Longformer global attention: the listed positions attend everywhere and are attended
-    by everyone. ``num_or_indices``: an int n (the first n positions) or a tuple of positions."""
+    by everyone. ``num_or_indices``: an int n (the first n positions) or a tuple of positions.
+    Positions are the row's: with ``segment_ids`` (packed documents) they belong to the
+    documents holding them, so a later document has no global token of its own."""
 
     num_or_indices: int | tuple[int, ...]
 
@@ -613,7 +615,8 @@ class BigBirdMask(Mask):
     Each block row sees a window of ``window_blocks`` blocks (odd, or 0) centred on itself,
     the first ``global_blocks`` blocks (which also see everything), and ``random_blocks``
     further blocks drawn without replacement outside window and globals, fixed by ``seed``
-    and the row.
+    and the row. Blocks are the row's: with ``segment_ids`` (packed documents) the global
+    blocks belong to the first document.
     With ``causal=True`` the random blocks come from earlier blocks only, so a row's pattern
     does not depend on the sequence length (a decoder's cache then sees what training saw).
     """
