@@ -366,7 +366,7 @@ def test_bad_inputs_name_the_argument():
         MoE(8, 16, 0, 1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"MoE input of shape \(1, 4, 7\): expected .*d_model=8"):
         MoE(8, 16, 4, 2, rngs=nnx.Rngs(0))(jnp.zeros((1, 4, 7)))
-    with pytest.raises(ValueError, match="sum to the 5 rows of lhs; got sum 7"):
+    with pytest.raises(ValueError, match="sum to at most the 5 rows of lhs; got sum 7"):
         grouped_matmul(jnp.ones((5, 2)), jnp.ones((2, 2, 3)), jnp.array([4, 3]))
     with pytest.raises(ConfigError, match="model.moe_router='expert_choice'"):
         validate(tiny_config("model.moe_experts=4", "model.moe_router=expert_choice"))
@@ -529,6 +529,48 @@ def test_router_jitter_on_a_mesh_is_the_one_device_noise():
     from helpers import run_python
     for name, result in run_python(MOE_JITTER_ON_MESHES, devices=4).items():
         assert result["err"] < 1e-5 and result["equal_rows_differ"] > 1e-3, (name, result)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "ragged_dot", "tiles", "native",
+                                            "pallas_interpret"])
+def test_rows_past_the_groups_give_zeros_eagerly_too(implementation):
+    """Concrete sizes that sum to fewer than the rows were refused eagerly, though every
+    implementation gives zeros there (as under jit)."""
+    lhs = jax.random.normal(jax.random.key(0), (7, 4))
+    rhs = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    sizes = jnp.array([2, 3], jnp.int32)
+    out = grouped_matmul(lhs, rhs, sizes, implementation=implementation)
+    want = jnp.concatenate([lhs[:2] @ rhs[0], lhs[2:5] @ rhs[1], jnp.zeros((2, 3))])
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_weight_choices_are_not_run_through_the_experts(monkeypatch):
+    """The router always takes k_max choices (eval_k, the k schedule's k_end); in training
+    the ones past the active k have weight 0 and were still sorted into the groups and
+    computed, forward and backward (eval_k=4 over k=1: 4x the expert rows). Values and
+    gradients are those of running them."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8))
+    moe = MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), eval_k=4, renormalize=False)
+    rows = []
+    original = MoE._grouped_experts
+
+    def spy(self, rows_in, group_sizes, weights=None):
+        rows.append(int(jnp.sum(group_sizes)))
+        return original(self, rows_in, group_sizes, weights)
+
+    monkeypatch.setattr(MoE, "_grouped_experts", spy)
+    loss = lambda moe: jnp.sum(jnp.sin(run_capturing(moe, "__call__", x)[0]))  # noqa: E731
+    value, grads = nnx.value_and_grad(loss)(nnx.clone(moe))
+    assert rows == [16]  # the 16 tokens' one active choice, not 64
+    monkeypatch.setattr(MoE, "_grouped_experts", original)
+    plain = MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), renormalize=False)  # k_max 1: nothing to skip
+    want_value, want_grads = nnx.value_and_grad(loss)(plain)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    for name in ("w_gate", "w_up", "w_down"):
+        np.testing.assert_allclose(getattr(grads, name)[...], getattr(want_grads, name)[...],
+                                   atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(grads.router.kernel[...], want_grads.router.kernel[...],
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_loss_weights_are_checked_when_built_and_decode_inputs_when_decoding():

@@ -257,8 +257,11 @@ class MoE(nnx.Module):
         x_TD = x_BLD.reshape(tokens, d).astype(self.dtype)
         choice, routed = self.route(x_BLD, router_kernel, router_inputs=router_inputs)
         if self.capacity_factor is None:
+            # zero-weight choices (the k schedule's, or eval_k's in training) are not run
+            # through the experts: they added nothing but compute (eval_k=4 over k=1: 4x)
             y_TD = dropless_dispatch(x_TD, choice,
-                                     lambda rows, sizes: self._grouped_experts(rows, sizes, weights))
+                                     lambda rows, sizes: self._grouped_experts(rows, sizes, weights),
+                                     skip_unweighted=True)
             dropped = jnp.zeros(())
         else:
             capacity = expert_capacity(tokens, self.num_experts, self.capacity_k,

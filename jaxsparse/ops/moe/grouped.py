@@ -1,8 +1,8 @@
 """Grouped matrix multiplication: ``out[rows of group e] = lhs[rows of group e] @ rhs[e]``.
 
 ``lhs [m, k]`` holds rows sorted by group, ``group_sizes [E]`` how many rows each group has
-(in order; they must sum to ``m``, checked when the sizes are concrete), ``rhs [E, k, n]``
-one matrix per group. Under jit, rows past ``sum(group_sizes)`` give zeros; traced sizes that
+(in order; they must sum to at most ``m``, checked when the sizes are concrete), ``rhs [E, k, n]``
+one matrix per group. Rows past ``sum(group_sizes)`` give zeros; traced sizes that
 sum past ``m`` cannot be checked while tracing: the native kernel then fails when it runs
 ("group_sizes must be >= 0 and sum to at most the rows of lhs"), the XLA paths use the first
 ``m`` rows' worth of groups (sizes clipped in order).
@@ -69,9 +69,9 @@ def _check(lhs, rhs, group_sizes):
         sizes = np.asarray(group_sizes)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return  # traced: checked by the caller's construction (bincount of routing)
-    if (sizes < 0).any() or sizes.sum() != lhs.shape[0]:
-        raise ValueError(f"group_sizes must be >= 0 and sum to the {lhs.shape[0]} rows of lhs; "
-                         f"got sum {int(sizes.sum())}, min {int(sizes.min())}")
+    if (sizes < 0).any() or sizes.sum() > lhs.shape[0]:  # rows past the sum give zeros
+        raise ValueError(f"group_sizes must be >= 0 and sum to at most the {lhs.shape[0]} rows "
+                         f"of lhs; got sum {int(sizes.sum())}, min {int(sizes.min())}")
 
 
 def row_groups(group_sizes, m: int):
