@@ -428,6 +428,54 @@ def test_query_chunks_change_nothing_forward_or_backward():
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
 
+def test_shared_qk_local_heads_use_unit_keys_and_skip_themselves_unless_alone():
+    """With shared QK the local heads took the raw queries as keys, their own included: the
+    self logit ‖q‖²/√D ≈ √D drew ~98% of a 64-dim head's weight at init. They now follow the
+    routing heads' rule: unit queries times √D as keys, and a token's own key only when it
+    has no other (the first token of the sequence or of a document). Forward (packed
+    documents) and decode against a brute-force window."""
+    from jaxsparse.ops.rotary import apply_rotary
+
+    layer = RoutingAttention(32, 4, 8, rngs=nnx.Rngs(5), routing_heads=2, num_clusters=4,
+                             window=3, local_window=4, shared_qk=True)
+    layer.eval()
+    length = 13
+    x = jax.random.normal(jax.random.key(6), (2, length, 32))
+    pos = jnp.broadcast_to(jnp.arange(length), (2, length))
+    seg = jnp.array([[0] * 5 + [1] * 8, [0] * length])
+    q, _, v = layer._project(x)
+    q_loc = apply_rotary(q[:, :, :2], pos, layer.rope_theta)
+    keys = shared_keys(q_loc)
+    t, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+
+    def local_reference(segments):
+        same = segments[:, :, None] == segments[:, None, :]
+        window = ((j <= t) & (j > t - 4))[None] & same  # [B, t, j]
+        others = window & (j != t)[None]
+        visible = jnp.where(jnp.any(others, -1, keepdims=True), others, window)
+        logits = jnp.einsum("bthd,bshd->bhts", q_loc, keys) / jnp.sqrt(8.0)
+        weights = jax.nn.softmax(jnp.where(visible[:, None], logits, -jnp.inf), -1)
+        return jnp.einsum("bhts,bshd->bthd", weights, v[:, :, :2])
+
+    def routed_reference(segments):
+        return routing_jit(q[:, :, 2:], q[:, :, 2:], v[:, :, 2:], layer.centroids[...],
+                           window=3, shared_qk=True, segment_ids=segments)[0]
+
+    def layer_reference(segments):
+        return layer.o_proj(jnp.concatenate([local_reference(segments),
+                                             routed_reference(segments)], axis=2))
+
+    out, _ = layer(x, pos, segment_ids=seg)
+    np.testing.assert_allclose(out, layer_reference(seg), atol=2e-5, rtol=2e-5)
+    whole = jnp.zeros((2, length), jnp.int32)
+    cache, pieces = layer.init_cache(2, length), []
+    for lo, hi in ((0, 1), (1, 6), (6, length)):  # the ring of 4 slots wraps
+        piece, cache = layer(x[:, lo:hi], pos[:, lo:hi], cache=cache, cache_index=lo)
+        pieces.append(piece)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), layer_reference(whole),
+                               atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("shared_qk", [False, True])
 def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
     """``dense_steps=2``: the first two training calls use dense causal attention in the
@@ -440,7 +488,7 @@ def test_dense_warm_up_attends_to_every_earlier_key_then_routes(shared_qk):
     keys = shared_keys(q) if shared_qk else k
     logits = jnp.einsum("bthd,bshd->bhts", q, keys) / jnp.sqrt(8.0)
     visible = jnp.tril(jnp.ones((21, 21), bool), -1 if shared_qk else 0)
-    visible = visible.at[0, 0].set(not shared_qk)
+    visible = visible.at[0, 0].set(True)  # shared: itself only when it has nothing else
     weights = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), -1), 0.0)
     dense = layer.o_proj(jnp.nan_to_num(jnp.einsum("bhts,bshd->bthd", weights, v)))
 

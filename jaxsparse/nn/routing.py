@@ -18,7 +18,7 @@ from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
 from jaxsparse.ops.routing import (causal_routing_attention, commitment_loss, ema_centroids,
                                    ema_mean, init_centroids, routing_windows, shared_keys)
 from jaxsparse.ops.routing_rings import init_routing_rings, routing_ring_decode
-from jaxsparse.ops.segments import refuse_while_decoding
+from jaxsparse.ops.segments import document_starts, refuse_while_decoding
 
 
 class Centroids(nnx.Variable):
@@ -182,12 +182,15 @@ class RoutingAttention(nnx.Module):
         q_loc = apply_rotary(q[:, :, :nl], positions_BL, self.rope_theta)
         k_loc = apply_rotary(k[:, :, :nl], positions_BL, self.rope_theta)
         q_rt, k_rt, v_rt = q[:, :, nl:], k[:, :, nl:], v[:, :, nl:]
-        local_mask = LocalMask(self.local_window - 1, 0)
+        k_loc, local_mask = self._local_keys(k_loc)
         centroids = self.centroids[...]
         q_center, k_center = self._centers()
         if cache is None:
             local = dot_product_attention(q_loc, k_loc, v[:, :, :nl], mask=local_mask,
                                           segment_ids=segment_ids) if nl else q_loc
+            if nl and self.shared_qk:
+                local = self._alone_reads_itself(local, v[:, :, :nl],
+                                                 _first_tokens(x_BLD.shape[1], segment_ids))
             routed, routing = causal_routing_attention(q_rt, k_rt, v_rt, centroids,
                                                        window=self.window,
                                                        shared_qk=self.shared_qk,
@@ -205,9 +208,27 @@ class RoutingAttention(nnx.Module):
             new_cache = None
         else:
             local, routed, new_cache = self._decode(q_loc, k_loc, q_rt, k_rt, v, centroids,
-                                                    cache, cache_index, q_center, k_center)
+                                                    cache, cache_index, q_center, k_center,
+                                                    local_mask)
         out = jnp.concatenate([local.astype(routed.dtype), routed], axis=2) if nl else routed
         return self.o_proj(out), new_cache
+
+    def _local_keys(self, k_loc):
+        """The local heads' keys and mask. With shared QK, as the routing heads (and
+        lucidrains' port): the unit queries times √D as keys, and a token's own key — the most
+        similar one, whose logit ‖q‖²/√D ≈ √D took ~98% of a 64-dim head's weight at init —
+        masked (:meth:`_alone_reads_itself` gives it back to a token with no other)."""
+        window = LocalMask(self.local_window - 1, 0)
+        if not self.shared_qk:
+            return k_loc, window
+        return shared_keys(k_loc), window & CausalMask(offset=-1)
+
+    def _alone_reads_itself(self, local, v_loc, alone_BL):
+        """Shared QK: a query with no earlier key in its window (the first of a sequence or
+        document, every query of a 1-token window) reads its own value, as a routing head's
+        lone query does (Reformer's rule); its masked row was empty."""
+        alone = alone_BL | (self.local_window == 1)
+        return jnp.where(alone[:, :, None, None], v_loc.astype(local.dtype), local)
 
     def windows(self, x_BLD):
         """Which keys each routing query reads for the (normed) layer input ``x_BLD``:
@@ -231,11 +252,13 @@ class RoutingAttention(nnx.Module):
     def _dense(self, q, k, v, segment_ids=None):
         """Warm-up attention of the routing heads: every earlier key (of the same document),
         with the routing heads' keys (the normalised queries when shared, and then not the
-        token itself)."""
-        if self.shared_qk:
-            return dot_product_attention(q, shared_keys(q), v, mask=CausalMask(offset=-1),
-                                         segment_ids=segment_ids)
-        return dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segment_ids)
+        token itself unless it has no other: the first of a sequence or document)."""
+        if not self.shared_qk:
+            return dot_product_attention(q, k, v, mask=CausalMask(), segment_ids=segment_ids)
+        out = dot_product_attention(q, shared_keys(q), v, mask=CausalMask(offset=-1),
+                                    segment_ids=segment_ids)
+        alone = _first_tokens(q.shape[1], segment_ids)
+        return jnp.where(alone[:, :, None, None], v.astype(out.dtype), out)
 
     def _learn(self, centroids, routing, k_rt):
         units = [routing["q_unit"]] if self.shared_qk else [routing["q_unit"], routing["k_unit"]]
@@ -254,7 +277,7 @@ class RoutingAttention(nnx.Module):
                 self.route_mean[...], self.route_mean_count[...], k_rt, self.center_decay)
 
     def _decode(self, q_loc, k_loc, q_rt, k_rt, v, centroids, cache, cache_index, q_center,
-                k_center):
+                k_center, local_mask):
         nl = self.n_local
         rings = {name: cache[f"routed_{name}"] for name in ("k", "v", "count")}
         routed, rings = routing_ring_decode(q_rt, k_rt, v[:, :, nl:], rings, centroids,
@@ -268,9 +291,18 @@ class RoutingAttention(nnx.Module):
         decode = window_cache_decode if k_cache.shape[2] == self.local_window else \
             full_cache_decode
         local, new_cache["k"], new_cache["v"] = decode(
-            q_loc, k_loc, v[:, :, :nl], k_cache, v_cache, cache_index,
-            mask=LocalMask(self.local_window - 1, 0))
+            q_loc, k_loc, v[:, :, :nl], k_cache, v_cache, cache_index, mask=local_mask)
+        if self.shared_qk:
+            positions = cache_index + jnp.arange(q_loc.shape[1])
+            local = self._alone_reads_itself(local, v[:, :, :nl], (positions == 0)[None, :])
         return local, routed, new_cache
+
+
+def _first_tokens(length: int, segment_ids=None):
+    """bool ``[B or 1, L]``: the first token of a call without a cache and of every document,
+    the queries with no earlier key."""
+    first = jnp.arange(length)[None, :] == 0
+    return first if segment_ids is None else first | document_starts(segment_ids)
 
 
 # the routing heads' decode state (ops.routing_rings), "routed_" + its names
