@@ -358,9 +358,10 @@ def _matches(value: Any, annotation: Any) -> bool:
     return False
 
 
-# XLA's sizes and indices are 32-bit: a larger count fails deep in lowering (train.seed has
-# its own bound, 2**32)
+# XLA's sizes and indices are 32-bit: a larger count fails deep in lowering (the seeds have
+# their own bound, 2**32: JAX keys take 32-bit seeds)
 INT_LIMIT = 2 ** 31
+OWN_BOUNDS = ("train.seed", "data.seed")
 
 
 def _check_fields(section: str, sub: Any, cls: type) -> None:
@@ -372,7 +373,7 @@ def _check_fields(section: str, sub: Any, cls: type) -> None:
         _check(_matches(value, annotation), f"{section}.{name}={value!r}: expected {annotation}")
         _check(not isinstance(value, float) or math.isfinite(value),
                f"{section}.{name}={value!r}: must be a finite number")
-        _check(not isinstance(value, int) or f"{section}.{name}" == "train.seed"
+        _check(not isinstance(value, int) or f"{section}.{name}" in OWN_BOUNDS
                or -INT_LIMIT < value < INT_LIMIT,
                f"{section}.{name}={value}: must be below 2**31 in size")
 
@@ -890,10 +891,10 @@ def _schedules_past_the_run(cfg: Config) -> list[str]:
     but it trains something else than the settings say."""
     m, o, steps = cfg.model, cfg.optimizer, cfg.train.steps
     found = []
-    if o.warmup_steps >= steps > 1:
-        found.append(f"optimizer.warmup_steps={o.warmup_steps} >= train.steps={steps}: the "
-                     f"warm-up is shortened to {steps - 1} steps, so the rate peaks at the last "
-                     "step and never decays")
+    if o.warmup_steps >= steps - 1 and steps > 1:  # (lr_schedule: at most steps - 1)
+        found.append(f"optimizer.warmup_steps={o.warmup_steps} with train.steps={steps}: the "
+                     f"warm-up takes {steps - 1} steps, so the rate peaks at the last step and "
+                     "never decays")
     if m.name == "routing_transformer" and m.routing_dense_steps >= steps:
         found.append(f"model.routing_dense_steps={m.routing_dense_steps} >= train.steps={steps}:"
                      " the routing heads attend densely for the whole run")

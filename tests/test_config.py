@@ -203,10 +203,13 @@ def test_a_sample_prompt_that_is_not_utf8_is_a_config_error(capsys):
 
 @pytest.mark.parametrize("key", ["data.batch_size", "model.d_ff", "train.steps", "mesh.data"])
 def test_integers_beyond_32_bits_are_refused_by_name(key):
-    """99999999999999999999 as a batch size crashed in MLIR lowering."""
+    """99999999999999999999 as a batch size crashed in MLIR lowering; the seeds keep their
+    own bound, [0, 2**32)."""
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}=99999999999999999999: must be "
                                           r"below 2\*\*31"):
         validate(apply_overrides(configs.get("transformer_tiny"), [f"{key}=99999999999999999999"]))
+    for seed in ("data.seed", "train.seed"):
+        validate(apply_overrides(configs.get("transformer_tiny"), [f"{seed}=3000000000"]))
 
 
 def test_an_unknown_section_in_a_saved_config_is_refused():
@@ -217,7 +220,9 @@ def test_an_unknown_section_in_a_saved_config_is_refused():
 
 @pytest.mark.parametrize("preset, overrides, message", [
     ("transformer_tiny", ["optimizer.warmup_steps=50"],
-     r"optimizer.warmup_steps=50 >= train.steps=10: the warm-up is shortened to 9 steps"),
+     r"optimizer.warmup_steps=50 with train.steps=10: the warm-up takes 9 steps"),
+    ("transformer_tiny", ["optimizer.warmup_steps=9"],  # as long as the run allows: no decay
+     r"optimizer.warmup_steps=9 with train.steps=10: the warm-up takes 9 steps"),
     ("routing_tiny", ["model.routing_dense_steps=10"],
      r"model.routing_dense_steps=10 >= train.steps=10: the routing heads attend densely"),
     ("hydra_tiny", ["model.hydra_curriculum=sga:4,moe:10"],

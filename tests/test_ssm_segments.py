@@ -157,10 +157,11 @@ def test_mamba_blocks_with_segment_ids_equal_separate_documents(block):
 
 @pytest.mark.parametrize("block", ["mamba", "mamba2", "diagonal"])
 def test_packed_documents_in_chunks_with_a_cache_equal_one_pass(block):
-    """A sequence of packed documents fed in chunks through the cache (a chunked prefill)
-    equals one pass: the carried convolution state holds only the last document's inputs,
-    as the carried scan state does (it once held the previous document's, which the next
-    chunk's first tokens then read)."""
+    """A sequence of packed documents fed in chunks through the cache (a chunked prefill),
+    cut inside documents, equals one pass: the carried convolution state holds only the last
+    document's inputs, as the carried scan state does (it once held the previous document's,
+    which the next chunk's first tokens then read). An empty chunk keeps the cache. (A chunk
+    that starts a document cannot say so: its carried state is its first document's.)"""
     rngs = nnx.Rngs(6)
     layer = {"mamba": lambda: Mamba(16, d_state=4, rngs=rngs),
              "mamba2": lambda: Mamba2(16, d_state=8, head_dim=8, chunk_size=8, rngs=rngs),
@@ -169,7 +170,7 @@ def test_packed_documents_in_chunks_with_a_cache_equal_one_pass(block):
     ids = segment_ids()
     whole, _ = layer(x, segment_ids=ids)
     cache, pieces = layer.init_cache(len(BOUNDS), LENGTH), []
-    for lo, hi in zip((0, 3, 7, 12, 26), (3, 7, 12, 26, LENGTH)):  # cuts inside documents
+    for lo, hi in zip((0, 3, 3, 7, 12, 26), (3, 3, 7, 12, 26, LENGTH)):  # inside documents
         y, cache = layer(x[:, lo:hi], segment_ids=ids[:, lo:hi], cache=cache)
         pieces.append(y)
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), whole, atol=2e-5, rtol=2e-5)

@@ -84,7 +84,8 @@ class DiagonalSSM(nnx.Module):
 
     def __call__(self, x_BLD, *, segment_ids=None, cache=None):
         """``segment_ids [B, L]``: packed documents; the convolution and the state restart at
-        every document start (:mod:`jaxsparse.ops.segments`)."""
+        every document start (:mod:`jaxsparse.ops.segments`). With a cache, the carried
+        states belong to the first document of ``x``: cut chunks inside documents."""
         if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
             # (the convolution or the scan named their own internal tensors otherwise)
             raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got "

@@ -5,6 +5,9 @@ with S4D-real ``A_log = log(1..N)`` (Mamba-1) or ``-A ~ U(1, 16)`` per head (Mam
 dt initialised log-uniform in [1e-3, 0.1] (floored at 1e-4) through an inverse-softplus
 bias; A_log, D and the dt bias carry ``weight_decay=False``. Both blocks follow the decode
 cache protocol of :class:`jaxsparse.nn.Attention` (``init_cache``; ``cache=``/``cache_index=``).
+With ``segment_ids`` and a cache (a chunked prefill of packed documents) the carried
+convolution and scan states belong to the chunk's first document: cut chunks inside
+documents (the ids of one chunk cannot say that its first token starts a new one).
 
 Precision: projections, the convolution and the gate norm hold ``param_dtype`` weights and
 compute in ``dtype`` (bfloat16 on accelerators); the recurrence's own parameters (A_log, D,

@@ -41,9 +41,11 @@ def causal_depthwise_conv1d(x_BLD, w_KD, b_D=None, state_BKD=None, segment_ids=N
     else:
         runs = document_index(check_segment_ids(segment_ids, batch, length))
         y = _window_sum_within_documents(full, w_KD.astype(x_BLD.dtype), runs)
-        # the state's inputs are run 0 (the first document), then one run index per input
-        state_runs = jnp.pad(runs, ((0, 0), (width - 1, 0)))[:, length:]
-        new_state = jnp.where((state_runs == runs[:, -1:])[..., None], new_state, 0)
+        # the state's inputs are run 0 (the first document), then one run index per input;
+        # the last one's run is the last document's (the state's own for an empty chunk)
+        full_runs = jnp.pad(runs, ((0, 0), (width - 1, 0)))
+        same = full_runs[:, length:] == full_runs[:, full_runs.shape[1] - 1:]
+        new_state = jnp.where(same[..., None], new_state, 0)
     if b_D is not None:
         y = y + b_D.astype(x_BLD.dtype)[None, None, :]
     return y, new_state.astype(state_dtype)
