@@ -270,10 +270,15 @@ def valid_keys(cfg: Config) -> list[str]:
     return keys
 
 
+def did_you_mean(key: str, options) -> str:
+    """`` Did you mean a, b?`` for the options close to a misspelled ``key`` (or "")."""
+    close = difflib.get_close_matches(key, list(options), n=3)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
 def _unknown(key: str, options: list[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(key, options, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown {what} {key!r}.{hint} Valid: {', '.join(options)}")
+    return ConfigError(f"unknown {what} {key!r}.{did_you_mean(key, options)} "
+                       f"Valid: {', '.join(options)}")
 
 
 def _parse_value(key: str, text: str, annotation: Any) -> Any:

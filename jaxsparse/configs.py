@@ -64,37 +64,34 @@ def _load_file(path: Path, overrides) -> Config:
         cfg = module.get_config()
     except Exception as err:
         raise ConfigError(f"{_where(path, err)}: get_config() raised {type(err).__name__}: "
-                          f"{err}{_suggestion(err)}") from err
+                          f"{err}.{_suggestion(err)}") from err
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a Config")
-    cfg = apply_overrides(cfg, list(overrides))  # a bad override names itself
+    overrides = list(overrides)
+    cfg = apply_overrides(cfg, overrides)  # a bad override names itself
     try:
         return validate(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"config file {path}: {err}") from None
+    except ConfigError as err:  # the file's value or an override's: say which were applied
+        where = f"config file {path}" + (f" with overrides {overrides}" if overrides else "")
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _suggestion(err: Exception) -> str:
-    """``; did you mean 'd_model'?`` for a section built with a misspelled keyword
+    """`` Did you mean d_model?`` for a config built with a misspelled keyword
     (``ModelConfig(dmodel=64)``), as ``--set`` suggests for its keys."""
     import dataclasses
-    import difflib
     import re
 
-    from jaxsparse.config import SECTIONS
+    from jaxsparse.config import SECTIONS, did_you_mean
 
     found = re.search(r"^(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'",
                       str(err)) if isinstance(err, TypeError) else None
-    if found is None:
-        return ""
-    classes = {type(getattr(Config(), section)).__name__: type(getattr(Config(), section))
-               for section in SECTIONS}
-    cls = classes.get(found.group(1))
+    classes = {cls.__name__: cls for cls in [Config] + [type(getattr(Config(), section))
+                                                        for section in SECTIONS]}
+    cls = classes.get(found.group(1)) if found else None
     if cls is None:
         return ""
-    close = difflib.get_close_matches(found.group(2), [f.name for f in dataclasses.fields(cls)],
-                                      n=3)
-    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return did_you_mean(found.group(2), [f.name for f in dataclasses.fields(cls)])
 
 
 def get(name: str, overrides=()) -> Config:

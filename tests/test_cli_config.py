@@ -237,9 +237,18 @@ def test_a_misspelled_keyword_in_a_config_file_gets_a_suggestion(tmp_path):
     path.write_text("from jaxsparse.config import Config, ModelConfig\n"
                     "def get_config():\n"
                     "    return Config(model=ModelConfig(dmodel=64))\n")
-    with pytest.raises(ConfigError, match=r"unexpected keyword argument 'dmodel'; did you mean "
-                                          r"'d_model'\?"):
+    with pytest.raises(ConfigError, match=r"unexpected keyword argument 'dmodel'. Did you mean "
+                                          r"d_model\?"):
         configs.get(str(path))
+    path.write_text("from jaxsparse.config import Config\n"
+                    "def get_config():\n"
+                    "    return Config(nmae='x')\n")
+    with pytest.raises(ConfigError, match=r"'nmae'. Did you mean name\?"):
+        configs.get(str(path))
+    # an override's mistake says the overrides were applied (it named the file alone)
+    with pytest.raises(ConfigError, match=r"transformer_tiny.py with overrides "
+                                          r"\['data.batch_size=0'\]: data.batch_size=0: must"):
+        configs.get("transformer_tiny", ["data.batch_size=0"])
 
 
 def test_a_config_section_that_is_not_its_dataclass_is_refused(tmp_path, capsys):
