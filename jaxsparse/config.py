@@ -178,8 +178,8 @@ class OptimizerConfig:
     """AdamW with linear warm-up, cosine decay to ``min_lr_ratio * lr`` and global-norm clipping."""
 
     lr: float = 3e-3
-    # at least train.steps: shortened to train.steps - 1 (the rate peaks at the last step;
-    # validate warns, ScheduleLengthWarning)
+    # at most train.steps - 1 (a longer one is shortened to that: the rate then peaks at the
+    # last step and never decays; validate warns, ScheduleLengthWarning)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     b1: float = 0.9
