@@ -88,3 +88,18 @@ def checked_decode_cache(cache, cache_index, batch: int, keys: tuple[str, ...]):
         return checked_first_position(cache_index)
     except (TypeError, ValueError) as error:
         raise ValueError(f"cache_index: {error}") from None
+
+
+def sequence_axis_of(mesh, axis: str, who: str) -> int:
+    """The size of ``mesh``'s axis ``axis``, which ``who`` (e.g. "ring attention") splits the
+    sequence over; a ValueError naming the mesh otherwise (``mesh=None`` was an
+    AttributeError, a mesh without the axis a KeyError)."""
+    from jax.sharding import Mesh
+
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r}: {who} needs a jax.sharding.Mesh with an axis {axis!r} "
+                         "to split the sequence over")
+    size = mesh.shape.get(axis)
+    if size is None:
+        raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
+    return size

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxsparse.ops.checks import sequence_axis_of
+
 
 def _compose(final_local, decay_local, initial, axis):
     """(state entering this shard, state leaving the last shard), inside ``shard_map``."""
@@ -51,12 +53,7 @@ def scan_across_shards(run: Callable, total_decay: Callable, sequence_args: dict
 
     Returns ``(y [batch, length, ...], final_state)``, equal to the single-device scan.
     """
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh={mesh!r}: a sequence-parallel scan needs a jax.sharding.Mesh "
-                         f"with an axis {axis!r} to split the sequence over")
-    n = mesh.shape.get(axis)
-    if n is None:
-        raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
+    n = sequence_axis_of(mesh, axis, "a sequence-parallel scan")
     # checked on the whole arrays: inside the shards a mismatch was reported in the shards'
     # lengths, and a bad initial state failed in the composition's broadcasting
     leading = {name: tuple(jnp.shape(arg)[:2]) for name, arg in sequence_args.items()}

@@ -50,7 +50,7 @@ from jaxsparse.ops.attention.ring_plan import (PART_TARGET, RING_LAYOUTS, choose
                                                critical_path, held_part, live_steps,
                                                ring_pair_kinds, ring_pair_lists, ring_work,
                                                split_parts, step_run)
-from jaxsparse.ops.checks import check_integer
+from jaxsparse.ops.checks import check_integer, sequence_axis_of
 from jaxsparse.ops.masks import EMPTY, FULL, PARTIAL, Mask, MultiHeadMask
 
 
@@ -385,12 +385,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", mask: Mask | 
     Returns ``[B, S, Hq, D]`` in ``q.dtype``, equal to the single-device result; rows with
     nothing to attend to are zero. Differentiable (reverse mode) in ``q``, ``k`` and ``v``.
     """
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh={mesh!r}: ring attention needs a jax.sharding.Mesh with an axis "
-                         f"{axis!r} to split the sequence over")
-    n = mesh.shape.get(axis)
-    if n is None:
-        raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r} to split the sequence over")
+    n = sequence_axis_of(mesh, axis, "ring attention")
     mask = _checked_mask(q, k, v, mask, n, axis, layout)
     scale, logits_soft_cap = static_logit_options(scale, logits_soft_cap)
     check_integer("part_tokens", part_tokens)
