@@ -896,10 +896,11 @@ def _schedules_past_the_run(cfg: Config) -> list[str]:
     but it trains something else than the settings say."""
     m, o, steps = cfg.model, cfg.optimizer, cfg.train.steps
     found = []
-    if o.warmup_steps >= steps - 1 and steps > 1:  # (lr_schedule: at most steps - 1)
+    # (the setting not honoured; a warm-up of steps - 1 also ends undecayed, but as it was set)
+    if o.warmup_steps >= steps > 1:  # lr_schedule: at most steps - 1
         found.append(f"optimizer.warmup_steps={o.warmup_steps} with train.steps={steps}: the "
-                     f"warm-up takes {steps - 1} steps, so the rate peaks at the last step and "
-                     "never decays")
+                     f"warm-up is shortened to {steps - 1} steps, so the rate peaks at the last "
+                     "step and never decays")
     if m.name == "routing_transformer" and m.routing_dense_steps >= steps:
         found.append(f"model.routing_dense_steps={m.routing_dense_steps} >= train.steps={steps}:"
                      " the routing heads attend densely for the whole run")

@@ -220,9 +220,9 @@ def test_an_unknown_section_in_a_saved_config_is_refused():
 
 @pytest.mark.parametrize("preset, overrides, message", [
     ("transformer_tiny", ["optimizer.warmup_steps=50"],
-     r"optimizer.warmup_steps=50 with train.steps=10: the warm-up takes 9 steps"),
-    ("transformer_tiny", ["optimizer.warmup_steps=9"],  # as long as the run allows: no decay
-     r"optimizer.warmup_steps=9 with train.steps=10: the warm-up takes 9 steps"),
+     r"optimizer.warmup_steps=50 with train.steps=10: the warm-up is shortened to 9 steps"),
+    ("transformer_tiny", ["optimizer.warmup_steps=10"],
+     r"optimizer.warmup_steps=10 with train.steps=10: the warm-up is shortened to 9 steps"),
     ("routing_tiny", ["model.routing_dense_steps=10"],
      r"model.routing_dense_steps=10 >= train.steps=10: the routing heads attend densely"),
     ("hydra_tiny", ["model.hydra_curriculum=sga:4,moe:10"],
