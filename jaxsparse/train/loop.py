@@ -356,8 +356,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     else:
         state = setup.init()
         start = 0
-    # steps skipped before this call (train.nonfinite=skip): the optimiser's schedule count
-    # does not advance on them, so they survive a resume in the checkpoint itself
+    # steps skipped before this call (train.nonfinite=skip, and float16's loss-scale
+    # overflows): the optimiser's schedule count does not advance on them, so they survive a
+    # resume in the checkpoint itself
     skipped_before = start - int(schedule_count(state["opt_state"], start))
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -378,6 +379,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     eval_metrics: dict[str, float] = {}
     skipped: list[int] = []  # steps whose update was not applied (non-finite loss or gradient)
     bad_updates: set[int] = set()  # ... of which the loss and gradient were finite, the update not
+    overflows = 0  # float16 steps skipped for a loss scale too high, which then halved
     stop_on_nonfinite = cfg.train.nonfinite == "stop"
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     stopped = False
@@ -396,7 +398,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     say = bar.write if primary and not quiet else (lambda *a: None)
 
     def flush_logs():
-        nonlocal last_time, last_step, last_rate
+        nonlocal last_time, last_step, last_rate, overflows
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
@@ -413,6 +415,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         bar.update(pending[-1][0] + 1 - bar.n)
         for (s, _), m in zip(pending, fetched):
             losses[s] = float(m["loss"])
+            overflows += int(m.get("scale_overflow", 0))
             if m["nonfinite"]:
                 skipped.append(s)
                 if m["nonfinite_update"]:
@@ -425,7 +428,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                         f"{float(m['grad_norm']):.4g}: not finite; the update was not applied")
         s, m = pending[-1][0], fetched[-1]
         values = {k: float(v) for k, v in m.items()} | {"tokens_per_sec": rate,
-                                                         "skipped_steps": skipped_before + len(skipped)}
+                                                         "skipped_steps": skipped_before + len(skipped) + overflows}
         if cfg.data.task == "text":  # beside eval's, on the same panel of `jaxsparse plot`
             values["bits_per_byte"] = values["loss"] / LN2
         writer.write(s + 1, "train", values)

@@ -1,7 +1,8 @@
 """Train state as a plain pytree, built abstractly and initialised straight into its shards.
 
 ``state = {"step", "params", "opt_state", "rest"}`` where ``params``/``rest`` are pure dicts
-of the model's ``nnx.Param`` and other variables (the functional NNX split). Checkpoints are
+of the model's ``nnx.Param`` and other variables (the functional NNX split), plus
+``"loss_scale"`` under float16 compute (:mod:`jaxsparse.train.loss_scale`). Checkpoints are
 therefore readable without jaxsparse, and the step is a pure function ``jax.jit`` can shard.
 """
 
@@ -18,6 +19,7 @@ from jaxsparse.config import Config
 from jaxsparse.models import build
 from jaxsparse.parallel import param_shardings
 from jaxsparse.parallel.rules import get_preset
+from jaxsparse.train.loss_scale import initial_loss_scale, uses_loss_scale
 from jaxsparse.train.optim import make_optimizer
 
 
@@ -138,6 +140,9 @@ class TrainSetup:
                                               abstract["params"], self.mesh),
             "rest": rest_sh,
         }
+        if "loss_scale" in abstract:
+            self.state_shardings["loss_scale"] = jax.tree.map(
+                lambda _: NamedSharding(self.mesh, PartitionSpec()), abstract["loss_scale"])
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, self.state_shardings)
@@ -146,8 +151,11 @@ class TrainSetup:
         model = build(self.cfg.model, nnx.Rngs(self.cfg.train.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = nnx.to_pure_dict(params)
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": self.tx.init(params), "rest": nnx.to_pure_dict(rest)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": self.tx.init(params), "rest": nnx.to_pure_dict(rest)}
+        if uses_loss_scale(self.cfg.model.dtype):
+            state["loss_scale"] = initial_loss_scale()
+        return state
 
     def init(self):
         """Initialise directly into the shards (no host ever holds the full model)."""

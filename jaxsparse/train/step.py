@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from jaxsparse.nn.intermediates import run_capturing
+from jaxsparse.train.loss_scale import is_overflow, next_loss_scale
 from jaxsparse.parallel import activation_sharding, sequence_axis_size
 from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup, schedule_counters
@@ -108,22 +109,15 @@ def update_mask(model):
     return method() if callable(method) else None
 
 
-# float16 compute: the loss is multiplied by this before differentiating and the parameter
-# gradients (float32) divided by it after, so that small cotangents stay above float16's
-# normal range (unscaled, Mamba's dt_proj gradients were 51% off at batch 32 x 128; scaled,
-# 0.3%). Static: a step whose scaled gradients overflow is a non-finite step
-# (train.nonfinite). bfloat16 has float32's range and needs none.
-FLOAT16_LOSS_SCALE = 2.0 ** 10
-
-
 def make_gradients(setup: TrainSetup):
-    """``gradients(params, rest, batch) -> (grads, out)``: the parameter gradients of the
-    training loss (loss + auxiliary losses) and ``out``, the loss, auxiliary loss, accuracy,
-    new non-parameter state and layer statistics."""
+    """``gradients(params, rest, batch, scale=1.0) -> (grads, out)``: the parameter gradients
+    of the training loss (loss + auxiliary losses) and ``out``, the loss, auxiliary loss,
+    accuracy, new non-parameter state and layer statistics. ``scale`` multiplies the loss
+    before differentiating and divides the gradients after (float16's dynamic loss scale,
+    :mod:`jaxsparse.train.loss_scale`): the cotangents inside are ``scale`` times larger."""
     chunk = setup.cfg.train.loss_chunk
-    scale = FLOAT16_LOSS_SCALE if setup.cfg.model.dtype == "float16" else 1.0
 
-    def loss_fn(params, rest, batch):
+    def loss_fn(params, rest, batch, scale):
         model = setup.model(params, rest)
         if chunk and chunk < batch["inputs"].shape[1]:
             x, sown = run_capturing(model, "features", batch["inputs"], **model_kwargs(batch))
@@ -140,9 +134,9 @@ def make_gradients(setup: TrainSetup):
                                       "accuracy": correct / jnp.maximum(count, 1.0),
                                       "rest": new_rest, "layer_stats": layer_stats}
 
-    def gradients(params, rest, batch):
-        grads, out = jax.grad(loss_fn, has_aux=True)(params, rest, batch)
-        if scale != 1.0:
+    def gradients(params, rest, batch, scale=1.0):
+        grads, out = jax.grad(loss_fn, has_aux=True)(params, rest, batch, scale)
+        if not (isinstance(scale, float) and scale == 1.0):
             grads = jax.tree.map(lambda g: g / scale, grads)
         return grads, out
 
@@ -158,7 +152,9 @@ def make_train_step(setup: TrainSetup):
     def step(state, batch):
         # taken before the forward pass, which counts a curriculum step: the flags it uses
         may_change = update_mask(setup.model(state["params"], state["rest"]))
-        grads, out = gradients(state["params"], state["rest"], batch)
+        loss_scale = state.get("loss_scale")  # float16 compute only
+        scale = loss_scale["scale"] if loss_scale is not None else 1.0
+        grads, out = gradients(state["params"], state["rest"], batch, scale)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         if may_change is not None:
             updates = jax.tree.map(lambda u, on: jnp.where(on, u, jnp.zeros_like(u)),
@@ -180,10 +176,18 @@ def make_train_step(setup: TrainSetup):
         # checked, not the moments: those average clipped, finite gradients, and a bad
         # update shows in the parameters (checking all three cost hydra_tiny ~2% a step on
         # CPU, the parameters alone nothing measurable).
-        finite_grads = jnp.isfinite(out["loss"] + out["aux_loss"]) & jnp.isfinite(grad_norm)
+        finite_loss = jnp.isfinite(out["loss"] + out["aux_loss"])
+        finite_grads = finite_loss & jnp.isfinite(grad_norm)
         finite_update = all_finite(params)
         applied = finite_grads & finite_update
-        metrics["nonfinite"] = (~applied).astype(jnp.float32)
+        skipped_for_scale = jnp.asarray(False)
+        if loss_scale is not None:
+            # an overflow of the scaled cotangents is the scale's, not a non-finite step: the
+            # update is skipped, the scale halved, and train.nonfinite is not involved
+            skipped_for_scale = is_overflow(loss_scale, finite_loss, jnp.isfinite(grad_norm))
+            metrics["loss_scale"] = loss_scale["scale"]
+            metrics["scale_overflow"] = skipped_for_scale.astype(jnp.float32)
+        metrics["nonfinite"] = (~applied & ~skipped_for_scale).astype(jnp.float32)
         metrics["nonfinite_update"] = (finite_grads & ~finite_update).astype(jnp.float32)
         kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), updated,
                             {name: state[name] for name in updated})
@@ -196,6 +200,8 @@ def make_train_step(setup: TrainSetup):
         # its lr is the one logged, and the gap to state["step"] counts the skipped steps.
         kept["rest"] = jax.tree.map(lambda counter, new, old: new if counter else old,
                                     counters, updated["rest"], kept["rest"])
+        if loss_scale is not None:
+            kept["loss_scale"] = next_loss_scale(loss_scale, skipped_for_scale, applied)
         return {"step": state["step"] + 1, **kept}, metrics
 
     def traced(state, batch):
