@@ -95,3 +95,19 @@ def test_only_float16_runs_carry_a_loss_scale(tmp_path, dtype):
     assert "loss_scale" not in result.state
     assert "loss_scale" not in train_records(tmp_path)[0]
     assert jax.tree.leaves(result.state["params"])
+
+
+@pytest.mark.parametrize("before, after", [("float32", "float16"), ("float16", "float32")])
+def test_a_resume_may_switch_to_or_from_float16(tmp_path, before, after):
+    """model.dtype only chooses how the model is computed, and may change on a resume; the
+    float16 state's loss scale then starts afresh, or is dropped."""
+    train(tiny_config(f"model.dtype={before}", "train.steps=2"), tmp_path, sample=False,
+          quiet=True)
+    resumed = train(tiny_config(f"model.dtype={after}", "train.steps=4"), tmp_path,
+                    sample=False, quiet=True)
+    assert resumed.step == 4 and sorted(resumed.losses) == [2, 3]
+    if after == "float16":
+        assert float(resumed.state["loss_scale"]["scale"]) == loss_scale.INITIAL_SCALE
+    else:
+        assert "loss_scale" not in resumed.state
+    assert np.isfinite(resumed.eval_metrics["loss"])

@@ -873,3 +873,27 @@ def test_skipped_steps_advance_the_schedule_counters_and_revert_the_rest(tmp_pat
         assert logged == {0: 0, 2: 1}
         model_step = int(got["['curriculum_step']"])
         assert stage_at(cfg.model.hydra_curriculum, model_step) == logged[2]
+
+
+def test_eval_of_an_older_step_uses_the_settings_it_was_trained_with(tmp_path, capsys):
+    """config.json holds the latest run's settings; a resume may have changed the data and
+    evaluation settings since. `eval --step N` (load) takes the checkpoint's own: with
+    config.json's it evaluated step 2 on other windows (5.14 against its recorded 5.40)."""
+    from jaxsparse.errors import DataChangeWarning
+
+    first = ["train.eval_every=2", "train.checkpoint_every=2", "eval.sample_tokens=0"]
+    train(tiny_config("train.steps=2", *first), tmp_path, sample=False, quiet=True)
+    with pytest.warns(DataChangeWarning, match=r"data.seq_len 32 -> 16; eval.batches 1 -> 2"):
+        train(tiny_config("train.steps=4", "data.seq_len=16", "eval.batches=2", *first),
+              tmp_path, sample=False, quiet=True)
+    recorded = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl")
+                                                   .read_text().splitlines())
+                if r["split"] == "eval"}
+    for step in (2, 4):
+        capsys.readouterr()
+        assert main(["eval", "--workdir", str(tmp_path), "--step", str(step)]) == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert evaluated["step"] == step
+        assert evaluated["loss"] == pytest.approx(recorded[step], rel=1e-6), step
+    cfg = load(tmp_path, 2)[0]
+    assert (cfg.data.seq_len, cfg.eval.batches) == (32, 1)

@@ -138,8 +138,12 @@ class Checkpointer:
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        # the handlers named up front: item_metadata can then read a checkpoint's tree
+        # before anything is restored from it (saved_state_keys)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -152,6 +156,14 @@ class Checkpointer:
             return from_dict(self._meta(step)["config"])
         except (KeyError, FileNotFoundError, ValueError, TypeError) as err:
             raise self._damaged(step, _damage_reason(err)) from None
+
+    def saved_state_keys(self, step: int) -> set[str] | None:
+        """The top-level entries of the train state saved at ``step`` (``step``, ``params``,
+        ...), or None where its metadata cannot be read (restore then names the problem)."""
+        try:
+            return set(self.manager.item_metadata(step)["state"].keys())
+        except Exception:  # noqa: BLE001 — best-effort, as in _name_differences
+            return None
 
     def saved_corpus(self, step: int) -> dict | None:
         """What the text corpus held when ``step`` was saved (files and bytes per split,

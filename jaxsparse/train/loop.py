@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxsparse.config import (SECTIONS, Config, ConfigError, MeshConfig, from_json, to_json,
@@ -29,6 +30,7 @@ from jaxsparse.parallel import check_batch_split, make_mesh
 from jaxsparse.parallel.mesh import check_mesh, process_rows
 from jaxsparse.parallel import distributed
 from jaxsparse.train.checkpoint import CheckpointMismatch, Checkpointer
+from jaxsparse.train.loss_scale import initial_loss_scale
 from jaxsparse.train.metrics import MetricWriter
 from jaxsparse.train.optim import lr_schedule
 from jaxsparse.train.state import TrainSetup, count_params, learned_statistics
@@ -160,6 +162,10 @@ def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None
                f"{getattr(cfg.data, field.name)!r}" for field in dataclasses.fields(cfg.data)
                if f"data.{field.name}" not in ignored
                and getattr(saved.data, field.name) != getattr(cfg.data, field.name)]
+    if saved.eval.batches != cfg.eval.batches:
+        # not only how many: text's validation windows are spread over the split by their
+        # count, so another count evaluates other text, and the mean of other batches
+        changed.append(f"eval.batches {saved.eval.batches!r} -> {cfg.eval.batches!r}")
     if changed:
         settings = f"with other data settings ({'; '.join(changed)})"
         _say_data_changed(step, cfg, settings, f"{settings} than it was trained with")
@@ -340,7 +346,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     start = ckpt.latest_step()
     saved = None  # the config of the checkpoint resumed from
     if start is not None:
-        state = ckpt.restore(setup.abstract_state, start)
+        state = restore_train_state(ckpt, setup, start)
         log(f"resumed from {workdir}/checkpoints step {start}")
         saved = ckpt.saved_config(start)
         warn_if_the_schedule_moved(saved, cfg, start)
@@ -580,7 +586,12 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     every array straight into the new shards (the abstract target carries the shardings).
     A mesh this model cannot use (axis sizes that do not fit the devices, a tensor axis that
     does not divide the heads, an expert axis without experts) is refused with a ConfigError
-    before anything is read."""
+    before anything is read.
+
+    ``cfg`` is the one saved with that checkpoint, the settings it was trained with:
+    ``config.json`` holds the latest run's, and a resume may have changed its data, evaluation
+    or schedule settings since (evaluated with those, an older step gave other numbers than
+    its own run recorded)."""
     workdir = Path(workdir).resolve()
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -592,12 +603,39 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     latest = ckpt.latest_step() if step is None else step
     if latest is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    if latest in ckpt.manager.all_steps():  # (else restore names the steps there are)
+        cfg = ckpt.saved_config(latest) or cfg
     if mesh is None:
         mesh, devices = MeshConfig(), jax.devices()[:1]
     devices = jax.devices() if devices is None else devices
     cfg = validate(dataclasses.replace(cfg, mesh=mesh))
     check_mesh(cfg, len(devices))  # raises a ConfigError naming the mesh
     setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
-    state = ckpt.restore(setup.abstract_state, latest)
+    state = restore_train_state(ckpt, setup, latest)
     ckpt.close()
     return cfg, setup, state
+
+
+def restore_train_state(ckpt: Checkpointer, setup: TrainSetup, step: int):
+    """The train state saved at ``step``, for ``setup``'s model, also where ``model.dtype``
+    changed to or from float16 since (a key that only chooses how the model is computed): a
+    float16 state holds its loss scale (:mod:`jaxsparse.train.loss_scale`), which then starts
+    afresh, or is dropped."""
+    abstract = dict(setup.abstract_state)
+    wanted = "loss_scale" in abstract
+    saved = ckpt.saved_state_keys(step)
+    if saved is not None and ("loss_scale" in saved) != wanted:
+        if wanted:
+            del abstract["loss_scale"]
+        else:
+            replicated = NamedSharding(setup.mesh, PartitionSpec())
+            abstract["loss_scale"] = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                jax.eval_shape(initial_loss_scale))
+    state = ckpt.restore(abstract, step)
+    if wanted and "loss_scale" not in state:
+        state["loss_scale"] = jax.device_put(initial_loss_scale(),
+                                             setup.state_shardings["loss_scale"])
+    if not wanted:
+        state.pop("loss_scale", None)
+    return state
