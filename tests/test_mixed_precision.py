@@ -275,3 +275,29 @@ def test_float16_training_scales_the_loss_so_small_gradients_survive():
     error = lambda got: float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))  # noqa: E731
     assert error(gradients("float16", INITIAL_SCALE)) < 5e-3
     assert error(gradients("float16", 1.0)) > 3e-2  # what the scale is for
+
+
+@pytest.mark.parametrize("name, depths", [("transformer_tiny", (2, 24)), ("hydra_tiny", (2, 12))])
+def test_bfloat16_error_does_not_grow_with_depth(name, depths):
+    """The residual stream stays float32 under bfloat16 compute: rounded to bfloat16 after
+    every block, the logits' error against float32 (same weights) grew with depth —
+    Transformer 0.57% at 2 layers to 1.3% at 24, Hydra 0.41% at 2 blocks to 0.65% at 12; in
+    float32 it is flat (0.43%, 0.29%)."""
+    import dataclasses
+
+    from jaxsparse import configs
+    from jaxsparse.models.registry import build
+
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
+    errors = []
+    for n_layers in depths:
+        cfg = dataclasses.replace(configs.get(name).model, n_layers=n_layers,
+                                  hydra_curriculum="", workspace_layers="0,1")
+        logits = {}
+        for dtype in ("float32", "bfloat16"):
+            model = build(dataclasses.replace(cfg, dtype=dtype), nnx.Rngs(0))
+            model.eval()
+            logits[dtype] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens), np.float64)
+        want = logits["float32"]
+        errors.append(np.linalg.norm(logits["bfloat16"] - want) / np.linalg.norm(want))
+    assert errors[0] < 1e-2 and errors[1] < 1.25 * errors[0], errors

@@ -129,14 +129,18 @@ class Block(nnx.Module):
                                       segment_ids=segment_ids,
                                       cache=None if cache is None else cache["attn"],
                                       cache_index=cache_index)
-        x_BLD = x_BLD + mixed.astype(x_BLD.dtype)
+        # the residual stream is float32 whatever the compute dtype (as Mamba's
+        # residual_in_fp32): rounded to bfloat16 after every block, the small updates lost
+        # their low bits and the error grew with depth (logits 0.57% off float32 at 2
+        # layers, 1.3% at 24; 0.43% at both in float32)
+        x_BLD = x_BLD.astype(jnp.float32) + mixed.astype(jnp.float32)
         h = self.mlp_norm(x_BLD)
         if cache is None:
             y, new_cache = apply_feed_forward(self.mlp, h, segment_ids), None
         else:
             y, ffn_cache = decode_feed_forward(self.mlp, h, cache["ffn"], cache_index)
             new_cache = {"attn": attn_cache, "ffn": ffn_cache}
-        x_BLD = x_BLD + y.astype(x_BLD.dtype)
+        x_BLD = x_BLD + y.astype(jnp.float32)
         return constrain(x_BLD, ("batch", "length", "embed")), new_cache
 
 

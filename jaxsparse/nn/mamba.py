@@ -226,6 +226,9 @@ class Mamba2(nnx.Module):
                                segment_ids=segment_ids, **kwargs)
         y = y.reshape(batch, length, self.d_inner)
         # state-spaces/mamba's RMSNormGated(norm_before_gate=False): statistics per group of
-        # heads (group_size = d_inner // ngroups), eps 1e-5
-        y = rms_norm(y * jax.nn.silu(z), self.norm_scale[...], 1e-5, groups=self.groups)
+        # heads (group_size = d_inner // ngroups), eps 1e-5. The gate is formed in float32, as
+        # there (and as Mamba-1 gates): in bfloat16 the product was rounded before the norm's
+        # statistics (0.43% off float32 against 0.29%), and the norm returns the compute dtype
+        gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        y = rms_norm(gated, self.norm_scale[...], 1e-5, groups=self.groups).astype(y.dtype)
         return self.out_proj(y), _new_cache(cache, conv_state, ssm_state)
