@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -99,7 +99,8 @@ for i, block in enumerate(model.blocks):
 # %% [markdown]
 # ## Expert usage and memory reads
 # Which expert each chunk of 8 tokens is routed to (top-1, chosen from the previous chunk so
-# it stays causal), and how many distinct product-key memory slots one batch reads.
+# it stays causal; the first chunk of a row has none to route from and is left out), and how
+# many distinct product-key memory slots one batch reads.
 
 # %%
 from flax import nnx
@@ -112,6 +113,8 @@ trace = nnx.jit(lambda m, t: m.routing_trace(t))(model, tokens)
 fig, axes = plt.subplots(1, len(model.blocks), figsize=(10, 3))
 for i, block in enumerate(model.blocks):
     experts = np.asarray(trace["experts"][i])
+    if trace["routed"][i] is not None:
+        experts = experts[np.asarray(trace["routed"][i])]
     axes[i].hist(experts, bins=np.arange(cfg.model.moe_experts + 1) - 0.5, rwidth=0.8)
     axes[i].set(title=f"block {i}: tokens per expert", xlabel="expert")
     if trace["pkm_slots"][i] is not None:

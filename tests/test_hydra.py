@@ -150,6 +150,12 @@ def test_routing_trace_reports_each_blocks_experts_and_memory_slots(hydra):
     for experts, probs in zip(trace["experts"], trace["router_probs"]):
         assert experts.shape == (32,) and 0 <= int(experts.min()) and int(experts.max()) < 4
         np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # causal chunk routing: the first chunk of each row has no earlier chunk to route from
+    chunk = hydra.blocks[0].ffn.chunk
+    assert chunk and len(trace["routed"]) == len(trace["decisions_routed"]) == 3
+    for routed, decided in zip(trace["routed"], trace["decisions_routed"]):
+        np.testing.assert_array_equal(routed, np.tile(np.arange(16) >= chunk, 2))
+        np.testing.assert_array_equal(decided, np.tile(np.arange(16 // chunk) > 0, 2))
     assert trace["pkm_slots"][0] is None and trace["pkm_slots"][1].shape == (2, 16, 2, 4)
     # the slots are the block's own product-key lookup of its normalised input (compiled:
     # a Hydra block dispatched op by op took 7 s)

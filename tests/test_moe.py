@@ -754,3 +754,32 @@ def test_grouped_matmul_with_an_empty_contraction_or_output_in_every_implementat
         assert out.shape == (7, 0) and out.dtype == jnp.float32, impl
         out = grouped_matmul(jnp.ones((7, 0)), jnp.ones((2, 0, 3)), sizes, implementation=impl)
         np.testing.assert_array_equal(out, np.zeros((7, 3)), err_msg=str(impl))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_causal_chunk_routing_leaves_the_contextless_chunks_out_of_losses_and_load(packed):
+    """The first chunk of a row (or of a document) pools no earlier tokens: its router input is
+    zeros, its probabilities uniform, and top-1 takes expert 0 on the tie at gate 1/E — a fixed
+    choice, not the router's. It is left out of the balance and z losses and the load (counted,
+    it was 12.5% of hydra_tiny's decisions, all on expert 0, and the balance loss pushed the
+    learned routing away from expert 0). Reference: those statistics over the other tokens."""
+    moe = MoE(32, 64, 4, 1, rngs=nnx.Rngs(0), renormalize=False, chunk=16)
+    x = jax.random.normal(jax.random.key(1), (4, 64, 32))
+    # two documents a row, the second starting inside chunk 2: its tokens there pool nothing
+    segment_ids = jnp.broadcast_to((jnp.arange(64) >= 40).astype(jnp.int32), (4, 64))
+    kwargs = {"segment_ids": segment_ids} if packed else {}
+    _, sown = run_capturing(moe, "__call__", x, **kwargs)
+
+    inputs = moe.chunk_router_inputs(x, segment_ids if packed else None).reshape(-1, 32)
+    counted = np.asarray(jnp.any(inputs != 0, axis=-1))
+    first = np.arange(64) < 16
+    expected_uncounted = first | ((np.arange(64) >= 40) & (np.arange(64) < 48)) if packed else first
+    np.testing.assert_array_equal(counted, ~np.tile(expected_uncounted, 4))
+    logits = np.asarray(inputs @ moe.router.kernel[...], np.float64)[counted]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    f = np.bincount(probs.argmax(-1), minlength=4) / len(probs)
+    lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    want_aux = 0.01 * 4 * np.sum(f * probs.mean(0)) + 1e-3 * np.mean(lse ** 2)
+    np.testing.assert_allclose(np.asarray(sown["moe_load"][0]), f, rtol=1e-6)
+    np.testing.assert_allclose(float(sown["aux_loss"][0]), want_aux, rtol=1e-5)

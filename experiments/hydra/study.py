@@ -296,15 +296,25 @@ def held_out_batch(stream) -> tuple[dict, np.ndarray]:
 
 
 def expert_choices(model, tokens):
-    """Per block, the expert each token is routed to (top-1) ``[layers, B, L]``, and the mean
-    entropy of the router's distribution."""
+    """Per block, the expert each token is routed to (top-1) ``[layers, B, L]``, -1 for the
+    tokens no router chose for (the first chunk of causal chunk-level routing: expert 0 by a
+    tie of uniform probabilities, the same in every domain), and the mean entropy of the
+    router's distribution over the routed decisions."""
     from flax import nnx
 
     trace = nnx.jit(lambda m, t: m.routing_trace(t))(model, tokens)
-    choices = np.stack([np.asarray(e).reshape(tokens.shape) for e in trace["experts"]])
-    entropies = [float(-(np.asarray(p) * np.log(np.maximum(np.asarray(p), 1e-12))).sum(-1).mean())
-                 for p in trace["router_probs"]]
-    return choices, entropies
+    choices, entropies = [], []
+    for experts, probs, routed, decided in zip(trace["experts"], trace["router_probs"],
+                                               trace["routed"], trace["decisions_routed"]):
+        experts = np.asarray(experts)
+        if routed is not None:
+            experts = np.where(np.asarray(routed), experts, -1)
+        choices.append(experts.reshape(tokens.shape))
+        probs = np.asarray(probs)
+        if decided is not None:
+            probs = probs[np.asarray(decided)]
+        entropies.append(float(-(probs * np.log(np.maximum(probs, 1e-12))).sum(-1).mean()))
+    return np.stack(choices), entropies
 
 
 def study_routing(args, out: Path) -> None:
@@ -333,7 +343,8 @@ def study_routing(args, out: Path) -> None:
     usage = np.zeros((len(choices), 2, experts))
     for layer, chosen in enumerate(choices):
         for d in (0, 1):
-            counts = np.bincount(chosen[domain == d].ravel(), minlength=experts)
+            picked = chosen[domain == d].ravel()
+            counts = np.bincount(picked[picked >= 0], minlength=experts)
             usage[layer, d] = counts / counts.sum()
         overlap = float(np.minimum(usage[layer, 0], usage[layer, 1]).sum())
         rows.append({"block": layer, "python": " ".join(f"{u:.2f}" for u in usage[layer, 0]),
@@ -342,7 +353,8 @@ def study_routing(args, out: Path) -> None:
                      "max_entropy": math.log(experts)})
     notes = (f"hydra_tiny ({count_params(cfg.model):,} parameters) trained {args.steps} steps on "
              "a 50/50 mix of Python source and byte-reversed Python source; expert usage per "
-             "domain (fraction of tokens per expert, chunk-level top-1 routing) on a held-out "
+             "domain (fraction of routed tokens per expert, chunk-level top-1 routing; the first "
+             "chunk of each row, which has no earlier chunk to route from, is left out) on a held-out "
              "mixed batch (validation-split windows, half of them reversed). usage_overlap = "
              "sum_e min(p_python, p_reversed): 1 is identical usage, 0 disjoint experts. Final "
              f"train loss {np.mean(losses[-20:]):.3f}.")

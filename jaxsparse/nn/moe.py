@@ -35,6 +35,7 @@ from jaxsparse.ops.checks import (check_cache_request, check_integer, check_nonn
                                   checked_decode_cache, is_real)
 from jaxsparse.ops.moe import (GMM_IMPLEMENTATIONS, TokenChoice, balance_from_statistics,
                                capacity_dispatch, chunk_pool, chunk_pool_within_documents,
+                               counted_mean, counted_weights,
                                dropless_dispatch, expert_capacity, expert_choice_capacity,
                                expert_choice_dispatch, expert_choice_routing, expert_fractions,
                                grouped_matmul, linear_k_schedule, router_z_loss, swiglu_experts,
@@ -268,7 +269,7 @@ class MoE(nnx.Module):
                                        self.capacity_factor)
             y_TD, dropped = capacity_dispatch(x_TD, choice,
                                               lambda x: self._buffered_experts(x, weights), capacity)
-        load = expert_fractions(choice.expert_index, self.num_experts, choice.weights)
+        load = expert_fractions(choice.expert_index, self.num_experts, counted_weights(choice))
         return y_TD, self.router_losses(routed, mean), mean(load), mean(dropped)
 
     def chunk_router_inputs(self, x_BLD, segment_ids=None):
@@ -335,13 +336,18 @@ class MoE(nnx.Module):
         logits = jnp.einsum("bld,de->ble", router_x, kernel.astype(jnp.float32))
         routed = top_k_routing(logits.reshape(-1, self.num_experts), self.k_max,
                                renormalize=self.renormalize, active_k=self._active_k())
+        if self.chunk and self.causal:
+            # the first chunk of a row (or of a document) pools nothing: an input of exact
+            # zeros, uniform probabilities, expert 0 by the tie — not counted (counted_weights)
+            routed = routed._replace(counted=jnp.any(router_x != 0, axis=-1).reshape(-1))
         if not chunked:
             return routed, routed
         tokens = batch * length
         expand = lambda t: unchunk(t.reshape(batch, length // self.chunk, *t.shape[1:]),  # noqa: E731
                                    self.chunk).reshape(tokens, *t.shape[1:])
+        counted = None if routed.counted is None else expand(routed.counted)
         return TokenChoice(expand(routed.expert_index), expand(routed.weights), routed.probs,
-                           routed.logits), routed
+                           routed.logits, counted), routed
 
     @property
     def k_max(self) -> int:
@@ -351,9 +357,12 @@ class MoE(nnx.Module):
         """Weighted load-balancing + z losses; ``mean`` averages statistics across devices."""
         if self.router_kind != "top_k":  # a fixed random router has nothing to balance
             return jnp.zeros(())
-        f = mean(expert_fractions(routed.expert_index, self.num_experts, routed.weights))
-        balance = balance_from_statistics(f, mean(routed.probs.mean(axis=0)))
-        return self.aux_weight * balance + self.z_weight * mean(router_z_loss(routed.logits))
+        f = mean(expert_fractions(routed.expert_index, self.num_experts, counted_weights(routed)))
+        probs = (routed.probs.mean(axis=0) if routed.counted is None
+                 else counted_mean(routed.probs, routed.counted))
+        balance = balance_from_statistics(f, mean(probs))
+        return self.aux_weight * balance + self.z_weight * mean(router_z_loss(routed.logits,
+                                                                              routed.counted))
 
     def _finish(self, x_BLD, y, aux, load, dropped, active=None):
         if not self.deterministic:  # training: losses, statistics, the step counter

@@ -52,7 +52,15 @@ def balance_from_statistics(f: jax.Array, P: jax.Array) -> jax.Array:
     return f.shape[-1] * jnp.sum(jax.lax.stop_gradient(f) * P)
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
+def router_z_loss(logits: jax.Array, counted: jax.Array | None = None) -> jax.Array:
     """ST-MoE router z-loss ``mean(logsumexp(logits)^2)`` (Zoph et al. 2022): keeps router
-    logits small so the float32 softmax stays well conditioned."""
-    return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+    logits small so the float32 softmax stays well conditioned. ``counted [T]`` (bool)
+    restricts the mean to those rows."""
+    z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
+    return jnp.mean(z) if counted is None else counted_mean(z, counted)
+
+
+def counted_mean(values: jax.Array, counted: jax.Array) -> jax.Array:
+    """The mean over the leading axis of the rows where ``counted [T]`` is True (0 if none)."""
+    mask = counted.astype(jnp.float32).reshape(counted.shape + (1,) * (values.ndim - 1))
+    return jnp.sum(values * mask, axis=0) / jnp.maximum(jnp.sum(mask), 1.0)
