@@ -111,7 +111,7 @@ def attention_layer(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, out_scale: 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        param_dtype = jnp.dtype(cfg.param_dtype)
         # GPT-2 style: scale residual-branch outputs by 1/(2 n_layers) in variance so that the
         # residual stream does not grow with depth.
         out_scale = 1.0 / (2 * cfg.n_layers)
