@@ -783,3 +783,13 @@ def test_causal_chunk_routing_leaves_the_contextless_chunks_out_of_losses_and_lo
     want_aux = 0.01 * 4 * np.sum(f * probs.mean(0)) + 1e-3 * np.mean(lse ** 2)
     np.testing.assert_allclose(np.asarray(sown["moe_load"][0]), f, rtol=1e-6)
     np.testing.assert_allclose(float(sown["aux_loss"][0]), want_aux, rtol=1e-5)
+
+
+def test_a_sequence_inside_the_first_chunk_reports_a_uniform_load_and_no_balance_loss():
+    """Nothing routed (every token in causal chunk routing's first chunk): the load is uniform,
+    as for an empty batch (it read all zeros: moe_max_load 0, below the balanced 1), and the
+    balance and z losses count nothing."""
+    moe = MoE(32, 64, 4, 1, rngs=nnx.Rngs(0), renormalize=False, chunk=16)
+    _, sown = run_capturing(moe, "__call__", jax.random.normal(jax.random.key(0), (2, 16, 32)))
+    np.testing.assert_array_equal(np.asarray(sown["moe_load"][0]), np.full(4, 0.25))
+    assert float(sown["aux_loss"][0]) == 0.0

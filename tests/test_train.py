@@ -883,9 +883,14 @@ def test_eval_of_an_older_step_uses_the_settings_it_was_trained_with(tmp_path, c
 
     first = ["train.eval_every=2", "train.checkpoint_every=2", "eval.sample_tokens=0"]
     train(tiny_config("train.steps=2", *first), tmp_path, sample=False, quiet=True)
-    with pytest.warns(DataChangeWarning, match=r"data.seq_len 32 -> 16; eval.batches 1 -> 2"):
+    with pytest.warns(DataChangeWarning) as said:
         train(tiny_config("train.steps=4", "data.seq_len=16", "eval.batches=2", *first),
               tmp_path, sample=False, quiet=True)
+    messages = [str(w.message) for w in said]
+    assert any("other data settings (data.seq_len 32 -> 16)" in m for m in messages), messages
+    # eval.batches moves the validation windows, not the training batches: said as such
+    assert any("eval.batches 1 -> 2: the eval metrics from here on" in m and
+               "the training batches are unchanged" in m for m in messages), messages
     recorded = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl")
                                                    .read_text().splitlines())
                 if r["split"] == "eval"}
@@ -895,5 +900,11 @@ def test_eval_of_an_older_step_uses_the_settings_it_was_trained_with(tmp_path, c
         evaluated = json.loads(capsys.readouterr().out)
         assert evaluated["step"] == step
         assert evaluated["loss"] == pytest.approx(recorded[step], rel=1e-6), step
-    cfg = load(tmp_path, 2)[0]
+    with pytest.warns(DataChangeWarning, match=r"evaluating the checkpoint of step 2 with the "
+                      r"settings saved with it; .*config.json \(the latest run's\) differs: "
+                      r"data.seq_len: 32 -> 16; eval.batches: 1 -> 2"):
+        cfg = load(tmp_path, 2)[0]
     assert (cfg.data.seq_len, cfg.eval.batches) == (32, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataChangeWarning)  # config.json is step 4's
+        assert load(tmp_path, 4)[0].data.seq_len == 16

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxsparse.ops.moe import (counted_weights, dropless_dispatch, expert_capacity,
-                               expert_fractions, pack, swiglu_experts, unpack)
+from jaxsparse.ops.moe import dropless_dispatch, expert_capacity, pack, swiglu_experts, unpack
 from jaxsparse.nn.batch_local import row_split
 from jaxsparse.parallel.ragged import exclusive_cumsum, ragged_all_to_all
 
@@ -75,7 +74,7 @@ def expert_parallel_moe(moe, x_BLD, mesh, router_inputs=None):
                                        moe.capacity_factor)
             y, dropped = _buffered_dispatch(x_TD, choice, n, experts, capacity)
         aux = moe.router_losses(routed, mean)
-        load = mean(expert_fractions(choice.expert_index, num_experts, counted_weights(choice)))
+        load = moe.load(choice, mean)
         return split.gather(y.reshape(batch, length, d)), aux, load, mean(dropped)
 
     x_spec = split.spec

@@ -269,8 +269,7 @@ class MoE(nnx.Module):
                                        self.capacity_factor)
             y_TD, dropped = capacity_dispatch(x_TD, choice,
                                               lambda x: self._buffered_experts(x, weights), capacity)
-        load = expert_fractions(choice.expert_index, self.num_experts, counted_weights(choice))
-        return y_TD, self.router_losses(routed, mean), mean(load), mean(dropped)
+        return y_TD, self.router_losses(routed, mean), self.load(choice, mean), mean(dropped)
 
     def chunk_router_inputs(self, x_BLD, segment_ids=None):
         """Per-token router inputs of chunk-level routing for any length: each token gets its
@@ -357,12 +356,17 @@ class MoE(nnx.Module):
         """Weighted load-balancing + z losses; ``mean`` averages statistics across devices."""
         if self.router_kind != "top_k":  # a fixed random router has nothing to balance
             return jnp.zeros(())
-        f = mean(expert_fractions(routed.expert_index, self.num_experts, counted_weights(routed)))
-        probs = (routed.probs.mean(axis=0) if routed.counted is None
-                 else counted_mean(routed.probs, routed.counted))
-        balance = balance_from_statistics(f, mean(probs))
-        return self.aux_weight * balance + self.z_weight * mean(router_z_loss(routed.logits,
-                                                                              routed.counted))
+        f = expert_fractions(routed.expert_index, self.num_experts, counted_weights(routed), mean)
+        balance = balance_from_statistics(f, counted_mean(routed.probs, routed.counted, mean))
+        return (self.aux_weight * balance
+                + self.z_weight * router_z_loss(routed.logits, routed.counted, mean))
+
+    def load(self, choice, mean=lambda v: v):
+        """The ``moe_load`` statistic: each expert's share of the counted assignments (over all
+        devices: ``mean`` as in :meth:`router_losses`); uniform when nothing is counted (a
+        sequence within causal chunk routing's first chunk), as for an empty batch."""
+        f = expert_fractions(choice.expert_index, self.num_experts, counted_weights(choice), mean)
+        return jnp.where(jnp.sum(f) > 0, f, 1.0 / self.num_experts)
 
     def _finish(self, x_BLD, y, aux, load, dropped, active=None):
         if not self.deterministic:  # training: losses, statistics, the step counter

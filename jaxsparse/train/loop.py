@@ -19,8 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jaxsparse.config import (SECTIONS, Config, ConfigError, MeshConfig, from_json, to_json,
-                              validate)
+from jaxsparse.config import (SECTIONS, Config, ConfigError, MeshConfig, diff, from_json,
+                              to_json, validate)
 from jaxsparse.config_usage import model_differences, unread_data_keys
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import (DataChangeWarning, NonFiniteTraining, OlderConfigWarning,
@@ -45,7 +45,10 @@ class TrainResult:
     losses: dict[int, float]  # train loss of every step run by this call, by step index
     eval_metrics: dict[str, float]
     stopped_early: bool  # stopped by SIGTERM or should_stop
-    skipped_steps: list[int] = dataclasses.field(default_factory=list)  # this call's, not applied
+    # this call's steps not applied for a non-finite loss, gradient or update (float16's
+    # loss-scale overflows are not among them: the `scale_overflow` metric logs those, and the
+    # `skipped_steps` metric counts both)
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
     sample: str | None = None
     # the final train state (sharded as trained); left out of the repr, which printed every
     # parameter and optimiser moment (193 KB for the tiniest model)
@@ -162,13 +165,18 @@ def warn_if_the_data_moved(saved: Config | None, cfg: Config, step: int) -> None
                f"{getattr(cfg.data, field.name)!r}" for field in dataclasses.fields(cfg.data)
                if f"data.{field.name}" not in ignored
                and getattr(saved.data, field.name) != getattr(cfg.data, field.name)]
-    if saved.eval.batches != cfg.eval.batches:
-        # not only how many: text's validation windows are spread over the split by their
-        # count, so another count evaluates other text, and the mean of other batches
-        changed.append(f"eval.batches {saved.eval.batches!r} -> {cfg.eval.batches!r}")
     if changed:
         settings = f"with other data settings ({'; '.join(changed)})"
         _say_data_changed(step, cfg, settings, f"{settings} than it was trained with")
+    if saved.eval.batches != cfg.eval.batches:
+        # not only how many: text's validation windows are spread over the split by their
+        # count, so another count evaluates other text (the training batches do not move)
+        where = "resuming at" if step < cfg.train.steps else "evaluating the checkpoint of"
+        warnings.warn(f"{where} step {step} with eval.batches {saved.eval.batches} -> "
+                      f"{cfg.eval.batches}: the eval metrics from here on average other "
+                      "batches (other validation windows) than the saved run's, and are not "
+                      "comparable with its earlier ones; the training batches are unchanged",
+                      DataChangeWarning, stacklevel=3)
 
 
 def _say_data_changed(step: int, cfg: Config, resuming: str, evaluating: str, *,
@@ -604,7 +612,7 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     if latest is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
     if latest in ckpt.manager.all_steps():  # (else restore names the steps there are)
-        cfg = ckpt.saved_config(latest) or cfg
+        cfg = _checkpoint_settings(ckpt.saved_config(latest), cfg, latest, config_path)
     if mesh is None:
         mesh, devices = MeshConfig(), jax.devices()[:1]
     devices = jax.devices() if devices is None else devices
@@ -614,6 +622,22 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     state = restore_train_state(ckpt, setup, latest)
     ckpt.close()
     return cfg, setup, state
+
+
+def _checkpoint_settings(saved: Config | None, recorded: Config, step: int,
+                         config_path: Path) -> Config:
+    """The settings to evaluate the checkpoint of ``step`` with: those saved with it (None:
+    a checkpoint without them, then ``config.json``'s). Where ``config.json`` (the latest
+    run's, or edited by hand, e.g. a moved ``data.path``) says otherwise for the data,
+    evaluation or model, that is said, each key with both values."""
+    if saved is None:
+        return recorded
+    differences = diff(saved, recorded, ("model", "data", "eval"))
+    if differences:
+        warnings.warn(f"evaluating the checkpoint of step {step} with the settings saved with "
+                      f"it; {config_path} (the latest run's) differs: "
+                      f"{'; '.join(differences)}", DataChangeWarning, stacklevel=3)
+    return saved
 
 
 def restore_train_state(ckpt: Checkpointer, setup: TrainSetup, step: int):

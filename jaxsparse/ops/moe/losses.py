@@ -17,16 +17,29 @@ def _check_expert_index(expert_index, num_experts: int) -> None:
                          f"in [0, num_experts={num_experts})")
 
 
-def expert_fractions(expert_index: jax.Array, num_experts: int, weights=None) -> jax.Array:
+def _identity(v):
+    return v
+
+
+def expert_fractions(expert_index: jax.Array, num_experts: int, weights=None,
+                     mean=_identity) -> jax.Array:
     """f_i: the fraction of routing assignments that go to expert i, counting each token once
-    per chosen expert and dividing by k, so the fractions sum to 1. Choices with zero weight
-    (switched off by a dynamic k) are not counted."""
+    per chosen expert and dividing by k, so the fractions sum to 1 (all zeros when nothing is
+    counted). Choices with zero weight (switched off by a dynamic k, or not counted:
+    :func:`~jaxsparse.ops.moe.routing.counted_weights`) are not counted. ``mean`` (a pmean
+    over the devices holding the other tokens) is applied to the counts before dividing, so
+    the fractions are those of all devices' assignments, however many each device counts."""
     _check_expert_index(expert_index, num_experts)
     one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)  # [T, k, E]
     if weights is not None:
         one_hot = one_hot * (weights > 0)[..., None]
-    counts = one_hot.sum(axis=(0, 1))
-    return counts / jnp.maximum(counts.sum(), 1.0)
+    counts = mean(one_hot.sum(axis=(0, 1)))
+    return _ratio(counts, counts.sum())
+
+
+def _ratio(total, count):
+    """``total / count``, 0 where ``count`` is 0 (a count averaged over devices can be < 1)."""
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
 
 def load_balancing_loss(probs: jax.Array, expert_index: jax.Array, weights=None) -> jax.Array:
@@ -52,15 +65,22 @@ def balance_from_statistics(f: jax.Array, P: jax.Array) -> jax.Array:
     return f.shape[-1] * jnp.sum(jax.lax.stop_gradient(f) * P)
 
 
-def router_z_loss(logits: jax.Array, counted: jax.Array | None = None) -> jax.Array:
+def router_z_loss(logits: jax.Array, counted: jax.Array | None = None,
+                  mean=_identity) -> jax.Array:
     """ST-MoE router z-loss ``mean(logsumexp(logits)^2)`` (Zoph et al. 2022): keeps router
-    logits small so the float32 softmax stays well conditioned. ``counted [T]`` (bool)
-    restricts the mean to those rows."""
+    logits small so the float32 softmax stays well conditioned. ``counted`` and ``mean`` as
+    in :func:`counted_mean`."""
     z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
-    return jnp.mean(z) if counted is None else counted_mean(z, counted)
+    return counted_mean(z, counted, mean)
 
 
-def counted_mean(values: jax.Array, counted: jax.Array) -> jax.Array:
-    """The mean over the leading axis of the rows where ``counted [T]`` is True (0 if none)."""
-    mask = counted.astype(jnp.float32).reshape(counted.shape + (1,) * (values.ndim - 1))
-    return jnp.sum(values * mask, axis=0) / jnp.maximum(jnp.sum(mask), 1.0)
+def counted_mean(values: jax.Array, counted: jax.Array | None = None,
+                 mean=_identity) -> jax.Array:
+    """The mean over the leading axis of the rows where ``counted [T]`` (bool; None: all) is
+    True, 0 if none. ``mean`` (a pmean over the devices holding the other rows) averages the
+    sum and the count separately, so the result is the mean over every device's counted rows
+    (a mean of per-device means weighs a device with fewer counted rows too much)."""
+    mask = (jnp.ones(values.shape[:1], jnp.float32) if counted is None
+            else counted.astype(jnp.float32))
+    mask = mask.reshape(mask.shape + (1,) * (values.ndim - 1))
+    return _ratio(mean(jnp.sum(values * mask, axis=0)), mean(jnp.sum(mask)))
