@@ -70,6 +70,12 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="hydra_precision", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    columns = ["op", "length", "batch", "bf16_ms", "f32_ms", "speedup_vs_f32",
+               "speedup_vs_blocked"]
+    notes = (f"{jax.default_backend()}; SGA: {HEADS} heads of {HEAD_DIM}, window {WINDOW}, "
+             f"{GLOBAL} global tokens; workspace: width {WIDTH}, 16 slots, chunks of 64. Peer: "
+             "the same op on float32 inputs (the float32 matmuls both ops ran before keeping "
+             "bfloat16 operands), in the same run.")
     rows = []
     for length in cases(args.lengths, "hydra_precision"):
         runs = {}
@@ -88,14 +94,9 @@ def main(argv=None) -> None:
         for row in rows[-len(runs):]:
             if row["op"].startswith("sga"):
                 row["speedup_vs_blocked"] = blocked / row["bf16_ms"]
-    columns = ["op", "length", "batch", "bf16_ms", "f32_ms", "speedup_vs_f32",
-               "speedup_vs_blocked"]
-    notes = (f"{jax.default_backend()}; SGA: {HEADS} heads of {HEAD_DIM}, window {WINDOW}, "
-             f"{GLOBAL} global tokens; workspace: width {WIDTH}, 16 slots, chunks of 64. Peer: "
-             "the same op on float32 inputs (the float32 matmuls both ops ran before keeping "
-             "bfloat16 operands), in the same run.")
-    write_results(args.name, rows, columns, args.out, notes)
-    print(markdown_table(rows, columns))
+        # written after every length: a run stopped by its time limit keeps what it measured
+        write_results(args.name, rows, columns, args.out, notes)
+        print(markdown_table(rows[-len(runs):], columns), flush=True)
 
 
 if __name__ == "__main__":

@@ -75,20 +75,22 @@ def main(argv=None) -> None:
         if len(s) != 3:
             parser.error(f"--shapes: {'x'.join(map(str, s))!r} must be batch x length x width")
     bandwidth = copy_bandwidth()
-    rows = []
-    for shape in cases(shapes, "linear_scan"):
-        rows += rows_for(shape, args.repeats, backward=False)
-        if args.backward:
-            rows += rows_for(shape, args.repeats, backward=True)
-    for row in rows:
-        row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bandwidth
     columns = ["op", "impl", "shape", "ms", "speedup_vs_lax_scan", "gb_per_s",
                "fraction_of_copy_bw"]
     notes = (f"float32, {jax.default_backend()}; peer: lax.scan in the same run; copy bandwidth "
              f"{bandwidth / 1e9:.1f} GB/s (x + 1 over 256 MiB). Bytes: a, b read and h written "
              "(forward); + a, h, cotangent read and two gradients written (backward).")
-    write_results(args.name, rows, columns, args.out, notes)
-    print(markdown_table(rows, columns))
+    rows = []
+    for shape in cases(shapes, "linear_scan"):
+        new = rows_for(shape, args.repeats, backward=False)
+        if args.backward:
+            new += rows_for(shape, args.repeats, backward=True)
+        for row in new:
+            row["fraction_of_copy_bw"] = row["gb_per_s"] * 1e9 / bandwidth
+        rows += new
+        # written after every shape: a run stopped by its time limit keeps what it measured
+        write_results(args.name, rows, columns, args.out, notes)
+        print(markdown_table(new, columns), flush=True)
 
 
 if __name__ == "__main__":

@@ -139,25 +139,28 @@ def main(argv=None) -> None:
                         "moe_backward)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    rows = []
-    for E in cases(args.experts, "moe"):
-        new = bench(E, args.k, args.tokens, args.d, args.hidden, args.repeats, args.backward)
-        rows += new
-        print(markdown_table(new, ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"]), flush=True)
     passes = "forward + backward" if args.backward else "forward"
     notes = (f"{args.tokens} tokens, d {args.d}, expert hidden {args.hidden}, top-{args.k}, "
              f"float32 {passes}, {jax.default_backend()}; capacity factor {CAPACITY_FACTOR}. "
              f"Peers timed in the same run; ratio = dense all-experts time / path time.")
     name = args.name or ("moe_backward" if args.backward else "moe")
-    write_results(name, rows, ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"], args.out, notes)
+    columns = ["E", "k", "path", "ms", "speedup_vs_dense", "ideal"]
+    rows = []
+    for E in cases(args.experts, "moe"):
+        new = bench(E, args.k, args.tokens, args.d, args.hidden, args.repeats, args.backward)
+        rows += new
+        # written after every E: a run stopped by its time limit keeps what it measured
+        write_results(name, rows, columns, args.out, notes)
+        print(markdown_table(new, columns), flush=True)
     if jax.default_backend() in ("gpu", "tpu"):
         gmm_rows = []
-        for E in args.experts:
-            gmm_rows += grouped_matmul_rows(E, args.tokens * 4, args.k, 1024, 2048, args.repeats)
         columns = ["E", "rows", "impl", "ms", "tflops", "vs_ragged_dot"]
-        write_results("moe_gmm_" + jax.default_backend(), gmm_rows, columns, args.out,
-                      "grouped matmul, bf16, d 1024 -> 2048, rows sorted by expert")
-        print(markdown_table(gmm_rows, columns))
+        for E in args.experts:
+            new = grouped_matmul_rows(E, args.tokens * 4, args.k, 1024, 2048, args.repeats)
+            gmm_rows += new
+            write_results("moe_gmm_" + jax.default_backend(), gmm_rows, columns, args.out,
+                          "grouped matmul, bf16, d 1024 -> 2048, rows sorted by expert")
+            print(markdown_table(new, columns), flush=True)
 
 
 if __name__ == "__main__":

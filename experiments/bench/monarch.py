@@ -59,12 +59,15 @@ def training_pass(f, ct):
 PASSES = {"forward": (lambda f, ct: f, 1), "forward+backward": (training_pass, 3)}
 
 
-def run(widths, tokens: int, repeats: int) -> list[dict]:
+def run(widths, tokens: int, repeats: int, save=None) -> list[dict]:
+    """The rows of every width, and the machine's measured ceilings; ``save(rows, machine)``
+    (optional) is called after each width with the rows so far."""
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     size = jnp.dtype(dtype).itemsize
     peak, bandwidth = matmul_peak_flops(2048, dtype), copy_bandwidth(dtype)
     print(f"{jax.default_backend()}: matmul peak {peak / 1e9:.0f} GFLOP/s, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
+    machine = {"matmul_peak_gflops": peak / 1e9, "copy_gbps": bandwidth / 1e9}
     rows = []
     for d in cases(widths, "monarch"):
         keys = jax.random.split(jax.random.key(d), 5)
@@ -96,7 +99,9 @@ def run(widths, tokens: int, repeats: int) -> list[dict]:
                            f"monarch {t * 1e3:7.1f} ms  {row['speedup']:5.1f}x  (FLOP ratio "
                            f"{row['flop_ratio']:.0f}x, forward roofline "
                            f"{row['roofline_ratio']:.1f}x)", file=sys.stderr)
-    return rows, {"matmul_peak_gflops": peak / 1e9, "copy_gbps": bandwidth / 1e9}
+        if save is not None:
+            save(rows, machine)
+    return rows, machine
 
 
 def main(argv=None):
@@ -107,18 +112,21 @@ def main(argv=None):
     parser.add_argument("--name", default="monarch", help="results file stem")
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     args = parser.parse_args(argv)
-    rows, machine = run(args.d, args.tokens, args.repeats)
     columns = ["d", "blocks", "tokens", "pass", "implementation", "dense_ms", "monarch_ms",
                "speedup", "flop_ratio", "roofline_ratio", "monarch_gflops"]
+
+    def save(rows, machine):  # after every width: a run stopped by its time limit keeps them
+        notes = ("forward: y = x W; forward+backward: y and the VJP (dx and the weight "
+                 "gradients), the output returned on both sides so that the forward product is "
+                 "kept (3 products' work per pass; monarch_gflops counts 3x the forward FLOPs). "
+                 "roofline_ratio is the forward pass's. "
+                 f"Machine: matmul peak {machine['matmul_peak_gflops']:.0f} GFLOP/s, "
+                 f"copy bandwidth {machine['copy_gbps']:.1f} GB/s (measured in the same run). "
+                 "speedup = dense_ms / monarch_ms; flop_ratio and roofline_ratio are the ideals.")
+        write_results(args.name, rows, columns, args.out, notes)
+
+    rows, _ = run(args.d, args.tokens, args.repeats, save)
     print(markdown_table(rows, columns))
-    notes = ("forward: y = x W; forward+backward: y and the VJP (dx and the weight "
-             "gradients), the output returned on both sides so that the forward product is kept "
-             "(3 products' work per pass; monarch_gflops counts 3x the forward FLOPs). "
-             "roofline_ratio is the forward pass's. "
-             f"Machine: matmul peak {machine['matmul_peak_gflops']:.0f} GFLOP/s, "
-             f"copy bandwidth {machine['copy_gbps']:.1f} GB/s (measured in the same run). "
-             "speedup = dense_ms / monarch_ms; flop_ratio and roofline_ratio are the ideals.")
-    write_results(args.name, rows, columns, args.out, notes)
 
 
 if __name__ == "__main__":

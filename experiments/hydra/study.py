@@ -228,6 +228,13 @@ def study_throughput(args, out: Path) -> None:
     hydra = apply_overrides(configs.get("hydra_29m"), ["model.hydra_curriculum=", "data.batch_size=1",
                                                        "mesh.data=1"])
     dense = dense_match(hydra)
+    notes = (f"Training-step throughput (forward + backward + AdamW, batch 1) of hydra_29m "
+             f"({count_params(hydra.model):,} parameters) and a Transformer of the same width, "
+             f"depth and parameter count ({count_params(dense.model):,}; d_ff={dense.model.d_ff}) "
+             f"on {jax.device_count()} {jax.default_backend()} device(s); median of "
+             f"{args.repeats} steps. Paper: ~3x at 8k on a GPU. The Transformer's attention is the "
+             "library default for the shape (jaxsparse.ops.attention).")
+    columns = ["length", "hydra_tok_s", "transformer_tok_s", "hydra/transformer"]
     rows = []
     for length in args.lengths:
         row = {"length": length}
@@ -248,14 +255,8 @@ def study_throughput(args, out: Path) -> None:
         row["hydra/transformer"] = (row["hydra_tok_s"] / row["transformer_tok_s"] if both
                                     else "-")
         rows.append(row)
-    notes = (f"Training-step throughput (forward + backward + AdamW, batch 1) of hydra_29m "
-             f"({count_params(hydra.model):,} parameters) and a Transformer of the same width, "
-             f"depth and parameter count ({count_params(dense.model):,}; d_ff={dense.model.d_ff}) "
-             f"on {jax.device_count()} {jax.default_backend()} device(s); median of "
-             f"{args.repeats} steps. Paper: ~3x at 8k on a GPU. The Transformer's attention is the "
-             "library default for the shape (jaxsparse.ops.attention).")
-    write_results("throughput", rows, ["length", "hydra_tok_s", "transformer_tok_s",
-                                       "hydra/transformer"], out, notes)
+        # written after every length: a run stopped by its time limit keeps what it measured
+        write_results("throughput", rows, columns, out, notes)
     import matplotlib
 
     matplotlib.use("Agg")
