@@ -40,8 +40,10 @@ class LanguageModel(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         if not cfg.tie_embeddings:
             # Small initial logits: the first prediction is near uniform (loss ~ ln vocab).
+            # float32 logits from the compute-dtype matmul (see Embed.attend)
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"),
-                                  rngs=rngs, init_scale=0.1, dtype=dtype, param_dtype=param_dtype)
+                                  rngs=rngs, init_scale=0.1, dtype=dtype, param_dtype=param_dtype,
+                                  out_dtype=jnp.float32)
 
     def logits(self, x_BLD):
         """Final norm and output head: ``[B, L, D]`` features -> float32 ``[B, L, vocab]``."""

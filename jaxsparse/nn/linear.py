@@ -18,6 +18,9 @@ class Linear(nnx.Module):
     ``in_shape``/``out_shape`` may have several dims (e.g. ``out_shape=(heads, head_dim)``),
     which keeps head structure visible to the sharding rules. Initialisation: truncated normal
     with variance ``scale / fan_in`` (LeCun), so activations keep unit scale.
+    ``out_dtype`` (default: ``dtype``) is the dtype the product is returned in: float32 for an
+    output head computing in bfloat16 (the sums are float32 in the matmul either way; only
+    the rounding of the result differs).
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class Linear(nnx.Module):
         init_scale: float = 1.0,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        out_dtype=None,
     ):
         self.in_shape = _as_shape("in_shape", in_shape)
         self.out_shape = _as_shape("out_shape", out_shape)
@@ -44,6 +48,7 @@ class Linear(nnx.Module):
         w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, param_dtype) * std
         self.kernel = nnx.Param(w, logical_axes=tuple(logical_axes))
         self.dtype = dtype
+        self.out_dtype = out_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in, n_out = len(self.in_shape), len(self.out_shape)
@@ -52,7 +57,8 @@ class Linear(nnx.Module):
                              f"{x.shape} must end in the input shape {self.in_shape}")
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         kernel = self.kernel[...].astype(self.dtype)
-        return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())),
+                                   preferred_element_type=self.out_dtype)
 
 
 def _as_shape(name: str, value) -> tuple[int, ...]:
