@@ -908,3 +908,45 @@ def test_eval_of_an_older_step_uses_the_settings_it_was_trained_with(tmp_path, c
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataChangeWarning)  # config.json is step 4's
         assert load(tmp_path, 4)[0].data.seq_len == 16
+
+
+FINAL_SAVE_INTERRUPTED = """
+import json, os, signal, sys
+sys.path.insert(0, "tests")
+from helpers import tiny_config
+from jaxsparse.train import checkpoint, train
+
+workdir, marker = sys.argv[1], sys.argv[2]
+real_close = checkpoint.Checkpointer.close
+
+
+def close(self):
+    # the preemption arrives while the final save is being finished
+    if not os.path.exists(marker):
+        os.kill(os.getpid(), signal.SIGTERM)
+    real_close(self)
+    open(marker, "a").close()
+
+
+checkpoint.Checkpointer.close = close
+train(tiny_config("train.steps=4", "train.checkpoint_every=2"), workdir, sample=False,
+      quiet=True)
+print("returned")
+"""
+
+
+def test_a_signal_during_the_final_save_waits_for_it(tmp_path):
+    """The loop's signal handlers end with the loop; a SIGTERM that arrived while the last
+    checkpoint was being written killed the process half-way through it (a resume went back
+    a checkpoint). It is now held until the save is complete, then delivered."""
+    marker = tmp_path / "closed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", FINAL_SAVE_INTERRUPTED, str(tmp_path / "run"),
+                           str(marker)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
+    assert marker.exists(), "the process was killed before the final save completed"
+    assert "returned" not in proc.stdout  # the signal is delivered, not swallowed
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps[-1] == 4

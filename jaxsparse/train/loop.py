@@ -317,6 +317,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _SignalsHeld(_StopFlag):
+    """SIGTERM and a first SIGINT held while the last checkpoint is written, then delivered:
+    the loop's own handlers are gone by then, and a preemption arriving while the final save
+    was still in flight killed it half-written (a resume went back a checkpoint). A second
+    Ctrl-C still interrupts at once."""
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if self.signal is not None:
+            signal.raise_signal(self.signal)
+
+
 def process_stream(cfg: Config, setup: TrainSetup):
     """This process's batch stream: of every global batch, the rows its devices hold of
     ``setup.batch_sharding`` (:func:`jaxsparse.parallel.mesh.process_rows`), which is what
@@ -527,7 +539,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if stop_on_nonfinite and skipped:
         kept = ckpt.latest_step()
         bar.close()
-        ckpt.close()
+        with _SignalsHeld():
+            ckpt.close()
         writer.close()
         if skipped[0] in bad_updates:
             what = "the loss and gradient were finite but the optimiser's update was not"
@@ -551,7 +564,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         # run recorded its evaluation of this step: a second record showed the step twice)
         eval_metrics = run_eval(record=False)
     bar.close()
-    ckpt.close()
+    with _SignalsHeld():  # the final save completes before a signal ends the process
+        ckpt.close()
     writer.close()
     text = None
     if primary and not stopped:  # before the sample: an interrupt there loses nothing
