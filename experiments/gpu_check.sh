@@ -45,7 +45,8 @@ step() {  # step NAME LIMIT COMMAND...: COMMAND's output in $WORK/NAME.log, its 
 # process on the one GPU: pyproject's addopts would start CPU workers.
 TIMEOUT_ARG=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG=(--timeout 60)
-step gpu_tests 100 "$PY" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" "${TIMEOUT_ARG[@]}" \
+step gpu_tests 100 "$PY" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" \
+  ${TIMEOUT_ARG[@]+"${TIMEOUT_ARG[@]}"} \
   tests/test_pallas_attention.py tests/test_pallas_ssm.py tests/test_pallas_linear_scan.py \
   tests/test_moe.py tests/test_monarch.py tests/test_expert_parallel.py \
   -k "on_gpu or on_device or on_a_gpu"

@@ -91,6 +91,10 @@ def _flat_dense(linear: Linear):
 def linear_to_monarch(linear: Linear, nblocks: int | None = None,
                       implementation: str | None = None) -> MonarchLinear:
     """A MonarchLinear holding the optimal projection of ``linear``'s kernel."""
+    if linear.out_dtype is not None:  # MonarchLinear returns its compute dtype
+        raise ValueError(f"linear_to_monarch: this Linear returns out_dtype={linear.out_dtype!r} "
+                         "(an output head's float32 logits), which a MonarchLinear does not "
+                         "keep; leave it dense")
     dtype = linear.kernel[...].dtype
     monarch = MonarchLinear(linear.in_shape, linear.out_shape, rngs=nnx.Rngs(0), nblocks=nblocks,
                             logical_axes=linear.kernel.get_metadata().get("logical_axes"),

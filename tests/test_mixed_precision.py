@@ -317,10 +317,29 @@ def test_the_output_head_returns_float32_logits_from_bfloat16_operands(tie):
                               tie_embeddings=tie)
     model = build(cfg, nnx.Rngs(0))
     tokens = jnp.zeros((2, 8), jnp.int32)
+    import jax.extend
+
+    def dots(jaxpr):  # every dot_general, nested ones (custom_vjp, pjit) included
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
     jaxpr = jax.make_jaxpr(lambda t: model(t))(tokens).jaxpr
-    heads = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"
-             and eqn.outvars[0].aval.shape[-1] == cfg.vocab_size]
+    heads = [eqn for eqn in dots(jaxpr) if eqn.outvars[0].aval.shape[-1] == cfg.vocab_size]
     assert len(heads) == 1, heads
     head = heads[0]
     assert [str(v.aval.dtype) for v in head.invars] == ["bfloat16", "bfloat16"]
     assert head.outvars[0].aval.dtype == jnp.float32
+    # ... and its backward matmuls stay bfloat16 (autodiff of a float32 result would take a
+    # float32 cotangent and upcast both to a float32 matmul)
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graph, p, rest)(tokens)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    found = [m for m in matmuls(jax.grad(loss), params) if cfg.vocab_size in
+             [d for shape in m.shapes for d in shape]]
+    assert len(found) == 3 and all(m.dtypes == BF16 for m in found), found

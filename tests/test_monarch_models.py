@@ -174,3 +174,14 @@ def test_projection_flops_count_two_per_weight_a_token_uses(name):
         per_expert = 3 * cfg.d_model * (cfg.moe_d_ff or cfg.d_ff)
         used += (cfg.n_layers // cfg.moe_every) * cfg.moe_k * per_expert
     assert projection_flops_per_token(cfg) == 2 * used
+
+
+def test_an_output_head_with_float32_logits_is_not_converted_silently():
+    """A head returning float32 logits from bfloat16 matmuls (``Linear(out_dtype=float32)``)
+    came back from Monarch and back to dense returning bfloat16-rounded logits."""
+    head = Linear(16, 32, logical_axes=("embed", "vocab"), rngs=nnx.Rngs(0),
+                  dtype=jnp.bfloat16, out_dtype=jnp.float32)
+    assert head(jnp.ones((2, 16))).dtype == jnp.float32
+    with pytest.raises(ValueError, match=r"linear_to_monarch: this Linear returns "
+                                         r"out_dtype=.*float32.*leave it dense"):
+        sparsify.linear_to_monarch(head)

@@ -73,6 +73,8 @@ def main(argv=None) -> None:
             t_cudnn = time_fn(cudnn, q, k, v, repeats=args.repeats).median_s
         except Exception as err:  # noqa: BLE001
             print(f"S={length}: cuDNN attention failed: {str(err)[:300]}")
+            rows.append({"S": length, "mask": "causal", "density": 0.5, "ours_ms": t_ours * 1e3,
+                         "peer": "cudnn (failed)", "ours_tflops": flops / t_ours / 1e12})
         else:
             rows.append({"S": length, "mask": "causal", "density": 0.5, "ours_ms": t_ours * 1e3,
                          "peer": "cudnn", "peer_ms": t_cudnn * 1e3,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse.ops.checks import check_nonnegative, is_integer
+from jaxsparse.ops.mixed_precision import matmul_in
 
 
 class Linear(nnx.Module):
@@ -18,9 +19,9 @@ class Linear(nnx.Module):
     ``in_shape``/``out_shape`` may have several dims (e.g. ``out_shape=(heads, head_dim)``),
     which keeps head structure visible to the sharding rules. Initialisation: truncated normal
     with variance ``scale / fan_in`` (LeCun), so activations keep unit scale.
-    ``out_dtype`` (default: ``dtype``) is the dtype the product is returned in: float32 for an
-    output head computing in bfloat16 (the sums are float32 in the matmul either way; only
-    the rounding of the result differs).
+    ``out_dtype=float32`` returns the matmul's float32 sums instead of rounding them to
+    ``dtype`` (an output head computing in bfloat16; its backward matmuls stay in ``dtype``:
+    :func:`jaxsparse.ops.mixed_precision.matmul_in`). None: the result is in ``dtype``.
     """
 
     def __init__(
@@ -55,10 +56,15 @@ class Linear(nnx.Module):
         if x.shape[x.ndim - n_in:] != self.in_shape:
             raise ValueError(f"Linear{self.in_shape} -> {self.out_shape}: input of shape "
                              f"{x.shape} must end in the input shape {self.in_shape}")
+        if self.out_dtype is not None:
+            if jnp.dtype(self.out_dtype) != jnp.float32:
+                raise ValueError(f"out_dtype={self.out_dtype!r}: only float32 (or None)")
+            ins, outs = "abcdefgh"[:n_in], "ijklmnop"[:n_out]
+            return matmul_in(f"...{ins},{ins}{outs}->...{outs}", x, self.kernel[...],
+                             self.dtype)
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         kernel = self.kernel[...].astype(self.dtype)
-        return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())),
-                                   preferred_element_type=self.out_dtype)
+        return jax.lax.dot_general(x.astype(self.dtype), kernel, (axes, ((), ())))
 
 
 def _as_shape(name: str, value) -> tuple[int, ...]:

@@ -54,6 +54,14 @@ def _mixed(equation: str, a, b, compute_dtype):
     return _matmul(equation, a, b, compute_dtype)
 
 
+def matmul_in(equation: str, a, b, compute_dtype):
+    """``einsum(equation, a, b)`` with both operands cast to ``compute_dtype``, accumulated and
+    returned in float32 (e.g. an output head: float32 logits from bfloat16 matmuls); the
+    gradients come back in the operands' own dtypes from backward matmuls in
+    ``compute_dtype`` (see the module docstring)."""
+    return _mixed(equation, a, b, compute_dtype)
+
+
 def matmul_f32(equation: str, a, b):
     """``einsum(equation, a, b)`` on operands in their own dtype, accumulated and returned in
     float32; its backward matmuls run in the operands' dtype (see the module docstring)."""

@@ -317,18 +317,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-class _SignalsHeld(_StopFlag):
-    """SIGTERM and a first SIGINT held while the last checkpoint is written, then delivered:
-    the loop's own handlers are gone by then, and a preemption arriving while the final save
-    was still in flight killed it half-written (a resume went back a checkpoint). A second
-    Ctrl-C still interrupts at once."""
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        if self.signal is not None:
-            signal.raise_signal(self.signal)
-
-
 def process_stream(cfg: Config, setup: TrainSetup):
     """This process's batch stream: of every global batch, the rows its devices hold of
     ``setup.batch_sharding`` (:func:`jaxsparse.parallel.mesh.process_rows`), which is what
@@ -539,7 +527,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     if stop_on_nonfinite and skipped:
         kept = ckpt.latest_step()
         bar.close()
-        with _SignalsHeld():
+        with _StopFlag():  # the run ends with the error below; the save still completes
             ckpt.close()
         writer.close()
         if skipped[0] in bad_updates:
@@ -564,8 +552,16 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         # run recorded its evaluation of this step: a second record showed the step twice)
         eval_metrics = run_eval(record=False)
     bar.close()
-    with _SignalsHeld():  # the final save completes before a signal ends the process
+    # The loop's handlers end with it, and a preemption arriving while the final save was
+    # still being written killed it half-way (a resume went back a checkpoint): held until the
+    # save completes. A signal then, or one taken at the last step (the loop ended anyway),
+    # stops the run as at any other step: saved, no final sample.
+    with _StopFlag() as late:
         ckpt.close()
+    held = flag if flag.signal is not None else late
+    if held.signal is not None and not stopped:
+        stopped = True
+        say(f"stopping at step {step} after {held.name}; checkpoint saved")
     writer.close()
     text = None
     if primary and not stopped:  # before the sample: an interrupt there loses nothing
