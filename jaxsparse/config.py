@@ -158,6 +158,8 @@ class DataConfig:
     path: str | None = None  # glob of text files; None: the Python standard library's source
     seq_len: int = 128
     batch_size: int = 32  # global batch, split over the data-parallel mesh axes
+    # synthetic tasks evaluate on the batches of seed + 1,000,003: disjoint from this run's
+    # training, but a run with that seed trains on them (sweep nearby seeds)
     seed: int = 0
     valid_every: int = 20  # every n-th file (by a stable hash of its path) is validation
     # text: give the model per-token document ids (segment_ids) from the NUL separators between

@@ -74,6 +74,11 @@ def test_process_shards_partition_the_global_batch():
     ((-1, 4), r"index=-1 must be in \[0, count=4\)"),
     ((0.5, 2), r"index=0.5 must be an integer"),
     ((0, 1, (3, 3)), r"span=\(3, 3\): the rows \[start, stop\) need 0 <= start < stop"),
+    # a span of the wrong type failed later, in rows() (a float), or not at all (True: row 1)
+    ((0, 1, (0.5, 3)), r"span=\(0.5, 3\) must be a pair of integers \(start, stop\)"),
+    ((0, 1, (True, 3)), r"span=\(True, 3\) must be a pair of integers"),
+    ((0, 1, (1,)), r"span=\(1,\) must be a pair of integers"),
+    ((0, 1, "ab"), r"span='ab' must be a pair of integers"),
 ])
 def test_a_shard_outside_its_processes_is_refused(args, message):
     """Shard(5, 4) read rows 40-47 of an 8-row batch (none), Shard(0, 0) divided by zero."""
@@ -176,6 +181,34 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=rf"data.cache_dir='{file}/cache': cannot write the "
                                           "token cache there: .*Not a directory"):
         make_stream(tiny_config(corpus_glob, f"data.cache_dir={tmp_path}/a_file/cache"))
+
+
+def test_cache_dirs_with_dot_dot_relative_or_home_paths_build_the_cache(tmp_path, monkeypatch):
+    """Tensorstore's file driver refuses a path with a ``..`` segment: given as it was, such a
+    ``data.cache_dir`` or ``$JAXSPARSE_CACHE`` failed as "cannot write the token cache there"
+    although the directory was writable. Each is now made absolute first (and a relative
+    ``$JAXSPARSE_CACHE`` no longer follows the working directory); a backslash, which the
+    driver reads as a separator, is refused by name."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text " * 10)
+    (tmp_path / "sub").mkdir()
+    corpus_glob = f"data.path={tmp_path}/*.txt"
+    make_stream(tiny_config(corpus_glob, f"data.cache_dir={tmp_path}/sub/../given")).batch(0)
+    assert any((tmp_path / "given").glob("bytes-*.zarr"))
+    monkeypatch.chdir(tmp_path / "sub")
+    make_stream(tiny_config(corpus_glob, "data.cache_dir=../relative")).batch(0)
+    assert any((tmp_path / "relative").glob("bytes-*.zarr"))
+    monkeypatch.setenv("JAXSPARSE_CACHE", "../from_env")
+    make_stream(tiny_config(corpus_glob)).batch(0)
+    assert any((tmp_path / "from_env").glob("bytes-*.zarr"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("JAXSPARSE_CACHE", "~/home_cache")
+    make_stream(tiny_config(corpus_glob)).batch(0)
+    assert any((tmp_path / "home_cache").glob("bytes-*.zarr"))
+    with pytest.raises(ConfigError, match=r"data.cache_dir='.*back\\\\slash' contains a "
+                                          "backslash"):
+        make_stream(tiny_config(corpus_glob, f"data.cache_dir={tmp_path}/back\\slash"))
+    assert not (tmp_path / "back").exists()
 
 
 @pytest.mark.filterwarnings("ignore:the corpus is a single file:UserWarning")

@@ -22,7 +22,15 @@ _CHUNK = 1 << 20
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("JAXSPARSE_CACHE", Path.home() / ".cache" / "jaxsparse"))
+    return _absolute(os.environ.get("JAXSPARSE_CACHE", Path.home() / ".cache" / "jaxsparse"))
+
+
+def _absolute(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded, made absolute and its ``..`` resolved: tensorstore's file
+    driver refuses a path with a ``..`` segment (its "Invalid file path" would read as an
+    unwritable directory), and a relative ``$JAXSPARSE_CACHE`` would move with the working
+    directory."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def _fingerprint(files: list[Path]) -> str:
@@ -52,7 +60,7 @@ def tokenize_files(files: list[Path]) -> np.ndarray:
 
 def cache_dir_of(cache_dir: str | Path | None) -> Path:
     """The directory the token cache of ``data.cache_dir`` lives in (None: the default)."""
-    return default_cache_dir() if cache_dir is None else Path(cache_dir)
+    return default_cache_dir() if cache_dir is None else _absolute(cache_dir)
 
 
 def _cache_setting(cache_dir: Path | None) -> str:
@@ -72,6 +80,9 @@ def open_tokens(files: list[Path], cache_dir: Path | None = None) -> ts.TensorSt
     cache to delete."""
     setting = _cache_setting(cache_dir)
     cache_dir = cache_dir_of(cache_dir)
+    if "\\" in str(cache_dir):  # tensorstore's file driver would read it as a separator
+        raise ConfigError(f"{setting} contains a backslash, which the token cache (tensorstore's "
+                          "file driver) cannot use in a path; choose a directory without one")
     if cache_dir.exists() and not cache_dir.is_dir():  # mkdir would say only "File exists"
         raise ConfigError(f"{setting} is a file, not a directory; give data.cache_dir a "
                           "directory (it is created if missing)")

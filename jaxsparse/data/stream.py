@@ -15,7 +15,9 @@ from jaxsparse.config import Config, ConfigError, DataConfig, validate_data
 from jaxsparse.config_usage import TASK_KEYS
 from jaxsparse.data import corpus, store, synthetic
 
-_EVAL_SEED_OFFSET = 1_000_003  # keeps synthetic evaluation batches disjoint from training
+# keeps synthetic evaluation batches disjoint from this run's training (a run whose data.seed
+# is this one's + the offset trains on them: config.DataConfig.seed says so)
+_EVAL_SEED_OFFSET = 1_000_003
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,11 @@ class Shard:
             raise ValueError(f"Shard: index={self.index} must be in [0, count={self.count}) "
                              "(the process's index among the count processes)")
         if self.span is not None:
+            if (not isinstance(self.span, tuple | list) or len(self.span) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int | np.integer)
+                           for v in self.span)):
+                raise ValueError(f"Shard: span={self.span!r} must be a pair of integers "
+                                 "(start, stop): the rows [start, stop) of the global batch")
             start, stop = self.span
             if not 0 <= start < stop:
                 raise ValueError(f"Shard: span={self.span}: the rows [start, stop) need "
