@@ -292,6 +292,10 @@ def test_pallas_refuses_blocks_no_kernel_can_take():
     w1, w2 = random_factors(jax.random.key(0), 36, 36, 3)  # p = q = s = 12
     with pytest.raises(ValueError, match=r"GPU kernel needs p, q, s powers of two >= 16"):
         monarch_matmul(jnp.ones((2, 36)), w1, w2, implementation="pallas")
+    # the interpret-mode kernel's refusal names what was asked for (it said 'pallas')
+    with pytest.raises(ValueError, match=r"implementation='pallas_interpret'\): the GPU kernel "
+                                         "needs p, q, s powers of two"):
+        monarch_matmul(jnp.ones((2, 36)), w1, w2, implementation="pallas_interpret")
 
 
 def test_a_default_of_one_block_is_said_with_the_parameter_counts():

@@ -241,7 +241,8 @@ def kernel_monarch(x, w1, w2, *, backend: str, interpret: bool, block_tokens: in
     b, p, q, s = _check_input(x, w1, w2)
     why = kernel_constraints(backend, w1, w2)
     if why:
-        raise ValueError(f"monarch_matmul(implementation='pallas'): {why} (w1 {w1.shape}, "
+        requested = "pallas_interpret" if interpret and backend == "gpu" else "pallas"
+        raise ValueError(f"monarch_matmul(implementation={requested!r}): {why} (w1 {w1.shape}, "
                          f"w2 {w2.shape}); use implementation='xla'")
     lead, n = x.shape[:-1], x.shape[-1]
     bt = (128 if backend == "tpu" else 32) if block_tokens is None else block_tokens
@@ -261,8 +262,9 @@ def monarch_matmul(x, w1, w2, *, implementation: str | None = None):
     each tile of tokens goes through both factors and the permutation in cache, float32;
     XLA when lowering for an accelerator), ``"pallas"`` (the fused kernel of
     :mod:`pallas_kernels.monarch`, Triton or Mosaic by the lowering platform; XLA elsewhere,
-    or on a platform whose kernel cannot take the block sizes), ``"pallas_interpret"`` (the GPU
-    kernel in interpret mode, for tests). ``None`` picks ``"native"`` on a CPU-only host when
+    or on a platform whose kernel cannot take the block sizes; a ``ValueError`` naming both
+    kernels' rules when neither can, on any platform), ``"pallas_interpret"`` (the GPU
+    kernel in interpret mode, for tests; a ``ValueError`` when it cannot take the sizes). ``None`` picks ``"native"`` on a CPU-only host when
     lowering for CPU with a float32 compute dtype (if the kernel builds: it needs a C++ compiler on
     first use) and XLA otherwise. Every implementation takes reverse mode (``jax.grad``; the
     native kernels have their own backward: dx, dw1 and dw2 in one pass over token tiles).
