@@ -98,7 +98,9 @@ class ModelConfig:
     moe_z_weight: float = 1e-3  # router z-loss weight
     moe_k_end: int | None = None  # random router: k grows linearly from moe_k to this
     moe_k_schedule_steps: int = 1000  # ... over this many steps
-    moe_eval_k: int | None = None  # k at evaluation/generation (SMoE-Dropout: more experts)
+    # k at evaluation/generation (SMoE-Dropout: more experts); with moe_renormalize=False
+    # the gates' sum, so the output's scale, changes with it (a warning says so)
+    moe_eval_k: int | None = None
     moe_grouped_impl: str | None = None  # ops.moe.grouped_matmul implementation
     # Monarch matrices (jaxsparse.nn.MonarchLinear) in place of dense projections
     monarch: str = ""  # which: "" (none), "mlp", "attention" or "mlp,attention"

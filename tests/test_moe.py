@@ -544,6 +544,32 @@ def test_rows_past_the_groups_give_zeros_eagerly_too(implementation):
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
+def test_settings_the_layer_would_misread_are_refused_or_said():
+    """A string ``renormalize`` read as True (``"no"`` renormalised); an expert-choice layer
+    stored ``eval_k`` / ``k_end`` and ran as trained; evaluating with another k than training's
+    under ``renormalize=False`` changes the gates' sum, so the output's scale, unannounced."""
+    from jaxsparse.nn.moe import EvalScaleWarning
+
+    for name in ("renormalize", "causal"):
+        with pytest.raises(ValueError, match=rf"{name}='no': must be True or False"):
+            MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), **{name: "no"})
+    for extra in ({"eval_k": 4}, {"k_end": 3}):
+        with pytest.raises(ValueError, match=r"router='expert_choice' takes no eval_k"):
+            MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), router="expert_choice", causal=False, **extra)
+    with pytest.warns(EvalScaleWarning, match=r"eval_k=4 with renormalize=False .*top-1"):
+        layer = MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), renormalize=False, eval_k=4)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8))
+    train_gates = layer.route(x)[0].weights.sum(-1)
+    layer.eval()
+    eval_gates = layer.route(x)[0].weights.sum(-1)
+    assert float(jnp.max(train_gates)) < 0.99 and np.allclose(eval_gates, 1.0, atol=1e-6)
+    with warnings.catch_warnings():  # renormalised gates sum to 1 whatever k: nothing to say
+        warnings.simplefilter("error", EvalScaleWarning)
+        MoE(8, 16, 4, 2, rngs=nnx.Rngs(0), eval_k=4)
+        MoE(8, 16, 4, 1, rngs=nnx.Rngs(0), renormalize=False, eval_k=1)
+
+
+@pytest.mark.filterwarnings("ignore::jaxsparse.nn.moe.EvalScaleWarning")
 def test_zero_weight_choices_are_not_run_through_the_experts(monkeypatch):
     """The router always takes k_max choices (eval_k, the k schedule's k_end); in training
     the ones past the active k have weight 0 and were still sorted into the groups and

@@ -55,6 +55,10 @@ class UntrainedRouterWarning(SettingsWarning):
     """Settings under which the router gets no gradient from the task loss."""
 
 
+class EvalScaleWarning(SettingsWarning):
+    """Settings under which eval mode scales the layer's output differently from training."""
+
+
 class FixedRouterKernel(nnx.Variable):
     """The random router's kernel (``router="random"``, SMoE-Dropout): drawn at init and never
     trained, but the experts learn behind it, so a run that starts from these weights
@@ -86,6 +90,9 @@ class MoE(nnx.Module):
             check_integer("k_end", k_end, k, num_experts, f"in [k={k}, num_experts={num_experts}]")
         if eval_k is not None:
             check_integer("eval_k", eval_k, 1, num_experts, f"in [1, num_experts={num_experts}]")
+        for name, value in (("renormalize", renormalize), ("causal", causal)):
+            if not isinstance(value, bool):  # a string such as "no" would read as True
+                raise ValueError(f"{name}={value!r}: must be True or False")
         check_integer("chunk", chunk, 0, allowed=">= 0 (0: token-level routing)")
         check_integer("shared_experts", shared_experts, 0)
         if capacity_factor is not None and (not is_real(capacity_factor)
@@ -110,6 +117,19 @@ class MoE(nnx.Module):
                              "serve a causal decoder (use 'top_k')")
         if router == "expert_choice" and chunk:
             raise ValueError("router='expert_choice' does not support chunk-level routing")
+        if router == "expert_choice" and (eval_k is not None or (k_end or k) != k):
+            # (its capacity comes from capacity_factor or k: it would run as trained, silently)
+            raise ValueError(f"router='expert_choice' takes no eval_k ({eval_k!r}) or k_end "
+                             f"({k_end!r}): each expert picks its own tokens, so there is no "
+                             "per-token k to change; use router='top_k' or 'random'")
+        if router != "expert_choice" and not renormalize and eval_k not in (None, k_end or k):
+            warnings.warn(
+                f"eval_k={eval_k} with renormalize=False (model.moe_eval_k, "
+                "model.moe_renormalize): evaluation weights each token's experts by the raw "
+                f"top-{eval_k} router probabilities, whose sum differs from training's top-"
+                f"{k_end or k} (up to 1 at eval_k=num_experts), so the layer's output changes "
+                "scale; evaluating with more experts is meant for renormalize=True "
+                "(SMoE-Dropout)", EvalScaleWarning)
         self.num_experts, self.k, self.router_kind = num_experts, k, router
         self.k_end = k_end if k_end is not None else k
         self.k_schedule_steps = k_schedule_steps
