@@ -201,6 +201,11 @@ def test_routing_probe_refuses_zero_batches(load, monkeypatch, capsys, tmp_path)
     (["throughput", "--lengths", "0"], ["--lengths", "'0': item 0 must be >= 1"]),
     (["throughput", "--lengths", "1024,x"], ["--lengths", "'x' is not an integer"]),
     (["throughput", "--repeats", "0"], ["--repeats", "0 must be >= 1"]),
+    # a repeated seed was read back and reported as a spread of 0; a negative one failed
+    # only when its turn came, after the earlier seeds had trained
+    (["pkm", "--seeds", "0", "0"], ["--seeds", "0 0 repeats a seed"]),
+    (["ablations", "--seeds", "0", "-1"], ["--seeds", "-1 must be >= 0"]),
+    (["composition", "--seeds", str(2 ** 32)], ["--seeds", "must be < 2**32"]),
 ])
 def test_hydra_study_refuses_bad_sizes(load, monkeypatch, capsys, tmp_path, argv, expected):
     study = load("hydra_study", "hydra/study.py")
@@ -225,6 +230,8 @@ def test_hydra_study_parses_lengths_and_keeps_an_explicit_seq_len(load, monkeypa
     (["--minutes", "0"], ["--minutes", "must be a finite number > 0"]),
     (["--minutes", "-2"], ["--minutes", "-2 must be a finite number > 0"]),
     (["--minutes", "nan"], ["--minutes", "must be a finite number > 0"]),
+    # both runs went to one workdir, the second deleting the first, the means mixing them
+    (["--configs", "hydra_tiny,hydra_tiny"], ["--configs", "names one config twice"]),
 ])
 def test_hydra_default_vs_dense_refuses_bad_rounds_and_minutes(load, monkeypatch, capsys,
                                                                tmp_path, argv, expected):

@@ -110,6 +110,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     bases = [configs.get(name) for name in args.configs.split(",")]
+    names = [base.name for base in bases]
+    if len(set(names)) < len(names):  # one workdir each: the second would delete the first
+        parser.error(f"argument --configs: {args.configs!r} names one config twice "
+                     f"({', '.join(names)}); give each once")
     rows = []
     for round_ in range(args.rounds):
         for base in bases if round_ % 2 == 0 else bases[::-1]:

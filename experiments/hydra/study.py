@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxsparse import configs
 from jaxsparse.bench import write_results
-from jaxsparse.bench.arguments import description, positive_int, positive_int_list
+from jaxsparse.bench.arguments import description, positive_int, positive_int_list, seed
 from jaxsparse.config import apply_overrides
 from jaxsparse.models import count_params
 from jaxsparse.train.loop import train
@@ -456,7 +456,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=256,
                         help="vocabulary of the synthetic studies (pkm, composition, ablations); "
                              "smaller vocabularies leave the MQAR plateau sooner (README)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+    parser.add_argument("--seeds", type=seed, nargs="+", default=[0],
                         help="pkm, composition, ablations: train each variant once per seed "
                              "(train.seed and data.seed) and report the mean and std")
     parser.add_argument("--fresh", action="store_true",
@@ -464,6 +464,9 @@ def main(argv=None) -> None:
                              "same config (by default they are read back, not retrained)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) < len(args.seeds):  # a repeat is read back, a spread of nothing
+        parser.error(f"argument --seeds: {' '.join(map(str, args.seeds))} repeats a seed; each "
+                     "seed is one independent run of every variant")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     STUDIES[args.study](args, out)

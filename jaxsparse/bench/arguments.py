@@ -48,6 +48,15 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def seed(text: str) -> int:
+    """``type=`` for a random seed: an integer in [0, 2**32) (``train.seed`` / ``data.seed``'s
+    range), refused before any run trains rather than when its turn comes."""
+    value = _int_at_least(text, 0)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{value} must be < 2**32")
+    return value
+
+
 def positive_float(text: str) -> float:
     """``type=`` for a duration or other amount that must be a finite number > 0."""
     try:
