@@ -321,3 +321,21 @@ def test_an_ssm_study_call_on_a_subset_keeps_the_other_runs_rows(ssm, monkeypatc
     mqar.main(["--steps", "5", "--models", "mamba2"] + common)
     assert table() == {"Mamba-2 d64": (5, 0.7)}
     assert "not kept from the earlier mqar table" in capsys.readouterr().out
+
+
+def test_the_scaling_table_writes_into_its_out_directory(load, monkeypatch, tmp_path):
+    """``--out`` is a directory, as every other script's: it was a file stem, so ``--out DIR/``
+    wrote ``DIR.json`` beside a directory that was never made."""
+    table = load("scaling_table", "scale/scaling_table.py")
+    size = {"16 GB": True, "95 GB": True}
+
+    def fake_dry_run(model, devices, preset, mesh, depths):
+        return {"model": model, "devices": devices, "preset": preset, "mesh": mesh,
+                "state_bytes": 1, "total_bytes": 2, "total_bytes_remat": 2,
+                "flops_per_device": 3, "collective_bytes": {}, "fits": size, "fits_remat": size}
+
+    monkeypatch.setattr(table, "one", fake_dry_run)
+    out = tmp_path / "tables"
+    table.main(["--models", "mqar_tiny", "--sizes", "1", "--presets", "data", "--out", f"{out}/"])
+    assert sorted(p.name for p in out.iterdir()) == ["scaling.json", "scaling.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tables"]

@@ -26,7 +26,8 @@ Nothing is allocated: every number comes from abstract shapes and the CPU compil
   and reductions of float32 parameters and gradients are counted exactly.
 
 Usage: python experiments/scale/scaling_table.py [--sizes 8,64,256] [--models ...]
-Writes experiments/results/scaling.{json,md}; rows of models not named in --models are kept.
+Writes scaling.{json,md} into the directory --out (default experiments/results); rows of models
+not named in --models are kept.
 """
 
 from __future__ import annotations
@@ -184,7 +185,9 @@ def main(argv=None) -> None:
                         help="comma-separated device counts")
     parser.add_argument("--presets", type=preset_list, default=",".join(PRESETS),
                         help=f"comma-separated sharding presets, of {', '.join(PRESETS)}")
-    parser.add_argument("--out", default=str(RESULTS / "scaling"))
+    parser.add_argument("--out", default=str(RESULTS),
+                        help="directory of the table (scaling.json, scaling.md), as the other "
+                             "scripts' --out; created if missing")
     args = parser.parse_args(argv)
     jobs = []
     for model in args.models:
@@ -196,7 +199,8 @@ def main(argv=None) -> None:
                     jobs.append((model, devices, preset, mesh, depths))
     if not jobs:  # e.g. fsdp_tp_ep for the dense baseline, or too few devices for a preset
         raise SystemExit("no preset applies to these models and sizes; nothing to run")
-    out = Path(args.out)
+    # (a file stem until 2026-12-07: `--out DIR/` wrote DIR.json beside DIR)
+    out = Path(args.out) / "scaling"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows not rerun now stay in the table: `--models hydra_1p6b --presets fsdp_tp` refreshes
     # those rows after a change without recompiling the others.
