@@ -415,6 +415,28 @@ def test_tokens_per_second_leaves_out_compilation_and_evaluation(tmp_path):
     assert min(rates) > 0.2 * steady, rates
 
 
+def test_tokens_per_second_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
+    """The window after each checkpoint counted the save (it waits for the state and copies it
+    to the host): 3-5x slow on small steps. A save made slow here must not show."""
+    import time
+
+    from jaxsparse.train.checkpoint import Checkpointer
+    from jaxsparse.train.metrics import read_metrics
+
+    save = Checkpointer.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(0.5)  # ~100 steps of this tiny model
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    train(tiny_config("train.steps=12", "train.log_every=2", "train.checkpoint_every=4"),
+          tmp_path, sample=False, quiet=True)
+    rates = [r["tokens_per_sec"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    steady = float(np.median(rates))
+    assert len(rates) == 6 and min(rates) > 0.2 * steady, rates
+
+
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):
     cfg = tiny_config("train.steps=2")
     first = train(cfg, tmp_path, sample=False, quiet=True)

@@ -402,9 +402,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                disable=not (primary and cfg.train.progress and not quiet), dynamic_ncols=True,
                file=sys.stdout)
     # tokens/s over the steps since the last log: the clock restarts after the first step
-    # (its compilation) and after every evaluation, which are not training throughput (the
-    # first window of every run read ~1% of the steady rate); a window of the first step
-    # alone reports that step, compilation included
+    # (its compilation) and after every evaluation and checkpoint save, which are not
+    # training throughput (the first window of every run read ~1% of the steady rate); a
+    # window of the first step alone reports that step, compilation included
     last_time, last_step = time.perf_counter(), start
     first_step_seconds = last_rate = None
     # lines between bar updates: from one process only (a pod's hosts would all print them),
@@ -509,6 +509,9 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             if due and not diverged:
                 writer.flush()  # what is logged up to a checkpoint survives a kill after it
                 ckpt.save(step, state, cfg, corpus=stream.corpus, force=True)
+                # nor is the save training time (it waits for the state and copies it to the
+                # host: the window after every checkpoint read 3-5x slow on small steps)
+                last_time, last_step = time.perf_counter(), step
             if diverged:
                 # The state at the stop is finite (bad updates are never applied), but the
                 # updates before the bad one may already have harmed it, and saving it would
