@@ -186,6 +186,22 @@ def test_init_from_keeps_the_learned_routing_statistics_and_restarts_the_counter
     assert int(started["step"]) == 0
 
 
+def test_an_init_from_that_is_not_a_run_leaves_no_workdir_behind(tmp_path):
+    """The error named the source, but the new run's workdir and its empty checkpoints/
+    were left behind; an existing workdir keeps what it held."""
+    for source in (tmp_path / "missing", tmp_path):  # no such directory; no config.json
+        cfg = tiny_config("train.steps=2", f"train.init_from={source}")
+        with pytest.raises(ConfigError, match=r"train.init_from=.*(no config.json|checkpoint)"):
+            train(cfg, tmp_path / "new", sample=False, quiet=True)
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train(tiny_config(f"train.init_from={tmp_path / 'missing'}"), tmp_path / "kept",
+              sample=False, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
+
+
 def test_init_from_keeps_a_random_routers_fixed_kernel(tmp_path):
     """SMoE-Dropout's random router is not a parameter, but its experts were trained behind
     it: a run started from those weights with another seed once drew a new router, sending

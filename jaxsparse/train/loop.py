@@ -347,6 +347,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     check_workdir(cfg, workdir)
     setup = TrainSetup(cfg, mesh)
     stream = process_stream(cfg, setup)
+    made = [d for d in (workdir, workdir / "checkpoints") if not d.exists()]  # by this call
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)
     ckpt.check_compatible(cfg)
@@ -364,7 +365,14 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             log(f"the run is already at step {start} >= train.steps={cfg.train.steps}: "
                 "nothing to train (raise train.steps to continue it)")
     elif cfg.train.init_from:
-        state = _init_from(setup, cfg, cfg.train.init_from)
+        try:
+            state = _init_from(setup, cfg, cfg.train.init_from)
+        except ConfigError:  # a source that is not a run: leave no empty workdir behind
+            ckpt.close()
+            for directory in reversed(made):
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
         start = 0
         log(f"initialised from {cfg.train.init_from}")
     else:
