@@ -99,6 +99,17 @@ def test_a_list_of_tokens_and_a_cache_of_another_batch_are_named():
     with pytest.raises(ValueError, match=r"tokens must be an integer \[batch, length\] array, "
                                          r"got list"):
         model([[1, 2, 3]])  # was an AttributeError on .ndim
+    # empty: attention models named attention's own q / k_new, Mamba-2 returned empty logits
+    for name in ("transformer_tiny", "mamba2_tiny"):
+        built = model if name == "transformer_tiny" else models.build(
+            configs.get(name).model, nnx.Rngs(0))
+        for empty in (jnp.zeros((1, 0), jnp.int32), jnp.zeros((0, 3), jnp.int32)):
+            with pytest.raises(ValueError, match=rf"tokens of shape \[{empty.shape[0]}, "
+                                                 rf"{empty.shape[1]}\]: the batch and the length "
+                                                 "must each be >= 1"):
+                built.decode(empty, built.init_cache(1, 8))
+            with pytest.raises(ValueError, match=r"the batch and the length must each be >= 1"):
+                built(empty)
     # a recurrent cache made for 2 rows, decoding 1: was "state must be (1, 3, 64), got (2, 3,
     # 64)", as if the cache and not the input were off
     for name in ("mamba_tiny", "mamba2_tiny"):

@@ -113,8 +113,9 @@ def _check_tokens(tokens):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer [batch, length] array, got {tokens.dtype}"
                          f"{list(tokens.shape)}")
-
-
+    if 0 in tokens.shape:  # the layers named their own internal tensors (attention's q, k_new)
+        raise ValueError(f"tokens of shape {list(tokens.shape)}: the batch and the length must "
+                         "each be >= 1")
 
 
 def _remat_block(block, x_BLD, positions, segment_ids, context):
