@@ -314,7 +314,9 @@ def _run(args) -> int:
             PermissionError) as err:  # (a --workdir or --out that cannot be written)
         print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteTraining as err:  # the run's own failure, not the command line's
+    # the run's own failure, not the command line's (FloatingPointError: a sample from NaN
+    # logits, jaxsparse.models.generate)
+    except (NonFiniteTraining, FloatingPointError) as err:
         print(f"jaxsparse {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside training's own handling (e.g. during the sample)

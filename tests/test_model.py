@@ -180,6 +180,27 @@ def test_a_tiny_temperature_samples_the_argmax(temperature):
         np.testing.assert_array_equal(picked, jnp.argmax(logits, axis=-1))
 
 
+def test_nan_logits_sample_minus_one_and_eager_generation_says_so(model):
+    """argmax and categorical both read an all-NaN row as token 0: a model gone non-finite, or
+    out-of-range ids under jit (the embedding gives NaN rows on purpose), generated zeros that
+    looked like text."""
+    from jaxsparse.models.generate import sample_logits
+
+    logits = jax.random.normal(jax.random.key(0), (3, 16)).at[1].set(jnp.nan).at[2, 5].set(jnp.nan)
+    for temperature, top_k in ((0.0, 0), (1.0, 0), (1.0, 4)):
+        for sampler in (sample_logits, jax.jit(sample_logits)):
+            picked = np.asarray(sampler(logits, jax.random.key(1), temperature, top_k))
+            assert picked[1] == picked[2] == -1 and 0 <= picked[0] < 16, picked
+    traced = jax.jit(lambda p: generate(model, p, 4, temperature=0.8))(jnp.array([[300, 3]]))
+    np.testing.assert_array_equal(traced, -1)  # was [[0, 0, 0, 0]]
+    graphdef, state = nnx.split(model)
+    broken = nnx.merge(graphdef, jax.tree.map(lambda a: a * jnp.nan if jnp.issubdtype(
+        a.dtype, jnp.floating) else a, state))
+    with pytest.raises(FloatingPointError, match=r"logits are NaN \(rows \[0\], from new "
+                                                 r"token 0 on\)"):
+        generate(broken, jnp.array([[1, 2, 3]]), 3)
+
+
 def test_every_parameter_carries_logical_axes(model):
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("logical_axes")

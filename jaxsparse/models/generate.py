@@ -28,8 +28,13 @@ def sample_logits(logits_BV, rng, temperature, top_k):
 
     The logits are shifted by their maximum before the division, so a tiny temperature sends
     the others to -inf and sampling becomes greedy (``logits / 1e-45`` alone overflows to
-    inf - inf = NaN and samples garbage)."""
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    inf - inf = NaN and samples garbage).
+
+    A row with a NaN logit (a model gone non-finite, or out-of-range ids fed to a traced
+    embedding, which gives NaN rows on purpose) samples ``-1``, an id no token has: argmax and
+    categorical both read such a row as token 0, plausible-looking output."""
+    nan_B = jnp.any(jnp.isnan(logits_BV), axis=-1)
+    greedy = jnp.where(nan_B, -1, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
     if isinstance(temperature, int | float) and temperature < _GREEDY_BELOW:
         return greedy
     logits_BV = logits_BV.astype(jnp.float32)
@@ -43,7 +48,7 @@ def sample_logits(logits_BV, rng, temperature, top_k):
         keep = jnp.where(top_k > 0, top_k, vocab)
         logits_BV = jnp.where(rank < keep, logits_BV, -jnp.inf)
     sampled = jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature < _GREEDY_BELOW, greedy, sampled)
+    return jnp.where(temperature < _GREEDY_BELOW, greedy, jnp.where(nan_B, -1, sampled))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "capacity",
@@ -101,7 +106,11 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     compiled program (a notebook trying prompts compiles once per bucket, not per length),
     for at most ``prompt_bucket - 1`` single-token steps. ``prompt_bucket=1`` runs every prompt
     in one pass. ``vocab_limit``: sample only ids below it (a byte-level model whose
-    vocabulary is padded past 256 must not emit ids no byte stands for)."""
+    vocabulary is padded past 256 must not emit ids no byte stands for).
+
+    Logits with a NaN sample ``-1`` (:func:`sample_logits`); called eagerly, that is a
+    ``FloatingPointError`` naming the rows and the first such token (under ``jax.jit`` the
+    ``-1`` entries are the mark)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
@@ -147,12 +156,26 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     capacity = prefill + bucket - 1 + int(max_new_tokens)
     capacity = capacity if limit is None else min(capacity, limit)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_BP[:, :prefill], tail_BT,
-                     jnp.int32(length - prefill), rng, jnp.float32(temperature),
-                     jnp.int32(top_k), prefill=prefill, capacity=capacity,
-                     max_new_tokens=int(max_new_tokens),
-                     greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0,
-                     vocab_limit=None if vocab_limit is None else int(vocab_limit))
+    out_BN = _generate(graphdef, state, prompt_BP[:, :prefill], tail_BT,
+                       jnp.int32(length - prefill), rng, jnp.float32(temperature),
+                       jnp.int32(top_k), prefill=prefill, capacity=capacity,
+                       max_new_tokens=int(max_new_tokens),
+                       greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0,
+                       vocab_limit=None if vocab_limit is None else int(vocab_limit))
+    _refuse_nan_samples(out_BN)
+    return out_BN
+
+
+def _refuse_nan_samples(out_BN) -> None:
+    """A ``FloatingPointError`` where (concrete) samples hold ``-1``, the mark of NaN logits."""
+    values = concrete_values(out_BN)
+    if values is None or not (values < 0).any():
+        return
+    rows = sorted({int(r) for r in np.nonzero((values < 0).any(axis=1))[0]})
+    first = int(np.argmax((values < 0).any(axis=0)))
+    raise FloatingPointError(f"the model's logits are NaN (rows {rows}, from new token {first} "
+                             "on): its parameters or inputs are not finite; the samples there "
+                             "are -1")
 
 
 def _checked_temperature(temperature) -> float:
