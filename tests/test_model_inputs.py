@@ -117,3 +117,26 @@ def test_a_list_of_tokens_and_a_cache_of_another_batch_are_named():
         with pytest.raises(ValueError, match=r"cache\['conv'\] of shape \(2, .*made for another "
                                              r"batch size than the input's 1"):
             mamba.decode(jnp.zeros((1, 3), jnp.int32), mamba.init_cache(2, 8))
+
+
+def test_layers_refuse_an_odd_rotary_head_dim_and_integer_workspace_inputs_when_used():
+    """An odd head dim was accepted when the attention layers were built and refused only at
+    their first call (inside a jitted step, say); the workspace cast its float32 reads back
+    to an integer input's dtype, cutting their fractions."""
+    from jaxsparse.nn import RoutingAttention, SparseGlobalAttention, WorkspaceMemory
+    from jaxsparse.nn.attention import Attention
+
+    rngs = nnx.Rngs(0)
+    for build in (lambda: Attention(16, 2, 2, 7, rngs=rngs),
+                  lambda: SparseGlobalAttention(16, 2, 2, 7, window=4, max_global=2, rngs=rngs),
+                  lambda: RoutingAttention(16, 2, 7, rngs=rngs, routing_heads=1, num_clusters=2,
+                                           window=4, local_window=4)):
+        with pytest.raises(ValueError, match=r"head_dim=7: rotary embeddings need an even"):
+            build()
+    workspace = WorkspaceMemory(16, 4, 4, rngs=rngs)
+    ints = jnp.ones((2, 12, 16), jnp.int32)
+    for call in (lambda: workspace(ints), lambda: workspace.decode(ints, workspace.init_cache(2), 0)):
+        with pytest.raises(ValueError, match=r"x has dtype int32; the workspace reads "
+                                             "floating-point inputs"):
+            call()
+    assert workspace(ints.astype(jnp.float32)).dtype == jnp.float32

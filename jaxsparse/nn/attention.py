@@ -15,7 +15,7 @@ from jaxsparse.ops.attention.api import IMPLEMENTATIONS, lazy_mask
 from jaxsparse.ops.attention.decode import reads_written_part
 from jaxsparse.ops.checks import check_cache_request
 from jaxsparse.ops.masks import CausalMask, Mask, made_causal
-from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
+from jaxsparse.ops.rotary import apply_rotary, check_rope_theta, check_rotary_head_dim
 from jaxsparse.ops.attention.ring import ring_attention
 from jaxsparse.parallel import constrain, current_mesh, sequence_axis_size
 
@@ -40,6 +40,7 @@ class Attention(nnx.Module):
                              f"d_model={d_model}: each must be >= 1, and n_heads a multiple of "
                              "n_kv_heads")
         check_rope_theta(rope_theta, "rope_theta")
+        check_rotary_head_dim(head_dim)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r} is not available; allowed: "
                              f"{IMPLEMENTATIONS}")

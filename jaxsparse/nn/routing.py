@@ -14,7 +14,7 @@ from jaxsparse.ops.attention import (dot_product_attention, full_cache_decode,
 from jaxsparse.ops.checks import (check_cache_request, check_integer, check_nonnegative,
                                   checked_decode_cache)
 from jaxsparse.ops.masks import CausalMask, LocalMask
-from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
+from jaxsparse.ops.rotary import apply_rotary, check_rope_theta, check_rotary_head_dim
 from jaxsparse.ops.routing import (causal_routing_attention, commitment_loss, ema_centroids,
                                    ema_mean, init_centroids, routing_windows, shared_keys)
 from jaxsparse.ops.routing_rings import init_routing_rings, routing_ring_decode
@@ -123,6 +123,7 @@ class RoutingAttention(nnx.Module):
             raise ValueError(f"center_decay={center_decay}: must be in [0, 1)")
         check_nonnegative("commitment", commitment)  # a loss weight
         check_rope_theta(rope_theta, "rope_theta")  # at build, not at the first call
+        check_rotary_head_dim(head_dim)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         heads = ("embed", "heads", "kv")
         self.q_proj = Linear(d_model, (n_heads, head_dim), logical_axes=heads, **kw)

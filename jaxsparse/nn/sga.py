@@ -16,7 +16,7 @@ from jaxsparse.nn.cache_layout import stored, viewed
 from jaxsparse.nn.linear import Linear
 from jaxsparse.ops.attention.decode import check_new_positions_fit
 from jaxsparse.ops.checks import check_cache_request, checked_decode_cache
-from jaxsparse.ops.rotary import apply_rotary, check_rope_theta
+from jaxsparse.ops.rotary import apply_rotary, check_rope_theta, check_rotary_head_dim
 from jaxsparse.ops.segments import refuse_while_decoding
 from jaxsparse.ops.sga import (SGA_IMPLEMENTATIONS, check_sga_options, sga_decode,
                                sparse_global_attention)
@@ -38,6 +38,7 @@ class SparseGlobalAttention(nnx.Module):
                              "n_kv_heads")
         check_sga_options(window, max_global)
         check_rope_theta(rope_theta, "rope_theta")
+        check_rotary_head_dim(head_dim)
         if implementation not in SGA_IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}: allowed {SGA_IMPLEMENTATIONS}")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

@@ -63,6 +63,9 @@ class WorkspaceMemory(nnx.Module):
         if x_BLD.ndim != 3 or x_BLD.shape[2] != self.d_model:
             raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got "
                              f"{x_BLD.shape}")
+        if not jnp.issubdtype(x_BLD.dtype, jnp.floating):  # the reads, cast back, would be cut
+            raise ValueError(f"x has dtype {x_BLD.dtype}; the workspace reads floating-point "
+                             "inputs (cast integer features with x.astype(jnp.float32))")
 
     def __call__(self, x_BLD, segment_ids=None):
         """``segment_ids [B, L]``: packed documents; the slots restart at every document start

@@ -21,6 +21,13 @@ def check_rope_theta(theta, name: str = "theta") -> None:
         raise ValueError(f"{name}={theta!r}: must be a finite number > 0 (e.g. 10000)")
 
 
+def check_rotary_head_dim(head_dim) -> None:
+    """Rotary embeddings rotate pairs of a head's channels: its dim must be even. For the layers'
+    constructors, so an odd one is refused when the layer is built, not at its first call."""
+    if isinstance(head_dim, int) and head_dim % 2:
+        raise ValueError(f"head_dim={head_dim}: rotary embeddings need an even head dim")
+
+
 def apply_rotary(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10_000.0) -> jax.Array:
     """Rotate each pair (x[i], x[i + D/2]) by angle ``position / theta ** (2i / D)``.
 
