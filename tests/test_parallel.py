@@ -329,6 +329,12 @@ for mesh in (MeshConfig(data=1, tensor=3, preset="fsdp_tp"), MeshConfig(data=2, 
         errors.append(None)
     except ConfigError as err:
         errors.append(str(err))
+# a mesh whose data axis does not split the run's batch of 8: loaded (other batches may), said
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    _, odd, _ = load(workdir, mesh=MeshConfig(data=3), devices=jax.devices()[:3])
+split_warnings = [str(w.message) for w in caught if "no data parallelism" in str(w.message)]
 # continue training on the new mesh from the restored step
 cfg = tiny_config("train.steps=4", "train.checkpoint_every=2", "mesh.data=2", "mesh.tensor=2",
                   "mesh.preset=fsdp_tp")
@@ -337,7 +343,9 @@ np.savez(os.environ["DUMP"], *[np.asarray(x) for x in jax.tree.leaves(result.sta
 print(json.dumps({"step": int(state["step"]), "max_diff": diff, "errors": errors,
                   "spec": [str(a) for a in gate.sharding.spec],
                   "shard": list(gate.addressable_shards[0].data.shape),
-                  "resumed_steps": sorted(int(k) for k in result.losses)}))
+                  "resumed_steps": sorted(int(k) for k in result.losses),
+                  "split_warnings": split_warnings,
+                  "odd_batch_spec": [str(a) for a in odd.batch_sharding.spec]}))
 """
 
 
@@ -355,6 +363,12 @@ def test_checkpoint_written_on_8_devices_restores_onto_4_devices_and_back(tmp_pa
     assert "mesh.tensor=3 must divide model.n_heads=4" in moved["errors"][0]
     assert "mesh.expert=2 needs MoE layers" in moved["errors"][1]
     assert "needs 6 devices but 4 are available" in moved["errors"][2]
+    # train and dryrun refuse a batch the data axis cannot split; load said nothing and the
+    # batch sharding quietly fell back to replication
+    assert moved["odd_batch_spec"] == ["None", "None"]
+    assert len(moved["split_warnings"]) == 1
+    assert "data.batch_size=8 is not divisible by the data-parallel size 3" in \
+        moved["split_warnings"][0]
     back = run_python(SAVE_ON_8, devices=8, env=env | {"PHASE": "restore", "DUMP": str(tmp_path / "back.npz")})
     assert back["step"] == 4 and back["spec"] == ["fsdp", "None"]
     ours, theirs = np.load(tmp_path / "params.npz"), np.load(tmp_path / "back.npz")

@@ -24,7 +24,7 @@ from jaxsparse.config import (SECTIONS, Config, ConfigError, MeshConfig, diff, f
 from jaxsparse.config_usage import model_differences, unread_data_keys
 from jaxsparse.data import Shard, make_stream
 from jaxsparse.errors import (DataChangeWarning, NonFiniteTraining, OlderConfigWarning,
-                              ScheduleChangeWarning)
+                              ScheduleChangeWarning, SettingsWarning)
 from jaxsparse.models.curriculum import stage_at, stages
 from jaxsparse.parallel import check_batch_split, make_mesh
 from jaxsparse.parallel.mesh import check_mesh, process_rows
@@ -615,7 +615,8 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
     every array straight into the new shards (the abstract target carries the shardings).
     A mesh this model cannot use (axis sizes that do not fit the devices, a tensor axis that
     does not divide the heads, an expert axis without experts) is refused with a ConfigError
-    before anything is read.
+    before anything is read; one whose data axes do not split the run's ``data.batch_size``
+    is loaded with a ``SettingsWarning`` (its batch sharding then replicates the batch).
 
     ``cfg`` is the one saved with that checkpoint, the settings it was trained with:
     ``config.json`` holds the latest run's, and a resume may have changed its data, evaluation
@@ -638,7 +639,13 @@ def load(workdir: str | Path, step: int | None = None, *, mesh: MeshConfig | Non
         mesh, devices = MeshConfig(), jax.devices()[:1]
     devices = jax.devices() if devices is None else devices
     cfg = validate(dataclasses.replace(cfg, mesh=mesh))
-    check_mesh(cfg, len(devices))  # raises a ConfigError naming the mesh
+    sizes = check_mesh(cfg, len(devices))  # raises a ConfigError naming the mesh
+    try:
+        check_batch_split(cfg, sizes)
+    except ConfigError as err:  # legal for other batches (generation), but train would refuse
+        warnings.warn(f"{err}: the setup's batch sharding (evaluate, global_batch) keeps the "
+                      "whole batch on every device, no data parallelism", SettingsWarning,
+                      stacklevel=2)
     setup = TrainSetup(cfg, make_mesh(cfg.mesh, devices))
     state = restore_train_state(ckpt, setup, latest)
     ckpt.close()
