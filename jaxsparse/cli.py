@@ -71,6 +71,9 @@ def _cmd_generate(args) -> int:
                           "(0: greedy)")
     if args.top_k < 0:
         raise ConfigError(f"--top-k={args.top_k}: must be >= 0 (0: the full distribution)")
+    if not 0 < args.top_p <= 1:  # NaN too
+        raise ConfigError(f"--top-p={args.top_p}: must be in (0, 1] (1: the full distribution; "
+                          "0.9: the fewest most likely bytes holding 90% of it)")
     if not 0 <= args.seed < 2 ** 32:  # JAX keys take 32-bit seeds; a larger one would wrap
         raise ConfigError(f"--seed={args.seed}: must be in [0, 2**32)")
     try:
@@ -99,7 +102,8 @@ def _cmd_generate(args) -> int:
     if args.max_new_tokens < 1 or args.max_new_tokens > limit:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be in [1, {limit}] "
                           f"(model.max_seq_len={cfg.model.max_seq_len} minus the prompt)")
-    _write_sample(sample_bytes(setup, state, cfg, args.prompt, args.max_new_tokens, args.seed))
+    _write_sample(sample_bytes(setup, state, cfg, args.prompt, args.max_new_tokens, args.seed,
+                               top_p=args.top_p))
     return 0
 
 
@@ -244,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes to generate (default: 200, or as many as model.max_seq_len leaves)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the fewest most likely bytes holding this much of "
+                        "the distribution (1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 

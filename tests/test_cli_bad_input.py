@@ -50,6 +50,9 @@ def test_a_config_json_that_is_a_directory_or_a_workdir_that_is_a_file(tmp_path,
     (["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0"),
     (["--seed", "4294967296"], "--seed=4294967296: must be in [0, 2**32)"),  # would repeat 0
     (["--seed", "-1"], "--seed=-1: must be in [0, 2**32)"),
+    (["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+    (["--top-p", "nan"], "--top-p=nan: must be in (0, 1]"),
 ])
 def test_generate_checks_its_flags_before_loading(tmp_path, capsys, argv, fragment):
     code, err = run_cli(capsys, "generate", "--workdir", str(tmp_path / "missing"), *argv)

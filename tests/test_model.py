@@ -149,6 +149,59 @@ def test_top_k_sampling_draws_from_exactly_k_tokens_even_when_tied():
     np.testing.assert_array_equal(greedy, np.zeros(512))
 
 
+def _nucleus_reference(logits, temperature, top_k, top_p):
+    """The tokens nucleus sampling may draw, per row, in float64 numpy: temperature, then the
+    k best (index order among ties), then the fewest best holding top_p of what is left."""
+    allowed = []
+    for row in np.asarray(logits, np.float64) / temperature:
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        if top_k:
+            order = order[:top_k]
+        probs = np.exp(row[order] - row[order].max())
+        probs /= probs.sum()
+        count = int(np.searchsorted(np.cumsum(probs), top_p - 1e-9) + 1)  # mass reaches top_p
+        allowed.append(set(order[:count]))
+    return allowed
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 0.5), (0.7, 0, 0.9), (1.3, 5, 0.8), (1.0, 0, 1e-6), (1.0, 3, 0.999)])
+def test_nucleus_sampling_draws_exactly_the_smallest_set_holding_top_p(temperature, top_k,
+                                                                        top_p):
+    """Every draw lies in the reference nucleus and, over many draws, every token of it shows
+    (so it is not a subset); traced p samples the same tokens as a concrete one."""
+    from jaxsparse.models.generate import sample_logits
+
+    logits = jax.random.normal(jax.random.key(3), (4, 12)) * 2.0
+    allowed = _nucleus_reference(logits, temperature, top_k, top_p)
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draws = np.asarray(jax.vmap(lambda key: sample_logits(logits, key, temperature, top_k,
+                                                          top_p))(keys))
+    for row in range(4):
+        seen = set(draws[:, row].tolist())
+        assert seen == allowed[row], (row, seen, allowed[row])
+    traced = jax.jit(sample_logits)(logits, keys[0], jnp.float32(temperature),
+                                    jnp.int32(top_k), jnp.float32(top_p))
+    np.testing.assert_array_equal(traced, draws[0])
+
+
+def test_generate_takes_top_p_traced_and_refuses_bad_values(model):
+    from jaxsparse.models.generate import _generate
+
+    prompt = tokens(5, batch=1, length=4)
+    generate(model, prompt, 3, temperature=0.7, top_p=0.9)
+    before = _generate._cache_size()
+    for top_p in (0.5, np.float32(0.95), 0.2):
+        assert generate(model, prompt, 3, temperature=0.7, top_p=top_p).shape == (1, 3)
+    assert _generate._cache_size() == before
+    # a nucleus of one token is greedy whatever the temperature
+    np.testing.assert_array_equal(generate(model, prompt, 3, temperature=5.0, top_p=1e-9),
+                                  generate(model, prompt, 3, temperature=0.0))
+    for bad in (0.0, 1.5, float("nan"), True, "0.9"):
+        with pytest.raises(ValueError, match=r"top_p=.*: must be a number in \(0, 1\]"):
+            generate(model, prompt, 3, top_p=bad)
+
+
 def test_generate_compiles_once_for_every_temperature_and_top_k(model):
     """Sweeping the sampling temperature or k (as one does in a notebook) reuses the compiled
     program; only the mode (greedy, full distribution, top-k) is part of it."""

@@ -19,12 +19,15 @@ from jaxsparse.ops.concrete import concrete_values
 _GREEDY_BELOW = float(np.finfo(np.float32).tiny)
 
 
-def sample_logits(logits_BV, rng, temperature, top_k):
+def sample_logits(logits_BV, rng, temperature, top_k, top_p=1.0):
     """Greedy when ``temperature == 0``; else softmax sampling, from the ``top_k`` most likely
     tokens when ``top_k > 0`` (exactly ``k``: ties at the k-th value are broken by index, as
     ``lax.top_k`` does — a ``logits >= kth`` threshold would keep every tied token, common
-    under bfloat16). ``temperature`` and ``top_k`` may be traced (one compiled sampler serves
-    every value); a ``temperature`` below float32's normal range is greedy.
+    under bfloat16), then from the nucleus when ``top_p < 1`` (Holtzman et al. 2020: the
+    fewest most likely tokens whose probabilities, after the temperature and top-k, reach
+    ``top_p``; the most likely token always stays; ties ranked by index as for top-k).
+    ``temperature``, ``top_k`` and ``top_p`` may be traced (one compiled sampler serves every
+    value); a ``temperature`` below float32's normal range is greedy.
 
     The logits are shifted by their maximum before the division, so a tiny temperature sends
     the others to -inf and sampling becomes greedy (``logits / 1e-45`` alone overflows to
@@ -41,27 +44,36 @@ def sample_logits(logits_BV, rng, temperature, top_k):
     temperature = jnp.asarray(temperature, jnp.float32)
     safe = jnp.maximum(temperature, _GREEDY_BELOW)  # a traced 0 takes the greedy branch below
     logits_BV = (logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)) / safe
-    if not (isinstance(top_k, int) and top_k == 0):
+    filter_k = not (isinstance(top_k, int) and top_k == 0)
+    nucleus = not (isinstance(top_p, int | float) and top_p >= 1)
+    if filter_k or nucleus:
         vocab = logits_BV.shape[-1]
         # each token's rank in a stable descending sort: ties ranked in index order
-        rank = jnp.argsort(jnp.argsort(-logits_BV, axis=-1, stable=True), axis=-1)
-        keep = jnp.where(top_k > 0, top_k, vocab)
-        logits_BV = jnp.where(rank < keep, logits_BV, -jnp.inf)
+        order = jnp.argsort(-logits_BV, axis=-1, stable=True)
+        rank = jnp.argsort(order, axis=-1)
+        if filter_k:
+            keep = jnp.where(top_k > 0, top_k, vocab)
+            logits_BV = jnp.where(rank < keep, logits_BV, -jnp.inf)
+        if nucleus:
+            probs = jax.nn.softmax(jnp.take_along_axis(logits_BV, order, axis=-1), axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the more likely tokens
+            inside = jnp.take_along_axis(mass_before < top_p, rank, axis=-1) | (rank == 0)
+            logits_BV = jnp.where(inside, logits_BV, -jnp.inf)
     sampled = jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
     return jnp.where(temperature < _GREEDY_BELOW, greedy, jnp.where(nan_B, -1, sampled))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "capacity",
                                              "max_new_tokens", "greedy", "filtered",
-                                             "vocab_limit"))
-def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, top_k, *,
-              prefill, capacity, max_new_tokens, greedy, filtered, vocab_limit):
+                                             "nucleus", "vocab_limit"))
+def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, top_k, top_p, *,
+              prefill, capacity, max_new_tokens, greedy, filtered, nucleus, vocab_limit):
     """One compiled program per model, prompt bucket, token count and sampling mode (greedy,
     full distribution or top-k). ``prompt_BP`` (``prefill`` tokens, a whole number of
     buckets, maybe none) is run in one pass; the rest of the prompt, ``tail_BT[:, :tail_len]``
     (padded to a bucket, ``tail_len`` traced), is fed token by token through the loop that
-    then samples, so every prompt length of a bucket shares the program. The temperature and
-    k are traced too: sweeping them does not compile again."""
+    then samples, so every prompt length of a bucket shares the program. The temperature,
+    k and p are traced too: sweeping them does not compile again."""
     model = nnx.merge(graphdef, state)
     model.eval()  # inference behaviour (e.g. MoE layers sow nothing inside the loop below)
     batch = prompt_BP.shape[0]
@@ -73,10 +85,11 @@ def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, t
     rngs = jax.random.split(rng, max_new_tokens)
     temperature = 0.0 if greedy else temperature
     top_k = top_k if filtered else 0
+    top_p = top_p if nucleus and not greedy else 1.0
     out_BN = jnp.zeros((batch, max_new_tokens), jnp.int32)
 
     def sample(i, logits_BV):  # the i-th new token (ids below vocab_limit: a prefix)
-        return sample_logits(logits_BV[:, :vocab_limit], rngs[i], temperature, top_k)
+        return sample_logits(logits_BV[:, :vocab_limit], rngs[i], temperature, top_k, top_p)
 
     def step(i, carry):
         # consume the i-th token after the prefill: the prompt's tail, then the sampled ones
@@ -97,8 +110,8 @@ def _generate(graphdef, state, prompt_BP, tail_BT, tail_len, rng, temperature, t
 
 
 def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rng=None,
-             temperature: float = 1.0, top_k: int = 0, prompt_bucket: int = 64,
-             vocab_limit: int | None = None) -> jax.Array:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             prompt_bucket: int = 64, vocab_limit: int | None = None) -> jax.Array:
     """Return ``[B, max_new_tokens]`` sampled continuations of the int prompt ``[B, P]``.
 
     The prompt's first ``P - P % prompt_bucket`` tokens are run in one pass and the rest one
@@ -106,7 +119,8 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     compiled program (a notebook trying prompts compiles once per bucket, not per length),
     for at most ``prompt_bucket - 1`` single-token steps. ``prompt_bucket=1`` runs every prompt
     in one pass. ``vocab_limit``: sample only ids below it (a byte-level model whose
-    vocabulary is padded past 256 must not emit ids no byte stands for).
+    vocabulary is padded past 256 must not emit ids no byte stands for). ``top_k`` and
+    ``top_p`` (nucleus, in (0, 1]; 1: off) filter as :func:`sample_logits` says.
 
     Logits with a NaN sample ``-1`` (:func:`sample_logits`); called eagerly, that is a
     ``FloatingPointError`` naming the rows and the first such token (under ``jax.jit`` the
@@ -130,6 +144,7 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
             vocab is not None and top_k > vocab):
         raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={vocab}] "
                          "(0: the full distribution)")
+    top_p = _checked_top_p(top_p)
     if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(
             vocab_limit, numbers.Integral) or not 1 <= vocab_limit <= (vocab or vocab_limit)):
         raise ValueError(f"vocab_limit={vocab_limit!r}: must be None or an int in [1, "
@@ -158,10 +173,11 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     graphdef, state = nnx.split(model)
     out_BN = _generate(graphdef, state, prompt_BP[:, :prefill], tail_BT,
                        jnp.int32(length - prefill), rng, jnp.float32(temperature),
-                       jnp.int32(top_k), prefill=prefill, capacity=capacity,
-                       max_new_tokens=int(max_new_tokens),
+                       jnp.int32(top_k), jnp.float32(top_p), prefill=prefill,
+                       capacity=capacity, max_new_tokens=int(max_new_tokens),
                        greedy=float(temperature) < _GREEDY_BELOW, filtered=int(top_k) > 0,
-                       vocab_limit=None if vocab_limit is None else int(vocab_limit))
+                       nucleus=top_p < 1, vocab_limit=None if vocab_limit is None else
+                       int(vocab_limit))
     _refuse_nan_samples(out_BN)
     return out_BN
 
@@ -186,6 +202,17 @@ def _checked_temperature(temperature) -> float:
             math.isfinite(value) and value >= 0):
         raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
                          "(0: greedy): a Python, numpy or concrete JAX real scalar")
+    return float(value)
+
+
+def _checked_top_p(top_p) -> float:
+    """``top_p`` as a Python float in (0, 1] (a Python, numpy or concrete JAX real scalar), else
+    an error naming it: at 0 the nucleus would hold no token, past 1 it means nothing."""
+    value = None if isinstance(top_p, bool) else concrete_values(top_p)
+    if value is None or value.shape != () or value.dtype.kind not in "iuf" or not (
+            0 < value <= 1):
+        raise ValueError(f"top_p={top_p!r}: must be a number in (0, 1] (1: the full "
+                         "distribution; 0.9: the smallest set of tokens holding 90% of it)")
     return float(value)
 
 

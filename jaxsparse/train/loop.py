@@ -254,10 +254,12 @@ def evaluate(setup: TrainSetup, eval_step, state, stream, cfg: Config) -> dict[s
 
 
 def sample_bytes(setup: TrainSetup, state, cfg: Config, prompt: str | None = None,
-                 max_new_tokens: int | None = None, seed: int = 0) -> bytes:
+                 max_new_tokens: int | None = None, seed: int = 0, *,
+                 top_p: float = 1.0) -> bytes:
     """The prompt's UTF-8 bytes followed by the model's continuation, as the bytes it
     sampled (a byte-level model may emit any byte, valid UTF-8 or not); the continuation is
-    cut to fit ``model.max_seq_len``."""
+    cut to fit ``model.max_seq_len``. ``cfg.eval`` gives the temperature and top-k,
+    ``top_p`` the nucleus (:func:`jaxsparse.models.generate.sample_logits`)."""
     from jaxsparse.models.generate import generate
 
     prompt = (cfg.eval.sample_prompt if prompt is None else prompt).encode()
@@ -272,7 +274,7 @@ def sample_bytes(setup: TrainSetup, state, cfg: Config, prompt: str | None = Non
     # its other ids wrapped modulo 256, bytes the model never sampled
     out = generate(model, tokens, max_new, rng=jax.random.key(seed),
                    temperature=cfg.eval.temperature, top_k=min(cfg.eval.top_k, 256),
-                   vocab_limit=256)
+                   top_p=top_p, vocab_limit=256)
     return prompt + bytes(np.asarray(out[0]).astype(np.uint8))
 
 
