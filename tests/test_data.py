@@ -186,9 +186,9 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error_naming_it(tmp_path):
 def test_cache_dirs_with_dot_dot_relative_or_home_paths_build_the_cache(tmp_path, monkeypatch):
     """Tensorstore's file driver refuses a path with a ``..`` segment: given as it was, such a
     ``data.cache_dir`` or ``$JAXSPARSE_CACHE`` failed as "cannot write the token cache there"
-    although the directory was writable. Each is now made absolute first (and a relative
-    ``$JAXSPARSE_CACHE`` no longer follows the working directory); a backslash, which the
-    driver reads as a separator, is refused by name."""
+    although the directory was writable. Each is now made absolute first (a relative one
+    against the working directory, ``~`` expanded); a backslash, which the driver reads as a
+    separator, is refused by name."""
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text("some text " * 10)
     (tmp_path / "sub").mkdir()

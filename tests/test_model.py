@@ -239,18 +239,19 @@ def test_nan_logits_sample_minus_one_and_eager_generation_says_so(model):
     looked like text."""
     from jaxsparse.models.generate import sample_logits
 
-    logits = jax.random.normal(jax.random.key(0), (3, 16)).at[1].set(jnp.nan).at[2, 5].set(jnp.nan)
-    for temperature, top_k in ((0.0, 0), (1.0, 0), (1.0, 4)):
+    logits = jax.random.normal(jax.random.key(0), (5, 16)).at[1].set(jnp.nan).at[2, 5].set(
+        jnp.nan).at[3, 5].set(jnp.inf).at[4].set(-jnp.inf)  # +inf: NaN after the max shift
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.9)):
         for sampler in (sample_logits, jax.jit(sample_logits)):
-            picked = np.asarray(sampler(logits, jax.random.key(1), temperature, top_k))
-            assert picked[1] == picked[2] == -1 and 0 <= picked[0] < 16, picked
+            picked = np.asarray(sampler(logits, jax.random.key(1), temperature, top_k, top_p))
+            assert (picked[1:] == -1).all() and 0 <= picked[0] < 16, picked
     traced = jax.jit(lambda p: generate(model, p, 4, temperature=0.8))(jnp.array([[300, 3]]))
     np.testing.assert_array_equal(traced, -1)  # was [[0, 0, 0, 0]]
     graphdef, state = nnx.split(model)
     broken = nnx.merge(graphdef, jax.tree.map(lambda a: a * jnp.nan if jnp.issubdtype(
         a.dtype, jnp.floating) else a, state))
-    with pytest.raises(FloatingPointError, match=r"logits are NaN \(rows \[0\], from new "
-                                                 r"token 0 on\)"):
+    with pytest.raises(FloatingPointError, match=r"logits are not finite \(NaN, \+inf or all "
+                                                 r"-inf; rows \[0\], from new token 0 on\)"):
         generate(broken, jnp.array([[1, 2, 3]]), 3)
 
 

@@ -128,6 +128,7 @@ def test_layers_refuse_an_odd_rotary_head_dim_and_integer_workspace_inputs_when_
 
     rngs = nnx.Rngs(0)
     for build in (lambda: Attention(16, 2, 2, 7, rngs=rngs),
+                  lambda: Attention(16, 2, 2, np.int64(7), rngs=rngs),
                   lambda: SparseGlobalAttention(16, 2, 2, 7, window=4, max_global=2, rngs=rngs),
                   lambda: RoutingAttention(16, 2, 7, rngs=rngs, routing_heads=1, num_clusters=2,
                                            window=4, local_window=4)):

@@ -447,10 +447,16 @@ def test_tokens_per_second_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpointer, "save", slow_save)
     train(tiny_config("train.steps=12", "train.log_every=2", "train.checkpoint_every=4"),
-          tmp_path, sample=False, quiet=True)
-    rates = [r["tokens_per_sec"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+          tmp_path / "run", sample=False, quiet=True)
+    rates = [r["tokens_per_sec"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     steady = float(np.median(rates))
     assert len(rates) == 6 and min(rates) > 0.2 * steady, rates
+    # a stop saves before it logs: a clock restarted by the save left the stop's window with
+    # no step in it, reported as the first step's rate (compilation included: ~1000x slow)
+    train(tiny_config("train.steps=200", "train.log_every=100", "train.eval_every=1000"),
+          tmp_path / "stopped", sample=False, quiet=True, should_stop=lambda step: step == 12)
+    [record] = [r for r in read_metrics(tmp_path / "stopped") if r["split"] == "train"]
+    assert record["step"] == 12 and record["tokens_per_sec"] > 0.2 * steady, (record, steady)
 
 
 def test_rerunning_a_finished_run_keeps_its_final_metrics(tmp_path):

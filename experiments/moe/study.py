@@ -83,7 +83,8 @@ def eval_with_k(workdir: Path, ks) -> list[float]:
 
 
 def median_tokens_per_s(train_rows: list[dict]) -> float:
-    """Median training throughput of a run's logged windows. The first includes compilation,
+    """Median training throughput of a run's logged windows. The first is the first step
+    alone, compilation included, when the run logs every step, and the warm-up steps otherwise,
     so it is dropped when there is another (a run that logs one window has only that one: the
     median of none was NaN)."""
     return float(np.median([r["tokens_per_sec"] for r in train_rows[1:] or train_rows]))

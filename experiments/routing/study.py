@@ -197,7 +197,8 @@ def main(argv=None) -> None:
         print(f"== {label}: {count_params(cfg.model):,} parameters", flush=True)
         result = train(cfg, workdir, sample=False)
         step_times = [r for r in read_metrics(workdir) if r["split"] == "train"]
-        # The first logged window includes compilation; drop it when there is another.
+        # The first logged window holds the warm-up steps (compilation too when every step
+        # is logged); drop it when there is another.
         tokens_per_s = float(np.median([r["tokens_per_sec"] for r in step_times[1:] or step_times]))
         ms_per_step = 1e3 * cfg.data.batch_size * seq_len / tokens_per_s
         row = {"model": label, "run": run, "params": count_params(cfg.model),

@@ -26,10 +26,9 @@ def default_cache_dir() -> Path:
 
 
 def _absolute(path: str | Path) -> Path:
-    """``path`` with ``~`` expanded, made absolute and its ``..`` resolved: tensorstore's file
-    driver refuses a path with a ``..`` segment (its "Invalid file path" would read as an
-    unwritable directory), and a relative ``$JAXSPARSE_CACHE`` would move with the working
-    directory."""
+    """``path`` with ``~`` expanded, made absolute (against the working directory of the
+    call) and its ``..`` resolved: tensorstore's file driver refuses a path with a ``..``
+    segment, and its "Invalid file path" read as an unwritable directory."""
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 

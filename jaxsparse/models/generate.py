@@ -33,10 +33,12 @@ def sample_logits(logits_BV, rng, temperature, top_k, top_p=1.0):
     the others to -inf and sampling becomes greedy (``logits / 1e-45`` alone overflows to
     inf - inf = NaN and samples garbage).
 
-    A row with a NaN logit (a model gone non-finite, or out-of-range ids fed to a traced
-    embedding, which gives NaN rows on purpose) samples ``-1``, an id no token has: argmax and
-    categorical both read such a row as token 0, plausible-looking output."""
-    nan_B = jnp.any(jnp.isnan(logits_BV), axis=-1)
+    A row with a NaN or +inf logit, or with every logit -inf (a model gone non-finite, or
+    out-of-range ids fed to a traced embedding, which gives NaN rows on purpose), samples
+    ``-1``, an id no token has: argmax and categorical read such rows as token 0 (+inf after
+    the max shift is inf - inf = NaN), plausible-looking output."""
+    shifted = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
+    nan_B = jnp.any(jnp.isnan(shifted), axis=-1)  # NaN, +inf (inf - inf) or all -inf
     greedy = jnp.where(nan_B, -1, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
     if isinstance(temperature, int | float) and temperature < _GREEDY_BELOW:
         return greedy
@@ -122,7 +124,7 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
     vocabulary is padded past 256 must not emit ids no byte stands for). ``top_k`` and
     ``top_p`` (nucleus, in (0, 1]; 1: off) filter as :func:`sample_logits` says.
 
-    Logits with a NaN sample ``-1`` (:func:`sample_logits`); called eagerly, that is a
+    Non-finite logits sample ``-1`` (:func:`sample_logits`); called eagerly, that is a
     ``FloatingPointError`` naming the rows and the first such token (under ``jax.jit`` the
     ``-1`` entries are the mark)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
@@ -184,14 +186,16 @@ def generate(model: nnx.Module, prompt_BP: jax.Array, max_new_tokens: int, *, rn
 
 def _refuse_nan_samples(out_BN) -> None:
     """A ``FloatingPointError`` where (concrete) samples hold ``-1``, the mark of NaN logits."""
+    if isinstance(out_BN, jax.core.Tracer) or not out_BN.is_fully_addressable:
+        return  # traced (the -1 entries are the mark), or rows on other hosts: not here
     values = concrete_values(out_BN)
     if values is None or not (values < 0).any():
         return
     rows = sorted({int(r) for r in np.nonzero((values < 0).any(axis=1))[0]})
     first = int(np.argmax((values < 0).any(axis=0)))
-    raise FloatingPointError(f"the model's logits are NaN (rows {rows}, from new token {first} "
-                             "on): its parameters or inputs are not finite; the samples there "
-                             "are -1")
+    raise FloatingPointError(f"the model's logits are not finite (NaN, +inf or all -inf; rows "
+                             f"{rows}, from new token {first} on): its parameters or inputs "
+                             "are not finite; the samples there are -1")
 
 
 def _checked_temperature(temperature) -> float:

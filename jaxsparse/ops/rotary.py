@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ def check_rope_theta(theta, name: str = "theta") -> None:
 def check_rotary_head_dim(head_dim) -> None:
     """Rotary embeddings rotate pairs of a head's channels: its dim must be even. For the layers'
     constructors, so an odd one is refused when the layer is built, not at its first call."""
-    if isinstance(head_dim, int) and head_dim % 2:
+    integer = isinstance(head_dim, numbers.Integral) and not isinstance(head_dim, bool)
+    if integer and head_dim % 2:  # (numpy integers too: a config's sizes may be np.int64)
         raise ValueError(f"head_dim={head_dim}: rotary embeddings need an even head dim")
 
 

@@ -348,8 +348,8 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
     mesh = make_mesh(cfg.mesh)
     check_workdir(cfg, workdir)
     setup = TrainSetup(cfg, mesh)
-    stream = process_stream(cfg, setup)
     made = [d for d in (workdir, workdir / "checkpoints") if not d.exists()]  # by this call
+    stream = process_stream(cfg, setup)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)
     ckpt.check_compatible(cfg)
@@ -372,8 +372,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         except ConfigError:  # a source that is not a run: leave no empty workdir behind
             ckpt.close()
             for directory in reversed(made):
-                if directory.is_dir() and not any(directory.iterdir()):
-                    directory.rmdir()
+                try:
+                    directory.rmdir()  # only if empty (another process may have removed it)
+                except OSError:
+                    pass
             raise
         start = 0
         log(f"initialised from {cfg.train.init_from}")
@@ -412,9 +414,10 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                disable=not (primary and cfg.train.progress and not quiet), dynamic_ncols=True,
                file=sys.stdout)
     # tokens/s over the steps since the last log: the clock restarts after the first step
-    # (its compilation) and after every evaluation and checkpoint save, which are not
-    # training throughput (the first window of every run read ~1% of the steady rate); a
-    # window of the first step alone reports that step, compilation included
+    # (its compilation), and every evaluation and checkpoint save is taken out of its window
+    # (off_the_clock), which are not training throughput (the first window of every run read
+    # ~1% of the steady rate, the one after a save 3-5x slow); a window of the first step
+    # alone reports that step, compilation included
     last_time, last_step = time.perf_counter(), start
     first_step_seconds = last_rate = None
     # lines between bar updates: from one process only (a pod's hosts would all print them),
@@ -433,7 +436,7 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
             last_time, last_step = now, pending[-1][0] + 1
         elif last_rate is None:  # the first step alone: its time, compilation included
             rate = tokens_per_step / max(first_step_seconds, 1e-9)
-        else:  # no step since the clock restarted (an evaluation just ran): the last rate
+        else:  # no step since the last log (the logs flushed again): the last rate
             rate = last_rate
         last_rate = rate
         bar.update(pending[-1][0] + 1 - bar.n)
@@ -459,14 +462,27 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:,.0f}")
         pending.clear()
 
+    def off_the_clock(action):
+        """``action()`` with its time left out of the current throughput window: the steps
+        before it finish first (they are training time), then the window's start moves on by
+        what the action took. (Restarting the clock instead left a window that a stop's save
+        ends with no step in it, reported as the compile-dominated first step's rate.)"""
+        nonlocal last_time
+        jax.block_until_ready(state)
+        started = time.perf_counter()
+        result = action()
+        last_time += time.perf_counter() - started
+        return result
+
     def run_eval(record: bool = True):
-        nonlocal last_time, last_step
-        metrics = evaluate(setup, eval_step, state, stream, cfg)
+        metrics = off_the_clock(lambda: evaluate(setup, eval_step, state, stream, cfg))
         if record:
             writer.write(step, "eval", metrics)
         say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
-        last_time, last_step = time.perf_counter(), step  # the evaluation is not training time
         return metrics
+
+    def save():  # the save waits for the state and copies it to the host: not training time
+        off_the_clock(lambda: ckpt.save(step, state, cfg, corpus=stream.corpus, force=True))
 
     curriculum = cfg.model.hydra_curriculum if cfg.model.name == "hydra" else ""
     stage_list = stages(curriculum)
@@ -518,17 +534,14 @@ def train(cfg: Config, workdir: str | Path, *, should_stop: Callable[[int], bool
                 diverged = any(bool(m["nonfinite"]) for _, m in pending)
             if due and not diverged:
                 writer.flush()  # what is logged up to a checkpoint survives a kill after it
-                ckpt.save(step, state, cfg, corpus=stream.corpus, force=True)
-                # nor is the save training time (it waits for the state and copies it to the
-                # host: the window after every checkpoint read 3-5x slow on small steps)
-                last_time, last_step = time.perf_counter(), step
+                save()
             if diverged:
                 # The state at the stop is finite (bad updates are never applied), but the
                 # updates before the bad one may already have harmed it, and saving it would
                 # evict the oldest good checkpoint: it is saved only when there is none.
                 saved_at_stop = ckpt.latest_step() is None
                 if saved_at_stop:
-                    ckpt.save(step, state, cfg, corpus=stream.corpus, force=True)
+                    save()
                 break
             if interrupted and not last:
                 stopped = True
