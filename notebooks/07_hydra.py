@@ -112,11 +112,15 @@ tokens = jnp.asarray(batch["inputs"])
 trace = nnx.jit(lambda m, t: m.routing_trace(t))(model, tokens)
 fig, axes = plt.subplots(1, len(model.blocks), figsize=(10, 3))
 for i, block in enumerate(model.blocks):
-    experts = np.asarray(trace["experts"][i])
-    if trace["routed"][i] is not None:
-        experts = experts[np.asarray(trace["routed"][i])]
-    axes[i].hist(experts, bins=np.arange(cfg.model.moe_experts + 1) - 0.5, rwidth=0.8)
-    axes[i].set(title=f"block {i}: tokens per expert", xlabel="expert")
+    if trace["experts"][i] is None:  # a dense feed-forward (model.moe_every > 1)
+        axes[i].set(title=f"block {i}: dense feed-forward")
+        axes[i].axis("off")
+    else:
+        experts = np.asarray(trace["experts"][i])
+        if trace["routed"][i] is not None:
+            experts = experts[np.asarray(trace["routed"][i])]
+        axes[i].hist(experts, bins=np.arange(cfg.model.moe_experts + 1) - 0.5, rwidth=0.8)
+        axes[i].set(title=f"block {i}: tokens per expert", xlabel="expert")
     if trace["pkm_slots"][i] is not None:
         print(f"block {i}: PKM read {len(np.unique(np.asarray(trace['pkm_slots'][i])))} distinct "
               f"slots of {block.pkm.slots} for {tokens.size} tokens")

@@ -16,6 +16,7 @@ from jaxsparse.config import ConfigError, apply_overrides, validate
 from jaxsparse.models.curriculum import active_components, parse_curriculum, stage_at, stages
 from jaxsparse.models.hydra import parameter_accounting
 from jaxsparse.nn.diagonal_ssm import DiagonalSSM
+from jaxsparse.nn.moe import MoE
 from jaxsparse.ops.diagonal_ssm import diagonal_ssm, diagonal_ssm_reference, linear_scan
 
 from helpers import TINY, run_python
@@ -197,6 +198,26 @@ def test_routing_trace_takes_lengths_that_are_no_multiple_of_the_moe_chunk(hydra
     for long, short in zip(whole["experts"], prefix["experts"]):
         assert long.shape == (36,)
         np.testing.assert_array_equal(long.reshape(2, 18)[:, :16], short.reshape(2, 16))
+
+
+def test_routing_trace_has_one_entry_per_block_and_changes_no_state():
+    """With dense blocks (moe_every=2) the MoE lists held only the MoE blocks' entries, so
+    entry i was another block's (the notebook labelled block 1's experts as block 0's); a
+    training-mode trace advanced the routers' step counters (the SMoE-Dropout k schedule),
+    and 1-D tokens failed with an IndexError."""
+    model = models.build(small_config("model.moe_every=2", "model.n_layers=4", "model.d_ff=64",
+                                      "model.moe_k=1", "model.moe_k_end=4").model, nnx.Rngs(0))
+    is_moe = [isinstance(block.ffn, MoE) for block in model.blocks]
+    assert is_moe == [False, True, False, True]
+    before = [int(block.ffn.step[...]) for block, moe in zip(model.blocks, is_moe) if moe]
+    trace = nnx.jit(lambda m, t: m.routing_trace(t))(model, tokens(5, length=16))  # train mode
+    for key in ("experts", "router_probs", "routed", "decisions_routed", "pkm_slots"):
+        assert len(trace[key]) == 4, key
+    for key in ("experts", "router_probs", "routed", "decisions_routed"):
+        assert [entry is not None for entry in trace[key]] == is_moe, key
+    assert [int(block.ffn.step[...]) for block, moe in zip(model.blocks, is_moe) if moe] == before
+    with pytest.raises(ValueError, match=r"tokens must be an integer \[batch, length\] array"):
+        model.routing_trace(jnp.zeros((16,), jnp.int32))
 
 
 def test_decode_caches_of_bad_sizes_or_dtypes_are_refused(hydra):

@@ -307,6 +307,8 @@ def expert_choices(model, tokens):
     choices, entropies = [], []
     for experts, probs, routed, decided in zip(trace["experts"], trace["router_probs"],
                                                trace["routed"], trace["decisions_routed"]):
+        if experts is None:  # a block with a dense feed-forward: no routing to show
+            continue
         experts = np.asarray(experts)
         if routed is not None:
             experts = np.where(np.asarray(routed), experts, -1)

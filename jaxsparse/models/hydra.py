@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxsparse.config import ModelConfig, pkm_layer_indices, workspace_layer_indices
 from jaxsparse.models.curriculum import COMPONENTS, active_components, parse_curriculum
-from jaxsparse.models.lm import LanguageModel
+from jaxsparse.models.lm import LanguageModel, _check_tokens
 from jaxsparse.models.transformer import apply_feed_forward, decode_feed_forward, feed_forward
 from jaxsparse.nn.batch_local import batch_local
 from jaxsparse.nn import MoE, ProductKeyMemory, RMSNorm
@@ -204,16 +204,25 @@ class HydraLM(LanguageModel):
         first chunk of causal chunk-level routing, which has no earlier chunk to route from and
         takes expert 0; None where every token is routed), ``decisions_routed`` (the same
         per routing decision, as ``router_probs``) and ``pkm_slots`` (``[B, L, heads, knn]``,
-        None without a memory). For inspection and the studies; jit it (``nnx.jit``)
-        for speed."""
+        None without a memory). Each list has one entry per block: the four MoE entries are
+        None for a block whose feed-forward is dense (``model.moe_every`` > 1). For
+        inspection and the studies; jit it (``nnx.jit``) for speed. Inspecting changes no
+        state: the routers' step counters (the SMoE-Dropout k schedule, the jitter noise),
+        which a training-mode forward advances, are put back."""
+        _check_tokens(tokens_BL)
         positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x = self.embed(tokens_BL)
         context = self._block_context(training_call=False)
+        routers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+        router_steps = [moe.step[...] for moe in routers]
         trace = {"experts": [], "router_probs": [], "routed": [], "decisions_routed": [],
                  "pkm_slots": []}
         for block in self.blocks:
             h = block.norm(x)
-            if isinstance(block.ffn, MoE):
+            if not isinstance(block.ffn, MoE):
+                for key in ("experts", "router_probs", "routed", "decisions_routed"):
+                    trace[key].append(None)
+            else:
                 # as MoE.__call__ routes a length that is not a multiple of the chunk: by
                 # per-token router inputs from the padded chunks (route alone needs whole ones)
                 inputs = (block.ffn.chunk_router_inputs(h)
@@ -225,6 +234,8 @@ class HydraLM(LanguageModel):
                 trace["decisions_routed"].append(routed.counted)
             trace["pkm_slots"].append(block.pkm.lookup(h)[1] if block.pkm is not None else None)
             x, _ = block(x, positions, **context)
+        for moe, step in zip(routers, router_steps):
+            moe.step[...] = step
         return trace
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
