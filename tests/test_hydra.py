@@ -510,6 +510,20 @@ def test_impossible_hydra_configs_are_refused_before_compiling(override, message
         validate(small_config(override))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.pkm_slots=60", r"must be a perfect square"),  # built 49 slots silently
+    ("model.moe_every=0", r"model.moe_every=0"),  # ZeroDivisionError
+    ("model.hydra_sga_every=0", r"model.hydra_sga_every=0"),  # ZeroDivisionError
+    ("model.workspace_layers=7", r"indices must be in \[0, model.n_layers=3\)"),  # read by none
+])
+def test_a_model_class_built_directly_checks_its_config(override, message):
+    """Only models.build validated: a notebook's HydraLM(cfg) took impossible settings."""
+    from jaxsparse.models.hydra import HydraLM
+
+    with pytest.raises(ConfigError, match=message):
+        HydraLM(small_config(override).model, rngs=nnx.Rngs(0))
+
+
 # ~40 s on 2 cores: the default run checks every implementation against the others at the op
 # (tests/test_sga.py, values and gradients) and that the model reads the key (test_config_usage)
 @pytest.mark.slow

@@ -9,11 +9,13 @@ recurrent blocks their state, and generation works the same for both.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import ModelConfig, validate_model
 from jaxsparse.nn import Embed, Linear, RMSNorm
 from jaxsparse.ops.checks import check_cache_request
 from jaxsparse.parallel import constrain
@@ -29,6 +31,11 @@ class LanguageModel(nnx.Module):
     block_class = None  # subclasses name their residual block
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # checked here, not only in models.build: a model class built directly (a notebook's
+        # HydraLM(cfg)) rounded pkm_slots=60 down to 49 slots, or divided by moe_every=0.
+        # On a plain copy: dataclasses.asdict reads the fields from outside this package, and
+        # tests/test_config_usage.py records the keys the builders themselves read.
+        validate_model(ModelConfig(**dataclasses.asdict(cfg)))
         self.cfg = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # Tied tables start small (GPT-2's 0.02): a unit-variance table reused as the output
