@@ -387,6 +387,15 @@ def _check_fields(section: str, sub: Any, cls: type) -> None:
                f"{section}.{name}={value}: must be below 2**31 in size")
 
 
+def _check_float32_kernel(m: ModelConfig, key: str, instead: str) -> None:
+    """``model.<key>="native"`` names a C++ CPU kernel that computes in float32: with another
+    ``model.dtype`` the run wrote its workdir and then failed at the first step, naming the
+    op's arguments, not the keys."""
+    _check(getattr(m, key) != "native" or m.dtype == "float32",
+           f"model.{key}='native' computes in float32; model.dtype={m.dtype!r} needs {instead} "
+           "(None picks the native kernel where it applies)")
+
+
 def _validate_moe(m: ModelConfig) -> None:
     if m.moe_experts == 0:
         return
@@ -419,6 +428,7 @@ def _validate_moe(m: ModelConfig) -> None:
 
     _check(m.moe_grouped_impl in GMM_IMPLEMENTATIONS,
            f"model.moe_grouped_impl={m.moe_grouped_impl!r}: allowed {GMM_IMPLEMENTATIONS}")
+    _check_float32_kernel(m, "moe_grouped_impl", "'tiles' or None")
     _check(m.moe_eval_k is None or 1 <= m.moe_eval_k <= m.moe_experts,
            f"model.moe_eval_k={m.moe_eval_k}: must be in [1, model.moe_experts={m.moe_experts}]")
 
@@ -470,6 +480,8 @@ def _validate_monarch(m: ModelConfig) -> None:
            f"model.monarch={m.monarch!r}: a comma-separated subset of {MONARCH_TARGETS}, or ''")
     _check(m.monarch_impl in MONARCH_IMPLEMENTATIONS,
            f"model.monarch_impl={m.monarch_impl!r}: allowed {MONARCH_IMPLEMENTATIONS}")
+    if targets:
+        _check_float32_kernel(m, "monarch_impl", "'xla' or None")
     if targets and m.monarch_impl in ("pallas", "pallas_interpret"):
         _check_monarch_kernel_shapes(m, targets)
     if not targets or m.monarch_blocks is None:

@@ -108,6 +108,11 @@ def test_wrong_types_name_the_key(item, fragment):
      "multi_hop: data.hops=-1 and data.chains=4 must be >= 1"),
     (["model.monarch=mlp", "model.monarch_impl=pallas_interpret"],
      "model.monarch_impl='pallas_interpret': no kernel takes the 128 -> 384 projection's factors"),
+    # the float32-only C++ kernels: the run wrote its workdir and failed at its first step
+    (["model.monarch=mlp", "model.monarch_impl=native", "model.dtype=float16"],
+     "model.monarch_impl='native' computes in float32; model.dtype='float16' needs 'xla' or None"),
+    (["model.moe_experts=4", "model.moe_grouped_impl=native", "model.dtype=bfloat16"],
+     "model.moe_grouped_impl='native' computes in float32; model.dtype='bfloat16' needs 'tiles'"),
     (["model.head_dim=0"], "model.head_dim=0: must be >= 1"),
     (["eval.sample_tokens=-1"], "eval.sample_tokens=-1: must be >= 0"),
     (["model.max_seq_len=64", "data.seq_len=64", "eval.sample_prompt=" + "x" * 64],
