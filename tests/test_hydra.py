@@ -103,19 +103,24 @@ def test_future_tokens_do_not_change_past_logits(hydra):
         assert not np.allclose(changed[:, t + 1:], base[:, t + 1:], atol=1e-4)
 
 
-def test_cached_decoding_equals_the_forward_pass(hydra):
-    """Prefill and single tokens across chunk boundaries of the MoE router (4), the workspace
-    (5) and the SGA window (4): SSM states and convolution inputs, SGA key/value/score caches,
-    the workspace's slots and chunk buffer and the router's pooled chunk all carry over."""
-    x = tokens(2)
-    full = nnx.jit(lambda m, x: m(x))(hydra, x)
-    cache = hydra.init_cache(2, 32)
+def forward_and_decoded(model, x):
+    """``(one forward pass, the same tokens decoded in pieces)``: a prefill and single tokens
+    across chunk boundaries of the MoE router (4), the workspace (5) and the SGA window (4)."""
+    full = nnx.jit(lambda m, x: m(x))(model, x)
+    cache = model.init_cache(2, 32)
     decode = nnx.jit(lambda m, x, cache: m.decode(x, cache))
     pieces = []
     for start, stop in [(0, 9), (9, 10), (10, 11), (11, 17), (17, 23)]:
-        logits, cache = decode(hydra, x[:, start:stop], cache)
+        logits, cache = decode(model, x[:, start:stop], cache)
         pieces.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4, rtol=1e-4)
+    return full, jnp.concatenate(pieces, 1)
+
+
+def test_cached_decoding_equals_the_forward_pass(hydra):
+    """SSM states and convolution inputs, SGA key/value/score caches, the workspace's slots and
+    chunk buffer and the router's pooled chunk all carry over."""
+    full, decoded = forward_and_decoded(hydra, tokens(2))
+    np.testing.assert_allclose(decoded, full, atol=1e-4, rtol=1e-4)
 
 
 def test_cached_decoding_equals_the_forward_pass_in_bfloat16():
@@ -125,15 +130,8 @@ def test_cached_decoding_equals_the_forward_pass_in_bfloat16():
     residual (1.3e-3 apart on these logits; every other family decodes exactly)."""
     model = models.build(small_config("model.dtype=bfloat16").model, nnx.Rngs(0))
     model.eval()
-    x = tokens(2)
-    full = nnx.jit(lambda m, x: m(x))(model, x)
-    cache = model.init_cache(2, 32)
-    decode = nnx.jit(lambda m, x, cache: m.decode(x, cache))
-    pieces = []
-    for start, stop in [(0, 9), (9, 10), (10, 11), (11, 17), (17, 23)]:
-        logits, cache = decode(model, x[:, start:stop], cache)
-        pieces.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
+    full, decoded = forward_and_decoded(model, tokens(2))
+    np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=2e-5)
 
 
 def test_workspace_read_by_some_blocks_is_shared_causal_and_decodes_like_the_forward():
